@@ -1,0 +1,251 @@
+"""Canonical LFM2 / LFM2-MoE in PyTorch, written for export.
+
+State is passed in and returned explicitly; no Python branches on tensor values, so `torch.export` traces it
+with dynamic batch, sequence and past length. Module names match the checkpoint names.
+
+Two KV-cache forms, chosen by the caller:
+- growing: `keys[i]` is `[B, kv_heads, P, head_dim]`, the new keys are concatenated -> `[B, kv_heads, P+T, hd]`;
+  positions are `P + arange(T)`; `attention_mask` `[B, P+T]` masks padded keys.
+- static: `keys[i]` is `[B, kv_heads, S, head_dim]` preallocated; the new keys are written at
+  `input_pos + arange(T)` and queries see keys at positions `<= their own`.
+Conv state per conv layer is `[B, hidden, L-1]` in both forms.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lfm_export.config import LAYER_ATTN, Lfm2Config
+
+GROWING = "growing"
+STATIC = "static"
+KV_FORMS = (GROWING, STATIC)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, ff: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(hidden, ff, bias=False)
+        self.w3 = nn.Linear(hidden, ff, bias=False)
+        self.w2 = nn.Linear(ff, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoE(nn.Module):
+    """Sigmoid-routed top-k experts. Every expert runs on every token and unselected ones get weight 0:
+    exact, shape-static and traceable (backends replace it with a fused MoE op)."""
+
+    def __init__(self, cfg: Lfm2Config) -> None:
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.scale = cfg.routed_scaling_factor
+        self.use_expert_bias = cfg.use_expert_bias
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
+        if cfg.use_expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+
+    def routing(self, x: Tensor) -> Tensor:
+        """Dense routing weights `[N, num_experts]` (zero for unselected experts)."""
+        scores = torch.sigmoid(self.gate(x).float())
+        choice = scores + self.expert_bias if self.use_expert_bias else scores
+        idx = torch.topk(choice, self.top_k, dim=-1).indices
+        w = scores.gather(-1, idx)
+        if self.norm_topk_prob:
+            w = w / (w.sum(-1, keepdim=True) + 1e-6)
+        w = w * self.scale
+        return torch.zeros_like(scores).scatter(-1, idx, w)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights = self.routing(flat).to(x.dtype)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            out = out + weights[:, e : e + 1] * expert(flat)
+        return out.reshape(shape)
+
+
+class ShortConv(nn.Module):
+    """Double-gated short convolution: `out_proj(C * causal_conv(B * x))`."""
+
+    def __init__(self, cfg: Lfm2Config) -> None:
+        super().__init__()
+        h = cfg.hidden_size
+        self.L = cfg.conv_L_cache
+        self.in_proj = nn.Linear(h, 3 * h, bias=cfg.conv_bias)
+        self.conv = nn.Conv1d(h, h, kernel_size=self.L, groups=h, bias=cfg.conv_bias)
+        self.out_proj = nn.Linear(h, h, bias=cfg.conv_bias)
+
+    def forward(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        b, c, xx = self.in_proj(x).transpose(1, 2).chunk(3, dim=1)
+        z = torch.cat([state, b * xx], dim=2)  # [B, H, L-1+T]
+        y = c * F.conv1d(z, self.conv.weight, self.conv.bias, groups=z.shape[1])
+        return self.out_proj(y.transpose(1, 2)), z[:, :, -(self.L - 1) :]
+
+
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos/sin `[T, head_dim]` for rotate-half RoPE at integer `positions` `[T]`."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Lfm2Config) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h = cfg.hidden_size
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
+        self.out_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+        self.q_layernorm = RMSNorm(self.head_dim, cfg.norm_eps)
+        self.k_layernorm = RMSNorm(self.head_dim, cfg.norm_eps)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, form: str,
+        key_mask: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        bsz, t, _ = x.shape
+        q = self.q_layernorm(self.q_proj(x).view(bsz, t, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_layernorm(self.k_proj(x).view(bsz, t, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(bsz, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if form == GROWING:
+            k_all, v_all = torch.cat([k_cache, k], dim=2), torch.cat([v_cache, v], dim=2)
+        else:
+            k_all, v_all = k_cache.index_copy(2, positions, k), v_cache.index_copy(2, positions, v)
+        key_pos = torch.arange(k_all.shape[2], device=x.device)
+        allowed = key_pos[None, :] <= positions[:, None]  # [T, S]
+        allowed = allowed[None, None]
+        if key_mask is not None:
+            allowed = allowed & key_mask[:, None, None, :].bool()
+        groups = self.n_heads // self.n_kv
+        kk = k_all.repeat_interleave(groups, dim=1)
+        vv = v_all.repeat_interleave(groups, dim=1)
+        scores = (q @ kk.transpose(-1, -2)).float() * self.head_dim**-0.5
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        out = (probs @ vv).transpose(1, 2).reshape(bsz, t, self.n_heads * self.head_dim)
+        return self.out_proj(out), k_all, v_all
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Lfm2Config, idx: int) -> None:
+        super().__init__()
+        self.is_attention = cfg.layer_types[idx] == LAYER_ATTN
+        self.operator_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        if self.is_attention:
+            self.self_attn = Attention(cfg)
+        else:
+            self.conv = ShortConv(cfg)
+        self.feed_forward = MoE(cfg) if cfg.is_moe_layer(idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+
+class Lfm2Model(nn.Module):
+    def __init__(self, cfg: Lfm2Config) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.embedding_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+
+class Lfm2ForCausalLM(nn.Module):
+    """`forward(input_ids, conv_states, keys, values, ...)` -> `(logits, conv_states, keys, values)`.
+
+    `conv_states` holds one tensor per conv layer and `keys` / `values` one per attention layer, each in
+    layer order.
+    """
+
+    def __init__(self, cfg: Lfm2Config) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Lfm2Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        conv_states: list[Tensor],
+        keys: list[Tensor],
+        values: list[Tensor],
+        attention_mask: Tensor | None = None,
+        input_pos: Tensor | None = None,
+        form: str = GROWING,
+    ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+        cfg = self.config
+        t = input_ids.shape[1]
+        if form == GROWING:
+            past = keys[0].shape[2] if keys else 0
+            positions = torch.arange(t, device=input_ids.device) + past
+        elif form == STATIC:
+            if input_pos is None:
+                raise ValueError("the static KV form needs input_pos")
+            positions = torch.arange(t, device=input_ids.device) + input_pos.reshape(-1)[0]
+        else:
+            raise ValueError(f"unknown KV form {form!r}; expected one of {KV_FORMS}")
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+        h = self.model.embed_tokens(input_ids)
+        new_conv, new_k, new_v = [], [], []
+        ci = ai = 0
+        for layer in self.model.layers:
+            x = layer.operator_norm(h)
+            if layer.is_attention:
+                x, k, v = layer.self_attn(x, cos, sin, keys[ai], values[ai], positions, form, attention_mask)
+                new_k.append(k)
+                new_v.append(v)
+                ai += 1
+            else:
+                x, s = layer.conv(x, conv_states[ci])
+                new_conv.append(s)
+                ci += 1
+            h = h + x
+            h = h + layer.feed_forward(layer.ffn_norm(h))
+        logits = self.lm_head(self.model.embedding_norm(h))
+        return logits, new_conv, new_k, new_v
+
+    def empty_state(
+        self, batch: int = 1, max_seq_len: int = 0, form: str = GROWING, dtype: torch.dtype = torch.float32
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Zero conv state and an empty (growing) or zeroed `max_seq_len` (static) KV cache."""
+        cfg = self.config
+        s = 0 if form == GROWING else max_seq_len
+        conv = [torch.zeros(batch, cfg.hidden_size, cfg.conv_state_len, dtype=dtype) for _ in cfg.conv_layers]
+        kv_shape = (batch, cfg.num_key_value_heads, s, cfg.head_dim)
+        keys = [torch.zeros(kv_shape, dtype=dtype) for _ in cfg.attn_layers]
+        values = [torch.zeros(kv_shape, dtype=dtype) for _ in cfg.attn_layers]
+        return conv, keys, values
+
+
+def build_model(cfg: Lfm2Config, device: str | torch.device = "meta") -> Lfm2ForCausalLM:
+    """Model skeleton; on `meta` it allocates nothing (the loader assigns the checkpoint tensors)."""
+    with torch.device(device):
+        return Lfm2ForCausalLM(cfg)
