@@ -1,0 +1,136 @@
+"""`manifest.json`, the self-description every artifact carries, and the atomic output folder exporters write into."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from lfm_export.errors import UserError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+_VERSIONED = ("lfm-export", "torch", "onnx", "onnxruntime", "onnxscript", "onnx-ir", "executorch", "coremltools", "mlx")
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for dist in _VERSIONED:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    out["python"] = platform.python_version()
+    return out
+
+
+def file_entries(folder: Path) -> list[dict[str, Any]]:
+    """Every file under `folder` (the manifest itself excluded) with size and sha256."""
+    entries = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+        entries.append({"path": path.relative_to(folder).as_posix(), "bytes": path.stat().st_size, "sha256": h.hexdigest()})
+    return entries
+
+
+def build_manifest(
+    *,
+    model_identity: dict[str, Any],
+    config: dict[str, Any],
+    backend: str,
+    recipe: dict[str, Any],
+    signature: dict[str, Any],
+    folder: Path,
+    runtime: dict[str, Any] | None = None,
+    parity: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    files = file_entries(folder)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "tool": {"name": "lfm-export", "versions": library_versions()},
+        "model": model_identity,
+        "config": config,
+        "backend": backend,
+        "recipe": recipe,
+        "signature": signature,
+        "max_seq_len": signature.get("max_seq_len"),
+        "runtime": runtime or {},
+        "files": files,
+        "total_bytes": sum(f["bytes"] for f in files),
+        "parity": parity or {"status": "not run"},
+        **(extra or {}),
+    }
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
+    """Write `manifest.json` atomically (a reader never sees half a manifest)."""
+    target = folder / MANIFEST
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, target)
+    return target
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    if not Path(folder).is_dir():
+        raise UserError(f"{folder}: no such artifact folder")
+    if not path.is_file():
+        raise UserError(f"{folder}: not an lfm-export artifact (no {MANIFEST})")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: corrupt manifest ({e})") from None
+    if not isinstance(data, dict) or "schema_version" not in data:
+        raise UserError(f"{path}: not an lfm-export manifest")
+    if data["schema_version"] > SCHEMA_VERSION:
+        raise UserError(f"{path}: schema_version {data['schema_version']} is newer than this tool ({SCHEMA_VERSION})")
+    return data
+
+
+def check_output_path(out: Path, force: bool) -> None:
+    """Refuse an existing output path before any work is done (unless `force`)."""
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists (use --force to replace it)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"{parent}: parent folder does not exist")
+
+
+@contextlib.contextmanager
+def atomic_output(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; on success it is renamed to `out`, on any failure removed.
+
+    A failed or interrupted export leaves nothing at `out` (and, with `--force`, the previous artifact intact).
+    """
+    out = Path(out)
+    check_output_path(out, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
+            os.replace(out, old / "artifact")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,104 @@
+"""Numerical comparison of a session's logits and state with the reference's (numpy, float64)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64 with max subtraction."""
+    x = np.asarray(x, dtype=np.float64)
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def kl_divergence(ref: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """KL(softmax(ref) || softmax(test)) per row, `[N]`, clipped at 0 against rounding."""
+    lp, lq = log_softmax(ref), log_softmax(test)
+    kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)
+    return np.maximum(kl, 0.0)
+
+
+def cosine(ref: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """Cosine similarity per row; two zero rows count as identical."""
+    r = np.asarray(ref, dtype=np.float64)
+    t = np.asarray(test, dtype=np.float64)
+    num = (r * t).sum(-1)
+    den = np.linalg.norm(r, axis=-1) * np.linalg.norm(t, axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(np.all(r == t, -1), 1.0, 0.0))
+    return cos
+
+
+def logit_metrics(ref: np.ndarray, test: np.ndarray) -> dict[str, float]:
+    """Metrics over positions for logits `[N, vocab]` (any leading shape is flattened)."""
+    r = np.asarray(ref, dtype=np.float64)
+    t = np.asarray(test, dtype=np.float64)
+    if r.shape != t.shape:
+        raise ValueError(f"logit shapes differ: reference {r.shape}, test {t.shape}")
+    r = r.reshape(-1, r.shape[-1])
+    t = t.reshape(-1, t.shape[-1])
+    finite = bool(np.isfinite(t).all())
+    nan = float("nan")
+    out: dict[str, float] = {"positions": float(r.shape[0]), "finite": float(finite)}
+    if not finite:
+        out.update(
+            logit_max_abs=nan, logit_max_rel=nan, cosine_mean=nan, kl_mean=nan, kl_p99=nan, kl_max=nan,
+            top1_agreement=float(np.mean(np.argmax(np.nan_to_num(t, nan=-np.inf), -1) == np.argmax(r, -1))),
+        )
+        return out
+    err = np.abs(t - r)
+    max_abs = float(err.max())
+    ref_scale = float(np.abs(r).max())
+    kl = kl_divergence(r, t)
+    out.update(
+        logit_max_abs=max_abs,
+        logit_max_rel=max_abs / ref_scale if ref_scale > 0 else (0.0 if max_abs == 0 else float("inf")),
+        cosine_mean=float(cosine(r, t).mean()),
+        kl_mean=float(kl.mean()),
+        kl_p99=float(np.percentile(kl, 99)),
+        kl_max=float(kl.max()),
+        top1_agreement=float(np.mean(np.argmax(t, -1) == np.argmax(r, -1))),
+    )
+    return out
+
+
+def greedy_match_length(ref_steps: np.ndarray, test_steps: np.ndarray) -> int:
+    """Leading steps where both sessions' own argmax agree; `*_steps` are logits `[steps, vocab]`."""
+    same = np.argmax(np.asarray(test_steps), -1) == np.argmax(np.asarray(ref_steps), -1)
+    return int(same.size if same.all() else np.argmin(same))
+
+
+def state_max_abs(
+    ref: dict[str, np.ndarray] | None, test: dict[str, np.ndarray] | None, position: int
+) -> tuple[float | None, dict[str, Any]]:
+    """Max abs difference over the states both sessions expose, and what was compared.
+
+    A static-form KV cache (`[B, kv, max_seq_len, hd]`) is compared over its first `position` slots. A name
+    present on one side only, or shapes that cannot be aligned, count as an infinite error.
+    """
+    if ref is None or test is None:
+        return None, {"compared": 0, "reason": "state not exposed"}
+    worst = 0.0
+    problems: list[str] = []
+    for name in sorted(set(ref) | set(test)):
+        if name not in ref or name not in test:
+            problems.append(f"{name} missing in {'test' if name not in test else 'reference'}")
+            continue
+        r = np.asarray(ref[name], dtype=np.float64)
+        t = np.asarray(test[name], dtype=np.float64)
+        if r.shape != t.shape and r.ndim == 4 and t.ndim == 4 and t.shape[2] >= position == r.shape[2]:
+            t = t[:, :, :position]
+        if r.shape != t.shape:
+            problems.append(f"{name} shape {list(t.shape)} != reference {list(r.shape)}")
+            continue
+        if r.size:
+            diff = np.abs(r - t)
+            worst = max(worst, float(diff.max()) if np.isfinite(diff).all() else float("inf"))
+    info: dict[str, Any] = {"compared": len(set(ref) & set(test))}
+    if problems:
+        info["problems"] = problems
+        worst = float("inf")
+    return worst, info
