@@ -45,7 +45,12 @@ def logit_metrics(ref: np.ndarray, test: np.ndarray) -> dict[str, float]:
     out: dict[str, float] = {"positions": float(r.shape[0]), "finite": float(finite)}
     if not finite:
         out.update(
-            logit_max_abs=nan, logit_max_rel=nan, cosine_mean=nan, kl_mean=nan, kl_p99=nan, kl_max=nan,
+            logit_max_abs=nan,
+            logit_max_rel=nan,
+            cosine_mean=nan,
+            kl_mean=nan,
+            kl_p99=nan,
+            kl_max=nan,
             top1_agreement=float(np.mean(np.argmax(np.nan_to_num(t, nan=-np.inf), -1) == np.argmax(r, -1))),
         )
         return out

@@ -26,7 +26,9 @@ TEXTS = (
 )
 
 
-def random_prompts(vocab_size: int, count: int = 3, lengths: Sequence[int] = (24, 24, 16), seed: int = SEED) -> list[np.ndarray]:
+def random_prompts(
+    vocab_size: int, count: int = 3, lengths: Sequence[int] = (24, 24, 16), seed: int = SEED
+) -> list[np.ndarray]:
     """`count` prompts of pseudo-random ids in `[0, vocab_size)`, reproducible for a given seed."""
     rng = np.random.default_rng(seed)
     return [
@@ -35,7 +37,9 @@ def random_prompts(vocab_size: int, count: int = 3, lengths: Sequence[int] = (24
     ]
 
 
-def tokenizer_prompts(tokenizer_file: str | Path, vocab_size: int, texts: Sequence[str] = TEXTS) -> list[np.ndarray]:
+def tokenizer_prompts(
+    tokenizer_file: str | Path, vocab_size: int, texts: Sequence[str] = TEXTS
+) -> list[np.ndarray]:
     """The bundled texts encoded with `tokenizer_file`, truncated to `MAX_LEN` tokens."""
     from tokenizers import Tokenizer
 
@@ -48,7 +52,9 @@ def tokenizer_prompts(tokenizer_file: str | Path, vocab_size: int, texts: Sequen
     for text in texts:
         ids = np.asarray(tok.encode(text).ids[:MAX_LEN], dtype=np.int64)
         if ids.size and int(ids.max()) >= vocab_size:
-            raise UserError(f"{path}: tokenizer produced id {int(ids.max())}, the model's vocabulary is {vocab_size}")
+            raise UserError(
+                f"{path}: tokenizer produced id {int(ids.max())}, the model's vocabulary is {vocab_size}"
+            )
         if ids.size >= MIN_LEN:
             out.append(ids)
     if len(out) < 2:
@@ -70,10 +76,14 @@ def check_prompts(prompts: Sequence[np.ndarray], vocab_size: int) -> list[np.nda
     for i, p in enumerate(prompts):
         ids = np.asarray(p)
         if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise UserError(f"prompt {i}: expected a 1-D sequence of token ids, got shape {ids.shape} {ids.dtype}")
+            raise UserError(
+                f"prompt {i}: expected a 1-D sequence of token ids, got shape {ids.shape} {ids.dtype}"
+            )
         if ids.size < MIN_LEN:
             raise UserError(f"prompt {i}: {ids.size} tokens, parity prompts need at least {MIN_LEN}")
         if ids.min() < 0 or ids.max() >= vocab_size:
-            raise UserError(f"prompt {i}: token ids must lie in [0, {vocab_size}), got {ids.min()}..{ids.max()}")
+            raise UserError(
+                f"prompt {i}: token ids must lie in [0, {vocab_size}), got {ids.min()}..{ids.max()}"
+            )
         out.append(ids.astype(np.int64))
     return out

@@ -18,10 +18,14 @@ from lfm_export.signature import CONV, KEY, VALUE, past_name
 class ReferenceSession:
     supports_batch = True
 
-    def __init__(self, model: Lfm2ForCausalLM, name: str = "reference", max_seq_len: int | None = None) -> None:
+    def __init__(
+        self, model: Lfm2ForCausalLM, name: str = "reference", max_seq_len: int | None = None
+    ) -> None:
         bad = {p.dtype for p in model.parameters() if p.dtype != torch.float32}
         if bad:
-            raise ValueError(f"the reference session needs an fp32 model, got parameters in {sorted(map(str, bad))}")
+            raise ValueError(
+                f"the reference session needs an fp32 model, got parameters in {sorted(map(str, bad))}"
+            )
         self.model = model.eval()
         self.config = model.config
         self.name = name
@@ -47,7 +51,9 @@ class ReferenceSession:
     def prefill(self, tokens: np.ndarray) -> np.ndarray:
         ids = np.asarray(tokens)
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"{self.name}: prefill expects integer tokens [batch, seq], got {ids.shape} {ids.dtype}")
+            raise ValueError(
+                f"{self.name}: prefill expects integer tokens [batch, seq], got {ids.shape} {ids.dtype}"
+            )
         if ids.shape[0] != self._batch:
             raise ValueError(f"{self.name}: batch {ids.shape[0]} after reset({self._batch})")
         if ids.shape[1] < 1:

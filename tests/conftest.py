@@ -1,0 +1,89 @@
+"""Checkpoints written by transformers' own `save_pretrained` (never by our code), built once per session."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+HF_SHAPES = {
+    # name: (transformers config kwargs, dtype)
+    "dense_odd": (
+        dict(vocab_size=301, hidden_size=96, intermediate_size=200, num_hidden_layers=4, num_attention_heads=3,
+             num_key_value_heads=1, layer_types=["conv", "full_attention", "conv", "full_attention"],
+             block_auto_adjust_ff_dim=False),
+        torch.float32,
+    ),
+    "dense_attn_first_hd32": (
+        dict(vocab_size=256, hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, layer_types=["full_attention", "conv", "conv"], block_auto_adjust_ff_dim=True,
+             block_ffn_dim_multiplier=1.0, block_multiple_of=64),
+        torch.float32,
+    ),
+    "moe_dense_first": (
+        dict(vocab_size=256, hidden_size=64, intermediate_size=160, moe_intermediate_size=48, num_experts=6,
+             num_experts_per_tok=2, num_dense_layers=1, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, layer_types=["conv", "full_attention", "conv", "conv"], use_expert_bias=True,
+             routed_scaling_factor=1.5),
+        torch.float32,
+    ),
+}
+
+
+def _save_hf(name: str, folder: Path) -> Path:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    kwargs, dtype = HF_SHAPES[name]
+    torch.manual_seed(hash(name) % 1000)
+    if "num_experts" in kwargs:
+        model = transformers.Lfm2MoeForCausalLM(transformers.Lfm2MoeConfig(**kwargs))
+        with torch.no_grad():  # a non-zero expert bias so that routing by biased scores is exercised
+            for layer in model.model.layers[kwargs["num_dense_layers"]:]:
+                layer.feed_forward.expert_bias.copy_(torch.linspace(-0.05, 0.05, kwargs["num_experts"]))
+    else:
+        model = transformers.Lfm2ForCausalLM(transformers.Lfm2Config(**kwargs))
+    with torch.no_grad():  # break the all-ones norm init so norm weights are checked too
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    model.to(dtype).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf")
+    out = {name: _save_hf(name, root / name) for name in HF_SHAPES}
+    # Original Liquid key style with bf16 weights: rewrite a transformers config into the old keys.
+    liquid = _save_hf("dense_odd", root / "liquid_bf16")
+    import transformers
+
+    model = transformers.Lfm2ForCausalLM.from_pretrained(liquid, dtype=torch.float32)
+    model.to(torch.bfloat16).save_pretrained(liquid)
+    cfg = json.loads((liquid / "config.json").read_text())
+    old = {
+        "model_type": "lfm2",
+        "architectures": ["Lfm2ForCausalLM"],
+        "vocab_size": cfg["vocab_size"],
+        "block_dim": cfg["hidden_size"],
+        "block_ff_dim": cfg["intermediate_size"],
+        "block_auto_adjust_ff_dim": False,
+        "num_hidden_layers": cfg["num_hidden_layers"],
+        "num_attention_heads": cfg["num_attention_heads"],
+        "num_key_value_heads": cfg["num_key_value_heads"],
+        "full_attn_idxs": [i for i, t in enumerate(cfg["layer_types"]) if t == "full_attention"],
+        "theta": 1000000.0,
+        "tie_embedding": True,
+        "norm_eps": 1e-5,
+        "conv_L_cache": 3,
+        "torch_dtype": "bfloat16",
+    }
+    (liquid / "config.json").write_text(json.dumps(old, indent=2))
+    out["liquid_bf16"] = liquid
+    return out
