@@ -245,25 +245,14 @@ def _parity_line(p: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
-    import click
-
+    """Console entry point: user errors become one line on stderr and exit code 2 (usage errors: typer's own)."""
     try:
-        rc = app(standalone_mode=False)
-        sys.exit(rc if isinstance(rc, int) else 0)
+        app()
     except UserError as e:
         if _state["verbose"]:
             traceback.print_exc()
         typer.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)

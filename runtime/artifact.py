@@ -75,7 +75,9 @@ def listed_files(manifest: dict[str, Any]) -> list[str]:
     return names
 
 
-def model_file(folder: str | Path, manifest: dict[str, Any], suffix: str = ".onnx", default: str = "model.onnx") -> Path:
+def model_file(
+    folder: str | Path, manifest: dict[str, Any], suffix: str = ".onnx", default: str = "model.onnx"
+) -> Path:
     """The model file of the artifact: the first `files` entry ending in `suffix`, else `default`."""
     folder = Path(folder)
     name = next((n for n in listed_files(manifest) if n.endswith(suffix)), default)

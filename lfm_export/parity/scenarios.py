@@ -262,6 +262,8 @@ def run_parity(
     A scenario in which the test session raises is recorded as an `error` with a failing check, so one crash
     does not hide the other scenarios' results.
     """
+    if test_session is reference_session:
+        raise ValueError("the test and reference sessions must be two objects (both are fed the same tokens)")
     gate = recipe if isinstance(recipe, Gate) else gate_for(recipe)
     if test_session.vocab_size != reference_session.vocab_size:
         raise UserError(

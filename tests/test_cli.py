@@ -1,0 +1,93 @@
+"""The CLI as CI runs it: a subprocess, its exit code, stdout for results, one-line errors on stderr."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lfm_export.config import Lfm2Config
+from lfm_export.loading import init_random, save_checkpoint
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lfm_export.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def assert_user_error(r: subprocess.CompletedProcess, fragment: str) -> None:
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    assert fragment in r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 2, r.stderr
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    cfg = Lfm2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                     num_key_value_heads=2, layer_types=("conv", "full_attention", "conv"))
+    folder = tmp_path_factory.mktemp("cli") / "m"
+    save_checkpoint(init_random(cfg, seed=5), folder)
+    return folder
+
+
+def test_presets_json():
+    r = cli("presets", "--json")
+    assert r.returncode == 0
+    rows = {p["name"]: p for p in json.loads(r.stdout)}
+    assert rows["lfm2-1.2b"]["params"] == 1170340608
+    assert {"lfm2-350m", "lfm2-700m", "lfm2-8b-a1b", "lfm2.5-230m", "lfm2.5-350m", "lfm2.5-1.2b",
+            "lfm2.5-8b-a1b"} <= set(rows)
+
+
+def test_check_json_on_transformers_checkpoints(hf_checkpoints):
+    for name in ("moe_dense_first", "liquid_bf16"):
+        r = cli("check", str(hf_checkpoints[name]), "--json")
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["passed"] and out["max_abs_error"] <= 1e-4
+
+
+def test_missing_folder():
+    assert_user_error(cli("check", "/no/such/model"), "not found")
+
+
+def test_missing_config(ckpt, tmp_path):
+    (tmp_path / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes())
+    assert_user_error(cli("check", str(tmp_path)), "config.json not found")
+
+
+def test_corrupt_safetensors(ckpt, tmp_path):
+    (tmp_path / "config.json").write_text((ckpt / "config.json").read_text())
+    (tmp_path / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes()[:3000])
+    assert_user_error(cli("check", str(tmp_path)), "model.safetensors")
+
+
+def test_config_weights_mismatch(ckpt, tmp_path):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["hidden_size"] = 32
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes())
+    assert_user_error(cli("check", str(tmp_path)), "shape")
+
+
+def test_unknown_preset():
+    assert_user_error(cli("inspect", "random:lfm9"), "unknown preset")
+
+
+def test_inspect_model_signature():
+    r = cli("inspect", "random:lfm2-1.2b", "--json")
+    assert r.returncode == 0
+    names = [s["name"] for s in json.loads(r.stdout)["signature"]["inputs"]]
+    assert names[:3] == ["input_ids", "attention_mask", "past.0.conv"] and "past_key_values.2.key" in names
+
+
+def test_usage_error_exit_code():
+    r = cli("check")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_core_import_is_torch_free():
+    code = "import sys, lfm_export, lfm_export.signature, lfm_export.errors, lfm_export.manifest; " \
+           "assert 'torch' not in sys.modules, 'torch imported'"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
