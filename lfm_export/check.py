@@ -60,7 +60,9 @@ def transformers_model(loaded: LoadedModel) -> torch.nn.Module:
         missing, unexpected = model.load_state_dict(loaded.model.state_dict(), strict=False)
         real_missing = [k for k in missing if k != "lm_head.weight"]
         if real_missing or unexpected:
-            raise UnsupportedError(f"cannot map weights onto transformers' model: {real_missing[:3] or unexpected[:3]}")
+            raise UnsupportedError(
+                f"cannot map weights onto transformers' model: {real_missing[:3] or unexpected[:3]}"
+            )
         if cfg.tie_word_embeddings:
             model.tie_weights()
     return model.eval()
@@ -72,7 +74,9 @@ def run_check(
     import transformers
 
     if len(prompt_ids) < 2:
-        raise UnsupportedError("check needs a prompt of at least 2 tokens (transformers' 1-token conv state differs)")
+        raise UnsupportedError(
+            "check needs a prompt of at least 2 tokens (transformers' 1-token conv state differs)"
+        )
     ours = loaded.model.float()
     hf = transformers_model(loaded)
     ids = torch.tensor([prompt_ids], dtype=torch.int64)

@@ -24,13 +24,17 @@ app = typer.Typer(
 )
 _state = {"verbose": False}
 
-ModelArg = Annotated[str, typer.Argument(help="Checkpoint folder, a bundled model (tiny, tiny-moe) or random:PRESET.")]
+ModelArg = Annotated[
+    str, typer.Argument(help="Checkpoint folder, a bundled model (tiny, tiny-moe) or random:PRESET.")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", min=1, help="CPU threads for torch / the runtime.")]
 
 
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.")] = False) -> None:
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.")] = False,
+) -> None:
     _state["verbose"] = verbose
 
 
@@ -80,7 +84,9 @@ def presets(as_json: JsonOpt = False) -> None:
                 "kv_heads": c.num_key_value_heads,
                 "ffn": c.intermediate_size,
                 "vocab_size": c.vocab_size,
-                "experts": f"{c.num_experts} x {c.moe_intermediate_size}, top-{c.num_experts_per_tok}" if c.is_moe else "",
+                "experts": f"{c.num_experts} x {c.moe_intermediate_size}, top-{c.num_experts_per_tok}"
+                if c.is_moe
+                else "",
                 "unconfirmed": list(p.unconfirmed),
                 "aliases": list(p.aliases),
                 "notes": p.notes,
@@ -92,12 +98,28 @@ def presets(as_json: JsonOpt = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table("preset", "params", "active", "published", "layers (attn idx)", "heads/kv", "ffn", "vocab", "unconfirmed")
+    t = Table(
+        "preset",
+        "params",
+        "active",
+        "published",
+        "layers (attn idx)",
+        "heads/kv",
+        "ffn",
+        "vocab",
+        "unconfirmed",
+    )
     for r in rows:
         t.add_row(
-            r["name"], f"{r['params']:,}", f"{r['active_params']:,}", r["published"],
-            f"{r['layers']} ({','.join(map(str, r['attention_layers']))})", f"{r['heads']}/{r['kv_heads']}",
-            r["experts"] or str(r["ffn"]), str(r["vocab_size"]), ", ".join(r["unconfirmed"]) or "-",
+            r["name"],
+            f"{r['params']:,}",
+            f"{r['active_params']:,}",
+            r["published"],
+            f"{r['layers']} ({','.join(map(str, r['attention_layers']))})",
+            f"{r['heads']}/{r['kv_heads']}",
+            r["experts"] or str(r["ffn"]),
+            str(r["vocab_size"]),
+            ", ".join(r["unconfirmed"]) or "-",
         )
     Console().print(t)
 
@@ -141,9 +163,13 @@ def check(
 def generate(
     model: ModelArg,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text.")],
-    chat: Annotated[bool, typer.Option(help="Wrap the prompt as a user turn with the chat template.")] = False,
+    chat: Annotated[
+        bool, typer.Option(help="Wrap the prompt as a user turn with the chat template.")
+    ] = False,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 128,
-    greedy: Annotated[bool, typer.Option(help="Greedy decoding instead of generation_config.json sampling.")] = False,
+    greedy: Annotated[
+        bool, typer.Option(help="Greedy decoding instead of generation_config.json sampling.")
+    ] = False,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     threads: ThreadsOpt = 2,
 ) -> None:
@@ -159,7 +185,9 @@ def generate(
     _stream(session, loaded.path, prompt, chat, max_new_tokens, greedy, seed)
 
 
-def _stream(session: Any, folder: Path, prompt: str, chat: bool, max_new: int, greedy: bool, seed: int) -> None:
+def _stream(
+    session: Any, folder: Path, prompt: str, chat: bool, max_new: int, greedy: bool, seed: int
+) -> None:
     from lfm_export.runtime.generate import stream_generate
     from lfm_export.runtime.sampler import GenerationConfig
     from lfm_export.runtime.tokenizer import Tokenizer
@@ -180,10 +208,163 @@ def _stream(session: Any, folder: Path, prompt: str, chat: bool, max_new: int, g
     typer.echo()
 
 
+# ---- export: onnx ------------------------------------------------------------------------------------------
+OutOpt = Annotated[
+    Path, typer.Option("--out", "-o", help="Output artifact folder (must not exist unless --force).")
+]
+
+
+def _report_export(outcome: Any, as_json: bool) -> None:
+    m = outcome.manifest
+    p = m.get("parity", {})
+    data = {
+        "out": str(outcome.out),
+        "backend": m["backend"],
+        "recipe": m["recipe"],
+        "total_bytes": m["total_bytes"],
+        "ops": m.get("ops"),
+        "parity": p,
+        "timings_s": m.get("timings_s"),
+    }
+    text = [f"wrote {outcome.out} ({m['total_bytes'] / 1e6:.2f} MB, {m['recipe'].get('name')})"]
+    if outcome.parity is not None:
+        text.append(outcome.parity.verdict_line())
+        text.append(f"reports: {outcome.out}/parity/parity.md, parity.json")
+    _emit(data, as_json, "\n".join(text))
+    if outcome.passed is False:
+        raise typer.Exit(1)
+
+
+@app.command()
+def onnx(
+    model: ModelArg,
+    out: OutOpt,
+    quant: Annotated[str, typer.Option(help="fp32 | fp16 | int8 | int4")] = "fp32",
+    block_size: Annotated[int, typer.Option(help="Quantization block size: 32 | 64 | 128.")] = 32,
+    ops: Annotated[
+        str, typer.Option(help="ort (onnxruntime contrib ops) | portable (standard ONNX ops only).")
+    ] = "ort",
+    asymmetric: Annotated[bool, typer.Option(help="Asymmetric (zero-point) int quantization.")] = False,
+    accuracy_level: Annotated[
+        int, typer.Option(help="MatMulNBits accuracy_level (0-4; 4 = int8 compute).")
+    ] = 4,
+    max_seq_len: Annotated[
+        int, typer.Option(help="Context the artifact declares (defaults to the model's).")
+    ] = 0,
+    no_parity: Annotated[
+        bool, typer.Option("--no-parity", help="Skip the parity gate after export.")
+    ] = False,
+    force: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    threads: ThreadsOpt = 2,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export MODEL to ONNX (onnxruntime-genai compatible folder), then check parity through the ONNX runtime shim."""
+    from lfm_export.backends.onnx.recipes import make_recipe
+    from lfm_export.pipeline import export_artifact
+    from lfm_export.progress import Progress
+
+    recipe = make_recipe(
+        quant=quant,
+        block_size=block_size,
+        ops=ops,
+        symmetric=not asymmetric,
+        accuracy_level=accuracy_level,
+        max_seq_len=max_seq_len or None,
+    )
+    _threads(threads)
+    outcome = export_artifact(
+        "onnx",
+        model,
+        out,
+        recipe,
+        force=force,
+        parity=not no_parity,
+        threads=threads,
+        progress=Progress(quiet=as_json),
+    )
+    _report_export(outcome, as_json)
+
+
+# ---- artifact commands -------------------------------------------------------------------------------------
+ArtifactArg = Annotated[Path, typer.Argument(help="An artifact folder written by lfm-export.")]
+
+
+@app.command()
+def parity(
+    artifact: ArtifactArg,
+    model: Annotated[
+        str, typer.Option(help="Reference model (defaults to the one recorded in the manifest).")
+    ] = "",
+    threads: ThreadsOpt = 2,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-check an artifact's numerical parity against the fp32 reference model; exit 1 if the gate fails."""
+    from lfm_export.loading import load_model
+    from lfm_export.pipeline import check_artifact
+    from lfm_export.progress import Progress
+
+    loaded = load_model(model) if model else None
+    result = check_artifact(artifact, loaded, threads=threads, progress=Progress(quiet=as_json))
+    _emit(
+        result.to_json(),
+        as_json,
+        result.verdict_line() + f"\nreports: {artifact}/parity/parity.md, parity.json",
+    )
+    raise typer.Exit(0 if result.passed else 1)
+
+
+@app.command()
+def run(
+    artifact: ArtifactArg,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text.")],
+    chat: Annotated[
+        bool, typer.Option(help="Wrap the prompt as a user turn with the chat template.")
+    ] = False,
+    greedy: Annotated[
+        bool, typer.Option(help="Greedy decoding instead of generation_config.json sampling.")
+    ] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 128,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    threads: ThreadsOpt = 2,
+) -> None:
+    """Stream text from an artifact through its runtime shim (no PyTorch needed for ONNX)."""
+    from lfm_export.pipeline import open_session
+
+    if not (artifact / "tokenizer.json").is_file():
+        raise UserError(f"{artifact} has no tokenizer.json; run needs one")
+    _stream(open_session(artifact, threads=threads), artifact, prompt, chat, max_new_tokens, greedy, seed)
+
+
+@app.command()
+def bench(
+    artifact: ArtifactArg,
+    prompt_len: Annotated[int, typer.Option(help="Prompt tokens to prefill.")] = 512,
+    new_tokens: Annotated[int, typer.Option(help="Tokens to decode.")] = 128,
+    threads: ThreadsOpt = 2,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure load time, prefill and decode tokens/s, peak RSS and size of an artifact."""
+    from lfm_export.bench import bench_artifact
+
+    r = bench_artifact(artifact, prompt_len, new_tokens, threads)
+    _emit(
+        r,
+        as_json,
+        (
+            f"{r['backend']} {r['recipe']}: load {r['load_s']:.2f}s, prefill {r['prefill_tok_s']:.1f} tok/s "
+            f"({prompt_len} tokens), decode {r['decode_tok_s']:.1f} tok/s ({new_tokens} tokens), "
+            f"peak RSS {r['peak_rss_bytes'] / 1e6:.0f} MB, size {(r['artifact_bytes'] or 0) / 1e6:.1f} MB, "
+            f"{threads} threads"
+        ),
+    )
+
+
 # ---- inspect ---------------------------------------------------------------------------------------------
 @app.command()
 def inspect(
-    target: Annotated[str, typer.Argument(help="An artifact folder, or a model (folder, tiny, random:PRESET).")],
+    target: Annotated[
+        str, typer.Argument(help="An artifact folder, or a model (folder, tiny, random:PRESET).")
+    ],
     as_json: JsonOpt = False,
 ) -> None:
     """Show an artifact's manifest and I/O signature, or a model's config and I/O signature."""
@@ -206,7 +387,9 @@ def inspect(
         else:
             folder = BUNDLED.get(target, path)
             if not folder.is_dir():
-                raise UserError(f"{target}: not an artifact folder, a model folder, a bundled model or random:PRESET")
+                raise UserError(
+                    f"{target}: not an artifact folder, a model folder, a bundled model or random:PRESET"
+                )
             cfg = Lfm2Config.from_file(folder / "config.json")
         sig = build_signature(cfg)
         info = {"model": target, "config": cfg.to_dict(), "signature": sig.to_dict()}
@@ -231,7 +414,9 @@ def inspect(
             f"model     {target}: {c['model_type']}, hidden {c['hidden_size']}, {len(c['layer_types'])} layers, "
             f"vocab {c['vocab_size']}"
         )
-    lines.append(f"signature ({sig.form} KV{', max_seq_len ' + str(sig.max_seq_len) if sig.max_seq_len else ''})")
+    lines.append(
+        f"signature ({sig.form} KV{', max_seq_len ' + str(sig.max_seq_len) if sig.max_seq_len else ''})"
+    )
     for direction, specs in (("in ", sig.inputs), ("out", sig.outputs)):
         for s in specs:
             lines.append(f"  {direction} {s.name:<28} {s.dtype:<8} [{', '.join(map(str, s.shape))}]")
@@ -259,7 +444,9 @@ def main() -> None:
     except Exception as e:  # a bug, not bad input: still one line unless --verbose
         if _state["verbose"]:
             traceback.print_exc()
-        typer.echo(f"internal error: {type(e).__name__}: {e} (run with --verbose for the traceback)", err=True)
+        typer.echo(
+            f"internal error: {type(e).__name__}: {e} (run with --verbose for the traceback)", err=True
+        )
         sys.exit(3)
 
 

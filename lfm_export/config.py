@@ -78,13 +78,21 @@ class Lfm2Config:
 
     def validate(self) -> None:
         if self.model_type not in MODEL_TYPES:
-            raise ConfigError(f"unknown model_type {self.model_type!r} (expected one of {', '.join(MODEL_TYPES)})")
+            raise ConfigError(
+                f"unknown model_type {self.model_type!r} (expected one of {', '.join(MODEL_TYPES)})"
+            )
         if not self.layer_types:
             raise ConfigError("config has no layers (layer_types / full_attn_idxs + num_hidden_layers)")
         bad = sorted({t for t in self.layer_types if t not in (LAYER_CONV, LAYER_ATTN)})
         if bad:
             raise ConfigError(f"unknown layer type(s) {bad} in layer_types")
-        for name in ("hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads", "conv_L_cache"):
+        for name in (
+            "hidden_size",
+            "vocab_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "conv_L_cache",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:
@@ -238,7 +246,9 @@ def parse_hf_config(raw: dict[str, Any]) -> Lfm2Config:
             hidden_size=hidden,
             intermediate_size=ff,
             num_attention_heads=int(_first(raw, "num_attention_heads", "num_heads")),
-            num_key_value_heads=int(_first(raw, "num_key_value_heads", "num_kv_heads", "num_attention_heads")),
+            num_key_value_heads=int(
+                _first(raw, "num_key_value_heads", "num_kv_heads", "num_attention_heads")
+            ),
             layer_types=layer_types,
             conv_L_cache=int(_first(raw, "conv_L_cache", default=3)),
             conv_bias=bool(_first(raw, "conv_bias", default=False)),

@@ -22,7 +22,12 @@ from lfm_export.model import Lfm2ForCausalLM, build_model
 
 ASSETS = Path(__file__).parent / "assets"
 BUNDLED = {"tiny": ASSETS / "tiny", "tiny-moe": ASSETS / "tiny-moe"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+)
 
 _ST_DTYPES = {
     "F32": torch.float32,
@@ -124,7 +129,9 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
         if dtype not in _ST_DTYPES:
             raise CheckpointError(f"{path.name}: tensor {name!r} has unsupported dtype {dtype}")
         if end > data_len or begin > end:
-            raise CheckpointError(f"{path.name}: truncated or corrupt, tensor {name!r} lies past the end of the file")
+            raise CheckpointError(
+                f"{path.name}: truncated or corrupt, tensor {name!r} lies past the end of the file"
+            )
     return header, 8 + n
 
 
@@ -203,10 +210,14 @@ def assign_weights(model: Lfm2ForCausalLM, tensors: dict[str, torch.Tensor], dty
     unexpected = sorted(set(tensors) - set(expected))
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise CheckpointError(f"checkpoint is missing tensor {missing[0]}{more}; does config.json match the weights?")
+        raise CheckpointError(
+            f"checkpoint is missing tensor {missing[0]}{more}; does config.json match the weights?"
+        )
     if unexpected:
         more = f" (and {len(unexpected) - 3} more)" if len(unexpected) > 3 else ""
-        raise CheckpointError(f"checkpoint has unexpected tensor {unexpected[0]}{more}; does config.json match the weights?")
+        raise CheckpointError(
+            f"checkpoint has unexpected tensor {unexpected[0]}{more}; does config.json match the weights?"
+        )
     for name, ref in expected.items():
         t = tensors[name]
         if tuple(t.shape) != tuple(ref.shape):
@@ -214,7 +225,7 @@ def assign_weights(model: Lfm2ForCausalLM, tensors: dict[str, torch.Tensor], dty
                 f"tensor {name} has shape {list(t.shape)}, config.json implies {list(ref.shape)}"
             )
     state = {}
-    for name, ref in expected.items():
+    for name in expected:
         t = tensors[name]
         want = torch.float32 if name.endswith("expert_bias") else dtype
         state[name] = t if t.dtype == want else t.to(want)
@@ -232,7 +243,9 @@ def load_model(source: str | Path, dtype: torch.dtype = torch.float32) -> Loaded
         return random_model(src.split(":", 1)[1], dtype)
     folder = BUNDLED.get(src, Path(src))
     if not folder.exists():
-        raise UserError(f"model {src!r} not found: not a folder, a bundled model (tiny, tiny-moe) or random:PRESET")
+        raise UserError(
+            f"model {src!r} not found: not a folder, a bundled model (tiny, tiny-moe) or random:PRESET"
+        )
     if not folder.is_dir():
         raise UserError(f"model {src!r} is not a folder")
     cfg = Lfm2Config.from_file(folder / "config.json")
@@ -277,7 +290,11 @@ def random_model(preset_name: str, dtype: torch.dtype = torch.float32, seed: int
         )
     model = init_random(cfg, dtype, seed)
     return LoadedModel(
-        model=model, config=cfg, source=f"random:{preset.name}", path=None, random=True,
+        model=model,
+        config=cfg,
+        source=f"random:{preset.name}",
+        path=None,
+        random=True,
         weights_dtype=str(dtype).removeprefix("torch."),
     )
 
@@ -298,7 +315,10 @@ def init_random(cfg: Lfm2Config, dtype: torch.dtype = torch.float32, seed: int =
 
 
 def save_checkpoint(
-    model: Lfm2ForCausalLM, folder: Path, dtype: torch.dtype = torch.float32, max_shard_bytes: int | None = None
+    model: Lfm2ForCausalLM,
+    folder: Path,
+    dtype: torch.dtype = torch.float32,
+    max_shard_bytes: int | None = None,
 ) -> None:
     """Write `config.json` + safetensors in the Hugging Face layout (tied lm_head left out)."""
     from safetensors.torch import save_file

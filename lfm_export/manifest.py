@@ -19,7 +19,17 @@ from lfm_export.errors import UserError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-_VERSIONED = ("lfm-export", "torch", "onnx", "onnxruntime", "onnxscript", "onnx-ir", "executorch", "coremltools", "mlx")
+_VERSIONED = (
+    "lfm-export",
+    "torch",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+    "onnx-ir",
+    "executorch",
+    "coremltools",
+    "mlx",
+)
 
 
 def library_versions() -> dict[str, str]:
@@ -41,7 +51,13 @@ def file_entries(folder: Path) -> list[dict[str, Any]]:
         with open(path, "rb") as f:
             while block := f.read(1 << 22):
                 h.update(block)
-        entries.append({"path": path.relative_to(folder).as_posix(), "bytes": path.stat().st_size, "sha256": h.hexdigest()})
+        entries.append(
+            {
+                "path": path.relative_to(folder).as_posix(),
+                "bytes": path.stat().st_size,
+                "sha256": h.hexdigest(),
+            }
+        )
     return entries
 
 
@@ -98,7 +114,9 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or "schema_version" not in data:
         raise UserError(f"{path}: not an lfm-export manifest")
     if data["schema_version"] > SCHEMA_VERSION:
-        raise UserError(f"{path}: schema_version {data['schema_version']} is newer than this tool ({SCHEMA_VERSION})")
+        raise UserError(
+            f"{path}: schema_version {data['schema_version']} is newer than this tool ({SCHEMA_VERSION})"
+        )
     return data
 
 

@@ -78,19 +78,25 @@ PRESETS: dict[str, Preset] = {
     for p in [
         Preset(
             "lfm2-350m",
-            Lfm2Config(hidden_size=1024, intermediate_size=4608, num_attention_heads=16, layer_types=_DENSE_16),
+            Lfm2Config(
+                hidden_size=1024, intermediate_size=4608, num_attention_heads=16, layer_types=_DENSE_16
+            ),
             published_params=354_483_968,
             published_label="354M",
         ),
         Preset(
             "lfm2-700m",
-            Lfm2Config(hidden_size=1536, intermediate_size=6912, num_attention_heads=24, layer_types=_DENSE_16),
+            Lfm2Config(
+                hidden_size=1536, intermediate_size=6912, num_attention_heads=24, layer_types=_DENSE_16
+            ),
             published_params=742_489_344,
             published_label="742M",
         ),
         Preset(
             "lfm2-1.2b",
-            Lfm2Config(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, layer_types=_DENSE_16),
+            Lfm2Config(
+                hidden_size=2048, intermediate_size=8192, num_attention_heads=32, layer_types=_DENSE_16
+            ),
             published_params=1_170_340_608,
             published_label="1.17B",
         ),
@@ -113,12 +119,16 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "lfm2.5-350m",
-            Lfm2Config(hidden_size=1024, intermediate_size=4608, num_attention_heads=16, layer_types=_DENSE_16),
+            Lfm2Config(
+                hidden_size=1024, intermediate_size=4608, num_attention_heads=16, layer_types=_DENSE_16
+            ),
             published_label="350M",
         ),
         Preset(
             "lfm2.5-1.2b",
-            Lfm2Config(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, layer_types=_DENSE_16),
+            Lfm2Config(
+                hidden_size=2048, intermediate_size=8192, num_attention_heads=32, layer_types=_DENSE_16
+            ),
             published_params=1_170_340_608,
             published_label="1.17B",
             notes="shared by LFM2.5-1.2B Base, Instruct, Thinking and JP",

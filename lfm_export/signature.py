@@ -120,7 +120,7 @@ def build_signature(
     else:
         inputs.append(TensorSpec(INPUT_POS, (1,), "int64", INPUT_POS))
     outputs = [TensorSpec(LOGITS, (BATCH, SEQ, cfg.vocab_size), "float32", LOGITS)]
-    for i, kind in enumerate(cfg.layer_types):
+    for i in range(cfg.num_hidden_layers):
         if i in cfg.conv_layers:
             roles: tuple[tuple[str, tuple[int | str, ...], tuple[int | str, ...]], ...] = (
                 (CONV, (BATCH, h, lc), (BATCH, h, lc)),

@@ -21,7 +21,7 @@ class SignatureModule(nn.Module):
         self._key = [i for i, r in enumerate(roles) if r == KEY]
         self._value = [i for i, r in enumerate(roles) if r == VALUE]
         out_roles = [s.role for s in signature.state_outputs()]
-        self._out_order = [(r, out_roles[: j].count(r)) for j, r in enumerate(out_roles)]
+        self._out_order = [(r, out_roles[:j].count(r)) for j, r in enumerate(out_roles)]
 
     def forward(self, input_ids: Tensor, mask_or_pos: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
         growing = self.signature.form == GROWING
@@ -42,8 +42,12 @@ def example_inputs(
     signature: IOSignature, batch: int = 2, seq: int = 3, past: int = 2, dtype: torch.dtype = torch.float32
 ) -> tuple[Tensor, ...]:
     """Inputs for tracing: non-trivial sizes so no dynamic dimension is specialised to 0 or 1."""
-    values = {"batch_size": batch, "sequence_length": seq, "past_sequence_length": past,
-              "total_sequence_length": past + seq}
+    values = {
+        "batch_size": batch,
+        "sequence_length": seq,
+        "past_sequence_length": past,
+        "total_sequence_length": past + seq,
+    }
     out = []
     for spec in signature.inputs:
         shape = [values[d] if isinstance(d, str) else d for d in spec.shape]

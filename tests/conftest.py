@@ -13,22 +13,49 @@ torch.set_num_threads(2)
 HF_SHAPES = {
     # name: (transformers config kwargs, dtype)
     "dense_odd": (
-        dict(vocab_size=301, hidden_size=96, intermediate_size=200, num_hidden_layers=4, num_attention_heads=3,
-             num_key_value_heads=1, layer_types=["conv", "full_attention", "conv", "full_attention"],
-             block_auto_adjust_ff_dim=False),
+        dict(
+            vocab_size=301,
+            hidden_size=96,
+            intermediate_size=200,
+            num_hidden_layers=4,
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            layer_types=["conv", "full_attention", "conv", "full_attention"],
+            block_auto_adjust_ff_dim=False,
+        ),
         torch.float32,
     ),
     "dense_attn_first_hd32": (
-        dict(vocab_size=256, hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
-             num_key_value_heads=2, layer_types=["full_attention", "conv", "conv"], block_auto_adjust_ff_dim=True,
-             block_ffn_dim_multiplier=1.0, block_multiple_of=64),
+        dict(
+            vocab_size=256,
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            layer_types=["full_attention", "conv", "conv"],
+            block_auto_adjust_ff_dim=True,
+            block_ffn_dim_multiplier=1.0,
+            block_multiple_of=64,
+        ),
         torch.float32,
     ),
     "moe_dense_first": (
-        dict(vocab_size=256, hidden_size=64, intermediate_size=160, moe_intermediate_size=48, num_experts=6,
-             num_experts_per_tok=2, num_dense_layers=1, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=2, layer_types=["conv", "full_attention", "conv", "conv"], use_expert_bias=True,
-             routed_scaling_factor=1.5),
+        dict(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=160,
+            moe_intermediate_size=48,
+            num_experts=6,
+            num_experts_per_tok=2,
+            num_dense_layers=1,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            layer_types=["conv", "full_attention", "conv", "conv"],
+            use_expert_bias=True,
+            routed_scaling_factor=1.5,
+        ),
         torch.float32,
     ),
 }
@@ -44,7 +71,7 @@ def _save_hf(name: str, folder: Path) -> Path:
     if "num_experts" in kwargs:
         model = transformers.Lfm2MoeForCausalLM(transformers.Lfm2MoeConfig(**kwargs))
         with torch.no_grad():  # a non-zero expert bias so that routing by biased scores is exercised
-            for layer in model.model.layers[kwargs["num_dense_layers"]:]:
+            for layer in model.model.layers[kwargs["num_dense_layers"] :]:
                 layer.feed_forward.expert_bias.copy_(torch.linspace(-0.05, 0.05, kwargs["num_experts"]))
     else:
         model = transformers.Lfm2ForCausalLM(transformers.Lfm2Config(**kwargs))

@@ -11,7 +11,9 @@ from lfm_export.loading import init_random, save_checkpoint
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lfm_export.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "lfm_export.cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def assert_user_error(r: subprocess.CompletedProcess, fragment: str) -> None:
@@ -23,8 +25,14 @@ def assert_user_error(r: subprocess.CompletedProcess, fragment: str) -> None:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    cfg = Lfm2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                     num_key_value_heads=2, layer_types=("conv", "full_attention", "conv"))
+    cfg = Lfm2Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        layer_types=("conv", "full_attention", "conv"),
+    )
     folder = tmp_path_factory.mktemp("cli") / "m"
     save_checkpoint(init_random(cfg, seed=5), folder)
     return folder
@@ -35,8 +43,15 @@ def test_presets_json():
     assert r.returncode == 0
     rows = {p["name"]: p for p in json.loads(r.stdout)}
     assert rows["lfm2-1.2b"]["params"] == 1170340608
-    assert {"lfm2-350m", "lfm2-700m", "lfm2-8b-a1b", "lfm2.5-230m", "lfm2.5-350m", "lfm2.5-1.2b",
-            "lfm2.5-8b-a1b"} <= set(rows)
+    assert {
+        "lfm2-350m",
+        "lfm2-700m",
+        "lfm2-8b-a1b",
+        "lfm2.5-230m",
+        "lfm2.5-350m",
+        "lfm2.5-1.2b",
+        "lfm2.5-8b-a1b",
+    } <= set(rows)
 
 
 def test_check_json_on_transformers_checkpoints(hf_checkpoints):
@@ -87,7 +102,9 @@ def test_usage_error_exit_code():
 
 
 def test_core_import_is_torch_free():
-    code = "import sys, lfm_export, lfm_export.signature, lfm_export.errors, lfm_export.manifest; " \
-           "assert 'torch' not in sys.modules, 'torch imported'"
+    code = (
+        "import sys, lfm_export, lfm_export.signature, lfm_export.errors, lfm_export.manifest; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -7,17 +7,36 @@ from lfm_export.errors import ConfigError
 from lfm_export.presets import PRESETS, get_preset, param_count
 
 LFM2_1_2B_LIQUID = {
-    "model_type": "lfm2", "vocab_size": 65536, "block_dim": 2048, "block_ff_dim": 12288,
-    "block_auto_adjust_ff_dim": True, "block_ffn_dim_multiplier": 1.0, "block_multiple_of": 256,
-    "num_hidden_layers": 16, "num_heads": 32, "num_key_value_heads": 8, "full_attn_idxs": [2, 5, 8, 10, 12, 14],
-    "theta": 1000000.0, "tie_embedding": True, "norm_eps": 1e-05, "conv_L_cache": 3,
+    "model_type": "lfm2",
+    "vocab_size": 65536,
+    "block_dim": 2048,
+    "block_ff_dim": 12288,
+    "block_auto_adjust_ff_dim": True,
+    "block_ffn_dim_multiplier": 1.0,
+    "block_multiple_of": 256,
+    "num_hidden_layers": 16,
+    "num_heads": 32,
+    "num_key_value_heads": 8,
+    "full_attn_idxs": [2, 5, 8, 10, 12, 14],
+    "theta": 1000000.0,
+    "tie_embedding": True,
+    "norm_eps": 1e-05,
+    "conv_L_cache": 3,
 }
 LFM2_1_2B_HF = {
-    "model_type": "lfm2", "vocab_size": 65536, "hidden_size": 2048, "intermediate_size": 12288,
-    "block_auto_adjust_ff_dim": True, "block_ffn_dim_multiplier": 1.0, "block_multiple_of": 256,
-    "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "model_type": "lfm2",
+    "vocab_size": 65536,
+    "hidden_size": 2048,
+    "intermediate_size": 12288,
+    "block_auto_adjust_ff_dim": True,
+    "block_ffn_dim_multiplier": 1.0,
+    "block_multiple_of": 256,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
     "layer_types": ["full_attention" if i in (2, 5, 8, 10, 12, 14) else "conv" for i in range(16)],
-    "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"}, "tie_word_embeddings": True,
+    "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+    "tie_word_embeddings": True,
 }
 
 
@@ -42,11 +61,21 @@ def test_rope_theta_sources():
 
 
 def test_moe_fields():
-    cfg = parse_hf_config({
-        **LFM2_1_2B_HF, "model_type": "lfm2_moe", "num_hidden_layers": 16, "intermediate_size": 7168,
-        "num_dense_layers": 2, "num_experts": 32, "num_experts_per_tok": 4, "moe_intermediate_size": 1792,
-        "use_expert_bias": True, "norm_topk_prob": True, "routed_scaling_factor": 1.0,
-    })
+    cfg = parse_hf_config(
+        {
+            **LFM2_1_2B_HF,
+            "model_type": "lfm2_moe",
+            "num_hidden_layers": 16,
+            "intermediate_size": 7168,
+            "num_dense_layers": 2,
+            "num_experts": 32,
+            "num_experts_per_tok": 4,
+            "moe_intermediate_size": 1792,
+            "use_expert_bias": True,
+            "norm_topk_prob": True,
+            "routed_scaling_factor": 1.0,
+        }
+    )
     assert cfg.is_moe and cfg.intermediate_size == 7168  # no auto-adjust for MoE dense layers
     assert not cfg.is_moe_layer(1) and cfg.is_moe_layer(2)
 
@@ -90,7 +119,12 @@ def test_round_trip_through_transformers_style_dict(tmp_path):
 
 @pytest.mark.parametrize(
     "name, published",
-    [("lfm2-350m", 354_483_968), ("lfm2-700m", 742_489_344), ("lfm2-1.2b", 1_170_340_608), ("lfm2.5-1.2b", 1_170_340_608)],
+    [
+        ("lfm2-350m", 354_483_968),
+        ("lfm2-700m", 742_489_344),
+        ("lfm2-1.2b", 1_170_340_608),
+        ("lfm2.5-1.2b", 1_170_340_608),
+    ],
 )
 def test_preset_parameter_counts_match_published(name, published):
     assert get_preset(name).params == published
@@ -106,7 +140,13 @@ def test_rounded_published_sizes():
 
 def test_every_released_architecture_has_a_preset():
     assert set(PRESETS) == {
-        "lfm2-350m", "lfm2-700m", "lfm2-1.2b", "lfm2-8b-a1b",
-        "lfm2.5-230m", "lfm2.5-350m", "lfm2.5-1.2b", "lfm2.5-8b-a1b",
+        "lfm2-350m",
+        "lfm2-700m",
+        "lfm2-1.2b",
+        "lfm2-8b-a1b",
+        "lfm2.5-230m",
+        "lfm2.5-350m",
+        "lfm2.5-1.2b",
+        "lfm2.5-8b-a1b",
     }
     assert get_preset("LFM2.5-1.2B-Thinking").name == "lfm2.5-1.2b"

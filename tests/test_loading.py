@@ -9,8 +9,14 @@ from lfm_export.config import Lfm2Config
 from lfm_export.errors import CheckpointError, ConfigError, UnsupportedError, UserError
 from lfm_export.loading import init_random, load_model, save_checkpoint
 
-CFG = Lfm2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-                 layer_types=("conv", "full_attention", "conv"))
+CFG = Lfm2Config(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    layer_types=("conv", "full_attention", "conv"),
+)
 
 
 @pytest.fixture()
@@ -53,17 +59,29 @@ def test_sharded_bf16_checkpoint(tmp_path):
 
 
 def test_fused_experts_are_unfused(tmp_path):
-    cfg = Lfm2Config(model_type="lfm2_moe", vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                     num_key_value_heads=1, layer_types=("conv", "full_attention"), num_dense_layers=1, num_experts=3,
-                     num_experts_per_tok=2, moe_intermediate_size=16, use_expert_bias=True)
+    cfg = Lfm2Config(
+        model_type="lfm2_moe",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        layer_types=("conv", "full_attention"),
+        num_dense_layers=1,
+        num_experts=3,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        use_expert_bias=True,
+    )
     model = init_random(cfg, seed=9)
     save_checkpoint(model, tmp_path / "f")
     from safetensors.torch import load_file
 
     sd = load_file(tmp_path / "f" / "model.safetensors")
     p = "model.layers.1.feed_forward.experts"
-    sd[f"{p}.gate_up_proj"] = torch.stack([torch.cat([sd.pop(f"{p}.{e}.w1.weight"), sd.pop(f"{p}.{e}.w3.weight")])
-                                          for e in range(3)])
+    sd[f"{p}.gate_up_proj"] = torch.stack(
+        [torch.cat([sd.pop(f"{p}.{e}.w1.weight"), sd.pop(f"{p}.{e}.w3.weight")]) for e in range(3)]
+    )
     sd[f"{p}.down_proj"] = torch.stack([sd.pop(f"{p}.{e}.w2.weight") for e in range(3)])
     save_file(sd, tmp_path / "f" / "model.safetensors")
     _same(load_model(tmp_path / "f").model, model)
@@ -102,7 +120,9 @@ def test_config_that_does_not_match_weights_names_the_tensor(ckpt):
     cfg = json.loads((folder / "config.json").read_text())
     cfg["intermediate_size"] = 128
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.feed_forward\.w1\.weight has shape \[96, 64\]"):
+    with pytest.raises(
+        CheckpointError, match=r"model\.layers\.0\.feed_forward\.w1\.weight has shape \[96, 64\]"
+    ):
         load_model(folder)
 
 
@@ -133,7 +153,9 @@ def test_unknown_preset_is_a_user_error():
 def test_random_source_is_marked_and_seeded():
     a, b = load_model("random:lfm2.5-230m"), load_model("random:lfm2.5-230m")
     assert a.random and a.identity()["random_weights"] and a.identity()["weights_sha256"] is None
-    assert torch.equal(a.model.model.layers[2].self_attn.q_proj.weight, b.model.model.layers[2].self_attn.q_proj.weight)
+    assert torch.equal(
+        a.model.model.layers[2].self_attn.q_proj.weight, b.model.model.layers[2].self_attn.q_proj.weight
+    )
 
 
 def test_random_model_refuses_what_does_not_fit_in_memory():

@@ -29,11 +29,28 @@ def test_check_catches_a_wrong_weight(hf_checkpoints):
     assert not result.passed and result.parts["prefill"] > 1e-4
 
 
-CFG = Lfm2Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-                 layer_types=("conv", "full_attention", "conv", "full_attention"))
-MOE = Lfm2Config(model_type="lfm2_moe", vocab_size=97, hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                 num_key_value_heads=2, layer_types=("full_attention", "conv", "conv"), num_dense_layers=1,
-                 num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, use_expert_bias=True)
+CFG = Lfm2Config(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    layer_types=("conv", "full_attention", "conv", "full_attention"),
+)
+MOE = Lfm2Config(
+    model_type="lfm2_moe",
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    layer_types=("full_attention", "conv", "conv"),
+    num_dense_layers=1,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    use_expert_bias=True,
+)
 
 
 @pytest.mark.parametrize("cfg", [CFG, MOE], ids=["dense", "moe"])
@@ -76,8 +93,14 @@ def test_batch_rows_are_independent():
 def test_signature_names_follow_genai_convention():
     sig = build_signature(CFG)
     assert sig.input_names == [
-        "input_ids", "attention_mask", "past.0.conv", "past_key_values.1.key", "past_key_values.1.value",
-        "past.2.conv", "past_key_values.3.key", "past_key_values.3.value",
+        "input_ids",
+        "attention_mask",
+        "past.0.conv",
+        "past_key_values.1.key",
+        "past_key_values.1.value",
+        "past.2.conv",
+        "past_key_values.3.key",
+        "past_key_values.3.value",
     ]
     assert sig.output_names[0] == "logits" and sig.present_for("past.2.conv") == "present.2.conv"
     conv = sig.inputs[2]
