@@ -242,7 +242,8 @@ def test_crash_and_nan_are_failures_not_exceptions(model, ref):
     assert result.scenario("prefill").status == "ok"
     assert result.scenario("decode").status == "error"
     assert "decode kernel missing" in result.scenario("decode").reason
-    assert "decode: error (RuntimeError: decode kernel missing)" in to_markdown(result)
+    md = to_markdown(result)
+    assert "decode: error (RuntimeError: decode kernel missing)" in md and "| decode | ERROR |" in md
 
     result = run_parity(NanLogits(model, name="nan"), ref, "int4", scenarios=["decode"])
     assert ("decode", "finite") in failing(result) and ("decode", "kl_mean") in failing(result)
@@ -320,6 +321,7 @@ def test_reports(model, ref, tmp_path):
     assert data["schema_version"] == SCHEMA_VERSION == 1
     assert data["passed"] is False and data["recipe"] == "fp32" and data["gate"] == "fp32"
     assert data["metadata"] == meta
+    assert {"metric": "logit_max_abs", "op": "<=", "limit": 1e-4, "scenarios": None} in data["thresholds"]
     assert [s["name"] for s in data["scenarios"]] == ["prefill", "decode"]
     assert {"logit_max_abs", "kl_mean", "kl_p99", "kl_max", "cosine_mean", "top1_agreement"} <= set(
         data["scenarios"][0]["metrics"]

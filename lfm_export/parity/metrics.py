@@ -42,7 +42,7 @@ def logit_metrics(ref: np.ndarray, test: np.ndarray) -> dict[str, float]:
     t = t.reshape(-1, t.shape[-1])
     finite = bool(np.isfinite(t).all())
     nan = float("nan")
-    out: dict[str, float] = {"positions": float(r.shape[0]), "finite": float(finite)}
+    out: dict[str, float] = {"positions": r.shape[0], "finite": float(finite)}
     if not finite:
         out.update(
             logit_max_abs=nan,

@@ -105,7 +105,12 @@ def to_json(result: ParityResult) -> dict[str, Any]:
         "test": result.test_name,
         "reference": result.reference_name,
         "thresholds": [
-            {"metric": lim.metric, "op": lim.op, "limit": lim.value, "scenarios": list(lim.scenarios or [])}
+            {
+                "metric": lim.metric,
+                "op": lim.op,
+                "limit": lim.value,
+                "scenarios": list(lim.scenarios) if lim.scenarios else None,
+            }
             for lim in result.gate.limits
         ],
         "scenarios": [
@@ -171,7 +176,7 @@ def to_markdown(result: ParityResult) -> str:
     lines.append("| scenario | status | " + " | ".join(title for _, title, _ in COLUMNS) + " |")
     lines.append("|---|---|" + "---|" * len(COLUMNS))
     for s in result.scenarios:
-        status = "FAIL" if s.name in failed_scen else s.status
+        status = "ERROR" if s.status == "error" else "FAIL" if s.name in failed_scen else s.status
         cells = [_cell(s, m, fmt, failed) for m, _, fmt in COLUMNS]
         lines.append(f"| {s.name} | {status} | " + " | ".join(cells) + " |")
     if result.failures:

@@ -222,7 +222,7 @@ def measure(run: ScenarioRun) -> dict[str, float]:
     assert run.ref_logits is not None and run.test_logits is not None
     m: dict[str, float] = logit_metrics(run.ref_logits, run.test_logits)
     if run.greedy is not None:
-        m["greedy_match"], m["greedy_steps"] = float(run.greedy[0]), float(run.greedy[1])
+        m["greedy_match"], m["greedy_steps"] = run.greedy
     state_err, info = state_max_abs(run.ref_state, run.test_state, run.ref_position)
     if state_err is not None:
         m["state_max_abs"] = state_err
