@@ -82,6 +82,39 @@ class ParityResult:
     def failed_scenarios(self) -> list[str]:
         return sorted({c.scenario for c in self.failures})
 
+    def worst(self, metric: str, largest: bool = True) -> float | None:
+        vals = [s.metrics[metric] for s in self.scenarios if s.status == "ok" and s.metrics.get(metric) is not None]
+        if not vals:
+            return None
+        return max(vals) if largest else min(vals)
+
+    def verdict_line(self) -> str:
+        """One line for a terminal or a CI log: verdict, recipe, the headline numbers, what failed."""
+        head = f"parity {'PASSED' if self.passed else 'FAILED'} ({self.recipe} gate, {self.test_name} vs {self.reference_name})"
+        nums = (
+            f"logit max abs {_num(self.worst('logit_max_abs'))}, KL mean {_num(self.worst('kl_mean'))}, "
+            f"top-1 {_num(self.worst('top1_agreement', largest=False), '.4f')}"
+        )
+        fails = "; ".join(c.describe() for c in self.failures[:3])
+        return f"{head}: {nums}" + (f"; failed: {fails}" if fails else "")
+
+    def summary(self) -> dict[str, Any]:
+        """The compact form kept in an artifact's manifest (the full report sits beside it)."""
+        return {
+            "passed": self.passed,
+            "recipe": self.recipe,
+            "gate": self.gate.name,
+            "scenarios": {s.name: s.status for s in self.scenarios},
+            "logit_max_abs": _json_num(self.worst("logit_max_abs")),
+            "kl_mean": _json_num(self.worst("kl_mean")),
+            "kl_p99": _json_num(self.worst("kl_p99")),
+            "top1_agreement": _json_num(self.worst("top1_agreement", largest=False)),
+            "failures": [c.describe() for c in self.failures],
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return to_json(self)
+
 
 def exit_code(result: ParityResult) -> int:
     """CLI convention: 0 when parity passed, 1 when it failed (2 is reserved for user errors)."""
