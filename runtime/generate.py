@@ -108,6 +108,7 @@ class Generation:
         seen = np.zeros(sess.vocab_size, dtype=bool)
         seen[self.prompt_ids] = True
         stops = _StopMatcher(self.stop_strings)
+        penalised = self.config.repetition_penalty != 1.0
 
         t0 = time.perf_counter()
         sess.reset(1)
@@ -116,7 +117,7 @@ class Generation:
         for start in range(0, prompt.shape[1], chunk):
             logits = sess.prefill(prompt[:, start : start + chunk])
         last = logits[0, -1]
-        token = self.sampler.sample(last, np.flatnonzero(seen))
+        token = self.sampler.sample(last, np.flatnonzero(seen) if penalised else None)
         st.prefill_s = time.perf_counter() - t0
 
         while True:
@@ -138,7 +139,7 @@ class Generation:
                 break
             t1 = time.perf_counter()
             last = sess.decode(np.asarray([token], dtype=np.int64))[0]
-            token = self.sampler.sample(last, np.flatnonzero(seen))
+            token = self.sampler.sample(last, np.flatnonzero(seen) if penalised else None)
             st.decode_s += time.perf_counter() - t1
             st.decode_steps += 1
         out, hit = stops.feed(detok.flush())

@@ -23,8 +23,13 @@ def test_peak_rss_loading_1_2b_fp32(tmp_path):
     )
     subprocess.run([sys.executable, "-c", write, str(tmp_path / "m")], check=True, timeout=1200)
     size = (tmp_path / "m" / "model.safetensors").stat().st_size
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path / "m")], capture_output=True, text=True,
-                         check=True, timeout=1200)
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=1200,
+    )
     peak = int(out.stdout.strip().splitlines()[-1])
     print(f"checkpoint {size / 1e9:.2f} GB, peak RSS {peak / 1e9:.2f} GB ({peak / size:.2f}x)")
     assert peak <= 1.2 * size

@@ -55,8 +55,14 @@ def test_manifest_lists_files_with_sha256(tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"graph")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "w.data").write_bytes(b"weights")
-    m = build_manifest(model_identity={"source": "tiny"}, config={}, backend="onnx", recipe={"name": "fp32"},
-                       signature={"form": "growing", "max_seq_len": None}, folder=tmp_path)
+    m = build_manifest(
+        model_identity={"source": "tiny"},
+        config={},
+        backend="onnx",
+        recipe={"name": "fp32"},
+        signature={"form": "growing", "max_seq_len": None},
+        folder=tmp_path,
+    )
     write_manifest(tmp_path, m)
     back = read_manifest(tmp_path)
     assert back["schema_version"] == SCHEMA_VERSION and back["backend"] == "onnx"
@@ -66,8 +72,14 @@ def test_manifest_lists_files_with_sha256(tmp_path):
     assert back["total_bytes"] == 12 and "torch" in back["tool"]["versions"]
 
 
-@pytest.mark.parametrize("content, message", [(None, "not an lfm-export artifact"), ("{", "corrupt manifest"),
-                                              ('{"a": 1}', "not an lfm-export manifest")])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "not an lfm-export artifact"),
+        ("{", "corrupt manifest"),
+        ('{"a": 1}', "not an lfm-export manifest"),
+    ],
+)
 def test_bad_manifests(tmp_path, content, message):
     if content is not None:
         (tmp_path / "manifest.json").write_text(content)

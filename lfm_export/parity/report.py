@@ -83,7 +83,11 @@ class ParityResult:
         return sorted({c.scenario for c in self.failures})
 
     def worst(self, metric: str, largest: bool = True) -> float | None:
-        vals = [s.metrics[metric] for s in self.scenarios if s.status == "ok" and s.metrics.get(metric) is not None]
+        vals = [
+            s.metrics[metric]
+            for s in self.scenarios
+            if s.status == "ok" and s.metrics.get(metric) is not None
+        ]
         if not vals:
             return None
         return max(vals) if largest else min(vals)
