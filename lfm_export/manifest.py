@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from lfm_export.errors import UserError
+from lfm_export.runtime.artifact import MANIFEST, SCHEMA_VERSION, read_manifest
 
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
+__all__ = ["MANIFEST", "SCHEMA_VERSION", "atomic_output", "build_manifest", "read_manifest", "write_manifest"]
 _VERSIONED = (
     "lfm-export",
     "torch",
@@ -99,25 +99,6 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, target)
     return target
-
-
-def read_manifest(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / MANIFEST
-    if not Path(folder).is_dir():
-        raise UserError(f"{folder}: no such artifact folder")
-    if not path.is_file():
-        raise UserError(f"{folder}: not an lfm-export artifact (no {MANIFEST})")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: corrupt manifest ({e})") from None
-    if not isinstance(data, dict) or "schema_version" not in data:
-        raise UserError(f"{path}: not an lfm-export manifest")
-    if data["schema_version"] > SCHEMA_VERSION:
-        raise UserError(
-            f"{path}: schema_version {data['schema_version']} is newer than this tool ({SCHEMA_VERSION})"
-        )
-    return data
 
 
 def check_output_path(out: Path, force: bool) -> None:

@@ -13,6 +13,8 @@ from lfm_export.errors import UserError
 from lfm_export.signature import IOSignature
 
 MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+"""Version of the manifest layout this code writes and reads (bumped on incompatible changes)."""
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -29,8 +31,12 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
+    if not isinstance(data, dict) or "schema_version" not in data:
+        raise UserError(f"{path}: not an lfm-export manifest (no schema_version)")
+    if not isinstance(data["schema_version"], int) or data["schema_version"] > SCHEMA_VERSION:
+        raise UserError(
+            f"{path}: schema_version {data['schema_version']!r} is newer than this tool reads ({SCHEMA_VERSION})"
+        )
     return data
 
 

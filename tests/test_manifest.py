@@ -75,8 +75,8 @@ def test_manifest_lists_files_with_sha256(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        (None, "not an lfm-export artifact"),
-        ("{", "corrupt manifest"),
+        (None, "no manifest.json"),
+        ("{", "not valid JSON"),
         ('{"a": 1}', "not an lfm-export manifest"),
     ],
 )
