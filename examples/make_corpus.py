@@ -32,9 +32,36 @@ IM_END = "<|im_end|>"
 
 # ---- word lists -------------------------------------------------------------------------------------------
 NAMES = {
-    "Tom": "he", "Anna": "she", "Ben": "he", "Lily": "she", "Max": "he", "Mia": "she", "Sam": "he",
-    "Zoe": "she", "Leo": "he", "Emma": "she", "Jack": "he", "Lucy": "she", "Finn": "he", "Ella": "she",
-    "Noah": "he", "Rosa": "she", "Omar": "he", "Nina": "she", "Theo": "he", "Ivy": "she",
+    "Tom": "he",
+    "Anna": "she",
+    "Ben": "he",
+    "Lily": "she",
+    "Max": "he",
+    "Mia": "she",
+    "Sam": "he",
+    "Zoe": "she",
+    "Leo": "he",
+    "Emma": "she",
+    "Jack": "he",
+    "Lucy": "she",
+    "Finn": "he",
+    "Ella": "she",
+    "Noah": "he",
+    "Rosa": "she",
+    "Omar": "he",
+    "Nina": "she",
+    "Theo": "he",
+    "Ivy": "she",
+    "Hugo": "he",
+    "Maya": "she",
+    "Oscar": "he",
+    "Clara": "she",
+    "Felix": "he",
+    "Alice": "she",
+    "Ravi": "he",
+    "Sofia": "she",
+    "Luke": "he",
+    "Hannah": "she",
 }
 PRONOUNS = {"he": ("he", "him", "his"), "she": ("she", "her", "her")}
 
@@ -56,53 +83,186 @@ ANIMALS = {
     "bear": ("growl", "in a cave", "honey", "four"),
     "rabbit": ("sniff", "in a burrow", "carrots", "four"),
     "fox": ("yip", "in the forest", "berries", "four"),
+    "goat": ("bleat", "on a hill", "grass", "four"),
+    "hen": ("cluck", "on a farm", "seeds", "two"),
+    "snake": ("hiss", "in the grass", "eggs", "no"),
+    "wolf": ("howl", "in the forest", "meat", "four"),
+    "donkey": ("bray", "on a farm", "hay", "four"),
+    "crow": ("caw", "in a tree", "nuts", "two"),
+    "turkey": ("gobble", "on a farm", "corn", "two"),
+    "squirrel": ("chatter", "in a tree", "nuts", "four"),
 }
-ADJECTIVES = ["little", "big", "happy", "brave", "kind", "shy", "curious", "sleepy", "clever", "funny", "gentle", "quiet"]
-PLACES = [
-    "small house", "quiet village", "green forest", "busy town", "big farm", "warm cottage",
-    "sunny garden", "little house by the sea", "old castle", "snowy hill",
+ADJECTIVES = [
+    "little",
+    "big",
+    "happy",
+    "brave",
+    "kind",
+    "shy",
+    "curious",
+    "sleepy",
+    "clever",
+    "funny",
+    "gentle",
+    "quiet",
 ]
-LANDMARKS = ["river", "old tree", "big rock", "red barn", "school", "bridge", "park", "lake", "market", "hill"]
+PLACES = [
+    "small house",
+    "quiet village",
+    "green forest",
+    "busy town",
+    "big farm",
+    "warm cottage",
+    "sunny garden",
+    "little house by the sea",
+    "old castle",
+    "snowy hill",
+]
+LANDMARKS = [
+    "river",
+    "old tree",
+    "big rock",
+    "red barn",
+    "school",
+    "bridge",
+    "park",
+    "lake",
+    "market",
+    "hill",
+]
 OBJECTS = {
-    "ball": ["red", "blue", "small", "bouncy"], "box": ["wooden", "blue", "tiny", "heavy"],
-    "key": ["shiny", "golden", "old", "small"], "book": ["old", "green", "big", "magic"],
-    "hat": ["green", "tall", "funny", "yellow"], "kite": ["red", "long", "bright", "paper"],
-    "map": ["old", "torn", "secret", "big"], "shell": ["pink", "smooth", "white", "shiny"],
-    "feather": ["soft", "white", "long", "blue"], "stone": ["smooth", "round", "grey", "shiny"],
+    "ball": ["red", "blue", "small", "bouncy"],
+    "box": ["wooden", "blue", "tiny", "heavy"],
+    "key": ["shiny", "golden", "old", "small"],
+    "book": ["old", "green", "big", "magic"],
+    "hat": ["green", "tall", "funny", "yellow"],
+    "kite": ["red", "long", "bright", "paper"],
+    "map": ["old", "torn", "secret", "big"],
+    "shell": ["pink", "smooth", "white", "shiny"],
+    "cup": ["blue", "chipped", "tiny", "silver"],
+    "bell": ["golden", "little", "loud", "brass"],
+    "coin": ["silver", "shiny", "old", "gold"],
+    "flower": ["yellow", "pretty", "purple", "tall"],
+    "drum": ["red", "small", "loud", "round"],
+    "boat": ["wooden", "paper", "little", "blue"],
+    "feather": ["soft", "white", "long", "blue"],
+    "stone": ["smooth", "round", "grey", "shiny"],
 }
 ACTIVITIES = [
-    ("play in the park", "played in the park"), ("read books", "read books"), ("sing songs", "sang songs"),
-    ("draw pictures", "drew pictures"), ("run in the grass", "ran in the grass"),
-    ("build sand castles", "built sand castles"), ("look at the stars", "looked at the stars"),
-    ("swim in the lake", "swam in the lake"), ("pick flowers", "picked flowers"), ("fly a kite", "flew a kite"),
-    ("bake cookies", "baked cookies"), ("climb trees", "climbed trees"),
+    ("play in the park", "played in the park"),
+    ("read books", "read books"),
+    ("sing songs", "sang songs"),
+    ("draw pictures", "drew pictures"),
+    ("run in the grass", "ran in the grass"),
+    ("build sand castles", "built sand castles"),
+    ("look at the stars", "looked at the stars"),
+    ("swim in the lake", "swam in the lake"),
+    ("pick flowers", "picked flowers"),
+    ("fly a kite", "flew a kite"),
+    ("bake cookies", "baked cookies"),
+    ("climb trees", "climbed trees"),
+    ("plant seeds", "planted seeds"),
+    ("watch the clouds", "watched the clouds"),
+    ("ride a bike", "rode a bike"),
+    ("play hide and seek", "played hide and seek"),
 ]
 EMOTIONS = ["happy", "glad", "proud", "excited", "surprised", "thankful"]
-FOODS = ["apples", "bread", "cheese", "carrots", "milk", "eggs", "rice", "soup", "cake", "honey", "pears", "tea"]
+FOODS = [
+    "apples",
+    "bread",
+    "cheese",
+    "carrots",
+    "milk",
+    "eggs",
+    "rice",
+    "soup",
+    "cake",
+    "honey",
+    "pears",
+    "tea",
+    "potatoes",
+    "tomatoes",
+    "butter",
+    "oranges",
+    "beans",
+    "grapes",
+    "lemons",
+    "jam",
+]
 SHOPS = ["market", "bakery", "shop", "farm", "store"]
 FEELINGS = ["fine", "good", "well", "happy", "great"]
 WEATHER = ["sunny", "rainy", "windy", "cloudy", "snowy", "warm", "cold"]
 CITIES = ["Paris", "London", "Tokyo", "Rome", "Cairo", "Lima", "Oslo", "Delhi"]
 
 COLORS = {
-    "the sky": "blue", "grass": "green", "snow": "white", "the sun": "yellow", "a banana": "yellow",
-    "an apple": "red", "coal": "black", "a carrot": "orange", "the sea": "blue", "a leaf": "green",
-    "milk": "white", "a cherry": "red", "a lemon": "yellow", "chocolate": "brown", "a plum": "purple",
+    "the sky": "blue",
+    "grass": "green",
+    "snow": "white",
+    "the sun": "yellow",
+    "a banana": "yellow",
+    "an apple": "red",
+    "coal": "black",
+    "a carrot": "orange",
+    "the sea": "blue",
+    "a leaf": "green",
+    "milk": "white",
+    "a cherry": "red",
+    "a lemon": "yellow",
+    "chocolate": "brown",
+    "a plum": "purple",
 }
 OPPOSITES = {
-    "hot": "cold", "big": "small", "fast": "slow", "up": "down", "day": "night", "happy": "sad",
-    "open": "closed", "old": "new", "light": "dark", "wet": "dry", "early": "late", "full": "empty",
+    "hot": "cold",
+    "big": "small",
+    "fast": "slow",
+    "up": "down",
+    "day": "night",
+    "happy": "sad",
+    "open": "closed",
+    "old": "new",
+    "light": "dark",
+    "wet": "dry",
+    "early": "late",
+    "full": "empty",
 }
 OPPOSITES.update({v: k for k, v in list(OPPOSITES.items())})
 SEASONS = {"winter": "cold", "summer": "hot", "spring": "mild", "autumn": "cool"}
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 MONTHS = [
-    "January", "February", "March", "April", "May", "June",
-    "July", "August", "September", "October", "November", "December",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
 ]
 NUMBERS = [
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-    "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
     "twenty",
 ]
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a friendly assistant. Answer in short sentences."]
@@ -153,6 +313,67 @@ def story(r: random.Random, animal: str | None = None) -> str:
     return " ".join(s)
 
 
+DESTINATIONS = ["beach", "zoo", "mountain", "forest", "lake", "farm", "park", "museum", "garden", "river"]
+SIGHTS = [
+    "sleeping in the sun",
+    "eating leaves",
+    "jumping over a log",
+    "swimming in the water",
+    "looking for food",
+    "playing with its baby",
+    "sitting on a rock",
+    "hiding behind a tree",
+]
+PET_PLACES = [
+    "under the bed",
+    "behind the door",
+    "in the garden",
+    "in the kitchen",
+    "on the roof",
+    "in a basket",
+    "under the table",
+    "in the shed",
+]
+
+
+def trip_story(r: random.Random) -> str:
+    name, friend = r.sample(list(NAMES), 2)
+    dest = r.choice(DESTINATIONS)
+    food1, food2 = r.sample(FOODS, 2)
+    animal = r.choice(list(ANIMALS))
+    s = [
+        f"{name} and {friend} went to the {dest} on a {r.choice(WEATHER)} day.",
+        f"They took a {r.choice(['basket', 'bag', 'box'])} with {food1} and {food2}.",
+        f"At the {dest}, they saw {a_an(r.choice(ADJECTIVES))} {animal}.",
+        f"The {animal} was {r.choice(SIGHTS)}.",
+        f'"Look at the {animal}!" said {friend}.',
+    ]
+    if r.random() < 0.5:
+        s.append(
+            f"Then they sat under a {r.choice(['big tree', 'red umbrella', 'old bridge'])} and ate the {food1}."
+        )
+    s.append(f"When the sky turned {r.choice(['orange', 'pink', 'dark', 'grey'])}, they walked home.")
+    s.append(f'{name} said, "This was the best day ever!"')
+    return " ".join(s)
+
+
+def lost_pet_story(r: random.Random) -> str:
+    name = r.choice(list(NAMES))
+    he, _, his = PRONOUNS[NAMES[name]]
+    pet = r.choice(["cat", "dog", "rabbit", "bird", "mouse", "duck"])
+    first, second, last = r.sample(PET_PLACES, 3)
+    s = [
+        f"{name} had {a_an(r.choice(ADJECTIVES))} {pet}.",
+        f"One night, the {pet} was gone!",
+        f"{name} looked {first} and {second}, but the {pet} was not there.",
+        f"{cap(he)} asked {his} {r.choice(['mother', 'father', 'sister', 'brother', 'grandmother'])} for help.",
+        f"At last, {he} found the {pet} {last}.",
+        f"The {pet} was {r.choice(['sleeping', 'eating', 'playing', 'hiding'])}.",
+        f'{name} gave the {pet} a big hug and said, "Never run away again!"',
+    ]
+    return " ".join(s)
+
+
 def _animal_facts(r: random.Random) -> list[str]:
     animal = r.choice(list(ANIMALS))
     sound, home, food, legs = ANIMALS[animal]
@@ -198,8 +419,22 @@ def _season_facts(r: random.Random) -> list[str]:
     return ["Seasons."] + [f"In {s} it is {SEASONS[s]}." for s in r.sample(list(SEASONS), r.randint(2, 4))]
 
 
+def _counting_facts(r: random.Random) -> list[str]:
+    if r.random() < 0.5:
+        start = r.randint(0, 990)
+        return ["Counting.", ", ".join(str(start + k) for k in range(r.randint(4, 8))) + "."]
+    return ["Numbers."] + [f"The number after {n} is {n + 1}." for n in r.sample(range(999), r.randint(2, 4))]
+
+
 FACT_TOPICS: list[Callable[[random.Random], list[str]]] = [
-    _animal_facts, _animal_facts, _color_facts, _sum_facts, _sequence_facts, _opposite_facts, _season_facts,
+    _animal_facts,
+    _animal_facts,
+    _color_facts,
+    _sum_facts,
+    _sequence_facts,
+    _opposite_facts,
+    _season_facts,
+    _counting_facts,
 ]
 
 
@@ -219,7 +454,9 @@ def dialogue(r: random.Random) -> str:
     ]
     if r.random() < 0.6:
         lines.append(f"{a}: Can I come with you?")
-        lines.append(f"{b}: " + r.choice(["Yes, of course! Let us go together.", "Sure! It is a nice day for a walk."]))
+        lines.append(
+            f"{b}: " + r.choice(["Yes, of course! Let us go together.", "Sure! It is a nice day for a walk."])
+        )
     else:
         lines.append(f"{a}: The weather is {r.choice(WEATHER)} today.")
         lines.append(f"{b}: Yes, it is. See you later, {a}!")
@@ -228,7 +465,7 @@ def dialogue(r: random.Random) -> str:
 
 
 def _qa(r: random.Random) -> tuple[str, str]:
-    kind = r.randrange(9)
+    kind = r.randrange(11)
     if kind == 0:
         animal = r.choice(list(ANIMALS))
         return f"What does a {animal} say?", f"A {animal} says {ANIMALS[animal][0]}."
@@ -243,7 +480,10 @@ def _qa(r: random.Random) -> tuple[str, str]:
         return f"What color is {thing}?", f"{cap(thing)} is {COLORS[thing]}."
     if kind == 4:
         a, b = r.randint(0, 10), r.randint(0, 10)
-        return f"What is {NUMBERS[a]} plus {NUMBERS[b]}?", f"{cap(NUMBERS[a])} plus {NUMBERS[b]} is {NUMBERS[a + b]}."
+        return (
+            f"What is {NUMBERS[a]} plus {NUMBERS[b]}?",
+            f"{cap(NUMBERS[a])} plus {NUMBERS[b]} is {NUMBERS[a + b]}.",
+        )
     if kind == 5:
         i = r.randrange(7)
         return f"What day comes after {DAYS[i]}?", f"After {DAYS[i]} comes {DAYS[(i + 1) % 7]}."
@@ -253,9 +493,18 @@ def _qa(r: random.Random) -> tuple[str, str]:
     if kind == 7:
         animal = r.choice(list(ANIMALS))
         return f"Tell me a short story about a {animal}.", story(r, animal)
+    if kind == 8:
+        animal = r.choice(list(ANIMALS))
+        return f"How many legs does a {animal} have?", f"A {animal} has {ANIMALS[animal][3]} legs."
+    if kind == 9:
+        n = r.randrange(999)
+        return f"What number comes after {n}?", f"The number after {n} is {n + 1}."
     greeting = r.choice(["Hello!", "Hi!", "Hello, who are you?", "Hi, can you help me?"])
     return greeting, r.choice(
-        ["Hello! I am a small assistant. How can I help you today?", "Hi! I am happy to help. What do you want to know?"]
+        [
+            "Hello! I am a small assistant. How can I help you today?",
+            "Hi! I am happy to help. What do you want to know?",
+        ]
     )
 
 
@@ -268,7 +517,10 @@ def chat_messages(r: random.Random) -> tuple[list[Message], list[dict] | None]:
         city, weather = r.choice(CITIES), r.choice(WEATHER)
         messages = [
             {"role": "user", "content": f"What is the weather in {city}?"},
-            {"role": "assistant", "content": f'<|tool_call_start|>[get_weather(city="{city}")]<|tool_call_end|>'},
+            {
+                "role": "assistant",
+                "content": f'<|tool_call_start|>[get_weather(city="{city}")]<|tool_call_end|>',
+            },
             {"role": "tool", "content": json.dumps({"weather": weather})},
             {"role": "assistant", "content": f"The weather in {city} is {weather}."},
         ]
@@ -280,7 +532,9 @@ def chat_messages(r: random.Random) -> tuple[list[Message], list[dict] | None]:
     return messages, None
 
 
-def render_chat(messages: list[Message], tools: list[dict] | None = None, add_generation_prompt: bool = False) -> str:
+def render_chat(
+    messages: list[Message], tools: list[dict] | None = None, add_generation_prompt: bool = False
+) -> str:
     """What the bundled chat template renders (the tiny-model test checks that they agree)."""
     system = ""
     if messages and messages[0]["role"] == "system":
@@ -309,8 +563,12 @@ def document(r: random.Random) -> str:
     x = r.random()
     if x < 0.35:
         return chat(r)
-    if x < 0.65:
+    if x < 0.5:
         text = story(r)
+    elif x < 0.58:
+        text = trip_story(r)
+    elif x < 0.65:
+        text = lost_pet_story(r)
     elif x < 0.85:
         text = facts(r)
     else:
@@ -360,8 +618,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for name, docs in (("train", train), ("heldout", heldout)):
         (args.out / f"{name}.txt").write_text("\n\n".join(docs) + "\n")
-    print(f"wrote {len(train)} train / {len(heldout)} held-out documents to {args.out} "
-          f"({len(vocabulary(train))} distinct words)")
+    print(
+        f"wrote {len(train)} train / {len(heldout)} held-out documents to {args.out} "
+        f"({len(vocabulary(train))} distinct words)"
+    )
 
 
 if __name__ == "__main__":

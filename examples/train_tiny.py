@@ -6,7 +6,7 @@ published ids, `tokenizer_config.json` (with the chat template), `generation_con
 Training uses the canonical `lfm_export.model` (growing KV form from an empty state) and AdamW on the CPU
 with 2 threads. Deterministic for a given machine (seeded data order and init).
 
-    .venv/bin/python examples/train_tiny.py          # both models, about 10 minutes on 2 idle cores
+    .venv/bin/python examples/train_tiny.py          # both models: 12 minutes measured on 2 shared cores
 
 Licence: Apache-2.0, like the corpus and the trained weights.
 """
@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("RAYON_NUM_THREADS", "2")
+# Sleeping instead of spinning OpenMP workers: on a shared 2-core machine spinning made training up to 5x slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -39,9 +41,20 @@ from lfm_export.loading import ASSETS, init_random, save_checkpoint  # noqa: E40
 from lfm_export.model import MoE  # noqa: E402
 
 SPECIAL_TOKENS = [
-    "<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|fim_pre|>", "<|fim_mid|>", "<|fim_suf|>",
-    "<|im_start|>", "<|im_end|>", "<|tool_list_start|>", "<|tool_list_end|>", "<|tool_call_start|>",
-    "<|tool_call_end|>", "<|tool_response_start|>", "<|tool_response_end|>",
+    "<|pad|>",
+    "<|startoftext|>",
+    "<|endoftext|>",
+    "<|fim_pre|>",
+    "<|fim_mid|>",
+    "<|fim_suf|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|tool_list_start|>",
+    "<|tool_list_end|>",
+    "<|tool_call_start|>",
+    "<|tool_call_end|>",
+    "<|tool_response_start|>",
+    "<|tool_response_end|>",
 ]
 VOCAB_SIZE = 2048
 SPLIT_PATTERN = (
@@ -107,7 +120,11 @@ TOKENIZER_CONFIG = {
 # conv and attention interleaved, attention neither first nor alone
 LAYERS = (LAYER_CONV, LAYER_CONV, LAYER_ATTN, LAYER_CONV, LAYER_ATTN, LAYER_CONV)
 _COMMON = dict(
-    vocab_size=VOCAB_SIZE, hidden_size=128, num_attention_heads=4, num_key_value_heads=2, layer_types=LAYERS,
+    vocab_size=VOCAB_SIZE,
+    hidden_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    layer_types=LAYERS,
     max_position_embeddings=4096,
 )
 
@@ -118,22 +135,28 @@ class Recipe:
     config: Lfm2Config
     steps: int
     lr: float
-    batch: int = 16
+    batch: int = 8
     seq: int = 128
     warmup: int = 40
     seed: int = 0
 
 
 RECIPES = {
-    "tiny": Recipe("tiny", Lfm2Config(intermediate_size=384, **_COMMON), steps=700, lr=3e-3),
+    "tiny": Recipe("tiny", Lfm2Config(intermediate_size=384, **_COMMON), steps=1200, lr=5e-3),
     "tiny-moe": Recipe(
         "tiny-moe",
         Lfm2Config(
-            model_type="lfm2_moe", intermediate_size=256, num_dense_layers=2, num_experts=8,
-            num_experts_per_tok=2, moe_intermediate_size=128, use_expert_bias=True, **_COMMON,
+            model_type="lfm2_moe",
+            intermediate_size=256,
+            num_dense_layers=2,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=128,
+            use_expert_bias=True,
+            **_COMMON,
         ),
-        steps=500,
-        lr=3e-3,
+        steps=800,
+        lr=5e-3,
     ),
 }
 
@@ -220,18 +243,22 @@ def lr_at(step: int, r: Recipe) -> float:
     return r.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(r: Recipe, stream: torch.Tensor) -> tuple[torch.nn.Module, float]:
+def train(r: Recipe, stream: torch.Tensor, max_seconds: float) -> tuple[torch.nn.Module, float, int]:
+    """Train from a seeded random init; stops early (and says so) if `max_seconds` of wall time pass."""
     torch.manual_seed(r.seed)
     model = init_random(r.config, seed=r.seed).train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=r.lr, betas=(0.9, 0.95), eps=1e-8,
+        lr=r.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
     )
     load = RouterLoad(model) if r.config.is_moe else None
     gen = torch.Generator().manual_seed(r.seed + 1)
     t0 = time.perf_counter()
+    running = 0.0
     for step in range(r.steps):
         starts = torch.randint(0, stream.numel() - r.seq - 1, (r.batch,), generator=gen)
         window = torch.stack([stream[s : s + r.seq + 1] for s in starts.tolist()])
@@ -247,12 +274,21 @@ def train(r: Recipe, stream: torch.Tensor) -> tuple[torch.nn.Module, float]:
         if load is not None:
             load.update_bias(1e-3)
             load.reset()
+        running = loss.item() if step == 0 else 0.9 * running + 0.1 * loss.item()
+        elapsed = time.perf_counter() - t0
+        if elapsed > max_seconds and step < r.steps - 1:
+            print(
+                f"  [{r.name}] time cap of {max_seconds:.0f}s reached: stopped after {step + 1} of {r.steps} steps"
+            )
+            break
         if step % 50 == 0 or step == r.steps - 1:
-            print(f"  [{r.name}] step {step:4d}  loss {loss.item():.3f}  lr {lr_at(step, r):.2e}  "
-                  f"{time.perf_counter() - t0:6.1f}s", flush=True)
+            print(
+                f"  [{r.name}] step {step:4d}  loss {running:.3f}  lr {lr_at(step, r):.2e}  {elapsed:6.1f}s",
+                flush=True,
+            )
     if load is not None:
         load.close()
-    return model.eval(), time.perf_counter() - t0
+    return model.eval(), time.perf_counter() - t0, step + 1
 
 
 # ---- evaluation --------------------------------------------------------------------------------------------
@@ -279,7 +315,9 @@ def evaluate(model: torch.nn.Module, docs_ids: list[list[int]]) -> dict[str, flo
 
 
 @torch.no_grad()
-def greedy(model: torch.nn.Module, tok: Tokenizer, prompt: str, n: int = 60, stop: tuple[int, ...] = (2, 7)) -> str:
+def greedy(
+    model: torch.nn.Module, tok: Tokenizer, prompt: str, n: int = 60, stop: tuple[int, ...] = (2, 7)
+) -> str:
     ids = tok.encode(prompt, add_special_tokens=False).ids
     logits, conv, keys, values = model(torch.tensor([ids]), *model.empty_state(1))
     out: list[int] = []
@@ -340,6 +378,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", choices=list(RECIPES), default=list(RECIPES))
     ap.add_argument("--out", type=Path, default=ASSETS, help="parent folder of the asset folders")
     ap.add_argument("--steps", type=int, default=None, help="override the step count of every model")
+    ap.add_argument("--max-minutes", type=float, default=6.75, help="wall-time cap per model (stops early)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     t_all = time.perf_counter()
@@ -349,28 +388,40 @@ def main() -> None:
     tok = train_tokenizer(train_docs)
     stream = torch.tensor([i for ids in encode(tok, train_docs) for i in ids], dtype=torch.long)
     heldout_ids = encode(tok, heldout_docs)
-    print(f"corpus: {len(train_docs)} train docs ({stream.numel():,} tokens), {len(heldout_docs)} held-out docs; "
-          f"tokenizer vocab {tok.get_vocab_size()} ({time.perf_counter() - t:.1f}s)", flush=True)
+    print(
+        f"corpus: {len(train_docs)} train docs ({stream.numel():,} tokens), {len(heldout_docs)} held-out docs; "
+        f"tokenizer vocab {tok.get_vocab_size()} ({time.perf_counter() - t:.1f}s)",
+        flush=True,
+    )
 
     for name in args.models:
         r = RECIPES[name]
         if args.steps is not None:
             r = Recipe(**{**r.__dict__, "steps": args.steps})
         print(f"training {name}: {r.steps} steps, batch {r.batch} x {r.seq}", flush=True)
-        model, seconds = train(r, stream)
+        model, seconds, done = train(r, stream, args.max_minutes * 60)
+        r = Recipe(**{**r.__dict__, "steps": done})
         stats = evaluate(model, heldout_ids)
         params = sum(p.numel() for p in model.parameters())
-        print(f"{name}: {params:,} params, trained in {seconds:.1f}s ({seconds / 60:.2f} min); held-out median top-1 "
-              f"prob {stats['median_top1_prob']:.3f}, top-1 acc {stats['top1_accuracy']:.3f}, "
-              f"loss {stats['loss']:.3f} ({stats['positions']} positions)", flush=True)
+        print(
+            f"{name}: {params:,} params, trained in {seconds:.1f}s ({seconds / 60:.2f} min); held-out median top-1 "
+            f"prob {stats['median_top1_prob']:.3f}, top-1 acc {stats['top1_accuracy']:.3f}, "
+            f"loss {stats['loss']:.3f} ({stats['positions']} positions)",
+            flush=True,
+        )
         if r.config.is_moe:
             for i, fr in enumerate(router_report(model, heldout_ids[:100])):
                 print(f"  MoE layer {r.config.num_dense_layers + i} expert load: {fr}")
-        for prompt in ("<|startoftext|>Once upon a time, there was",
-                       make_corpus.render_chat([{"role": "user", "content": "What does a cow say?"}],
-                                               add_generation_prompt=True),
-                       make_corpus.render_chat([{"role": "user", "content": "Tell me a short story about a fox."}],
-                                               add_generation_prompt=True)):
+        for prompt in (
+            "<|startoftext|>Once upon a time, there was",
+            make_corpus.render_chat(
+                [{"role": "user", "content": "What does a cow say?"}], add_generation_prompt=True
+            ),
+            make_corpus.render_chat(
+                [{"role": "user", "content": "Tell me a short story about a fox."}],
+                add_generation_prompt=True,
+            ),
+        ):
             print(f"  sample: {prompt!r} -> {greedy(model, tok, prompt, n=80)!r}")
         folder = args.out / name
         write_assets(folder, model, tok, card(r, stats, seconds, params))
