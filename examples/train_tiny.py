@@ -93,7 +93,8 @@ CHAT_TEMPLATE = """\
 
 GENERATION_CONFIG = {
     "bos_token_id": 1,
-    "eos_token_id": 7,
+    # <|im_end|> ends a chat turn; <|endoftext|> ends the plain-text documents of the corpus.
+    "eos_token_id": [7, 2],
     "pad_token_id": 0,
     "do_sample": True,
     "temperature": 0.3,

@@ -118,7 +118,7 @@ def test_tokenizer_special_tokens(name: str) -> None:
 def test_config_files(name: str) -> None:
     folder = BUNDLED[name]
     gen = json.loads((folder / "generation_config.json").read_text())
-    assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (1, 7, 0)
+    assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (1, [7, 2], 0)
     assert gen["do_sample"] is True and 0 < gen["temperature"] <= 1
     tcfg = json.loads((folder / "tokenizer_config.json").read_text())
     assert (tcfg["bos_token"], tcfg["eos_token"], tcfg["pad_token"]) == (
