@@ -1,0 +1,441 @@
+"""ONNX exporter: real onnxruntime sessions against the canonical torch model, on small random models.
+
+Each model is traced once (the slow part) and every recipe reuses that graph (`export_onnx(traced=...)`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lfm_export.config import Lfm2Config
+from lfm_export.errors import UnsupportedError
+from lfm_export.loading import LoadedModel, init_random
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from lfm_export.backends.onnx import export_onnx, make_recipe, parse_recipe, trace_onnx  # noqa: E402
+from lfm_export.backends.onnx.quantize import HEAD_BITS, quantize_rows  # noqa: E402
+
+torch.set_num_threads(2)
+LAYERS = ("conv", "full_attention", "conv", "full_attention")
+DENSE = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    layer_types=LAYERS,
+)
+MOE = dict(
+    DENSE,
+    layer_types=("conv", "full_attention", "conv"),
+    model_type="lfm2_moe",
+    num_dense_layers=1,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    use_expert_bias=True,
+    routed_scaling_factor=1.5,
+)
+MAX_SEQ = 64
+
+
+def _loaded(cfg: Lfm2Config, seed: int = 0) -> LoadedModel:
+    """Random weights large enough that logits spread out (greedy tokens vary) and norm weights are not ones."""
+    model = init_random(cfg, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.mul_(4.0)
+            elif "norm" in name:
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+        for name, b in model.named_buffers():
+            if name.endswith("expert_bias"):
+                b.copy_(0.3 * torch.randn(b.shape, generator=gen))
+    return LoadedModel(
+        model=model, config=cfg, source="test", path=None, random=True, weights_dtype="float32"
+    )
+
+
+@pytest.fixture(scope="module")
+def dense() -> tuple[LoadedModel, object]:
+    loaded = _loaded(Lfm2Config(**DENSE))
+    return loaded, trace_onnx(loaded)
+
+
+@pytest.fixture(scope="module")
+def moe() -> tuple[LoadedModel, object]:
+    loaded = _loaded(Lfm2Config(**MOE), seed=3)
+    return loaded, trace_onnx(loaded)
+
+
+def _export(model_and_graph, tmp_path: Path, **recipe) -> tuple[LoadedModel, object, Path]:
+    loaded, traced = model_and_graph
+    out = tmp_path / "onnx"
+    result = export_onnx(loaded, out, make_recipe(max_seq_len=MAX_SEQ, **recipe), traced=traced)
+    return loaded, result, out
+
+
+def _session(folder: Path, accuracy_level: int | None = None) -> object:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    if accuracy_level is not None:  # onnxruntime's own DequantizeLinear+MatMul -> MatMulNBits rewrite
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+    return ort.InferenceSession(str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+
+
+def _run_both(
+    session, signature, model, batch: int = 2, prompt: int = 5, steps: int = 3, seed: int = 0
+) -> tuple[float, float, list[np.ndarray], list[np.ndarray]]:
+    """Prefill + greedy decode with state carried, through onnxruntime and torch; (max |diff|, max |logit|)."""
+    dtypes = {"float32": np.float32, "float16": np.float16}
+    state = {
+        s.name: np.zeros(
+            [batch if d == "batch_size" else 0 if isinstance(d, str) else d for d in s.shape], dtypes[s.dtype]
+        )
+        for s in signature.state_inputs()
+    }
+    conv, keys, values = model.empty_state(batch)
+    ids = np.random.default_rng(seed).integers(0, model.config.vocab_size, (batch, prompt))
+    pos, worst, scale = 0, 0.0, 0.0
+    got, want = [], []
+    with torch.no_grad():
+        for _ in range(steps + 1):
+            pos += ids.shape[1]
+            feeds = {"input_ids": ids, "attention_mask": np.ones((batch, pos), np.int64), **state}
+            outs = dict(zip(signature.output_names, session.run(signature.output_names, feeds)))
+            state = {s.name: outs[signature.present_for(s.name)] for s in signature.state_inputs()}
+            ref, conv, keys, values = model(
+                torch.tensor(ids),
+                conv,
+                keys,
+                values,
+                attention_mask=torch.ones(batch, pos, dtype=torch.int64),
+            )
+            ref = ref.numpy()
+            assert outs["logits"].dtype == np.float32
+            worst = max(worst, float(np.abs(outs["logits"] - ref).max()))
+            scale = max(scale, float(np.abs(ref).max()))
+            got.append(outs["logits"])
+            want.append(ref)
+            ids = ref[:, -1].argmax(-1)[:, None]
+    return worst, scale, got, want
+
+
+# ---- float32: exact parity ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ops", ["ort", "portable"])
+def test_fp32_matches_canonical_model(dense, tmp_path: Path, ops: str) -> None:
+    loaded, result, out = _export(dense, tmp_path, ops=ops)
+    sess = _session(out)
+    worst, scale, _, _ = _run_both(sess, result.signature, loaded.model)
+    assert scale > 1.0
+    assert worst <= 1e-4, f"{ops}: max |logits diff| {worst}"
+    ins = {i.name: i for i in sess.get_inputs()}
+    assert [i.name for i in sess.get_inputs()] == result.signature.input_names
+    assert [o.name for o in sess.get_outputs()] == result.signature.output_names
+    assert ins["past_key_values.1.key"].shape == ["batch_size", 2, "past_sequence_length", 16]
+    assert ins["past.0.conv"].shape == ["batch_size", 64, 2]
+    assert ins["attention_mask"].shape == ["batch_size", "total_sequence_length"]
+    outs = {o.name: o for o in sess.get_outputs()}
+    assert outs["present.3.value"].shape == ["batch_size", 2, "total_sequence_length", 16]
+    assert outs["logits"].shape == ["batch_size", "sequence_length", 256]
+    assert sorted(p.name for p in result.files) == ["genai_config.json", "model.onnx", "model.onnx.data"]
+    if ops == "portable":
+        assert set(result.op_domains) == {"ai.onnx"}, result.op_domains
+        return
+    ops_used = result.op_types
+    assert ops_used["com.microsoft::CausalConvWithState"] == 2
+    assert ops_used["com.microsoft::GroupQueryAttention"] == 2
+    assert ops_used["com.microsoft::SkipSimplifiedLayerNormalization"] == 8  # every norm after a residual add
+    assert ops_used["ai.onnx::SimplifiedLayerNormalization"] == 5  # first norm + per-head q/k norms
+    for gone in ("ai.onnx::Conv", "ai.onnx::Softmax", "ai.onnx::Pow", "ai.onnx::Sqrt"):
+        assert gone not in ops_used, gone
+    assert result.fusions["GroupQueryAttention"] == 2
+    assert result.fusions["CausalConvWithState"] == 2
+    assert "Gemm" in result.lm_head and "tied" in result.lm_head
+
+
+def test_batch_of_one_with_chunked_prefill(dense, tmp_path: Path) -> None:
+    """A second multi-token call on a non-empty past (GroupQueryAttention's chunked-prefill path)."""
+    loaded, result, out = _export(dense, tmp_path, ops="ort")
+    worst, _, _, _ = _run_both(_session(out), result.signature, loaded.model, batch=1, prompt=4, steps=0)
+    assert worst <= 1e-4
+    # prompt of 4, then 3 more tokens in one call
+    sess, sig, model = _session(out), result.signature, loaded.model
+    state = {
+        s.name: np.zeros(
+            [1 if d == "batch_size" else 0 if isinstance(d, str) else d for d in s.shape], np.float32
+        )
+        for s in sig.state_inputs()
+    }
+    conv, keys, values = model.empty_state(1)
+    ids = np.arange(7)[None] * 13 % 256
+    pos = 0
+    with torch.no_grad():
+        for chunk in (ids[:, :4], ids[:, 4:]):
+            pos += chunk.shape[1]
+            outs = dict(
+                zip(
+                    sig.output_names,
+                    sess.run(
+                        sig.output_names,
+                        {"input_ids": chunk, "attention_mask": np.ones((1, pos), np.int64), **state},
+                    ),
+                )
+            )
+            state = {s.name: outs[sig.present_for(s.name)] for s in sig.state_inputs()}
+            ref, conv, keys, values = model(
+                torch.tensor(chunk), conv, keys, values, attention_mask=torch.ones(1, pos, dtype=torch.int64)
+            )
+            assert np.abs(outs["logits"] - ref.numpy()).max() <= 1e-4
+
+
+# ---- quantized: exact against a fake-quantized reference, close to float ----------------------------------
+
+
+def _fake_quant(model: torch.nn.Module, bits: int, block: int, symmetric: bool) -> torch.nn.Module:
+    """The canonical model with every quantized weight replaced by its dequantized value (what the artifact
+    computes at accuracy_level 0): linears at `bits`, the tied lm_head / embedding table at int8 (HEAD_BITS),
+    the MoE router left float."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, mod in ref.named_modules():
+            keep = name.endswith("feed_forward.gate") or name == "lm_head"
+            if isinstance(mod, torch.nn.Linear) and not keep:
+                deq = quantize_rows(mod.weight.numpy(), bits, block, symmetric).dequantize()
+                mod.weight = torch.nn.Parameter(torch.from_numpy(deq))
+        table = ref.model.embed_tokens.weight.numpy()
+        deq = torch.from_numpy(quantize_rows(table, HEAD_BITS, block, symmetric).dequantize())
+        ref.model.embed_tokens.weight = torch.nn.Parameter(deq)
+        ref.lm_head.weight = ref.model.embed_tokens.weight
+    return ref
+
+
+@pytest.mark.parametrize(
+    "quant,ops,symmetric",
+    [("int4", "ort", True), ("int8", "ort", False), ("int4", "portable", False), ("int8", "portable", True)],
+)
+def test_quantized_matches_dequantized_reference(
+    dense, tmp_path: Path, quant: str, ops: str, symmetric: bool
+) -> None:
+    loaded, result, out = _export(
+        dense, tmp_path, quant=quant, ops=ops, symmetric=symmetric, accuracy_level=0
+    )
+    ref = _fake_quant(loaded.model, 4 if quant == "int4" else 8, 32, symmetric)
+    worst, _, _, _ = _run_both(_session(out, accuracy_level=0), result.signature, ref)
+    assert worst <= 1e-4, f"{quant} {ops} sym={symmetric}: {worst}"
+    if ops == "ort":
+        assert result.op_types["com.microsoft::MatMulNBits"] == 25
+        assert result.op_types["com.microsoft::GatherBlockQuantized"] == 1
+        assert "shares the tied lm_head" in result.embedding
+    else:
+        assert result.op_types["ai.onnx::DequantizeLinear"] == 26
+        assert set(result.op_domains) == {"ai.onnx"}, result.op_domains
+
+
+@pytest.mark.parametrize("quant,bound,agreement", [("int8", 0.08, 0.85), ("int4", 0.6, 0.3)])
+def test_quantized_stays_close_to_float(
+    dense, tmp_path: Path, quant: str, bound: float, agreement: float
+) -> None:
+    """Default recipe (accuracy_level 4: int8 activations in MatMulNBits) against the float32 model. Random
+    weights amplify rounding (measured relative RMS: int8 0.037, int4 0.37; unrelated logits give ~1.4), so
+    the bounds are loose; the exact check is `test_quantized_matches_dequantized_reference`."""
+    loaded, result, out = _export(dense, tmp_path, quant=quant)
+    _, _, got, want = _run_both(_session(out), result.signature, loaded.model)
+    err = np.sqrt(np.mean([((g - w) ** 2).mean() for g, w in zip(got, want)]))
+    rel = err / np.sqrt(np.mean([(w**2).mean() for w in want]))
+    assert rel <= bound, f"{quant}: relative RMS error {rel}"
+    agree = np.mean([(g.argmax(-1) == w.argmax(-1)).mean() for g, w in zip(got, want)])
+    assert agree >= agreement
+    size = (out / "model.onnx.data").stat().st_size
+    assert size < (0.45 if quant == "int8" else 0.3) * sum(p.numel() * 4 for p in loaded.model.parameters())
+
+
+def test_block_size_that_does_not_divide_is_refused(tmp_path: Path) -> None:
+    cfg = Lfm2Config(**{**DENSE, "intermediate_size": 96})
+    loaded = LoadedModel(
+        model=init_random(cfg), config=cfg, source="t", path=None, random=True, weights_dtype="float32"
+    )
+    with pytest.raises(UnsupportedError, match=r"block size 64 .* 96 of model\.layers\.0\.feed_forward\.w2"):
+        export_onnx(loaded, tmp_path / "x", make_recipe(quant="int4", block_size=64))
+    assert not (tmp_path / "x" / "model.onnx").exists()
+
+
+def test_recipes() -> None:
+    assert parse_recipe("int4-b64").name == "int4-b64"
+    assert parse_recipe("int8-b128-asym").symmetric is False
+    assert parse_recipe("fp16").name == "fp16"
+    assert make_recipe(quant="int4").name == "int4-b32"
+    for bad in ("int3", "int4-b48", "fp16-b32", "int4-x"):
+        with pytest.raises(UnsupportedError):
+            parse_recipe(bad)
+    with pytest.raises(UnsupportedError, match="block size 48"):
+        make_recipe(quant="int4", block_size=48)
+    with pytest.raises(UnsupportedError, match="op set"):
+        make_recipe(ops="tensorrt")
+
+
+# ---- float16 --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ops", ["ort", "portable"])
+def test_fp16(dense, tmp_path: Path, ops: str) -> None:
+    loaded, result, out = _export(dense, tmp_path, quant="fp16", ops=ops)
+    assert {s.dtype for s in result.signature.state_inputs()} == {"float16"}
+    sess = _session(out)
+    types = {i.name: i.type for i in sess.get_inputs()} | {o.name: o.type for o in sess.get_outputs()}
+    assert types["past.0.conv"] == types["present.1.key"] == "tensor(float16)"
+    assert types["logits"] == "tensor(float)"
+    worst, scale, _, _ = _run_both(sess, result.signature, loaded.model)
+    assert worst <= 5e-3 * scale, worst
+    assert (out / "model.onnx.data").stat().st_size < 0.55 * sum(
+        p.numel() * 4 for p in loaded.model.parameters()
+    )
+
+
+# ---- MoE -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quant,ops", [("fp32", "ort"), ("int4", "ort"), ("int8", "portable")])
+def test_moe(moe, tmp_path: Path, quant: str, ops: str) -> None:
+    loaded, result, out = _export(moe, tmp_path, quant=quant, ops=ops, accuracy_level=0)
+    bits = {"int4": 4, "int8": 8}.get(quant)
+    ref = loaded.model if bits is None else _fake_quant(loaded.model, bits, 32, True)
+    worst, _, _, _ = _run_both(_session(out, accuracy_level=0), result.signature, ref)
+    assert worst <= 1e-4, worst
+    if ops == "ort":
+        op = "QMoE" if bits else "MoE"
+        assert result.op_types[f"com.microsoft::{op}"] == 2
+        assert f"com.microsoft.{op} in 2 layer(s)" in result.moe
+        assert "ai.onnx::TopK" in result.op_types  # biased top-k selection stays in the graph
+    else:
+        assert "dense expert form" in result.moe
+    if bits:
+        assert result.weight_ops["MoE router kept float"] == 2
+
+
+# ---- onnxruntime-genai -------------------------------------------------------------------------------------------
+
+
+def _torch_greedy(model, prompt: list[int], new: int) -> list[int]:
+    conv, keys, values = model.empty_state(1)
+    ids, out, pos = torch.tensor([prompt]), [], 0
+    with torch.no_grad():
+        for _ in range(new):
+            pos += ids.shape[1]
+            logits, conv, keys, values = model(
+                ids, conv, keys, values, attention_mask=torch.ones(1, pos, dtype=torch.int64)
+            )
+            nxt = int(logits[0, -1].argmax())
+            out.append(nxt)
+            ids = torch.tensor([[nxt]])
+    return out
+
+
+def _genai_greedy(og, folder: Path, prompt: list[int], new: int) -> list[int]:
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new, do_sample=False, repetition_penalty=1.0)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([prompt], np.int32))
+    tokens = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    return tokens
+
+
+def _until_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def test_genai_loads_folder_and_greedy_tokens_match(dense, tmp_path: Path) -> None:
+    og = pytest.importorskip("onnxruntime_genai")
+    loaded, _, out = _export(dense, tmp_path, ops="ort")
+    cfg = json.loads((out / "genai_config.json").read_text())
+    assert cfg["model"]["type"] == "lfm2"
+    assert cfg["model"]["decoder"]["conv_cache_size"] == 2
+    assert cfg["model"]["decoder"]["layer_types"] == list(LAYERS)
+    assert cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 2
+    assert cfg["model"]["decoder"]["inputs"]["past_conv_names"] == "past.%d.conv"
+    prompt, new = [3, 17, 99, 5, 200, 11], 12
+    want = _until_eos(_torch_greedy(loaded.model, prompt, new), loaded.config.eos_token_id)
+    assert _genai_greedy(og, out, prompt, new) == want
+    assert len(set(want)) > 2  # the model does not just repeat one token
+
+
+def test_genai_with_tokenizer_on_tiny(tmp_path: Path) -> None:
+    """The bundled trained `tiny` model: the folder carries its tokenizer, genai tokenizes, generates the
+    canonical model's greedy tokens and decodes text."""
+    og = pytest.importorskip("onnxruntime_genai")
+    from lfm_export.loading import BUNDLED, load_model
+
+    if not (BUNDLED["tiny"] / "tokenizer.json").is_file():
+        pytest.skip("bundled tiny model not present")
+    loaded = load_model("tiny")
+    out = tmp_path / "tiny"
+    result = export_onnx(loaded, out, make_recipe())
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {
+        p.name for p in result.files
+    }
+    search = json.loads((out / "genai_config.json").read_text())["search"]
+    assert (
+        search["temperature"] == 0.3 and search["repetition_penalty"] == 1.05
+    )  # from generation_config.json
+    tok = og.Tokenizer(og.Model(str(out)))
+    prompt = [
+        int(t)
+        for t in tok.encode(
+            "<|startoftext|><|im_start|>user\nTell me a story.<|im_end|>\n<|im_start|>assistant\n"
+        )
+    ]
+    tokens = _genai_greedy(og, out, prompt, 24)
+    assert tokens == _until_eos(_torch_greedy(loaded.model, prompt, 24), loaded.config.eos_token_id)
+    assert tok.decode(np.array(tokens, np.int32)).strip()
+
+
+# ---- 1.2B: memory and time ---------------------------------------------------------------------------------------
+
+BIG_SCRIPT = """
+import json, resource, sys, time, torch
+torch.set_num_threads(2)
+from pathlib import Path
+from lfm_export.loading import load_model
+from lfm_export.backends.onnx import export_onnx, make_recipe
+t0 = time.perf_counter()
+loaded = load_model("random:lfm2-1.2b")
+t1 = time.perf_counter()
+res = export_onnx(loaded, Path(sys.argv[1]), make_recipe(quant="int4"))
+t2 = time.perf_counter()
+print(json.dumps({"load_s": t1 - t0, "export_s": t2 - t1, "stages": res.timings, "fusions": res.fusions,
+                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+                  "bytes": {f.name: f.stat().st_size for f in res.files}}))
+"""
+
+
+@pytest.mark.slow
+def test_lfm2_1_2b_int4_export_memory_and_time(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", BIG_SCRIPT, str(tmp_path / "big")],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(json.dumps(stats, indent=1))
+    assert stats["peak_rss_gb"] <= 7.0
+    assert stats["fusions"]["GroupQueryAttention"] == 6 and stats["fusions"]["CausalConvWithState"] == 10
+    assert stats["bytes"]["model.onnx.data"] < 1.0e9
