@@ -121,6 +121,9 @@ def atomic_output(out: Path, force: bool = False) -> Iterator[Path]:
     out = Path(out)
     check_output_path(out, force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the artifact gets the user's usual permissions
     try:
         yield tmp
         if out.exists():
