@@ -72,7 +72,7 @@ def describe_builder_output(folder: Path, ckpt: Path) -> None:
         model_identity={"source": str(ckpt), "note": "written by onnxruntime-genai's model builder"},
         config=cfg.to_dict(),
         backend="onnx",
-        recipe={"name": "genai-builder-int4"},
+        recipe={"name": "int4-genai-builder"},
         signature=build_signature(cfg).to_dict(),
         folder=folder,
     )

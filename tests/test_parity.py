@@ -257,10 +257,20 @@ def test_quantized_gate_passes_noise_but_not_breakage(model, ref):
     for recipe in ("fp16", "int8", "int4-b32"):
         result = run_parity(noisy, ref, recipe)
         assert result.passed, (recipe, [c.describe() for c in result.failures])
-        assert {c.metric for c in result.checks} >= {"kl_mean", "kl_p99", "top1_agreement"}
+        assert {c.metric for c in result.checks} >= {"kl_mean", "kl_p99", "top1_decisive"}
     broken = run_parity(DropsConvState(model, name="drop-conv"), ref, "int8")
     assert not broken.passed
-    assert ("decode", "kl_mean") in failing(broken) and ("decode", "top1_agreement") in failing(broken)
+    assert ("decode", "kl_mean") in failing(broken) and ("decode", "kl_p99") in failing(broken)
+
+
+def test_top1_decisive_ignores_near_ties_only():
+    from lfm_export.parity.metrics import top1_decisive
+
+    ref = np.array([[2.0, 1.99, 0.0], [5.0, 0.0, 0.0]])
+    flipped_tie = np.array([[1.99, 2.0, 0.0], [5.0, 0.0, 0.0]])
+    flipped_clear = np.array([[2.0, 1.99, 0.0], [0.0, 5.0, 0.0]])
+    assert top1_decisive(ref, flipped_tie) == 1.0
+    assert top1_decisive(ref, flipped_clear) == 0.0
 
 
 # ---- gates, prompts, reports ---------------------------------------------------------------------------

@@ -32,6 +32,21 @@ def cosine(ref: np.ndarray, test: np.ndarray) -> np.ndarray:
     return cos
 
 
+DECISIVE_MARGIN = 0.1
+"""A position is decisive when the reference's top-1 probability beats its runner-up by at least this much."""
+
+
+def top1_decisive(ref: np.ndarray, test: np.ndarray, margin: float = DECISIVE_MARGIN) -> float:
+    """Top-1 agreement over decisive positions only: quantization noise may flip a near-tie without the model
+    being wrong, so quantized gates use this (KL still measures the shift). 1.0 when no position is decisive."""
+    p = np.exp(log_softmax(ref))
+    top2 = np.sort(p, axis=-1)[:, -2:]
+    decisive = (top2[:, 1] - top2[:, 0]) >= margin
+    if not decisive.any():
+        return 1.0
+    return float(np.mean((np.argmax(test, -1) == np.argmax(ref, -1))[decisive]))
+
+
 def logit_metrics(ref: np.ndarray, test: np.ndarray) -> dict[str, float]:
     """Metrics over positions for logits `[N, vocab]` (any leading shape is flattened)."""
     r = np.asarray(ref, dtype=np.float64)
@@ -52,6 +67,7 @@ def logit_metrics(ref: np.ndarray, test: np.ndarray) -> dict[str, float]:
             kl_p99=nan,
             kl_max=nan,
             top1_agreement=float(np.mean(np.argmax(np.nan_to_num(t, nan=-np.inf), -1) == np.argmax(r, -1))),
+            top1_decisive=nan,
         )
         return out
     err = np.abs(t - r)
@@ -66,6 +82,7 @@ def logit_metrics(ref: np.ndarray, test: np.ndarray) -> dict[str, float]:
         kl_p99=float(np.percentile(kl, 99)),
         kl_max=float(kl.max()),
         top1_agreement=float(np.mean(np.argmax(t, -1) == np.argmax(r, -1))),
+        top1_decisive=top1_decisive(r, t),
     )
     return out
 

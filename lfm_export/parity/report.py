@@ -24,6 +24,7 @@ COLUMNS = (
     ("kl_p99", "KL p99", ".2e"),
     ("kl_max", "KL max", ".2e"),
     ("top1_agreement", "top-1", ".4f"),
+    ("top1_decisive", "top-1 decisive", ".4f"),
     ("greedy_match", "greedy match", "greedy"),
     ("state_max_abs", "state max abs", ".2e"),
 )
@@ -113,6 +114,7 @@ class ParityResult:
             "kl_mean": _json_num(self.worst("kl_mean")),
             "kl_p99": _json_num(self.worst("kl_p99")),
             "top1_agreement": _json_num(self.worst("top1_agreement", largest=False)),
+            "top1_decisive": _json_num(self.worst("top1_decisive", largest=False)),
             "failures": [c.describe() for c in self.failures],
         }
 

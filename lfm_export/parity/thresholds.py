@@ -59,36 +59,27 @@ GATES: dict[str, Gate] = {
         ),
         "same math as the reference; only op-ordering rounding allowed",
     ),
-    # The limits below are placeholders, calibrated on the bundled tiny model, see README.
+    # Quantized gates were calibrated on the bundled trained `tiny` model (worst scenario per metric, 2026-11-23):
+    #   int4: lfm-export KL mean 0.050 / p99 0.507 / top-1 decisive 0.979; onnxruntime-genai's builder int4
+    #         (same accuracy level) 0.104 / 0.925 / 0.865 -> the int4 gate is stricter than the builder reaches.
+    #   int8: lfm-export 1.3e-3 / 9.9e-3 / 1.0.   fp16: lfm-export 2.7e-6 / 2.0e-5 / 1.0.
+    # Limits leave about 20% (int4) to 2x (int8, fp16) headroom over our own export. Top-1 is counted on
+    # decisive positions only (reference top-1 beats top-2 by >= 0.1 probability); see metrics.top1_decisive.
     "fp16": Gate(
         "fp16",
-        UNIVERSAL
-        + (
-            Limit("kl_mean", LE, 1e-3),
-            Limit("kl_p99", LE, 1e-2),
-            Limit("top1_agreement", GE, 0.98),
-        ),
-        "placeholder, calibrated on the bundled tiny model, see README",
+        UNIVERSAL + (Limit("kl_mean", LE, 1e-4), Limit("kl_p99", LE, 1e-3), Limit("top1_decisive", GE, 0.99)),
+        "calibrated on the bundled tiny model (worst scenario: KL mean 2.7e-6, p99 2.0e-5)",
     ),
     "int8": Gate(
         "int8",
         UNIVERSAL
-        + (
-            Limit("kl_mean", LE, 5e-3),
-            Limit("kl_p99", LE, 5e-2),
-            Limit("top1_agreement", GE, 0.95),
-        ),
-        "placeholder, calibrated on the bundled tiny model, see README",
+        + (Limit("kl_mean", LE, 2.5e-3), Limit("kl_p99", LE, 2e-2), Limit("top1_decisive", GE, 0.98)),
+        "calibrated on the bundled tiny model (worst scenario: KL mean 1.3e-3, p99 9.9e-3)",
     ),
     "int4": Gate(
         "int4",
-        UNIVERSAL
-        + (
-            Limit("kl_mean", LE, 5e-2),
-            Limit("kl_p99", LE, 0.5),
-            Limit("top1_agreement", GE, 0.85),
-        ),
-        "placeholder, calibrated on the bundled tiny model, see README",
+        UNIVERSAL + (Limit("kl_mean", LE, 6e-2), Limit("kl_p99", LE, 0.6), Limit("top1_decisive", GE, 0.95)),
+        "calibrated on the bundled tiny model; stricter than onnxruntime-genai's builder int4 reaches there",
     ),
 }
 
