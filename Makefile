@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/lfm-export check tiny
-	$(BIN)/lfm-export generate tiny --prompt "Once upon a time" --max-new-tokens 60 --greedy
+	$(BIN)/lfm-export onnx tiny -o $(DEMO_OUT) --quant int4 --force
+	$(BIN)/lfm-export run $(DEMO_OUT) --prompt "Once upon a time" --max-new-tokens 120
+	$(BIN)/lfm-export run $(DEMO_OUT) --chat --prompt "What does a cow say?" --max-new-tokens 40
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

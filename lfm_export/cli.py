@@ -193,7 +193,9 @@ def _stream(
     from lfm_export.runtime.tokenizer import Tokenizer
 
     tok = Tokenizer.from_folder(folder)
-    cfg = GenerationConfig.from_folder(folder).replace(max_new_tokens=max_new, do_sample=False if greedy else None)
+    cfg = GenerationConfig.from_folder(folder).replace(
+        max_new_tokens=max_new, do_sample=False if greedy else None
+    )
     if chat:
         ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}]), add_bos=False)
     else:

@@ -283,7 +283,7 @@ def test_recipes() -> None:
             parse_recipe(bad)
     with pytest.raises(UnsupportedError, match="block size 48"):
         make_recipe(quant="int4", block_size=48)
-    with pytest.raises(UnsupportedError, match="op set"):
+    with pytest.raises(UnsupportedError, match="--ops"):
         make_recipe(ops="tensorrt")
 
 

@@ -16,6 +16,7 @@ import torch
 from lfm_export.config import Lfm2Config
 from lfm_export.errors import ContextLimitError, UserError
 from lfm_export.loading import init_random
+from lfm_export.runtime.artifact import SCHEMA_VERSION
 from lfm_export.runtime.generate import stream_generate
 from lfm_export.runtime.onnx import IO_MODES, OnnxSession
 from lfm_export.runtime.sampler import GenerationConfig
@@ -55,6 +56,7 @@ def export_artifact(model: torch.nn.Module, folder: Path, form: str) -> Path:
     folder.mkdir(parents=True)
     program.save(str(folder / "model.onnx"))
     manifest = {
+        "schema_version": SCHEMA_VERSION,
         "backend": "onnx",
         "signature": sig.to_dict(),
         "max_seq_len": MAX_SEQ,
@@ -256,6 +258,7 @@ def test_bad_artifact_folders(artifacts, tmp_path: Path) -> None:
     (bad / "manifest.json").write_text(
         json.dumps(
             {
+                "schema_version": SCHEMA_VERSION,
                 "signature": json.loads((artifacts[GROWING] / "manifest.json").read_text())["signature"],
                 "files": ["other.onnx"],
             }

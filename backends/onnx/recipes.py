@@ -40,11 +40,9 @@ class OnnxRecipe:
 
     def __post_init__(self) -> None:
         if self.quant not in QUANTS:
-            raise UnsupportedError(
-                f"unknown quantization {self.quant!r}; expected one of {', '.join(QUANTS)}"
-            )
+            raise UnsupportedError(f"--quant {self.quant!r} is unknown; expected one of {', '.join(QUANTS)}")
         if self.ops not in OPS:
-            raise UnsupportedError(f"unknown op set {self.ops!r}; expected one of {', '.join(OPS)}")
+            raise UnsupportedError(f"--ops {self.ops!r} is unknown; expected one of {', '.join(OPS)}")
         if self.block_size not in BLOCK_SIZES:
             raise UnsupportedError(
                 f"block size {self.block_size} is not supported; expected one of {', '.join(map(str, BLOCK_SIZES))}"

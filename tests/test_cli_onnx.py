@@ -1,0 +1,106 @@
+"""`lfm-export onnx | parity | run | bench | inspect` end to end on the bundled model, as CI would run them."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lfm_export.cli", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli-onnx") / "tiny-int4"
+    r = cli("onnx", "tiny", "-o", str(out), "--quant", "int4", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["parity"]["passed"] is True and data["recipe"]["name"] == "int4-b32"
+    return out
+
+
+def test_artifact_is_self_describing(artifact):
+    m = json.loads((artifact / "manifest.json").read_text())
+    names = {f["path"] for f in m["files"]}
+    assert {
+        "model.onnx",
+        "model.onnx.data",
+        "genai_config.json",
+        "tokenizer.json",
+        "parity/parity.md",
+        "parity/parity.json",
+    } <= names
+    assert m["model"]["source"] == "tiny" and m["model"]["random_weights"] is False
+    assert m["parity"]["passed"] and "com.microsoft" in m["ops"]["domains"]
+    assert m["signature"]["inputs"][0]["name"] == "input_ids"
+    assert (artifact / "parity" / "parity.md").read_text().startswith("**PASS**")
+
+
+def test_parity_recheck_json(artifact):
+    r = cli("parity", str(artifact), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["passed"] is True
+
+
+def test_run_streams_text(artifact):
+    r = cli("run", str(artifact), "--prompt", "Once upon a time", "--greedy", "--max-new-tokens", "30")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Once upon a time") and len(r.stdout.split()) > 10
+
+
+def test_bench_json(artifact):
+    r = cli("bench", str(artifact), "--prompt-len", "32", "--new-tokens", "8", "--json")
+    assert r.returncode == 0, r.stderr
+    b = json.loads(r.stdout)
+    assert b["decode_tok_s"] > 0 and b["prefill_tok_s"] > 0 and b["artifact_bytes"] > 0 and b["threads"] == 2
+
+
+def test_bench_beyond_context_is_a_user_error(artifact):
+    r = cli("bench", str(artifact), "--prompt-len", "100000")
+    assert r.returncode == 2 and "max_seq_len" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_inspect_artifact(artifact):
+    r = cli("inspect", str(artifact))
+    assert r.returncode == 0 and "backend   onnx" in r.stdout and "past.0.conv" in r.stdout
+
+
+def test_existing_output_is_refused_and_untouched(artifact):
+    before = (artifact / "manifest.json").read_bytes()
+    r = cli("onnx", "tiny", "-o", str(artifact), "--quant", "fp32", "--no-parity")
+    assert r.returncode == 2 and "already exists" in r.stderr
+    assert (artifact / "manifest.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--quant", "int3"], "quant"),
+        (["--ops", "tensorrt"], "ops"),
+        (["--quant", "int4", "--block-size", "48"], "block"),
+        (["--quant", "int4", "--block-size", "256"], "block"),
+    ],
+)
+def test_bad_options_write_nothing(tmp_path, args, message):
+    out = tmp_path / "out"
+    r = cli("onnx", "tiny", "-o", str(out), *args)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr.lower() and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unloadable_model_writes_nothing(tmp_path):
+    r = cli("onnx", str(tmp_path / "missing"), "-o", str(tmp_path / "out"))
+    assert r.returncode == 2 and "not found" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_not_an_artifact(tmp_path):
+    for cmd in ("parity", "run", "bench"):
+        extra = ["--prompt", "x"] if cmd == "run" else []
+        r = cli(cmd, str(tmp_path), *extra)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (cmd, r.stderr)
