@@ -107,9 +107,11 @@ def check_output_path(out: Path, force: bool) -> None:
         raise UserError(f"{out} already exists (use --force to replace it)")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"{parent}: parent folder does not exist")
+    for parent in out.resolve().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{parent} is not a folder; cannot write {out} under it")
+            break
 
 
 @contextlib.contextmanager
@@ -117,9 +119,11 @@ def atomic_output(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it is renamed to `out`, on any failure removed.
 
     A failed or interrupted export leaves nothing at `out` (and, with `--force`, the previous artifact intact).
+    Missing parent folders are created, like `mkdir -p`.
     """
     out = Path(out)
     check_output_path(out, force)
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
     umask = os.umask(0)
     os.umask(umask)

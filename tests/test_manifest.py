@@ -4,7 +4,14 @@ import json
 import pytest
 
 from lfm_export.errors import UserError
-from lfm_export.manifest import SCHEMA_VERSION, atomic_output, build_manifest, read_manifest, write_manifest
+from lfm_export.manifest import (
+    SCHEMA_VERSION,
+    atomic_output,
+    build_manifest,
+    check_output_path,
+    read_manifest,
+    write_manifest,
+)
 
 
 def test_success_renames_into_place(tmp_path):
@@ -91,3 +98,13 @@ def test_newer_schema_is_refused(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION + 1}))
     with pytest.raises(UserError, match="newer"):
         read_manifest(tmp_path)
+
+
+def test_atomic_output_creates_missing_parents_but_not_under_a_file(tmp_path):
+    out = tmp_path / "a" / "b" / "artifact"
+    with atomic_output(out) as tmp:
+        (tmp / "x").write_text("1")
+    assert (out / "x").read_text() == "1"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="is not a folder"):
+        check_output_path(tmp_path / "file" / "artifact", force=False)

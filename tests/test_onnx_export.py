@@ -439,3 +439,15 @@ def test_lfm2_1_2b_int4_export_memory_and_time(tmp_path: Path) -> None:
     assert stats["peak_rss_gb"] <= 7.0
     assert stats["fusions"]["GroupQueryAttention"] == 6 and stats["fusions"]["CausalConvWithState"] == 10
     assert stats["bytes"]["model.onnx.data"] < 1.0e9
+
+
+def test_bundled_tiny_moe_int4_passes_its_gate(tmp_path: Path) -> None:
+    """The trained MoE at int4 (QMoE experts, int8 tied embedding/lm_head) through the whole pipeline."""
+    from lfm_export.pipeline import export_artifact
+
+    outcome = export_artifact("onnx", "tiny-moe", tmp_path / "moe-int4", make_recipe("int4"))
+    result = outcome.parity
+    assert result.passed, [c.describe() for c in result.failures]
+    pooled = result.pooled()
+    assert pooled["positions"] > 300 and pooled["kl_mean"] <= 0.06
+    assert outcome.manifest["ops"]["op_types"]["com.microsoft::QMoE"] == 4

@@ -178,7 +178,7 @@ def test_reference_against_itself_passes(model, ref):
     result = run_parity(test, ref, "fp32", options=OPTS)
     assert result.passed, [c.describe() for c in result.failures]
     assert exit_code(result) == 0
-    assert [s.name for s in result.scenarios] == ALL
+    assert [s.name for s in result.scenarios] == ALL + ["pooled"]
     assert all(s.status == "ok" for s in result.scenarios)
     decode = result.scenario("decode").metrics
     assert decode["greedy_match"] == decode["greedy_steps"] == 17
@@ -260,7 +260,7 @@ def test_quantized_gate_passes_noise_but_not_breakage(model, ref):
         assert {c.metric for c in result.checks} >= {"kl_mean", "kl_p99", "top1_decisive"}
     broken = run_parity(DropsConvState(model, name="drop-conv"), ref, "int8")
     assert not broken.passed
-    assert ("decode", "kl_mean") in failing(broken) and ("decode", "kl_p99") in failing(broken)
+    assert ("decode", "kl_mean") in failing(broken) and ("pooled", "kl_p99") in failing(broken)
 
 
 def test_top1_decisive_ignores_near_ties_only():
@@ -326,13 +326,17 @@ def test_reports(model, ref, tmp_path):
     md = md_path.read_text()
     assert md.splitlines()[0].startswith("**FAIL** parity of `scaled` against `reference`, recipe `fp32`")
     assert "**" in md.split("| prefill | FAIL |")[1].splitlines()[0] and "✗" in md
-    assert "- `logit_max_abs <= 0.0001`" in md and '"sha256": "ab12"' in md
+    assert "- `logit_max_abs <= 0.0001 (every scenario)`" in md and '"sha256": "ab12"' in md
     data = json.loads(json_path.read_text())
     assert data["schema_version"] == SCHEMA_VERSION == 1
     assert data["passed"] is False and data["recipe"] == "fp32" and data["gate"] == "fp32"
     assert data["metadata"] == meta
     assert {"metric": "logit_max_abs", "op": "<=", "limit": 1e-4, "scenarios": None} in data["thresholds"]
-    assert [s["name"] for s in data["scenarios"]] == ["prefill", "decode"]
+    assert [s["name"] for s in data["scenarios"]] == ["prefill", "decode", "pooled"]
+    pooled = data["scenarios"][2]
+    assert pooled["details"]["of"] == ["prefill", "decode"]
+    assert pooled["metrics"]["positions"] == sum(s["metrics"]["positions"] for s in data["scenarios"][:2])
+    assert not any(c["scenario"] == "pooled" for c in data["checks"])  # fp32 limits are per scenario
     assert {"logit_max_abs", "kl_mean", "kl_p99", "kl_max", "cosine_mean", "top1_agreement"} <= set(
         data["scenarios"][0]["metrics"]
     )

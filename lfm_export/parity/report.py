@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lfm_export.parity.thresholds import Gate
+from lfm_export.parity.thresholds import POOLED, Gate
 
 SCHEMA_VERSION = 1
 EXIT_PASS = 0
 EXIT_FAIL = 1
+
+POOLED_SUMMARY = ("positions", "kl_mean", "kl_p99", "top1_agreement", "top1_decisive")
 
 # (metric, column title, format)
 COLUMNS = (
@@ -84,10 +86,11 @@ class ParityResult:
         return sorted({c.scenario for c in self.failures})
 
     def worst(self, metric: str, largest: bool = True) -> float | None:
+        """The worst value of `metric` over the scenarios (the pooled row excluded)."""
         vals = [
             s.metrics[metric]
             for s in self.scenarios
-            if s.status == "ok" and s.metrics.get(metric) is not None
+            if s.status == "ok" and s.name != POOLED and s.metrics.get(metric) is not None
         ]
         if not vals:
             return None
@@ -96,15 +99,17 @@ class ParityResult:
     def verdict_line(self) -> str:
         """One line for a terminal or a CI log: verdict, recipe, the headline numbers, what failed."""
         head = f"parity {'PASSED' if self.passed else 'FAILED'} ({self.recipe} gate, {self.test_name} vs {self.reference_name})"
+        pooled = self.pooled()
         nums = (
-            f"logit max abs {_num(self.worst('logit_max_abs'))}, KL mean {_num(self.worst('kl_mean'))}, "
-            f"top-1 {_num(self.worst('top1_agreement', largest=False), '.4f')}"
+            f"logit max abs {_num(self.worst('logit_max_abs'))}, KL mean {_num(pooled.get('kl_mean'))} "
+            f"(worst scenario {_num(self.worst('kl_mean'))}), top-1 {_num(pooled.get('top1_agreement'), '.4f')}"
         )
         fails = "; ".join(c.describe() for c in self.failures[:3])
         return f"{head}: {nums}" + (f"; failed: {fails}" if fails else "")
 
     def summary(self) -> dict[str, Any]:
-        """The compact form kept in an artifact's manifest (the full report sits beside it)."""
+        """The compact form kept in an artifact's manifest (the full report sits beside it): the worst value
+        of each headline metric over the scenarios, and the pooled values the quantized gates check."""
         return {
             "passed": self.passed,
             "recipe": self.recipe,
@@ -115,8 +120,13 @@ class ParityResult:
             "kl_p99": _json_num(self.worst("kl_p99")),
             "top1_agreement": _json_num(self.worst("top1_agreement", largest=False)),
             "top1_decisive": _json_num(self.worst("top1_decisive", largest=False)),
+            "pooled": {k: _json_num(v) for k, v in self.pooled().items() if k in POOLED_SUMMARY},
             "failures": [c.describe() for c in self.failures],
         }
+
+    def pooled(self) -> dict[str, float]:
+        """Metrics over every compared position of every scenario (empty if no scenario ran)."""
+        return next((s.metrics for s in self.scenarios if s.name == POOLED), {})
 
     def to_json(self) -> dict[str, Any]:
         return to_json(self)
@@ -232,7 +242,9 @@ def to_markdown(result: ParityResult) -> str:
     lines += [
         "",
         "Metrics: logits compared per position in float64; KL is KL(reference || test) of the softmax; "
-        "top-1 is the share of positions with the same argmax; greedy match is the number of leading decode "
+        f"`{POOLED}` holds every compared position of every scenario; "
+        "top-1 is the share of positions with the same argmax; top-1 decisive counts only positions where "
+        "the reference's top-1 beats its top-2 by at least 0.1 in probability; greedy match is the number of leading decode "
         "steps with the same argmax (inputs are the reference's greedy tokens).",
     ]
     if result.metadata or result.prompt_lengths:

@@ -17,7 +17,7 @@ from lfm_export.errors import UserError
 from lfm_export.parity.metrics import greedy_match_length, logit_metrics, state_max_abs
 from lfm_export.parity.prompts import check_prompts, default_prompts
 from lfm_export.parity.report import Check, ParityResult, ScenarioResult
-from lfm_export.parity.thresholds import Gate, gate_for
+from lfm_export.parity.thresholds import POOLED, Gate, gate_for
 
 if TYPE_CHECKING:
     # only for annotations: the editable install may not map lfm_export.runtime yet
@@ -87,12 +87,20 @@ def _decode_both(test: Session, ref: Session, tokens: np.ndarray) -> tuple[np.nd
 
 
 def prefill(test: Session, ref: Session, prompts: Sequence[np.ndarray], opts: ScenarioOptions) -> ScenarioRun:
-    """One prompt, one prefill call from an empty state; every position compared."""
-    p = _fit(prompts[0], test)
-    test.reset(1)
-    ref.reset(1)
-    r, t = _prefill_both(test, ref, p[None])
-    return _finish(ScenarioRun("prefill", r[0], t[0], details={"prompt_len": int(p.size)}), test, ref)
+    """Every prompt in one prefill call from an empty state; every position of every prompt compared."""
+    ref_rows, test_rows, lengths = [], [], []
+    for prompt in prompts:
+        p = _fit(prompt, test)
+        test.reset(1)
+        ref.reset(1)
+        r, t = _prefill_both(test, ref, p[None])
+        ref_rows.append(r[0])
+        test_rows.append(t[0])
+        lengths.append(int(p.size))
+    run = ScenarioRun(
+        "prefill", np.concatenate(ref_rows), np.concatenate(test_rows), details={"prompt_lens": lengths}
+    )
+    return _finish(run, test, ref)
 
 
 def decode(test: Session, ref: Session, prompts: Sequence[np.ndarray], opts: ScenarioOptions) -> ScenarioRun:
@@ -279,6 +287,7 @@ def run_parity(
     opts = options or ScenarioOptions()
     results: list[ScenarioResult] = []
     checks: list[Check] = []
+    compared: list[ScenarioRun] = []
     for name in names:
         try:
             run = SCENARIOS[name](test_session, reference_session, ids, opts)
@@ -293,6 +302,16 @@ def run_parity(
         metrics = measure(run)
         results.append(ScenarioResult(name, "ok", metrics=metrics, details=run.details))
         checks.extend(check(gate, name, metrics))
+        compared.append(run)
+    if compared:
+        pooled = logit_metrics(
+            np.concatenate([r.ref_logits for r in compared]),  # type: ignore[misc]
+            np.concatenate([r.test_logits for r in compared]),  # type: ignore[misc]
+        )
+        results.append(
+            ScenarioResult(POOLED, "ok", metrics=pooled, details={"of": [r.name for r in compared]})
+        )
+        checks.extend(check(gate, POOLED, pooled))
     return ParityResult(
         recipe=gate.name if isinstance(recipe, Gate) else recipe,
         gate=gate,
