@@ -11,7 +11,7 @@ from .recipes import OnnxRecipe, make_recipe, parse_recipe
 
 def export(loaded: Any, folder: Path, recipe: OnnxRecipe | str, progress: Any = None) -> Any:
     """Write the ONNX artifact files for `loaded` into `folder` (the pipeline writes the manifest)."""
-    from .export import export_onnx
+    from .convert import export_onnx
 
     if isinstance(recipe, str):
         recipe = parse_recipe(recipe)
@@ -19,14 +19,14 @@ def export(loaded: Any, folder: Path, recipe: OnnxRecipe | str, progress: Any = 
 
 
 def export_onnx(loaded: Any, out_dir: Path, recipe: OnnxRecipe, progress: Any = None, **kw: Any) -> Any:
-    """See `export.export_onnx` (imports torch and onnx lazily)."""
-    from .export import export_onnx as _export_onnx
+    """See `convert.export_onnx` (imports torch and onnx lazily)."""
+    from .convert import export_onnx as _export_onnx
 
     return _export_onnx(loaded, out_dir, recipe, progress, **kw)
 
 
 def trace_onnx(loaded: Any) -> Any:
-    from .export import trace_onnx as _trace_onnx
+    from .convert import trace_onnx as _trace_onnx
 
     return _trace_onnx(loaded)
 

@@ -17,7 +17,8 @@ Op forms:
 - `ort`: `com.microsoft.MatMulNBits` (B `[N, blocks, block_size * bits / 8]`, low nibble first); the embedding is
   `com.microsoft.GatherBlockQuantized` over the same packed table as a tied lm_head (only its scales are stored
   twice, `[V, blocks, 1]`), or over its own table when untied. A fused `com.microsoft.MoE` becomes `QMoE`
-  with the same per-expert packing.
+  with the same per-expert packing. Linears that read the same activation (q/k/v; w1/w3) become one
+  MatMulNBits over their weights concatenated along N, followed by a Split (`_shared_input_groups`).
 - `portable`: `DequantizeLinear(block_size=...)` (opset 21) of a `[in, out]` int4/int8 tensor into `MatMul`;
   the embedding is `Gather` of int8 rows and their scales + `DequantizeLinear` (ONNX `Gather` takes no int4).
   onnxruntime rewrites `DequantizeLinear + MatMul` into MatMulNBits itself, at the accuracy level of its
@@ -476,6 +477,8 @@ def _quantize(
             _qmoe(graph, node, recipe)
             counts["QMoE"] = counts.get("QMoE", 0) + 1
     tied_table: tuple[ir.Value, Quantized] | None = None
+    shared = _shared_input_groups(linears, lm_head) if ort else {}
+    pending: dict[int, list[tuple[Linear, Quantized]]] = {}
     for lin in linears:
         if (lin.weight.name or "").endswith(EXCLUDED_SUFFIXES):
             _float_layout_one(graph, lin)
@@ -483,6 +486,18 @@ def _quantize(
             continue
         lin_bits = head_bits(recipe) if lin is lm_head else bits
         q = quantize_rows(lin.weight.const_value.numpy(), lin_bits, recipe.block_size, recipe.symmetric)
+        group = shared.get(id(lin))
+        if group is not None:
+            members = pending.setdefault(id(group[0]), [])
+            members.append((lin, q))
+            if len(members) == len(group):
+                _matmulnbits_fused(graph, members, recipe)
+                counts[linear_op] = counts.get(linear_op, 0) + 1
+                counts["MatMulNBits sharing an input, fused along N"] = counts.get(
+                    "MatMulNBits sharing an input, fused along N", 0
+                ) + len(members)
+                del pending[id(group[0])]
+            continue
         if ort:
             b_value = _matmulnbits(graph, lin, q, recipe)
             if gather is not None and gather.inputs[0] is lin.weight:
@@ -577,6 +592,62 @@ def _matmulnbits(graph: ir.Graph, lin: Linear, q: Quantized, recipe: OnnxRecipe)
     em.insert_before(lin.matmul)
     replace_value(lin.matmul.outputs[0], y)
     return b_v
+
+
+def _shared_input_groups(linears: list[Linear], lm_head: Linear | None) -> dict[int, list[Linear]]:
+    """Linears that read the same activation (q/k/v after the operator norm, w1/w3 after the FFN norm),
+    keyed by `id(linear)`: each group becomes one MatMulNBits over the weights concatenated along N and a
+    Split, so a decode step makes one kernel call per group instead of one per weight.
+
+    onnxruntime 1.32 also has `MatMulNBitsQkv` / `MatMulNBitsMlp`, but only the WebGPU provider runs them."""
+    by_input: dict[int, list[Linear]] = {}
+    for lin in linears:
+        if lin is lm_head or (lin.weight.name or "").endswith(EXCLUDED_SUFFIXES):
+            continue
+        by_input.setdefault(id(lin.matmul.inputs[0]), []).append(lin)
+    out: dict[int, list[Linear]] = {}
+    for group in by_input.values():
+        if len(group) > 1 and len({lin.weight.const_value.shape[1] for lin in group}) == 1:
+            out.update({id(lin): group for lin in group})
+    return out
+
+
+def _matmulnbits_fused(graph: ir.Graph, members: list[tuple[Linear, Quantized]], recipe: OnnxRecipe) -> None:
+    qs = [q for _, q in members]
+    zps = None if qs[0].zero_points is None else np.concatenate([q.zero_points for q in qs])  # type: ignore[misc]
+    q = Quantized(
+        np.concatenate([q.codes for q in qs]),
+        np.concatenate([q.scales for q in qs]),
+        zps,
+        qs[0].bits,
+        qs[0].block_size,
+    )
+    n, k = q.codes.shape
+    b, scales, zp = matmulnbits_tensors(q)
+    names = [lin.name for lin, _ in members]
+    prefix = names[0].rsplit(".", 1)[0]
+    name = prefix + "." + "+".join(x.rsplit(".", 1)[-1] for x in names)
+    em = Emitter(graph)
+    inputs = [
+        members[0][0].matmul.inputs[0],
+        em.const(b, f"{name}.qweight"),
+        em.const(scales, f"{name}.scales"),
+    ]
+    if zp is not None:
+        inputs.append(em.const(zp, f"{name}.qzeros"))
+    y = em.op1(
+        "MatMulNBits",
+        inputs,
+        {"K": k, "N": n, "bits": q.bits, "block_size": q.block_size, "accuracy_level": recipe.accuracy_level},
+        domain=MS_DOMAIN,
+    )
+    sizes = em.const(np.array([mq.codes.shape[0] for mq in qs], np.int64), f"{name}.split")
+    parts = em.op("Split", [y, sizes], {"axis": -1}, num_outputs=len(members))
+    position = {id(node): i for i, node in enumerate(graph)}
+    first = min((lin.matmul for lin, _ in members), key=lambda node: position[id(node)])
+    em.insert_before(first)
+    for (lin, _), part in zip(members, parts):
+        replace_value(lin.matmul.outputs[0], part)
 
 
 def _dq_matmul(graph: ir.Graph, lin: Linear, q: Quantized) -> None:
