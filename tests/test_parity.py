@@ -285,6 +285,13 @@ def test_gate_lookup():
     assert "| int4 |" in gates_markdown()
 
 
+def test_readme_lists_the_gates_in_force():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert gates_markdown() in readme, "README gate table is stale: paste gates_markdown() into it"
+
+
 def test_bad_requests_raise_user_errors(model, ref):
     other = ReferenceSession(model, name="other")
     with pytest.raises(ValueError, match="two objects"):
