@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,3 +133,17 @@ def hf_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (liquid / "config.json").write_text(json.dumps(old, indent=2))
     out["liquid_bf16"] = liquid
     return out
+
+
+def genai_greedy(og: Any, folder: Path, prompt: list[int], new: int) -> list[int]:
+    """Greedy tokens from onnxruntime-genai (`og`) on the folder, `prompt` then up to `new` tokens."""
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new, do_sample=False, repetition_penalty=1.0)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([prompt], np.int32))
+    tokens = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    return tokens

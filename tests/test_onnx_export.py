@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import genai_greedy
 
 from lfm_export.config import Lfm2Config
 from lfm_export.errors import UnsupportedError
@@ -346,19 +347,6 @@ def _torch_greedy(model, prompt: list[int], new: int) -> list[int]:
     return out
 
 
-def _genai_greedy(og, folder: Path, prompt: list[int], new: int) -> list[int]:
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + new, do_sample=False, repetition_penalty=1.0)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.array([prompt], np.int32))
-    tokens = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        tokens.append(int(gen.get_next_tokens()[0]))
-    return tokens
-
-
 def _until_eos(tokens: list[int], eos: int) -> list[int]:
     return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
 
@@ -374,7 +362,7 @@ def test_genai_loads_folder_and_greedy_tokens_match(dense, tmp_path: Path) -> No
     assert cfg["model"]["decoder"]["inputs"]["past_conv_names"] == "past.%d.conv"
     prompt, new = [3, 17, 99, 5, 200, 11], 12
     want = _until_eos(_torch_greedy(loaded.model, prompt, new), loaded.config.eos_token_id)
-    assert _genai_greedy(og, out, prompt, new) == want
+    assert genai_greedy(og, out, prompt, new) == want
     assert len(set(want)) > 2  # the model does not just repeat one token
 
 
@@ -403,7 +391,7 @@ def test_genai_with_tokenizer_on_tiny(tmp_path: Path) -> None:
             "<|startoftext|><|im_start|>user\nTell me a story.<|im_end|>\n<|im_start|>assistant\n"
         )
     ]
-    tokens = _genai_greedy(og, out, prompt, 24)
+    tokens = genai_greedy(og, out, prompt, 24)
     assert tokens == _until_eos(_torch_greedy(loaded.model, prompt, 24), loaded.config.eos_token_id)
     assert tok.decode(np.array(tokens, np.int32)).strip()
 

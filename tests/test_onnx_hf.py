@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -61,7 +60,7 @@ def test_genai_greedy_equals_transformers_greedy(tmp_path: Path):
     default 0.02 a random LFM2 greedily repeats its last token, which would prove little."""
     og = pytest.importorskip("onnxruntime_genai")
     import transformers
-    from conftest import HF_SHAPES
+    from conftest import HF_SHAPES, genai_greedy
 
     torch.manual_seed(0)
     kwargs = dict(HF_SHAPES["dense_odd"][0], initializer_range=0.1)
@@ -83,14 +82,6 @@ def test_genai_greedy_equals_transformers_greedy(tmp_path: Path):
         )
     want = ids[0, len(prompt) :].tolist()
 
-    model = og.Model(str(out))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + new, do_sample=False, repetition_penalty=1.0)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.array([prompt], np.int32))
-    got = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        got.append(int(gen.get_next_tokens()[0]))
+    got = genai_greedy(og, out, prompt, new)
     assert got == want
     assert len(want) >= 8 and len(set(want)) > 4  # a real sequence, not one token repeated

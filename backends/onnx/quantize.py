@@ -576,22 +576,30 @@ def _float_layout_one(graph: ir.Graph, lin: Linear) -> None:
 
 
 def _matmulnbits(graph: ir.Graph, lin: Linear, q: Quantized, recipe: OnnxRecipe) -> ir.Value:
+    em = Emitter(graph)
+    y, b_v = _emit_matmulnbits(em, lin.matmul.inputs[0], q, lin.name, recipe)
+    em.insert_before(lin.matmul)
+    replace_value(lin.matmul.outputs[0], y)
+    return b_v
+
+
+def _emit_matmulnbits(
+    em: Emitter, x: ir.Value | None, q: Quantized, name: str, recipe: OnnxRecipe
+) -> tuple[ir.Value, ir.Value]:
+    """`MatMulNBits(x, q)` with initializers named after `name`; returns (output, packed-weight value)."""
     n, k = q.codes.shape
     b, scales, zp = matmulnbits_tensors(q)
-    em = Emitter(graph)
-    b_v = em.const(b, f"{lin.name}.qweight")
-    inputs = [lin.matmul.inputs[0], b_v, em.const(scales, f"{lin.name}.scales")]
+    b_v = em.const(b, f"{name}.qweight")
+    inputs = [x, b_v, em.const(scales, f"{name}.scales")]
     if zp is not None:
-        inputs.append(em.const(zp, f"{lin.name}.qzeros"))
+        inputs.append(em.const(zp, f"{name}.qzeros"))
     y = em.op1(
         "MatMulNBits",
         inputs,
         {"K": k, "N": n, "bits": q.bits, "block_size": q.block_size, "accuracy_level": recipe.accuracy_level},
         domain=MS_DOMAIN,
     )
-    em.insert_before(lin.matmul)
-    replace_value(lin.matmul.outputs[0], y)
-    return b_v
+    return y, b_v
 
 
 def _shared_input_groups(linears: list[Linear], lm_head: Linear | None) -> dict[int, list[Linear]]:
@@ -622,25 +630,10 @@ def _matmulnbits_fused(graph: ir.Graph, members: list[tuple[Linear, Quantized]],
         qs[0].bits,
         qs[0].block_size,
     )
-    n, k = q.codes.shape
-    b, scales, zp = matmulnbits_tensors(q)
     names = [lin.name for lin, _ in members]
-    prefix = names[0].rsplit(".", 1)[0]
-    name = prefix + "." + "+".join(x.rsplit(".", 1)[-1] for x in names)
+    name = names[0].rsplit(".", 1)[0] + "." + "+".join(x.rsplit(".", 1)[-1] for x in names)
     em = Emitter(graph)
-    inputs = [
-        members[0][0].matmul.inputs[0],
-        em.const(b, f"{name}.qweight"),
-        em.const(scales, f"{name}.scales"),
-    ]
-    if zp is not None:
-        inputs.append(em.const(zp, f"{name}.qzeros"))
-    y = em.op1(
-        "MatMulNBits",
-        inputs,
-        {"K": k, "N": n, "bits": q.bits, "block_size": q.block_size, "accuracy_level": recipe.accuracy_level},
-        domain=MS_DOMAIN,
-    )
+    y, _ = _emit_matmulnbits(em, members[0][0].matmul.inputs[0], q, name, recipe)
     sizes = em.const(np.array([mq.codes.shape[0] for mq in qs], np.int64), f"{name}.split")
     parts = em.op("Split", [y, sizes], {"axis": -1}, num_outputs=len(members))
     position = {id(node): i for i, node in enumerate(graph)}
