@@ -17,6 +17,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from datetime import date
 from pathlib import Path
 
@@ -63,12 +64,16 @@ def checkpoint_folder(model: str, work: Path) -> Path:
 
 def describe_builder_output(folder: Path, ckpt: Path) -> None:
     """Give the builder's folder a manifest so our shim can run it (its I/O names are the same genai convention)."""
+    import onnx
+
     from lfm_export.config import Lfm2Config
     from lfm_export.manifest import build_manifest, write_manifest
     from lfm_export.signature import build_signature
 
     cfg = Lfm2Config.from_file(ckpt / "config.json")
     context = json.loads((folder / "genai_config.json").read_text())["model"]["context_length"]
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    op_types = Counter(f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in graph.node)
     manifest = build_manifest(
         model_identity={"source": str(ckpt), "note": "written by onnxruntime-genai's model builder"},
         config=cfg.to_dict(),
@@ -76,6 +81,8 @@ def describe_builder_output(folder: Path, ckpt: Path) -> None:
         recipe={"name": "int4-genai-builder"},
         signature=build_signature(cfg, max_seq_len=context).to_dict(),
         folder=folder,
+        # the op inventory lets our shim treat it like ours (shared KV buffers for GroupQueryAttention)
+        extra={"ops": {"op_types": dict(sorted(op_types.items()))}},
     )
     write_manifest(folder, manifest)
 

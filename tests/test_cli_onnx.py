@@ -104,3 +104,30 @@ def test_not_an_artifact(tmp_path):
         extra = ["--prompt", "x"] if cmd == "run" else []
         r = cli(cmd, str(tmp_path), *extra)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (cmd, r.stderr)
+
+
+def test_shared_kv_buffers_match_copied_state(artifact):
+    """GroupQueryAttention artifacts run with one KV buffer per layer bound as past and present (the
+    default): logits and state equal the copying mode bit for bit, across a buffer growth and at batch 2."""
+    import numpy as np
+
+    from lfm_export.runtime.onnx import MIN_KV_CAPACITY, OnnxSession
+
+    copy, shared = OnnxSession(artifact, kv="copy"), OnnxSession(artifact)
+    assert (copy.kv, shared.kv) == ("copy", "shared")
+    rng = np.random.default_rng(0)
+    for batch, first in ((1, MIN_KV_CAPACITY - 56), (2, 40)):
+        copy.reset(batch)
+        shared.reset(batch)
+        chunks = [rng.integers(0, copy.vocab_size, (batch, n)) for n in (first, 100 if batch == 1 else 1)]
+        for chunk in chunks:
+            assert np.array_equal(copy.prefill(chunk), shared.prefill(chunk))
+        for _ in range(20):
+            tok = rng.integers(0, copy.vocab_size, (batch,))
+            assert np.array_equal(copy.decode(tok), shared.decode(tok))
+        a, b = copy.state(), shared.state()
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    restored = OnnxSession(artifact)
+    restored.set_state(shared.state())
+    tok = np.array([5, 6])
+    assert np.array_equal(restored.decode(tok), shared.decode(tok))

@@ -269,3 +269,8 @@ def test_bad_artifact_folders(artifacts, tmp_path: Path) -> None:
         OnnxSession(bad)
     with pytest.raises(UserError, match="io mode"):
         OnnxSession(artifacts[GROWING], io="magic")
+    with pytest.raises(UserError, match="kv mode"):
+        OnnxSession(artifacts[GROWING], kv="magic")
+    with pytest.raises(UserError, match="GroupQueryAttention"):  # plain attention: present = past + new
+        OnnxSession(artifacts[GROWING], kv="shared")
+    assert OnnxSession(artifacts[GROWING]).kv == "copy"
