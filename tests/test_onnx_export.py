@@ -153,6 +153,9 @@ def test_fp32_matches_canonical_model(dense, tmp_path: Path, ops: str) -> None:
     assert outs["present.3.value"].shape == ["batch_size", 2, "total_sequence_length", 16]
     assert outs["logits"].shape == ["batch_size", "sequence_length", 256]
     assert sorted(p.name for p in result.files) == ["genai_config.json", "model.onnx", "model.onnx.data"]
+    # genai may append to one KV buffer only where GroupQueryAttention does the appending
+    search = json.loads((out / "genai_config.json").read_text())["search"]
+    assert search["past_present_share_buffer"] is (ops == "ort")
     if ops == "portable":
         assert set(result.op_domains) == {"ai.onnx"}, result.op_domains
         return

@@ -119,7 +119,9 @@ def export_onnx(
     with _stage("Saving model.onnx", "save", progress, timings):
         save_model(model, out_dir)
         del model
-        write_genai_config(out_dir, loaded, signature, MODEL_FILE)
+        write_genai_config(
+            out_dir, loaded, signature, MODEL_FILE, share_kv=(fusion.MS_DOMAIN, "GroupQueryAttention") in ops
+        )
         for f in loaded.tokenizer_files():
             shutil.copy2(f, out_dir / f.name)
     files = sorted(p for p in out_dir.iterdir() if p.is_file())

@@ -15,7 +15,12 @@ SESSION_THREADS = 2
 SEARCH_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "num_beams")
 
 
-def genai_config(loaded: LoadedModel, signature: IOSignature, filename: str = "model.onnx") -> dict[str, Any]:
+def genai_config(
+    loaded: LoadedModel, signature: IOSignature, filename: str = "model.onnx", share_kv: bool = False
+) -> dict[str, Any]:
+    """`share_kv`: the graph's attention is GroupQueryAttention, which can append to one KV buffer bound as
+    both past and present (`past_present_share_buffer`, as the builder sets it); a graph that concatenates
+    past and new in plain ops cannot."""
     cfg = loaded.config
     gen = loaded.generation_config or {}
     context = signature.max_seq_len or cfg.max_position_embeddings
@@ -30,7 +35,7 @@ def genai_config(loaded: LoadedModel, signature: IOSignature, filename: str = "m
         "no_repeat_ngram_size": 0,
         "num_beams": 1,
         "num_return_sequences": 1,
-        "past_present_share_buffer": False,
+        "past_present_share_buffer": share_kv,
         "repetition_penalty": 1.0,
         "temperature": 1.0,
         "top_k": 50,
@@ -88,8 +93,12 @@ def genai_config(loaded: LoadedModel, signature: IOSignature, filename: str = "m
 
 
 def write_genai_config(
-    out_dir: Path, loaded: LoadedModel, signature: IOSignature, filename: str = "model.onnx"
+    out_dir: Path,
+    loaded: LoadedModel,
+    signature: IOSignature,
+    filename: str = "model.onnx",
+    share_kv: bool = False,
 ) -> Path:
     path = Path(out_dir) / "genai_config.json"
-    path.write_text(json.dumps(genai_config(loaded, signature, filename), indent=4) + "\n")
+    path.write_text(json.dumps(genai_config(loaded, signature, filename, share_kv), indent=4) + "\n")
     return path
