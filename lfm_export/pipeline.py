@@ -102,6 +102,10 @@ def _identity(loaded: LoadedModel) -> dict[str, Any]:
     return ident
 
 
+LONG_CONTEXT_NOTE = 8192
+"""Above this declared context the parity run says that its fill-to-the-limit scenario will take a while."""
+
+
 def check_artifact(
     folder: Path,
     loaded: LoadedModel | None = None,
@@ -128,6 +132,12 @@ def check_artifact(
                 f"{source}: weights changed since the export (sha256 differs); cannot check parity"
             )
     recipe = manifest["recipe"].get("name", "fp32")
+    context = manifest.get("max_seq_len")
+    if (scenarios is None or "near_max_seq_len" in scenarios) and (context or 0) > LONG_CONTEXT_NOTE:
+        progress.note(
+            f"[yellow]note:[/] parity fills the whole {context}-token context (scenario near_max_seq_len); on a "
+            "big model that takes many minutes. Export with --max-seq-len to declare less, or --no-parity."
+        )
     with progress.step(f"Parity ({recipe}) through the {manifest['backend']} runtime"):
         session = open_session(folder, threads=threads)
         reference = ReferenceSession(loaded.model, max_seq_len=session.max_seq_len)
