@@ -252,7 +252,7 @@ class OnnxSession:
 
     def _grow_kv(self, needed: int, fill: dict[str, np.ndarray] | None = None) -> None:
         """Make every shared KV buffer hold at least `needed` positions (doubling, capped at max_seq_len),
-        keeping the valid `position` prefix (or starting from `fill`)."""
+        keeping the first `position` positions of the current buffers (or of `fill`)."""
         have = next(iter(self._kv_buffers.values())).shape[2] if self._kv_buffers else 0
         if needed <= have:
             return
@@ -264,10 +264,9 @@ class OnnxSession:
         for name in self._kv_names:
             shape = list(self._state_shape(specs[name], cap))
             buf = np.zeros(shape, _dtype(specs[name]))
-            old = fill[name] if fill is not None else self._kv_buffers.get(name)
+            old = (fill or self._kv_buffers).get(name)
             if old is not None:
-                n = old.shape[2] if fill is not None else self._position
-                buf[:, :, :n] = old[:, :, :n]
+                buf[:, :, : self._position] = old[:, :, : self._position]
             grown[name] = buf
         self._kv_buffers = grown
         self._kv_values = {n: self._ort.OrtValue.ortvalue_from_numpy(b) for n, b in grown.items()}
@@ -287,7 +286,7 @@ class OnnxSession:
         for k, v in feeds.items():
             binding.bind_cpu_input(k, v)
         for k, v in self._state.items():
-            binding.bind_cpu_input(k, v)
+            binding.bind_cpu_input(k, _as_numpy(v))
         for k in self._rest_outputs:  # rebound every step: shapes change with the number of new tokens
             binding.bind_output(k, "cpu")
         self._sess.run_with_iobinding(binding)
