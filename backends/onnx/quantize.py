@@ -42,6 +42,7 @@ CHUNK_ELEMENTS = 1 << 23
 
 EXCLUDED_SUFFIXES = ("feed_forward.gate.weight",)
 HEAD_BITS = 8
+FUSED_COUNT = "MatMulNBits sharing an input, fused along N"
 
 
 # ---- numpy quantizer -------------------------------------------------------------------------------------------
@@ -493,9 +494,7 @@ def _quantize(
             if len(members) == len(group):
                 _matmulnbits_fused(graph, members, recipe)
                 counts[linear_op] = counts.get(linear_op, 0) + 1
-                counts["MatMulNBits sharing an input, fused along N"] = counts.get(
-                    "MatMulNBits sharing an input, fused along N", 0
-                ) + len(members)
+                counts[FUSED_COUNT] = counts.get(FUSED_COUNT, 0) + len(members)
                 del pending[id(group[0])]
             continue
         if ort:
