@@ -1,0 +1,222 @@
+"""Backend-neutral export recipes: what a recipe name means, whatever the target.
+
+A recipe says how weights and activations are represented; a backend adds only its own knobs (ONNX `ops` and
+`accuracy_level`, an ExecuTorch delegate, a Core ML target). Names read the same everywhere:
+
+    fp32 | fp16 | bf16                          float weights and activations
+    int8-b32, int4-b64, int4-g128               block-wise weights (`g` is accepted for `b`: MLX's "group")
+    ...-asym                                    per-block zero points (default: symmetric)
+    ...-a8                                      dynamic per-token int8 activations (ExecuTorch's `8da4w`)
+    ...-mse                                     scales chosen by a rounding search (see `lfm_export.quant`)
+
+Aliases from other ecosystems map onto these: `8da4w` = `int4-b32-a8`, `8da8w` = `int8-b32-a8`, `int4` =
+`int4-b32`, `int8` = `int8-b32`. Every recipe belongs to one parity gate family (`gate_family`).
+
+What stays float in every quantized recipe (`KEEP_FLOAT`): the MoE router (rounding must not change which
+experts are chosen), the norms, the conv and KV state, the rotary tables. The lm_head and the embedding table
+are int8 in int4 recipes (`HEAD_BITS`): every logit reads all of the head. On `tiny`, an int4 head gives pooled
+KL 0.084, the int8 one 0.042 (ONNX, 2026-11-27).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from lfm_export.config import Lfm2Config
+from lfm_export.errors import UnsupportedError
+
+FLOAT_DTYPES = ("fp32", "fp16", "bf16")
+WEIGHT_BITS = (4, 8)
+BLOCK_SIZES = (32, 64, 128)
+ACTIVATIONS = ("float", "int8")
+ROUNDINGS = ("nearest", "mse")
+HEAD_BITS = 8
+DEFAULT_CONTEXT_CAP = 32768
+"""Context declared when none is asked for: the model's, capped at the trained context of the dense models."""
+KEEP_FLOAT = ("moe router", "norms", "conv and KV state", "rotary tables")
+
+ALIASES = {
+    "8da4w": "int4-b32-a8",
+    "8da8w": "int8-b32-a8",
+    "q4": "int4-b32",
+    "q8": "int8-b32",
+}
+
+_GRAMMAR = (
+    "expected fp32, fp16, bf16, or int4 / int8 with optional -bN (N in 32, 64, 128), -asym, -a8, -mse "
+    f"(aliases: {', '.join(ALIASES)})"
+)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How an artifact represents the model.
+
+    - `dtype`: float type of activations and of every weight that is not quantized (fp32 | fp16 | bf16).
+    - `bits`: weight bits of the quantized linears (4 | 8), None for a float recipe.
+    - `block_size`: quantization block (group) along each weight's input dimension.
+    - `symmetric`: no zero points (default) or per-block zero points.
+    - `activations`: `float`, or `int8` (dynamic per-token int8 activations into the quantized linears).
+    - `rounding`: `nearest` (scale from the block's extreme) or `mse` (per-block scale search).
+    - `head_bits` / `embedding_bits`: bits of the lm_head and the embedding table (None: float).
+    - `max_seq_len`: the context the artifact declares; None = the model's, capped at 32768.
+    """
+
+    dtype: str = "fp32"
+    bits: int | None = None
+    block_size: int = 32
+    symmetric: bool = True
+    activations: str = "float"
+    rounding: str = "nearest"
+    head_bits: int | None = None
+    embedding_bits: int | None = None
+    max_seq_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in FLOAT_DTYPES:
+            raise UnsupportedError(
+                f"float type {self.dtype!r} is unknown; expected one of {', '.join(FLOAT_DTYPES)}"
+            )
+        if self.bits is not None and self.bits not in WEIGHT_BITS:
+            raise UnsupportedError(f"weight bits {self.bits} not supported; expected 4 or 8")
+        if self.block_size not in BLOCK_SIZES:
+            raise UnsupportedError(
+                f"block size {self.block_size} is not supported; expected one of {', '.join(map(str, BLOCK_SIZES))}"
+            )
+        if self.activations not in ACTIVATIONS:
+            raise UnsupportedError(
+                f"activations {self.activations!r}; expected one of {', '.join(ACTIVATIONS)}"
+            )
+        if self.rounding not in ROUNDINGS:
+            raise UnsupportedError(f"rounding {self.rounding!r}; expected one of {', '.join(ROUNDINGS)}")
+        if self.bits is None and (
+            self.activations != "float" or self.rounding != "nearest" or not self.symmetric
+        ):
+            raise UnsupportedError("-a8, -mse and -asym need a quantized recipe (int4 or int8)")
+        for what, b in (("head", self.head_bits), ("embedding", self.embedding_bits)):
+            if b is not None and b not in WEIGHT_BITS:
+                raise UnsupportedError(f"{what} bits {b} not supported; expected 4, 8 or float")
+        if self.max_seq_len is not None and self.max_seq_len < 1:
+            raise UnsupportedError(f"--max-seq-len must be positive, got {self.max_seq_len}")
+
+    # ---- derived --------------------------------------------------------------------------------------------
+    @property
+    def quantized(self) -> bool:
+        return self.bits is not None
+
+    @property
+    def quant(self) -> str:
+        """`fp32`, `fp16`, `bf16`, `int8` or `int4`: the precision word of the name."""
+        return f"int{self.bits}" if self.bits else self.dtype
+
+    @property
+    def name(self) -> str:
+        """`fp32`, `int4-b32`, `int8-b128-asym`, `int4-b32-a8`: the name shared by every backend."""
+        if not self.quantized:
+            return self.dtype
+        parts = [self.quant, f"b{self.block_size}"]
+        if not self.symmetric:
+            parts.append("asym")
+        if self.activations == "int8":
+            parts.append("a8")
+        if self.rounding == "mse":
+            parts.append("mse")
+        return "-".join(parts)
+
+    @property
+    def gate_family(self) -> str:
+        """The parity gate this recipe is judged by: `fp32`, `fp16`, `bf16`, `int8` or `int4`."""
+        return self.quant
+
+    def context(self, cfg: Lfm2Config) -> int:
+        return self.max_seq_len or min(cfg.max_position_embeddings, DEFAULT_CONTEXT_CAP)
+
+    def with_options(self, **changes: Any) -> Recipe:
+        return replace(self, **changes)
+
+    def check_model(self, cfg: Lfm2Config, weight_shapes: dict[str, tuple[int, ...]]) -> None:
+        """Refuse a recipe the model cannot take, before any tracing: a context beyond the model's, or a block
+        size that does not divide a weight's input dimension (the weight is named)."""
+        if self.max_seq_len is not None and self.max_seq_len > cfg.max_position_embeddings:
+            raise UnsupportedError(
+                f"--max-seq-len {self.max_seq_len} exceeds the model's max_position_embeddings "
+                f"{cfg.max_position_embeddings}"
+            )
+        if not self.quantized:
+            return
+        for name, shape in weight_shapes.items():
+            if len(shape) == 2 and shape[1] % self.block_size:
+                fits = ", ".join(str(b) for b in BLOCK_SIZES if shape[1] % b == 0) or "none"
+                raise UnsupportedError(
+                    f"block size {self.block_size} does not divide the input dimension {shape[1]} of {name}; "
+                    f"choose one of {fits}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["name"] = self.name
+        d["quant"] = self.quant
+        d["gate_family"] = self.gate_family
+        d["keep_float"] = list(KEEP_FLOAT) if self.quantized else []
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Recipe:
+        fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**fields)
+
+
+def parse_recipe(
+    text: str,
+    *,
+    block_size: int | None = None,
+    asymmetric: bool = False,
+    max_seq_len: int | None = None,
+) -> Recipe:
+    """A recipe from its name (or an alias). `block_size` / `asymmetric` are the older separate flags
+    (`--quant int4 --block-size 64`); they may not contradict the name."""
+    raw = text.strip().lower()
+    name = ALIASES.get(raw, raw)
+    parts = name.split("-")
+    head, rest = parts[0], parts[1:]
+    kw: dict[str, Any] = {"max_seq_len": max_seq_len}
+    if head in FLOAT_DTYPES:
+        kw["dtype"] = head
+    elif head in ("int4", "int8"):
+        kw["bits"] = int(head[3:])
+        kw["head_bits"] = kw["embedding_bits"] = HEAD_BITS
+    else:
+        raise UnsupportedError(f"--quant {text!r} is unknown; {_GRAMMAR}")
+    named_block = None
+    for part in rest:
+        if part[:1] in ("b", "g") and part[1:].isdigit() and "bits" in kw and named_block is None:
+            named_block = int(part[1:])
+        elif part == "asym" and "bits" in kw and kw.get("symmetric", True):
+            kw["symmetric"] = False
+        elif part == "a8" and "bits" in kw and "activations" not in kw:
+            kw["activations"] = "int8"
+        elif part == "mse" and "bits" in kw and "rounding" not in kw:
+            kw["rounding"] = "mse"
+        else:
+            raise UnsupportedError(f"--quant {text!r} is unknown; {_GRAMMAR}")
+    if block_size is not None and named_block is not None and block_size != named_block:
+        raise UnsupportedError(
+            f"--quant {text!r} names block size {named_block}, --block-size says {block_size}"
+        )
+    if asymmetric:
+        if "bits" not in kw:
+            raise UnsupportedError(f"--asymmetric needs a quantized recipe, not {text!r}")
+        kw["symmetric"] = False
+    chosen = named_block or block_size
+    if chosen is not None:
+        kw["block_size"] = chosen
+    return Recipe(**kw)
+
+
+def recipe_names() -> list[str]:
+    """Every canonical recipe name with the default block size (for help texts and tests)."""
+    names = list(FLOAT_DTYPES)
+    for q in ("int8", "int4"):
+        names += [f"{q}-b32", f"{q}-b32-asym", f"{q}-b32-a8", f"{q}-b32-mse"]
+    return names
