@@ -3,8 +3,8 @@
 onnxruntime is imported when a session is created, so importing this module costs nothing and needs neither
 onnxruntime nor torch.
 
-Threads: `intra_op_num_threads` is set explicitly (default 2) and `inter_op_num_threads` to 1. Left at its
-default, onnxruntime-genai ran these models on 1 thread on the 2-core development machine, at about half the
+Threads: `intra_op_num_threads` is set explicitly (default `DEFAULT_THREADS`, 2) and `inter_op_num_threads`
+to 1. Left at its default, onnxruntime-genai ran these models on 1 thread on the 2-core development machine, at about half the
 decode speed; the graph is one sequential chain of small ops, so inter-op parallelism only adds overhead.
 Spin-waiting of the intra-op threads is off by default (`spin=False`): with other processes on the same cores
 (load ~3.6 on 2 cores), a 16-layer hidden-1024 model decoded at 42 ms/step on 1 thread, 84 ms on 2 spinning
@@ -35,10 +35,11 @@ from typing import Any
 
 import numpy as np
 
-from lfm_export.errors import ContextLimitError, UserError
+from lfm_export.errors import UserError
 from lfm_export.signature import ATTENTION_MASK, GROWING, INPUT_IDS, INPUT_POS, KEY, LOGITS, VALUE, TensorSpec
 
 from .artifact import manifest_max_seq_len, manifest_signature, model_file, read_manifest
+from .session import DEFAULT_THREADS, SessionBase, SessionError
 
 IO_MODES = ("ortvalue", "iobinding", "numpy")
 KV_MODES = ("auto", "shared", "copy")
@@ -47,15 +48,13 @@ MIN_KV_CAPACITY = 256
 _DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
 
-class OnnxSession:
+class OnnxSession(SessionBase):
     """`Session` over the ONNX artifact in `folder` (growing or static KV form, any batch size)."""
-
-    supports_batch = True
 
     def __init__(
         self,
         folder: str | Path,
-        threads: int = 2,
+        threads: int = DEFAULT_THREADS,
         providers: list[Any] | None = None,
         io: str = "numpy",
         spin: bool = False,
@@ -124,24 +123,10 @@ class OnnxSession:
         self._state: dict[str, Any] = {}
         self._kv_buffers: dict[str, np.ndarray] = {}
         self._kv_values: dict[str, Any] = {}
-        self._batch = 1
-        self._position = 0
         self.reset(1)
 
     # ---- Session protocol --------------------------------------------------------------------------
-    @property
-    def position(self) -> int:
-        return self._position
-
-    @property
-    def batch_size(self) -> int:
-        return self._batch
-
-    def reset(self, batch_size: int = 1) -> None:
-        if batch_size < 1:
-            raise UserError(f"batch size must be >= 1, got {batch_size}")
-        self._batch = batch_size
-        self._position = 0
+    def _reset_state(self, batch_size: int) -> None:
         shared = self.kv == "shared"
         self._state = {
             s.name: self._wrap(np.zeros(self._state_shape(s, 0), _dtype(s)))
@@ -152,38 +137,17 @@ class OnnxSession:
             self._kv_buffers = {}
             self._grow_kv(MIN_KV_CAPACITY)
 
-    def prefill(self, tokens: np.ndarray) -> np.ndarray:
-        tokens = np.asarray(tokens)
-        if tokens.ndim != 2 or tokens.shape[1] < 1:
-            raise UserError(f"prefill expects token ids shaped [batch, tokens], got {list(tokens.shape)}")
-        if tokens.shape[0] != self._batch:
-            raise UserError(
-                f"prefill got batch {tokens.shape[0]}, the session was reset for batch {self._batch}"
-            )
-        if tokens.min() < 0 or tokens.max() >= self.vocab_size:
-            raise UserError(
-                f"token ids must be in 0..{self.vocab_size - 1}, got {int(tokens.min())}..{int(tokens.max())}"
-            )
-        b, t = tokens.shape
+    def _prefill(self, ids: np.ndarray) -> np.ndarray:
+        b, t = ids.shape
         end = self._position + t
-        if self.max_seq_len is not None and end > self.max_seq_len:
-            raise ContextLimitError(
-                f"{self.name} session: {self._position} tokens held + {t} new exceeds max_seq_len {self.max_seq_len}"
-            )
         if self.kv == "shared":
             self._grow_kv(end)
-        feeds = {INPUT_IDS: np.ascontiguousarray(tokens, dtype=np.int64)}
+        feeds = {INPUT_IDS: ids}
         if self.form == GROWING:
             feeds[ATTENTION_MASK] = np.ones((b, end), dtype=np.int64)
         else:
             feeds[INPUT_POS] = np.array([self._position], dtype=np.int64)
-        logits = self._run(feeds)
-        self._position = end
-        return logits
-
-    def decode(self, tokens: np.ndarray) -> np.ndarray:
-        tokens = np.asarray(tokens).reshape(-1)
-        return self.prefill(tokens[:, None])[:, -1]
+        return self._run(feeds)
 
     def state(self) -> dict[str, np.ndarray]:
         """Copies of the current state, keyed by signature input name (`past.N.conv`, `past_key_values.N.key`)."""
@@ -197,7 +161,7 @@ class OnnxSession:
         """Restore a `state()` snapshot. `position` defaults to the KV length (growing form only)."""
         missing = [s.name for s in self._state_specs if s.name not in state]
         if missing:
-            raise UserError(f"state is missing {missing[0]}")
+            raise SessionError(f"state is missing {missing[0]}")
         arrays = {
             s.name: np.array(state[s.name], dtype=_dtype(s), order="C", copy=True) for s in self._state_specs
         }
@@ -205,15 +169,15 @@ class OnnxSession:
         if position is None:
             kv = [arrays[s.name] for s in self._state_specs if s.role == KEY]
             if self.form != GROWING or not kv:
-                raise UserError("set_state needs the position for this artifact")
+                raise SessionError("set_state needs the position for this artifact")
             position = kv[0].shape[2]
         for s in self._state_specs:
             want = self._state_shape(s, position, batch)
             if arrays[s.name].shape != want:
-                raise UserError(
+                raise SessionError(
                     f"state {s.name} has shape {list(arrays[s.name].shape)}, expected {list(want)}"
                 )
-        self._batch, self._position = batch, position
+        self._restored(batch, position)
         shared = self.kv == "shared"
         self._state = {
             name: self._wrap(a) for name, a in arrays.items() if not (shared and name in self._kv_names)

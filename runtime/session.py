@@ -1,4 +1,5 @@
-"""The `Session` protocol every runtime shim implements, and the reference session speaks too.
+"""The `Session` protocol every runtime shim implements (the reference session speaks it too), and
+`SessionBase`, the bookkeeping they share.
 
 Arrays are numpy at this boundary so shims stay torch-free. A session holds the streaming state (conv state
 and KV cache) between calls: `prefill` appends tokens to it and returns their logits; chunked prefill is two
@@ -10,6 +11,17 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+from lfm_export.errors import ContextLimitError, UserError
+
+DEFAULT_THREADS = 2
+"""CPU threads of every command and shim unless told otherwise. Left to choose, onnxruntime-genai ran these
+models on 1 thread on the 2-core development machine, at about half the decode speed."""
+
+
+class SessionError(UserError, ValueError):
+    """A call a session cannot take: token ids of the wrong shape, type or range, a batch it was not reset
+    for, a batch it does not support. (A `ValueError` too: bad arguments to a Python call.)"""
 
 
 @runtime_checkable
@@ -40,3 +52,96 @@ class Session(Protocol):
     def state(self) -> dict[str, np.ndarray] | None:
         """Current state by signature name (`past.N.conv`, `past_key_values.N.key`, ...), or None if hidden."""
         ...
+
+
+class SessionBase:
+    """What every session does the same way: batch size and position, token checks, the context limit.
+
+    A subclass sets `name`, `vocab_size`, `max_seq_len` (None: no limit) and `supports_batch` (False: `reset`
+    refuses batch > 1, as static-cache runtimes such as ExecuTorch, Core ML and MLX need), then implements
+    `_reset_state(batch_size)` (allocate empty state) and `_prefill(ids)` (run `ids` `[B, T]` int64 after the
+    state and return `[B, T, vocab]` logits; the position is advanced here after it returns). `state()`
+    returns None unless the runtime exposes its state. Call `reset` at the end of `__init__`.
+    """
+
+    name: str = "session"
+    vocab_size: int
+    max_seq_len: int | None = None
+    supports_batch: bool = True
+    _batch: int = 1
+    _position: int = 0
+
+    @property
+    def position(self) -> int:
+        return self._position
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch
+
+    def reset(self, batch_size: int = 1) -> None:
+        self._check_batch(batch_size)
+        self._batch, self._position = batch_size, 0
+        self._reset_state(batch_size)
+
+    def prefill(self, tokens: np.ndarray) -> np.ndarray:
+        ids = self._check_tokens(tokens)
+        self._check_room(ids.shape[1])
+        logits = self._prefill(ids)
+        self._position += ids.shape[1]
+        return logits
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        ids = np.asarray(tokens)
+        if ids.ndim != 1:
+            raise SessionError(
+                f"{self.name}: decode expects one token per row [batch], got shape {list(ids.shape)}"
+            )
+        return self.prefill(ids[:, None])[:, -1]
+
+    def state(self) -> dict[str, np.ndarray] | None:
+        return None
+
+    # ---- for subclasses -------------------------------------------------------------------------------------
+    def _reset_state(self, batch_size: int) -> None:
+        raise NotImplementedError
+
+    def _prefill(self, ids: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _restored(self, batch_size: int, position: int) -> None:
+        """Take over the batch size and position of a restored state snapshot (after checking them)."""
+        self._check_batch(batch_size)
+        if position < 0 or (self.max_seq_len is not None and position > self.max_seq_len):
+            raise SessionError(f"{self.name}: state position {position} is outside 0..{self.max_seq_len}")
+        self._batch, self._position = batch_size, position
+
+    def _check_batch(self, batch_size: int) -> None:
+        if batch_size < 1:
+            raise SessionError(f"{self.name}: batch size must be >= 1, got {batch_size}")
+        if batch_size > 1 and not self.supports_batch:
+            raise SessionError(f"{self.name}: this session runs batch 1 only, got batch {batch_size}")
+
+    def _check_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        """`tokens` as contiguous int64 `[batch, T>=1]` ids in the vocabulary, for the batch of the last reset."""
+        ids = np.asarray(tokens)
+        if ids.ndim != 2 or ids.shape[1] < 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise SessionError(
+                f"{self.name}: prefill expects integer token ids shaped [batch, tokens], "
+                f"got {list(ids.shape)} {ids.dtype}"
+            )
+        if ids.shape[0] != self._batch:
+            raise SessionError(
+                f"{self.name}: prefill got batch {ids.shape[0]}, the session was reset for batch {self._batch}"
+            )
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.vocab_size:
+            raise SessionError(f"{self.name}: token ids must be in 0..{self.vocab_size - 1}, got {lo}..{hi}")
+        return np.ascontiguousarray(ids, dtype=np.int64)
+
+    def _check_room(self, new_tokens: int) -> None:
+        if self.max_seq_len is not None and self._position + new_tokens > self.max_seq_len:
+            raise ContextLimitError(
+                f"{self.name} session: {self._position} tokens held + {new_tokens} new exceeds "
+                f"max_seq_len {self.max_seq_len}"
+            )

@@ -14,7 +14,7 @@ import pytest
 from lfm_export.errors import ContextLimitError, UserError
 from lfm_export.runtime.generate import generate_text, stream_generate
 from lfm_export.runtime.sampler import GenerationConfig, Sampler
-from lfm_export.runtime.session import Session
+from lfm_export.runtime.session import Session, SessionBase, SessionError
 from lfm_export.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 
 SPECIALS = ["<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -55,12 +55,11 @@ def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
     return train_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
-class TableSession:
-    """A real `Session`: next-token logits read from a numpy table, by the last token (bigram) or by the
-    absolute position (a scripted continuation)."""
+class TableSession(SessionBase):
+    """A real `Session` on the shared session base: next-token logits read from a numpy table, by the last
+    token (bigram) or by the absolute position (a scripted continuation)."""
 
     name = "table"
-    supports_batch = True
 
     def __init__(self, table: np.ndarray, by: str = "token", max_seq_len: int | None = None) -> None:
         self.table = table.astype(np.float32)
@@ -70,31 +69,19 @@ class TableSession:
         self.calls = 0
         self.reset()
 
-    @property
-    def position(self) -> int:
-        return self._pos
-
-    def reset(self, batch_size: int = 1) -> None:
-        self._pos = 0
+    def _reset_state(self, batch_size: int) -> None:
         self._last = np.zeros(batch_size, dtype=np.int64)
 
-    def prefill(self, tokens: np.ndarray) -> np.ndarray:
+    def _prefill(self, ids: np.ndarray) -> np.ndarray:
         self.calls += 1
-        tokens = np.asarray(tokens, dtype=np.int64)
-        b, t = tokens.shape
-        if self.max_seq_len is not None and self._pos + t > self.max_seq_len:
-            raise ContextLimitError("table session is full")
+        b, t = ids.shape
         if self.by == "token":
-            out = self.table[tokens]
+            out = self.table[ids]
         else:
-            rows = np.minimum(np.arange(self._pos, self._pos + t), len(self.table) - 1)
+            rows = np.minimum(np.arange(self.position, self.position + t), len(self.table) - 1)
             out = np.broadcast_to(self.table[rows], (b, t, self.vocab_size)).copy()
-        self._pos += t
-        self._last = tokens[:, -1]
+        self._last = ids[:, -1]
         return out
-
-    def decode(self, tokens: np.ndarray) -> np.ndarray:
-        return self.prefill(np.asarray(tokens).reshape(-1, 1))[:, -1]
 
     def state(self) -> dict[str, np.ndarray]:
         return {"last": self._last.copy()}
@@ -112,6 +99,56 @@ def scripted(
 
 def test_table_session_is_a_session() -> None:
     assert isinstance(TableSession(np.zeros((4, 4))), Session)
+
+
+class BatchOneHidden(TableSession):
+    """What a static-cache runtime (ExecuTorch, Core ML, MLX) looks like: batch 1 only, state not exposed."""
+
+    supports_batch = False
+
+    def state(self) -> None:
+        return SessionBase.state(self)
+
+
+def test_session_base_checks_calls_and_keeps_position_on_failure() -> None:
+    sess = BatchOneHidden(np.eye(5, dtype=np.float32), max_seq_len=6)
+    assert isinstance(sess, Session) and sess.state() is None and sess.batch_size == 1
+    with pytest.raises(SessionError, match="batch 1 only, got batch 2"):
+        sess.reset(2)
+    with pytest.raises(SessionError, match="batch size must be >= 1"):
+        sess.reset(0)
+    np.testing.assert_array_equal(sess.prefill(np.array([[1, 4]])), np.eye(5)[None, [1, 4]])
+    for bad, message in [
+        (np.array([1, 2]), r"shaped \[batch, tokens\], got \[2\]"),
+        (np.zeros((1, 0), dtype=np.int64), r"got \[1, 0\]"),
+        (np.array([[1.0, 2.0]]), "float64"),
+        (np.array([[1], [2]]), "prefill got batch 2, the session was reset for batch 1"),
+        (np.array([[0, 5]]), r"token ids must be in 0..4, got 0..5"),
+        (np.array([[-1]]), r"got -1..-1"),
+    ]:
+        with pytest.raises(SessionError, match=message):
+            sess.prefill(bad)
+    with pytest.raises(SessionError, match="one token per row"):
+        sess.decode(np.array([[1]]))
+    with pytest.raises(ContextLimitError, match="2 tokens held \\+ 5 new exceeds max_seq_len 6"):
+        sess.prefill(np.zeros((1, 5), dtype=np.int64))
+    assert sess.position == 2 and sess.calls == 1  # refused calls never reach the runtime
+    np.testing.assert_array_equal(sess.decode(np.array([3], dtype=np.int32)), np.eye(5)[[3]])
+    assert sess.position == 3
+    assert issubclass(SessionError, UserError) and not issubclass(ContextLimitError, SessionError)
+
+
+def test_session_base_position_only_moves_when_the_runtime_returns() -> None:
+    class Fails(TableSession):
+        def _prefill(self, ids: np.ndarray) -> np.ndarray:
+            raise RuntimeError("kernel missing")
+
+    sess = Fails(np.eye(4, dtype=np.float32))
+    with pytest.raises(RuntimeError):
+        sess.prefill(np.array([[1, 2]]))
+    assert sess.position == 0
+    sess.reset(3)
+    assert (sess.batch_size, sess.position) == (3, 0) and sess._last.shape == (3,)
 
 
 # ---- sampler ------------------------------------------------------------------------------------------
