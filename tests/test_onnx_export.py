@@ -5,7 +5,6 @@ Each model is traced once (the slow part) and every recipe reuses that graph (`e
 
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys
@@ -19,12 +18,13 @@ from conftest import genai_greedy
 from lfm_export.config import Lfm2Config
 from lfm_export.errors import UnsupportedError
 from lfm_export.loading import LoadedModel, init_random
+from lfm_export.quant import simulate
+from lfm_export.recipes import parse_recipe as parse_core_recipe
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from lfm_export.backends.onnx import export_onnx, make_recipe, parse_recipe, trace_onnx  # noqa: E402
-from lfm_export.backends.onnx.quantize import HEAD_BITS, quantize_rows  # noqa: E402
 
 torch.set_num_threads(2)
 LAYERS = ("conv", "full_attention", "conv", "full_attention")
@@ -209,24 +209,6 @@ def test_batch_of_one_with_chunked_prefill(dense, tmp_path: Path) -> None:
 # ---- quantized: exact against a fake-quantized reference, close to float ----------------------------------
 
 
-def _fake_quant(model: torch.nn.Module, bits: int, block: int, symmetric: bool) -> torch.nn.Module:
-    """The canonical model with every quantized weight replaced by its dequantized value (what the artifact
-    computes at accuracy_level 0): linears at `bits`, the tied lm_head / embedding table at int8 (HEAD_BITS),
-    the MoE router left float."""
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, mod in ref.named_modules():
-            keep = name.endswith("feed_forward.gate") or name == "lm_head"
-            if isinstance(mod, torch.nn.Linear) and not keep:
-                deq = quantize_rows(mod.weight.numpy(), bits, block, symmetric).dequantize()
-                mod.weight = torch.nn.Parameter(torch.from_numpy(deq))
-        table = ref.model.embed_tokens.weight.numpy()
-        deq = torch.from_numpy(quantize_rows(table, HEAD_BITS, block, symmetric).dequantize())
-        ref.model.embed_tokens.weight = torch.nn.Parameter(deq)
-        ref.lm_head.weight = ref.model.embed_tokens.weight
-    return ref
-
-
 @pytest.mark.parametrize(
     "quant,ops,symmetric",
     [("int4", "ort", True), ("int8", "ort", False), ("int4", "portable", False), ("int8", "portable", True)],
@@ -237,7 +219,7 @@ def test_quantized_matches_dequantized_reference(
     loaded, result, out = _export(
         dense, tmp_path, quant=quant, ops=ops, symmetric=symmetric, accuracy_level=0
     )
-    ref = _fake_quant(loaded.model, 4 if quant == "int4" else 8, 32, symmetric)
+    ref = simulate(loaded.model, parse_core_recipe(f"{quant}-b32", asymmetric=not symmetric), "float")
     worst, _, _, _ = _run_both(_session(out, accuracy_level=0), result.signature, ref)
     assert worst <= 1e-4, f"{quant} {ops} sym={symmetric}: {worst}"
     if ops == "ort":
@@ -318,7 +300,7 @@ def test_fp16(dense, tmp_path: Path, ops: str) -> None:
 def test_moe(moe, tmp_path: Path, quant: str, ops: str) -> None:
     loaded, result, out = _export(moe, tmp_path, quant=quant, ops=ops, accuracy_level=0)
     bits = {"int4": 4, "int8": 8}.get(quant)
-    ref = loaded.model if bits is None else _fake_quant(loaded.model, bits, 32, True)
+    ref = simulate(loaded.model, parse_core_recipe(quant), "float")
     worst, _, _, _ = _run_both(_session(out, accuracy_level=0), result.signature, ref)
     assert worst <= 1e-4, worst
     if ops == "ort":

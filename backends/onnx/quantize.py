@@ -5,13 +5,8 @@ as in the MoE experts) with `W` the checkpoint's `[out, in]` tensor (a view of t
 no transposed float copy is ever made for int4/int8; for float recipes the transposed weight is an
 `ir.LazyTensor` computed while saving, one tensor at a time.
 
-Quantization (written here with numpy, row chunks at a time so temporaries stay small):
-- symmetric (default): per block of `block_size` inputs, the value of largest magnitude `m` maps to the most
-  negative code: `scale = m / -2^(bits-1)`, `q = clip(round(w / scale), -2^(bits-1), 2^(bits-1) - 1)`, stored
-  unsigned as `q + 2^(bits-1)` (the implicit zero point of MatMulNBits / GatherBlockQuantized). All 2^bits
-  codes are used; the opposite extreme can clip by at most one step.
-- asymmetric: `scale = (max - min) / (2^bits - 1)` over the block's range widened to include 0, with a
-  per-block zero point.
+Quantization: `lfm_export.quant.quantize_weight` (every rounding choice is documented there), one weight at a
+time; this module only packs its codes into the op forms below.
 
 Op forms:
 - `ort`: `com.microsoft.MatMulNBits` (B `[N, blocks, block_size * bits / 8]`, low nibble first); the embedding is
@@ -34,92 +29,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from lfm_export.quant import Quantized, pack_nibbles, quantize_block
+
 from .fusion import MOE_EXPERTS_META, MS_DOMAIN, Emitter, add_initializer, producer, replace_value, use_opset
 from .recipes import ORT, OnnxRecipe
-
-CHUNK_ELEMENTS = 1 << 23
-"""Rows are quantized in chunks of about this many weights (32 MiB of float32)."""
 
 EXCLUDED_SUFFIXES = ("feed_forward.gate.weight",)
 HEAD_BITS = 8
 FUSED_COUNT = "MatMulNBits sharing an input, fused along N"
 
 
-# ---- numpy quantizer -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Quantized:
-    """A `[N, K]` weight quantized along K: unsigned codes, scales `[N, K/bs]`, zero points `[N, K/bs]` or None
-    (symmetric: the implicit `2^(bits-1)`)."""
-
-    codes: np.ndarray
-    scales: np.ndarray
-    zero_points: np.ndarray | None
-    bits: int
-    block_size: int
-
-    def dequantize(self) -> np.ndarray:
-        n, k = self.codes.shape
-        zp = (
-            self.zero_points
-            if self.zero_points is not None
-            else np.full_like(self.scales, 2 ** (self.bits - 1))
-        )
-        blocks = self.codes.reshape(n, k // self.block_size, self.block_size).astype(np.float32)
-        return ((blocks - zp[..., None].astype(np.float32)) * self.scales[..., None]).reshape(n, k)
-
-
-def quantize_rows(w: np.ndarray, bits: int, block_size: int, symmetric: bool) -> Quantized:
-    """Block-wise quantize `w [N, K]` along K (float16/bfloat16/float32 in, float32 scales out)."""
-    n, k = w.shape
-    if k % block_size:
-        raise ValueError(f"block size {block_size} does not divide {k}")
-    nb = k // block_size
-    codes = np.empty((n, k), np.uint8)
-    scales = np.empty((n, nb), np.float32)
-    zps = None if symmetric else np.empty((n, nb), np.uint8)
-    step = max(1, CHUNK_ELEMENTS // k)
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        blocks = np.asarray(w[r0:r1], dtype=np.float32).reshape(r1 - r0, nb, block_size)
-        if symmetric:
-            c, s = _symmetric(blocks, bits)
-        else:
-            c, s, z = _asymmetric(blocks, bits)
-            zps[r0:r1] = z  # type: ignore[index]
-        codes[r0:r1] = c.reshape(r1 - r0, k)
-        scales[r0:r1] = s
-    return Quantized(codes, scales, zps, bits, block_size)
-
-
-def _symmetric(blocks: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    half = 2 ** (bits - 1)
-    idx = np.abs(blocks).argmax(-1)
-    extreme = np.take_along_axis(blocks, idx[..., None], -1)[..., 0]
-    scale = (extreme / -half).astype(np.float32)
-    safe = np.where(scale == 0, 1.0, scale).astype(np.float32)
-    q = np.clip(np.rint(blocks / safe[..., None]), -half, half - 1)
-    return (q + half).astype(np.uint8), scale
-
-
-def _asymmetric(blocks: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    top = 2**bits - 1
-    lo = np.minimum(blocks.min(-1), 0.0)
-    hi = np.maximum(blocks.max(-1), 0.0)
-    scale = ((hi - lo) / top).astype(np.float32)
-    safe = np.where(scale == 0, 1.0, scale).astype(np.float32)
-    zp = np.clip(np.rint(-lo / safe), 0, top)
-    q = np.clip(np.rint(blocks / safe[..., None]) + zp[..., None], 0, top)
-    return q.astype(np.uint8), scale, zp.astype(np.uint8)
-
-
-def pack_nibbles(codes: np.ndarray) -> np.ndarray:
-    """4-bit codes paired along the last axis, first in the low nibble (odd lengths padded with 0)."""
-    if codes.shape[-1] % 2:
-        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], 1), codes.dtype)], -1)
-    pairs = codes.reshape(*codes.shape[:-1], -1, 2)
-    return (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8)
+# ---- packing -------------------------------------------------------------------------------------------------
 
 
 def matmulnbits_tensors(q: Quantized) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -486,7 +406,7 @@ def _quantize(
             counts["MoE router kept float"] = counts.get("MoE router kept float", 0) + 1
             continue
         lin_bits = head_bits(recipe) if lin is lm_head else bits
-        q = quantize_rows(lin.weight.const_value.numpy(), lin_bits, recipe.block_size, recipe.symmetric)
+        q = quantize_block(lin.weight.const_value.numpy(), lin_bits, recipe.block_size, recipe.symmetric)
         group = shared.get(id(lin))
         if group is not None:
             members = pending.setdefault(id(group[0]), [])
@@ -534,7 +454,7 @@ def _qmoe(graph: ir.Graph, node: ir.Node, recipe: OnnxRecipe) -> None:
         fc1 = np.empty((2 * f, h), np.float32)
         fc1[0::2], fc1[1::2] = w1.numpy(), w3.numpy()
         for tag, w in (("1", fc1), ("2", w2.numpy())):
-            b, sc, zp = matmulnbits_tensors(quantize_rows(w, bits, recipe.block_size, recipe.symmetric))
+            b, sc, zp = matmulnbits_tensors(quantize_block(w, bits, recipe.block_size, recipe.symmetric))
             packed["b" + tag].append(b.reshape(b.shape[0], -1))
             packed["s" + tag].append(sc)
             if zp is not None:
@@ -683,7 +603,7 @@ def _gather_block_quantized(
         b_v, q = shared
         how = "shares the tied lm_head's packed MatMulNBits table"
     else:
-        q = quantize_rows(table.const_value.numpy(), head_bits(recipe), recipe.block_size, recipe.symmetric)
+        q = quantize_block(table.const_value.numpy(), head_bits(recipe), recipe.block_size, recipe.symmetric)
         b, _, _ = matmulnbits_tensors(q)
         b_v = em.const(b, "model.embed_tokens.qweight")
         how = "own table"
@@ -708,7 +628,7 @@ def _gather_block_quantized(
 def _gather_dequantize(graph: ir.Graph, gather: ir.Node, recipe: OnnxRecipe) -> str:
     """Portable: int8 rows and their scales gathered, then `DequantizeLinear(axis=-1, block_size)`."""
     table = gather.inputs[0]
-    q = quantize_rows(table.const_value.numpy(), 8, recipe.block_size, recipe.symmetric)
+    q = quantize_block(table.const_value.numpy(), 8, recipe.block_size, recipe.symmetric)
     em = Emitter(graph)
     ids = gather.inputs[1]
     rows = em.op1(

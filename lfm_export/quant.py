@@ -1,0 +1,303 @@
+"""The one block quantizer, and a torch model that computes what a quantized artifact computes.
+
+Every backend packs its weights from `quantize_block`, and `simulate` builds its reference from the same call, so
+an artifact can be checked for *exactness* (same weights, same activation rounding) as well as for closeness to
+the float model.
+
+Rounding choices, all of them (numpy, float32 arithmetic, `np.rint` = round half to even):
+- Blocks run along each weight's input dimension K (`w [N, K]`, `K / block_size` blocks per row).
+- symmetric (default): the value of largest magnitude `m` in the block maps to the most negative code:
+  `scale = m / -2^(bits-1)` (negative when `m` is positive), `q = clip(rint(w / scale), -2^(bits-1),
+  2^(bits-1) - 1)`, stored unsigned as `q + 2^(bits-1)` (the implicit zero point of MatMulNBits /
+  GatherBlockQuantized). All 2^bits codes are used; the opposite extreme can clip by at most one step.
+  An all-zero block gets scale 0 and code 2^(bits-1).
+- asymmetric: the block's range `[min(lo, 0), max(hi, 0)]`, `scale = (hi - lo) / (2^bits - 1)`,
+  `zero_point = clip(rint(-lo / scale), 0, 2^bits - 1)`, `q = clip(rint(w / scale) + zero_point, 0,
+  2^bits - 1)`.
+- `rounding="mse"`: the same formulas with the block's extremes shrunk by a factor `f` from `MSE_GRID`
+  (0.70 ... 1.00), `f` chosen per block to minimise the block's squared error `sum((w - deq)^2)`. `f = 1`
+  (plain rounding) is tried first and only a strictly smaller error replaces it, so the search is never
+  worse than `nearest` on any block.
+- `dequantize()`: `(code - zero_point) * scale` in float32.
+
+Activation rounding (`simulate(..., activations=...)`), the inputs of every quantized linear:
+- `ACT_FLOAT`: none (what MatMulNBits computes at accuracy_level 0, QDQ + MatMul, and every float recipe).
+- `ACT_INT8_BLOCK`: onnxruntime's MatMulNBits at accuracy_level 4 on CPU (MLAS `QuantizeARow_CompInt8`,
+  read from its AVX2 kernel): per row, per block of `block_size` along K, symmetric int8 with
+  `scale = amax / 127` and codes `rint(a * (127 / amax))` (the reciprocal is taken first, in float32);
+  the integer block dot products are scaled by `scale_a * scale_w` and summed in float32.
+- `ACT_INT8_TOKEN`: dynamic per-token asymmetric int8 (torchao's `8da4w` / ExecuTorch XNNPACK):
+  per row, range `[min(lo, 0), max(hi, 0)]`, `scale = max(range / 255, eps)`,
+  `zero_point = clip(-128 - rint(lo / scale), -128, 127)`, `q = clip(rint(a / scale) + zero_point,
+  -128, 127)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lfm_export.recipes import ROUNDINGS, Recipe
+
+CHUNK_ELEMENTS = 1 << 23
+"""Plain rounding works on row chunks of about this many weights (32 MiB of float32)."""
+MSE_CHUNK_ELEMENTS = 1 << 20
+"""The rounding search keeps a few chunk-sized temporaries per candidate, per thread: smaller chunks."""
+MSE_GRID = tuple(round(1.0 - 0.015 * i, 3) for i in range(21))
+"""Shrink factors of the block's extremes tried by `rounding="mse"`: 1.00, 0.985, ..., 0.70 (21 values)."""
+DEFAULT_THREADS = 2
+
+ACT_FLOAT = "float"
+ACT_INT8_BLOCK = "int8-block"
+ACT_INT8_TOKEN = "int8-token"
+ACTIVATION_MODES = (ACT_FLOAT, ACT_INT8_BLOCK, ACT_INT8_TOKEN)
+
+FLOAT_TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16}
+ROUTER_SUFFIX = "feed_forward.gate"
+"""The MoE router stays float in every recipe: rounding must not change which experts are chosen."""
+
+
+# ---- numpy quantizer -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Quantized:
+    """A `[N, K]` weight quantized along K: unsigned codes `[N, K]` (uint8), scales `[N, K/bs]` (float32), zero
+    points `[N, K/bs]` (uint8) or None (symmetric: the implicit `2^(bits-1)`)."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+    bits: int
+    block_size: int
+
+    def dequantize(self) -> np.ndarray:
+        n, k = self.codes.shape
+        zp = (
+            self.zero_points
+            if self.zero_points is not None
+            else np.full_like(self.scales, 2 ** (self.bits - 1))
+        )
+        blocks = self.codes.reshape(n, k // self.block_size, self.block_size).astype(np.float32)
+        return ((blocks - zp[..., None].astype(np.float32)) * self.scales[..., None]).reshape(n, k)
+
+
+def quantize_block(
+    w: np.ndarray,
+    bits: int,
+    block_size: int,
+    symmetric: bool = True,
+    rounding: str = "nearest",
+    threads: int = DEFAULT_THREADS,
+) -> Quantized:
+    """Block-wise quantize `w [N, K]` along K (float16/bfloat16/float32 in, float32 scales out).
+
+    Rows are independent, so row chunks run on `threads` threads (numpy releases the GIL) and the result does
+    not depend on the thread count or the chunking."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding {rounding!r}; expected one of {ROUNDINGS}")
+    n, k = w.shape
+    if k % block_size:
+        raise ValueError(f"block size {block_size} does not divide {k}")
+    nb = k // block_size
+    codes = np.empty((n, k), np.uint8)
+    scales = np.empty((n, nb), np.float32)
+    zps = None if symmetric else np.empty((n, nb), np.uint8)
+    grid = MSE_GRID if rounding == "mse" else (1.0,)
+    step = max(1, (MSE_CHUNK_ELEMENTS if rounding == "mse" else CHUNK_ELEMENTS) // k)
+
+    def work(r0: int) -> None:
+        r1 = min(n, r0 + step)
+        blocks = np.asarray(w[r0:r1], dtype=np.float32).reshape(r1 - r0, nb, block_size)
+        c, s, z = _search(blocks, bits, symmetric, grid)
+        codes[r0:r1] = c.reshape(r1 - r0, k)
+        scales[r0:r1] = s
+        if zps is not None:
+            zps[r0:r1] = z
+
+    starts = range(0, n, step)
+    if threads > 1 and len(starts) > 1:
+        with ThreadPoolExecutor(min(threads, len(starts))) as pool:
+            list(pool.map(work, starts))
+    else:
+        for r0 in starts:
+            work(r0)
+    return Quantized(codes, scales, zps, bits, block_size)
+
+
+def _search(
+    blocks: np.ndarray, bits: int, symmetric: bool, grid: tuple[float, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Codes, scales and zero points of `blocks [R, nb, bs]` for the best shrink factor in `grid` per block."""
+    best: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
+    best_err = None
+    for f in grid:
+        c, s, z = _symmetric(blocks, bits, f) if symmetric else _asymmetric(blocks, bits, f)
+        if len(grid) == 1:
+            return c, s, z
+        deq = (c.astype(np.float32) - (z if z is not None else 2 ** (bits - 1))[..., None]) * s[..., None]
+        err = np.square(deq - blocks, dtype=np.float32).sum(-1)
+        if best is None or best_err is None:
+            best, best_err = (c, s, z), err
+            continue
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        bc, bs, bz = best
+        best = (
+            np.where(better[..., None], c, bc),
+            np.where(better, s, bs),
+            None if z is None or bz is None else np.where(better, z, bz),
+        )
+    assert best is not None
+    return best
+
+
+def _symmetric(blocks: np.ndarray, bits: int, shrink: float = 1.0) -> tuple[np.ndarray, np.ndarray, None]:
+    half = 2 ** (bits - 1)
+    idx = np.abs(blocks).argmax(-1)
+    extreme = np.take_along_axis(blocks, idx[..., None], -1)[..., 0]
+    if shrink != 1.0:
+        extreme = extreme * np.float32(shrink)
+    scale = (extreme / -half).astype(np.float32)
+    safe = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    q = np.clip(np.rint(blocks / safe[..., None]), -half, half - 1)
+    return (q + half).astype(np.uint8), scale, None
+
+
+def _asymmetric(
+    blocks: np.ndarray, bits: int, shrink: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    top = 2**bits - 1
+    lo = np.minimum(blocks.min(-1), 0.0)
+    hi = np.maximum(blocks.max(-1), 0.0)
+    if shrink != 1.0:
+        lo, hi = lo * np.float32(shrink), hi * np.float32(shrink)
+    scale = ((hi - lo) / top).astype(np.float32)
+    safe = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    zp = np.clip(np.rint(-lo / safe), 0, top)
+    q = np.clip(np.rint(blocks / safe[..., None]) + zp[..., None], 0, top)
+    return q.astype(np.uint8), scale, zp.astype(np.uint8)
+
+
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """4-bit codes paired along the last axis, first in the low nibble (odd lengths padded with 0)."""
+    if codes.shape[-1] % 2:
+        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], 1), codes.dtype)], -1)
+    pairs = codes.reshape(*codes.shape[:-1], -1, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8)
+
+
+def quantize_weight(
+    w: np.ndarray, recipe: Recipe, bits: int | None = None, threads: int = DEFAULT_THREADS
+) -> Quantized:
+    """`quantize_block` with the recipe's block size, symmetry and rounding (`bits` defaults to the recipe's):
+    the call every backend packs from and `simulate` dequantizes."""
+    chosen = recipe.bits if bits is None else bits
+    if chosen is None:
+        raise ValueError(f"recipe {recipe.name} quantizes no weights")
+    return quantize_block(w, chosen, recipe.block_size, recipe.symmetric, recipe.rounding, threads)
+
+
+# ---- torch simulation ------------------------------------------------------------------------------------------
+
+
+def fake_quant_int8_block(x: Tensor, block_size: int) -> Tensor:
+    """`ACT_INT8_BLOCK`: symmetric int8 per block of `block_size` along the last axis (see the module doc)."""
+    shape = x.shape
+    blocks = x.float().reshape(*shape[:-1], shape[-1] // block_size, block_size)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax == 0, torch.zeros_like(amax), torch.full_like(amax, 127.0) / amax)
+    scale = amax / 127.0
+    return (torch.round(blocks * inv) * scale).reshape(shape).to(x.dtype)
+
+
+def fake_quant_int8_token(x: Tensor) -> Tensor:
+    """`ACT_INT8_TOKEN`: dynamic per-token asymmetric int8 (see the module doc)."""
+    xf = x.float()
+    lo = xf.amin(-1, keepdim=True).clamp(max=0.0)
+    hi = xf.amax(-1, keepdim=True).clamp(min=0.0)
+    scale = ((hi - lo) / 255.0).clamp(min=torch.finfo(torch.float32).eps)
+    zp = (-128 - torch.round(lo / scale)).clamp(-128, 127)
+    q = (torch.round(xf / scale) + zp).clamp(-128, 127)
+    return ((q - zp) * scale).to(x.dtype)
+
+
+class SimulatedLinear(nn.Linear):
+    """A linear whose weight is already the dequantized one and whose input is rounded as the runtime does."""
+
+    def __init__(self, linear: nn.Linear, weight: Tensor, activations: str, block_size: int) -> None:
+        super().__init__(linear.in_features, linear.out_features, bias=False, device="meta")
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = linear.bias
+        self.activations = activations
+        self.block_size = block_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.activations == ACT_INT8_BLOCK:
+            x = fake_quant_int8_block(x, self.block_size)
+        elif self.activations == ACT_INT8_TOKEN:
+            x = fake_quant_int8_token(x)
+        return super().forward(x)
+
+
+def simulate(
+    model: nn.Module, recipe: Recipe, activations: str = ACT_FLOAT, threads: int = DEFAULT_THREADS
+) -> nn.Module:
+    """A copy of the canonical fp32 `model` that computes what an artifact of `recipe` computes.
+
+    - quantized recipes: every linear's weight becomes `quantize_weight(...).dequantize()` (the call the backends
+      pack from): linears at `recipe.bits`, the lm_head at `recipe.head_bits`, the embedding table at
+      `recipe.embedding_bits` (a `None` keeps either float). The MoE router (`feed_forward.gate`), norms, conv
+      weights (3-D), biases and buffers stay float. Inputs of the quantized linears (lm_head included) are
+      rounded as `activations` says (`ACTIVATION_MODES`).
+    - float recipes: weights rounded to `recipe.dtype` and back (what the artifact stores); fp32 compute.
+
+    Tensors that stay as they are are shared with `model`, not copied: the result costs only the memory of
+    the weights it replaces, each built from one weight at a time.
+    """
+    if activations not in ACTIVATION_MODES:
+        raise ValueError(f"activations {activations!r}; expected one of {ACTIVATION_MODES}")
+    keep = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    sim = copy.deepcopy(model, memo=dict(keep))
+    done: dict[tuple[int, int | None], Tensor] = {}
+
+    def replaced(w: Tensor, bits: int | None) -> Tensor:
+        """The value the artifact holds for `w` (once per tensor and bit width: a tied table is shared)."""
+        key = (id(w), bits)
+        if key not in done:
+            if recipe.quantized and bits is not None:
+                deq = quantize_weight(w.detach().float().numpy(), recipe, bits, threads).dequantize()
+                done[key] = torch.from_numpy(deq)
+            elif recipe.dtype != "fp32":
+                done[key] = w.detach().to(FLOAT_TORCH[recipe.dtype]).float()
+            else:
+                done[key] = w.detach()
+        return done[key]
+
+    quantized = recipe.quantized
+    with torch.no_grad():
+        embed = sim.model.embed_tokens
+        embed.weight = nn.Parameter(
+            replaced(embed.weight, recipe.embedding_bits if quantized else None), requires_grad=False
+        )
+        for name, mod in list(sim.named_modules()):
+            if not isinstance(mod, nn.Linear):
+                continue
+            bits = None
+            if quantized and not name.endswith(ROUTER_SUFFIX):
+                bits = recipe.head_bits if name == "lm_head" else recipe.bits
+            weight = replaced(mod.weight, bits)
+            if bits is None:
+                mod.weight = nn.Parameter(weight, requires_grad=False)
+                continue
+            parent, _, child = name.rpartition(".")
+            owner = sim.get_submodule(parent) if parent else sim
+            setattr(owner, child, SimulatedLinear(mod, weight, activations, recipe.block_size))
+    done.clear()
+    return sim.eval()
