@@ -227,6 +227,10 @@ def assign_weights(model: Lfm2ForCausalLM, tensors: dict[str, torch.Tensor], dty
     state = {}
     for name in expected:
         t = tensors[name]
+        if not t.is_floating_point():
+            raise CheckpointError(
+                f"tensor {name} is {str(t.dtype).removeprefix('torch.')}; a float weight is expected there"
+            )
         want = torch.float32 if name.endswith("expert_bias") else dtype
         state[name] = t if t.dtype == want else t.to(want)
     model.load_state_dict(state, strict=False, assign=True)
@@ -249,6 +253,7 @@ def load_model(source: str | Path, dtype: torch.dtype = torch.float32) -> Loaded
     if not folder.is_dir():
         raise UserError(f"model {src!r} is not a folder")
     cfg = Lfm2Config.from_file(folder / "config.json")
+    check_tokenizer(folder)
     files = weight_files(folder)
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
@@ -351,6 +356,25 @@ def save_checkpoint(
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n"
     )
+
+
+def check_tokenizer(folder: Path) -> None:
+    """Refuse a `tokenizer.json` that `tokenizers` cannot load, before any export work (it is copied into every
+    artifact, and parity and the runtime shims tokenize with it). A folder without one is fine."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    try:
+        Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises its own untyped Exception
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: tokenizers cannot load it ({reason})") from None
 
 
 def read_chat_template(folder: Path) -> str | None:

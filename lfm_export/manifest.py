@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -101,8 +102,35 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
     return target
 
 
+_WRITE_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EFBIG: "file size limit reached",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+}
+"""Errors that only writing can cause: reported as bad output (exit 2), not as an internal error."""
+
+
+def write_error(e: OSError, out: Path) -> UserError | None:
+    """A one-line UserError for an OSError raised while writing `out`, or None when it is not a write error.
+
+    RLIMIT_FSIZE (EFBIG) is how the tests fill a disk without mounting one; ENOSPC and EDQUOT read the same."""
+    reason = _WRITE_ERRNOS.get(e.errno or 0)
+    if reason is None:
+        return None
+    where = f" ({e.filename})" if e.filename else ""
+    return UserError(f"cannot write {out}: {reason}{where}; nothing was left at {out}")
+
+
+def _unwritable(out: Path, parent: Path, e: OSError) -> UserError:
+    return UserError(f"cannot write {out}: {parent} is not writable ({e.strerror or e})")
+
+
 def check_output_path(out: Path, force: bool) -> None:
-    """Refuse an existing output path before any work is done (unless `force`)."""
+    """Refuse an existing output path, or one under a folder that cannot be written, before any work is done.
+
+    Writability is probed by creating (and removing) a folder in the nearest existing parent: permission bits
+    say nothing for root, and an immutable or read-only folder refuses root as well."""
     if out.exists() and not force:
         raise UserError(f"{out} already exists (use --force to replace it)")
     if out.exists() and not out.is_dir():
@@ -111,6 +139,10 @@ def check_output_path(out: Path, force: bool) -> None:
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"{parent} is not a folder; cannot write {out} under it")
+            try:
+                os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
+            except OSError as e:
+                raise _unwritable(out, parent, e) from None
             break
 
 
@@ -118,25 +150,32 @@ def check_output_path(out: Path, force: bool) -> None:
 def atomic_output(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it is renamed to `out`, on any failure removed.
 
-    A failed or interrupted export leaves nothing at `out` (and, with `--force`, the previous artifact intact).
-    Missing parent folders are created, like `mkdir -p`.
+    A failed or interrupted export (KeyboardInterrupt included) leaves nothing at `out` (and, with `--force`,
+    the previous artifact intact). Missing parent folders are created, like `mkdir -p`. A full disk or a
+    file size limit hit while writing becomes a one-line UserError naming `out`.
     """
     out = Path(out)
     check_output_path(out, force)
-    out.resolve().parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the artifact gets the user's usual permissions
+    parent = out.resolve().parent
     try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as e:
+        raise write_error(e, out) or _unwritable(out, parent, e) from None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the artifact gets the user's usual permissions
         yield tmp
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
             os.replace(out, old / "artifact")
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and (err := write_error(e, out)) is not None:
+            raise err from None
         raise
