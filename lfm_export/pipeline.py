@@ -19,6 +19,7 @@ from lfm_export.manifest import (
     write_manifest,
 )
 from lfm_export.progress import Progress
+from lfm_export.runtime.session import DEFAULT_THREADS
 
 PARITY_DIR = "parity"
 
@@ -47,7 +48,7 @@ class ExportOutcome:
         return None if self.parity is None else bool(self.parity.passed)
 
 
-def open_session(folder: Path, threads: int = 2) -> Any:
+def open_session(folder: Path, threads: int = DEFAULT_THREADS) -> Any:
     """The runtime shim session for an artifact folder, chosen by its manifest's backend."""
     manifest = read_manifest(folder)
     backend = manifest.get("backend")
@@ -65,11 +66,18 @@ def export_artifact(
     *,
     force: bool = False,
     parity: bool = True,
-    threads: int = 2,
+    threads: int = DEFAULT_THREADS,
     progress: Progress | None = None,
+    max_kl: float | None = None,
+    gates_file: Path | None = None,
 ) -> ExportOutcome:
+    """Export, write the manifest, run parity (exactness against the simulated recipe, quality against fp32,
+    gated strictly by `max_kl` / `gates_file` when given) and move the artifact to `out`."""
+    from lfm_export.parity.thresholds import quality_gate
+
     progress = progress or Progress()
     check_output_path(out, force)
+    quality = quality_gate(_recipe_name(recipe), max_kl, gates_file) if parity else None
     exporter = importlib.import_module(BACKENDS[backend])
     with progress.step(f"Loading {model}"):
         loaded = load_model(model)
@@ -90,9 +98,13 @@ def export_artifact(
         write_manifest(tmp, manifest)
         parity_result = None
         if parity:
-            parity_result = check_artifact(tmp, loaded, threads=threads, progress=progress)
+            parity_result = _check(tmp, loaded, threads, progress, None, quality, artifact_name=out.name)
             manifest = read_manifest(tmp)
     return ExportOutcome(out, manifest, parity_result)
+
+
+def _recipe_name(recipe: Any) -> str:
+    return recipe if isinstance(recipe, str) else str(recipe.name)
 
 
 def _identity(loaded: LoadedModel) -> dict[str, Any]:
@@ -110,17 +122,60 @@ def check_artifact(
     folder: Path,
     loaded: LoadedModel | None = None,
     *,
-    threads: int = 2,
+    threads: int = DEFAULT_THREADS,
     progress: Progress | None = None,
     scenarios: list[str] | None = None,
+    max_kl: float | None = None,
+    gates_file: Path | None = None,
 ) -> Any:
-    """Parity of an artifact (through its runtime shim) against the fp32 reference; writes reports into
-    `folder/parity/` and the summary into the manifest. Returns the ParityResult."""
+    """Parity of an artifact (through its runtime shim) in two parts: exactness against its recipe simulated
+    in torch, quality against the fp32 reference (gated strictly by `max_kl` / `gates_file` when given, else
+    by the family's sanity bound). Writes reports into `folder/parity/` and the summary into the manifest.
+    Returns the ParityResult."""
+    from lfm_export.parity.thresholds import quality_gate
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    quality = quality_gate(manifest["recipe"].get("name", "fp32"), max_kl, gates_file)
+    return _check(
+        folder, loaded, threads, progress or Progress(), scenarios, quality, artifact_name=folder.name
+    )
+
+
+def simulation_for(backend: str, recipe: dict[str, Any]) -> tuple[Any, str]:
+    """(core `Recipe`, activation mode) that a backend's artifact of `recipe` (its manifest entry) computes."""
+    module = importlib.import_module(BACKENDS[backend])
+    if hasattr(module, "simulation"):
+        return module.simulation(recipe)
+    from lfm_export.recipes import parse_recipe
+
+    return parse_recipe(recipe.get("name", "fp32")), "float"
+
+
+def check_tokenizer(folder: Path, loaded: LoadedModel) -> None:
+    """Refuse an artifact whose tokenizer differs from the reference model's: parity prompts would be
+    tokenized by one and mean something else to the other."""
+    mine, theirs = folder / "tokenizer.json", loaded.tokenizer_file
+    if mine.is_file() and theirs is not None and mine.read_bytes() != theirs.read_bytes():
+        raise UserError(
+            f"{mine} differs from the reference model's {theirs}: the artifact was not exported from this model"
+        )
+
+
+def _check(
+    folder: Path,
+    loaded: LoadedModel | None,
+    threads: int,
+    progress: Progress,
+    scenarios: list[str] | None,
+    quality: Any,
+    artifact_name: str,
+) -> Any:
     import torch
 
     from lfm_export.parity import ReferenceSession, run_parity, write_reports
+    from lfm_export.quant import simulate
 
-    progress = progress or Progress()
     torch.set_num_threads(threads)
     manifest = read_manifest(folder)
     if loaded is None:
@@ -131,6 +186,7 @@ def check_artifact(
             raise UserError(
                 f"{source}: weights changed since the export (sha256 differs); cannot check parity"
             )
+    check_tokenizer(folder, loaded)
     recipe = manifest["recipe"].get("name", "fp32")
     context = manifest.get("max_seq_len")
     if (scenarios is None or "near_max_seq_len" in scenarios) and (context or 0) > LONG_CONTEXT_NOTE:
@@ -138,21 +194,29 @@ def check_artifact(
             f"[yellow]note:[/] parity fills the whole {context}-token context (scenario near_max_seq_len); on a "
             "big model that takes many minutes. Export with --max-seq-len to declare less, or --no-parity."
         )
+    sim_recipe, activations = simulation_for(manifest["backend"], manifest["recipe"])
     with progress.step(f"Parity ({recipe}) through the {manifest['backend']} runtime"):
         session = open_session(folder, threads=threads)
         reference = ReferenceSession(loaded.model, max_seq_len=session.max_seq_len)
+        simulation = None
+        if sim_recipe.quantized or sim_recipe.dtype != "fp32" or activations != "float":
+            simulated = simulate(loaded.model, sim_recipe, activations, threads=threads)
+            simulation = ReferenceSession(simulated, name="simulated", max_seq_len=session.max_seq_len)
         tokenizer = folder / "tokenizer.json"
         result = run_parity(
             session,
             reference,
             recipe,
+            simulation=simulation,
+            quality=quality,
             tokenizer_file=tokenizer if tokenizer.is_file() else None,
             scenarios=scenarios,
             metadata={
                 "backend": manifest["backend"],
-                "artifact": folder.name,
+                "artifact": artifact_name,
                 "model": manifest["model"]["source"],
                 "random_weights": manifest["model"].get("random_weights", False),
+                "simulation": {"recipe": sim_recipe.name, "activations": activations},
             },
         )
     report_dir = folder / PARITY_DIR

@@ -14,7 +14,9 @@ from lfm_export.config import Lfm2Config
 from lfm_export.errors import ContextLimitError, UnsupportedError, UserError
 from lfm_export.loading import init_random
 from lfm_export.parity import (
+    EXACTNESS,
     GATES,
+    QUALITY,
     SCHEMA_VERSION,
     ScenarioOptions,
     exit_code,
@@ -139,8 +141,8 @@ def rounded(model, dtype: torch.dtype):
     return q
 
 
-def failing(result) -> set[tuple[str, str]]:
-    return {(c.scenario, c.metric) for c in result.failures}
+def failing(result, part: str | None = None) -> set[tuple[str, str]]:
+    return {(c.scenario, c.metric) for c in result.failures if part is None or c.part == part}
 
 
 def logit_failures(result) -> set[str]:
@@ -232,8 +234,12 @@ def test_misscaled_weight_fails_prefill_too(model, ref):
 def test_forgotten_chunk_state_fails_only_chunked_scenarios(model, ref):
     result = run_parity(ForgetsChunks(model, name="forgets", max_seq_len=MAX_SEQ), ref, "fp32", options=OPTS)
     assert not result.passed
-    assert {c.scenario for c in result.failures} == {"chunked_prefill", "near_max_seq_len"}
+    assert {c.scenario for c in result.failures if c.part == EXACTNESS} == {
+        "chunked_prefill",
+        "near_max_seq_len",
+    }
     assert ("chunked_prefill", "logit_max_abs") in failing(result)
+    assert result.verdict().startswith("FAILED: exactness FAILED: the artifact does not compute its recipe")
 
 
 def test_crash_and_nan_are_failures_not_exceptions(model, ref):
@@ -246,21 +252,52 @@ def test_crash_and_nan_are_failures_not_exceptions(model, ref):
     assert "decode: error (RuntimeError: decode kernel missing)" in md and "| decode | ERROR |" in md
 
     result = run_parity(NanLogits(model, name="nan"), ref, "int4", scenarios=["decode"])
-    assert ("decode", "finite") in failing(result) and ("decode", "kl_mean") in failing(result)
+    assert ("decode", "finite") in failing(result) and ("decode", "kl_max") in failing(result)
     assert json.dumps(to_json(result), allow_nan=False)  # NaN is written as null, still valid JSON
 
 
-def test_quantized_gate_passes_noise_but_not_breakage(model, ref):
-    noisy = ReferenceSession(rounded(model, torch.float16), name="fp16-weights")
-    strict = run_parity(noisy, ref, "fp32", scenarios=["prefill"])
-    assert not strict.passed and ("prefill", "logit_max_abs") in failing(strict)
+def test_quantized_gates_split_exactness_from_quality(model, ref):
+    """A lossy but honest "artifact" (fp16-rounded weights, run beside its own simulation) passes exactness at
+    every quantized gate and reports its loss against fp32; the same weights with broken state handling fail
+    exactness; a strict --max-kl fails only the quality part."""
+    noisy = rounded(model, torch.float16)
+    sim = ReferenceSession(noisy, name="simulated")
+    strict = run_parity(ReferenceSession(noisy, name="fp16-weights"), ref, "fp32", scenarios=["prefill"])
+    assert not strict.passed and ("prefill", "logit_max_abs") in failing(strict, EXACTNESS)
     for recipe in ("fp16", "int8", "int4-b32"):
-        result = run_parity(noisy, ref, recipe)
+        result = run_parity(ReferenceSession(noisy, name="fp16-weights"), ref, recipe, simulation=sim)
         assert result.passed, (recipe, [c.describe() for c in result.failures])
-        assert {c.metric for c in result.checks} >= {"kl_mean", "kl_p99", "top1_decisive"}
-    broken = run_parity(DropsConvState(model, name="drop-conv"), ref, "int8")
-    assert not broken.passed
-    assert ("decode", "kl_mean") in failing(broken) and ("pooled", "kl_p99") in failing(broken)
+        assert {c.metric for c in result.checks if c.part == EXACTNESS} >= {
+            "logit_max_rel",
+            "kl_max",
+            "top1_decisive",
+        }
+        assert result.scenario("prefill").metrics["logit_max_abs"] == 0.0  # same math as its simulation
+        assert result.pooled()["kl_mean"] > 0  # ...and a real loss against fp32, reported
+        assert result.pooled(result.recipe_loss)["kl_mean"] == pytest.approx(result.pooled()["kl_mean"], rel=1e-3)
+    broken = run_parity(DropsConvState(noisy, name="drop-conv"), ref, "int8", simulation=sim)
+    assert not broken.part_passed(EXACTNESS)
+    assert ("decode", "kl_max") in failing(broken, EXACTNESS) and ("decode", "logit_max_rel") in failing(
+        broken
+    )
+
+    from lfm_export.parity import quality_gate
+
+    lossy = run_parity(
+        ReferenceSession(noisy, name="fp16-weights"),
+        ref,
+        "int4",
+        simulation=sim,
+        quality=quality_gate("int4", 1e-9),
+    )
+    assert lossy.part_passed(EXACTNESS) and not lossy.part_passed(QUALITY) and exit_code(lossy) == 1
+    assert failing(lossy) == {("pooled", "kl_mean")}
+    assert (
+        lossy.verdict()
+        == "FAILED: exactness passed; quality FAILED: the recipe is too lossy for --max-kl 1e-09"
+    )
+    md = to_markdown(lossy)
+    assert md.startswith("**FAIL**") and "quality: pooled: kl_mean" in md
 
 
 def test_top1_decisive_ignores_near_ties_only():
@@ -271,6 +308,10 @@ def test_top1_decisive_ignores_near_ties_only():
     flipped_clear = np.array([[2.0, 1.99, 0.0], [0.0, 5.0, 0.0]])
     assert top1_decisive(ref, flipped_tie) == 1.0
     assert top1_decisive(ref, flipped_clear) == 0.0
+    flat = np.zeros((3, 5))
+    assert top1_decisive(flat, flat[:, ::-1] + np.arange(5)) is None  # no decisive position: not 1.0
+    m = logit_metrics(flat, flat + np.arange(5))
+    assert m["decisive"] == 0 and m["top1_decisive"] is None
 
 
 # ---- gates, prompts, reports ---------------------------------------------------------------------------
@@ -331,19 +372,26 @@ def test_reports(model, ref, tmp_path):
     md_path, json_path = write_reports(result, tmp_path / "reports")
     assert md_path.name == "parity.md" and json_path.name == "parity.json"
     md = md_path.read_text()
-    assert md.splitlines()[0].startswith("**FAIL** parity of `scaled` against `reference`, recipe `fp32`")
+    assert md.splitlines()[0].startswith(
+        "**FAIL** parity of `scaled`, recipe `fp32`: FAILED: exactness FAILED: the artifact does not compute its recipe"
+    )
+    assert "## (a) Exactness: `scaled` against `reference`" in md and "## (b) Quality" in md
     assert "**" in md.split("| prefill | FAIL |")[1].splitlines()[0] and "✗" in md
     assert "- `logit_max_abs <= 0.0001 (every scenario)`" in md and '"sha256": "ab12"' in md
     data = json.loads(json_path.read_text())
     assert data["schema_version"] == SCHEMA_VERSION == 1
     assert data["passed"] is False and data["recipe"] == "fp32" and data["gate"] == "fp32"
+    assert data["exactness"]["passed"] is False and data["quality"]["against"] == "reference"
+    assert [s["name"] for s in data["quality"]["scenarios"]] == ["prefill", "decode", "pooled"]
     assert data["metadata"] == meta
     assert {"metric": "logit_max_abs", "op": "<=", "limit": 1e-4, "scenarios": None} in data["thresholds"]
     assert [s["name"] for s in data["scenarios"]] == ["prefill", "decode", "pooled"]
     pooled = data["scenarios"][2]
     assert pooled["details"]["of"] == ["prefill", "decode"]
     assert pooled["metrics"]["positions"] == sum(s["metrics"]["positions"] for s in data["scenarios"][:2])
-    assert not any(c["scenario"] == "pooled" for c in data["checks"])  # fp32 limits are per scenario
+    assert not any(
+        c["scenario"] == "pooled" for c in data["checks"] if c["part"] == EXACTNESS
+    )  # per scenario
     assert {"logit_max_abs", "kl_mean", "kl_p99", "kl_max", "cosine_mean", "top1_agreement"} <= set(
         data["scenarios"][0]["metrics"]
     )
@@ -358,6 +406,7 @@ def test_reports(model, ref, tmp_path):
             "op": "<=",
             "limit": 1e-4,
             "passed": False,
+            "part": EXACTNESS,
         }
         and fail["value"] > 1e-4
     )

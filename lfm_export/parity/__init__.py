@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 from lfm_export.parity.prompts import default_prompts, random_prompts, tokenizer_prompts
 from lfm_export.parity.report import (
+    EXACTNESS,
     EXIT_FAIL,
     EXIT_PASS,
+    QUALITY,
     SCHEMA_VERSION,
     Check,
     ParityResult,
@@ -22,12 +24,21 @@ from lfm_export.parity.report import (
     write_reports,
 )
 from lfm_export.parity.scenarios import SCENARIOS, ScenarioOptions, run_parity
-from lfm_export.parity.thresholds import GATES, Gate, Limit, gate_for, gates_markdown
+from lfm_export.parity.thresholds import (
+    GATES,
+    Gate,
+    Limit,
+    gate_for,
+    gates_markdown,
+    quality_gate,
+    sanity_gate,
+)
 
 if TYPE_CHECKING:
     from lfm_export.parity.reference import ReferenceSession
 
 __all__ = [
+    "EXACTNESS",
     "EXIT_FAIL",
     "EXIT_PASS",
     "GATES",
@@ -36,6 +47,7 @@ __all__ = [
     "Check",
     "Gate",
     "Limit",
+    "QUALITY",
     "ParityResult",
     "ReferenceSession",
     "ScenarioOptions",
@@ -44,6 +56,8 @@ __all__ = [
     "exit_code",
     "gate_for",
     "gates_markdown",
+    "quality_gate",
+    "sanity_gate",
     "random_prompts",
     "run_parity",
     "to_json",

@@ -36,18 +36,26 @@ DECISIVE_MARGIN = 0.1
 """A position is decisive when the reference's top-1 probability beats its runner-up by at least this much."""
 
 
-def top1_decisive(ref: np.ndarray, test: np.ndarray, margin: float = DECISIVE_MARGIN) -> float:
-    """Top-1 agreement over decisive positions only: quantization noise may flip a near-tie without the model
-    being wrong, so quantized gates use this (KL still measures the shift). 1.0 when no position is decisive."""
+def decisive_positions(ref: np.ndarray, margin: float = DECISIVE_MARGIN) -> np.ndarray:
+    """Boolean `[N]`: the reference's top-1 probability beats its runner-up by at least `margin`."""
     p = np.exp(log_softmax(ref))
     top2 = np.sort(p, axis=-1)[:, -2:]
-    decisive = (top2[:, 1] - top2[:, 0]) >= margin
+    return (top2[:, 1] - top2[:, 0]) >= margin
+
+
+def top1_decisive(ref: np.ndarray, test: np.ndarray, margin: float = DECISIVE_MARGIN) -> float | None:
+    """Top-1 agreement over decisive positions only: quantization noise may flip a near-tie without the model
+    being wrong, so quantized gates use this (KL still measures the shift).
+
+    None when no position is decisive: a model with flat output distributions (transformers' default
+    initialisation) has none, and counting that as full agreement let a wrong artifact pass."""
+    decisive = decisive_positions(ref, margin)
     if not decisive.any():
-        return 1.0
+        return None
     return float(np.mean((np.argmax(test, -1) == np.argmax(ref, -1))[decisive]))
 
 
-def logit_metrics(ref: np.ndarray, test: np.ndarray) -> dict[str, float]:
+def logit_metrics(ref: np.ndarray, test: np.ndarray) -> dict[str, float | None]:
     """Metrics over positions for logits `[N, vocab]` (any leading shape is flattened)."""
     r = np.asarray(ref, dtype=np.float64)
     t = np.asarray(test, dtype=np.float64)
@@ -57,7 +65,11 @@ def logit_metrics(ref: np.ndarray, test: np.ndarray) -> dict[str, float]:
     t = t.reshape(-1, t.shape[-1])
     finite = bool(np.isfinite(t).all())
     nan = float("nan")
-    out: dict[str, float] = {"positions": r.shape[0], "finite": float(finite)}
+    out: dict[str, float | None] = {
+        "positions": r.shape[0],
+        "finite": float(finite),
+        "decisive": int(decisive_positions(r).sum()),
+    }
     if not finite:
         out.update(
             logit_max_abs=nan,
@@ -96,14 +108,15 @@ def greedy_match_length(ref_steps: np.ndarray, test_steps: np.ndarray) -> int:
 def state_max_abs(
     ref: dict[str, np.ndarray] | None, test: dict[str, np.ndarray] | None, position: int
 ) -> tuple[float | None, dict[str, Any]]:
-    """Max abs difference over the states both sessions expose, and what was compared.
+    """Max abs difference over the states both sessions expose, and what was compared; `info["max_rel"]` is
+    the worst over the state tensors of (max abs difference / max abs reference value), the scale-free form.
 
     A static-form KV cache (`[B, kv, max_seq_len, hd]`) is compared over its first `position` slots. A name
     present on one side only, or shapes that cannot be aligned, count as an infinite error.
     """
     if ref is None or test is None:
         return None, {"compared": 0, "reason": "state not exposed"}
-    worst = 0.0
+    worst = worst_rel = 0.0
     problems: list[str] = []
     for name in sorted(set(ref) | set(test)):
         if name not in ref or name not in test:
@@ -118,9 +131,13 @@ def state_max_abs(
             continue
         if r.size:
             diff = np.abs(r - t)
-            worst = max(worst, float(diff.max()) if np.isfinite(diff).all() else float("inf"))
+            err = float(diff.max()) if np.isfinite(diff).all() else float("inf")
+            scale = float(np.abs(r).max())
+            worst = max(worst, err)
+            worst_rel = max(worst_rel, err / scale if scale > 0 else (0.0 if err == 0 else float("inf")))
     info: dict[str, Any] = {"compared": len(set(ref) & set(test))}
     if problems:
         info["problems"] = problems
-        worst = float("inf")
+        worst = worst_rel = float("inf")
+    info["max_rel"] = worst_rel
     return worst, info

@@ -14,7 +14,14 @@ SCHEMA_VERSION = 1
 EXIT_PASS = 0
 EXIT_FAIL = 1
 
-POOLED_SUMMARY = ("positions", "kl_mean", "kl_p99", "top1_agreement", "top1_decisive")
+EXACTNESS = "exactness"
+"""Part (a): the artifact against its recipe simulated in torch. A failure means the export is wrong."""
+QUALITY = "quality"
+"""Part (b): the artifact (and the simulation) against the fp32 reference. A failure means the recipe is lossier
+than asked for."""
+
+POOLED_SUMMARY = ("positions", "decisive", "kl_mean", "kl_p99", "top1_agreement", "top1_decisive")
+EXACT_SUMMARY = ("logit_max_rel", "kl_mean", "kl_max", "top1_decisive", "state_max_rel")
 
 # (metric, column title, format)
 COLUMNS = (
@@ -29,6 +36,7 @@ COLUMNS = (
     ("top1_decisive", "top-1 decisive", ".4f"),
     ("greedy_match", "greedy match", "greedy"),
     ("state_max_abs", "state max abs", ".2e"),
+    ("state_max_rel", "state max rel", ".2e"),
 )
 
 
@@ -41,12 +49,14 @@ class Check:
     limit: float | None
     passed: bool
     note: str = ""
+    part: str = EXACTNESS
 
     def describe(self) -> str:
         if self.metric == "error":
             return f"{self.scenario}: error ({self.note})"
         verdict = "ok" if self.passed else "FAIL"
-        return f"{self.scenario}: {self.metric} = {_num(self.value)} (limit {self.op} {_num(self.limit)}) {verdict}"
+        value = self.note if self.value is None and self.note else _num(self.value)
+        return f"{self.scenario}: {self.metric} = {value} (limit {self.op} {_num(self.limit)}) {verdict}"
 
 
 @dataclass
@@ -54,13 +64,17 @@ class ScenarioResult:
     name: str
     status: str
     """`ok`, `skipped` or `error`."""
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
     reason: str = ""
     details: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class ParityResult:
+    """Both parts of a parity run. `scenarios` are the exactness rows (the artifact against the simulation, or
+    against the reference when the recipe is the reference's own math), `quality` the artifact against the
+    fp32 reference, `recipe_loss` the simulation against the fp32 reference (empty without a simulation)."""
+
     recipe: str
     gate: Gate
     test_name: str
@@ -69,11 +83,24 @@ class ParityResult:
     checks: list[Check]
     metadata: dict[str, Any] = field(default_factory=dict)
     prompt_lengths: list[int] = field(default_factory=list)
+    simulation_name: str | None = None
+    quality_gate: Gate | None = None
+    quality: list[ScenarioResult] = field(default_factory=list)
+    recipe_loss: list[ScenarioResult] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
         """All checks passed, and at least one was made (all scenarios skipped is not a pass)."""
         return bool(self.checks) and all(c.passed for c in self.checks)
+
+    def part_passed(self, part: str) -> bool:
+        mine = [c for c in self.checks if c.part == part]
+        return bool(mine) and all(c.passed for c in mine)
+
+    @property
+    def exact_name(self) -> str:
+        """What part (a) compares the artifact with."""
+        return self.simulation_name or self.reference_name
 
     @property
     def failures(self) -> list[Check]:
@@ -82,51 +109,84 @@ class ParityResult:
     def scenario(self, name: str) -> ScenarioResult:
         return next(s for s in self.scenarios if s.name == name)
 
-    def failed_scenarios(self) -> list[str]:
-        return sorted({c.scenario for c in self.failures})
+    def quality_row(self, name: str) -> ScenarioResult:
+        return next(s for s in self.quality if s.name == name)
 
-    def worst(self, metric: str, largest: bool = True) -> float | None:
-        """The worst value of `metric` over the scenarios (the pooled row excluded)."""
+    def failed_scenarios(self, part: str | None = None) -> list[str]:
+        return sorted({c.scenario for c in self.failures if part is None or c.part == part})
+
+    def worst(
+        self, metric: str, largest: bool = True, rows: list[ScenarioResult] | None = None
+    ) -> float | None:
+        """The worst value of `metric` over the scenarios (the pooled row excluded) of `rows` (default: the
+        exactness rows)."""
         vals = [
             s.metrics[metric]
-            for s in self.scenarios
+            for s in (self.scenarios if rows is None else rows)
             if s.status == "ok" and s.name != POOLED and s.metrics.get(metric) is not None
         ]
         if not vals:
             return None
         return max(vals) if largest else min(vals)
 
+    def pooled(self, rows: list[ScenarioResult] | None = None) -> dict[str, Any]:
+        """Metrics over every compared position of every scenario of `rows` (default: the quality rows, the
+        artifact against the fp32 reference); empty if no scenario ran."""
+        return next((s.metrics for s in (self.quality if rows is None else rows) if s.name == POOLED), {})
+
+    def verdict(self) -> str:
+        """Which part failed, in words: what a reader must do differs (fix the export / choose a recipe)."""
+        if not self.checks:
+            return "FAILED: no scenario could be compared"
+        exact_ok, quality_ok = self.part_passed(EXACTNESS), self.part_passed(QUALITY)
+        q = self.quality_gate.name if self.quality_gate else "quality"
+        parts = [
+            "exactness passed" if exact_ok else "exactness FAILED: the artifact does not compute its recipe",
+            f"quality passed ({q})" if quality_ok else f"quality FAILED: the recipe is too lossy for {q}",
+        ]
+        return ("PASSED: " if self.passed else "FAILED: ") + "; ".join(parts)
+
     def verdict_line(self) -> str:
         """One line for a terminal or a CI log: verdict, recipe, the headline numbers, what failed."""
-        head = f"parity {'PASSED' if self.passed else 'FAILED'} ({self.recipe} gate, {self.test_name} vs {self.reference_name})"
-        pooled = self.pooled()
+        quality = self.pooled()
         nums = (
-            f"logit max abs {_num(self.worst('logit_max_abs'))}, KL mean {_num(pooled.get('kl_mean'))} "
-            f"(worst scenario {_num(self.worst('kl_mean'))}), top-1 {_num(pooled.get('top1_agreement'), '.4f')}"
+            f"vs {self.exact_name}: logit max rel {_num(self.worst('logit_max_rel'))}, "
+            f"KL max {_num(self.worst('kl_max'))}; vs {self.reference_name}: KL mean "
+            f"{_num(quality.get('kl_mean'))} (p99 {_num(quality.get('kl_p99'))}), top-1 decisive "
+            f"{_decisive(quality)}"
         )
         fails = "; ".join(c.describe() for c in self.failures[:3])
+        head = f"parity {self.verdict()} ({self.recipe}, {self.test_name})"
         return f"{head}: {nums}" + (f"; failed: {fails}" if fails else "")
 
     def summary(self) -> dict[str, Any]:
-        """The compact form kept in an artifact's manifest (the full report sits beside it): the worst value
-        of each headline metric over the scenarios, and the pooled values the quantized gates check."""
+        """The compact form kept in an artifact's manifest (the full report sits beside it)."""
         return {
             "passed": self.passed,
             "recipe": self.recipe,
+            "verdict": self.verdict(),
             "gate": self.gate.name,
             "scenarios": {s.name: s.status for s in self.scenarios},
-            "logit_max_abs": _json_num(self.worst("logit_max_abs")),
-            "kl_mean": _json_num(self.worst("kl_mean")),
-            "kl_p99": _json_num(self.worst("kl_p99")),
-            "top1_agreement": _json_num(self.worst("top1_agreement", largest=False)),
-            "top1_decisive": _json_num(self.worst("top1_decisive", largest=False)),
-            "pooled": {k: _json_num(v) for k, v in self.pooled().items() if k in POOLED_SUMMARY},
-            "failures": [c.describe() for c in self.failures],
+            EXACTNESS: {
+                "passed": self.part_passed(EXACTNESS),
+                "against": self.exact_name,
+                "gate": self.gate.name,
+                "worst": {k: _json_num(self.worst(k, largest=k != "top1_decisive")) for k in EXACT_SUMMARY},
+                "pooled": {
+                    k: _json_num(v) for k, v in self.pooled(self.scenarios).items() if k in EXACT_SUMMARY
+                },
+            },
+            QUALITY: {
+                "passed": self.part_passed(QUALITY),
+                "against": self.reference_name,
+                "gate": self.quality_gate.name if self.quality_gate else None,
+                "pooled": {k: _json_num(v) for k, v in self.pooled().items() if k in POOLED_SUMMARY},
+                "simulation_pooled": {
+                    k: _json_num(v) for k, v in self.pooled(self.recipe_loss).items() if k in POOLED_SUMMARY
+                },
+            },
+            "failures": [f"{c.part}: {c.describe()}" for c in self.failures],
         }
-
-    def pooled(self) -> dict[str, float]:
-        """Metrics over every compared position of every scenario (empty if no scenario ran)."""
-        return next((s.metrics for s in self.scenarios if s.name == POOLED), {})
 
     def to_json(self) -> dict[str, Any]:
         return to_json(self)
@@ -145,35 +205,59 @@ def _json_num(v: Any) -> Any:
     return v
 
 
+def _limits_json(gate: Gate | None) -> list[dict[str, Any]]:
+    if gate is None:
+        return []
+    return [
+        {
+            "metric": lim.metric,
+            "op": lim.op,
+            "limit": lim.value,
+            "scenarios": list(lim.scenarios) if lim.scenarios else None,
+        }
+        for lim in gate.limits
+    ]
+
+
+def _rows_json(rows: list[ScenarioResult]) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": s.name,
+            "status": s.status,
+            "reason": s.reason,
+            "metrics": {k: _json_num(v) for k, v in s.metrics.items()},
+            "details": s.details,
+        }
+        for s in rows
+    ]
+
+
 def to_json(result: ParityResult) -> dict[str, Any]:
+    """`scenarios` / `thresholds` / `checks` keep their schema-1 meaning (the exactness rows and gate, every
+    check); `quality` and `recipe_loss` add part (b)."""
     return {
         "schema_version": SCHEMA_VERSION,
         "passed": result.passed,
+        "verdict": result.verdict(),
         "recipe": result.recipe,
         "gate": result.gate.name,
         "test": result.test_name,
         "reference": result.reference_name,
-        "thresholds": [
-            {
-                "metric": lim.metric,
-                "op": lim.op,
-                "limit": lim.value,
-                "scenarios": list(lim.scenarios) if lim.scenarios else None,
-            }
-            for lim in result.gate.limits
-        ],
-        "scenarios": [
-            {
-                "name": s.name,
-                "status": s.status,
-                "reason": s.reason,
-                "metrics": {k: _json_num(v) for k, v in s.metrics.items()},
-                "details": s.details,
-            }
-            for s in result.scenarios
-        ],
+        "simulation": result.simulation_name,
+        "thresholds": _limits_json(result.gate),
+        "scenarios": _rows_json(result.scenarios),
+        EXACTNESS: {"passed": result.part_passed(EXACTNESS), "against": result.exact_name},
+        QUALITY: {
+            "passed": result.part_passed(QUALITY),
+            "against": result.reference_name,
+            "gate": result.quality_gate.name if result.quality_gate else None,
+            "thresholds": _limits_json(result.quality_gate),
+            "scenarios": _rows_json(result.quality),
+            "simulation": _rows_json(result.recipe_loss),
+        },
         "checks": [
             {
+                "part": c.part,
                 "scenario": c.scenario,
                 "metric": c.metric,
                 "value": _json_num(c.value),
@@ -202,50 +286,115 @@ def _num(v: float | None, fmt: str = ".3g") -> str:
     return format(v, fmt)
 
 
+def _decisive(metrics: dict[str, Any]) -> str:
+    if metrics.get("top1_decisive") is None and metrics.get("decisive") == 0:
+        return "n/a (no decisive positions)"
+    return _num(metrics.get("top1_decisive"), ".4f")
+
+
 def _cell(s: ScenarioResult, metric: str, fmt: str, failed: set[tuple[str, str]]) -> str:
     if metric not in s.metrics:
         return ""
     if fmt == "greedy":
         text = f"{int(s.metrics[metric])}/{int(s.metrics.get('greedy_steps', 0))}"
+    elif metric == "top1_decisive":
+        text = _decisive(s.metrics)
     else:
         text = _num(s.metrics[metric], fmt)
     return f"**{text}** ✗" if (s.name, metric) in failed else text
 
 
+def _table(rows: list[ScenarioResult], checks: list[Check], label: str = "") -> list[str]:
+    failed = {(c.scenario, c.metric) for c in checks if not c.passed}
+    failed_scen = {c.scenario for c in checks if not c.passed}
+    lines = ["| scenario | status | " + " | ".join(title for _, title, _ in COLUMNS) + " |"]
+    lines.append("|---|---|" + "---|" * len(COLUMNS))
+    for s in rows:
+        status = "ERROR" if s.status == "error" else "FAIL" if s.name in failed_scen else s.status
+        cells = [_cell(s, m, fmt, failed) for m, _, fmt in COLUMNS]
+        lines.append(f"| {label}{s.name} | {status} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _thresholds(gate: Gate | None) -> list[str]:
+    if gate is None:
+        return []
+    lines = [f"Thresholds (`{gate.name}`):", ""]
+    if gate.note:
+        lines += [f"_{gate.note}_", ""]
+    return lines + [f"- `{lim.describe()}`" for lim in gate.limits]
+
+
+def _greedy_note(result: ParityResult) -> str:
+    """Greedy match against the fp32 reference, said so it cannot be misread as a failure."""
+    decode = next((s for s in result.quality if s.name == "decode" and "greedy_match" in s.metrics), None)
+    if decode is None:
+        return ""
+    k, n = int(decode.metrics["greedy_match"]), int(decode.metrics["greedy_steps"])
+    if k == n:
+        return f"Greedy decoding matches the fp32 reference on all {n} decode positions."
+    return (
+        f"Greedy decoding first diverges from the fp32 reference at decode position {k} of {n} (greedy match "
+        f"{k}/{n}); expected for lossy recipes: one flipped argmax is enough, and the KL and top-1 columns "
+        "measure how far the distributions moved. Exactness checks the argmax against the simulation."
+    )
+
+
 def to_markdown(result: ParityResult) -> str:
     n_ok = sum(c.passed for c in result.checks)
     verdict = "**PASS**" if result.passed else "**FAIL**"
+    exact_checks = [c for c in result.checks if c.part == EXACTNESS]
+    quality_checks = [c for c in result.checks if c.part == QUALITY]
     lines = [
-        f"{verdict} parity of `{result.test_name}` against `{result.reference_name}`, recipe `{result.recipe}` "
-        f"(gate `{result.gate.name}`): {n_ok}/{len(result.checks)} checks passed.",
+        f"{verdict} parity of `{result.test_name}`, recipe `{result.recipe}`: {result.verdict()} "
+        f"({n_ok}/{len(result.checks)} checks passed).",
         "",
+        f"## (a) Exactness: `{result.test_name}` against `{result.exact_name}`"
+        + (
+            " (the recipe simulated in torch)"
+            if result.simulation_name
+            else " (fp32: the recipe is the reference's own math)"
+        ),
+        "",
+        "Tight limits that hold for any weights: a failure here means the artifact does not compute its recipe "
+        "(an export or runtime bug), whatever the recipe's loss.",
+        "",
+        *_table(result.scenarios, exact_checks),
+        "",
+        *_thresholds(result.gate),
+        "",
+        f"## (b) Quality: `{result.test_name}` against `{result.reference_name}` (fp32)",
+        "",
+        "What the recipe costs. Gated by "
+        + (f"`{result.quality_gate.name}`" if result.quality_gate else "nothing")
+        + "; pass `--max-kl` or `--gates FILE` for a strict limit.",
+        "",
+        *_table(result.quality, quality_checks),
     ]
-    failed = {(c.scenario, c.metric) for c in result.failures}
-    failed_scen = set(result.failed_scenarios())
-    lines.append("| scenario | status | " + " | ".join(title for _, title, _ in COLUMNS) + " |")
-    lines.append("|---|---|" + "---|" * len(COLUMNS))
-    for s in result.scenarios:
-        status = "ERROR" if s.status == "error" else "FAIL" if s.name in failed_scen else s.status
-        cells = [_cell(s, m, fmt, failed) for m, _, fmt in COLUMNS]
-        lines.append(f"| {s.name} | {status} | " + " | ".join(cells) + " |")
+    if result.recipe_loss:
+        pooled = next((s for s in result.recipe_loss if s.name == POOLED), None)
+        if pooled is not None:
+            lines.append(
+                _table([pooled], [], label=f"{result.simulation_name} vs {result.reference_name}: ")[-1]
+            )
+    note = _greedy_note(result)
+    lines += ["", *([note, ""] if note else []), *_thresholds(result.quality_gate)]
     if result.failures:
         lines += ["", "### Failed checks", ""]
-        lines += [f"- {c.describe()}" for c in result.failures]
+        lines += [f"- {c.part}: {c.describe()}" for c in result.failures]
     skipped = [s for s in result.scenarios if s.status == "skipped"]
     if skipped:
         lines += ["", "### Skipped scenarios", ""]
         lines += [f"- {s.name}: {s.reason}" for s in skipped]
-    lines += ["", f"### Thresholds (gate `{result.gate.name}`)", ""]
-    if result.gate.note:
-        lines += [f"_{result.gate.note}_", ""]
-    lines += [f"- `{lim.describe()}`" for lim in result.gate.limits]
     lines += [
         "",
-        "Metrics: logits compared per position in float64; KL is KL(reference || test) of the softmax; "
-        f"`{POOLED}` holds every compared position of every scenario; "
-        "top-1 is the share of positions with the same argmax; top-1 decisive counts only positions where "
-        "the reference's top-1 beats its top-2 by at least 0.1 in probability; greedy match is the number of leading decode "
-        "steps with the same argmax (inputs are the reference's greedy tokens).",
+        "Metrics: logits compared per position in float64; KL is KL(first || second) of the softmax; max rel is "
+        "the logit max abs error over the first session's largest logit magnitude; state max rel is the worst "
+        f"state tensor's max abs error over its largest magnitude; `{POOLED}` holds every compared position of "
+        "every scenario; top-1 is the share of positions with the same argmax; top-1 decisive counts only "
+        "positions where the first session's top-1 beats its top-2 by at least 0.1 in probability; greedy match "
+        "is the number of leading decode steps with the same argmax (every session is fed the same tokens: the "
+        f"greedy choices of `{result.exact_name}`).",
     ]
     if result.metadata or result.prompt_lengths:
         lines += ["", "### Run", ""]

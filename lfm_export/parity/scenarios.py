@@ -16,8 +16,8 @@ import numpy as np
 from lfm_export.errors import UserError
 from lfm_export.parity.metrics import greedy_match_length, logit_metrics, state_max_abs
 from lfm_export.parity.prompts import check_prompts, default_prompts
-from lfm_export.parity.report import Check, ParityResult, ScenarioResult
-from lfm_export.parity.thresholds import POOLED, Gate, gate_for
+from lfm_export.parity.report import EXACTNESS, QUALITY, Check, ParityResult, ScenarioResult
+from lfm_export.parity.thresholds import POOLED, Gate, gate_for, sanity_gate
 
 if TYPE_CHECKING:
     # only for annotations: the editable install may not map lfm_export.runtime yet
@@ -34,24 +34,62 @@ class ScenarioOptions:
     """Positions of the last filler chunk compared in `near_max_seq_len`."""
 
 
+class Sessions:
+    """The sessions one parity run drives with identical token ids: `test` (the artifact), `lead` (whose greedy
+    choices are fed after the prompt: the simulation of the recipe, or the reference itself) and `others` (the
+    fp32 reference when a simulation leads). Each call returns every session's logits, lead first."""
+
+    def __init__(self, test: Session, lead: Session, others: Sequence[Session] = ()) -> None:
+        self.test, self.lead, self.others = test, lead, list(others)
+
+    @property
+    def comparisons(self) -> list[Session]:
+        return [self.lead, *self.others]
+
+    def reset(self, batch: int) -> None:
+        for s in (self.test, *self.comparisons):
+            s.reset(batch)
+
+    def prefill(
+        self, tokens: np.ndarray, test_chunks: Sequence[np.ndarray] | None = None
+    ) -> list[np.ndarray]:
+        """`[lead, *others, test]` logits of `tokens`; the test session takes them in `test_chunks` if given."""
+        outs = [s.prefill(tokens) for s in self.comparisons]
+        if test_chunks is None:
+            t = _logits(self.test, self.test.prefill(tokens), outs[0].shape, "prefill")
+        else:
+            pieces = []
+            for chunk in test_chunks:
+                shape = (tokens.shape[0], chunk.shape[-1], outs[0].shape[-1])
+                pieces.append(_logits(self.test, self.test.prefill(chunk), shape, "prefill"))
+            t = np.concatenate(pieces, axis=1)
+        return [*outs, t]
+
+    def decode(self, tokens: np.ndarray) -> list[np.ndarray]:
+        outs = [s.decode(tokens) for s in self.comparisons]
+        return [*outs, _logits(self.test, self.test.decode(tokens), outs[0].shape, "decode")]
+
+
 @dataclass
 class ScenarioRun:
-    """Both sessions' logits `[N, vocab]` for the compared positions, or why the scenario was skipped."""
+    """Every session's logits `[N, vocab]` for the compared positions (`[lead, *others, test]`), or why the
+    scenario was skipped."""
 
     name: str
-    ref_logits: np.ndarray | None = None
-    test_logits: np.ndarray | None = None
+    logits: list[np.ndarray] = field(default_factory=list)
     skipped: str | None = None
-    greedy: tuple[int, int] | None = None
-    """(exact-match length, steps) for decode scenarios."""
-    ref_state: dict[str, np.ndarray] | None = None
-    test_state: dict[str, np.ndarray] | None = None
-    ref_position: int = 0
-    test_position: int = 0
+    steps: int | None = None
+    """Decode scenarios: the trailing `steps` rows are greedy steps (for the greedy-match length)."""
+    states: list[dict[str, np.ndarray] | None] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def test_logits(self) -> np.ndarray:
+        return self.logits[-1]
 
-ScenarioFn = Callable[["Session", "Session", Sequence[np.ndarray], ScenarioOptions], ScenarioRun]
+
+ScenarioFn = Callable[[Sessions, Sequence[np.ndarray], ScenarioOptions], ScenarioRun]
 
 
 def _logits(session: Session, out: np.ndarray, shape: tuple[int, ...], call: str) -> np.ndarray:
@@ -63,9 +101,10 @@ def _logits(session: Session, out: np.ndarray, shape: tuple[int, ...], call: str
     return arr
 
 
-def _finish(run: ScenarioRun, test: Session, ref: Session) -> ScenarioRun:
-    run.test_state, run.ref_state = test.state(), ref.state()
-    run.test_position, run.ref_position = test.position, ref.position
+def _finish(run: ScenarioRun, ss: Sessions) -> ScenarioRun:
+    every = [*ss.comparisons, ss.test]
+    run.states = [s.state() for s in every]
+    run.positions = [s.position for s in every]
     return run
 
 
@@ -74,146 +113,109 @@ def _fit(prompt: np.ndarray, session: Session, reserve: int = 0) -> np.ndarray:
     return prompt if room is None else prompt[: max(1, room - reserve)]
 
 
-def _prefill_both(test: Session, ref: Session, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    r = ref.prefill(tokens)
-    t = _logits(test, test.prefill(tokens), r.shape, "prefill")
-    return r, t
+def _stack(rows: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Per-call lists of `[lead, *others, test]` arrays -> one `[N, vocab]` array per session."""
+    return [np.concatenate([r[i].reshape(-1, r[i].shape[-1]) for r in rows]) for i in range(len(rows[0]))]
 
 
-def _decode_both(test: Session, ref: Session, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    r = ref.decode(tokens)
-    t = _logits(test, test.decode(tokens), r.shape, "decode")
-    return r, t
-
-
-def prefill(test: Session, ref: Session, prompts: Sequence[np.ndarray], opts: ScenarioOptions) -> ScenarioRun:
+def prefill(ss: Sessions, prompts: Sequence[np.ndarray], opts: ScenarioOptions) -> ScenarioRun:
     """Every prompt in one prefill call from an empty state; every position of every prompt compared."""
-    ref_rows, test_rows, lengths = [], [], []
+    rows, lengths = [], []
     for prompt in prompts:
-        p = _fit(prompt, test)
-        test.reset(1)
-        ref.reset(1)
-        r, t = _prefill_both(test, ref, p[None])
-        ref_rows.append(r[0])
-        test_rows.append(t[0])
+        p = _fit(prompt, ss.test)
+        ss.reset(1)
+        rows.append(ss.prefill(p[None]))
         lengths.append(int(p.size))
-    run = ScenarioRun(
-        "prefill", np.concatenate(ref_rows), np.concatenate(test_rows), details={"prompt_lens": lengths}
-    )
-    return _finish(run, test, ref)
+    return _finish(ScenarioRun("prefill", _stack(rows), details={"prompt_lens": lengths}), ss)
 
 
-def decode(test: Session, ref: Session, prompts: Sequence[np.ndarray], opts: ScenarioOptions) -> ScenarioRun:
+def decode(ss: Sessions, prompts: Sequence[np.ndarray], opts: ScenarioOptions) -> ScenarioRun:
     """Prefill, then `decode_steps` greedy steps with state carried; the last prompt position and every
     step are compared."""
-    p = _fit(prompts[0], test, reserve=opts.decode_steps)
-    room = test.max_seq_len
+    p = _fit(prompts[0], ss.test, reserve=opts.decode_steps)
+    room = ss.test.max_seq_len
     steps = opts.decode_steps if room is None else min(opts.decode_steps, room - p.size)
-    test.reset(1)
-    ref.reset(1)
-    r, t = _prefill_both(test, ref, p[None])
-    ref_rows, test_rows, fed = [r[0, -1]], [t[0, -1]], []
+    ss.reset(1)
+    rows = [[o[0, -1:] for o in ss.prefill(p[None])]]
+    fed = []
     for _ in range(steps):
-        tok = np.array([int(np.argmax(ref_rows[-1]))], dtype=np.int64)
+        tok = np.array([int(np.argmax(rows[-1][0][-1]))], dtype=np.int64)
         fed.append(int(tok[0]))
-        r1, t1 = _decode_both(test, ref, tok)
-        ref_rows.append(r1[0])
-        test_rows.append(t1[0])
-    rr, tt = np.stack(ref_rows), np.stack(test_rows)
+        rows.append(ss.decode(tok))
     run = ScenarioRun(
         "decode",
-        rr,
-        tt,
-        greedy=(greedy_match_length(rr, tt), len(ref_rows)),
+        _stack(rows),
+        steps=len(rows),
         details={"prompt_len": int(p.size), "steps": steps, "fed_tokens": fed},
     )
-    return _finish(run, test, ref)
+    return _finish(run, ss)
 
 
-def chunked_prefill(
-    test: Session, ref: Session, prompts: Sequence[np.ndarray], opts: ScenarioOptions
-) -> ScenarioRun:
-    """The test session prefills the prompt in three uneven chunks; the reference in one call."""
-    p = _fit(max(prompts, key=len), test)
+def chunked_prefill(ss: Sessions, prompts: Sequence[np.ndarray], opts: ScenarioOptions) -> ScenarioRun:
+    """The test session prefills the prompt in three uneven chunks; the others in one call."""
+    p = _fit(max(prompts, key=len), ss.test)
     n = p.size
     cuts = sorted({c for c in (n // 3, n // 3 + n // 2) if 0 < c < n})
-    test.reset(1)
-    ref.reset(1)
-    r = ref.prefill(p[None])
-    pieces = []
-    for chunk in np.split(p, cuts):
-        pieces.append(_logits(test, test.prefill(chunk[None]), (1, chunk.size, r.shape[-1]), "prefill"))
-    t = np.concatenate(pieces, axis=1)
-    sizes = [int(c.size) for c in np.split(p, cuts)]
-    return _finish(ScenarioRun("chunked_prefill", r[0], t[0], details={"chunks": sizes}), test, ref)
+    chunks = np.split(p, cuts)
+    ss.reset(1)
+    outs = ss.prefill(p[None], test_chunks=[c[None] for c in chunks])
+    run = ScenarioRun(
+        "chunked_prefill", [o[0] for o in outs], details={"chunks": [int(c.size) for c in chunks]}
+    )
+    return _finish(run, ss)
 
 
-def batch2(test: Session, ref: Session, prompts: Sequence[np.ndarray], opts: ScenarioOptions) -> ScenarioRun:
+def batch2(ss: Sessions, prompts: Sequence[np.ndarray], opts: ScenarioOptions) -> ScenarioRun:
     """Two different equal-length prompts as one batch, then a few greedy steps per row."""
-    if not test.supports_batch:
-        return ScenarioRun("batch2", skipped=f"{test.name} does not support batch > 1")
+    if not ss.test.supports_batch:
+        return ScenarioRun("batch2", skipped=f"{ss.test.name} does not support batch > 1")
     a = prompts[0]
     b = prompts[1] if len(prompts) > 1 else prompts[0][::-1]
     n = min(a.size, b.size)
     tokens = np.stack([a[:n], b[:n]])
-    room = test.max_seq_len
+    room = ss.test.max_seq_len
     if room is not None:
         tokens = tokens[:, : max(1, room - opts.batch_decode_steps)]
     steps = opts.batch_decode_steps if room is None else min(opts.batch_decode_steps, room - tokens.shape[1])
-    test.reset(2)
-    ref.reset(2)
-    r, t = _prefill_both(test, ref, tokens)
-    ref_rows, test_rows = [r.reshape(-1, r.shape[-1])], [t.reshape(-1, t.shape[-1])]
-    last = r[:, -1]
+    ss.reset(2)
+    first = ss.prefill(tokens)
+    rows = [first]
+    last = first[0][:, -1]
     for _ in range(steps):
-        toks = np.argmax(last, axis=-1).astype(np.int64)
-        last, t1 = _decode_both(test, ref, toks)
-        ref_rows.append(last)
-        test_rows.append(t1)
-    run = ScenarioRun(
-        "batch2",
-        np.concatenate(ref_rows),
-        np.concatenate(test_rows),
-        details={"prompt_len": int(tokens.shape[1]), "steps": steps},
-    )
-    return _finish(run, test, ref)
+        out = ss.decode(np.argmax(last, axis=-1).astype(np.int64))
+        rows.append(out)
+        last = out[0]
+    run = ScenarioRun("batch2", _stack(rows), details={"prompt_len": int(tokens.shape[1]), "steps": steps})
+    return _finish(run, ss)
 
 
-def near_max_seq_len(
-    test: Session, ref: Session, prompts: Sequence[np.ndarray], opts: ScenarioOptions
-) -> ScenarioRun:
+def near_max_seq_len(ss: Sessions, prompts: Sequence[np.ndarray], opts: ScenarioOptions) -> ScenarioRun:
     """Fill to `max_seq_len - 2` in chunks, then decode 2 steps up to exactly `max_seq_len`.
 
     Compared: the last position of every filler chunk, the last `near_max_tail` positions of the final chunk
     and both decode steps (logits of the whole fill are not kept, so big contexts stay cheap in memory)."""
-    room = test.max_seq_len
+    room = ss.test.max_seq_len
     if room is None:
-        return ScenarioRun("near_max_seq_len", skipped=f"{test.name} has no fixed max_seq_len")
+        return ScenarioRun("near_max_seq_len", skipped=f"{ss.test.name} has no fixed max_seq_len")
     fill = room - 2
     if fill < 1:
         return ScenarioRun("near_max_seq_len", skipped=f"max_seq_len {room} leaves no room to fill")
     tokens = np.resize(np.concatenate(list(prompts)), fill).astype(np.int64)
     chunks = np.split(tokens, range(opts.fill_chunk, fill, opts.fill_chunk))
-    test.reset(1)
-    ref.reset(1)
-    ref_rows, test_rows = [], []
+    ss.reset(1)
+    rows = []
     for i, chunk in enumerate(chunks):
-        r, t = _prefill_both(test, ref, chunk[None])
         keep = opts.near_max_tail if i == len(chunks) - 1 else 1
-        ref_rows.append(r[0, -keep:])
-        test_rows.append(t[0, -keep:])
+        rows.append([o[0, -keep:] for o in ss.prefill(chunk[None])])
     for _ in range(2):
-        tok = np.array([int(np.argmax(ref_rows[-1][-1]))], dtype=np.int64)
-        r1, t1 = _decode_both(test, ref, tok)
-        ref_rows.append(r1)
-        test_rows.append(t1)
+        tok = np.array([int(np.argmax(rows[-1][0][-1]))], dtype=np.int64)
+        rows.append(ss.decode(tok))
     run = ScenarioRun(
         "near_max_seq_len",
-        np.concatenate(ref_rows),
-        np.concatenate(test_rows),
+        _stack(rows),
         details={"max_seq_len": room, "fill": fill, "fill_chunk": opts.fill_chunk, "chunks": len(chunks)},
     )
-    return _finish(run, test, ref)
+    return _finish(run, ss)
 
 
 SCENARIOS: dict[str, ScenarioFn] = {
@@ -225,33 +227,50 @@ SCENARIOS: dict[str, ScenarioFn] = {
 }
 
 
-def measure(run: ScenarioRun) -> dict[str, float]:
-    """Metrics of one scenario run."""
-    assert run.ref_logits is not None and run.test_logits is not None
-    m: dict[str, float] = logit_metrics(run.ref_logits, run.test_logits)
-    if run.greedy is not None:
-        m["greedy_match"], m["greedy_steps"] = run.greedy
-    state_err, info = state_max_abs(run.ref_state, run.test_state, run.ref_position)
+def pair_metrics(run: ScenarioRun, ref: int, test: int) -> dict[str, float | None]:
+    """Metrics of session `test` against session `ref` (indices into `run.logits`) in one scenario run."""
+    r, t = run.logits[ref], run.logits[test]
+    m = logit_metrics(r, t)
+    if run.steps is not None:
+        m["greedy_match"] = greedy_match_length(r[-run.steps :], t[-run.steps :])
+        m["greedy_steps"] = run.steps
+    state_err, info = state_max_abs(run.states[ref], run.states[test], run.positions[ref])
     if state_err is not None:
         m["state_max_abs"] = state_err
+        m["state_max_rel"] = info["max_rel"]
     if info.get("problems"):
         run.details["state_problems"] = info["problems"]
-    m["position_match"] = float(run.test_position == run.ref_position)
+    m["position_match"] = float(run.positions[test] == run.positions[ref])
     return m
 
 
-def check(gate: Gate, scenario: str, metrics: dict[str, float]) -> list[Check]:
+NOT_DECISIVE = "n/a (no decisive positions)"
+
+
+def check(gate: Gate, scenario: str, metrics: dict[str, float | None], part: str = EXACTNESS) -> list[Check]:
     """One check per gate limit that applies to `scenario` and whose metric the scenario reports.
 
-    `state_max_abs` is only reported where both sessions expose state; every other gated metric is always
-    reported, so a limit is never skipped silently for them."""
+    `state_*` metrics are only reported where both sessions expose state, and `greedy_match` only by decode
+    scenarios; every other gated metric is always reported, so a limit is never skipped silently for them.
+    Top-1 on decisive positions where there are none is recorded as a passing check marked `NOT_DECISIVE`."""
     out = []
     for lim in gate.limits:
-        if not lim.applies_to(scenario) or (lim.metric == "state_max_abs" and lim.metric not in metrics):
+        optional = lim.metric.startswith("state_") or lim.metric == "greedy_match"
+        if not lim.applies_to(scenario) or (optional and lim.metric not in metrics):
             continue
         value = metrics.get(lim.metric)
-        out.append(Check(scenario, lim.metric, value, lim.op, lim.value, lim.holds(value)))
+        if lim.metric == "top1_decisive" and value is None and metrics.get("decisive") == 0:
+            out.append(Check(scenario, lim.metric, None, lim.op, lim.value, True, NOT_DECISIVE, part))
+            continue
+        out.append(Check(scenario, lim.metric, value, lim.op, lim.value, lim.holds(value), part=part))
     return out
+
+
+def _pooled(runs: list[ScenarioRun], ref: int, test: int) -> ScenarioResult:
+    metrics = logit_metrics(
+        np.concatenate([r.logits[ref] for r in runs]), np.concatenate([r.logits[test] for r in runs])
+    )
+    return ScenarioResult(POOLED, "ok", metrics=metrics, details={"of": [r.name for r in runs]})
 
 
 def run_parity(
@@ -261,23 +280,32 @@ def run_parity(
     prompts: Sequence[np.ndarray] | None = None,
     scenarios: Sequence[str] | None = None,
     *,
+    simulation: Session | None = None,
+    quality: Gate | None = None,
     tokenizer_file: str | None = None,
     options: ScenarioOptions | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> ParityResult:
-    """Run `scenarios` (default: all) on both sessions and check them against the gate for `recipe`.
+    """Run `scenarios` (default: all) on the sessions and check both parts of the verdict:
 
-    A scenario in which the test session raises is recorded as an `error` with a failing check, so one crash
-    does not hide the other scenarios' results.
+    - exactness: `test_session` against `simulation` (the recipe computed in torch; None: the recipe is the
+      reference's own math, fp32) with the tight gate for `recipe`;
+    - quality: `test_session` (and `simulation`) against the fp32 `reference_session`, checked by `quality`
+      (default: the loose sanity bound of the recipe's family, `sanity_gate`).
+
+    Tokens fed after a prompt are the simulation's greedy choices (the reference's without one). A scenario in
+    which a session raises is recorded as an `error` with a failing exactness check, so one crash does not hide
+    the other scenarios' results.
     """
-    if test_session is reference_session:
+    if test_session is reference_session or test_session is simulation:
         raise ValueError("the test and reference sessions must be two objects (both are fed the same tokens)")
     gate = recipe if isinstance(recipe, Gate) else gate_for(recipe)
-    if test_session.vocab_size != reference_session.vocab_size:
-        raise UserError(
-            f"{test_session.name} has vocabulary {test_session.vocab_size}, "
-            f"the reference {reference_session.vocab_size}"
-        )
+    quality_gate = quality or sanity_gate(gate.name)
+    for other in (reference_session, simulation):
+        if other is not None and test_session.vocab_size != other.vocab_size:
+            raise UserError(
+                f"{test_session.name} has vocabulary {test_session.vocab_size}, {other.name} {other.vocab_size}"
+            )
     names = list(SCENARIOS) if scenarios is None else list(scenarios)
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
@@ -285,40 +313,56 @@ def run_parity(
     vocab = reference_session.vocab_size
     ids = check_prompts(prompts, vocab) if prompts is not None else default_prompts(vocab, tokenizer_file)
     opts = options or ScenarioOptions()
-    results: list[ScenarioResult] = []
+    if simulation is None:
+        sessions = Sessions(test_session, reference_session)
+        lead = ref = 0
+    else:
+        sessions = Sessions(test_session, simulation, [reference_session])
+        lead, ref = 0, 1
+    test = -1
+    exact: list[ScenarioResult] = []
+    qual: list[ScenarioResult] = []
+    loss: list[ScenarioResult] = []
     checks: list[Check] = []
     compared: list[ScenarioRun] = []
     for name in names:
         try:
-            run = SCENARIOS[name](test_session, reference_session, ids, opts)
+            run = SCENARIOS[name](sessions, ids, opts)
         except Exception as e:  # a crashing backend is a parity failure, reported like one
             msg = f"{type(e).__name__}: {e}"
-            results.append(ScenarioResult(name, "error", reason=msg))
+            exact.append(ScenarioResult(name, "error", reason=msg))
             checks.append(Check(name, "error", None, "", None, False, note=msg))
             continue
         if run.skipped is not None:
-            results.append(ScenarioResult(name, "skipped", reason=run.skipped))
+            exact.append(ScenarioResult(name, "skipped", reason=run.skipped))
             continue
-        metrics = measure(run)
-        results.append(ScenarioResult(name, "ok", metrics=metrics, details=run.details))
-        checks.extend(check(gate, name, metrics))
+        m = pair_metrics(run, lead, test)
+        exact.append(ScenarioResult(name, "ok", metrics=m, details=run.details))
+        checks.extend(check(gate, name, m))
+        q = pair_metrics(run, ref, test) if ref != lead else dict(m)
+        qual.append(ScenarioResult(name, "ok", metrics=q))
+        checks.extend(check(quality_gate, name, q, QUALITY))
+        if ref != lead:
+            loss.append(ScenarioResult(name, "ok", metrics=pair_metrics(run, ref, lead)))
         compared.append(run)
     if compared:
-        pooled = logit_metrics(
-            np.concatenate([r.ref_logits for r in compared]),  # type: ignore[misc]
-            np.concatenate([r.test_logits for r in compared]),  # type: ignore[misc]
-        )
-        results.append(
-            ScenarioResult(POOLED, "ok", metrics=pooled, details={"of": [r.name for r in compared]})
-        )
-        checks.extend(check(gate, POOLED, pooled))
+        exact.append(_pooled(compared, lead, test))
+        checks.extend(check(gate, POOLED, exact[-1].metrics))
+        qual.append(_pooled(compared, ref, test))
+        checks.extend(check(quality_gate, POOLED, qual[-1].metrics, QUALITY))
+        if ref != lead:
+            loss.append(_pooled(compared, ref, lead))
     return ParityResult(
         recipe=gate.name if isinstance(recipe, Gate) else recipe,
         gate=gate,
         test_name=test_session.name,
         reference_name=reference_session.name,
-        scenarios=results,
+        scenarios=exact,
         checks=checks,
         metadata=dict(metadata or {}),
         prompt_lengths=[int(p.size) for p in ids],
+        simulation_name=None if simulation is None else simulation.name,
+        quality_gate=quality_gate,
+        quality=qual,
+        recipe_loss=loss,
     )
