@@ -1,13 +1,23 @@
 """`lfm-export check`: does our canonical model compute what transformers computes on the same checkpoint?
 
 Three comparisons, all at fp32: a full prefill, greedy decode with state carried (both models are fed the
-canonical model's greedy tokens, so one early difference cannot cascade), and a chunked prefill of the canonical
-model against transformers' full prefill.
+canonical model's greedy tokens, so one early difference cannot cascade), and a chunked prefill of the
+canonical model against transformers' full prefill.
+
+The two sides share nothing but the checkpoint folder: transformers reads `config.json` and the weights itself
+(`AutoModelForCausalLM.from_pretrained`), so a key our config parser misreads or ignores shows up as a logit
+difference. Only when transformers cannot load a config in the original Liquid key style (`block_dim`,
+`block_ff_dim`, ...: transformers 5.24 takes its default widths and refuses the weights) does our parsed
+config reach transformers; the result says so (`reference_config`). A model without a folder
+(`random:PRESET`) is built from our config as well.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +26,10 @@ from lfm_export.errors import UnsupportedError
 from lfm_export.loading import LoadedModel
 
 DEFAULT_TOLERANCE = 1e-4
+OWN_CONFIG = "transformers"
+"""`CheckResult.reference_config` when transformers parsed `config.json` itself."""
+LIQUID_KEYS = ("block_dim", "block_ff_dim")
+"""Keys of the original Liquid config style in place of transformers' `hidden_size` / `intermediate_size`."""
 
 
 @dataclass
@@ -29,13 +43,15 @@ class CheckResult:
     decode_steps: int = 0
     greedy_match: bool = True
     transformers_version: str = ""
+    reference_config: str = OWN_CONFIG
+    """Who parsed the config of transformers' side: "transformers", or why lfm-export's parse was used."""
+    reference_class: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def transformers_model(loaded: LoadedModel) -> torch.nn.Module:
-    """transformers' own model on the same weights: loaded by transformers from the folder when there is one."""
+def _transformers() -> Any:
     try:
         import transformers
     except ImportError:
@@ -44,41 +60,67 @@ def transformers_model(loaded: LoadedModel) -> torch.nn.Module:
         ) from None
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def liquid_style(folder: Path) -> bool:
+    """Whether `folder/config.json` uses the original Liquid keys instead of transformers' widths."""
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and "hidden_size" not in raw and any(k in raw for k in LIQUID_KEYS)
+
+
+def transformers_model(loaded: LoadedModel) -> tuple[torch.nn.Module, str]:
+    """transformers' own model on the same checkpoint in fp32, and who parsed its config (see the module)."""
+    transformers = _transformers()
     cfg = loaded.config
+    fallback = "lfm-export (no checkpoint folder: config and weights are lfm-export's)"
+    if loaded.path is not None:
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(loaded.path), dtype=torch.float32)
+            return model.eval(), OWN_CONFIG
+        except Exception as e:  # transformers raises many types (size mismatch, strict config validation)
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if not liquid_style(loaded.path):
+                raise UnsupportedError(
+                    f"transformers cannot load {loaded.path} with its own config.json: {reason}"
+                ) from None
+            fallback = f"lfm-export (config.json uses the original Liquid keys; transformers: {reason})"
     cls_name = "Lfm2MoeForCausalLM" if cfg.is_moe else "Lfm2ForCausalLM"
-    cfg_name = "Lfm2MoeConfig" if cfg.is_moe else "Lfm2Config"
     if not hasattr(transformers, cls_name):
         raise UnsupportedError(f"installed transformers {transformers.__version__} has no {cls_name}")
     model_cls = getattr(transformers, cls_name)
-    # Our parsed config, in transformers' key style: published configs in the original Liquid style
-    # (block_ff_dim, full_attn_idxs, ...) are not all understood by every transformers version.
-    hf_cfg = getattr(transformers, cfg_name)(**cfg.to_hf_dict())
+    hf_cfg = getattr(transformers, "Lfm2MoeConfig" if cfg.is_moe else "Lfm2Config")(**cfg.to_hf_dict())
     if loaded.path is not None:
-        model = model_cls.from_pretrained(str(loaded.path), config=hf_cfg, dtype=torch.float32)
-    else:
-        model = model_cls(hf_cfg).to(torch.float32)
-        missing, unexpected = model.load_state_dict(loaded.model.state_dict(), strict=False)
-        real_missing = [k for k in missing if k != "lm_head.weight"]
-        if real_missing or unexpected:
-            raise UnsupportedError(
-                f"cannot map weights onto transformers' model: {real_missing[:3] or unexpected[:3]}"
-            )
-        if cfg.tie_word_embeddings:
-            model.tie_weights()
-    return model.eval()
+        return model_cls.from_pretrained(
+            str(loaded.path), config=hf_cfg, dtype=torch.float32
+        ).eval(), fallback
+    model = model_cls(hf_cfg).to(torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.model.state_dict(), strict=False)
+    real_missing = [k for k in missing if k != "lm_head.weight"]
+    if real_missing or unexpected:
+        raise UnsupportedError(
+            f"cannot map weights onto transformers' model: {real_missing[:3] or unexpected[:3]}"
+        )
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval(), fallback
 
 
 def run_check(
     loaded: LoadedModel, prompt_ids: list[int], decode_steps: int = 32, tolerance: float = DEFAULT_TOLERANCE
 ) -> CheckResult:
-    import transformers
-
+    transformers = _transformers()
     if len(prompt_ids) < 2:
         raise UnsupportedError(
             "check needs a prompt of at least 2 tokens (transformers' 1-token conv state differs)"
         )
     ours = loaded.model.float()
-    hf = transformers_model(loaded)
+    hf, reference_config = transformers_model(loaded)
+    # transformers 5.x renamed the cache argument and output `past_key_values` -> `cache`.
+    cache_kw = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
     ids = torch.tensor([prompt_ids], dtype=torch.int64)
     parts: dict[str, float] = {}
     with torch.no_grad():
@@ -86,7 +128,7 @@ def run_check(
         logits, conv, keys, values = ours(ids, conv, keys, values)
         hf_out = hf(input_ids=ids, use_cache=True)
         parts["prefill"] = (logits - hf_out.logits).abs().max().item()
-        cache = hf_out.past_key_values
+        cache = getattr(hf_out, cache_kw)
 
         ours_tokens, hf_tokens = [], []
         decode_err = 0.0
@@ -97,8 +139,8 @@ def run_check(
             hf_tokens.append(int(hf_next))
             step = nxt.view(1, 1)
             logits, conv, keys, values = ours(step, conv, keys, values)
-            hf_out = hf(input_ids=step, past_key_values=cache, use_cache=True)
-            cache = hf_out.past_key_values
+            hf_out = hf(input_ids=step, use_cache=True, **{cache_kw: cache})
+            cache = getattr(hf_out, cache_kw)
             decode_err = max(decode_err, (logits - hf_out.logits).abs().max().item())
             nxt = logits[:, -1].argmax(-1)
             hf_next = hf_out.logits[:, -1].argmax(-1)
@@ -125,4 +167,6 @@ def run_check(
         decode_steps=decode_steps,
         greedy_match=ours_tokens == hf_tokens,
         transformers_version=transformers.__version__,
+        reference_config=reference_config,
+        reference_class=type(hf).__name__,
     )

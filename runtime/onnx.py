@@ -4,8 +4,9 @@ onnxruntime is imported when a session is created, so importing this module cost
 onnxruntime nor torch.
 
 Threads: `intra_op_num_threads` is set explicitly (default `DEFAULT_THREADS`, 2) and `inter_op_num_threads`
-to 1. Left at its default, onnxruntime-genai ran these models on 1 thread on the 2-core development machine, at about half the
-decode speed; the graph is one sequential chain of small ops, so inter-op parallelism only adds overhead.
+to 1. Left at its default, onnxruntime-genai ran these models on 1 thread on the 2-core development machine,
+at about half the decode speed; the graph is one sequential chain of small ops, so inter-op parallelism only
+adds overhead.
 Spin-waiting of the intra-op threads is off by default (`spin=False`): with other processes on the same cores
 (load ~3.6 on 2 cores), a 16-layer hidden-1024 model decoded at 42 ms/step on 1 thread, 84 ms on 2 spinning
 threads and 46 ms on 2 non-spinning ones; spinning only pays on otherwise idle cores.
@@ -150,7 +151,7 @@ class OnnxSession(SessionBase):
         return self._run(feeds)
 
     def state(self) -> dict[str, np.ndarray]:
-        """Copies of the current state, keyed by signature input name (`past.N.conv`, `past_key_values.N.key`)."""
+        """Copies of the current state by signature input name (`past.N.conv`, `past_key_values.N.key`)."""
         out = {name: np.array(_as_numpy(v), copy=True) for name, v in self._state.items()}
         for name, buf in self._kv_buffers.items():
             out[name] = np.array(buf[:, :, : self._position], copy=True)

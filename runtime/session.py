@@ -50,7 +50,7 @@ class Session(Protocol):
         ...
 
     def state(self) -> dict[str, np.ndarray] | None:
-        """Current state by signature name (`past.N.conv`, `past_key_values.N.key`, ...), or None if hidden."""
+        """Current state by signature name (`past.N.conv`, `past_key_values.N.key`, ...); None if hidden."""
         ...
 
 
@@ -102,7 +102,7 @@ class SessionBase:
     def state(self) -> dict[str, np.ndarray] | None:
         return None
 
-    # ---- for subclasses -------------------------------------------------------------------------------------
+    # ---- for subclasses ---------------------------------------------------------------------------------
     def _reset_state(self, batch_size: int) -> None:
         raise NotImplementedError
 
@@ -123,7 +123,7 @@ class SessionBase:
             raise SessionError(f"{self.name}: this session runs batch 1 only, got batch {batch_size}")
 
     def _check_tokens(self, tokens: np.ndarray) -> np.ndarray:
-        """`tokens` as contiguous int64 `[batch, T>=1]` ids in the vocabulary, for the batch of the last reset."""
+        """`tokens` as contiguous int64 `[batch, T>=1]` ids in the vocabulary, batch as at the last reset."""
         ids = np.asarray(tokens)
         if ids.ndim != 2 or ids.shape[1] < 1 or not np.issubdtype(ids.dtype, np.integer):
             raise SessionError(
@@ -132,7 +132,8 @@ class SessionBase:
             )
         if ids.shape[0] != self._batch:
             raise SessionError(
-                f"{self.name}: prefill got batch {ids.shape[0]}, the session was reset for batch {self._batch}"
+                f"{self.name}: prefill got batch {ids.shape[0]}, "
+                f"the session was reset for batch {self._batch}"
             )
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= self.vocab_size:

@@ -1,8 +1,10 @@
-"""Checkpoints written by transformers' own `save_pretrained` (never by our code), built once per session."""
+"""Shared fixtures: the tiny canonical config, and checkpoints written by transformers' own `save_pretrained`
+(never by our code), built once per session."""
 
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,30 @@ import numpy as np
 import pytest
 import torch
 
+from lfm_export.config import Lfm2Config
+
 torch.set_num_threads(2)
+
+TINY_CONFIG = Lfm2Config(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    layer_types=("conv", "full_attention", "conv", "conv", "full_attention"),
+)
+"""Conv and attention layers, GQA 4/2, head_dim 16; every width a multiple of 32 (int4/int8 block 32 fit)."""
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> Lfm2Config:
+    return TINY_CONFIG
+
+
+def stable_seed(name: str) -> int:
+    """A seed from a name, the same in every process (`hash()` of a str changes with PYTHONHASHSEED)."""
+    return zlib.crc32(name.encode()) % 1000
+
 
 HF_SHAPES = {
     # name: (transformers config kwargs, dtype)
@@ -81,17 +106,24 @@ HF_SHAPES = {
 
 
 def _save_hf(name: str, folder: Path) -> Path:
+    kwargs, dtype = HF_SHAPES[name]
+    return save_hf(folder, kwargs, dtype, seed=stable_seed(name))
+
+
+def save_hf(folder: Path, kwargs: dict[str, Any], dtype: torch.dtype, seed: int) -> Path:
+    """A random transformers `Lfm2ForCausalLM` / `Lfm2MoeForCausalLM` (MoE when `num_experts` is given) with
+    perturbed norm weights and a non-zero expert bias, saved by `save_pretrained` in `dtype`."""
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    kwargs, dtype = HF_SHAPES[name]
-    torch.manual_seed(hash(name) % 1000)
+    torch.manual_seed(seed)
     if "num_experts" in kwargs:
         model = transformers.Lfm2MoeForCausalLM(transformers.Lfm2MoeConfig(**kwargs))
         with torch.no_grad():  # a non-zero expert bias so that routing by biased scores is exercised
-            for layer in model.model.layers[kwargs["num_dense_layers"] :]:
-                layer.feed_forward.expert_bias.copy_(torch.linspace(-0.05, 0.05, kwargs["num_experts"]))
+            for layer in model.model.layers[model.config.num_dense_layers :]:
+                if getattr(layer.feed_forward, "expert_bias", None) is not None:
+                    layer.feed_forward.expert_bias.copy_(torch.linspace(-0.05, 0.05, kwargs["num_experts"]))
     else:
         model = transformers.Lfm2ForCausalLM(transformers.Lfm2Config(**kwargs))
     with torch.no_grad():  # break the all-ones norm init so norm weights are checked too

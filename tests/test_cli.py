@@ -6,7 +6,6 @@ import sys
 
 import pytest
 
-from lfm_export.config import Lfm2Config
 from lfm_export.loading import init_random, save_checkpoint
 
 
@@ -24,17 +23,9 @@ def assert_user_error(r: subprocess.CompletedProcess, fragment: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    cfg = Lfm2Config(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        layer_types=("conv", "full_attention", "conv"),
-    )
+def ckpt(tmp_path_factory, tiny_config):
     folder = tmp_path_factory.mktemp("cli") / "m"
-    save_checkpoint(init_random(cfg, seed=5), folder)
+    save_checkpoint(init_random(tiny_config, seed=5), folder)
     return folder
 
 

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from lfm_export.config import Lfm2Config
 from lfm_export.errors import ContextLimitError, UserError
 from lfm_export.loading import init_random
 from lfm_export.runtime.artifact import SCHEMA_VERSION
@@ -29,18 +28,10 @@ pytest.importorskip("onnxscript")
 
 TOL = 1e-4
 MAX_SEQ = 48
-CFG = Lfm2Config(
-    vocab_size=320,
-    hidden_size=64,
-    intermediate_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    layer_types=("conv", "full_attention", "conv", "conv", "full_attention"),
-)
 
 
 def export_artifact(model: torch.nn.Module, folder: Path, form: str) -> Path:
-    sig = build_signature(CFG, form, MAX_SEQ)
+    sig = build_signature(model.config, form, MAX_SEQ)
     module = SignatureModule(model, sig).eval()
     with torch.no_grad():
         program = torch.onnx.export(
@@ -67,8 +58,8 @@ def export_artifact(model: torch.nn.Module, folder: Path, form: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    return init_random(CFG, seed=3)
+def model(tiny_config) -> torch.nn.Module:
+    return init_random(tiny_config, seed=3)
 
 
 class Artifacts:
@@ -108,8 +99,9 @@ class Reference:
         return logits.numpy()
 
     def state(self) -> dict[str, np.ndarray]:
-        out = {f"past.{i}.conv": c.numpy() for i, c in zip(CFG.conv_layers, self.conv, strict=True)}
-        for i, k, v in zip(CFG.attn_layers, self.keys, self.values, strict=True):
+        cfg = self.model.config
+        out = {f"past.{i}.conv": c.numpy() for i, c in zip(cfg.conv_layers, self.conv, strict=True)}
+        for i, k, v in zip(cfg.attn_layers, self.keys, self.values, strict=True):
             out[f"past_key_values.{i}.key"] = k.numpy()
             out[f"past_key_values.{i}.value"] = v.numpy()
         return out
@@ -127,7 +119,11 @@ PROMPT = np.array([[5, 17, 99, 3, 250, 42, 8]])
 def test_growing_prefill_decode_and_chunked_prefill_match_the_model(model, artifacts, io: str) -> None:
     sess = OnnxSession(artifacts[GROWING], threads=1, io=io)
     assert isinstance(sess, Session)
-    assert (sess.vocab_size, sess.max_seq_len, sess.supports_batch) == (CFG.vocab_size, MAX_SEQ, True)
+    assert (sess.vocab_size, sess.max_seq_len, sess.supports_batch) == (
+        model.config.vocab_size,
+        MAX_SEQ,
+        True,
+    )
     ref = Reference(model)
     close(sess.prefill(PROMPT), ref.step(PROMPT))
     assert sess.position == PROMPT.shape[1]
@@ -198,7 +194,7 @@ def test_generation_over_onnx_matches_greedy_torch(model, artifacts, tmp_path: P
     sys.path.insert(0, str(Path(__file__).parent))
     from test_runtime import train_tokenizer
 
-    tok = train_tokenizer(tmp_path / "tok", vocab_size=CFG.vocab_size)
+    tok = train_tokenizer(tmp_path / "tok", vocab_size=model.config.vocab_size)
     prompt = tok.encode_chat([{"role": "user", "content": "hello world"}])
     gen = stream_generate(
         OnnxSession(artifacts[GROWING], threads=1),
@@ -227,7 +223,7 @@ def test_session_runs_without_torch(artifacts) -> None:
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == f"(1, {CFG.vocab_size})"
+    assert res.stdout.strip() == f"(1, {artifacts.model.config.vocab_size})"
 
 
 def test_bad_artifact_folders(artifacts, tmp_path: Path) -> None:
