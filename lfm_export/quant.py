@@ -43,7 +43,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lfm_export.recipes import ROUNDINGS, Recipe
+from lfm_export.recipes import (
+    ACT_FLOAT,
+    ACT_INT8_BLOCK,
+    ACT_INT8_TOKEN,
+    ACTIVATION_MODES,
+    ROUNDINGS,
+    Recipe,
+)
 
 CHUNK_ELEMENTS = 1 << 23
 """Plain rounding works on row chunks of about this many weights (32 MiB of float32)."""
@@ -53,10 +60,6 @@ MSE_GRID = tuple(round(1.0 - 0.015 * i, 3) for i in range(21))
 """Shrink factors of the block's extremes tried by `rounding="mse"`: 1.00, 0.985, ..., 0.70 (21 values)."""
 DEFAULT_THREADS = 2
 
-ACT_FLOAT = "float"
-ACT_INT8_BLOCK = "int8-block"
-ACT_INT8_TOKEN = "int8-token"
-ACTIVATION_MODES = (ACT_FLOAT, ACT_INT8_BLOCK, ACT_INT8_TOKEN)
 
 FLOAT_TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16}
 ROUTER_SUFFIX = "feed_forward.gate"

@@ -24,7 +24,8 @@ from lfm_export.recipes import parse_recipe as parse_core_recipe
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from lfm_export.backends.onnx import export_onnx, make_recipe, parse_recipe, trace_onnx  # noqa: E402
+from lfm_export.backends.onnx import make_recipe, parse_recipe  # noqa: E402
+from lfm_export.backends.onnx.convert import export_onnx, trace_onnx  # noqa: E402
 
 torch.set_num_threads(2)
 LAYERS = ("conv", "full_attention", "conv", "full_attention")
@@ -273,6 +274,35 @@ def test_recipes() -> None:
         make_recipe(quant="int4", block_size=48)
     with pytest.raises(UnsupportedError, match="--ops"):
         make_recipe(ops="tensorrt")
+    assert make_recipe(quant="int4-b64-mse").name == "int4-b64-mse"
+    assert make_recipe(quant="int4", block_size=128, symmetric=False).name == "int4-b128-asym"
+    with pytest.raises(UnsupportedError, match="--accuracy-level 4"):
+        make_recipe(quant="8da4w")
+    with pytest.raises(UnsupportedError, match="bf16"):
+        parse_recipe("bf16")
+    d = make_recipe(quant="int8", block_size=64, max_seq_len=128).to_dict()
+    assert {k: d[k] for k in ("name", "quant", "block_size", "symmetric", "bits", "ops")} == {
+        "name": "int8-b64",
+        "quant": "int8",
+        "block_size": 64,
+        "symmetric": True,
+        "bits": 8,
+        "ops": "ort",
+    }
+    assert (d["accuracy_level"], d["max_seq_len"], d["head_bits"]) == (4, 128, 8)
+
+
+def test_simulation_hook_reads_the_manifest_recipe() -> None:
+    """What the parity check simulates for an artifact: int8 activations exactly at accuracy_level 4."""
+    from lfm_export.backends.onnx import simulation
+
+    recipe, act = simulation(make_recipe(quant="int4", block_size=64).to_dict())
+    assert (recipe.name, recipe.head_bits, act) == ("int4-b64", 8, "int8-block")
+    assert simulation(make_recipe(quant="int8", accuracy_level=0).to_dict())[1] == "float"
+    assert simulation(make_recipe(quant="fp16").to_dict()) == (parse_core_recipe("fp16"), "float")
+    old = {"name": "int8-b128-asym", "quant": "int8", "block_size": 128, "accuracy_level": 4, "ops": "ort"}
+    recipe, act = simulation(old)  # a manifest written before the core recipe existed
+    assert (recipe.name, recipe.symmetric, act) == ("int8-b128-asym", False, "int8-block")
 
 
 # ---- float16 --------------------------------------------------------------------------------------------------
@@ -388,13 +418,16 @@ import json, resource, sys, time, torch
 torch.set_num_threads(2)
 from pathlib import Path
 from lfm_export.loading import load_model
-from lfm_export.backends.onnx import export_onnx, make_recipe
+from lfm_export.backends.onnx import make_recipe
+from lfm_export.backends.onnx.convert import export_onnx
+from lfm_export.progress import Progress
 t0 = time.perf_counter()
 loaded = load_model("random:lfm2-1.2b")
 t1 = time.perf_counter()
-res = export_onnx(loaded, Path(sys.argv[1]), make_recipe(quant="int4"))
+progress = Progress(quiet=True)
+res = export_onnx(loaded, Path(sys.argv[1]), make_recipe(quant="int4"), progress)
 t2 = time.perf_counter()
-print(json.dumps({"load_s": t1 - t0, "export_s": t2 - t1, "stages": res.timings, "fusions": res.fusions,
+print(json.dumps({"load_s": t1 - t0, "export_s": t2 - t1, "stages": progress.timings, "fusions": res.fusions,
                   "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
                   "bytes": {f.name: f.stat().st_size for f in res.files}}))
 """

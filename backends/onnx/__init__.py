@@ -1,34 +1,34 @@
 """ONNX backend: onnxruntime-genai compatible folders, with onnxruntime contrib ops (`ort`) or standard ONNX
-ops only (`portable`). `export` is the pipeline's entry point; `export_onnx` the same with a typed result."""
+ops only (`portable`). `export` is the pipeline's entry point (torch and onnx are imported when it runs);
+`convert.export_onnx` is the same with a typed result; `simulation` says what an artifact computes."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from lfm_export.recipes import Recipe
+
 from .recipes import OnnxRecipe, make_recipe, parse_recipe
 
 
-def export(loaded: Any, folder: Path, recipe: OnnxRecipe | str, progress: Any = None) -> Any:
-    """Write the ONNX artifact files for `loaded` into `folder` (the pipeline writes the manifest)."""
+def export(loaded: Any, folder: Path, recipe: OnnxRecipe | Recipe | str, progress: Any = None) -> Any:
+    """Write the ONNX artifact files for `loaded` into `folder` (the pipeline writes the manifest). A core
+    `Recipe` gets the ONNX defaults (`ops` ort, accuracy_level 4)."""
     from .convert import export_onnx
 
     if isinstance(recipe, str):
         recipe = parse_recipe(recipe)
+    elif isinstance(recipe, Recipe):
+        recipe = OnnxRecipe(recipe)
     return export_onnx(loaded, Path(folder), recipe, progress)
 
 
-def export_onnx(loaded: Any, out_dir: Path, recipe: OnnxRecipe, progress: Any = None, **kw: Any) -> Any:
-    """See `convert.export_onnx` (imports torch and onnx lazily)."""
-    from .convert import export_onnx as _export_onnx
-
-    return _export_onnx(loaded, out_dir, recipe, progress, **kw)
-
-
-def trace_onnx(loaded: Any) -> Any:
-    from .convert import trace_onnx as _trace_onnx
-
-    return _trace_onnx(loaded)
+def simulation(recipe_dict: dict[str, Any]) -> tuple[Recipe, str]:
+    """From a manifest's `recipe`: the core recipe and the activation rounding the ONNX runtime applies
+    (`int8-block` for int4/int8 at accuracy_level 4, else `float`), for `lfm_export.quant.simulate`."""
+    recipe = OnnxRecipe.from_dict(recipe_dict)
+    return recipe.recipe, recipe.activations
 
 
-__all__ = ["OnnxRecipe", "export", "export_onnx", "make_recipe", "parse_recipe", "trace_onnx"]
+__all__ = ["OnnxRecipe", "export", "make_recipe", "parse_recipe", "simulation"]

@@ -20,11 +20,10 @@ import contextlib
 import logging
 import re
 import shutil
-import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ import onnx_ir as ir
 import torch
 
 from lfm_export.loading import LoadedModel
+from lfm_export.progress import Progress
 from lfm_export.signature import GROWING, IOSignature, build_signature
 from lfm_export.trace import export_program
 
@@ -59,7 +59,6 @@ class OnnxExportResult:
     embedding: str
     lm_head: str
     moe: str | None
-    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def recipe(self) -> dict[str, Any]:
@@ -75,7 +74,6 @@ class OnnxExportResult:
             "ops": {"domains": self.op_domains, "op_types": self.op_types},
             "fusions": self.fusions,
             "weights": handling,
-            "onnx_export_timings_s": self.timings,
         }
 
 
@@ -89,7 +87,7 @@ def export_onnx(
 ) -> OnnxExportResult:
     """Write `model.onnx`, `model.onnx.data`, `genai_config.json` and the tokenizer files into `out_dir`.
 
-    `progress` is an `lfm_export.progress.Progress` (timed steps) or None. `traced` is a graph from
+    `progress` is an `lfm_export.progress.Progress` (its `timings` record the stages; None: a quiet one). `traced` is a graph from
     `trace_onnx(loaded)` to reuse across recipes (it is cloned, never changed).
     """
     cfg = loaded.config
@@ -99,24 +97,24 @@ def export_onnx(
     max_seq_len = recipe.context(cfg)
     state_dtype = "float16" if recipe.quant == "fp16" else "float32"
     signature = build_signature(cfg, GROWING, max_seq_len, state_dtype)
-    timings: dict[str, float] = {}
+    progress = progress or Progress(quiet=True)
 
     if traced is None:
-        with _stage("Tracing to ONNX", "trace", progress, timings):
+        with progress.step("Tracing to ONNX"):
             model = trace_to_ir(loaded.model, build_signature(cfg, GROWING))
-        with _stage("Cleaning the ONNX graph", "clean", progress, timings):
+        with progress.step("Cleaning the ONNX graph"):
             clean_graph(model, signature)
     else:
         model = traced.clone()
     fusions: dict[str, int] = {}
     if recipe.ops == ORT:
-        with _stage("Fusing onnxruntime contrib ops", "fuse", progress, timings):
+        with progress.step("Fusing onnxruntime contrib ops"):
             fusions = fusion.apply_ort_fusions(model, cfg, max_seq_len)
-    with _stage(f"Weights to {recipe.name}", "precision", progress, timings):
+    with progress.step(f"Weights to {recipe.name}"):
         handling = quantize.apply_precision(model, recipe)
         finalize_graph(model, signature)
     ops = Counter((n.domain or "ai.onnx", n.op_type) for n in model.graph)
-    with _stage("Saving model.onnx", "save", progress, timings):
+    with progress.step("Saving model.onnx"):
         save_model(model, out_dir)
         del model
         write_genai_config(
@@ -136,7 +134,6 @@ def export_onnx(
         embedding=handling.embedding,
         lm_head=handling.lm_head,
         moe=_moe_handling(cfg, {**fusions, **handling.counts}),
-        timings=timings,
     )
 
 
@@ -171,7 +168,29 @@ def trace_to_ir(model: torch.nn.Module, signature: IOSignature) -> ir.Model:
     got_out = [v.name for v in ir_model.graph.outputs]
     if got_in != signature.input_names or got_out != signature.output_names:
         raise RuntimeError(f"traced graph I/O {got_in} -> {got_out} does not follow the signature")
+    bind_lazy_weights(ir_model, model)
     return ir_model
+
+
+def bind_lazy_weights(ir_model: ir.Model, model: torch.nn.Module) -> None:
+    """For a lazy model (`lfm_export.weights.lazy_model`), every traced weight becomes an `ir.LazyTensor` that
+    asks the weight source for the tensor whenever a pass or the writer reads it (never kept). Names here
+    carry SignatureModule's `model.` prefix."""
+    from lfm_export.weights import lazy_source
+
+    source = lazy_source(model)
+    if source is None:
+        return
+    for name, value in ir_model.graph.initializers.items():
+        key = name.removeprefix("model.")
+        if key in source.shapes and value.const_value is not None:
+
+            def make(key: str = key) -> ir.TensorProtocol:
+                return ir.tensor(source.get(key).contiguous().numpy())
+
+            value.const_value = ir.LazyTensor(
+                make, dtype=value.const_value.dtype, shape=value.const_value.shape
+            )
 
 
 def clean_graph(model: ir.Model, signature: IOSignature) -> None:
@@ -279,19 +298,6 @@ def _linear_weight_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
             seen.add(id(p))
             out[name] = tuple(p.shape)
     return out
-
-
-@contextlib.contextmanager
-def _stage(label: str, key: str, progress: Any, timings: dict[str, float]) -> Iterator[None]:
-    t0 = time.perf_counter()
-    ctx = (
-        progress.step(label)
-        if progress is not None and hasattr(progress, "step")
-        else contextlib.nullcontext()
-    )
-    with ctx:
-        yield
-    timings[key] = round(time.perf_counter() - t0, 3)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,8 @@ Op forms:
   the embedding is `Gather` of int8 rows and their scales + `DequantizeLinear` (ONNX `Gather` takes no int4).
   onnxruntime rewrites `DequantizeLinear + MatMul` into MatMulNBits itself, at the accuracy level of its
   session option `session.qdq_matmulnbits_accuracy_level` (default 4).
-- The lm_head and the embedding table are int8 in int4 recipes too (`HEAD_BITS`, see `head_bits`).
+- The lm_head and the embedding table take the recipe's `head_bits` / `embedding_bits` (int8 in int4 recipes
+  too, `lfm_export.recipes.HEAD_BITS`; None keeps them float).
 - The MoE router (`feed_forward.gate`) stays float so rounding cannot change which experts are chosen.
 """
 
@@ -29,13 +30,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from lfm_export.quant import Quantized, pack_nibbles, quantize_block
+from lfm_export.quant import Quantized, pack_nibbles, quantize_weight
 
 from .fusion import MOE_EXPERTS_META, MS_DOMAIN, Emitter, add_initializer, producer, replace_value, use_opset
 from .recipes import ORT, OnnxRecipe
 
 EXCLUDED_SUFFIXES = ("feed_forward.gate.weight",)
-HEAD_BITS = 8
 FUSED_COUNT = "MatMulNBits sharing an input, fused along N"
 
 
@@ -372,16 +372,6 @@ def _cast(
 # ---- int4 / int8 -----------------------------------------------------------------------------------------------
 
 
-def head_bits(recipe: OnnxRecipe) -> int:
-    """Bits of the lm_head (and of the embedding table it shares when tied): int8 for int8 and int4 recipes.
-
-    The output projection is the layer most sensitive to rounding (every logit reads all of it), so int4
-    recipes keep it at int8, as llama.cpp's Q4 variants keep their output tensor at 6+ bits. Measured on the
-    bundled `tiny` model (int4-b32, ort): relative RMS logit error 0.113 -> 0.049, top-1 agreement
-    0.867 -> 0.967, for 13% more bytes (about 9% on LFM2-1.2B)."""
-    return HEAD_BITS if recipe.bits is not None else 0
-
-
 def _quantize(
     model: ir.Model, recipe: OnnxRecipe, linears: list[Linear], gather: ir.Node | None, lm_head: Linear | None
 ) -> Handling:
@@ -393,6 +383,7 @@ def _quantize(
     kind = f"int{bits} b{recipe.block_size} {'symmetric' if recipe.symmetric else 'asymmetric'}"
     ort = recipe.ops == ORT
     linear_op = "MatMulNBits" if ort else "DequantizeLinear+MatMul"
+    embedding_bits = recipe.recipe.embedding_bits
     for node in list(graph):
         if node.op_type == "MoE" and node.domain == MS_DOMAIN and MOE_EXPERTS_META in node.meta:
             _qmoe(graph, node, recipe)
@@ -405,8 +396,12 @@ def _quantize(
             _float_layout_one(graph, lin)
             counts["MoE router kept float"] = counts.get("MoE router kept float", 0) + 1
             continue
-        lin_bits = head_bits(recipe) if lin is lm_head else bits
-        q = quantize_block(lin.weight.const_value.numpy(), lin_bits, recipe.block_size, recipe.symmetric)
+        lin_bits = recipe.recipe.head_bits if lin is lm_head else bits
+        if lin_bits is None:
+            _float_layout_one(graph, lin)
+            handling.lm_head = "float32 MatMul (the recipe keeps the lm_head float)"
+            continue
+        q = quantize_weight(lin.weight.const_value.numpy(), recipe.recipe, lin_bits)
         group = shared.get(id(lin))
         if group is not None:
             members = pending.setdefault(id(group[0]), [])
@@ -419,14 +414,14 @@ def _quantize(
             continue
         if ort:
             b_value = _matmulnbits(graph, lin, q, recipe)
-            if gather is not None and gather.inputs[0] is lin.weight:
+            if gather is not None and gather.inputs[0] is lin.weight and lin_bits == embedding_bits:
                 tied_table = (b_value, q)
         else:
             _dq_matmul(graph, lin, q)
         counts[linear_op] = counts.get(linear_op, 0) + 1
         if lin is lm_head:
             handling.lm_head = f"{'MatMulNBits' if ort else 'DequantizeLinear + MatMul'} {kind.replace(f'int{bits}', f'int{lin_bits}')}"
-    if gather is not None:
+    if gather is not None and embedding_bits is not None:
         tied = lm_head is not None and lm_head.weight is gather.inputs[0]
         if ort:
             handling.embedding = _gather_block_quantized(model, gather, recipe, tied_table)
@@ -454,7 +449,7 @@ def _qmoe(graph: ir.Graph, node: ir.Node, recipe: OnnxRecipe) -> None:
         fc1 = np.empty((2 * f, h), np.float32)
         fc1[0::2], fc1[1::2] = w1.numpy(), w3.numpy()
         for tag, w in (("1", fc1), ("2", w2.numpy())):
-            b, sc, zp = matmulnbits_tensors(quantize_block(w, bits, recipe.block_size, recipe.symmetric))
+            b, sc, zp = matmulnbits_tensors(quantize_weight(w, recipe.recipe))
             packed["b" + tag].append(b.reshape(b.shape[0], -1))
             packed["s" + tag].append(sc)
             if zp is not None:
@@ -603,7 +598,7 @@ def _gather_block_quantized(
         b_v, q = shared
         how = "shares the tied lm_head's packed MatMulNBits table"
     else:
-        q = quantize_block(table.const_value.numpy(), head_bits(recipe), recipe.block_size, recipe.symmetric)
+        q = quantize_weight(table.const_value.numpy(), recipe.recipe, recipe.recipe.embedding_bits)
         b, _, _ = matmulnbits_tensors(q)
         b_v = em.const(b, "model.embed_tokens.qweight")
         how = "own table"
@@ -628,7 +623,7 @@ def _gather_block_quantized(
 def _gather_dequantize(graph: ir.Graph, gather: ir.Node, recipe: OnnxRecipe) -> str:
     """Portable: int8 rows and their scales gathered, then `DequantizeLinear(axis=-1, block_size)`."""
     table = gather.inputs[0]
-    q = quantize_block(table.const_value.numpy(), 8, recipe.block_size, recipe.symmetric)
+    q = quantize_weight(table.const_value.numpy(), recipe.recipe, 8)
     em = Emitter(graph)
     ids = gather.inputs[1]
     rows = em.op1(

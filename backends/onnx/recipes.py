@@ -1,131 +1,142 @@
-"""ONNX export recipes: precision, block size, op set. Names read the same across backends (`int4-b32`)."""
+"""ONNX recipes: a core `lfm_export.recipes.Recipe` plus the ONNX knobs (`ops`, `accuracy_level`)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lfm_export.config import Lfm2Config
 from lfm_export.errors import UnsupportedError
+from lfm_export.recipes import ACT_FLOAT, ACT_INT8_BLOCK, Recipe
+from lfm_export.recipes import parse_recipe as parse_core_recipe
 
-QUANTS = ("fp32", "fp16", "int8", "int4")
-BLOCK_SIZES = (32, 64, 128)
 OPS = ("ort", "portable")
 ORT, PORTABLE = OPS
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
-DEFAULT_CONTEXT_CAP = 32768
-"""Context declared when none is asked for: the model's, capped at the trained context of the dense models."""
+INT8_ACTIVATIONS_LEVEL = 4
+"""MatMulNBits' accuracy level with int8 activations (per block of `block_size` along K, see `lfm_export.quant`).
+Levels 1-3 ask for float32/float16/bfloat16 compute; onnxruntime's CPU kernels compute those in float32."""
 
 
 @dataclass(frozen=True)
 class OnnxRecipe:
-    """What an ONNX export produces.
+    """What an ONNX export produces: the core `recipe` (precision, blocks, rounding, head bits, context) and
 
-    - `quant`: fp32 | fp16 (weights and activations; logits stay float32) | int8 | int4 (block-wise weights,
-      float32 activations).
-    - `block_size`: quantization block along each weight's input dimension (int8/int4 only).
     - `ops`: `ort` (onnxruntime contrib ops) or `portable` (standard ONNX ops only).
-    - `symmetric`: no zero points (default) or per-block zero points.
-    - `accuracy_level`: MatMulNBits' minimum compute precision (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8).
-    - `max_seq_len`: the context the artifact declares (rotary caches, genai `context_length`); None = the
-      model's, capped at 32768.
+    - `accuracy_level`: MatMulNBits' minimum compute precision (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
+      activations). It is the only way an ONNX artifact gets int8 activations: the core `-a8` (per-token)
+      is refused. In `portable` artifacts onnxruntime applies its own session default (4) when it rewrites
+      DequantizeLinear + MatMul into MatMulNBits.
     """
 
-    quant: str = "fp32"
-    block_size: int = 32
+    recipe: Recipe = field(default_factory=Recipe)
     ops: str = ORT
-    symmetric: bool = True
-    accuracy_level: int = 4
-    max_seq_len: int | None = None
+    accuracy_level: int = INT8_ACTIVATIONS_LEVEL
 
     def __post_init__(self) -> None:
-        if self.quant not in QUANTS:
-            raise UnsupportedError(f"--quant {self.quant!r} is unknown; expected one of {', '.join(QUANTS)}")
         if self.ops not in OPS:
             raise UnsupportedError(f"--ops {self.ops!r} is unknown; expected one of {', '.join(OPS)}")
-        if self.block_size not in BLOCK_SIZES:
-            raise UnsupportedError(
-                f"block size {self.block_size} is not supported; expected one of {', '.join(map(str, BLOCK_SIZES))}"
-            )
         if self.accuracy_level not in ACCURACY_LEVELS:
-            raise UnsupportedError(f"accuracy_level must be 0-4, got {self.accuracy_level}")
-        if self.max_seq_len is not None and self.max_seq_len < 1:
-            raise UnsupportedError(f"max_seq_len must be positive, got {self.max_seq_len}")
+            raise UnsupportedError(f"--accuracy-level must be 0-4, got {self.accuracy_level}")
+        r = self.recipe
+        if r.dtype == "bf16":
+            raise UnsupportedError("ONNX has no bf16 recipe here; use fp16 or fp32")
+        if r.activations != "float":
+            raise UnsupportedError(
+                f"{r.name}: ONNX's int8 activations are --accuracy-level 4 (the default), per block; "
+                f"use {r.with_options(activations='float').name}"
+            )
+        if r.quantized and r.dtype != "fp32":
+            raise UnsupportedError(f"{r.name}: quantized ONNX recipes keep float32 activations")
+        if self.ops == PORTABLE and r.embedding_bits not in (None, 8):
+            raise UnsupportedError(
+                "--ops portable: the embedding table is int8 or float (ONNX Gather takes no int4)"
+            )
+
+    # ---- the core recipe's fields, read by the passes --------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.recipe.name
+
+    @property
+    def quant(self) -> str:
+        return self.recipe.quant
 
     @property
     def bits(self) -> int | None:
-        return {"int8": 8, "int4": 4}.get(self.quant)
+        return self.recipe.bits
 
     @property
     def quantized(self) -> bool:
-        return self.bits is not None
+        return self.recipe.quantized
 
     @property
-    def name(self) -> str:
-        """`fp32`, `fp16`, `int4-b32`, `int8-b128-asym`: the recipe name shared by every backend."""
-        if not self.quantized:
-            return self.quant
-        return f"{self.quant}-b{self.block_size}" + ("" if self.symmetric else "-asym")
+    def block_size(self) -> int:
+        return self.recipe.block_size
+
+    @property
+    def symmetric(self) -> bool:
+        return self.recipe.symmetric
+
+    @property
+    def max_seq_len(self) -> int | None:
+        return self.recipe.max_seq_len
+
+    @property
+    def activations(self) -> str:
+        """How the runtime rounds the inputs of the quantized linears (`lfm_export.quant.ACTIVATION_MODES`)."""
+        return (
+            ACT_INT8_BLOCK if self.quantized and self.accuracy_level == INT8_ACTIVATIONS_LEVEL else ACT_FLOAT
+        )
 
     def context(self, cfg: Lfm2Config) -> int:
-        return self.max_seq_len or min(cfg.max_position_embeddings, DEFAULT_CONTEXT_CAP)
+        return self.recipe.context(cfg)
 
     def check_model(self, cfg: Lfm2Config, weight_shapes: dict[str, tuple[int, ...]]) -> None:
-        """Refuse a recipe the model cannot take, before any tracing: a block size that does not divide a
-        weight's input dimension (named), or a context beyond the model's."""
-        if self.max_seq_len is not None and self.max_seq_len > cfg.max_position_embeddings:
-            raise UnsupportedError(
-                f"max_seq_len {self.max_seq_len} exceeds the model's max_position_embeddings "
-                f"{cfg.max_position_embeddings}"
-            )
-        if not self.quantized:
-            return
-        for name, shape in weight_shapes.items():
-            if len(shape) == 2 and shape[1] % self.block_size:
-                raise UnsupportedError(
-                    f"block size {self.block_size} does not divide the input dimension {shape[1]} of {name}; "
-                    f"choose one of {', '.join(str(b) for b in BLOCK_SIZES if shape[1] % b == 0) or 'none'}"
-                )
+        self.recipe.check_model(cfg, weight_shapes)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["name"] = self.name
-        d["bits"] = self.bits
-        return d
+        """The core recipe's fields, the ONNX knobs, and `activation_rounding` (what accuracy_level means)."""
+        return {
+            **self.recipe.to_dict(),
+            "ops": self.ops,
+            "accuracy_level": self.accuracy_level,
+            "activation_rounding": self.activations,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> OnnxRecipe:
+        """From a manifest's `recipe` (also the older ones that held only the ONNX fields and the name)."""
+        if "dtype" in d:
+            core = Recipe.from_dict(d)
+        else:
+            core = parse_core_recipe(d.get("name", "fp32"), max_seq_len=d.get("max_seq_len"))
+        return cls(core, d.get("ops", ORT), d.get("accuracy_level", INT8_ACTIVATIONS_LEVEL))
 
 
 def make_recipe(
     quant: str = "fp32",
-    block_size: int = 32,
+    block_size: int | None = None,
     ops: str = ORT,
     symmetric: bool = True,
-    accuracy_level: int = 4,
+    accuracy_level: int = INT8_ACTIVATIONS_LEVEL,
     max_seq_len: int | None = None,
 ) -> OnnxRecipe:
-    return OnnxRecipe(quant, block_size, ops, symmetric, accuracy_level, max_seq_len)
+    """The CLI's flags as a recipe: `quant` is any core recipe name (`int4`, `int4-b64-mse`, ...); `block_size`
+    None means the name's (default 32)."""
+    core = parse_core_recipe(quant, block_size=block_size, asymmetric=not symmetric, max_seq_len=max_seq_len)
+    return OnnxRecipe(core, ops, accuracy_level)
 
 
-def parse_recipe(name: str, **options: Any) -> OnnxRecipe:
-    """`fp32`, `fp16`, `int4`, `int4-b64`, `int8-b128-asym` -> recipe (other fields from `options`)."""
-    parts = name.strip().lower().split("-")
-    quant, rest = parts[0], parts[1:]
-    kw: dict[str, Any] = dict(options)
-    kw["quant"] = quant
-    for part in rest:
-        if part.startswith("b") and part[1:].isdigit() and quant in ("int4", "int8"):
-            kw["block_size"] = int(part[1:])
-        elif part == "asym" and quant in ("int4", "int8"):
-            kw["symmetric"] = False
-        else:
-            raise UnsupportedError(
-                f"unknown recipe {name!r}; expected fp32, fp16, int8-bN or int4-bN (N in 32, 64, 128), "
-                "optionally with -asym"
-            )
-    return OnnxRecipe(**kw)
-
-
-RECIPES: dict[str, OnnxRecipe] = {
-    r.name: r
-    for r in [OnnxRecipe("fp32"), OnnxRecipe("fp16")]
-    + [OnnxRecipe(q, b) for q in ("int8", "int4") for b in BLOCK_SIZES]
-}
+def parse_recipe(
+    name: str,
+    *,
+    block_size: int | None = None,
+    asymmetric: bool = False,
+    max_seq_len: int | None = None,
+    ops: str = ORT,
+    accuracy_level: int = INT8_ACTIVATIONS_LEVEL,
+) -> OnnxRecipe:
+    """`fp32`, `fp16`, `int4`, `int4-b64`, `int8-b128-asym`, `int4-b64-mse` -> recipe (see `lfm_export.recipes`)."""
+    core = parse_core_recipe(name, block_size=block_size, asymmetric=asymmetric, max_seq_len=max_seq_len)
+    return OnnxRecipe(core, ops, accuracy_level)
