@@ -8,7 +8,12 @@ Two KV-cache forms, chosen by the caller:
   positions are `P + arange(T)`; `attention_mask` `[B, P+T]` masks padded keys.
 - static: `keys[i]` is `[B, kv_heads, S, head_dim]` preallocated; the new keys are written at
   `input_pos + arange(T)` and queries see keys at positions `<= their own`.
-Conv state per conv layer is `[B, hidden, L-1]` in both forms.
+- stateful: as static, but the new keys are written in place into the `keys[i]` passed in (the caller's
+  buffers, see `lfm_export.stateful`), which are also returned.
+Conv state per conv layer is `[B, hidden, L-1]` in every form.
+
+Two MoE forms, chosen by `Lfm2ForCausalLM.set_moe_form`: `dense` (default; every expert on every token) and
+`sparse` (each expert only on the tokens routed to it), see `MoE`.
 """
 
 from __future__ import annotations
@@ -21,7 +26,11 @@ from lfm_export.config import LAYER_ATTN, Lfm2Config
 
 GROWING = "growing"
 STATIC = "static"
-KV_FORMS = (GROWING, STATIC)
+STATEFUL = "stateful"
+KV_FORMS = (GROWING, STATIC, STATEFUL)
+MOE_DENSE = "dense"
+MOE_SPARSE = "sparse"
+MOE_FORMS = (MOE_DENSE, MOE_SPARSE)
 
 
 class RMSNorm(nn.Module):
@@ -48,8 +57,21 @@ class MLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Sigmoid-routed top-k experts. Every expert runs on every token and unselected ones get weight 0:
-    exact, shape-static and traceable (backends replace it with a fused MoE op)."""
+    """Sigmoid-routed top-k experts, in one of two forms that give the same numbers (`form`):
+
+    - `dense` (default): every expert runs on every token and unselected ones get weight 0. Exact,
+      shape-static and traceable; the ONNX backend pattern-matches it into its fused MoE op.
+    - `sparse`: for each expert, the rows routed to it are gathered (`nonzero` + `index_select`), run through
+      the expert and added back (`index_add`), so a backend without a MoE op reads only the selected
+      experts' weights. The per-expert row counts are data-dependent sizes, which `torch.export` traces as
+      unbacked symbols bounded by the token count. Measured on 1 CPU thread, one layer of 32 experts
+      (1024 -> 896), top-4, eager fp32: decode (1 token) 3.9 ms vs 28 ms dense; prefill of 64 tokens 67 ms
+      vs 203 ms dense: prefill reads every expert that any token selected once, and computes only the
+      selected rows. The other sparse form tried, gathering stacked `[E, F, H]` weights by the top-k indices
+      (`w1[idx]` -> `[N, k, F, H]`), was 27-34 ms at decode and 3.2 s at 64 tokens (it copies k experts'
+      weights per token), so it was not kept. The experts keep their own weights in both forms: switching
+      stacks or copies nothing.
+    """
 
     def __init__(self, cfg: Lfm2Config) -> None:
         super().__init__()
@@ -57,6 +79,7 @@ class MoE(nn.Module):
         self.norm_topk_prob = cfg.norm_topk_prob
         self.scale = cfg.routed_scaling_factor
         self.use_expert_bias = cfg.use_expert_bias
+        self.form = MOE_DENSE
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = nn.ModuleList(
             MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts)
@@ -64,25 +87,44 @@ class MoE(nn.Module):
         if cfg.use_expert_bias:
             self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
 
-    def routing(self, x: Tensor) -> Tensor:
-        """Dense routing weights `[N, num_experts]` (zero for unselected experts)."""
+    def _route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Scores `[N, E]`, selected experts `[N, k]` and their routing weights `[N, k]` (float32)."""
         scores = torch.sigmoid(self.gate(x).float())
         choice = scores + self.expert_bias if self.use_expert_bias else scores
         idx = torch.topk(choice, self.top_k, dim=-1).indices
         w = scores.gather(-1, idx)
         if self.norm_topk_prob:
             w = w / (w.sum(-1, keepdim=True) + 1e-6)
-        w = w * self.scale
+        return scores, idx, w * self.scale
+
+    def routing(self, x: Tensor) -> Tensor:
+        """Dense routing weights `[N, num_experts]` (zero for unselected experts)."""
+        scores, idx, w = self._route(x)
         return torch.zeros_like(scores).scatter(-1, idx, w)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        weights = self.routing(flat).to(x.dtype)
+        out = self._sparse(flat) if self.form == MOE_SPARSE else self._dense(flat)
+        return out.reshape(shape)
+
+    def _dense(self, flat: Tensor) -> Tensor:
+        weights = self.routing(flat).to(flat.dtype)
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             out = out + weights[:, e : e + 1] * expert(flat)
-        return out.reshape(shape)
+        return out
+
+    def _sparse(self, flat: Tensor) -> Tensor:
+        _, idx, w = self._route(flat)
+        w = w.to(flat.dtype)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            hit = idx == e
+            rows = hit.any(-1).nonzero().squeeze(-1)
+            row_w = (w * hit).sum(-1).index_select(0, rows)
+            out = out.index_add(0, rows, row_w[:, None] * expert(flat.index_select(0, rows)))
+        return out
 
 
 class ShortConv(nn.Module):
@@ -152,8 +194,14 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if form == GROWING:
             k_all, v_all = torch.cat([k_cache, k], dim=2), torch.cat([v_cache, v], dim=2)
-        else:
+        elif form == STATIC:
             k_all, v_all = k_cache.index_copy(2, positions, k), v_cache.index_copy(2, positions, v)
+        else:
+            # the caches are the caller's buffers: written in place (`index_put_`, which ExecuTorch's
+            # reinplacing pass keeps in place) and read back whole
+            k_cache[:, :, positions] = k
+            v_cache[:, :, positions] = v
+            k_all, v_all = k_cache, v_cache
         key_pos = torch.arange(k_all.shape[2], device=x.device)
         allowed = key_pos[None, :] <= positions[:, None]  # [T, S]
         allowed = allowed[None, None]
@@ -220,9 +268,9 @@ class Lfm2ForCausalLM(nn.Module):
         if form == GROWING:
             past = keys[0].shape[2] if keys else 0
             positions = torch.arange(t, device=input_ids.device) + past
-        elif form == STATIC:
+        elif form in (STATIC, STATEFUL):
             if input_pos is None:
-                raise ValueError("the static KV form needs input_pos")
+                raise ValueError(f"the {form} KV form needs input_pos")
             positions = torch.arange(t, device=input_ids.device) + input_pos.reshape(-1)[0]
         else:
             raise ValueError(f"unknown KV form {form!r}; expected one of {KV_FORMS}")
@@ -246,10 +294,18 @@ class Lfm2ForCausalLM(nn.Module):
         logits = self.lm_head(self.model.embedding_norm(h))
         return logits, new_conv, new_k, new_v
 
+    def set_moe_form(self, form: str) -> None:
+        """Run every MoE layer in the `dense` (default) or `sparse` form (see `MoE`); weights are untouched."""
+        if form not in MOE_FORMS:
+            raise ValueError(f"unknown MoE form {form!r}; expected one of {MOE_FORMS}")
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.form = form
+
     def empty_state(
         self, batch: int = 1, max_seq_len: int = 0, form: str = GROWING, dtype: torch.dtype = torch.float32
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """Zero conv state and an empty (growing) or zeroed `max_seq_len` (static) KV cache."""
+        """Zero conv state and an empty (growing) or zeroed `max_seq_len` (static, stateful) KV cache."""
         cfg = self.config
         s = 0 if form == GROWING else max_seq_len
         conv = [torch.zeros(batch, cfg.hidden_size, cfg.conv_state_len, dtype=dtype) for _ in cfg.conv_layers]

@@ -2,6 +2,10 @@
 
 Pure data (no torch): it is stored in every artifact's manifest and read back by the runtime shims.
 Names follow onnxruntime-genai's LFM2 convention; `%d` is the absolute layer index.
+
+Forms: `growing` and `static` take the state as inputs and return the next state as outputs; `stateful`
+(ExecuTorch, Core ML) holds it inside the program as mutable buffers, listed in `IOSignature.held` under the
+names the state inputs have in the other forms, so a manifest still describes it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from lfm_export.config import Lfm2Config
 
 GROWING = "growing"
 STATIC = "static"
+STATEFUL = "stateful"
+FORMS = (GROWING, STATIC, STATEFUL)
 
 # symbolic dimensions
 BATCH = "batch_size"
@@ -52,6 +58,8 @@ class IOSignature:
     max_seq_len: int | None = None
     state_dtype: str = "float32"
     dims: dict[str, str] = field(default_factory=dict)
+    held: tuple[TensorSpec, ...] = ()
+    max_prefill: int | None = None
 
     # ---- lookup -------------------------------------------------------------------------------
     @property
@@ -75,7 +83,7 @@ class IOSignature:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for group in ("inputs", "outputs"):
+        for group in ("inputs", "outputs", "held"):
             for s in d[group]:
                 s["shape"] = list(s["shape"])
         return d
@@ -92,6 +100,8 @@ class IOSignature:
             max_seq_len=d.get("max_seq_len"),
             state_dtype=d.get("state_dtype", "float32"),
             dims=dict(d.get("dims", {})),
+            held=specs(d.get("held", [])),
+            max_prefill=d.get("max_prefill"),
         )
 
 
@@ -104,13 +114,24 @@ def present_name(role: str, layer: int) -> str:
 
 
 def build_signature(
-    cfg: Lfm2Config, form: str = GROWING, max_seq_len: int | None = None, state_dtype: str = "float32"
+    cfg: Lfm2Config,
+    form: str = GROWING,
+    max_seq_len: int | None = None,
+    state_dtype: str = "float32",
+    max_prefill: int | None = None,
 ) -> IOSignature:
-    """Signature for `cfg` in the `growing` (past concatenated) or `static` (preallocated) KV form."""
-    if form not in (GROWING, STATIC):
+    """Signature for `cfg` in the `growing` (past concatenated), `static` (preallocated) or `stateful`
+    (state held in the program, batch 1) form.
+
+    The stateful form's token input keeps the name `input_ids` (ExecuTorch calls it `tokens` but passes it by
+    position; Core ML uses the name, and one name across forms lets a shim find it by name or role). Its
+    `max_prefill` (default `max_seq_len`) bounds the tokens of one call."""
+    if form not in FORMS:
         raise ValueError(f"unknown KV form {form!r}")
-    if form == STATIC and not max_seq_len:
-        raise ValueError("the static KV form needs max_seq_len")
+    if form != GROWING and not max_seq_len:
+        raise ValueError(f"the {form} KV form needs max_seq_len")
+    if form == STATEFUL:
+        return _stateful_signature(cfg, max_seq_len or 0, state_dtype, max_prefill or max_seq_len or 0)
     h, kv, hd, lc = cfg.hidden_size, cfg.num_key_value_heads, cfg.head_dim, cfg.conv_state_len
     kv_past = PAST if form == GROWING else max_seq_len
     kv_present = TOTAL if form == GROWING else max_seq_len
@@ -141,3 +162,29 @@ def build_signature(
         dims[PAST] = "tokens already in the KV cache"
         dims[TOTAL] = f"{PAST} + {SEQ}"
     return IOSignature(form, tuple(inputs), tuple(outputs), max_seq_len, state_dtype, dims)
+
+
+def _stateful_signature(cfg: Lfm2Config, max_seq_len: int, state_dtype: str, max_prefill: int) -> IOSignature:
+    if not 1 <= max_prefill <= max_seq_len:
+        raise ValueError(f"max_prefill must be 1..max_seq_len ({max_seq_len}), got {max_prefill}")
+    h, kv, hd, lc = cfg.hidden_size, cfg.num_key_value_heads, cfg.head_dim, cfg.conv_state_len
+    held = []
+    for i in range(cfg.num_hidden_layers):
+        if i in cfg.conv_layers:
+            held.append(TensorSpec(past_name(CONV, i), (1, h, lc), state_dtype, CONV, i))
+        else:
+            for role in (KEY, VALUE):
+                held.append(TensorSpec(past_name(role, i), (1, kv, max_seq_len, hd), state_dtype, role, i))
+    return IOSignature(
+        STATEFUL,
+        inputs=(
+            TensorSpec(INPUT_IDS, (1, SEQ), "int64", INPUT_IDS),
+            TensorSpec(INPUT_POS, (1,), "int64", INPUT_POS),
+        ),
+        outputs=(TensorSpec(LOGITS, (1, SEQ, cfg.vocab_size), "float32", LOGITS),),
+        max_seq_len=max_seq_len,
+        state_dtype=state_dtype,
+        dims={SEQ: f"new tokens in this call, 1 to {max_prefill}"},
+        held=tuple(held),
+        max_prefill=max_prefill,
+    )

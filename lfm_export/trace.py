@@ -1,12 +1,35 @@
-"""Trace the canonical model into a program whose flat inputs and outputs follow an `IOSignature`."""
+"""Trace the canonical model into a program whose flat inputs and outputs follow an `IOSignature`.
+
+Backends may replace modules before tracing (their own attention, cache update or quantized linear) with
+`swaps`: callables that take a module and return its replacement, or None to leave it (and look inside it).
+They are applied to a copy of the module tree that shares every parameter and buffer with the model, so the
+model itself is never changed and no weight is duplicated.
+"""
 
 from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from lfm_export.model import Lfm2ForCausalLM
-from lfm_export.signature import ATTENTION_MASK, CONV, GROWING, INPUT_IDS, INPUT_POS, KEY, VALUE, IOSignature
+from lfm_export.signature import (
+    ATTENTION_MASK,
+    CONV,
+    GROWING,
+    INPUT_IDS,
+    INPUT_POS,
+    KEY,
+    STATEFUL,
+    VALUE,
+    IOSignature,
+    build_signature,
+)
+from lfm_export.stateful import StatefulModule
+
+Swap = Callable[[nn.Module], nn.Module | None]
 
 
 class SignatureModule(nn.Module):
@@ -69,8 +92,67 @@ def dynamic_shapes(signature: IOSignature) -> tuple[object, ...]:
     return (dims[0], dims[1], tuple(dims[2:]))
 
 
-def export_program(model: Lfm2ForCausalLM, signature: IOSignature) -> torch.export.ExportedProgram:
-    module = SignatureModule(model, signature).eval()
+def shared_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
+    """A copy of `module`'s tree of modules whose parameters and buffers are the original tensors (tied
+    weights stay tied): replacing a submodule of the copy leaves the original untouched."""
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]
+    new = copy.copy(module)
+    memo[id(module)] = new
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = {k: None if m is None else shared_copy(m, memo) for k, m in module._modules.items()}
+    return new
+
+
+def apply_swaps(module: nn.Module, swaps: Sequence[Swap]) -> nn.Module:
+    """`module` with its submodules replaced by `swaps`, in order (each over the tree the previous one left),
+    on a `shared_copy`; the module itself is returned when there are no swaps."""
+    if not swaps:
+        return module
+    root = shared_copy(module)
+    for swap in swaps:
+        _swap_children(root, swap)
+    return root
+
+
+def _swap_children(parent: nn.Module, swap: Swap) -> None:
+    for name, child in parent._modules.items():
+        if child is None:
+            continue
+        new = swap(child)
+        if new is None:
+            _swap_children(child, swap)
+        else:
+            parent._modules[name] = new
+
+
+def export_program(
+    model: Lfm2ForCausalLM, signature: IOSignature, swaps: Sequence[Swap] = ()
+) -> torch.export.ExportedProgram:
+    """The `growing` or `static` form of `model`, traced with every symbolic axis of `signature` dynamic."""
+    module = SignatureModule(apply_swaps(model, swaps), signature).eval()
     args = example_inputs(signature, dtype=next(model.parameters()).dtype)
     with torch.no_grad():
         return torch.export.export(module, args, dynamic_shapes=dynamic_shapes(signature), strict=False)
+
+
+def export_stateful_program(
+    model: Lfm2ForCausalLM, max_seq_len: int, max_prefill: int, swaps: Sequence[Swap] = ()
+) -> torch.export.ExportedProgram:
+    """The `stateful` form (`lfm_export.stateful`): `forward(input_ids [1, T], input_pos [1]) -> logits`,
+    T dynamic in 1..`max_prefill`, state in buffers named by `held_buffer_name`; the signature is
+    `build_signature(cfg, "stateful", max_seq_len, max_prefill=max_prefill)`."""
+    dtype = next(model.parameters()).dtype
+    signature = build_signature(
+        model.config, STATEFUL, max_seq_len, str(dtype).removeprefix("torch."), max_prefill=max_prefill
+    )
+    module = StatefulModule(apply_swaps(model, swaps), signature).eval()
+    seq = min(2, max_prefill)  # 2, so the dynamic axis is not specialised to 1
+    args = (torch.zeros(1, seq, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+    seq_dim = torch.export.Dim("seq", min=1, max=max_prefill) if max_prefill > 1 else None
+    with torch.no_grad():
+        return torch.export.export(
+            module, args, dynamic_shapes=({1: seq_dim} if seq_dim else None, None), strict=False
+        )
