@@ -12,10 +12,11 @@ import numpy as np
 
 from lfm_export.errors import ContextLimitError
 from lfm_export.manifest import read_manifest
+from lfm_export.runtime.session import DEFAULT_THREADS
 
 
 def bench_artifact(
-    folder: Path, prompt_len: int = 512, new_tokens: int = 128, threads: int = 2, seed: int = 0
+    folder: Path, prompt_len: int = 512, new_tokens: int = 128, threads: int = DEFAULT_THREADS, seed: int = 0
 ) -> dict[str, Any]:
     from lfm_export.pipeline import open_session
 

@@ -8,12 +8,16 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from inspect import Parameter, Signature
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from lfm_export.errors import UserError
+from lfm_export.runtime.session import DEFAULT_THREADS
 
 app = typer.Typer(
     name="lfm-export",
@@ -133,7 +137,7 @@ def check(
     ),
     steps: Annotated[int, typer.Option(help="Greedy decode steps with state carried.")] = 32,
     tolerance: Annotated[float, typer.Option(help="Max abs logit error allowed.")] = 1e-4,
-    threads: ThreadsOpt = 2,
+    threads: ThreadsOpt = DEFAULT_THREADS,
     as_json: JsonOpt = False,
 ) -> None:
     """Compare the canonical model with transformers' Lfm2ForCausalLM / Lfm2MoeForCausalLM on MODEL (fp32)."""
@@ -171,7 +175,7 @@ def generate(
         bool, typer.Option(help="Greedy decoding instead of generation_config.json sampling.")
     ] = False,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    threads: ThreadsOpt = 2,
+    threads: ThreadsOpt = DEFAULT_THREADS,
 ) -> None:
     """Stream text from the reference (PyTorch) model."""
     from lfm_export.loading import load_model
@@ -207,10 +211,116 @@ def _stream(
     typer.echo()
 
 
-# ---- export: onnx ------------------------------------------------------------------------------------------
+# ---- export commands: one declaration shared by every backend ---------------------------------------------
 OutOpt = Annotated[
     Path, typer.Option("--out", "-o", help="Output artifact folder (must not exist unless --force).")
 ]
+QuantOpt = Annotated[
+    str,
+    typer.Option(
+        help="Recipe: fp32 | fp16 | bf16 | int8 | int4, with -bN (block 32 | 64 | 128), -asym, -a8, -mse "
+        "(int4-b64, int8-b128-asym; aliases 8da4w, 8da8w). The backend says which it supports."
+    ),
+]
+MaxSeqLenOpt = Annotated[
+    int | None,
+    typer.Option(min=1, help="Context the artifact declares (default: the model's, capped at 32768)."),
+]
+NoParityOpt = Annotated[bool, typer.Option("--no-parity", help="Skip the parity gate after export.")]
+ForceOpt = Annotated[bool, typer.Option(help="Replace OUT if it exists.")]
+MaxKlOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--max-kl", help="Quality gate: pooled KL mean against the fp32 reference at most this (strict)."
+    ),
+]
+GatesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--gates", metavar="FILE", help="Quality gate from a JSON gates file, by recipe name (strict)."
+    ),
+]
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """The options of every backend command, parsed once (see `backend_command`)."""
+
+    model: str
+    out: Path
+    quant: str
+    max_seq_len: int | None
+    no_parity: bool
+    force: bool
+    threads: int
+    max_kl: float | None
+    gates: Path | None
+    as_json: bool
+
+
+def option(name: str, annotation: Any, default: Any = Parameter.empty) -> Parameter:
+    """A command parameter (`annotation` is `Annotated[type, typer.Option(...)]`) for `backend_command`."""
+    return Parameter(name, Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+_SHARED_HEAD = [option("model", ModelArg), option("out", OutOpt), option("quant", QuantOpt, "fp32")]
+_SHARED_TAIL = [
+    option("max_seq_len", MaxSeqLenOpt, None),
+    option("no_parity", NoParityOpt, False),
+    option("force", ForceOpt, False),
+    option("threads", ThreadsOpt, DEFAULT_THREADS),
+    option("max_kl", MaxKlOpt, None),
+    option("gates", GatesOpt, None),
+    option("as_json", JsonOpt, False),
+]
+
+RecipeFactory = Callable[[ExportOptions, dict[str, Any]], Any]
+"""(shared options, the command's own options by parameter name) -> the recipe its backend's `export` takes."""
+
+
+def core_recipe(opts: ExportOptions, extra: dict[str, Any]) -> Any:
+    """The backend-neutral `Recipe` named by `--quant`, for backends without recipe options of their own."""
+    from lfm_export.recipes import parse_recipe
+
+    return parse_recipe(opts.quant, max_seq_len=opts.max_seq_len)
+
+
+def backend_command(
+    name: str, help: str, recipe: RecipeFactory = core_recipe, extra: Sequence[Parameter] = ()
+) -> Callable[..., None]:
+    """Register `lfm-export NAME MODEL -o OUT` with the shared options plus `extra` (listed after `--quant`):
+    build the recipe, export through `pipeline.BACKENDS[name]`, run the parity gate, report (exit 1 if the
+    gate fails)."""
+
+    def command(**values: Any) -> None:
+        opts = ExportOptions(**{f.name: values.pop(f.name) for f in fields(ExportOptions)})
+        made = recipe(opts, values)
+        _export(name, opts, made)
+
+    command.__signature__ = Signature([*_SHARED_HEAD, *extra, *_SHARED_TAIL])  # type: ignore[attr-defined]
+    command.__name__ = name
+    command.__doc__ = help
+    return app.command(name)(command)
+
+
+def _export(backend: str, opts: ExportOptions, recipe: Any) -> None:
+    from lfm_export.pipeline import export_artifact
+    from lfm_export.progress import Progress
+
+    _threads(opts.threads)
+    outcome = export_artifact(
+        backend,
+        opts.model,
+        opts.out,
+        recipe,
+        force=opts.force,
+        parity=not opts.no_parity,
+        threads=opts.threads,
+        progress=Progress(quiet=opts.as_json),
+        max_kl=opts.max_kl,
+        gates_file=opts.gates,
+    )
+    _report_export(outcome, opts.as_json)
 
 
 def _report_export(outcome: Any, as_json: bool) -> None:
@@ -234,54 +344,52 @@ def _report_export(outcome: Any, as_json: bool) -> None:
         raise typer.Exit(1)
 
 
-@app.command()
-def onnx(
-    model: ModelArg,
-    out: OutOpt,
-    quant: Annotated[str, typer.Option(help="fp32 | fp16 | int8 | int4")] = "fp32",
-    block_size: Annotated[int, typer.Option(help="Quantization block size: 32 | 64 | 128.")] = 32,
-    ops: Annotated[
-        str, typer.Option(help="ort (onnxruntime contrib ops) | portable (standard ONNX ops only).")
-    ] = "ort",
-    asymmetric: Annotated[bool, typer.Option(help="Asymmetric (zero-point) int quantization.")] = False,
-    accuracy_level: Annotated[
-        int, typer.Option(help="MatMulNBits accuracy_level (0-4; 4 = int8 compute).")
-    ] = 4,
-    max_seq_len: Annotated[
-        int, typer.Option(help="Context the artifact declares (defaults to the model's).")
-    ] = 0,
-    no_parity: Annotated[
-        bool, typer.Option("--no-parity", help="Skip the parity gate after export.")
-    ] = False,
-    force: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
-    threads: ThreadsOpt = 2,
-    as_json: JsonOpt = False,
-) -> None:
-    """Export MODEL to ONNX (onnxruntime-genai compatible folder), then check parity through the ONNX runtime shim."""
+def _onnx_recipe(opts: ExportOptions, extra: dict[str, Any]) -> Any:
     from lfm_export.backends.onnx.recipes import make_recipe
-    from lfm_export.pipeline import export_artifact
-    from lfm_export.progress import Progress
 
-    recipe = make_recipe(
-        quant=quant,
-        block_size=block_size,
-        ops=ops,
-        symmetric=not asymmetric,
-        accuracy_level=accuracy_level,
-        max_seq_len=max_seq_len or None,
+    return make_recipe(
+        quant=opts.quant,
+        block_size=extra["block_size"],
+        ops=extra["ops"],
+        symmetric=not extra["asymmetric"],
+        accuracy_level=extra["accuracy_level"],
+        max_seq_len=opts.max_seq_len,
     )
-    _threads(threads)
-    outcome = export_artifact(
-        "onnx",
-        model,
-        out,
-        recipe,
-        force=force,
-        parity=not no_parity,
-        threads=threads,
-        progress=Progress(quiet=as_json),
-    )
-    _report_export(outcome, as_json)
+
+
+backend_command(
+    "onnx",
+    "Export MODEL to ONNX (onnxruntime-genai compatible folder), then check parity through the ONNX runtime "
+    "shim.",
+    _onnx_recipe,
+    [
+        option(
+            "block_size",
+            Annotated[
+                int | None,
+                typer.Option(help="Quantization block size: 32 | 64 | 128 (default: the recipe's, 32)."),
+            ],
+            None,
+        ),
+        option(
+            "ops",
+            Annotated[
+                str, typer.Option(help="ort (onnxruntime contrib ops) | portable (standard ONNX ops only).")
+            ],
+            "ort",
+        ),
+        option(
+            "asymmetric",
+            Annotated[bool, typer.Option(help="Asymmetric (zero-point) int quantization.")],
+            False,
+        ),
+        option(
+            "accuracy_level",
+            Annotated[int, typer.Option(help="MatMulNBits accuracy_level (0-4; 4 = int8 compute).")],
+            4,
+        ),
+    ],
+)
 
 
 # ---- artifact commands -------------------------------------------------------------------------------------
@@ -294,7 +402,9 @@ def parity(
     model: Annotated[
         str, typer.Option(help="Reference model (defaults to the one recorded in the manifest).")
     ] = "",
-    threads: ThreadsOpt = 2,
+    threads: ThreadsOpt = DEFAULT_THREADS,
+    max_kl: MaxKlOpt = None,
+    gates: GatesOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Re-check an artifact's numerical parity against the fp32 reference model; exit 1 if the gate fails."""
@@ -303,7 +413,14 @@ def parity(
     from lfm_export.progress import Progress
 
     loaded = load_model(model) if model else None
-    result = check_artifact(artifact, loaded, threads=threads, progress=Progress(quiet=as_json))
+    result = check_artifact(
+        artifact,
+        loaded,
+        threads=threads,
+        progress=Progress(quiet=as_json),
+        max_kl=max_kl,
+        gates_file=gates,
+    )
     _emit(
         result.to_json(),
         as_json,
@@ -324,7 +441,7 @@ def run(
     ] = False,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 128,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    threads: ThreadsOpt = 2,
+    threads: ThreadsOpt = DEFAULT_THREADS,
 ) -> None:
     """Stream text from an artifact through its runtime shim (no PyTorch needed for ONNX)."""
     from lfm_export.pipeline import open_session
@@ -339,7 +456,7 @@ def bench(
     artifact: ArtifactArg,
     prompt_len: Annotated[int, typer.Option(help="Prompt tokens to prefill.")] = 512,
     new_tokens: Annotated[int, typer.Option(help="Tokens to decode.")] = 128,
-    threads: ThreadsOpt = 2,
+    threads: ThreadsOpt = DEFAULT_THREADS,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure load time, prefill and decode tokens/s, peak RSS and size of an artifact."""
@@ -366,20 +483,18 @@ def inspect(
     ],
     as_json: JsonOpt = False,
 ) -> None:
-    """Show an artifact's manifest and I/O signature, or a model's config and I/O signature."""
-    from lfm_export.signature import IOSignature, build_signature
-
+    """Show an artifact's manifest (any backend) or a model's config, with the I/O signature."""
     path = Path(target)
     if (path / "manifest.json").is_file():
         from lfm_export.manifest import read_manifest
 
-        manifest = read_manifest(path)
-        sig = IOSignature.from_dict(manifest["signature"])
-        info = manifest
+        info = read_manifest(path)
+        lines = [f"artifact  {path}", *manifest_lines(info)]
     else:
         from lfm_export.config import Lfm2Config
         from lfm_export.loading import BUNDLED
         from lfm_export.presets import get_preset
+        from lfm_export.signature import build_signature
 
         if target.startswith("random:"):
             cfg = get_preset(target.split(":", 1)[1]).config
@@ -390,42 +505,92 @@ def inspect(
                     f"{target}: not an artifact folder, a model folder, a bundled model or random:PRESET"
                 )
             cfg = Lfm2Config.from_file(folder / "config.json")
-        sig = build_signature(cfg)
-        info = {"model": target, "config": cfg.to_dict(), "signature": sig.to_dict()}
-    if as_json:
-        _emit(info, True, "")
-        return
-    lines = []
-    if "backend" in info:
-        m = info["model"]
-        lines += [
-            f"artifact  {path}",
-            f"backend   {info['backend']}  recipe {info['recipe'].get('name', info['recipe'])}",
-            f"model     {m.get('source')}{'  (RANDOM WEIGHTS)' if m.get('random_weights') else ''}",
-            f"parity    {_parity_line(info.get('parity', {}))}",
-            f"size      {info.get('total_bytes', 0) / 1e6:.2f} MB in {len(info.get('files', []))} files",
+        info = {"model": target, "config": cfg.to_dict(), "signature": build_signature(cfg).to_dict()}
+        lines = [
+            f"model     {target}",
+            *_tree("config", info["config"]),
+            *_signature_lines(info["signature"]),
         ]
-        if info.get("ops"):
-            lines.append("ops       " + ", ".join(f"{k} x{v}" for k, v in info["ops"].items()))
-    else:
-        c = info["config"]
-        lines.append(
-            f"model     {target}: {c['model_type']}, hidden {c['hidden_size']}, {len(c['layer_types'])} layers, "
-            f"vocab {c['vocab_size']}"
-        )
-    lines.append(
-        f"signature ({sig.form} KV{', max_seq_len ' + str(sig.max_seq_len) if sig.max_seq_len else ''})"
-    )
-    for direction, specs in (("in ", sig.inputs), ("out", sig.outputs)):
+    _emit(info, as_json, "\n".join(lines))
+
+
+_SHOWN_FIRST = ("backend", "recipe", "model", "max_seq_len", "parity", "files", "total_bytes", "signature")
+_NOT_SHOWN = ("schema_version", "config")
+"""`config` repeats the model's config.json (`--json` shows it); the rest of the manifest is shown as it is."""
+
+
+def manifest_lines(m: dict[str, Any]) -> list[str]:
+    """A manifest of any backend as text: the common entries first, then every other key as it is stored."""
+    recipe = m.get("recipe") if isinstance(m.get("recipe"), dict) else {"name": m.get("recipe")}
+    lines = [f"backend   {m.get('backend')}"]
+    lines += _headed("recipe", str(recipe.get("name")), {k: v for k, v in recipe.items() if k != "name"})
+    model = dict(m.get("model") or {})
+    random = "  (RANDOM WEIGHTS)" if model.pop("random_weights", False) else ""
+    lines += _headed("model", f"{model.pop('source', '?')}{random}", model)
+    if m.get("max_seq_len") is not None:
+        lines.append(f"context   {m['max_seq_len']} tokens")
+    lines += _parity_lines(m.get("parity"))
+    files = m.get("files") or []
+    lines.append(f"files     {len(files)}, {(m.get('total_bytes') or 0) / 1e6:.2f} MB")
+    for f in files:
+        if isinstance(f, dict):
+            lines.append(f"  {f.get('path', '?'):<40} {f.get('bytes', 0):>14,} B")
+        else:
+            lines.append(f"  {f}")
+    lines += _signature_lines(m.get("signature") or {})
+    for key, value in m.items():
+        if key not in _SHOWN_FIRST and key not in _NOT_SHOWN:
+            lines += _tree(key, value)
+    return lines
+
+
+def _parity_lines(p: Any) -> list[str]:
+    if not isinstance(p, dict) or "passed" not in p:
+        status = p.get("status", "not run") if isinstance(p, dict) else "not run"
+        return [f"parity    {status}"]
+    title = str(p.get("verdict") or ("PASSED" if p["passed"] else "FAILED"))
+    return _headed("parity", title, {k: v for k, v in p.items() if k not in ("passed", "verdict")})
+
+
+def _signature_lines(sig: dict[str, Any]) -> list[str]:
+    """Inputs, outputs and any other tensor lists (such as `held` state) of a signature, then its other keys."""
+    groups = {
+        k: v for k, v in sig.items() if isinstance(v, list | tuple) and all(isinstance(s, dict) for s in v)
+    }
+    other = {k: v for k, v in sig.items() if k not in groups and k != "form"}
+    lines = _headed("signature", f"{sig.get('form', '?')} form", other)
+    for group, specs in groups.items():  # an empty group (no held state) shows nothing
+        label = {"inputs": "in", "outputs": "out"}.get(group, group)
         for s in specs:
-            lines.append(f"  {direction} {s.name:<28} {s.dtype:<8} [{', '.join(map(str, s.shape))}]")
-    typer.echo("\n".join(lines))
+            shape = ", ".join(map(str, s.get("shape", [])))
+            lines.append(f"  {label:<5} {s.get('name', '?'):<28} {s.get('dtype', ''):<8} [{shape}]")
+    return lines
 
 
-def _parity_line(p: dict[str, Any]) -> str:
-    if "passed" not in p:
-        return p.get("status", "not run")
-    return f"{'PASSED' if p['passed'] else 'FAILED'} ({p.get('recipe', '')})"
+def _headed(key: str, title: str, fields: dict[str, Any]) -> list[str]:
+    """`key title (fields inline)` when it fits in 110 characters, else `key title` and the fields below."""
+    line = f"{key.ljust(9)} {title}" + (f"  ({_inline(fields)})" if fields else "")
+    if len(line) <= 110:
+        return [line]
+    return [f"{key.ljust(9)} {title}", *(sub for k, v in fields.items() for sub in _tree(str(k), v, 1))]
+
+
+def _inline(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_inline(v)}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_inline(v) for v in value) + "]"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _tree(key: str, value: Any, depth: int = 0) -> list[str]:
+    """`key value` on one line when it fits in 110 characters, else `key` and its entries indented below."""
+    pad = "  " * depth
+    line = f"{pad}{key.ljust(9 - len(pad))} {_inline(value)}"
+    if len(line) <= 110 or not isinstance(value, dict | list):
+        return [line]
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    return [f"{pad}{key}", *(sub for k, v in items for sub in _tree(str(k), v, depth + 1))]
 
 
 def main() -> None:

@@ -34,7 +34,3 @@ class Progress:
     def note(self, message: str) -> None:
         if not self.quiet:
             _console.print(message)
-
-
-def stderr_console() -> Console:
-    return _console

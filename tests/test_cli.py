@@ -99,3 +99,58 @@ def test_core_import_is_torch_free():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_inspect_shows_any_backends_manifest(tmp_path):
+    """A manifest of a backend this install has no shim for (batch-1 static cache, state held inside the
+    program): every part is shown, keys the tool does not know included."""
+    from lfm_export.runtime.artifact import SCHEMA_VERSION
+
+    spec = {"shape": ["batch_size", 64, 2], "dtype": "float32", "role": "conv", "layer": 0}
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "backend": "coreml",
+        "recipe": {"name": "int4-b32", "bits": 4, "block_size": 32},
+        "model": {"source": "tiny", "random_weights": True, "weights_sha256": "ab" * 32},
+        "max_seq_len": 256,
+        "files": [{"path": "model.mlpackage/weights.bin", "bytes": 123456, "sha256": "0" * 64}],
+        "total_bytes": 123456,
+        "signature": {
+            "form": "stateful",
+            "inputs": [
+                {"name": "input_ids", "shape": [1, "sequence_length"], "dtype": "int64", "role": "input_ids"}
+            ],
+            "outputs": [
+                {"name": "logits", "shape": [1, "sequence_length", 320], "dtype": "float32", "role": "logits"}
+            ],
+            "held": [{**spec, "name": "past.0.conv"}],
+            "max_seq_len": 256,
+        },
+        "parity": {
+            "passed": False,
+            "verdict": "FAILED: exactness passed; quality failed",
+            "exactness": {"passed": True, "against": "simulated"},
+            "quality": {"passed": False, "against": "reference", "pooled": {"kl_mean": 0.31}},
+        },
+        "compute_units": "CPU_AND_NE",
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    r = cli("inspect", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for fragment in (
+        "backend   coreml",
+        "recipe    int4-b32  (bits 4, block_size 32)",
+        "model     tiny  (RANDOM WEIGHTS)",
+        "context   256 tokens",
+        "parity    FAILED: exactness passed; quality failed",
+        "quality",
+        "kl_mean 0.31",
+        "model.mlpackage/weights.bin",
+        "123,456 B",
+        "signature stateful form",
+        "held  past.0.conv",
+        "compute_units CPU_AND_NE",
+    ):
+        assert fragment in out, (fragment, out)
+    assert json.loads(cli("inspect", str(tmp_path), "--json").stdout) == manifest

@@ -13,10 +13,14 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+CONTEXT = "512"
+"""Declared context: the near_max_seq_len parity scenario fills it, so it sets the parity time."""
+
+
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli-onnx") / "tiny-int4"
-    r = cli("onnx", "tiny", "-o", str(out), "--quant", "int4", "--json")
+    r = cli("onnx", "tiny", "-o", str(out), "--quant", "int4", "--max-seq-len", CONTEXT, "--json")
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert data["parity"]["passed"] is True and data["recipe"]["name"] == "int4-b32"
@@ -44,6 +48,21 @@ def test_parity_recheck_json(artifact):
     r = cli("parity", str(artifact), "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["passed"] is True
+
+
+def test_parity_quality_gate_from_max_kl_and_gates_file(artifact, tmp_path):
+    """--max-kl and --gates reach the quality gate: an impossible KL bound fails (exit 1), a gates file entry
+    picked by recipe name passes."""
+    strict = cli("parity", str(artifact), "--max-kl", "1e-9", "--json")
+    assert strict.returncode == 1, strict.stderr
+    data = json.loads(strict.stdout)
+    failed = [(c["part"], c["metric"]) for c in data["checks"] if not c["passed"]]
+    assert failed and set(failed) == {("quality", "kl_mean")}, failed
+    assert data["exactness"]["passed"] is True and data["quality"]["gate"] == "--max-kl 1e-09"
+    gates = tmp_path / "gates.json"
+    gates.write_text(json.dumps({"gates": {"int4": {"kl_mean": 0.2, "top1_decisive": 0.5}}}))
+    r = cli("parity", str(artifact), "--gates", str(gates), "--json")
+    assert r.returncode == 0, r.stderr
 
 
 def test_run_streams_text(artifact):
@@ -83,6 +102,10 @@ def test_existing_output_is_refused_and_untouched(artifact):
         (["--ops", "tensorrt"], "ops"),
         (["--quant", "int4", "--block-size", "48"], "block"),
         (["--quant", "int4", "--block-size", "256"], "block"),
+        (["--quant", "int4-b64", "--block-size", "32"], "names block size 64, --block-size says 32"),
+        (["--max-seq-len", "0"], "max-seq-len"),
+        (["--max-kl", "-1"], "--max-kl must be a positive number"),
+        (["--gates", "/no/such/gates.json"], "gates file not found"),
     ],
 )
 def test_bad_options_write_nothing(tmp_path, args, message):
