@@ -20,7 +20,8 @@ Rounding choices, all of them (numpy, float32 arithmetic, `np.rint` = round half
   worse than `nearest` on any block.
 - `dequantize()`: `(code - zero_point) * scale` in float32.
 
-Activation rounding (`simulate(..., activations=...)`), the inputs of every quantized linear:
+Activation rounding (`simulate(..., activations=...)`), the inputs of every quantized linear; one mode for all,
+or per role (`{"linears": ..., "experts": ...}`, `ROLES`) where a runtime treats MoE experts differently:
 - `ACT_FLOAT`: none (what MatMulNBits computes at accuracy_level 0, QDQ + MatMul, and every float recipe).
 - `ACT_INT8_BLOCK`: onnxruntime's MatMulNBits at accuracy_level 4 on CPU (MLAS `QuantizeARow_CompInt8`,
   read from its AVX2 kernel): per row, per block of `block_size` along K, symmetric int8 with
@@ -62,6 +63,9 @@ DEFAULT_THREADS = 2
 
 
 FLOAT_TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16}
+ROLES = ("linears", "experts")
+"""Roles of `simulate`'s per-role activation modes: MoE expert linears (`.experts.` in the name), every other."""
+ActivationSpec = str | dict[str, str]
 ROUTER_SUFFIX = "feed_forward.gate"
 """The MoE router stays float in every recipe: rounding must not change which experts are chosen."""
 
@@ -231,6 +235,14 @@ def fake_quant_int8_token(x: Tensor) -> Tensor:
     return ((q - zp) * scale).to(x.dtype)
 
 
+def activation_modes(spec: ActivationSpec) -> dict[str, str]:
+    """`spec` as a mode per role (a plain mode applies to every role)."""
+    modes = dict.fromkeys(ROLES, spec) if isinstance(spec, str) else dict(spec)
+    if set(modes) != set(ROLES) or not set(modes.values()) <= set(ACTIVATION_MODES):
+        raise ValueError(f"activations {spec!r}; expected one of {ACTIVATION_MODES}, or one per role {ROLES}")
+    return modes
+
+
 class SimulatedLinear(nn.Linear):
     """A linear whose weight is already the dequantized one and whose input is rounded as the runtime does."""
 
@@ -250,7 +262,7 @@ class SimulatedLinear(nn.Linear):
 
 
 def simulate(
-    model: nn.Module, recipe: Recipe, activations: str = ACT_FLOAT, threads: int = DEFAULT_THREADS
+    model: nn.Module, recipe: Recipe, activations: ActivationSpec = ACT_FLOAT, threads: int = DEFAULT_THREADS
 ) -> nn.Module:
     """A copy of the canonical fp32 `model` that computes what an artifact of `recipe` computes.
 
@@ -258,14 +270,13 @@ def simulate(
       pack from): linears at `recipe.bits`, the lm_head at `recipe.head_bits`, the embedding table at
       `recipe.embedding_bits` (a `None` keeps either float). The MoE router (`feed_forward.gate`), norms, conv
       weights (3-D), biases and buffers stay float. Inputs of the quantized linears (lm_head included) are
-      rounded as `activations` says (`ACTIVATION_MODES`).
+      rounded as `activations` says: a mode of `ACTIVATION_MODES`, or a mode per role of `ROLES`.
     - float recipes: weights rounded to `recipe.dtype` and back (what the artifact stores); fp32 compute.
 
     Tensors that stay as they are are shared with `model`, not copied: the result costs only the memory of
     the weights it replaces, each built from one weight at a time.
     """
-    if activations not in ACTIVATION_MODES:
-        raise ValueError(f"activations {activations!r}; expected one of {ACTIVATION_MODES}")
+    modes = activation_modes(activations)
     keep = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     sim = copy.deepcopy(model, memo=dict(keep))
     done: dict[tuple[int, int | None], Tensor] = {}
@@ -301,6 +312,7 @@ def simulate(
                 continue
             parent, _, child = name.rpartition(".")
             owner = sim.get_submodule(parent) if parent else sim
-            setattr(owner, child, SimulatedLinear(mod, weight, activations, recipe.block_size))
+            mode = modes["experts" if ".experts." in name else "linears"]
+            setattr(owner, child, SimulatedLinear(mod, weight, mode, recipe.block_size))
     done.clear()
     return sim.eval()

@@ -24,9 +24,10 @@ def export(loaded: Any, folder: Path, recipe: OnnxRecipe | Recipe | str, progres
     return export_onnx(loaded, Path(folder), recipe, progress)
 
 
-def simulation(recipe_dict: dict[str, Any]) -> tuple[Recipe, str]:
-    """From a manifest's `recipe`: the core recipe and the activation rounding the ONNX runtime applies
-    (`int8-block` for int4/int8 at accuracy_level 4, else `float`), for `lfm_export.quant.simulate`."""
+def simulation(recipe_dict: dict[str, Any]) -> tuple[Recipe, str | dict[str, str]]:
+    """From a manifest's `recipe`: the core recipe and the activation rounding onnxruntime applies (`int8-block`
+    for int4/int8 at accuracy_level 4 and in `portable` artifacts, else `float`; int8 MoE experts are
+    `int8-block` at every level: `OnnxRecipe.activations`), for `lfm_export.quant.simulate`."""
     recipe = OnnxRecipe.from_dict(recipe_dict)
     return recipe.recipe, recipe.activations
 
