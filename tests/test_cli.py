@@ -154,3 +154,29 @@ def test_inspect_shows_any_backends_manifest(tmp_path):
     ):
         assert fragment in out, (fragment, out)
     assert json.loads(cli("inspect", str(tmp_path), "--json").stdout) == manifest
+
+
+def test_readme_cli_reference_matches_help():
+    """The README's command table lists every command in `--help` order, with its help text and options."""
+    import re
+    from pathlib import Path
+
+    import click
+    import typer.main
+
+    from lfm_export.cli import app
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## CLI reference", 1)[1].split("\n## ", 1)[0]
+    documented = {}
+    for row in (line for line in section.splitlines() if line.startswith("| `")):
+        name, text, options = (c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1])
+        documented[name.strip("`").split()[0]] = (text, set(re.findall(r"--[a-z][a-z-]*", options)))
+    group = typer.main.get_command(app)
+    ctx = click.Context(group)
+    assert list(documented) == group.list_commands(ctx)
+    for name, (text, options) in documented.items():
+        command = group.get_command(ctx, name)
+        assert text == " ".join(command.help.split()), name
+        real = {o for p in command.params for o in p.opts if o.startswith("--") and o != "--help"}
+        assert options == real, (name, options ^ real)
