@@ -298,7 +298,12 @@ def test_simulation_hook_reads_the_manifest_recipe() -> None:
 
     recipe, act = simulation(make_recipe(quant="int4", block_size=64).to_dict())
     assert (recipe.name, recipe.head_bits, act) == ("int4-b64", 8, "int8-block")
-    assert simulation(make_recipe(quant="int8", accuracy_level=0).to_dict())[1] == "float"
+    assert simulation(make_recipe(quant="int4", accuracy_level=0).to_dict())[1] == "float"
+    assert (
+        simulation(make_recipe(quant="int4", ops="portable", accuracy_level=0).to_dict())[1] == "int8-block"
+    )
+    experts_too = {"linears": "float", "experts": "int8-block"}  # int8 QMoE quantizes its inputs at any level
+    assert simulation(make_recipe(quant="int8", accuracy_level=0).to_dict())[1] == experts_too
     assert simulation(make_recipe(quant="fp16").to_dict()) == (parse_core_recipe("fp16"), "float")
     old = {"name": "int8-b128-asym", "quant": "int8", "block_size": 128, "accuracy_level": 4, "ops": "ort"}
     recipe, act = simulation(old)  # a manifest written before the core recipe existed

@@ -83,11 +83,22 @@ class OnnxRecipe:
         return self.recipe.max_seq_len
 
     @property
-    def activations(self) -> str:
-        """How the runtime rounds the inputs of the quantized linears (`lfm_export.quant.ACTIVATION_MODES`)."""
-        return (
-            ACT_INT8_BLOCK if self.quantized and self.accuracy_level == INT8_ACTIVATIONS_LEVEL else ACT_FLOAT
-        )
+    def activations(self) -> str | dict[str, str]:
+        """How onnxruntime's CPU kernels round the inputs of the quantized linears (`lfm_export.quant`'s modes),
+        measured with onnxruntime 1.32 against `lfm_export.quant.simulate` one op at a time (relative error
+        <= 4e-7 where the mode matches, 5e-3 to 1e-2 where it does not):
+        - MatMulNBits (int4 and int8): `int8-block` at accuracy_level 4, float at 0 to 3;
+        - `portable`: onnxruntime rewrites DequantizeLinear + MatMul into MatMulNBits at its session default,
+          accuracy level 4 (the runtime shim leaves it), so `int8-block` whatever the recipe says;
+        - QMoE: int4 experts follow accuracy_level; int8 experts round their inputs to `int8-block` at every
+          level, so int8 below level 4 is float for the linears and `int8-block` for the experts."""
+        if not self.quantized:
+            return ACT_FLOAT
+        if self.ops == PORTABLE or self.accuracy_level == INT8_ACTIVATIONS_LEVEL:
+            return ACT_INT8_BLOCK
+        if self.bits == 8:
+            return {"linears": ACT_FLOAT, "experts": ACT_INT8_BLOCK}
+        return ACT_FLOAT
 
     def context(self, cfg: Lfm2Config) -> int:
         return self.recipe.context(cfg)
