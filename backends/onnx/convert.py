@@ -37,6 +37,7 @@ from lfm_export.trace import export_program
 
 from . import fusion, quantize
 from .genai_config import write_genai_config
+from .graph import MS_DOMAIN, remove_dead_nodes
 from .recipes import ORT, OnnxRecipe
 
 OPSET = 21
@@ -118,7 +119,7 @@ def export_onnx(
         save_model(model, out_dir)
         del model
         write_genai_config(
-            out_dir, loaded, signature, MODEL_FILE, share_kv=(fusion.MS_DOMAIN, "GroupQueryAttention") in ops
+            out_dir, loaded, signature, MODEL_FILE, share_kv=(MS_DOMAIN, "GroupQueryAttention") in ops
         )
         for f in loaded.tokenizer_files():
             shutil.copy2(f, out_dir / f.name)
@@ -257,7 +258,7 @@ def rename_initializers(model: ir.Model) -> None:
 
 
 def finalize_graph(model: ir.Model, signature: IOSignature) -> None:
-    fusion.remove_dead_nodes(model)
+    remove_dead_nodes(model)
     ir.passes.common.RemoveUnusedOpsetsPass()(model)
     model.graph.sort()
     ir.passes.common.NameFixPass()(model)

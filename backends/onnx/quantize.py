@@ -32,7 +32,8 @@ import onnx_ir as ir
 
 from lfm_export.quant import Quantized, pack_nibbles, quantize_weight
 
-from .fusion import MOE_EXPERTS_META, MS_DOMAIN, Emitter, add_initializer, producer, replace_value, use_opset
+from .fusion import MOE_EXPERTS_META
+from .graph import MS_DOMAIN, Emitter, add_initializer, producer, replace_value, use_opset
 from .recipes import ORT, OnnxRecipe
 
 EXCLUDED_SUFFIXES = ("feed_forward.gate.weight",)
