@@ -132,6 +132,8 @@ def export_program(
     model: Lfm2ForCausalLM, signature: IOSignature, swaps: Sequence[Swap] = ()
 ) -> torch.export.ExportedProgram:
     """The `growing` or `static` form of `model`, traced with every symbolic axis of `signature` dynamic."""
+    if signature.form == STATEFUL:
+        raise ValueError("a stateful signature is traced by export_stateful_program")
     module = SignatureModule(apply_swaps(model, swaps), signature).eval()
     args = example_inputs(signature, dtype=next(model.parameters()).dtype)
     with torch.no_grad():

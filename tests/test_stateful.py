@@ -140,6 +140,8 @@ def test_stateful_signature_describes_held_state():
         build_signature(CFG, STATEFUL)
     with pytest.raises(ValueError, match="max_prefill"):
         build_signature(CFG, STATEFUL, 16, max_prefill=32)
+    with pytest.raises(ValueError, match="export_stateful_program"):
+        export_program(init_random(CFG), sig)
 
 
 # ---- module swaps ---------------------------------------------------------------------------------------------
