@@ -157,7 +157,8 @@ def check(
         result.to_dict(),
         as_json,
         f"{verdict}: max abs logit error {result.max_abs_error:.3e} (tolerance {tolerance:g}; {parts}); "
-        f"greedy tokens {'match' if result.greedy_match else 'DIFFER'}",
+        f"greedy tokens {'match' if result.greedy_match else 'DIFFER'}; transformers' config parsed by "
+        f"{result.reference_config}",
     )
     raise typer.Exit(0 if result.passed else 1)
 
