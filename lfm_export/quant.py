@@ -14,8 +14,8 @@ Rounding choices, all of them (numpy, float32 arithmetic, `np.rint` = round half
 - asymmetric: the block's range `[min(lo, 0), max(hi, 0)]`, `scale = (hi - lo) / (2^bits - 1)`,
   `zero_point = clip(rint(-lo / scale), 0, 2^bits - 1)`, `q = clip(rint(w / scale) + zero_point, 0,
   2^bits - 1)`.
-- `rounding="mse"`: the same formulas with the block's extremes shrunk by a factor `f` from `MSE_GRID`
-  (0.70 ... 1.00), `f` chosen per block to minimise the block's squared error `sum((w - deq)^2)`. `f = 1`
+- `rounding="mse"`: the same formulas with the block's extremes shrunk by a factor `f` from `MSE_GRIDS`
+  (int4 0.70 ... 1.00, int8 0.97 ... 1.00), `f` chosen per block to minimise the block's squared error `sum((w - deq)^2)`. `f = 1`
   (plain rounding) is tried first and only a strictly smaller error replaces it, so the search is never
   worse than `nearest` on any block.
 - `dequantize()`: `(code - zero_point) * scale` in float32.
@@ -57,8 +57,14 @@ CHUNK_ELEMENTS = 1 << 23
 """Plain rounding works on row chunks of about this many weights (32 MiB of float32)."""
 MSE_CHUNK_ELEMENTS = 1 << 20
 """The rounding search keeps a few chunk-sized temporaries per candidate, per thread: smaller chunks."""
-MSE_GRID = tuple(round(1.0 - 0.015 * i, 3) for i in range(21))
-"""Shrink factors of the block's extremes tried by `rounding="mse"`: 1.00, 0.985, ..., 0.70 (21 values)."""
+MSE_GRIDS = {
+    4: tuple(round(1.0 - 0.015 * i, 4) for i in range(21)),
+    8: tuple(round(1.0 - 0.0015 * i, 4) for i in range(21)),
+}
+"""Shrink factors of the block's extremes tried by `rounding="mse"`, 21 per bit width: int4 1.00 ... 0.70, int8
+1.00 ... 0.97 (a 1.5% shrink already clips an int8 extreme by two steps, more than the rounding it saves).
+Measured on Student-t (4 dof) weights `[1024, 1024]`, block 64, weight squared error against plain rounding:
+int4 -9.0% (symmetric) / -6.4% (asymmetric), int8 -1.9% / -1.6%."""
 DEFAULT_THREADS = 2
 
 
@@ -116,7 +122,7 @@ def quantize_block(
     codes = np.empty((n, k), np.uint8)
     scales = np.empty((n, nb), np.float32)
     zps = None if symmetric else np.empty((n, nb), np.uint8)
-    grid = MSE_GRID if rounding == "mse" else (1.0,)
+    grid = MSE_GRIDS[bits] if rounding == "mse" else (1.0,)
     step = max(1, (MSE_CHUNK_ELEMENTS if rounding == "mse" else CHUNK_ELEMENTS) // k)
 
     def work(r0: int) -> None:
@@ -148,7 +154,8 @@ def _search(
         c, s, z = _symmetric(blocks, bits, f) if symmetric else _asymmetric(blocks, bits, f)
         if len(grid) == 1:
             return c, s, z
-        deq = (c.astype(np.float32) - (z if z is not None else 2 ** (bits - 1))[..., None]) * s[..., None]
+        zp = np.float32(2 ** (bits - 1)) if z is None else z[..., None].astype(np.float32)
+        deq = (c.astype(np.float32) - zp) * s[..., None]
         err = np.square(deq - blocks, dtype=np.float32).sum(-1)
         if best is None or best_err is None:
             best, best_err = (c, s, z), err
