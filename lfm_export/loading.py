@@ -7,6 +7,7 @@ mis-shaped tensor is an error that names it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import struct
@@ -18,7 +19,16 @@ import torch
 
 from lfm_export.config import Lfm2Config
 from lfm_export.errors import CheckpointError, ConfigError, UnsupportedError, UserError
-from lfm_export.model import Lfm2ForCausalLM, build_model
+from lfm_export.model import Lfm2ForCausalLM
+from lfm_export.weights import (
+    RANDOM_SCHEME,
+    CheckpointWeights,
+    RandomWeights,
+    WeightSource,
+    lazy_model,
+    materialize,
+    model_shapes,
+)
 
 ASSETS = Path(__file__).parent / "assets"
 BUNDLED = {"tiny": ASSETS / "tiny", "tiny-moe": ASSETS / "tiny-moe"}
@@ -52,7 +62,31 @@ class LoadedModel:
     generation_config: dict[str, Any] = field(default_factory=dict)
     chat_template: str | None = None
     weight_files: list[Path] = field(default_factory=list)
+    weights: WeightSource | None = None
+    """Set when the model is lazy: `model` holds NaN placeholders and this produces each tensor on request."""
     _identity: dict[str, Any] | None = None
+
+    @property
+    def lazy(self) -> bool:
+        return self.weights is not None
+
+    def require_reference_memory(self, copies: int = 2) -> None:
+        """Refuse, before any work, a parity run whose float32 models do not fit in memory. Parity holds the
+        fp32 reference and the recipe's simulation (quantized linears dequantized to fp32): `copies` 2."""
+        from lfm_export.presets import param_count
+
+        require_memory(
+            copies * 4 * param_count(self.config),
+            f"parity on {self.source}: {copies} float32 copies of the model",
+            "; export with --no-parity",
+        )
+
+    def materialized(self) -> LoadedModel:
+        """This model with real float tensors (itself when it is not lazy)."""
+        if self.weights is None:
+            return self
+        require_memory(self.weights.nbytes(), f"{self.source} weights in {self.weights.dtype}")
+        return dataclasses.replace(self, model=materialize(self.config, self.weights), weights=None)
 
     @property
     def name(self) -> str:
@@ -92,6 +126,7 @@ class LoadedModel:
             else:
                 ident["weights_sha256"] = None
                 ident["random_seed"] = 0
+                ident["random_init"] = RANDOM_SCHEME
             self._identity = ident
         return self._identity
 
@@ -199,10 +234,10 @@ def canonical_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
-def assign_weights(model: Lfm2ForCausalLM, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """Strictly assign `tensors` to a meta-device model, converting dtype only where needed."""
-    cfg = model.config
-    expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+def check_tensors(cfg: Lfm2Config, tensors: dict[str, torch.Tensor]) -> None:
+    """Strict: every tensor the architecture has, no other, each with its shape and a float dtype (named).
+    A tied `lm_head.weight` in the file is dropped from `tensors`."""
+    expected = model_shapes(cfg)
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
         tensors.pop("lm_head.weight", None)
@@ -218,33 +253,28 @@ def assign_weights(model: Lfm2ForCausalLM, tensors: dict[str, torch.Tensor], dty
         raise CheckpointError(
             f"checkpoint has unexpected tensor {unexpected[0]}{more}; does config.json match the weights?"
         )
-    for name, ref in expected.items():
+    for name, shape in expected.items():
         t = tensors[name]
-        if tuple(t.shape) != tuple(ref.shape):
+        if tuple(t.shape) != shape:
             raise CheckpointError(
-                f"tensor {name} has shape {list(t.shape)}, config.json implies {list(ref.shape)}"
+                f"tensor {name} has shape {list(t.shape)}, config.json implies {list(shape)}"
             )
-    state = {}
-    for name in expected:
-        t = tensors[name]
         if not t.is_floating_point():
             raise CheckpointError(
                 f"tensor {name} is {str(t.dtype).removeprefix('torch.')}; a float weight is expected there"
             )
-        want = torch.float32 if name.endswith("expert_bias") else dtype
-        state[name] = t if t.dtype == want else t.to(want)
-    model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.eval()
 
 
 # ---- sources ---------------------------------------------------------------------------------------------
-def load_model(source: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a model from a folder, a bundled name (`tiny`, `tiny-moe`) or `random:PRESET`."""
+def load_model(source: str | Path, dtype: torch.dtype = torch.float32, lazy: bool = False) -> LoadedModel:
+    """Load a model from a folder, a bundled name (`tiny`, `tiny-moe`) or `random:PRESET`.
+
+    `lazy`: the model's weights are NaN placeholders and `loaded.weights` produces each tensor on request
+    (see `lfm_export.weights`); exporters use that to write a model bigger than memory. `materialized()` gives
+    the model with real tensors."""
     src = str(source)
     if src.startswith("random:"):
-        return random_model(src.split(":", 1)[1], dtype)
+        return random_model(src.split(":", 1)[1], dtype, lazy=lazy)
     folder = BUNDLED.get(src, Path(src))
     if not folder.exists():
         raise UserError(
@@ -263,10 +293,10 @@ def load_model(source: str | Path, dtype: torch.dtype = torch.float32) -> Loaded
             tensors[name] = t
     weights_dtype = _dominant_dtype(tensors)
     tensors = canonical_state_dict(tensors)
-    model = build_model(cfg)
-    assign_weights(model, tensors, dtype)
+    check_tensors(cfg, tensors)
+    weights = CheckpointWeights(cfg, tensors, dtype)
     return LoadedModel(
-        model=model,
+        model=lazy_model(cfg, weights) if lazy else materialize(cfg, weights),
         config=cfg,
         source=src,
         path=folder,
@@ -275,48 +305,50 @@ def load_model(source: str | Path, dtype: torch.dtype = torch.float32) -> Loaded
         generation_config=_read_json(folder / "generation_config.json"),
         chat_template=read_chat_template(folder),
         weight_files=files,
+        weights=weights if lazy else None,
     )
 
 
-def random_model(preset_name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
-    """Real architecture, random weights (seeded): for size and speed work. Always marked random."""
-    import psutil
-
-    from lfm_export.presets import get_preset, param_count
+def random_model(
+    preset_name: str, dtype: torch.dtype = torch.float32, seed: int = 0, lazy: bool = False
+) -> LoadedModel:
+    """Real architecture, random weights (`RandomWeights`, seeded per tensor): for size and speed work. Always
+    marked random. Eager, it refuses a model whose weights do not fit in memory; lazy, it holds none."""
+    from lfm_export.presets import get_preset
 
     preset = get_preset(preset_name)
     cfg = preset.config
-    need = param_count(cfg) * torch.tensor([], dtype=dtype).element_size()
-    avail = psutil.virtual_memory().available
-    if need > 0.9 * avail:
-        raise UnsupportedError(
-            f"random:{preset.name} needs {need / 1e9:.1f} GB of weights in {dtype}, "
-            f"only {avail / 1e9:.1f} GB of memory is available"
-        )
-    model = init_random(cfg, dtype, seed)
+    weights = RandomWeights(cfg, dtype, seed)
+    if not lazy:
+        require_memory(weights.nbytes(), f"random:{preset.name} weights in {dtype}")
     return LoadedModel(
-        model=model,
+        model=lazy_model(cfg, weights) if lazy else materialize(cfg, weights),
         config=cfg,
         source=f"random:{preset.name}",
         path=None,
         random=True,
         weights_dtype=str(dtype).removeprefix("torch."),
+        weights=weights if lazy else None,
     )
 
 
+def require_memory(nbytes: int, what: str, hint: str = "") -> None:
+    """Refuse (UnsupportedError) to build `nbytes` of tensors when they exceed 90% of available memory."""
+    import psutil
+
+    avail = psutil.virtual_memory().available
+    if nbytes > 0.9 * avail:
+        raise UnsupportedError(
+            f"{what} need {nbytes / 1e9:.1f} GB, only {avail / 1e9:.1f} GB of memory is available{hint}"
+        )
+
+
 def init_random(cfg: Lfm2Config, dtype: torch.dtype = torch.float32, seed: int = 0) -> Lfm2ForCausalLM:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.device("cpu"):
-        model = Lfm2ForCausalLM(cfg).to(dtype)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-                p.fill_(1.0)
-            elif p.dim() >= 2:
-                p.normal_(0.0, 0.02, generator=gen)
-            else:
-                p.zero_()
-    return model.eval()
+    """A model with `RandomWeights` (trainable parameters: the training script starts from it)."""
+    model = materialize(cfg, RandomWeights(cfg, dtype, seed))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
 
 
 def save_checkpoint(

@@ -80,7 +80,9 @@ def export_artifact(
     quality = quality_gate(_recipe_name(recipe), max_kl, gates_file) if parity else None
     exporter = importlib.import_module(BACKENDS[backend])
     with progress.step(f"Loading {model}"):
-        loaded = load_model(model)
+        loaded = load_model(model, lazy=True)
+    if parity:
+        loaded.require_reference_memory()
     if loaded.random:
         progress.note(f"[yellow]note:[/] {model} has RANDOM weights (for size and speed work only)")
     with atomic_output(out, force) as tmp:
@@ -98,7 +100,9 @@ def export_artifact(
         write_manifest(tmp, manifest)
         parity_result = None
         if parity:
-            parity_result = _check(tmp, loaded, threads, progress, None, quality, artifact_name=out.name)
+            parity_result = _check(
+                tmp, loaded.materialized(), threads, progress, None, quality, artifact_name=out.name
+            )
             manifest = read_manifest(tmp)
     return ExportOutcome(out, manifest, parity_result)
 
