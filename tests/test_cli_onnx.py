@@ -44,25 +44,23 @@ def test_artifact_is_self_describing(artifact):
     assert (artifact / "parity" / "parity.md").read_text().startswith("**PASS**")
 
 
-def test_parity_recheck_json(artifact):
-    r = cli("parity", str(artifact), "--json")
+def test_parity_recheck_json_with_a_gates_file(artifact, tmp_path):
+    """`parity` re-runs the gate; a gates file entry picked by recipe name becomes the quality gate."""
+    gates = tmp_path / "gates.json"
+    gates.write_text(json.dumps({"gates": {"int4": {"kl_mean": 0.2, "top1_decisive": 0.5}}}))
+    r = cli("parity", str(artifact), "--gates", str(gates), "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["passed"] is True
+    data = json.loads(r.stdout)
+    assert data["passed"] is True and data["quality"]["gate"] == "gates.json[int4]"
 
 
-def test_parity_quality_gate_from_max_kl_and_gates_file(artifact, tmp_path):
-    """--max-kl and --gates reach the quality gate: an impossible KL bound fails (exit 1), a gates file entry
-    picked by recipe name passes."""
+def test_parity_max_kl_fails_the_quality_part(artifact):
     strict = cli("parity", str(artifact), "--max-kl", "1e-9", "--json")
     assert strict.returncode == 1, strict.stderr
     data = json.loads(strict.stdout)
     failed = [(c["part"], c["metric"]) for c in data["checks"] if not c["passed"]]
     assert failed and set(failed) == {("quality", "kl_mean")}, failed
     assert data["exactness"]["passed"] is True and data["quality"]["gate"] == "--max-kl 1e-09"
-    gates = tmp_path / "gates.json"
-    gates.write_text(json.dumps({"gates": {"int4": {"kl_mean": 0.2, "top1_decisive": 0.5}}}))
-    r = cli("parity", str(artifact), "--gates", str(gates), "--json")
-    assert r.returncode == 0, r.stderr
 
 
 def test_run_streams_text(artifact):
