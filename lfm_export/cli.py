@@ -287,11 +287,15 @@ def core_recipe(opts: ExportOptions, extra: dict[str, Any]) -> Any:
 
 
 def backend_command(
-    name: str, help: str, recipe: RecipeFactory = core_recipe, extra: Sequence[Parameter] = ()
+    name: str,
+    help: str,
+    recipe: RecipeFactory = core_recipe,
+    extra: Sequence[Parameter] = (),
+    cli: typer.Typer = app,
 ) -> Callable[..., None]:
-    """Register `lfm-export NAME MODEL -o OUT` with the shared options plus `extra` (listed after `--quant`):
-    build the recipe, export through `pipeline.BACKENDS[name]`, run the parity gate, report (exit 1 if the
-    gate fails)."""
+    """Register `lfm-export NAME MODEL -o OUT` (on `cli`) with the shared options plus `extra` (listed after
+    `--quant`): build the recipe, export through `pipeline.BACKENDS[name]`, run the parity gate, report (exit 1
+    if the gate fails)."""
 
     def command(**values: Any) -> None:
         opts = ExportOptions(**{f.name: values.pop(f.name) for f in fields(ExportOptions)})
@@ -301,7 +305,7 @@ def backend_command(
     command.__signature__ = Signature([*_SHARED_HEAD, *extra, *_SHARED_TAIL])  # type: ignore[attr-defined]
     command.__name__ = name
     command.__doc__ = help
-    return app.command(name)(command)
+    return cli.command(name)(command)
 
 
 def _export(backend: str, opts: ExportOptions, recipe: Any) -> None:
