@@ -276,7 +276,8 @@ _SHARED_TAIL = [
 ]
 
 RecipeFactory = Callable[[ExportOptions, dict[str, Any]], Any]
-"""(shared options, the command's own options by parameter name) -> the recipe its backend's `export` takes."""
+"""(shared options, the command's own options by parameter name) -> the recipe its backend's `export`
+takes."""
 
 
 def core_recipe(opts: ExportOptions, extra: dict[str, Any]) -> Any:
@@ -294,8 +295,8 @@ def backend_command(
     cli: typer.Typer = app,
 ) -> Callable[..., None]:
     """Register `lfm-export NAME MODEL -o OUT` (on `cli`) with the shared options plus `extra` (listed after
-    `--quant`): build the recipe, export through `pipeline.BACKENDS[name]`, run the parity gate, report (exit 1
-    if the gate fails)."""
+    `--quant`): build the recipe, export through `pipeline.BACKENDS[name]`, run the parity gate, report
+    (exit 1 if the gate fails)."""
 
     def command(**values: Any) -> None:
         opts = ExportOptions(**{f.name: values.pop(f.name) for f in fields(ExportOptions)})
@@ -521,7 +522,7 @@ def inspect(
 
 _SHOWN_FIRST = ("backend", "recipe", "model", "max_seq_len", "parity", "files", "total_bytes", "signature")
 _NOT_SHOWN = ("schema_version", "config")
-"""`config` repeats the model's config.json (`--json` shows it); the rest of the manifest is shown as it is."""
+"""`config` repeats the model's config.json (`--json` shows it); the rest of the manifest is shown as is."""
 
 
 def manifest_lines(m: dict[str, Any]) -> list[str]:
@@ -558,7 +559,7 @@ def _parity_lines(p: Any) -> list[str]:
 
 
 def _signature_lines(sig: dict[str, Any]) -> list[str]:
-    """Inputs, outputs and any other tensor lists (such as `held` state) of a signature, then its other keys."""
+    """Inputs, outputs and other tensor lists (such as `held` state) of a signature, then its other keys."""
     groups = {
         k: v for k, v in sig.items() if isinstance(v, list | tuple) and all(isinstance(s, dict) for s in v)
     }
@@ -599,7 +600,7 @@ def _tree(key: str, value: Any, depth: int = 0) -> list[str]:
 
 
 def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2 (usage errors: typer's own)."""
+    """Console entry point: user errors become one line on stderr and exit code 2 (usage errors: typer's)."""
     try:
         app()
     except UserError as e:
