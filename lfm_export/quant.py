@@ -147,54 +147,93 @@ def quantize_block(
 def _search(
     blocks: np.ndarray, bits: int, symmetric: bool, grid: tuple[float, ...]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Codes, scales and zero points of `blocks [R, nb, bs]` for the best shrink factor in `grid` per block."""
-    best: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
-    best_err = None
+    """Codes, scales and zero points of `blocks [R, nb, bs]` for the best shrink factor in `grid` per block
+    (the first factor, 1.0, wins ties)."""
+    quantize = _symmetric if symmetric else _asymmetric
+    if len(grid) == 1:
+        return quantize(blocks, bits)
+    best_err: np.ndarray | None = None
+    best = np.empty(blocks.shape[:-1], np.float32)
+    extremes = _extremes(blocks, symmetric)
     for f in grid:
-        c, s, z = _symmetric(blocks, bits, f) if symmetric else _asymmetric(blocks, bits, f)
-        if len(grid) == 1:
-            return c, s, z
-        zp = np.float32(2 ** (bits - 1)) if z is None else z[..., None].astype(np.float32)
-        deq = (c.astype(np.float32) - zp) * s[..., None]
-        err = np.square(deq - blocks, dtype=np.float32).sum(-1)
-        if best is None or best_err is None:
-            best, best_err = (c, s, z), err
+        shrink = np.float32(f)
+        err = _squared_error(blocks, bits, symmetric, shrink, extremes)
+        if best_err is None:
+            best_err, best[...] = err, shrink
             continue
         better = err < best_err
-        best_err = np.where(better, err, best_err)
-        bc, bs, bz = best
-        best = (
-            np.where(better[..., None], c, bc),
-            np.where(better, s, bs),
-            None if z is None or bz is None else np.where(better, z, bz),
-        )
-    assert best is not None
-    return best
+        np.copyto(best_err, err, where=better)
+        best[better] = shrink
+    return quantize(blocks, bits, best, extremes)
 
 
-def _symmetric(blocks: np.ndarray, bits: int, shrink: float = 1.0) -> tuple[np.ndarray, np.ndarray, None]:
-    half = 2 ** (bits - 1)
-    idx = np.abs(blocks).argmax(-1)
-    extreme = np.take_along_axis(blocks, idx[..., None], -1)[..., 0]
-    if shrink != 1.0:
-        extreme = extreme * np.float32(shrink)
-    scale = (extreme / -half).astype(np.float32)
+def _squared_error(
+    blocks: np.ndarray, bits: int, symmetric: bool, shrink: np.float32, extremes: tuple[np.ndarray, ...]
+) -> np.ndarray:
+    """Per block `sum((w - dequantize(quantize(w)))^2)`, computed in place (one chunk-sized temporary)."""
+    if symmetric:
+        half = 2 ** (bits - 1)
+        scale, safe = _symmetric_scale(blocks, bits, shrink, extremes)
+        t = blocks / safe[..., None]
+        np.rint(t, out=t)
+        np.clip(t, -half, half - 1, out=t)
+    else:
+        scale, safe, zp = _asymmetric_scale(blocks, bits, shrink, extremes)
+        t = blocks / safe[..., None]
+        np.rint(t, out=t)
+        t += zp[..., None]
+        np.clip(t, 0, 2**bits - 1, out=t)
+        t -= zp[..., None]
+    t *= scale[..., None]
+    t -= blocks
+    np.square(t, out=t)
+    return t.sum(-1)
+
+
+def _extremes(blocks: np.ndarray, symmetric: bool) -> tuple[np.ndarray, ...]:
+    """Symmetric: the value of largest magnitude per block; asymmetric: the range widened to include 0."""
+    if symmetric:
+        idx = np.abs(blocks).argmax(-1)
+        return (np.take_along_axis(blocks, idx[..., None], -1)[..., 0],)
+    return np.minimum(blocks.min(-1), 0.0), np.maximum(blocks.max(-1), 0.0)
+
+
+def _symmetric_scale(
+    blocks: np.ndarray, bits: int, shrink: np.ndarray | np.float32 | None = None, extremes: tuple = ()
+) -> tuple[np.ndarray, np.ndarray]:
+    (extreme,) = extremes or _extremes(blocks, True)
+    if shrink is not None:
+        extreme = extreme * shrink
+    scale = (extreme / -(2 ** (bits - 1))).astype(np.float32)
+    return scale, np.where(scale == 0, 1.0, scale).astype(np.float32)
+
+
+def _asymmetric_scale(
+    blocks: np.ndarray, bits: int, shrink: np.ndarray | np.float32 | None = None, extremes: tuple = ()
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    top = 2**bits - 1
+    lo, hi = extremes or _extremes(blocks, False)
+    if shrink is not None:
+        lo, hi = lo * shrink, hi * shrink
+    scale = ((hi - lo) / top).astype(np.float32)
     safe = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    return scale, safe, np.clip(np.rint(-lo / safe), 0, top)
+
+
+def _symmetric(
+    blocks: np.ndarray, bits: int, shrink: np.ndarray | None = None, extremes: tuple = ()
+) -> tuple[np.ndarray, np.ndarray, None]:
+    half = 2 ** (bits - 1)
+    scale, safe = _symmetric_scale(blocks, bits, shrink, extremes)
     q = np.clip(np.rint(blocks / safe[..., None]), -half, half - 1)
     return (q + half).astype(np.uint8), scale, None
 
 
 def _asymmetric(
-    blocks: np.ndarray, bits: int, shrink: float = 1.0
+    blocks: np.ndarray, bits: int, shrink: np.ndarray | None = None, extremes: tuple = ()
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     top = 2**bits - 1
-    lo = np.minimum(blocks.min(-1), 0.0)
-    hi = np.maximum(blocks.max(-1), 0.0)
-    if shrink != 1.0:
-        lo, hi = lo * np.float32(shrink), hi * np.float32(shrink)
-    scale = ((hi - lo) / top).astype(np.float32)
-    safe = np.where(scale == 0, 1.0, scale).astype(np.float32)
-    zp = np.clip(np.rint(-lo / safe), 0, top)
+    scale, safe, zp = _asymmetric_scale(blocks, bits, shrink, extremes)
     q = np.clip(np.rint(blocks / safe[..., None]) + zp[..., None], 0, top)
     return q.astype(np.uint8), scale, zp.astype(np.uint8)
 
