@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -109,6 +110,8 @@ _WRITE_ERRNOS = {
     errno.EROFS: "read-only file system",
 }
 """Errors that only writing can cause: reported as bad output (exit 2), not as an internal error."""
+_SHORT_WRITE = re.compile(r"^\d+ requested and \d+ written$")
+"""numpy's `tofile` (how onnx_ir writes external data) reports a short write this way, without an errno."""
 
 
 def write_error(e: OSError, out: Path) -> UserError | None:
@@ -116,6 +119,8 @@ def write_error(e: OSError, out: Path) -> UserError | None:
 
     RLIMIT_FSIZE (EFBIG) is how the tests fill a disk without mounting one; ENOSPC and EDQUOT read the same."""
     reason = _WRITE_ERRNOS.get(e.errno or 0)
+    if reason is None and e.errno is None and _SHORT_WRITE.search(str(e)):
+        reason = "a write was cut short: disk full or file size limit reached"
     if reason is None:
         return None
     where = f" ({e.filename})" if e.filename else ""
