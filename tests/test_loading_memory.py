@@ -175,7 +175,8 @@ def test_peak_rss_loading_1_2b_fp32(tmp_path):
 
 @pytest.mark.slow
 def test_lfm2_8b_a1b_int4_export_within_16_gb(tmp_path):
-    """33.4 GB of fp32 weights, exported one tensor at a time (measured 2026-11-29: see the README)."""
+    """33.4 GB of fp32 weights, produced one tensor at a time while writing. Measured 2026-11-29 on 2 shared
+    cores: 1238 s (trace 407 s, graph cleaning 671 s, int4 128 s), peak RSS 6.96 GB, artifact 5.31 GB."""
     out = tmp_path / "8b"
     r = subprocess.run(
         [*CLI, "onnx", "random:lfm2-8b-a1b", "-o", str(out), "--quant", "int4", "--no-parity", "--json"],
@@ -189,4 +190,4 @@ def test_lfm2_8b_a1b_int4_export_within_16_gb(tmp_path):
     print(f"peak RSS {peak / 1e9:.2f} GB, artifact {manifest['total_bytes'] / 1e9:.2f} GB")
     assert peak <= 16e9
     assert manifest["model"]["random_weights"] and manifest["recipe"]["name"] == "int4-b32"
-    assert manifest["fusions"].get("QMoE") == 22 or manifest["weights"]["rewrites"].get("QMoE") == 22
+    assert manifest["fusions"]["MoE"] == 22 and manifest["weights"]["rewrites"]["QMoE"] == 22
