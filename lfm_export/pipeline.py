@@ -202,16 +202,24 @@ def _check(
     with progress.step(f"Parity ({recipe}) through the {manifest['backend']} runtime"):
         session = open_session(folder, threads=threads)
         reference = ReferenceSession(loaded.model, max_seq_len=session.max_seq_len)
-        simulation = None
-        if sim_recipe.quantized or sim_recipe.dtype != "fp32" or activations != "float":
+        simulation = rounding = None
+        rounds = activations != "float"  # one mode, or one per role (`lfm_export.quant.simulate`)
+        if sim_recipe.quantized or sim_recipe.dtype != "fp32" or rounds:
             simulated = simulate(loaded.model, sim_recipe, activations, threads=threads)
             simulation = ReferenceSession(simulated, name="simulated", max_seq_len=session.max_seq_len)
+        if rounds:
+            unrounded = simulate(loaded.model, sim_recipe, "float", threads=threads)
+            rounding = ReferenceSession(
+                unrounded, name="simulated-float-activations", max_seq_len=session.max_seq_len
+            )
         tokenizer = folder / "tokenizer.json"
         result = run_parity(
             session,
             reference,
             recipe,
             simulation=simulation,
+            activations=activations,
+            rounding=rounding,
             quality=quality,
             tokenizer_file=tokenizer if tokenizer.is_file() else None,
             scenarios=scenarios,
