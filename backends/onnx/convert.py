@@ -88,8 +88,8 @@ def export_onnx(
 ) -> OnnxExportResult:
     """Write `model.onnx`, `model.onnx.data`, `genai_config.json` and the tokenizer files into `out_dir`.
 
-    `progress` is an `lfm_export.progress.Progress` (its `timings` record the stages; None: a quiet one). `traced` is a graph from
-    `trace_onnx(loaded)` to reuse across recipes (it is cloned, never changed).
+    `progress` is an `lfm_export.progress.Progress` (its `timings` record the stages; None: a quiet one).
+    `traced` is a graph from `trace_onnx(loaded)` to reuse across recipes (it is cloned, never changed).
     """
     cfg = loaded.config
     out_dir = Path(out_dir)
