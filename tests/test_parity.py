@@ -274,7 +274,9 @@ def test_quantized_gates_split_exactness_from_quality(model, ref):
         }
         assert result.scenario("prefill").metrics["logit_max_abs"] == 0.0  # same math as its simulation
         assert result.pooled()["kl_mean"] > 0  # ...and a real loss against fp32, reported
-        assert result.pooled(result.recipe_loss)["kl_mean"] == pytest.approx(result.pooled()["kl_mean"], rel=1e-3)
+        assert result.pooled(result.recipe_loss)["kl_mean"] == pytest.approx(
+            result.pooled()["kl_mean"], rel=1e-3
+        )
     broken = run_parity(DropsConvState(noisy, name="drop-conv"), ref, "int8", simulation=sim)
     assert not broken.part_passed(EXACTNESS)
     assert ("decode", "kl_max") in failing(broken, EXACTNESS) and ("decode", "logit_max_rel") in failing(
