@@ -46,7 +46,11 @@ def test_export_and_parity_on_transformers_checkpoints(hf_checkpoints, tmp_path:
         "--json",
     )
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["parity"]["passed"] is True
+    summary = json.loads(r.stdout)["parity"]
+    assert summary["passed"] is True and summary["exactness"]["passed"] and summary["quality"]["passed"]
+    assert summary["exactness"]["against"] == ("reference" if quant == "fp32" else "simulated")
+    md = (out / "parity" / "parity.md").read_text()
+    assert f"- artifact: {name}\n" in md and ".tmp-" not in md  # the final folder, not the temporary one
     r = cli("parity", str(out), "--json")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
