@@ -82,7 +82,7 @@ def export_artifact(
     with progress.step(f"Loading {model}"):
         loaded = load_model(model, lazy=True)
     if parity:
-        loaded.require_reference_memory()
+        loaded.require_reference_memory(copies=_parity_copies(recipe))
     if loaded.random:
         progress.note(f"[yellow]note:[/] {model} has RANDOM weights (for size and speed work only)")
     with atomic_output(out, force) as tmp:
@@ -105,6 +105,12 @@ def export_artifact(
             )
             manifest = read_manifest(tmp)
     return ExportOutcome(out, manifest, parity_result)
+
+
+def _parity_copies(recipe: Any) -> int:
+    """float32 model copies parity holds: the reference and the simulation, plus the simulation without
+    activation rounding where the runtime rounds activations (a recipe object says so; a name counts as not)."""
+    return 3 if getattr(recipe, "activations", "float") != "float" else 2
 
 
 def _recipe_name(recipe: Any) -> str:
