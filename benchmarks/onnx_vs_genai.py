@@ -139,14 +139,15 @@ def accuracy(folder: Path, ckpt: Path, threads: int) -> dict:
         scenarios=["prefill", "decode", "chunked_prefill", "batch2"],
         tokenizer_file=tok if tok.is_file() and not loaded.random else None,
     )
-    pooled = result.summary()["pooled"]
+    # Quality only (the artifact against fp32): the builder's artifact has its own quantizer, so the exactness
+    # half, which compares an artifact with our quantizer's simulation, says nothing about it.
+    pooled = result.pooled()
     return {
         "kl_mean": pooled["kl_mean"],
         "kl_p99": pooled["kl_p99"],
         "top1_agreement": pooled["top1_agreement"],
         "top1_decisive": pooled["top1_decisive"],
-        "worst_scenario_kl_mean": result.worst("kl_mean"),
-        "int4_gate_passed": result.passed,
+        "worst_scenario_kl_mean": result.worst("kl_mean", rows=result.quality),
     }
 
 

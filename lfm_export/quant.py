@@ -61,6 +61,7 @@ from lfm_export.recipes import (
     ROUNDINGS,
     Recipe,
 )
+from lfm_export.runtime.session import DEFAULT_THREADS
 
 CHUNK_ELEMENTS = 1 << 23
 """Plain rounding works on row chunks of about this many weights (32 MiB of float32)."""
@@ -74,7 +75,6 @@ MSE_GRIDS = {
 1.00 ... 0.97 (a 1.5% shrink already clips an int8 extreme by two steps, more than the rounding it saves).
 Measured on Student-t (4 dof) weights `[1024, 1024]`, block 64, weight squared error against plain rounding:
 int4 -9.0% (symmetric) / -6.4% (asymmetric), int8 -1.9% / -1.6%."""
-DEFAULT_THREADS = 2
 
 
 FLOAT_TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16}

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lfm_export.errors import UnsupportedError, UserError
+from lfm_export.recipes import Recipe, parse_recipe
 
 LE = "<="
 GE = ">="
@@ -203,15 +204,30 @@ def gate_for(recipe: str, activations: str | dict[str, str] = "float") -> Gate:
     `lfm_export.quant.simulate` takes it, not all "float"; or `-a8` in the name)."""
     family = _family(recipe)
     modes = set(activations.values()) if isinstance(activations, dict) else {activations}
-    if family in ("int4", "int8") and (modes != {"float"} or "a8" in recipe.strip().lower().split("-")):
+    core = _core_recipe(recipe)
+    named_a8 = core.activations == "int8" if core is not None else "a8" in recipe.strip().lower().split("-")
+    if family in ("int4", "int8") and (modes != {"float"} or named_a8):
         family += INT8_ACTIVATIONS
     return GATES[family]
 
 
+def _core_recipe(recipe: str) -> Recipe | None:
+    try:
+        return parse_recipe(recipe)
+    except UserError:
+        return None
+
+
 def _family(recipe: str) -> str:
-    """`fp32`, `fp16`, `int8` or `int4` for a recipe name."""
+    """`fp32`, `fp16`, `int8` or `int4` for a recipe name: the core recipe's gate family (aliases such as
+    `8da4w` included), else the longest gate name the recipe starts with (a backend's own name)."""
     key = recipe.strip().lower()
     bases = [name for name in GATES if INT8_ACTIVATIONS not in name]
+    core = _core_recipe(key)
+    if core is not None:
+        if core.gate_family not in bases:
+            raise UnsupportedError(f"no parity gate for {core.gate_family} recipes yet (none was calibrated)")
+        return core.gate_family
     if key in bases:
         return key
     matches = [name for name in bases if key.startswith(name)]
