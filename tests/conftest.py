@@ -26,6 +26,22 @@ TINY_CONFIG = Lfm2Config(
 )
 """Conv and attention layers, GQA 4/2, head_dim 16; every width a multiple of 32 (int4/int8 block 32 fit)."""
 
+TINY_MOE_CONFIG = Lfm2Config(
+    model_type="lfm2_moe",
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    layer_types=("full_attention", "conv", "conv"),
+    num_dense_layers=1,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    use_expert_bias=True,
+)
+"""Attention first, one dense FFN layer, then 4 experts top-2 with an expert bias."""
+
 
 @pytest.fixture(scope="session")
 def tiny_config() -> Lfm2Config:

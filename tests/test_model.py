@@ -4,9 +4,10 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import TINY_CONFIG as CFG
+from conftest import TINY_MOE_CONFIG as MOE
 
 from lfm_export.check import run_check
-from lfm_export.config import Lfm2Config
 from lfm_export.loading import init_random, load_model
 from lfm_export.model import MoE
 from lfm_export.signature import build_signature
@@ -30,30 +31,6 @@ def test_check_catches_a_wrong_weight(hf_checkpoints):
         loaded.model.model.layers[1].self_attn.out_proj.weight.mul_(1.05)
     result = run_check(loaded, [1, 5, 9, 13, 21], decode_steps=4)
     assert not result.passed and result.parts["prefill"] > 1e-4
-
-
-CFG = Lfm2Config(
-    vocab_size=97,
-    hidden_size=64,
-    intermediate_size=96,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    layer_types=("conv", "full_attention", "conv", "full_attention"),
-)
-MOE = Lfm2Config(
-    model_type="lfm2_moe",
-    vocab_size=97,
-    hidden_size=64,
-    intermediate_size=96,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    layer_types=("full_attention", "conv", "conv"),
-    num_dense_layers=1,
-    num_experts=4,
-    num_experts_per_tok=2,
-    moe_intermediate_size=32,
-    use_expert_bias=True,
-)
 
 
 @pytest.mark.parametrize("cfg", [CFG, MOE], ids=["dense", "moe"])
@@ -86,7 +63,7 @@ def test_conv_state_is_the_last_two_steps_of_bx():
 
 def test_batch_rows_are_independent():
     model = init_random(CFG, seed=2)
-    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, CFG.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         both, *_ = model(ids, *model.empty_state(2))
         one, *_ = model(ids[1:], *model.empty_state(1))
@@ -102,8 +79,9 @@ def test_signature_names_follow_genai_convention():
         "past_key_values.1.key",
         "past_key_values.1.value",
         "past.2.conv",
-        "past_key_values.3.key",
-        "past_key_values.3.value",
+        "past.3.conv",
+        "past_key_values.4.key",
+        "past_key_values.4.value",
     ]
     assert sig.output_names[0] == "logits" and sig.present_for("past.2.conv") == "present.2.conv"
     conv = sig.inputs[2]

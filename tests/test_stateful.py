@@ -3,9 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_CONFIG as CFG
+from conftest import TINY_MOE_CONFIG as MOE
 from torch import Tensor, nn
 
-from lfm_export.config import Lfm2Config
 from lfm_export.loading import init_random, load_model
 from lfm_export.model import Attention
 from lfm_export.signature import STATEFUL, IOSignature, build_signature
@@ -13,28 +14,6 @@ from lfm_export.stateful import StatefulModule, held_buffer_name, read_held_stat
 from lfm_export.trace import SignatureModule, example_inputs, export_program, export_stateful_program
 
 MAX_SEQ, MAX_PREFILL = 48, 16
-CFG = Lfm2Config(
-    vocab_size=97,
-    hidden_size=64,
-    intermediate_size=96,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    layer_types=("conv", "full_attention", "conv", "full_attention"),
-)
-MOE = Lfm2Config(
-    model_type="lfm2_moe",
-    vocab_size=97,
-    hidden_size=64,
-    intermediate_size=96,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    layer_types=("full_attention", "conv", "conv"),
-    num_dense_layers=1,
-    num_experts=4,
-    num_experts_per_tok=2,
-    moe_intermediate_size=32,
-    use_expert_bias=True,
-)
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +105,9 @@ def test_stateful_signature_describes_held_state():
         ("past_key_values.1.key", (1, 2, 128, 16), "key", 1),
         ("past_key_values.1.value", (1, 2, 128, 16), "value", 1),
         ("past.2.conv", (1, 64, 2), "conv", 2),
-        ("past_key_values.3.key", (1, 2, 128, 16), "key", 3),
-        ("past_key_values.3.value", (1, 2, 128, 16), "value", 3),
+        ("past.3.conv", (1, 64, 2), "conv", 3),
+        ("past_key_values.4.key", (1, 2, 128, 16), "key", 4),
+        ("past_key_values.4.value", (1, 2, 128, 16), "value", 4),
     ]
     assert sig.state_inputs() == [] and sig.state_outputs() == []
     assert IOSignature.from_dict(sig.to_dict()) == sig
