@@ -398,6 +398,31 @@ backend_command(
 )
 
 
+def _executorch_recipe(opts: ExportOptions, extra: dict[str, Any]) -> Any:
+    from lfm_export.backends.executorch.recipes import make_recipe
+
+    return make_recipe(quant=opts.quant, max_seq_len=opts.max_seq_len, max_prefill=extra["max_prefill"])
+
+
+backend_command(
+    "executorch",
+    "Export MODEL to an ExecuTorch program (model.pte, XNNPACK, state held inside), then check parity through "
+    "the ExecuTorch runtime shim.",
+    _executorch_recipe,
+    [
+        option(
+            "max_prefill",
+            Annotated[
+                int | None,
+                typer.Option(
+                    min=1, help="Most tokens one forward call takes (default 128, at most the context)."
+                ),
+            ],
+            None,
+        ),
+    ],
+)
+
 # ---- artifact commands -------------------------------------------------------------------------------------
 ArtifactArg = Annotated[Path, typer.Argument(help="An artifact folder written by lfm-export.")]
 

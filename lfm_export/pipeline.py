@@ -30,10 +30,16 @@ class BackendResult(Protocol):
     extra: dict[str, Any]
 
 
-BACKENDS: dict[str, str] = {"onnx": "lfm_export.backends.onnx"}
+BACKENDS: dict[str, str] = {
+    "onnx": "lfm_export.backends.onnx",
+    "executorch": "lfm_export.backends.executorch",
+}
 """Backend name -> module exposing `export(loaded, folder, recipe, progress) -> BackendResult`."""
 
-RUNTIMES: dict[str, tuple[str, str]] = {"onnx": ("lfm_export.runtime.onnx", "OnnxSession")}
+RUNTIMES: dict[str, tuple[str, str]] = {
+    "onnx": ("lfm_export.runtime.onnx", "OnnxSession"),
+    "executorch": ("lfm_export.runtime.executorch", "ExecuTorchSession"),
+}
 """Backend name -> (runtime shim module, Session class taking `(folder, threads=...)`)."""
 
 

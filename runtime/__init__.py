@@ -9,6 +9,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
+    "ExecuTorchSession": "executorch",
     "Session": "session",
     "Tokenizer": "tokenizer",
     "IncrementalDetokenizer": "tokenizer",

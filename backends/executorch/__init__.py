@@ -1,0 +1,28 @@
+"""ExecuTorch backend: one `.pte` program with the state held inside it (XNNPACK delegate), runnable by
+`executorch.runtime` and by ExecuTorch's LLM runner (`TextLLMRunner`). `export` is the pipeline's entry point
+(torch and executorch are imported when it runs); `simulation` says what an artifact computes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .recipes import ExecuTorchRecipe, make_recipe
+
+
+def export(loaded: Any, folder: Path, recipe: Any, progress: Any = None) -> Any:
+    """Write `model.pte` and the tokenizer files for `loaded` into `folder` (the pipeline writes the manifest).
+    A core `Recipe` or a name gets the ExecuTorch defaults (`max_prefill`)."""
+    from .convert import export_executorch
+
+    return export_executorch(loaded, Path(folder), ExecuTorchRecipe.coerce(recipe), progress)
+
+
+def simulation(recipe_dict: dict[str, Any]) -> tuple[Any, str]:
+    """From a manifest's `recipe`: the core recipe whose weights the artifact holds and the activation rounding
+    its kernels apply (`ExecuTorchRecipe.activations`), for `lfm_export.quant.simulate`."""
+    recipe = ExecuTorchRecipe.from_dict(recipe_dict)
+    return recipe.simulated, recipe.activations
+
+
+__all__ = ["ExecuTorchRecipe", "export", "make_recipe", "simulation"]

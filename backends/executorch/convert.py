@@ -1,0 +1,203 @@
+"""Export a canonical LFM2 model to an ExecuTorch program (`model.pte`, XNNPACK delegate).
+
+Stages:
+
+1. weights (quantized recipes): every linear but the MoE router gets the core quantizer's codes and scales
+   (`lfm_export.quant.quantize_weight`, the call `simulate` dequantizes), wrapped as torchao
+   `IntxUnpackedToInt8Tensor` with per-token asymmetric int8 activations (torchao's 8da4w / 8da8w form, which
+   XNNPACK's partitioner recognises). torchao takes precomputed qparams, so no torchao rounding is involved.
+2. trace: `lfm_export.trace.export_stateful_program` (state in mutable buffers, conv state cleared by the
+   program at `input_pos == 0`, T dynamic in 1..max_prefill).
+3. lower: `to_edge_transform_and_lower(..., partitioner=[XnnpackPartitioner()], constant_methods=...)` then
+   `to_executorch()`. The buffer mutations stay in the program: the KV `index_put` and the conv-state copies
+   run as portable ops outside the delegate and ExecuTorch writes them back into the memory-planned buffers.
+   ExecuTorch serialises no initial value for mutated buffers (its warning says "meaningless initial
+   state"); the program does not depend on one: conv state is replaced at position 0 and KV positions past
+   the query are masked, each written before it is read.
+4. check: the runner metadata methods are read back from the written `.pte` with `executorch.runtime` and
+   compared with what was asked.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lfm_export.loading import LoadedModel
+from lfm_export.model import STATEFUL
+from lfm_export.progress import Progress
+from lfm_export.signature import IOSignature, build_signature
+from lfm_export.trace import export_stateful_program
+
+from .recipes import ExecuTorchRecipe
+
+MODEL_FILE = "model.pte"
+ROUTER_SUFFIX = "feed_forward.gate"
+
+
+@dataclass
+class ExecuTorchExportResult:
+    """What `export_executorch` wrote (`recipe` / `extra` are what the pipeline puts in the manifest)."""
+
+    signature: IOSignature
+    recipe_obj: ExecuTorchRecipe
+    metadata: dict[str, Any]
+    weights: dict[str, Any]
+    versions: dict[str, str]
+
+    @property
+    def recipe(self) -> dict[str, Any]:
+        return self.recipe_obj.to_dict()
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return {
+            "executorch": {"program": MODEL_FILE, "metadata": self.metadata, **self.versions},
+            "weights": self.weights,
+        }
+
+
+def runner_metadata(loaded: LoadedModel, context: int, max_prefill: int) -> dict[str, Any]:
+    """The constant methods ExecuTorch's LLM runner reads. Its `get_max_seq_len` is the most tokens one
+    `forward` call takes (the prefill chunk), `get_max_context_len` the KV cache length."""
+    cfg = loaded.config
+    eos = sorted({int(cfg.eos_token_id)})
+    return {
+        "get_max_seq_len": max_prefill,
+        "get_max_context_len": context,
+        "get_vocab_size": int(cfg.vocab_size),
+        "get_bos_id": int(cfg.bos_token_id),
+        "get_eos_ids": eos,
+        "get_n_layers": int(cfg.num_hidden_layers),
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": False,
+        "enable_dynamic_shape": max_prefill > 1,
+    }
+
+
+def quantize_linears(model: nn.Module, recipe: ExecuTorchRecipe, threads: int) -> dict[str, int]:
+    """Replace, in place, each linear's weight (the MoE router excepted) by a torchao
+    `IntxUnpackedToInt8Tensor` holding the core quantizer's codes and scales, with int8 per-token asymmetric
+    activations. Returns how many linears got each bit width."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8Tensor,
+        IntxUnpackedToInt8TensorActivationQuantization,
+    )
+
+    from lfm_export.quant import quantize_weight
+
+    core = recipe.recipe
+    counts: dict[str, int] = {}
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, nn.Linear) or name.endswith(ROUTER_SUFFIX):
+            continue
+        bits = core.head_bits if name == "lm_head" else core.bits
+        if bits is None:
+            continue
+        q = quantize_weight(mod.weight.detach().float().numpy(), core, bits, threads)
+        offset = 2 ** (bits - 1)
+        qdata = torch.from_numpy(q.codes.astype("int16") - offset).to(torch.int8)
+        scale = torch.from_numpy(q.scales)
+        weight = IntxUnpackedToInt8Tensor(
+            qdata=qdata,
+            scale=scale,
+            zero_point=torch.zeros_like(scale, dtype=torch.int8),
+            target_dtype=torch.int4 if bits == 4 else torch.int8,
+            block_size=(1, core.block_size),
+            dtype=torch.float32,
+            activation_quantization=IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN,
+        )
+        mod.weight = nn.Parameter(weight, requires_grad=False)
+        counts[f"int{bits}"] = counts.get(f"int{bits}", 0) + 1
+    return counts
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """Every constant method of the `.pte` at `path`, run by `executorch.runtime` (lists of one become the
+    value; `get_eos_ids` stays a list)."""
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(str(path))
+    out: dict[str, Any] = {}
+    for name in sorted(program.method_names):
+        if name == "forward":
+            continue
+        values = list(program.load_method(name).execute([]))
+        out[name] = values if name == "get_eos_ids" else values[0]
+    return out
+
+
+def export_executorch(
+    loaded: LoadedModel, out_dir: Path, recipe: ExecuTorchRecipe, progress: Progress | None = None
+) -> ExecuTorchExportResult:
+    """Write `model.pte` and the tokenizer files for `loaded` into `out_dir`."""
+    import executorch
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    progress = progress or Progress()
+    cfg = loaded.config
+    core = recipe.recipe
+    core.check_model(cfg, {})
+    context = core.context(cfg)
+    max_prefill = recipe.prefill_for(context)
+    threads = torch.get_num_threads()
+    weights: dict[str, Any] = {"lm_head": "float32", "embedding": "float32", "linears": "float32"}
+
+    with progress.step("Preparing weights"):
+        model = loaded.materialized().model
+        if core.quantized:
+            core.check_model(cfg, {n: tuple(p.shape) for n, p in model.named_parameters()})
+            model = copy.deepcopy(model)
+            counts = quantize_linears(model, recipe, threads)
+            weights["linears"] = (
+                f"int{core.bits} blocks of {core.block_size}, symmetric, core quantizer's codes and scales; "
+                "int8 per-token asymmetric activations (torchao IntxUnpackedToInt8Tensor)"
+            )
+            weights["lm_head"] = f"int{core.head_bits}" if core.head_bits else "float32"
+            weights["embedding"] = "float32 (embedding quantization not built: recipe embedding_bits is None)"
+            weights["counts"] = counts
+        model.eval()
+
+    with progress.step("Tracing (torch.export, stateful form)"):
+        program = export_stateful_program(model, context, max_prefill)
+
+    metadata = runner_metadata(loaded, context, max_prefill)
+    with progress.step("Lowering to ExecuTorch (XNNPACK)"):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Mutation on a buffer")
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            logging.getLogger("executorch").setLevel(logging.WARNING)
+            edge = to_edge_transform_and_lower(
+                program,
+                partitioner=[XnnpackPartitioner()],
+                constant_methods=metadata,
+                compile_config=EdgeCompileConfig(_check_ir_validity=False),
+            )
+            et_program = edge.to_executorch()
+
+    with progress.step("Saving"):
+        path = out_dir / MODEL_FILE
+        with open(path, "wb") as f:
+            et_program.write_to_file(f)
+        for f in loaded.tokenizer_files():
+            shutil.copy2(f, out_dir / f.name)
+
+    with progress.step("Reading back the runner metadata"):
+        found = read_metadata(path)
+        wrong = {k: (v, found.get(k)) for k, v in metadata.items() if found.get(k) != v}
+        if wrong:
+            raise RuntimeError(f"{path}: metadata methods read back differently (asked, found): {wrong}")
+
+    signature = build_signature(cfg, STATEFUL, context, "float32", max_prefill=max_prefill)
+    versions = {"executorch_version": getattr(executorch, "__version__", "unknown")}
+    done = replace(recipe, max_prefill=max_prefill)
+    return ExecuTorchExportResult(signature, done, found, weights, versions)
