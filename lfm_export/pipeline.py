@@ -168,6 +168,13 @@ def simulation_for(backend: str, recipe: dict[str, Any]) -> tuple[Any, str]:
     return parse_recipe(recipe.get("name", "fp32")), "float"
 
 
+def weight_values_for(backend: str, recipe: dict[str, Any]) -> Any:
+    """The backend's `weight_values(recipe)` (`lfm_export.quant.WeightValues`: the weights its kernels really
+    hold, where they cannot hold the core quantizer's), or None: the core quantizer's."""
+    module = importlib.import_module(BACKENDS[backend])
+    return module.weight_values(recipe) if hasattr(module, "weight_values") else None
+
+
 def check_tokenizer(folder: Path, loaded: LoadedModel) -> None:
     """Refuse an artifact whose tokenizer differs from the reference model's: parity prompts would be
     tokenized by one and mean something else to the other."""
@@ -211,16 +218,17 @@ def _check(
             "big model that takes many minutes. Export with --max-seq-len to declare less, or --no-parity."
         )
     sim_recipe, activations = simulation_for(manifest["backend"], manifest["recipe"])
+    weights = weight_values_for(manifest["backend"], manifest["recipe"])
     with progress.step(f"Parity ({recipe}) through the {manifest['backend']} runtime"):
         session = open_session(folder, threads=threads)
         reference = ReferenceSession(loaded.model, max_seq_len=session.max_seq_len)
         simulation = rounding = None
         rounds = activations != "float"  # one mode, or one per role (`lfm_export.quant.simulate`)
         if sim_recipe.quantized or sim_recipe.dtype != "fp32" or rounds:
-            simulated = simulate(loaded.model, sim_recipe, activations, threads=threads)
+            simulated = simulate(loaded.model, sim_recipe, activations, threads=threads, weights=weights)
             simulation = ReferenceSession(simulated, name="simulated", max_seq_len=session.max_seq_len)
         if rounds:
-            unrounded = simulate(loaded.model, sim_recipe, "float", threads=threads)
+            unrounded = simulate(loaded.model, sim_recipe, "float", threads=threads, weights=weights)
             rounding = ReferenceSession(
                 unrounded, name="simulated-float-activations", max_seq_len=session.max_seq_len
             )

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -316,8 +317,17 @@ class SimulatedLinear(nn.Linear):
         return super().forward(x)
 
 
+WeightValues = Callable[[np.ndarray, int], np.ndarray]
+"""`(w [N, K] float32, bits) -> the float32 values a runtime computes with` for a backend whose kernels cannot
+hold the core quantizer's codes and scales as they are (`simulate(..., weights=...)`)."""
+
+
 def simulate(
-    model: nn.Module, recipe: Recipe, activations: ActivationSpec = ACT_FLOAT, threads: int = DEFAULT_THREADS
+    model: nn.Module,
+    recipe: Recipe,
+    activations: ActivationSpec = ACT_FLOAT,
+    threads: int = DEFAULT_THREADS,
+    weights: WeightValues | None = None,
 ) -> nn.Module:
     """A copy of the canonical fp32 `model` that computes what an artifact of `recipe` computes.
 
@@ -327,6 +337,10 @@ def simulate(
       weights (3-D), biases and buffers stay float. Inputs of the quantized linears (lm_head included) are
       rounded as `activations` says: a mode of `ACTIVATION_MODES`, or a mode per role of `ROLES`.
     - float recipes: weights rounded to `recipe.dtype` and back (what the artifact stores); fp32 compute.
+
+    `weights` replaces the core quantizer for the quantized weights (lm_head and embedding included) where a
+    backend's kernels hold other values (the backend's `weight_values`, e.g. ExecuTorch's XNNPACK, which
+    takes only positive scales and rounds them to bf16): the simulation must hold what the artifact holds.
 
     Tensors that stay as they are are shared with `model`, not copied: the result costs only the memory of
     the weights it replaces, each built from one weight at a time.
@@ -340,7 +354,9 @@ def simulate(
         """The value the artifact holds for `w` (once per tensor and bit width: a tied table is shared)."""
         key = (id(w), bits)
         if key not in done:
-            if recipe.quantized and bits is not None:
+            if recipe.quantized and bits is not None and weights is not None:
+                done[key] = torch.from_numpy(weights(w.detach().float().numpy(), bits))
+            elif recipe.quantized and bits is not None:
                 deq = quantize_weight(w.detach().float().numpy(), recipe, bits, threads).dequantize()
                 done[key] = torch.from_numpy(deq)
             elif recipe.dtype != "fp32":

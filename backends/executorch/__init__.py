@@ -25,4 +25,12 @@ def simulation(recipe_dict: dict[str, Any]) -> tuple[Any, str]:
     return recipe.simulated, recipe.activations
 
 
-__all__ = ["ExecuTorchRecipe", "export", "make_recipe", "simulation"]
+def weight_values(recipe_dict: dict[str, Any]) -> Any:
+    """The values XNNPACK multiplies for each quantized weight (`quantize.weight_values`; torch and torchao are
+    imported when it is called), for `lfm_export.quant.simulate(..., weights=...)`."""
+    from .quantize import weight_values as values
+
+    return values(recipe_dict)
+
+
+__all__ = ["ExecuTorchRecipe", "export", "make_recipe", "simulation", "weight_values"]

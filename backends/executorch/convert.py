@@ -2,10 +2,10 @@
 
 Stages:
 
-1. weights (quantized recipes): every linear but the MoE router gets the core quantizer's codes and scales
-   (`lfm_export.quant.quantize_weight`, the call `simulate` dequantizes), wrapped as torchao
-   `IntxUnpackedToInt8Tensor` with per-token asymmetric int8 activations (torchao's 8da4w / 8da8w form, which
-   XNNPACK's partitioner recognises). torchao takes precomputed qparams, so no torchao rounding is involved.
+1. weights (quantized recipes): every linear but the MoE router and the lm_head gets `quantize.xnnpack_int4`'s
+   codes and scales (not the core quantizer's: XNNPACK takes no negative scale and holds scales as bf16; see
+   `quantize.py`), wrapped as torchao `IntxUnpackedToInt8Tensor` with per-token asymmetric int8 activations
+   (torchao's 8da4w form, which XNNPACK's partitioner recognises).
 2. trace: `lfm_export.trace.export_stateful_program` (state in mutable buffers, conv state cleared by the
    program at `input_pos == 0`, T dynamic in 1..max_prefill).
 3. lower: `to_edge_transform_and_lower(..., partitioner=[XnnpackPartitioner()], constant_methods=...)` then
@@ -37,6 +37,7 @@ from lfm_export.progress import Progress
 from lfm_export.signature import IOSignature, build_signature
 from lfm_export.trace import export_stateful_program
 
+from .quantize import xnnpack_int4
 from .recipes import ExecuTorchRecipe
 
 MODEL_FILE = "model.pte"
@@ -83,16 +84,15 @@ def runner_metadata(loaded: LoadedModel, context: int, max_prefill: int) -> dict
     }
 
 
-def quantize_linears(model: nn.Module, recipe: ExecuTorchRecipe, threads: int) -> dict[str, int]:
-    """Replace, in place, each linear's weight (the MoE router excepted) by a torchao
-    `IntxUnpackedToInt8Tensor` holding the core quantizer's codes and scales, with int8 per-token asymmetric
-    activations. Returns how many linears got each bit width."""
+def quantize_linears(model: nn.Module, recipe: ExecuTorchRecipe) -> dict[str, int]:
+    """Replace, in place, each linear's weight (the MoE router excepted; the lm_head too when the recipe keeps
+    it float) by a torchao `IntxUnpackedToInt8Tensor` holding `quantize.xnnpack_int4`'s codes and scales, with
+    int8 per-token asymmetric activations (torchao's 8da4w form, which XNNPACK's partitioner lowers). Returns
+    how many linears got each bit width."""
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
         IntxUnpackedToInt8Tensor,
         IntxUnpackedToInt8TensorActivationQuantization,
     )
-
-    from lfm_export.quant import quantize_weight
 
     core = recipe.recipe
     counts: dict[str, int] = {}
@@ -102,15 +102,12 @@ def quantize_linears(model: nn.Module, recipe: ExecuTorchRecipe, threads: int) -
         bits = core.head_bits if name == "lm_head" else core.bits
         if bits is None:
             continue
-        q = quantize_weight(mod.weight.detach().float().numpy(), core, bits, threads)
-        offset = 2 ** (bits - 1)
-        qdata = torch.from_numpy(q.codes.astype("int16") - offset).to(torch.int8)
-        scale = torch.from_numpy(q.scales)
+        codes, scale = xnnpack_int4(mod.weight.detach(), core.block_size)
         weight = IntxUnpackedToInt8Tensor(
-            qdata=qdata,
+            qdata=codes,
             scale=scale,
             zero_point=torch.zeros_like(scale, dtype=torch.int8),
-            target_dtype=torch.int4 if bits == 4 else torch.int8,
+            target_dtype=torch.int4,
             block_size=(1, core.block_size),
             dtype=torch.float32,
             activation_quantization=IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN,
@@ -149,7 +146,6 @@ def export_executorch(
     core.check_model(cfg, {})
     context = core.context(cfg)
     max_prefill = recipe.prefill_for(context)
-    threads = torch.get_num_threads()
     weights: dict[str, Any] = {"lm_head": "float32", "embedding": "float32", "linears": "float32"}
 
     with progress.step("Preparing weights"):
@@ -157,13 +153,14 @@ def export_executorch(
         if core.quantized:
             core.check_model(cfg, {n: tuple(p.shape) for n, p in model.named_parameters()})
             model = copy.deepcopy(model)
-            counts = quantize_linears(model, recipe, threads)
+            counts = quantize_linears(model, recipe)
             weights["linears"] = (
-                f"int{core.bits} blocks of {core.block_size}, symmetric, core quantizer's codes and scales; "
-                "int8 per-token asymmetric activations (torchao IntxUnpackedToInt8Tensor)"
+                f"int{core.bits} blocks of {core.block_size}, symmetric, torchao's scales rounded to bf16 "
+                "(quantize.xnnpack_int4: XNNPACK refuses the core quantizer's negative scales); int8 per-token "
+                "asymmetric activations (torchao IntxUnpackedToInt8Tensor)"
             )
-            weights["lm_head"] = f"int{core.head_bits}" if core.head_bits else "float32"
-            weights["embedding"] = "float32 (embedding quantization not built: recipe embedding_bits is None)"
+            weights["lm_head"] = "float32 (XNNPACK lowers int8 weights per channel only, not in blocks)"
+            weights["embedding"] = "float32 (quantized embedding not built)"
             weights["counts"] = counts
         model.eval()
 

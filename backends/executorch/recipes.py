@@ -1,10 +1,17 @@
 """ExecuTorch recipes: a core `lfm_export.recipes.Recipe` plus the ExecuTorch knob `max_prefill`.
 
-Supported: `fp32`, and the dynamic-activation recipes `int4-bN-a8` (`8da4w`) / `int8-bN-a8` (`8da8w`) that
-XNNPACK runs with int8 activations (torchao's `Int8DynamicActivationIntxWeightConfig`, per-token asymmetric
-int8 activations: `lfm_export.quant`'s `int8-token`). Refused with a pointer: fp16 / bf16 (not built yet),
-weight-only int4 / int8 (XNNPACK's quantized linears take int8 activations: use `-a8`), `-asym` and `-mse`
-(the artifact's weights come from the core quantizer's symmetric plain rounding, see `convert.py`).
+Supported: `fp32`, and `int4-bN-a8` (`8da4w` = `int4-b32-a8`), which XNNPACK runs with int8 activations
+(torchao's 8da4w form, per-token asymmetric int8 activations: `lfm_export.quant`'s `int8-token`).
+
+Refused with a pointer: fp16 / bf16 (not built yet); weight-only int4 / int8 (XNNPACK's quantized linears take
+int8 activations: use `-a8`); `-asym` and `-mse` (the weights are torchao's symmetric int4 with bf16 scales, see
+`quantize.py`); `int8-bN-a8` (`8da8w`): ExecuTorch 1.5.1's XNNPACK partitioner lowers int8
+weights only per output channel, not in blocks ("Only 4b group quantization is supported", measured), and the
+core recipe has no per-channel block.
+
+The lm_head and the embedding table stay float32 (`head_bits` / `embedding_bits` None in the recipe the
+artifact records, so the simulation holds what the artifact holds): an int8 lm_head in blocks of 32 is the
+case XNNPACK refuses above, and the quantized embedding (`quantized_decomposed::embedding_byte`) is not built.
 """
 
 from __future__ import annotations
@@ -34,6 +41,11 @@ class ExecuTorchRecipe:
         if r.dtype != "fp32":
             raise UnsupportedError(f"{r.name}: the ExecuTorch backend exports fp32 or int4/int8 -a8 recipes")
         if r.quantized:
+            if r.bits == 8:
+                raise UnsupportedError(
+                    f"{r.name}: ExecuTorch's XNNPACK lowers int8 weights per channel only, not in blocks; "
+                    "use int4-b32-a8 (8da4w) or fp32"
+                )
             if r.activations != "int8":
                 raise UnsupportedError(
                     f"{r.name}: XNNPACK's quantized linears take int8 activations; use "
@@ -44,6 +56,8 @@ class ExecuTorchRecipe:
                     f"{r.name}: the ExecuTorch backend quantizes symmetric weights with plain rounding "
                     "(no -asym, no -mse)"
                 )
+        if r.head_bits is not None or r.embedding_bits is not None:
+            raise UnsupportedError(f"{r.name}: the ExecuTorch backend keeps the lm_head and embedding float")
         if self.max_prefill is not None and self.max_prefill < 1:
             raise UnsupportedError(f"--max-prefill must be positive, got {self.max_prefill}")
 
@@ -53,7 +67,7 @@ class ExecuTorchRecipe:
             return recipe
         if isinstance(recipe, str):
             recipe = parse_recipe(recipe)
-        return cls(recipe)
+        return cls(float_head(recipe))
 
     # ---- what the pipeline reads ---------------------------------------------------------------------------
     @property
@@ -83,6 +97,9 @@ class ExecuTorchRecipe:
             "max_prefill": self.max_prefill,
             "delegate": "xnnpack",
             "activation_rounding": self.activations,
+            "weight_values": "xnnpack-int4 (torchao symmetric, bf16 scales)"
+            if self.recipe.quantized
+            else None,
         }
 
     @classmethod
@@ -94,4 +111,9 @@ def make_recipe(
     quant: str = "fp32", max_seq_len: int | None = None, max_prefill: int | None = None
 ) -> ExecuTorchRecipe:
     """The recipe `lfm-export executorch --quant QUANT [--max-seq-len N] [--max-prefill N]` builds."""
-    return ExecuTorchRecipe(parse_recipe(quant, max_seq_len=max_seq_len), max_prefill)
+    return ExecuTorchRecipe(float_head(parse_recipe(quant, max_seq_len=max_seq_len)), max_prefill)
+
+
+def float_head(recipe: Recipe) -> Recipe:
+    """`recipe` with the lm_head and embedding float (what this backend holds; see the module doc)."""
+    return recipe.with_options(head_bits=None, embedding_bits=None)

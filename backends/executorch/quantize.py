@@ -1,0 +1,64 @@
+"""The int4 weights an ExecuTorch XNNPACK artifact holds, computed once for the export and for the simulation.
+
+Why not the core quantizer's codes and scales: its symmetric form maps each block's signed extreme to code -8,
+so half the scales are negative; XNNPACK refuses a blockwise int4 weight with a negative scale at load time
+("Failed to define tensor ... xnn_status_invalid_parameter", measured on ExecuTorch 1.5.1), and it holds every
+scale as bfloat16 (a 64x48 int4 linear, blocks of 32: the XNNPACK output matches int8-token activations times
+`q * bf16(scale)` within 3.6e-7 and `q * scale` only within 2.2e-3, logit scale 1.9). A core code of -8 under a
+negative scale would be +8 under the positive one, outside int4, so the core codes cannot be carried over.
+
+So the weights are torchao's symmetric int4 (`choose_qparams_affine`, MappingType.SYMMETRIC: `scale =
+amax / 7.5`, zero point 0, codes in -8..7), the scale rounded to bfloat16 first and the codes computed against
+that rounded scale (`quantize_affine`), so the float32 values `q * scale` are exactly what XNNPACK multiplies.
+`lfm_export.quant.simulate(..., weights=weight_values(recipe))` builds the simulation from the same function,
+so parity's exactness half compares against what the artifact holds.
+
+How far these are from the core quantizer's (int4-b32, every linear but the lm_head and the router, relative
+RMS over all weights, 2026-11-29): `tiny` fp32 -> core 0.0861, fp32 -> these 0.0950, core <-> these 0.1083;
+`tiny-moe` 0.0857 / 0.0945 / 0.1081. The core's code -8 buys one more level per block, so its error is about
+9% lower. On `tiny`, 8da4w through the pipeline: pooled KL mean 0.0417 against fp32 (p99 0.501, top-1
+decisive 0.963), the ONNX int4-b32 export's 0.042 (whose lm_head is int8; here it is float).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def xnnpack_int4(w: np.ndarray | torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`w [N, K]` -> (codes int8 `[N, K]` in -8..7, scales float32 `[N, K / block_size]`, each a bfloat16
+    value): the int4 weight XNNPACK holds (module doc)."""
+    from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
+
+    t = torch.as_tensor(w, dtype=torch.float32)
+    block = (1, block_size)
+    scale, _ = choose_qparams_affine(
+        t, MappingType.SYMMETRIC, block, target_dtype=torch.int8, quant_min=-8, quant_max=7
+    )
+    scale = scale.reshape(t.shape[0], t.shape[1] // block_size).to(torch.bfloat16).float()
+    zero = torch.zeros_like(scale, dtype=torch.int8)
+    codes = quantize_affine(t, block, scale, zero, output_dtype=torch.int8, quant_min=-8, quant_max=7)
+    return codes, scale
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, block_size: int) -> torch.Tensor:
+    n, k = codes.shape
+    return (codes.reshape(n, k // block_size, block_size).float() * scale[..., None]).reshape(n, k)
+
+
+def weight_values(recipe: dict[str, Any]) -> Any:
+    """`lfm_export.quant.WeightValues` for an artifact of `recipe` (a manifest's): None for float recipes."""
+    if not recipe.get("bits"):
+        return None
+    block_size = int(recipe["block_size"])
+
+    def values(w: np.ndarray, bits: int) -> np.ndarray:
+        if bits != 4:
+            raise ValueError(f"the ExecuTorch backend holds int4 weights only, not int{bits}")
+        codes, scale = xnnpack_int4(w, block_size)
+        return dequantize(codes, scale, block_size).numpy()
+
+    return values
