@@ -1,0 +1,197 @@
+"""The ExecuTorch backend end to end on the bundled `tiny`: a real `.pte` lowered with XNNPACK, run by the real
+ExecuTorch runtime through our shim and through ExecuTorch's own LLM runner (`TextLLMRunner`).
+
+One fp32 export (context 64, prefill chunks of 16) is shared by the module: about 30 s of lowering on 2 cores.
+The 8da4w export lowers for about 60 s more, so it is marked slow."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("executorch")
+
+from lfm_export.backends.executorch.convert import MODEL_FILE, read_metadata  # noqa: E402
+from lfm_export.backends.executorch.recipes import make_recipe  # noqa: E402
+from lfm_export.loading import load_model  # noqa: E402
+from lfm_export.parity import ReferenceSession, run_parity  # noqa: E402
+from lfm_export.pipeline import check_artifact, export_artifact  # noqa: E402
+from lfm_export.progress import Progress  # noqa: E402
+from lfm_export.runtime.executorch import ExecuTorchSession  # noqa: E402
+
+CONTEXT, PREFILL = 64, 16
+
+
+@pytest.fixture(scope="module")
+def fp32_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(2)
+    out = tmp_path_factory.mktemp("et") / "tiny-fp32"
+    outcome = export_artifact(
+        "executorch",
+        "tiny",
+        out,
+        make_recipe("fp32", max_seq_len=CONTEXT, max_prefill=PREFILL),
+        threads=2,
+        progress=Progress(quiet=True),
+    )
+    assert outcome.passed, outcome.manifest["parity"]
+    return out
+
+
+def test_fp32_export_passes_parity_within_the_fp32_gate(fp32_artifact: Path) -> None:
+    m = json.loads((fp32_artifact / "manifest.json").read_text())
+    assert m["backend"] == "executorch" and m["recipe"]["name"] == "fp32" and m["max_seq_len"] == CONTEXT
+    assert m["signature"]["form"] == "stateful" and m["signature"]["max_prefill"] == PREFILL
+    p = m["parity"]
+    assert p["passed"] and p["exactness"]["passed"] and p["scenarios"]["batch2"] == "skipped"
+    assert {k for k, v in p["scenarios"].items() if v == "ok"} >= {"prefill", "decode", "chunked_prefill"}
+    assert p["scenarios"]["near_max_seq_len"] == "ok"  # 62 tokens in chunks of 16, then decode
+    assert p["exactness"]["worst"]["logit_max_rel"] < 1e-5
+    assert p["quality"]["pooled"]["kl_mean"] < 1e-9
+    assert (fp32_artifact / MODEL_FILE).stat().st_size > 6_000_000  # 1.51M float32 weights
+    assert (fp32_artifact / "tokenizer.json").is_file()
+
+
+def test_runner_metadata_reads_back_from_the_pte(fp32_artifact: Path) -> None:
+    found = read_metadata(fp32_artifact / MODEL_FILE)
+    assert found == {
+        "enable_dynamic_shape": True,
+        "get_bos_id": 1,
+        "get_eos_ids": [7],
+        "get_max_context_len": CONTEXT,
+        "get_max_seq_len": PREFILL,
+        "get_n_layers": 6,
+        "get_vocab_size": 2048,
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": False,
+    }
+    manifest = json.loads((fp32_artifact / "manifest.json").read_text())
+    assert manifest["executorch"]["metadata"] == found
+
+
+def test_session_prefill_decode_and_reset_match_the_reference(fp32_artifact: Path) -> None:
+    """Chunked prefill past max_prefill, decode, then a new sequence after reset (the program clears its conv
+    state at position 0: a stale conv state would show here)."""
+    session = ExecuTorchSession(fp32_artifact, threads=2)
+    ref = ReferenceSession(load_model("tiny").model, max_seq_len=CONTEXT)
+    rng = np.random.default_rng(0)
+    first = rng.integers(16, 2048, size=(1, 40))  # 3 chunks of at most 16
+    np.testing.assert_allclose(session.prefill(first), ref.prefill(first), atol=1e-4)
+    tok = np.array([5])
+    np.testing.assert_allclose(session.decode(tok), ref.decode(tok), atol=1e-4)
+    session.reset(1), ref.reset(1)
+    second = rng.integers(16, 2048, size=(1, 7))
+    np.testing.assert_allclose(session.prefill(second), ref.prefill(second), atol=1e-4)
+    assert session.state() is None and not session.supports_batch
+    with pytest.raises(ValueError, match="batch 1 only"):
+        session.reset(2)
+
+
+class _StatelessSession(ExecuTorchSession):
+    """A broken shim: every call is fed as the start of a sequence, so the conv state and KV are dropped."""
+
+    def _prefill(self, ids: np.ndarray) -> np.ndarray:
+        position, self._position = self._position, 0
+        try:
+            return super()._prefill(ids)
+        finally:
+            self._position = position
+
+
+def test_gate_fails_a_shim_that_drops_state_and_an_artifact_of_other_weights(fp32_artifact: Path) -> None:
+    loaded = load_model("tiny")
+    reference = ReferenceSession(loaded.model, max_seq_len=CONTEXT)
+    broken = run_parity(_StatelessSession(fp32_artifact, threads=2), reference, "fp32", scenarios=["decode"])
+    assert not broken.passed
+    other = load_model("tiny")
+    with torch.no_grad():
+        other.model.model.layers[0].feed_forward.w2.weight.mul_(1.05)
+    result = check_artifact(
+        fp32_artifact, other, threads=2, progress=Progress(quiet=True), scenarios=["prefill"]
+    )
+    assert not result.passed and not result.summary()["exactness"]["passed"]
+
+
+def test_executorch_llm_runner_generates_the_shims_greedy_text(fp32_artifact: Path) -> None:
+    """ExecuTorch's own runner (reads the metadata methods, chunks the prompt by get_max_seq_len) and our shim
+    produce the same greedy text from the same .pte."""
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    from lfm_export.runtime.generate import generate_text
+    from lfm_export.runtime.sampler import GenerationConfig as OurConfig
+    from lfm_export.runtime.tokenizer import Tokenizer
+
+    prompt = "Once upon a time, there was a little dog named Max. Max liked to run in the big green park"
+    new = 24
+    pieces: list[str] = []
+    runner = TextLLMRunner(str(fp32_artifact / MODEL_FILE), str(fp32_artifact / "tokenizer.json"))
+    config = GenerationConfig(echo=False, max_new_tokens=new, temperature=0.0, num_bos=1)
+    runner.generate(prompt, config, token_callback=pieces.append)
+    theirs = "".join(pieces)
+
+    tok = Tokenizer.from_folder(fp32_artifact)
+    session = ExecuTorchSession(fp32_artifact, threads=2)
+    ids = tok.encode(prompt, add_bos=True)
+    assert len(ids) > PREFILL  # the runner chunks this prompt too
+    ours, _ = generate_text(session, tok, ids, OurConfig(max_new_tokens=new, do_sample=False))
+    assert len(ours) > 40 and theirs == ours, (theirs, ours)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lfm_export.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_run_bench_inspect_on_the_artifact(fp32_artifact: Path) -> None:
+    from typer.testing import CliRunner
+
+    from lfm_export.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(
+        app, ["run", str(fp32_artifact), "-p", "Once upon a time", "--greedy", "--max-new-tokens", "8"]
+    )
+    assert r.exit_code == 0 and r.stdout.startswith("Once upon a time") and len(r.stdout) > 20, r.output
+    r = runner.invoke(app, ["bench", str(fp32_artifact), "--prompt-len", "24", "--new-tokens", "8", "--json"])
+    assert r.exit_code == 0, r.output
+    bench = json.loads(r.stdout)
+    assert bench["prefill_tok_s"] > 0 and bench["decode_tok_s"] > 0
+    r = runner.invoke(app, ["inspect", str(fp32_artifact), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["backend"] == "executorch"
+
+
+@pytest.mark.parametrize(
+    ("quant", "message"),
+    [("int4", "take int8 activations; use int4-b32-a8"), ("8da8w", "int8 weights per channel only")],
+)
+def test_unsupported_recipes_are_refused_in_one_line(tmp_path: Path, quant: str, message: str) -> None:
+    r = _cli("executorch", "tiny", "-o", str(tmp_path / "x"), "--quant", quant)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_8da4w_export_passes_parity_against_its_simulation(tmp_path: Path) -> None:
+    torch.set_num_threads(2)
+    outcome = export_artifact(
+        "executorch",
+        "tiny",
+        tmp_path / "tiny-8da4w",
+        make_recipe("8da4w", max_seq_len=CONTEXT, max_prefill=PREFILL),
+        threads=2,
+        progress=Progress(quiet=True),
+    )
+    p = outcome.manifest["parity"]
+    assert outcome.passed and p["gate"] == "int4-a8" and p["exactness"]["against"] == "simulated", p
+    assert p["quality"]["pooled"]["kl_mean"] < 0.1
+    assert (
+        outcome.manifest["recipe"]["head_bits"] is None
+        and outcome.manifest["recipe"]["embedding_bits"] is None
+    )
