@@ -39,7 +39,8 @@ or per role (`{"linears": ..., "experts": ...}`, `ROLES`) where a runtime treats
 - `ACT_INT8_TOKEN`: dynamic per-token asymmetric int8 (torchao's `8da4w` / ExecuTorch XNNPACK):
   per row, range `[min(lo, 0), max(hi, 0)]`, `scale = max(range / 255, eps)`,
   `zero_point = clip(-128 - rint(lo / scale), -128, 127)`, `q = clip(rint(a / scale) + zero_point,
-  -128, 127)`. Written from torchao's description; not compared with torchao (not installed here).
+  -128, 127)`. Written from torchao's description; one XNNPACK 8da4w linear run by ExecuTorch 1.5.1 matches
+  it within 3.6e-7 (output scale 1.9) given the weights XNNPACK holds (`tests/test_executorch.py`).
 """
 
 from __future__ import annotations

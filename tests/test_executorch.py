@@ -195,3 +195,37 @@ def test_8da4w_export_passes_parity_against_its_simulation(tmp_path: Path) -> No
         outcome.manifest["recipe"]["head_bits"] is None
         and outcome.manifest["recipe"]["embedding_bits"] is None
     )
+
+
+def test_one_int4_linear_computes_the_int8_token_simulation_of_its_weights(tmp_path: Path) -> None:
+    """XNNPACK's 8da4w linear against `fake_quant_int8_token(x) @ weight_values(w).T`: equal to float rounding,
+    while the core quantizer's own weights are visibly different (why `weight_values` exists)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+    from torch import nn
+
+    from lfm_export.backends.executorch import weight_values
+    from lfm_export.backends.executorch.convert import quantize_linears
+    from lfm_export.quant import fake_quant_int8_token, quantize_weight
+    from lfm_export.recipes import parse_recipe
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 96, bias=False))
+    w = model[0].weight.detach().clone()
+    recipe = make_recipe("8da4w")
+    assert quantize_linears(model, recipe) == {"int4": 1}
+    x = torch.randn(1, 5, 128)
+    program = torch.export.export(model, (x,))
+    pte = tmp_path / "linear.pte"
+    pte.write_bytes(
+        to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
+    )
+    out = Runtime.get().load_program(str(pte)).load_method("forward").execute([x])[0]
+
+    held = torch.from_numpy(weight_values(recipe.to_dict())(w.numpy(), 4))
+    sim = fake_quant_int8_token(x) @ held.T
+    scale = float(sim.abs().max())
+    assert float((out - sim).abs().max()) < 1e-5 * scale
+    core = torch.from_numpy(quantize_weight(w.numpy(), parse_recipe("int4-b32"), 4).dequantize())
+    assert float((out - fake_quant_int8_token(x) @ core.T).abs().max()) > 1e-3 * scale
