@@ -4,8 +4,11 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
+
+from lfm_export.errors import UserError
 
 from .recipes import ExecuTorchRecipe, make_recipe
 
@@ -13,6 +16,14 @@ from .recipes import ExecuTorchRecipe, make_recipe
 def export(loaded: Any, folder: Path, recipe: Any, progress: Any = None) -> Any:
     """Write `model.pte` and the tokenizer files for `loaded` into `folder` (the pipeline writes the manifest).
     A core `Recipe` or a name gets the ExecuTorch defaults (`max_prefill`)."""
+    quiet_torchao()
+    try:
+        import executorch  # noqa: F401
+        import torchao  # noqa: F401
+    except ImportError as e:
+        raise UserError(
+            f"the ExecuTorch backend needs executorch ({e}); pip install 'lfm-export[executorch]'"
+        ) from None
     from .convert import export_executorch
 
     return export_executorch(loaded, Path(folder), ExecuTorchRecipe.coerce(recipe), progress)
@@ -28,9 +39,16 @@ def simulation(recipe_dict: dict[str, Any]) -> tuple[Any, str]:
 def weight_values(recipe_dict: dict[str, Any]) -> Any:
     """The values XNNPACK multiplies for each quantized weight (`quantize.weight_values`; torch and torchao are
     imported when it is called), for `lfm_export.quant.simulate(..., weights=...)`."""
+    quiet_torchao()
     from .quantize import weight_values as values
 
     return values(recipe_dict)
 
 
-__all__ = ["ExecuTorchRecipe", "export", "make_recipe", "simulation", "weight_values"]
+def quiet_torchao() -> None:
+    """torchao 0.18 logs a warning per CUDA-only kernel library it cannot load on import ("Failed to load
+    ..._C_mxfp8...", "..._C_cutlass_90a..."): nothing this CPU backend uses. Its logger is set to ERROR."""
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+
+
+__all__ = ["ExecuTorchRecipe", "export", "make_recipe", "quiet_torchao", "simulation", "weight_values"]
