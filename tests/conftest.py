@@ -42,6 +42,16 @@ TINY_MOE_CONFIG = Lfm2Config(
 )
 """Attention first, one dense FFN layer, then 4 experts top-2 with an expert bias."""
 
+CHECKPOINT_CONFIG = Lfm2Config(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    layer_types=("conv", "full_attention", "conv"),
+)
+"""Three layers, FFN width 96: what the loader tests write as checkpoints (their messages name its shapes)."""
+
 
 @pytest.fixture(scope="session")
 def tiny_config() -> Lfm2Config:

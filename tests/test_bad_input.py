@@ -14,19 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CHECKPOINT_CONFIG as CFG
 from safetensors.torch import load_file, save_file
 
-from lfm_export.config import Lfm2Config
 from lfm_export.loading import BUNDLED, init_random, save_checkpoint
-
-CFG = Lfm2Config(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    layer_types=("conv", "full_attention", "conv"),
-)
 
 
 def cli(*args: str, **kw) -> subprocess.CompletedProcess:

@@ -3,20 +3,12 @@ import shutil
 
 import pytest
 import torch
+from conftest import CHECKPOINT_CONFIG as CFG
 from safetensors.torch import save_file
 
 from lfm_export.config import Lfm2Config
 from lfm_export.errors import CheckpointError, ConfigError, UnsupportedError, UserError
 from lfm_export.loading import init_random, load_model, save_checkpoint
-
-CFG = Lfm2Config(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    layer_types=("conv", "full_attention", "conv"),
-)
 
 
 @pytest.fixture()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from broken_sessions import DropsConvState, KvOneOff
 
 from lfm_export.errors import UserError
 from lfm_export.loading import LoadedModel, init_random, load_model
@@ -119,27 +120,6 @@ def loaded(checkpoints) -> dict[str, LoadedModel]:
 
 
 # ---- broken sessions (over the simulated model) --------------------------------------------------------------
-class DropsConvState(ReferenceSession):
-    def prefill(self, tokens):
-        out = super().prefill(tokens)
-        self.conv_states = [torch.zeros_like(c) for c in self.conv_states]
-        return out
-
-
-class KvOneOff(ReferenceSession):
-    """New tokens' keys and queries are rotated one position later than the cached ones."""
-
-    def _forward(self, ids, conv, keys, values):
-        if keys[0].shape[2] == 0:
-            return super()._forward(ids, conv, keys, values)
-        pad = [torch.cat([k[:, :, :1] * 0, k], dim=2) for k in keys]
-        padv = [torch.cat([v[:, :, :1] * 0, v], dim=2) for v in values]
-        mask = torch.ones(ids.shape[0], pad[0].shape[2] + ids.shape[1], dtype=torch.int64)
-        mask[:, 0] = 0
-        logits, c, k2, v2 = self.model(ids, conv, pad, padv, attention_mask=mask)
-        return logits, c, [k[:, :, 1:] for k in k2], [v[:, :, 1:] for v in v2]
-
-
 class MixesRows(ReferenceSession):
     """After a batched call, every row continues from row 0's conv state."""
 
