@@ -6,6 +6,7 @@ Exit codes: 0 success / parity passed, 1 parity or check failed, 2 usage or inpu
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -624,25 +625,35 @@ def _tree(key: str, value: Any, depth: int = 0) -> list[str]:
     return [f"{pad}{key}", *(sub for k, v in items for sub in _tree(str(k), v, depth + 1))]
 
 
+def _on_sigint(signum: int, frame: Any) -> None:
+    _state["interrupted"] = True
+    signal.default_int_handler(signum, frame)
+
+
 def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2 (usage errors: typer's)."""
+    """Console entry point: user errors become one line on stderr and exit code 2 (usage errors: typer's).
+
+    Ctrl-C is exit 130 even where a library wraps the KeyboardInterrupt in an exception of its own (the
+    handler records that an interrupt happened); the export's temporary folder goes either way."""
+    signal.signal(signal.SIGINT, _on_sigint)
     try:
         app()
-    except UserError as e:
-        if _state["verbose"]:
-            traceback.print_exc()
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
-    except Exception as e:  # a bug, not bad input: still one line unless --verbose
+        _exit("interrupted", 130)
+    except Exception as e:
+        if _state.get("interrupted"):
+            _exit("interrupted", 130)
         if _state["verbose"]:
             traceback.print_exc()
-        typer.echo(
-            f"internal error: {type(e).__name__}: {e} (run with --verbose for the traceback)", err=True
-        )
-        sys.exit(3)
+        if isinstance(e, UserError):
+            _exit(f"error: {e}", e.exit_code)
+        # a bug, not bad input: still one line unless --verbose
+        _exit(f"internal error: {type(e).__name__}: {e} (run with --verbose for the traceback)", 3)
+
+
+def _exit(message: str, code: int) -> None:
+    typer.echo(message, err=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
