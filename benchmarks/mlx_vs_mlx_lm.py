@@ -98,7 +98,10 @@ def kl_table(fp32: Path, ours: Path, theirs: Path, length: int, seed: int) -> di
     ids = np.random.default_rng(seed).integers(0, vocab, (1, length))
     ref = log_softmax(logits_ours(fp32))
     out = {"mlx_lm_fp32_vs_ours_fp32_max_abs": float(np.abs(logits_mlx_lm(fp32) - logits_ours(fp32)).max())}
-    for name, lp in (("ours", log_softmax(logits_ours(ours))), ("mlx-lm", log_softmax(logits_mlx_lm(theirs)))):
+    for name, lp in (
+        ("ours", log_softmax(logits_ours(ours))),
+        ("mlx-lm", log_softmax(logits_mlx_lm(theirs))),
+    ):
         kl = (np.exp(ref) * (ref - lp)).sum(-1)
         out[name] = {
             "kl_mean": float(kl.mean()),
@@ -157,10 +160,16 @@ def main() -> None:
     t = time.perf_counter()
     shutil.rmtree(folders["mlx-lm"], ignore_errors=True)
     r = subprocess.run(
-        [sys.executable, "-c", "import sys; from mlx_lm import convert; "
-         "convert(hf_path=sys.argv[1], mlx_path=sys.argv[2], quantize=True, q_group_size=64, q_bits=4)",
-         str(folders["fp32"]), str(folders["mlx-lm"])],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys; from mlx_lm import convert; "
+            "convert(hf_path=sys.argv[1], mlx_path=sys.argv[2], quantize=True, q_group_size=64, q_bits=4)",
+            str(folders["fp32"]),
+            str(folders["mlx-lm"]),
+        ],
+        capture_output=True,
+        text=True,
     )
     if r.returncode:
         raise SystemExit(f"mlx_lm.convert failed:\n{r.stderr[-3000:]}")
@@ -196,7 +205,9 @@ def main() -> None:
         "rows": rows,
     }
     (work / "results.json").write_text(json.dumps(result, indent=2))
-    print(f"| model | artifact | export s | weights MB | prefill tok/s | decode tok/s (best; runs) | KL mean | KL p99 | top-1 |")
+    print(
+        f"| model | artifact | export s | weights MB | prefill tok/s | decode tok/s (best; runs) | KL mean | KL p99 | top-1 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     names = {"ours": "lfm-export int4-g64 (.mlxfn)", "mlx-lm": "mlx_lm.convert -q (g64, 4 bit)"}
     for key, r in rows.items():
@@ -207,8 +218,10 @@ def main() -> None:
         )
     ratio = rows["ours"]["decode_tok_s"] / rows["mlx-lm"]["decode_tok_s"]
     pre = rows["ours"]["prefill_tok_s"] / rows["mlx-lm"]["prefill_tok_s"]
-    print(f"\ndecode ratio {ratio:.2f}x, prefill ratio {pre:.2f}x (ours / mlx-lm); "
-          f"fp32 folders: mlx-lm vs our .mlxfn logits max abs {kl['mlx_lm_fp32_vs_ours_fp32_max_abs']:.2e}")
+    print(
+        f"\ndecode ratio {ratio:.2f}x, prefill ratio {pre:.2f}x (ours / mlx-lm); "
+        f"fp32 folders: mlx-lm vs our .mlxfn logits max abs {kl['mlx_lm_fp32_vs_ours_fp32_max_abs']:.2e}"
+    )
 
 
 if __name__ == "__main__":

@@ -57,7 +57,9 @@ class MlxSession(SessionBase):
             prefill = info.get("prefill")
             self._prefill_fn = mx.import_function(str(self.folder / prefill)) if prefill else None
         except (OSError, ValueError, RuntimeError) as e:
-            raise UserError(f"{self.folder}: MLX cannot load the artifact ({str(e).splitlines()[0]})") from None
+            raise UserError(
+                f"{self.folder}: MLX cannot load the artifact ({str(e).splitlines()[0]})"
+            ) from None
         self.vocab_size = int(self.manifest["config"]["vocab_size"])
         self._state_names = [s.name for s in self.signature.state_inputs()]
         self.reset(1)

@@ -203,7 +203,11 @@ def test_group_size_that_does_not_divide_a_weight_writes_nothing(hf_checkpoints,
     out = tmp_path / "out"
     with pytest.raises(UserError, match="block size 64 does not divide the input dimension 96"):
         export_artifact(
-            "mlx", str(hf_checkpoints["dense_odd"]), out, make_recipe("int4-g64"), progress=Progress(quiet=True)
+            "mlx",
+            str(hf_checkpoints["dense_odd"]),
+            out,
+            make_recipe("int4-g64"),
+            progress=Progress(quiet=True),
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 

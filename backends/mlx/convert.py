@@ -8,7 +8,7 @@ Stages:
 2. trace: `lfm_export.trace.export_program` in the static-KV form (state in and out, a `max_seq_len` KV
    cache written at `input_pos`), so every shape but the token count is fixed.
 3. lower: `lower.MlxProgram` runs the traced graph on MLX arrays (one MLX function per aten op) inside
-   `mx.exporter`: `decode.mlxfn` holds the trace for one token, `prefill.mlxfn` one trace per chunk size
+   `mx.exporter` (MoE experts traced as one op, `moe.py`, lowered to `mx.gather_qmm`): `decode.mlxfn` holds the trace for one token, `prefill.mlxfn` one trace per chunk size
    (2, 4, ..., `max_prefill`); a prompt is fed as a sum of those chunks (causal, so chunking is exact).
    The weights are inputs of the functions (keyword arguments by mlx-lm name), not constants inside them:
    one copy on disk serves mlx-lm and the functions, and the `.mlxfn` files stay a few hundred KB.
@@ -28,6 +28,7 @@ from lfm_export.progress import Progress
 from lfm_export.signature import STATIC, IOSignature, build_signature
 from lfm_export.trace import export_program
 
+from . import moe
 from . import weights as mlx_weights
 from .recipes import MlxRecipe
 
@@ -93,7 +94,7 @@ def export_mlx(
     progress = progress or Progress()
     cfg = loaded.config
     core = recipe.recipe
-    context = core.context(cfg)
+    context = recipe.context(cfg)
     source = loaded.weights
     model = loaded.model
     names = source.names() if source is not None else list(model.state_dict().keys())
@@ -111,7 +112,7 @@ def export_mlx(
     signature = build_signature(cfg, STATIC, context)
     key = (json.dumps(cfg.to_dict(), sort_keys=True), context)
     with progress.step("Tracing (torch.export, static KV form)"):
-        lowered = _TRACED.get(key) or MlxProgram(export_program(model, signature))
+        lowered = _TRACED.get(key) or MlxProgram(export_program(model, signature, swaps=[moe.swap]))
         _TRACED.clear()  # one entry: the last architecture
         _TRACED[key] = lowered
 
@@ -160,7 +161,9 @@ def export_mlx(
         "prefill_chunks": sizes,
         "weights_as_inputs": True,
         "device": "cpu (exported on Linux; the functions run on any MLX device)",
-        "moe_form": "dense (every expert on every token)" if cfg.is_moe else None,
+        "moe_form": "gathered (mx.gather_qmm / gather_mm over the k selected experts per token)"
+        if cfg.is_moe
+        else None,
         "mlx_lm_model_type": cfg.model_type,
     }
     weights_info: dict[str, Any] = {"linears": "float32", "embedding": "float32 (tied lm_head)"}

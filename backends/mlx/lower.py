@@ -48,6 +48,57 @@ class QuantizedWeight:
         return mx.dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits)
 
 
+@dataclass(frozen=True)
+class ExpertWeight:
+    """Expert `index` of a stacked `[E, ...]` MoE tensor (float `mx.array` or `QuantizedWeight` of stacks)."""
+
+    stack: Any
+    index: int
+
+    def value(self) -> Any:
+        s = self.stack
+        if isinstance(s, QuantizedWeight):
+            i = self.index
+            return QuantizedWeight(s.weight[i], s.scales[i], s.biases[i], s.group_size, s.bits)
+        return s[self.index]
+
+
+def _stack(weights: Sequence[Any]) -> Any:
+    """The stacked tensor behind experts 0..E-1 of one layer (`ExpertWeight`s of one stack, in order)."""
+    first = weights[0]
+    if not (
+        all(isinstance(w, ExpertWeight) and w.stack is first.stack for w in weights)
+        and [w.index for w in weights] == list(range(len(weights)))
+    ):
+        raise UnsupportedError("MLX lowering: switch_glu needs the experts of one stacked tensor, in order")
+    return first.stack
+
+
+def _gather_linear(x: mx.array, w: Any, idx: mx.array) -> mx.array:
+    if isinstance(w, QuantizedWeight):
+        return mx.gather_qmm(
+            x,
+            w.weight,
+            w.scales,
+            w.biases,
+            rhs_indices=idx,
+            transpose=True,
+            group_size=w.group_size,
+            bits=w.bits,
+        )
+    return mx.gather_mm(x, mx.swapaxes(w, -1, -2), rhs_indices=idx)
+
+
+def _switch_glu(x: mx.array, idx: mx.array, w: mx.array, w1s: Any, w3s: Any, w2s: Any) -> mx.array:
+    """`backends/mlx/moe.py`'s op: each token through its k experts only (`gather_qmm` / `gather_mm`)."""
+    xe = mx.expand_dims(x, (-2, -3))  # [N, 1, 1, H]
+    idx = idx.astype(mx.uint32)
+    g = _gather_linear(xe, _stack(w1s), idx)  # [N, k, 1, F]
+    u = _gather_linear(xe, _stack(w3s), idx)
+    y = _gather_linear(g * mx.sigmoid(g) * u, _stack(w2s), idx)  # [N, k, 1, H]
+    return (y.squeeze(-2) * w[..., None]).sum(axis=-2)
+
+
 def _dtype(value: Any) -> Any:
     if value is None:
         return None
@@ -65,6 +116,8 @@ def _axis(x: mx.array, dim: int) -> int:
 
 
 def _linear(x: mx.array, w: Any, b: mx.array | None = None) -> mx.array:
+    if isinstance(w, ExpertWeight):
+        w = w.value()
     if isinstance(w, QuantizedWeight):
         y = mx.quantized_matmul(x, w.weight, w.scales, w.biases, True, w.group_size, w.bits)
     else:
@@ -109,7 +162,9 @@ def _conv1d(
     return y if b is None else y + b[None, :, None]
 
 
-def _slice(x: mx.array, dim: int = 0, start: int | None = None, end: int | None = None, step: int = 1) -> mx.array:
+def _slice(
+    x: mx.array, dim: int = 0, start: int | None = None, end: int | None = None, step: int = 1
+) -> mx.array:
     axis = _axis(x, dim)
     size = x.shape[axis]
     lo, hi, st = slice(start, end, step).indices(size)
@@ -220,9 +275,10 @@ OPS: dict[str, Callable[..., Any]] = {
     "aten.topk.default": _topk,
     "aten.gather.default": lambda x, dim, idx, sparse_grad=False: mx.take_along_axis(x, idx, axis=dim),
     "aten.scatter.src": lambda x, dim, idx, src: mx.put_along_axis(x, idx, src, axis=dim),
-    "aten.zeros_like.default": lambda x, **k: mx.zeros_like(x) if k.get("dtype") is None else mx.zeros(
-        x.shape, dtype=_dtype(k["dtype"])
+    "aten.zeros_like.default": lambda x, **k: (
+        mx.zeros_like(x) if k.get("dtype") is None else mx.zeros(x.shape, dtype=_dtype(k["dtype"]))
     ),
+    "lfm_mlx.switch_glu.default": _switch_glu,
     "getitem": operator.getitem,
     "add": operator.add,
     "sub": operator.sub,
@@ -251,9 +307,7 @@ class MlxProgram:
                 self.user_inputs.append(spec.arg.name)
             else:
                 self.params[spec.arg.name] = spec.target
-        unknown = sorted(
-            {op_name(n.target) for n in self.graph.nodes if n.op == "call_function"} - set(OPS)
-        )
+        unknown = sorted({op_name(n.target) for n in self.graph.nodes if n.op == "call_function"} - set(OPS))
         if unknown:
             raise UnsupportedError(f"MLX lowering: no MLX function for {', '.join(unknown)}")
 

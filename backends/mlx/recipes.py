@@ -23,6 +23,12 @@ DEFAULT_MAX_PREFILL = 128
 several calls). Each chunk size is one trace of the function in the file."""
 
 
+DEFAULT_CONTEXT = 4096
+"""Context declared when none is asked for (the model's if smaller). The KV cache is static (`max_seq_len`
+positions, written at `input_pos`) and attention reads all of it every step, so a 32768-token default (the
+core's) would cost every decode step the work of a 32k context; ask for more with `--max-seq-len`."""
+
+
 @dataclass(frozen=True)
 class MlxRecipe:
     recipe: Recipe = field(default_factory=Recipe)
@@ -56,6 +62,10 @@ class MlxRecipe:
     @property
     def activations(self) -> str:
         return ACT_FLOAT
+
+    def context(self, cfg: Any) -> int:
+        """The declared context: `--max-seq-len`, else `DEFAULT_CONTEXT` capped at the model's."""
+        return self.recipe.max_seq_len or min(cfg.max_position_embeddings, DEFAULT_CONTEXT)
 
     def prefill_sizes(self, context: int) -> list[int]:
         """Chunk sizes traced into `prefill.mlxfn`: powers of two from 2 up to `max_prefill` (and the context)."""

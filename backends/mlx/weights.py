@@ -59,11 +59,7 @@ def pack(q: Quantized) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     codes = q.codes.astype(np.uint32).reshape(n, k // per, per)
     shifts = (np.arange(per, dtype=np.uint32) * q.bits)[None, None, :]
     packed = np.bitwise_or.reduce(codes << shifts, axis=-1).astype(np.uint32)
-    zp = (
-        q.zero_points.astype(np.float32)
-        if q.zero_points is not None
-        else np.float32(2 ** (q.bits - 1))
-    )
+    zp = q.zero_points.astype(np.float32) if q.zero_points is not None else np.float32(2 ** (q.bits - 1))
     biases = (-q.scales * zp).astype(np.float32)
     return packed, q.scales.astype(np.float32), biases
 
@@ -99,7 +95,9 @@ def build(
     """The MLX tensors (numpy float32 / uint32; the caller casts floats to the recipe's dtype), the binding of
     every canonical name, and the tensors a quantized recipe leaves float, each with the reason."""
     if not cfg.tie_word_embeddings:
-        raise UnsupportedError("the MLX backend writes mlx-lm's LFM2 layout, which ties lm_head to the embedding")
+        raise UnsupportedError(
+            "the MLX backend writes mlx-lm's LFM2 layout, which ties lm_head to the embedding"
+        )
     if recipe.quantized and recipe.head_bits != recipe.embedding_bits:
         raise UnsupportedError(
             f"{recipe.name}: lm_head and embedding are one tied table in mlx-lm; their bits must be equal"
@@ -115,7 +113,9 @@ def build(
         bits = bits_for(name, recipe)
         base = target.removesuffix(".weight")
         conv = ".conv.conv.weight" in name
-        bindings[name] = Binding(base if bits else target, expert, bits, recipe.block_size if bits else None, conv)
+        bindings[name] = Binding(
+            base if bits else target, expert, bits, recipe.block_size if bits else None, conv
+        )
         t = get(name)
         w = t.detach().float().numpy() if hasattr(t, "detach") else np.asarray(t, np.float32)
         if bits:
@@ -141,18 +141,21 @@ def build(
 
 def bind(bindings: dict[str, Binding], weights: dict[str, Any]) -> Iterator[tuple[str, Any]]:
     """(canonical name, value for `lower.MlxProgram.run`) for every binding, from the MLX arrays `weights`."""
-    from .lower import QuantizedWeight
+    from .lower import ExpertWeight, QuantizedWeight
 
+    stacks: dict[str, Any] = {}
     for name, b in bindings.items():
         if b.bits:
-            parts = [weights[f"{b.name}.{s}"] for s in ("weight", "scales", "biases")]
-            if b.expert is not None:
-                parts = [p[b.expert] for p in parts]
-            yield name, QuantizedWeight(*parts, b.group_size, b.bits)
+            value: Any = stacks.get(b.name)
+            if value is None:
+                parts = [weights[f"{b.name}.{s}"] for s in ("weight", "scales", "biases")]
+                value = stacks[b.name] = QuantizedWeight(*parts, b.group_size, b.bits)
+            yield name, value if b.expert is None else ExpertWeight(value, b.expert)
         else:
             w = weights[b.name]
             if b.expert is not None:
-                w = w[b.expert]
+                yield name, ExpertWeight(w, b.expert)
+                continue
             if b.conv:
                 w = w.swapaxes(1, 2)  # back to torch's [C_out, C_in / groups, K]
             yield name, w
