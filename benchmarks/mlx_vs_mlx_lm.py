@@ -206,7 +206,7 @@ def main() -> None:
     }
     (work / "results.json").write_text(json.dumps(result, indent=2))
     print(
-        f"| model | artifact | export s | weights MB | prefill tok/s | decode tok/s (best; runs) | KL mean | KL p99 | top-1 |"
+        "| model | artifact | export s | weights MB | prefill tok/s | decode tok/s (best; runs) | KL mean | KL p99 | top-1 |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     names = {"ours": "lfm-export int4-g64 (.mlxfn)", "mlx-lm": "mlx_lm.convert -q (g64, 4 bit)"}
