@@ -235,3 +235,30 @@ def test_cli_refusals_are_one_line_exit_2(artifacts, tmp_path) -> None:
     r = cli("run", str(artifacts[("tiny", "fp32")]), "-p", long_prompt, "--max-new-tokens", "4")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert len([line for line in r.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dense_attn_first_hd32", "moe_b32"])
+@pytest.mark.parametrize("quant", ["fp32", "int4"])
+def test_transformers_checkpoints_pass_and_a_wrong_export_fails(
+    hf_checkpoints, tmp_path, name, quant
+) -> None:
+    """Checkpoints transformers wrote (dense, MoE with expert bias), not in the repo: parity passes; the same
+    artifact with its first attention layer's v_proj 5% off (k_proj would not do: the k RMSNorm cancels a scale) fails exactness."""
+    out = tmp_path / name
+    outcome = export_artifact(
+        "mlx",
+        str(hf_checkpoints[name]),
+        out,
+        make_recipe(quant, max_seq_len=CONTEXT, max_prefill=PREFILL),
+        progress=Progress(quiet=True),
+    )
+    assert outcome.passed, outcome.manifest["parity"]
+    weights = dict(mx.load(str(out / "model.safetensors")))
+    key = next(
+        k for k in sorted(weights) if "v_proj" in k and k.endswith("scales" if quant == "int4" else "weight")
+    )
+    weights[key] = weights[key] * 1.05
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    result = check_artifact(out, progress=Progress(quiet=True), scenarios=["prefill", "decode"])
+    assert not result.passed and not result.summary()["exactness"]["passed"]
