@@ -118,8 +118,7 @@ def export_mlx(
 
     with progress.step(f"Weights ({core.name}, MLX affine format)" if core.quantized else "Weights"):
         tensors, bindings, kept = mlx_weights.build(cfg, names, get, core)
-        arrays = {k: mx.array(v) for k, v in tensors.items()}
-        del tensors
+        arrays = {k: mx.array(tensors.pop(k)) for k in list(tensors)}  # one copy at a time, not two
         mx.save_safetensors(str(out_dir / WEIGHTS_FILE), arrays, metadata={"format": "mlx"})
         (out_dir / "config.json").write_text(json.dumps(mlx_lm_config(loaded, recipe), indent=2) + "\n")
         for f in loaded.tokenizer_files():
