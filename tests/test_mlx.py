@@ -151,6 +151,14 @@ np.save(sys.argv[2], np.stack([a, b]))
     got = np.load(res)
     np.testing.assert_allclose(got[0], want, rtol=0, atol=1e-5)
     np.testing.assert_allclose(got[1], want_next, rtol=0, atol=1e-5)
+    # and our shim itself runs without torch
+    code = (
+        "import sys, numpy as np; from lfm_export.runtime.mlx import MlxSession; "
+        f"s = MlxSession({str(folder)!r}); s.prefill(np.array([[1, 25]])); s.decode(np.array([420])); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
 
 
 def test_session_chunks_state_and_restore(artifacts) -> None:
