@@ -71,22 +71,41 @@ class MlxSession(SessionBase):
             for s in self.signature.state_inputs()
         ]
 
-    def _run(self, fn: Any, ids: np.ndarray, position: int) -> np.ndarray:
+    def _run(self, fn: Any, ids: np.ndarray, position: int, logits: bool = True) -> np.ndarray | None:
+        """One call; with `logits` False only the state is evaluated, and MLX, lazy, never computes the
+        lm_head for these positions."""
         mx = self._mx
         out = fn(mx.array(ids), mx.array([position], dtype=mx.int64), *self._state, **self._weights)
-        mx.eval(out)
+        mx.eval(out if logits else out[1:])
         self._state = list(out[1:])
-        return np.array(out[0], dtype=np.float32)
+        return np.array(out[0], dtype=np.float32) if logits else None
 
-    def _prefill(self, ids: np.ndarray) -> np.ndarray:
+    def _feed(self, ids: np.ndarray, logits: bool = True) -> list[np.ndarray | None]:
         out, start, t = [], 0, ids.shape[1]
         while start < t:
-            left = t - start
-            size = next((c for c in self.chunks if c <= left), 1)
+            size = next((c for c in self.chunks if c <= t - start), 1)
             fn = self._decode if size == 1 else self._prefill_fn
-            out.append(self._run(fn, ids[:, start : start + size], self._position + start))
+            out.append(self._run(fn, ids[:, start : start + size], self._position + start, logits))
             start += size
+        return out
+
+    def _prefill(self, ids: np.ndarray) -> np.ndarray:
+        out = self._feed(ids)
         return out[0] if len(out) == 1 else np.concatenate(out, axis=1)
+
+    def prefill_last(self, tokens: np.ndarray) -> np.ndarray:
+        """`prefill` for generation: logits `[1, vocab]` of the last token only. All tokens but the last
+        update the state without their logits (the lm_head is never run for them); the last goes through
+        `decode.mlxfn`. mlx-lm's generation does the same."""
+        ids = self._check_tokens(tokens)
+        self._check_room(ids.shape[1])
+        if ids.shape[1] > 1:
+            self._feed(ids[:, :-1], logits=False)
+        self._position += ids.shape[1] - 1
+        logits = self._run(self._decode, ids[:, -1:], self._position)
+        self._position += 1
+        assert logits is not None
+        return logits[:, -1]
 
     def state(self) -> dict[str, np.ndarray]:
         return {n: np.array(s, dtype=np.float32) for n, s in zip(self._state_names, self._state)}

@@ -183,6 +183,10 @@ def test_session_chunks_state_and_restore(artifacts) -> None:
         np.testing.assert_allclose(mine, value, atol=1e-4, err_msg=name)
     with pytest.raises(ContextLimitError):
         a.prefill(np.ones((1, CONTEXT), dtype=np.int64))
+    d = MlxSession(folder)  # generation's prefill: the last position's logits, the same state
+    np.testing.assert_allclose(d.prefill_last(PROMPT), whole[:, -1], atol=1e-5)
+    assert d.position == PROMPT.shape[1]
+    assert all(np.allclose(d.state()[k], sa[k], atol=1e-5) for k in sa)
 
 
 def test_a_wrong_artifact_fails_parity(artifacts, tmp_path) -> None:
