@@ -33,12 +33,14 @@ class BackendResult(Protocol):
 BACKENDS: dict[str, str] = {
     "onnx": "lfm_export.backends.onnx",
     "executorch": "lfm_export.backends.executorch",
+    "coreml": "lfm_export.backends.coreml",
 }
 """Backend name -> module exposing `export(loaded, folder, recipe, progress) -> BackendResult`."""
 
 RUNTIMES: dict[str, tuple[str, str]] = {
     "onnx": ("lfm_export.runtime.onnx", "OnnxSession"),
     "executorch": ("lfm_export.runtime.executorch", "ExecuTorchSession"),
+    "coreml": ("lfm_export.runtime.coreml", "CoreMLSession"),
 }
 """Backend name -> (runtime shim module, Session class taking `(folder, threads=...)`)."""
 

@@ -41,6 +41,8 @@ or per role (`{"linears": ..., "experts": ...}`, `ROLES`) where a runtime treats
   `zero_point = clip(-128 - rint(lo / scale), -128, 127)`, `q = clip(rint(a / scale) + zero_point,
   -128, 127)`. Written from torchao's description; one XNNPACK 8da4w linear run by ExecuTorch 1.5.1 matches
   it within 3.6e-7 (output scale 1.9) given the weights XNNPACK holds (`tests/test_executorch.py`).
+- `ACT_FP16`: the input rounded to fp16 (Core ML programs compute in fp16; the rest of their fp16 rounding is
+  left to the `-fp16` parity gate's limits).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from torch import Tensor, nn
 
 from lfm_export.recipes import (
     ACT_FLOAT,
+    ACT_FP16,
     ACT_INT8_BLOCK,
     ACT_INT8_TOKEN,
     ACTIVATION_MODES,
@@ -315,6 +318,8 @@ class SimulatedLinear(nn.Linear):
             x = fake_quant_int8_block(x, self.block_size)
         elif self.activations == ACT_INT8_TOKEN:
             x = fake_quant_int8_token(x)
+        elif self.activations == ACT_FP16:
+            x = x.half().float()
         return super().forward(x)
 
 

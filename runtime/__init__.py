@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "ExecuTorchSession": "executorch",
+    "CoreMLSession": "coreml",
     "Session": "session",
     "Tokenizer": "tokenizer",
     "IncrementalDetokenizer": "tokenizer",
