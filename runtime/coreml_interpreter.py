@@ -350,13 +350,19 @@ def _scatter_along_axis(
 
 
 def _topk(
-    x: Any, k: Any = 1, axis: Any = -1, ascending: Any = False, sort: Any = True, return_indices: Any = True
+    x: Any,
+    k: Any = 1,
+    axis: Any = -1,
+    ascending: Any = False,
+    sort: Any = True,
+    return_indices: Any = True,
+    output_indices_dtype: Any = "int32",
 ) -> tuple[np.ndarray, np.ndarray]:
     x = _f32(x)
     ax = int(axis) % x.ndim
     order = np.argsort(x if bool(ascending) else -x, axis=ax, kind="stable")
     idx = np.take(order, np.arange(int(k)), axis=ax)
-    return np.take_along_axis(x, idx, axis=ax), idx.astype(np.int32)
+    return np.take_along_axis(x, idx, axis=ax), idx.astype(DTYPES[str(output_indices_dtype)])
 
 
 def _tile(x: Any, reps: Any) -> np.ndarray:

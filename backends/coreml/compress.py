@@ -118,6 +118,10 @@ def weight_values(recipe_dict: dict[str, Any]) -> Any:
     and the linears of `int8`) int8 per channel; bits 4 the recipe's int4 blocks or palettization."""
     recipe = CoreMLRecipe.from_dict(recipe_dict)
 
+    from lfm_export.runtime.coreml_interpreter import import_coremltools
+
+    import_coremltools()
+
     def values(w: np.ndarray, bits: int) -> np.ndarray:
         from coremltools.optimize.coreml._quantization_passes import (
             linear_quantize_weights,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +60,9 @@ class CoreMLExportResult:
         return {"coreml": self.info}
 
 
-def trace(model: Any, context: int, max_prefill: int) -> Any:
-    """`torch.jit.trace` of the Core ML stateful module (fp32 buffers; converted to fp16 states)."""
+def trace(model: Any, context: int, max_prefill: int, module_cls: Any = None) -> Any:
+    """`torch.jit.trace` of the Core ML stateful module (fp32 buffers; converted to fp16 states).
+    `module_cls` replaces `modules.CoreMLStatefulModule` (the tests build a wrong conversion with it)."""
     import torch
 
     from lfm_export.trace import apply_swaps
@@ -69,7 +70,8 @@ def trace(model: Any, context: int, max_prefill: int) -> Any:
     from .modules import CoreMLStatefulModule, slice_write_attention
 
     sig = build_signature(model.config, STATEFUL, context, "float32", max_prefill=max_prefill)
-    module = CoreMLStatefulModule(apply_swaps(model, [slice_write_attention]), sig).eval()
+    module_cls = module_cls or CoreMLStatefulModule
+    module = module_cls(apply_swaps(model, [slice_write_attention]), sig).eval()
     seq = min(2, max_prefill)
     args = (torch.zeros(1, seq, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
     with torch.no_grad(), warnings.catch_warnings():
@@ -197,6 +199,7 @@ def export_coreml(
 
     progress = progress or Progress()
     cfg = loaded.config
+    recipe = replace(recipe, moe=bool(getattr(cfg, "num_experts", 0)))
     core = recipe.recipe
     core.check_model(cfg, {})
     context = core.context(cfg)

@@ -36,6 +36,9 @@ DEFAULT_MAX_PREFILL = 64
 FP16_COMPUTE = "fp16"
 """`simulation()`'s activation mode: a Core ML program computes in fp16 (`lfm_export.quant` rounds the quantized
 linears' inputs to fp16; the parity gates are the `-fp16` ones)."""
+FP16_ROUTED = "fp16-routed"
+"""The same for a model with MoE routing (gates `-fp16-moe`: an expert chosen differently under fp16 rounding
+is allowed, see `lfm_export.parity.thresholds`)."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,8 @@ class CoreMLRecipe:
     target: str = "iOS18"
     max_prefill: int | None = None
     prefill_lengths: tuple[int, ...] | None = None
+    moe: bool = False
+    """The model routes tokens to experts (set by the export): parity's gate allows a flipped expert."""
 
     def __post_init__(self) -> None:
         r = self.recipe
@@ -92,7 +97,7 @@ class CoreMLRecipe:
 
     @property
     def activations(self) -> str:
-        return FP16_COMPUTE
+        return FP16_ROUTED if self.moe else FP16_COMPUTE
 
     @property
     def linears(self) -> str:
@@ -133,6 +138,7 @@ class CoreMLRecipe:
             "max_prefill": self.max_prefill,
             "prefill_lengths": list(self.prefill_lengths) if self.prefill_lengths else None,
             "activation_rounding": self.activations,
+            "moe": self.moe,
         }
 
     @classmethod
@@ -144,6 +150,7 @@ class CoreMLRecipe:
             d.get("target", "iOS18"),
             d.get("max_prefill"),
             tuple(lengths) if lengths else None,
+            bool(d.get("moe", False)),
         )
 
     @classmethod
@@ -166,6 +173,10 @@ def make_recipe(
     --prefill-lengths 1,16,64]` builds."""
     key = quant.strip().lower()
     lengths = _lengths(prefill_lengths) if prefill_lengths is not None else None
+    longest = max(lengths or [max_prefill or 0])
+    if max_seq_len is not None and longest > max_seq_len:
+        flag = "--prefill-lengths" if lengths else "--max-prefill"
+        raise UnsupportedError(f"{flag} {longest} exceeds the context ({max_seq_len} tokens, --max-seq-len)")
     if key in PALETTIZE:
         core = parse_recipe("int4-b32", max_seq_len=max_seq_len)
         return CoreMLRecipe(core, PALETTIZE[key], target, max_prefill, lengths)
