@@ -53,12 +53,13 @@ def import_coremltools() -> Any:
     """`coremltools`, imported quietly: on import it logs that torch 2.13 "has not been tested with coremltools
     ... Torch 2.7.0 is the most recent version that has been tested" (coremltools 9.0; conversion works, see
     the README), that scikit-learn 1.9 is above its sklearn converter's range (not used here), and on Linux
-    that `libcoremlpython` is missing (it is macOS-only); its converters draw progress bars (tqdm)."""
+    that `libcoremlpython` is missing (it is macOS-only); it imports torchao when installed, whose import logs
+a torch `_pytree` deprecation; its converters draw progress bars (tqdm)."""
     import logging
     import os
 
     os.environ.setdefault("TQDM_DISABLE", "1")
-    for name in ("coremltools", "torchao"):
+    for name in ("coremltools", "torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import coremltools
