@@ -51,10 +51,10 @@ class UnsupportedOpError(UserError):
 
 def import_coremltools() -> Any:
     """`coremltools`, imported quietly: on import it logs that torch 2.13 "has not been tested with coremltools
-    ... Torch 2.7.0 is the most recent version that has been tested" (coremltools 9.0; conversion works, see
-    the README), that scikit-learn 1.9 is above its sklearn converter's range (not used here), and on Linux
-    that `libcoremlpython` is missing (it is macOS-only); it imports torchao when installed, whose import logs
-a torch `_pytree` deprecation; its converters draw progress bars (tqdm)."""
+        ... Torch 2.7.0 is the most recent version that has been tested" (coremltools 9.0; conversion works, see
+        the README), that scikit-learn 1.9 is above its sklearn converter's range (not used here), and on Linux
+        that `libcoremlpython` is missing (it is macOS-only); it imports torchao when installed, whose import logs
+    a torch `_pytree` deprecation; its converters draw progress bars (tqdm)."""
     import logging
     import os
 
