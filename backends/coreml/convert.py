@@ -3,8 +3,8 @@
 Stages:
 
 1. trace: the stateful form (`lfm_export.stateful`, with `modules.py`'s two swaps that coremltools' frontend
-   needs) traced with `torch.jit.trace` (coremltools 9.0 takes a state from a registered buffer that is
-   mutated in place; its torch.export path did not convert this program, see the README).
+   needs) traced with `torch.jit.trace` (coremltools' documented way to a stateful model: a registered buffer
+   mutated in place becomes a state; its torch.export path was not tried).
 2. convert: `ct.convert(..., states=[ct.StateType(...)] per KV cache and conv state (fp16: the only state
    dtype coremltools 9.0 allows), minimum_deployment_target=iOS18 / macOS15, compute_precision=
    FP16ComputePrecision(precision.fp16_selector))`. `input_ids [1, T]` takes T in 1..max_prefill
