@@ -50,24 +50,40 @@ class UnsupportedOpError(UserError):
 
 
 def import_coremltools() -> Any:
-    """`coremltools`, imported quietly: on import it logs that torch 2.13 "has not been tested with coremltools
-        ... Torch 2.7.0 is the most recent version that has been tested" (coremltools 9.0; conversion works, see
-        the README), that scikit-learn 1.9 is above its sklearn converter's range (not used here), and on Linux
-        that `libcoremlpython` is missing (it is macOS-only); it imports torchao when installed, whose import logs
-    a torch `_pytree` deprecation; its converters draw progress bars (tqdm)."""
+    """`coremltools`, imported quietly. On import coremltools 9.0 logs that torch 2.13 "has not been tested with
+    coremltools ... Torch 2.7.0 is the most recent version that has been tested" (conversion works, see the
+    README), that scikit-learn 1.9 is above its sklearn converter's range (not used here) and, on Linux, that
+    `libcoremlpython` is missing (it is macOS-only); it imports torchao when installed, whose import logs a torch
+    `_pytree` deprecation. Its converters draw tqdm progress bars (`QUIET_PROGRESS` turns them off)."""
+    import functools
+    import importlib
     import logging
-    import os
 
-    os.environ.setdefault("TQDM_DISABLE", "1")
     for name in ("coremltools", "torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import coremltools
+        from tqdm import tqdm
     except ImportError as e:
         raise UserError(
             f"the Core ML backend needs coremltools ({e}); pip install 'lfm-export[coreml]'"
         ) from None
+    quiet = functools.partial(tqdm, disable=True)
+    for module, attr in QUIET_PROGRESS:
+        try:
+            setattr(importlib.import_module(module), attr, quiet)
+        except ImportError:
+            pass
     return coremltools
+
+
+QUIET_PROGRESS = (
+    ("coremltools.converters.mil.frontend.torch.ops", "_tqdm"),
+    ("coremltools.converters.mil.mil.passes.pass_pipeline", "tqdm"),
+    ("coremltools.optimize.coreml._quantization_passes", "tqdm"),
+    ("coremltools.optimize.coreml._post_training_quantization", "tqdm"),
+)
+"""coremltools modules that draw progress bars, and the name they call tqdm by."""
 
 
 def _f32(x: np.ndarray) -> np.ndarray:
