@@ -254,7 +254,10 @@ def test_every_recipe_passes(model: str, quant: str, tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["dense_attn_first_hd32", "moe_b32"])
 @pytest.mark.parametrize("quant", ["fp16", "int4"])
-def test_transformers_checkpoints_convert_and_pass(
+def test_transformers_checkpoints_pass_and_a_wrong_conversion_fails(
     hf_checkpoints, name: str, quant: str, tmp_path: Path
 ) -> None:
-    export(str(hf_checkpoints[name]), tmp_path / "a", quant)
+    honest = export(str(hf_checkpoints[name]), tmp_path / "a", quant)
+    broken = convert_without_conv_write(honest, tmp_path / "broken")
+    result = check_artifact(broken, progress=Progress(quiet=True), scenarios=["prefill", "decode"])
+    assert not result.summary()["exactness"]["passed"]
