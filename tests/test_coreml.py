@@ -1,8 +1,8 @@
 """The Core ML backend end to end: real `.mlpackage` files converted by coremltools from the bundled models, read
 back from disk and run by the numpy interpreter through the `CoreMLSession` shim, checked by the parity gate.
 
-Default suite: `tiny` at fp16 and `tiny-moe` at int4-b32 (context 32), one deliberately wrong conversion, the
-spec / metadata / inspect checks, bad input. Slow: every recipe on both models, and checkpoints written by
+Default suite: `tiny` and `tiny-moe` at fp16 (context 32), one deliberately wrong conversion, the
+spec / metadata / inspect checks, bad input. Slow: `tiny-moe` int4 and its compression report, every recipe on both models, and checkpoints written by
 transformers (dense and MoE) at fp16 and int4 with a wrong conversion of each."""
 
 from __future__ import annotations
@@ -50,7 +50,14 @@ def tiny_fp16(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def moe_fp16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export("tiny-moe", tmp_path_factory.mktemp("cm") / "moe-fp16", "fp16", prefill_lengths="1,4,8")
+
+
+@pytest.fixture(scope="module")
 def moe_int4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Compression adds about 40 s on loaded cores (coremltools' pass, and the same per weight for the
+    simulation), so the tests that need it are slow."""
     return export("tiny-moe", tmp_path_factory.mktemp("cm") / "moe-int4", "int4", prefill_lengths="1,4,8")
 
 
@@ -71,14 +78,21 @@ def test_tiny_fp16_passes_both_parts_under_the_interpreter(tiny_fp16: Path) -> N
     assert "coreml-interpreter" in (tiny_fp16 / "parity" / "parity.md").read_text()
 
 
-def test_moe_int4_passes_with_enumerated_prefill_lengths(moe_int4: Path) -> None:
-    m = manifest(moe_int4)
+def test_moe_fp16_passes_with_enumerated_prefill_lengths(moe_fp16: Path) -> None:
+    m = manifest(moe_fp16)
     p = m["parity"]
-    assert m["recipe"]["name"] == "int4-b32" and m["recipe"]["moe"] is True
-    assert p["exactness"]["gate"] == "int4-fp16-moe" and p["passed"]
+    assert m["recipe"]["name"] == "fp16" and m["recipe"]["moe"] is True
+    assert p["exactness"]["gate"] == "fp16-fp16-moe" and p["passed"]
     assert m["coreml"]["prefill"] == {"enumerated": [1, 4, 8]}
-    assert 0.01 < p["quality"]["pooled"]["kl_mean"] < 0.1  # what int4 costs on tiny-moe (ONNX int4: 0.045)
+    assert p["quality"]["pooled"]["kl_mean"] < 1e-4
     assert {"topk", "sigmoid", "scatter_along_axis"} <= set(m["coreml"]["ops"])  # the dense MoE routing
+
+
+@pytest.mark.slow
+def test_moe_int4_passes(moe_int4: Path) -> None:
+    p = manifest(moe_int4)["parity"]
+    assert p["exactness"]["gate"] == "int4-fp16-moe" and p["passed"]
+    assert 0.01 < p["quality"]["pooled"]["kl_mean"] < 0.1  # what int4 costs on tiny-moe (ONNX int4: 0.045)
 
 
 def test_spec_declares_states_and_ios18(tiny_fp16: Path) -> None:
@@ -107,6 +121,7 @@ def test_spec_declares_states_and_ios18(tiny_fp16: Path) -> None:
     assert set(m["coreml"]["states"]) == want
 
 
+@pytest.mark.slow
 def test_compression_report_and_constexpr_ops(moe_int4: Path) -> None:
     m = manifest(moe_int4)
     cfg = load_model("tiny-moe").config
@@ -141,16 +156,16 @@ def test_session_reset_and_state_readout_match_the_reference(tiny_fp16: Path) ->
     assert np.abs(first - ref).max() < 5e-3 * np.abs(ref).max()  # fp16 rounding
 
 
-def test_metadata_in_the_package(moe_int4: Path) -> None:
+def test_metadata_in_the_package(moe_fp16: Path) -> None:
     import coremltools as ct
 
-    model = ct.models.MLModel(str(moe_int4 / "model.mlpackage"), skip_model_load=True)
+    model = ct.models.MLModel(str(moe_fp16 / "model.mlpackage"), skip_model_load=True)
     spec = model.get_spec()
     meta = spec.description.metadata
     assert meta.author == "lfm-export" and meta.license and meta.versionString
     assert "stateful" in meta.shortDescription
-    assert json.loads(meta.userDefined["lfm_export.recipe"])["name"] == "int4-b32"
-    assert meta.userDefined["lfm_export.weights_sha256"] == manifest(moe_int4)["model"]["weights_sha256"]
+    assert json.loads(meta.userDefined["lfm_export.recipe"])["name"] == "fp16"
+    assert meta.userDefined["lfm_export.weights_sha256"] == manifest(moe_fp16)["model"]["weights_sha256"]
     assert all(i.shortDescription for i in spec.description.input)
     assert all(s.shortDescription for s in spec.description.state)
     assert "conv state" in {s.name: s.shortDescription for s in spec.description.state}["past_0_conv"]
