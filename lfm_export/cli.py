@@ -294,17 +294,19 @@ def backend_command(
     recipe: RecipeFactory = core_recipe,
     extra: Sequence[Parameter] = (),
     cli: typer.Typer = app,
+    quant_default: str = "fp32",
 ) -> Callable[..., None]:
     """Register `lfm-export NAME MODEL -o OUT` (on `cli`) with the shared options plus `extra` (listed after
-    `--quant`): build the recipe, export through `pipeline.BACKENDS[name]`, run the parity gate, report
-    (exit 1 if the gate fails)."""
+    `--quant`, whose default is `quant_default`): build the recipe, export through `pipeline.BACKENDS[name]`,
+    run the parity gate, report (exit 1 if the gate fails)."""
 
     def command(**values: Any) -> None:
         opts = ExportOptions(**{f.name: values.pop(f.name) for f in fields(ExportOptions)})
         made = recipe(opts, values)
         _export(name, opts, made)
 
-    command.__signature__ = Signature([*_SHARED_HEAD, *extra, *_SHARED_TAIL])  # type: ignore[attr-defined]
+    head = [*_SHARED_HEAD[:2], option("quant", QuantOpt, quant_default)]
+    command.__signature__ = Signature([*head, *extra, *_SHARED_TAIL])  # type: ignore[attr-defined]
     command.__name__ = name
     command.__doc__ = help
     return cli.command(name)(command)
@@ -446,6 +448,51 @@ backend_command(
             None,
         ),
     ],
+)
+
+def _coreml_recipe(opts: ExportOptions, extra: dict[str, Any]) -> Any:
+    from lfm_export.backends.coreml.recipes import make_recipe
+
+    return make_recipe(
+        quant=opts.quant,
+        max_seq_len=opts.max_seq_len,
+        target=extra["target"],
+        max_prefill=extra["max_prefill"],
+        prefill_lengths=extra["prefill_lengths"],
+    )
+
+
+backend_command(
+    "coreml",
+    "Export MODEL to a stateful Core ML ML Program (model.mlpackage, iOS 18 states, fp16 compute), then check "
+    "parity through the Core ML runtime shim (Core ML on macOS, the numpy interpreter elsewhere).",
+    _coreml_recipe,
+    [
+        option(
+            "target",
+            Annotated[str, typer.Option(help="Deployment target: iOS18 | macOS15 (states need them).")],
+            "iOS18",
+        ),
+        option(
+            "max_prefill",
+            Annotated[
+                int | None,
+                typer.Option(min=1, help="Most tokens one prediction takes, any count 1..N (default 64)."),
+            ],
+            None,
+        ),
+        option(
+            "prefill_lengths",
+            Annotated[
+                str | None,
+                typer.Option(
+                    help="Enumerated token counts per prediction instead, e.g. 1,16,64 (1 required)."
+                ),
+            ],
+            None,
+        ),
+    ],
+    quant_default="fp16",
 )
 
 # ---- artifact commands -------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ BACKENDS: dict[str, str] = {
     "onnx": "lfm_export.backends.onnx",
     "executorch": "lfm_export.backends.executorch",
     "mlx": "lfm_export.backends.mlx",
+    "coreml": "lfm_export.backends.coreml",
 }
 """Backend name -> module exposing `export(loaded, folder, recipe, progress) -> BackendResult`."""
 
@@ -41,6 +42,7 @@ RUNTIMES: dict[str, tuple[str, str]] = {
     "onnx": ("lfm_export.runtime.onnx", "OnnxSession"),
     "executorch": ("lfm_export.runtime.executorch", "ExecuTorchSession"),
     "mlx": ("lfm_export.runtime.mlx", "MlxSession"),
+    "coreml": ("lfm_export.runtime.coreml", "CoreMLSession"),
 }
 """Backend name -> (runtime shim module, Session class taking `(folder, threads=...)`)."""
 

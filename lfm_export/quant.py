@@ -41,6 +41,12 @@ or per role (`{"linears": ..., "experts": ...}`, `ROLES`) where a runtime treats
   `zero_point = clip(-128 - rint(lo / scale), -128, 127)`, `q = clip(rint(a / scale) + zero_point,
   -128, 127)`. Written from torchao's description; one XNNPACK 8da4w linear run by ExecuTorch 1.5.1 matches
   it within 3.6e-7 (output scale 1.9) given the weights XNNPACK holds (`tests/test_executorch.py`).
+- `ACT_FP16`: the input of every linear but the MoE router rounded to fp16, in float recipes too (Core ML
+  programs compute in fp16; the rest of their fp16 rounding is left to the `-fp16` parity gates, which widen
+  to twice what this rounding itself does, as the int8-activation gates do: on MoE models an expert whose
+  score ties another's within fp16 rounding is chosen differently now and then (`ACT_FP16_ROUTED`, whose gate
+  allows for it): measured on `tiny-moe` int8, one position with logit error 5e-2 relative against this
+  simulation, 1.2e-3 against the same model run in fp16 by torch, which flips elsewhere itself).
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ from torch import Tensor, nn
 
 from lfm_export.recipes import (
     ACT_FLOAT,
+    ACT_FP16,
+    ACT_FP16_ROUTED,
     ACT_INT8_BLOCK,
     ACT_INT8_TOKEN,
     ACTIVATION_MODES,
@@ -315,6 +323,8 @@ class SimulatedLinear(nn.Linear):
             x = fake_quant_int8_block(x, self.block_size)
         elif self.activations == ACT_INT8_TOKEN:
             x = fake_quant_int8_token(x)
+        elif self.activations in (ACT_FP16, ACT_FP16_ROUTED):
+            x = x.half().float()
         return super().forward(x)
 
 
@@ -379,12 +389,13 @@ def simulate(
             if quantized and not name.endswith(ROUTER_SUFFIX):
                 bits = recipe.head_bits if name == "lm_head" else recipe.bits
             weight = replaced(mod.weight, bits)
-            if bits is None:
+            mode = modes["experts" if ".experts." in name else "linears"]
+            fp16_input = mode in (ACT_FP16, ACT_FP16_ROUTED) and not name.endswith(ROUTER_SUFFIX)  # float too
+            if bits is None and not fp16_input:
                 mod.weight = nn.Parameter(weight, requires_grad=False)
                 continue
             parent, _, child = name.rpartition(".")
             owner = sim.get_submodule(parent) if parent else sim
-            mode = modes["experts" if ".experts." in name else "linears"]
             setattr(owner, child, SimulatedLinear(mod, weight, mode, recipe.block_size))
     done.clear()
     return sim.eval()

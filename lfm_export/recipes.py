@@ -34,11 +34,15 @@ ROUNDINGS = ("nearest", "mse")
 ACT_FLOAT = "float"
 ACT_INT8_BLOCK = "int8-block"
 ACT_INT8_TOKEN = "int8-token"
-ACTIVATION_MODES = (ACT_FLOAT, ACT_INT8_BLOCK, ACT_INT8_TOKEN)
+ACT_FP16 = "fp16"
+ACT_FP16_ROUTED = "fp16-routed"
+ACTIVATION_MODES = (ACT_FLOAT, ACT_INT8_BLOCK, ACT_INT8_TOKEN, ACT_FP16, ACT_FP16_ROUTED)
 """How a runtime rounds the inputs of the quantized linears; `lfm_export.quant` says exactly how and simulates
 each. `float`: none; `int8-block`: onnxruntime MatMulNBits at accuracy_level 4 (symmetric int8 per block of the
 weight's block size along K); `int8-token`: dynamic per-token asymmetric int8 (torchao / ExecuTorch `8da4w`,
-what the recipe's `-a8` means)."""
+what the recipe's `-a8` means); `fp16`: the runtime computes in fp16 (Core ML), the simulation rounds the
+linears' inputs to fp16 and the parity gate is the `-fp16` one; `fp16-routed`: the same for a model with MoE
+routing, whose gate (`-fp16-moe`) tolerates an expert chosen differently under fp16 rounding."""
 HEAD_BITS = 8
 DEFAULT_CONTEXT_CAP = 32768
 """Context declared when none is asked for: the model's, capped at the trained context of the dense models."""

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "ExecuTorchSession": "executorch",
     "MlxSession": "mlx",
+    "CoreMLSession": "coreml",
     "Session": "session",
     "Tokenizer": "tokenizer",
     "IncrementalDetokenizer": "tokenizer",

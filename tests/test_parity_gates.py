@@ -273,6 +273,8 @@ def test_exactness_passes_honest_and_rejects_every_break(model, activations, loa
         ("int8-b32", ACT_FLOAT, "int8"),
         ("int4-b64-asym", ACT_FLOAT, "int4"),
         ("int8-b32", ACT_INT8_BLOCK, "int8-a8"),
+        ("fp16", "fp16", "fp16-fp16"),  # Core ML's fp16 compute
+        ("int4-b32", "fp16", "int4-fp16"),
     ],
 )
 def test_every_gate_passes_honest_and_rejects_breaks(simulated, model, recipe, activations, gate):

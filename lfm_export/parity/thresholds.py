@@ -185,6 +185,67 @@ GATES: dict[str, Gate] = {
         note="int8 activations (onnxruntime accuracy_level 4, 8da4w): limits allow 2x what the rounding itself "
         "does (honest: at most 0.82x)",
     ),
+    # fp16 compute (Core ML: the residual stream, the states and every linear in fp16; norm statistics, softmax
+    # and routing fp32): the simulation holds the program's weights and rounds every linear's input to fp16
+    # (activation mode `fp16`) but computes in fp32 otherwise, so fp16 rounding is what separates them. Like
+    # int8 activations, fp16 rounding now and then flips a discrete choice (an MoE expert whose score ties
+    # another's), so the limits widen to ROUNDING_FACTOR x what the input rounding itself does (honest worst,
+    # 2026-11-29, the Core ML interpreter: see the README's Core ML section).
+    "fp16-fp16": _exact_gate(
+        "fp16-fp16",
+        logit_max_rel=5e-3,
+        kl_max=2e-4,
+        top1_decisive=0.99,
+        state_max_rel=2e-2,
+        rounding=ROUNDING_FACTOR,
+        note="fp16 compute (Core ML); limits widen to 2x what fp16 input rounding does",
+    ),
+    "int8-fp16": _exact_gate(
+        "int8-fp16",
+        logit_max_rel=5e-3,
+        kl_max=2e-4,
+        top1_decisive=0.99,
+        state_max_rel=2e-2,
+        rounding=ROUNDING_FACTOR,
+        note="fp16 compute (Core ML); limits widen to 2x what fp16 input rounding does",
+    ),
+    "int4-fp16": _exact_gate(
+        "int4-fp16",
+        logit_max_rel=5e-3,
+        kl_max=2e-4,
+        top1_decisive=0.99,
+        state_max_rel=2e-2,
+        rounding=ROUNDING_FACTOR,
+        note="fp16 compute (Core ML; palettized weights too); limits widen to 2x what fp16 input rounding does",
+    ),
+    # With MoE routing, fp16 rounding chooses another expert where two scores tie within it (measured on
+    # tiny-moe int8 through the Core ML interpreter: 2 of 4 prompts, logit max rel 5.8e-2, KL max 1.6e-2,
+    # state max rel 9.9e-2 at the flipped positions, 1e-3 elsewhere; the same model run in fp16 by torch flips
+    # at other positions). The limits allow one such flip; what a wrong conversion does is larger (README).
+    "fp16-fp16-moe": _exact_gate(
+        "fp16-fp16-moe",
+        logit_max_rel=0.15,
+        kl_max=0.05,
+        top1_decisive=0.98,
+        state_max_rel=0.25,
+        note="fp16 compute with MoE routing (Core ML): allows an expert flipped by fp16 rounding",
+    ),
+    "int8-fp16-moe": _exact_gate(
+        "int8-fp16-moe",
+        logit_max_rel=0.15,
+        kl_max=0.05,
+        top1_decisive=0.98,
+        state_max_rel=0.25,
+        note="fp16 compute with MoE routing (Core ML): allows an expert flipped by fp16 rounding",
+    ),
+    "int4-fp16-moe": _exact_gate(
+        "int4-fp16-moe",
+        logit_max_rel=0.15,
+        kl_max=0.05,
+        top1_decisive=0.98,
+        state_max_rel=0.25,
+        note="fp16 compute with MoE routing (Core ML): allows an expert flipped by fp16 rounding",
+    ),
 }
 
 SANITY_KL_MEAN: dict[str, float] = {"fp32": 1e-4, "fp16": 1e-3, "int8": 0.1, "int4": 1.0}
@@ -196,6 +257,11 @@ limit is the user's (`--max-kl`, gates file)."""
 
 INT8_ACTIVATIONS = "-a8"
 """Suffix of the exactness gate used where the runtime rounds the activations of quantized linears to int8."""
+FP16_COMPUTE = "-fp16"
+"""Suffix of the exactness gate used where the runtime computes in fp16 (activation mode `fp16`)."""
+FAMILY_ALIASES = {"palettize": "int4"}
+"""Recipe names outside the core grammar and the gate family they are judged by (Core ML's `palettize4` /
+`palettize6`: weights looked up in a table, judged by the int4 family's gates)."""
 
 
 def gate_for(recipe: str, activations: str | dict[str, str] = "float") -> Gate:
@@ -206,6 +272,10 @@ def gate_for(recipe: str, activations: str | dict[str, str] = "float") -> Gate:
     modes = set(activations.values()) if isinstance(activations, dict) else {activations}
     core = _core_recipe(recipe)
     named_a8 = core.activations == "int8" if core is not None else "a8" in recipe.strip().lower().split("-")
+    if family in ("fp16", "int4", "int8") and modes == {"fp16"}:
+        return GATES[family + FP16_COMPUTE]
+    if family in ("fp16", "int4", "int8") and modes == {"fp16-routed"}:
+        return GATES[family + FP16_COMPUTE + "-moe"]
     if family in ("int4", "int8") and (modes != {"float"} or named_a8):
         family += INT8_ACTIVATIONS
     return GATES[family]
@@ -222,7 +292,7 @@ def _family(recipe: str) -> str:
     """`fp32`, `fp16`, `int8` or `int4` for a recipe name: the core recipe's gate family (aliases such as
     `8da4w` included), else the longest gate name the recipe starts with (a backend's own name)."""
     key = recipe.strip().lower()
-    bases = [name for name in GATES if INT8_ACTIVATIONS not in name]
+    bases = [name for name in GATES if INT8_ACTIVATIONS not in name and FP16_COMPUTE not in name]
     core = _core_recipe(key)
     if core is not None:
         if core.gate_family not in bases:
@@ -230,6 +300,9 @@ def _family(recipe: str) -> str:
         return core.gate_family
     if key in bases:
         return key
+    for prefix, family in FAMILY_ALIASES.items():
+        if key.startswith(prefix):
+            return family
     matches = [name for name in bases if key.startswith(name)]
     if not matches:
         raise UnsupportedError(

@@ -1,0 +1,91 @@
+"""The two modules the Core ML conversion swaps in, because coremltools 9.0's torch frontend refuses what the
+canonical model and `lfm_export.stateful` trace to (both measured with torch 2.13, `torch.jit.trace`):
+
+- an in-place write into a state must be slice or select assignment: `k_cache[:, :, positions] = k` (an
+  `index_put_` with a tensor index) and `buf.copy_(new)` (a whole-buffer copy) both fail with "No matching
+  select or slice." So the KV cache is written as `cache[:, :, start : start + T] = k` and the conv state as
+  `buf[:] = new` (`slice_update` + `coreml_update_state` in the program).
+- `x.shape[-1] // 2` inside `apply_rope` traces to a shape tensor that coremltools' `int` op cannot take
+  ("only 0-dimensional arrays can be converted to Python scalars"); the half width is a Python int here.
+
+The math is the canonical attention's, line for line (q/k RMSNorm before RoPE, rotate-half RoPE, GQA by
+`repeat_interleave`, fp32 softmax over every cache position up to the query's); the parity gate checks it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lfm_export.model import STATEFUL, Attention
+from lfm_export.signature import CONV, KEY, VALUE
+from lfm_export.stateful import StatefulModule
+
+
+class SliceWriteAttention(Attention):
+    """`Attention` whose stateful form writes the KV cache by slice assignment (module docstring)."""
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        positions: Tensor,
+        form: str,
+        key_mask: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        if form != STATEFUL:
+            raise ValueError("SliceWriteAttention runs the stateful form only")
+        bsz, t, _ = x.shape
+        q = self.q_layernorm(self.q_proj(x).view(bsz, t, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_layernorm(self.k_proj(x).view(bsz, t, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(bsz, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        start = positions[0]
+        k_cache[:, :, start : start + t] = k
+        v_cache[:, :, start : start + t] = v
+        key_pos = torch.arange(k_cache.shape[2], device=x.device)
+        allowed = (key_pos[None, :] <= positions[:, None])[None, None]
+        groups = self.n_heads // self.n_kv
+        kk = k_cache.repeat_interleave(groups, dim=1)
+        vv = v_cache.repeat_interleave(groups, dim=1)
+        scores = (q @ kk.transpose(-1, -2)).float() * self.head_dim**-0.5
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        out = (probs @ vv).transpose(1, 2).reshape(bsz, t, self.n_heads * self.head_dim)
+        return self.out_proj(out), k_cache, v_cache
+
+    def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        half = self.head_dim // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+def slice_write_attention(module: nn.Module) -> nn.Module | None:
+    """Swap (`lfm_export.trace.apply_swaps`): an `Attention` becomes a `SliceWriteAttention` sharing its
+    submodules and weights."""
+    if not isinstance(module, Attention) or isinstance(module, SliceWriteAttention):
+        return None
+    new = SliceWriteAttention.__new__(SliceWriteAttention)
+    new.__dict__ = dict(module.__dict__)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = dict(module._modules)
+    return new
+
+
+class CoreMLStatefulModule(StatefulModule):
+    """`StatefulModule` whose conv state is written back by slice assignment (`buf[:] = new`)."""
+
+    def forward(self, input_ids: Tensor, input_pos: Tensor) -> Tensor:
+        conv_bufs = [self.get_buffer(n) for n in self._names[CONV]]
+        continuing = input_pos.reshape(1, 1, 1) > 0
+        conv = [torch.where(continuing, c, torch.zeros_like(c)) for c in conv_bufs]
+        keys = [self.get_buffer(n) for n in self._names[KEY]]
+        values = [self.get_buffer(n) for n in self._names[VALUE]]
+        logits, new_conv, _, _ = self.model(input_ids, conv, keys, values, input_pos=input_pos, form=STATEFUL)
+        for buf, new in zip(conv_bufs, new_conv, strict=True):
+            buf[:] = new
+        return logits

@@ -1,0 +1,278 @@
+"""The Core ML backend end to end: real `.mlpackage` files converted by coremltools from the bundled models, read
+back from disk and run by the numpy interpreter through the `CoreMLSession` shim, checked by the parity gate.
+
+Default suite: `tiny` and `tiny-moe` at fp16 (context 32), one deliberately wrong conversion, the
+spec / metadata / inspect checks, bad input. Slow: `tiny-moe` int4 and its compression report, every recipe on both models, and checkpoints written by
+transformers (dense and MoE) at fp16 and int4 with a wrong conversion of each."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("coremltools")
+
+from lfm_export.backends.coreml.recipes import make_recipe  # noqa: E402
+from lfm_export.loading import load_model  # noqa: E402
+from lfm_export.parity import ReferenceSession  # noqa: E402
+from lfm_export.pipeline import check_artifact, export_artifact  # noqa: E402
+from lfm_export.progress import Progress  # noqa: E402
+from lfm_export.runtime.coreml import CoreMLSession  # noqa: E402
+from lfm_export.runtime.coreml_interpreter import load_program  # noqa: E402
+
+CONTEXT = 32
+
+
+def export(model: str, out: Path, quant: str, **kw) -> Path:
+    torch.set_num_threads(2)
+    outcome = export_artifact(
+        "coreml",
+        model,
+        out,
+        make_recipe(quant, max_seq_len=kw.pop("context", CONTEXT), **kw),
+        threads=2,
+        progress=Progress(quiet=True),
+    )
+    assert outcome.passed, outcome.manifest["parity"]["verdict"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_fp16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export("tiny", tmp_path_factory.mktemp("cm") / "tiny-fp16", "fp16", max_prefill=8)
+
+
+@pytest.fixture(scope="module")
+def moe_fp16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export("tiny-moe", tmp_path_factory.mktemp("cm") / "moe-fp16", "fp16", prefill_lengths="1,4,8")
+
+
+@pytest.fixture(scope="module")
+def moe_int4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Compression adds about 40 s on loaded cores (coremltools' pass, and the same per weight for the
+    simulation), so the tests that need it are slow."""
+    return export("tiny-moe", tmp_path_factory.mktemp("cm") / "moe-int4", "int4", prefill_lengths="1,4,8")
+
+
+def manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def test_tiny_fp16_passes_both_parts_under_the_interpreter(tiny_fp16: Path) -> None:
+    m = manifest(tiny_fp16)
+    p = m["parity"]
+    assert m["backend"] == "coreml" and m["recipe"]["name"] == "fp16"
+    assert p["exactness"]["gate"] == "fp16-fp16" and p["exactness"]["passed"] and p["quality"]["passed"]
+    assert {k for k, v in p["scenarios"].items() if v == "ok"} >= {"prefill", "decode", "chunked_prefill"}
+    assert p["scenarios"]["near_max_seq_len"] == "ok"
+    # fp16 compute against an fp32 simulation holding the same weights: fp16 rounding, no more
+    assert 1e-5 < p["exactness"]["worst"]["logit_max_rel"] < 5e-3
+    assert p["quality"]["pooled"]["kl_mean"] < 1e-4
+    assert "coreml-interpreter" in (tiny_fp16 / "parity" / "parity.md").read_text()
+
+
+def test_moe_fp16_passes_with_enumerated_prefill_lengths(moe_fp16: Path) -> None:
+    m = manifest(moe_fp16)
+    p = m["parity"]
+    assert m["recipe"]["name"] == "fp16" and m["recipe"]["moe"] is True
+    assert p["exactness"]["gate"] == "fp16-fp16-moe" and p["passed"]
+    assert m["coreml"]["prefill"] == {"enumerated": [1, 4, 8]}
+    assert p["quality"]["pooled"]["kl_mean"] < 1e-4
+    assert {"topk", "sigmoid", "scatter_along_axis"} <= set(m["coreml"]["ops"])  # the dense MoE routing
+
+
+@pytest.mark.slow
+def test_moe_int4_passes(moe_int4: Path) -> None:
+    p = manifest(moe_int4)["parity"]
+    assert p["exactness"]["gate"] == "int4-fp16-moe" and p["passed"]
+    assert 0.01 < p["quality"]["pooled"]["kl_mean"] < 0.1  # what int4 costs on tiny-moe (ONNX int4: 0.045)
+
+
+def test_spec_declares_states_and_ios18(tiny_fp16: Path) -> None:
+    """The saved spec (what Core ML reads): specification version 9, one fp16 state per conv state and KV
+    cache, each read once and written once by the main function (coremltools issue 2275 was a state the
+    program did not take: the load fails then), and the same in the manifest."""
+    program = load_program(tiny_fp16 / "model.mlpackage")
+    cfg = load_model("tiny").config
+    assert program.spec_version == 9
+    want = {f"past_{i}_conv" for i in cfg.conv_layers}
+    want |= {f"past_key_values_{i}_{kv}" for i in cfg.attn_layers for kv in ("key", "value")}
+    assert set(program.states) == want and len(want) == 8
+    assert set(program.function_inputs) == want | {"input_ids", "input_pos"}
+    for name in want:
+        assert program.state_access(name) == (1, 1)
+        assert program.state_dtypes[name] == np.float16
+    assert program.state_shapes["past_0_conv"] == (1, cfg.hidden_size, cfg.conv_L_cache - 1)
+    assert program.state_shapes["past_key_values_2_key"] == (
+        1,
+        cfg.num_key_value_heads,
+        CONTEXT,
+        cfg.head_dim,
+    )
+    m = manifest(tiny_fp16)
+    assert m["coreml"]["specification_version"] == 9 and m["coreml"]["target"] == "iOS18"
+    assert set(m["coreml"]["states"]) == want
+
+
+@pytest.mark.slow
+def test_compression_report_and_constexpr_ops(moe_int4: Path) -> None:
+    m = manifest(moe_int4)
+    cfg = load_model("tiny-moe").config
+    report = m["coreml"]["compression"]
+    linears = {n: r for n, r in report.items() if r["why"] == "linear weight"}
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    ffn = 3 * (cfg.num_hidden_layers - moe_layers) + 3 * cfg.num_experts * moe_layers
+    assert len(linears) == ffn + 2 * len(cfg.conv_layers) + 4 * len(cfg.attn_layers)
+    assert all(r["as"].startswith("int4 per block of 32") for r in linears.values())
+    embed = [r for n, r in report.items() if "embed_tokens" in n]
+    assert embed == [{"as": "int8 per channel, symmetric", "why": embed[0]["why"]}]
+    kept = {r["why"] for r in report.values() if r["as"] == "fp16"}
+    assert any("conv weight" in why for why in kept) and any("router" in why for why in kept)
+    ops = m["coreml"]["ops"]
+    assert ops["constexpr_blockwise_shift_scale"] == len(linears) + 1
+
+
+def test_session_reset_and_state_readout_match_the_reference(tiny_fp16: Path) -> None:
+    """Chunked prefill (max_prefill 8), decode, then a new sequence: the fresh state gives the same logits."""
+    session = CoreMLSession(tiny_fp16)
+    assert session.name == "coreml-interpreter" and session.chunks(19) == [8, 8, 3]
+    ids = np.array([[1, 300, 51, 7, 99, 1000, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]], np.int64)
+    first = session.prefill(ids)
+    session.decode(np.array([5]))
+    state = session.state()
+    assert state is not None and state["past_key_values.2.key"].shape == (1, 2, CONTEXT, 32)
+    assert np.abs(state["past_key_values.2.key"][:, :, 20:]).max() == 0  # nothing written past the position
+    session.reset()
+    again = session.prefill(ids)
+    assert np.array_equal(first, again)
+    ref = ReferenceSession(load_model("tiny").model, max_seq_len=CONTEXT).prefill(ids)
+    assert np.abs(first - ref).max() < 5e-3 * np.abs(ref).max()  # fp16 rounding
+
+
+def test_metadata_in_the_package(moe_fp16: Path) -> None:
+    import coremltools as ct
+
+    model = ct.models.MLModel(str(moe_fp16 / "model.mlpackage"), skip_model_load=True)
+    spec = model.get_spec()
+    meta = spec.description.metadata
+    assert meta.author == "lfm-export" and meta.license and meta.versionString
+    assert "stateful" in meta.shortDescription
+    assert json.loads(meta.userDefined["lfm_export.recipe"])["name"] == "fp16"
+    assert meta.userDefined["lfm_export.weights_sha256"] == manifest(moe_fp16)["model"]["weights_sha256"]
+    assert all(i.shortDescription for i in spec.description.input)
+    assert all(s.shortDescription for s in spec.description.state)
+    assert "conv state" in {s.name: s.shortDescription for s in spec.description.state}["past_0_conv"]
+
+
+def convert_without_conv_write(honest: Path, out: Path) -> Path:
+    """A copy of the artifact `honest` whose package is a real Core ML conversion (same recipe, context and
+    prefill) of a module that never writes its conv state back (how the short-conv state went wrong on another
+    path, executorch issue 21855); the program still declares every state."""
+    from lfm_export.backends.coreml import convert as cv
+    from lfm_export.backends.coreml.compress import compress
+    from lfm_export.backends.coreml.modules import CoreMLStatefulModule
+    from lfm_export.backends.coreml.recipes import CoreMLRecipe
+    from lfm_export.model import STATEFUL
+    from lfm_export.signature import build_signature
+
+    class NoConvWrite(CoreMLStatefulModule):
+        def forward(self, input_ids, input_pos):
+            conv = [self.get_buffer(n) for n in self._names["conv"]]
+            keys = [self.get_buffer(n) for n in self._names["key"]]
+            values = [self.get_buffer(n) for n in self._names["value"]]
+            logits, _, _, _ = self.model(input_ids, conv, keys, values, input_pos=input_pos, form=STATEFUL)
+            return logits
+
+    m = manifest(honest)
+    recipe = CoreMLRecipe.from_dict(m["recipe"])
+    shapes = tuple(m["coreml"]["prefill"].get("enumerated") or m["coreml"]["prefill"]["range"])
+    context = m["max_seq_len"]
+    shutil.copytree(honest, out)
+    shutil.rmtree(out / "model.mlpackage")
+    model = load_model(m["model"]["source"]).model
+    traced = cv.trace(model, context, shapes[-1], module_cls=NoConvWrite)
+    sig16 = build_signature(model.config, STATEFUL, context, "float16", max_prefill=shapes[-1])
+    mlmodel, _ = compress(cv.convert(traced, sig16, recipe, shapes), recipe)
+    mlmodel.save(str(out / "model.mlpackage"))
+    return out
+
+
+def test_wrong_conversion_fails_parity(tiny_fp16: Path, tmp_path: Path) -> None:
+    broken = convert_without_conv_write(tiny_fp16, tmp_path / "broken")
+    result = check_artifact(broken, progress=Progress(quiet=True), scenarios=["prefill", "decode"])
+    exactness = result.summary()["exactness"]
+    assert not result.passed and not exactness["passed"]
+    # far outside what fp16 rounding does (the honest export: logit 1.5e-3, state 6.8e-3, KL max 8e-5)
+    assert exactness["worst"]["state_max_rel"] > 0.3 and exactness["worst"]["logit_max_rel"] > 0.05
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lfm_export.cli", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"quant": "fp32"}, "holds Core ML states in fp16 only"),
+        ({"max_seq_len": 16, "max_prefill": 32}, "exceeds the context"),
+        ({"max_seq_len": 16, "prefill_lengths": "1,64"}, "exceeds the context"),
+        ({"prefill_lengths": "4,8"}, "must include 1"),
+        ({"prefill_lengths": "1,x"}, "comma-separated integers"),
+        ({"quant": "int4-b32-asym"}, "no -asym"),
+        ({"quant": "int8-b64"}, "per output channel"),
+        ({"target": "macOS14"}, "need iOS 18 / macOS 15"),
+    ],
+)
+def test_recipes_the_target_cannot_express_are_refused(kwargs: dict, fragment: str) -> None:
+    from lfm_export.errors import UserError
+
+    with pytest.raises(UserError, match=fragment):
+        make_recipe(**kwargs)
+
+
+def test_bad_input_through_the_cli_is_one_line_exit_2_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = cli("coreml", "tiny", "-o", str(out), "--target", "iOS17")
+    assert r.returncode == 2, r.stderr
+    assert (
+        "--target iOS17: Core ML states (KV cache and conv state held in the model) need iOS 18" in r.stderr
+    )
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_inspect_shows_states_and_target(tiny_fp16: Path) -> None:
+    r = cli("inspect", str(tiny_fp16), "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    text = json.dumps(data)
+    assert "iOS18" in text and "past_key_values_2_key" in text and '"specification_version": 9' in text
+
+
+# ---- slow: every recipe, transformers-written checkpoints ----------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny", "tiny-moe"])
+@pytest.mark.parametrize("quant", ["fp16", "int8", "int4", "palettize4", "palettize6"])
+def test_every_recipe_passes(model: str, quant: str, tmp_path: Path) -> None:
+    export(model, tmp_path / "a", quant, context=64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dense_attn_first_hd32", "moe_b32"])
+@pytest.mark.parametrize("quant", ["fp16", "int4"])
+def test_transformers_checkpoints_pass_and_a_wrong_conversion_fails(
+    hf_checkpoints, name: str, quant: str, tmp_path: Path
+) -> None:
+    honest = export(str(hf_checkpoints[name]), tmp_path / "a", quant)
+    broken = convert_without_conv_write(honest, tmp_path / "broken")
+    result = check_artifact(broken, progress=Progress(quiet=True), scenarios=["prefill", "decode"])
+    assert not result.summary()["exactness"]["passed"]
