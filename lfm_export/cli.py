@@ -450,6 +450,7 @@ backend_command(
     ],
 )
 
+
 def _coreml_recipe(opts: ExportOptions, extra: dict[str, Any]) -> Any:
     from lfm_export.backends.coreml.recipes import make_recipe
 
