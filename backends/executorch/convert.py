@@ -34,7 +34,6 @@ from lfm_export.loading import LoadedModel
 from lfm_export.model import STATEFUL
 from lfm_export.progress import Progress
 from lfm_export.signature import IOSignature, build_signature
-from lfm_export.errors import UserError
 from lfm_export.trace import Swap, export_stateful_program
 
 from .attention import custom_op_attention, load_custom_ops, seq_first_signature
@@ -172,8 +171,7 @@ def export_executorch(
     core = recipe.recipe
     core.check_model(cfg, {})
     context = core.context(cfg)
-    if recipe.max_prefill is not None and recipe.max_prefill > context:
-        raise UserError(f"--max-prefill {recipe.max_prefill} is above the context (--max-seq-len) {context}")
+    recipe.check_context(cfg)
     max_prefill = recipe.prefill_for(context)
     load_custom_ops()
     weights: dict[str, Any] = {"lm_head": "float32", "embedding": "float32", "linears": "float32"}

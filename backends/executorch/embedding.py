@@ -1,6 +1,6 @@
 """The embedding table held quantized, weight-only (`--embedding-quant 8|4`): the rows of the tokens are
-gathered from the int8 (or packed int4) table and scaled, in plain ops (`embedding`, bitwise unpacking, a
-multiply) that ExecuTorch's portable kernels run; only the T gathered rows are dequantized per call.
+gathered from the int8 (or packed int4) table and scaled, in plain ops (`embedding`, a multiply, floor
+division to unpack int4) that ExecuTorch's portable kernels run; only the T gathered rows are dequantized per call.
 
 The values are `quantize.xnnpack_weight`'s (int8 per row, int4 in blocks with bf16 scales), the same function
 `quantize.weight_values` gives the simulation, so a table tied to an int8 lm_head holds the same values in
@@ -33,9 +33,9 @@ class QuantizedEmbedding(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         rows = nn.functional.embedding(ids, self.codes)
         if self.bits == 4:
-            lo = torch.bitwise_and(rows, 15)
-            hi = torch.bitwise_right_shift(rows, 4)
-            rows = torch.stack([lo, hi], dim=-1).reshape(*ids.shape, self.hidden).to(torch.int16) - 8
+            packed = rows.to(torch.int32)  # shifts are not core ATen ops: floor division unpacks
+            hi = torch.div(packed, 16, rounding_mode="floor")
+            rows = torch.stack([packed - hi * 16, hi], dim=-1).reshape(*ids.shape, self.hidden) - 8
         scales = nn.functional.embedding(ids, self.scales)  # [B, T, H / group]
         grouped = rows.float().reshape(*ids.shape, self.hidden // self.group, self.group)
         return (grouped * scales[..., None]).reshape(*ids.shape, self.hidden)

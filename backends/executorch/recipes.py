@@ -106,6 +106,12 @@ class ExecuTorchRecipe:
         fields already say what the export did)."""
         return self.recipe
 
+    def check_context(self, cfg: Any) -> None:
+        """`--max-prefill` above the context this model gets (`--max-seq-len` or the model's) is refused."""
+        context = self.recipe.context(cfg)
+        if self.max_prefill is not None and self.max_prefill > context:
+            raise UserError(f"--max-prefill {self.max_prefill} is above the context (--max-seq-len) {context}")
+
     def prefill_for(self, context: int) -> int:
         return min(self.max_prefill or DEFAULT_MAX_PREFILL, context)
 
