@@ -72,10 +72,9 @@ def params_json(cfg: Any) -> dict[str, Any]:
 
 
 def export_theirs(model: Any, preset: str, context: int, out: Path) -> dict[str, Any]:
+    import executorch
     import torch
     from executorch.examples.models.lfm2.convert_weights import lfm_2_to_meta
-
-    import executorch
 
     state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied: theirs re-ties
     torch.save(lfm_2_to_meta(state), out / "theirs.pth")
@@ -102,7 +101,13 @@ def export_theirs(model: Any, preset: str, context: int, out: Path) -> dict[str,
 
 def export_ours(preset: str, context: int, out: Path) -> dict[str, Any]:
     folder = out / "ours"
-    cmd = [str(Path(sys.executable).parent / "lfm-export"), "executorch", f"random:{preset}", "-o", str(folder)]
+    cmd = [
+        str(Path(sys.executable).parent / "lfm-export"),
+        "executorch",
+        f"random:{preset}",
+        "-o",
+        str(folder),
+    ]
     cmd += ["--quant", "8da4w", "--max-seq-len", str(context), "--no-parity", "--force", "--json"]
     return measured(cmd, out / "ours_export.log")
 
@@ -110,13 +115,12 @@ def export_ours(preset: str, context: int, out: Path) -> dict[str, Any]:
 def run_program(path: Path, prompt: list[int], feed: list[int], threads: int) -> dict[str, Any]:
     """Prefill `prompt`, then decode feeding `feed`; tokens/s and the log-probs after the prompt and after each
     fed token but the last (`[1 + len(feed) - 1, vocab]`)."""
+    import executorch.kernels.quantized  # noqa: F401
     import numpy as np
     import torch
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
     from executorch.extension.pybindings import portable_lib
     from executorch.runtime import Runtime
-
-    import executorch.kernels.quantized  # noqa: F401
 
     portable_lib._unsafe_reset_threadpool(threads)
     program = Runtime.get().load_program(str(path))
@@ -203,14 +207,20 @@ def main() -> None:
     meta = {"preset": args.preset, "context": args.context, "prompt_len": args.prompt_len}
     meta |= {"new_tokens": args.new_tokens, "threads": args.threads}
     (out / "results.json").write_text(json.dumps({**meta, "results": rows}, indent=2))
-    print(f"random:{args.preset}, 8da4w, {args.threads} threads, {args.prompt_len}-token prompt, context "
-          f"{args.context}, {args.new_tokens} new tokens")
-    print("| program | .pte MB | prefill tok/s | decode tok/s | KL mean / max vs fp32 | export s | peak RSS GB |")
+    print(
+        f"random:{args.preset}, 8da4w, {args.threads} threads, {args.prompt_len}-token prompt, context "
+        f"{args.context}, {args.new_tokens} new tokens"
+    )
+    print(
+        "| program | .pte MB | prefill tok/s | decode tok/s | KL mean / max vs fp32 | export s | peak RSS GB |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         exp = f"{r['export_s']:.0f} | {r['peak_rss_bytes'] / 1e9:.2f}" if "export_s" in r else "- | -"
-        print(f"| {name} | {r['pte_bytes'] / 1e6:.0f} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
-              f"{r['kl_mean']:.2e} / {r['kl_max']:.2e} | {exp} |")
+        print(
+            f"| {name} | {r['pte_bytes'] / 1e6:.0f} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
+            f"{r['kl_mean']:.2e} / {r['kl_max']:.2e} | {exp} |"
+        )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import torch
 
 pytest.importorskip("executorch")
 
+from conftest import HF_SHAPES, save_hf  # noqa: E402
+
 from lfm_export.backends.executorch.convert import MODEL_FILE, read_metadata  # noqa: E402
 from lfm_export.backends.executorch.recipes import make_recipe  # noqa: E402
 from lfm_export.loading import load_model  # noqa: E402
@@ -25,8 +27,6 @@ from lfm_export.parity import ReferenceSession, run_parity  # noqa: E402
 from lfm_export.pipeline import check_artifact, export_artifact  # noqa: E402
 from lfm_export.progress import Progress  # noqa: E402
 from lfm_export.runtime.executorch import ExecuTorchSession  # noqa: E402
-
-from conftest import HF_SHAPES, save_hf  # noqa: E402
 
 CONTEXT, PREFILL = 64, 16
 
@@ -207,7 +207,9 @@ def test_8da4w_export_passes_parity_against_its_simulation(tmp_path: Path) -> No
     other = load_model("tiny")
     with torch.no_grad():
         other.model.model.layers[0].feed_forward.w2.weight.mul_(1.05)
-    result = check_artifact(outcome.out, other, threads=2, progress=Progress(quiet=True), scenarios=["prefill"])
+    result = check_artifact(
+        outcome.out, other, threads=2, progress=Progress(quiet=True), scenarios=["prefill"]
+    )
     assert not result.passed and not result.summary()["exactness"]["passed"]
 
 
@@ -323,7 +325,9 @@ def test_a_quantized_embedding_gathers_exactly_the_simulated_rows(tmp_path: Path
         (["--quant", "8da4w", "--delegate", "portable"], "quantized linears run on XNNPACK's kernels"),
     ],
 )
-def test_bad_options_are_one_line_errors_and_write_nothing(tmp_path: Path, args: list[str], message: str) -> None:
+def test_bad_options_are_one_line_errors_and_write_nothing(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
     out = tmp_path / "x"
     r = _cli("executorch", "tiny", "-o", str(out), *args)
     assert r.returncode == 2 and _one_error(r.stderr, message), r.stderr
@@ -338,3 +342,41 @@ def test_a_group_size_that_does_not_divide_a_weight_is_refused(tmp_path: Path) -
     r = _cli("executorch", str(folder), "-o", str(tmp_path / "x"), "--quant", "8da4w", "--group-size", "128")
     assert r.returncode == 2 and _one_error(r.stderr, "block size 128 does not divide the input dimension 64")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["dense_attn_first_hd32", "moe_b32"])
+def test_a_transformers_checkpoint_exports_at_8da4w_and_passes_parity_a_wrong_one_fails(
+    tmp_path: Path, shape: str
+) -> None:
+    """As a new user would: a checkpoint written by transformers (not bundled), `lfm-export executorch
+    --quant 8da4w`, then `lfm-export parity OUT --json`; checked against a checkpoint of other weights (the
+    same architecture), the artifact fails."""
+    kwargs, dtype = HF_SHAPES[shape]
+    folder = save_hf(tmp_path / "hf", kwargs, dtype, seed=5)
+    other = save_hf(tmp_path / "other", kwargs, dtype, seed=6)
+    out = tmp_path / "et"
+    r = _cli("executorch", str(folder), "-o", str(out), "--quant", "8da4w", "--max-seq-len", "64", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["recipe"]["embedding_bits"] == 8
+    r = _cli("parity", str(out), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["passed"] is True, r.stdout[-2000:]
+    r = _cli("parity", str(out), "--model", str(other), "--json")
+    report = json.loads(r.stdout)
+    assert r.returncode == 1 and report["passed"] is False and report["exactness"]["passed"] is False
+
+
+@pytest.mark.slow
+def test_tiny_moe_8da4w_with_int4_embedding_and_group_64_passes_parity(tmp_path: Path) -> None:
+    torch.set_num_threads(2)
+    outcome = export_artifact(
+        "executorch",
+        "tiny-moe",
+        tmp_path / "moe",
+        make_recipe("8da4w", max_seq_len=CONTEXT, max_prefill=PREFILL, group_size=64, embedding_quant="4"),
+        threads=2,
+        progress=Progress(quiet=True),
+    )
+    m = outcome.manifest
+    assert outcome.passed and m["recipe"]["name"] == "int4-b64-a8" and m["recipe"]["embedding_bits"] == 4, m
+    assert m["parity"]["quality"]["pooled"]["kl_mean"] < 0.15

@@ -43,7 +43,12 @@ class CustomOpAttention(nn.Module):
     def __init__(self, attn: Attention) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = attn.n_heads, attn.n_kv, attn.head_dim
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
+            attn.q_proj,
+            attn.k_proj,
+            attn.v_proj,
+            attn.out_proj,
+        )
         self.q_layernorm, self.k_layernorm = attn.q_layernorm, attn.k_layernorm
 
     def forward(

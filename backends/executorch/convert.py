@@ -2,18 +2,22 @@
 
 Stages:
 
-1. weights (quantized recipes): every linear but the MoE router and the lm_head gets `quantize.xnnpack_int4`'s
-   codes and scales (not the core quantizer's: XNNPACK takes no negative scale and holds scales as bf16; see
-   `quantize.py`), wrapped as torchao `IntxUnpackedToInt8Tensor` with per-token asymmetric int8 activations
-   (torchao's 8da4w form, which XNNPACK's partitioner recognises).
+1. weights, as module swaps on a copy that shares the model's tensors (`lfm_export.trace.apply_swaps`: the
+   fp32 weights are never held twice; each quantized weight is made from one float weight at a time):
+   quantized recipes turn every linear but the MoE router into a torchao `IntxUnpackedToInt8Tensor` with
+   per-token asymmetric int8 activations (torchao's 8da4w form, which XNNPACK's partitioner recognises):
+   `quantize.xnnpack_int4`'s codes and scales (not the core quantizer's: XNNPACK takes no negative scale and
+   holds scales as bf16), the lm_head at int8 per output channel (`quantize.xnnpack_int8`); the embedding
+   table becomes `embedding.QuantizedEmbedding` (`--embedding-quant`); every attention becomes
+   `attention.CustomOpAttention` (ExecuTorch's `update_cache` + `custom_sdpa`, KV held seq-first).
 2. trace: `lfm_export.trace.export_stateful_program` (state in mutable buffers, conv state cleared by the
    program at `input_pos == 0`, T dynamic in 1..max_prefill).
-3. lower: `to_edge_transform_and_lower(..., partitioner=[XnnpackPartitioner()], constant_methods=...)` then
-   `to_executorch()`. The buffer mutations stay in the program: the KV `index_put` and the conv-state copies
-   run as portable ops outside the delegate and ExecuTorch writes them back into the memory-planned buffers.
-   ExecuTorch serialises no initial value for mutated buffers (its warning says "meaningless initial
-   state"); the program does not depend on one: conv state is replaced at position 0 and KV positions past
-   the query are masked, each written before it is read.
+3. lower: `to_edge_transform_and_lower(..., partitioner=[XnnpackPartitioner()], constant_methods=...)` (no
+   partitioner for `--delegate portable`) then `to_executorch()`. The KV cache is written in place by
+   `update_cache`; the conv-state copies run as portable ops outside the delegate. ExecuTorch serialises no
+   initial value for mutated buffers (its warning says "meaningless initial state"); the program does not
+   depend on one: conv state is replaced at position 0 and `custom_sdpa` reads only positions up to the
+   query's, each written before it is read.
 4. check: the runner metadata methods are read back from the written `.pte` with `executorch.runtime` and
    compared with what was asked.
 """
@@ -192,7 +196,9 @@ def export_executorch(
         if core.embedding_bits:
             swaps.append(quantized_embedding(core.embedding_bits, core.block_size))
             weights["embedding"] = (
-                "int8 per row" if core.embedding_bits == 8 else f"int4 in blocks of {core.block_size}, bf16 scales"
+                "int8 per row"
+                if core.embedding_bits == 8
+                else f"int4 in blocks of {core.block_size}, bf16 scales"
             ) + ", weight-only (embedding.QuantizedEmbedding)"
         swaps.append(custom_op_attention)
         weights["counts"] = counts
@@ -227,7 +233,9 @@ def export_executorch(
         if wrong:
             raise RuntimeError(f"{path}: metadata methods read back differently (asked, found): {wrong}")
 
-    signature = seq_first_signature(build_signature(cfg, STATEFUL, context, "float32", max_prefill=max_prefill))
+    signature = seq_first_signature(
+        build_signature(cfg, STATEFUL, context, "float32", max_prefill=max_prefill)
+    )
     versions = {"executorch_version": getattr(executorch, "__version__", "unknown")}
     done = replace(recipe, max_prefill=max_prefill)
     return ExecuTorchExportResult(signature, done, found, weights, versions)

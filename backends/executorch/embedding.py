@@ -45,6 +45,8 @@ def quantized_embedding(bits: int, block_size: int):  # noqa: ANN201 (a swap)
     """Swap for `lfm_export.trace.apply_swaps`: the model's `nn.Embedding` becomes a `QuantizedEmbedding`."""
 
     def swap(module: nn.Module) -> nn.Module | None:
-        return QuantizedEmbedding(module.weight, bits, block_size) if isinstance(module, nn.Embedding) else None
+        return (
+            QuantizedEmbedding(module.weight, bits, block_size) if isinstance(module, nn.Embedding) else None
+        )
 
     return swap

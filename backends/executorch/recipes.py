@@ -110,7 +110,9 @@ class ExecuTorchRecipe:
         """`--max-prefill` above the context this model gets (`--max-seq-len` or the model's) is refused."""
         context = self.recipe.context(cfg)
         if self.max_prefill is not None and self.max_prefill > context:
-            raise UserError(f"--max-prefill {self.max_prefill} is above the context (--max-seq-len) {context}")
+            raise UserError(
+                f"--max-prefill {self.max_prefill} is above the context (--max-seq-len) {context}"
+            )
 
     def prefill_for(self, context: int) -> int:
         return min(self.max_prefill or DEFAULT_MAX_PREFILL, context)
@@ -154,7 +156,9 @@ def make_recipe(
         if not core.quantized:
             raise UnsupportedError(f"--group-size needs a quantized recipe, not {quant!r}")
         if named and group_size != core.block_size:
-            raise UnsupportedError(f"--quant {quant!r} names group size {core.block_size}, --group-size {group_size}")
+            raise UnsupportedError(
+                f"--quant {quant!r} names group size {core.block_size}, --group-size {group_size}"
+            )
         core = core.with_options(block_size=group_size)
     if embedding_quant is not None and embedding_quant not in EMBEDDING_CHOICES:
         raise UnsupportedError(f"--embedding-quant {embedding_quant!r} is unknown; expected 8, 4 or none")
@@ -176,7 +180,11 @@ def with_tables(recipe: Recipe, embedding: str | None = None) -> Recipe:
     float recipes; for quantized ones an int8 head and the `embedding` choice (`8`, `4`, `none`; None: 8)."""
     if not recipe.quantized:
         if embedding not in (None, "none"):
-            raise UnsupportedError(f"--embedding-quant {embedding} needs a quantized recipe, not {recipe.name}")
+            raise UnsupportedError(
+                f"--embedding-quant {embedding} needs a quantized recipe, not {recipe.name}"
+            )
         return recipe.with_options(head_bits=None, embedding_bits=None)
     embedding = embedding or EMBEDDING_DEFAULT
-    return recipe.with_options(head_bits=HEAD_BITS, embedding_bits=None if embedding == "none" else int(embedding))
+    return recipe.with_options(
+        head_bits=HEAD_BITS, embedding_bits=None if embedding == "none" else int(embedding)
+    )
