@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/executorch_vs_own.py --preset lfm2-350m --out out/bench-et
 
-1. ours: `lfm-export executorch random:PRESET --quant 8da4w --max-seq-len C --no-parity` (a child process:
-   wall time and peak RSS of that process tree);
+1. ours: `lfm-export executorch random:PRESET --quant 8da4w --max-seq-len C --max-prefill P --no-parity` (a
+   child process: wall time and peak RSS of its largest process; P defaults to the prompt length, so both
+   programs prefill the prompt in one call: theirs takes up to its whole context per call);
 2. theirs: the same weights (the canonical model's state dict, HF names) converted with ExecuTorch's
    `examples/models/lfm2/convert_weights.lfm_2_to_meta` and saved as a `.pth`, a params JSON for the preset,
    then `python -m executorch.extension.llm.export.export_llm --config lfm2_xnnpack_q8da4w.yaml ...` (its
@@ -77,10 +78,11 @@ def export_theirs(model: Any, preset: str, context: int, out: Path) -> dict[str,
     from executorch.examples.models.lfm2.convert_weights import lfm_2_to_meta
 
     state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied: theirs re-ties
-    torch.save(lfm_2_to_meta(state), out / "theirs.pth")
+    if not (out / "theirs.pth").exists():
+        torch.save(lfm_2_to_meta(state), out / "theirs.pth")
     del state
     (out / "theirs_params.json").write_text(json.dumps(params_json(model.config)))
-    yaml = Path(executorch.__file__).parent / "examples/models/lfm2/config/lfm2_xnnpack_q8da4w.yaml"
+    yaml = Path(executorch.__path__[0]) / "examples/models/lfm2/config/lfm2_xnnpack_q8da4w.yaml"
     cmd = [
         sys.executable,
         "-m",
@@ -176,6 +178,12 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--max-prefill",
+        type=int,
+        default=512,
+        help="our program's most tokens per call (theirs takes the whole context: max_seq_length)",
+    )
     ap.add_argument("--out", type=Path, default=Path("out/bench-et"))
     ap.add_argument("--reuse", action="store_true", help="keep .pte files already in --out")
     args = ap.parse_args()
@@ -190,7 +198,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     exports: dict[str, Any] = {}
     if not (args.reuse and (out / "ours" / "model.pte").exists()):
-        exports["ours"] = export_ours(args.preset, args.context, out)
+        exports["ours"] = export_ours(args.preset, args.context, args.max_prefill, out)
     model = load_model(f"random:{args.preset}").materialized().model.eval()
     if not (args.reuse and (out / "theirs.pte").exists()):
         exports["theirs"] = export_theirs(model, args.preset, args.context, out)
@@ -205,6 +213,7 @@ def main() -> None:
         kl = (p * (ref - r.pop("logp"))).sum(-1)
         rows[name] = {**r, "kl_mean": float(kl.mean()), "kl_max": float(kl.max()), **exports.get(name, {})}
     meta = {"preset": args.preset, "context": args.context, "prompt_len": args.prompt_len}
+    meta |= {"max_prefill_ours": args.max_prefill}
     meta |= {"new_tokens": args.new_tokens, "threads": args.threads}
     (out / "results.json").write_text(json.dumps({**meta, "results": rows}, indent=2))
     print(
