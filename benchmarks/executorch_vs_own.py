@@ -101,7 +101,7 @@ def export_theirs(model: Any, preset: str, context: int, out: Path) -> dict[str,
     return result
 
 
-def export_ours(preset: str, context: int, out: Path) -> dict[str, Any]:
+def export_ours(preset: str, context: int, max_prefill: int, out: Path) -> dict[str, Any]:
     folder = out / "ours"
     cmd = [
         str(Path(sys.executable).parent / "lfm-export"),
@@ -110,7 +110,8 @@ def export_ours(preset: str, context: int, out: Path) -> dict[str, Any]:
         "-o",
         str(folder),
     ]
-    cmd += ["--quant", "8da4w", "--max-seq-len", str(context), "--no-parity", "--force", "--json"]
+    cmd += ["--quant", "8da4w", "--max-seq-len", str(context), "--max-prefill", str(max_prefill)]
+    cmd += ["--no-parity", "--force", "--json"]
     return measured(cmd, out / "ours_export.log")
 
 
