@@ -383,3 +383,20 @@ def test_tiny_moe_8da4w_with_int4_embedding_and_group_64_passes_parity(tmp_path:
     assert outcome.passed and m["recipe"]["name"] == "int4-b64-a8" and m["recipe"]["embedding_bits"] == 4, m
     assert m["parity"]["exactness"]["passed"]
     assert m["parity"]["quality"]["pooled"]["kl_mean"] < 0.2  # measured 0.158 (int4 table and groups of 64)
+
+
+@pytest.mark.slow
+def test_portable_delegate_fp32_runs_without_xnnpack_and_passes_parity(tmp_path: Path) -> None:
+    torch.set_num_threads(2)
+    outcome = export_artifact(
+        "executorch",
+        "tiny",
+        tmp_path / "portable",
+        make_recipe("fp32", max_seq_len=CONTEXT, max_prefill=PREFILL, delegate="portable"),
+        threads=2,
+        progress=Progress(quiet=True),
+    )
+    m = outcome.manifest
+    assert outcome.passed and m["recipe"]["delegate"] == "portable", m["parity"]
+    assert m["parity"]["exactness"]["worst"]["logit_max_rel"] < 1e-5
+    assert b"XnnpackBackend" not in (outcome.out / MODEL_FILE).read_bytes()
