@@ -404,7 +404,14 @@ backend_command(
 def _executorch_recipe(opts: ExportOptions, extra: dict[str, Any]) -> Any:
     from lfm_export.backends.executorch.recipes import make_recipe
 
-    return make_recipe(quant=opts.quant, max_seq_len=opts.max_seq_len, max_prefill=extra["max_prefill"])
+    return make_recipe(
+        quant=opts.quant,
+        max_seq_len=opts.max_seq_len,
+        max_prefill=extra["max_prefill"],
+        group_size=extra["group_size"],
+        embedding_quant=extra["embedding_quant"],
+        delegate=extra["delegate"],
+    )
 
 
 backend_command(
@@ -422,6 +429,27 @@ backend_command(
                 ),
             ],
             None,
+        ),
+        option(
+            "group_size",
+            Annotated[
+                int | None,
+                typer.Option(help="int4 weight group size: 32 | 64 | 128 (default: the recipe's, 32)."),
+            ],
+            None,
+        ),
+        option(
+            "embedding_quant",
+            Annotated[
+                str | None,
+                typer.Option(help="Embedding table, weight-only: 8 | 4 | none (default 8 when quantized)."),
+            ],
+            None,
+        ),
+        option(
+            "delegate",
+            Annotated[str, typer.Option(help="xnnpack | portable (fp32 only) | qnn (not built here).")],
+            "xnnpack",
         ),
     ],
 )

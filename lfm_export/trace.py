@@ -141,15 +141,22 @@ def export_program(
 
 
 def export_stateful_program(
-    model: Lfm2ForCausalLM, max_seq_len: int, max_prefill: int, swaps: Sequence[Swap] = ()
+    model: Lfm2ForCausalLM,
+    max_seq_len: int,
+    max_prefill: int,
+    swaps: Sequence[Swap] = (),
+    layout: Callable[[IOSignature], IOSignature] | None = None,
 ) -> torch.export.ExportedProgram:
     """The `stateful` form (`lfm_export.stateful`): `forward(input_ids [1, T], input_pos [1]) -> logits`,
     T dynamic in 1..`max_prefill`, state in buffers named by `held_buffer_name`; the signature is
-    `build_signature(cfg, "stateful", max_seq_len, max_prefill=max_prefill)`."""
+    `build_signature(cfg, "stateful", max_seq_len, max_prefill=max_prefill)`, passed through `layout` when a
+    backend's swapped modules hold the state in another shape (ExecuTorch's custom ops: KV seq-first)."""
     dtype = next(model.parameters()).dtype
     signature = build_signature(
         model.config, STATEFUL, max_seq_len, str(dtype).removeprefix("torch."), max_prefill=max_prefill
     )
+    if layout is not None:
+        signature = layout(signature)
     module = StatefulModule(apply_swaps(model, swaps), signature).eval()
     seq = min(2, max_prefill)  # 2, so the dynamic axis is not specialised to 1
     args = (torch.zeros(1, seq, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))

@@ -1,6 +1,8 @@
 """`Session` over an ExecuTorch artifact folder (manifest.json + model.pte), run by `executorch.runtime`.
 
-executorch (and with it torch: its bindings import torch) is imported when a session is created.
+executorch (and with it torch: its bindings import torch) is imported when a session is created, with
+`executorch.extension.llm.custom_ops.custom_ops`, which registers the `llama::custom_sdpa` /
+`llama::update_cache` kernels the program's attention uses (without it loading fails with "Missing operator").
 
 The program holds its state (stateful form): `forward(input_ids [1, T], input_pos [1]) -> logits`, T at most
 the signature's `max_prefill`; longer prompts are fed in chunks. Batch 1 only (`supports_batch` False).
@@ -88,6 +90,7 @@ def _import_executorch(threads: int) -> tuple[Any, Any]:
     try:
         import torch
         from executorch import runtime
+        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401 (kernels the program uses)
         from executorch.extension.pybindings import portable_lib
     except ImportError as e:
         raise UserError(

@@ -16,6 +16,9 @@ from .recipes import ExecuTorchRecipe, make_recipe
 def export(loaded: Any, folder: Path, recipe: Any, progress: Any = None) -> Any:
     """Write `model.pte` and the tokenizer files for `loaded` into `folder` (the pipeline writes the manifest).
     A core `Recipe` or a name gets the ExecuTorch defaults (`max_prefill`)."""
+    recipe = ExecuTorchRecipe.coerce(recipe)
+    recipe.check_context(loaded.config)
+    recipe.recipe.check_model(loaded.config, {n: tuple(p.shape) for n, p in loaded.model.named_parameters()})
     quiet_torchao()
     try:
         import executorch  # noqa: F401
@@ -26,7 +29,7 @@ def export(loaded: Any, folder: Path, recipe: Any, progress: Any = None) -> Any:
         ) from None
     from .convert import export_executorch
 
-    return export_executorch(loaded, Path(folder), ExecuTorchRecipe.coerce(recipe), progress)
+    return export_executorch(loaded, Path(folder), recipe, progress)
 
 
 def simulation(recipe_dict: dict[str, Any]) -> tuple[Any, str]:
@@ -47,8 +50,10 @@ def weight_values(recipe_dict: dict[str, Any]) -> Any:
 
 def quiet_torchao() -> None:
     """torchao 0.18 logs a warning per CUDA-only kernel library it cannot load on import ("Failed to load
-    ..._C_mxfp8...", "..._C_cutlass_90a..."): nothing this CPU backend uses. Its logger is set to ERROR."""
+    ..._C_mxfp8...", "..._C_cutlass_90a..."): nothing this CPU backend uses; and torch warns that an enum
+    torchao registers is natively supported now. Both loggers are set to ERROR."""
     logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 __all__ = ["ExecuTorchRecipe", "export", "make_recipe", "quiet_torchao", "simulation", "weight_values"]

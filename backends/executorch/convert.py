@@ -2,25 +2,28 @@
 
 Stages:
 
-1. weights (quantized recipes): every linear but the MoE router and the lm_head gets `quantize.xnnpack_int4`'s
-   codes and scales (not the core quantizer's: XNNPACK takes no negative scale and holds scales as bf16; see
-   `quantize.py`), wrapped as torchao `IntxUnpackedToInt8Tensor` with per-token asymmetric int8 activations
-   (torchao's 8da4w form, which XNNPACK's partitioner recognises).
+1. weights, as module swaps on a copy that shares the model's tensors (`lfm_export.trace.apply_swaps`: the
+   fp32 weights are never held twice; each quantized weight is made from one float weight at a time):
+   quantized recipes turn every linear but the MoE router into a torchao `IntxUnpackedToInt8Tensor` with
+   per-token asymmetric int8 activations (torchao's 8da4w form, which XNNPACK's partitioner recognises):
+   `quantize.xnnpack_int4`'s codes and scales (not the core quantizer's: XNNPACK takes no negative scale and
+   holds scales as bf16), the lm_head at int8 per output channel (`quantize.xnnpack_int8`); the embedding
+   table becomes `embedding.QuantizedEmbedding` (`--embedding-quant`); every attention becomes
+   `attention.CustomOpAttention` (ExecuTorch's `update_cache` + `custom_sdpa`, KV held seq-first).
 2. trace: `lfm_export.trace.export_stateful_program` (state in mutable buffers, conv state cleared by the
    program at `input_pos == 0`, T dynamic in 1..max_prefill).
-3. lower: `to_edge_transform_and_lower(..., partitioner=[XnnpackPartitioner()], constant_methods=...)` then
-   `to_executorch()`. The buffer mutations stay in the program: the KV `index_put` and the conv-state copies
-   run as portable ops outside the delegate and ExecuTorch writes them back into the memory-planned buffers.
-   ExecuTorch serialises no initial value for mutated buffers (its warning says "meaningless initial
-   state"); the program does not depend on one: conv state is replaced at position 0 and KV positions past
-   the query are masked, each written before it is read.
+3. lower: `to_edge_transform_and_lower(..., partitioner=[XnnpackPartitioner()], constant_methods=...)` (no
+   partitioner for `--delegate portable`) then `to_executorch()`. The KV cache is written in place by
+   `update_cache`; the conv-state copies run as portable ops outside the delegate. ExecuTorch serialises no
+   initial value for mutated buffers (its warning says "meaningless initial state"); the program does not
+   depend on one: conv state is replaced at position 0 and `custom_sdpa` reads only positions up to the
+   query's, each written before it is read.
 4. check: the runner metadata methods are read back from the written `.pte` with `executorch.runtime` and
    compared with what was asked.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import shutil
 import warnings
@@ -35,10 +38,12 @@ from lfm_export.loading import LoadedModel
 from lfm_export.model import STATEFUL
 from lfm_export.progress import Progress
 from lfm_export.signature import IOSignature, build_signature
-from lfm_export.trace import export_stateful_program
+from lfm_export.trace import Swap, export_stateful_program
 
-from .quantize import xnnpack_int4
-from .recipes import ExecuTorchRecipe
+from .attention import custom_op_attention, load_custom_ops, seq_first_signature
+from .embedding import quantized_embedding
+from .quantize import xnnpack_weight
+from .recipes import XNNPACK, ExecuTorchRecipe
 
 MODEL_FILE = "model.pte"
 ROUTER_SUFFIX = "feed_forward.gate"
@@ -79,41 +84,66 @@ def runner_metadata(loaded: LoadedModel, context: int, max_prefill: int) -> dict
         "get_eos_ids": eos,
         "get_n_layers": int(cfg.num_hidden_layers),
         "use_kv_cache": True,
-        "use_sdpa_with_kv_cache": False,
+        "use_sdpa_with_kv_cache": True,
         "enable_dynamic_shape": max_prefill > 1,
     }
 
 
-def quantize_linears(model: nn.Module, recipe: ExecuTorchRecipe) -> dict[str, int]:
-    """Replace, in place, each linear's weight (the MoE router excepted; the lm_head too when the recipe keeps
-    it float) by a torchao `IntxUnpackedToInt8Tensor` holding `quantize.xnnpack_int4`'s codes and scales, with
-    int8 per-token asymmetric activations (torchao's 8da4w form, which XNNPACK's partitioner lowers). Returns
-    how many linears got each bit width."""
+def quantized_linear(linear: nn.Linear, bits: int, block_size: int) -> nn.Linear:
+    """A new linear (the input keeps its weight) whose weight is a torchao `IntxUnpackedToInt8Tensor` holding
+    `quantize.xnnpack_weight`'s codes and scales (int4 in blocks, int8 per channel), with int8 per-token
+    asymmetric activations: torchao's 8da4w / 8da8w form, which XNNPACK's partitioner lowers."""
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
         IntxUnpackedToInt8Tensor,
         IntxUnpackedToInt8TensorActivationQuantization,
     )
 
+    codes, scale, group = xnnpack_weight(linear.weight.detach(), bits, block_size)
+    weight = IntxUnpackedToInt8Tensor(
+        qdata=codes,
+        scale=scale,
+        zero_point=torch.zeros_like(scale, dtype=torch.int8),
+        target_dtype=torch.int4 if bits == 4 else torch.int8,
+        block_size=(1, group),
+        dtype=torch.float32,
+        activation_quantization=IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN,
+    )
+    new = nn.Linear(linear.in_features, linear.out_features, bias=False, device="meta")
+    new.weight = nn.Parameter(weight, requires_grad=False)
+    new.bias = linear.bias
+    return new
+
+
+def linear_swap(model: nn.Module, recipe: ExecuTorchRecipe, counts: dict[str, int]) -> Swap:
+    """Swap for `lfm_export.trace.apply_swaps`: each linear of `model` (the MoE router excepted) becomes a
+    `quantized_linear` at the recipe's bits (the lm_head at `head_bits`), counted in `counts`. Linears are
+    recognised by their weight tensor, which the swapped copy shares."""
     core = recipe.recipe
-    counts: dict[str, int] = {}
-    for name, mod in list(model.named_modules()):
-        if not isinstance(mod, nn.Linear) or name.endswith(ROUTER_SUFFIX):
-            continue
+    names = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+    def swap(module: nn.Module) -> nn.Module | None:
+        if not isinstance(module, nn.Linear):
+            return None
+        name = names.get(id(module.weight), "")
         bits = core.head_bits if name == "lm_head" else core.bits
-        if bits is None:
-            continue
-        codes, scale = xnnpack_int4(mod.weight.detach(), core.block_size)
-        weight = IntxUnpackedToInt8Tensor(
-            qdata=codes,
-            scale=scale,
-            zero_point=torch.zeros_like(scale, dtype=torch.int8),
-            target_dtype=torch.int4,
-            block_size=(1, core.block_size),
-            dtype=torch.float32,
-            activation_quantization=IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN,
-        )
-        mod.weight = nn.Parameter(weight, requires_grad=False)
+        if name.endswith(ROUTER_SUFFIX) or bits is None:
+            return module
         counts[f"int{bits}"] = counts.get(f"int{bits}", 0) + 1
+        return quantized_linear(module, bits, core.block_size)
+
+    return swap
+
+
+def quantize_linears(model: nn.Module, recipe: ExecuTorchRecipe) -> dict[str, int]:
+    """Replace, in place, each linear of `model` as `linear_swap` does (one-linear tests). Returns how many
+    linears got each bit width."""
+    counts: dict[str, int] = {}
+    swap = linear_swap(model, recipe, counts)
+    for name, mod in list(model.named_modules()):
+        new = swap(mod)
+        if new is not None and new is not mod:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
     return counts
 
 
@@ -145,27 +175,36 @@ def export_executorch(
     core = recipe.recipe
     core.check_model(cfg, {})
     context = core.context(cfg)
+    recipe.check_context(cfg)
     max_prefill = recipe.prefill_for(context)
+    load_custom_ops()
     weights: dict[str, Any] = {"lm_head": "float32", "embedding": "float32", "linears": "float32"}
+    counts: dict[str, int] = {}
 
     with progress.step("Preparing weights"):
-        model = loaded.materialized().model
+        model = loaded.materialized().model.eval()
+        swaps: list[Swap] = []
         if core.quantized:
             core.check_model(cfg, {n: tuple(p.shape) for n, p in model.named_parameters()})
-            model = copy.deepcopy(model)
-            counts = quantize_linears(model, recipe)
+            swaps.append(linear_swap(model, recipe, counts))
             weights["linears"] = (
                 f"int{core.bits} blocks of {core.block_size}, symmetric, torchao's scales rounded to bf16 "
                 "(quantize.xnnpack_int4: XNNPACK refuses the core quantizer's negative scales); int8 per-token "
                 "asymmetric activations (torchao IntxUnpackedToInt8Tensor)"
             )
-            weights["lm_head"] = "float32 (XNNPACK lowers int8 weights per channel only, not in blocks)"
-            weights["embedding"] = "float32 (quantized embedding not built)"
-            weights["counts"] = counts
-        model.eval()
+            weights["lm_head"] = "int8 per output channel (fp32 scales), int8 per-token activations"
+        if core.embedding_bits:
+            swaps.append(quantized_embedding(core.embedding_bits, core.block_size))
+            weights["embedding"] = (
+                "int8 per row"
+                if core.embedding_bits == 8
+                else f"int4 in blocks of {core.block_size}, bf16 scales"
+            ) + ", weight-only (embedding.QuantizedEmbedding)"
+        swaps.append(custom_op_attention)
+        weights["counts"] = counts
 
     with progress.step("Tracing (torch.export, stateful form)"):
-        program = export_stateful_program(model, context, max_prefill)
+        program = export_stateful_program(model, context, max_prefill, swaps, layout=seq_first_signature)
 
     metadata = runner_metadata(loaded, context, max_prefill)
     with progress.step("Lowering to ExecuTorch (XNNPACK)"):
@@ -175,7 +214,7 @@ def export_executorch(
             logging.getLogger("executorch").setLevel(logging.WARNING)
             edge = to_edge_transform_and_lower(
                 program,
-                partitioner=[XnnpackPartitioner()],
+                partitioner=[XnnpackPartitioner()] if recipe.delegate == XNNPACK else [],
                 constant_methods=metadata,
                 compile_config=EdgeCompileConfig(_check_ir_validity=False),
             )
@@ -194,7 +233,9 @@ def export_executorch(
         if wrong:
             raise RuntimeError(f"{path}: metadata methods read back differently (asked, found): {wrong}")
 
-    signature = build_signature(cfg, STATEFUL, context, "float32", max_prefill=max_prefill)
+    signature = seq_first_signature(
+        build_signature(cfg, STATEFUL, context, "float32", max_prefill=max_prefill)
+    )
     versions = {"executorch_version": getattr(executorch, "__version__", "unknown")}
     done = replace(recipe, max_prefill=max_prefill)
     return ExecuTorchExportResult(signature, done, found, weights, versions)

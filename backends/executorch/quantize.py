@@ -44,21 +44,51 @@ def xnnpack_int4(w: np.ndarray | torch.Tensor, block_size: int) -> tuple[torch.T
     return codes, scale
 
 
+def xnnpack_int8(w: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`w [N, K]` -> (codes int8 `[N, K]` in -128..127, float32 scales `[N, 1]`): torchao's symmetric int8 per
+    output channel (`amax / 127.5`), what XNNPACK's dynamically quantized int8 linear (`qd8-f32-qc8w`) holds
+    with float32 scales, and the per-row int8 embedding table (`embedding.QuantizedEmbedding`)."""
+    from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
+
+    t = torch.as_tensor(w, dtype=torch.float32)
+    block = (1, t.shape[1])
+    scale, _ = choose_qparams_affine(
+        t, MappingType.SYMMETRIC, block, target_dtype=torch.int8, quant_min=-128, quant_max=127
+    )
+    scale = scale.reshape(t.shape[0], 1).float()
+    zero = torch.zeros_like(scale, dtype=torch.int8)
+    codes = quantize_affine(t, block, scale, zero, output_dtype=torch.int8, quant_min=-128, quant_max=127)
+    return codes, scale
+
+
+def xnnpack_weight(
+    w: np.ndarray | torch.Tensor, bits: int, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(codes, scales, group) for a weight this backend holds at `bits`: int4 in blocks of `block_size`
+    (`xnnpack_int4`), int8 per output channel (`xnnpack_int8`, group = the whole row)."""
+    if bits == 4:
+        return (*xnnpack_int4(w, block_size), block_size)
+    if bits == 8:
+        codes, scale = xnnpack_int8(w)
+        return codes, scale, int(codes.shape[1])
+    raise ValueError(f"the ExecuTorch backend holds int4 or int8 weights, not int{bits}")
+
+
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, block_size: int) -> torch.Tensor:
     n, k = codes.shape
     return (codes.reshape(n, k // block_size, block_size).float() * scale[..., None]).reshape(n, k)
 
 
 def weight_values(recipe: dict[str, Any]) -> Any:
-    """`lfm_export.quant.WeightValues` for an artifact of `recipe` (a manifest's): None for float recipes."""
+    """`lfm_export.quant.WeightValues` for an artifact of `recipe` (a manifest's): None for float recipes.
+    int4 (linears, an int4 embedding table) in blocks of the recipe's size, int8 (the lm_head, an int8
+    embedding table) per row: a tied table quantized at the same bits is the same values in both places."""
     if not recipe.get("bits"):
         return None
     block_size = int(recipe["block_size"])
 
     def values(w: np.ndarray, bits: int) -> np.ndarray:
-        if bits != 4:
-            raise ValueError(f"the ExecuTorch backend holds int4 weights only, not int{bits}")
-        codes, scale = xnnpack_int4(w, block_size)
-        return dequantize(codes, scale, block_size).numpy()
+        codes, scale, group = xnnpack_weight(w, bits, block_size)
+        return dequantize(codes, scale, group).numpy()
 
     return values

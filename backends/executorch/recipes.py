@@ -1,26 +1,34 @@
-"""ExecuTorch recipes: a core `lfm_export.recipes.Recipe` plus the ExecuTorch knob `max_prefill`.
+"""ExecuTorch recipes: a core `lfm_export.recipes.Recipe` plus the ExecuTorch knobs `max_prefill` and
+`delegate`.
 
-Supported: `fp32`, and `int4-bN-a8` (`8da4w` = `int4-b32-a8`), which XNNPACK runs with int8 activations
-(torchao's 8da4w form, per-token asymmetric int8 activations: `lfm_export.quant`'s `int8-token`).
+Supported: `fp32`, and `int4-bN-a8` (`8da4w` = `int4-b32-a8`; `--group-size` picks N), which XNNPACK runs with
+int8 activations (torchao's 8da4w form, per-token asymmetric int8 activations: `lfm_export.quant`'s
+`int8-token`). A quantized recipe holds the lm_head at int8 per output channel with int8 activations (XNNPACK's
+`qd8-f32-qc8w` linear: `head_bits` 8) and the embedding table weight-only at `--embedding-quant` 8 (per row,
+the default) or 4 (blocks of N), or float (`none`).
 
 Refused with a pointer: fp16 / bf16 (not built yet); weight-only int4 / int8 (XNNPACK's quantized linears take
 int8 activations: use `-a8`); `-asym` and `-mse` (the weights are torchao's symmetric int4 with bf16 scales, see
 `quantize.py`); `int8-bN-a8` (`8da8w`): ExecuTorch 1.5.1's XNNPACK partitioner lowers int8
 weights only per output channel, not in blocks ("Only 4b group quantization is supported", measured), and the
-core recipe has no per-channel block.
-
-The lm_head and the embedding table stay float32 (`head_bits` / `embedding_bits` None in the recipe the
-artifact records, so the simulation holds what the artifact holds): an int8 lm_head in blocks of 32 is the
-case XNNPACK refuses above, and the quantized embedding (`quantized_decomposed::embedding_byte`) is not built.
+core recipe has no per-channel block; `--delegate portable` with a quantized recipe (its linears are XNNPACK's
+kernels); `--delegate qnn` (`qnn_refusal`).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from lfm_export.errors import UnsupportedError
+from lfm_export.errors import UnsupportedError, UserError
 from lfm_export.recipes import ACT_FLOAT, ACT_INT8_TOKEN, Recipe, parse_recipe
+
+XNNPACK = "xnnpack"
+DELEGATES = (XNNPACK, "portable")
+HEAD_BITS = 8
+EMBEDDING_CHOICES = ("8", "4", "none")
+EMBEDDING_DEFAULT = "8"
 
 DEFAULT_MAX_PREFILL = 128
 """Tokens one `forward` call takes at most (the runtime shim and ExecuTorch's runner chunk longer prompts).
@@ -35,9 +43,18 @@ class ExecuTorchRecipe:
 
     recipe: Recipe = field(default_factory=Recipe)
     max_prefill: int | None = None
+    delegate: str = XNNPACK
 
     def __post_init__(self) -> None:
         r = self.recipe
+        if self.delegate == "qnn":
+            qnn_refusal()
+        if self.delegate not in DELEGATES:
+            raise UnsupportedError(f"--delegate {self.delegate!r} is unknown; expected xnnpack or portable")
+        if r.quantized and self.delegate != XNNPACK:
+            raise UnsupportedError(
+                f"{r.name}: quantized linears run on XNNPACK's kernels; use --delegate xnnpack or --quant fp32"
+            )
         if r.dtype != "fp32":
             raise UnsupportedError(f"{r.name}: the ExecuTorch backend exports fp32 or int4/int8 -a8 recipes")
         if r.quantized:
@@ -56,8 +73,12 @@ class ExecuTorchRecipe:
                     f"{r.name}: the ExecuTorch backend quantizes symmetric weights with plain rounding "
                     "(no -asym, no -mse)"
                 )
-        if r.head_bits is not None or r.embedding_bits is not None:
-            raise UnsupportedError(f"{r.name}: the ExecuTorch backend keeps the lm_head and embedding float")
+        if r.head_bits not in ((HEAD_BITS,) if r.quantized else (None,)):
+            raise UnsupportedError(f"{r.name}: the ExecuTorch backend holds the lm_head at int8 per channel")
+        if r.embedding_bits not in ((None, 8, 4) if r.quantized else (None,)):
+            raise UnsupportedError(
+                f"{r.name}: --embedding-quant takes 8, 4 or none, with a quantized recipe (fp32 keeps it float)"
+            )
         if self.max_prefill is not None and self.max_prefill < 1:
             raise UnsupportedError(f"--max-prefill must be positive, got {self.max_prefill}")
 
@@ -67,7 +88,7 @@ class ExecuTorchRecipe:
             return recipe
         if isinstance(recipe, str):
             recipe = parse_recipe(recipe)
-        return cls(float_head(recipe))
+        return cls(with_tables(recipe))
 
     # ---- what the pipeline reads ---------------------------------------------------------------------------
     @property
@@ -85,6 +106,14 @@ class ExecuTorchRecipe:
         fields already say what the export did)."""
         return self.recipe
 
+    def check_context(self, cfg: Any) -> None:
+        """`--max-prefill` above the context this model gets (`--max-seq-len` or the model's) is refused."""
+        context = self.recipe.context(cfg)
+        if self.max_prefill is not None and self.max_prefill > context:
+            raise UserError(
+                f"--max-prefill {self.max_prefill} is above the context (--max-seq-len) {context}"
+            )
+
     def prefill_for(self, context: int) -> int:
         return min(self.max_prefill or DEFAULT_MAX_PREFILL, context)
 
@@ -95,7 +124,8 @@ class ExecuTorchRecipe:
         return {
             **self.recipe.to_dict(),
             "max_prefill": self.max_prefill,
-            "delegate": "xnnpack",
+            "delegate": self.delegate,
+            "attention": "llama::custom_sdpa + llama::update_cache (KV seq-first)",
             "activation_rounding": self.activations,
             "weight_values": "xnnpack-int4 (torchao symmetric, bf16 scales)"
             if self.recipe.quantized
@@ -104,16 +134,57 @@ class ExecuTorchRecipe:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExecuTorchRecipe:
-        return cls(Recipe.from_dict(d), d.get("max_prefill"))
+        return cls(Recipe.from_dict(d), d.get("max_prefill"), d.get("delegate", XNNPACK))
 
 
 def make_recipe(
-    quant: str = "fp32", max_seq_len: int | None = None, max_prefill: int | None = None
+    quant: str = "fp32",
+    max_seq_len: int | None = None,
+    max_prefill: int | None = None,
+    group_size: int | None = None,
+    embedding_quant: str | None = None,
+    delegate: str = XNNPACK,
 ) -> ExecuTorchRecipe:
-    """The recipe `lfm-export executorch --quant QUANT [--max-seq-len N] [--max-prefill N]` builds."""
-    return ExecuTorchRecipe(float_head(parse_recipe(quant, max_seq_len=max_seq_len)), max_prefill)
+    """The recipe `lfm-export executorch --quant Q [--group-size N] [--embedding-quant 8|4|none]
+    [--max-seq-len N] [--max-prefill N] [--delegate D]` builds (`group_size` / `embedding_quant` None: the
+    name's block size, and an int8 table for quantized recipes)."""
+    if delegate == "qnn":
+        qnn_refusal()
+    named = any(re.fullmatch(r"[bg]\d+", part) for part in quant.strip().lower().split("-")[1:])
+    core = parse_recipe(quant, max_seq_len=max_seq_len)
+    if group_size is not None:
+        if not core.quantized:
+            raise UnsupportedError(f"--group-size needs a quantized recipe, not {quant!r}")
+        if named and group_size != core.block_size:
+            raise UnsupportedError(
+                f"--quant {quant!r} names group size {core.block_size}, --group-size {group_size}"
+            )
+        core = core.with_options(block_size=group_size)
+    if embedding_quant is not None and embedding_quant not in EMBEDDING_CHOICES:
+        raise UnsupportedError(f"--embedding-quant {embedding_quant!r} is unknown; expected 8, 4 or none")
+    if max_prefill is not None and max_seq_len is not None and max_prefill > max_seq_len:
+        raise UserError(f"--max-prefill {max_prefill} is above --max-seq-len {max_seq_len}")
+    return ExecuTorchRecipe(with_tables(core, embedding_quant), max_prefill, delegate)
 
 
-def float_head(recipe: Recipe) -> Recipe:
-    """`recipe` with the lm_head and embedding float (what this backend holds; see the module doc)."""
-    return recipe.with_options(head_bits=None, embedding_bits=None)
+def qnn_refusal() -> None:
+    """`--delegate qnn` is the QNN backend's issue; until it lands, one clear line."""
+    raise UnsupportedError(
+        "--delegate qnn is not built in this backend yet (the QNN delegate is the QNN issue's work); "
+        "use --delegate xnnpack or portable"
+    )
+
+
+def with_tables(recipe: Recipe, embedding: str | None = None) -> Recipe:
+    """`recipe` with what this backend holds for the lm_head and the embedding table (module doc): float for
+    float recipes; for quantized ones an int8 head and the `embedding` choice (`8`, `4`, `none`; None: 8)."""
+    if not recipe.quantized:
+        if embedding not in (None, "none"):
+            raise UnsupportedError(
+                f"--embedding-quant {embedding} needs a quantized recipe, not {recipe.name}"
+            )
+        return recipe.with_options(head_bits=None, embedding_bits=None)
+    embedding = embedding or EMBEDDING_DEFAULT
+    return recipe.with_options(
+        head_bits=HEAD_BITS, embedding_bits=None if embedding == "none" else int(embedding)
+    )

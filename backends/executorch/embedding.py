@@ -1,0 +1,52 @@
+"""The embedding table held quantized, weight-only (`--embedding-quant 8|4`): the rows of the tokens are
+gathered from the int8 (or packed int4) table and scaled, in plain ops (`embedding`, a multiply, floor
+division to unpack int4) that ExecuTorch's portable kernels run; only the T gathered rows are dequantized per call.
+
+The values are `quantize.xnnpack_weight`'s (int8 per row, int4 in blocks with bf16 scales), the same function
+`quantize.weight_values` gives the simulation, so a table tied to an int8 lm_head holds the same values in
+both places.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .quantize import xnnpack_weight
+
+
+class QuantizedEmbedding(nn.Module):
+    """`nn.Embedding` over `weight [V, H]` held at `bits` (8: one scale per row; 4: two codes per byte, one
+    scale per `block_size` columns)."""
+
+    def __init__(self, weight: Tensor, bits: int, block_size: int) -> None:
+        super().__init__()
+        codes, scale, group = xnnpack_weight(weight.detach(), bits, block_size)
+        self.bits, self.group = bits, group
+        self.hidden = int(codes.shape[1])
+        if bits == 4:
+            u = (codes.to(torch.int16) + 8).to(torch.uint8)  # 0..15
+            codes = u[:, 0::2] | (u[:, 1::2] << 4)
+        self.register_buffer("codes", codes.contiguous())
+        self.register_buffer("scales", scale.contiguous())
+
+    def forward(self, ids: Tensor) -> Tensor:
+        rows = nn.functional.embedding(ids, self.codes)
+        if self.bits == 4:
+            packed = rows.to(torch.int32)  # shifts are not core ATen ops: floor division unpacks
+            hi = torch.div(packed, 16, rounding_mode="floor")
+            rows = torch.stack([packed - hi * 16, hi], dim=-1).reshape(*ids.shape, self.hidden) - 8
+        scales = nn.functional.embedding(ids, self.scales)  # [B, T, H / group]
+        grouped = rows.float().reshape(*ids.shape, self.hidden // self.group, self.group)
+        return (grouped * scales[..., None]).reshape(*ids.shape, self.hidden)
+
+
+def quantized_embedding(bits: int, block_size: int):  # noqa: ANN201 (a swap)
+    """Swap for `lfm_export.trace.apply_swaps`: the model's `nn.Embedding` becomes a `QuantizedEmbedding`."""
+
+    def swap(module: nn.Module) -> nn.Module | None:
+        return (
+            QuantizedEmbedding(module.weight, bits, block_size) if isinstance(module, nn.Embedding) else None
+        )
+
+    return swap
