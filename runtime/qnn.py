@@ -10,7 +10,10 @@ SoC (`soc_model`): without it the emulated HTP failed to finalize the graph (`QN
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +86,8 @@ class QnnSession(SessionBase):
         path = self.folder / self.context_binary if self.context_binary else self.model_path
         opts = htp_session_options(self.soc_model, threads)
         try:
-            self._session = ort.InferenceSession(str(path), opts)
+            with stdout_to_stderr():
+                self._session = ort.InferenceSession(str(path), opts)
         except Exception as e:  # onnxruntime raises its own Fail / EPFail / InvalidGraph types
             raise UserError(
                 f"{path}: onnxruntime's QNN provider cannot run it on the HTP ({_first_line(e)})"
@@ -121,6 +125,22 @@ class QnnSession(SessionBase):
 
     def state(self) -> dict[str, np.ndarray]:
         return {k: v.copy() for k, v in self._state.items()}
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Within the block, file descriptor 1 (Python's and C libraries' stdout) writes to stderr: Qualcomm's HTP
+    library prints a line on stdout when it loads, ExecuTorch's `QnnQuantizer` prints notes ("No quant config is
+    implemented for op ..."); both broke `lfm-export ... --json`, whose stdout is the result."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _first_line(e: Exception) -> str:

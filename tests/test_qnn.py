@@ -26,7 +26,7 @@ from lfm_export.backends.qnn.quantize import (  # noqa: E402
 from lfm_export.backends.qnn.session import FakeQuantSession  # noqa: E402
 from lfm_export.errors import UserError  # noqa: E402
 from lfm_export.loading import load_model  # noqa: E402
-from lfm_export.parity import ReferenceSession, run_parity  # noqa: E402
+from lfm_export.parity import ReferenceSession, ScenarioOptions, run_parity  # noqa: E402
 from lfm_export.parity.prompts import TEXTS, default_prompts  # noqa: E402
 from lfm_export.parity.thresholds import gate_for, sanity_gate  # noqa: E402
 
@@ -87,36 +87,45 @@ def test_calibration_texts_are_not_the_parity_texts(tiny) -> None:
     assert len(calibration_prompts(tiny.config.vocab_size, tiny.tokenizer_file)) == len(CALIBRATION_TEXTS)
 
 
-def test_fake_quantized_16a8w_passes_its_quality_gate_and_a_dropped_conv_state_fails(
-    tiny, tiny_16a8w
-) -> None:
-    """The quantization itself, before any lowering: quality against fp32 within the recipe's sanity bound,
-    measurably lossy (it is quantized); the QNN exactness gate catches the fake-quantized program with its conv
-    state dropped, compared with the honest one."""
+def short_prompts(loaded) -> list[np.ndarray]:
+    return [p[:12] for p in default_prompts(loaded.config.vocab_size, loaded.tokenizer_file)[:2]]
+
+
+def test_fake_quantized_16a8w_passes_its_quality_gate(tiny, tiny_16a8w) -> None:
+    """The quantization itself, before any lowering: quality against fp32 within the recipe's sanity bound and
+    measurably lossy (it is quantized). Short prompts and 4 decode steps: the fake-quantized program runs its
+    quantize / dequantize ops in Python, token by token (the full parity run is in the slow tests)."""
     step = tiny_16a8w
     assert step.calibration_tokens > 100
     names = {str(n.target) for n in step.module.graph.nodes if n.op == "call_function"}
     assert "quantized_decomposed.quantize_per_tensor.default" in names
     assert "quantized_decomposed.dequantize_per_channel.default" in names
-    ref = ReferenceSession(tiny.model, max_seq_len=CONTEXT)
     honest = run_parity(
         FakeQuantSession(step),
-        ref,
+        ReferenceSession(tiny.model, max_seq_len=CONTEXT),
         gate_for("fp32"),
+        short_prompts(tiny),
+        ["prefill", "decode"],
         quality=sanity_gate("qnn-16a8w"),
-        tokenizer_file=tiny.tokenizer_file,
-        scenarios=["prefill", "decode", "chunked_prefill"],
+        options=ScenarioOptions(decode_steps=4),
     )
-    pooled = honest.summary()["quality"]["pooled"]
-    assert honest.summary()["quality"]["passed"], pooled
-    assert 1e-4 < pooled["kl_mean"] < 0.5 and pooled["top1_decisive"] > 0.8
+    quality = honest.summary()["quality"]
+    assert quality["passed"], quality
+    assert 1e-4 < quality["pooled"]["kl_mean"] < 0.5, quality
+
+
+@pytest.mark.slow
+def test_the_qnn_exactness_gate_fails_a_fake_quantized_program_that_drops_its_conv_state(
+    tiny, tiny_16a8w
+) -> None:
     broken = run_parity(
-        DropsConvState(step),
+        DropsConvState(tiny_16a8w),
         ReferenceSession(tiny.model, max_seq_len=CONTEXT),
         "qnn-16a8w",
-        simulation=FakeQuantSession(step, name="simulated"),
-        tokenizer_file=tiny.tokenizer_file,
-        scenarios=["prefill", "decode"],
+        short_prompts(tiny),
+        ["prefill", "decode"],
+        simulation=FakeQuantSession(tiny_16a8w, name="simulated"),
+        options=ScenarioOptions(decode_steps=4),
     )
     assert not broken.summary()["exactness"]["passed"]
 
@@ -145,18 +154,62 @@ def test_target_options_are_checked(tmp_path: Path, args: list[str], message: st
     assert not out.exists()
 
 
-def test_executorch_qnn_delegate_stops_at_the_sdk_boundary(tmp_path: Path, monkeypatch, tiny_16a8w) -> None:
+def test_executorch_qnn_delegate_names_the_sdk_it_needs(tmp_path: Path, monkeypatch) -> None:
     from lfm_export.backends.executorch import qnn as et_qnn
 
-    pte = tmp_path / "model.pte"
-    monkeypatch.delenv("QNN_SDK_ROOT", raising=False)
-    with pytest.raises(UserError, match=r"QAIRT\) SDK 2\.37 .*QNN_SDK_ROOT is not set"):
-        et_qnn.lower(tiny_16a8w, "SM8650", pte)
+    for unset in ("", None):
+        if unset is None:
+            monkeypatch.delenv("QNN_SDK_ROOT", raising=False)
+        else:
+            monkeypatch.setenv("QNN_SDK_ROOT", unset)
+        with pytest.raises(UserError, match=r"QAIRT\) SDK 2\.37 .*QNN_SDK_ROOT is not set"):
+            et_qnn.sdk_root()
     monkeypatch.setenv("QNN_SDK_ROOT", str(tmp_path))
     with pytest.raises(UserError, match=r"libQnnHtp\.so, libQnnSystem\.so not found under"):
+        et_qnn.sdk_root()
+    assert len(et_qnn.compile_specs("SM8650")) > 0  # the compile specs need no SDK
+
+
+def test_host_libraries_that_cannot_load_are_a_one_line_error_not_an_abort(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """onnxruntime-qnn's libQnnHtp.so without the libc++ it links: the wheel's adaptor aborts its process (exit
+    134); the probe runs it in a child and reports."""
+    import onnxruntime_qnn
+
+    from lfm_export.backends.executorch import qnn as et_qnn
+
+    lib = tmp_path / et_qnn.HOST_LIB_DIR
+    lib.mkdir(parents=True)
+    for f in Path(onnxruntime_qnn.__file__).parent.glob("lib*.so"):
+        (lib / f.name).symlink_to(f)
+    monkeypatch.delenv("LD_LIBRARY_PATH", raising=False)
+    monkeypatch.setenv("QNN_SDK_ROOT", str(tmp_path))
+    with pytest.raises(UserError, match=r"do not load \(exit -6: .*Fail to load Qnn library.*QAIRT 2\.37"):
+        et_qnn.probe_libraries(et_qnn.sdk_root())
+
+
+@pytest.mark.slow
+def test_executorch_qnn_lowering_stops_at_the_boundary_with_the_packaged_qairt(
+    tmp_path: Path, monkeypatch, tiny_16a8w
+) -> None:
+    """onnxruntime-qnn's QAIRT 2.51 host libraries (and their libc++) laid out as an SDK: the wheel's adaptor loads
+    them, HTP device creation fails (error 14001), the command stops with the SDK named and writes nothing."""
+    import onnxruntime_qnn
+
+    from lfm_export.backends.executorch import qnn as et_qnn
+
+    lib = tmp_path / "sdk" / et_qnn.HOST_LIB_DIR
+    lib.mkdir(parents=True)
+    pkg = Path(onnxruntime_qnn.__file__).parent
+    for f in [*pkg.glob("lib*.so"), *(pkg.parent / "onnxruntime_qnn.libs").glob("lib*")]:
+        (lib / f.name).symlink_to(f)
+    monkeypatch.setenv("QNN_SDK_ROOT", str(tmp_path / "sdk"))
+    monkeypatch.setenv("LD_LIBRARY_PATH", str(lib))
+    pte = tmp_path / "model.pte"
+    with pytest.raises(UserError, match=r"could not lower for SM8650 .*QAIRT 2\.37 host libraries"):
         et_qnn.lower(tiny_16a8w, "SM8650", pte)
     assert not pte.exists()
-    assert len(et_qnn.compile_specs("SM8650")) > 0  # the compile specs need no SDK
 
 
 # ---- on the emulated HTP (slow) -------------------------------------------------------------------------------

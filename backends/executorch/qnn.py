@@ -39,6 +39,28 @@ def sdk_root() -> Path:
     return Path(root)
 
 
+def probe_libraries(root: Path) -> str:
+    """The SDK build id the wheel's adaptor reads from `root`'s `libQnnHtp.so`, in a child process: when the
+    library is there but cannot load (a missing libc++ beside it, say), the adaptor fails an assert and aborts the
+    whole process (SIGABRT, exit 134; seen with onnxruntime-qnn's libraries without their `.libs`)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from executorch.backends.qualcomm.utils.check_qnn_version import _get_sdk_build_id; "
+        f"print(_get_sdk_build_id({str(root)!r}))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        why = next((x for x in reversed(r.stderr.strip().splitlines()) if "Qnn" in x or "error" in x), "")
+        raise UserError(
+            f"the QNN host libraries in QNN_SDK_ROOT={root} do not load (exit {r.returncode}: {why[-200:]}); "
+            f"executorch 1.5.1 needs the QAIRT {QAIRT_VERSION} host libraries there, with their dependencies on "
+            "LD_LIBRARY_PATH"
+        )
+    return r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+
+
 def compile_specs(soc: str, online_prepare: bool = False) -> list[Any]:
     """The HTP compile specs for SoC `soc` (quantized, not fp16); these need no SDK."""
     from executorch.backends.qualcomm.serialization.qc_schema import QcomChipset
@@ -58,6 +80,7 @@ def lower(step: Any, soc: str, pte: Path, online_prepare: bool = False) -> Path:
     """Lower the fake-quantized `step` (`QuantizedStep`) with the QNN partitioner for `soc` and write `pte`.
     Stops with a `UserError` at the SDK boundary (module docstring); nothing is written then."""
     root = sdk_root()
+    probe_libraries(root)
     specs = compile_specs(soc, online_prepare)
     from executorch.backends.qualcomm.utils.utils import to_edge_transform_and_lower_to_qnn
 

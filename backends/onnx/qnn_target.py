@@ -38,7 +38,7 @@ def export_qdq(step: Any, folder: Path) -> dict[str, Any]:
     with torch.no_grad():
         program = torch.export.export(step.module, args, strict=False)
         onnx_program = torch.onnx.export(
-            program, args, dynamo=True, optimize=True, opset_version=21, verbose=False
+            program, args, dynamo=True, optimize=True, opset_version=23, verbose=False
         )
     model = onnx_program.model
     moved = _to_uint16(model, ir)

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from lfm_export.errors import UserError
+from lfm_export.runtime.qnn import stdout_to_stderr
 
 from .recipes import DEFAULT_MAX_SEQ_LEN, QnnRecipe, make_recipe, soc_model
 
@@ -35,14 +36,14 @@ def export(loaded: Any, folder: Path, recipe: QnnRecipe | str, progress: Any = N
         )
     _require_quantizer()
     prompts = calibration_prompts(cfg.vocab_size, loaded.tokenizer_file)
-    with progress.step(f"QNN quantization ({recipe.quant}, QnnQuantizer, calibration)"):
+    with progress.step(f"QNN quantization ({recipe.quant}, QnnQuantizer, calibration)"), stdout_to_stderr():
         step = quantize_step(loaded.materialized().model, recipe.quant, max_seq_len, prompts)
     with progress.step("QDQ ONNX graph (static shapes, uint16 activations)"):
         graph = export_qdq(step, folder)
     for f in loaded.tokenizer_files():
         shutil.copy2(f, folder / f.name)
     qnn: dict[str, Any] = {"step_tokens": 1, "prefill": "token by token (one static single-token graph)"}
-    with progress.step(f"Placing the graph on the HTP (QNN provider, {recipe.soc})"):
+    with progress.step(f"Placing the graph on the HTP (QNN provider, {recipe.soc})"), stdout_to_stderr():
         qnn.update(_place_on_htp(folder / MODEL_FILE, recipe, folder))
     result_recipe = {
         **recipe.to_dict(),
@@ -120,7 +121,8 @@ def simulation_session(loaded: Any, manifest: dict[str, Any]) -> Any:
 
     recipe = manifest["recipe"]
     prompts = calibration_prompts(loaded.config.vocab_size, loaded.tokenizer_file)
-    step = quantize_step(loaded.model, recipe["quant"], int(recipe["max_seq_len"]), prompts)
+    with stdout_to_stderr():
+        step = quantize_step(loaded.model, recipe["quant"], int(recipe["max_seq_len"]), prompts)
     return FakeQuantSession(step, name=f"simulated-{recipe['name']}")
 
 

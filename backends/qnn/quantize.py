@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,21 +76,18 @@ def step_args(signature: IOSignature, token: int, position: int, state: Sequence
 
 
 @contextlib.contextmanager
-def rope_table(max_seq_len: int) -> Iterator[None]:
-    """While tracing, the model's `rope_cos_sin(positions, ...)` reads rows of a table that the same function
-    computed for every position 0..max_seq_len-1 (a constant), instead of computing `theta ** (i / d)`, the
-    angles, cos and sin in the graph: quantized, those ops ran on 16-bit codes spanning 1..theta (a step of
-    about 15 at theta 1e6), which left position 0 exact and broke every later one (pooled KL 0.55 against fp32
-    on `tiny` at 16a8w). The same numbers in fp32 (tested)."""
+def rope_table(cfg: Any, max_seq_len: int) -> Iterator[None]:
+    """While tracing, the model's `rope_cos_sin(positions, ...)` reads rows of constant tables that the same
+    function computed for every position 0..max_seq_len-1 before tracing, instead of computing `theta ** (i / d)`,
+    the angles, cos and sin in the graph. Quantized, those ops ran on 16-bit codes spanning 1..theta (a step of
+    about 15 at theta 1e6; every position after 0 broken, pooled KL 0.55 against fp32 on `tiny` at 16a8w); and
+    computed on the emulated HTP, `Sin` / `Cos` of angles up to `max_seq_len` radians gave keys 0.5x their scale
+    off from position 1 on. The same numbers in fp32 (tested)."""
     original = canonical.rope_cos_sin
-    tables: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] = {}
+    cos_table, sin_table = original(torch.arange(max_seq_len), cfg.head_dim, cfg.rope_theta)
 
     def lookup(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (head_dim, theta)
-        if key not in tables:
-            tables[key] = original(torch.arange(max_seq_len), head_dim, theta)
-        cos, sin = tables[key]
-        return cos[positions], sin[positions]
+        return cos_table[positions], sin_table[positions]
 
     canonical.rope_cos_sin = lookup
     try:
@@ -114,7 +112,7 @@ def trace_step(model: Lfm2ForCausalLM, max_seq_len: int) -> tuple[torch.export.E
     swapped in and RoPE read from a table (`rope_table`)."""
     signature = step_signature(model, max_seq_len)
     module = SignatureModule(apply_swaps(model, [MaskedProbsAttention.swap]), signature).eval()
-    with torch.no_grad(), rope_table(max_seq_len):
+    with torch.no_grad(), rope_table(model.config, max_seq_len):
         program = torch.export.export(
             module, step_args(signature, 0, 0, empty_state(signature)), strict=False
         )
@@ -128,6 +126,10 @@ def quantize_step(
     linears and the conv; for 16-bit activations the attention matmuls' second input at 8 bits, as
     ExecuTorch's `custom_annotate_matmul_16a8w` does: the HTP refused both inputs at 16 bits, error 3110),
     calibrate on `prompts` token by token from an empty state each, and convert."""
+    # Building a QnnQuantizer sets up the Qualcomm SDK for its optional op checks: without QNN_SDK_ROOT it tries
+    # to download one, printing to stdout (it broke `--json`); a QNN_SDK_ROOT that is set, even empty, means
+    # "the caller takes charge of the SDK" to it (executorch 1.5.1, `qnn_sdk_setup`). No SDK is needed here.
+    os.environ.setdefault("QNN_SDK_ROOT", "")
     from executorch.backends.qualcomm.quantizer.custom_annotation import custom_annotate_matmul_16a8w
     from executorch.backends.qualcomm.quantizer.quantizer import QnnQuantizer, QuantDtype
     from torchao.quantization.pt2e import MinMaxObserver
