@@ -249,8 +249,9 @@ def _assert_on_htp(out: Path) -> dict:
 @pytest.mark.slow
 def test_tiny_16a8w_on_the_emulated_htp_passes_parity(tmp_path: Path) -> None:
     out = tmp_path / "tiny-16a8w"
-    data = _export("tiny", out, "16a8w")
+    data = _export("tiny", out, "16a8w", "--soc", "SM8650", "--context-binary")
     m = _assert_on_htp(out)
+    assert m["qnn"]["context_binary"] == "model_ctx.onnx" and m["recipe"]["soc_model"] == 57
     p = data["parity"]
     assert p["passed"] and p["exactness"]["passed"] and p["quality"]["passed"], p
     assert p["scenarios"]["near_max_seq_len"] == "ok" and p["scenarios"]["batch2"] == "skipped"
@@ -261,6 +262,8 @@ def test_tiny_16a8w_on_the_emulated_htp_passes_parity(tmp_path: Path) -> None:
     zero_points = {inits.get(n.input[2]) for n in graph.node if n.op_type == "QuantizeLinear"}
     assert onnx.TensorProto.UINT16 in zero_points and onnx.TensorProto.INT32 not in zero_points
     assert [i.name for i in graph.input] == [s["name"] for s in m["signature"]["inputs"]]
+    context = onnx.load(str(out / "model_ctx.onnx")).graph.node  # what parity ran: the precompiled binary
+    assert [(n.op_type, n.domain) for n in context] == [("EPContext", "com.microsoft")]
 
 
 @pytest.mark.slow

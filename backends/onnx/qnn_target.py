@@ -5,7 +5,11 @@ torch's ONNX exporter turns each `quantized_decomposed` quantize / dequantize in
 `DequantizeLinear`, but keeps the dtype torch computes in: `QnnQuantizer`'s 16-bit activations are int32 with the
 range 0..65535, a type the HTP does not take and that ONNX saturates at the int32 limits, not at 65535. Those
 pairs are rewritten to uint16 (and constants stored as int32 codes with them), which is what torch's clamp to
-0..65535 computes. Weights stay int8 codes per output channel (4-bit weights: int8 storage of values in -8..7)."""
+0..65535 computes. Weights stay int8 codes per output channel (4-bit weights: int8 storage of values in -7..7).
+Opset 23, so that RMSNorm stays one `RMSNormalization` op for the QNN provider instead of float Pow / ReduceMean /
+Sqrt nodes (on `tiny` the residual stream reaches 468, whose square overflows fp16, the HTP's float type).
+Both were exported here; the decomposed form was not run on the HTP since the RoPE fix, so what it costs there
+is not measured."""
 
 from __future__ import annotations
 
