@@ -1,8 +1,9 @@
 """The attention the QNN programs trace (a module swap, `lfm_export.trace.apply_swaps`): the static KV form with the
 causal mask applied after the softmax (probabilities of masked keys set to 0, the rest renormalised) instead of
-`-inf` scores before it. The same numbers in fp32; but quantized, `QnnQuantizer` replaces a `-inf` fill by minus
-its 16-bit range (65535), so the scores' range spans 65535 and their 16-bit step is about 1: on `tiny` at 16a8w
-that gave pooled KL 0.55 against fp32 (position 0, where no key is masked, 0.026)."""
+`-inf` scores before it. The same numbers in fp32. Quantized, `QnnQuantizer` replaces a `-inf` fill by minus its
+16-bit range (65535), so the scores' 16-bit grid spans 65535 and its step is about 1. Measured on `tiny` at 16a8w,
+fake-quantized program against fp32, prefill KL mean per parity prompt: 0.067 / 0.043 / 0.015 with this swap,
+0.074 / 0.046 / 0.016 with the `-inf` form (a small gain; the `-inf` form was not run on the HTP)."""
 
 from __future__ import annotations
 
