@@ -461,6 +461,30 @@ backend_command(
     ],
 )
 
+
+def _mlx_recipe(opts: ExportOptions, extra: dict[str, Any]) -> Any:
+    from lfm_export.backends.mlx.recipes import make_recipe
+
+    return make_recipe(quant=opts.quant, max_seq_len=opts.max_seq_len, max_prefill=extra["max_prefill"])
+
+
+backend_command(
+    "mlx",
+    "Export MODEL to MLX (mlx-lm folder plus prefill/decode .mlxfn functions lowered from the traced program), "
+    "then check parity through the MLX runtime shim.",
+    _mlx_recipe,
+    [
+        option(
+            "max_prefill",
+            Annotated[
+                int | None,
+                typer.Option(min=1, help="Largest prefill chunk traced (default 128, at most the context)."),
+            ],
+            None,
+        ),
+    ],
+)
+
 # ---- artifact commands -------------------------------------------------------------------------------------
 ArtifactArg = Annotated[Path, typer.Argument(help="An artifact folder written by lfm-export.")]
 

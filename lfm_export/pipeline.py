@@ -33,6 +33,7 @@ class BackendResult(Protocol):
 BACKENDS: dict[str, str] = {
     "onnx": "lfm_export.backends.onnx",
     "executorch": "lfm_export.backends.executorch",
+    "mlx": "lfm_export.backends.mlx",
     "qnn": "lfm_export.backends.qnn",
 }
 """Backend name -> module exposing `export(loaded, folder, recipe, progress) -> BackendResult`."""
@@ -40,6 +41,7 @@ BACKENDS: dict[str, str] = {
 RUNTIMES: dict[str, tuple[str, str]] = {
     "onnx": ("lfm_export.runtime.onnx", "OnnxSession"),
     "executorch": ("lfm_export.runtime.executorch", "ExecuTorchSession"),
+    "mlx": ("lfm_export.runtime.mlx", "MlxSession"),
     "qnn": ("lfm_export.runtime.qnn", "QnnSession"),
 }
 """Backend name -> (runtime shim module, Session class taking `(folder, threads=...)`)."""

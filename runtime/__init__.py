@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "ExecuTorchSession": "executorch",
+    "MlxSession": "mlx",
     "Session": "session",
     "Tokenizer": "tokenizer",
     "IncrementalDetokenizer": "tokenizer",

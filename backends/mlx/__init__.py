@@ -1,0 +1,33 @@
+"""MLX backend: an mlx-lm folder plus `.mlxfn` functions lowered from the traced program (see `convert.py`).
+`export` is the pipeline's entry point (mlx and torch are imported when it runs); `simulation` says what an
+artifact computes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lfm_export.errors import UserError
+
+from .recipes import MlxRecipe, make_recipe
+
+
+def export(loaded: Any, folder: Path, recipe: Any, progress: Any = None) -> Any:
+    """Write the mlx-lm folder and the `.mlxfn` functions for `loaded` into `folder`."""
+    try:
+        import mlx.core  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"the MLX backend needs mlx ({e}); pip install 'lfm-export[mlx]'") from None
+    from .convert import export_mlx
+
+    return export_mlx(loaded, Path(folder), MlxRecipe.coerce(recipe), progress)
+
+
+def simulation(recipe_dict: dict[str, Any]) -> tuple[Any, str]:
+    """The artifact holds the core quantizer's codes and scales (MLX affine format) and computes with float
+    activations: the core recipe as recorded, `float`."""
+    recipe = MlxRecipe.from_dict(recipe_dict)
+    return recipe.recipe, recipe.activations
+
+
+__all__ = ["MlxRecipe", "export", "make_recipe", "simulation"]

@@ -1,0 +1,91 @@
+"""MLX recipes: the core `lfm_export.recipes.Recipe` as MLX can express it, plus `max_prefill`.
+
+Supported: `fp32`; `int8-gN` / `int4-gN` (N = 32, 64, 128; `-asym` and `-mse` too: their codes are unsigned
+with a per-group scale and zero point, which MLX's affine format `scales * q + biases` holds exactly). The
+lm_head and the embedding are one tied table in mlx-lm, held at `head_bits` (8 in int4 recipes, as on every
+backend).
+
+Refused with a reason: `-a8` (`mx.quantized_matmul` takes float activations; there is no int8-activation
+kernel to simulate), fp16 / bf16 (not built in this slice: no calibrated bf16 parity gate exists in the core,
+see the README).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lfm_export.errors import UnsupportedError
+from lfm_export.recipes import ACT_FLOAT, Recipe, parse_recipe
+
+DEFAULT_MAX_PREFILL = 128
+"""Largest prefill chunk traced into `prefill.mlxfn` (chunks of 2, 4, ..., this; longer prompts are fed in
+several calls). Each chunk size is one trace of the function in the file."""
+
+
+DEFAULT_CONTEXT = 4096
+"""Context declared when none is asked for (the model's if smaller). The KV cache is static (`max_seq_len`
+positions, written at `input_pos`) and attention reads all of it every step, so a 32768-token default (the
+core's) would cost every decode step the work of a 32k context; ask for more with `--max-seq-len`."""
+
+
+@dataclass(frozen=True)
+class MlxRecipe:
+    recipe: Recipe = field(default_factory=Recipe)
+    max_prefill: int | None = None
+
+    def __post_init__(self) -> None:
+        r = self.recipe
+        if r.dtype != "fp32":
+            raise UnsupportedError(
+                f"{r.name}: the MLX backend exports fp32 or int4 / int8 (-gN, -asym, -mse) recipes; "
+                "fp16 / bf16 are not built yet"
+            )
+        if r.activations != ACT_FLOAT:
+            raise UnsupportedError(
+                f"{r.name}: MLX's quantized_matmul takes float activations; "
+                f"use {r.with_options(activations='float').name}"
+            )
+        if self.max_prefill is not None and self.max_prefill < 1:
+            raise UnsupportedError(f"--max-prefill must be positive, got {self.max_prefill}")
+
+    @classmethod
+    def coerce(cls, recipe: MlxRecipe | Recipe | str) -> MlxRecipe:
+        if isinstance(recipe, MlxRecipe):
+            return recipe
+        return cls(parse_recipe(recipe) if isinstance(recipe, str) else recipe)
+
+    @property
+    def name(self) -> str:
+        return self.recipe.name
+
+    @property
+    def activations(self) -> str:
+        return ACT_FLOAT
+
+    def context(self, cfg: Any) -> int:
+        """The declared context: `--max-seq-len`, else `DEFAULT_CONTEXT` capped at the model's."""
+        return self.recipe.max_seq_len or min(cfg.max_position_embeddings, DEFAULT_CONTEXT)
+
+    def prefill_sizes(self, context: int) -> list[int]:
+        """Chunk sizes traced into `prefill.mlxfn`: powers of two from 2 up to `max_prefill` (and the context)."""
+        top = min(self.max_prefill or DEFAULT_MAX_PREFILL, context)
+        sizes, t = [], 2
+        while t <= top:
+            sizes.append(t)
+            t *= 2
+        return sizes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.recipe.to_dict(), "max_prefill": self.max_prefill, "activation_rounding": ACT_FLOAT}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MlxRecipe:
+        return cls(Recipe.from_dict(d), d.get("max_prefill"))
+
+
+def make_recipe(
+    quant: str = "fp32", max_seq_len: int | None = None, max_prefill: int | None = None
+) -> MlxRecipe:
+    """The recipe `lfm-export mlx --quant QUANT [--max-seq-len N] [--max-prefill N]` builds."""
+    return MlxRecipe(parse_recipe(quant, max_seq_len=max_seq_len), max_prefill)

@@ -1,0 +1,276 @@
+"""The MLX backend end to end: the traced program lowered to MLX, `.mlxfn` functions run by MLX (CPU) through
+our shim, by mlx-lm (the folder loaded unchanged) and by a fresh process that imports only mlx and numpy.
+
+Four exports are shared by the module (`tiny` and `tiny-moe`, fp32 and int4, context 64, prefill chunks up
+to 16), each with the full parity gate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+pytest.importorskip("mlx_lm")
+
+from lfm_export.backends.mlx.recipes import make_recipe  # noqa: E402
+from lfm_export.backends.mlx.weights import pack  # noqa: E402
+from lfm_export.errors import ContextLimitError, UnsupportedError, UserError  # noqa: E402
+from lfm_export.parity import ReferenceSession  # noqa: E402
+from lfm_export.pipeline import check_artifact, export_artifact  # noqa: E402
+from lfm_export.progress import Progress  # noqa: E402
+from lfm_export.quant import quantize_block  # noqa: E402
+from lfm_export.runtime.mlx import MlxSession  # noqa: E402
+
+CONTEXT, PREFILL = 64, 16
+CASES = [("tiny", "fp32"), ("tiny", "int4"), ("tiny-moe", "fp32"), ("tiny-moe", "int4")]
+PROMPT = np.array([[1, 25, 420, 303, 272, 40, 99, 7, 6, 300, 12, 5, 77]], dtype=np.int64)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+    root = tmp_path_factory.mktemp("mlx")
+    out = {}
+    for model, quant in CASES:
+        folder = root / f"{model}-{quant}"
+        outcome = export_artifact(
+            "mlx",
+            model,
+            folder,
+            make_recipe(quant, max_seq_len=CONTEXT, max_prefill=PREFILL),
+            progress=Progress(quiet=True),
+        )
+        assert outcome.passed, outcome.manifest["parity"]
+        out[(model, quant)] = folder
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{m}-{q}" for m, q in CASES])
+def test_export_passes_parity(artifacts, case) -> None:
+    folder = artifacts[case]
+    m = json.loads((folder / "manifest.json").read_text())
+    assert m["backend"] == "mlx" and m["signature"]["form"] == "static" and m["max_seq_len"] == CONTEXT
+    assert m["mlx"]["mlx_version"] == mx.__version__ and m["mlx"]["prefill_chunks"] == [2, 4, 8, 16]
+    p = m["parity"]
+    assert p["passed"] and p["exactness"]["passed"] and p["scenarios"]["batch2"] == "skipped"
+    assert {k for k, v in p["scenarios"].items() if v == "ok"} >= {
+        "prefill",
+        "decode",
+        "chunked_prefill",
+        "near_max_seq_len",
+    }
+    assert p["exactness"]["worst"]["logit_max_rel"] < 1e-5  # the gate allows 1e-4
+    for f in ("model.safetensors", "decode.mlxfn", "prefill.mlxfn", "config.json", "tokenizer.json"):
+        assert (folder / f).is_file(), f
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["model_type"] == ("lfm2_moe" if case[0] == "tiny-moe" else "lfm2")
+    if case[1] == "int4":
+        assert cfg["quantization"] == {
+            "group_size": 32,
+            "bits": 4,
+            "mode": "affine",
+            "model.embed_tokens": {"group_size": 32, "bits": 8},
+        }
+        kept = {k["tensor"] for k in m["weights"]["unquantized"]}
+        assert "model.layers.0.conv.conv.weight" in kept or "model.layers.1.conv.conv.weight" in kept
+        if case[0] == "tiny-moe":
+            assert any(t.endswith("feed_forward.gate.weight") for t in kept)
+        assert 0.01 < p["quality"]["pooled"]["kl_mean"] < 0.1  # int4 is lossy, not broken
+
+
+def test_core_codes_fit_mlx_affine_format() -> None:
+    """`pack` of the core quantizer's codes dequantized by MLX equals the core's own dequantization."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 128)).astype(np.float32)
+    for bits, block, symmetric in ((4, 32, True), (8, 64, False), (4, 128, False)):
+        q = quantize_block(w, bits, block, symmetric)
+        packed, scales, biases = pack(q)
+        got = np.array(mx.dequantize(mx.array(packed), mx.array(scales), mx.array(biases), block, bits))
+        want = q.dequantize()
+        assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+        # and MLX's own quantizer packs the same way: its codes read back through our layout
+        mq, ms, mb = mx.quantize(mx.array(w), group_size=block, bits=bits)
+        per = 32 // bits
+        codes = (np.array(mq)[..., None] >> (np.arange(per, dtype=np.uint32) * bits)) & (2**bits - 1)
+        ours = codes.reshape(16, -1, block) * np.array(ms)[..., None] + np.array(mb)[..., None]
+        assert np.abs(ours.reshape(16, 128) - np.array(mx.dequantize(mq, ms, mb, block, bits))).max() < 1e-6
+
+
+@pytest.mark.parametrize("case", [("tiny", "int4"), ("tiny-moe", "int4"), ("tiny", "fp32")])
+def test_mlx_lm_loads_the_folder_and_generates_our_greedy_tokens(artifacts, case) -> None:
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    folder = artifacts[case]
+    model, _ = load(str(folder))
+    steps = generate_step(mx.array(PROMPT[0]), model, max_tokens=16, sampler=lambda x: mx.argmax(x, axis=-1))
+    theirs = [int(t) for t, _ in steps]
+    session = MlxSession(folder)
+    ours = [int(session.prefill(PROMPT)[0, -1].argmax())]
+    while len(ours) < 16:
+        ours.append(int(session.decode(np.array([ours[-1]]))[0].argmax()))
+    assert theirs == ours
+
+
+def test_functions_run_in_a_process_with_only_mlx_and_numpy(artifacts, tmp_path) -> None:
+    folder = artifacts[("tiny", "int4")]
+    session = MlxSession(folder)
+    want = session.prefill(PROMPT[:, :2])[0, -1]
+    want_next = session.decode(PROMPT[0, 2:3])[0]
+    script = tmp_path / "run.py"
+    script.write_text(
+        """
+import sys, json
+import numpy as np
+import mlx.core as mx
+folder = sys.argv[1]
+m = json.load(open(folder + "/manifest.json"))
+weights = mx.load(folder + "/model.safetensors")
+state = [mx.zeros([1 if isinstance(d, str) else d for d in s["shape"]])
+         for s in m["signature"]["inputs"] if s["role"] in ("conv", "key", "value")]
+prefill = mx.import_function(folder + "/prefill.mlxfn")
+decode = mx.import_function(folder + "/decode.mlxfn")
+ids = mx.array([[1, 25]], dtype=mx.int64)
+out = prefill(ids, mx.array([0], dtype=mx.int64), *state, **weights)
+a = np.array(out[0][0, -1])
+out = decode(mx.array([[420]], dtype=mx.int64), mx.array([2], dtype=mx.int64), *out[1:], **weights)
+b = np.array(out[0][0, -1])
+banned = [k for k in sys.modules if k.split(".")[0] in ("torch", "lfm_export", "mlx_lm", "transformers")]
+assert not banned, banned
+np.save(sys.argv[2], np.stack([a, b]))
+"""
+    )
+    res = tmp_path / "logits.npy"
+    r = subprocess.run([sys.executable, str(script), str(folder), str(res)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got = np.load(res)
+    np.testing.assert_allclose(got[0], want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got[1], want_next, rtol=0, atol=1e-5)
+    # and our shim itself runs without torch
+    code = (
+        "import sys, numpy as np; from lfm_export.runtime.mlx import MlxSession; "
+        f"s = MlxSession({str(folder)!r}); s.prefill(np.array([[1, 25]])); s.decode(np.array([420])); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_session_chunks_state_and_restore(artifacts) -> None:
+    """A 13-token prompt is fed as 8 + 4 + 1; two uneven calls give the same logits and state; a restored
+    state continues as the original; the state matches the reference's."""
+    folder = artifacts[("tiny-moe", "fp32")]
+    a, b = MlxSession(folder), MlxSession(folder)
+    whole = a.prefill(PROMPT)
+    parts = np.concatenate([b.prefill(PROMPT[:, :5]), b.prefill(PROMPT[:, 5:])], axis=1)
+    np.testing.assert_allclose(parts, whole, atol=1e-5)
+    sa, sb = a.state(), b.state()
+    assert sa.keys() == sb.keys() and all(np.allclose(sa[k], sb[k], atol=1e-5) for k in sa)
+    c = MlxSession(folder)
+    c.restore(sa, a.position)
+    np.testing.assert_allclose(c.decode(np.array([3])), a.decode(np.array([3])), atol=1e-6)
+    from lfm_export.loading import load_model
+
+    ref = ReferenceSession(load_model("tiny-moe").model, max_seq_len=CONTEXT)
+    np.testing.assert_allclose(ref.prefill(PROMPT), whole, atol=1e-4)
+    for name, value in ref.state().items():
+        mine = sa[name] if name.startswith("past.") else sa[name][:, :, : value.shape[2]]  # static KV cache
+        np.testing.assert_allclose(mine, value, atol=1e-4, err_msg=name)
+    with pytest.raises(ContextLimitError):
+        a.prefill(np.ones((1, CONTEXT), dtype=np.int64))
+    d = MlxSession(folder)  # generation's prefill: the last position's logits, the same state
+    np.testing.assert_allclose(d.prefill_last(PROMPT), whole[:, -1], atol=1e-5)
+    assert d.position == PROMPT.shape[1]
+    assert all(np.allclose(d.state()[k], sa[k], atol=1e-5) for k in sa)
+
+
+def test_a_wrong_artifact_fails_parity(artifacts, tmp_path) -> None:
+    """The int4 artifact with one layer's out_proj scales 5% off: exactness fails (the manifest still claims
+    the recipe)."""
+    broken = tmp_path / "broken"
+    shutil.copytree(artifacts[("tiny", "int4")], broken)
+    weights = dict(mx.load(str(broken / "model.safetensors")))
+    key = "model.layers.3.conv.out_proj.scales"
+    weights[key] = weights[key] * 1.05
+    mx.save_safetensors(str(broken / "model.safetensors"), weights, metadata={"format": "mlx"})
+    result = check_artifact(broken, progress=Progress(quiet=True), scenarios=["prefill", "decode"])
+    assert not result.passed
+    summary = json.loads((broken / "manifest.json").read_text())["parity"]
+    assert not summary["exactness"]["passed"]
+
+
+def test_recipes_mlx_cannot_express_are_refused() -> None:
+    with pytest.raises(UnsupportedError, match="float activations"):
+        make_recipe("int4-b32-a8")
+    with pytest.raises(UnsupportedError, match="bf16"):
+        make_recipe("bf16")
+
+
+def test_group_size_that_does_not_divide_a_weight_writes_nothing(hf_checkpoints, tmp_path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="block size 64 does not divide the input dimension 96"):
+        export_artifact(
+            "mlx",
+            str(hf_checkpoints["dense_odd"]),
+            out,
+            make_recipe("int4-g64"),
+            progress=Progress(quiet=True),
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_mlxfn_from_another_mlx_version_is_refused_at_load(artifacts, tmp_path) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(artifacts[("tiny", "fp32")], other)
+    m = json.loads((other / "manifest.json").read_text())
+    m["mlx"]["mlx_version"] = "0.29.1"
+    (other / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(UserError, match=r"exported with mlx 0\.29\.1, this is mlx"):
+        MlxSession(other)
+
+
+def test_cli_refusals_are_one_line_exit_2(artifacts, tmp_path) -> None:
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "lfm_export.cli", *args], capture_output=True, text=True, timeout=300
+        )
+
+    r = cli("mlx", "tiny", "-o", str(tmp_path / "x"), "--quant", "int4-a8")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and not (tmp_path / "x").exists()
+    assert [line for line in r.stderr.splitlines() if line.startswith("error:")][0].count("float activations")
+    long_prompt = " ".join(["once upon a time"] * 40)
+    r = cli("run", str(artifacts[("tiny", "fp32")]), "-p", long_prompt, "--max-new-tokens", "4")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len([line for line in r.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dense_attn_first_hd32", "moe_b32"])
+@pytest.mark.parametrize("quant", ["fp32", "int4"])
+def test_transformers_checkpoints_pass_and_a_wrong_export_fails(
+    hf_checkpoints, tmp_path, name, quant
+) -> None:
+    """Checkpoints transformers wrote (dense, MoE with expert bias), not in the repo: parity passes; the same
+    artifact with its first attention layer's v_proj 5% off (k_proj would not do: the k RMSNorm cancels a scale) fails exactness."""
+    out = tmp_path / name
+    outcome = export_artifact(
+        "mlx",
+        str(hf_checkpoints[name]),
+        out,
+        make_recipe(quant, max_seq_len=CONTEXT, max_prefill=PREFILL),
+        progress=Progress(quiet=True),
+    )
+    assert outcome.passed, outcome.manifest["parity"]
+    weights = dict(mx.load(str(out / "model.safetensors")))
+    key = next(
+        k for k in sorted(weights) if "v_proj" in k and k.endswith("scales" if quant == "int4" else "weight")
+    )
+    weights[key] = weights[key] * 1.05
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    result = check_artifact(out, progress=Progress(quiet=True), scenarios=["prefill", "decode"])
+    assert not result.passed and not result.summary()["exactness"]["passed"]
