@@ -303,7 +303,9 @@ def backend_command(
     def command(**values: Any) -> None:
         opts = ExportOptions(**{f.name: values.pop(f.name) for f in fields(ExportOptions)})
         made = recipe(opts, values)
-        _export(name, opts, made)
+        _export(
+            getattr(made, "backend", name), opts, made
+        )  # a recipe may name its backend (onnx --target qnn)
 
     head = [*_SHARED_HEAD[:2], option("quant", QuantOpt, quant_default)]
     command.__signature__ = Signature([*head, *extra, *_SHARED_TAIL])  # type: ignore[attr-defined]
@@ -356,6 +358,15 @@ def _report_export(outcome: Any, as_json: bool) -> None:
 def _onnx_recipe(opts: ExportOptions, extra: dict[str, Any]) -> Any:
     from lfm_export.backends.onnx.recipes import make_recipe
 
+    if extra["target"] == "qnn":
+        from lfm_export.backends.onnx.qnn_recipe import qnn_recipe
+
+        return qnn_recipe(opts.quant, opts.max_seq_len, extra)
+    if extra["soc"] is not None or extra["context_binary"]:
+        raise UserError("--soc and --context-binary apply to --target qnn only")
+    if extra["target"] != "cpu":
+        raise UserError(f"--target takes cpu | qnn, got {extra['target']!r}")
+
     return make_recipe(
         quant=opts.quant,
         block_size=extra["block_size"],
@@ -396,6 +407,32 @@ backend_command(
             "accuracy_level",
             Annotated[int, typer.Option(help="MatMulNBits accuracy_level (0-4; 4 = int8 compute).")],
             4,
+        ),
+        option(
+            "target",
+            Annotated[
+                str,
+                typer.Option(
+                    help="cpu (onnxruntime CPU) | qnn (static QDQ graph for the Qualcomm HTP; --quant "
+                    "16a8w | 16a4w | 8a8w)."
+                ),
+            ],
+            "cpu",
+        ),
+        option(
+            "soc",
+            Annotated[
+                str | None, typer.Option(help="Snapdragon SoC of --target qnn (default SM8750; e.g. SM8650).")
+            ],
+            None,
+        ),
+        option(
+            "context_binary",
+            Annotated[
+                bool,
+                typer.Option(help="--target qnn: also write the EPContext model (precompiled for --soc)."),
+            ],
+            False,
         ),
     ],
 )

@@ -35,6 +35,7 @@ BACKENDS: dict[str, str] = {
     "executorch": "lfm_export.backends.executorch",
     "mlx": "lfm_export.backends.mlx",
     "coreml": "lfm_export.backends.coreml",
+    "qnn": "lfm_export.backends.qnn",
 }
 """Backend name -> module exposing `export(loaded, folder, recipe, progress) -> BackendResult`."""
 
@@ -43,6 +44,7 @@ RUNTIMES: dict[str, tuple[str, str]] = {
     "executorch": ("lfm_export.runtime.executorch", "ExecuTorchSession"),
     "mlx": ("lfm_export.runtime.mlx", "MlxSession"),
     "coreml": ("lfm_export.runtime.coreml", "CoreMLSession"),
+    "qnn": ("lfm_export.runtime.qnn", "QnnSession"),
 }
 """Backend name -> (runtime shim module, Session class taking `(folder, threads=...)`)."""
 
@@ -223,12 +225,18 @@ def _check(
         )
     sim_recipe, activations = simulation_for(manifest["backend"], manifest["recipe"])
     weights = weight_values_for(manifest["backend"], manifest["recipe"])
+    # a backend whose simulation is not the core quantizer's gives its own session (QNN: the fake-quant program)
+    own_simulation = getattr(
+        importlib.import_module(BACKENDS[manifest["backend"]]), "simulation_session", None
+    )
     with progress.step(f"Parity ({recipe}) through the {manifest['backend']} runtime"):
         session = open_session(folder, threads=threads)
         reference = ReferenceSession(loaded.model, max_seq_len=session.max_seq_len)
         simulation = rounding = None
         rounds = activations != "float"  # one mode, or one per role (`lfm_export.quant.simulate`)
-        if sim_recipe.quantized or sim_recipe.dtype != "fp32" or rounds:
+        if own_simulation is not None:
+            simulation = own_simulation(loaded, manifest)
+        elif sim_recipe.quantized or sim_recipe.dtype != "fp32" or rounds:
             simulated = simulate(loaded.model, sim_recipe, activations, threads=threads, weights=weights)
             simulation = ReferenceSession(simulated, name="simulated", max_seq_len=session.max_seq_len)
         if rounds:

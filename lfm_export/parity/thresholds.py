@@ -248,7 +248,17 @@ GATES: dict[str, Gate] = {
     ),
 }
 
-SANITY_KL_MEAN: dict[str, float] = {"fp32": 1e-4, "fp16": 1e-3, "int8": 0.1, "int4": 1.0}
+from lfm_export.parity.qnn_gates import QNN_GATES, QNN_SANITY_KL_MEAN  # noqa: E402
+
+GATES.update(QNN_GATES)
+
+SANITY_KL_MEAN: dict[str, float] = {
+    "fp32": 1e-4,
+    "fp16": 1e-3,
+    "int8": 0.1,
+    "int4": 1.0,
+    **QNN_SANITY_KL_MEAN,
+}
 """Part (b) by default: pooled KL(fp32 reference || artifact) mean at most this, about 10x the worst honest
 export measured (2026-11-29, the same 6 models: fp32 1e-12, fp16 2.4e-6, int8 4.3e-3, int4 0.097) and well
 below a wrong one (other weights: 0.8 to 6.4). Loose on purpose: the loss depends on the weights, so a strict

@@ -1,0 +1,45 @@
+"""`FakeQuantSession`: the fake-quantized torch step program (`quantize.QuantizedStep`) behind the `Session`
+protocol, fed token by token with a static state. It is what `lfm-export onnx --target qnn` writes as a QDQ graph,
+so parity runs it as the simulation an HTP artifact is compared with, and on its own against fp32 to prove the
+quantization before any lowering."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lfm_export.runtime.session import SessionBase
+
+from .quantize import QuantizedStep, empty_state, step_args
+
+
+class FakeQuantSession(SessionBase):
+    supports_batch = False
+
+    def __init__(self, step: QuantizedStep, name: str = "qnn-fake-quant") -> None:
+        self.step = step
+        self.signature = step.signature
+        self.name = name
+        self.vocab_size = int(self.signature.outputs[0].shape[-1])
+        self.max_seq_len = self.signature.max_seq_len
+        self.reset(1)
+
+    def _reset_state(self, batch_size: int) -> None:
+        self._state = empty_state(self.signature)
+
+    def _prefill(self, ids: np.ndarray) -> np.ndarray:
+        out = []
+        with torch.no_grad():
+            for i, token in enumerate(ids[0]):
+                result = self.step.module(
+                    *step_args(self.signature, int(token), self._position + i, self._state)
+                )
+                self._state = list(result[1:])
+                out.append(result[0].float().numpy()[:, -1:])
+        return np.concatenate(out, axis=1)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {
+            spec.name: t.numpy().copy()
+            for spec, t in zip(self.signature.state_inputs(), self._state, strict=True)
+        }

@@ -1,0 +1,304 @@
+"""Qualcomm QNN: the static single-token program and its QnnQuantizer quantization (fake-quantized torch program)
+on the bundled `tiny`, the parity gate over it, the command line's refusals, and the ExecuTorch QNN delegate's
+SDK boundary. The exports run on onnxruntime's emulated HTP (about 0.5 s per token on 2 loaded cores) are slow
+tests: each parity run feeds some 500 tokens one at a time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("executorch")
+pytest.importorskip("onnxruntime_qnn")
+
+from lfm_export.backends.qnn.quantize import (  # noqa: E402
+    QuantizedStep,
+    calibration_prompts,
+    quantize_step,
+    trace_step,
+)
+from lfm_export.backends.qnn.session import FakeQuantSession  # noqa: E402
+from lfm_export.errors import UserError  # noqa: E402
+from lfm_export.loading import load_model  # noqa: E402
+from lfm_export.parity import ReferenceSession, ScenarioOptions, run_parity  # noqa: E402
+from lfm_export.parity.prompts import TEXTS, default_prompts  # noqa: E402
+from lfm_export.parity.thresholds import gate_for, sanity_gate  # noqa: E402
+
+CONTEXT = 64
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lfm_export.cli", *args], capture_output=True, text=True, timeout=1800, env=env
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.set_num_threads(1)
+    return load_model("tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_16a8w(tiny) -> QuantizedStep:
+    return quantize_step(
+        tiny.model, "16a8w", CONTEXT, calibration_prompts(tiny.config.vocab_size, tiny.tokenizer_file)
+    )
+
+
+class DropsConvState(FakeQuantSession):
+    """The fake-quantized program with its conv state reset to zeros after every call."""
+
+    def _prefill(self, ids: np.ndarray) -> np.ndarray:
+        out = super()._prefill(ids)
+        convs = {s.name for s in self.signature.state_inputs() if s.role == "conv"}
+        self._state = [
+            torch.zeros_like(t) if s.name in convs else t
+            for s, t in zip(self.signature.state_inputs(), self._state, strict=True)
+        ]
+        return out
+
+
+def test_the_traced_float_step_equals_the_reference(tiny) -> None:
+    """RoPE from a table and the mask after the softmax (what the quantizer sees) are the same math."""
+    program, signature = trace_step(tiny.model, CONTEXT)
+    assert [s.shape[:2] for s in signature.inputs[:1]] == [(1, 1)] and signature.max_seq_len == CONTEXT
+    step = FakeQuantSession(QuantizedStep(program.module(), signature, "fp32", 0), name="float-step")
+    ref = ReferenceSession(tiny.model, max_seq_len=CONTEXT)
+    prompt = default_prompts(tiny.config.vocab_size, tiny.tokenizer_file)[0][None]
+    a, b = step.prefill(prompt), ref.prefill(prompt)
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+    for name, value in ref.state().items():
+        got = step.state()[name]
+        got = got[:, :, : value.shape[2]] if got.ndim == 4 else got
+        assert np.abs(got - value).max() <= 1e-5 * max(1.0, np.abs(value).max())
+
+
+def test_calibration_texts_are_not_the_parity_texts(tiny) -> None:
+    from lfm_export.backends.qnn.quantize import CALIBRATION_TEXTS
+
+    assert not set(CALIBRATION_TEXTS) & set(TEXTS)
+    assert len(calibration_prompts(tiny.config.vocab_size, tiny.tokenizer_file)) == len(CALIBRATION_TEXTS)
+
+
+def short_prompts(loaded) -> list[np.ndarray]:
+    return [p[:12] for p in default_prompts(loaded.config.vocab_size, loaded.tokenizer_file)[:2]]
+
+
+def test_fake_quantized_16a8w_passes_its_quality_gate(tiny, tiny_16a8w) -> None:
+    """The quantization itself, before any lowering: quality against fp32 within the recipe's sanity bound and
+    measurably lossy (it is quantized). Short prompts and 4 decode steps: the fake-quantized program runs its
+    quantize / dequantize ops in Python, token by token (the full parity run is in the slow tests)."""
+    step = tiny_16a8w
+    assert step.calibration_tokens > 100
+    names = {str(n.target) for n in step.module.graph.nodes if n.op == "call_function"}
+    assert "quantized_decomposed.quantize_per_tensor.default" in names
+    assert "quantized_decomposed.dequantize_per_channel.default" in names
+    honest = run_parity(
+        FakeQuantSession(step),
+        ReferenceSession(tiny.model, max_seq_len=CONTEXT),
+        gate_for("fp32"),
+        short_prompts(tiny),
+        ["prefill", "decode"],
+        quality=sanity_gate("qnn-16a8w"),
+        options=ScenarioOptions(decode_steps=4),
+    )
+    quality = honest.summary()["quality"]
+    assert quality["passed"], quality
+    assert 1e-4 < quality["pooled"]["kl_mean"] < 0.5, quality
+
+
+@pytest.mark.slow
+def test_the_qnn_exactness_gate_fails_a_fake_quantized_program_that_drops_its_conv_state(
+    tiny, tiny_16a8w
+) -> None:
+    broken = run_parity(
+        DropsConvState(tiny_16a8w),
+        ReferenceSession(tiny.model, max_seq_len=CONTEXT),
+        "qnn-16a8w",
+        short_prompts(tiny),
+        ["prefill", "decode"],
+        simulation=FakeQuantSession(tiny_16a8w, name="simulated"),
+        options=ScenarioOptions(decode_steps=4),
+    )
+    assert not broken.summary()["exactness"]["passed"]
+
+
+def test_unknown_soc_lists_the_known_ones(tmp_path: Path) -> None:
+    out = tmp_path / "x"
+    r = cli("onnx", "tiny", "-o", str(out), "--target", "qnn", "--quant", "16a8w", "--soc", "SM1234")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "unknown SoC 'SM1234'" in r.stderr and "SM8650" in r.stderr and "SM8750" in r.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--target", "qnn", "--quant", "int4"], "--target qnn takes --quant 16a8w | 16a4w | 8a8w"),
+        (["--target", "qnn", "--quant", "16a8w", "--ops", "portable"], "--ops apply to --target cpu only"),
+        (["--quant", "int4", "--soc", "SM8650"], "--soc and --context-binary apply to --target qnn only"),
+        (["--target", "gpu"], "--target takes cpu | qnn"),
+    ],
+)
+def test_target_options_are_checked(tmp_path: Path, args: list[str], message: str) -> None:
+    out = tmp_path / "x"
+    r = cli("onnx", "tiny", "-o", str(out), *args)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not out.exists()
+
+
+def test_executorch_qnn_delegate_names_the_sdk_it_needs(tmp_path: Path, monkeypatch) -> None:
+    from lfm_export.backends.executorch import qnn as et_qnn
+
+    for unset in ("", None):
+        if unset is None:
+            monkeypatch.delenv("QNN_SDK_ROOT", raising=False)
+        else:
+            monkeypatch.setenv("QNN_SDK_ROOT", unset)
+        with pytest.raises(UserError, match=r"QAIRT\) SDK 2\.37 .*QNN_SDK_ROOT is not set"):
+            et_qnn.sdk_root()
+    monkeypatch.setenv("QNN_SDK_ROOT", str(tmp_path))
+    with pytest.raises(UserError, match=r"libQnnHtp\.so, libQnnSystem\.so not found under"):
+        et_qnn.sdk_root()
+    assert len(et_qnn.compile_specs("SM8650")) > 0  # the compile specs need no SDK
+
+
+def test_host_libraries_that_cannot_load_are_a_one_line_error_not_an_abort(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """onnxruntime-qnn's libQnnHtp.so without the libc++ it links: the wheel's adaptor aborts its process (exit
+    134); the probe runs it in a child and reports."""
+    import onnxruntime_qnn
+
+    from lfm_export.backends.executorch import qnn as et_qnn
+
+    lib = tmp_path / et_qnn.HOST_LIB_DIR
+    lib.mkdir(parents=True)
+    for f in Path(onnxruntime_qnn.__file__).parent.glob("lib*.so"):
+        (lib / f.name).symlink_to(f)
+    monkeypatch.delenv("LD_LIBRARY_PATH", raising=False)
+    monkeypatch.setenv("QNN_SDK_ROOT", str(tmp_path))
+    with pytest.raises(UserError, match=r"do not load \(exit -6: .*Fail to load Qnn library.*QAIRT 2\.37"):
+        et_qnn.probe_libraries(et_qnn.sdk_root())
+
+
+@pytest.mark.slow
+def test_executorch_qnn_lowering_stops_at_the_boundary_with_the_packaged_qairt(
+    tmp_path: Path, monkeypatch, tiny_16a8w
+) -> None:
+    """onnxruntime-qnn's QAIRT 2.51 host libraries (and their libc++) laid out as an SDK: the wheel's adaptor loads
+    them, HTP device creation fails (error 14001), the command stops with the SDK named and writes nothing."""
+    import onnxruntime_qnn
+
+    from lfm_export.backends.executorch import qnn as et_qnn
+
+    lib = tmp_path / "sdk" / et_qnn.HOST_LIB_DIR
+    lib.mkdir(parents=True)
+    pkg = Path(onnxruntime_qnn.__file__).parent
+    for f in [*pkg.glob("lib*.so"), *(pkg.parent / "onnxruntime_qnn.libs").glob("lib*")]:
+        (lib / f.name).symlink_to(f)
+    monkeypatch.setenv("QNN_SDK_ROOT", str(tmp_path / "sdk"))
+    monkeypatch.setenv("LD_LIBRARY_PATH", str(lib))
+    pte = tmp_path / "model.pte"
+    with pytest.raises(UserError, match=r"could not lower for SM8650 .*QAIRT 2\.37 host libraries"):
+        et_qnn.lower(tiny_16a8w, "SM8650", pte)
+    assert not pte.exists()
+
+
+# ---- on the emulated HTP (slow) -------------------------------------------------------------------------------
+
+
+def _export(model: str, out: Path, quant: str, *extra: str) -> dict:
+    r = cli(
+        "onnx",
+        model,
+        "-o",
+        str(out),
+        "--target",
+        "qnn",
+        "--quant",
+        quant,
+        "--max-seq-len",
+        str(CONTEXT),
+        "--threads",
+        "1",
+        "--json",
+        *extra,
+    )
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
+    return json.loads(r.stdout)
+
+
+def _assert_on_htp(out: Path) -> dict:
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["backend"] == "qnn" and m["signature"]["form"] == "static"
+    part = m["qnn"]["partitioning"]
+    assert part["providers"][0] == "QNNExecutionProvider" and part["cpu_fallback"].startswith("disabled")
+    ops = m["ops"]["op_types"]
+    assert ops["QuantizeLinear"] > 100 and ops["DequantizeLinear"] > 100
+    return m
+
+
+@pytest.mark.slow
+def test_tiny_16a8w_on_the_emulated_htp_passes_parity(tmp_path: Path) -> None:
+    out = tmp_path / "tiny-16a8w"
+    data = _export("tiny", out, "16a8w", "--soc", "SM8650", "--context-binary")
+    m = _assert_on_htp(out)
+    assert m["qnn"]["context_binary"] == "model_ctx.onnx" and m["recipe"]["soc_model"] == 57
+    p = data["parity"]
+    assert p["passed"] and p["exactness"]["passed"] and p["quality"]["passed"], p
+    assert p["scenarios"]["near_max_seq_len"] == "ok" and p["scenarios"]["batch2"] == "skipped"
+    import onnx
+
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    inits = {i.name: i.data_type for i in graph.initializer}
+    zero_points = {inits.get(n.input[2]) for n in graph.node if n.op_type == "QuantizeLinear"}
+    assert onnx.TensorProto.UINT16 in zero_points and onnx.TensorProto.INT32 not in zero_points
+    assert [i.name for i in graph.input] == [s["name"] for s in m["signature"]["inputs"]]
+    context = onnx.load(str(out / "model_ctx.onnx")).graph.node  # what parity ran: the precompiled binary
+    assert [(n.op_type, n.domain) for n in context] == [("EPContext", "com.microsoft")]
+
+
+@pytest.mark.slow
+def test_transformers_checkpoint_16a8w_on_the_emulated_htp_passes_parity(tmp_path: Path) -> None:
+    """A checkpoint transformers wrote (random weights, perturbed norms; no tokenizer: seeded random prompts)."""
+    from conftest import HF_SHAPES, save_hf, stable_seed
+
+    ckpt = save_hf(tmp_path / "ckpt", HF_SHAPES["dense_odd"][0], torch.float32, seed=stable_seed("qnn"))
+    out = tmp_path / "hf-16a8w"
+    data = _export(str(ckpt), out, "16a8w")
+    _assert_on_htp(out)
+    p = data["parity"]
+    assert p["passed"] and p["exactness"]["passed"] and p["quality"]["passed"], p
+
+
+@pytest.mark.slow
+def test_the_exactness_gate_fails_an_htp_session_that_drops_its_conv_state(
+    tmp_path: Path, tiny, tiny_16a8w
+) -> None:
+    from lfm_export.runtime.qnn import QnnSession
+
+    class HtpDropsConvState(QnnSession):
+        def _prefill(self, ids: np.ndarray) -> np.ndarray:
+            out = super()._prefill(ids)
+            self._state = {k: np.zeros_like(v) if k.endswith(".conv") else v for k, v in self._state.items()}
+            return out
+
+    out = tmp_path / "tiny-16a8w"
+    _export("tiny", out, "16a8w", "--no-parity")
+    result = run_parity(
+        HtpDropsConvState(out, threads=1),
+        ReferenceSession(tiny.model, max_seq_len=CONTEXT),
+        "qnn-16a8w",
+        simulation=FakeQuantSession(tiny_16a8w, name="simulated"),
+        tokenizer_file=tiny.tokenizer_file,
+        scenarios=["prefill"],
+    )
+    assert not result.summary()["exactness"]["passed"]
