@@ -448,6 +448,7 @@ def _executorch_recipe(opts: ExportOptions, extra: dict[str, Any]) -> Any:
         group_size=extra["group_size"],
         embedding_quant=extra["embedding_quant"],
         delegate=extra["delegate"],
+        soc=extra["soc"],
     )
 
 
@@ -485,8 +486,18 @@ backend_command(
         ),
         option(
             "delegate",
-            Annotated[str, typer.Option(help="xnnpack | portable (fp32 only) | qnn (not built here).")],
+            Annotated[
+                str,
+                typer.Option(
+                    help="xnnpack | portable (fp32 only) | qnn (--quant 16a8w|16a4w|8a8w; needs the QAIRT SDK)."
+                ),
+            ],
             "xnnpack",
+        ),
+        option(
+            "soc",
+            Annotated[str | None, typer.Option(help="Qualcomm SoC for --delegate qnn, e.g. SM8750.")],
+            None,
         ),
     ],
 )

@@ -36,6 +36,7 @@ BACKENDS: dict[str, str] = {
     "mlx": "lfm_export.backends.mlx",
     "coreml": "lfm_export.backends.coreml",
     "qnn": "lfm_export.backends.qnn",
+    "executorch-qnn": "lfm_export.backends.executorch.qnn",
 }
 """Backend name -> module exposing `export(loaded, folder, recipe, progress) -> BackendResult`."""
 

@@ -141,7 +141,7 @@ def test_unknown_soc_lists_the_known_ones(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--target", "qnn", "--quant", "int4"], "--target qnn takes --quant 16a8w | 16a4w | 8a8w"),
+        (["--target", "qnn", "--quant", "int4"], "takes --quant 16a8w | 16a4w | 8a8w"),
         (["--target", "qnn", "--quant", "16a8w", "--ops", "portable"], "--ops apply to --target cpu only"),
         (["--quant", "int4", "--soc", "SM8650"], "--soc and --context-binary apply to --target qnn only"),
         (["--target", "gpu"], "--target takes cpu | qnn"),

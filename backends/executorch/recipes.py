@@ -12,7 +12,7 @@ int8 activations: use `-a8`); `-asym` and `-mse` (the weights are torchao's symm
 `quantize.py`); `int8-bN-a8` (`8da8w`): ExecuTorch 1.5.1's XNNPACK partitioner lowers int8
 weights only per output channel, not in blocks ("Only 4b group quantization is supported", measured), and the
 core recipe has no per-channel block; `--delegate portable` with a quantized recipe (its linears are XNNPACK's
-kernels); `--delegate qnn` (`qnn_refusal`).
+kernels); `--delegate qnn` (`qnn_recipe`).
 """
 
 from __future__ import annotations
@@ -47,8 +47,6 @@ class ExecuTorchRecipe:
 
     def __post_init__(self) -> None:
         r = self.recipe
-        if self.delegate == "qnn":
-            qnn_refusal()
         if self.delegate not in DELEGATES:
             raise UnsupportedError(f"--delegate {self.delegate!r} is unknown; expected xnnpack or portable")
         if r.quantized and self.delegate != XNNPACK:
@@ -144,12 +142,15 @@ def make_recipe(
     group_size: int | None = None,
     embedding_quant: str | None = None,
     delegate: str = XNNPACK,
-) -> ExecuTorchRecipe:
+    soc: str | None = None,
+) -> Any:
     """The recipe `lfm-export executorch --quant Q [--group-size N] [--embedding-quant 8|4|none]
     [--max-seq-len N] [--max-prefill N] [--delegate D]` builds (`group_size` / `embedding_quant` None: the
     name's block size, and an int8 table for quantized recipes)."""
     if delegate == "qnn":
-        qnn_refusal()
+        return qnn_recipe(quant, soc, max_seq_len)
+    if soc is not None:
+        raise UnsupportedError("--soc names a Qualcomm SoC: it goes with --delegate qnn")
     named = any(re.fullmatch(r"[bg]\d+", part) for part in quant.strip().lower().split("-")[1:])
     core = parse_recipe(quant, max_seq_len=max_seq_len)
     if group_size is not None:
@@ -167,12 +168,18 @@ def make_recipe(
     return ExecuTorchRecipe(with_tables(core, embedding_quant), max_prefill, delegate)
 
 
-def qnn_refusal() -> None:
-    """`--delegate qnn` is the QNN backend's issue; until it lands, one clear line."""
-    raise UnsupportedError(
-        "--delegate qnn is not built in this backend yet (the QNN delegate is the QNN issue's work); "
-        "use --delegate xnnpack or portable"
-    )
+def qnn_recipe(quant: str, soc: str | None, max_seq_len: int | None) -> Any:
+    """`--delegate qnn`: the QNN quantization of `lfm_export.backends.qnn` (`--quant 16a8w|16a4w|8a8w`, `--soc`),
+    lowered by ExecuTorch's QNN partitioner (`backends/executorch/qnn.py`, pipeline backend `executorch-qnn`).
+    The Qualcomm SDK boundary is checked here, before any model is loaded: without loadable QAIRT host libraries
+    the command stops in one line naming the SDK version and `QNN_SDK_ROOT`, and nothing is written."""
+    from lfm_export.backends.qnn.recipes import make_recipe as make_qnn_recipe
+
+    from . import qnn
+
+    recipe = make_qnn_recipe(quant, soc, max_seq_len)
+    qnn.probe_libraries(qnn.sdk_root())
+    return replace(recipe, backend=qnn.BACKEND)
 
 
 def with_tables(recipe: Recipe, embedding: str | None = None) -> Recipe:

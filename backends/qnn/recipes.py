@@ -84,7 +84,9 @@ def make_recipe(
     """Check the CLI's values; `quant` may carry the `qnn-` prefix."""
     q = quant.strip().lower().removeprefix(PREFIX)
     if q not in QUANTS:
-        raise UserError(f"--target qnn takes --quant {' | '.join(QUANTS)}, got {quant!r}")
+        raise UserError(
+            f"QNN (onnx --target qnn, executorch --delegate qnn) takes --quant {' | '.join(QUANTS)}, got {quant!r}"
+        )
     soc_name = (soc or DEFAULT_SOC).strip().upper()
     soc_model(soc_name)
     if max_seq_len is not None and max_seq_len < 2:
