@@ -234,7 +234,8 @@ def _check(
         session = open_session(folder, threads=threads)
         reference = ReferenceSession(loaded.model, max_seq_len=session.max_seq_len)
         simulation = rounding = None
-        rounds = activations != "float"  # one mode, or one per role (`lfm_export.quant.simulate`)
+        # one mode, or one per role (`lfm_export.quant.simulate`); `native` (half-precision compute) rounds none
+        rounds = activations not in ("float", "native")
         if own_simulation is not None:
             simulation = own_simulation(loaded, manifest)
         elif sim_recipe.quantized or sim_recipe.dtype != "fp32" or rounds:

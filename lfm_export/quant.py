@@ -91,6 +91,11 @@ FLOAT_TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16}
 ROLES = ("linears", "experts")
 """Roles of `simulate`'s per-role activation modes: MoE expert linears (`.experts.` in the name), every other."""
 ActivationSpec = str | dict[str, str]
+ACT_NATIVE = "native"
+"""`simulate`'s mode for float recipes computed in their own type (fp16 / bf16 matmuls and residual stream; the
+canonical model's norm statistics, softmax, rotary tables and MoE routing stay fp32, as it is written): the
+canonical model itself run by torch at that dtype. What an MLX fp16 / bf16 artifact computes. Without it a
+float recipe is simulated with rounded weights and fp32 compute (what onnxruntime's fp16 is closest to)."""
 ROUTER_SUFFIX = "feed_forward.gate"
 """The MoE router stays float in every recipe: rounding must not change which experts are chosen."""
 
@@ -347,7 +352,9 @@ def simulate(
       `recipe.embedding_bits` (a `None` keeps either float). The MoE router (`feed_forward.gate`), norms, conv
       weights (3-D), biases and buffers stay float. Inputs of the quantized linears (lm_head included) are
       rounded as `activations` says: a mode of `ACTIVATION_MODES`, or a mode per role of `ROLES`.
-    - float recipes: weights rounded to `recipe.dtype` and back (what the artifact stores); fp32 compute.
+    - float recipes: weights rounded to `recipe.dtype` and back (what the artifact stores); fp32 compute. With
+      `activations=ACT_NATIVE`: every parameter in `recipe.dtype` and the model computing in it (buffers such
+      as the MoE expert bias stay fp32); `ReferenceSession` feeds it state of that type and returns fp32.
 
     `weights` replaces the core quantizer for the quantized weights (lm_head and embedding included) where a
     backend's kernels hold other values (the backend's `weight_values`, e.g. ExecuTorch's XNNPACK, which
@@ -356,7 +363,10 @@ def simulate(
     Tensors that stay as they are are shared with `model`, not copied: the result costs only the memory of
     the weights it replaces, each built from one weight at a time.
     """
-    modes = activation_modes(activations)
+    native = activations == ACT_NATIVE
+    if native and (recipe.quantized or recipe.dtype not in FLOAT_TORCH):
+        raise ValueError(f"activations {ACT_NATIVE!r} is for fp16 / bf16 recipes, not {recipe.name}")
+    modes = activation_modes(ACT_FLOAT if native else activations)
     keep = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     sim = copy.deepcopy(model, memo=dict(keep))
     done: dict[tuple[int, int | None], Tensor] = {}
@@ -371,7 +381,8 @@ def simulate(
                 deq = quantize_weight(w.detach().float().numpy(), recipe, bits, threads).dequantize()
                 done[key] = torch.from_numpy(deq)
             elif recipe.dtype != "fp32":
-                done[key] = w.detach().to(FLOAT_TORCH[recipe.dtype]).float()
+                half = w.detach().to(FLOAT_TORCH[recipe.dtype])
+                done[key] = half if native else half.float()
             else:
                 done[key] = w.detach()
         return done[key]
@@ -397,5 +408,12 @@ def simulate(
             parent, _, child = name.rpartition(".")
             owner = sim.get_submodule(parent) if parent else sim
             setattr(owner, child, SimulatedLinear(mod, weight, mode, recipe.block_size))
+        if native:  # norms and conv weights too (new tensors: `model`'s own are shared, never cast in place)
+            dtype = FLOAT_TORCH[recipe.dtype]
+            for mod in sim.modules():
+                for pname, p in list(mod._parameters.items()):
+                    if p is not None and p.dtype != dtype:
+                        mod._parameters[pname] = nn.Parameter(replaced(p, None), requires_grad=False)
+            sim.compute_dtype = dtype  # `ReferenceSession` runs it with state of this type
     done.clear()
     return sim.eval()

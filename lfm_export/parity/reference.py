@@ -21,7 +21,9 @@ class ReferenceSession(SessionBase):
     def __init__(
         self, model: Lfm2ForCausalLM, name: str = "reference", max_seq_len: int | None = None
     ) -> None:
-        bad = {p.dtype for p in model.parameters() if p.dtype != torch.float32}
+        # `lfm_export.quant.simulate(..., ACT_NATIVE)` marks a model that computes in half precision on purpose
+        self.dtype = getattr(model, "compute_dtype", torch.float32)
+        bad = {p.dtype for p in model.parameters() if p.dtype != self.dtype}
         if bad:
             raise SessionError(
                 f"the reference session needs an fp32 model, got parameters in {sorted(map(str, bad))}"
@@ -37,14 +39,16 @@ class ReferenceSession(SessionBase):
         cfg = self.config
         out: dict[str, np.ndarray] = {}
         for layer, t in zip(cfg.conv_layers, self.conv_states, strict=True):
-            out[past_name(CONV, layer)] = t.numpy().copy()
+            out[past_name(CONV, layer)] = t.float().numpy().copy()
         for layer, k, v in zip(cfg.attn_layers, self.keys, self.values, strict=True):
-            out[past_name(KEY, layer)] = k.numpy().copy()
-            out[past_name(VALUE, layer)] = v.numpy().copy()
+            out[past_name(KEY, layer)] = k.float().numpy().copy()
+            out[past_name(VALUE, layer)] = v.float().numpy().copy()
         return out
 
     def _reset_state(self, batch_size: int) -> None:
-        self.conv_states, self.keys, self.values = self.model.empty_state(batch_size, form=GROWING)
+        self.conv_states, self.keys, self.values = self.model.empty_state(
+            batch_size, form=GROWING, dtype=self.dtype
+        )
 
     def _prefill(self, ids: np.ndarray) -> np.ndarray:
         with torch.no_grad():

@@ -21,7 +21,7 @@ QUALITY = "quality"
 than asked for."""
 
 POOLED_SUMMARY = ("positions", "decisive", "kl_mean", "kl_p99", "top1_agreement", "top1_decisive")
-EXACT_SUMMARY = ("logit_max_rel", "kl_mean", "kl_max", "top1_decisive", "state_max_rel")
+EXACT_SUMMARY = ("logit_max_rel", "logit_median_rel", "kl_mean", "kl_max", "top1_decisive", "state_max_rel")
 
 # (metric, column title, format)
 COLUMNS = (
