@@ -114,9 +114,15 @@ class Generation:
         sess.reset(1)
         prompt = np.asarray([self.prompt_ids], dtype=np.int64)
         chunk = self.prefill_chunk or prompt.shape[1]
+        # a session may offer `prefill_last(tokens) -> [B, vocab]` (the last token's logits only: no lm_head for
+        # the rest of the prompt); generation needs no more, so the final chunk goes through it when present
+        prefill_last = getattr(sess, "prefill_last", None)
         for start in range(0, prompt.shape[1], chunk):
-            logits = sess.prefill(prompt[:, start : start + chunk])
-        last = logits[0, -1]
+            piece = prompt[:, start : start + chunk]
+            if prefill_last is not None and start + chunk >= prompt.shape[1]:
+                last = prefill_last(piece)[0]
+            else:
+                last = sess.prefill(piece)[0, -1]
         token = self.sampler.sample(last, np.flatnonzero(seen) if penalised else None)
         st.prefill_s = time.perf_counter() - t0
 

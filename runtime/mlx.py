@@ -62,12 +62,14 @@ class MlxSession(SessionBase):
             ) from None
         self.vocab_size = int(self.manifest["config"]["vocab_size"])
         self._state_names = [s.name for s in self.signature.state_inputs()]
+        # fp16 / bf16 artifacts hold their state in that type (the manifest's signature says which)
+        self._state_dtype = getattr(mx, self.signature.state_dtype)
         self.reset(1)
 
     def _reset_state(self, batch_size: int) -> None:
         mx = self._mx
         self._state = [
-            mx.zeros([1 if isinstance(d, str) else d for d in s.shape], dtype=mx.float32)
+            mx.zeros([1 if isinstance(d, str) else d for d in s.shape], dtype=self._state_dtype)
             for s in self.signature.state_inputs()
         ]
 
@@ -78,7 +80,7 @@ class MlxSession(SessionBase):
         out = fn(mx.array(ids), mx.array([position], dtype=mx.int64), *self._state, **self._weights)
         mx.eval(out if logits else out[1:])
         self._state = list(out[1:])
-        return np.array(out[0], dtype=np.float32) if logits else None
+        return np.array(out[0].astype(mx.float32)) if logits else None
 
     def _feed(self, ids: np.ndarray, logits: bool = True) -> list[np.ndarray | None]:
         out, start, t = [], 0, ids.shape[1]
@@ -108,7 +110,8 @@ class MlxSession(SessionBase):
         return logits[:, -1]
 
     def state(self) -> dict[str, np.ndarray]:
-        return {n: np.array(s, dtype=np.float32) for n, s in zip(self._state_names, self._state)}
+        f32 = self._mx.float32
+        return {n: np.array(s.astype(f32)) for n, s in zip(self._state_names, self._state)}
 
     def restore(self, state: dict[str, np.ndarray], position: int) -> None:
         """Continue from `state` (as `state()` returned it) holding `position` tokens."""
@@ -116,7 +119,10 @@ class MlxSession(SessionBase):
         if missing:
             raise SessionError(f"{self.name}: state lacks {', '.join(missing)}")
         self._restored(1, position)
-        self._state = [self._mx.array(np.asarray(state[n], dtype=np.float32)) for n in self._state_names]
+        self._state = [
+            self._mx.array(np.asarray(state[n], dtype=np.float32)).astype(self._state_dtype)
+            for n in self._state_names
+        ]
 
 
 def check_version(recorded: str | None, running: str, where: Path) -> None:

@@ -1,8 +1,8 @@
 """The MLX backend end to end: the traced program lowered to MLX, `.mlxfn` functions run by MLX (CPU) through
 our shim, by mlx-lm (the folder loaded unchanged) and by a fresh process that imports only mlx and numpy.
 
-Four exports are shared by the module (`tiny` and `tiny-moe`, fp32 and int4, context 64, prefill chunks up
-to 16), each with the full parity gate."""
+Five exports are shared by the module (`tiny` and `tiny-moe`, fp32 and int4, and `tiny` bf16; context 64,
+prefill chunks up to 16), each with the full parity gate."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from lfm_export.runtime.mlx import MlxSession  # noqa: E402
 
 CONTEXT, PREFILL = 64, 16
 CASES = [("tiny", "fp32"), ("tiny", "int4"), ("tiny-moe", "fp32"), ("tiny-moe", "int4")]
+BF16 = ("tiny", "bf16")
 PROMPT = np.array([[1, 25, 420, 303, 272, 40, 99, 7, 6, 300, 12, 5, 77]], dtype=np.int64)
 
 
@@ -36,7 +37,7 @@ PROMPT = np.array([[1, 25, 420, 303, 272, 40, 99, 7, 6, 300, 12, 5, 77]], dtype=
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
     root = tmp_path_factory.mktemp("mlx")
     out = {}
-    for model, quant in CASES:
+    for model, quant in [*CASES, BF16]:
         folder = root / f"{model}-{quant}"
         outcome = export_artifact(
             "mlx",
@@ -101,7 +102,7 @@ def test_core_codes_fit_mlx_affine_format() -> None:
         assert np.abs(ours.reshape(16, 128) - np.array(mx.dequantize(mq, ms, mb, block, bits))).max() < 1e-6
 
 
-@pytest.mark.parametrize("case", [("tiny", "int4"), ("tiny-moe", "int4"), ("tiny", "fp32")])
+@pytest.mark.parametrize("case", [("tiny", "int4"), ("tiny-moe", "int4"), ("tiny", "fp32"), BF16])
 def test_mlx_lm_loads_the_folder_and_generates_our_greedy_tokens(artifacts, case) -> None:
     from mlx_lm import load
     from mlx_lm.generate import generate_step
@@ -207,8 +208,7 @@ def test_a_wrong_artifact_fails_parity(artifacts, tmp_path) -> None:
 def test_recipes_mlx_cannot_express_are_refused() -> None:
     with pytest.raises(UnsupportedError, match="float activations"):
         make_recipe("int4-b32-a8")
-    with pytest.raises(UnsupportedError, match="bf16"):
-        make_recipe("bf16")
+    assert make_recipe("bf16").activations == "native" and make_recipe("fp16").half == "float16"
 
 
 def test_group_size_that_does_not_divide_a_weight_writes_nothing(hf_checkpoints, tmp_path) -> None:
@@ -251,7 +251,7 @@ def test_cli_refusals_are_one_line_exit_2(artifacts, tmp_path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["dense_attn_first_hd32", "moe_b32"])
-@pytest.mark.parametrize("quant", ["fp32", "int4"])
+@pytest.mark.parametrize("quant", ["fp32", "int4", "bf16", "fp16"])
 def test_transformers_checkpoints_pass_and_a_wrong_export_fails(
     hf_checkpoints, tmp_path, name, quant
 ) -> None:
@@ -274,3 +274,109 @@ def test_transformers_checkpoints_pass_and_a_wrong_export_fails(
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     result = check_artifact(out, progress=Progress(quiet=True), scenarios=["prefill", "decode"])
     assert not result.passed and not result.summary()["exactness"]["passed"]
+
+
+def test_bf16_export_stores_and_computes_bf16(artifacts) -> None:
+    """bf16: weights stored bf16 (the expert bias aside), state bf16, judged by the bf16-native gate against
+    torch's bf16 run of the canonical model; quality against fp32 is small but not fp32's."""
+    folder = artifacts[BF16]
+    m = json.loads((folder / "manifest.json").read_text())
+    assert m["signature"]["state_dtype"] == "bfloat16" and m["weights"]["linears"] == "bfloat16"
+    weights = mx.load(str(folder / "model.safetensors"))
+    assert {str(w.dtype) for w in weights.values()} == {"mlx.core.bfloat16"}
+    assert json.loads((folder / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    p = m["parity"]
+    assert (
+        p["passed"]
+        and p["exactness"]["gate"] == "bf16-native"
+        and p["quality"]["gate"] == "bf16 sanity bound"
+    )
+    assert p["exactness"]["pooled"]["logit_median_rel"] < 3e-3
+    # bf16 rounding is visible against fp32 (2.3e-4 measured), far from fp32's 1e-12 and int4's 0.04
+    assert 1e-5 < p["quality"]["pooled"]["kl_mean"] < 2e-3
+    session = MlxSession(folder)
+    logits = session.prefill(PROMPT)
+    assert logits.dtype == np.float32 and all(v.dtype == np.float32 for v in session.state().values())
+
+
+def test_simulating_bf16_compute_leaves_the_model_fp32(artifacts) -> None:
+    """`simulate(..., ACT_NATIVE)` casts copies: the fp32 model it came from (whose norm and conv weights it
+    would otherwise share) stays fp32, and its reference session runs with bf16 state."""
+    import torch
+
+    from lfm_export.loading import load_model
+    from lfm_export.quant import ACT_NATIVE, simulate
+    from lfm_export.recipes import parse_recipe
+
+    model = load_model("tiny").model
+    sim = simulate(model, parse_recipe("bf16"), ACT_NATIVE)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {p.dtype for p in sim.parameters()} == {torch.bfloat16}
+    session = ReferenceSession(sim, name="simulated")
+    assert session.keys[0].dtype == torch.bfloat16 and session.prefill(PROMPT).dtype == np.float32
+    with pytest.raises(ValueError, match="fp16 / bf16"):
+        simulate(model, parse_recipe("int4"), ACT_NATIVE)
+
+
+def test_a_wrong_bf16_artifact_fails_parity(artifacts, tmp_path) -> None:
+    """The bf16 artifact with one v_proj 5% off fails exactness (pooled KL mean 1.2e-3 against 2.9e-5 honest,
+    measured 2026-11-29; the gate allows 1e-3)."""
+    broken = tmp_path / "broken"
+    shutil.copytree(artifacts[BF16], broken)
+    weights = dict(mx.load(str(broken / "model.safetensors")))
+    key = "model.layers.2.self_attn.v_proj.weight"
+    weights[key] = (weights[key] * 1.05).astype(mx.bfloat16)
+    mx.save_safetensors(str(broken / "model.safetensors"), weights, metadata={"format": "mlx"})
+    result = check_artifact(broken, progress=Progress(quiet=True), scenarios=["prefill", "decode"])
+    assert not result.passed and not result.summary()["exactness"]["passed"]
+
+
+HALF_SLOW = [("tiny-moe", "bf16"), ("tiny-moe", "fp16"), ("tiny", "fp16")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", HALF_SLOW, ids=[f"{m}-{q}" for m, q in HALF_SLOW])
+def test_half_exports_pass_and_a_wrong_one_fails(tmp_path, case) -> None:
+    """tiny-moe at bf16 / fp16 (where an ulp flips an expert now and then: logit max rel 5e-2 honest, allowed)
+    and tiny at fp16 pass; the same artifact with one v_proj 5% off fails exactness."""
+    out = tmp_path / "out"
+    outcome = export_artifact(
+        "mlx",
+        case[0],
+        out,
+        make_recipe(case[1], max_seq_len=CONTEXT, max_prefill=PREFILL),
+        progress=Progress(quiet=True),
+    )
+    assert outcome.passed, outcome.manifest["parity"]
+    weights = dict(mx.load(str(out / "model.safetensors")))
+    key = "model.layers.2.self_attn.v_proj.weight"
+    weights[key] = (weights[key] * 1.05).astype(weights[key].dtype)
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    result = check_artifact(out, progress=Progress(quiet=True), scenarios=["prefill", "decode"])
+    assert not result.passed and not result.summary()["exactness"]["passed"]
+
+
+def test_generation_prefills_through_prefill_last(artifacts) -> None:
+    """`stream_generate` takes the last prompt chunk's logits from `prefill_last` when the session has it: the
+    same greedy tokens as the session's own prefill + decode loop, and as generation without it."""
+    from lfm_export.runtime.generate import stream_generate
+    from lfm_export.runtime.sampler import GenerationConfig
+    from lfm_export.runtime.tokenizer import Tokenizer
+
+    folder = artifacts[("tiny", "int4")]
+    tok = Tokenizer.from_folder(folder)
+    config = GenerationConfig(max_new_tokens=8, eos_token_ids=(-1,))
+    runs = []
+    for chunk, has_last in ((None, True), (5, True), (None, False)):
+        session = MlxSession(folder)
+        if not has_last:
+            session.prefill_last = None  # type: ignore[method-assign]  # a session without the method
+        gen = stream_generate(session, tok, PROMPT[0].tolist(), config, prefill_chunk=chunk)
+        for _ in gen:
+            pass
+        runs.append(gen.token_ids)
+    session = MlxSession(folder)
+    ours = [int(session.prefill(PROMPT)[0, -1].argmax())]
+    while len(ours) < 8:
+        ours.append(int(session.decode(np.array([ours[-1]]))[0].argmax()))
+    assert runs == [ours, ours, ours]

@@ -17,6 +17,7 @@ Stages:
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from dataclasses import dataclass, replace
@@ -75,6 +76,8 @@ def mlx_lm_config(loaded: LoadedModel, recipe: MlxRecipe) -> dict[str, Any]:
         block_auto_adjust_ff_dim=False,
     )
     core = recipe.recipe
+    if recipe.half:
+        d["torch_dtype"] = recipe.half
     if core.quantized:
         q: dict[str, Any] = {"group_size": core.block_size, "bits": core.bits, "mode": "affine"}
         if core.embedding_bits != core.bits:
@@ -82,6 +85,38 @@ def mlx_lm_config(loaded: LoadedModel, recipe: MlxRecipe) -> dict[str, Any]:
         d["quantization"] = q
         d["quantization_config"] = dict(q)
     return d
+
+
+KEEP_FP32 = "expert_bias"
+"""Stored float32 in every recipe: the MoE expert bias is a float32 buffer of the canonical model that only ranks
+experts (routing is computed in float32); rounding it to bf16 could change which experts are chosen."""
+
+
+def traced_model(model: Any, half: str | None) -> Any:
+    """The model to trace: itself, or for fp16 / bf16 a copy cast to that type (its parameters; the MoE expert
+    bias buffer stays float32), so the traced graph holds the model's own casts (norm statistics and softmax
+    in float32) around half-precision matmuls. The copy costs one more set of weights in that type."""
+    if half is None:
+        return model
+    import torch
+
+    dtype = getattr(torch, half)
+    out = copy.deepcopy(model)
+    for mod in out.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None:
+                mod._parameters[name] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
+    if out.config.tie_word_embeddings:
+        out.lm_head.weight = out.model.embed_tokens.weight
+    return out
+
+
+def _mx_tensor(mx: Any, name: str, value: Any, half: str | None) -> Any:
+    """`value` (numpy) as an MLX array; float tensors in the recipe's half type, but the expert bias."""
+    a = mx.array(value)
+    if half and a.dtype == mx.float32 and not name.endswith(KEEP_FP32):
+        a = a.astype(getattr(mx, half))
+    return a
 
 
 def export_mlx(
@@ -109,16 +144,19 @@ def export_mlx(
     def get(name: str) -> Any:
         return source.get(name) if source is not None else state[name]
 
-    signature = build_signature(cfg, STATIC, context)
-    key = (json.dumps(cfg.to_dict(), sort_keys=True), context)
-    with progress.step("Tracing (torch.export, static KV form)"):
-        lowered = _TRACED.get(key) or MlxProgram(export_program(model, signature, swaps=[moe.swap]))
+    half = recipe.half
+    signature = build_signature(cfg, STATIC, context, state_dtype=half or "float32")
+    key = (json.dumps(cfg.to_dict(), sort_keys=True), context, half)
+    with progress.step(f"Tracing (torch.export, static KV form, {half or 'float32'})"):
+        lowered = _TRACED.get(key) or MlxProgram(
+            export_program(traced_model(model, half), signature, [moe.swap])
+        )
         _TRACED.clear()  # one entry: the last architecture
         _TRACED[key] = lowered
 
     with progress.step(f"Weights ({core.name}, MLX affine format)" if core.quantized else "Weights"):
         tensors, bindings, kept = mlx_weights.build(cfg, names, get, core)
-        arrays = {k: mx.array(tensors.pop(k)) for k in list(tensors)}  # one copy at a time, not two
+        arrays = {k: _mx_tensor(mx, k, tensors.pop(k), half) for k in list(tensors)}  # one copy at a time
         mx.save_safetensors(str(out_dir / WEIGHTS_FILE), arrays, metadata={"format": "mlx"})
         (out_dir / "config.json").write_text(json.dumps(mlx_lm_config(loaded, recipe), indent=2) + "\n")
         for f in loaded.tokenizer_files():
@@ -137,7 +175,7 @@ def export_mlx(
     metadata = json.dumps({"mlx_version": mx.__version__, "inputs": signature.input_names})
     with progress.step(f"Lowering to MLX (.mlxfn: decode, prefill chunks {sizes})"):
         state0 = [
-            mx.zeros([1 if d == "batch_size" else d for d in s.shape], dtype=mx.float32)
+            mx.zeros([1 if d == "batch_size" else d for d in s.shape], dtype=getattr(mx, half or "float32"))
             for s in signature.state_inputs()
         ]
         pos = mx.array([0], dtype=mx.int64)
@@ -165,7 +203,15 @@ def export_mlx(
         else None,
         "mlx_lm_model_type": cfg.model_type,
     }
-    weights_info: dict[str, Any] = {"linears": "float32", "embedding": "float32 (tied lm_head)"}
+    word = half or "float32"
+    weights_info: dict[str, Any] = {"linears": word, "embedding": f"{word} (tied lm_head)"}
+    if half:
+        info["compute"] = (
+            f"{half}: the canonical model traced at {half} (matmuls, residual stream, KV and conv state in "
+            f"{half}; norm statistics, softmax, rotary tables and MoE routing in float32, as the model is written)"
+        )
+        if cfg.is_moe:
+            weights_info["float32"] = [KEEP_FP32]
     if core.quantized:
         weights_info = {
             "linears": f"int{core.bits} affine, group {core.block_size} (core quantizer's codes: "

@@ -86,6 +86,13 @@ def _gather_linear(x: mx.array, w: Any, idx: mx.array) -> mx.array:
             group_size=w.group_size,
             bits=w.bits,
         )
+    if w.dtype != mx.float32:
+        # MLX 0.32's CPU GatherMM takes float32 only; a float32 product of half inputs rounded once is what a
+        # half matmul with float32 accumulation gives (torch's and MLX's bf16 matmul: equal to it, measured).
+        # It casts the layer's whole expert stack per call: fp16 / bf16 MoE decode pays that on the CPU.
+        f32 = mx.float32
+        y = mx.gather_mm(x.astype(f32), mx.swapaxes(w, -1, -2).astype(f32), rhs_indices=idx)
+        return y.astype(x.dtype)
     return mx.gather_mm(x, mx.swapaxes(w, -1, -2), rhs_indices=idx)
 
 
@@ -95,8 +102,20 @@ def _switch_glu(x: mx.array, idx: mx.array, w: mx.array, w1s: Any, w3s: Any, w2s
     idx = idx.astype(mx.uint32)
     g = _gather_linear(xe, _stack(w1s), idx)  # [N, k, 1, F]
     u = _gather_linear(xe, _stack(w3s), idx)
-    y = _gather_linear(g * mx.sigmoid(g) * u, _stack(w2s), idx)  # [N, k, 1, H]
+    y = _gather_linear(_silu(g) * u, _stack(w2s), idx)  # [N, k, 1, H]
     return (y.squeeze(-2) * w[..., None]).sum(axis=-2)
+
+
+def _sigmoid(x: mx.array) -> mx.array:
+    """In float32, rounded once to `x`'s type: torch's CPU sigmoid on fp16 / bf16 does that; MLX's own bf16
+    sigmoid is up to 1 ulp off it (0.0039 near 1, measured)."""
+    return mx.sigmoid(x.astype(mx.float32)).astype(x.dtype)
+
+
+def _silu(x: mx.array) -> mx.array:
+    """`x * sigmoid(x)` in float32, rounded once (as torch's silu; two bf16 roundings would differ by 1/2 ulp)."""
+    xf = x.astype(mx.float32)
+    return (xf * mx.sigmoid(xf)).astype(x.dtype)
 
 
 def _dtype(value: Any) -> Any:
@@ -258,8 +277,8 @@ OPS: dict[str, Callable[..., Any]] = {
     "aten.rsqrt.default": mx.rsqrt,
     "aten.cos.default": mx.cos,
     "aten.sin.default": mx.sin,
-    "aten.sigmoid.default": mx.sigmoid,
-    "aten.silu.default": lambda x: x * mx.sigmoid(x),
+    "aten.sigmoid.default": _sigmoid,
+    "aten.silu.default": _silu,
     "aten.mean.dim": _mean,
     "aten.sum.dim_IntList": _sum,
     "aten.softmax.int": _softmax,

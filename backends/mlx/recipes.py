@@ -5,9 +5,13 @@ with a per-group scale and zero point, which MLX's affine format `scales * q + b
 lm_head and the embedding are one tied table in mlx-lm, held at `head_bits` (8 in int4 recipes, as on every
 backend).
 
+fp16 / bf16: every weight stored in that type (mlx-lm's folder too; the MoE expert bias stays float32) and the
+model computed in it: the canonical model is traced at that dtype, so the functions hold its own casts (norm
+statistics, attention softmax, rotary tables and MoE routing in float32, everything else in the half type,
+state included), and the simulation is the same model run by torch in that type (activation mode `native`).
+
 Refused with a reason: `-a8` (`mx.quantized_matmul` takes float activations; there is no int8-activation
-kernel to simulate), fp16 / bf16 (not built in this slice: no calibrated bf16 parity gate exists in the core,
-see the README).
+kernel to simulate).
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from typing import Any
 
 from lfm_export.errors import UnsupportedError
 from lfm_export.recipes import ACT_FLOAT, Recipe, parse_recipe
+
+ACT_NATIVE = "native"
+"""`lfm_export.quant.ACT_NATIVE` (not imported: this module stays free of torch)."""
 
 DEFAULT_MAX_PREFILL = 128
 """Largest prefill chunk traced into `prefill.mlxfn` (chunks of 2, 4, ..., this; longer prompts are fed in
@@ -36,10 +43,9 @@ class MlxRecipe:
 
     def __post_init__(self) -> None:
         r = self.recipe
-        if r.dtype != "fp32":
+        if r.quantized and r.dtype != "fp32":
             raise UnsupportedError(
-                f"{r.name}: the MLX backend exports fp32 or int4 / int8 (-gN, -asym, -mse) recipes; "
-                "fp16 / bf16 are not built yet"
+                f"{r.name}: MLX quantized recipes compute in fp32 here (the core quantizer's float32 scales)"
             )
         if r.activations != ACT_FLOAT:
             raise UnsupportedError(
@@ -61,7 +67,13 @@ class MlxRecipe:
 
     @property
     def activations(self) -> str:
-        return ACT_FLOAT
+        """`float` (fp32 compute), or `native` for fp16 / bf16: the whole model computes in that type."""
+        return ACT_FLOAT if self.recipe.dtype == "fp32" else ACT_NATIVE
+
+    @property
+    def half(self) -> str | None:
+        """`float16` / `bfloat16` (MLX's and torch's name) for fp16 / bf16 recipes, else None."""
+        return {"fp16": "float16", "bf16": "bfloat16"}.get(self.recipe.dtype)
 
     def context(self, cfg: Any) -> int:
         """The declared context: `--max-seq-len`, else `DEFAULT_CONTEXT` capped at the model's."""
@@ -77,7 +89,11 @@ class MlxRecipe:
         return sizes
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.recipe.to_dict(), "max_prefill": self.max_prefill, "activation_rounding": ACT_FLOAT}
+        return {
+            **self.recipe.to_dict(),
+            "max_prefill": self.max_prefill,
+            "activation_rounding": self.activations,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MlxRecipe:
