@@ -187,10 +187,7 @@ class Attention(nn.Module):
         form: str,
         key_mask: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        bsz, t, _ = x.shape
-        q = self.q_layernorm(self.q_proj(x).view(bsz, t, self.n_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_layernorm(self.k_proj(x).view(bsz, t, self.n_kv, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(bsz, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = (a.transpose(1, 2) for a in self.project(x))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if form == GROWING:
             k_all, v_all = torch.cat([k_cache, k], dim=2), torch.cat([v_cache, v], dim=2)
@@ -202,7 +199,24 @@ class Attention(nn.Module):
             k_cache[:, :, positions] = k
             v_cache[:, :, positions] = v
             k_all, v_all = k_cache, v_cache
-        key_pos = torch.arange(k_all.shape[2], device=x.device)
+        return self.out_proj(self.attend(q, k_all, v_all, positions, key_mask)), k_all, v_all
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v of `x` as `[B, T, heads, head_dim]`, q and k normalised, before RoPE: the part the
+        canonical form and every backend's attention variant share."""
+        bsz, t, _ = x.shape
+        q = self.q_layernorm(self.q_proj(x).view(bsz, t, self.n_heads, self.head_dim))
+        k = self.k_layernorm(self.k_proj(x).view(bsz, t, self.n_kv, self.head_dim))
+        v = self.v_proj(x).view(bsz, t, self.n_kv, self.head_dim)
+        return q, k, v
+
+    def attend(
+        self, q: Tensor, k_all: Tensor, v_all: Tensor, positions: Tensor, key_mask: Tensor | None
+    ) -> Tensor:
+        """Causal GQA attention of `q` `[B, heads, T, head_dim]` (at `positions`) over the caches
+        `[B, kv_heads, S, head_dim]`, scores and softmax in float32; `[B, T, heads * head_dim]`."""
+        bsz, _, t, _ = q.shape
+        key_pos = torch.arange(k_all.shape[2], device=q.device)
         allowed = key_pos[None, :] <= positions[:, None]  # [T, S]
         allowed = allowed[None, None]
         if key_mask is not None:
@@ -213,8 +227,7 @@ class Attention(nn.Module):
         scores = (q @ kk.transpose(-1, -2)).float() * self.head_dim**-0.5
         scores = scores.masked_fill(~allowed, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        out = (probs @ vv).transpose(1, 2).reshape(bsz, t, self.n_heads * self.head_dim)
-        return self.out_proj(out), k_all, v_all
+        return (probs @ vv).transpose(1, 2).reshape(bsz, t, self.n_heads * self.head_dim)
 
 
 class DecoderLayer(nn.Module):

@@ -38,24 +38,13 @@ class SliceWriteAttention(Attention):
     ) -> tuple[Tensor, Tensor, Tensor]:
         if form != STATEFUL:
             raise ValueError("SliceWriteAttention runs the stateful form only")
-        bsz, t, _ = x.shape
-        q = self.q_layernorm(self.q_proj(x).view(bsz, t, self.n_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_layernorm(self.k_proj(x).view(bsz, t, self.n_kv, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(bsz, t, self.n_kv, self.head_dim).transpose(1, 2)
+        t = x.shape[1]
+        q, k, v = (a.transpose(1, 2) for a in self.project(x))
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         start = positions[0]
         k_cache[:, :, start : start + t] = k
         v_cache[:, :, start : start + t] = v
-        key_pos = torch.arange(k_cache.shape[2], device=x.device)
-        allowed = (key_pos[None, :] <= positions[:, None])[None, None]
-        groups = self.n_heads // self.n_kv
-        kk = k_cache.repeat_interleave(groups, dim=1)
-        vv = v_cache.repeat_interleave(groups, dim=1)
-        scores = (q @ kk.transpose(-1, -2)).float() * self.head_dim**-0.5
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        out = (probs @ vv).transpose(1, 2).reshape(bsz, t, self.n_heads * self.head_dim)
-        return self.out_proj(out), k_cache, v_cache
+        return self.out_proj(self.attend(q, k_cache, v_cache, positions, None)), k_cache, v_cache
 
     def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         half = self.head_dim // 2

@@ -63,9 +63,7 @@ class CustomOpAttention(nn.Module):
         key_mask: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         bsz, t, _ = x.shape
-        q = self.q_layernorm(self.q_proj(x).view(bsz, t, self.n_heads, self.head_dim))
-        k = self.k_layernorm(self.k_proj(x).view(bsz, t, self.n_kv, self.head_dim))
-        v = self.v_proj(x).view(bsz, t, self.n_kv, self.head_dim)
+        q, k, v = Attention.project(self, x)  # type: ignore[arg-type]  # the same submodules
         cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, head_dim] against [B, T, heads, head_dim]
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         start = positions[0].item()

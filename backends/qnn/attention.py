@@ -38,9 +38,7 @@ class MaskedProbsAttention(Attention):
         if form != STATIC or key_mask is not None:
             raise ValueError("MaskedProbsAttention traces the static KV form only")
         bsz, t, _ = x.shape
-        q = self.q_layernorm(self.q_proj(x).view(bsz, t, self.n_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_layernorm(self.k_proj(x).view(bsz, t, self.n_kv, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(bsz, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = (a.transpose(1, 2) for a in self.project(x))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_all, v_all = k_cache.index_copy(2, positions, k), v_cache.index_copy(2, positions, v)
         key_pos = torch.arange(k_all.shape[2], device=x.device)
