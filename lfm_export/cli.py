@@ -774,7 +774,21 @@ def _tree(key: str, value: Any, depth: int = 0) -> list[str]:
 
 
 def _on_sigint(signum: int, frame: Any) -> None:
+    """While an artifact is being written, Ctrl-C removes its temporary folder and exits 130 at once: a
+    KeyboardInterrupt raised inside torch's tracing crashed the process at times (exit -11, seen once in CI on
+    2026-11-29), which would leave the folder behind. Otherwise the interrupt is raised as usual."""
     _state["interrupted"] = True
+    from lfm_export.manifest import LIVE_TEMP_FOLDERS
+
+    if LIVE_TEMP_FOLDERS:
+        import os
+        import shutil
+
+        for tmp in list(LIVE_TEMP_FOLDERS):
+            shutil.rmtree(tmp, ignore_errors=True)
+        sys.stderr.write("interrupted\n")
+        sys.stderr.flush()
+        os._exit(130)
     signal.default_int_handler(signum, frame)
 
 

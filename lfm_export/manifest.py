@@ -151,6 +151,11 @@ def check_output_path(out: Path, force: bool) -> None:
             break
 
 
+LIVE_TEMP_FOLDERS: set[Path] = set()
+"""Temporary artifact folders being written (not yet renamed into place): the CLI's Ctrl-C handler removes
+them before it exits at once."""
+
+
 @contextlib.contextmanager
 def atomic_output(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it is renamed to `out`, on any failure removed.
@@ -167,11 +172,13 @@ def atomic_output(out: Path, force: bool = False) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
     except OSError as e:
         raise write_error(e, out) or _unwritable(out, parent, e) from None
+    LIVE_TEMP_FOLDERS.add(tmp)
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the artifact gets the user's usual permissions
         yield tmp
+        LIVE_TEMP_FOLDERS.discard(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
             os.replace(out, old / "artifact")
@@ -180,6 +187,7 @@ def atomic_output(out: Path, force: bool = False) -> Iterator[Path]:
         else:
             os.replace(tmp, out)
     except BaseException as e:
+        LIVE_TEMP_FOLDERS.discard(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and (err := write_error(e, out)) is not None:
             raise err from None
