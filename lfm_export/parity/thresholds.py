@@ -191,61 +191,33 @@ GATES: dict[str, Gate] = {
     # int8 activations, fp16 rounding now and then flips a discrete choice (an MoE expert whose score ties
     # another's), so the limits widen to ROUNDING_FACTOR x what the input rounding itself does (honest worst,
     # 2026-11-29, the Core ML interpreter: see the README's Core ML section).
-    "fp16-fp16": _exact_gate(
-        "fp16-fp16",
-        logit_max_rel=5e-3,
-        kl_max=2e-4,
-        top1_decisive=0.99,
-        state_max_rel=2e-2,
-        rounding=ROUNDING_FACTOR,
-        note="fp16 compute (Core ML); limits widen to 2x what fp16 input rounding does",
-    ),
-    "int8-fp16": _exact_gate(
-        "int8-fp16",
-        logit_max_rel=5e-3,
-        kl_max=2e-4,
-        top1_decisive=0.99,
-        state_max_rel=2e-2,
-        rounding=ROUNDING_FACTOR,
-        note="fp16 compute (Core ML); limits widen to 2x what fp16 input rounding does",
-    ),
-    "int4-fp16": _exact_gate(
-        "int4-fp16",
-        logit_max_rel=5e-3,
-        kl_max=2e-4,
-        top1_decisive=0.99,
-        state_max_rel=2e-2,
-        rounding=ROUNDING_FACTOR,
-        note="fp16 compute (Core ML; palettized weights too); limits widen to 2x what fp16 input rounding does",
-    ),
+    **{
+        f"{quant}-fp16": _exact_gate(
+            f"{quant}-fp16",
+            logit_max_rel=5e-3,
+            kl_max=2e-4,
+            top1_decisive=0.99,
+            state_max_rel=2e-2,
+            rounding=ROUNDING_FACTOR,
+            note=f"fp16 compute (Core ML{extra}); limits widen to 2x what fp16 input rounding does",
+        )
+        for quant, extra in (("fp16", ""), ("int8", ""), ("int4", "; palettized weights too"))
+    },
     # With MoE routing, fp16 rounding chooses another expert where two scores tie within it (measured on
     # tiny-moe int8 through the Core ML interpreter: 2 of 4 prompts, logit max rel 5.8e-2, KL max 1.6e-2,
     # state max rel 9.9e-2 at the flipped positions, 1e-3 elsewhere; the same model run in fp16 by torch flips
     # at other positions). The limits allow one such flip; what a wrong conversion does is larger (README).
-    "fp16-fp16-moe": _exact_gate(
-        "fp16-fp16-moe",
-        logit_max_rel=0.15,
-        kl_max=0.05,
-        top1_decisive=0.98,
-        state_max_rel=0.25,
-        note="fp16 compute with MoE routing (Core ML): allows an expert flipped by fp16 rounding",
-    ),
-    "int8-fp16-moe": _exact_gate(
-        "int8-fp16-moe",
-        logit_max_rel=0.15,
-        kl_max=0.05,
-        top1_decisive=0.98,
-        state_max_rel=0.25,
-        note="fp16 compute with MoE routing (Core ML): allows an expert flipped by fp16 rounding",
-    ),
-    "int4-fp16-moe": _exact_gate(
-        "int4-fp16-moe",
-        logit_max_rel=0.15,
-        kl_max=0.05,
-        top1_decisive=0.98,
-        state_max_rel=0.25,
-        note="fp16 compute with MoE routing (Core ML): allows an expert flipped by fp16 rounding",
-    ),
+    **{
+        f"{quant}-fp16-moe": _exact_gate(
+            f"{quant}-fp16-moe",
+            logit_max_rel=0.15,
+            kl_max=0.05,
+            top1_decisive=0.98,
+            state_max_rel=0.25,
+            note="fp16 compute with MoE routing (Core ML): allows an expert flipped by fp16 rounding",
+        )
+        for quant in ("fp16", "int8", "int4")
+    },
 }
 
 from lfm_export.parity.qnn_gates import QNN_GATES, QNN_SANITY_KL_MEAN  # noqa: E402
