@@ -98,13 +98,36 @@ def test_session_prefill_decode_and_reset_match_the_reference(fp32_artifact: Pat
         session.reset(2)
 
 
-class _StatelessSession(ExecuTorchSession):
-    """A broken shim: every call is fed as the start of a sequence, so the conv state and KV are dropped."""
+def test_forward_returns_the_last_position_and_forward_all_every_position_over_one_state(
+    fp32_artifact: Path,
+) -> None:
+    """`forward` (the runner's, `prefill_last`, `decode`) computes the last position's logits only and
+    `forward_all` (`prefill`) every position; they share the held state, so mixing them within one sequence
+    matches the reference."""
+    session = ExecuTorchSession(fp32_artifact, threads=2)
+    assert {"forward", "forward_all"} <= set(session._program.method_names)
+    ids = torch.tensor([[3, 4, 5]])
+    assert tuple(session._forward.execute([ids, torch.tensor([0])])[0].shape) == (1, 1, 2048)
+    session.reset(1)
+    ref = ReferenceSession(load_model("tiny").model, max_seq_len=CONTEXT)
+    rng = np.random.default_rng(1)
+    first = rng.integers(16, 2048, size=(1, 37))  # 3 chunks of at most 16 through forward
+    np.testing.assert_allclose(session.prefill_last(first), ref.prefill(first)[:, -1], atol=1e-4)
+    second = rng.integers(16, 2048, size=(1, 5))  # every position, from forward_all, after forward's state
+    np.testing.assert_allclose(session.prefill(second), ref.prefill(second), atol=1e-4)
+    tok = np.array([9])
+    np.testing.assert_allclose(session.decode(tok), ref.decode(tok), atol=1e-4)
+    assert session.position == 43
 
-    def _prefill(self, ids: np.ndarray) -> np.ndarray:
+
+class _StatelessSession(ExecuTorchSession):
+    """A broken shim: every call (both methods) is fed as the start of a sequence, so the conv state and KV
+    are dropped."""
+
+    def _run(self, method: Any, ids: np.ndarray) -> list[np.ndarray]:
         position, self._position = self._position, 0
         try:
-            return super()._prefill(ids)
+            return super()._run(method, ids)
         finally:
             self._position = position
 
@@ -262,9 +285,13 @@ def _lowered(module: torch.nn.Module, args: tuple[torch.Tensor, ...], tmp: Path,
     return Runtime.get().load_program(str(pte)).load_method("forward")
 
 
-def test_an_int8_per_channel_head_computes_the_int8_token_simulation_of_its_weights(tmp_path: Path) -> None:
-    """The lm_head at int8 per output channel (XNNPACK's qd8-f32-qc8w linear) against
-    `fake_quant_int8_token(x) @ weight_values(w, 8).T`, with a vocab-like output width."""
+@pytest.mark.parametrize("head_bits", [8, 4])
+def test_the_quantized_head_computes_the_int8_token_simulation_of_its_weights(
+    tmp_path: Path, head_bits: int
+) -> None:
+    """The lm_head at int8 per output channel (XNNPACK's qd8-f32-qc8w linear) or, `--head-bits 4`, int4 in
+    groups of 32 (qb4w) against `fake_quant_int8_token(x) @ weight_values(w, bits).T`, with a vocab-like output
+    width."""
     from torch import nn
 
     from lfm_export.backends.executorch import weight_values
@@ -283,15 +310,16 @@ def test_an_int8_per_channel_head_computes_the_int8_token_simulation_of_its_weig
 
     model = Head()
     w = model.lm_head.weight.detach().clone()
-    recipe = make_recipe("8da4w")
-    assert quantize_linears(model, recipe) == {"int8": 1}
+    recipe = make_recipe("8da4w", head_bits=None if head_bits == 8 else head_bits)
+    assert recipe.recipe.head_bits == head_bits
+    assert quantize_linears(model, recipe) == {f"int{head_bits}": 1}
     x = torch.randn(1, 7, 128)
     out = _lowered(model, (x,), tmp_path).execute([x])[0]
-    held = torch.from_numpy(weight_values(recipe.to_dict())(w.numpy(), 8))
+    held = torch.from_numpy(weight_values(recipe.to_dict())(w.numpy(), head_bits))
     sim = fake_quant_int8_token(x) @ held.T
     scale = float(sim.abs().max())
     assert float((out - sim).abs().max()) < 1e-5 * scale
-    assert float((out - fake_quant_int8_token(x) @ w.T).abs().max()) > 1e-4 * scale  # int8 is visible
+    assert float((out - fake_quant_int8_token(x) @ w.T).abs().max()) > 1e-4 * scale  # quantization is visible
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -320,6 +348,8 @@ def test_a_quantized_embedding_gathers_exactly_the_simulated_rows(tmp_path: Path
         (["--quant", "fp32", "--group-size", "64"], "--group-size needs a quantized recipe"),
         (["--quant", "8da4w", "--embedding-quant", "2"], "--embedding-quant '2' is unknown"),
         (["--quant", "fp32", "--embedding-quant", "8"], "--embedding-quant 8 needs a quantized recipe"),
+        (["--quant", "8da4w", "--head-bits", "2"], "--head-bits 2 is unknown; expected 4 or 8"),
+        (["--quant", "fp32", "--head-bits", "4"], "--head-bits 4 needs a quantized recipe"),
         (["--max-seq-len", "64", "--max-prefill", "65"], "--max-prefill 65 is above --max-seq-len 64"),
         (["--max-prefill", "5000"], "--max-prefill 5000 is above the context"),
         (["--delegate", "qnn", "--quant", "8da4w"], "takes --quant 16a8w | 16a4w | 8a8w, got '8da4w'"),

@@ -38,7 +38,7 @@ from lfm_export.loading import LoadedModel
 from lfm_export.model import STATEFUL
 from lfm_export.progress import Progress
 from lfm_export.signature import IOSignature, build_signature
-from lfm_export.trace import Swap, export_stateful_program
+from lfm_export.trace import Swap, apply_swaps, export_stateful_program
 
 from .attention import custom_op_attention, load_custom_ops, seq_first_signature
 from .embedding import quantized_embedding
@@ -47,6 +47,33 @@ from .recipes import XNNPACK, ExecuTorchRecipe
 
 MODEL_FILE = "model.pte"
 ROUTER_SUFFIX = "feed_forward.gate"
+FORWARD = "forward"
+"""The runner's method: the logits of the last position of the call only, `[1, 1, vocab]`."""
+FORWARD_ALL = "forward_all"
+"""The same program with the logits of every position, `[1, T, vocab]` (parity compares them all); it shares
+the held state with `forward` (`share_mutable_buffers`), so the two can be mixed within one sequence."""
+
+
+class LastPosition(nn.Module):
+    """The lm_head applied to the last position only: at prefill the rest of the prompt never reaches it."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x[:, -1:])
+
+
+def last_position(model: nn.Module) -> Swap:
+    """Swap for `lfm_export.trace.apply_swaps`: `model`'s lm_head (as swapped already) becomes `LastPosition`.
+    Recognised by its weight: `apply_swaps` copies the modules, not their tensors."""
+    weight = model.get_submodule("lm_head").weight
+
+    def swap(module: nn.Module) -> nn.Module | None:
+        return LastPosition(module) if isinstance(module, nn.Linear) and module.weight is weight else None
+
+    return swap
 
 
 @dataclass
@@ -155,7 +182,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
     program = Runtime.get().load_program(str(path))
     out: dict[str, Any] = {}
     for name in sorted(program.method_names):
-        if name == "forward":
+        if name in (FORWARD, FORWARD_ALL):
             continue
         values = list(program.load_method(name).execute([]))
         out[name] = values if name == "get_eos_ids" else values[0]
@@ -168,7 +195,8 @@ def export_executorch(
     """Write `model.pte` and the tokenizer files for `loaded` into `out_dir`."""
     import executorch
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
 
     progress = progress or Progress()
     cfg = loaded.config
@@ -192,7 +220,11 @@ def export_executorch(
                 "(quantize.xnnpack_int4: XNNPACK refuses the core quantizer's negative scales); int8 per-token "
                 "asymmetric activations (torchao IntxUnpackedToInt8Tensor)"
             )
-            weights["lm_head"] = "int8 per output channel (fp32 scales), int8 per-token activations"
+            weights["lm_head"] = (
+                "int8 per output channel (fp32 scales)"
+                if core.head_bits == 8
+                else f"int4 blocks of {core.block_size} (bf16 scales)"
+            ) + ", int8 per-token activations"
         if core.embedding_bits:
             swaps.append(quantized_embedding(core.embedding_bits, core.block_size))
             weights["embedding"] = (
@@ -204,7 +236,13 @@ def export_executorch(
         weights["counts"] = counts
 
     with progress.step("Tracing (torch.export, stateful form)"):
-        program = export_stateful_program(model, context, max_prefill, swaps, layout=seq_first_signature)
+        swapped = apply_swaps(model, swaps)
+        programs = {
+            method: export_stateful_program(
+                swapped, context, max_prefill, [last_position(swapped)] if last else [], seq_first_signature
+            )
+            for method, last in ((FORWARD, True), (FORWARD_ALL, False))
+        }
 
     metadata = runner_metadata(loaded, context, max_prefill)
     with progress.step("Lowering to ExecuTorch (XNNPACK)"):
@@ -213,12 +251,15 @@ def export_executorch(
             warnings.filterwarnings("ignore", category=FutureWarning)
             logging.getLogger("executorch").setLevel(logging.WARNING)
             edge = to_edge_transform_and_lower(
-                program,
+                programs,
                 partitioner=[XnnpackPartitioner()] if recipe.delegate == XNNPACK else [],
                 constant_methods=metadata,
                 compile_config=EdgeCompileConfig(_check_ir_validity=False),
             )
-            et_program = edge.to_executorch()
+            del programs
+            et_program = edge.to_executorch(
+                ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True))
+            )
 
     with progress.step("Saving"):
         path = out_dir / MODEL_FILE
