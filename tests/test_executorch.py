@@ -433,3 +433,31 @@ def test_portable_delegate_fp32_runs_without_xnnpack_and_passes_parity(tmp_path:
     assert outcome.passed and m["recipe"]["delegate"] == "portable", m["parity"]
     assert m["parity"]["exactness"]["worst"]["logit_max_rel"] < 1e-5
     assert b"XnnpackBackend" not in (outcome.out / MODEL_FILE).read_bytes()
+
+
+def test_a_lazy_model_is_quantized_from_its_source_to_the_same_weights_without_materializing() -> None:
+    """`float_part` + `linear_swap` on a lazy `tiny` (placeholders; each linear read from the source when it
+    is quantized) hold exactly the codes and scales of the materialized path, and the lazy model keeps its
+    placeholders."""
+    from lfm_export.backends.executorch.convert import float_part, linear_swap
+    from lfm_export.trace import apply_swaps
+
+    recipe = make_recipe("8da4w", head_bits=4)
+    held = {}
+    for lazy in (True, False):
+        loaded = load_model("tiny", lazy=lazy)
+        model, source = float_part(loaded, recipe)
+        assert (source is not None) == lazy
+        counts: dict[str, int] = {}
+        swapped = apply_swaps(model, [linear_swap(model, recipe, counts, source)])
+        assert counts == {"int4": 6 * 3 + 4 * 2 + 2 * 4 + 1}
+        held[lazy] = {k: v for k, v in swapped.state_dict().items()}
+        if lazy:
+            assert torch.isnan(loaded.model.model.layers[0].feed_forward.w1.weight).all()
+            assert not torch.isnan(model.model.embed_tokens.weight).any()
+    assert held[True].keys() == held[False].keys()
+    for name, value in held[False].items():
+        parts = ("qdata", "scale") if hasattr(value, "qdata") else (None,)
+        for part in parts:
+            mine, theirs = (v if part is None else getattr(v, part) for v in (held[True][name], value))
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=0, msg=f"{name} {part}")

@@ -24,6 +24,7 @@ Stages:
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import warnings
@@ -38,7 +39,8 @@ from lfm_export.loading import LoadedModel
 from lfm_export.model import STATEFUL
 from lfm_export.progress import Progress
 from lfm_export.signature import IOSignature, build_signature
-from lfm_export.trace import Swap, apply_swaps, export_stateful_program
+from lfm_export.trace import Swap, apply_swaps, export_stateful_program, shared_copy
+from lfm_export.weights import WeightSource
 
 from .attention import custom_op_attention, load_custom_ops, seq_first_signature
 from .embedding import quantized_embedding
@@ -141,24 +143,65 @@ def quantized_linear(linear: nn.Linear, bits: int, block_size: int) -> nn.Linear
     return new
 
 
-def linear_swap(model: nn.Module, recipe: ExecuTorchRecipe, counts: dict[str, int]) -> Swap:
-    """Swap for `lfm_export.trace.apply_swaps`: each linear of `model` (the MoE router excepted) becomes a
-    `quantized_linear` at the recipe's bits (the lm_head at `head_bits`), counted in `counts`. Linears are
-    recognised by their weight tensor, which the swapped copy shares."""
+def quantized_bits(name: str, recipe: ExecuTorchRecipe) -> int | None:
+    """Bits the linear `name` is held at (None: float): the recipe's, the lm_head's `head_bits`, the MoE
+    router float."""
     core = recipe.recipe
+    if name.endswith(ROUTER_SUFFIX):
+        return None
+    return core.head_bits if name == "lm_head" else core.bits
+
+
+def linear_swap(
+    model: nn.Module, recipe: ExecuTorchRecipe, counts: dict[str, int], source: WeightSource | None = None
+) -> Swap:
+    """Swap for `lfm_export.trace.apply_swaps`: each linear of `model` (the MoE router excepted) becomes a
+    `quantized_linear` at `quantized_bits`, counted in `counts`. Linears are recognised by their weight
+    tensor, which the swapped copy shares. With `source` (a lazy model's), each float weight is fetched from
+    it, quantized and dropped: the float linears are never all held at once."""
     names = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
     def swap(module: nn.Module) -> nn.Module | None:
         if not isinstance(module, nn.Linear):
             return None
         name = names.get(id(module.weight), "")
-        bits = core.head_bits if name == "lm_head" else core.bits
-        if name.endswith(ROUTER_SUFFIX) or bits is None:
+        bits = quantized_bits(name, recipe)
+        if bits is None:
             return module
         counts[f"int{bits}"] = counts.get(f"int{bits}", 0) + 1
-        return quantized_linear(module, bits, core.block_size)
+        if source is not None:
+            module = copy.copy(module)
+            module._parameters = {**module._parameters, "weight": source.get(f"{name}.weight")}
+        return quantized_linear(module, bits, recipe.recipe.block_size)
 
     return swap
+
+
+def float_part(loaded: LoadedModel, recipe: ExecuTorchRecipe) -> tuple[nn.Module, WeightSource | None]:
+    """The model to swap and trace, and the source its quantized linears are read from (None: the model holds
+    them). A lazy model with a quantized recipe gets real tensors for everything but those linears, which
+    stay placeholders until `linear_swap` reads them: at LFM2-1.2B that leaves 4.4 GB of float32 linears
+    unheld."""
+    if not (loaded.lazy and recipe.recipe.quantized):
+        return loaded.materialized().model.eval(), None
+    source = loaded.weights
+    assert source is not None
+    model = shared_copy(loaded.model)
+    linears = {
+        f"{n}.weight"
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and quantized_bits(n, recipe)
+    }
+    for prefix, module in model.named_modules():
+        for kind in ("_parameters", "_buffers"):
+            tensors = getattr(module, kind)
+            for attr, t in list(tensors.items()):
+                name = f"{prefix}.{attr}" if prefix else attr
+                if t is None or name in linears:
+                    continue
+                real = source.get(name)
+                tensors[attr] = nn.Parameter(real, requires_grad=False) if kind == "_parameters" else real
+    return model.eval(), source
 
 
 def quantize_linears(model: nn.Module, recipe: ExecuTorchRecipe) -> dict[str, int]:
@@ -210,11 +253,11 @@ def export_executorch(
     counts: dict[str, int] = {}
 
     with progress.step("Preparing weights"):
-        model = loaded.materialized().model.eval()
+        model, source = float_part(loaded, recipe)
         swaps: list[Swap] = []
         if core.quantized:
             core.check_model(cfg, {n: tuple(p.shape) for n, p in model.named_parameters()})
-            swaps.append(linear_swap(model, recipe, counts))
+            swaps.append(linear_swap(model, recipe, counts, source))
             weights["linears"] = (
                 f"int{core.bits} blocks of {core.block_size}, symmetric, torchao's scales rounded to bf16 "
                 "(quantize.xnnpack_int4: XNNPACK refuses the core quantizer's negative scales); int8 per-token "
@@ -234,9 +277,9 @@ def export_executorch(
             ) + ", weight-only (embedding.QuantizedEmbedding)"
         swaps.append(custom_op_attention)
         weights["counts"] = counts
+        swapped = apply_swaps(model, swaps)  # each weight quantized here, once for both methods
 
-    with progress.step("Tracing (torch.export, stateful form)"):
-        swapped = apply_swaps(model, swaps)
+    with progress.step("Tracing (torch.export, stateful form, forward and forward_all)"):
         programs = {
             method: export_stateful_program(
                 swapped, context, max_prefill, [last_position(swapped)] if last else [], seq_first_signature
@@ -257,6 +300,9 @@ def export_executorch(
                 compile_config=EdgeCompileConfig(_check_ir_validity=False),
             )
             del programs
+    with progress.step("Planning memory and emitting (to_executorch)"):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Mutation on a buffer")
             et_program = edge.to_executorch(
                 ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True))
             )
