@@ -44,6 +44,7 @@ from lfm_export.weights import WeightSource
 
 from .attention import custom_op_attention, load_custom_ops, seq_first_signature
 from .embedding import quantized_embedding
+from .layers import xnnpack_layers
 from .quantize import xnnpack_weight
 from .recipes import XNNPACK, ExecuTorchRecipe
 
@@ -276,6 +277,8 @@ def export_executorch(
                 else f"int4 in blocks of {core.block_size}, bf16 scales"
             ) + ", weight-only (embedding.QuantizedEmbedding)"
         swaps.append(custom_op_attention)
+        if recipe.delegate == XNNPACK:
+            swaps.append(xnnpack_layers)
         weights["counts"] = counts
         swapped = apply_swaps(model, swaps)  # each weight quantized here, once for both methods
 
