@@ -213,21 +213,25 @@ def test_unsupported_recipes_are_refused_in_one_line(tmp_path: Path, quant: str,
 
 
 @pytest.mark.slow
-def test_8da4w_export_passes_parity_against_its_simulation(tmp_path: Path) -> None:
+@pytest.mark.parametrize("head_bits", [8, 4])
+def test_8da4w_export_passes_parity_against_its_simulation(tmp_path: Path, head_bits: int) -> None:
     torch.set_num_threads(2)
     outcome = export_artifact(
         "executorch",
         "tiny",
         tmp_path / "tiny-8da4w",
-        make_recipe("8da4w", max_seq_len=CONTEXT, max_prefill=PREFILL),
+        make_recipe("8da4w", max_seq_len=CONTEXT, max_prefill=PREFILL, head_bits=head_bits),
         threads=2,
         progress=Progress(quiet=True),
     )
     p = outcome.manifest["parity"]
     assert outcome.passed and p["gate"] == "int4-a8" and p["exactness"]["against"] == "simulated", p
     assert p["quality"]["pooled"]["kl_mean"] < 0.1
-    assert outcome.manifest["recipe"]["head_bits"] == 8 and outcome.manifest["recipe"]["embedding_bits"] == 8
-    assert outcome.manifest["weights"]["counts"] == {"int4": 6 * 3 + 4 * 2 + 2 * 4, "int8": 1}
+    recipe = outcome.manifest["recipe"]
+    assert recipe["head_bits"] == head_bits and recipe["embedding_bits"] == 8
+    linears = 6 * 3 + 4 * 2 + 2 * 4
+    counts = {"int4": linears, "int8": 1} if head_bits == 8 else {"int4": linears + 1}
+    assert outcome.manifest["weights"]["counts"] == counts
     # other weights than the artifact's: exactness fails
     other = load_model("tiny")
     with torch.no_grad():
