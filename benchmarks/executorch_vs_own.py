@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/executorch_vs_own.py --preset lfm2-350m --out out/bench-et
 
-1. ours: `lfm-export executorch random:PRESET --quant 8da4w --max-seq-len C --max-prefill P --no-parity` (a
-   child process: wall time and peak RSS of its largest process; P defaults to the prompt length, so both
-   programs prefill the prompt in one call: theirs takes up to its whole context per call);
+1. ours: `lfm-export executorch random:PRESET --quant 8da4w --max-seq-len C --max-prefill P --head-bits H
+   --no-parity` for each H of `--head-bits` (folders `ours-hH`; a child process each: wall time and peak RSS
+   of its largest process; P defaults to the prompt length, so both programs prefill the prompt in one call:
+   theirs takes up to its whole context per call);
 2. theirs: the same weights (the canonical model's state dict, HF names) converted with ExecuTorch's
    `examples/models/lfm2/convert_weights.lfm_2_to_meta` and saved as a `.pth`, a params JSON for the preset,
    then `python -m executorch.extension.llm.export.export_llm --config lfm2_xnnpack_q8da4w.yaml ...` (its
@@ -16,7 +17,7 @@
 4. quality: KL(fp32 reference || program) over the last prompt position and every decode position (their
    program returns the last position's logits only), mean and max.
 
-Prints a Markdown table and writes `results.json` in `--out`. Heavy (ExecuTorch's export of LFM2-350M takes
+Prints a Markdown table (with the load average before and after) and writes `results.json` in `--out`. Heavy (ExecuTorch's export of LFM2-350M takes
 minutes and GBs): run it alone, e.g. under `flock /tmp/lfm-heavy.lock`.
 """
 
@@ -101,8 +102,8 @@ def export_theirs(model: Any, preset: str, context: int, out: Path) -> dict[str,
     return result
 
 
-def export_ours(preset: str, context: int, max_prefill: int, out: Path) -> dict[str, Any]:
-    folder = out / "ours"
+def export_ours(preset: str, context: int, max_prefill: int, head_bits: int, out: Path) -> dict[str, Any]:
+    folder = out / f"ours-h{head_bits}"
     cmd = [
         str(Path(sys.executable).parent / "lfm-export"),
         "executorch",
@@ -111,8 +112,8 @@ def export_ours(preset: str, context: int, max_prefill: int, out: Path) -> dict[
         str(folder),
     ]
     cmd += ["--quant", "8da4w", "--max-seq-len", str(context), "--max-prefill", str(max_prefill)]
-    cmd += ["--no-parity", "--force", "--json"]
-    return measured(cmd, out / "ours_export.log")
+    cmd += ["--head-bits", str(head_bits), "--no-parity", "--force", "--json"]
+    return measured(cmd, out / f"ours-h{head_bits}_export.log")
 
 
 def run_program(path: Path, prompt: list[int], feed: list[int], threads: int) -> dict[str, Any]:
@@ -185,6 +186,13 @@ def main() -> None:
         default=512,
         help="our program's most tokens per call (theirs takes the whole context: max_seq_length)",
     )
+    ap.add_argument(
+        "--head-bits",
+        type=int,
+        nargs="+",
+        default=[8, 4],
+        help="one export of ours per lm_head width (--head-bits), all run in the same process",
+    )
     ap.add_argument("--out", type=Path, default=Path("out/bench-et"))
     ap.add_argument("--reuse", action="store_true", help="keep .pte files already in --out")
     args = ap.parse_args()
@@ -198,8 +206,10 @@ def main() -> None:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     exports: dict[str, Any] = {}
-    if not (args.reuse and (out / "ours" / "model.pte").exists()):
-        exports["ours"] = export_ours(args.preset, args.context, args.max_prefill, out)
+    load = {"load_average_start": os.getloadavg()}
+    for bits in args.head_bits:
+        if not (args.reuse and (out / f"ours-h{bits}" / "model.pte").exists()):
+            exports[f"ours-h{bits}"] = export_ours(args.preset, args.context, args.max_prefill, bits, out)
     model = load_model(f"random:{args.preset}").materialized().model.eval()
     if not (args.reuse and (out / "theirs.pte").exists()):
         exports["theirs"] = export_theirs(model, args.preset, args.context, out)
@@ -208,7 +218,8 @@ def main() -> None:
     feed, ref = reference(model, prompt, args.new_tokens)
     del model
     rows = {}
-    for name, path in (("ours", out / "ours" / "model.pte"), ("theirs", out / "theirs.pte")):
+    programs = [(f"ours-h{b}", out / f"ours-h{b}" / "model.pte") for b in args.head_bits]
+    for name, path in [*programs, ("theirs", out / "theirs.pte")]:
         r = run_program(path, prompt, feed, args.threads)
         p = np.exp(ref)
         kl = (p * (ref - r.pop("logp"))).sum(-1)
@@ -216,10 +227,12 @@ def main() -> None:
     meta = {"preset": args.preset, "context": args.context, "prompt_len": args.prompt_len}
     meta |= {"max_prefill_ours": args.max_prefill}
     meta |= {"new_tokens": args.new_tokens, "threads": args.threads}
+    meta |= {**load, "load_average_end": os.getloadavg()}
     (out / "results.json").write_text(json.dumps({**meta, "results": rows}, indent=2))
     print(
         f"random:{args.preset}, 8da4w, {args.threads} threads, {args.prompt_len}-token prompt, context "
-        f"{args.context}, {args.new_tokens} new tokens"
+        f"{args.context}, {args.new_tokens} new tokens; load average {load['load_average_start']} -> "
+        f"{meta['load_average_end']}"
     )
     print(
         "| program | .pte MB | prefill tok/s | decode tok/s | KL mean / max vs fp32 | export s | peak RSS GB |"

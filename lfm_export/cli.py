@@ -449,6 +449,7 @@ def _executorch_recipe(opts: ExportOptions, extra: dict[str, Any]) -> Any:
         embedding_quant=extra["embedding_quant"],
         delegate=extra["delegate"],
         soc=extra["soc"],
+        head_bits=extra["head_bits"],
     )
 
 
@@ -481,6 +482,14 @@ backend_command(
             Annotated[
                 str | None,
                 typer.Option(help="Embedding table, weight-only: 8 | 4 | none (default 8 when quantized)."),
+            ],
+            None,
+        ),
+        option(
+            "head_bits",
+            Annotated[
+                int | None,
+                typer.Option(help="lm_head: 8 (per channel) | 4 (groups of --group-size) (default 8)."),
             ],
             None,
         ),

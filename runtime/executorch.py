@@ -4,8 +4,13 @@ executorch (and with it torch: its bindings import torch) is imported when a ses
 `executorch.extension.llm.custom_ops.custom_ops`, which registers the `llama::custom_sdpa` /
 `llama::update_cache` kernels the program's attention uses (without it loading fails with "Missing operator").
 
-The program holds its state (stateful form): `forward(input_ids [1, T], input_pos [1]) -> logits`, T at most
-the signature's `max_prefill`; longer prompts are fed in chunks. Batch 1 only (`supports_batch` False).
+The program holds its state (stateful form): `forward(input_ids [1, T], input_pos [1]) -> logits [1, 1, vocab]`
+of the last position (what ExecuTorch's runner reads) and `forward_all` -> `[1, T, vocab]`, every position, over
+the same held state; T at most the signature's `max_prefill`, longer prompts fed in chunks. `prefill` (every
+position, for parity) runs `forward_all`, loaded on first use (each loaded method packs its own XNNPACK
+weights); `prefill_last` (generation) and `decode` run `forward`. A program written before `forward_all`
+existed has only `forward`, returning every position: it serves all three. Batch 1 only (`supports_batch`
+False).
 
 `reset` starts a new sequence by position alone: the program replaces its conv state by zeros when
 `input_pos == 0` and masks KV positions past the query (every position at or before it is written by the
@@ -57,6 +62,7 @@ class ExecuTorchSession(SessionBase):
         try:
             self._program = runtime.Runtime.get().load_program(str(self.model_path))
             self._forward = self._program.load_method("forward")
+            self._forward_all: Any = None if "forward_all" in self._program.method_names else self._forward
         except Exception as e:  # the bindings raise RuntimeError / ValueError with the runtime's error code
             raise UserError(
                 f"{self.model_path}: ExecuTorch cannot load it ({str(e).splitlines()[0]})"
@@ -75,15 +81,36 @@ class ExecuTorchSession(SessionBase):
     def _reset_state(self, batch_size: int) -> None:
         pass  # the program starts a new sequence at input_pos 0 (module docstring)
 
-    def _prefill(self, ids: np.ndarray) -> np.ndarray:
+    def _run(self, method: Any, ids: np.ndarray) -> list[np.ndarray]:
         torch = self._torch
         out = []
         for start in range(0, ids.shape[1], self.max_prefill):
             chunk = torch.from_numpy(ids[:, start : start + self.max_prefill].copy())
             pos = torch.tensor([self._position + start], dtype=torch.int64)
-            logits = self._forward.execute([chunk, pos])[0]
+            logits = method.execute([chunk, pos])[0]
             out.append(logits.detach().numpy().astype(np.float32, copy=True))
+        return out
+
+    def _prefill(self, ids: np.ndarray) -> np.ndarray:
+        if self._forward_all is None:
+            self._forward_all = self._program.load_method("forward_all")
+        out = self._run(self._forward_all, ids)
         return out[0] if len(out) == 1 else np.concatenate(out, axis=1)
+
+    def prefill_last(self, tokens: np.ndarray) -> np.ndarray:
+        """`prefill` for generation: logits `[1, vocab]` of the last token only (`forward`: the lm_head runs on
+        one position per call)."""
+        ids = self._check_tokens(tokens)
+        self._check_room(ids.shape[1])
+        last = self._run(self._forward, ids)[-1][:, -1]
+        self._position += ids.shape[1]
+        return last
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        ids = np.asarray(tokens)
+        if ids.ndim != 1:
+            return super().decode(tokens)  # its one-line error
+        return self.prefill_last(ids[:, None])
 
 
 def _import_executorch(threads: int) -> tuple[Any, Any]:

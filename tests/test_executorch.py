@@ -1,7 +1,9 @@
 """The ExecuTorch backend end to end on the bundled `tiny`: a real `.pte` lowered with XNNPACK, run by the real
 ExecuTorch runtime through our shim and through ExecuTorch's own LLM runner (`TextLLMRunner`).
 
-One fp32 export (context 64, prefill chunks of 16) is shared by the module: about 30 s of lowering on 2 cores.
+One fp32 export (context 64, prefill chunks of 16) is shared by the module. It lowers two methods (`forward`,
+`forward_all`), so twice the single method's 27 s measured before; 107 s in a full suite run with the cores
+shared (load average 3-4).
 The int8 head and the quantized embedding are checked as lowered modules of their own (seconds). Whole 8da4w
 exports lower for 60-160 s each on 2 cores (a cProfile of `tiny`'s: the time is spread over torch.fx / edge
 passes and XNNPACK's per-partition preprocessing, nothing single to remove), so they are marked slow."""
@@ -98,13 +100,36 @@ def test_session_prefill_decode_and_reset_match_the_reference(fp32_artifact: Pat
         session.reset(2)
 
 
-class _StatelessSession(ExecuTorchSession):
-    """A broken shim: every call is fed as the start of a sequence, so the conv state and KV are dropped."""
+def test_forward_returns_the_last_position_and_forward_all_every_position_over_one_state(
+    fp32_artifact: Path,
+) -> None:
+    """`forward` (the runner's, `prefill_last`, `decode`) computes the last position's logits only and
+    `forward_all` (`prefill`) every position; they share the held state, so mixing them within one sequence
+    matches the reference."""
+    session = ExecuTorchSession(fp32_artifact, threads=2)
+    assert {"forward", "forward_all"} <= set(session._program.method_names)
+    ids = torch.tensor([[3, 4, 5]])
+    assert tuple(session._forward.execute([ids, torch.tensor([0])])[0].shape) == (1, 1, 2048)
+    session.reset(1)
+    ref = ReferenceSession(load_model("tiny").model, max_seq_len=CONTEXT)
+    rng = np.random.default_rng(1)
+    first = rng.integers(16, 2048, size=(1, 37))  # 3 chunks of at most 16 through forward
+    np.testing.assert_allclose(session.prefill_last(first), ref.prefill(first)[:, -1], atol=1e-4)
+    second = rng.integers(16, 2048, size=(1, 5))  # every position, from forward_all, after forward's state
+    np.testing.assert_allclose(session.prefill(second), ref.prefill(second), atol=1e-4)
+    tok = np.array([9])
+    np.testing.assert_allclose(session.decode(tok), ref.decode(tok), atol=1e-4)
+    assert session.position == 43
 
-    def _prefill(self, ids: np.ndarray) -> np.ndarray:
+
+class _StatelessSession(ExecuTorchSession):
+    """A broken shim: every call (both methods) is fed as the start of a sequence, so the conv state and KV
+    are dropped."""
+
+    def _run(self, method: Any, ids: np.ndarray) -> list[np.ndarray]:
         position, self._position = self._position, 0
         try:
-            return super()._prefill(ids)
+            return super()._run(method, ids)
         finally:
             self._position = position
 
@@ -190,21 +215,25 @@ def test_unsupported_recipes_are_refused_in_one_line(tmp_path: Path, quant: str,
 
 
 @pytest.mark.slow
-def test_8da4w_export_passes_parity_against_its_simulation(tmp_path: Path) -> None:
+@pytest.mark.parametrize("head_bits", [8, 4])
+def test_8da4w_export_passes_parity_against_its_simulation(tmp_path: Path, head_bits: int) -> None:
     torch.set_num_threads(2)
     outcome = export_artifact(
         "executorch",
         "tiny",
         tmp_path / "tiny-8da4w",
-        make_recipe("8da4w", max_seq_len=CONTEXT, max_prefill=PREFILL),
+        make_recipe("8da4w", max_seq_len=CONTEXT, max_prefill=PREFILL, head_bits=head_bits),
         threads=2,
         progress=Progress(quiet=True),
     )
     p = outcome.manifest["parity"]
     assert outcome.passed and p["gate"] == "int4-a8" and p["exactness"]["against"] == "simulated", p
     assert p["quality"]["pooled"]["kl_mean"] < 0.1
-    assert outcome.manifest["recipe"]["head_bits"] == 8 and outcome.manifest["recipe"]["embedding_bits"] == 8
-    assert outcome.manifest["weights"]["counts"] == {"int4": 6 * 3 + 4 * 2 + 2 * 4, "int8": 1}
+    recipe = outcome.manifest["recipe"]
+    assert recipe["head_bits"] == head_bits and recipe["embedding_bits"] == 8
+    linears = 6 * 3 + 4 * 2 + 2 * 4
+    counts = {"int4": linears, "int8": 1} if head_bits == 8 else {"int4": linears + 1}
+    assert outcome.manifest["weights"]["counts"] == counts
     # other weights than the artifact's: exactness fails
     other = load_model("tiny")
     with torch.no_grad():
@@ -262,9 +291,13 @@ def _lowered(module: torch.nn.Module, args: tuple[torch.Tensor, ...], tmp: Path,
     return Runtime.get().load_program(str(pte)).load_method("forward")
 
 
-def test_an_int8_per_channel_head_computes_the_int8_token_simulation_of_its_weights(tmp_path: Path) -> None:
-    """The lm_head at int8 per output channel (XNNPACK's qd8-f32-qc8w linear) against
-    `fake_quant_int8_token(x) @ weight_values(w, 8).T`, with a vocab-like output width."""
+@pytest.mark.parametrize("head_bits", [8, 4])
+def test_the_quantized_head_computes_the_int8_token_simulation_of_its_weights(
+    tmp_path: Path, head_bits: int
+) -> None:
+    """The lm_head at int8 per output channel (XNNPACK's qd8-f32-qc8w linear) or, `--head-bits 4`, int4 in
+    groups of 32 (qb4w) against `fake_quant_int8_token(x) @ weight_values(w, bits).T`, with a vocab-like output
+    width."""
     from torch import nn
 
     from lfm_export.backends.executorch import weight_values
@@ -283,15 +316,16 @@ def test_an_int8_per_channel_head_computes_the_int8_token_simulation_of_its_weig
 
     model = Head()
     w = model.lm_head.weight.detach().clone()
-    recipe = make_recipe("8da4w")
-    assert quantize_linears(model, recipe) == {"int8": 1}
+    recipe = make_recipe("8da4w", head_bits=None if head_bits == 8 else head_bits)
+    assert recipe.recipe.head_bits == head_bits
+    assert quantize_linears(model, recipe) == {f"int{head_bits}": 1}
     x = torch.randn(1, 7, 128)
     out = _lowered(model, (x,), tmp_path).execute([x])[0]
-    held = torch.from_numpy(weight_values(recipe.to_dict())(w.numpy(), 8))
+    held = torch.from_numpy(weight_values(recipe.to_dict())(w.numpy(), head_bits))
     sim = fake_quant_int8_token(x) @ held.T
     scale = float(sim.abs().max())
     assert float((out - sim).abs().max()) < 1e-5 * scale
-    assert float((out - fake_quant_int8_token(x) @ w.T).abs().max()) > 1e-4 * scale  # int8 is visible
+    assert float((out - fake_quant_int8_token(x) @ w.T).abs().max()) > 1e-4 * scale  # quantization is visible
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -312,30 +346,46 @@ def test_a_quantized_embedding_gathers_exactly_the_simulated_rows(tmp_path: Path
     assert float(np.abs(held - table.numpy()).max()) > 0  # it is quantized
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--quant", "8da4w", "--group-size", "48"], "block size 48 is not supported"),
-        (["--quant", "int4-b64-a8", "--group-size", "32"], "names group size 64, --group-size 32"),
-        (["--quant", "fp32", "--group-size", "64"], "--group-size needs a quantized recipe"),
-        (["--quant", "8da4w", "--embedding-quant", "2"], "--embedding-quant '2' is unknown"),
-        (["--quant", "fp32", "--embedding-quant", "8"], "--embedding-quant 8 needs a quantized recipe"),
-        (["--max-seq-len", "64", "--max-prefill", "65"], "--max-prefill 65 is above --max-seq-len 64"),
-        (["--max-prefill", "5000"], "--max-prefill 5000 is above the context"),
-        (["--delegate", "qnn", "--quant", "8da4w"], "takes --quant 16a8w | 16a4w | 8a8w, got '8da4w'"),
-        (["--delegate", "qnn", "--quant", "16a8w", "--soc", "SM1"], "unknown SoC 'SM1'"),
-        (["--delegate", "qnn", "--quant", "16a4w"], "needs the Qualcomm AI Engine Direct (QAIRT) SDK 2.37"),
-        (["--quant", "8da4w", "--soc", "SM8750"], "--soc names a Qualcomm SoC"),
-        (["--delegate", "vulkan"], "--delegate 'vulkan' is unknown"),
-        (["--quant", "8da4w", "--delegate", "portable"], "quantized linears run on XNNPACK's kernels"),
-    ],
-)
+BAD_OPTIONS = [
+    (["--quant", "8da4w", "--group-size", "48"], "block size 48 is not supported"),
+    (["--quant", "int4-b64-a8", "--group-size", "32"], "names group size 64, --group-size 32"),
+    (["--quant", "fp32", "--group-size", "64"], "--group-size needs a quantized recipe"),
+    (["--quant", "8da4w", "--embedding-quant", "2"], "--embedding-quant '2' is unknown"),
+    (["--quant", "fp32", "--embedding-quant", "8"], "--embedding-quant 8 needs a quantized recipe"),
+    (["--quant", "8da4w", "--head-bits", "2"], "--head-bits 2 is unknown; expected 4 or 8"),
+    (["--quant", "fp32", "--head-bits", "4"], "--head-bits 4 needs a quantized recipe"),
+    (["--max-seq-len", "64", "--max-prefill", "65"], "--max-prefill 65 is above --max-seq-len 64"),
+    (["--max-prefill", "5000"], "--max-prefill 5000 is above the context"),
+    (["--delegate", "qnn", "--quant", "8da4w"], "takes --quant 16a8w | 16a4w | 8a8w, got '8da4w'"),
+    (["--delegate", "qnn", "--quant", "16a8w", "--soc", "SM1"], "unknown SoC 'SM1'"),
+    (["--delegate", "qnn", "--quant", "16a4w"], "needs the Qualcomm AI Engine Direct (QAIRT) SDK 2.37"),
+    (["--quant", "8da4w", "--soc", "SM8750"], "--soc names a Qualcomm SoC"),
+    (["--delegate", "vulkan"], "--delegate 'vulkan' is unknown"),
+    (["--quant", "8da4w", "--delegate", "portable"], "quantized linears run on XNNPACK's kernels"),
+]
+IN_A_PROCESS = {1, 5, 8, 11}
+"""Cases run through the console entry point in a process of their own (one line on stderr, exit 2: the
+contract); the others through the same typer app in this process (the same UserError, nothing written),
+which saves a Python start-up of about 1.2 s each."""
+
+
+@pytest.mark.parametrize(("case", "args", "message"), [(i, *c) for i, c in enumerate(BAD_OPTIONS)])
 def test_bad_options_are_one_line_errors_and_write_nothing(
-    tmp_path: Path, args: list[str], message: str
+    tmp_path: Path, case: int, args: list[str], message: str
 ) -> None:
     out = tmp_path / "x"
-    r = _cli("executorch", "tiny", "-o", str(out), *args)
-    assert r.returncode == 2 and _one_error(r.stderr, message), r.stderr
+    if case in IN_A_PROCESS:
+        r = _cli("executorch", "tiny", "-o", str(out), *args)
+        assert r.returncode == 2 and _one_error(r.stderr, message), r.stderr
+    else:
+        from typer.testing import CliRunner
+
+        from lfm_export.cli import app
+        from lfm_export.errors import UserError
+
+        result = CliRunner().invoke(app, ["executorch", "tiny", "-o", str(out), *args])
+        assert isinstance(result.exception, UserError) and message in str(result.exception), result.output
+        assert "\n" not in str(result.exception)
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
@@ -403,3 +453,34 @@ def test_portable_delegate_fp32_runs_without_xnnpack_and_passes_parity(tmp_path:
     assert outcome.passed and m["recipe"]["delegate"] == "portable", m["parity"]
     assert m["parity"]["exactness"]["worst"]["logit_max_rel"] < 1e-5
     assert b"XnnpackBackend" not in (outcome.out / MODEL_FILE).read_bytes()
+
+
+@pytest.mark.parametrize(("model", "linears"), [("tiny", 6 * 3 + 4 * 2 + 2 * 4 + 1), ("tiny-moe", None)])
+def test_a_lazy_model_is_quantized_from_its_source_to_the_same_weights_without_materializing(
+    model: str, linears: int | None
+) -> None:
+    """`float_part` + `linear_swap` on a lazy `tiny` (placeholders; each linear read from the source when it
+    is quantized) hold exactly the codes and scales of the materialized path, and the lazy model keeps its
+    placeholders."""
+    from lfm_export.backends.executorch.convert import float_part, linear_swap
+    from lfm_export.trace import apply_swaps
+
+    recipe = make_recipe("8da4w", head_bits=4)
+    held = {}
+    for lazy in (True, False):
+        loaded = load_model(model, lazy=lazy)
+        part, source = float_part(loaded, recipe)
+        assert (source is not None) == lazy
+        counts: dict[str, int] = {}
+        swapped = apply_swaps(part, [linear_swap(part, recipe, counts, source)])
+        assert linears is None or counts == {"int4": linears}
+        held[lazy] = dict(swapped.state_dict())
+        if lazy:
+            assert all(torch.isnan(p).all() for p in loaded.model.parameters())
+            assert not any(torch.isnan(t).any() for t in held[lazy].values() if not hasattr(t, "qdata"))
+    assert held[True].keys() == held[False].keys()
+    for name, value in held[False].items():
+        parts = ("qdata", "scale") if hasattr(value, "qdata") else (None,)
+        for part in parts:
+            mine, theirs = (v if part is None else getattr(v, part) for v in (held[True][name], value))
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=0, msg=f"{name} {part}")

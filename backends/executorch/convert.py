@@ -24,6 +24,7 @@ Stages:
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import warnings
@@ -38,15 +39,44 @@ from lfm_export.loading import LoadedModel
 from lfm_export.model import STATEFUL
 from lfm_export.progress import Progress
 from lfm_export.signature import IOSignature, build_signature
-from lfm_export.trace import Swap, export_stateful_program
+from lfm_export.trace import Swap, apply_swaps, export_stateful_program, shared_copy
+from lfm_export.weights import WeightSource
 
 from .attention import custom_op_attention, load_custom_ops, seq_first_signature
 from .embedding import quantized_embedding
+from .layers import xnnpack_layers
 from .quantize import xnnpack_weight
 from .recipes import XNNPACK, ExecuTorchRecipe
 
 MODEL_FILE = "model.pte"
 ROUTER_SUFFIX = "feed_forward.gate"
+FORWARD = "forward"
+"""The runner's method: the logits of the last position of the call only, `[1, 1, vocab]`."""
+FORWARD_ALL = "forward_all"
+"""The same program with the logits of every position, `[1, T, vocab]` (parity compares them all); it shares
+the held state with `forward` (`share_mutable_buffers`), so the two can be mixed within one sequence."""
+
+
+class LastPosition(nn.Module):
+    """The lm_head applied to the last position only: at prefill the rest of the prompt never reaches it."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x[:, -1:])
+
+
+def last_position(model: nn.Module) -> Swap:
+    """Swap for `lfm_export.trace.apply_swaps`: `model`'s lm_head (as swapped already) becomes `LastPosition`.
+    Recognised by its weight: `apply_swaps` copies the modules, not their tensors."""
+    weight = model.get_submodule("lm_head").weight
+
+    def swap(module: nn.Module) -> nn.Module | None:
+        return LastPosition(module) if isinstance(module, nn.Linear) and module.weight is weight else None
+
+    return swap
 
 
 @dataclass
@@ -114,24 +144,65 @@ def quantized_linear(linear: nn.Linear, bits: int, block_size: int) -> nn.Linear
     return new
 
 
-def linear_swap(model: nn.Module, recipe: ExecuTorchRecipe, counts: dict[str, int]) -> Swap:
-    """Swap for `lfm_export.trace.apply_swaps`: each linear of `model` (the MoE router excepted) becomes a
-    `quantized_linear` at the recipe's bits (the lm_head at `head_bits`), counted in `counts`. Linears are
-    recognised by their weight tensor, which the swapped copy shares."""
+def quantized_bits(name: str, recipe: ExecuTorchRecipe) -> int | None:
+    """Bits the linear `name` is held at (None: float): the recipe's, the lm_head's `head_bits`, the MoE
+    router float."""
     core = recipe.recipe
+    if name.endswith(ROUTER_SUFFIX):
+        return None
+    return core.head_bits if name == "lm_head" else core.bits
+
+
+def linear_swap(
+    model: nn.Module, recipe: ExecuTorchRecipe, counts: dict[str, int], source: WeightSource | None = None
+) -> Swap:
+    """Swap for `lfm_export.trace.apply_swaps`: each linear of `model` (the MoE router excepted) becomes a
+    `quantized_linear` at `quantized_bits`, counted in `counts`. Linears are recognised by their weight
+    tensor, which the swapped copy shares. With `source` (a lazy model's), each float weight is fetched from
+    it, quantized and dropped: the float linears are never all held at once."""
     names = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
     def swap(module: nn.Module) -> nn.Module | None:
         if not isinstance(module, nn.Linear):
             return None
         name = names.get(id(module.weight), "")
-        bits = core.head_bits if name == "lm_head" else core.bits
-        if name.endswith(ROUTER_SUFFIX) or bits is None:
+        bits = quantized_bits(name, recipe)
+        if bits is None:
             return module
         counts[f"int{bits}"] = counts.get(f"int{bits}", 0) + 1
-        return quantized_linear(module, bits, core.block_size)
+        if source is not None:
+            module = copy.copy(module)
+            module._parameters = {**module._parameters, "weight": source.get(f"{name}.weight")}
+        return quantized_linear(module, bits, recipe.recipe.block_size)
 
     return swap
+
+
+def float_part(loaded: LoadedModel, recipe: ExecuTorchRecipe) -> tuple[nn.Module, WeightSource | None]:
+    """The model to swap and trace, and the source its quantized linears are read from (None: the model holds
+    them). A lazy model with a quantized recipe gets real tensors for everything but those linears, which
+    stay placeholders until `linear_swap` reads them: at LFM2-1.2B that leaves 4.4 GB of float32 linears
+    unheld."""
+    if not (loaded.lazy and recipe.recipe.quantized):
+        return loaded.materialized().model.eval(), None
+    source = loaded.weights
+    assert source is not None
+    model = shared_copy(loaded.model)
+    linears = {
+        f"{n}.weight"
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and quantized_bits(n, recipe)
+    }
+    for prefix, module in model.named_modules():
+        for kind in ("_parameters", "_buffers"):
+            tensors = getattr(module, kind)
+            for attr, t in list(tensors.items()):
+                name = f"{prefix}.{attr}" if prefix else attr
+                if t is None or name in linears:
+                    continue
+                real = source.get(name)
+                tensors[attr] = nn.Parameter(real, requires_grad=False) if kind == "_parameters" else real
+    return model.eval(), source
 
 
 def quantize_linears(model: nn.Module, recipe: ExecuTorchRecipe) -> dict[str, int]:
@@ -155,7 +226,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
     program = Runtime.get().load_program(str(path))
     out: dict[str, Any] = {}
     for name in sorted(program.method_names):
-        if name == "forward":
+        if name in (FORWARD, FORWARD_ALL):
             continue
         values = list(program.load_method(name).execute([]))
         out[name] = values if name == "get_eos_ids" else values[0]
@@ -168,7 +239,8 @@ def export_executorch(
     """Write `model.pte` and the tokenizer files for `loaded` into `out_dir`."""
     import executorch
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
 
     progress = progress or Progress()
     cfg = loaded.config
@@ -182,17 +254,21 @@ def export_executorch(
     counts: dict[str, int] = {}
 
     with progress.step("Preparing weights"):
-        model = loaded.materialized().model.eval()
+        model, source = float_part(loaded, recipe)
         swaps: list[Swap] = []
         if core.quantized:
             core.check_model(cfg, {n: tuple(p.shape) for n, p in model.named_parameters()})
-            swaps.append(linear_swap(model, recipe, counts))
+            swaps.append(linear_swap(model, recipe, counts, source))
             weights["linears"] = (
                 f"int{core.bits} blocks of {core.block_size}, symmetric, torchao's scales rounded to bf16 "
                 "(quantize.xnnpack_int4: XNNPACK refuses the core quantizer's negative scales); int8 per-token "
                 "asymmetric activations (torchao IntxUnpackedToInt8Tensor)"
             )
-            weights["lm_head"] = "int8 per output channel (fp32 scales), int8 per-token activations"
+            weights["lm_head"] = (
+                "int8 per output channel (fp32 scales)"
+                if core.head_bits == 8
+                else f"int4 blocks of {core.block_size} (bf16 scales)"
+            ) + ", int8 per-token activations"
         if core.embedding_bits:
             swaps.append(quantized_embedding(core.embedding_bits, core.block_size))
             weights["embedding"] = (
@@ -201,10 +277,18 @@ def export_executorch(
                 else f"int4 in blocks of {core.block_size}, bf16 scales"
             ) + ", weight-only (embedding.QuantizedEmbedding)"
         swaps.append(custom_op_attention)
+        if recipe.delegate == XNNPACK:
+            swaps.append(xnnpack_layers)
         weights["counts"] = counts
+        swapped = apply_swaps(model, swaps)  # each weight quantized here, once for both methods
 
-    with progress.step("Tracing (torch.export, stateful form)"):
-        program = export_stateful_program(model, context, max_prefill, swaps, layout=seq_first_signature)
+    with progress.step("Tracing (torch.export, stateful form, forward and forward_all)"):
+        programs = {
+            method: export_stateful_program(
+                swapped, context, max_prefill, [last_position(swapped)] if last else [], seq_first_signature
+            )
+            for method, last in ((FORWARD, True), (FORWARD_ALL, False))
+        }
 
     metadata = runner_metadata(loaded, context, max_prefill)
     with progress.step("Lowering to ExecuTorch (XNNPACK)"):
@@ -213,12 +297,18 @@ def export_executorch(
             warnings.filterwarnings("ignore", category=FutureWarning)
             logging.getLogger("executorch").setLevel(logging.WARNING)
             edge = to_edge_transform_and_lower(
-                program,
+                programs,
                 partitioner=[XnnpackPartitioner()] if recipe.delegate == XNNPACK else [],
                 constant_methods=metadata,
                 compile_config=EdgeCompileConfig(_check_ir_validity=False),
             )
-            et_program = edge.to_executorch()
+            del programs
+    with progress.step("Planning memory and emitting (to_executorch)"):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Mutation on a buffer")
+            et_program = edge.to_executorch(
+                ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True))
+            )
 
     with progress.step("Saving"):
         path = out_dir / MODEL_FILE

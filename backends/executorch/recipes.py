@@ -27,6 +27,7 @@ from lfm_export.recipes import ACT_FLOAT, ACT_INT8_TOKEN, Recipe, parse_recipe
 XNNPACK = "xnnpack"
 DELEGATES = (XNNPACK, "portable")
 HEAD_BITS = 8
+HEAD_CHOICES = (4, 8)
 EMBEDDING_CHOICES = ("8", "4", "none")
 EMBEDDING_DEFAULT = "8"
 
@@ -71,8 +72,11 @@ class ExecuTorchRecipe:
                     f"{r.name}: the ExecuTorch backend quantizes symmetric weights with plain rounding "
                     "(no -asym, no -mse)"
                 )
-        if r.head_bits not in ((HEAD_BITS,) if r.quantized else (None,)):
-            raise UnsupportedError(f"{r.name}: the ExecuTorch backend holds the lm_head at int8 per channel")
+        if r.head_bits not in (HEAD_CHOICES if r.quantized else (None,)):
+            raise UnsupportedError(
+                f"{r.name}: --head-bits takes 4 (blocks of the group size) or 8 (per channel), with a "
+                "quantized recipe (fp32 keeps the lm_head float)"
+            )
         if r.embedding_bits not in ((None, 8, 4) if r.quantized else (None,)):
             raise UnsupportedError(
                 f"{r.name}: --embedding-quant takes 8, 4 or none, with a quantized recipe (fp32 keeps it float)"
@@ -143,10 +147,12 @@ def make_recipe(
     embedding_quant: str | None = None,
     delegate: str = XNNPACK,
     soc: str | None = None,
+    head_bits: int | None = None,
 ) -> Any:
     """The recipe `lfm-export executorch --quant Q [--group-size N] [--embedding-quant 8|4|none]
-    [--max-seq-len N] [--max-prefill N] [--delegate D]` builds (`group_size` / `embedding_quant` None: the
-    name's block size, and an int8 table for quantized recipes)."""
+    [--head-bits 4|8] [--max-seq-len N] [--max-prefill N] [--delegate D]` builds (`group_size` /
+    `embedding_quant` / `head_bits` None: the name's block size, an int8 table and an int8 head for quantized
+    recipes)."""
     if delegate == "qnn":
         return qnn_recipe(quant, soc, max_seq_len)
     if soc is not None:
@@ -165,7 +171,9 @@ def make_recipe(
         raise UnsupportedError(f"--embedding-quant {embedding_quant!r} is unknown; expected 8, 4 or none")
     if max_prefill is not None and max_seq_len is not None and max_prefill > max_seq_len:
         raise UserError(f"--max-prefill {max_prefill} is above --max-seq-len {max_seq_len}")
-    return ExecuTorchRecipe(with_tables(core, embedding_quant), max_prefill, delegate)
+    if head_bits is not None and head_bits not in HEAD_CHOICES:
+        raise UnsupportedError(f"--head-bits {head_bits} is unknown; expected 4 or 8")
+    return ExecuTorchRecipe(with_tables(core, embedding_quant, head_bits), max_prefill, delegate)
 
 
 def qnn_recipe(quant: str, soc: str | None, max_seq_len: int | None) -> Any:
@@ -182,16 +190,19 @@ def qnn_recipe(quant: str, soc: str | None, max_seq_len: int | None) -> Any:
     return replace(recipe, backend=qnn.BACKEND)
 
 
-def with_tables(recipe: Recipe, embedding: str | None = None) -> Recipe:
+def with_tables(recipe: Recipe, embedding: str | None = None, head_bits: int | None = None) -> Recipe:
     """`recipe` with what this backend holds for the lm_head and the embedding table (module doc): float for
-    float recipes; for quantized ones an int8 head and the `embedding` choice (`8`, `4`, `none`; None: 8)."""
+    float recipes; for quantized ones the `head_bits` head (None: `HEAD_BITS`) and the `embedding` choice (`8`,
+    `4`, `none`; None: 8)."""
     if not recipe.quantized:
         if embedding not in (None, "none"):
             raise UnsupportedError(
                 f"--embedding-quant {embedding} needs a quantized recipe, not {recipe.name}"
             )
+        if head_bits is not None:
+            raise UnsupportedError(f"--head-bits {head_bits} needs a quantized recipe, not {recipe.name}")
         return recipe.with_options(head_bits=None, embedding_bits=None)
     embedding = embedding or EMBEDDING_DEFAULT
     return recipe.with_options(
-        head_bits=HEAD_BITS, embedding_bits=None if embedding == "none" else int(embedding)
+        head_bits=head_bits or HEAD_BITS, embedding_bits=None if embedding == "none" else int(embedding)
     )
