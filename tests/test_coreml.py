@@ -176,11 +176,10 @@ def convert_without_conv_write(honest: Path, out: Path) -> Path:
     prefill) of a module that never writes its conv state back (how the short-conv state went wrong on another
     path, executorch issue 21855); the program still declares every state."""
     from lfm_export.backends.coreml import convert as cv
-    from lfm_export.backends.coreml.compress import compress
     from lfm_export.backends.coreml.modules import CoreMLStatefulModule
     from lfm_export.backends.coreml.recipes import CoreMLRecipe
+    from lfm_export.backends.coreml.weights import source_of
     from lfm_export.model import STATEFUL
-    from lfm_export.signature import build_signature
 
     class NoConvWrite(CoreMLStatefulModule):
         def forward(self, input_ids, input_pos):
@@ -193,13 +192,11 @@ def convert_without_conv_write(honest: Path, out: Path) -> Path:
     m = manifest(honest)
     recipe = CoreMLRecipe.from_dict(m["recipe"])
     shapes = tuple(m["coreml"]["prefill"].get("enumerated") or m["coreml"]["prefill"]["range"])
-    context = m["max_seq_len"]
     shutil.copytree(honest, out)
     shutil.rmtree(out / "model.mlpackage")
-    model = load_model(m["model"]["source"]).model
-    traced = cv.trace(model, context, shapes[-1], module_cls=NoConvWrite)
-    sig16 = build_signature(model.config, STATEFUL, context, "float16", max_prefill=shapes[-1])
-    mlmodel, _ = compress(cv.convert(traced, sig16, recipe, shapes), recipe)
+    loaded = load_model(m["model"]["source"])
+    quiet = Progress(quiet=True)
+    mlmodel, _ = cv.build(loaded.config, source_of(loaded), recipe, m["max_seq_len"], shapes, quiet, NoConvWrite)
     mlmodel.save(str(out / "model.mlpackage"))
     return out
 

@@ -33,9 +33,12 @@ from lfm_export.model import STATEFUL
 from lfm_export.progress import Progress
 from lfm_export.signature import CONV, KEY, IOSignature, build_signature
 from lfm_export.stateful import held_buffer_name
+from lfm_export.weights import WeightSource
 
 from .compress import compress
 from .recipes import CoreMLRecipe
+from .memory import PeakRss
+from .weights import fill, placeholder_model, source_of
 
 MODEL_FILE = "model.mlpackage"
 AUTHOR = "lfm-export"
@@ -92,7 +95,8 @@ def state_types(signature: IOSignature) -> list[Any]:
 
 
 def convert(traced: Any, signature: IOSignature, recipe: CoreMLRecipe, shapes: tuple[int, ...]) -> Any:
-    """The ML Program (`ct.models.MLModel`, not yet compressed) of a traced Core ML stateful module."""
+    """The MIL program (fp16 compute, not yet serialized or compressed) of a traced Core ML stateful module.
+    Not serialized here: the weights are placeholders until `weights.fill` (see `weights.py`)."""
     import coremltools as ct
 
     from .precision import fp16_selector
@@ -103,7 +107,7 @@ def convert(traced: Any, signature: IOSignature, recipe: CoreMLRecipe, shapes: t
         ids_shape = (1, ct.RangeDim(lower_bound=1, upper_bound=shapes[-1], default=1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return ct.convert(
+        program = ct.convert(
             traced,
             inputs=[
                 ct.TensorType("input_ids", shape=ids_shape, dtype=np.int32),
@@ -113,9 +117,60 @@ def convert(traced: Any, signature: IOSignature, recipe: CoreMLRecipe, shapes: t
             states=state_types(signature),
             minimum_deployment_target=getattr(ct.target, recipe.target),
             compute_precision=ct.transform.FP16ComputePrecision(op_selector=fp16_selector),
+            convert_to="milinternal",
+        )
+    # The torch frontend requires every op to carry its TorchScript scope; the compression passes' new ops
+    # carry none ("missing essential scopes", measured). The former path reloaded the saved package, which
+    # requires none either, before compressing.
+    for function in program.functions.values():
+        function._essential_scope_sources = []
+    return program
+
+
+def serialize(program: Any, recipe: CoreMLRecipe) -> Any:
+    """The `ct.models.MLModel` of a filled (and compressed) program: coremltools' default passes and its
+    ML Program serializer, no fp16 pass again (the program already computes in fp16 where it should)."""
+    import coremltools as ct
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ct.convert(
+            program,
             convert_to="mlprogram",
+            minimum_deployment_target=getattr(ct.target, recipe.target),
+            compute_precision=ct.precision.FLOAT32,
             skip_model_load=True,
         )
+
+
+def build(
+    cfg: Any,
+    source: WeightSource,
+    recipe: CoreMLRecipe,
+    context: int,
+    shapes: tuple[int, ...],
+    progress: Progress,
+    module_cls: Any = None,
+) -> tuple[Any, dict[str, dict[str, str]]]:
+    """The compressed `MLModel` (not yet described or saved) and the compression report. The model is traced
+    and converted with placeholder weights, and the source's tensors are written into the program one at a
+    time (`weights.py`). `module_cls` replaces `modules.CoreMLStatefulModule` (the tests build a wrong
+    conversion with it)."""
+    signature = build_signature(cfg, STATEFUL, context, "float16", max_prefill=shapes[-1])
+    with progress.step("Tracing (torch.jit.trace, stateful form, placeholder weights)"):
+        model, names = placeholder_model(cfg)
+        traced = trace(model, context, shapes[-1], module_cls)
+        del model
+    with progress.step(f"Converting to a Core ML ML Program ({recipe.target}, fp16 compute)"):
+        program = convert(traced, signature, recipe, shapes)
+        del traced
+    with progress.step("Writing the weights into the program"):
+        fill(program, names, source)
+    with progress.step(f"Compressing weights ({recipe.name})"):
+        report = compress(program, recipe)
+    with progress.step("Serializing the ML Program"):
+        mlmodel = serialize(program, recipe)
+    return mlmodel, report
 
 
 def describe(mlmodel: Any, loaded: LoadedModel, signature: IOSignature, recipe: CoreMLRecipe) -> None:
@@ -206,25 +261,19 @@ def export_coreml(
     shapes = recipe.shapes(context)
     max_prefill = shapes[-1]
 
-    with progress.step("Preparing weights"):
-        model = loaded.materialized().model.eval()
-        if core.quantized:
-            core.check_model(cfg, {n: tuple(p.shape) for n, p in model.named_parameters()})
-    with progress.step("Tracing (torch.jit.trace, stateful form)"):
-        traced = trace(model, context, max_prefill)
+    source = source_of(loaded)
+    if core.quantized:
+        core.check_model(cfg, source.shapes)
+    rss = PeakRss()
+    mlmodel, compression = build(cfg, source, recipe, context, shapes, rss.watch(progress))
     signature = build_signature(cfg, STATEFUL, context, "float16", max_prefill=max_prefill)
-    with progress.step(f"Converting to a Core ML ML Program ({recipe.target}, fp16 compute)"):
-        mlmodel = convert(traced, signature, recipe, shapes)
-        del traced
-    with progress.step(f"Compressing weights ({recipe.name})"):
-        mlmodel, compression = compress(mlmodel, recipe)
-    with progress.step("Saving"):
+    with rss.watch(progress).step("Saving"):
         describe(mlmodel, loaded, signature, recipe)
         path = out_dir / MODEL_FILE
         mlmodel.save(str(path))
         for f in loaded.tokenizer_files():
             shutil.copy2(f, out_dir / f.name)
-    with progress.step("Reading the saved package back"):
+    with rss.watch(progress).step("Reading the saved package back"):
         found = check_package(path, signature)
     info = {
         "package": MODEL_FILE,
@@ -234,6 +283,7 @@ def export_coreml(
         else {"range": [1, max_prefill]},
         "compression": compression,
         "coremltools_version": ct.__version__,
+        "peak_rss_gb": rss.peaks,
         **found,
     }
     return CoreMLExportResult(signature, recipe, info)

@@ -1,0 +1,118 @@
+"""The program's weights: the model is traced and converted with placeholders, and the weight source's tensors
+are written into the converted program one at a time.
+
+Why: converting the real fp32 model of `random:lfm2-1.2b` peaked at 12.5 GB RSS (session 2): torch's fp32
+parameters, coremltools' fp32 MIL constants and their fp16 copies were held at once, and compression then
+read the whole saved package back from disk. Here each parameter is a zero-stride view of one scalar (4 bytes
+per tensor in torch), distinct per tensor, so every weight constant of the converted program is found again
+by its value. coremltools' fp16 pass gives each weight constant its own fp16 array (the one full-size copy
+of the model the conversion holds) and `fill` writes the source's tensor into it, rounded float32 -> fp16 as
+that pass rounds. A placeholder left after filling (a constant coremltools derived from a weight, which
+`fill` cannot map back) is an error naming it, never a package with placeholder weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lfm_export.config import Lfm2Config
+from lfm_export.model import Lfm2ForCausalLM, build_model
+from lfm_export.weights import CheckpointWeights, WeightSource, float_dtype_for
+
+FIRST_PLACEHOLDER_BITS = 0x6000
+"""fp16 bit pattern of the first placeholder (512.0); the next tensors take the following patterns, all
+finite and exact in fp16 and fp32 (up to 0x7BFF: 7167 tensors), and none a value like 0 or 1 that constant
+masks or biases hold."""
+LAST_PLACEHOLDER_BITS = 0x7BFF
+
+
+def placeholder(i: int) -> float:
+    bits = FIRST_PLACEHOLDER_BITS + i
+    if bits > LAST_PLACEHOLDER_BITS:
+        raise ValueError(f"more than {LAST_PLACEHOLDER_BITS - FIRST_PLACEHOLDER_BITS + 1} weight tensors")
+    return float(np.array([bits], dtype=np.uint16).view(np.float16)[0])
+
+
+def source_of(loaded: Any) -> WeightSource:
+    """The loaded model's weight source: its lazy source, or its real tensors (float32) as one."""
+    if loaded.weights is not None:
+        return loaded.weights
+    return CheckpointWeights(loaded.config, dict(loaded.model.state_dict()), torch.float32)
+
+
+def placeholder_model(cfg: Lfm2Config) -> tuple[Lfm2ForCausalLM, dict[float, str]]:
+    """The canonical model with one distinct zero-stride scalar per parameter and buffer, and `{value: name}`."""
+    model = build_model(cfg)
+    names: dict[float, str] = {}
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for attr, p in list(module.named_parameters(recurse=False)):
+            value = placeholder(len(names))
+            names[value] = prefix + attr
+            dtype = float_dtype_for(prefix + attr, torch.float32)
+            setattr(module, attr, nn.Parameter(torch.full((), value, dtype=dtype).expand(p.shape), False))
+        for attr, b in list(module.named_buffers(recurse=False)):
+            value = placeholder(len(names))
+            names[value] = prefix + attr
+            module._buffers[attr] = torch.full((), value, dtype=torch.float32).expand(b.shape)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        names = {v: n for v, n in names.items() if n != "lm_head.weight"}
+    return model.eval(), names
+
+
+def _placeholder_name(val: Any, names: dict[float, str]) -> str | None:
+    if not isinstance(val, np.ndarray) or val.dtype.kind != "f" or val.size < 2:
+        return None
+    first = float(val.flat[0])
+    if first not in names or float(val.flat[-1]) != first:
+        return None
+    return names[first]
+
+
+def fill(program: Any, names: dict[float, str], source: WeightSource) -> dict[str, str]:
+    """Write every placeholder constant of `program` from `source`, in place, one tensor at a time.
+    Returns `{const name: tensor name}`."""
+    from coremltools.converters.mil.mil import Builder as mb
+    from coremltools.converters.mil.mil.passes.helper import block_context_manager
+
+    filled: dict[str, str] = {}
+    unmapped: list[str] = []
+
+    @block_context_manager
+    def fill_block(block: Any) -> None:
+        for op in list(block.operations):
+            for b in op.blocks:
+                fill_block(b)
+            if op.op_type != "const":
+                continue
+            val = op.val.val
+            name = _placeholder_name(val, names)
+            if name is None:
+                continue
+            if tuple(val.shape) != tuple(source.shapes[name]):
+                unmapped.append(f"{op.name} {list(val.shape)} (placeholder of {name} {list(source.shapes[name])})")
+                continue
+            real = source.get(name).detach().numpy().astype(val.dtype)
+            if val.flags.writeable and val.strides[-1] != 0:
+                val[...] = real
+            else:
+                new = mb.const(val=real, before_op=op, name=op.name + "_filled")
+                block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new)
+                block.remove_ops([op])
+            del real
+            filled[op.name] = name
+
+    for function in program.functions.values():
+        fill_block(function)
+    missing = sorted(set(names.values()) - set(filled.values()))
+    if unmapped or missing:
+        raise RuntimeError(
+            "weights not written into the Core ML program: "
+            + "; ".join(unmapped + [f"{n} (no constant holds it)" for n in missing])
+        )
+    return filled
