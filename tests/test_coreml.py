@@ -196,7 +196,9 @@ def convert_without_conv_write(honest: Path, out: Path) -> Path:
     shutil.rmtree(out / "model.mlpackage")
     loaded = load_model(m["model"]["source"])
     quiet = Progress(quiet=True)
-    mlmodel, _ = cv.build(loaded.config, source_of(loaded), recipe, m["max_seq_len"], shapes, quiet, NoConvWrite)
+    mlmodel, _ = cv.build(
+        loaded.config, source_of(loaded), recipe, m["max_seq_len"], shapes, quiet, NoConvWrite
+    )
     mlmodel.save(str(out / "model.mlpackage"))
     return out
 

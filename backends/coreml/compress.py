@@ -89,12 +89,14 @@ def compress(program: Any, recipe: CoreMLRecipe) -> dict[str, dict[str, str]]:
     program directly: `cto.linear_quantize_weights(mlmodel)` would first read the whole saved package back
     from disk); the report `{const: {"as": ..., "why": ...}}`. A float recipe leaves the program unchanged."""
     import coremltools.optimize.coreml as cto
-    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
     from coremltools.converters.mil.mil.passes.graph_pass import PassOption
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 
     roles = plan(program)
     op_names = {
-        op.name.replace(".", "_"): op.name for op in program.functions["main"].operations if op.op_type == "const"
+        op.name.replace(".", "_"): op.name
+        for op in program.functions["main"].operations
+        if op.op_type == "const"
     }
     if not recipe.recipe.quantized:
         return {n: {"as": "fp16", "why": "float recipe"} for n in roles}
@@ -106,9 +108,13 @@ def compress(program: Any, recipe: CoreMLRecipe) -> dict[str, dict[str, str]]:
         palette = {op_names[n]: _palette_config(recipe) for n in linear_names}
         passes.append(("compression::palettize_weights", cto.OptimizationConfig(op_name_configs=palette)))
     else:
-        quant_configs.update({op_names[n]: _linear_config(recipe, recipe.recipe.bits or 8) for n in linear_names})
+        quant_configs.update(
+            {op_names[n]: _linear_config(recipe, recipe.recipe.bits or 8) for n in linear_names}
+        )
     if quant_configs:
-        passes.append(("compression::linear_quantize_weights", cto.OptimizationConfig(op_name_configs=quant_configs)))
+        passes.append(
+            ("compression::linear_quantize_weights", cto.OptimizationConfig(op_name_configs=quant_configs))
+        )
     for key, config in passes:
         graph_pass = PASS_REGISTRY[key]
         graph_pass.set_options([PassOption("config", config), PassOption("joint_compression", False)])

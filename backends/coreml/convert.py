@@ -36,8 +36,8 @@ from lfm_export.stateful import held_buffer_name
 from lfm_export.weights import WeightSource
 
 from .compress import compress
-from .recipes import CoreMLRecipe
 from .memory import PeakRss
+from .recipes import CoreMLRecipe
 from .weights import fill, placeholder_model, source_of
 
 MODEL_FILE = "model.mlpackage"

@@ -95,7 +95,9 @@ def fill(program: Any, names: dict[float, str], source: WeightSource) -> dict[st
             if name is None:
                 continue
             if tuple(val.shape) != tuple(source.shapes[name]):
-                unmapped.append(f"{op.name} {list(val.shape)} (placeholder of {name} {list(source.shapes[name])})")
+                unmapped.append(
+                    f"{op.name} {list(val.shape)} (placeholder of {name} {list(source.shapes[name])})"
+                )
                 continue
             real = source.get(name).detach().numpy().astype(val.dtype)
             if val.flags.writeable and val.strides[-1] != 0:
