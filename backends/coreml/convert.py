@@ -158,7 +158,7 @@ def build(
     conversion with it)."""
     signature = build_signature(cfg, STATEFUL, context, "float16", max_prefill=shapes[-1])
     with progress.step("Tracing (torch.jit.trace, stateful form, placeholder weights)"):
-        model, names = placeholder_model(cfg)
+        model, names = placeholder_model(cfg, sparse_moe=recipe.moe and recipe.moe_form == "sparse")
         traced = trace(model, context, shapes[-1], module_cls)
         del model
     with progress.step(f"Converting to a Core ML ML Program ({recipe.target}, fp16 compute)"):

@@ -21,6 +21,7 @@ from torch import nn
 
 from lfm_export.config import Lfm2Config
 from lfm_export.model import Lfm2ForCausalLM, build_model
+from lfm_export.trace import apply_swaps
 from lfm_export.weights import CheckpointWeights, WeightSource, float_dtype_for
 
 FIRST_PLACEHOLDER_BITS = 0x6000
@@ -44,15 +45,24 @@ def source_of(loaded: Any) -> WeightSource:
     return CheckpointWeights(loaded.config, dict(loaded.model.state_dict()), torch.float32)
 
 
-def placeholder_model(cfg: Lfm2Config) -> tuple[Lfm2ForCausalLM, dict[float, str]]:
-    """The canonical model with one distinct zero-stride scalar per parameter and buffer, and `{value: name}`."""
+def placeholder_model(cfg: Lfm2Config, sparse_moe: bool = False) -> tuple[Lfm2ForCausalLM, dict[float, Any]]:
+    """The canonical model with one distinct zero-stride scalar per parameter and buffer, and `{value: name}`.
+    `sparse_moe`: every MoE is a `modules.StackedMoE`, whose stacked `w1` / `w3` / `w2` map to the tuple of
+    the experts' tensor names (stacked by `fill`)."""
+    from .modules import STACKED, StackedMoE, stacked_moe
+
     model = build_model(cfg)
-    names: dict[float, str] = {}
+    if sparse_moe:
+        model = apply_swaps(model, [stacked_moe])
+    names: dict[float, Any] = {}
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
         for attr, p in list(module.named_parameters(recurse=False)):
             value = placeholder(len(names))
-            names[value] = prefix + attr
+            if isinstance(module, StackedMoE) and attr in STACKED:
+                names[value] = tuple(f"{prefix}experts.{e}.{attr}.weight" for e in range(p.shape[0]))
+            else:
+                names[value] = prefix + attr
             dtype = float_dtype_for(prefix + attr, torch.float32)
             setattr(module, attr, nn.Parameter(torch.full((), value, dtype=dtype).expand(p.shape), False))
         for attr, b in list(module.named_buffers(recurse=False)):
@@ -65,7 +75,23 @@ def placeholder_model(cfg: Lfm2Config) -> tuple[Lfm2ForCausalLM, dict[float, str
     return model.eval(), names
 
 
-def _placeholder_name(val: Any, names: dict[float, str]) -> str | None:
+def _shape(source: WeightSource, name: Any) -> tuple[int, ...]:
+    if isinstance(name, tuple):
+        return (len(name), *source.shapes[name[0]])
+    return tuple(source.shapes[name])
+
+
+def _tensor(source: WeightSource, name: Any, dtype: Any) -> np.ndarray:
+    """The source's tensor `name` (a tuple: its tensors stacked, one expert at a time) as numpy `dtype`."""
+    if not isinstance(name, tuple):
+        return source.get(name).detach().numpy().astype(dtype)
+    out = np.empty(_shape(source, name), dtype=dtype)
+    for i, n in enumerate(name):
+        out[i] = source.get(n).detach().numpy()
+    return out
+
+
+def _placeholder_name(val: Any, names: dict[float, Any]) -> Any:
     if not isinstance(val, np.ndarray) or val.dtype.kind != "f" or val.size < 2:
         return None
     first = float(val.flat[0])
@@ -74,13 +100,13 @@ def _placeholder_name(val: Any, names: dict[float, str]) -> str | None:
     return names[first]
 
 
-def fill(program: Any, names: dict[float, str], source: WeightSource) -> dict[str, str]:
+def fill(program: Any, names: dict[float, Any], source: WeightSource) -> dict[str, Any]:
     """Write every placeholder constant of `program` from `source`, in place, one tensor at a time.
     Returns `{const name: tensor name}`."""
     from coremltools.converters.mil.mil import Builder as mb
     from coremltools.converters.mil.mil.passes.helper import block_context_manager
 
-    filled: dict[str, str] = {}
+    filled: dict[str, Any] = {}
     unmapped: list[str] = []
 
     @block_context_manager
@@ -94,12 +120,12 @@ def fill(program: Any, names: dict[float, str], source: WeightSource) -> dict[st
             name = _placeholder_name(val, names)
             if name is None:
                 continue
-            if tuple(val.shape) != tuple(source.shapes[name]):
+            if tuple(val.shape) != _shape(source, name):
                 unmapped.append(
-                    f"{op.name} {list(val.shape)} (placeholder of {name} {list(source.shapes[name])})"
+                    f"{op.name} {list(val.shape)} (placeholder of {name} {list(_shape(source, name))})"
                 )
                 continue
-            real = source.get(name).detach().numpy().astype(val.dtype)
+            real = _tensor(source, name, val.dtype)
             if val.flags.writeable and val.strides[-1] != 0:
                 val[...] = real
             else:
@@ -111,7 +137,7 @@ def fill(program: Any, names: dict[float, str], source: WeightSource) -> dict[st
 
     for function in program.functions.values():
         fill_block(function)
-    missing = sorted(set(names.values()) - set(filled.values()))
+    missing = sorted(str(n) for n in set(names.values()) - set(filled.values()))
     if unmapped or missing:
         raise RuntimeError(
             "weights not written into the Core ML program: "
