@@ -151,14 +151,16 @@ def build(
     shapes: tuple[int, ...],
     progress: Progress,
     module_cls: Any = None,
+    moe_cls: Any = None,
 ) -> tuple[Any, dict[str, dict[str, str]]]:
     """The compressed `MLModel` (not yet described or saved) and the compression report. The model is traced
     and converted with placeholder weights, and the source's tensors are written into the program one at a
     time (`weights.py`). `module_cls` replaces `modules.CoreMLStatefulModule` (the tests build a wrong
-    conversion with it)."""
+    conversion with it), and `moe_cls` `modules.StackedMoE`."""
     signature = build_signature(cfg, STATEFUL, context, "float16", max_prefill=shapes[-1])
     with progress.step("Tracing (torch.jit.trace, stateful form, placeholder weights)"):
-        model, names = placeholder_model(cfg, sparse_moe=recipe.moe and recipe.moe_form == "sparse")
+        sparse = recipe.moe and recipe.moe_form == "sparse"
+        model, names = placeholder_model(cfg, sparse_moe=sparse, moe_cls=moe_cls)
         traced = trace(model, context, shapes[-1], module_cls)
         del model
     with progress.step(f"Converting to a Core ML ML Program ({recipe.target}, fp16 compute)"):

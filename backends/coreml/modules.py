@@ -111,12 +111,12 @@ class StackedMoE(MoE):
 STACKED = ("w1", "w3", "w2")
 
 
-def stacked_moe(module: nn.Module) -> nn.Module | None:
+def stacked_moe(module: nn.Module, cls: type[StackedMoE] = StackedMoE) -> nn.Module | None:
     """Swap (`lfm_export.trace.apply_swaps`): a `MoE` becomes a `StackedMoE` with its experts' weights stacked
     (`torch.stack`: a copy; the placeholder model's experts are 4-byte views, so it costs nothing there)."""
     if not isinstance(module, MoE) or isinstance(module, StackedMoE):
         return None
-    new = StackedMoE.__new__(StackedMoE)
+    new = cls.__new__(cls)
     new.__dict__ = dict(module.__dict__)
     new._parameters = dict(module._parameters)
     new._buffers = dict(module._buffers)

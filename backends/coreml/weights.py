@@ -45,15 +45,18 @@ def source_of(loaded: Any) -> WeightSource:
     return CheckpointWeights(loaded.config, dict(loaded.model.state_dict()), torch.float32)
 
 
-def placeholder_model(cfg: Lfm2Config, sparse_moe: bool = False) -> tuple[Lfm2ForCausalLM, dict[float, Any]]:
+def placeholder_model(
+    cfg: Lfm2Config, sparse_moe: bool = False, moe_cls: Any = None
+) -> tuple[Lfm2ForCausalLM, dict[float, Any]]:
     """The canonical model with one distinct zero-stride scalar per parameter and buffer, and `{value: name}`.
     `sparse_moe`: every MoE is a `modules.StackedMoE`, whose stacked `w1` / `w3` / `w2` map to the tuple of
-    the experts' tensor names (stacked by `fill`)."""
+    the experts' tensor names (stacked by `fill`); `moe_cls` replaces `StackedMoE` (the tests build a wrong
+    conversion with it)."""
     from .modules import STACKED, StackedMoE, stacked_moe
 
     model = build_model(cfg)
     if sparse_moe:
-        model = apply_swaps(model, [stacked_moe])
+        model = apply_swaps(model, [lambda m: stacked_moe(m, moe_cls or StackedMoE)])
     names: dict[float, Any] = {}
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
