@@ -173,6 +173,11 @@ def test_spec_declares_states_and_ios18(tiny_fp16: Path) -> None:
         CONTEXT,
         cfg.head_dim,
     )
+    structure = load_program(tiny_fp16 / "model.mlpackage", decode=False)  # the export's read-back check
+    assert structure.op_counts() == program.op_counts() and structure.states == program.states
+    assert all(structure.state_access(n) == (1, 1) for n in want)
+    with pytest.raises(RuntimeError, match="structure only"):
+        structure.predict({}, structure.make_state())
     m = manifest(tiny_fp16)
     assert m["coreml"]["specification_version"] == 9 and m["coreml"]["target"] == "iOS18"
     assert set(m["coreml"]["states"]) == want
@@ -308,6 +313,8 @@ def cli(*args: str) -> subprocess.CompletedProcess:
         ({"quant": "int4-b32-asym"}, "no -asym"),
         ({"quant": "int8-b64"}, "per output channel"),
         ({"target": "macOS14"}, "need iOS 18 / macOS 15"),
+        ({"moe_form": "index_add"}, "use one of sparse, dense"),
+        ({"quant": "palettize4", "moe_form": "sparse"}, "use --moe-form dense"),
     ],
 )
 def test_recipes_the_target_cannot_express_are_refused(kwargs: dict, fragment: str) -> None:
@@ -315,6 +322,11 @@ def test_recipes_the_target_cannot_express_are_refused(kwargs: dict, fragment: s
 
     with pytest.raises(UserError, match=fragment):
         make_recipe(**kwargs)
+
+
+def test_moe_form_defaults() -> None:
+    assert make_recipe("int4").moe_form == "sparse" and make_recipe("palettize6").moe_form == "dense"
+    assert make_recipe("fp16", moe_form="dense").to_dict()["moe_form"] == "dense"
 
 
 def test_bad_input_through_the_cli_is_one_line_exit_2_and_writes_nothing(tmp_path: Path) -> None:

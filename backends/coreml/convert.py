@@ -221,7 +221,7 @@ def check_package(path: Path, signature: IOSignature) -> dict[str, Any]:
     (module docstring, stage 4). Returns what it found, for the manifest."""
     from lfm_export.runtime.coreml_interpreter import load_program
 
-    program = load_program(path)
+    program = load_program(path, decode=False)
     want = [held_buffer_name(s.name) for s in signature.held]
     problems = []
     if program.spec_version < STATE_SPEC_VERSION:
