@@ -38,7 +38,7 @@ from lfm_export.weights import WeightSource
 from .compress import compress
 from .memory import PeakRss
 from .recipes import CoreMLRecipe
-from .weights import fill, placeholder_model, source_of
+from .weights import fill, light_fp16_overflow_check, placeholder_model, source_of
 
 MODEL_FILE = "model.mlpackage"
 AUTHOR = "lfm-export"
@@ -105,7 +105,7 @@ def convert(traced: Any, signature: IOSignature, recipe: CoreMLRecipe, shapes: t
         ids_shape: Any = ct.EnumeratedShapes(shapes=[(1, n) for n in shapes], default=(1, shapes[0]))
     else:
         ids_shape = (1, ct.RangeDim(lower_bound=1, upper_bound=shapes[-1], default=1))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), light_fp16_overflow_check():
         warnings.simplefilter("ignore")
         program = ct.convert(
             traced,

@@ -13,6 +13,8 @@ that pass rounds. A placeholder left after filling (a constant coremltools deriv
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from lfm_export.config import Lfm2Config
+from lfm_export.errors import UnsupportedError
 from lfm_export.model import Lfm2ForCausalLM, build_model
 from lfm_export.trace import apply_swaps
 from lfm_export.weights import CheckpointWeights, WeightSource, float_dtype_for
@@ -129,6 +132,10 @@ def fill(program: Any, names: dict[float, Any], source: WeightSource) -> dict[st
                 )
                 continue
             real = _tensor(source, name, val.dtype)
+            if val.dtype == np.float16 and not np.isfinite(real).all():
+                raise UnsupportedError(
+                    f"{name}: a weight beyond fp16's range (65504); the Core ML program holds weights in fp16"
+                )
             if val.flags.writeable and val.strides[-1] != 0:
                 val[...] = real
             else:
@@ -147,3 +154,38 @@ def fill(program: Any, names: dict[float, Any], source: WeightSource) -> dict[st
             + "; ".join(unmapped + [f"{n} (no constant holds it)" for n in missing])
         )
     return filled
+
+
+def _distinct(value: np.ndarray) -> np.ndarray:
+    """The values of `value` without its broadcast copies: a zero-stride axis (a placeholder's) kept at length 1."""
+    if value.ndim == 0 or 0 not in value.strides:
+        return value
+    return value[tuple(slice(0, 1) if s == 0 else slice(None) for s in value.strides)]
+
+
+def _fp16_overflow(op: Any) -> bool:
+    """coremltools' `FP16ComputePrecision.fp16_overflow` (does an fp32 const input of `op` hold a finite value
+    beyond fp16's 65504?) with the same answer, computed on each input's distinct values. The original takes
+    `np.abs` and `np.where` of the whole constant: for a placeholder that is a full-size copy plus int64
+    indices, 16+ bytes per weight element; on `random:lfm2-350m` the fp16 pass's peak went from 0.86 to
+    3.45 GB on the 65536 x 1024 embedding."""
+    for inputs in op.inputs.values():
+        for var in inputs if isinstance(inputs, (list, tuple)) else [inputs]:
+            if var.op is not None and var.op.op_type == "const" and var.is_tensor_or_scalar_of(dtype="fp32"):
+                a = np.abs(_distinct(np.asarray(var.op.val.val)))
+                if np.max(a, where=a < 1e38, initial=0.0) > 65504:
+                    return True
+    return False
+
+
+@contextlib.contextmanager
+def light_fp16_overflow_check() -> Iterator[None]:
+    """Within: coremltools' fp16 pass uses `_fp16_overflow` (restored on exit)."""
+    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
+
+    original = FP16ComputePrecision.__dict__["fp16_overflow"]
+    FP16ComputePrecision.fp16_overflow = staticmethod(_fp16_overflow)
+    try:
+        yield
+    finally:
+        FP16ComputePrecision.fp16_overflow = original
