@@ -368,3 +368,26 @@ def test_transformers_checkpoints_pass_and_a_wrong_conversion_fails(
     broken = convert_without_conv_write(honest, tmp_path / "broken")
     result = check_artifact(broken, progress=Progress(quiet=True), scenarios=["prefill", "decode"])
     assert not result.summary()["exactness"]["passed"]
+
+
+@pytest.mark.parametrize(
+    ("const", "overflows"),
+    [
+        (np.broadcast_to(np.float32(7e4), (3, 4)), True),  # a placeholder-like broadcast beyond fp16
+        (np.broadcast_to(np.float32(512.0), (3, 4)), False),
+        (np.array([[1.0, np.inf, -2.0, 65504.0]], dtype=np.float32), False),  # inf allowed, 65504 fits
+        (np.array([[1.0, -65520.0, 3.0, 0.0]], dtype=np.float32), True),
+    ],
+)
+def test_light_fp16_overflow_check_answers_as_coremltools_does(const: np.ndarray, overflows: bool) -> None:
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
+
+    from lfm_export.backends.coreml.weights import _fp16_overflow
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=const.shape)])
+    def prog(x):
+        return mb.add(x=x, y=const)
+
+    (add,) = [op for op in prog.functions["main"].operations if op.op_type == "add"]
+    assert _fp16_overflow(add) == FP16ComputePrecision.fp16_overflow(add) == overflows
