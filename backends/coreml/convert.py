@@ -3,18 +3,20 @@
 Stages:
 
 1. trace: the stateful form (`lfm_export.stateful`, with `modules.py`'s two swaps that coremltools' frontend
-   needs) traced with `torch.jit.trace` (coremltools' documented way to a stateful model: a registered buffer
-   mutated in place becomes a state; its torch.export path was not tried).
+   needs, and `StackedMoE` for the sparse MoE form) of a model holding placeholder weights
+   (`weights.placeholder_model`), traced with `torch.jit.trace` (coremltools' documented way to a stateful
+   model: a registered buffer mutated in place becomes a state; its torch.export path was not tried).
 2. convert: `ct.convert(..., states=[ct.StateType(...)] per KV cache and conv state (fp16: the only state
    dtype coremltools 9.0 allows), minimum_deployment_target=iOS18 / macOS15, compute_precision=
-   FP16ComputePrecision(precision.fp16_selector))`. `input_ids [1, T]` takes T in 1..max_prefill
-   (`ct.RangeDim`) or one of `--prefill-lengths` (`ct.EnumeratedShapes`): one function for prefill and
-   decode (why not a multifunction package: README, *Core ML backend*).
-3. compress (`compress.py`), metadata (description, input / output / state descriptions, author, licence,
-   version; the recipe and the weight hashes as user-defined metadata), save.
-4. check: the saved package is read back as Core ML would read it (spec + weight file): the spec declares
-   every state and specification version 9 (iOS 18), the program's main function takes exactly the
-   description's inputs and states, and every state is read and written back once.
+   FP16ComputePrecision(precision.fp16_selector), convert_to="milinternal")`. `input_ids [1, T]` takes T in
+   1..max_prefill (`ct.RangeDim`) or one of `--prefill-lengths` (`ct.EnumeratedShapes`): one function for
+   prefill and decode (why not a multifunction package: README, *Core ML backend*).
+3. write the weights into the program (`weights.fill`), compress it in place (`compress.py`), serialize it
+   once, then metadata (description, input / output / state descriptions, author, licence, version; the
+   recipe and the weight hashes as user-defined metadata) and save.
+4. check: the saved package is read back as Core ML would read it (spec + weight file, structure only): the
+   spec declares every state and specification version 9 (iOS 18), the program's main function takes
+   exactly the description's inputs and states, and every state is read and written back once.
 """
 
 from __future__ import annotations
