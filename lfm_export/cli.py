@@ -545,6 +545,7 @@ def _coreml_recipe(opts: ExportOptions, extra: dict[str, Any]) -> Any:
         target=extra["target"],
         max_prefill=extra["max_prefill"],
         prefill_lengths=extra["prefill_lengths"],
+        moe_form=extra["moe_form"],
     )
 
 
@@ -573,6 +574,17 @@ backend_command(
                 str | None,
                 typer.Option(
                     help="Enumerated token counts per prediction instead, e.g. 1,16,64 (1 required)."
+                ),
+            ],
+            None,
+        ),
+        option(
+            "moe_form",
+            Annotated[
+                str | None,
+                typer.Option(
+                    help="MoE experts: sparse (gather the top-k experts' weights; default) | dense "
+                    "(every expert; default for palettize)."
                 ),
             ],
             None,

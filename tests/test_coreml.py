@@ -85,7 +85,64 @@ def test_moe_fp16_passes_with_enumerated_prefill_lengths(moe_fp16: Path) -> None
     assert p["exactness"]["gate"] == "fp16-fp16-moe" and p["passed"]
     assert m["coreml"]["prefill"] == {"enumerated": [1, 4, 8]}
     assert p["quality"]["pooled"]["kl_mean"] < 1e-4
-    assert {"topk", "sigmoid", "scatter_along_axis"} <= set(m["coreml"]["ops"])  # the dense MoE routing
+    assert m["recipe"]["moe_form"] == "sparse" and "scatter_along_axis" not in m["coreml"]["ops"]
+
+
+def test_sparse_moe_reads_experts_only_through_a_gather_by_the_topk_indices(moe_fp16: Path) -> None:
+    """The sparse form's structure in the saved program: per MoE layer, three stacked `[E, out, in]` expert
+    constants, each read by one `gather` whose indices come from the router's `topk` (so one token reads k of
+    the E experts), and no dense expert linears."""
+    program = load_program(moe_fp16 / "model.mlpackage")
+    cfg = load_model("tiny-moe").config
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    function = program_function(moe_fp16)
+    stacked = [
+        op
+        for op in function.operations
+        if op.op_type == "const" and op.outputs[0].rank == 3 and op.outputs[0].shape[0] == cfg.num_experts
+    ]
+    assert len(stacked) == 3 * moe_layers
+    for op in stacked:
+        (user,) = op.outputs[0].child_ops
+        assert user.op_type == "gather" and user.inputs["x"] is op.outputs[0]
+        assert "topk" in producers(user.inputs["indices"])
+    assert program.op_counts()["linear"] < 3 * cfg.num_experts * moe_layers
+
+
+def program_function(folder: Path):
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load
+
+    mlmodel = ct.models.MLModel(str(folder / "model.mlpackage"), skip_model_load=True)
+    spec = mlmodel.get_spec()
+    prog = load(spec, specification_version=spec.specificationVersion, file_weights_dir=mlmodel.weights_dir)
+    return prog.functions["main"]
+
+
+def producers(var, depth: int = 12) -> set[str]:
+    """Op types upstream of `var`, up to `depth` ops back."""
+    op = var.op
+    if op is None or depth == 0:
+        return set()
+    out = {op.op_type}
+    for v in op.inputs.values():
+        for w in v if isinstance(v, list | tuple) else [v]:
+            out |= producers(w, depth - 1)
+    return out
+
+
+def test_stacked_moe_matches_the_canonical_moe() -> None:
+    """`StackedMoE` (gather the top-k experts' stacked weights) against the canonical dense form, eager fp32,
+    on tiny-moe's trained layer 2 and 5 tokens."""
+    from lfm_export.backends.coreml.modules import stacked_moe
+
+    model = load_model("tiny-moe").model
+    moe = model.model.layers[2].feed_forward
+    x = torch.randn(1, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = moe(x)
+        got = stacked_moe(moe)(x)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 @pytest.mark.slow
@@ -116,9 +173,37 @@ def test_spec_declares_states_and_ios18(tiny_fp16: Path) -> None:
         CONTEXT,
         cfg.head_dim,
     )
+    structure = load_program(tiny_fp16 / "model.mlpackage", decode=False)  # the export's read-back check
+    assert structure.op_counts() == program.op_counts() and structure.states == program.states
+    assert all(structure.state_access(n) == (1, 1) for n in want)
+    with pytest.raises(RuntimeError, match="structure only"):
+        structure.predict({}, structure.make_state())
     m = manifest(tiny_fp16)
     assert m["coreml"]["specification_version"] == 9 and m["coreml"]["target"] == "iOS18"
     assert set(m["coreml"]["states"]) == want
+
+
+def next_expert_moe():
+    """A `StackedMoE` that gathers the expert after each selected one (the routing weights unchanged)."""
+    from lfm_export.backends.coreml.modules import StackedMoE
+
+    class NextExpert(StackedMoE):
+        def _route(self, x):
+            scores, idx, w = super()._route(x)
+            return scores, (idx + 1) % scores.shape[-1], w
+
+    return NextExpert
+
+
+@pytest.mark.slow
+def test_wrong_sparse_moe_fails_parity(moe_fp16: Path, tmp_path: Path) -> None:
+    """A sparse conversion that gathers the wrong experts (each selected index + 1) fails exactness, even under
+    the `-fp16-moe` gate that allows one flipped expert."""
+    broken = convert_without_conv_write(moe_fp16, tmp_path / "broken", moe_cls=next_expert_moe())
+    result = check_artifact(broken, progress=Progress(quiet=True), scenarios=["prefill", "decode"])
+    exactness = result.summary()["exactness"]
+    assert not result.passed and not exactness["passed"]
+    assert exactness["worst"]["logit_max_rel"] > 0.15
 
 
 @pytest.mark.slow
@@ -126,9 +211,9 @@ def test_compression_report_and_constexpr_ops(moe_int4: Path) -> None:
     m = manifest(moe_int4)
     cfg = load_model("tiny-moe").config
     report = m["coreml"]["compression"]
-    linears = {n: r for n, r in report.items() if r["why"] == "linear weight"}
+    linears = {n: r for n, r in report.items() if r["why"] == "linear weight" or "stacked MoE" in r["why"]}
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
-    ffn = 3 * (cfg.num_hidden_layers - moe_layers) + 3 * cfg.num_experts * moe_layers
+    ffn = 3 * (cfg.num_hidden_layers - moe_layers) + 3 * moe_layers  # sparse form: experts stacked
     assert len(linears) == ffn + 2 * len(cfg.conv_layers) + 4 * len(cfg.attn_layers)
     assert all(r["as"].startswith("int4 per block of 32") for r in linears.values())
     embed = [r for n, r in report.items() if "embed_tokens" in n]
@@ -171,16 +256,16 @@ def test_metadata_in_the_package(moe_fp16: Path) -> None:
     assert "conv state" in {s.name: s.shortDescription for s in spec.description.state}["past_0_conv"]
 
 
-def convert_without_conv_write(honest: Path, out: Path) -> Path:
+def convert_without_conv_write(honest: Path, out: Path, moe_cls=None) -> Path:
     """A copy of the artifact `honest` whose package is a real Core ML conversion (same recipe, context and
     prefill) of a module that never writes its conv state back (how the short-conv state went wrong on another
-    path, executorch issue 21855); the program still declares every state."""
+    path, executorch issue 21855); the program still declares every state. With `moe_cls`: the conv state is
+    written, and the MoE layers are `moe_cls` instead."""
     from lfm_export.backends.coreml import convert as cv
-    from lfm_export.backends.coreml.compress import compress
     from lfm_export.backends.coreml.modules import CoreMLStatefulModule
     from lfm_export.backends.coreml.recipes import CoreMLRecipe
+    from lfm_export.backends.coreml.weights import source_of
     from lfm_export.model import STATEFUL
-    from lfm_export.signature import build_signature
 
     class NoConvWrite(CoreMLStatefulModule):
         def forward(self, input_ids, input_pos):
@@ -193,13 +278,13 @@ def convert_without_conv_write(honest: Path, out: Path) -> Path:
     m = manifest(honest)
     recipe = CoreMLRecipe.from_dict(m["recipe"])
     shapes = tuple(m["coreml"]["prefill"].get("enumerated") or m["coreml"]["prefill"]["range"])
-    context = m["max_seq_len"]
     shutil.copytree(honest, out)
     shutil.rmtree(out / "model.mlpackage")
-    model = load_model(m["model"]["source"]).model
-    traced = cv.trace(model, context, shapes[-1], module_cls=NoConvWrite)
-    sig16 = build_signature(model.config, STATEFUL, context, "float16", max_prefill=shapes[-1])
-    mlmodel, _ = compress(cv.convert(traced, sig16, recipe, shapes), recipe)
+    loaded = load_model(m["model"]["source"])
+    quiet = Progress(quiet=True)
+    mlmodel, _ = cv.build(
+        loaded.config, source_of(loaded), recipe, m["max_seq_len"], shapes, quiet, NoConvWrite
+    )
     mlmodel.save(str(out / "model.mlpackage"))
     return out
 
@@ -228,6 +313,8 @@ def cli(*args: str) -> subprocess.CompletedProcess:
         ({"quant": "int4-b32-asym"}, "no -asym"),
         ({"quant": "int8-b64"}, "per output channel"),
         ({"target": "macOS14"}, "need iOS 18 / macOS 15"),
+        ({"moe_form": "index_add"}, "use one of sparse, dense"),
+        ({"quant": "palettize4", "moe_form": "sparse"}, "use --moe-form dense"),
     ],
 )
 def test_recipes_the_target_cannot_express_are_refused(kwargs: dict, fragment: str) -> None:
@@ -235,6 +322,11 @@ def test_recipes_the_target_cannot_express_are_refused(kwargs: dict, fragment: s
 
     with pytest.raises(UserError, match=fragment):
         make_recipe(**kwargs)
+
+
+def test_moe_form_defaults() -> None:
+    assert make_recipe("int4").moe_form == "sparse" and make_recipe("palettize6").moe_form == "dense"
+    assert make_recipe("fp16", moe_form="dense").to_dict()["moe_form"] == "dense"
 
 
 def test_bad_input_through_the_cli_is_one_line_exit_2_and_writes_nothing(tmp_path: Path) -> None:
@@ -276,3 +368,26 @@ def test_transformers_checkpoints_pass_and_a_wrong_conversion_fails(
     broken = convert_without_conv_write(honest, tmp_path / "broken")
     result = check_artifact(broken, progress=Progress(quiet=True), scenarios=["prefill", "decode"])
     assert not result.summary()["exactness"]["passed"]
+
+
+@pytest.mark.parametrize(
+    ("const", "overflows"),
+    [
+        (np.broadcast_to(np.float32(7e4), (3, 4)), True),  # a placeholder-like broadcast beyond fp16
+        (np.broadcast_to(np.float32(512.0), (3, 4)), False),
+        (np.array([[1.0, np.inf, -2.0, 65504.0]], dtype=np.float32), False),  # inf allowed, 65504 fits
+        (np.array([[1.0, -65520.0, 3.0, 0.0]], dtype=np.float32), True),
+    ],
+)
+def test_light_fp16_overflow_check_answers_as_coremltools_does(const: np.ndarray, overflows: bool) -> None:
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
+
+    from lfm_export.backends.coreml.weights import _fp16_overflow
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=const.shape)])
+    def prog(x):
+        return mb.add(x=x, y=const)
+
+    (add,) = [op for op in prog.functions["main"].operations if op.op_type == "add"]
+    assert _fp16_overflow(add) == FP16ComputePrecision.fp16_overflow(add) == overflows

@@ -28,6 +28,21 @@ ROUTER_WEIGHT = "feed_forward_gate_weight"
 LINEAR_CONSUMERS = frozenset({"linear", "matmul"})
 
 
+def _experts_config(recipe: CoreMLRecipe) -> Any:
+    """The linear recipe on a stacked `[E, out, in]` constant: the same blocks as on each expert's `[out, in]`
+    (one scale per expert and output row, over the whole row (int8) or per `block` inputs (int4))."""
+    import coremltools.optimize.coreml as cto
+
+    bits = recipe.recipe.bits or 8
+    return cto.OpLinearQuantizerConfig(
+        mode="linear_symmetric",
+        dtype="int8" if bits == 8 else "int4",
+        granularity="per_block",
+        block_size=[1, 1, 0 if bits == 8 else recipe.recipe.block_size],
+        weight_threshold=1,
+    )
+
+
 def _linear_config(recipe: CoreMLRecipe, bits: int) -> Any:
     import coremltools.optimize.coreml as cto
 
@@ -63,7 +78,7 @@ def plan(program: Any) -> dict[str, tuple[str, str]]:
     for op in program.functions["main"].operations:
         if op.op_type != "const" or op.outputs[0].rank < 2:
             continue
-        name = op.name
+        name = op.name.replace(".", "_")  # as the serializer will name it
         users = {c.op_type for c in op.outputs[0].child_ops}
         if EMBED_WEIGHT in name:
             out[name] = (
@@ -74,6 +89,11 @@ def plan(program: Any) -> dict[str, tuple[str, str]]:
             out[name] = ("keep", "MoE router: rounding must not change which experts are chosen")
         elif users and users <= LINEAR_CONSUMERS:
             out[name] = ("linear", "linear weight")
+        elif users == {"gather"} and op.outputs[0].rank == 3 and "feed_forward" in name:
+            out[name] = (
+                "experts",
+                "stacked MoE expert weights [E, out, in], gathered per token (sparse form)",
+            )
         else:
             why = (
                 "depthwise conv weight"
@@ -84,33 +104,61 @@ def plan(program: Any) -> dict[str, tuple[str, str]]:
     return out
 
 
-def compress(mlmodel: Any, recipe: CoreMLRecipe) -> tuple[Any, dict[str, dict[str, str]]]:
-    """`mlmodel` with its weights compressed as `recipe` says, and the report `{const: {"as": ..., "why": ...}}`.
-    A float recipe returns the model unchanged."""
+def compress(program: Any, recipe: CoreMLRecipe) -> dict[str, dict[str, str]]:
+    """Compress `program`'s weights in place as `recipe` says (coremltools' compression passes, applied to the
+    program directly: `cto.linear_quantize_weights(mlmodel)` would first read the whole saved package back
+    from disk); the report `{const: {"as": ..., "why": ...}}`. A float recipe leaves the program unchanged."""
     import coremltools.optimize.coreml as cto
+    from coremltools.converters.mil.mil.passes.graph_pass import PassOption
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 
-    roles = plan(mlmodel._mil_program)
-    report: dict[str, dict[str, str]] = {}
+    roles = plan(program)
+    op_names = {
+        op.name.replace(".", "_"): op.name
+        for op in program.functions["main"].operations
+        if op.op_type == "const"
+    }
     if not recipe.recipe.quantized:
-        return mlmodel, {n: {"as": "fp16", "why": "float recipe"} for n in roles}
+        return {n: {"as": "fp16", "why": "float recipe"} for n in roles}
     linear_names = [n for n, (r, _) in roles.items() if r == "linear"]
     embed_names = [n for n, (r, _) in roles.items() if r == "embedding"]
-    quant_configs: dict[str, Any] = {n: _linear_config(recipe, 8) for n in embed_names}
+    quant_configs: dict[str, Any] = {op_names[n]: _linear_config(recipe, 8) for n in embed_names}
+    passes = []
+    palette: dict[str, Any] = {}
     if recipe.palettize:
-        config = cto.OptimizationConfig(op_name_configs={n: _palette_config(recipe) for n in linear_names})
-        mlmodel = cto.palettize_weights(mlmodel, config)
+        palette = {op_names[n]: _palette_config(recipe) for n in linear_names}
+        passes.append(("compression::palettize_weights", cto.OptimizationConfig(op_name_configs=palette)))
     else:
-        quant_configs.update({n: _linear_config(recipe, recipe.recipe.bits or 8) for n in linear_names})
+        quant_configs.update(
+            {op_names[n]: _linear_config(recipe, recipe.recipe.bits or 8) for n in linear_names}
+        )
+    experts = [n for n, (r, _) in roles.items() if r == "experts"]
+    quant_configs.update({op_names[n]: _experts_config(recipe) for n in experts})
     if quant_configs:
-        mlmodel = cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(op_name_configs=quant_configs))
+        passes.append(
+            ("compression::linear_quantize_weights", cto.OptimizationConfig(op_name_configs=quant_configs))
+        )
+    for key, config in passes:
+        graph_pass = PASS_REGISTRY[key]
+        graph_pass.set_options([PassOption("config", config), PassOption("joint_compression", False)])
+        graph_pass.apply(program)
+    left = {op.name for op in program.functions["main"].operations if op.op_type == "const"}
+    skipped = sorted(n for n in quant_configs if n in left) + sorted(
+        n for n in (palette if recipe.palettize else {}) if n in left
+    )
+    if skipped:
+        # coremltools skips a constant it cannot compress without an error (the stacked experts, before
+        # their blocks were given per axis); the report would then claim what the package does not hold
+        raise RuntimeError(f"coremltools left these weights uncompressed: {', '.join(skipped)}")
+    report: dict[str, dict[str, str]] = {}
     for name, (role, why) in roles.items():
-        if role == "linear":
+        if role in ("linear", "experts"):
             report[name] = {"as": recipe.linears, "why": why}
         elif role == "embedding":
             report[name] = {"as": "int8 per channel, symmetric", "why": why}
         else:
             report[name] = {"as": "fp16", "why": why}
-    return mlmodel, report
+    return report
 
 
 def weight_values(recipe_dict: dict[str, Any]) -> Any:

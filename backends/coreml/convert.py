@@ -3,18 +3,20 @@
 Stages:
 
 1. trace: the stateful form (`lfm_export.stateful`, with `modules.py`'s two swaps that coremltools' frontend
-   needs) traced with `torch.jit.trace` (coremltools' documented way to a stateful model: a registered buffer
-   mutated in place becomes a state; its torch.export path was not tried).
+   needs, and `StackedMoE` for the sparse MoE form) of a model holding placeholder weights
+   (`weights.placeholder_model`), traced with `torch.jit.trace` (coremltools' documented way to a stateful
+   model: a registered buffer mutated in place becomes a state; its torch.export path was not tried).
 2. convert: `ct.convert(..., states=[ct.StateType(...)] per KV cache and conv state (fp16: the only state
    dtype coremltools 9.0 allows), minimum_deployment_target=iOS18 / macOS15, compute_precision=
-   FP16ComputePrecision(precision.fp16_selector))`. `input_ids [1, T]` takes T in 1..max_prefill
-   (`ct.RangeDim`) or one of `--prefill-lengths` (`ct.EnumeratedShapes`): one function for prefill and
-   decode (why not a multifunction package: README, *Core ML backend*).
-3. compress (`compress.py`), metadata (description, input / output / state descriptions, author, licence,
-   version; the recipe and the weight hashes as user-defined metadata), save.
-4. check: the saved package is read back as Core ML would read it (spec + weight file): the spec declares
-   every state and specification version 9 (iOS 18), the program's main function takes exactly the
-   description's inputs and states, and every state is read and written back once.
+   FP16ComputePrecision(precision.fp16_selector), convert_to="milinternal")`. `input_ids [1, T]` takes T in
+   1..max_prefill (`ct.RangeDim`) or one of `--prefill-lengths` (`ct.EnumeratedShapes`): one function for
+   prefill and decode (why not a multifunction package: README, *Core ML backend*).
+3. write the weights into the program (`weights.fill`), compress it in place (`compress.py`), serialize it
+   once, then metadata (description, input / output / state descriptions, author, licence, version; the
+   recipe and the weight hashes as user-defined metadata) and save.
+4. check: the saved package is read back as Core ML would read it (spec + weight file, structure only): the
+   spec declares every state and specification version 9 (iOS 18), the program's main function takes
+   exactly the description's inputs and states, and every state is read and written back once.
 """
 
 from __future__ import annotations
@@ -33,9 +35,12 @@ from lfm_export.model import STATEFUL
 from lfm_export.progress import Progress
 from lfm_export.signature import CONV, KEY, IOSignature, build_signature
 from lfm_export.stateful import held_buffer_name
+from lfm_export.weights import WeightSource
 
 from .compress import compress
+from .memory import PeakRss
 from .recipes import CoreMLRecipe
+from .weights import fill, light_fp16_overflow_check, placeholder_model, source_of
 
 MODEL_FILE = "model.mlpackage"
 AUTHOR = "lfm-export"
@@ -92,7 +97,8 @@ def state_types(signature: IOSignature) -> list[Any]:
 
 
 def convert(traced: Any, signature: IOSignature, recipe: CoreMLRecipe, shapes: tuple[int, ...]) -> Any:
-    """The ML Program (`ct.models.MLModel`, not yet compressed) of a traced Core ML stateful module."""
+    """The MIL program (fp16 compute, not yet serialized or compressed) of a traced Core ML stateful module.
+    Not serialized here: the weights are placeholders until `weights.fill` (see `weights.py`)."""
     import coremltools as ct
 
     from .precision import fp16_selector
@@ -101,9 +107,9 @@ def convert(traced: Any, signature: IOSignature, recipe: CoreMLRecipe, shapes: t
         ids_shape: Any = ct.EnumeratedShapes(shapes=[(1, n) for n in shapes], default=(1, shapes[0]))
     else:
         ids_shape = (1, ct.RangeDim(lower_bound=1, upper_bound=shapes[-1], default=1))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), light_fp16_overflow_check():
         warnings.simplefilter("ignore")
-        return ct.convert(
+        program = ct.convert(
             traced,
             inputs=[
                 ct.TensorType("input_ids", shape=ids_shape, dtype=np.int32),
@@ -113,9 +119,62 @@ def convert(traced: Any, signature: IOSignature, recipe: CoreMLRecipe, shapes: t
             states=state_types(signature),
             minimum_deployment_target=getattr(ct.target, recipe.target),
             compute_precision=ct.transform.FP16ComputePrecision(op_selector=fp16_selector),
+            convert_to="milinternal",
+        )
+    # The torch frontend requires every op to carry its TorchScript scope; the compression passes' new ops
+    # carry none ("missing essential scopes", measured). The former path reloaded the saved package, which
+    # requires none either, before compressing.
+    for function in program.functions.values():
+        function._essential_scope_sources = []
+    return program
+
+
+def serialize(program: Any, recipe: CoreMLRecipe) -> Any:
+    """The `ct.models.MLModel` of a filled (and compressed) program: coremltools' default passes and its
+    ML Program serializer, no fp16 pass again (the program already computes in fp16 where it should)."""
+    import coremltools as ct
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ct.convert(
+            program,
             convert_to="mlprogram",
+            minimum_deployment_target=getattr(ct.target, recipe.target),
+            compute_precision=ct.precision.FLOAT32,
             skip_model_load=True,
         )
+
+
+def build(
+    cfg: Any,
+    source: WeightSource,
+    recipe: CoreMLRecipe,
+    context: int,
+    shapes: tuple[int, ...],
+    progress: Progress,
+    module_cls: Any = None,
+    moe_cls: Any = None,
+) -> tuple[Any, dict[str, dict[str, str]]]:
+    """The compressed `MLModel` (not yet described or saved) and the compression report. The model is traced
+    and converted with placeholder weights, and the source's tensors are written into the program one at a
+    time (`weights.py`). `module_cls` replaces `modules.CoreMLStatefulModule` (the tests build a wrong
+    conversion with it), and `moe_cls` `modules.StackedMoE`."""
+    signature = build_signature(cfg, STATEFUL, context, "float16", max_prefill=shapes[-1])
+    with progress.step("Tracing (torch.jit.trace, stateful form, placeholder weights)"):
+        sparse = recipe.moe and recipe.moe_form == "sparse"
+        model, names = placeholder_model(cfg, sparse_moe=sparse, moe_cls=moe_cls)
+        traced = trace(model, context, shapes[-1], module_cls)
+        del model
+    with progress.step(f"Converting to a Core ML ML Program ({recipe.target}, fp16 compute)"):
+        program = convert(traced, signature, recipe, shapes)
+        del traced
+    with progress.step("Writing the weights into the program"):
+        fill(program, names, source)
+    with progress.step(f"Compressing weights ({recipe.name})"):
+        report = compress(program, recipe)
+    with progress.step("Serializing the ML Program"):
+        mlmodel = serialize(program, recipe)
+    return mlmodel, report
 
 
 def describe(mlmodel: Any, loaded: LoadedModel, signature: IOSignature, recipe: CoreMLRecipe) -> None:
@@ -164,7 +223,7 @@ def check_package(path: Path, signature: IOSignature) -> dict[str, Any]:
     (module docstring, stage 4). Returns what it found, for the manifest."""
     from lfm_export.runtime.coreml_interpreter import load_program
 
-    program = load_program(path)
+    program = load_program(path, decode=False)
     want = [held_buffer_name(s.name) for s in signature.held]
     problems = []
     if program.spec_version < STATE_SPEC_VERSION:
@@ -206,25 +265,19 @@ def export_coreml(
     shapes = recipe.shapes(context)
     max_prefill = shapes[-1]
 
-    with progress.step("Preparing weights"):
-        model = loaded.materialized().model.eval()
-        if core.quantized:
-            core.check_model(cfg, {n: tuple(p.shape) for n, p in model.named_parameters()})
-    with progress.step("Tracing (torch.jit.trace, stateful form)"):
-        traced = trace(model, context, max_prefill)
+    source = source_of(loaded)
+    if core.quantized:
+        core.check_model(cfg, source.shapes)
+    rss = PeakRss()
+    mlmodel, compression = build(cfg, source, recipe, context, shapes, rss.watch(progress))
     signature = build_signature(cfg, STATEFUL, context, "float16", max_prefill=max_prefill)
-    with progress.step(f"Converting to a Core ML ML Program ({recipe.target}, fp16 compute)"):
-        mlmodel = convert(traced, signature, recipe, shapes)
-        del traced
-    with progress.step(f"Compressing weights ({recipe.name})"):
-        mlmodel, compression = compress(mlmodel, recipe)
-    with progress.step("Saving"):
+    with rss.watch(progress).step("Saving"):
         describe(mlmodel, loaded, signature, recipe)
         path = out_dir / MODEL_FILE
         mlmodel.save(str(path))
         for f in loaded.tokenizer_files():
             shutil.copy2(f, out_dir / f.name)
-    with progress.step("Reading the saved package back"):
+    with rss.watch(progress).step("Reading the saved package back"):
         found = check_package(path, signature)
     info = {
         "package": MODEL_FILE,
@@ -234,6 +287,7 @@ def export_coreml(
         else {"range": [1, max_prefill]},
         "compression": compression,
         "coremltools_version": ct.__version__,
+        "peak_rss_gb": rss.peaks,
         **found,
     }
     return CoreMLExportResult(signature, recipe, info)

@@ -15,9 +15,10 @@ The math is the canonical attention's, line for line (q/k RMSNorm before RoPE, r
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lfm_export.model import STATEFUL, Attention
+from lfm_export.model import STATEFUL, Attention, MoE
 from lfm_export.signature import CONV, KEY, VALUE
 from lfm_export.stateful import StatefulModule
 
@@ -78,3 +79,49 @@ class CoreMLStatefulModule(StatefulModule):
         for buf, new in zip(conv_bufs, new_conv, strict=True):
             buf[:] = new
         return logits
+
+
+class StackedMoE(MoE):
+    """The sparse MoE form of the Core ML program: each expert matrix of a layer is one stacked constant
+    (`w1`, `w3` `[E, F, H]`, `w2` `[E, H, F]`), and every token gathers the rows of its top-k experts
+    (`index_select` -> `gather`) and runs them as batched matmuls, so a decode step reads k of the E
+    experts' weights. coremltools 9.0 converts no `index_add` (the canonical sparse form), which is why this
+    form gathers weights instead of tokens. Prefill runs the same program: T tokens read T * k expert
+    matrices (more than the E of the dense form once T * k > E); the routing is the canonical `_route`."""
+
+    w1: nn.Parameter
+    w2: nn.Parameter
+    w3: nn.Parameter
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        _, idx, w = self._route(flat)
+        k = idx.shape[-1]
+        pick = idx.reshape(-1)
+        xi = flat[:, None, :, None]
+        w1 = self.w1.index_select(0, pick).reshape(-1, k, self.w1.shape[1], self.w1.shape[2])
+        w3 = self.w3.index_select(0, pick).reshape(-1, k, self.w3.shape[1], self.w3.shape[2])
+        w2 = self.w2.index_select(0, pick).reshape(-1, k, self.w2.shape[1], self.w2.shape[2])
+        h = F.silu((w1 @ xi).squeeze(-1)) * (w3 @ xi).squeeze(-1)
+        y = (w2 @ h[..., None]).squeeze(-1)
+        return (w.to(x.dtype)[..., None] * y).sum(1).reshape(shape)
+
+
+STACKED = ("w1", "w3", "w2")
+
+
+def stacked_moe(module: nn.Module, cls: type[StackedMoE] = StackedMoE) -> nn.Module | None:
+    """Swap (`lfm_export.trace.apply_swaps`): a `MoE` becomes a `StackedMoE` with its experts' weights stacked
+    (`torch.stack`: a copy; the placeholder model's experts are 4-byte views, so it costs nothing there)."""
+    if not isinstance(module, MoE) or isinstance(module, StackedMoE):
+        return None
+    new = cls.__new__(cls)
+    new.__dict__ = dict(module.__dict__)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = {k: v for k, v in module._modules.items() if k != "experts"}
+    for attr in STACKED:
+        stacked = torch.stack([getattr(e, attr).weight for e in module.experts])
+        new._parameters[attr] = nn.Parameter(stacked, requires_grad=False)
+    return new

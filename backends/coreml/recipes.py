@@ -29,6 +29,7 @@ TARGETS = ("iOS18", "macOS15")
 """Deployment targets with Core ML states (iOS 18 / macOS 15 and later: `ct.StateType` needs them)."""
 OLD_TARGETS = ("iOS15", "iOS16", "iOS17", "macOS12", "macOS13", "macOS14")
 PALETTIZE = {"palettize4": 4, "palettize6": 6}
+MOE_FORMS = ("sparse", "dense")
 PALETTE_GROUP = 16
 """Output channels sharing one look-up table (`per_grouped_channel`)."""
 DEFAULT_MAX_PREFILL = 64
@@ -54,6 +55,9 @@ class CoreMLRecipe:
     prefill_lengths: tuple[int, ...] | None = None
     moe: bool = False
     """The model routes tokens to experts (set by the export): parity's gate allows a flipped expert."""
+    moe_form: str = "sparse"
+    """How a MoE model's experts run in the program: `sparse` (`modules.StackedMoE`: each token gathers its
+    top-k experts' stacked weights) or `dense` (every expert on every token, the canonical dense form)."""
 
     def __post_init__(self) -> None:
         r = self.recipe
@@ -71,6 +75,14 @@ class CoreMLRecipe:
                     f"{r.name}: Core ML compression here is coremltools' symmetric weight-only quantization "
                     "(no -asym, -mse, -a8)"
                 )
+        if self.moe_form not in MOE_FORMS:
+            raise UnsupportedError(f"--moe-form {self.moe_form}: use one of {', '.join(MOE_FORMS)}")
+        if self.palettize and self.moe_form == "sparse":
+            raise UnsupportedError(
+                f"{self.name} with --moe-form sparse: coremltools' palettization config groups channels along "
+                "one axis of the stacked [experts, out, in] constant, which is not the per-expert grouping of "
+                "the dense form; use --moe-form dense for palettized MoE models"
+            )
         if self.max_prefill is not None and self.max_prefill < 1:
             raise UnsupportedError(f"--max-prefill must be positive, got {self.max_prefill}")
         if self.prefill_lengths is not None:
@@ -139,6 +151,7 @@ class CoreMLRecipe:
             "prefill_lengths": list(self.prefill_lengths) if self.prefill_lengths else None,
             "activation_rounding": self.activations,
             "moe": self.moe,
+            "moe_form": self.moe_form,
         }
 
     @classmethod
@@ -151,6 +164,7 @@ class CoreMLRecipe:
             d.get("max_prefill"),
             tuple(lengths) if lengths else None,
             bool(d.get("moe", False)),
+            d.get("moe_form", "dense"),
         )
 
     @classmethod
@@ -168,6 +182,7 @@ def make_recipe(
     target: str = "iOS18",
     max_prefill: int | None = None,
     prefill_lengths: str | None = None,
+    moe_form: str | None = None,
 ) -> CoreMLRecipe:
     """The recipe `lfm-export coreml --quant QUANT [--target T] [--max-seq-len N] [--max-prefill N |
     --prefill-lengths 1,16,64]` builds."""
@@ -179,11 +194,11 @@ def make_recipe(
         raise UnsupportedError(f"{flag} {longest} exceeds the context ({max_seq_len} tokens, --max-seq-len)")
     if key in PALETTIZE:
         core = parse_recipe("int4-b32", max_seq_len=max_seq_len)
-        return CoreMLRecipe(core, PALETTIZE[key], target, max_prefill, lengths)
+        return CoreMLRecipe(core, PALETTIZE[key], target, max_prefill, lengths, moe_form=moe_form or "dense")
     core = parse_recipe(quant, max_seq_len=max_seq_len)
     if core.quantized and core.bits == 8 and key not in ("int8", "q8"):
         raise UnsupportedError(f"{quant}: Core ML int8 is per output channel here; use --quant int8")
-    return CoreMLRecipe(core, None, target, max_prefill, lengths)
+    return CoreMLRecipe(core, None, target, max_prefill, lengths, moe_form=moe_form or "sparse")
 
 
 def _lengths(text: str) -> tuple[int, ...]:

@@ -1,0 +1,191 @@
+"""The program's weights: the model is traced and converted with placeholders, and the weight source's tensors
+are written into the converted program one at a time.
+
+Why: converting the real fp32 model of `random:lfm2-1.2b` peaked at 12.5 GB RSS (session 2): torch's fp32
+parameters, coremltools' fp32 MIL constants and their fp16 copies were held at once, and compression then
+read the whole saved package back from disk. Here each parameter is a zero-stride view of one scalar (4 bytes
+per tensor in torch), distinct per tensor, so every weight constant of the converted program is found again
+by its value. coremltools' fp16 pass gives each weight constant its own fp16 array (the one full-size copy
+of the model the conversion holds) and `fill` writes the source's tensor into it, rounded float32 -> fp16 as
+that pass rounds. A placeholder left after filling (a constant coremltools derived from a weight, which
+`fill` cannot map back) is an error naming it, never a package with placeholder weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lfm_export.config import Lfm2Config
+from lfm_export.errors import UnsupportedError
+from lfm_export.model import Lfm2ForCausalLM, build_model
+from lfm_export.trace import apply_swaps
+from lfm_export.weights import CheckpointWeights, WeightSource, float_dtype_for
+
+FIRST_PLACEHOLDER_BITS = 0x6000
+"""fp16 bit pattern of the first placeholder (512.0); the next tensors take the following patterns, all
+finite and exact in fp16 and fp32 (up to 0x7BFF: 7167 tensors), and none a value like 0 or 1 that constant
+masks or biases hold."""
+LAST_PLACEHOLDER_BITS = 0x7BFF
+
+
+def placeholder(i: int) -> float:
+    bits = FIRST_PLACEHOLDER_BITS + i
+    if bits > LAST_PLACEHOLDER_BITS:
+        raise ValueError(f"more than {LAST_PLACEHOLDER_BITS - FIRST_PLACEHOLDER_BITS + 1} weight tensors")
+    return float(np.array([bits], dtype=np.uint16).view(np.float16)[0])
+
+
+def source_of(loaded: Any) -> WeightSource:
+    """The loaded model's weight source: its lazy source, or its real tensors (float32) as one."""
+    if loaded.weights is not None:
+        return loaded.weights
+    return CheckpointWeights(loaded.config, dict(loaded.model.state_dict()), torch.float32)
+
+
+def placeholder_model(
+    cfg: Lfm2Config, sparse_moe: bool = False, moe_cls: Any = None
+) -> tuple[Lfm2ForCausalLM, dict[float, Any]]:
+    """The canonical model with one distinct zero-stride scalar per parameter and buffer, and `{value: name}`.
+    `sparse_moe`: every MoE is a `modules.StackedMoE`, whose stacked `w1` / `w3` / `w2` map to the tuple of
+    the experts' tensor names (stacked by `fill`); `moe_cls` replaces `StackedMoE` (the tests build a wrong
+    conversion with it)."""
+    from .modules import STACKED, StackedMoE, stacked_moe
+
+    model = build_model(cfg)
+    if sparse_moe:
+        model = apply_swaps(model, [lambda m: stacked_moe(m, moe_cls or StackedMoE)])
+    names: dict[float, Any] = {}
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for attr, p in list(module.named_parameters(recurse=False)):
+            value = placeholder(len(names))
+            if isinstance(module, StackedMoE) and attr in STACKED:
+                names[value] = tuple(f"{prefix}experts.{e}.{attr}.weight" for e in range(p.shape[0]))
+            else:
+                names[value] = prefix + attr
+            dtype = float_dtype_for(prefix + attr, torch.float32)
+            setattr(module, attr, nn.Parameter(torch.full((), value, dtype=dtype).expand(p.shape), False))
+        for attr, b in list(module.named_buffers(recurse=False)):
+            value = placeholder(len(names))
+            names[value] = prefix + attr
+            module._buffers[attr] = torch.full((), value, dtype=torch.float32).expand(b.shape)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        names = {v: n for v, n in names.items() if n != "lm_head.weight"}
+    return model.eval(), names
+
+
+def _shape(source: WeightSource, name: Any) -> tuple[int, ...]:
+    if isinstance(name, tuple):
+        return (len(name), *source.shapes[name[0]])
+    return tuple(source.shapes[name])
+
+
+def _tensor(source: WeightSource, name: Any, dtype: Any) -> np.ndarray:
+    """The source's tensor `name` (a tuple: its tensors stacked, one expert at a time) as numpy `dtype`."""
+    if not isinstance(name, tuple):
+        return source.get(name).detach().numpy().astype(dtype)
+    out = np.empty(_shape(source, name), dtype=dtype)
+    for i, n in enumerate(name):
+        out[i] = source.get(n).detach().numpy()
+    return out
+
+
+def _placeholder_name(val: Any, names: dict[float, Any]) -> Any:
+    if not isinstance(val, np.ndarray) or val.dtype.kind != "f" or val.size < 2:
+        return None
+    first = float(val.flat[0])
+    if first not in names or float(val.flat[-1]) != first:
+        return None
+    return names[first]
+
+
+def fill(program: Any, names: dict[float, Any], source: WeightSource) -> dict[str, Any]:
+    """Write every placeholder constant of `program` from `source`, in place, one tensor at a time.
+    Returns `{const name: tensor name}`."""
+    from coremltools.converters.mil.mil import Builder as mb
+    from coremltools.converters.mil.mil.passes.helper import block_context_manager
+
+    filled: dict[str, Any] = {}
+    unmapped: list[str] = []
+
+    @block_context_manager
+    def fill_block(block: Any) -> None:
+        for op in list(block.operations):
+            for b in op.blocks:
+                fill_block(b)
+            if op.op_type != "const":
+                continue
+            val = op.val.val
+            name = _placeholder_name(val, names)
+            if name is None:
+                continue
+            if tuple(val.shape) != _shape(source, name):
+                unmapped.append(
+                    f"{op.name} {list(val.shape)} (placeholder of {name} {list(_shape(source, name))})"
+                )
+                continue
+            real = _tensor(source, name, val.dtype)
+            if val.dtype == np.float16 and not np.isfinite(real).all():
+                raise UnsupportedError(
+                    f"{name}: a weight beyond fp16's range (65504); the Core ML program holds weights in fp16"
+                )
+            if val.flags.writeable and val.strides[-1] != 0:
+                val[...] = real
+            else:
+                new = mb.const(val=real, before_op=op, name=op.name + "_filled")
+                block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new)
+                block.remove_ops([op])
+            del real
+            filled[op.name] = name
+
+    for function in program.functions.values():
+        fill_block(function)
+    missing = sorted(str(n) for n in set(names.values()) - set(filled.values()))
+    if unmapped or missing:
+        raise RuntimeError(
+            "weights not written into the Core ML program: "
+            + "; ".join(unmapped + [f"{n} (no constant holds it)" for n in missing])
+        )
+    return filled
+
+
+def _distinct(value: np.ndarray) -> np.ndarray:
+    """The values of `value` without its broadcast copies: a zero-stride axis (a placeholder's) kept at length 1."""
+    if value.ndim == 0 or 0 not in value.strides:
+        return value
+    return value[tuple(slice(0, 1) if s == 0 else slice(None) for s in value.strides)]
+
+
+def _fp16_overflow(op: Any) -> bool:
+    """coremltools' `FP16ComputePrecision.fp16_overflow` (does an fp32 const input of `op` hold a finite value
+    beyond fp16's 65504?) with the same answer, computed on each input's distinct values. The original takes
+    `np.abs` and `np.where` of the whole constant: for a placeholder that is a full-size copy plus int64
+    indices, 16+ bytes per weight element; on `random:lfm2-350m` the fp16 pass's peak went from 0.86 to
+    3.45 GB on the 65536 x 1024 embedding."""
+    for inputs in op.inputs.values():
+        for var in inputs if isinstance(inputs, (list, tuple)) else [inputs]:
+            if var.op is not None and var.op.op_type == "const" and var.is_tensor_or_scalar_of(dtype="fp32"):
+                a = np.abs(_distinct(np.asarray(var.op.val.val)))
+                if np.max(a, where=a < 1e38, initial=0.0) > 65504:
+                    return True
+    return False
+
+
+@contextlib.contextmanager
+def light_fp16_overflow_check() -> Iterator[None]:
+    """Within: coremltools' fp16 pass uses `_fp16_overflow` (restored on exit)."""
+    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
+
+    original = FP16ComputePrecision.__dict__["fp16_overflow"]
+    FP16ComputePrecision.fp16_overflow = staticmethod(_fp16_overflow)
+    try:
+        yield
+    finally:
+        FP16ComputePrecision.fp16_overflow = original
