@@ -5,6 +5,7 @@ parity (slow: minutes each on 2 cores)."""
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,11 @@ pytest.importorskip("executorch")
 
 
 from lfm_export.backends.executorch.moe import SparseMoE, sparse_moe_swap  # noqa: E402
+from lfm_export.backends.executorch.recipes import make_recipe  # noqa: E402
 from lfm_export.loading import load_model  # noqa: E402
 from lfm_export.model import MoE  # noqa: E402
+from lfm_export.pipeline import check_artifact, export_artifact  # noqa: E402
+from lfm_export.progress import Progress  # noqa: E402
 from lfm_export.trace import apply_swaps  # noqa: E402
 
 
@@ -89,6 +93,87 @@ def test_a_lowered_sparse_moe_layer_reads_only_the_selected_experts(tmp_path: Pa
     with torch.no_grad():
         dense.experts[unused].w1.weight.fill_(float("nan"))
         assert torch.isnan(dense(decode)).all()  # the dense form reads the unselected expert
+
+
+def _routed_elsewhere() -> Any:
+    """tiny-moe with the expert bias of its first MoE layer raised for expert 0: the same weights, routed to
+    other experts (what an export that routes wrongly computes)."""
+    other = load_model("tiny-moe")
+    moe = next(m for m in other.model.modules() if isinstance(m, MoE))
+    moe.expert_bias = moe.expert_bias.clone()
+    moe.expert_bias[0] += 10.0
+    return other
+
+
+@pytest.mark.slow
+def test_tiny_moe_fp32_sparse_export_passes_parity_and_other_routing_fails(tmp_path: Path) -> None:
+    torch.set_num_threads(2)
+    outcome = export_artifact(
+        "executorch",
+        "tiny-moe",
+        tmp_path / "moe-fp32",
+        make_recipe("fp32", max_seq_len=64, max_prefill=16),
+        threads=2,
+        progress=Progress(quiet=True),
+    )
+    m = outcome.manifest
+    assert outcome.passed and m["weights"]["experts"].startswith("sparse form"), m["parity"]
+    assert m["weights"]["counts"] == {"experts": 32}
+    assert m["parity"]["exactness"]["worst"]["logit_max_rel"] < 1e-5  # measured 6.4e-7
+    result = check_artifact(
+        outcome.out, _routed_elsewhere(), threads=2, progress=Progress(quiet=True), scenarios=["prefill"]
+    )
+    assert not result.passed and not result.summary()["exactness"]["passed"]
+
+
+@pytest.mark.slow
+def test_tiny_moe_8da4w_sparse_export_passes_parity_through_the_cli_and_other_routing_fails(
+    tmp_path: Path,
+) -> None:
+    """As a new user would: `lfm-export executorch tiny-moe --quant 8da4w`, then `lfm-export parity OUT
+    --json`; against the same weights routed elsewhere the artifact fails exactness."""
+    out = tmp_path / "moe-q4"
+    r = _cli("executorch", "tiny-moe", "-o", str(out), "--quant", "8da4w", "--max-seq-len", "64", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    weights = json.loads((out / "manifest.json").read_text())["weights"]
+    assert weights["experts"].startswith("sparse form") and "int4 blocks of 32" in weights["experts"]
+    r = _cli("parity", str(out), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["passed"] is True, r.stdout[-2000:]
+    result = check_artifact(
+        out, _routed_elsewhere(), threads=2, progress=Progress(quiet=True), scenarios=["prefill"]
+    )
+    assert not result.passed and not result.summary()["exactness"]["passed"]
+
+
+@pytest.mark.slow
+def test_a_lowered_int4_sparse_moe_layer_computes_the_simulation(tmp_path: Path) -> None:
+    """One MoE layer at 8da4w (int4 codes packed two per byte, per-token int8 activations, portable ops)
+    against the same layer of `lfm_export.quant.simulate` with the backend's weight values: equal to float
+    rounding (measured 4e-7 of the output scale), while the fp32 layer is visibly different (5-15%)."""
+    from lfm_export.backends.executorch import weight_values
+    from lfm_export.quant import simulate
+
+    torch.set_num_threads(2)
+    loaded = load_model("tiny-moe")
+    hidden = loaded.config.hidden_size
+    recipe = make_recipe("8da4w")
+    sparse = apply_swaps(loaded.model, [sparse_moe_swap(loaded.model, 4, 32, {}, None)])
+    layer = next(m for m in sparse.modules() if isinstance(m, SparseMoE))
+    sim = simulate(
+        loaded.model, recipe.simulated, recipe.activations, weights=weight_values(recipe.to_dict())
+    )
+    simulated = next(m for m in sim.modules() if isinstance(m, MoE))
+    fp32 = next(m for m in loaded.model.modules() if isinstance(m, MoE))
+    method = _lowered_layer(layer, hidden, tmp_path)
+    torch.manual_seed(0)
+    for t in (1, 6, 16):
+        x = torch.randn(1, t, hidden)
+        got = method.execute([x])[0]
+        with torch.no_grad():
+            want, far = simulated(x), fp32(x)
+        scale = float(want.abs().max())
+        assert float((got - want).abs().max()) < 1e-5 * scale
+        assert float((far - want).abs().max()) > 1e-2 * scale
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
