@@ -69,8 +69,9 @@ class SparseLinear(nn.Module):
         blocks = codes.reshape(k // self.group, self.group, n).to(torch.float32)
         return (blocks * self.scale_t.to(torch.float32).unsqueeze(1)).reshape(k, n)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.bits is not None:
+    def forward(self, x: Tensor, rounded: bool = False) -> Tensor:
+        """`rounded`: `x` was already rounded per token (w1 and w3 share one rounding of their input)."""
+        if self.bits is not None and not rounded:
             x = token_rounded(x)
         return torch.mm(x, self.dequantized_t())
 
@@ -92,7 +93,9 @@ class SparseExpert(nn.Module):
         self.w1, self.w3, self.w2 = (SparseLinear(w, bits, block_size) for w in weights)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(torch.nn.functional.silu(self.w1(x)) * self.w3(x))
+        if self.w1.bits is not None:
+            x = token_rounded(x)
+        return self.w2(torch.nn.functional.silu(self.w1(x, rounded=True)) * self.w3(x, rounded=True))
 
 
 class SparseMoE(nn.Module):
