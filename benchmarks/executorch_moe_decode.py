@@ -4,11 +4,11 @@ number of experts.
     .venv/bin/python benchmarks/executorch_moe_decode.py --experts 8 32 --top-k 4 --threads 2
 
 One LFM2-8B-A1B-sized MoE layer (hidden 2048, expert width 1792, top-k 4; random normal(0, 0.02) weights,
-seeded) is lowered at 8da4w twice per expert count:
+seeded) is lowered at `--quant` (8da4w or fp32) twice per expert count:
 
 - `sparse`: `backends/executorch/moe.py` (what `lfm-export executorch` writes for MoE models);
-- `dense`: the core `MoE` in its dense form with XNNPACK's 8da4w linears (every expert on every token, the
-  unselected ones weighted by 0).
+- `dense`: the core `MoE` in its dense form, linears on XNNPACK (8da4w or fp32; every expert on every token,
+  the unselected ones weighted by 0).
 
 Each program decodes one token (`[1, 1, 2048]`) `--steps` times; the median per call is printed, with the
 `.pte` size. If the sparse program reads only the top-k experts, its time stays flat as the expert count
@@ -52,7 +52,7 @@ def build(experts: int, top_k: int) -> _Layer:
     return _Layer(moe).eval()
 
 
-def lower(layer: nn.Module, form: str, tmp: Path) -> Path:
+def lower(layer: nn.Module, form: str, quant: str, tmp: Path) -> Path:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
@@ -61,10 +61,11 @@ def lower(layer: nn.Module, form: str, tmp: Path) -> Path:
     from lfm_export.backends.executorch.recipes import make_recipe
     from lfm_export.trace import apply_swaps
 
-    recipe = make_recipe("8da4w")
+    recipe = make_recipe(quant)
+    bits = recipe.recipe.bits if recipe.recipe.quantized else None
     if form == "sparse":
-        layer = apply_swaps(layer, [sparse_moe_swap(layer, 4, recipe.recipe.block_size, {}, None)])
-    else:
+        layer = apply_swaps(layer, [sparse_moe_swap(bits, 32, {})])
+    elif bits:
         quantize_linears(layer, recipe)
     x = torch.zeros(1, 3, layer.feed_forward.gate.in_features)
     seq = torch.export.Dim("seq", min=1, max=16)
@@ -99,6 +100,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--forms", nargs="+", default=["sparse", "dense"], choices=["sparse", "dense"])
+    ap.add_argument("--quant", default="8da4w", choices=["8da4w", "fp32"])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -110,18 +112,18 @@ def main() -> None:
     quiet_torchao()
     torch.set_num_threads(args.threads)
     portable_lib._unsafe_reset_threadpool(args.threads)
-    print("| form | experts | top-k | decode ms / token (median) | .pte MB | lowering s |")
-    print("|---|---|---|---|---|---|")
+    print("| recipe | form | experts | top-k | decode ms / token (median) | .pte MB | lowering s |")
+    print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for experts in args.experts:
             for form in args.forms:
                 t0 = time.perf_counter()
-                path = lower(build(experts, args.top_k), form, Path(tmp))
+                path = lower(build(experts, args.top_k), form, args.quant, Path(tmp))
                 lowering = time.perf_counter() - t0
                 ms = decode_ms(path, 2048, args.steps)
                 mb = path.stat().st_size / 1e6
                 print(
-                    f"| {form} | {experts} | {args.top_k} | {ms:.2f} | {mb:.0f} | {lowering:.0f} |",
+                    f"| {args.quant} | {form} | {experts} | {args.top_k} | {ms:.2f} | {mb:.0f} | {lowering:.0f} |",
                     flush=True,
                 )
                 path.unlink()

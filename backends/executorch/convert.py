@@ -42,7 +42,7 @@ from lfm_export.trace import Swap, export_stateful_program
 
 from .attention import custom_op_attention, load_custom_ops, seq_first_signature
 from .embedding import quantized_embedding
-from .moe import sparse_moe_swap, without_experts
+from .moe import sparse_moe_swap
 from .quantize import xnnpack_weight
 from .recipes import XNNPACK, ExecuTorchRecipe
 
@@ -183,16 +183,13 @@ def export_executorch(
     counts: dict[str, int] = {}
 
     with progress.step("Preparing weights"):
-        sparse_lazy = bool(cfg.num_experts) and core.quantized and loaded.lazy
-        model = (without_experts(loaded) if sparse_lazy else loaded.materialized().model).eval()
+        model = loaded.materialized().model.eval()
         swaps: list[Swap] = []
-        if cfg.num_experts:
-            bits = core.bits if core.quantized else None
-            source = loaded.weights if sparse_lazy else None
-            swaps.append(sparse_moe_swap(model, bits, core.block_size, counts, source))
-            weights["experts"] = "sparse form, portable ops (moe.py)" + (
-                f", int{core.bits} blocks of {core.block_size} as the linears" if core.quantized else ""
-            )
+        if cfg.num_experts and not core.quantized:
+            swaps.append(sparse_moe_swap(None, core.block_size, counts))
+            weights["experts"] = "sparse form, portable ops (moe.py)"
+        elif cfg.num_experts:
+            weights["experts"] = "dense form, every expert through the quantized linears (moe.py says why)"
         if core.quantized:
             core.check_model(cfg, {n: tuple(p.shape) for n, p in model.named_parameters()})
             swaps.append(linear_swap(model, recipe, counts))

@@ -1,38 +1,37 @@
-"""MoE layers of an ExecuTorch program in the core's sparse form: each expert runs only on the rows routed to it,
-so a decode step reads only the selected experts' weights.
+"""MoE layers of an ExecuTorch program in the core's sparse form: each expert runs only on the rows routed to it.
+`lfm-export executorch` uses it for fp32 exports of MoE models; quantized exports keep the dense form (every
+expert through XNNPACK's 8da4w linears), for the reason measured below.
 
-What ExecuTorch 1.5.1 can lower, measured on `tiny-moe` (2026-11-29):
+What ExecuTorch 1.5.1 can lower (2026-11-29, `tiny-moe` and one LFM2-8B-A1B-sized layer):
 
-- The core's sparse form (`nonzero` -> `index_select` -> expert -> `index_add`) exports; the per-expert row
-  count is an unbacked symbol bounded by the token count, and `to_executorch` keeps it as a dynamic size.
+- The sparse form (`nonzero` -> `index_select` -> expert -> `index_add`) exports; the per-expert row count is
+  an unbacked symbol bounded by the token count, and the program keeps it as a dynamic size.
 - XNNPACK's partitioner refuses every node with an unbacked size ("XNNPACK does not support empty tensors",
-  `xnnpack_config.py`), so the experts' linears stay outside the delegate whatever their form. With plain
-  `nn.Linear` experts it still delegates the weight transposes: every expert's weight is permuted on every
-  call, which reads all experts. torchao's 8da4w tensor subclass does not trace on an unbacked row count
-  (`_get_reduction_params` guards on `rows != 1`, `quantize_affine` on `zero_point.numel() > 0`), and
-  inside `torch.cond` branches the partitioner delegates nothing (`aten.linear` "was not decomposed or
-  delegated"). ExecuTorch's own fused `llama::quantized_moe_ffn` needs torchao's packing ops
-  (`torchao::_pack_8bit_act_4bit_weight`), which this torchao wheel does not ship.
-- So the experts compute in ExecuTorch's portable ops: `mm(weight, rows^T)` on the float weight as stored
-  (no transpose of the weight), and for quantized recipes the same codes and scales as the delegated linears
-  (`quantize.xnnpack_weight`) dequantized per call, with the activations rounded per token as XNNPACK's
-  `qd8` kernels do (`lfm_export.quant.fake_quant_int8_token`). A zero-row expert reads nothing.
+  `xnnpack_config.py`), so the experts stay outside the delegate. With plain `nn.Linear` experts it still
+  delegates the weight transposes (every expert's weight permuted on every call: all experts read), so the
+  weight is stored transposed and multiplied by the portable `mm`, which reads nothing for zero rows.
+- torchao's 8da4w tensor does not trace on an unbacked row count (`_get_reduction_params` guards on
+  `rows != 1`, `quantize_affine` on `zero_point.numel() > 0`); inside `torch.cond` branches the partitioner
+  delegates nothing (`aten.linear` "was not decomposed or delegated"); `torch.scan` over stacked experts
+  failed in export (fake-tensor call of `scan`); ExecuTorch's fused `llama::quantized_moe_ffn` needs torchao's
+  packing op `_pack_8bit_act_4bit_weight`, absent from this torchao wheel.
+- An int4 sparse expert is therefore expressed in portable ops (`bits=4` here: packed codes and bf16 scales
+  dequantized per call, inputs rounded per token). It computes the simulation exactly (tested), but the
+  dequantization does not depend on the rows, so every expert's weights are unpacked on every call: one
+  8B-sized layer decodes one token in 1985 ms with 8 experts and 3696 ms with 16 (grows with the expert count;
+  `benchmarks/executorch_moe_decode.py`). Not used by the exporter; kept for that benchmark and its test.
 
-Routing (gate, sigmoid, top-k, normalisation) is the core `MoE`'s own code; the router stays float.
+Routing (gate, sigmoid, expert bias, top-k, normalisation) is the core `MoE`'s own code, in float32.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 
-from lfm_export.loading import LoadedModel
 from lfm_export.model import MoE
 from lfm_export.quant import fake_quant_int8_token
-from lfm_export.trace import Swap, shared_copy
-from lfm_export.weights import WeightSource
+from lfm_export.trace import Swap
 
 from .embedding import pack_int4, unpack_int4
 from .quantize import xnnpack_weight
@@ -103,9 +102,7 @@ class SparseMoE(nn.Module):
     core's `squeeze(-1)`: ExecuTorch's portable `squeeze_copy` rejected `nonzero`'s output ("2 input tensors
     have different dim orders", measured)."""
 
-    def __init__(
-        self, moe: MoE, bits: int | None, block_size: int, weight: Callable[[int, str], Tensor]
-    ) -> None:
+    def __init__(self, moe: MoE, bits: int | None, block_size: int) -> None:
         super().__init__()
         self.top_k, self.norm_topk_prob, self.scale = moe.top_k, moe.norm_topk_prob, moe.scale
         self.use_expert_bias = moe.use_expert_bias
@@ -113,8 +110,8 @@ class SparseMoE(nn.Module):
         if moe.use_expert_bias:
             self.register_buffer("expert_bias", moe.expert_bias)
         self.experts = nn.ModuleList(
-            SparseExpert([weight(e, w) for w in ("w1", "w3", "w2")], bits, block_size)
-            for e in range(len(moe.experts))
+            SparseExpert([getattr(e, w).weight for w in ("w1", "w3", "w2")], bits, block_size)
+            for e in moe.experts
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -131,53 +128,14 @@ class SparseMoE(nn.Module):
         return out.reshape(shape)
 
 
-def sparse_moe_swap(
-    model: nn.Module, bits: int | None, block_size: int, counts: dict[str, int], source: WeightSource | None
-) -> Swap:
-    """Swap for `lfm_export.trace.apply_swaps`: every `MoE` of `model` becomes a `SparseMoE` (experts at `bits`,
-    None for float), counted in `counts["experts"]`. With a `source` (a lazy model, `without_experts`), each
-    expert weight is produced by it, quantized and dropped, one at a time. MoE layers are recognised by their
-    router weight, which the swapped copy shares."""
-    names = {id(m.gate.weight): n for n, m in model.named_modules() if isinstance(m, MoE)}
+def sparse_moe_swap(bits: int | None, block_size: int, counts: dict[str, int]) -> Swap:
+    """Swap for `lfm_export.trace.apply_swaps`: every `MoE` becomes a `SparseMoE` (experts at `bits`, None for
+    float), counted in `counts["experts"]`."""
 
     def swap(module: nn.Module) -> nn.Module | None:
         if not isinstance(module, MoE):
             return None
         counts["experts"] = counts.get("experts", 0) + len(module.experts)
-        prefix = names[id(module.gate.weight)]
-
-        def weight(e: int, w: str) -> Tensor:
-            if source is None:
-                return getattr(module.experts[e], w).weight
-            return source.get(f"{prefix}.experts.{e}.{w}.weight")
-
-        return SparseMoE(module, bits, block_size, weight)
+        return SparseMoE(module, bits, block_size)
 
     return swap
-
-
-def without_experts(loaded: LoadedModel) -> nn.Module:
-    """The model of `loaded` with real tensors for everything but the MoE experts' weights: a lazy model's expert
-    weights stay placeholders (`sparse_moe_swap` produces them one at a time), so LFM2-8B-A1B (33 GB in fp32,
-    7.75 B of its 8.3 B parameters in experts) is held at about 2.4 GB of float weights while it is quantized.
-    A model that is not lazy is returned as it is."""
-    source = loaded.weights
-    if source is None:
-        return loaded.model
-    model = shared_copy(loaded.model)
-    for prefix, module in model.named_modules():
-        for table in (module._parameters, module._buffers):
-            for attr, t in table.items():
-                name = f"{prefix}.{attr}" if prefix else attr
-                if (
-                    t is None
-                    or ".experts." in name
-                    or name == "lm_head.weight"
-                    and loaded.config.tie_word_embeddings
-                ):
-                    continue
-                real = source.get(name)
-                table[attr] = nn.Parameter(real, requires_grad=False) if isinstance(t, nn.Parameter) else real
-    if loaded.config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval()
