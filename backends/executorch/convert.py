@@ -45,6 +45,7 @@ from lfm_export.weights import WeightSource
 from .attention import custom_op_attention, load_custom_ops, seq_first_signature
 from .embedding import quantized_embedding
 from .layers import xnnpack_layers
+from .moe import sparse_moe_swap
 from .quantize import xnnpack_weight
 from .recipes import XNNPACK, ExecuTorchRecipe
 
@@ -256,6 +257,11 @@ def export_executorch(
     with progress.step("Preparing weights"):
         model, source = float_part(loaded, recipe)
         swaps: list[Swap] = []
+        if cfg.num_experts and not core.quantized:
+            swaps.append(sparse_moe_swap(None, core.block_size, counts))
+            weights["experts"] = "sparse form, portable ops (moe.py)"
+        elif cfg.num_experts:
+            weights["experts"] = "dense form, every expert through the quantized linears (moe.py says why)"
         if core.quantized:
             core.check_model(cfg, {n: tuple(p.shape) for n, p in model.named_parameters()})
             swaps.append(linear_swap(model, recipe, counts, source))

@@ -25,20 +25,30 @@ class QuantizedEmbedding(nn.Module):
         self.bits, self.group = bits, group
         self.hidden = int(codes.shape[1])
         if bits == 4:
-            u = (codes.to(torch.int16) + 8).to(torch.uint8)  # 0..15
-            codes = u[:, 0::2] | (u[:, 1::2] << 4)
+            codes = pack_int4(codes)
         self.register_buffer("codes", codes.contiguous())
         self.register_buffer("scales", scale.contiguous())
 
     def forward(self, ids: Tensor) -> Tensor:
         rows = nn.functional.embedding(ids, self.codes)
         if self.bits == 4:
-            packed = rows.to(torch.int32)  # shifts are not core ATen ops: floor division unpacks
-            hi = torch.div(packed, 16, rounding_mode="floor")
-            rows = torch.stack([packed - hi * 16, hi], dim=-1).reshape(*ids.shape, self.hidden) - 8
+            rows = unpack_int4(rows)
         scales = nn.functional.embedding(ids, self.scales)  # [B, T, H / group]
         grouped = rows.float().reshape(*ids.shape, self.hidden // self.group, self.group)
         return (grouped * scales[..., None]).reshape(*ids.shape, self.hidden)
+
+
+def pack_int4(codes: Tensor) -> Tensor:
+    """int4 codes `[..., 2n]` (-8..7, int8) -> `[..., n]` uint8, two codes per byte (even column low)."""
+    u = (codes.to(torch.int16) + 8).to(torch.uint8)  # 0..15
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """`pack_int4` undone in core ATen ops (shifts are not core ATen: floor division unpacks): int32 codes."""
+    p = packed.to(torch.int32)
+    hi = torch.div(p, 16, rounding_mode="floor")
+    return torch.stack([p - hi * 16, hi], dim=-1).reshape(*p.shape[:-1], 2 * p.shape[-1]) - 8
 
 
 def quantized_embedding(bits: int, block_size: int):  # noqa: ANN201 (a swap)
