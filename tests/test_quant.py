@@ -212,6 +212,7 @@ def test_artifact_at_accuracy_level_4_is_its_int8_block_simulation(tmp_path: Pat
     assert (got.argmax(-1) == sim.argmax(-1)).mean() >= 0.98
 
 
+@pytest.mark.slow  # 19 s: an ONNX MoE export per accuracy level
 def test_int8_moe_experts_round_their_inputs_at_any_level(tmp_path: Path) -> None:
     """onnxruntime's QMoE with int8 experts rounds the experts' inputs to int8 per block even at accuracy_level
     0 (op by op: 4e-7 against int8-block, 1e-2 against float), so the ONNX simulation uses int8-block for the
