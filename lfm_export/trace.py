@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +31,7 @@ from lfm_export.signature import (
 from lfm_export.stateful import StatefulModule
 
 Swap = Callable[[nn.Module], nn.Module | None]
+M = TypeVar("M", bound=nn.Module)
 
 
 class SignatureModule(nn.Module):
@@ -103,6 +105,18 @@ def shared_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> 
     new._parameters = dict(module._parameters)
     new._buffers = dict(module._buffers)
     new._modules = {k: None if m is None else shared_copy(m, memo) for k, m in module._modules.items()}
+    return new
+
+
+def rebind(module: nn.Module, cls: type[M]) -> M:
+    """`module` as an instance of `cls` (a subclass that changes how it computes, not what it holds) over the
+    same parameters, buffers and submodules: no tensor is copied, and replacing one of the new module's
+    submodules leaves `module` untouched. The backends' module swaps build their variants with it."""
+    new = cls.__new__(cls)
+    new.__dict__ = dict(module.__dict__)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = dict(module._modules)
     return new
 
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from lfm_export.model import STATEFUL, Attention, MoE
 from lfm_export.signature import CONV, KEY, VALUE
 from lfm_export.stateful import StatefulModule
+from lfm_export.trace import rebind
 
 
 class SliceWriteAttention(Attention):
@@ -58,12 +59,7 @@ def slice_write_attention(module: nn.Module) -> nn.Module | None:
     submodules and weights."""
     if not isinstance(module, Attention) or isinstance(module, SliceWriteAttention):
         return None
-    new = SliceWriteAttention.__new__(SliceWriteAttention)
-    new.__dict__ = dict(module.__dict__)
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    new._modules = dict(module._modules)
-    return new
+    return rebind(module, SliceWriteAttention)
 
 
 class CoreMLStatefulModule(StatefulModule):
@@ -116,11 +112,8 @@ def stacked_moe(module: nn.Module, cls: type[StackedMoE] = StackedMoE) -> nn.Mod
     (`torch.stack`: a copy; the placeholder model's experts are 4-byte views, so it costs nothing there)."""
     if not isinstance(module, MoE) or isinstance(module, StackedMoE):
         return None
-    new = cls.__new__(cls)
-    new.__dict__ = dict(module.__dict__)
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    new._modules = {k: v for k, v in module._modules.items() if k != "experts"}
+    new = rebind(module, cls)
+    del new._modules["experts"]
     for attr in STACKED:
         stacked = torch.stack([getattr(e, attr).weight for e in module.experts])
         new._parameters[attr] = nn.Parameter(stacked, requires_grad=False)

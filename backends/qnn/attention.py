@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from lfm_export.model import STATIC, Attention, apply_rope
+from lfm_export.trace import rebind
 
 
 class MaskedProbsAttention(Attention):
@@ -20,9 +21,7 @@ class MaskedProbsAttention(Attention):
     def swap(cls, module: nn.Module) -> nn.Module | None:
         if type(module) is not Attention:
             return None
-        new = cls.__new__(cls)
-        new.__dict__ = dict(module.__dict__)  # the same parameters and submodules
-        return new
+        return rebind(module, cls)
 
     def forward(
         self,
