@@ -20,8 +20,10 @@ demo: $(STAMP)
 	$(BIN)/lfm-export run $(DEMO_OUT) --prompt "Once upon a time" --max-new-tokens 120
 	$(BIN)/lfm-export run $(DEMO_OUT) --chat --prompt "What does a cow say?" --max-new-tokens 40
 
+# Two workers, one test file each at a time (module fixtures built once): the suite is mostly single-threaded
+# tracing and lowering (load average about 1.0 during a serial run), 615 s serial on the 2-core VM.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
