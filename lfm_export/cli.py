@@ -794,10 +794,12 @@ def _tree(key: str, value: Any, depth: int = 0) -> list[str]:
     return [f"{pad}{key}", *(sub for k, v in items for sub in _tree(str(k), v, depth + 1))]
 
 
-def _on_sigint(signum: int, frame: Any) -> None:
-    """While an artifact is being written, Ctrl-C removes its temporary folder and exits 130 at once: a
+def _on_signal(signum: int, frame: Any) -> None:
+    """While an artifact is being written, Ctrl-C (SIGINT) or a cancel (SIGTERM, what CI systems and `timeout`
+    send) removes its temporary folder and exits 128 + the signal number at once (130, 143): a
     KeyboardInterrupt raised inside torch's tracing crashed the process at times (exit -11, seen once in CI on
-    2026-11-29), which would leave the folder behind. Otherwise the interrupt is raised as usual."""
+    2026-11-29), and SIGTERM's default action ends the process without cleanup, which left `.OUT.tmp-*` behind
+    (seen 2026-11-29 under `timeout 90`). Otherwise SIGINT is raised as usual and SIGTERM exits 143."""
     _state["interrupted"] = True
     from lfm_export.manifest import LIVE_TEMP_FOLDERS
 
@@ -807,18 +809,24 @@ def _on_sigint(signum: int, frame: Any) -> None:
 
         for tmp in list(LIVE_TEMP_FOLDERS):
             shutil.rmtree(tmp, ignore_errors=True)
-        sys.stderr.write("interrupted\n")
+        sys.stderr.write("interrupted\n" if signum == signal.SIGINT else "terminated\n")
         sys.stderr.flush()
-        os._exit(130)
-    signal.default_int_handler(signum, frame)
+        os._exit(128 + signum)
+    if signum == signal.SIGINT:
+        signal.default_int_handler(signum, frame)
+    sys.stderr.write("terminated\n")
+    sys.stderr.flush()
+    sys.exit(128 + signum)
 
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2 (usage errors: typer's).
 
     Ctrl-C is exit 130 even where a library wraps the KeyboardInterrupt in an exception of its own (the
-    handler records that an interrupt happened); the export's temporary folder goes either way."""
-    signal.signal(signal.SIGINT, _on_sigint)
+    handler records that an interrupt happened), SIGTERM exit 143; the export's temporary folder goes either
+    way."""
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
     try:
         app()
     except KeyboardInterrupt:

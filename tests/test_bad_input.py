@@ -82,7 +82,9 @@ def test_disk_full_while_writing_leaves_nothing(tmp_path):
     assert_nothing_left(parent)
 
 
-def test_sigint_during_export_exits_130_and_removes_the_temp_folder(tmp_path):
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["INT", "TERM"])
+def test_signal_during_export_exits_and_removes_the_temp_folder(tmp_path, signum, code):
+    """Ctrl-C and a cancel (SIGTERM: CI systems, `timeout`) both leave nothing behind."""
     parent = tmp_path / "sig"
     parent.mkdir()
     proc = subprocess.Popen(
@@ -105,9 +107,9 @@ def test_sigint_during_export_exits_130_and_removes_the_temp_folder(tmp_path):
     while not any(p.name.startswith(".out.tmp-") for p in parent.iterdir()):
         assert proc.poll() is None and time.monotonic() < deadline, "the export never created its temp folder"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     assert "Traceback" not in err
     assert_nothing_left(parent)
 
