@@ -473,7 +473,9 @@ backend_command(
             "group_size",
             Annotated[
                 int | None,
-                typer.Option(help="int4 weight group size: 32 | 64 | 128 (default: the recipe's, 32)."),
+                typer.Option(
+                    help="weight group size: 32 | 64 | 128 for int4; 0 = per channel (int8, 8da8w)."
+                ),
             ],
             None,
         ),

@@ -278,7 +278,8 @@ def quantize_weight(
     chosen = recipe.bits if bits is None else bits
     if chosen is None:
         raise ValueError(f"recipe {recipe.name} quantizes no weights")
-    return quantize_block(w, chosen, recipe.block_size, recipe.symmetric, recipe.rounding, threads)
+    block = recipe.block_for(int(np.shape(w)[-1]))
+    return quantize_block(w, chosen, block, recipe.symmetric, recipe.rounding, threads)
 
 
 # ---- torch simulation ------------------------------------------------------------------------------------------

@@ -5,12 +5,15 @@ A recipe says how weights and activations are represented; a backend adds only i
 
     fp32 | fp16 | bf16                          float weights and activations
     int8-b32, int4-b64, int4-g128               block-wise weights (`g` is accepted for `b`: MLX's "group")
+    int8-pc                                     int8 weights per output channel (one scale per row; `b0`, as
+                                                ExecuTorch's `--group-size 0`, is accepted for `pc`)
     ...-asym                                    per-block zero points (default: symmetric)
     ...-a8                                      dynamic per-token int8 activations (ExecuTorch's `8da4w`)
     ...-mse                                     scales chosen by a rounding search (see `lfm_export.quant`)
 
-Aliases from other ecosystems map onto these: `8da4w` = `int4-b32-a8`, `8da8w` = `int8-b32-a8`, `int4` =
-`int4-b32`, `int8` = `int8-b32`. Every recipe belongs to one parity gate family (`gate_family`).
+Aliases from other ecosystems map onto these: `8da4w` = `int4-b32-a8`, `8da8w` = `int8-pc-a8` (ExecuTorch's
+own `8da8w` is per channel: torchao `PerAxis(0)` at its group size 0, the only int8 form XNNPACK lowers), `int4`
+= `int4-b32`, `int8` = `int8-b32`. Every recipe belongs to one parity gate family (`gate_family`).
 
 What stays float in every quantized recipe (`KEEP_FLOAT`): the MoE router (rounding must not change which
 experts are chosen), the norms, the conv and KV state, the rotary tables. The lm_head and the embedding table
@@ -29,6 +32,9 @@ from lfm_export.errors import UnsupportedError
 FLOAT_DTYPES = ("fp32", "fp16", "bf16")
 WEIGHT_BITS = (4, 8)
 BLOCK_SIZES = (32, 64, 128)
+PER_CHANNEL = 0
+"""`block_size` of a per-output-channel recipe (`-pc`): one block spans a weight's whole input dimension.
+Only int8 takes it (an int4 row needs blocks); each backend that cannot hold it refuses it."""
 ACTIVATIONS = ("float", "int8")
 ROUNDINGS = ("nearest", "mse")
 ACT_FLOAT = "float"
@@ -50,13 +56,14 @@ KEEP_FLOAT = ("moe router", "norms", "conv and KV state", "rotary tables")
 
 ALIASES = {
     "8da4w": "int4-b32-a8",
-    "8da8w": "int8-b32-a8",
+    "8da8w": "int8-pc-a8",
     "q4": "int4-b32",
     "q8": "int8-b32",
 }
 
 _GRAMMAR = (
-    "expected fp32, fp16, bf16, or int4 / int8 with optional -bN (N in 32, 64, 128), -asym, -a8, -mse "
+    "expected fp32, fp16, bf16, or int4 / int8 with optional -bN (N in 32, 64, 128; int8 also -pc, per "
+    "channel), -asym, -a8, -mse "
     f"(aliases: {', '.join(ALIASES)})"
 )
 
@@ -67,7 +74,8 @@ class Recipe:
 
     - `dtype`: float type of activations and of every weight that is not quantized (fp32 | fp16 | bf16).
     - `bits`: weight bits of the quantized linears (4 | 8), None for a float recipe.
-    - `block_size`: quantization block (group) along each weight's input dimension.
+    - `block_size`: quantization block (group) along each weight's input dimension; `PER_CHANNEL` (0): the
+      whole row (`block_for`).
     - `symmetric`: no zero points (default) or per-block zero points.
     - `activations`: `float`, or `int8` (dynamic per-token int8 activations into the quantized linears).
     - `rounding`: `nearest` (scale from the block's extreme) or `mse` (per-block scale search).
@@ -92,7 +100,11 @@ class Recipe:
             )
         if self.bits is not None and self.bits not in WEIGHT_BITS:
             raise UnsupportedError(f"weight bits {self.bits} not supported; expected 4 or 8")
-        if self.block_size not in BLOCK_SIZES:
+        if self.block_size == PER_CHANNEL and self.bits != 8:
+            raise UnsupportedError(
+                "per-channel weights (-pc, block 0) are int8 only; int4 takes blocks of 32-128"
+            )
+        if self.block_size not in (*BLOCK_SIZES, PER_CHANNEL):
             raise UnsupportedError(
                 f"block size {self.block_size} is not supported; expected one of {', '.join(map(str, BLOCK_SIZES))}"
             )
@@ -118,6 +130,14 @@ class Recipe:
         return self.bits is not None
 
     @property
+    def per_channel(self) -> bool:
+        return self.block_size == PER_CHANNEL
+
+    def block_for(self, k: int) -> int:
+        """The block a weight with input dimension `k` is quantized in: the recipe's, or `k` per channel."""
+        return k if self.per_channel else self.block_size
+
+    @property
     def quant(self) -> str:
         """`fp32`, `fp16`, `bf16`, `int8` or `int4`: the precision word of the name."""
         return f"int{self.bits}" if self.bits else self.dtype
@@ -127,7 +147,7 @@ class Recipe:
         """`fp32`, `int4-b32`, `int8-b128-asym`, `int4-b32-a8`: the name shared by every backend."""
         if not self.quantized:
             return self.dtype
-        parts = [self.quant, f"b{self.block_size}"]
+        parts = [self.quant, "pc" if self.per_channel else f"b{self.block_size}"]
         if not self.symmetric:
             parts.append("asym")
         if self.activations == "int8":
@@ -158,7 +178,7 @@ class Recipe:
         if not self.quantized:
             return
         for name, shape in weight_shapes.items():
-            if len(shape) == 2 and shape[1] % self.block_size:
+            if len(shape) == 2 and shape[1] % self.block_for(shape[1]):
                 fits = ", ".join(str(b) for b in BLOCK_SIZES if shape[1] % b == 0) or "none"
                 raise UnsupportedError(
                     f"block size {self.block_size} does not divide the input dimension {shape[1]} of {name}; "
@@ -204,6 +224,8 @@ def parse_recipe(
     for part in rest:
         if part[:1] in ("b", "g") and part[1:].isdigit() and "bits" in kw and named_block is None:
             named_block = int(part[1:])
+        elif part == "pc" and "bits" in kw and named_block is None:
+            named_block = PER_CHANNEL
         elif part == "asym" and "bits" in kw and kw.get("symmetric", True):
             kw["symmetric"] = False
         elif part == "a8" and "bits" in kw and "activations" not in kw:
@@ -220,7 +242,7 @@ def parse_recipe(
         if "bits" not in kw:
             raise UnsupportedError(f"--asymmetric needs a quantized recipe, not {text!r}")
         kw["symmetric"] = False
-    chosen = named_block or block_size
+    chosen = named_block if named_block is not None else block_size
     if chosen is not None:
         kw["block_size"] = chosen
     return Recipe(**kw)
@@ -231,4 +253,4 @@ def recipe_names() -> list[str]:
     names = list(FLOAT_DTYPES)
     for q in ("int8", "int4"):
         names += [f"{q}-b32", f"{q}-b32-asym", f"{q}-b32-a8", f"{q}-b32-mse"]
-    return names
+    return [*names, "int8-pc", "int8-pc-a8"]

@@ -208,6 +208,8 @@ def test_a_wrong_artifact_fails_parity(artifacts, tmp_path) -> None:
 def test_recipes_mlx_cannot_express_are_refused() -> None:
     with pytest.raises(UnsupportedError, match="float activations"):
         make_recipe("int4-b32-a8")
+    with pytest.raises(UnsupportedError, match="MLX quantizes in groups"):
+        make_recipe("int8-pc")
     assert make_recipe("bf16").activations == "native" and make_recipe("fp16").half == "float16"
 
 

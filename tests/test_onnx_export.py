@@ -280,6 +280,8 @@ def test_recipes() -> None:
         make_recipe(quant="8da4w")
     with pytest.raises(UnsupportedError, match="bf16"):
         parse_recipe("bf16")
+    with pytest.raises(UnsupportedError, match="MatMulNBits quantizes in blocks"):
+        make_recipe(quant="int8-pc")
     d = make_recipe(quant="int8", block_size=64, max_seq_len=128).to_dict()
     assert {k: d[k] for k in ("name", "quant", "block_size", "symmetric", "bits", "ops")} == {
         "name": "int8-b64",

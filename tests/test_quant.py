@@ -222,3 +222,30 @@ def test_int8_moe_experts_round_their_inputs_at_any_level(tmp_path: Path) -> Non
     kl, kl_weights_only = _kl_mean(sim, got), _kl_mean(weights_only, got)
     assert np.abs(got - sim).max() <= 5e-4 * np.abs(sim).max()
     assert kl <= 0.1 * kl_weights_only, (kl, kl_weights_only)
+
+
+def test_per_channel_int8_is_one_block_per_row_and_only_int8() -> None:
+    """`-pc` (and ExecuTorch's group size 0, `b0`) is int8 with one scale per output channel; `8da8w` means it,
+    as in ExecuTorch's own export; int4 rows need blocks."""
+    from lfm_export.errors import UnsupportedError
+    from lfm_export.recipes import PER_CHANNEL
+
+    for name in ("int8-pc", "int8-b0", "int8-g0"):
+        assert parse_recipe(name).name == "int8-pc" and parse_recipe(name).block_size == PER_CHANNEL
+    assert parse_recipe("8da8w").name == "int8-pc-a8"
+    assert parse_recipe("int8", block_size=0).name == "int8-pc"
+    for bad in ("int4-pc", "int4-b0", "fp32-pc"):
+        with pytest.raises(UnsupportedError):
+            parse_recipe(bad)
+    w = _weights(16, 96)
+    q = quant.quantize_weight(w, parse_recipe("int8-pc"))
+    assert q.scales.shape == (16, 1)
+    np.testing.assert_array_equal(q.dequantize(), quantize_block(w, 8, 96, True, "nearest").dequantize())
+    # a 96-wide input takes no block of 64, but per channel fits any width
+    parse_recipe("int8-pc").check_model(_cfg_stub(), {"w": (16, 96)})
+    with pytest.raises(UnsupportedError, match="block size 64 does not divide"):
+        parse_recipe("int8-b64").check_model(_cfg_stub(), {"w": (16, 96)})
+
+
+def _cfg_stub():
+    return load_model("tiny").config

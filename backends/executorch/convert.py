@@ -266,10 +266,11 @@ def export_executorch(
             core.check_model(cfg, {n: tuple(p.shape) for n, p in model.named_parameters()})
             swaps.append(linear_swap(model, recipe, counts, source))
             weights["linears"] = (
-                f"int{core.bits} blocks of {core.block_size}, symmetric, torchao's scales rounded to bf16 "
-                "(quantize.xnnpack_int4: XNNPACK refuses the core quantizer's negative scales); int8 per-token "
-                "asymmetric activations (torchao IntxUnpackedToInt8Tensor)"
-            )
+                f"int4 blocks of {core.block_size}, symmetric, torchao's scales rounded to bf16 "
+                "(quantize.xnnpack_int4: XNNPACK refuses the core quantizer's negative scales)"
+                if core.bits == 4
+                else "int8 per output channel, symmetric, fp32 scales (quantize.xnnpack_int8)"
+            ) + "; int8 per-token asymmetric activations (torchao IntxUnpackedToInt8Tensor)"
             weights["lm_head"] = (
                 "int8 per output channel (fp32 scales)"
                 if core.head_bits == 8

@@ -1,17 +1,18 @@
 """ExecuTorch recipes: a core `lfm_export.recipes.Recipe` plus the ExecuTorch knobs `max_prefill` and
 `delegate`.
 
-Supported: `fp32`, and `int4-bN-a8` (`8da4w` = `int4-b32-a8`; `--group-size` picks N), which XNNPACK runs with
-int8 activations (torchao's 8da4w form, per-token asymmetric int8 activations: `lfm_export.quant`'s
+Supported: `fp32`, `int4-bN-a8` (`8da4w` = `int4-b32-a8`; `--group-size` picks N) and `int8-pc-a8` (`8da8w`:
+int8 weights per output channel, `--group-size 0` in ExecuTorch's own terms), which XNNPACK runs with int8
+activations (torchao's 8da4w / 8da8w forms, per-token asymmetric int8 activations: `lfm_export.quant`'s
 `int8-token`). A quantized recipe holds the lm_head at int8 per output channel with int8 activations (XNNPACK's
 `qd8-f32-qc8w` linear: `head_bits` 8) and the embedding table weight-only at `--embedding-quant` 8 (per row,
 the default) or 4 (blocks of N), or float (`none`).
 
 Refused with a pointer: fp16 / bf16 (not built yet); weight-only int4 / int8 (XNNPACK's quantized linears take
 int8 activations: use `-a8`); `-asym` and `-mse` (the weights are torchao's symmetric int4 with bf16 scales, see
-`quantize.py`); `int8-bN-a8` (`8da8w`): ExecuTorch 1.5.1's XNNPACK partitioner lowers int8
-weights only per output channel, not in blocks ("Only 4b group quantization is supported", measured), and the
-core recipe has no per-channel block; `--delegate portable` with a quantized recipe (its linears are XNNPACK's
+`quantize.py`); `int8-bN-a8`: ExecuTorch 1.5.1's XNNPACK partitioner lowers int8 weights only
+per output channel, not in blocks ("Only 4b group quantization is supported", measured), so int8 is `int8-pc-a8`;
+with it, `--head-bits 4` and `--embedding-quant 4` (they take the recipe's block); `--delegate portable` with a quantized recipe (its linears are XNNPACK's
 kernels); `--delegate qnn` (`qnn_recipe`).
 """
 
@@ -57,10 +58,15 @@ class ExecuTorchRecipe:
         if r.dtype != "fp32":
             raise UnsupportedError(f"{r.name}: the ExecuTorch backend exports fp32 or int4/int8 -a8 recipes")
         if r.quantized:
-            if r.bits == 8:
+            if r.bits == 8 and not r.per_channel:
                 raise UnsupportedError(
                     f"{r.name}: ExecuTorch's XNNPACK lowers int8 weights per channel only, not in blocks; "
-                    "use int4-b32-a8 (8da4w) or fp32"
+                    "use int8-pc-a8 (8da8w, --group-size 0) or int4-b32-a8 (8da4w)"
+                )
+            if r.per_channel and (r.head_bits == 4 or r.embedding_bits == 4):
+                raise UnsupportedError(
+                    f"{r.name}: --head-bits 4 and --embedding-quant 4 quantize in blocks of the group size; "
+                    "a per-channel recipe has none (use 8 or an int4-bN-a8 recipe)"
                 )
             if r.activations != "int8":
                 raise UnsupportedError(
@@ -129,7 +135,11 @@ class ExecuTorchRecipe:
             "delegate": self.delegate,
             "attention": "llama::custom_sdpa + llama::update_cache (KV seq-first)",
             "activation_rounding": self.activations,
-            "weight_values": "xnnpack-int4 (torchao symmetric, bf16 scales)"
+            "weight_values": (
+                "xnnpack-int4 (torchao symmetric, bf16 scales)"
+                if self.recipe.bits == 4
+                else "xnnpack-int8 (torchao symmetric per channel, fp32 scales)"
+            )
             if self.recipe.quantized
             else None,
         }

@@ -52,6 +52,10 @@ class MlxRecipe:
                 f"{r.name}: MLX's quantized_matmul takes float activations; "
                 f"use {r.with_options(activations='float').name}"
             )
+        if r.quantized and r.per_channel:
+            raise UnsupportedError(
+                f"{r.name}: MLX quantizes in groups of 32, 64 or 128; use {r.with_options(block_size=128).name}"
+            )
         if self.max_prefill is not None and self.max_prefill < 1:
             raise UnsupportedError(f"--max-prefill must be positive, got {self.max_prefill}")
 

@@ -48,6 +48,10 @@ class OnnxRecipe:
             )
         if r.quantized and r.dtype != "fp32":
             raise UnsupportedError(f"{r.name}: quantized ONNX recipes keep float32 activations")
+        if r.quantized and r.per_channel:
+            raise UnsupportedError(
+                f"{r.name}: MatMulNBits quantizes in blocks; use {r.with_options(block_size=128).name} or a smaller block"
+            )
         if self.ops == PORTABLE and r.embedding_bits not in (None, 8):
             raise UnsupportedError(
                 "--ops portable: the embedding table is int8 or float (ONNX Gather takes no int4)"
