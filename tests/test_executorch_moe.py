@@ -1,7 +1,8 @@
 """The ExecuTorch backend's sparse MoE (`backends/executorch/moe.py`): one MoE layer of `tiny-moe` lowered with
 XNNPACK and run by the real ExecuTorch runtime (default suite, about 20 s with the cores shared), the whole
-`tiny-moe` fp32 export with parity and the int4 sparse layer (slow: minutes each on 2 cores). Quantized MoE
-exports keep the dense form; `tests/test_executorch.py` covers them (slow)."""
+`tiny-moe` fp32 export with parity, the int4 sparse layer and the composed 8da4w layer (`composed_moe.py`)
+(slow: minutes each on 2 cores). Quantized MoE exports keep the dense form; `tests/test_executorch.py` covers
+them (slow)."""
 
 from __future__ import annotations
 
