@@ -13,11 +13,12 @@ What it took, each point found by running it (one `tiny-moe` layer, 8 experts):
   branches as jumps. Unselected experts' delegates are not executed: one LFM2-8B-A1B-sized layer at top-4
   decodes in 2.21 / 1.97 / 1.44 ms with 8 / 16 / 32 experts, the dense form in 5.61 / 8.46 ms with 8 / 16
   (`benchmarks/executorch_moe_decode.py`, load average 6: noisy, README).
-- Tracing a delegate call runs its original program under fake tensors, which refuses the program's real
-  int8 constants ("Please convert all Tensors to FakeTensors first"). The lowered module's original program is
+- Tracing a delegate call runs its original program under fake tensors, which refused the program's real
+  int8 constants (seen when `torch.cond` traced its branches) ("Please convert all Tensors to FakeTensors first"). The lowered module's original program is
   therefore replaced by a shape-only one (`zeros_like`): it only gives the call its output shape. The delegate
   blob is untouched. Eager calls of `ComposedMoE` return zeros for that reason; it exists to be exported.
-- A `cond` output is an alias of memory planned inside its branch, and sibling branches share one arena.
+- A `cond` output is (as far as found: inferred from the graph and the plan, not from ExecuTorch's source)
+  an alias of memory planned inside its branch, and sibling branches share one arena.
   XNNPACK's partitioner regroups the graph (all routing into one delegate, then all `cond`s, then one delegate
   for the sums), so the first `cond`'s output was overwritten by the next branch before it was summed (wrong
   outputs, zeros). The accumulator is therefore threaded through the `cond`s (the branch returns
