@@ -8,7 +8,9 @@ seeded) is lowered at `--quant` (8da4w or fp32) twice per expert count:
 
 - `sparse`: `backends/executorch/moe.py` (what `lfm-export executorch` writes for MoE models);
 - `dense`: the core `MoE` in its dense form, linears on XNNPACK (8da4w or fp32; every expert on every token,
-  the unselected ones weighted by 0).
+  the unselected ones weighted by 0);
+- `composed` (8da4w only): `backends/executorch/composed_moe.py`, each expert pre-lowered to XNNPACK and run
+  under `torch.cond` (its lowering time includes the experts').
 
 Each program decodes one token (`[1, 1, 2048]`) `--steps` times; the median per call is printed, with the
 `.pte` size. If the sparse program reads only the top-k experts, its time stays flat as the expert count
@@ -65,6 +67,10 @@ def lower(layer: nn.Module, form: str, quant: str, tmp: Path) -> Path:
     bits = recipe.recipe.bits if recipe.recipe.quantized else None
     if form == "sparse":
         layer = apply_swaps(layer, [sparse_moe_swap(bits, 32, {})])
+    elif form == "composed":
+        from lfm_export.backends.executorch.composed_moe import composed_moe_swap
+
+        layer = apply_swaps(layer, [composed_moe_swap(bits or 4, 32, 16, {})])
     elif bits:
         quantize_linears(layer, recipe)
     x = torch.zeros(1, 3, layer.feed_forward.gate.in_features)
@@ -99,7 +105,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--experts", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--top-k", type=int, default=4)
-    ap.add_argument("--forms", nargs="+", default=["sparse", "dense"], choices=["sparse", "dense"])
+    ap.add_argument(
+        "--forms", nargs="+", default=["sparse", "dense"], choices=["sparse", "dense", "composed"]
+    )
     ap.add_argument("--quant", default="8da4w", choices=["8da4w", "fp32"])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)

@@ -1,7 +1,8 @@
 """The ExecuTorch backend's sparse MoE (`backends/executorch/moe.py`): one MoE layer of `tiny-moe` lowered with
 XNNPACK and run by the real ExecuTorch runtime (default suite, about 20 s with the cores shared), the whole
-`tiny-moe` fp32 export with parity and the int4 sparse layer (slow: minutes each on 2 cores). Quantized MoE
-exports keep the dense form; `tests/test_executorch.py` covers them (slow)."""
+`tiny-moe` fp32 export with parity, the int4 sparse layer and the composed 8da4w layer (`composed_moe.py`)
+(slow: minutes each on 2 cores). Quantized MoE exports keep the dense form; `tests/test_executorch.py` covers
+them (slow)."""
 
 from __future__ import annotations
 
@@ -154,3 +155,49 @@ def test_a_lowered_int4_sparse_moe_layer_computes_the_simulation(tmp_path: Path)
         scale = float(want.abs().max())
         assert float((got - want).abs().max()) < 1e-5 * scale
         assert float((far - want).abs().max()) > 1e-2 * scale
+
+
+@pytest.mark.slow
+def test_composed_8da4w_moe_layer_equals_the_eager_layer_through_xnnpack(tmp_path: Path) -> None:
+    """`composed_moe.ComposedMoE`: a 4-expert top-1 layer at tiny-moe's sizes, experts pre-lowered to XNNPACK at
+    8da4w and run under `torch.cond`, lowered with XNNPACK around them and run by the ExecuTorch runtime, equals
+    the eager layer over the same torchao 8da4w linears (dense form) for 1, 5 and 16 tokens (slow: 112 s with
+    the cores shared, load 5). That decode skips the unselected experts is shown by timing
+    (`benchmarks/executorch_moe_decode.py --forms composed`): NaN weights, the check used for the fp32 sparse
+    form, cannot be lowered at 8da4w (XNNPACK refused the program at load, measured)."""
+    from dataclasses import replace
+
+    from lfm_export.backends.executorch.composed_moe import ComposedMoE, _Expert
+
+    torch.set_num_threads(2)
+    cfg = replace(load_model("tiny-moe").config, num_experts=4, num_experts_per_tok=1)
+    hidden = cfg.hidden_size
+    torch.manual_seed(0)
+    moe = MoE(cfg).eval()
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0.0, 0.05)
+    eager = copy.deepcopy(moe)  # dense form, experts over torchao's eager 8da4w linears
+    eager.experts = torch.nn.ModuleList(_Wrapped(_Expert(e, 4, 32)) for e in moe.experts)
+    method = _lowered_layer(ComposedMoE(moe, 4, 32, max_rows=16), hidden, tmp_path)
+    far = 0.0
+    for t in (1, 5, 16):
+        x = torch.randn(1, t, hidden)
+        with torch.no_grad():
+            want, fp32 = eager(x), moe(x)
+        got = method.execute([x])[0]
+        scale = float(want.abs().max())
+        assert float((got - want).abs().max()) < 1e-5 * scale
+        far = max(far, float((fp32 - want).abs().max()) / scale)
+    assert far > 1e-3  # the float layer differs: the program is not float
+
+
+class _Wrapped(torch.nn.Module):
+    """An `_Expert` (which returns a tuple, as a lowered delegate does) as the core MoE calls an expert."""
+
+    def __init__(self, expert: torch.nn.Module) -> None:
+        super().__init__()
+        self.expert = expert
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.expert(x)[0]

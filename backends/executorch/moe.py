@@ -12,7 +12,9 @@ What ExecuTorch 1.5.1 can lower (2026-11-29, `tiny-moe` and one LFM2-8B-A1B-size
   weight is stored transposed and multiplied by the portable `mm`, which reads nothing for zero rows.
 - torchao's 8da4w tensor does not trace on an unbacked row count (`_get_reduction_params` guards on
   `rows != 1`, `quantize_affine` on `zero_point.numel() > 0`); inside `torch.cond` branches the partitioner
-  delegates nothing (`aten.linear` "was not decomposed or delegated"); `torch.scan` over stacked experts
+  delegates nothing (`aten.linear` "was not decomposed or delegated": in a branch the weights are branch
+  inputs, not program constants), but experts lowered to XNNPACK beforehand and called inside the branches do
+  run there (`composed_moe.py`: exact, decode runs the selected experts only; not yet in the exporter); `torch.scan` over stacked experts
   failed in export (fake-tensor call of `scan`); ExecuTorch's fused `llama::quantized_moe_ffn` needs torchao's
   packing op `_pack_8bit_act_4bit_weight`, absent from this torchao wheel.
 - An int4 sparse expert is therefore expressed in portable ops (`bits=4` here: packed codes and bf16 scales

@@ -1,0 +1,139 @@
+"""Quantized MoE layers whose decode runs only the selected experts, on XNNPACK: each expert is lowered to its
+own XNNPACK delegate first, and the layer calls those delegates inside `torch.cond` branches (ExecuTorch's
+"lower a submodule, compose it into the parent" pattern). Found and measured 2026-11-29 on ExecuTorch 1.5.1,
+torch 2.13.0, torchao 0.18; not yet used by `lfm-export executorch` (the exporter keeps the dense form for
+quantized MoE; `moe.py` says why the other sparse forms failed).
+
+What it took, each point found by running it (one `tiny-moe` layer, 8 experts):
+
+- An expert (its three 8da4w linears, rows dynamic 1..`max_rows`) lowers to one XNNPACK partition. Its
+  `LoweredBackendModule` can be called by a module that `torch.export` traces again, also inside `torch.cond`
+  branches; `to_edge_transform_and_lower` keeps the branch delegates, collects their named weight data (once
+  per expert: the layer's `.pte` is the size of the experts' int4 weights) and `to_executorch` emits the
+  branches as jumps. Unselected experts' delegates are not executed: one LFM2-8B-A1B-sized layer at top-4
+  decodes in 2.21 / 1.97 / 1.44 ms with 8 / 16 / 32 experts, the dense form in 5.61 / 8.46 ms with 8 / 16
+  (`benchmarks/executorch_moe_decode.py`, load average 6: noisy, README).
+- Tracing a delegate call runs its original program under fake tensors, which refused the program's real
+  int8 constants (seen when `torch.cond` traced its branches) ("Please convert all Tensors to FakeTensors first"). The lowered module's original program is
+  therefore replaced by a shape-only one (`zeros_like`): it only gives the call its output shape. The delegate
+  blob is untouched. Eager calls of `ComposedMoE` return zeros for that reason; it exists to be exported.
+- A `cond` output is (as far as found: inferred from the graph and the plan, not from ExecuTorch's source)
+  an alias of memory planned inside its branch, and sibling branches share one arena.
+  XNNPACK's partitioner regroups the graph (all routing into one delegate, then all `cond`s, then one delegate
+  for the sums), so the first `cond`'s output was overwritten by the next branch before it was summed (wrong
+  outputs, zeros). The accumulator is therefore threaded through the `cond`s (the branch returns
+  `acc + expert(x) * w`) and copied out of the arena by a portable `index_select` before the next `cond`
+  runs: the dependency fixes the order. With that the layer equals the eager torchao layer within 4e-6
+  absolute (output scales 0.9-24) for 1, 6 and 16 tokens.
+
+Prefill runs an expert on every row if any row selected it (its rows weighted by 0 otherwise): prefill costs
+what the dense form costs for the experts that any row selected; decode runs top-k experts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lfm_export.model import MoE
+from lfm_export.trace import Swap
+
+
+class _Expert(nn.Module):
+    """One expert's SwiGLU over quantized linears (`convert.quantized_linear`)."""
+
+    def __init__(self, mlp: nn.Module, bits: int, block_size: int) -> None:
+        super().__init__()
+        from .convert import quantized_linear
+
+        self.w1, self.w3, self.w2 = (
+            quantized_linear(getattr(mlp, w), bits, block_size) for w in ("w1", "w3", "w2")
+        )
+
+    def forward(self, x: Tensor) -> tuple[Tensor]:
+        return (self.w2(torch.nn.functional.silu(self.w1(x)) * self.w3(x)),)
+
+
+class _ShapeOnly(nn.Module):
+    """The stand-in original program of a lowered expert: the output shape of the expert, no constants."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor]:
+        return (torch.zeros_like(x),)
+
+
+def lower_expert(mlp: nn.Module, bits: int, block_size: int, max_rows: int) -> Any:
+    """`mlp` (an expert `MLP`) at `bits`, rows dynamic in 1..`max_rows`, lowered to one XNNPACK delegate:
+    the `LoweredBackendModule`, its original program replaced by `_ShapeOnly` (module doc)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    hidden = mlp.w1.in_features
+    rows = torch.export.Dim("rows", min=1, max=max(max_rows, 2))
+    example = (torch.zeros(2, hidden),)
+    program = torch.export.export(
+        _Expert(mlp, bits, block_size).eval(), example, dynamic_shapes=({0: rows},), strict=False
+    )
+    edge = to_edge_transform_and_lower(
+        program,
+        partitioner=[XnnpackPartitioner()],
+        compile_config=EdgeCompileConfig(_check_ir_validity=False),
+    )
+    graph = edge.exported_program().graph_module
+    lowered = [m for n, m in graph.named_children() if n.startswith("lowered_module")]
+    calls = [n for n in graph.graph.nodes if n.op == "call_function" and "call_delegate" in str(n.target)]
+    if len(lowered) != 1 or len(calls) != 1:
+        raise RuntimeError(f"an expert lowered to {len(lowered)} XNNPACK delegates, not 1")
+    module = lowered[0]
+    module._original_exported_program = torch.export.export(
+        _ShapeOnly(), example, dynamic_shapes=({0: rows},), strict=False
+    )
+    return module
+
+
+class ComposedMoE(nn.Module):
+    """The core `MoE` with each expert a pre-lowered XNNPACK delegate run under `torch.cond` (module doc).
+    Routing is the core `MoE._route`, in float32."""
+
+    def __init__(self, moe: MoE, bits: int, block_size: int, max_rows: int) -> None:
+        super().__init__()
+        self.top_k, self.norm_topk_prob, self.scale = moe.top_k, moe.norm_topk_prob, moe.scale
+        self.use_expert_bias = moe.use_expert_bias
+        self.gate = moe.gate
+        if moe.use_expert_bias:
+            self.register_buffer("expert_bias", moe.expert_bias)
+        self.experts = nn.ModuleList(lower_expert(e, bits, block_size, max_rows) for e in moe.experts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        _, idx, w = MoE._route(self, flat)  # type: ignore[arg-type]  # the same attributes as a MoE
+        w = w.to(flat.dtype)
+        rows = torch.arange(flat.shape[0])
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            hit = idx == e
+            weight = (w * hit).sum(-1, keepdim=True)
+
+            def run(flat: Tensor, weight: Tensor, acc: Tensor, expert: Any = expert) -> Tensor:
+                return acc + expert(flat)[0] * weight
+
+            def skip(flat: Tensor, weight: Tensor, acc: Tensor) -> Tensor:
+                return acc.clone()
+
+            out = torch.cond(hit.any(), run, skip, (flat, weight, out)).index_select(0, rows)
+        return out.reshape(shape)
+
+
+def composed_moe_swap(bits: int, block_size: int, max_rows: int, counts: dict[str, int]) -> Swap:
+    """Swap for `lfm_export.trace.apply_swaps`: every `MoE` becomes a `ComposedMoE` (its experts lowered
+    here, one by one), counted in `counts["experts"]`."""
+
+    def swap(module: nn.Module) -> nn.Module | None:
+        if not isinstance(module, MoE):
+            return None
+        counts["experts"] = counts.get("experts", 0) + len(module.experts)
+        return ComposedMoE(module, bits, block_size, max_rows)
+
+    return swap
