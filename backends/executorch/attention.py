@@ -51,10 +51,6 @@ class CustomOpAttention(nn.Module):
         )
         self.q_layernorm, self.k_layernorm = attn.q_layernorm, attn.k_layernorm
 
-    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The canonical projections (`Attention.project`, over the same submodules)."""
-        return Attention.project(self, x)  # type: ignore[arg-type]
-
     def forward(
         self,
         x: Tensor,
@@ -67,7 +63,7 @@ class CustomOpAttention(nn.Module):
         key_mask: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         bsz, t, _ = x.shape
-        q, k, v = self.project(x)
+        q, k, v = Attention.project(self, x)  # type: ignore[arg-type]  # the same submodules
         cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, head_dim] against [B, T, heads, head_dim]
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         start = positions[0].item()

@@ -44,7 +44,6 @@ from lfm_export.weights import WeightSource
 
 from .attention import custom_op_attention, load_custom_ops, seq_first_signature
 from .embedding import quantized_embedding
-from .fuse import fused_projections
 from .layers import xnnpack_layers
 from .moe import sparse_moe_swap
 from .quantize import xnnpack_weight
@@ -293,8 +292,6 @@ def export_executorch(
                 else f"int4 in blocks of {core.block_size}, bf16 scales"
             ) + ", weight-only (embedding.QuantizedEmbedding)"
         swaps.append(custom_op_attention)
-        if core.quantized:
-            swaps.append(fused_projections)
         if recipe.delegate == XNNPACK:
             swaps.append(xnnpack_layers)
         weights["counts"] = counts
