@@ -4,13 +4,20 @@ executorch (and with it torch: its bindings import torch) is imported when a ses
 `executorch.extension.llm.custom_ops.custom_ops`, which registers the `llama::custom_sdpa` /
 `llama::update_cache` kernels the program's attention uses (without it loading fails with "Missing operator").
 
-The program holds its state (stateful form): `forward(input_ids [1, T], input_pos [1]) -> logits [1, 1, vocab]`
-of the last position (what ExecuTorch's runner reads) and `forward_all` -> `[1, T, vocab]`, every position, over
-the same held state; T at most the signature's `max_prefill`, longer prompts fed in chunks. `prefill` (every
-position, for parity) runs `forward_all`, loaded on first use (each loaded method packs its own XNNPACK
-weights); `prefill_last` (generation) and `decode` run `forward`. A program written before `forward_all`
-existed has only `forward`, returning every position: it serves all three. Batch 1 only (`supports_batch`
-False).
+The program holds its state (stateful form): one method, `forward(input_ids [1, T], input_pos [1]) -> logits
+[1, 1, vocab]` of the call's last position (what ExecuTorch's runner reads; the lm_head runs on one row), T at
+most the signature's `max_prefill`, longer prompts fed in chunks. `prefill_last` (generation) and `decode` run
+it as it is. `prefill` (every position, what parity compares) gets them from the same method in two passes:
+one-token calls for every position but the last (the decode path, continuing the real state), then the
+position is set back and the whole prompt is fed again in one call (the multi-token path), whose last position
+is the last row and whose writes are the state that later calls read. Setting the position back needs the conv
+state as it was at the prompt's start: at position 0 the program clears it itself; later, the tokens of the
+sequence so far are fed again from position 0 first (the session keeps them). So parity checks both paths:
+one-token calls at every position, multi-token calls at each call's last position and through everything read
+after them. Cost: about 2 T + the tokens before; parity's prompts are short. Artifacts of the previous slice
+have `forward_all` (every position, over the same state), used for `prefill` when present; older ones have only
+a `forward` returning every position (no `forward_logits` in the manifest): it serves all three. Batch 1 only
+(`supports_batch` False).
 
 `reset` starts a new sequence by position alone: the program replaces its conv state by zeros when
 `input_pos == 0` and masks KV positions past the query (every position at or before it is written by the
@@ -59,10 +66,13 @@ class ExecuTorchSession(SessionBase):
         self.threads = threads
         torch, runtime = _import_executorch(threads)
         self._torch = torch
+        last_only = self.manifest.get("executorch", {}).get("forward_logits") == "last"
+        self._tokens: list[np.ndarray] = []  # the sequence so far (prefill replays it)
         try:
             self._program = runtime.Runtime.get().load_program(str(self.model_path))
             self._forward = self._program.load_method("forward")
-            self._forward_all: Any = None if "forward_all" in self._program.method_names else self._forward
+            self._has_all = "forward_all" in self._program.method_names
+            self._forward_all: Any = None if (self._has_all or last_only) else self._forward
         except Exception as e:  # the bindings raise RuntimeError / ValueError with the runtime's error code
             raise UserError(
                 f"{self.model_path}: ExecuTorch cannot load it ({str(e).splitlines()[0]})"
@@ -79,7 +89,7 @@ class ExecuTorchSession(SessionBase):
         return values if name == "get_eos_ids" else values[0]
 
     def _reset_state(self, batch_size: int) -> None:
-        pass  # the program starts a new sequence at input_pos 0 (module docstring)
+        self._tokens = []  # the program starts a new sequence at input_pos 0 (module docstring)
 
     def _run(self, method: Any, ids: np.ndarray) -> list[np.ndarray]:
         torch = self._torch
@@ -92,10 +102,31 @@ class ExecuTorchSession(SessionBase):
         return out
 
     def _prefill(self, ids: np.ndarray) -> np.ndarray:
-        if self._forward_all is None:
+        if self._forward_all is None and self._has_all:
             self._forward_all = self._program.load_method("forward_all")
-        out = self._run(self._forward_all, ids)
+        if self._forward_all is not None:
+            out = self._run(self._forward_all, ids)
+        else:
+            out = self._every_position(ids)
+        self._tokens.append(ids[0])
         return out[0] if len(out) == 1 else np.concatenate(out, axis=1)
+
+    def _every_position(self, ids: np.ndarray) -> list[np.ndarray]:
+        """Every position's logits from the last-position `forward` (module docstring: one-token calls, then
+        the whole call again from the restored state)."""
+        start, rows = self._position, []
+        try:
+            for i in range(ids.shape[1] - 1):
+                self._position = start + i
+                rows.append(self._run(self._forward, ids[:, i : i + 1])[-1])
+            if ids.shape[1] > 1 and start > 0:
+                self._position = 0
+                self._run(self._forward, np.concatenate(self._tokens)[None])
+            self._position = start
+            rows.append(self._run(self._forward, ids)[-1][:, -1:])
+        finally:
+            self._position = start
+        return rows
 
     def prefill_last(self, tokens: np.ndarray) -> np.ndarray:
         """`prefill` for generation: logits `[1, vocab]` of the last token only (`forward`: the lm_head runs on
@@ -103,6 +134,7 @@ class ExecuTorchSession(SessionBase):
         ids = self._check_tokens(tokens)
         self._check_room(ids.shape[1])
         last = self._run(self._forward, ids)[-1][:, -1]
+        self._tokens.append(ids[0])
         self._position += ids.shape[1]
         return last
 

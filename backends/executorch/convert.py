@@ -52,10 +52,15 @@ from .recipes import XNNPACK, ExecuTorchRecipe
 MODEL_FILE = "model.pte"
 ROUTER_SUFFIX = "feed_forward.gate"
 FORWARD = "forward"
-"""The runner's method: the logits of the last position of the call only, `[1, 1, vocab]`."""
+"""The program's one method (the runner's): the logits of the last position of the call only, `[1, 1, vocab]`.
+Parity gets every position through the shim (`runtime/executorch.py`: one-token calls, then the whole call
+again). A second method with every position's logits (`forward_all`, the previous slice) doubled the
+lowering: 303 of 364 s at LFM2-350M went to lowering both."""
+FORWARD_LOGITS = "last"
+"""Written to the manifest (`executorch.forward_logits`): the shim's sign that `forward` returns the last
+position only (an artifact without it and without `forward_all` returns every position)."""
 FORWARD_ALL = "forward_all"
-"""The same program with the logits of every position, `[1, T, vocab]` (parity compares them all); it shares
-the held state with `forward` (`share_mutable_buffers`), so the two can be mixed within one sequence."""
+"""Every position's logits, in artifacts written by the previous slice (read by the shim, no longer written)."""
 
 
 class LastPosition(nn.Module):
@@ -97,7 +102,12 @@ class ExecuTorchExportResult:
     @property
     def extra(self) -> dict[str, Any]:
         return {
-            "executorch": {"program": MODEL_FILE, "metadata": self.metadata, **self.versions},
+            "executorch": {
+                "program": MODEL_FILE,
+                "forward_logits": FORWARD_LOGITS,
+                "metadata": self.metadata,
+                **self.versions,
+            },
             "weights": self.weights,
         }
 
@@ -241,7 +251,6 @@ def export_executorch(
     import executorch
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
-    from executorch.exir.passes import MemoryPlanningPass
 
     progress = progress or Progress()
     cfg = loaded.config
@@ -287,15 +296,12 @@ def export_executorch(
         if recipe.delegate == XNNPACK:
             swaps.append(xnnpack_layers)
         weights["counts"] = counts
-        swapped = apply_swaps(model, swaps)  # each weight quantized here, once for both methods
+        swapped = apply_swaps(model, swaps)  # each weight quantized here, once
 
-    with progress.step("Tracing (torch.export, stateful form, forward and forward_all)"):
-        programs = {
-            method: export_stateful_program(
-                swapped, context, max_prefill, [last_position(swapped)] if last else [], seq_first_signature
-            )
-            for method, last in ((FORWARD, True), (FORWARD_ALL, False))
-        }
+    with progress.step("Tracing (torch.export, stateful form)"):
+        program = export_stateful_program(
+            swapped, context, max_prefill, [last_position(swapped)], seq_first_signature
+        )
 
     metadata = runner_metadata(loaded, context, max_prefill)
     with progress.step("Lowering to ExecuTorch (XNNPACK)"):
@@ -304,18 +310,16 @@ def export_executorch(
             warnings.filterwarnings("ignore", category=FutureWarning)
             logging.getLogger("executorch").setLevel(logging.WARNING)
             edge = to_edge_transform_and_lower(
-                programs,
+                {FORWARD: program},
                 partitioner=[XnnpackPartitioner()] if recipe.delegate == XNNPACK else [],
                 constant_methods=metadata,
                 compile_config=EdgeCompileConfig(_check_ir_validity=False),
             )
-            del programs
+            del program
     with progress.step("Planning memory and emitting (to_executorch)"):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Mutation on a buffer")
-            et_program = edge.to_executorch(
-                ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True))
-            )
+            et_program = edge.to_executorch(ExecutorchBackendConfig())
 
     with progress.step("Saving"):
         path = out_dir / MODEL_FILE
