@@ -37,7 +37,7 @@ from lfm_export.signature import CONV, KEY, IOSignature, build_signature
 from lfm_export.stateful import held_buffer_name
 from lfm_export.weights import WeightSource
 
-from .compress import compress
+from .compress import encoder
 from .memory import PeakRss
 from .recipes import CoreMLRecipe
 from .weights import fill, light_fp16_overflow_check, placeholder_model, source_of
@@ -168,10 +168,9 @@ def build(
     with progress.step(f"Converting to a Core ML ML Program ({recipe.target}, fp16 compute)"):
         program = convert(traced, signature, recipe, shapes)
         del traced
-    with progress.step("Writing the weights into the program"):
-        fill(program, names, source)
-    with progress.step(f"Compressing weights ({recipe.name})"):
-        report = compress(program, recipe)
+    with progress.step(f"Writing the weights into the program, compressed as they are written ({recipe.name})"):
+        encode, report = encoder(program, recipe)
+        fill(program, names, source, encode)
     with progress.step("Serializing the ML Program"):
         mlmodel = serialize(program, recipe)
     return mlmodel, report

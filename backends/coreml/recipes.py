@@ -25,6 +25,8 @@ from typing import Any
 from lfm_export.errors import UnsupportedError
 from lfm_export.recipes import Recipe, parse_recipe
 
+from .palette import NAME as PALETTE_NAME
+
 TARGETS = ("iOS18", "macOS15")
 """Deployment targets with Core ML states (iOS 18 / macOS 15 and later: `ct.StateType` needs them)."""
 OLD_TARGETS = ("iOS15", "iOS16", "iOS17", "macOS12", "macOS13", "macOS14")
@@ -143,6 +145,7 @@ class CoreMLRecipe:
             **self.recipe.to_dict(),
             "name": self.name,
             "palettize": self.palettize,
+            "palette": PALETTE_NAME if self.palettize else None,
             "linears": self.linears,
             "head_and_embedding": "int8 per channel" if self.recipe.quantized else "fp16",
             "compute": "fp16 (RMSNorm statistics, softmax and MoE routing fp32)",
