@@ -8,11 +8,21 @@ embedding / lm_head table (read by a `gather` and a `linear`) int8 per channel; 
 channel), norms, rotary constants and anything else. The report (`manifest["coreml"]["compression"]`) lists
 each constant with what it became and why.
 
+The compressed constants are built as the weights are written (`encoder`, called by `weights.fill` for each
+placeholder constant in turn): the op coremltools' own pass would build (`constexpr_blockwise_shift_scale`
+from `linear_quantize_weights.blockwise_compress_by_dtype` and `_create_constexpr_var`, `constexpr_lut_to_dense`
+from `palettize_weights.blockwise_compress` and `_construct_constexpr_lut_op`), with the block sizes its
+`infer_block_sizes` gives for the same config, from one tensor (or one expert of a stacked constant) at a
+time. Why: compressing afterwards needs the whole program in fp16 first, 2 bytes per parameter (16.6 GB for
+`random:lfm2-8b-a1b`). `tests/test_coreml_compress.py` checks ops, codes, scales and tables against
+coremltools' passes run on the fp16 program. Stacked experts are quantized and palettized per expert (one
+table per expert and 16 output channels: coremltools' palettization groups one axis only, the op itself
+takes blocks on several).
+
 `weight_values(recipe)` gives `lfm_export.quant.simulate` the values the program holds: the same coremltools
-functions the optimizer applies to each constant (`linear_quantize_weights.blockwise_compress`,
-`palettize_weights.blockwise_compress`, then their `decompress`), on the fp16 weight the program holds
-before compression. Palettization is k-means with scikit-learn's `random_state=0`, so it is repeatable. The
-interpreter decodes the saved package's constexpr ops with its own code, which the exactness check compares.
+functions (`linear_quantize_weights.blockwise_compress`, `palettize_weights.blockwise_compress` with
+`palette.lut_function`, then their `decompress`), on the fp16 weight. The interpreter decodes the saved
+package's constexpr ops with its own code, which the exactness check compares.
 """
 
 from __future__ import annotations
@@ -157,7 +167,7 @@ def _linear_var(op: Any, config: Any, parts: list[np.ndarray]) -> Any:
             scale = np.empty((len(parts), *params.scale.shape), params.scale.dtype)
         data[i], scale[i] = params.data, params.scale
         parts[i] = None  # type: ignore[call-overload]
-    params = optimize_utils.QuantParams(data=data, scale=scale, offset=None, nbits=np.uint8(0))
+    params = optimize_utils.QuantParams(data=data, scale=scale, offset=None, nbits=params.nbits)
     return lq._create_constexpr_var(op, params)
 
 

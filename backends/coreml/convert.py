@@ -168,7 +168,9 @@ def build(
     with progress.step(f"Converting to a Core ML ML Program ({recipe.target}, fp16 compute)"):
         program = convert(traced, signature, recipe, shapes)
         del traced
-    with progress.step(f"Writing the weights into the program, compressed as they are written ({recipe.name})"):
+    with progress.step(
+        f"Writing the weights into the program, compressed as they are written ({recipe.name})"
+    ):
         encode, report = encoder(program, recipe)
         fill(program, names, source, encode)
     with progress.step("Serializing the ML Program"):

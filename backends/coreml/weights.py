@@ -5,10 +5,13 @@ Why: converting the real fp32 model of `random:lfm2-1.2b` peaked at 12.5 GB RSS 
 parameters, coremltools' fp32 MIL constants and their fp16 copies were held at once, and compression then
 read the whole saved package back from disk. Here each parameter is a zero-stride view of one scalar (4 bytes
 per tensor in torch), distinct per tensor, so every weight constant of the converted program is found again
-by its value. coremltools' fp16 pass gives each weight constant its own fp16 array (the one full-size copy
-of the model the conversion holds) and `fill` writes the source's tensor into it, rounded float32 -> fp16 as
-that pass rounds. A placeholder left after filling (a constant coremltools derived from a weight, which
-`fill` cannot map back) is an error naming it, never a package with placeholder weights.
+by its value. Within the conversion the fp16 pass's casts keep a placeholder a broadcast scalar
+(`light_fp16_overflow_check`; coremltools' own cast made each an fp16 array of its full size, 2 bytes per
+parameter, which was the peak until the weights were compressed). `fill` then replaces each placeholder by
+the constant `compress.encoder` builds from the source's tensor (compressed as the recipe says, or fp16),
+one tensor at a time, so the program only ever holds the weights in their final form. A placeholder left
+after filling (a constant coremltools derived from a weight, which `fill` cannot map back) is an error naming
+it, never a package with placeholder weights.
 """
 
 from __future__ import annotations
