@@ -43,12 +43,8 @@ def converted(model: str, sparse: bool) -> tuple[Any, dict, Any, Any]:
 
 
 @pytest.fixture(scope="module")
-def tiny_program() -> tuple[Any, dict, Any, Any]:
-    return converted("tiny", sparse=False)
-
-
-@pytest.fixture(scope="module")
 def moe_program() -> tuple[Any, dict, Any, Any]:
+    """`tiny-moe` in the sparse form: linears, the tied embedding, the router, stacked experts."""
     return converted("tiny-moe", sparse=True)
 
 
@@ -75,7 +71,13 @@ def by_coremltools(program: Any, names: dict, source: Any, recipe: Any) -> Any:
     quant = {
         n + "_filled": c for n, (_, _, c) in decided.items() if isinstance(c, cto.OpLinearQuantizerConfig)
     }
-    palette = {n + "_filled": c for n, (_, _, c) in decided.items() if isinstance(c, cto.OpPalettizerConfig)}
+    # coremltools palettizes a stacked constant along one axis only: ours (per expert) is checked against
+    # the simulation instead
+    palette = {
+        n + "_filled": c
+        for n, (role, _, c) in decided.items()
+        if isinstance(c, cto.OpPalettizerConfig) and role != "experts"
+    }
     for key, chosen in (
         ("compression::palettize_weights", palette),
         ("compression::linear_quantize_weights", quant),
@@ -101,8 +103,13 @@ def ops(program: Any) -> list[tuple[str, str, dict]]:
     return out
 
 
-def assert_same_programs(ours: Any, theirs: Any) -> int:
-    a, b = ops(ours), ops(theirs)
+def assert_same_programs(ours: Any, theirs: Any, skip: frozenset = frozenset()) -> int:
+    """Same op types and names in order, bit-identical constants; `skip`: constants left out of both."""
+
+    def kept(name: str) -> bool:
+        return not any(name == n or name.startswith(n + "_palettized") for n in skip)
+
+    a, b = ([o for o in ops(p) if kept(o[1])] for p in (ours, theirs))
     assert [(t, n) for t, n, _ in a] == [(t, n) for t, n, _ in b]
     compressed = 0
     for (kind, name, va), (_, _, vb) in zip(a, b, strict=True):
@@ -115,61 +122,55 @@ def assert_same_programs(ours: Any, theirs: Any) -> int:
     return compressed
 
 
-@pytest.mark.parametrize("quant", ["int4", "int8", "palettize4"])
-def test_compressed_as_written_equals_coremltools_passes_on_tiny(tiny_program, quant: str) -> None:
-    program, names, source, _ = tiny_program
-    recipe = make_recipe(quant, max_seq_len=CONTEXT, max_prefill=MAX_PREFILL)
-    ours = clone(program)
-    encode, report = encoder(ours, recipe)
-    fill(ours, names, source, encode)
-    theirs = by_coremltools(clone(program), names, source, recipe)
-    compressed = assert_same_programs(ours, theirs)
-    assert compressed == sum(1 for r in report.values() if r["as"] != "fp16") > 0
-
-
-def test_stacked_experts_compressed_as_written_equal_coremltools_passes(moe_program) -> None:
+def test_compressed_as_written_equals_coremltools_passes_int4(moe_program) -> None:
+    """int4 blocks on the linears and, per expert, on the stacked experts; int8 per channel on the embedding."""
     program, names, source, _ = moe_program
     recipe = replace(make_recipe("int4", max_seq_len=CONTEXT, max_prefill=MAX_PREFILL), moe=True)
     ours = clone(program)
     encode, report = encoder(ours, recipe)
     fill(ours, names, source, encode)
     theirs = by_coremltools(clone(program), names, source, recipe)
-    assert_same_programs(ours, theirs)
+    compressed = assert_same_programs(ours, theirs)
+    assert compressed == sum(1 for r in report.values() if r["as"] != "fp16")
     assert any("stacked" in r["why"] and r["as"].startswith("int4") for r in report.values())
+    assert any(r["as"].startswith("int8 per channel") for r in report.values())
 
 
-def test_stacked_experts_palettized_per_expert_as_the_simulation(moe_program) -> None:
-    """coremltools cannot palettize a stacked constant per expert; ours holds one table per expert and 16
-    output channels, and decodes to what the simulation gives each expert's own matrix."""
+def test_palettized_as_written_equals_coremltools_pass_and_stacked_experts_the_simulation(
+    moe_program,
+) -> None:
+    """The linears: the same ops and tables as coremltools' palettization pass given our table function.
+    The stacked experts, which that pass cannot group per expert: one table per expert and 16 output
+    channels, decoding to what the simulation gives each expert's own matrix."""
     from lfm_export.runtime.coreml_interpreter import constexpr_lut_to_dense
 
     program, names, source, cfg = moe_program
-    recipe = replace(
-        make_recipe("palettize4", max_seq_len=CONTEXT, max_prefill=MAX_PREFILL, moe_form="sparse"), moe=True
-    )
+    recipe = replace(make_recipe("palettize4", max_seq_len=CONTEXT, max_prefill=MAX_PREFILL), moe=True)
     ours = clone(program)
-    encode, report = encoder(ours, recipe)
+    encode, _ = encoder(ours, recipe)
     filled = fill(ours, names, source, encode)
+    stacked = {n: t for n, t in filled.items() if isinstance(t, tuple)}
+    assert stacked
+    theirs = by_coremltools(clone(program), names, source, recipe)
+    assert assert_same_programs(ours, theirs, skip=frozenset(stacked)) > 0
     values = weight_values(recipe.to_dict())
     luts = {
         op.name.removesuffix("_palettized"): op
         for op in ours.functions["main"].operations
         if op.op_type == "constexpr_lut_to_dense"
     }
-    stacked = [n for n, t in filled.items() if isinstance(t, tuple)]
-    assert stacked
-    for const in stacked:
+    for const, tensors in stacked.items():
         op = luts[const]
         dense = constexpr_lut_to_dense(op.indices.val, op.lut.val)
         assert op.lut.val.shape[:2] == (cfg.num_experts, dense.shape[1] // 16)
-        for e, tensor in enumerate(filled[const]):
+        for e, tensor in enumerate(tensors):
             want = values(source.get(tensor).float().numpy(), 4)
             assert np.array_equal(dense[e].astype(np.float32), want), (const, e)
 
 
-def test_placeholders_stay_placeholders_through_the_fp16_pass(tiny_program) -> None:
+def test_placeholders_stay_placeholders_through_the_fp16_pass(moe_program) -> None:
     """Every weight constant after conversion is still a broadcast scalar: the fp16 pass made no full copy."""
-    program, names, _, _ = tiny_program
+    program, names, _, _ = moe_program
     seen = 0
     for op in program.functions["main"].operations:
         val = op.outputs[0].val if op.op_type == "const" else None
@@ -190,10 +191,11 @@ def test_kmeans_1d_is_deterministic_and_a_local_optimum() -> None:
     table = lut.astype(np.float64)
     # every value sits at its nearest entry
     assert np.array_equal(np.abs(x[:, None] - table[None]).argmin(1), idx)
-    # each entry is its cluster's mean, up to fp16 rounding (Lloyd's fixed point)
+    # each entry is its cluster's mean (Lloyd's fixed point), up to the entry's fp16 rounding and the
+    # members that rounding moved across a boundary
     for j in range(16):
         members = x[idx == j]
-        assert members.size and abs(members.mean() - table[j]) <= np.spacing(np.float16(table[j])) * 1.0
+        assert members.size and abs(members.mean() - table[j]) <= 2 * np.spacing(np.float16(table[j]))
     # better than a uniform grid over the range
     grid = np.linspace(x.min(), x.max(), 16)
     uniform = np.min((x[:, None] - grid[None]) ** 2, 1).mean()
