@@ -215,3 +215,18 @@ def test_a_palettized_recipe_from_before_the_1d_kmeans_is_refused_for_simulation
     old.pop("palette")
     with pytest.raises(UserError, match="export it again"):
         weight_values(old)
+
+
+def test_router_choice_is_ranked_in_fp32(moe_program) -> None:
+    """top-k ranks sigmoid(scores) + expert bias computed in fp32: an fp16 add tied experts whose fp32 choices
+    differed by 3e-5..7e-4 (tiny-moe palettize6 chose other experts on 3 of 4 parity prompts)."""
+    from coremltools.converters.mil.mil import types
+
+    program, _, _, cfg = moe_program
+    topks = [op for op in program.functions["main"].operations if op.op_type == "topk"]
+    assert len(topks) == sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    for op in topks:
+        producer = op.x.op
+        assert producer.op_type == "add" and op.x.dtype == types.fp32, (op.name, producer.op_type)
+        assert {v.op.op_type for v in producer.inputs.values() if v.op is not None} >= {"sigmoid"}
+        assert all(v.dtype == types.fp32 for v in producer.inputs.values())
