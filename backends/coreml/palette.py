@@ -4,7 +4,8 @@ Why our own: coremltools' `mode="kmeans"` runs scikit-learn's k-means on every g
 `--quant palettize6` of `random:lfm2-1.2b` ran 18 minutes on one core without finishing (2026-11-29). A group
 holds fp16 values, so it has at most 65536 distinct values (in practice a few thousand); sorted, with their
 counts, one Lloyd iteration is a binary search of the cluster boundaries and two prefix-sum differences.
-It starts from the weighted quantiles, so the same weights always give the same table (no random start).
+It starts at the quantiles of density^(1/3) (`_initial`), so the same weights always give the same table (no
+random start).
 
 `lut_function(nbits)` is what coremltools' `palettize_weights` calls per group (`mode="CUSTOM"`); the Core
 ML export (`compress.py`) and the parity simulation use that same function.
@@ -18,8 +19,9 @@ from functools import partial
 import numpy as np
 
 MAX_ITERATIONS = 300
-"""Lloyd iterations at most; they stop as soon as no value changes cluster (on `random:lfm2-1.2b` groups,
-typically well under 100 at 6 bits)."""
+"""Lloyd iterations at most; they stop as soon as no value changes cluster (28-93 on 16 x 2048 normal /
+Laplace groups at 4 and 6 bits, measured with the earlier plain-quantile start; the density^(1/3) start is
+closer to the end)."""
 NAME = "kmeans-1d (weighted, quantile start)"
 """How the tables are made, recorded in the recipe (packages written with scikit-learn's k-means differ)."""
 
