@@ -586,7 +586,7 @@ backend_command(
                 str | None,
                 typer.Option(
                     help="MoE experts: sparse (gather the top-k experts' weights; default) | dense "
-                    "(every expert; default for palettize)."
+                    "(every expert on every token)."
                 ),
             ],
             None,

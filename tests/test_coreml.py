@@ -314,7 +314,6 @@ def cli(*args: str) -> subprocess.CompletedProcess:
         ({"quant": "int8-b64"}, "per output channel"),
         ({"target": "macOS14"}, "need iOS 18 / macOS 15"),
         ({"moe_form": "index_add"}, "use one of sparse, dense"),
-        ({"quant": "palettize4", "moe_form": "sparse"}, "use --moe-form dense"),
     ],
 )
 def test_recipes_the_target_cannot_express_are_refused(kwargs: dict, fragment: str) -> None:
@@ -325,7 +324,7 @@ def test_recipes_the_target_cannot_express_are_refused(kwargs: dict, fragment: s
 
 
 def test_moe_form_defaults() -> None:
-    assert make_recipe("int4").moe_form == "sparse" and make_recipe("palettize6").moe_form == "dense"
+    assert make_recipe("int4").moe_form == "sparse" and make_recipe("palettize6").moe_form == "sparse"
     assert make_recipe("fp16", moe_form="dense").to_dict()["moe_form"] == "dense"
 
 

@@ -21,6 +21,7 @@ Stages:
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import warnings
@@ -37,7 +38,7 @@ from lfm_export.signature import CONV, KEY, IOSignature, build_signature
 from lfm_export.stateful import held_buffer_name
 from lfm_export.weights import WeightSource
 
-from .compress import compress
+from .compress import encoder
 from .memory import PeakRss
 from .recipes import CoreMLRecipe
 from .weights import fill, light_fp16_overflow_check, placeholder_model, source_of
@@ -168,10 +169,11 @@ def build(
     with progress.step(f"Converting to a Core ML ML Program ({recipe.target}, fp16 compute)"):
         program = convert(traced, signature, recipe, shapes)
         del traced
-    with progress.step("Writing the weights into the program"):
-        fill(program, names, source)
-    with progress.step(f"Compressing weights ({recipe.name})"):
-        report = compress(program, recipe)
+    with progress.step(
+        f"Writing the weights into the program, compressed as they are written ({recipe.name})"
+    ):
+        encode, report = encoder(program, recipe)
+        fill(program, names, source, encode)
     with progress.step("Serializing the ML Program"):
         mlmodel = serialize(program, recipe)
     return mlmodel, report
@@ -277,6 +279,10 @@ def export_coreml(
         mlmodel.save(str(path))
         for f in loaded.tokenizer_files():
             shutil.copy2(f, out_dir / f.name)
+    # the program's weights (int4 / int8 codes one byte each: 10.8 GB for random:lfm2-8b-a1b) are not needed
+    # any more; alive during the read-back they made its peak 20.8 GB
+    del mlmodel
+    gc.collect()
     with rss.watch(progress).step("Reading the saved package back"):
         found = check_package(path, signature)
     info = {

@@ -25,6 +25,8 @@ from typing import Any
 from lfm_export.errors import UnsupportedError
 from lfm_export.recipes import Recipe, parse_recipe
 
+from .palette import NAME as PALETTE_NAME
+
 TARGETS = ("iOS18", "macOS15")
 """Deployment targets with Core ML states (iOS 18 / macOS 15 and later: `ct.StateType` needs them)."""
 OLD_TARGETS = ("iOS15", "iOS16", "iOS17", "macOS12", "macOS13", "macOS14")
@@ -77,12 +79,6 @@ class CoreMLRecipe:
                 )
         if self.moe_form not in MOE_FORMS:
             raise UnsupportedError(f"--moe-form {self.moe_form}: use one of {', '.join(MOE_FORMS)}")
-        if self.palettize and self.moe_form == "sparse":
-            raise UnsupportedError(
-                f"{self.name} with --moe-form sparse: coremltools' palettization config groups channels along "
-                "one axis of the stacked [experts, out, in] constant, which is not the per-expert grouping of "
-                "the dense form; use --moe-form dense for palettized MoE models"
-            )
         if self.max_prefill is not None and self.max_prefill < 1:
             raise UnsupportedError(f"--max-prefill must be positive, got {self.max_prefill}")
         if self.prefill_lengths is not None:
@@ -143,6 +139,7 @@ class CoreMLRecipe:
             **self.recipe.to_dict(),
             "name": self.name,
             "palettize": self.palettize,
+            "palette": PALETTE_NAME if self.palettize else None,
             "linears": self.linears,
             "head_and_embedding": "int8 per channel" if self.recipe.quantized else "fp16",
             "compute": "fp16 (RMSNorm statistics, softmax and MoE routing fp32)",
@@ -194,7 +191,7 @@ def make_recipe(
         raise UnsupportedError(f"{flag} {longest} exceeds the context ({max_seq_len} tokens, --max-seq-len)")
     if key in PALETTIZE:
         core = parse_recipe("int4-b32", max_seq_len=max_seq_len)
-        return CoreMLRecipe(core, PALETTIZE[key], target, max_prefill, lengths, moe_form=moe_form or "dense")
+        return CoreMLRecipe(core, PALETTIZE[key], target, max_prefill, lengths, moe_form=moe_form or "sparse")
     core = parse_recipe(quant, max_seq_len=max_seq_len)
     if core.quantized and core.bits == 8 and key not in ("int8", "q8"):
         raise UnsupportedError(f"{quant}: Core ML int8 is per output channel here; use --quant int8")

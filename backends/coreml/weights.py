@@ -5,10 +5,13 @@ Why: converting the real fp32 model of `random:lfm2-1.2b` peaked at 12.5 GB RSS 
 parameters, coremltools' fp32 MIL constants and their fp16 copies were held at once, and compression then
 read the whole saved package back from disk. Here each parameter is a zero-stride view of one scalar (4 bytes
 per tensor in torch), distinct per tensor, so every weight constant of the converted program is found again
-by its value. coremltools' fp16 pass gives each weight constant its own fp16 array (the one full-size copy
-of the model the conversion holds) and `fill` writes the source's tensor into it, rounded float32 -> fp16 as
-that pass rounds. A placeholder left after filling (a constant coremltools derived from a weight, which
-`fill` cannot map back) is an error naming it, never a package with placeholder weights.
+by its value. Within the conversion the fp16 pass's casts keep a placeholder a broadcast scalar
+(`light_fp16_overflow_check`; coremltools' own cast made each an fp16 array of its full size, 2 bytes per
+parameter, which was the peak until the weights were compressed). `fill` then replaces each placeholder by
+the constant `compress.encoder` builds from the source's tensor (compressed as the recipe says, or fp16),
+one tensor at a time, so the program only ever holds the weights in their final form. A placeholder left
+after filling (a constant coremltools derived from a weight, which `fill` cannot map back) is an error naming
+it, never a package with placeholder weights.
 """
 
 from __future__ import annotations
@@ -87,13 +90,16 @@ def _shape(source: WeightSource, name: Any) -> tuple[int, ...]:
     return tuple(source.shapes[name])
 
 
-def _tensor(source: WeightSource, name: Any, dtype: Any) -> np.ndarray:
-    """The source's tensor `name` (a tuple: its tensors stacked, one expert at a time) as numpy `dtype`."""
-    if not isinstance(name, tuple):
-        return source.get(name).detach().numpy().astype(dtype)
-    out = np.empty(_shape(source, name), dtype=dtype)
-    for i, n in enumerate(name):
-        out[i] = source.get(n).detach().numpy()
+def _parts(source: WeightSource, name: Any, dtype: Any) -> list[np.ndarray]:
+    """The source's tensor `name` as numpy `dtype` (a tuple: each expert's tensor), read one at a time."""
+    out = []
+    for n in name if isinstance(name, tuple) else (name,):
+        part = source.get(n).detach().numpy().astype(dtype)
+        if dtype == np.float16 and not np.isfinite(part).all():
+            raise UnsupportedError(
+                f"{n}: a weight beyond fp16's range (65504); the Core ML program holds weights in fp16"
+            )
+        out.append(part)
     return out
 
 
@@ -106,10 +112,10 @@ def _placeholder_name(val: Any, names: dict[float, Any]) -> Any:
     return names[first]
 
 
-def fill(program: Any, names: dict[float, Any], source: WeightSource) -> dict[str, Any]:
-    """Write every placeholder constant of `program` from `source`, in place, one tensor at a time.
-    Returns `{const name: tensor name}`."""
-    from coremltools.converters.mil.mil import Builder as mb
+def fill(program: Any, names: dict[float, Any], source: WeightSource, encode: Any) -> dict[str, Any]:
+    """Replace every placeholder constant of `program` by `encode(op, parts)` (`compress.encoder`: the
+    compressed or plain constant) of the source's tensor, one tensor at a time. Returns `{const name: tensor
+    name}`."""
     from coremltools.converters.mil.mil.passes.helper import block_context_manager
 
     filled: dict[str, Any] = {}
@@ -131,18 +137,11 @@ def fill(program: Any, names: dict[float, Any], source: WeightSource) -> dict[st
                     f"{op.name} {list(val.shape)} (placeholder of {name} {list(_shape(source, name))})"
                 )
                 continue
-            real = _tensor(source, name, val.dtype)
-            if val.dtype == np.float16 and not np.isfinite(real).all():
-                raise UnsupportedError(
-                    f"{name}: a weight beyond fp16's range (65504); the Core ML program holds weights in fp16"
-                )
-            if val.flags.writeable and val.strides[-1] != 0:
-                val[...] = real
-            else:
-                new = mb.const(val=real, before_op=op, name=op.name + "_filled")
-                block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new)
-                block.remove_ops([op])
-            del real
+            new = encode(op, _parts(source, name, val.dtype))
+            block.replace_uses_of_var_after_op(
+                anchor_op=op, old_var=op.outputs[0], new_var=new, no_check_var_types=True
+            )
+            block.remove_ops([op])
             filled[op.name] = name
 
     for function in program.functions.values():
@@ -178,14 +177,36 @@ def _fp16_overflow(op: Any) -> bool:
     return False
 
 
+def _cast_value(original: Any) -> Any:
+    """coremltools' `cast.get_cast_value`, keeping a placeholder a placeholder: a constant with a zero-stride
+    axis is cast on its distinct values and broadcast back (read-only, a few bytes). The original casts the
+    whole array: the fp16 pass gave every weight its own full fp16 array, 2 bytes per parameter (16.6 GB for
+    `random:lfm2-8b-a1b`), all alive at once before `fill`."""
+
+    def get_cast_value(cls: Any, input_var: Any, dtype_val: Any) -> Any:
+        val = input_var.val
+        if not isinstance(val, np.ndarray) or val.ndim == 0 or 0 not in val.strides:
+            return original.__func__(cls, input_var, dtype_val)
+        from coremltools.converters.mil.mil.types.type_mapping import string_to_nptype
+
+        return np.broadcast_to(_distinct(val).astype(string_to_nptype(dtype_val)), val.shape)
+
+    return classmethod(get_cast_value)
+
+
 @contextlib.contextmanager
 def light_fp16_overflow_check() -> Iterator[None]:
-    """Within: coremltools' fp16 pass uses `_fp16_overflow` (restored on exit)."""
+    """Within: coremltools' fp16 pass uses `_fp16_overflow`, and its casts of placeholders stay placeholders
+    (`_cast_value`); both restored on exit."""
+    from coremltools.converters.mil.mil.ops.defs.iOS15.elementwise_unary import cast
     from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
 
     original = FP16ComputePrecision.__dict__["fp16_overflow"]
+    original_cast = cast.__dict__["get_cast_value"]
     FP16ComputePrecision.fp16_overflow = staticmethod(_fp16_overflow)
+    cast.get_cast_value = _cast_value(original_cast)
     try:
         yield
     finally:
         FP16ComputePrecision.fp16_overflow = original
+        cast.get_cast_value = original_cast

@@ -207,11 +207,13 @@ GATES: dict[str, Gate] = {
     # tiny-moe int8 through the Core ML interpreter: 2 of 4 prompts, logit max rel 5.8e-2, KL max 1.6e-2,
     # state max rel 9.9e-2 at the flipped positions, 1e-3 elsewhere; the same model run in fp16 by torch flips
     # at other positions). The limits allow one such flip; what a wrong conversion does is larger (README).
+    # kl_max 0.5 (was 0.05): tiny-moe palettize4 flips one expert whose fp32 choice led by 3e-5 (both sides
+    # computing the choice in fp32), KL 0.33 at that position, logit max rel 0.12, 1e-5 everywhere else.
     **{
         f"{quant}-fp16-moe": _exact_gate(
             f"{quant}-fp16-moe",
             logit_max_rel=0.15,
-            kl_max=0.05,
+            kl_max=0.5,
             top1_decisive=0.98,
             state_max_rel=0.25,
             note="fp16 compute with MoE routing (Core ML): allows an expert flipped by fp16 rounding",
