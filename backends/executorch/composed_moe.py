@@ -40,6 +40,8 @@ from torch import Tensor, nn
 from lfm_export.model import MoE
 from lfm_export.trace import Swap
 
+from .moe import take_routing
+
 
 class _Expert(nn.Module):
     """One expert's SwiGLU over quantized linears (`convert.quantized_linear`)."""
@@ -98,11 +100,7 @@ class ComposedMoE(nn.Module):
 
     def __init__(self, moe: MoE, bits: int, block_size: int, max_rows: int) -> None:
         super().__init__()
-        self.top_k, self.norm_topk_prob, self.scale = moe.top_k, moe.norm_topk_prob, moe.scale
-        self.use_expert_bias = moe.use_expert_bias
-        self.gate = moe.gate
-        if moe.use_expert_bias:
-            self.register_buffer("expert_bias", moe.expert_bias)
+        take_routing(self, moe)
         self.experts = nn.ModuleList(lower_expert(e, bits, block_size, max_rows) for e in moe.experts)
 
     def forward(self, x: Tensor) -> Tensor:

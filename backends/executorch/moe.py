@@ -99,6 +99,16 @@ class SparseExpert(nn.Module):
         return self.w2(torch.nn.functional.silu(self.w1(x, rounded=True)) * self.w3(x, rounded=True))
 
 
+def take_routing(module: nn.Module, moe: MoE) -> None:
+    """Give `module` what `MoE._route` reads (top-k, normalisation, scale, gate, expert bias), the same
+    tensors as `moe`'s: the forms of this backend route with the core's own code."""
+    module.top_k, module.norm_topk_prob, module.scale = moe.top_k, moe.norm_topk_prob, moe.scale
+    module.use_expert_bias = moe.use_expert_bias
+    module.gate = moe.gate
+    if moe.use_expert_bias:
+        module.register_buffer("expert_bias", moe.expert_bias)
+
+
 class SparseMoE(nn.Module):
     """The core `MoE` in its sparse form, experts as `SparseExpert`. `nonzero(...).reshape(-1)` instead of the
     core's `squeeze(-1)`: ExecuTorch's portable `squeeze_copy` rejected `nonzero`'s output ("2 input tensors
@@ -106,11 +116,7 @@ class SparseMoE(nn.Module):
 
     def __init__(self, moe: MoE, bits: int | None, block_size: int) -> None:
         super().__init__()
-        self.top_k, self.norm_topk_prob, self.scale = moe.top_k, moe.norm_topk_prob, moe.scale
-        self.use_expert_bias = moe.use_expert_bias
-        self.gate = moe.gate
-        if moe.use_expert_bias:
-            self.register_buffer("expert_bias", moe.expert_bias)
+        take_routing(self, moe)
         self.experts = nn.ModuleList(
             SparseExpert([getattr(e, w).weight for w in ("w1", "w3", "w2")], bits, block_size)
             for e in moe.experts
