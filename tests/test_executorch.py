@@ -217,6 +217,16 @@ def test_unsupported_recipes_are_refused_in_one_line(tmp_path: Path, quant: str,
     assert not (tmp_path / "x").exists()
 
 
+def assert_other_weights_fail(out: Path, w2_scale: float) -> None:
+    """The artifact at `out` checked against `tiny` with layer 0's w2 scaled by `w2_scale` (other weights
+    than the artifact's) fails exactness."""
+    other = load_model("tiny")
+    with torch.no_grad():
+        other.model.model.layers[0].feed_forward.w2.weight.mul_(w2_scale)
+    result = check_artifact(out, other, threads=2, progress=Progress(quiet=True), scenarios=["prefill"])
+    assert not result.passed and not result.summary()["exactness"]["passed"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("head_bits", [8, 4])
 def test_8da4w_export_passes_parity_against_its_simulation(tmp_path: Path, head_bits: int) -> None:
@@ -237,14 +247,7 @@ def test_8da4w_export_passes_parity_against_its_simulation(tmp_path: Path, head_
     linears = 6 * 3 + 4 * 2 + 2 * 4
     counts = {"int4": linears, "int8": 1} if head_bits == 8 else {"int4": linears + 1}
     assert outcome.manifest["weights"]["counts"] == counts
-    # other weights than the artifact's: exactness fails
-    other = load_model("tiny")
-    with torch.no_grad():
-        other.model.model.layers[0].feed_forward.w2.weight.mul_(1.05)
-    result = check_artifact(
-        outcome.out, other, threads=2, progress=Progress(quiet=True), scenarios=["prefill"]
-    )
-    assert not result.passed and not result.summary()["exactness"]["passed"]
+    assert_other_weights_fail(outcome.out, 1.05)
 
 
 @pytest.mark.slow
@@ -270,13 +273,7 @@ def test_8da8w_is_int8_per_channel_and_passes_parity_against_its_simulation(tmp_
     recipe = outcome.manifest["recipe"]
     assert (recipe["name"], recipe["block_size"], recipe["head_bits"]) == ("int8-pc-a8", 0, 8)
     assert outcome.manifest["weights"]["counts"] == {"int8": 6 * 3 + 4 * 2 + 2 * 4 + 1}
-    other = load_model("tiny")
-    with torch.no_grad():
-        other.model.model.layers[0].feed_forward.w2.weight.mul_(1.10)
-    result = check_artifact(
-        outcome.out, other, threads=2, progress=Progress(quiet=True), scenarios=["prefill"]
-    )
-    assert not result.passed and not result.summary()["exactness"]["passed"]
+    assert_other_weights_fail(outcome.out, 1.10)
 
 
 def test_one_int4_linear_computes_the_int8_token_simulation_of_its_weights(tmp_path: Path) -> None:
