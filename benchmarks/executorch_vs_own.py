@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/executorch_vs_own.py --preset lfm2-350m --out out/bench-et
 
-1. ours: `lfm-export executorch random:PRESET --quant 8da4w --max-seq-len C --max-prefill P --head-bits H
-   --no-parity` for each H of `--head-bits` (folders `ours-hH`; a child process each: wall time and peak RSS
+1. ours: `lfm-export executorch random:PRESET --quant 8da4w --max-seq-len C --max-prefill P --group-size G
+   --head-bits H --no-parity` for each G of `--group-size` and H of `--head-bits` (folders `ours-gG-hH`; ExecuTorch's
+   own 8da4w recipe uses groups of 128, ours defaults to 32; a child process each: wall time and peak RSS
    of its largest process; P defaults to the prompt length, so both programs prefill the prompt in one call:
    theirs takes up to its whole context per call);
 2. theirs: the same weights (the canonical model's state dict, HF names) converted with ExecuTorch's
@@ -102,8 +103,15 @@ def export_theirs(model: Any, preset: str, context: int, out: Path) -> dict[str,
     return result
 
 
-def export_ours(preset: str, context: int, max_prefill: int, head_bits: int, out: Path) -> dict[str, Any]:
-    folder = out / f"ours-h{head_bits}"
+def ours_name(group: int, head_bits: int) -> str:
+    return f"ours-g{group}-h{head_bits}"
+
+
+def export_ours(
+    preset: str, context: int, max_prefill: int, group: int, head_bits: int, out: Path
+) -> dict[str, Any]:
+    name = ours_name(group, head_bits)
+    folder = out / name
     cmd = [
         str(Path(sys.executable).parent / "lfm-export"),
         "executorch",
@@ -112,8 +120,8 @@ def export_ours(preset: str, context: int, max_prefill: int, head_bits: int, out
         str(folder),
     ]
     cmd += ["--quant", "8da4w", "--max-seq-len", str(context), "--max-prefill", str(max_prefill)]
-    cmd += ["--head-bits", str(head_bits), "--no-parity", "--force", "--json"]
-    return measured(cmd, out / f"ours-h{head_bits}_export.log")
+    cmd += ["--group-size", str(group), "--head-bits", str(head_bits), "--no-parity", "--force", "--json"]
+    return measured(cmd, out / f"{name}_export.log")
 
 
 def run_program(path: Path, prompt: list[int], feed: list[int], threads: int) -> dict[str, Any]:
@@ -193,6 +201,13 @@ def main() -> None:
         default=[8, 4],
         help="one export of ours per lm_head width (--head-bits), all run in the same process",
     )
+    ap.add_argument(
+        "--group-size",
+        type=int,
+        nargs="+",
+        default=[32, 128],
+        help="one export of ours per int4 group size (--group-size; ExecuTorch's own 8da4w uses 128)",
+    )
     ap.add_argument("--out", type=Path, default=Path("out/bench-et"))
     ap.add_argument("--reuse", action="store_true", help="keep .pte files already in --out")
     args = ap.parse_args()
@@ -207,9 +222,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     exports: dict[str, Any] = {}
     load = {"load_average_start": os.getloadavg()}
-    for bits in args.head_bits:
-        if not (args.reuse and (out / f"ours-h{bits}" / "model.pte").exists()):
-            exports[f"ours-h{bits}"] = export_ours(args.preset, args.context, args.max_prefill, bits, out)
+    variants = [(g, b) for g in args.group_size for b in args.head_bits]
+    for g, bits in variants:
+        if not (args.reuse and (out / ours_name(g, bits) / "model.pte").exists()):
+            exports[ours_name(g, bits)] = export_ours(
+                args.preset, args.context, args.max_prefill, g, bits, out
+            )
     model = load_model(f"random:{args.preset}").materialized().model.eval()
     if not (args.reuse and (out / "theirs.pte").exists()):
         exports["theirs"] = export_theirs(model, args.preset, args.context, out)
@@ -218,7 +236,7 @@ def main() -> None:
     feed, ref = reference(model, prompt, args.new_tokens)
     del model
     rows = {}
-    programs = [(f"ours-h{b}", out / f"ours-h{b}" / "model.pte") for b in args.head_bits]
+    programs = [(ours_name(g, b), out / ours_name(g, b) / "model.pte") for g, b in variants]
     for name, path in [*programs, ("theirs", out / "theirs.pte")]:
         r = run_program(path, prompt, feed, args.threads)
         p = np.exp(ref)

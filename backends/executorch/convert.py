@@ -12,8 +12,8 @@ Stages:
    `attention.CustomOpAttention` (ExecuTorch's `update_cache` + `custom_sdpa`, KV held seq-first).
 2. trace: `lfm_export.trace.export_stateful_program` (state in mutable buffers, conv state cleared by the
    program at `input_pos == 0`, T dynamic in 1..max_prefill).
-3. lower: `to_edge_transform_and_lower(..., partitioner=[XnnpackPartitioner()], constant_methods=...)` (no
-   partitioner for `--delegate portable`) then `to_executorch()`. The KV cache is written in place by
+3. lower: `lowering.lower` (`to_edge_transform_and_lower` with XNNPACK on ExecuTorch's cheaper decomposition
+   path, checked; no partitioner for `--delegate portable`) then `to_executorch()`. The KV cache is written in place by
    `update_cache`; the conv-state copies run as portable ops outside the delegate. ExecuTorch serialises no
    initial value for mutated buffers (its warning says "meaningless initial state"); the program does not
    depend on one: conv state is replaced at position 0 and `custom_sdpa` reads only positions up to the
@@ -45,6 +45,7 @@ from lfm_export.weights import WeightSource
 from .attention import custom_op_attention, load_custom_ops, seq_first_signature
 from .embedding import quantized_embedding
 from .layers import xnnpack_layers
+from .lowering import lower
 from .moe import sparse_moe_swap
 from .quantize import xnnpack_weight
 from .recipes import XNNPACK, ExecuTorchRecipe
@@ -249,8 +250,7 @@ def export_executorch(
 ) -> ExecuTorchExportResult:
     """Write `model.pte` and the tokenizer files for `loaded` into `out_dir`."""
     import executorch
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir import ExecutorchBackendConfig
 
     progress = progress or Progress()
     cfg = loaded.config
@@ -309,12 +309,7 @@ def export_executorch(
             warnings.filterwarnings("ignore", message="Mutation on a buffer")
             warnings.filterwarnings("ignore", category=FutureWarning)
             logging.getLogger("executorch").setLevel(logging.WARNING)
-            edge = to_edge_transform_and_lower(
-                {FORWARD: program},
-                partitioner=[XnnpackPartitioner()] if recipe.delegate == XNNPACK else [],
-                constant_methods=metadata,
-                compile_config=EdgeCompileConfig(_check_ir_validity=False),
-            )
+            edge = lower({FORWARD: program}, recipe.delegate == XNNPACK, metadata)
             del program
     with progress.step("Planning memory and emitting (to_executorch)"):
         with warnings.catch_warnings():
