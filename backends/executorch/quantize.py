@@ -27,38 +27,48 @@ from typing import Any
 import numpy as np
 import torch
 
+ROWS_PER_CHUNK = 256
+"""Rows quantized at once: the block's statistics, scale and codes are computed while the rows are in cache."""
+
+
+def _symmetric(w: torch.Tensor, block: int, qmax: int, bf16_scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchao's symmetric affine quantization of `w [N, K]` in row blocks of `block` (`choose_qparams_affine`
+    with MappingType.SYMMETRIC: `scale = max(amax / ((qmax - qmin) / 2), smallest normal float)`, zero point 0, then
+    `quantize_affine`: `clamp(round(w * (1 / scale)), qmin, qmax)`), the scale rounded to bfloat16 first when
+    `bf16_scale`. Written here over row chunks, in place: the same codes and scales as torchao's functions
+    (tested against them, `tests/test_executorch_quantize.py`) in a sixth of the time (one 8192 x 2048 weight,
+    blocks of 32, one thread, 2026-11-30: 0.071 s against 0.477 s; the quantization was most of the 16.6 s
+    "Preparing weights" stage of an LFM2-1.2B export)."""
+    t = torch.as_tensor(w, dtype=torch.float32)
+    n, k = t.shape
+    qmin = -qmax - 1
+    half_range = (qmax - qmin) / 2
+    eps = torch.finfo(torch.float32).smallest_normal
+    codes = torch.empty(n, k, dtype=torch.int8)
+    scales = torch.empty(n, k // block)
+    for i in range(0, n, ROWS_PER_CHUNK):
+        rows = t[i : i + ROWS_PER_CHUNK].reshape(-1, k // block, block)
+        scale = (rows.abs().amax(-1) / half_range).clamp_(min=eps)
+        if bf16_scale:
+            scale = scale.to(torch.bfloat16).float()
+        scales[i : i + ROWS_PER_CHUNK] = scale
+        q = rows * (1.0 / scale)[..., None]
+        codes[i : i + ROWS_PER_CHUNK] = q.round_().clamp_(qmin, qmax).reshape(-1, k)
+    return codes, scales
+
 
 def xnnpack_int4(w: np.ndarray | torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`w [N, K]` -> (codes int8 `[N, K]` in -8..7, scales float32 `[N, K / block_size]`, each a bfloat16
     value): the int4 weight XNNPACK holds (module doc)."""
-    from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
-
-    t = torch.as_tensor(w, dtype=torch.float32)
-    block = (1, block_size)
-    scale, _ = choose_qparams_affine(
-        t, MappingType.SYMMETRIC, block, target_dtype=torch.int8, quant_min=-8, quant_max=7
-    )
-    scale = scale.reshape(t.shape[0], t.shape[1] // block_size).to(torch.bfloat16).float()
-    zero = torch.zeros_like(scale, dtype=torch.int8)
-    codes = quantize_affine(t, block, scale, zero, output_dtype=torch.int8, quant_min=-8, quant_max=7)
-    return codes, scale
+    return _symmetric(torch.as_tensor(w), block_size, 7, bf16_scale=True)
 
 
 def xnnpack_int8(w: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`w [N, K]` -> (codes int8 `[N, K]` in -128..127, float32 scales `[N, 1]`): torchao's symmetric int8 per
     output channel (`amax / 127.5`), what XNNPACK's dynamically quantized int8 linear (`qd8-f32-qc8w`) holds
     with float32 scales, and the per-row int8 embedding table (`embedding.QuantizedEmbedding`)."""
-    from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
-
-    t = torch.as_tensor(w, dtype=torch.float32)
-    block = (1, t.shape[1])
-    scale, _ = choose_qparams_affine(
-        t, MappingType.SYMMETRIC, block, target_dtype=torch.int8, quant_min=-128, quant_max=127
-    )
-    scale = scale.reshape(t.shape[0], 1).float()
-    zero = torch.zeros_like(scale, dtype=torch.int8)
-    codes = quantize_affine(t, block, scale, zero, output_dtype=torch.int8, quant_min=-128, quant_max=127)
-    return codes, scale
+    t = torch.as_tensor(w)
+    return _symmetric(t, t.shape[1], 127, bf16_scale=False)
 
 
 def xnnpack_weight(
