@@ -131,7 +131,7 @@ def runner_metadata(loaded: LoadedModel, context: int, max_prefill: int) -> dict
     }
 
 
-def quantized_linear(linear: nn.Linear, bits: int, block_size: int) -> nn.Linear:
+def quantized_linear(linear: nn.Linear, bits: int, block_size: int, rounding: str = "nearest") -> nn.Linear:
     """A new linear (the input keeps its weight) whose weight is a torchao `IntxUnpackedToInt8Tensor` holding
     `quantize.xnnpack_weight`'s codes and scales (int4 in blocks, int8 per channel), with int8 per-token
     asymmetric activations: torchao's 8da4w / 8da8w form, which XNNPACK's partitioner lowers."""
@@ -140,7 +140,7 @@ def quantized_linear(linear: nn.Linear, bits: int, block_size: int) -> nn.Linear
         IntxUnpackedToInt8TensorActivationQuantization,
     )
 
-    codes, scale, group = xnnpack_weight(linear.weight.detach(), bits, block_size)
+    codes, scale, group = xnnpack_weight(linear.weight.detach(), bits, block_size, rounding)
     weight = IntxUnpackedToInt8Tensor(
         qdata=codes,
         scale=scale,
@@ -185,7 +185,7 @@ def linear_swap(
         if source is not None:
             module = copy.copy(module)
             module._parameters = {**module._parameters, "weight": source.get(f"{name}.weight")}
-        return quantized_linear(module, bits, recipe.recipe.block_size)
+        return quantized_linear(module, bits, recipe.recipe.block_size, recipe.recipe.rounding)
 
     return swap
 
@@ -280,13 +280,15 @@ def export_executorch(
                 if core.bits == 4
                 else "int8 per output channel, symmetric, fp32 scales (quantize.xnnpack_int8)"
             ) + "; int8 per-token asymmetric activations (torchao IntxUnpackedToInt8Tensor)"
+            if core.rounding == "mse":
+                weights["rounding"] = "each block's scale searched for the least squared error (-mse)"
             weights["lm_head"] = (
                 "int8 per output channel (fp32 scales)"
                 if core.head_bits == 8
                 else f"int4 blocks of {core.block_size} (bf16 scales)"
             ) + ", int8 per-token activations"
         if core.embedding_bits:
-            swaps.append(quantized_embedding(core.embedding_bits, core.block_size))
+            swaps.append(quantized_embedding(core.embedding_bits, core.block_size, core.rounding))
             weights["embedding"] = (
                 "int8 per row"
                 if core.embedding_bits == 8

@@ -19,9 +19,9 @@ class QuantizedEmbedding(nn.Module):
     """`nn.Embedding` over `weight [V, H]` held at `bits` (8: one scale per row; 4: two codes per byte, one
     scale per `block_size` columns)."""
 
-    def __init__(self, weight: Tensor, bits: int, block_size: int) -> None:
+    def __init__(self, weight: Tensor, bits: int, block_size: int, rounding: str = "nearest") -> None:
         super().__init__()
-        codes, scale, group = xnnpack_weight(weight.detach(), bits, block_size)
+        codes, scale, group = xnnpack_weight(weight.detach(), bits, block_size, rounding)
         self.bits, self.group = bits, group
         self.hidden = int(codes.shape[1])
         if bits == 4:
@@ -51,12 +51,14 @@ def unpack_int4(packed: Tensor) -> Tensor:
     return torch.stack([p - hi * 16, hi], dim=-1).reshape(*p.shape[:-1], 2 * p.shape[-1]) - 8
 
 
-def quantized_embedding(bits: int, block_size: int):  # noqa: ANN201 (a swap)
+def quantized_embedding(bits: int, block_size: int, rounding: str = "nearest"):  # noqa: ANN201 (a swap)
     """Swap for `lfm_export.trace.apply_swaps`: the model's `nn.Embedding` becomes a `QuantizedEmbedding`."""
 
     def swap(module: nn.Module) -> nn.Module | None:
         return (
-            QuantizedEmbedding(module.weight, bits, block_size) if isinstance(module, nn.Embedding) else None
+            QuantizedEmbedding(module.weight, bits, block_size, rounding)
+            if isinstance(module, nn.Embedding)
+            else None
         )
 
     return swap

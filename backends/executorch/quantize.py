@@ -31,55 +31,89 @@ ROWS_PER_CHUNK = 256
 """Rows quantized at once: the block's statistics, scale and codes are computed while the rows are in cache."""
 
 
-def _symmetric(w: torch.Tensor, block: int, qmax: int, bf16_scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _symmetric(
+    w: torch.Tensor, block: int, qmax: int, bf16_scale: bool, grid: tuple[float, ...] = (1.0,)
+) -> tuple[torch.Tensor, torch.Tensor]:
     """torchao's symmetric affine quantization of `w [N, K]` in row blocks of `block` (`choose_qparams_affine`
-    with MappingType.SYMMETRIC: `scale = max(amax / ((qmax - qmin) / 2), smallest normal float)`, zero point 0, then
-    `quantize_affine`: `clamp(round(w * (1 / scale)), qmin, qmax)`), the scale rounded to bfloat16 first when
-    `bf16_scale`. Written here over row chunks, in place: the same codes and scales as torchao's functions
-    (tested against them, `tests/test_executorch_quantize.py`) in a sixth of the time (one 8192 x 2048 weight,
-    blocks of 32, one thread, 2026-11-30: 0.071 s against 0.477 s; the quantization was most of the 16.6 s
-    "Preparing weights" stage of an LFM2-1.2B export)."""
+    with MappingType.SYMMETRIC: `scale = max(amax / ((qmax - qmin) / 2), smallest normal float)`, zero point
+    0, then `quantize_affine`: `clamp(round(w * (1 / scale)), qmin, qmax)`), the scale rounded to bfloat16
+    first when `bf16_scale`. Written here over row chunks, in place: the same codes and scales as torchao's
+    functions (tested against them, `tests/test_executorch_quantize.py`) in a sixth of the time (one 8192 x
+    2048 weight, blocks of 32, one thread, 2026-11-30: 0.071 s against 0.477 s; the quantization was most of
+    the 16.6 s "Preparing weights" stage of an LFM2-1.2B export).
+
+    With a `grid` of shrink factors (`-mse`: `lfm_export.quant.MSE_GRIDS`, the core quantizer's), each block
+    takes the factor `f` whose scale `f * amax / 7.5` (rounded as above) gives the smallest squared error;
+    `f = 1` is tried first and only a strictly smaller error replaces it, so no block is worse than plain
+    rounding."""
     t = torch.as_tensor(w, dtype=torch.float32)
     n, k = t.shape
     qmin = -qmax - 1
     half_range = (qmax - qmin) / 2
     eps = torch.finfo(torch.float32).smallest_normal
+
+    def scale_for(amax: torch.Tensor, f: float) -> torch.Tensor:
+        scale = (amax * f / half_range if f != 1.0 else amax / half_range).clamp_(min=eps)
+        return scale.to(torch.bfloat16).float() if bf16_scale else scale
+
     codes = torch.empty(n, k, dtype=torch.int8)
     scales = torch.empty(n, k // block)
     for i in range(0, n, ROWS_PER_CHUNK):
         rows = t[i : i + ROWS_PER_CHUNK].reshape(-1, k // block, block)
-        scale = (rows.abs().amax(-1) / half_range).clamp_(min=eps)
-        if bf16_scale:
-            scale = scale.to(torch.bfloat16).float()
+        amax = rows.abs().amax(-1)
+        scale = scale_for(amax, grid[0])
+        if len(grid) > 1:
+            best = _squared_error(rows, scale, qmin, qmax)
+            for f in grid[1:]:
+                candidate = scale_for(amax, f)
+                err = _squared_error(rows, candidate, qmin, qmax)
+                better = err < best
+                scale = torch.where(better, candidate, scale)
+                best = torch.where(better, err, best)
         scales[i : i + ROWS_PER_CHUNK] = scale
         q = rows * (1.0 / scale)[..., None]
         codes[i : i + ROWS_PER_CHUNK] = q.round_().clamp_(qmin, qmax).reshape(-1, k)
     return codes, scales
 
 
-def xnnpack_int4(w: np.ndarray | torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _squared_error(rows: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    q = (rows * (1.0 / scale)[..., None]).round_().clamp_(qmin, qmax)
+    return q.mul_(scale[..., None]).sub_(rows).square_().sum(-1)
+
+
+def _grid(bits: int, rounding: str) -> tuple[float, ...]:
+    from lfm_export.quant import MSE_GRIDS
+
+    return MSE_GRIDS[bits] if rounding == "mse" else (1.0,)
+
+
+def xnnpack_int4(
+    w: np.ndarray | torch.Tensor, block_size: int, rounding: str = "nearest"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`w [N, K]` -> (codes int8 `[N, K]` in -8..7, scales float32 `[N, K / block_size]`, each a bfloat16
-    value): the int4 weight XNNPACK holds (module doc)."""
-    return _symmetric(torch.as_tensor(w), block_size, 7, bf16_scale=True)
+    value): the int4 weight XNNPACK holds (module doc); `rounding="mse"` searches each block's scale."""
+    return _symmetric(torch.as_tensor(w), block_size, 7, bf16_scale=True, grid=_grid(4, rounding))
 
 
-def xnnpack_int8(w: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def xnnpack_int8(
+    w: np.ndarray | torch.Tensor, rounding: str = "nearest"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`w [N, K]` -> (codes int8 `[N, K]` in -128..127, float32 scales `[N, 1]`): torchao's symmetric int8 per
     output channel (`amax / 127.5`), what XNNPACK's dynamically quantized int8 linear (`qd8-f32-qc8w`) holds
     with float32 scales, and the per-row int8 embedding table (`embedding.QuantizedEmbedding`)."""
     t = torch.as_tensor(w)
-    return _symmetric(t, t.shape[1], 127, bf16_scale=False)
+    return _symmetric(t, t.shape[1], 127, bf16_scale=False, grid=_grid(8, rounding))
 
 
 def xnnpack_weight(
-    w: np.ndarray | torch.Tensor, bits: int, block_size: int
+    w: np.ndarray | torch.Tensor, bits: int, block_size: int, rounding: str = "nearest"
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(codes, scales, group) for a weight this backend holds at `bits`: int4 in blocks of `block_size`
     (`xnnpack_int4`), int8 per output channel (`xnnpack_int8`, group = the whole row)."""
     if bits == 4:
-        return (*xnnpack_int4(w, block_size), block_size)
+        return (*xnnpack_int4(w, block_size, rounding), block_size)
     if bits == 8:
-        codes, scale = xnnpack_int8(w)
+        codes, scale = xnnpack_int8(w, rounding)
         return codes, scale, int(codes.shape[1])
     raise ValueError(f"the ExecuTorch backend holds int4 or int8 weights, not int{bits}")
 
@@ -96,9 +130,10 @@ def weight_values(recipe: dict[str, Any]) -> Any:
     if not recipe.get("bits"):
         return None
     block_size = int(recipe["block_size"])
+    rounding = recipe.get("rounding", "nearest")
 
     def values(w: np.ndarray, bits: int) -> np.ndarray:
-        codes, scale, group = xnnpack_weight(w, bits, block_size)
+        codes, scale, group = xnnpack_weight(w, bits, block_size, rounding)
         return dequantize(codes, scale, group).numpy()
 
     return values

@@ -6,11 +6,11 @@ int8 weights per output channel, `--group-size 0` in ExecuTorch's own terms), wh
 activations (torchao's 8da4w / 8da8w forms, per-token asymmetric int8 activations: `lfm_export.quant`'s
 `int8-token`). A quantized recipe holds the lm_head at int8 per output channel with int8 activations (XNNPACK's
 `qd8-f32-qc8w` linear: `head_bits` 8) and the embedding table weight-only at `--embedding-quant` 8 (per row,
-the default) or 4 (blocks of N), or float (`none`).
+the default) or 4 (blocks of N), or float (`none`). `-mse` searches each block's scale (`quantize.py`) for every
+weight the recipe quantizes.
 
 Refused with a pointer: fp16 / bf16 (not built yet); weight-only int4 / int8 (XNNPACK's quantized linears take
-int8 activations: use `-a8`); `-asym` and `-mse` (the weights are torchao's symmetric int4 with bf16 scales, see
-`quantize.py`); `int8-bN-a8`: ExecuTorch 1.5.1's XNNPACK partitioner lowers int8 weights only
+int8 activations: use `-a8`); `-asym` (XNNPACK's int4 / int8 linears hold no zero point); `int8-bN-a8`: ExecuTorch 1.5.1's XNNPACK partitioner lowers int8 weights only
 per output channel, not in blocks ("Only 4b group quantization is supported", measured), so int8 is `int8-pc-a8`;
 with it, `--head-bits 4` and `--embedding-quant 4` (they take the recipe's block); `--delegate portable` with a quantized recipe (its linears are XNNPACK's
 kernels); `--delegate qnn` (`qnn_recipe`).
@@ -73,10 +73,10 @@ class ExecuTorchRecipe:
                     f"{r.name}: XNNPACK's quantized linears take int8 activations; use "
                     f"{r.with_options(activations='int8').name} (alias 8da{r.bits}w for block 32)"
                 )
-            if not r.symmetric or r.rounding != "nearest":
+            if not r.symmetric:
                 raise UnsupportedError(
-                    f"{r.name}: the ExecuTorch backend quantizes symmetric weights with plain rounding "
-                    "(no -asym, no -mse)"
+                    f"{r.name}: the ExecuTorch backend quantizes symmetric weights (XNNPACK's int4 and int8 "
+                    "linears hold no zero point); drop -asym"
                 )
         if r.head_bits not in (HEAD_CHOICES if r.quantized else (None,)):
             raise UnsupportedError(
