@@ -276,9 +276,14 @@ def test_8da8w_is_int8_per_channel_and_passes_parity_against_its_simulation(tmp_
     assert_other_weights_fail(outcome.out, 1.10)
 
 
-def test_one_int4_linear_computes_the_int8_token_simulation_of_its_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("quant", ["8da4w", "int4-b32-a8-mse"])
+def test_one_int4_linear_computes_the_int8_token_simulation_of_its_weights(
+    tmp_path: Path, quant: str
+) -> None:
     """XNNPACK's 8da4w linear against `fake_quant_int8_token(x) @ weight_values(w).T`: equal to float rounding,
-    while the core quantizer's own weights are visibly different (why `weight_values` exists)."""
+    while the core quantizer's own weights are visibly different (why `weight_values` exists). With `-mse` the
+    searched scales are what the kernel holds, and the plain-rounding values are visibly different (a
+    simulation that forgot the search would fail exactness)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
     from executorch.runtime import Runtime
@@ -292,7 +297,7 @@ def test_one_int4_linear_computes_the_int8_token_simulation_of_its_weights(tmp_p
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 96, bias=False))
     w = model[0].weight.detach().clone()
-    recipe = make_recipe("8da4w")
+    recipe = make_recipe(quant)
     assert quantize_linears(model, recipe) == {"int4": 1}
     x = torch.randn(1, 5, 128)
     program = torch.export.export(model, (x,))
@@ -308,6 +313,9 @@ def test_one_int4_linear_computes_the_int8_token_simulation_of_its_weights(tmp_p
     assert float((out - sim).abs().max()) < 1e-5 * scale
     core = torch.from_numpy(quantize_weight(w.numpy(), parse_recipe("int4-b32"), 4).dequantize())
     assert float((out - fake_quant_int8_token(x) @ core.T).abs().max()) > 1e-3 * scale
+    if recipe.recipe.rounding == "mse":
+        plain = torch.from_numpy(weight_values(make_recipe("8da4w").to_dict())(w.numpy(), 4))
+        assert float((out - fake_quant_int8_token(x) @ plain.T).abs().max()) > 1e-3 * scale
 
 
 def _lowered(module: torch.nn.Module, args: tuple[torch.Tensor, ...], tmp: Path, xnnpack: bool = True) -> Any:
