@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/executorch_vs_own.py --preset lfm2-350m --out out/bench-et
 
-1. ours: `lfm-export executorch random:PRESET --quant 8da4w --max-seq-len C --max-prefill P --group-size G
-   --head-bits H --no-parity` for each G of `--group-size` and H of `--head-bits` (folders `ours-gG-hH`; ExecuTorch's
-   own 8da4w recipe uses groups of 128, ours defaults to 32; a child process each: wall time and peak RSS
+1. ours: `lfm-export executorch random:PRESET --quant int4-bG-a8[-mse] --max-seq-len C --max-prefill P
+   --head-bits H --no-parity` for each G of `--group-size`, rounding of `--rounding` and H of `--head-bits`
+   (folders `ours-gG[-mse]-hH`; ExecuTorch's own 8da4w recipe uses groups of 128 and optimised scales, ours
+   defaults to 32 and plain rounding; a child process each: wall time and peak RSS
    of its largest process; P defaults to the prompt length, so both programs prefill the prompt in one call:
    theirs takes up to its whole context per call);
 2. theirs: the same weights (the canonical model's state dict, HF names) converted with ExecuTorch's
@@ -103,14 +104,14 @@ def export_theirs(model: Any, preset: str, context: int, out: Path) -> dict[str,
     return result
 
 
-def ours_name(group: int, head_bits: int) -> str:
-    return f"ours-g{group}-h{head_bits}"
+def ours_name(group: int, rounding: str, head_bits: int) -> str:
+    return f"ours-g{group}{'-mse' if rounding == 'mse' else ''}-h{head_bits}"
 
 
 def export_ours(
-    preset: str, context: int, max_prefill: int, group: int, head_bits: int, out: Path
+    preset: str, context: int, max_prefill: int, group: int, rounding: str, head_bits: int, out: Path
 ) -> dict[str, Any]:
-    name = ours_name(group, head_bits)
+    name = ours_name(group, rounding, head_bits)
     folder = out / name
     cmd = [
         str(Path(sys.executable).parent / "lfm-export"),
@@ -119,8 +120,9 @@ def export_ours(
         "-o",
         str(folder),
     ]
-    cmd += ["--quant", "8da4w", "--max-seq-len", str(context), "--max-prefill", str(max_prefill)]
-    cmd += ["--group-size", str(group), "--head-bits", str(head_bits), "--no-parity", "--force", "--json"]
+    quant = f"int4-b{group}-a8{'-mse' if rounding == 'mse' else ''}"
+    cmd += ["--quant", quant, "--max-seq-len", str(context), "--max-prefill", str(max_prefill)]
+    cmd += ["--head-bits", str(head_bits), "--no-parity", "--force", "--json"]
     return measured(cmd, out / f"{name}_export.log")
 
 
@@ -208,6 +210,13 @@ def main() -> None:
         default=[32, 128],
         help="one export of ours per int4 group size (--group-size; ExecuTorch's own 8da4w uses 128)",
     )
+    ap.add_argument(
+        "--rounding",
+        nargs="+",
+        default=["nearest"],
+        choices=["nearest", "mse"],
+        help="one export of ours per weight rounding (mse: the -mse recipe, each block's scale searched)",
+    )
     ap.add_argument("--out", type=Path, default=Path("out/bench-et"))
     ap.add_argument("--reuse", action="store_true", help="keep .pte files already in --out")
     args = ap.parse_args()
@@ -222,11 +231,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     exports: dict[str, Any] = {}
     load = {"load_average_start": os.getloadavg()}
-    variants = [(g, b) for g in args.group_size for b in args.head_bits]
-    for g, bits in variants:
-        if not (args.reuse and (out / ours_name(g, bits) / "model.pte").exists()):
-            exports[ours_name(g, bits)] = export_ours(
-                args.preset, args.context, args.max_prefill, g, bits, out
+    variants = [(g, r, b) for g in args.group_size for r in args.rounding for b in args.head_bits]
+    for g, r, bits in variants:
+        if not (args.reuse and (out / ours_name(g, r, bits) / "model.pte").exists()):
+            exports[ours_name(g, r, bits)] = export_ours(
+                args.preset, args.context, args.max_prefill, g, r, bits, out
             )
     model = load_model(f"random:{args.preset}").materialized().model.eval()
     if not (args.reuse and (out / "theirs.pte").exists()):
@@ -236,7 +245,7 @@ def main() -> None:
     feed, ref = reference(model, prompt, args.new_tokens)
     del model
     rows = {}
-    programs = [(ours_name(g, b), out / ours_name(g, b) / "model.pte") for g, b in variants]
+    programs = [(ours_name(*v), out / ours_name(*v) / "model.pte") for v in variants]
     for name, path in [*programs, ("theirs", out / "theirs.pte")]:
         r = run_program(path, prompt, feed, args.threads)
         p = np.exp(ref)
@@ -248,7 +257,7 @@ def main() -> None:
     meta |= {**load, "load_average_end": os.getloadavg()}
     (out / "results.json").write_text(json.dumps({**meta, "results": rows}, indent=2))
     print(
-        f"random:{args.preset}, 8da4w, {args.threads} threads, {args.prompt_len}-token prompt, context "
+        f"random:{args.preset}, int4 -a8 (8da4w family), {args.threads} threads, {args.prompt_len}-token prompt, context "
         f"{args.context}, {args.new_tokens} new tokens; load average {load['load_average_start']} -> "
         f"{meta['load_average_end']}"
     )
