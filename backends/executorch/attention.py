@@ -64,7 +64,8 @@ class CustomOpAttention(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         bsz, t, _ = x.shape
         q, k, v = Attention.project(self, x)  # type: ignore[arg-type]  # the same submodules
-        cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, head_dim] against [B, T, heads, head_dim]
+        # [T, 1, head_dim] against [B, T, heads, head_dim]; computed in fp32, cast as the canonical `apply_rope`
+        cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         start = positions[0].item()
         torch._check(start >= 0)

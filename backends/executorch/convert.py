@@ -44,6 +44,7 @@ from lfm_export.weights import WeightSource
 
 from .attention import custom_op_attention, load_custom_ops, seq_first_signature
 from .embedding import quantized_embedding
+from .half import half_layers, half_model
 from .layers import xnnpack_layers
 from .lowering import lower
 from .moe import sparse_moe_swap
@@ -51,6 +52,8 @@ from .quantize import xnnpack_weight
 from .recipes import XNNPACK, ExecuTorchRecipe
 
 MODEL_FILE = "model.pte"
+STATE_DTYPES = {"fp32": "float32", "fp16": "float16"}
+"""The type of the held state (KV caches, conv states) per recipe dtype: the parameters' (`half.py`)."""
 ROUTER_SUFFIX = "feed_forward.gate"
 FORWARD = "forward"
 """The program's one method (the runner's): the logits of the last position of the call only, `[1, 1, vocab]`.
@@ -265,6 +268,9 @@ def export_executorch(
 
     with progress.step("Preparing weights"):
         model, source = float_part(loaded, recipe)
+        if core.dtype == "fp16":
+            model = half_model(model)
+            weights.update(lm_head="float16", embedding="float16", linears="float16", compute="float16")
         swaps: list[Swap] = []
         if cfg.num_experts and not core.quantized:
             swaps.append(sparse_moe_swap(None, core.block_size, counts))
@@ -297,6 +303,8 @@ def export_executorch(
         swaps.append(custom_op_attention)
         if recipe.delegate == XNNPACK:
             swaps.append(xnnpack_layers)
+        if core.dtype == "fp16":
+            swaps.append(half_layers)
         weights["counts"] = counts
         swapped = apply_swaps(model, swaps)  # each weight quantized here, once
 
@@ -332,7 +340,7 @@ def export_executorch(
             raise RuntimeError(f"{path}: metadata methods read back differently (asked, found): {wrong}")
 
     signature = seq_first_signature(
-        build_signature(cfg, STATEFUL, context, "float32", max_prefill=max_prefill)
+        build_signature(cfg, STATEFUL, context, STATE_DTYPES[core.dtype], max_prefill=max_prefill)
     )
     versions = {"executorch_version": getattr(executorch, "__version__", "unknown")}
     done = replace(recipe, max_prefill=max_prefill)

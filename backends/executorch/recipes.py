@@ -9,7 +9,17 @@ activations (torchao's 8da4w / 8da8w forms, per-token asymmetric int8 activation
 the default) or 4 (blocks of N), or float (`none`). `-mse` searches each block's scale (`quantize.py`) for every
 weight the recipe quantizes.
 
-Refused with a pointer: fp16 / bf16 (not built yet); weight-only int4 / int8 (XNNPACK's quantized linears take
+`fp16`: every weight and the held state in float16 and the whole model computed in it (`half.py`), on XNNPACK's
+fp16 kernels (ARM phones have fp16 arithmetic; XNNPACK's x86 fp16 GEMMs convert with F16C and accumulate in
+fp32: on this VM `tiny` fp16 and fp32 bench alike). Judged against the canonical model run in fp16 by torch
+(activation mode `native`, the `fp16-native` gate, as MLX's fp16): on `tiny` (2026-11-30) the `.pte` is 1.5e-3
+from it (worst logit max rel; pooled median 3.6e-4, limit 1.5e-3) and an artifact of other weights (layer 0's
+w2 x1.05) 7.6e-3 (median). Core ML's gate (`fp16-fp16`: fp32 compute, fp16-rounded linear inputs) is not
+used: on `tiny-moe` that simulation is 8.1e-2 from the `.pte`, against 9.6e-4 for torch in fp16, and its MoE
+form passed the other-weights artifact (README).
+
+Refused with a pointer: bf16 (not built: XNNPACK's fp16 kernels are the mobile fast path; not measured);
+fp16 with `--delegate portable` (not measured); weight-only int4 / int8 (XNNPACK's quantized linears take
 int8 activations: use `-a8`); `-asym` (XNNPACK's int4 / int8 linears hold no zero point); `int8-bN-a8`: ExecuTorch 1.5.1's XNNPACK partitioner lowers int8 weights only
 per output channel, not in blocks ("Only 4b group quantization is supported", measured), so int8 is `int8-pc-a8`;
 with it, `--head-bits 4` and `--embedding-quant 4` (they take the recipe's block); `--delegate portable` with a quantized recipe (its linears are XNNPACK's
@@ -25,6 +35,8 @@ from typing import Any
 from lfm_export.errors import UnsupportedError, UserError
 from lfm_export.recipes import ACT_FLOAT, ACT_INT8_TOKEN, Recipe, parse_recipe
 
+ACT_NATIVE = "native"
+"""`lfm_export.quant.ACT_NATIVE` (not imported: this module stays free of torch)."""
 XNNPACK = "xnnpack"
 DELEGATES = (XNNPACK, "portable")
 HEAD_BITS = 8
@@ -55,8 +67,19 @@ class ExecuTorchRecipe:
             raise UnsupportedError(
                 f"{r.name}: quantized linears run on XNNPACK's kernels; use --delegate xnnpack or --quant fp32"
             )
-        if r.dtype != "fp32":
-            raise UnsupportedError(f"{r.name}: the ExecuTorch backend exports fp32 or int4/int8 -a8 recipes")
+        if r.dtype == "bf16":
+            raise UnsupportedError(
+                f"{r.name}: the ExecuTorch backend has no bf16 export (XNNPACK's half-precision fast path is "
+                "fp16); use --quant fp16"
+            )
+        if r.dtype != "fp32" and (r.quantized or r.dtype != "fp16"):
+            raise UnsupportedError(
+                f"{r.name}: the ExecuTorch backend exports fp32, fp16 or int4/int8 -a8 recipes"
+            )
+        if r.dtype == "fp16" and self.delegate != XNNPACK:
+            raise UnsupportedError(
+                f"{r.name}: fp16 is lowered for XNNPACK's fp16 kernels; use --delegate xnnpack"
+            )
         if r.quantized:
             if r.bits == 8 and not r.per_channel:
                 raise UnsupportedError(
@@ -105,7 +128,10 @@ class ExecuTorchRecipe:
 
     @property
     def activations(self) -> str:
-        """`int8-token` for `-a8` recipes (torchao / XNNPACK dynamic per-token int8), else `float`."""
+        """`int8-token` for `-a8` recipes (torchao / XNNPACK dynamic per-token int8), `native` for fp16 (the whole
+        model computes in fp16: module doc), else `float`."""
+        if self.recipe.dtype == "fp16":
+            return ACT_NATIVE
         return ACT_INT8_TOKEN if self.recipe.quantized else ACT_FLOAT
 
     @property
