@@ -174,9 +174,12 @@ def test_tiny_fp16_export_is_half_the_size_and_passes_the_native_gate(tmp_path: 
     assert p["quality"]["pooled"]["kl_mean"] < 1e-3
     assert m["recipe"]["dtype"] == "fp16" and m["weights"]["linears"] == "float16"
     assert {s["dtype"] for s in m["signature"]["held"]} == {"float16"}
-    params = sum(t.numel() for t in load_model("tiny").model.parameters())  # tied table counted once
+    # the sizes say the tied table is held twice (gather and lm_head); fp32 stores 4 bytes per value,
+    # 7.18 MB for these 1.77 M values (1.01x); fp16 2 bytes (3.66 MB, 1.03x)
+    model = load_model("tiny").model
+    values = sum(t.numel() for t in model.parameters()) + model.lm_head.weight.numel()
     size = (outcome.out / "model.pte").stat().st_size
-    assert 2 * params < size < 0.55 * 4 * params  # fp16 weights: about half an fp32 file
+    assert 2 * values < size < 1.1 * 2 * values
     from typer.testing import CliRunner
 
     from lfm_export.cli import app
