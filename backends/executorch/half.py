@@ -12,7 +12,7 @@ partitions with two portable casts (one fp16 MLP lowered alone: 3 delegate calls
 `h * sigmoid(h)`: 1 and 0). The rounding differs from torch's fp16 `silu` (one rounding) by the sigmoid's.
 
 The norms keep the canonical form (`x.float()`, statistics, cast back): ExecuTorch 1.5.1's XNNPACK partitioner
-leaves those casts and the `mean` to portable ops, so each norm cuts the delegate (66 delegate calls per
+leaves those casts and the `mean` to portable ops, so each norm cuts the delegate (54 delegate calls per
 forward on `tiny` against 27 at fp32, measured). Computing the statistics in fp16 inside XNNPACK would remove
 the cuts but square the activations in fp16, which overflows past 256 (65504 is fp16's largest): not tried.
 """
