@@ -1,6 +1,6 @@
-"""The model an `fp16` ExecuTorch export traces: every parameter in float16, so XNNPACK's fp16 kernels run the
-linears, the short convolutions and the residual stream, and the state buffers the trace makes (KV caches, conv
-states) take the parameters' type (`lfm_export.trace.export_stateful_program`). What stays float32 is what the
+"""The model an `fp16` ExecuTorch export traces: every parameter in float16, so the linears and the rest of what
+XNNPACK takes run on its fp16 kernels, the residual stream is fp16, and the state buffers the trace makes (KV
+caches, conv states) take the parameters' type (`lfm_export.trace.export_stateful_program`). What stays float32 is what the
 canonical model computes in float32 itself: norm statistics, RoPE tables (cast to fp16 where applied), MoE
 routing scores and the `expert_bias` buffer. This is the whole model in fp16, as ExecuTorch's own LLM export
 does for `dtype_override: fp16` (`LLMEdgeManager.to_dtype` casts the model), and what
