@@ -112,7 +112,9 @@ class ExpertDelegates:
         for old, (key, data) in zip(self.keys, blobs, strict=True):
             store.add_named_data(key, data, alignment=self.alignment[old])
         t = self.template
-        blob = self._names.sub(lambda m: new[m.group(0)], t._processed_bytes)  # one pass: no key replaced twice
+        blob = self._names.sub(
+            lambda m: new[m.group(0)], t._processed_bytes
+        )  # one pass: no key replaced twice
         return LoweredBackendModule(
             t._original_exported_program,
             t.backend_id,
