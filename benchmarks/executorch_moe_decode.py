@@ -6,11 +6,12 @@ number of experts.
 One LFM2-8B-A1B-sized MoE layer (hidden 2048, expert width 1792, top-k 4; random normal(0, 0.02) weights,
 seeded) is lowered at `--quant` (8da4w or fp32) twice per expert count:
 
-- `sparse`: `backends/executorch/moe.py` (what `lfm-export executorch` writes for MoE models);
+- `sparse`: `backends/executorch/moe.py` (what `lfm-export executorch` writes for fp32 MoE models);
 - `dense`: the core `MoE` in its dense form, linears on XNNPACK (8da4w or fp32; every expert on every token,
   the unselected ones weighted by 0);
-- `composed` (8da4w only): `backends/executorch/composed_moe.py`, each expert pre-lowered to XNNPACK and run
-  under `torch.cond` (its lowering time includes the experts').
+- `composed` (8da4w only; what `lfm-export executorch` writes for quantized MoE models):
+  `backends/executorch/composed_moe.py`, each expert an XNNPACK delegate (cloned from one lowering,
+  `expert_delegates.py`) run under `torch.cond` (its lowering time includes the template's).
 
 Each program decodes one token (`[1, 1, 2048]`) `--steps` times; the median per call is printed, with the
 `.pte` size. If the sparse program reads only the top-k experts, its time stays flat as the expert count
@@ -70,7 +71,7 @@ def lower(layer: nn.Module, form: str, quant: str, tmp: Path) -> Path:
     elif form == "composed":
         from lfm_export.backends.executorch.composed_moe import composed_moe_swap
 
-        layer = apply_swaps(layer, [composed_moe_swap(bits or 4, 32, 16, {})])
+        layer = apply_swaps(layer, [composed_moe_swap(layer, bits or 4, 32, 16, {})])
     elif bits:
         quantize_linears(layer, recipe)
     x = torch.zeros(1, 3, layer.feed_forward.gate.in_features)

@@ -1,12 +1,16 @@
-"""The ExecuTorch backend's sparse MoE (`backends/executorch/moe.py`): one MoE layer of `tiny-moe` lowered with
-XNNPACK and run by the real ExecuTorch runtime (default suite, about 20 s with the cores shared), the whole
-`tiny-moe` fp32 export with parity, the int4 sparse layer and the composed 8da4w layer (`composed_moe.py`)
-(slow: minutes each on 2 cores). Quantized MoE exports keep the dense form; `tests/test_executorch.py` covers
-them (slow)."""
+"""The ExecuTorch backend's MoE forms: the fp32 sparse form (`backends/executorch/moe.py`): one MoE layer of
+`tiny-moe` lowered with XNNPACK and run by the real ExecuTorch runtime (default suite, about 20 s with the cores
+shared), the whole `tiny-moe` fp32 export with parity, the int4 sparse layer; the quantized composed form
+(`composed_moe.py`, what quantized MoE exports use): expert delegates cloned from one lowering equal their own
+lowering byte for byte (default suite), a composed 8da4w layer equals the eager layer, `tiny-moe` 8da4w through the
+CLI passes parity and fails against other routing (slow: minutes each on 2 cores)."""
 
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +171,7 @@ def test_composed_8da4w_moe_layer_equals_the_eager_layer_through_xnnpack(tmp_pat
     form, cannot be lowered at 8da4w (XNNPACK refused the program at load, measured)."""
     from dataclasses import replace
 
-    from lfm_export.backends.executorch.composed_moe import ComposedMoE, _Expert
+    from lfm_export.backends.executorch.composed_moe import ComposedMoE, _Expert, composed_moe_swap
 
     torch.set_num_threads(2)
     cfg = replace(load_model("tiny-moe").config, num_experts=4, num_experts_per_tok=1)
@@ -179,7 +183,9 @@ def test_composed_8da4w_moe_layer_equals_the_eager_layer_through_xnnpack(tmp_pat
             p.normal_(0.0, 0.05)
     eager = copy.deepcopy(moe)  # dense form, experts over torchao's eager 8da4w linears
     eager.experts = torch.nn.ModuleList(_Wrapped(_Expert(e, 4, 32)) for e in moe.experts)
-    method = _lowered_layer(ComposedMoE(moe, 4, 32, max_rows=16), hidden, tmp_path)
+    composed = apply_swaps(_Layer(moe), [composed_moe_swap(_Layer(moe), 4, 32, 16, {})]).moe
+    assert isinstance(composed, ComposedMoE)
+    method = _lowered_layer(composed, hidden, tmp_path)
     far = 0.0
     for t in (1, 5, 16):
         x = torch.randn(1, t, hidden)
@@ -201,3 +207,64 @@ class _Wrapped(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.expert(x)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [4, 8])
+def test_an_expert_delegate_cloned_from_the_template_is_the_one_its_own_lowering_writes(bits: int) -> None:
+    """`ExpertDelegates.clone` of a `tiny-moe` expert against `lower_expert` of the same expert (the one-by-one
+    lowering it replaces): the same delegate blob and the same named weight data, byte for byte (so the same
+    outputs through a `.pte`); a clone of another expert differs (the weights are in it). Slow: two lowerings,
+    45.7 s at int4 with the cores shared by an 8B export (load about 3)."""
+    from lfm_export.backends.executorch.composed_moe import lower_expert
+    from lfm_export.backends.executorch.expert_delegates import WEIGHTS, ExpertDelegates
+
+    torch.set_num_threads(2)
+    moe = next(m for m in load_model("tiny-moe").model.modules() if isinstance(m, MoE))
+    expert, other = moe.experts[3], moe.experts[5]
+    hidden, width = expert.w1.in_features, expert.w1.out_features
+    block = 32 if bits == 4 else 0  # 8da8w: per output channel
+    delegates = ExpertDelegates(hidden, width, bits, block, max_rows=16)
+    clone = delegates.clone([getattr(expert, w).weight for w in WEIGHTS])
+    own = lower_expert(expert, bits, block, max_rows=16)
+
+    def data(module: Any) -> dict[str, bytes]:
+        out = module._named_data_store_output
+        return {k: bytes(out.buffers[e.buffer_index]) for k, e in out.pte_data.items()}
+
+    assert clone._processed_bytes == own._processed_bytes
+    assert data(clone) == data(own) and len(data(own)) == 6  # codes and scales of w1, w3, w2
+    assert clone.backend_id == own.backend_id == "XnnpackBackend"
+    elsewhere = delegates.clone([getattr(other, w).weight for w in WEIGHTS])
+    assert (
+        elsewhere._processed_bytes != own._processed_bytes and not data(elsewhere).keys() & data(own).keys()
+    )
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lfm_export.cli", *args], capture_output=True, text=True, timeout=900
+    )
+
+
+@pytest.mark.slow
+def test_tiny_moe_8da4w_composed_export_passes_parity_through_the_cli_and_other_routing_fails(
+    tmp_path: Path,
+) -> None:
+    """As a user would: `lfm-export executorch tiny-moe --quant 8da4w` writes the composed form (manifest), and
+    `lfm-export parity OUT --json` passes; the same artifact checked against `tiny-moe` routed elsewhere (one
+    layer's expert bias raised for expert 0) fails exactness. Measured 2026-11-30: export with parity 110 s
+    wall (load about 2), exactness logit max rel 5.3e-3, quality KL mean 0.077, .pte 2.04 MB."""
+    out = tmp_path / "moe-8da4w"
+    args = ("--quant", "8da4w", "--max-seq-len", "64", "--max-prefill", "16", "--threads", "2", "--no-parity")
+    r = _cli("executorch", "tiny-moe", "-o", str(out), *args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["weights"]["experts"].startswith("composed form") and m["weights"]["counts"]["experts"] == 32
+    r = _cli("parity", str(out), "--threads", "2", "--json")
+    report = json.loads(r.stdout)
+    assert r.returncode == 0 and report["passed"] is True and report["gate"] == "int4-a8", r.stdout[-2000:]
+    result = check_artifact(
+        out, _routed_elsewhere(), threads=2, progress=Progress(quiet=True), scenarios=["prefill"]
+    )
+    assert not result.passed and not result.summary()["exactness"]["passed"]

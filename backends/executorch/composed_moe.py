@@ -1,8 +1,9 @@
 """Quantized MoE layers whose decode runs only the selected experts, on XNNPACK: each expert is lowered to its
 own XNNPACK delegate first, and the layer calls those delegates inside `torch.cond` branches (ExecuTorch's
 "lower a submodule, compose it into the parent" pattern). Found and measured 2026-11-29 on ExecuTorch 1.5.1,
-torch 2.13.0, torchao 0.18; not yet used by `lfm-export executorch` (the exporter keeps the dense form for
-quantized MoE; `moe.py` says why the other sparse forms failed).
+torch 2.13.0, torchao 0.18. `lfm-export executorch` writes quantized MoE layers (8da4w, 8da8w) in this form;
+`moe.py` says why the other sparse forms failed. The experts' delegates come from one lowering per expert
+shape (`expert_delegates.py`: one by one, LFM2-8B-A1B's 704 experts took 7-10 s each).
 
 What it took, each point found by running it (one `tiny-moe` layer, 8 experts):
 
@@ -32,6 +33,7 @@ what the dense form costs for the experts that any row selected; decode runs top
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -39,7 +41,9 @@ from torch import Tensor, nn
 
 from lfm_export.model import MoE
 from lfm_export.trace import Swap
+from lfm_export.weights import WeightSource
 
+from .expert_delegates import WEIGHTS, ExpertDelegates
 from .moe import take_routing
 
 
@@ -50,9 +54,7 @@ class _Expert(nn.Module):
         super().__init__()
         from .convert import quantized_linear
 
-        self.w1, self.w3, self.w2 = (
-            quantized_linear(getattr(mlp, w), bits, block_size) for w in ("w1", "w3", "w2")
-        )
+        self.w1, self.w3, self.w2 = (quantized_linear(getattr(mlp, w), bits, block_size) for w in WEIGHTS)
 
     def forward(self, x: Tensor) -> tuple[Tensor]:
         return (self.w2(torch.nn.functional.silu(self.w1(x)) * self.w3(x)),)
@@ -95,13 +97,13 @@ def lower_expert(mlp: nn.Module, bits: int, block_size: int, max_rows: int) -> A
 
 
 class ComposedMoE(nn.Module):
-    """The core `MoE` with each expert a pre-lowered XNNPACK delegate run under `torch.cond` (module doc).
-    Routing is the core `MoE._route`, in float32."""
+    """The core `MoE` with each expert a pre-lowered XNNPACK delegate (`experts`, in the MoE's order) run
+    under `torch.cond` (module doc). Routing is the core `MoE._route`, in float32."""
 
-    def __init__(self, moe: MoE, bits: int, block_size: int, max_rows: int) -> None:
+    def __init__(self, moe: MoE, experts: Sequence[nn.Module]) -> None:
         super().__init__()
         take_routing(self, moe)
-        self.experts = nn.ModuleList(lower_expert(e, bits, block_size, max_rows) for e in moe.experts)
+        self.experts = nn.ModuleList(experts)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -124,14 +126,39 @@ class ComposedMoE(nn.Module):
         return out.reshape(shape)
 
 
-def composed_moe_swap(bits: int, block_size: int, max_rows: int, counts: dict[str, int]) -> Swap:
-    """Swap for `lfm_export.trace.apply_swaps`: every `MoE` becomes a `ComposedMoE` (its experts lowered
-    here, one by one), counted in `counts["experts"]`."""
+def composed_moe_swap(
+    model: nn.Module,
+    bits: int,
+    block_size: int,
+    max_rows: int,
+    counts: dict[str, int],
+    source: WeightSource | None = None,
+    rounding: str = "nearest",
+) -> Swap:
+    """Swap for `lfm_export.trace.apply_swaps`: every `MoE` of `model` becomes a `ComposedMoE`, its experts
+    cloned from one lowering per expert shape (`expert_delegates.ExpertDelegates`), counted in
+    `counts["experts"]`. A MoE is recognised by its router weight, which the swapped copy shares. With `source`
+    (a lazy model's), each expert weight is read from it, quantized and dropped."""
+    names = {id(m.gate.weight): n for n, m in model.named_modules() if isinstance(m, MoE)}
+    shapes: dict[tuple[int, int], ExpertDelegates] = {}
+
+    def weights(prefix: str, e: int, expert: nn.Module) -> list[Tensor]:
+        if source is None:
+            return [getattr(expert, w).weight for w in WEIGHTS]
+        return [source.get(f"{prefix}.experts.{e}.{w}.weight") for w in WEIGHTS]
 
     def swap(module: nn.Module) -> nn.Module | None:
         if not isinstance(module, MoE):
             return None
-        counts["experts"] = counts.get("experts", 0) + len(module.experts)
-        return ComposedMoE(module, bits, block_size, max_rows)
+        prefix = names[id(module.gate.weight)]
+        experts = []
+        for e, expert in enumerate(module.experts):
+            w = weights(prefix, e, expert)
+            shape = (w[0].shape[1], w[0].shape[0])
+            if shape not in shapes:
+                shapes[shape] = ExpertDelegates(*shape, bits, block_size, max_rows, rounding)
+            experts.append(shapes[shape].clone(w))
+        counts["experts"] = counts.get("experts", 0) + len(experts)
+        return ComposedMoE(module, experts)
 
     return swap

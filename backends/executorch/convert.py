@@ -43,6 +43,7 @@ from lfm_export.trace import Swap, apply_swaps, export_stateful_program, shared_
 from lfm_export.weights import WeightSource
 
 from .attention import custom_op_attention, load_custom_ops, seq_first_signature
+from .composed_moe import composed_moe_swap
 from .embedding import quantized_embedding
 from .half import half_layers, half_model
 from .layers import xnnpack_layers
@@ -276,7 +277,15 @@ def export_executorch(
             swaps.append(sparse_moe_swap(None, core.block_size, counts))
             weights["experts"] = "sparse form, portable ops (moe.py)"
         elif cfg.num_experts:
-            weights["experts"] = "dense form, every expert through the quantized linears (moe.py says why)"
+            bits = core.bits
+            swaps.append(
+                composed_moe_swap(model, bits, core.block_size, max_prefill, counts, source, core.rounding)
+            )
+            weights["experts"] = (
+                f"composed form: each expert's int{bits} linears one XNNPACK delegate, run under torch.cond "
+                "only when a token selects it (composed_moe.py; delegates cloned from one lowering per "
+                "expert shape, expert_delegates.py)"
+            )
         if core.quantized:
             core.check_model(cfg, {n: tuple(p.shape) for n, p in model.named_parameters()})
             swaps.append(linear_swap(model, recipe, counts, source))

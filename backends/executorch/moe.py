@@ -1,6 +1,6 @@
 """MoE layers of an ExecuTorch program in the core's sparse form: each expert runs only on the rows routed to it.
-`lfm-export executorch` uses it for fp32 exports of MoE models; quantized exports keep the dense form (every
-expert through XNNPACK's 8da4w linears), for the reason measured below.
+`lfm-export executorch` uses it for fp32 exports of MoE models; quantized exports use `composed_moe.py`
+(experts as XNNPACK delegates under `torch.cond`), because no form below is fast at int4 (measured below).
 
 What ExecuTorch 1.5.1 can lower (2026-11-29, `tiny-moe` and one LFM2-8B-A1B-sized layer):
 
@@ -14,8 +14,8 @@ What ExecuTorch 1.5.1 can lower (2026-11-29, `tiny-moe` and one LFM2-8B-A1B-size
   `rows != 1`, `quantize_affine` on `zero_point.numel() > 0`); inside `torch.cond` branches the partitioner
   delegates nothing (`aten.linear` "was not decomposed or delegated": in a branch the weights are branch
   inputs, not program constants), but experts lowered to XNNPACK beforehand and called inside the branches do
-  run there (`composed_moe.py`: exact, decode runs the selected experts only; not yet in the exporter); `torch.scan` over stacked experts
-  failed in export (fake-tensor call of `scan`); ExecuTorch's fused `llama::quantized_moe_ffn` needs torchao's
+  run there (`composed_moe.py`: exact, decode runs the selected experts only; the exporter's quantized form);
+  `torch.scan` over stacked experts failed in export (fake-tensor call of `scan`); ExecuTorch's fused `llama::quantized_moe_ffn` needs torchao's
   packing op `_pack_8bit_act_4bit_weight`, absent from this torchao wheel.
 - An int4 sparse expert is therefore expressed in portable ops (`bits=4` here: packed codes and bf16 scales
   dequantized per call, inputs rounded per token). It computes the simulation exactly (tested), but the
