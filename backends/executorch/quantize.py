@@ -53,7 +53,7 @@ def _symmetric(
     eps = torch.finfo(torch.float32).smallest_normal
 
     def scale_for(amax: torch.Tensor, f: float) -> torch.Tensor:
-        scale = (amax * f / half_range if f != 1.0 else amax / half_range).clamp_(min=eps)
+        scale = (amax * f / half_range).clamp_(min=eps)  # x * 1.0 is x exactly: f = 1 is torchao
         return scale.to(torch.bfloat16).float() if bf16_scale else scale
 
     codes = torch.empty(n, k, dtype=torch.int8)
