@@ -18,6 +18,7 @@ Two MoE forms, chosen by `Lfm2ForCausalLM.set_moe_form`: `dense` (default; every
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -145,10 +146,17 @@ class ShortConv(nn.Module):
         return self.out_proj(y.transpose(1, 2)), z[:, :, -(self.L - 1) :]
 
 
+def rope_inv_freq(head_dim: int, theta: float) -> Tensor:
+    """`theta ** (-2i / head_dim)` as float32, computed in float64 here, so a traced program holds it as a
+    constant rather than as ops a converter evaluates its own way: coremltools lowers `reciprocal` to MIL
+    `inverse`, whose epsilon 1e-4 made the first frequency 0.9999 (an angle 0.2 rad off at position 2000)."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
+    return torch.from_numpy((1.0 / np.power(float(theta), exponents)).astype(np.float32))
+
+
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos/sin `[T, head_dim]` for rotate-half RoPE at integer `positions` `[T]`."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    freqs = positions.float()[:, None] * inv_freq[None, :]
+    """cos/sin `[T, head_dim]` for rotate-half RoPE at integer `positions` `[T]`, computed in float32."""
+    freqs = positions.float()[:, None] * rope_inv_freq(head_dim, theta)[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
 

@@ -5,7 +5,11 @@ The canonical model computes RMSNorm statistics and the attention softmax in fp3
 (it casts there); a plain fp16 conversion would compute them in fp16, where `x ** 2` of a hidden value above
 256 overflows to inf. Kept in fp32: the mean of squares, its epsilon add, rsqrt and the product with it;
 the attention scores from the scaling after `q @ k^T` through the mask and the softmax; the router's linear,
-sigmoid, the expert-bias add, top-k, gathers / scatters and the normalising sum and division. Tracing the model in fp16 instead
+sigmoid, the expert-bias add, top-k, gathers / scatters and the normalising sum and division; and the RoPE
+angles (the position cast, `positions * inv_freq`, the concat and cos / sin): in fp16 a position above 2048
+is not representable and an angle of a few hundred radians carries half an ulp of error (0.06 rad at 200,
+1 rad at 2048), which turned every key of a 2k context wrong by up to 1.0 (the cos / sin values, in
+[-1, 1], are cast to fp16 afterwards, as the canonical `apply_rope` casts them). Tracing the model in fp16 instead
 (`model.half()` with fp32 casts inside) was tried: coremltools then computed the short convolutions and
 their out_proj in fp32 as well (it promotes the fp16 state reads), so the program was neither the fp16
 model nor the fp32 one.
@@ -27,8 +31,12 @@ ALWAYS_FP32 = frozenset(
         "scatter_along_axis",
         "reduce_sum",
         "real_div",
+        "cos",
+        "sin",
     }
 )
+ANGLE_OPS = frozenset({"cast", "expand_dims", "mul", "concat", "reshape"})
+"""Ops between the integer positions and cos / sin that must stay fp32 with them."""
 ROUTER_WEIGHT = "feed_forward_gate_weight"
 
 
@@ -49,10 +57,21 @@ def _feeds_softmax(op: Any, depth: int = 3) -> bool:
     return False
 
 
+def _feeds_rope_angle(op: Any, depth: int = 4) -> bool:
+    """True for an op of the chain `positions -> cast -> expand_dims -> mul -> concat -> cos / sin`."""
+    if depth == 0 or op.op_type not in ANGLE_OPS:
+        return False
+    for out in op.outputs:
+        for child in out.child_ops:
+            if child.op_type in ("cos", "sin") or _feeds_rope_angle(child, depth - 1):
+                return True
+    return False
+
+
 def keep_fp32(op: Any) -> bool:
     """True for an op that must compute in fp32 (module docstring)."""
     kind = op.op_type
-    if kind in ALWAYS_FP32:
+    if kind in ALWAYS_FP32 or _feeds_rope_angle(op):
         return True
     inputs = [v for v in op.inputs.values() if not isinstance(v, (list, tuple))]
     producers = {_producer(v) for v in inputs}
