@@ -229,6 +229,14 @@ MaxSeqLenOpt = Annotated[
     typer.Option(min=1, help="Context the artifact declares (default: the model's, capped at 32768)."),
 ]
 NoParityOpt = Annotated[bool, typer.Option("--no-parity", help="Skip the parity gate after export.")]
+FullContextOpt = Annotated[
+    bool,
+    typer.Option(
+        "--full-context",
+        help="Parity fills the whole declared context even above 32768 tokens (by default, above it, it "
+        "compares positions past 8192 instead).",
+    ),
+]
 ForceOpt = Annotated[bool, typer.Option(help="Replace OUT if it exists.")]
 MaxKlOpt = Annotated[
     float | None,
@@ -253,6 +261,7 @@ class ExportOptions:
     quant: str
     max_seq_len: int | None
     no_parity: bool
+    full_context: bool
     force: bool
     threads: int
     max_kl: float | None
@@ -269,6 +278,7 @@ _SHARED_HEAD = [option("model", ModelArg), option("out", OutOpt), option("quant"
 _SHARED_TAIL = [
     option("max_seq_len", MaxSeqLenOpt, None),
     option("no_parity", NoParityOpt, False),
+    option("full_context", FullContextOpt, False),
     option("force", ForceOpt, False),
     option("threads", ThreadsOpt, DEFAULT_THREADS),
     option("max_kl", MaxKlOpt, None),
@@ -330,6 +340,7 @@ def _export(backend: str, opts: ExportOptions, recipe: Any) -> None:
         progress=Progress(quiet=opts.as_json),
         max_kl=opts.max_kl,
         gates_file=opts.gates,
+        full_context=opts.full_context,
     )
     _report_export(outcome, opts.as_json)
 
@@ -608,6 +619,7 @@ def parity(
     threads: ThreadsOpt = DEFAULT_THREADS,
     max_kl: MaxKlOpt = None,
     gates: GatesOpt = None,
+    full_context: FullContextOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Re-check an artifact's numerical parity against the fp32 reference model; exit 1 if the gate fails."""
@@ -623,6 +635,7 @@ def parity(
         progress=Progress(quiet=as_json),
         max_kl=max_kl,
         gates_file=gates,
+        full_context=full_context,
     )
     _emit(
         result.to_json(),

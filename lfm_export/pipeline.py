@@ -83,6 +83,7 @@ def export_artifact(
     progress: Progress | None = None,
     max_kl: float | None = None,
     gates_file: Path | None = None,
+    full_context: bool = False,
 ) -> ExportOutcome:
     """Export, write the manifest, run parity (exactness against the simulated recipe, quality against fp32,
     gated strictly by `max_kl` / `gates_file` when given) and move the artifact to `out`."""
@@ -114,7 +115,14 @@ def export_artifact(
         parity_result = None
         if parity:
             parity_result = _check(
-                tmp, loaded.materialized(), threads, progress, None, quality, artifact_name=out.name
+                tmp,
+                loaded.materialized(),
+                threads,
+                progress,
+                None,
+                quality,
+                artifact_name=out.name,
+                full_context=full_context,
             )
             manifest = read_manifest(tmp)
     return ExportOutcome(out, manifest, parity_result)
@@ -139,6 +147,10 @@ def _identity(loaded: LoadedModel) -> dict[str, Any]:
 
 LONG_CONTEXT_NOTE = 8192
 """Above this declared context the parity run says that its fill-to-the-limit scenario will take a while."""
+FULL_CONTEXT_LIMIT = 32768
+"""Parity fills a declared context up to this (`near_max_seq_len`: the default context, capped at 32768, is
+always filled); above it, `long_context` fills past position 8192 instead, unless `full_context` asks for
+the whole context."""
 
 
 def check_artifact(
@@ -150,6 +162,7 @@ def check_artifact(
     scenarios: list[str] | None = None,
     max_kl: float | None = None,
     gates_file: Path | None = None,
+    full_context: bool = False,
 ) -> Any:
     """Parity of an artifact (through its runtime shim) in two parts: exactness against its recipe simulated
     in torch, quality against the fp32 reference (gated strictly by `max_kl` / `gates_file` when given, else
@@ -161,7 +174,14 @@ def check_artifact(
     manifest = read_manifest(folder)
     quality = quality_gate(manifest["recipe"].get("name", "fp32"), max_kl, gates_file)
     return _check(
-        folder, loaded, threads, progress or Progress(), scenarios, quality, artifact_name=folder.name
+        folder,
+        loaded,
+        threads,
+        progress or Progress(),
+        scenarios,
+        quality,
+        artifact_name=folder.name,
+        full_context=full_context,
     )
 
 
@@ -200,10 +220,12 @@ def _check(
     scenarios: list[str] | None,
     quality: Any,
     artifact_name: str,
+    full_context: bool = False,
 ) -> Any:
     import torch
 
     from lfm_export.parity import ReferenceSession, run_parity, write_reports
+    from lfm_export.parity.scenarios import ScenarioOptions
     from lfm_export.quant import simulate
 
     torch.set_num_threads(threads)
@@ -219,7 +241,13 @@ def _check(
     check_tokenizer(folder, loaded)
     recipe = manifest["recipe"].get("name", "fp32")
     context = manifest.get("max_seq_len")
-    if (scenarios is None or "near_max_seq_len" in scenarios) and (context or 0) > LONG_CONTEXT_NOTE:
+    limit = None if full_context else FULL_CONTEXT_LIMIT
+    fills_all = limit is None or (context or 0) <= limit
+    if (
+        (scenarios is None or "near_max_seq_len" in scenarios)
+        and (context or 0) > LONG_CONTEXT_NOTE
+        and fills_all
+    ):
         progress.note(
             f"[yellow]note:[/] parity fills the whole {context}-token context (scenario near_max_seq_len); on a "
             "big model that takes many minutes. Export with --max-seq-len to declare less, or --no-parity."
@@ -257,6 +285,7 @@ def _check(
             quality=quality,
             tokenizer_file=tokenizer if tokenizer.is_file() else None,
             scenarios=scenarios,
+            options=ScenarioOptions(full_context_limit=limit),
             metadata={
                 "backend": manifest["backend"],
                 "artifact": artifact_name,

@@ -291,6 +291,7 @@ OPS: dict[str, Callable[..., Any]] = {
     "aten.embedding.default": _embedding,
     "aten.conv1d.default": _conv1d,
     "aten.index_copy.default": _index_copy,
+    "aten.lift_fresh_copy.default": lambda x: x,  # a program constant's copy: MLX arrays are immutable
     "aten.topk.default": _topk,
     "aten.gather.default": lambda x, dim, idx, sparse_grad=False: mx.take_along_axis(x, idx, axis=dim),
     "aten.scatter.src": lambda x, dim, idx, src: mx.put_along_axis(x, idx, src, axis=dim),
@@ -307,6 +308,12 @@ OPS: dict[str, Callable[..., Any]] = {
 """aten op (`str(node.target)`; Python's `operator` functions by name) -> the MLX function computing it."""
 
 
+def _constant(t: Any) -> mx.array:
+    """A torch tensor constant as an MLX array of the same type (through float32 for the half types, exact)."""
+    dtype = _dtype(t.dtype)
+    return mx.array(t.detach().float().numpy() if t.is_floating_point() else t.detach().numpy()).astype(dtype)
+
+
 def op_name(target: Any) -> str:
     if getattr(target, "__module__", None) == "_operator":
         return target.__name__
@@ -315,15 +322,21 @@ def op_name(target: Any) -> str:
 
 class MlxProgram:
     """An exported program ready to run on MLX arrays: its parameters by name (`param_names`), its user
-    inputs in order, its outputs in order. Construction checks every op against `OPS`."""
+    inputs in order, its outputs in order. Construction checks every op against `OPS`.
+
+    The program's tensor constants (`rope_inv_freq`, computed in float64 and held as a float32 constant) are
+    MLX arrays of the same values and type, held here: an exported function records them as constants."""
 
     def __init__(self, program: Any) -> None:
         self.graph = program.graph_module.graph
         self.params: dict[str, str] = {}  # placeholder -> state-dict name
+        self.constants: dict[str, mx.array] = {}  # placeholder -> value
         self.user_inputs: list[str] = []
         for spec in program.graph_signature.input_specs:
             if spec.kind.name == "USER_INPUT":
                 self.user_inputs.append(spec.arg.name)
+            elif spec.kind.name == "CONSTANT_TENSOR":
+                self.constants[spec.arg.name] = _constant(program.constants[spec.target])
             else:
                 self.params[spec.arg.name] = spec.target
         unknown = sorted({op_name(n.target) for n in self.graph.nodes if n.op == "call_function"} - set(OPS))
@@ -338,6 +351,7 @@ class MlxProgram:
         """The program's outputs for user `inputs` (in order) and `params` (state-dict name -> mx array or
         `QuantizedWeight`)."""
         env: dict[str, Any] = dict(zip(self.user_inputs, inputs))
+        env.update(self.constants)
         for placeholder, name in self.params.items():
             env[placeholder] = params[name]
 

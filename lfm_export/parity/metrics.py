@@ -113,7 +113,12 @@ def state_max_abs(
     ref: dict[str, np.ndarray] | None, test: dict[str, np.ndarray] | None, position: int
 ) -> tuple[float | None, dict[str, Any]]:
     """Max abs difference over the states both sessions expose, and what was compared; `info["max_rel"]` is
-    the worst over the state tensors of (max abs difference / max abs reference value), the scale-free form.
+    the worst over the state tensors of (max abs difference / max abs reference value), the scale-free form,
+    and `info["p99_rel"]` the 99th percentile (the lower neighbour, never interpolated) of that error per
+    state position: each KV cache slot of each cache, and each conv state, counts as one. The percentile does
+    not grow with the number of positions compared, as the maximum does where an honest export now and then
+    differs at one position (an MoE expert flipped by a rounding tie): in a 2046-slot cache 13 such positions
+    (0.6%) set the maximum, and the percentile stays at the other positions' level.
 
     A static-form KV cache (`[B, kv, max_seq_len, hd]`) is compared over its first `position` slots. A name
     present on one side only, or shapes that cannot be aligned, count as an infinite error.
@@ -121,6 +126,7 @@ def state_max_abs(
     if ref is None or test is None:
         return None, {"compared": 0, "reason": "state not exposed"}
     worst = worst_rel = 0.0
+    per_position: list[np.ndarray] = []
     problems: list[str] = []
     for name in sorted(set(ref) | set(test)):
         if name not in ref or name not in test:
@@ -134,14 +140,22 @@ def state_max_abs(
             problems.append(f"{name} shape {list(t.shape)} != reference {list(r.shape)}")
             continue
         if r.size:
-            diff = np.abs(r - t)
-            err = float(diff.max()) if np.isfinite(diff).all() else float("inf")
+            diff = np.where(np.isfinite(r - t), np.abs(r - t), np.inf)
+            err = float(diff.max())
             scale = float(np.abs(r).max())
             worst = max(worst, err)
-            worst_rel = max(worst_rel, err / scale if scale > 0 else (0.0 if err == 0 else float("inf")))
+            worst_rel = max(worst_rel, _rel(err, scale))
+            slots = diff.max(axis=(0, 1, 3)) if diff.ndim == 4 else diff.max(keepdims=True).reshape(1)
+            per_position.append(np.array([_rel(float(e), scale) for e in slots]))
     info: dict[str, Any] = {"compared": len(set(ref) & set(test))}
     if problems:
         info["problems"] = problems
         worst = worst_rel = float("inf")
     info["max_rel"] = worst_rel
+    every = np.concatenate(per_position) if per_position else np.zeros(1)
+    info["p99_rel"] = float("inf") if problems else float(np.percentile(every, 99, method="lower"))
     return worst, info
+
+
+def _rel(err: float, scale: float) -> float:
+    return err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))

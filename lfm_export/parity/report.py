@@ -37,6 +37,7 @@ COLUMNS = (
     ("greedy_match", "greedy match", "greedy"),
     ("state_max_abs", "state max abs", ".2e"),
     ("state_max_rel", "state max rel", ".2e"),
+    ("state_p99_rel", "state p99 rel", ".2e"),
 )
 
 

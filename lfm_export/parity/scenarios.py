@@ -31,7 +31,9 @@ class ScenarioOptions:
     fill_chunk: int = 256
     """Chunk size of the cheap filler prefill in `near_max_seq_len`."""
     near_max_tail: int = 8
-    """Positions of the last filler chunk compared in `near_max_seq_len`."""
+    """Positions of the last filler chunk compared in `near_max_seq_len` and `long_context`."""
+    full_context_limit: int | None = None
+    """`near_max_seq_len` runs on declared contexts up to this (None: any)."""
 
 
 class Sessions:
@@ -189,17 +191,14 @@ def batch2(ss: Sessions, prompts: Sequence[np.ndarray], opts: ScenarioOptions) -
     return _finish(run, ss)
 
 
-def near_max_seq_len(ss: Sessions, prompts: Sequence[np.ndarray], opts: ScenarioOptions) -> ScenarioRun:
-    """Fill to `max_seq_len - 2` in chunks, then decode 2 steps up to exactly `max_seq_len`.
+def _fill_and_decode(
+    name: str, ss: Sessions, prompts: Sequence[np.ndarray], opts: ScenarioOptions, fill: int
+) -> ScenarioRun:
+    """Fill `fill` tokens (the prompts repeated) in `fill_chunk` chunks, then decode 2 greedy steps.
 
     Compared: the last position of every filler chunk, the last `near_max_tail` positions of the final chunk
-    and both decode steps (logits of the whole fill are not kept, so big contexts stay cheap in memory)."""
-    room = ss.test.max_seq_len
-    if room is None:
-        return ScenarioRun("near_max_seq_len", skipped=f"{ss.test.name} has no fixed max_seq_len")
-    fill = room - 2
-    if fill < 1:
-        return ScenarioRun("near_max_seq_len", skipped=f"max_seq_len {room} leaves no room to fill")
+    and both decode steps; the state after them covers every cache slot filled. The fill keeps no other
+    logits, so a long fill costs the prefill compute and no memory beyond the caches."""
     tokens = np.resize(np.concatenate(list(prompts)), fill).astype(np.int64)
     chunks = np.split(tokens, range(opts.fill_chunk, fill, opts.fill_chunk))
     ss.reset(1)
@@ -210,12 +209,57 @@ def near_max_seq_len(ss: Sessions, prompts: Sequence[np.ndarray], opts: Scenario
     for _ in range(2):
         tok = np.array([int(np.argmax(rows[-1][0][-1]))], dtype=np.int64)
         rows.append(ss.decode(tok))
-    run = ScenarioRun(
-        "near_max_seq_len",
-        _stack(rows),
-        details={"max_seq_len": room, "fill": fill, "fill_chunk": opts.fill_chunk, "chunks": len(chunks)},
-    )
-    return _finish(run, ss)
+    last = fill + 1
+    details = {"fill": fill, "fill_chunk": opts.fill_chunk, "chunks": len(chunks), "last_position": last}
+    if ss.test.max_seq_len is not None:
+        details["max_seq_len"] = ss.test.max_seq_len
+    return _finish(ScenarioRun(name, _stack(rows), details=details), ss)
+
+
+def near_max_seq_len(ss: Sessions, prompts: Sequence[np.ndarray], opts: ScenarioOptions) -> ScenarioRun:
+    """Fill to `max_seq_len - 2`, then decode 2 steps up to exactly `max_seq_len`: the last slots of the
+    cache, and every slot in the state compared. Skipped above `opts.full_context_limit` (long_context then
+    compares positions past `LONG_CONTEXT`)."""
+    room = ss.test.max_seq_len
+    if room is None:
+        return ScenarioRun("near_max_seq_len", skipped=f"{ss.test.name} has no fixed max_seq_len")
+    if room - 2 < 1:
+        return ScenarioRun("near_max_seq_len", skipped=f"max_seq_len {room} leaves no room to fill")
+    if opts.full_context_limit is not None and room > opts.full_context_limit:
+        return ScenarioRun(
+            "near_max_seq_len",
+            skipped=f"context {room} is above the full-context limit {opts.full_context_limit} "
+            f"(long_context compares positions past {LONG_CONTEXT}; --full-context to fill it all)",
+        )
+    return _fill_and_decode("near_max_seq_len", ss, prompts, opts, room - 2)
+
+
+LONG_CONTEXT = 8192
+"""Positions past this are what `long_context` compares: where fp16 positions and RoPE angles (exact integers
+only up to 2048 in fp16) and any converter constant of the rotary frequencies show their error."""
+
+
+def long_context(ss: Sessions, prompts: Sequence[np.ndarray], opts: ScenarioOptions) -> ScenarioRun:
+    """Fill past `LONG_CONTEXT` (to `LONG_CONTEXT + near_max_tail`), then decode 2 steps, where nothing else
+    compares positions past it: a declared context above the full-context limit (near_max_seq_len skipped).
+    Otherwise skipped, naming the scenario that covers it: near_max_seq_len fills the whole context and
+    compares the last position of every chunk and the last slots of the cache. Every runtime shim declares
+    its context; a session without one (a torch session in a test) is skipped as by near_max_seq_len."""
+    room = ss.test.max_seq_len
+    fill = LONG_CONTEXT + opts.near_max_tail
+    if room is None:
+        return ScenarioRun("long_context", skipped=f"{ss.test.name} has no fixed max_seq_len")
+    if fill + 2 > room:
+        return ScenarioRun(
+            "long_context",
+            skipped=f"context {room} ends before position {LONG_CONTEXT}: near_max_seq_len compares its end",
+        )
+    if opts.full_context_limit is None or room <= opts.full_context_limit:
+        return ScenarioRun(
+            "long_context",
+            skipped=f"near_max_seq_len fills the whole {room}-token context, past position {LONG_CONTEXT}",
+        )
+    return _fill_and_decode("long_context", ss, prompts, opts, fill)
 
 
 SCENARIOS: dict[str, ScenarioFn] = {
@@ -224,6 +268,7 @@ SCENARIOS: dict[str, ScenarioFn] = {
     "chunked_prefill": chunked_prefill,
     "batch2": batch2,
     "near_max_seq_len": near_max_seq_len,
+    "long_context": long_context,
 }
 
 
@@ -238,6 +283,7 @@ def pair_metrics(run: ScenarioRun, ref: int, test: int) -> dict[str, float | Non
     if state_err is not None:
         m["state_max_abs"] = state_err
         m["state_max_rel"] = info["max_rel"]
+        m["state_p99_rel"] = info["p99_rel"]
     if info.get("problems"):
         run.details["state_problems"] = info["problems"]
     m["position_match"] = float(run.positions[test] == run.positions[ref])

@@ -95,10 +95,13 @@ def _exact_gate(
     state_max_rel: float,
     note: str,
     rounding: float | None = None,
+    state_p99_rel: float | None = None,
 ) -> Gate:
     """Exactness limits; with `rounding`, each widens to that multiple of the activation-rounding effect (KL,
-    quadratic in the logit error, to its square)."""
+    quadratic in the logit error, to its square). `state_p99_rel` adds a limit on the state error's 99th
+    percentile over positions (gates that allow an honest export to differ at a few positions)."""
     kl_rounding = None if rounding is None else rounding**2
+    p99 = () if state_p99_rel is None else (Limit("state_p99_rel", LE, state_p99_rel),)
     return Gate(
         name,
         UNIVERSAL
@@ -106,6 +109,7 @@ def _exact_gate(
             Limit("logit_max_rel", LE, logit_max_rel, rounding=rounding),
             Limit("kl_max", LE, kl_max, rounding=kl_rounding),
             Limit("state_max_rel", LE, state_max_rel, rounding=rounding),
+            *p99,
             Limit("top1_decisive", GE, top1_decisive, (POOLED,), rounding=rounding),
         ),
         note,
@@ -209,14 +213,21 @@ GATES: dict[str, Gate] = {
     # at other positions). The limits allow one such flip; what a wrong conversion does is larger (README).
     # kl_max 0.5 (was 0.05): tiny-moe palettize4 flips one expert whose fp32 choice led by 3e-5 (both sides
     # computing the choice in fp32), KL 0.33 at that position, logit max rel 0.12, 1e-5 everywhere else.
+    # The state is judged per position: a 2k-context cache holds many positions where a tie can flip (random
+    # MoE, 0.08 init, int4, 2046 slots: 13 positions off, each where the simulation's top-k margin was below
+    # 3e-4, state max rel 0.34, every other position within 2.4e-3), so the maximum over the cache grows with
+    # the context while the 99th percentile does not. The bulk is held to the dense fp16 state limit (0.02);
+    # the maximum only to the state's own scale (1.0: garbage, never a flip).
     **{
         f"{quant}-fp16-moe": _exact_gate(
             f"{quant}-fp16-moe",
             logit_max_rel=0.15,
             kl_max=0.5,
             top1_decisive=0.98,
-            state_max_rel=0.25,
-            note="fp16 compute with MoE routing (Core ML): allows an expert flipped by fp16 rounding",
+            state_max_rel=1.0,
+            state_p99_rel=2e-2,
+            note="fp16 compute with MoE routing (Core ML): allows an expert flipped by fp16 rounding at a few "
+            "positions (honest: state p99 2.4e-3, max 0.34 at 2k context)",
         )
         for quant in ("fp16", "int8", "int4")
     },
