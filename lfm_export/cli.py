@@ -224,10 +224,24 @@ QuantOpt = Annotated[
         "(int4-b64, int8-b128-asym; aliases 8da4w, 8da8w). The backend says which it supports."
     ),
 ]
-MaxSeqLenOpt = Annotated[
-    int | None,
-    typer.Option(min=1, help="Context the artifact declares (default: the model's, capped at 32768)."),
-]
+CONTEXT_DEFAULT = (
+    "default: the model's max_position_embeddings, capped at 32768, the dense models' trained context"
+)
+PARITY_FILL = (
+    "Parity fills the whole declared context up to 32768 tokens (near_max_seq_len: its time grows with the "
+    "context); above that it compares positions past 8192 unless --full-context."
+)
+
+
+def context_option(default: str, cost: str) -> Any:
+    """`--max-seq-len`, with the backend's default context, why, and what a longer one costs."""
+    return Annotated[
+        int | None,
+        typer.Option(min=1, help=f"Context the artifact declares ({default}). {cost} {PARITY_FILL}"),
+    ]
+
+
+MaxSeqLenOpt = context_option(CONTEXT_DEFAULT, "")
 NoParityOpt = Annotated[bool, typer.Option("--no-parity", help="Skip the parity gate after export.")]
 FullContextOpt = Annotated[
     bool,
@@ -305,10 +319,12 @@ def backend_command(
     extra: Sequence[Parameter] = (),
     cli: typer.Typer = app,
     quant_default: str = "fp32",
+    context: Any = MaxSeqLenOpt,
 ) -> Callable[..., None]:
     """Register `lfm-export NAME MODEL -o OUT` (on `cli`) with the shared options plus `extra` (listed after
-    `--quant`, whose default is `quant_default`): build the recipe, export through `pipeline.BACKENDS[name]`,
-    run the parity gate, report (exit 1 if the gate fails)."""
+    `--quant`, whose default is `quant_default`; `context` is its `--max-seq-len`, from `context_option`):
+    build the recipe, export through `pipeline.BACKENDS[name]`, run the parity gate, report (exit 1 if the
+    gate fails)."""
 
     def command(**values: Any) -> None:
         opts = ExportOptions(**{f.name: values.pop(f.name) for f in fields(ExportOptions)})
@@ -318,7 +334,8 @@ def backend_command(
         )  # a recipe may name its backend (onnx --target qnn)
 
     head = [*_SHARED_HEAD[:2], option("quant", QuantOpt, quant_default)]
-    command.__signature__ = Signature([*head, *extra, *_SHARED_TAIL])  # type: ignore[attr-defined]
+    tail = [option("max_seq_len", context, None) if p.name == "max_seq_len" else p for p in _SHARED_TAIL]
+    command.__signature__ = Signature([*head, *extra, *tail])  # type: ignore[attr-defined]
     command.__name__ = name
     command.__doc__ = help
     return cli.command(name)(command)

@@ -341,11 +341,21 @@ def _rounding_note(result: ParityResult) -> list[str]:
     if result.activation_rounding is None:
         return []
     effect = ", ".join(f"{k} {_num(v)}" for k, v in result.activation_rounding.items())
+    mode = str(result.metadata.get("simulation", {}).get("activations", ""))
+    if mode == "native":
+        return [
+            "The runtime computes in half precision, rounding its own ops its own way (approximated "
+            "element-wise functions, other summation orders): limits that allow for it widen to a multiple of "
+            f"what computing in that type does to the model ({effect}; the simulation against the fp32 "
+            "reference, worst over the run). The limit column of `parity.json`'s checks holds the bound applied.",
+            "",
+        ]
+    what = "computes in fp16" if "fp16" in mode else "rounds activations to int8"
     return [
-        "The runtime rounds activations to int8: which codes a float-rounding difference flips cannot be "
-        f"simulated, so limits that allow for it widen to a multiple of what that rounding itself does ({effect}; "
-        "the simulation with against without activation rounding, worst over the run). The limit column of "
-        "`parity.json`'s checks holds the bound applied.",
+        f"The runtime {what}: which values a float-rounding difference flips cannot be simulated, so limits "
+        f"that allow for it widen to a multiple of what that rounding itself does ({effect}; the simulation with "
+        "against without activation rounding, worst over the run). The limit column of `parity.json`'s checks "
+        "holds the bound applied.",
         "",
     ]
 

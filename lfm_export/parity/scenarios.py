@@ -293,7 +293,7 @@ def pair_metrics(run: ScenarioRun, ref: int, test: int) -> dict[str, float | Non
 NOT_DECISIVE = "n/a (no decisive positions)"
 
 
-ROUNDING_METRICS = ("logit_max_rel", "kl_max", "state_max_rel", "top1_decisive")
+ROUNDING_METRICS = ("logit_max_rel", "logit_median_rel", "kl_max", "state_max_rel", "top1_decisive")
 """What the activation-rounding effect is measured on (the simulation with against without it)."""
 
 
@@ -392,7 +392,11 @@ def run_parity(
     else:
         sessions = Sessions(test_session, simulation, [reference_session, *([rounding] if rounding else [])])
         lead, ref = 0, 1
+    # the rounding effect: the simulation against itself without activation rounding; where the runtime
+    # computes in half precision (`native`), against the fp32 reference (what computing in that type does)
     noisy = len(sessions.comparisons) - 1 if rounding is not None else None
+    if noisy is None and activations == "native" and simulation is not None:
+        noisy = ref
     test = -1
     exact: list[ScenarioResult] = []
     qual: list[ScenarioResult] = []

@@ -272,6 +272,17 @@ max rel / state max rel / KL max: bf16 tiny 7.1e-3 / 1.1e-2 / 7.3e-4, tiny-moe (
 above (rounded weights, fp32 compute) would fail every honest MLX fp16 MoE artifact."""
 
 
+NATIVE_ROUNDING = 1.5
+"""The pooled median limit of the `-native` gates widens to this multiple of what computing in the half type
+does to the model (the simulation against the fp32 reference, `Limit.rounding`). The simulation rounds what it
+can as the runtimes do (every linear computed in float32 and rounded once, as MLX and XNNPACK's fp16 GEMMs on
+x86 do), but not their own element-wise approximations: XNNPACK's fp16 sigmoid differed from torch's in 48% of
+outputs (one fp16 step). Measured 2026-12-07, ExecuTorch fp16 against its simulation, pooled median over the
+simulation's own distance from fp32: tiny 0.91, tiny-moe 0.93, transformers-written dense at 0.08 init (2048
+context) 0.83, MoE 0.80 (1.14 on 510 random tokens); the same artifacts with one v_proj 5% off: 3.4 and more.
+A fixed 1.5e-3 failed the honest dense export (2.1e-3, at 128 and at 2048 tokens of context alike)."""
+
+
 def _native_gate(name: str, median: float, kl_mean: float, note: str) -> Gate:
     return Gate(
         name,
@@ -279,8 +290,12 @@ def _native_gate(name: str, median: float, kl_mean: float, note: str) -> Gate:
         + (
             Limit("logit_max_rel", LE, 0.15),
             Limit("kl_max", LE, 0.05),
-            Limit("state_max_rel", LE, 0.25),
-            Limit("logit_median_rel", LE, median, (POOLED,)),
+            # per position, as the `-fp16-moe` gates: a flipped expert sets the maximum at one position of a
+            # long cache (MLX bf16 MoE, 2046 slots before the simulation rounded linears once: max 0.58, p99
+            # 7.3e-3; v_proj 5% off: p99 4.9e-2)
+            Limit("state_max_rel", LE, 1.0),
+            Limit("state_p99_rel", LE, 2e-2),
+            Limit("logit_median_rel", LE, median, (POOLED,), rounding=NATIVE_ROUNDING),
             Limit("kl_mean", LE, kl_mean, (POOLED,)),
             Limit("top1_decisive", GE, 0.98, (POOLED,)),
         ),
@@ -292,15 +307,16 @@ GATES["fp16-native"] = _native_gate(
     "fp16-native",
     1.5e-3,
     6e-4,
-    "computed in fp16 (MLX) vs torch in fp16; maxima allow an MoE expert flipped by an ulp (honest pooled: "
-    "median 4.1e-4, KL 1.3e-4; v_proj 5% off: median >= 4.9e-3)",
+    "computed in fp16 (MLX, ExecuTorch) vs torch in fp16; median widens to 1.5x what fp16 does to the model; "
+    "maxima allow an MoE expert flipped by an ulp (honest pooled: median 4.1e-4 (MLX), 2.1e-3 (ExecuTorch, "
+    "0.08 init), KL 1.3e-4; v_proj 5% off: median >= 4.9e-3)",
 )
 GATES["bf16-native"] = _native_gate(
     "bf16-native",
     3e-3,
     1e-3,
-    "computed in bf16 (MLX) vs torch in bf16; maxima allow an MoE expert flipped by an ulp (honest pooled: "
-    "median 1.7e-3, KL 2.9e-4; v_proj 5% off: median >= 5.2e-3)",
+    "computed in bf16 (MLX) vs torch in bf16; median widens to 1.5x what bf16 does to the model; maxima allow "
+    "an MoE expert flipped by an ulp (honest pooled: median 1.7e-3, KL 2.9e-4; v_proj 5% off: median >= 5.2e-3)",
 )
 SANITY_KL_MEAN.update({"bf16": 0.01, "bf16-native": 0.01, "fp16-native": SANITY_KL_MEAN["fp16"]})
 """bf16 against fp32 (pooled KL mean), honest worst 2026-11-29: tiny 2.3e-4, tiny-moe 7.9e-4, transformers
