@@ -463,6 +463,10 @@ backend_command(
             False,
         ),
     ],
+    context=context_option(
+        CONTEXT_DEFAULT,
+        "The KV cache grows with the tokens held (the shim doubles its buffers up to the context), so a long context costs memory only when used.",
+    ),
 )
 
 
@@ -539,6 +543,10 @@ backend_command(
             None,
         ),
     ],
+    context=context_option(
+        CONTEXT_DEFAULT,
+        "The KV caches are static buffers of that length in the program (context x 2 x attention layers x KV heads x head_dim values, fp32 or fp16), allocated at load.",
+    ),
 )
 
 
@@ -563,6 +571,10 @@ backend_command(
             None,
         ),
     ],
+    context=context_option(
+        "default: 4096, or the model's if smaller",
+        "The KV cache is static and attention reads all of it every decode step, so every step costs the work of the whole context.",
+    ),
 )
 
 
@@ -621,6 +633,10 @@ backend_command(
         ),
     ],
     quant_default="fp16",
+    context=context_option(
+        CONTEXT_DEFAULT,
+        "The KV caches are fp16 Core ML states of that length (context x 2 x attention layers x KV heads x head_dim x 2 bytes), and attention reads every slot each step.",
+    ),
 )
 
 # ---- artifact commands -------------------------------------------------------------------------------------
