@@ -205,3 +205,24 @@ def genai_greedy(og: Any, folder: Path, prompt: list[int], new: int) -> list[int
         gen.generate_next_token()
         tokens.append(int(gen.get_next_tokens()[0]))
     return tokens
+
+
+DENSE_2K = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=5,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    layer_types=["conv", "full_attention", "conv", "conv", "full_attention"],
+    initializer_range=0.08,
+    max_position_embeddings=2048,
+    block_auto_adjust_ff_dim=False,
+)
+"""A transformers-written dense checkpoint at `initializer_range` 0.08 with a 2048-token context: the init
+under which fp16 errors of the rotary angles showed at late positions (tests/test_long_context*.py)."""
+
+
+@pytest.fixture(scope="session")
+def dense_2k(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_hf(tmp_path_factory.mktemp("hf2k") / "dense", DENSE_2K, torch.float32, seed=17)

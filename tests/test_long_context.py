@@ -16,7 +16,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from conftest import save_hf
+from conftest import DENSE_2K
 
 import lfm_export.model as canonical
 from lfm_export.config import Lfm2Config
@@ -27,24 +27,7 @@ from lfm_export.parity.scenarios import LONG_CONTEXT
 from lfm_export.pipeline import check_artifact, export_artifact
 from lfm_export.progress import Progress
 
-CONTEXT = 2048
-DENSE_2K = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=5,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    layer_types=["conv", "full_attention", "conv", "conv", "full_attention"],
-    initializer_range=0.08,
-    max_position_embeddings=CONTEXT,
-    block_auto_adjust_ff_dim=False,
-)
-
-
-@pytest.fixture(scope="module")
-def dense_2k(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_hf(tmp_path_factory.mktemp("hf2k") / "dense", DENSE_2K, torch.float32, seed=17)
+CONTEXT = DENSE_2K["max_position_embeddings"]
 
 
 def failed_scenarios(result) -> set[str]:
