@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from lfm_export.errors import ContextLimitError
+from lfm_export.contract.errors import ContextLimitError
+from lfm_export.contract.session import DEFAULT_THREADS
 from lfm_export.manifest import read_manifest
-from lfm_export.runtime.session import DEFAULT_THREADS
 
 
 def bench_artifact(

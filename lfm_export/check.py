@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from lfm_export.errors import UnsupportedError
+from lfm_export.contract.errors import UnsupportedError
 from lfm_export.loading import LoadedModel
 
 DEFAULT_TOLERANCE = 1e-4

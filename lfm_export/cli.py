@@ -17,8 +17,8 @@ from typing import Annotated, Any
 
 import typer
 
-from lfm_export.errors import UserError
-from lfm_export.runtime.session import DEFAULT_THREADS
+from lfm_export.contract.errors import UserError
+from lfm_export.contract.session import DEFAULT_THREADS
 
 app = typer.Typer(
     name="lfm-export",

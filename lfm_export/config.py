@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lfm_export.errors import ConfigError
+from lfm_export.contract.errors import ConfigError
 
 MODEL_TYPES = ("lfm2", "lfm2_moe")
 LAYER_CONV = "conv"

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lfm_export.config import Lfm2Config
-from lfm_export.errors import CheckpointError, ConfigError, UnsupportedError, UserError
+from lfm_export.contract.errors import CheckpointError, ConfigError, UnsupportedError, UserError
 from lfm_export.model import Lfm2ForCausalLM
 from lfm_export.weights import (
     RANDOM_SCHEME,

@@ -17,8 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from lfm_export.errors import UserError
-from lfm_export.runtime.artifact import MANIFEST, SCHEMA_VERSION, read_manifest
+from lfm_export.contract.errors import UserError
+from lfm_export.contract.manifest import MANIFEST, SCHEMA_VERSION, read_manifest
 
 __all__ = ["MANIFEST", "SCHEMA_VERSION", "atomic_output", "build_manifest", "read_manifest", "write_manifest"]
 _VERSIONED = (

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from lfm_export.errors import UserError
+from lfm_export.contract.errors import UserError
+from lfm_export.contract.session import DEFAULT_THREADS
 from lfm_export.loading import LoadedModel, load_model
 from lfm_export.manifest import (
     atomic_output,
@@ -19,7 +20,6 @@ from lfm_export.manifest import (
     write_manifest,
 )
 from lfm_export.progress import Progress
-from lfm_export.runtime.session import DEFAULT_THREADS
 
 PARITY_DIR = "parity"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lfm_export.config import LAYER_ATTN, LAYER_CONV, Lfm2Config
-from lfm_export.errors import UserError
+from lfm_export.contract.errors import UserError
 
 
 def _layers(n: int, attn: tuple[int, ...]) -> tuple[str, ...]:

@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lfm_export.contract.session import DEFAULT_THREADS
 from lfm_export.recipes import (
     ACT_FLOAT,
     ACT_FP16,
@@ -72,7 +73,6 @@ from lfm_export.recipes import (
     ROUNDINGS,
     Recipe,
 )
-from lfm_export.runtime.session import DEFAULT_THREADS
 
 CHUNK_ELEMENTS = 1 << 23
 """Plain rounding works on row chunks of about this many weights (32 MiB of float32)."""

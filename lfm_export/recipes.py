@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from lfm_export.config import Lfm2Config
-from lfm_export.errors import UnsupportedError
+from lfm_export.contract.errors import UnsupportedError
 
 FLOAT_DTYPES = ("fp32", "fp16", "bf16")
 WEIGHT_BITS = (4, 8)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lfm_export.contract.signature import CONV, KEY, VALUE, IOSignature
 from lfm_export.model import STATEFUL, Lfm2ForCausalLM
-from lfm_export.signature import CONV, KEY, VALUE, IOSignature
 
 
 def held_buffer_name(name: str) -> str:

@@ -15,8 +15,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from lfm_export.model import Lfm2ForCausalLM
-from lfm_export.signature import (
+from lfm_export.contract.signature import (
     ATTENTION_MASK,
     CONV,
     GROWING,
@@ -26,8 +25,9 @@ from lfm_export.signature import (
     STATEFUL,
     VALUE,
     IOSignature,
-    build_signature,
 )
+from lfm_export.model import Lfm2ForCausalLM
+from lfm_export.signature import build_signature
 from lfm_export.stateful import StatefulModule
 
 Swap = Callable[[nn.Module], nn.Module | None]

@@ -42,11 +42,12 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .artifact import read_manifest
+    from lfm_export.contract.manifest import read_manifest
+    from lfm_export.contract.session import Session
+
     from .generate import Generation, GenerationStats, generate_text, stream_generate
     from .onnx import OnnxSession
     from .sampler import GenerationConfig, Sampler
-    from .session import Session
     from .tokenizer import LFM2_CHAT_TEMPLATE, IncrementalDetokenizer, Tokenizer
 
 

@@ -37,10 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from lfm_export.errors import UserError
-
-from .artifact import manifest_max_seq_len, manifest_signature, model_file, read_manifest
-from .session import DEFAULT_THREADS, SessionBase
+from lfm_export.contract.errors import UserError
+from lfm_export.contract.manifest import manifest_max_seq_len, manifest_signature, model_file, read_manifest
+from lfm_export.contract.session import DEFAULT_THREADS, SessionBase
 
 
 class ExecuTorchSession(SessionBase):

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lfm_export.errors import ContextLimitError, UserError
+from lfm_export.contract.errors import ContextLimitError, UserError
+from lfm_export.contract.session import Session
 
 from .sampler import GenerationConfig, Sampler
-from .session import Session
 from .tokenizer import Tokenizer
 
 

@@ -36,11 +36,19 @@ from typing import Any
 
 import numpy as np
 
-from lfm_export.errors import UserError
-from lfm_export.signature import ATTENTION_MASK, GROWING, INPUT_IDS, INPUT_POS, KEY, LOGITS, VALUE, TensorSpec
-
-from .artifact import manifest_max_seq_len, manifest_signature, model_file, read_manifest
-from .session import DEFAULT_THREADS, SessionBase, SessionError
+from lfm_export.contract.errors import UserError
+from lfm_export.contract.manifest import manifest_max_seq_len, manifest_signature, model_file, read_manifest
+from lfm_export.contract.session import DEFAULT_THREADS, SessionBase, SessionError
+from lfm_export.contract.signature import (
+    ATTENTION_MASK,
+    GROWING,
+    INPUT_IDS,
+    INPUT_POS,
+    KEY,
+    LOGITS,
+    VALUE,
+    TensorSpec,
+)
 
 IO_MODES = ("ortvalue", "iobinding", "numpy")
 KV_MODES = ("auto", "shared", "copy")

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from lfm_export.errors import UserError
+from lfm_export.contract.errors import UserError
 
 
 @dataclass(frozen=True)

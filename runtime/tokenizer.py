@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lfm_export.errors import UserError
+from lfm_export.contract.errors import UserError
 
 BOS_TOKEN = "<|startoftext|>"
 LFM2_CHAT_TEMPLATE = """\

@@ -94,7 +94,7 @@ def test_usage_error_exit_code():
 
 def test_core_import_is_torch_free():
     code = (
-        "import sys, lfm_export, lfm_export.signature, lfm_export.errors, lfm_export.manifest; "
+        "import sys, lfm_export, lfm_export.signature, lfm_export.contract.errors, lfm_export.manifest; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -104,7 +104,7 @@ def test_core_import_is_torch_free():
 def test_inspect_shows_any_backends_manifest(tmp_path):
     """A manifest of a backend this install has no shim for (batch-1 static cache, state held inside the
     program): every part is shown, keys the tool does not know included."""
-    from lfm_export.runtime.artifact import SCHEMA_VERSION
+    from lfm_export.contract.manifest import SCHEMA_VERSION
 
     spec = {"shape": ["batch_size", 64, 2], "dtype": "float32", "role": "conv", "layer": 0}
     manifest = {

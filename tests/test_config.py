@@ -3,7 +3,7 @@ import json
 import pytest
 
 from lfm_export.config import Lfm2Config, effective_ff_dim, parse_hf_config
-from lfm_export.errors import ConfigError
+from lfm_export.contract.errors import ConfigError
 from lfm_export.presets import PRESETS, get_preset, param_count
 
 LFM2_1_2B_LIQUID = {

@@ -317,7 +317,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     ],
 )
 def test_recipes_the_target_cannot_express_are_refused(kwargs: dict, fragment: str) -> None:
-    from lfm_export.errors import UserError
+    from lfm_export.contract.errors import UserError
 
     with pytest.raises(UserError, match=fragment):
         make_recipe(**kwargs)

@@ -209,7 +209,7 @@ def test_kmeans_1d_with_fewer_distinct_values_than_entries() -> None:
 
 
 def test_a_palettized_recipe_from_before_the_1d_kmeans_is_refused_for_simulation() -> None:
-    from lfm_export.errors import UserError
+    from lfm_export.contract.errors import UserError
 
     old = make_recipe("palettize4").to_dict()
     old.pop("palette")

@@ -438,7 +438,7 @@ def test_unknown_op_is_refused_naming_it(tmp_path: Path) -> None:
 
 
 def test_missing_and_corrupt_packages_are_user_errors(tmp_path: Path) -> None:
-    from lfm_export.errors import UserError
+    from lfm_export.contract.errors import UserError
 
     with pytest.raises(UserError, match="no such Core ML package"):
         ci.load_program(tmp_path / "none.mlpackage")

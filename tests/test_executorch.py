@@ -424,7 +424,7 @@ def test_bad_options_are_one_line_errors_and_write_nothing(
         from typer.testing import CliRunner
 
         from lfm_export.cli import app
-        from lfm_export.errors import UserError
+        from lfm_export.contract.errors import UserError
 
         result = CliRunner().invoke(app, ["executorch", "tiny", "-o", str(out), *args])
         assert isinstance(result.exception, UserError) and message in str(result.exception), result.output

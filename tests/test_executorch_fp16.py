@@ -50,7 +50,7 @@ def test_bf16_and_fp16_off_xnnpack_are_one_line_errors(tmp_path: Path, args: lis
     from typer.testing import CliRunner
 
     from lfm_export.cli import app
-    from lfm_export.errors import UserError
+    from lfm_export.contract.errors import UserError
 
     out = tmp_path / "x"
     result = CliRunner().invoke(app, ["executorch", "tiny", "-o", str(out), *args])

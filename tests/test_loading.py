@@ -7,7 +7,7 @@ from conftest import CHECKPOINT_CONFIG as CFG
 from safetensors.torch import save_file
 
 from lfm_export.config import Lfm2Config
-from lfm_export.errors import CheckpointError, ConfigError, UnsupportedError, UserError
+from lfm_export.contract.errors import CheckpointError, ConfigError, UnsupportedError, UserError
 from lfm_export.loading import init_random, load_model, save_checkpoint
 
 

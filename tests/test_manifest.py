@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from lfm_export.errors import UserError
+from lfm_export.contract.errors import UserError
 from lfm_export.manifest import (
     SCHEMA_VERSION,
     atomic_output,

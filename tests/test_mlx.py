@@ -20,7 +20,7 @@ pytest.importorskip("mlx_lm")
 
 from lfm_export.backends.mlx.recipes import make_recipe  # noqa: E402
 from lfm_export.backends.mlx.weights import pack  # noqa: E402
-from lfm_export.errors import ContextLimitError, UnsupportedError, UserError  # noqa: E402
+from lfm_export.contract.errors import ContextLimitError, UnsupportedError, UserError  # noqa: E402
 from lfm_export.parity import ReferenceSession  # noqa: E402
 from lfm_export.pipeline import check_artifact, export_artifact  # noqa: E402
 from lfm_export.progress import Progress  # noqa: E402

@@ -16,7 +16,7 @@ import torch
 from conftest import genai_greedy
 
 from lfm_export.config import Lfm2Config
-from lfm_export.errors import UnsupportedError
+from lfm_export.contract.errors import UnsupportedError
 from lfm_export.loading import LoadedModel, init_random
 from lfm_export.quant import simulate
 from lfm_export.recipes import parse_recipe as parse_core_recipe

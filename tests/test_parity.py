@@ -12,7 +12,7 @@ import torch
 from broken_sessions import DropsConvState, KvOneOff
 
 from lfm_export.config import Lfm2Config
-from lfm_export.errors import ContextLimitError, UnsupportedError, UserError
+from lfm_export.contract.errors import ContextLimitError, UnsupportedError, UserError
 from lfm_export.loading import init_random
 from lfm_export.parity import (
     EXACTNESS,

@@ -18,7 +18,7 @@ import pytest
 import torch
 from broken_sessions import DropsConvState, KvOneOff
 
-from lfm_export.errors import UserError
+from lfm_export.contract.errors import UserError
 from lfm_export.loading import LoadedModel, init_random, load_model
 from lfm_export.parity import (
     EXACTNESS,

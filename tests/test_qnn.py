@@ -24,7 +24,7 @@ from lfm_export.backends.qnn.quantize import (  # noqa: E402
     trace_step,
 )
 from lfm_export.backends.qnn.session import FakeQuantSession  # noqa: E402
-from lfm_export.errors import UserError  # noqa: E402
+from lfm_export.contract.errors import UserError  # noqa: E402
 from lfm_export.loading import load_model  # noqa: E402
 from lfm_export.parity import ReferenceSession, ScenarioOptions, run_parity  # noqa: E402
 from lfm_export.parity.prompts import TEXTS, default_prompts  # noqa: E402

@@ -227,7 +227,7 @@ def test_int8_moe_experts_round_their_inputs_at_any_level(tmp_path: Path) -> Non
 def test_per_channel_int8_is_one_block_per_row_and_only_int8() -> None:
     """`-pc` (and ExecuTorch's group size 0, `b0`) is int8 with one scale per output channel; `8da8w` means it,
     as in ExecuTorch's own export; int4 rows need blocks."""
-    from lfm_export.errors import UnsupportedError
+    from lfm_export.contract.errors import UnsupportedError
     from lfm_export.recipes import PER_CHANNEL
 
     for name in ("int8-pc", "int8-b0", "int8-g0"):

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lfm_export.errors import ContextLimitError, UserError
+from lfm_export.contract.errors import ContextLimitError, UserError
+from lfm_export.contract.session import Session, SessionBase, SessionError
 from lfm_export.runtime.generate import generate_text, stream_generate
 from lfm_export.runtime.sampler import GenerationConfig, Sampler
-from lfm_export.runtime.session import Session, SessionBase, SessionError
 from lfm_export.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 
 SPECIALS = ["<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -461,7 +461,7 @@ def test_generation_matches_a_manual_loop_and_is_seeded(tok: Tokenizer) -> None:
 def test_runtime_imports_without_torch() -> None:
     code = (
         "import lfm_export, lfm_export.runtime, lfm_export.runtime.onnx, lfm_export.runtime.sampler, "
-        "lfm_export.runtime.generate, lfm_export.runtime.tokenizer, lfm_export.runtime.artifact; import sys; "
+        "lfm_export.runtime.generate, lfm_export.runtime.tokenizer, lfm_export.contract.manifest; import sys; "
         "from lfm_export.runtime import OnnxSession, stream_generate, Tokenizer, GenerationConfig; "
         "assert 'torch' not in sys.modules, 'torch imported'; "
         "assert 'onnxruntime' not in sys.modules, 'onnxruntime imported eagerly'"

@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from lfm_export.errors import ContextLimitError, UserError
+from lfm_export.contract.errors import ContextLimitError, UserError
+from lfm_export.contract.manifest import SCHEMA_VERSION
+from lfm_export.contract.session import Session
+from lfm_export.contract.signature import GROWING, STATIC
 from lfm_export.loading import init_random
-from lfm_export.runtime.artifact import SCHEMA_VERSION
 from lfm_export.runtime.generate import stream_generate
 from lfm_export.runtime.onnx import IO_MODES, OnnxSession
 from lfm_export.runtime.sampler import GenerationConfig
-from lfm_export.runtime.session import Session
-from lfm_export.signature import GROWING, STATIC, build_signature
+from lfm_export.signature import build_signature
 from lfm_export.trace import SignatureModule, dynamic_shapes, example_inputs
 
 pytest.importorskip("onnxruntime")

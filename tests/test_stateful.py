@@ -7,9 +7,10 @@ from conftest import TINY_CONFIG as CFG
 from conftest import TINY_MOE_CONFIG as MOE
 from torch import Tensor, nn
 
+from lfm_export.contract.signature import STATEFUL, IOSignature
 from lfm_export.loading import init_random, load_model
 from lfm_export.model import Attention
-from lfm_export.signature import STATEFUL, IOSignature, build_signature
+from lfm_export.signature import build_signature
 from lfm_export.stateful import StatefulModule, held_buffer_name, read_held_state
 from lfm_export.trace import SignatureModule, example_inputs, export_program, export_stateful_program
 

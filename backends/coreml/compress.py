@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from lfm_export.errors import UserError
+from lfm_export.contract.errors import UserError
 
 from .palette import NAME as PALETTE_NAME
 from .palette import lut_function

@@ -31,10 +31,11 @@ from typing import Any
 
 import numpy as np
 
+from lfm_export.contract.signature import CONV, KEY, IOSignature
 from lfm_export.loading import LoadedModel
 from lfm_export.model import STATEFUL
 from lfm_export.progress import Progress
-from lfm_export.signature import CONV, KEY, IOSignature, build_signature
+from lfm_export.signature import build_signature
 from lfm_export.stateful import held_buffer_name
 from lfm_export.weights import WeightSource
 

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lfm_export.contract.signature import CONV, KEY, VALUE
 from lfm_export.model import STATEFUL, Attention, MoE
-from lfm_export.signature import CONV, KEY, VALUE
 from lfm_export.stateful import StatefulModule
 from lfm_export.trace import rebind
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from lfm_export.errors import UnsupportedError
+from lfm_export.contract.errors import UnsupportedError
 from lfm_export.recipes import Recipe, parse_recipe
 
 from .palette import NAME as PALETTE_NAME

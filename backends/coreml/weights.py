@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lfm_export.config import Lfm2Config
-from lfm_export.errors import UnsupportedError
+from lfm_export.contract.errors import UnsupportedError
 from lfm_export.model import Lfm2ForCausalLM, build_model
 from lfm_export.trace import apply_swaps
 from lfm_export.weights import CheckpointWeights, WeightSource, float_dtype_for

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from lfm_export.errors import UserError
+from lfm_export.contract.errors import UserError
 
 from .recipes import ExecuTorchRecipe, make_recipe
 

@@ -17,8 +17,8 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
+from lfm_export.contract.signature import KEY, VALUE, IOSignature
 from lfm_export.model import Attention
-from lfm_export.signature import KEY, VALUE, IOSignature
 
 
 def load_custom_ops() -> None:

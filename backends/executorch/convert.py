@@ -35,10 +35,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lfm_export.contract.signature import IOSignature
 from lfm_export.loading import LoadedModel
 from lfm_export.model import STATEFUL
 from lfm_export.progress import Progress
-from lfm_export.signature import IOSignature, build_signature
+from lfm_export.signature import build_signature
 from lfm_export.trace import Swap, apply_swaps, export_stateful_program, shared_copy
 from lfm_export.weights import WeightSource
 

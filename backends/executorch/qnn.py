@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lfm_export.errors import UserError
+from lfm_export.contract.errors import UserError
 
 QAIRT_VERSION = "2.37"
 """The QAIRT (QNN SDK) version the executorch 1.5.1 wheel's QNN adaptor was built against."""

@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from lfm_export.errors import UnsupportedError, UserError
+from lfm_export.contract.errors import UnsupportedError, UserError
 from lfm_export.recipes import ACT_FLOAT, ACT_INT8_TOKEN, Recipe, parse_recipe
 
 ACT_NATIVE = "native"

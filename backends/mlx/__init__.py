@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lfm_export.errors import UserError
+from lfm_export.contract.errors import UserError
 
 from .recipes import MlxRecipe, make_recipe
 

@@ -24,9 +24,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from lfm_export.contract.signature import STATIC, IOSignature
 from lfm_export.loading import LoadedModel
 from lfm_export.progress import Progress
-from lfm_export.signature import STATIC, IOSignature, build_signature
+from lfm_export.signature import build_signature
 from lfm_export.trace import export_program
 
 from . import moe

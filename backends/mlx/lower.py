@@ -21,7 +21,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from lfm_export.errors import UnsupportedError
+from lfm_export.contract.errors import UnsupportedError
 
 DTYPES = {
     "torch.float32": mx.float32,

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from lfm_export.errors import UnsupportedError
+from lfm_export.contract.errors import UnsupportedError
 from lfm_export.recipes import ACT_FLOAT, Recipe, parse_recipe
 
 ACT_NATIVE = "native"

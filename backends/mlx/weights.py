@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from lfm_export.config import Lfm2Config
-from lfm_export.errors import UnsupportedError
+from lfm_export.contract.errors import UnsupportedError
 from lfm_export.quant import ROUTER_SUFFIX, Quantized, quantize_weight
 from lfm_export.recipes import Recipe
 

@@ -30,9 +30,10 @@ from typing import Any
 import onnx_ir as ir
 import torch
 
+from lfm_export.contract.signature import GROWING, IOSignature
 from lfm_export.loading import LoadedModel
 from lfm_export.progress import Progress
-from lfm_export.signature import GROWING, IOSignature, build_signature
+from lfm_export.signature import build_signature
 from lfm_export.trace import export_program
 
 from . import fusion, quantize

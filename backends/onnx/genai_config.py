@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lfm_export.contract.session import DEFAULT_THREADS
+from lfm_export.contract.signature import IOSignature
 from lfm_export.loading import LoadedModel
-from lfm_export.runtime.session import DEFAULT_THREADS
-from lfm_export.signature import IOSignature
 
 SESSION_THREADS = DEFAULT_THREADS
 """The one thread count written into an artifact: onnxruntime-genai reads it from genai_config.json, and left

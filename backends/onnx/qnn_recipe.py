@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lfm_export.errors import UserError
+from lfm_export.contract.errors import UserError
 
 CPU_DEFAULTS = {"block_size": None, "ops": "ort", "asymmetric": False, "accuracy_level": 4}
 """The CPU-only options and their defaults: a QNN graph has per-channel weights and QDQ activations instead."""

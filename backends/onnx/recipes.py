@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lfm_export.config import Lfm2Config
-from lfm_export.errors import UnsupportedError
+from lfm_export.contract.errors import UnsupportedError
 from lfm_export.recipes import ACT_FLOAT, ACT_INT8_BLOCK, Recipe
 from lfm_export.recipes import parse_recipe as parse_core_recipe
 

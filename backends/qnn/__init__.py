@@ -11,7 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from lfm_export.errors import UserError
+from lfm_export.contract.errors import UserError
 from lfm_export.runtime.qnn import stdout_to_stderr
 
 from .recipes import DEFAULT_MAX_SEQ_LEN, QnnRecipe, make_recipe, soc_model

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 from lfm_export import model as canonical
+from lfm_export.contract.signature import BATCH, SEQ, IOSignature
 from lfm_export.model import STATIC, Lfm2ForCausalLM
 from lfm_export.parity.prompts import random_prompts, tokenizer_prompts
-from lfm_export.signature import BATCH, SEQ, IOSignature, build_signature
+from lfm_export.signature import build_signature
 from lfm_export.trace import SignatureModule, apply_swaps
 
 from .attention import MaskedProbsAttention

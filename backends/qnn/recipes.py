@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lfm_export.errors import UserError
+from lfm_export.contract.errors import UserError
 
 QUANTS: dict[str, str] = {"16a8w": "use_16a8w", "16a4w": "use_16a4w", "8a8w": "use_8a8w"}
 """`--quant` name -> `executorch.backends.qualcomm.quantizer.quantizer.QuantDtype` member."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lfm_export.runtime.session import SessionBase
+from lfm_export.contract.session import SessionBase
 
 from .quantize import QuantizedStep, empty_state, step_args
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lfm_export.errors import UserError
+from lfm_export.contract.errors import UserError
 
 MIN_LEN = 8
 MAX_LEN = 64

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lfm_export.contract.session import SessionBase, SessionError
+from lfm_export.contract.signature import CONV, KEY, VALUE, past_name
 from lfm_export.model import GROWING, Lfm2ForCausalLM
-from lfm_export.runtime.session import SessionBase, SessionError
-from lfm_export.signature import CONV, KEY, VALUE, past_name
 
 
 class ReferenceSession(SessionBase):

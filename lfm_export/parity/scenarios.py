@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lfm_export.errors import UserError
+from lfm_export.contract.errors import UserError
 from lfm_export.parity.metrics import greedy_match_length, logit_metrics, state_max_abs
 from lfm_export.parity.prompts import check_prompts, default_prompts
 from lfm_export.parity.report import EXACTNESS, QUALITY, Check, ParityResult, ScenarioResult
@@ -21,7 +21,7 @@ from lfm_export.parity.thresholds import POOLED, Gate, gate_for, sanity_gate
 
 if TYPE_CHECKING:
     # only for annotations: the editable install may not map lfm_export.runtime yet
-    from lfm_export.runtime.session import Session
+    from lfm_export.contract.session import Session
 
 
 @dataclass

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from lfm_export.errors import UnsupportedError, UserError
+from lfm_export.contract.errors import UnsupportedError, UserError
 from lfm_export.recipes import Recipe, parse_recipe
 
 LE = "<="

@@ -12,7 +12,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from lfm_export.errors import ContextLimitError, UserError
+from lfm_export.contract.errors import ContextLimitError, UserError
 
 DEFAULT_THREADS = 2
 """CPU threads of every command and shim unless told otherwise. Left to choose, onnxruntime-genai ran these

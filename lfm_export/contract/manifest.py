@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lfm_export.errors import UserError
-from lfm_export.signature import IOSignature
+from lfm_export.contract.errors import UserError
+from lfm_export.contract.signature import IOSignature
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
