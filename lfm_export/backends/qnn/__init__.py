@@ -48,7 +48,7 @@ def export(loaded: Any, folder: Path, recipe: QnnRecipe | str, progress: Any = N
     result_recipe = {
         **recipe.to_dict(),
         "max_seq_len": max_seq_len,
-        "calibration": {"prompts": len(prompts), "tokens": step.calibration_tokens, "texts": "backends/qnn"},
+        "calibration": {"prompts": len(prompts), "tokens": step.calibration_tokens, "texts": "lfm_export/backends/qnn"},
     }
     return SimpleNamespace(
         signature=step.signature,
