@@ -116,7 +116,7 @@ def main() -> None:
 
     from executorch.extension.pybindings import portable_lib
 
-    from lfm_export.backends.executorch import quiet_torchao
+    from lfm_export.progress import quiet_torchao
 
     quiet_torchao()
     torch.set_num_threads(args.threads)

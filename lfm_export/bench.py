@@ -18,7 +18,7 @@ from lfm_export.manifest import read_manifest
 def bench_artifact(
     folder: Path, prompt_len: int = 512, new_tokens: int = 128, threads: int = DEFAULT_THREADS, seed: int = 0
 ) -> dict[str, Any]:
-    from lfm_export.pipeline import open_session
+    from lfm_export.backends import open_session
 
     manifest = read_manifest(folder)
     t0 = time.perf_counter()

@@ -9,7 +9,7 @@ import json
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from inspect import Parameter, Signature
 from pathlib import Path
@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
+from lfm_export.backends import all_backends
 from lfm_export.contract.errors import UserError
 from lfm_export.contract.session import DEFAULT_THREADS
 
@@ -224,9 +225,6 @@ QuantOpt = Annotated[
         "(int4-b64, int8-b128-asym; aliases 8da4w, 8da8w). The backend says which it supports."
     ),
 ]
-CONTEXT_DEFAULT = (
-    "default: the model's max_position_embeddings, capped at 32768, the dense models' trained context"
-)
 PARITY_FILL = (
     "Parity fills the whole declared context up to 32768 tokens (near_max_seq_len: its time grows with the "
     "context); above that it compares positions past 8192 unless --full-context."
@@ -241,7 +239,6 @@ def context_option(default: str, cost: str) -> Any:
     ]
 
 
-MaxSeqLenOpt = context_option(CONTEXT_DEFAULT, "")
 NoParityOpt = Annotated[bool, typer.Option("--no-parity", help="Skip the parity gate after export.")]
 FullContextOpt = Annotated[
     bool,
@@ -290,7 +287,6 @@ def option(name: str, annotation: Any, default: Any = Parameter.empty) -> Parame
 
 _SHARED_HEAD = [option("model", ModelArg), option("out", OutOpt), option("quant", QuantOpt, "fp32")]
 _SHARED_TAIL = [
-    option("max_seq_len", MaxSeqLenOpt, None),
     option("no_parity", NoParityOpt, False),
     option("full_context", FullContextOpt, False),
     option("force", ForceOpt, False),
@@ -300,45 +296,31 @@ _SHARED_TAIL = [
     option("as_json", JsonOpt, False),
 ]
 
-RecipeFactory = Callable[[ExportOptions, dict[str, Any]], Any]
-"""(shared options, the command's own options by parameter name) -> the recipe its backend's `export`
-takes."""
+
+def _typer_option(opt: Any) -> Parameter:
+    """A backend record's `Option` as a command parameter."""
+    kwargs: dict[str, Any] = {"help": opt.help}
+    if opt.min is not None:
+        kwargs["min"] = opt.min
+    return option(opt.name, Annotated[opt.type, typer.Option(**kwargs)], opt.default)
 
 
-def core_recipe(opts: ExportOptions, extra: dict[str, Any]) -> Any:
-    """The backend-neutral `Recipe` named by `--quant`, for backends without recipe options of their own."""
-    from lfm_export.recipes import parse_recipe
-
-    return parse_recipe(opts.quant, max_seq_len=opts.max_seq_len)
-
-
-def backend_command(
-    name: str,
-    help: str,
-    recipe: RecipeFactory = core_recipe,
-    extra: Sequence[Parameter] = (),
-    cli: typer.Typer = app,
-    quant_default: str = "fp32",
-    context: Any = MaxSeqLenOpt,
-) -> Callable[..., None]:
-    """Register `lfm-export NAME MODEL -o OUT` (on `cli`) with the shared options plus `extra` (listed after
-    `--quant`, whose default is `quant_default`; `context` is its `--max-seq-len`, from `context_option`):
-    build the recipe, export through `pipeline.BACKENDS[name]`, run the parity gate, report (exit 1 if the
-    gate fails)."""
+def backend_command(backend: Any, cli: typer.Typer = app) -> Callable[..., None]:
+    """Register `lfm-export NAME MODEL -o OUT` (on `cli`) for a backend record (`lfm_export.backends.record`):
+    the shared options plus the record's own (after `--quant`), `--max-seq-len` with the record's default and
+    cost; build the recipe, export, run the parity gate, report (exit 1 if the gate fails)."""
 
     def command(**values: Any) -> None:
         opts = ExportOptions(**{f.name: values.pop(f.name) for f in fields(ExportOptions)})
-        made = recipe(opts, values)
-        _export(
-            getattr(made, "backend", name), opts, made
-        )  # a recipe may name its backend (onnx --target qnn)
+        _export(backend.name, opts, backend.recipe(opts.quant, opts.max_seq_len, **values))
 
-    head = [*_SHARED_HEAD[:2], option("quant", QuantOpt, quant_default)]
-    tail = [option("max_seq_len", context, None) if p.name == "max_seq_len" else p for p in _SHARED_TAIL]
-    command.__signature__ = Signature([*head, *extra, *tail])  # type: ignore[attr-defined]
-    command.__name__ = name
-    command.__doc__ = help
-    return cli.command(name)(command)
+    head = [*_SHARED_HEAD[:2], option("quant", QuantOpt, backend.quant_default)]
+    context = option("max_seq_len", context_option(backend.context_default, backend.context_cost), None)
+    own = [_typer_option(o) for o in backend.options]
+    command.__signature__ = Signature([*head, *own, context, *_SHARED_TAIL])  # type: ignore[attr-defined]
+    command.__name__ = backend.name
+    command.__doc__ = backend.help
+    return cli.command(backend.name)(command)
 
 
 def _export(backend: str, opts: ExportOptions, recipe: Any) -> None:
@@ -383,263 +365,10 @@ def _report_export(outcome: Any, as_json: bool) -> None:
         raise typer.Exit(1)
 
 
-def _onnx_recipe(opts: ExportOptions, extra: dict[str, Any]) -> Any:
-    from lfm_export.backends.onnx.recipes import make_recipe
-
-    if extra["target"] == "qnn":
-        from lfm_export.backends.onnx.qnn_recipe import qnn_recipe
-
-        return qnn_recipe(opts.quant, opts.max_seq_len, extra)
-    if extra["soc"] is not None or extra["context_binary"]:
-        raise UserError("--soc and --context-binary apply to --target qnn only")
-    if extra["target"] != "cpu":
-        raise UserError(f"--target takes cpu | qnn, got {extra['target']!r}")
-
-    return make_recipe(
-        quant=opts.quant,
-        block_size=extra["block_size"],
-        ops=extra["ops"],
-        symmetric=not extra["asymmetric"],
-        accuracy_level=extra["accuracy_level"],
-        max_seq_len=opts.max_seq_len,
-    )
+for _backend in all_backends().values():
+    backend_command(_backend)
 
 
-backend_command(
-    "onnx",
-    "Export MODEL to ONNX (onnxruntime-genai compatible folder), then check parity through the ONNX runtime "
-    "shim.",
-    _onnx_recipe,
-    [
-        option(
-            "block_size",
-            Annotated[
-                int | None,
-                typer.Option(help="Quantization block size: 32 | 64 | 128 (default: the recipe's, 32)."),
-            ],
-            None,
-        ),
-        option(
-            "ops",
-            Annotated[
-                str, typer.Option(help="ort (onnxruntime contrib ops) | portable (standard ONNX ops only).")
-            ],
-            "ort",
-        ),
-        option(
-            "asymmetric",
-            Annotated[bool, typer.Option(help="Asymmetric (zero-point) int quantization.")],
-            False,
-        ),
-        option(
-            "accuracy_level",
-            Annotated[int, typer.Option(help="MatMulNBits accuracy_level (0-4; 4 = int8 compute).")],
-            4,
-        ),
-        option(
-            "target",
-            Annotated[
-                str,
-                typer.Option(
-                    help="cpu (onnxruntime CPU) | qnn (static QDQ graph for the Qualcomm HTP; --quant "
-                    "16a8w | 16a4w | 8a8w)."
-                ),
-            ],
-            "cpu",
-        ),
-        option(
-            "soc",
-            Annotated[
-                str | None, typer.Option(help="Snapdragon SoC of --target qnn (default SM8750; e.g. SM8650).")
-            ],
-            None,
-        ),
-        option(
-            "context_binary",
-            Annotated[
-                bool,
-                typer.Option(help="--target qnn: also write the EPContext model (precompiled for --soc)."),
-            ],
-            False,
-        ),
-    ],
-    context=context_option(
-        CONTEXT_DEFAULT,
-        "The KV cache grows with the tokens held (the shim doubles its buffers up to the context), so a long context costs memory only when used.",
-    ),
-)
-
-
-def _executorch_recipe(opts: ExportOptions, extra: dict[str, Any]) -> Any:
-    from lfm_export.backends.executorch.recipes import make_recipe
-
-    return make_recipe(
-        quant=opts.quant,
-        max_seq_len=opts.max_seq_len,
-        max_prefill=extra["max_prefill"],
-        group_size=extra["group_size"],
-        embedding_quant=extra["embedding_quant"],
-        delegate=extra["delegate"],
-        soc=extra["soc"],
-        head_bits=extra["head_bits"],
-    )
-
-
-backend_command(
-    "executorch",
-    "Export MODEL to an ExecuTorch program (model.pte, XNNPACK, state held inside), then check parity through "
-    "the ExecuTorch runtime shim.",
-    _executorch_recipe,
-    [
-        option(
-            "max_prefill",
-            Annotated[
-                int | None,
-                typer.Option(
-                    min=1, help="Most tokens one forward call takes (default 128, at most the context)."
-                ),
-            ],
-            None,
-        ),
-        option(
-            "group_size",
-            Annotated[
-                int | None,
-                typer.Option(
-                    help="weight group size: 32 | 64 | 128 for int4; 0 = per channel (int8, 8da8w)."
-                ),
-            ],
-            None,
-        ),
-        option(
-            "embedding_quant",
-            Annotated[
-                str | None,
-                typer.Option(help="Embedding table, weight-only: 8 | 4 | none (default 8 when quantized)."),
-            ],
-            None,
-        ),
-        option(
-            "head_bits",
-            Annotated[
-                int | None,
-                typer.Option(help="lm_head: 8 (per channel) | 4 (groups of --group-size) (default 8)."),
-            ],
-            None,
-        ),
-        option(
-            "delegate",
-            Annotated[
-                str,
-                typer.Option(
-                    help="xnnpack | portable (fp32 only) | qnn (--quant 16a8w|16a4w|8a8w; needs the QAIRT SDK)."
-                ),
-            ],
-            "xnnpack",
-        ),
-        option(
-            "soc",
-            Annotated[str | None, typer.Option(help="Qualcomm SoC for --delegate qnn, e.g. SM8750.")],
-            None,
-        ),
-    ],
-    context=context_option(
-        CONTEXT_DEFAULT,
-        "The KV caches are static buffers of that length in the program (context x 2 x attention layers x KV heads x head_dim values, fp32 or fp16), allocated at load.",
-    ),
-)
-
-
-def _mlx_recipe(opts: ExportOptions, extra: dict[str, Any]) -> Any:
-    from lfm_export.backends.mlx.recipes import make_recipe
-
-    return make_recipe(quant=opts.quant, max_seq_len=opts.max_seq_len, max_prefill=extra["max_prefill"])
-
-
-backend_command(
-    "mlx",
-    "Export MODEL to MLX (mlx-lm folder plus prefill/decode .mlxfn functions lowered from the traced program), "
-    "then check parity through the MLX runtime shim.",
-    _mlx_recipe,
-    [
-        option(
-            "max_prefill",
-            Annotated[
-                int | None,
-                typer.Option(min=1, help="Largest prefill chunk traced (default 128, at most the context)."),
-            ],
-            None,
-        ),
-    ],
-    context=context_option(
-        "default: 4096, or the model's if smaller",
-        "The KV cache is static and attention reads all of it every decode step, so every step costs the work of the whole context.",
-    ),
-)
-
-
-def _coreml_recipe(opts: ExportOptions, extra: dict[str, Any]) -> Any:
-    from lfm_export.backends.coreml.recipes import make_recipe
-
-    return make_recipe(
-        quant=opts.quant,
-        max_seq_len=opts.max_seq_len,
-        target=extra["target"],
-        max_prefill=extra["max_prefill"],
-        prefill_lengths=extra["prefill_lengths"],
-        moe_form=extra["moe_form"],
-    )
-
-
-backend_command(
-    "coreml",
-    "Export MODEL to a stateful Core ML ML Program (model.mlpackage, iOS 18 states, fp16 compute), then check "
-    "parity through the Core ML runtime shim (Core ML on macOS, the numpy interpreter elsewhere).",
-    _coreml_recipe,
-    [
-        option(
-            "target",
-            Annotated[str, typer.Option(help="Deployment target: iOS18 | macOS15 (states need them).")],
-            "iOS18",
-        ),
-        option(
-            "max_prefill",
-            Annotated[
-                int | None,
-                typer.Option(min=1, help="Most tokens one prediction takes, any count 1..N (default 64)."),
-            ],
-            None,
-        ),
-        option(
-            "prefill_lengths",
-            Annotated[
-                str | None,
-                typer.Option(
-                    help="Enumerated token counts per prediction instead, e.g. 1,16,64 (1 required)."
-                ),
-            ],
-            None,
-        ),
-        option(
-            "moe_form",
-            Annotated[
-                str | None,
-                typer.Option(
-                    help="MoE experts: sparse (gather the top-k experts' weights; default) | dense "
-                    "(every expert on every token)."
-                ),
-            ],
-            None,
-        ),
-    ],
-    quant_default="fp16",
-    context=context_option(
-        CONTEXT_DEFAULT,
-        "The KV caches are fp16 Core ML states of that length (context x 2 x attention layers x KV heads x head_dim x 2 bytes), and attention reads every slot each step.",
-    ),
-)
-
-# ---- artifact commands -------------------------------------------------------------------------------------
 ArtifactArg = Annotated[Path, typer.Argument(help="An artifact folder written by lfm-export.")]
 
 
@@ -693,7 +422,7 @@ def run(
     threads: ThreadsOpt = DEFAULT_THREADS,
 ) -> None:
     """Stream text from an artifact through its runtime shim (no PyTorch needed for ONNX)."""
-    from lfm_export.pipeline import open_session
+    from lfm_export.backends import open_session
 
     if not (artifact / "tokenizer.json").is_file():
         raise UserError(f"{artifact} has no tokenizer.json; run needs one")

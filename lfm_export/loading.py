@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,11 @@ class LoadedModel:
             return []
         names = TOKENIZER_FILES + ("generation_config.json",)
         return [self.path / n for n in names if (self.path / n).is_file()]
+
+    def copy_tokenizer_files(self, folder: Path) -> None:
+        """Copy `tokenizer_files()` into an artifact folder (the pipeline does, after the backend's export)."""
+        for f in self.tokenizer_files():
+            shutil.copy2(f, Path(folder) / f.name)
 
     def identity(self) -> dict[str, Any]:
         """Model identity for manifests: source, random or not, sha256 of config and weights."""

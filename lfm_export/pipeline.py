@@ -3,11 +3,12 @@ the backend's runtime shim -> reports -> atomic rename. Backends only turn a mod
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from lfm_export.backends import get as get_backend
+from lfm_export.backends import open_session
 from lfm_export.contract.errors import UserError
 from lfm_export.contract.session import DEFAULT_THREADS
 from lfm_export.loading import LoadedModel, load_model
@@ -24,32 +25,6 @@ from lfm_export.progress import Progress
 PARITY_DIR = "parity"
 
 
-class BackendResult(Protocol):
-    signature: Any
-    recipe: dict[str, Any]
-    extra: dict[str, Any]
-
-
-BACKENDS: dict[str, str] = {
-    "onnx": "lfm_export.backends.onnx",
-    "executorch": "lfm_export.backends.executorch",
-    "mlx": "lfm_export.backends.mlx",
-    "coreml": "lfm_export.backends.coreml",
-    "qnn": "lfm_export.backends.qnn",
-    "executorch-qnn": "lfm_export.backends.executorch.qnn",
-}
-"""Backend name -> module exposing `export(loaded, folder, recipe, progress) -> BackendResult`."""
-
-RUNTIMES: dict[str, tuple[str, str]] = {
-    "onnx": ("lfm_export.runtime.onnx", "OnnxSession"),
-    "executorch": ("lfm_export.runtime.executorch", "ExecuTorchSession"),
-    "mlx": ("lfm_export.runtime.mlx", "MlxSession"),
-    "coreml": ("lfm_export.runtime.coreml", "CoreMLSession"),
-    "qnn": ("lfm_export.runtime.qnn", "QnnSession"),
-}
-"""Backend name -> (runtime shim module, Session class taking `(folder, threads=...)`)."""
-
-
 @dataclass
 class ExportOutcome:
     out: Path
@@ -59,16 +34,6 @@ class ExportOutcome:
     @property
     def passed(self) -> bool | None:
         return None if self.parity is None else bool(self.parity.passed)
-
-
-def open_session(folder: Path, threads: int = DEFAULT_THREADS) -> Any:
-    """The runtime shim session for an artifact folder, chosen by its manifest's backend."""
-    manifest = read_manifest(folder)
-    backend = manifest.get("backend")
-    if backend not in RUNTIMES:
-        raise UserError(f"{folder}: no runtime shim for backend {backend!r}")
-    module, cls = RUNTIMES[backend]
-    return getattr(importlib.import_module(module), cls)(folder, threads=threads)
 
 
 def export_artifact(
@@ -91,8 +56,8 @@ def export_artifact(
 
     progress = progress or Progress()
     check_output_path(out, force)
+    record = get_backend(backend)
     quality = quality_gate(_recipe_name(recipe), max_kl, gates_file) if parity else None
-    exporter = importlib.import_module(BACKENDS[backend])
     with progress.step(f"Loading {model}"):
         loaded = load_model(model, lazy=True)
     if parity:
@@ -100,7 +65,8 @@ def export_artifact(
     if loaded.random:
         progress.note(f"[yellow]note:[/] {model} has RANDOM weights (for size and speed work only)")
     with atomic_output(out, force) as tmp:
-        result = exporter.export(loaded, tmp, recipe, progress)
+        result = record.export(loaded, tmp, recipe, progress)
+        loaded.copy_tokenizer_files(tmp)
         manifest = build_manifest(
             model_identity=_identity(loaded),
             config=loaded.config.to_dict(),
@@ -185,21 +151,14 @@ def check_artifact(
     )
 
 
-def simulation_for(backend: str, recipe: dict[str, Any]) -> tuple[Any, str]:
-    """(core `Recipe`, activation mode) that a backend's artifact of `recipe` (its manifest entry) computes."""
-    module = importlib.import_module(BACKENDS[backend])
-    if hasattr(module, "simulation"):
-        return module.simulation(recipe)
+def simulation_for(record: Any, recipe: dict[str, Any]) -> tuple[Any, Any]:
+    """(core `Recipe`, activation mode) that an artifact of `record`'s backend and `recipe` (its manifest entry)
+    computes: the backend's own answer, else the core recipe of the name with float activations."""
+    if record.simulation is not None:
+        return record.simulation(recipe)
     from lfm_export.recipes import parse_recipe
 
     return parse_recipe(recipe.get("name", "fp32")), "float"
-
-
-def weight_values_for(backend: str, recipe: dict[str, Any]) -> Any:
-    """The backend's `weight_values(recipe)` (`lfm_export.quant.WeightValues`: the weights its kernels really
-    hold, where they cannot hold the core quantizer's), or None: the core quantizer's."""
-    module = importlib.import_module(BACKENDS[backend])
-    return module.weight_values(recipe) if hasattr(module, "weight_values") else None
 
 
 def check_tokenizer(folder: Path, loaded: LoadedModel) -> None:
@@ -252,12 +211,11 @@ def _check(
             f"[yellow]note:[/] parity fills the whole {context}-token context (scenario near_max_seq_len); on a "
             "big model that takes many minutes. Export with --max-seq-len to declare less, or --no-parity."
         )
-    sim_recipe, activations = simulation_for(manifest["backend"], manifest["recipe"])
-    weights = weight_values_for(manifest["backend"], manifest["recipe"])
+    record = get_backend(manifest["backend"])
+    sim_recipe, activations = simulation_for(record, manifest["recipe"])
+    weights = record.weight_values(manifest["recipe"]) if record.weight_values else None
     # a backend whose simulation is not the core quantizer's gives its own session (QNN: the fake-quant program)
-    own_simulation = getattr(
-        importlib.import_module(BACKENDS[manifest["backend"]]), "simulation_session", None
-    )
+    own_simulation = record.simulation_session
     with progress.step(f"Parity ({recipe}) through the {manifest['backend']} runtime"):
         session = open_session(folder, threads=threads)
         reference = ReferenceSession(loaded.model, max_seq_len=session.max_seq_len)

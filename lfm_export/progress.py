@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 
@@ -34,3 +35,11 @@ class Progress:
     def note(self, message: str) -> None:
         if not self.quiet:
             _console.print(message)
+
+
+def quiet_torchao() -> None:
+    """torchao 0.18 logs a warning per CUDA-only kernel library it cannot load on import ("Failed to load
+    ..._C_mxfp8...", "..._C_cutlass_90a..."): nothing the CPU backends use; and torch warns that an enum
+    torchao registers is natively supported now. Both loggers are set to ERROR."""
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)

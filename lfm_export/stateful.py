@@ -28,7 +28,7 @@ def held_buffer_name(name: str) -> str:
 
 class StatefulModule(nn.Module):
     """The canonical model with its state in buffers named by `held_buffer_name(spec.name)` for each
-    `signature.held` spec."""
+    `signature.held` spec; the new conv states are stored by `write_back`."""
 
     def __init__(self, model: Lfm2ForCausalLM, signature: IOSignature) -> None:
         super().__init__()
@@ -53,8 +53,13 @@ class StatefulModule(nn.Module):
         values = [self.get_buffer(n) for n in self._names[VALUE]]
         logits, new_conv, _, _ = self.model(input_ids, conv, keys, values, input_pos=input_pos, form=STATEFUL)
         for buf, new in zip(conv_bufs, new_conv, strict=True):
-            buf.copy_(new)
+            self.write_back(buf, new)
         return logits
+
+    def write_back(self, buf: Tensor, new: Tensor) -> None:
+        """Store the new conv state `new` in its buffer `buf`: the swap point of a backend whose converter takes
+        another in-place form (Core ML's `modules.CoreMLStatefulModule`)."""
+        buf.copy_(new)
 
 
 def read_held_state(module: nn.Module, signature: IOSignature) -> dict[str, Tensor]:

@@ -171,6 +171,7 @@ def test_readme_cli_reference_matches_help():
     documented = {}
     for row in (line for line in section.splitlines() if line.startswith("| `")):
         name, text, options = (c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1])
+        text = text.replace("\\|", "|")  # a `|` in a help text is escaped in the table
         documented[name.strip("`").split()[0]] = (text, set(re.findall(r"--[a-z][a-z-]*", options)))
     group = typer.main.get_command(app)
     ctx = click.Context(group)
@@ -182,46 +183,3 @@ def test_readme_cli_reference_matches_help():
         assert options == real, (name, options ^ real)
 
 
-# ---- a backend command in a few lines -------------------------------------------------------------------
-def export(loaded, folder, recipe, progress):
-    """A toy backend (`pipeline.BACKENDS["toy"]` points at this module): one file and the signature."""
-    from types import SimpleNamespace
-
-    from lfm_export.signature import build_signature
-
-    with progress.step("Writing toy.bin"):
-        (folder / "toy.bin").write_bytes(b"\0" * 100)
-    return SimpleNamespace(
-        signature=build_signature(loaded.config, max_seq_len=recipe.context(loaded.config)),
-        recipe=recipe.to_dict(),
-        extra={"toy": {"layers": loaded.config.num_hidden_layers}},
-    )
-
-
-def test_backend_command_declares_the_shared_options_once(tmp_path, monkeypatch):
-    import typer
-    from typer.testing import CliRunner
-
-    from lfm_export import pipeline
-    from lfm_export.cli import backend_command
-
-    toy = typer.Typer()
-    toy.callback()(lambda: None)
-    backend_command("toy", "Export to the toy backend.", cli=toy)
-    monkeypatch.setitem(pipeline.BACKENDS, "toy", __name__)
-    out = tmp_path / "toy"
-    args = ["toy", "tiny", "-o", str(out), "--quant", "int8-b64-asym", "--max-seq-len", "64", "--no-parity"]
-    r = CliRunner().invoke(toy, [*args, "--json"])
-    assert r.exit_code == 0, (r.output, r.exception)
-    m = json.loads((out / "manifest.json").read_text())
-    assert (m["backend"], m["recipe"]["name"], m["max_seq_len"], m["toy"]) == (
-        "toy",
-        "int8-b64-asym",
-        64,
-        {"layers": 6},
-    )
-    assert m["parity"] == {"status": "not run"} and "toy.bin" in {f["path"] for f in m["files"]}
-    again = CliRunner().invoke(toy, args)  # the shared --force refusal, before any work
-    assert "already exists" in str(again.exception)
-    bad = CliRunner().invoke(toy, ["toy", "tiny", "-o", str(tmp_path / "x"), "--quant", "int3"])
-    assert "--quant 'int3' is unknown" in str(bad.exception) and not (tmp_path / "x").exists()

@@ -171,7 +171,8 @@ def test_composed_8da4w_moe_layer_equals_the_eager_layer_through_xnnpack(tmp_pat
     form, cannot be lowered at 8da4w (XNNPACK refused the program at load, measured)."""
     from dataclasses import replace
 
-    from lfm_export.backends.executorch.composed_moe import ComposedMoE, _Expert, composed_moe_swap
+    from lfm_export.backends.executorch.composed_moe import ComposedMoE, composed_moe_swap
+    from lfm_export.backends.executorch.expert_delegates import _Expert
 
     torch.set_num_threads(2)
     cfg = replace(load_model("tiny-moe").config, num_experts=4, num_experts_per_tok=1)
@@ -216,8 +217,7 @@ def test_an_expert_delegate_cloned_from_the_template_is_the_one_its_own_lowering
     lowering it replaces): the same delegate blob and the same named weight data, byte for byte (so the same
     outputs through a `.pte`); a clone of another expert differs (the weights are in it). Slow: two lowerings,
     45.7 s at int4 with the cores shared by an 8B export (load about 3)."""
-    from lfm_export.backends.executorch.composed_moe import lower_expert
-    from lfm_export.backends.executorch.expert_delegates import WEIGHTS, ExpertDelegates
+    from lfm_export.backends.executorch.expert_delegates import WEIGHTS, ExpertDelegates, lower_expert
 
     torch.set_num_threads(2)
     moe = next(m for m in load_model("tiny-moe").model.modules() if isinstance(m, MoE))

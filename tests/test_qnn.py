@@ -132,7 +132,7 @@ def test_the_qnn_exactness_gate_fails_a_fake_quantized_program_that_drops_its_co
 
 def test_unknown_soc_lists_the_known_ones(tmp_path: Path) -> None:
     out = tmp_path / "x"
-    r = cli("onnx", "tiny", "-o", str(out), "--target", "qnn", "--quant", "16a8w", "--soc", "SM1234")
+    r = cli("onnx-qnn", "tiny", "-o", str(out), "--quant", "16a8w", "--soc", "SM1234")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "unknown SoC 'SM1234'" in r.stderr and "SM8650" in r.stderr and "SM8750" in r.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == []
@@ -141,21 +141,24 @@ def test_unknown_soc_lists_the_known_ones(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--target", "qnn", "--quant", "int4"], "takes --quant 16a8w | 16a4w | 8a8w"),
-        (["--target", "qnn", "--quant", "16a8w", "--ops", "portable"], "--ops apply to --target cpu only"),
-        (["--quant", "int4", "--soc", "SM8650"], "--soc and --context-binary apply to --target qnn only"),
-        (["--target", "gpu"], "--target takes cpu | qnn"),
+        (["onnx-qnn", "--quant", "int4"], "takes --quant 16a8w | 16a4w | 8a8w"),
+        (["onnx-qnn", "--quant", "16a8w", "--ops", "portable"], "No such option: --ops"),
+        (["onnx", "--quant", "int4", "--soc", "SM8650"], "No such option: --soc"),
+        (["executorch-qnn", "--quant", "8da4w"], "takes --quant 16a8w | 16a4w | 8a8w, got '8da4w'"),
+        (["executorch-qnn", "--quant", "16a8w", "--soc", "SM1"], "unknown SoC 'SM1'"),
+        (["executorch-qnn", "--quant", "16a4w"], "needs the Qualcomm AI Engine Direct (QAIRT) SDK 2.37"),
+        (["executorch", "--quant", "8da4w", "--soc", "SM8750"], "No such option: --soc"),
     ],
 )
 def test_target_options_are_checked(tmp_path: Path, args: list[str], message: str) -> None:
     out = tmp_path / "x"
-    r = cli("onnx", "tiny", "-o", str(out), *args)
+    r = cli(args[0], "tiny", "-o", str(out), *args[1:])
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert not out.exists()
 
 
 def test_executorch_qnn_delegate_names_the_sdk_it_needs(tmp_path: Path, monkeypatch) -> None:
-    from lfm_export.backends.executorch import qnn as et_qnn
+    from lfm_export.backends.executorch_qnn import lower as et_qnn
 
     for unset in ("", None):
         if unset is None:
@@ -177,7 +180,7 @@ def test_host_libraries_that_cannot_load_are_a_one_line_error_not_an_abort(
     134); the probe runs it in a child and reports."""
     import onnxruntime_qnn
 
-    from lfm_export.backends.executorch import qnn as et_qnn
+    from lfm_export.backends.executorch_qnn import lower as et_qnn
 
     lib = tmp_path / et_qnn.HOST_LIB_DIR
     lib.mkdir(parents=True)
@@ -197,7 +200,7 @@ def test_executorch_qnn_lowering_stops_at_the_boundary_with_the_packaged_qairt(
     them, HTP device creation fails (error 14001), the command stops with the SDK named and writes nothing."""
     import onnxruntime_qnn
 
-    from lfm_export.backends.executorch import qnn as et_qnn
+    from lfm_export.backends.executorch_qnn import lower as et_qnn
 
     lib = tmp_path / "sdk" / et_qnn.HOST_LIB_DIR
     lib.mkdir(parents=True)
@@ -217,12 +220,10 @@ def test_executorch_qnn_lowering_stops_at_the_boundary_with_the_packaged_qairt(
 
 def _export(model: str, out: Path, quant: str, *extra: str) -> dict:
     r = cli(
-        "onnx",
+        "onnx-qnn",
         model,
         "-o",
         str(out),
-        "--target",
-        "qnn",
         "--quant",
         quant,
         "--max-seq-len",
@@ -238,7 +239,7 @@ def _export(model: str, out: Path, quant: str, *extra: str) -> dict:
 
 def _assert_on_htp(out: Path) -> dict:
     m = json.loads((out / "manifest.json").read_text())
-    assert m["backend"] == "qnn" and m["signature"]["form"] == "static"
+    assert m["backend"] == "onnx-qnn" and m["signature"]["form"] == "static"
     part = m["qnn"]["partitioning"]
     assert part["providers"][0] == "QNNExecutionProvider" and part["cpu_fallback"].startswith("disabled")
     ops = m["ops"]["op_types"]

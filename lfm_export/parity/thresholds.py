@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,16 +234,11 @@ GATES: dict[str, Gate] = {
     },
 }
 
-from lfm_export.parity.qnn_gates import QNN_GATES, QNN_SANITY_KL_MEAN  # noqa: E402
-
-GATES.update(QNN_GATES)
-
 SANITY_KL_MEAN: dict[str, float] = {
     "fp32": 1e-4,
     "fp16": 1e-3,
     "int8": 0.1,
     "int4": 1.0,
-    **QNN_SANITY_KL_MEAN,
 }
 """Part (b) by default: pooled KL(fp32 reference || artifact) mean at most this, about 10x the worst honest
 export measured (2026-11-29, the same 6 models: fp32 1e-12, fp16 2.4e-6, int8 4.3e-3, int4 0.097) and well
@@ -323,6 +319,13 @@ SANITY_KL_MEAN.update({"bf16": 0.01, "bf16-native": 0.01, "fp16-native": SANITY_
 dense 2.1e-6, MoE 6.0e-7: bound 0.01 (13x). fp16 keeps the `fp16` bound 1e-3 (honest: at most 4.1e-6)."""
 NATIVE_ONLY = ("bf16",)
 """Families gated only when computed in their type: no backend exports bf16 with fp32 compute."""
+
+
+def register_gates(gates: Mapping[str, Gate], sanity: Mapping[str, float]) -> None:
+    """Add a backend's own gates (exactness, by recipe name) and their default quality bounds (pooled KL mean),
+    as `lfm_export.backends` does for every registered backend that declares some."""
+    GATES.update(gates)
+    SANITY_KL_MEAN.update(sanity)
 
 
 INT8_ACTIVATIONS = "-a8"

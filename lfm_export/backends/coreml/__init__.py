@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lfm_export.backends.record import Backend, Option
+
 from .recipes import CoreMLRecipe, make_recipe
 
 
@@ -40,4 +42,51 @@ def weight_values(recipe_dict: dict[str, Any]) -> Any:
     return values(recipe_dict)
 
 
-__all__ = ["CoreMLRecipe", "export", "make_recipe", "simulation", "weight_values"]
+def cli_recipe(
+    quant: str,
+    max_seq_len: int | None,
+    target: str = "iOS18",
+    max_prefill: int | None = None,
+    prefill_lengths: str | None = None,
+    moe_form: str | None = None,
+) -> CoreMLRecipe:
+    """The recipe `lfm-export coreml` builds from its options."""
+    return make_recipe(quant, max_seq_len, target, max_prefill, prefill_lengths, moe_form)
+
+
+BACKEND = Backend(
+    name="coreml",
+    help="Export MODEL to a stateful Core ML ML Program (model.mlpackage, iOS 18 states, fp16 compute), then "
+    "check parity through the Core ML runtime shim (Core ML on macOS, the numpy interpreter elsewhere).",
+    recipe=cli_recipe,
+    export=export,
+    session="lfm_export.runtime.coreml:CoreMLSession",
+    install="coreml",
+    quant_default="fp16",
+    options=(
+        Option("target", str, "iOS18", "Deployment target: iOS18 | macOS15 (states need them)."),
+        Option(
+            "max_prefill",
+            int | None,
+            None,
+            "Most tokens one prediction takes, any count 1..N (default 64).",
+            min=1,
+        ),
+        Option(
+            "prefill_lengths",
+            str | None,
+            None,
+            "Enumerated token counts per prediction instead, e.g. 1,16,64 (1 required).",
+        ),
+        Option(
+            "moe_form",
+            str | None,
+            None,
+            "MoE experts: sparse (gather the top-k experts' weights; default) | dense (every expert on every token).",
+        ),
+    ),
+    simulation=simulation,
+    weight_values=weight_values,
+    context_cost="The KV caches are fp16 Core ML states of that length (context x 2 x attention layers x KV "
+    "heads x head_dim x 2 bytes), and attention reads every slot each step.",
+)

@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import gc
 import json
-import shutil
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lfm_export.backends.record import ExportResult
 from lfm_export.contract.signature import CONV, KEY, IOSignature
 from lfm_export.loading import LoadedModel
 from lfm_export.model import STATEFUL
@@ -48,23 +48,6 @@ MODEL_FILE = "model.mlpackage"
 AUTHOR = "lfm-export"
 STATE_SPEC_VERSION = 9
 """Core ML specification version of iOS 18 / macOS 15, the first with states."""
-
-
-@dataclass
-class CoreMLExportResult:
-    """What `export_coreml` wrote (`recipe` / `extra` are what the pipeline puts in the manifest)."""
-
-    signature: IOSignature
-    recipe_obj: CoreMLRecipe
-    info: dict[str, Any]
-
-    @property
-    def recipe(self) -> dict[str, Any]:
-        return self.recipe_obj.to_dict()
-
-    @property
-    def extra(self) -> dict[str, Any]:
-        return {"coreml": self.info}
 
 
 def trace(model: Any, context: int, max_prefill: int, module_cls: Any = None) -> Any:
@@ -255,7 +238,7 @@ def check_package(path: Path, signature: IOSignature) -> dict[str, Any]:
 
 def export_coreml(
     loaded: LoadedModel, out_dir: Path, recipe: CoreMLRecipe, progress: Progress | None = None
-) -> CoreMLExportResult:
+) -> ExportResult:
     """Write `model.mlpackage` and the tokenizer files for `loaded` into `out_dir`."""
     import coremltools as ct
 
@@ -278,8 +261,6 @@ def export_coreml(
         describe(mlmodel, loaded, signature, recipe)
         path = out_dir / MODEL_FILE
         mlmodel.save(str(path))
-        for f in loaded.tokenizer_files():
-            shutil.copy2(f, out_dir / f.name)
     # the program's weights (int4 / int8 codes one byte each: 10.8 GB for random:lfm2-8b-a1b) are not needed
     # any more; alive during the read-back they made its peak 20.8 GB
     del mlmodel
@@ -297,4 +278,4 @@ def export_coreml(
         "peak_rss_gb": rss.peaks,
         **found,
     }
-    return CoreMLExportResult(signature, recipe, info)
+    return ExportResult(signature, recipe.to_dict(), {"coreml": info})

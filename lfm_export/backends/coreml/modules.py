@@ -1,15 +1,12 @@
-"""The two modules the Core ML conversion swaps in, because coremltools 9.0's torch frontend refuses what the
-canonical model and `lfm_export.stateful` trace to (both measured with torch 2.13, `torch.jit.trace`):
+"""The pieces the Core ML conversion swaps in, because coremltools 9.0's torch frontend refuses what the canonical
+model and `lfm_export.stateful` trace to (both measured with torch 2.13, `torch.jit.trace`): an in-place write
+into a state must be slice or select assignment. `k_cache[:, :, positions] = k` (an `index_put_` with a tensor
+index) and `buf.copy_(new)` (a whole-buffer copy) both fail with "No matching select or slice." So the KV cache
+is written as `cache[:, :, start : start + T] = k` (`SliceWriteKV`, the attention's `kv_update`) and the conv
+state as `buf[:] = new` (`CoreMLStatefulModule.write_back`): `slice_update` + `coreml_update_state` in the
+program. The rest of the attention is the canonical one; the parity gate checks it.
 
-- an in-place write into a state must be slice or select assignment: `k_cache[:, :, positions] = k` (an
-  `index_put_` with a tensor index) and `buf.copy_(new)` (a whole-buffer copy) both fail with "No matching
-  select or slice." So the KV cache is written as `cache[:, :, start : start + T] = k` and the conv state as
-  `buf[:] = new` (`slice_update` + `coreml_update_state` in the program).
-- `x.shape[-1] // 2` inside `apply_rope` traces to a shape tensor that coremltools' `int` op cannot take
-  ("only 0-dimensional arrays can be converted to Python scalars"); the half width is a Python int here.
-
-The math is the canonical attention's, line for line (q/k RMSNorm before RoPE, rotate-half RoPE, GQA by
-`repeat_interleave`, fp32 softmax over every cache position up to the query's); the parity gate checks it.
+`StackedMoE` is the sparse MoE form the Core ML program takes (its docstring).
 """
 
 from __future__ import annotations
@@ -18,63 +15,37 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lfm_export.contract.signature import CONV, KEY, VALUE
-from lfm_export.model import STATEFUL, Attention, MoE
+from lfm_export.model import STATEFUL, KVUpdate, MoE
 from lfm_export.stateful import StatefulModule
 from lfm_export.trace import rebind
 
 
-class SliceWriteAttention(Attention):
-    """`Attention` whose stateful form writes the KV cache by slice assignment (module docstring)."""
+class SliceWriteKV(KVUpdate):
+    """`KVUpdate` of the stateful form writing the `t` new positions by slice assignment, from `positions[0]`."""
 
     def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        k_cache: Tensor,
-        v_cache: Tensor,
-        positions: Tensor,
-        form: str,
-        key_mask: Tensor | None,
+        self, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, positions: Tensor, t: int, form: str
     ) -> tuple[Tensor, Tensor, Tensor]:
         if form != STATEFUL:
-            raise ValueError("SliceWriteAttention runs the stateful form only")
-        t = x.shape[1]
-        q, k, v = (a.transpose(1, 2) for a in self.project(x))
-        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            raise ValueError("SliceWriteKV writes the stateful form only")
         start = positions[0]
         k_cache[:, :, start : start + t] = k
         v_cache[:, :, start : start + t] = v
-        return self.out_proj(self.attend(q, k_cache, v_cache, positions, None)), k_cache, v_cache
-
-    def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        half = self.head_dim // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+        return k_cache, v_cache, positions
 
 
 def slice_write_attention(module: nn.Module) -> nn.Module | None:
-    """Swap (`lfm_export.trace.apply_swaps`): an `Attention` becomes a `SliceWriteAttention` sharing its
-    submodules and weights."""
-    if not isinstance(module, Attention) or isinstance(module, SliceWriteAttention):
+    """Swap (`lfm_export.trace.apply_swaps`): each attention's `KVUpdate` becomes a `SliceWriteKV`."""
+    if type(module) is not KVUpdate:
         return None
-    return rebind(module, SliceWriteAttention)
+    return SliceWriteKV()
 
 
 class CoreMLStatefulModule(StatefulModule):
     """`StatefulModule` whose conv state is written back by slice assignment (`buf[:] = new`)."""
 
-    def forward(self, input_ids: Tensor, input_pos: Tensor) -> Tensor:
-        conv_bufs = [self.get_buffer(n) for n in self._names[CONV]]
-        continuing = input_pos.reshape(1, 1, 1) > 0
-        conv = [torch.where(continuing, c, torch.zeros_like(c)) for c in conv_bufs]
-        keys = [self.get_buffer(n) for n in self._names[KEY]]
-        values = [self.get_buffer(n) for n in self._names[VALUE]]
-        logits, new_conv, _, _ = self.model(input_ids, conv, keys, values, input_pos=input_pos, form=STATEFUL)
-        for buf, new in zip(conv_bufs, new_conv, strict=True):
-            buf[:] = new
-        return logits
+    def write_back(self, buf: Tensor, new: Tensor) -> None:
+        buf[:] = new
 
 
 class StackedMoE(MoE):

@@ -4,11 +4,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
+from lfm_export.backends.record import Backend, Option
 from lfm_export.contract.errors import UserError
+from lfm_export.progress import quiet_torchao
 
 from .recipes import ExecuTorchRecipe, make_recipe
 
@@ -48,12 +49,57 @@ def weight_values(recipe_dict: dict[str, Any]) -> Any:
     return values(recipe_dict)
 
 
-def quiet_torchao() -> None:
-    """torchao 0.18 logs a warning per CUDA-only kernel library it cannot load on import ("Failed to load
-    ..._C_mxfp8...", "..._C_cutlass_90a..."): nothing this CPU backend uses; and torch warns that an enum
-    torchao registers is natively supported now. Both loggers are set to ERROR."""
-    logging.getLogger("torchao").setLevel(logging.ERROR)
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+def cli_recipe(
+    quant: str,
+    max_seq_len: int | None,
+    max_prefill: int | None = None,
+    group_size: int | None = None,
+    embedding_quant: str | None = None,
+    head_bits: int | None = None,
+    delegate: str = "xnnpack",
+) -> Any:
+    """The recipe `lfm-export executorch` builds from its options."""
+    return make_recipe(quant, max_seq_len, max_prefill, group_size, embedding_quant, delegate, head_bits)
 
 
-__all__ = ["ExecuTorchRecipe", "export", "make_recipe", "quiet_torchao", "simulation", "weight_values"]
+BACKEND = Backend(
+    name="executorch",
+    help="Export MODEL to an ExecuTorch program (model.pte, XNNPACK, state held inside), then check parity "
+    "through the ExecuTorch runtime shim.",
+    recipe=cli_recipe,
+    export=export,
+    session="lfm_export.runtime.executorch:ExecuTorchSession",
+    install="executorch",
+    options=(
+        Option(
+            "max_prefill",
+            int | None,
+            None,
+            "Most tokens one forward call takes (default 128, at most the context).",
+            min=1,
+        ),
+        Option(
+            "group_size",
+            int | None,
+            None,
+            "weight group size: 32 | 64 | 128 for int4; 0 = per channel (int8, 8da8w).",
+        ),
+        Option(
+            "embedding_quant",
+            str | None,
+            None,
+            "Embedding table, weight-only: 8 | 4 | none (default 8 when quantized).",
+        ),
+        Option(
+            "head_bits",
+            int | None,
+            None,
+            "lm_head: 8 (per channel) | 4 (groups of --group-size) (default 8).",
+        ),
+        Option("delegate", str, "xnnpack", "xnnpack | portable (fp32 only)."),
+    ),
+    simulation=simulation,
+    weight_values=weight_values,
+    context_cost="The KV caches are static buffers of that length in the program (context x 2 x attention layers "
+    "x KV heads x head_dim values, fp32 or fp16), allocated at load.",
+)

@@ -47,55 +47,6 @@ from .expert_delegates import WEIGHTS, ExpertDelegates
 from .moe import take_routing
 
 
-class _Expert(nn.Module):
-    """One expert's SwiGLU over quantized linears (`convert.quantized_linear`)."""
-
-    def __init__(self, mlp: nn.Module, bits: int, block_size: int) -> None:
-        super().__init__()
-        from .convert import quantized_linear
-
-        self.w1, self.w3, self.w2 = (quantized_linear(getattr(mlp, w), bits, block_size) for w in WEIGHTS)
-
-    def forward(self, x: Tensor) -> tuple[Tensor]:
-        return (self.w2(torch.nn.functional.silu(self.w1(x)) * self.w3(x)),)
-
-
-class _ShapeOnly(nn.Module):
-    """The stand-in original program of a lowered expert: the output shape of the expert, no constants."""
-
-    def forward(self, x: Tensor) -> tuple[Tensor]:
-        return (torch.zeros_like(x),)
-
-
-def lower_expert(mlp: nn.Module, bits: int, block_size: int, max_rows: int) -> Any:
-    """`mlp` (an expert `MLP`) at `bits`, rows dynamic in 1..`max_rows`, lowered to one XNNPACK delegate:
-    the `LoweredBackendModule`, its original program replaced by `_ShapeOnly` (module doc)."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
-
-    hidden = mlp.w1.in_features
-    rows = torch.export.Dim("rows", min=1, max=max(max_rows, 2))
-    example = (torch.zeros(2, hidden),)
-    program = torch.export.export(
-        _Expert(mlp, bits, block_size).eval(), example, dynamic_shapes=({0: rows},), strict=False
-    )
-    edge = to_edge_transform_and_lower(
-        program,
-        partitioner=[XnnpackPartitioner()],
-        compile_config=EdgeCompileConfig(_check_ir_validity=False),
-    )
-    graph = edge.exported_program().graph_module
-    lowered = [m for n, m in graph.named_children() if n.startswith("lowered_module")]
-    calls = [n for n in graph.graph.nodes if n.op == "call_function" and "call_delegate" in str(n.target)]
-    if len(lowered) != 1 or len(calls) != 1:
-        raise RuntimeError(f"an expert lowered to {len(lowered)} XNNPACK delegates, not 1")
-    module = lowered[0]
-    module._original_exported_program = torch.export.export(
-        _ShapeOnly(), example, dynamic_shapes=({0: rows},), strict=False
-    )
-    return module
-
-
 class ComposedMoE(nn.Module):
     """The core `MoE` with each expert a pre-lowered XNNPACK delegate (`experts`, in the MoE's order) run
     under `torch.cond` (module doc). Routing is the core `MoE._route`, in float32."""

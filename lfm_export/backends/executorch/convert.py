@@ -26,16 +26,15 @@ from __future__ import annotations
 
 import copy
 import logging
-import shutil
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from lfm_export.contract.signature import IOSignature
+from lfm_export.backends.record import ExportResult
 from lfm_export.loading import LoadedModel
 from lfm_export.model import STATEFUL
 from lfm_export.progress import Progress
@@ -50,7 +49,7 @@ from .half import half_layers, half_model
 from .layers import xnnpack_layers
 from .lowering import lower
 from .moe import sparse_moe_swap
-from .quantize import xnnpack_weight
+from .quantize import quantized_linear
 from .recipes import XNNPACK, ExecuTorchRecipe
 
 MODEL_FILE = "model.pte"
@@ -91,33 +90,6 @@ def last_position(model: nn.Module) -> Swap:
     return swap
 
 
-@dataclass
-class ExecuTorchExportResult:
-    """What `export_executorch` wrote (`recipe` / `extra` are what the pipeline puts in the manifest)."""
-
-    signature: IOSignature
-    recipe_obj: ExecuTorchRecipe
-    metadata: dict[str, Any]
-    weights: dict[str, Any]
-    versions: dict[str, str]
-
-    @property
-    def recipe(self) -> dict[str, Any]:
-        return self.recipe_obj.to_dict()
-
-    @property
-    def extra(self) -> dict[str, Any]:
-        return {
-            "executorch": {
-                "program": MODEL_FILE,
-                "forward_logits": FORWARD_LOGITS,
-                "metadata": self.metadata,
-                **self.versions,
-            },
-            "weights": self.weights,
-        }
-
-
 def runner_metadata(loaded: LoadedModel, context: int, max_prefill: int) -> dict[str, Any]:
     """The constant methods ExecuTorch's LLM runner reads. Its `get_max_seq_len` is the most tokens one
     `forward` call takes (the prefill chunk), `get_max_context_len` the KV cache length."""
@@ -134,31 +106,6 @@ def runner_metadata(loaded: LoadedModel, context: int, max_prefill: int) -> dict
         "use_sdpa_with_kv_cache": True,
         "enable_dynamic_shape": max_prefill > 1,
     }
-
-
-def quantized_linear(linear: nn.Linear, bits: int, block_size: int, rounding: str = "nearest") -> nn.Linear:
-    """A new linear (the input keeps its weight) whose weight is a torchao `IntxUnpackedToInt8Tensor` holding
-    `quantize.xnnpack_weight`'s codes and scales (int4 in blocks, int8 per channel), with int8 per-token
-    asymmetric activations: torchao's 8da4w / 8da8w form, which XNNPACK's partitioner lowers."""
-    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
-        IntxUnpackedToInt8Tensor,
-        IntxUnpackedToInt8TensorActivationQuantization,
-    )
-
-    codes, scale, group = xnnpack_weight(linear.weight.detach(), bits, block_size, rounding)
-    weight = IntxUnpackedToInt8Tensor(
-        qdata=codes,
-        scale=scale,
-        zero_point=torch.zeros_like(scale, dtype=torch.int8),
-        target_dtype=torch.int4 if bits == 4 else torch.int8,
-        block_size=(1, group),
-        dtype=torch.float32,
-        activation_quantization=IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN,
-    )
-    new = nn.Linear(linear.in_features, linear.out_features, bias=False, device="meta")
-    new.weight = nn.Parameter(weight, requires_grad=False)
-    new.bias = linear.bias
-    return new
 
 
 def quantized_bits(name: str, recipe: ExecuTorchRecipe) -> int | None:
@@ -252,7 +199,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 def export_executorch(
     loaded: LoadedModel, out_dir: Path, recipe: ExecuTorchRecipe, progress: Progress | None = None
-) -> ExecuTorchExportResult:
+) -> ExportResult:
     """Write `model.pte` and the tokenizer files for `loaded` into `out_dir`."""
     import executorch
     from executorch.exir import ExecutorchBackendConfig
@@ -340,8 +287,6 @@ def export_executorch(
         path = out_dir / MODEL_FILE
         with open(path, "wb") as f:
             et_program.write_to_file(f)
-        for f in loaded.tokenizer_files():
-            shutil.copy2(f, out_dir / f.name)
 
     with progress.step("Reading back the runner metadata"):
         found = read_metadata(path)
@@ -354,4 +299,5 @@ def export_executorch(
     )
     versions = {"executorch_version": getattr(executorch, "__version__", "unknown")}
     done = replace(recipe, max_prefill=max_prefill)
-    return ExecuTorchExportResult(signature, done, found, weights, versions)
+    program = {"program": MODEL_FILE, "forward_logits": FORWARD_LOGITS, "metadata": found, **versions}
+    return ExportResult(signature, done.to_dict(), {"executorch": program, "weights": weights})

@@ -1,4 +1,4 @@
-"""XNNPACK delegates of many quantized experts from one lowering: `composed_moe.lower_expert` is run once per
+"""XNNPACK delegates of many quantized experts from one lowering: `lower_expert` is run once per
 expert shape on a synthetic expert (the template), and every real expert's delegate is the template's with its
 own weight data.
 
@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .quantize import xnnpack_weight
+from .quantize import quantized_linear, xnnpack_weight
 
 WEIGHTS = ("w1", "w3", "w2")
-"""An expert's linears, in the order `composed_moe._Expert` defines them and `weight_blobs` returns them."""
+"""An expert's linears, in the order `_Expert` defines them and `weight_blobs` returns them."""
 
 
 def weight_blobs(
@@ -76,6 +76,53 @@ class _Synthetic(nn.Module):
             setattr(self, name, linear)
 
 
+class _Expert(nn.Module):
+    """One expert's SwiGLU over quantized linears (`quantize.quantized_linear`)."""
+
+    def __init__(self, mlp: nn.Module, bits: int, block_size: int) -> None:
+        super().__init__()
+        self.w1, self.w3, self.w2 = (quantized_linear(getattr(mlp, w), bits, block_size) for w in WEIGHTS)
+
+    def forward(self, x: Tensor) -> tuple[Tensor]:
+        return (self.w2(torch.nn.functional.silu(self.w1(x)) * self.w3(x)),)
+
+
+class _ShapeOnly(nn.Module):
+    """The stand-in original program of a lowered expert: the output shape of the expert, no constants."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor]:
+        return (torch.zeros_like(x),)
+
+
+def lower_expert(mlp: nn.Module, bits: int, block_size: int, max_rows: int) -> Any:
+    """`mlp` (an expert `MLP`) at `bits`, rows dynamic in 1..`max_rows`, lowered to one XNNPACK delegate:
+    the `LoweredBackendModule`, its original program replaced by `_ShapeOnly` (module doc)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    hidden = mlp.w1.in_features
+    rows = torch.export.Dim("rows", min=1, max=max(max_rows, 2))
+    example = (torch.zeros(2, hidden),)
+    program = torch.export.export(
+        _Expert(mlp, bits, block_size).eval(), example, dynamic_shapes=({0: rows},), strict=False
+    )
+    edge = to_edge_transform_and_lower(
+        program,
+        partitioner=[XnnpackPartitioner()],
+        compile_config=EdgeCompileConfig(_check_ir_validity=False),
+    )
+    graph = edge.exported_program().graph_module
+    lowered = [m for n, m in graph.named_children() if n.startswith("lowered_module")]
+    calls = [n for n in graph.graph.nodes if n.op == "call_function" and "call_delegate" in str(n.target)]
+    if len(lowered) != 1 or len(calls) != 1:
+        raise RuntimeError(f"an expert lowered to {len(lowered)} XNNPACK delegates, not 1")
+    module = lowered[0]
+    module._original_exported_program = torch.export.export(
+        _ShapeOnly(), example, dynamic_shapes=({0: rows},), strict=False
+    )
+    return module
+
+
 class ExpertDelegates:
     """The delegate of every expert of one shape (hidden, width) at `bits`, rows 1..`max_rows`: lowered once
     (`template`, plain rounding: its weights are replaced), cloned per expert (`clone`, the recipe's
@@ -84,8 +131,6 @@ class ExpertDelegates:
     def __init__(
         self, hidden: int, width: int, bits: int, block_size: int, max_rows: int, rounding: str = "nearest"
     ) -> None:
-        from .composed_moe import lower_expert
-
         self.bits, self.block_size, self.rounding = bits, block_size, rounding
         synthetic = _Synthetic(hidden, width)
         template = lower_expert(synthetic, bits, block_size, max_rows)

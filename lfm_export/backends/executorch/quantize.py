@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 ROWS_PER_CHUNK = 256
 """Rows quantized at once: the block's statistics, scale and codes are computed while the rows are in cache."""
@@ -137,3 +138,28 @@ def weight_values(recipe: dict[str, Any]) -> Any:
         return dequantize(codes, scale, group).numpy()
 
     return values
+
+
+def quantized_linear(linear: nn.Linear, bits: int, block_size: int, rounding: str = "nearest") -> nn.Linear:
+    """A new linear (the input keeps its weight) whose weight is a torchao `IntxUnpackedToInt8Tensor` holding
+    `quantize.xnnpack_weight`'s codes and scales (int4 in blocks, int8 per channel), with int8 per-token
+    asymmetric activations: torchao's 8da4w / 8da8w form, which XNNPACK's partitioner lowers."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8Tensor,
+        IntxUnpackedToInt8TensorActivationQuantization,
+    )
+
+    codes, scale, group = xnnpack_weight(linear.weight.detach(), bits, block_size, rounding)
+    weight = IntxUnpackedToInt8Tensor(
+        qdata=codes,
+        scale=scale,
+        zero_point=torch.zeros_like(scale, dtype=torch.int8),
+        target_dtype=torch.int4 if bits == 4 else torch.int8,
+        block_size=(1, group),
+        dtype=torch.float32,
+        activation_quantization=IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN,
+    )
+    new = nn.Linear(linear.in_features, linear.out_features, bias=False, device="meta")
+    new.weight = nn.Parameter(weight, requires_grad=False)
+    new.bias = linear.bias
+    return new

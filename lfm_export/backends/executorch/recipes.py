@@ -23,7 +23,7 @@ fp16 with `--delegate portable` (not measured); weight-only int4 / int8 (XNNPACK
 int8 activations: use `-a8`); `-asym` (XNNPACK's int4 / int8 linears hold no zero point); `int8-bN-a8`: ExecuTorch 1.5.1's XNNPACK partitioner lowers int8 weights only
 per output channel, not in blocks ("Only 4b group quantization is supported", measured), so int8 is `int8-pc-a8`;
 with it, `--head-bits 4` and `--embedding-quant 4` (they take the recipe's block); `--delegate portable` with a quantized recipe (its linears are XNNPACK's
-kernels); `--delegate qnn` (`qnn_recipe`).
+kernels). The QNN delegate is its own backend, `executorch-qnn` (`lfm_export.backends.executorch_qnn`).
 """
 
 from __future__ import annotations
@@ -182,17 +182,12 @@ def make_recipe(
     group_size: int | None = None,
     embedding_quant: str | None = None,
     delegate: str = XNNPACK,
-    soc: str | None = None,
     head_bits: int | None = None,
 ) -> Any:
     """The recipe `lfm-export executorch --quant Q [--group-size N] [--embedding-quant 8|4|none]
     [--head-bits 4|8] [--max-seq-len N] [--max-prefill N] [--delegate D]` builds (`group_size` /
     `embedding_quant` / `head_bits` None: the name's block size, an int8 table and an int8 head for quantized
     recipes)."""
-    if delegate == "qnn":
-        return qnn_recipe(quant, soc, max_seq_len)
-    if soc is not None:
-        raise UnsupportedError("--soc names a Qualcomm SoC: it goes with --delegate qnn")
     named = any(re.fullmatch(r"[bg]\d+", part) for part in quant.strip().lower().split("-")[1:])
     core = parse_recipe(quant, max_seq_len=max_seq_len)
     if group_size is not None:
@@ -210,20 +205,6 @@ def make_recipe(
     if head_bits is not None and head_bits not in HEAD_CHOICES:
         raise UnsupportedError(f"--head-bits {head_bits} is unknown; expected 4 or 8")
     return ExecuTorchRecipe(with_tables(core, embedding_quant, head_bits), max_prefill, delegate)
-
-
-def qnn_recipe(quant: str, soc: str | None, max_seq_len: int | None) -> Any:
-    """`--delegate qnn`: the QNN quantization of `lfm_export.backends.qnn` (`--quant 16a8w|16a4w|8a8w`, `--soc`),
-    lowered by ExecuTorch's QNN partitioner (`backends/executorch/qnn.py`, pipeline backend `executorch-qnn`).
-    The Qualcomm SDK boundary is checked here, before any model is loaded: without loadable QAIRT host libraries
-    the command stops in one line naming the SDK version and `QNN_SDK_ROOT`, and nothing is written."""
-    from lfm_export.backends.qnn.recipes import make_recipe as make_qnn_recipe
-
-    from . import qnn
-
-    recipe = make_qnn_recipe(quant, soc, max_seq_len)
-    qnn.probe_libraries(qnn.sdk_root())
-    return replace(recipe, backend=qnn.BACKEND)
 
 
 def with_tables(recipe: Recipe, embedding: str | None = None, head_bits: int | None = None) -> Recipe:

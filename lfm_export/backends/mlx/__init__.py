@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lfm_export.backends.record import Backend, Option
 from lfm_export.contract.errors import UserError
 
 from .recipes import MlxRecipe, make_recipe
@@ -30,4 +31,30 @@ def simulation(recipe_dict: dict[str, Any]) -> tuple[Any, str]:
     return recipe.recipe, recipe.activations
 
 
-__all__ = ["MlxRecipe", "export", "make_recipe", "simulation"]
+def cli_recipe(quant: str, max_seq_len: int | None, max_prefill: int | None = None) -> MlxRecipe:
+    """The recipe `lfm-export mlx` builds from its options."""
+    return make_recipe(quant, max_seq_len, max_prefill)
+
+
+BACKEND = Backend(
+    name="mlx",
+    help="Export MODEL to MLX (mlx-lm folder plus prefill/decode .mlxfn functions lowered from the traced "
+    "program), then check parity through the MLX runtime shim.",
+    recipe=cli_recipe,
+    export=export,
+    session="lfm_export.runtime.mlx:MlxSession",
+    install="mlx",
+    options=(
+        Option(
+            "max_prefill",
+            int | None,
+            None,
+            "Largest prefill chunk traced (default 128, at most the context).",
+            min=1,
+        ),
+    ),
+    simulation=simulation,
+    context_default="default: 4096, or the model's if smaller",
+    context_cost="The KV cache is static and attention reads all of it every decode step, so every step costs "
+    "the work of the whole context.",
+)

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from lfm_export.contract.signature import STATIC, IOSignature
+from lfm_export.backends.record import ExportResult
+from lfm_export.contract.signature import STATIC
 from lfm_export.loading import LoadedModel
 from lfm_export.progress import Progress
 from lfm_export.signature import build_signature
@@ -45,22 +45,6 @@ _TRACED: dict[tuple[str, int], Any] = {}
 """The last lowered program by (architecture, context). The traced graph depends on nothing else (weights are
 its inputs), so exporting the same model at another recipe in the same process skips `torch.export`
 (about 9 s of the 15 s an fp32 export of `tiny` takes on 2 cores)."""
-
-
-@dataclass
-class MlxExportResult:
-    signature: IOSignature
-    recipe_obj: MlxRecipe
-    info: dict[str, Any]
-    weights: dict[str, Any]
-
-    @property
-    def recipe(self) -> dict[str, Any]:
-        return self.recipe_obj.to_dict()
-
-    @property
-    def extra(self) -> dict[str, Any]:
-        return {"mlx": self.info, "weights": self.weights}
 
 
 def mlx_lm_config(loaded: LoadedModel, recipe: MlxRecipe) -> dict[str, Any]:
@@ -122,7 +106,7 @@ def _mx_tensor(mx: Any, name: str, value: Any, half: str | None) -> Any:
 
 def export_mlx(
     loaded: LoadedModel, out_dir: Path, recipe: MlxRecipe, progress: Progress | None = None
-) -> MlxExportResult:
+) -> ExportResult:
     import mlx.core as mx
 
     from .lower import MlxProgram
@@ -160,8 +144,6 @@ def export_mlx(
         arrays = {k: _mx_tensor(mx, k, tensors.pop(k), half) for k in list(tensors)}  # one copy at a time
         mx.save_safetensors(str(out_dir / WEIGHTS_FILE), arrays, metadata={"format": "mlx"})
         (out_dir / "config.json").write_text(json.dumps(mlx_lm_config(loaded, recipe), indent=2) + "\n")
-        for f in loaded.tokenizer_files():
-            shutil.copy2(f, out_dir / f.name)
 
     missing = [p for p in lowered.param_names if p.removeprefix(PROGRAM_PREFIX) not in bindings]
     if missing:
@@ -221,4 +203,4 @@ def export_mlx(
             "unquantized": kept,
         }
     done = replace(recipe, max_prefill=max(sizes) if sizes else 1)
-    return MlxExportResult(signature, done, info, weights_info)
+    return ExportResult(signature, done.to_dict(), {"mlx": info, "weights": weights_info})

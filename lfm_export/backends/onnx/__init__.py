@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lfm_export.backends.record import Backend, Option
 from lfm_export.recipes import Recipe
 
 from .recipes import OnnxRecipe, make_recipe, parse_recipe
@@ -32,4 +33,38 @@ def simulation(recipe_dict: dict[str, Any]) -> tuple[Recipe, str | dict[str, str
     return recipe.recipe, recipe.activations
 
 
-__all__ = ["OnnxRecipe", "export", "make_recipe", "parse_recipe", "simulation"]
+def cli_recipe(
+    quant: str,
+    max_seq_len: int | None,
+    block_size: int | None = None,
+    ops: str = "ort",
+    asymmetric: bool = False,
+    accuracy_level: int = 4,
+) -> OnnxRecipe:
+    """The recipe `lfm-export onnx` builds from its options."""
+    return make_recipe(quant, block_size, ops, not asymmetric, accuracy_level, max_seq_len)
+
+
+BACKEND = Backend(
+    name="onnx",
+    help="Export MODEL to ONNX (onnxruntime-genai compatible folder), then check parity through the ONNX runtime "
+    "shim.",
+    recipe=cli_recipe,
+    export=export,
+    session="lfm_export.runtime.onnx:OnnxSession",
+    install="onnx",
+    options=(
+        Option(
+            "block_size",
+            int | None,
+            None,
+            "Quantization block size: 32 | 64 | 128 (default: the recipe's, 32).",
+        ),
+        Option("ops", str, "ort", "ort (onnxruntime contrib ops) | portable (standard ONNX ops only)."),
+        Option("asymmetric", bool, False, "Asymmetric (zero-point) int quantization."),
+        Option("accuracy_level", int, 4, "MatMulNBits accuracy_level (0-4; 4 = int8 compute)."),
+    ),
+    simulation=simulation,
+    context_cost="The KV cache grows with the tokens held (the shim doubles its buffers up to the context), so a "
+    "long context costs memory only when used.",
+)

@@ -19,17 +19,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import shutil
 import warnings
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
 import torch
 
+from lfm_export.backends.record import ExportResult
 from lfm_export.contract.signature import GROWING, IOSignature
 from lfm_export.loading import LoadedModel
 from lfm_export.progress import Progress
@@ -47,38 +46,6 @@ DATA_FILE = "model.onnx.data"
 GENAI_CONFIG = "genai_config.json"
 
 
-@dataclass
-class OnnxExportResult:
-    """What `export_onnx` wrote and how (`recipe` / `extra` are what the pipeline puts in the manifest)."""
-
-    files: list[Path]
-    signature: IOSignature
-    recipe_obj: OnnxRecipe
-    op_types: dict[str, int]
-    op_domains: dict[str, int]
-    fusions: dict[str, int]
-    weight_ops: dict[str, int]
-    embedding: str
-    lm_head: str
-    moe: str | None
-
-    @property
-    def recipe(self) -> dict[str, Any]:
-        return self.recipe_obj.to_dict()
-
-    @property
-    def extra(self) -> dict[str, Any]:
-        handling: dict[str, Any] = {"embedding": self.embedding, "lm_head": self.lm_head}
-        if self.moe is not None:
-            handling["moe"] = self.moe
-        handling["rewrites"] = self.weight_ops
-        return {
-            "ops": {"domains": self.op_domains, "op_types": self.op_types},
-            "fusions": self.fusions,
-            "weights": handling,
-        }
-
-
 def export_onnx(
     loaded: LoadedModel,
     out_dir: Path,
@@ -86,7 +53,7 @@ def export_onnx(
     progress: Any = None,
     *,
     traced: ir.Model | None = None,
-) -> OnnxExportResult:
+) -> ExportResult:
     """Write `model.onnx`, `model.onnx.data`, `genai_config.json` and the tokenizer files into `out_dir`.
 
     `progress` is an `lfm_export.progress.Progress` (its `timings` record the stages; None: a quiet one).
@@ -122,20 +89,17 @@ def export_onnx(
         write_genai_config(
             out_dir, loaded, signature, MODEL_FILE, share_kv=(MS_DOMAIN, "GroupQueryAttention") in ops
         )
-        for f in loaded.tokenizer_files():
-            shutil.copy2(f, out_dir / f.name)
-    files = sorted(p for p in out_dir.iterdir() if p.is_file())
-    return OnnxExportResult(
-        files=files,
-        signature=signature,
-        recipe_obj=recipe,
-        op_types={f"{d}::{t}": c for (d, t), c in sorted(ops.items())},
-        op_domains=dict(sorted(Counter(d for (d, _t) in ops.elements()).items())),
-        fusions=fusions,
-        weight_ops=handling.counts,
-        embedding=handling.embedding,
-        lm_head=handling.lm_head,
-        moe=_moe_handling(cfg, {**fusions, **handling.counts}),
+    weights: dict[str, Any] = {"embedding": handling.embedding, "lm_head": handling.lm_head}
+    moe = _moe_handling(cfg, {**fusions, **handling.counts})
+    if moe is not None:
+        weights["moe"] = moe
+    weights["rewrites"] = handling.counts
+    ops_used = {
+        "domains": dict(sorted(Counter(d for (d, _t) in ops.elements()).items())),
+        "op_types": {f"{d}::{t}": c for (d, t), c in sorted(ops.items())},
+    }
+    return ExportResult(
+        signature, recipe.to_dict(), {"ops": ops_used, "fusions": fusions, "weights": weights}
     )
 
 
@@ -369,4 +333,4 @@ class _NullWriter:
         pass
 
 
-__all__ = ["OnnxExportResult", "export_onnx", "trace_onnx"]
+__all__ = ["export_onnx", "trace_onnx"]

@@ -52,8 +52,6 @@ class QnnRecipe:
     soc: str = DEFAULT_SOC
     max_seq_len: int | None = None
     context_binary: bool = False
-    backend: str = "qnn"
-    """Which pipeline backend takes the recipe (`lfm-export onnx --target qnn` exports through it)."""
 
     @property
     def name(self) -> str:
@@ -61,7 +59,6 @@ class QnnRecipe:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.pop("backend")
         d["name"] = self.name
         d["activations"] = "uint16" if self.quant.startswith("16") else "uint8"
         d["weights"] = f"int{self.quant.split('a')[1].removesuffix('w')} per output channel, symmetric"
@@ -84,9 +81,7 @@ def make_recipe(
     """Check the CLI's values; `quant` may carry the `qnn-` prefix."""
     q = quant.strip().lower().removeprefix(PREFIX)
     if q not in QUANTS:
-        raise UserError(
-            f"QNN (onnx --target qnn, executorch --delegate qnn) takes --quant {' | '.join(QUANTS)}, got {quant!r}"
-        )
+        raise UserError(f"QNN (onnx-qnn, executorch-qnn) takes --quant {' | '.join(QUANTS)}, got {quant!r}")
     soc_name = (soc or DEFAULT_SOC).strip().upper()
     soc_model(soc_name)
     if max_seq_len is not None and max_seq_len < 2:

@@ -1,4 +1,5 @@
-"""Parity gates of the QNN recipes (`qnn-16a8w`, `qnn-16a4w`, `qnn-8a8w`; `lfm_export.backends.qnn`).
+"""Parity gates of the QNN recipes (`qnn-16a8w`, `qnn-16a4w`, `qnn-8a8w`), registered by the two QNN targets
+(`onnx-qnn`, `executorch-qnn`) through their backend records.
 
 (a) Exactness: the artifact on the HTP against the fake-quantized torch program it was written from. The HTP
 computes in integers (uint16 / uint8 activation codes, each op requantizing its output with its own rounding,

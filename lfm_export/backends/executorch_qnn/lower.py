@@ -1,5 +1,5 @@
-"""ExecuTorch's QNN delegate for the QNN-quantized step program (`lfm_export.backends.qnn.quantize`), up to the
-Qualcomm SDK boundary.
+"""Lowering of the QNN-quantized step program (`lfm_export.backends.qnn.quantize`) by ExecuTorch's QNN delegate, up
+to the Qualcomm SDK boundary.
 
 Lowering runs Qualcomm's host libraries (QAIRT: `libQnnHtp.so`, `libQnnSystem.so`, ...) through the wheel's
 `PyQnnManagerAdaptor`, which looks for them under `$QNN_SDK_ROOT/lib/x86_64-linux-clang/`. The executorch 1.5.1
@@ -98,39 +98,3 @@ def lower(step: Any, soc: str, pte: Path, online_prepare: bool = False) -> Path:
         ) from None
     pte.write_bytes(program.buffer)
     return pte
-
-
-BACKEND = "executorch-qnn"
-"""The pipeline backend of `lfm-export executorch --delegate qnn`. It has no runtime shim here: a QNN-delegated
-`.pte` runs only where ExecuTorch is built with the QNN backend, on a Snapdragon device (`--no-parity`)."""
-
-
-def export(loaded: Any, folder: Path, recipe: Any, progress: Any = None) -> Any:
-    """Quantize `loaded` once with the QNN quantizer (`lfm_export.backends.qnn`, calibrated as for the ONNX QNN
-    target), lower the static step with the QNN partitioner for `recipe.soc`, and write `model.pte` and the
-    tokenizer files into `folder`. Past `sdk_root` / `probe_libraries` this path has not run here (no QAIRT 2.37
-    host libraries): it stops at the boundary with a `UserError`, before anything is written."""
-    import shutil
-    from types import SimpleNamespace
-
-    from lfm_export.backends.qnn import DEFAULT_MAX_SEQ_LEN
-    from lfm_export.backends.qnn.quantize import calibration_prompts, quantize_step
-    from lfm_export.progress import Progress
-
-    progress = progress or Progress(quiet=True)
-    root = sdk_root()
-    probe_libraries(root)
-    cfg = loaded.config
-    max_seq_len = recipe.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, cfg.max_position_embeddings)
-    prompts = calibration_prompts(cfg.vocab_size, loaded.tokenizer_file)
-    with progress.step(f"QNN quantization ({recipe.quant}, QnnQuantizer, calibration)"):
-        step = quantize_step(loaded.materialized().model, recipe.quant, max_seq_len, prompts)
-    with progress.step(f"Lowering with the QNN partitioner ({recipe.soc})"):
-        lower(step, recipe.soc, Path(folder) / "model.pte")
-    for f in loaded.tokenizer_files():
-        shutil.copy2(f, Path(folder) / f.name)
-    return SimpleNamespace(
-        signature=step.signature,
-        recipe={**recipe.to_dict(), "max_seq_len": max_seq_len, "delegate": "qnn"},
-        extra={"qnn": {"soc": recipe.soc, "qairt": QAIRT_VERSION, "step_tokens": 1}},
-    )

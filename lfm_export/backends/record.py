@@ -1,0 +1,103 @@
+"""The backend record: everything the CLI and the pipeline need to know about one backend, in one object.
+
+Each backend package defines `BACKEND = Backend(...)` in its `__init__.py` (cheap to import: no torch, no
+backend library; its functions import those when they run), and one line of `lfm_export.backends.REGISTRY`
+names the package. The CLI builds one export command per record (`lfm-export NAME MODEL -o OUT` with the
+shared options plus `options`), and the pipeline exports, opens sessions and simulates through it: neither
+names a backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lfm_export.contract.signature import IOSignature
+
+CONTEXT_DEFAULT = (
+    "default: the model's max_position_embeddings, capped at 32768, the dense models' trained context"
+)
+
+
+@dataclass(frozen=True)
+class Option:
+    """A command-line option of one backend: `--name-with-dashes`, passed to `Backend.recipe` as `name`."""
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+    min: int | None = None
+
+
+@dataclass
+class ExportResult:
+    """What a backend's `export` wrote: the I/O signature, the recipe as the manifest records it, and the
+    backend's own manifest entries (`extra`, merged into the manifest's top level)."""
+
+    signature: IOSignature
+    recipe: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Export = Callable[[Any, Path, Any, Any], ExportResult]
+"""`(loaded model, temp folder, recipe, progress) -> ExportResult`: write the artifact files (tokenizer files
+and manifest are the pipeline's)."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend.
+
+    - `name`: the command (`lfm-export NAME`) and the manifest's `backend`.
+    - `help`: the command's help. `options`: its options beyond the shared ones. `quant_default`: `--quant`'s.
+    - `recipe(quant, max_seq_len, **options)`: the recipe object `export` takes.
+    - `export`: see `Export`.
+    - `session`: `"module:Class"` of the runtime shim that runs the artifacts (None: no shim runs here).
+    - `simulation(recipe_dict) -> (core Recipe, activation mode)`: what an artifact computes, for
+      `lfm_export.quant.simulate`; `weight_values(recipe_dict)`: the values its kernels hold where they are not
+      the core quantizer's (`lfm_export.quant.WeightValues`), or None; `simulation_session(loaded, manifest)`:
+      a session of its own where the core simulation does not apply (QNN's fake-quantized program).
+    - `gates`: `"module:NAME"` of a `{name: Gate}` mapping this backend adds to the parity gates, and
+      `sanity`: of a `{family: KL mean}` mapping of default quality bounds.
+    - `install`: the pip extra that installs what `export` needs. `context_default` / `context_cost`: what
+      `--max-seq-len` defaults to and what a longer context costs (its help).
+    """
+
+    name: str
+    help: str
+    recipe: Callable[..., Any]
+    export: Export
+    session: str | None
+    install: str
+    options: tuple[Option, ...] = ()
+    quant_default: str = "fp32"
+    simulation: Callable[[dict[str, Any]], tuple[Any, Any]] | None = None
+    weight_values: Callable[[dict[str, Any]], Any] | None = None
+    simulation_session: Callable[[Any, dict[str, Any]], Any] | None = None
+    gates: str | None = None
+    sanity: str | None = None
+    context_default: str = CONTEXT_DEFAULT
+    context_cost: str = ""
+
+    def session_class(self) -> Any:
+        if self.session is None:
+            from lfm_export.contract.errors import UserError
+
+            raise UserError(f"no runtime shim runs {self.name} artifacts on this machine")
+        return load(self.session)
+
+    def gate_table(self) -> Mapping[str, Any]:
+        return load(self.gates) if self.gates else {}
+
+    def sanity_table(self) -> Mapping[str, float]:
+        return load(self.sanity) if self.sanity else {}
+
+
+def load(ref: str) -> Any:
+    """The object `"package.module:NAME"` names."""
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
