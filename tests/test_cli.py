@@ -181,5 +181,3 @@ def test_readme_cli_reference_matches_help():
         assert text == " ".join(command.help.split()), name
         real = {o for p in command.params for o in p.opts if o.startswith("--") and o != "--help"}
         assert options == real, (name, options ^ real)
-
-

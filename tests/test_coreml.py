@@ -265,15 +265,10 @@ def convert_without_conv_write(honest: Path, out: Path, moe_cls=None) -> Path:
     from lfm_export.backends.coreml.modules import CoreMLStatefulModule
     from lfm_export.backends.coreml.recipes import CoreMLRecipe
     from lfm_export.backends.coreml.weights import source_of
-    from lfm_export.model import STATEFUL
 
     class NoConvWrite(CoreMLStatefulModule):
-        def forward(self, input_ids, input_pos):
-            conv = [self.get_buffer(n) for n in self._names["conv"]]
-            keys = [self.get_buffer(n) for n in self._names["key"]]
-            values = [self.get_buffer(n) for n in self._names["value"]]
-            logits, _, _, _ = self.model(input_ids, conv, keys, values, input_pos=input_pos, form=STATEFUL)
-            return logits
+        def write_back(self, buf, new):
+            pass
 
     m = manifest(honest)
     recipe = CoreMLRecipe.from_dict(m["recipe"])

@@ -17,6 +17,7 @@ import torch
 pytest.importorskip("executorch")
 pytest.importorskip("onnxruntime_qnn")
 
+from lfm_export.backends import all_backends  # noqa: E402
 from lfm_export.backends.qnn.quantize import (  # noqa: E402
     QuantizedStep,
     calibration_prompts,
@@ -26,6 +27,8 @@ from lfm_export.backends.qnn.quantize import (  # noqa: E402
 from lfm_export.backends.qnn.session import FakeQuantSession  # noqa: E402
 from lfm_export.contract.errors import UserError  # noqa: E402
 from lfm_export.loading import load_model  # noqa: E402
+
+all_backends()  # the QNN gates are registered by the QNN targets' records
 from lfm_export.parity import ReferenceSession, ScenarioOptions, run_parity  # noqa: E402
 from lfm_export.parity.prompts import TEXTS, default_prompts  # noqa: E402
 from lfm_export.parity.thresholds import gate_for, sanity_gate  # noqa: E402
@@ -158,7 +161,7 @@ def test_target_options_are_checked(tmp_path: Path, args: list[str], message: st
 
 
 def test_executorch_qnn_delegate_names_the_sdk_it_needs(tmp_path: Path, monkeypatch) -> None:
-    from lfm_export.backends.executorch_qnn import lower as et_qnn
+    from lfm_export.backends.executorch_qnn import sdk as et_qnn
 
     for unset in ("", None):
         if unset is None:
@@ -180,7 +183,7 @@ def test_host_libraries_that_cannot_load_are_a_one_line_error_not_an_abort(
     134); the probe runs it in a child and reports."""
     import onnxruntime_qnn
 
-    from lfm_export.backends.executorch_qnn import lower as et_qnn
+    from lfm_export.backends.executorch_qnn import sdk as et_qnn
 
     lib = tmp_path / et_qnn.HOST_LIB_DIR
     lib.mkdir(parents=True)
@@ -200,7 +203,7 @@ def test_executorch_qnn_lowering_stops_at_the_boundary_with_the_packaged_qairt(
     them, HTP device creation fails (error 14001), the command stops with the SDK named and writes nothing."""
     import onnxruntime_qnn
 
-    from lfm_export.backends.executorch_qnn import lower as et_qnn
+    from lfm_export.backends.executorch_qnn import sdk as et_qnn
 
     lib = tmp_path / "sdk" / et_qnn.HOST_LIB_DIR
     lib.mkdir(parents=True)

@@ -8,8 +8,9 @@ Stages:
    per-token asymmetric int8 activations (torchao's 8da4w form, which XNNPACK's partitioner recognises):
    `quantize.xnnpack_int4`'s codes and scales (not the core quantizer's: XNNPACK takes no negative scale and
    holds scales as bf16), the lm_head at int8 per output channel (`quantize.xnnpack_int8`); the embedding
-   table becomes `embedding.QuantizedEmbedding` (`--embedding-quant`); every attention becomes
-   `attention.CustomOpAttention` (ExecuTorch's `update_cache` + `custom_sdpa`, KV held seq-first).
+   table becomes `embedding.QuantizedEmbedding` (`--embedding-quant`); every attention's cache
+   update, attend and RoPE become `attention.custom_op_attention`'s forms (ExecuTorch's `update_cache` +
+   `custom_sdpa`, KV held seq-first).
 2. trace: `lfm_export.trace.export_stateful_program` (state in mutable buffers, conv state cleared by the
    program at `input_pos == 0`, T dynamic in 1..max_prefill).
 3. lower: `lowering.lower` (`to_edge_transform_and_lower` with XNNPACK on ExecuTorch's cheaper decomposition

@@ -1,5 +1,5 @@
 """`executorch-qnn`: the QNN-quantized step program (`lfm_export.backends.qnn`, calibrated as for `onnx-qnn`)
-lowered by ExecuTorch's QNN partitioner into `model.pte` (`lower.py`). It has no runtime shim here: a
+lowered by ExecuTorch's QNN partitioner into `model.pte` (`sdk.py`). It has no runtime shim here: a
 QNN-delegated `.pte` runs only where ExecuTorch is built with the QNN backend, on a Snapdragon device
 (`--no-parity`); without the QAIRT host libraries the command stops at the SDK boundary in one line."""
 
@@ -11,7 +11,7 @@ from typing import Any
 from lfm_export.backends.qnn import QnnRecipe, context, make_recipe, simulation, simulation_session
 from lfm_export.backends.record import Backend, ExportResult, Option
 
-from .lower import QAIRT_VERSION, lower, probe_libraries, sdk_root
+from .sdk import QAIRT_VERSION, lower, probe_libraries, sdk_root
 
 
 def export(loaded: Any, folder: Path, recipe: QnnRecipe, progress: Any = None) -> ExportResult:
