@@ -48,6 +48,16 @@ def _emit(data: Any, as_json: bool, text: str) -> None:
     typer.echo(json.dumps(data, indent=2) if as_json else text)
 
 
+def _require_torch(command: str, extra: str = "onnx") -> None:
+    """The commands that run the canonical model need PyTorch, which the runtime-only installs leave out."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise UserError(
+            f"`lfm-export {command}` needs PyTorch (not in this install): pip install 'lfm-export[{extra}]'"
+        )
+
+
 def _threads(n: int) -> None:
     import torch
 
@@ -143,6 +153,7 @@ def check(
     as_json: JsonOpt = False,
 ) -> None:
     """Compare the canonical model with transformers' Lfm2ForCausalLM / Lfm2MoeForCausalLM on MODEL (fp32)."""
+    _require_torch("check", "test")
     from lfm_export.check import run_check
     from lfm_export.loading import load_model
     from lfm_export.progress import Progress
@@ -181,6 +192,7 @@ def generate(
     threads: ThreadsOpt = DEFAULT_THREADS,
 ) -> None:
     """Stream text from the reference (PyTorch) model."""
+    _require_torch("generate")
     from lfm_export.loading import load_model
     from lfm_export.parity.reference import ReferenceSession
 
@@ -311,6 +323,7 @@ def backend_command(backend: Any, cli: typer.Typer = app) -> Callable[..., None]
     cost; build the recipe, export, run the parity gate, report (exit 1 if the gate fails)."""
 
     def command(**values: Any) -> None:
+        _require_torch(backend.name, backend.install)
         opts = ExportOptions(**{f.name: values.pop(f.name) for f in fields(ExportOptions)})
         _export(backend.name, opts, backend.recipe(opts.quant, opts.max_seq_len, **values))
 
@@ -385,6 +398,7 @@ def parity(
     as_json: JsonOpt = False,
 ) -> None:
     """Re-check an artifact's numerical parity against the fp32 reference model; exit 1 if the gate fails."""
+    _require_torch("parity")
     from lfm_export.loading import load_model
     from lfm_export.pipeline import check_artifact
     from lfm_export.progress import Progress
