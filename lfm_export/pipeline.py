@@ -89,8 +89,8 @@ def export_artifact(
                 quality,
                 artifact_name=out.name,
                 full_context=full_context,
+                manifest=manifest,
             )
-            manifest = read_manifest(tmp)
     return ExportOutcome(out, manifest, parity_result)
 
 
@@ -148,6 +148,7 @@ def check_artifact(
         quality,
         artifact_name=folder.name,
         full_context=full_context,
+        manifest=manifest,
     )
 
 
@@ -180,7 +181,10 @@ def _check(
     quality: Any,
     artifact_name: str,
     full_context: bool = False,
+    manifest: dict[str, Any] | None = None,
 ) -> Any:
+    """Parity of the artifact in `folder`; its reports join the manifest (`manifest`, the one just written, or
+    the folder's), whose other file entries and hashes stand: only the report files are hashed."""
     import torch
 
     from lfm_export.parity import ReferenceSession, run_parity, write_reports
@@ -188,7 +192,7 @@ def _check(
     from lfm_export.quant import simulate
 
     torch.set_num_threads(threads)
-    manifest = read_manifest(folder)
+    manifest = read_manifest(folder) if manifest is None else manifest
     if loaded is None:
         source = manifest["model"]["source"]
         with progress.step(f"Loading reference model {source}"):
@@ -256,7 +260,9 @@ def _check(
     write_reports(result, report_dir)
     manifest["parity"] = result.summary()
     manifest["parity"]["reports"] = [f"{PARITY_DIR}/{p.name}" for p in sorted(report_dir.iterdir())]
-    manifest["files"] = file_entries(folder)
+    kept = [f for f in manifest["files"] if not f["path"].startswith(f"{PARITY_DIR}/")]
+    reports = [{**f, "path": f"{PARITY_DIR}/{f['path']}"} for f in file_entries(report_dir)]
+    manifest["files"] = sorted(kept + reports, key=lambda f: f["path"])
     manifest["total_bytes"] = sum(f["bytes"] for f in manifest["files"])
     write_manifest(folder, manifest)
     return result
