@@ -5,7 +5,7 @@ and MoE, 2048-token context) and on the trained bundled models at 4096. Writes o
 `--out` with the date, machine and commit.
 
 `python benchmarks/long_context.py --out benchmarks/results/long_context.json [--threads 1] [--only coreml]`
-(the README's *Long contexts* figures; about 25 minutes on one core of the 2-core development VM)."""
+(the figures of docs/parity.md, *Long contexts*; about 25 minutes on one idle core of the 2-core development VM)."""
 
 from __future__ import annotations
 
@@ -106,6 +106,7 @@ def main() -> None:
     from lfm_export.progress import Progress
 
     torch.set_num_threads(args.threads)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         models = {
@@ -142,7 +143,6 @@ def main() -> None:
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()} {platform.processor() or ''} {_cpu()}".strip(),
