@@ -588,9 +588,9 @@ def _tree(key: str, value: Any, depth: int = 0) -> list[str]:
 def _on_signal(signum: int, frame: Any) -> None:
     """While an artifact is being written, Ctrl-C (SIGINT) or a cancel (SIGTERM, what CI systems and `timeout`
     send) removes its temporary folder and exits 128 + the signal number at once (130, 143): a
-    KeyboardInterrupt raised inside torch's tracing crashed the process at times (exit -11, seen once in CI on
-    2026-11-29), and SIGTERM's default action ends the process without cleanup, which left `.OUT.tmp-*` behind
-    (seen 2026-11-29 under `timeout 90`). Otherwise SIGINT is raised as usual and SIGTERM exits 143."""
+    KeyboardInterrupt raised inside torch's tracing can crash the process (exit -11), and SIGTERM's default
+    action ends the process without cleanup, which leaves `.OUT.tmp-*` behind. Otherwise SIGINT is raised as
+    usual and SIGTERM exits 143."""
     _state["interrupted"] = True
     from lfm_export.manifest import LIVE_TEMP_FOLDERS
 

@@ -119,7 +119,7 @@ def _exact_gate(
 
 ROUNDING_FACTOR = 2.0
 """Int8-rounded activations: the artifact may differ from the simulation by this multiple of what activation
-rounding itself does (KL: its square). Calibrated 2026-11-29, onnxruntime 1.32 at accuracy_level 4, on 26
+rounding itself does (KL: its square). Calibrated (docs/parity.md, Calibration) with onnxruntime 1.32 at accuracy_level 4, on 26
 honest ONNX artifacts (int8-b32, int8-b64-asym, int4-b32, int4-b64-asym; tiny, tiny-moe and transformers-
 initialised dense and MoE checkpoints at initializer_range 0.02 and 0.08): the artifact's distance from the
 simulation was at most 0.82x that effect on logits, 0.61x on state and 0.82x on KL max (where the simulation
@@ -127,7 +127,7 @@ reproduces the rounding exactly, 1e-6 relative, until a float-rounding differenc
 must catch measured 3.2x (MoE routing scale dropped, transformers-initialised MoE) to 40x and more."""
 
 GATES: dict[str, Gate] = {
-    # Part (a), exactness: the artifact against its recipe simulated in torch. Honest maxima, 2026-11-29, ONNX
+    # Part (a), exactness: the artifact against its recipe simulated in torch. Honest maxima (docs/parity.md), ONNX
     # (onnxruntime 1.32) on tiny, tiny-moe and transformers-initialised dense / MoE checkpoints (initializer
     # range 0.02 and 0.08), logit max rel / state max rel / KL max:
     #   fp32                                   2.0e-6 / 2.2e-6 / 1.9e-12 (fp32 keeps the absolute limits below)
@@ -195,7 +195,7 @@ GATES: dict[str, Gate] = {
     # (activation mode `fp16`) but computes in fp32 otherwise, so fp16 rounding is what separates them. Like
     # int8 activations, fp16 rounding now and then flips a discrete choice (an MoE expert whose score ties
     # another's), so the limits widen to ROUNDING_FACTOR x what the input rounding itself does (honest worst,
-    # 2026-11-29, the Core ML interpreter: see the README's Core ML section).
+    # the Core ML interpreter: docs/backends/coreml.md).
     **{
         f"{quant}-fp16": _exact_gate(
             f"{quant}-fp16",
@@ -212,7 +212,7 @@ GATES: dict[str, Gate] = {
     # tiny-moe int8 through the Core ML interpreter: 2 of 4 prompts, logit max rel 5.8e-2, KL max 1.6e-2,
     # state max rel 9.9e-2 at the flipped positions, 1e-3 elsewhere; the same model run in fp16 by torch flips
     # at other positions). The limits allow one such flip; what a wrong conversion does is larger (README).
-    # kl_max 0.5 (was 0.05): tiny-moe palettize4 flips one expert whose fp32 choice led by 3e-5 (both sides
+    # kl_max 0.5: tiny-moe palettize4 flips one expert whose fp32 choice led by 3e-5 (both sides
     # computing the choice in fp32), KL 0.33 at that position, logit max rel 0.12, 1e-5 everywhere else.
     # The state is judged per position: a 2k-context cache holds many positions where a tie can flip (random
     # MoE, 0.08 init, int4, 2046 slots: 13 positions off, each where the simulation's top-k margin was below
@@ -241,7 +241,7 @@ SANITY_KL_MEAN: dict[str, float] = {
     "int4": 1.0,
 }
 """Part (b) by default: pooled KL(fp32 reference || artifact) mean at most this, about 10x the worst honest
-export measured (2026-11-29, the same 6 models: fp32 1e-12, fp16 2.4e-6, int8 4.3e-3, int4 0.097) and well
+export measured (the same 6 models: fp32 1e-12, fp16 2.4e-6, int8 4.3e-3, int4 0.097) and well
 below a wrong one (other weights: 0.8 to 6.4). Loose on purpose: the loss depends on the weights, so a strict
 limit is the user's (`--max-kl`, gates file)."""
 
@@ -255,7 +255,7 @@ in an MoE layer such an ulp now and then flips an expert whose router score ties
 logits then differ by several percent. So the per-position maxima only catch gross breaks; the pooled median
 position's logit error (`logit_median_rel`, scale-free) and the pooled KL mean catch a small one.
 
-Measured 2026-11-29 (mlx 0.32.4 CPU, context 64), honest artifact / the same with the first attention layer's
+Measured with mlx 0.32.4 on the CPU, context 64 (docs/backends/mlx.md), honest artifact / the same with the first attention layer's
 v_proj 5% off; pooled logit_median_rel, pooled KL mean:
   bf16  tiny 0, 2.9e-5 / 5.8e-3, 1.2e-3; tiny-moe 1.7e-3, 2.9e-4 / 5.2e-3, 2.2e-3;
         transformers dense 0, 7.2e-9 / 1.5e-2, 2.5e-5; transformers MoE 0, 0 / 6.4e-3, 5.6e-6
@@ -273,7 +273,7 @@ NATIVE_ROUNDING = 1.5
 does to the model (the simulation against the fp32 reference, `Limit.rounding`). The simulation rounds what it
 can as the runtimes do (every linear computed in float32 and rounded once, as MLX and XNNPACK's fp16 GEMMs on
 x86 do), but not their own element-wise approximations: XNNPACK's fp16 sigmoid differed from torch's in 48% of
-outputs (one fp16 step). Measured 2026-12-07, ExecuTorch fp16 against its simulation, pooled median over the
+outputs (one fp16 step). Measured (docs/parity.md, Long contexts): ExecuTorch fp16 against its simulation, pooled median over the
 simulation's own distance from fp32: tiny 0.91, tiny-moe 0.93, transformers-written dense at 0.08 init (2048
 context) 0.83, MoE 0.80 (1.14 on 510 random tokens); the same artifacts with one v_proj 5% off: 3.4 and more.
 A fixed 1.5e-3 failed the honest dense export (2.1e-3, at 128 and at 2048 tokens of context alike)."""
@@ -315,7 +315,7 @@ GATES["bf16-native"] = _native_gate(
     "an MoE expert flipped by an ulp (honest pooled: median 1.7e-3, KL 2.9e-4; v_proj 5% off: median >= 5.2e-3)",
 )
 SANITY_KL_MEAN.update({"bf16": 0.01, "bf16-native": 0.01, "fp16-native": SANITY_KL_MEAN["fp16"]})
-"""bf16 against fp32 (pooled KL mean), honest worst 2026-11-29: tiny 2.3e-4, tiny-moe 7.9e-4, transformers
+"""bf16 against fp32 (pooled KL mean), honest worst: tiny 2.3e-4, tiny-moe 7.9e-4, transformers
 dense 2.1e-6, MoE 6.0e-7: bound 0.01 (13x). fp16 keeps the `fp16` bound 1e-3 (honest: at most 4.1e-6)."""
 NATIVE_ONLY = ("bf16",)
 """Families gated only when computed in their type: no backend exports bf16 with fp32 compute."""

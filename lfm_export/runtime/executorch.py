@@ -14,10 +14,8 @@ is the last row and whose writes are the state that later calls read. Setting th
 state as it was at the prompt's start: at position 0 the program clears it itself; later, the tokens of the
 sequence so far are fed again from position 0 first (the session keeps them). So parity checks both paths:
 one-token calls at every position, multi-token calls at each call's last position and through everything read
-after them. Cost: about 2 T + the tokens before; parity's prompts are short. Artifacts of the previous slice
-have `forward_all` (every position, over the same state), used for `prefill` when present; older ones have only
-a `forward` returning every position (no `forward_logits` in the manifest): it serves all three. Batch 1 only
-(`supports_batch` False).
+after them. Cost: about 2 T + the tokens before; parity's prompts are short. Batch 1 only (`supports_batch`
+False).
 
 `reset` starts a new sequence by position alone: the program replaces its conv state by zeros when
 `input_pos == 0` and masks KV positions past the query (every position at or before it is written by the
@@ -65,13 +63,10 @@ class ExecuTorchSession(SessionBase):
         self.threads = threads
         torch, runtime = _import_executorch(threads)
         self._torch = torch
-        last_only = self.manifest.get("executorch", {}).get("forward_logits") == "last"
         self._tokens: list[np.ndarray] = []  # the sequence so far (prefill replays it)
         try:
             self._program = runtime.Runtime.get().load_program(str(self.model_path))
             self._forward = self._program.load_method("forward")
-            self._has_all = "forward_all" in self._program.method_names
-            self._forward_all: Any = None if (self._has_all or last_only) else self._forward
         except Exception as e:  # the bindings raise RuntimeError / ValueError with the runtime's error code
             raise UserError(
                 f"{self.model_path}: ExecuTorch cannot load it ({str(e).splitlines()[0]})"
@@ -101,12 +96,7 @@ class ExecuTorchSession(SessionBase):
         return out
 
     def _prefill(self, ids: np.ndarray) -> np.ndarray:
-        if self._forward_all is None and self._has_all:
-            self._forward_all = self._program.load_method("forward_all")
-        if self._forward_all is not None:
-            out = self._run(self._forward_all, ids)
-        else:
-            out = self._every_position(ids)
+        out = self._every_position(ids)
         self._tokens.append(ids[0])
         return out[0] if len(out) == 1 else np.concatenate(out, axis=1)
 

@@ -107,8 +107,7 @@ def convert(traced: Any, signature: IOSignature, recipe: CoreMLRecipe, shapes: t
             convert_to="milinternal",
         )
     # The torch frontend requires every op to carry its TorchScript scope; the compression passes' new ops
-    # carry none ("missing essential scopes", measured). The former path reloaded the saved package, which
-    # requires none either, before compressing.
+    # carry none ("missing essential scopes"), so the requirement is lifted once the conversion is done.
     for function in program.functions.values():
         function._essential_scope_sources = []
     return program

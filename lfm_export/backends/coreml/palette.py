@@ -1,7 +1,7 @@
 """Look-up tables for palettization: a deterministic weighted 1-D k-means over a group's distinct fp16 values.
 
 Why our own: coremltools' `mode="kmeans"` runs scikit-learn's k-means on every group of 16 output channels;
-`--quant palettize6` of `random:lfm2-1.2b` ran 18 minutes on one core without finishing (2026-11-29). A group
+`--quant palettize6` of `random:lfm2-1.2b` ran 18 minutes on one core without finishing. A group
 holds fp16 values, so it has at most 65536 distinct values (in practice a few thousand); sorted, with their
 counts, one Lloyd iteration is a binary search of the cluster boundaries and two prefix-sum differences.
 It starts at the quantiles of density^(1/3) (`_initial`), so the same weights always give the same table (no

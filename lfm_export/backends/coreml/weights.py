@@ -1,7 +1,7 @@
 """The program's weights: the model is traced and converted with placeholders, and the weight source's tensors
 are written into the converted program one at a time.
 
-Why: converting the real fp32 model of `random:lfm2-1.2b` peaked at 12.5 GB RSS (session 2): torch's fp32
+Why: converting the real fp32 model of `random:lfm2-1.2b` peaks at 12.5 GB RSS: torch's fp32
 parameters, coremltools' fp32 MIL constants and their fp16 copies were held at once, and compression then
 read the whole saved package back from disk. Here each parameter is a zero-stride view of one scalar (4 bytes
 per tensor in torch), distinct per tensor, so every weight constant of the converted program is found again

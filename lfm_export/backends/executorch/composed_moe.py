@@ -1,7 +1,7 @@
 """Quantized MoE layers whose decode runs only the selected experts, on XNNPACK: each expert is lowered to its
 own XNNPACK delegate first, and the layer calls those delegates inside `torch.cond` branches (ExecuTorch's
-"lower a submodule, compose it into the parent" pattern). Found and measured 2026-11-29 on ExecuTorch 1.5.1,
-torch 2.13.0, torchao 0.18. `lfm-export executorch` writes quantized MoE layers (8da4w, 8da8w) in this form;
+"lower a submodule, compose it into the parent" pattern), as ExecuTorch 1.5.1, torch 2.13.0 and torchao 0.18
+allow it. `lfm-export executorch` writes quantized MoE layers (8da4w, 8da8w) in this form;
 `moe.py` says why the other sparse forms failed. The experts' delegates come from one lowering per expert
 shape (`expert_delegates.py`: one by one, LFM2-8B-A1B's 704 experts took 7-10 s each).
 

@@ -60,13 +60,10 @@ ROUTER_SUFFIX = "feed_forward.gate"
 FORWARD = "forward"
 """The program's one method (the runner's): the logits of the last position of the call only, `[1, 1, vocab]`.
 Parity gets every position through the shim (`runtime/executorch.py`: one-token calls, then the whole call
-again). A second method with every position's logits (`forward_all`, the previous slice) doubled the
-lowering: 303 of 364 s at LFM2-350M went to lowering both."""
+again). A second method with every position's logits would double the lowering, which is most of an
+export's time."""
 FORWARD_LOGITS = "last"
-"""Written to the manifest (`executorch.forward_logits`): the shim's sign that `forward` returns the last
-position only (an artifact without it and without `forward_all` returns every position)."""
-FORWARD_ALL = "forward_all"
-"""Every position's logits, in artifacts written by the previous slice (read by the shim, no longer written)."""
+"""Written to the manifest (`executorch.forward_logits`): `forward` returns the last position only."""
 
 
 class LastPosition(nn.Module):
@@ -191,7 +188,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
     program = Runtime.get().load_program(str(path))
     out: dict[str, Any] = {}
     for name in sorted(program.method_names):
-        if name in (FORWARD, FORWARD_ALL):
+        if name == FORWARD:
             continue
         values = list(program.load_method(name).execute([]))
         out[name] = values if name == "get_eos_ids" else values[0]

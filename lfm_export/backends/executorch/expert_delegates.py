@@ -3,11 +3,10 @@ expert shape on a synthetic expert (the template), and every real expert's deleg
 own weight data.
 
 Why: one `to_edge_transform_and_lower` of one LFM2-8B-A1B-sized 8da4w expert took 7-10 s on 2 cores, and
-lowering several experts in one program does not amortise it (2026-11-30, one program of 2 / 4 experts, each
-forced into its own partition: 7.3 / 9.7 s per expert against 7.1 s one by one; a cProfile puts the time in
-fake-tensor passes over the nodes and XNNPACK's per-partition preprocessing, both per expert). The 704 experts
-of LFM2-8B-A1B would take 80-120 min; cloned, they cost their quantization and hashing (the whole weight
-stage of `random:lfm2-8b-a1b` at 8da4w, lazy random weights included: 835 s on shared cores, 2026-11-30).
+lowering several experts in one program does not amortise it (one program of 2 / 4 experts, each forced into
+its own partition: 7.3 / 9.7 s per expert against 7.1 s one by one; the time is in fake-tensor passes over the
+nodes and XNNPACK's per-partition preprocessing, both per expert). The 704 experts of LFM2-8B-A1B would take
+80-120 min; cloned, they cost their quantization and hashing (docs/benchmarks.md, the 8B-A1B export).
 
 Why a clone is the delegate XNNPACK would write (ExecuTorch 1.5.1, checked at every template and in
 `tests/test_executorch_moe.py`): XNNPACK's delegate blob holds no weight bytes; it names each constant by the

@@ -5,8 +5,8 @@ the path lost nothing.
 quantization primitives) *and* a per-node check. Given a check, ExecuTorch 1.5.1 preserves those ops by
 marking them (`EDGE_DO_NOT_DECOMP`), which costs two more whole-program `run_decompositions`; given none, it
 drops them from one decomposition table (`_can_skip_using_EDGE_DO_NOT_DECOMP`). `FastXnnpackPartitioner`
-returns no check. Lowering 3 layers of LFM2-350M at 8da4w took 39.0 s that way against 43.3 s
-(2026-11-30, cores shared); the whole LFM2-1.2B export is in the README.
+returns no check, which saves a tenth of the lowering time (3 layers of LFM2-350M at 8da4w: 39.0 s against
+43.3 s; docs/benchmarks.md, export cost).
 
 What the per-node check guarded: without it, an op is kept whole in every node or in none. If XNNPACK then
 refuses one `aten.linear` (a weight that is not a constant, a shape it does not take), that linear stays

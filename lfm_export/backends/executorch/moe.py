@@ -2,7 +2,7 @@
 `lfm-export executorch` uses it for fp32 exports of MoE models; quantized exports use `composed_moe.py`
 (experts as XNNPACK delegates under `torch.cond`), because no form below is fast at int4 (measured below).
 
-What ExecuTorch 1.5.1 can lower (2026-11-29, `tiny-moe` and one LFM2-8B-A1B-sized layer):
+What ExecuTorch 1.5.1 can lower (`tiny-moe` and one LFM2-8B-A1B-sized layer):
 
 - The sparse form (`nonzero` -> `index_select` -> expert -> `index_add`) exports; the per-expert row count is
   an unbacked symbol bounded by the token count, and the program keeps it as a dynamic size.

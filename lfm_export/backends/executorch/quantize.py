@@ -14,7 +14,7 @@ that rounded scale (`quantize_affine`), so the float32 values `q * scale` are ex
 so parity's exactness half compares against what the artifact holds.
 
 How far these are from the core quantizer's (int4-b32, every linear but the lm_head and the router, relative
-RMS over all weights, 2026-11-29): `tiny` fp32 -> core 0.0861, fp32 -> these 0.0950, core <-> these 0.1083;
+RMS over all weights): `tiny` fp32 -> core 0.0861, fp32 -> these 0.0950, core <-> these 0.1083;
 `tiny-moe` 0.0857 / 0.0945 / 0.1081. The core's code -8 buys one more level per block, so its error is about
 9% lower. On `tiny`, 8da4w through the pipeline: pooled KL mean 0.0417 against fp32 (p99 0.501, top-1
 decisive 0.963), the ONNX int4-b32 export's 0.042 (whose lm_head is int8; here it is float).
@@ -40,7 +40,7 @@ def _symmetric(
     0, then `quantize_affine`: `clamp(round(w * (1 / scale)), qmin, qmax)`), the scale rounded to bfloat16
     first when `bf16_scale`. Written here over row chunks, in place: the same codes and scales as torchao's
     functions (tested against them, `tests/test_executorch_quantize.py`) in a sixth of the time (one 8192 x
-    2048 weight, blocks of 32, one thread, 2026-11-30: 0.071 s against 0.477 s; the quantization was most of
+    2048 weight, blocks of 32, one thread: 0.071 s against 0.477 s; the quantization was most of
     the 16.6 s "Preparing weights" stage of an LFM2-1.2B export).
 
     With a `grid` of shrink factors (`-mse`: `lfm_export.quant.MSE_GRIDS`, the core quantizer's), each block

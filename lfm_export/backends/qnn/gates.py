@@ -5,7 +5,7 @@
 computes in integers (uint16 / uint8 activation codes, each op requantizing its output with its own rounding,
 fp16 where an op stays float) where torch computes float32 between quantize / dequantize pairs, so a code on a
 rounding boundary lands one step apart and the step carries through the layers: the limits are statistical.
-Measured 2026-11-29, onnxruntime-qnn 2.7.0 (QAIRT 2.51 HTP emulator), context 64, honest worst:
+Measured with onnxruntime-qnn 2.7.0 (QAIRT 2.51 HTP emulator), context 64, honest worst (docs/parity.md):
   16a8w  `tiny` (all scenarios, 307 positions) and a transformers-written checkpoint (115 positions):
          logit max rel 4.6e-3, KL max 3.1e-4, state max rel 5.6e-3, top-1 decisive 1.0 -> limits about 4x (KL 16x)
   16a4w  `tiny` (prefill and decode, 233 positions): 2.4e-2 / 5.8e-2 / 2.6e-2 / 1.0 -> limits about 2x (KL 4x)
