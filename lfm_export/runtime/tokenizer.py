@@ -11,7 +11,6 @@ from typing import Any
 
 from lfm_export.contract.errors import UserError
 
-BOS_TOKEN = "<|startoftext|>"
 LFM2_CHAT_TEMPLATE = """\
 {%- set ns = namespace(system="", tools=[]) -%}
 {%- if messages and messages[0]["role"] == "system" -%}

@@ -43,7 +43,6 @@ from .recipes import ORT, OnnxRecipe
 OPSET = 21
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
-GENAI_CONFIG = "genai_config.json"
 
 
 def export_onnx(
