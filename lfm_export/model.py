@@ -161,14 +161,86 @@ def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor
     return emb.cos(), emb.sin()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """cos/sin are computed in fp32 and cast to `x`'s dtype, so an fp16 model stays fp16 when traced."""
-    half = x.shape[-1] // 2
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, half: int) -> Tensor:
+    """Rotate-half RoPE of `x` `[..., head_dim]`, `half = head_dim // 2` (a Python int: under `torch.jit.trace`
+    `x.shape[-1] // 2` is a shape tensor, which coremltools' `int` op refuses). cos/sin are computed in fp32 and
+    cast to `x`'s dtype, so an fp16 model stays fp16 when traced."""
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+class Rope(nn.Module):
+    """The RoPE swap point of `Attention`: `forward(q, k, v, cos, sin)` takes the projections `[B, T, heads,
+    head_dim]` and returns q and k rotated and q, k, v in the layout the cache update and attend modules take;
+    here heads-first, `[B, heads, T, head_dim]`, the canonical KV layout."""
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__()
+        self.half = head_dim // 2
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = (a.transpose(1, 2) for a in (q, k, v))
+        return apply_rope(q, cos, sin, self.half), apply_rope(k, cos, sin, self.half), v
+
+
+class KVUpdate(nn.Module):
+    """The cache-update swap point of `Attention`: `forward(k_cache, v_cache, k, v, positions, t, form)` writes
+    the `t` new keys and values (at `positions`) into the caches in KV form `form` and returns `(keys, values,
+    positions)`: the caches to attend over, which are also the new state, and the query positions in the form
+    the attend module reads them.
+
+    - growing: the new keys are concatenated, `[B, kv_heads, P+T, head_dim]`.
+    - static: `index_copy` at `positions` into a copy of the `[B, kv_heads, S, head_dim]` cache.
+    - stateful: written in place into the caches passed in (the caller's buffers, see `lfm_export.stateful`)
+      with `index_put_`, which ExecuTorch's reinplacing pass keeps in place, and read back whole."""
+
+    def forward(
+        self, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, positions: Tensor, t: int, form: str
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        if form == GROWING:
+            return torch.cat([k_cache, k], dim=2), torch.cat([v_cache, v], dim=2), positions
+        if form == STATIC:
+            return k_cache.index_copy(2, positions, k), v_cache.index_copy(2, positions, v), positions
+        k_cache[:, :, positions] = k
+        v_cache[:, :, positions] = v
+        return k_cache, v_cache, positions
+
+
+class SDPA(nn.Module):
+    """The attend swap point of `Attention`: causal GQA attention of `q` `[B, heads, T, head_dim]` (at
+    `positions`) over the caches `[B, kv_heads, S, head_dim]`, keys at positions up to the query's and, where
+    `key_mask` `[B, S]` is given, not masked there; scores and softmax in float32. Returns `[B, T, heads *
+    head_dim]`."""
+
+    def __init__(self, n_heads: int, n_kv: int, head_dim: int) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv, head_dim
+
+    def forward(
+        self, q: Tensor, k_all: Tensor, v_all: Tensor, positions: Tensor, key_mask: Tensor | None
+    ) -> Tensor:
+        bsz, _, t, _ = q.shape
+        key_pos = torch.arange(k_all.shape[2], device=q.device)
+        allowed = key_pos[None, :] <= positions[:, None]  # [T, S]
+        allowed = allowed[None, None]
+        if key_mask is not None:
+            allowed = allowed & key_mask[:, None, None, :].bool()
+        groups = self.n_heads // self.n_kv
+        kk = k_all.repeat_interleave(groups, dim=1)
+        vv = v_all.repeat_interleave(groups, dim=1)
+        scores = (q @ kk.transpose(-1, -2)).float() * self.head_dim**-0.5
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        return (probs @ vv).transpose(1, 2).reshape(bsz, t, self.n_heads * self.head_dim)
+
+
 class Attention(nn.Module):
+    """GQA attention with q/k RMSNorm before RoPE. The projections and norms hold the weights; what a backend
+    computes its own way is one of three weightless submodules, each swapped alone (`lfm_export.trace.
+    apply_swaps`): `rope` (`Rope`), `kv_update` (`KVUpdate`) and `attend` (`SDPA`)."""
+
     def __init__(self, cfg: Lfm2Config) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = (
@@ -183,6 +255,9 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
         self.q_layernorm = RMSNorm(self.head_dim, cfg.norm_eps)
         self.k_layernorm = RMSNorm(self.head_dim, cfg.norm_eps)
+        self.rope = Rope(self.head_dim)
+        self.kv_update = KVUpdate()
+        self.attend = SDPA(self.n_heads, self.n_kv, self.head_dim)
 
     def forward(
         self,
@@ -195,47 +270,22 @@ class Attention(nn.Module):
         form: str,
         key_mask: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v = (a.transpose(1, 2) for a in self.project(x))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if form == GROWING:
-            k_all, v_all = torch.cat([k_cache, k], dim=2), torch.cat([v_cache, v], dim=2)
-        elif form == STATIC:
-            k_all, v_all = k_cache.index_copy(2, positions, k), v_cache.index_copy(2, positions, v)
-        else:
-            # the caches are the caller's buffers: written in place (`index_put_`, which ExecuTorch's
-            # reinplacing pass keeps in place) and read back whole
-            k_cache[:, :, positions] = k
-            v_cache[:, :, positions] = v
-            k_all, v_all = k_cache, v_cache
-        return self.out_proj(self.attend(q, k_all, v_all, positions, key_mask)), k_all, v_all
+        # The pieces are called through `forward`, not as modules: under `torch.jit.trace` (Core ML) a module call
+        # is a scope and a function boundary (tuple packing), which renumbers the graph's values, and the Core ML
+        # program names its ops after them. `t` is read first for the same reason: there it is the traced size
+        # that a slice write takes.
+        t = x.shape[1]
+        q, k, v = self.rope.forward(*self.project(x), cos, sin)
+        k_all, v_all, at = self.kv_update.forward(k_cache, v_cache, k, v, positions, t, form)
+        return self.out_proj(self.attend.forward(q, k_all, v_all, at, key_mask)), k_all, v_all
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k, v of `x` as `[B, T, heads, head_dim]`, q and k normalised, before RoPE: the part the
-        canonical form and every backend's attention variant share."""
+        """q, k, v of `x` as `[B, T, heads, head_dim]`, q and k normalised, before RoPE."""
         bsz, t, _ = x.shape
         q = self.q_layernorm(self.q_proj(x).view(bsz, t, self.n_heads, self.head_dim))
         k = self.k_layernorm(self.k_proj(x).view(bsz, t, self.n_kv, self.head_dim))
         v = self.v_proj(x).view(bsz, t, self.n_kv, self.head_dim)
         return q, k, v
-
-    def attend(
-        self, q: Tensor, k_all: Tensor, v_all: Tensor, positions: Tensor, key_mask: Tensor | None
-    ) -> Tensor:
-        """Causal GQA attention of `q` `[B, heads, T, head_dim]` (at `positions`) over the caches
-        `[B, kv_heads, S, head_dim]`, scores and softmax in float32; `[B, T, heads * head_dim]`."""
-        bsz, _, t, _ = q.shape
-        key_pos = torch.arange(k_all.shape[2], device=q.device)
-        allowed = key_pos[None, :] <= positions[:, None]  # [T, S]
-        allowed = allowed[None, None]
-        if key_mask is not None:
-            allowed = allowed & key_mask[:, None, None, :].bool()
-        groups = self.n_heads // self.n_kv
-        kk = k_all.repeat_interleave(groups, dim=1)
-        vv = v_all.repeat_interleave(groups, dim=1)
-        scores = (q @ kk.transpose(-1, -2)).float() * self.head_dim**-0.5
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        return (probs @ vv).transpose(1, 2).reshape(bsz, t, self.n_heads * self.head_dim)
 
 
 class DecoderLayer(nn.Module):

@@ -9,10 +9,16 @@ from torch import Tensor, nn
 
 from lfm_export.contract.signature import STATEFUL, IOSignature
 from lfm_export.loading import init_random, load_model
-from lfm_export.model import Attention
+from lfm_export.model import SDPA, Attention, KVUpdate, Rope
 from lfm_export.signature import build_signature
 from lfm_export.stateful import StatefulModule, held_buffer_name, read_held_state
-from lfm_export.trace import SignatureModule, example_inputs, export_program, export_stateful_program
+from lfm_export.trace import (
+    SignatureModule,
+    apply_swaps,
+    example_inputs,
+    export_program,
+    export_stateful_program,
+)
 
 MAX_SEQ, MAX_PREFILL = 48, 16
 
@@ -188,3 +194,57 @@ def test_swaps_apply_in_order_and_to_the_stateful_program():
     assert seen == ["Attention", "Attention"]
     assert _custom_calls(program) == sum(isinstance(m, nn.Linear) for m in model.modules())
     assert not any(isinstance(m, CustomLinear) for m in model.modules())
+
+
+def _pieces(model: nn.Module) -> list[tuple[type, type, type]]:
+    return [
+        (type(m.rope), type(m.kv_update), type(m.attend)) for m in model.modules() if isinstance(m, Attention)
+    ]
+
+
+def test_backend_swaps_replace_only_their_attention_pieces():
+    """Each backend swaps the pieces of the canonical attention it computes its own way; the attention, its
+    weights and the model are left as they are."""
+    from lfm_export.backends.coreml.modules import SliceWriteKV, slice_write_attention
+    from lfm_export.backends.executorch.attention import (
+        CustomOpKVUpdate,
+        CustomSDPA,
+        SeqFirstRope,
+        custom_op_attention,
+    )
+    from lfm_export.backends.qnn.attention import MaskedProbsSDPA
+
+    model = init_random(CFG, seed=9)
+    cases = {
+        slice_write_attention: (Rope, SliceWriteKV, SDPA),
+        custom_op_attention: (SeqFirstRope, CustomOpKVUpdate, CustomSDPA),
+        MaskedProbsSDPA.swap: (Rope, KVUpdate, MaskedProbsSDPA),
+    }
+    for swap, pieces in cases.items():
+        swapped = apply_swaps(model, [swap])
+        assert _pieces(swapped) == [pieces] * len(CFG.attn_layers)
+        assert [type(m) for m in swapped.modules() if isinstance(m, Attention)] == [Attention] * len(
+            CFG.attn_layers
+        )
+        assert {n: p.data_ptr() for n, p in swapped.named_parameters()} == {
+            n: p.data_ptr() for n, p in model.named_parameters()
+        }
+    assert _pieces(model) == [(Rope, KVUpdate, SDPA)] * len(CFG.attn_layers)
+
+
+def test_core_ml_pieces_match_the_canonical_stateful_module():
+    """Core ML's slice-write KV update and `buf[:] = new` conv write-back, run eagerly, against the canonical
+    stateful module: prefill, decode, then a new sequence."""
+    from lfm_export.backends.coreml.modules import CoreMLStatefulModule, slice_write_attention
+
+    model = init_random(CFG, seed=10)
+    sig = build_signature(CFG, STATEFUL, MAX_SEQ, max_prefill=MAX_PREFILL)
+    canonical = StatefulModule(model, sig)
+    coreml = CoreMLStatefulModule(apply_swaps(model, [slice_write_attention]), sig)
+    ids = torch.randint(0, CFG.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for a, b in [(0, 9), (9, 10), (10, 12), (0, 5)]:
+            pos = torch.tensor([a])
+            torch.testing.assert_close(coreml(ids[:, a:b], pos), canonical(ids[:, a:b], pos), atol=0, rtol=0)
+            for name, held in read_held_state(coreml, sig).items():
+                torch.testing.assert_close(held, read_held_state(canonical, sig)[name], atol=0, rtol=0)

@@ -1,6 +1,7 @@
-"""Attention through ExecuTorch's LLM custom ops: `llama::update_cache` writes the new keys and values in place
-into the held cache, `llama::custom_sdpa` attends over the filled positions only (`start_pos + T`), with GQA
-handled by the kernel (no `repeat_interleave` copy of the cache).
+"""Attention through ExecuTorch's LLM custom ops, as swaps of the canonical attention's pieces: `llama::update_cache`
+writes the new keys and values in place into the held cache (`CustomOpKVUpdate`), `llama::custom_sdpa` attends over
+the filled positions only (`start_pos + T`), with GQA handled by the kernel (no `repeat_interleave` copy of the
+cache; `CustomSDPA`), and RoPE keeps the projections seq-first (`SeqFirstRope`).
 
 The ops take the cache as `[batch, seq, kv_heads, head_dim]`, so an artifact using them holds its KV state in
 that layout (`seq_first_signature`), and the manifest's `held` says so.
@@ -18,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from lfm_export.contract.signature import KEY, VALUE, IOSignature
-from lfm_export.model import Attention
+from lfm_export.model import SDPA, STATEFUL, KVUpdate, Rope
+from lfm_export.trace import rebind
 
 
 def load_custom_ops() -> None:
@@ -36,51 +38,58 @@ def seq_first_signature(signature: IOSignature) -> IOSignature:
     return replace(signature, held=held)
 
 
-class CustomOpAttention(nn.Module):
-    """The canonical `Attention` (same submodules, so the same weights, quantized or not) in the stateful
-    form, with the cache written by `update_cache` and read by `custom_sdpa` (module doc)."""
-
-    def __init__(self, attn: Attention) -> None:
-        super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = attn.n_heads, attn.n_kv, attn.head_dim
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
-            attn.q_proj,
-            attn.k_proj,
-            attn.v_proj,
-            attn.out_proj,
-        )
-        self.q_layernorm, self.k_layernorm = attn.q_layernorm, attn.k_layernorm
+class SeqFirstRope(Rope):
+    """`Rope` leaving q, k, v seq-first `[B, T, heads, head_dim]`, the custom ops' layout: cos/sin `[T, head_dim]`
+    are viewed as `[T, 1, head_dim]` and cast to the projections' dtype once for q and k, as the canonical
+    `apply_rope` casts them."""
 
     def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        k_cache: Tensor,
-        v_cache: Tensor,
-        positions: Tensor,
-        form: str,
-        key_mask: Tensor | None,
+        self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        bsz, t, _ = x.shape
-        q, k, v = Attention.project(self, x)  # type: ignore[arg-type]  # the same submodules
-        # [T, 1, head_dim] against [B, T, heads, head_dim]; computed in fp32, cast as the canonical `apply_rope`
-        cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        cos, sin = cos[:, None, :].to(q.dtype), sin[:, None, :].to(q.dtype)
+        return _rotate(q, cos, sin, self.half), _rotate(k, cos, sin, self.half), v
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, half: int) -> Tensor:
+    """`apply_rope` with cos/sin cast already, in its own op order (`x * cos` before the rotation): the order
+    the ExecuTorch programs are built with; `apply_rope`'s order reorders the program and changes the `.pte`."""
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+class CustomOpKVUpdate(KVUpdate):
+    """`KVUpdate` of the stateful form through `llama::update_cache`, in place into the held seq-first caches;
+    the query positions it returns are the first one as an int, which `custom_sdpa` takes."""
+
+    def forward(
+        self, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, positions: Tensor, t: int, form: str
+    ) -> tuple[Tensor, Tensor, int]:
+        if form != STATEFUL:
+            raise ValueError("CustomOpKVUpdate writes the stateful form only")
         start = positions[0].item()
         torch._check(start >= 0)
         torch._check(start + t <= k_cache.shape[1])
         torch.ops.llama.update_cache(k, k_cache, start)
         torch.ops.llama.update_cache(v, v_cache, start)
-        out = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0.0, True)
-        return self.out_proj(out.reshape(bsz, t, self.n_heads * self.head_dim)), k_cache, v_cache
+        return k_cache, v_cache, start
 
 
-def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+class CustomSDPA(SDPA):
+    """`SDPA` through `llama::custom_sdpa`: causal attention of the queries at `start + arange(T)` over the
+    cache positions up to `start + T`, GQA in the kernel; no key mask (the stateful form has none)."""
+
+    def forward(self, q: Tensor, k_all: Tensor, v_all: Tensor, start: int, key_mask: Tensor | None) -> Tensor:
+        bsz, t = q.shape[0], q.shape[1]
+        out = torch.ops.llama.custom_sdpa(q, k_all, v_all, start, None, 0.0, True)
+        return out.reshape(bsz, t, self.n_heads * self.head_dim)
 
 
 def custom_op_attention(module: nn.Module) -> nn.Module | None:
-    """Swap for `lfm_export.trace.apply_swaps`: each canonical `Attention` becomes a `CustomOpAttention`."""
-    return CustomOpAttention(module) if isinstance(module, Attention) else None
+    """Swap for `lfm_export.trace.apply_swaps`: each attention's `Rope`, `KVUpdate` and `SDPA` become their
+    custom-op forms above (the same weightless settings, so nothing is copied)."""
+    if type(module) is Rope:
+        return rebind(module, SeqFirstRope)
+    if type(module) is KVUpdate:
+        return rebind(module, CustomOpKVUpdate)
+    if type(module) is SDPA:
+        return rebind(module, CustomSDPA)
+    return None

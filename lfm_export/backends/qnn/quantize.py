@@ -29,7 +29,7 @@ from lfm_export.parity.prompts import random_prompts, tokenizer_prompts
 from lfm_export.signature import build_signature
 from lfm_export.trace import SignatureModule, apply_swaps
 
-from .attention import MaskedProbsAttention
+from .attention import MaskedProbsSDPA
 from .recipes import QUANTS
 
 CALIBRATION_TEXTS = (
@@ -109,10 +109,10 @@ class QuantizedStep:
 
 
 def trace_step(model: Lfm2ForCausalLM, max_seq_len: int) -> tuple[torch.export.ExportedProgram, IOSignature]:
-    """The float single-token program the quantizer annotates: the static form with `MaskedProbsAttention`
+    """The float single-token program the quantizer annotates: the static form with `MaskedProbsSDPA`
     swapped in and RoPE read from a table (`rope_table`)."""
     signature = step_signature(model, max_seq_len)
-    module = SignatureModule(apply_swaps(model, [MaskedProbsAttention.swap]), signature).eval()
+    module = SignatureModule(apply_swaps(model, [MaskedProbsSDPA.swap]), signature).eval()
     with torch.no_grad(), rope_table(model.config, max_seq_len):
         program = torch.export.export(
             module, step_args(signature, 0, 0, empty_state(signature)), strict=False
