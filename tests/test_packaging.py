@@ -1,5 +1,5 @@
-"""The wheel holds every backend and runtime subpackage (setuptools lists them by hand in pyproject.toml, with
-`backends/` and `runtime/` mapped into `lfm_export`), the bundled models and the console script. Built offline
+"""The wheel holds every backend and runtime subpackage (setuptools finds them under `lfm_export/`), the bundled
+models and the console script. Built offline
 from a copy of the sources, so the working tree gets no build folder (about 5 s on 2 cores)."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = {"lfm_export": "lfm_export", "backends": "lfm_export.backends", "runtime": "lfm_export.runtime"}
+SOURCES = {"lfm_export": "lfm_export"}
 
 
 def source_packages() -> set[str]:
-    """Every folder with an `__init__.py` under the three source roots, by its import name."""
+    """Every folder with an `__init__.py` under the source root, by its import name."""
     out = set()
     for folder, name in SOURCES.items():
         for init in (ROOT / folder).rglob("__init__.py"):
