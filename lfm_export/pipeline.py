@@ -20,6 +20,7 @@ from lfm_export.manifest import (
     read_manifest,
     write_manifest,
 )
+from lfm_export.precision import manifest_entry as precision_entry
 from lfm_export.progress import Progress
 
 PARITY_DIR = "parity"
@@ -75,7 +76,11 @@ def export_artifact(
             signature=result.signature.to_dict(),
             folder=tmp,
             runtime={"threads": threads},
-            extra={**result.extra, "timings_s": dict(progress.timings)},
+            extra={
+                **result.extra,
+                "precision": precision_entry(loaded.model.state_dict(), result.recipe),
+                "timings_s": dict(progress.timings),
+            },
         )
         write_manifest(tmp, manifest)
         parity_result = None

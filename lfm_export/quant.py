@@ -63,12 +63,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lfm_export.contract.session import DEFAULT_THREADS
+from lfm_export.precision import ROUTER, held_as, rule_for
 from lfm_export.recipes import (
     ACT_FLOAT,
     ACT_FP16,
     ACT_FP16_ROUTED,
     ACT_INT8_BLOCK,
     ACT_INT8_TOKEN,
+    ACT_NATIVE,
     ACTIVATION_MODES,
     ROUNDINGS,
     Recipe,
@@ -92,13 +94,6 @@ FLOAT_TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16}
 ROLES = ("linears", "experts")
 """Roles of `simulate`'s per-role activation modes: MoE expert linears (`.experts.` in the name), every other."""
 ActivationSpec = str | dict[str, str]
-ACT_NATIVE = "native"
-"""`simulate`'s mode for float recipes computed in their own type (fp16 / bf16 matmuls and residual stream; the
-canonical model's norm statistics, softmax, rotary tables and MoE routing stay fp32, as it is written): the
-canonical model itself run by torch at that dtype. What an MLX fp16 / bf16 artifact computes. Without it a
-float recipe is simulated with rounded weights and fp32 compute (what onnxruntime's fp16 is closest to)."""
-ROUTER_SUFFIX = "feed_forward.gate"
-"""The MoE router stays float in every recipe: rounding must not change which experts are chosen."""
 
 
 # ---- numpy quantizer -------------------------------------------------------------------------------------------
@@ -363,10 +358,10 @@ def simulate(
     """A copy of the canonical fp32 `model` that computes what an artifact of `recipe` computes.
 
     - quantized recipes: every linear's weight becomes `quantize_weight(...).dequantize()` (the call the backends
-      pack from): linears at `recipe.bits`, the lm_head at `recipe.head_bits`, the embedding table at
-      `recipe.embedding_bits` (a `None` keeps either float). The MoE router (`feed_forward.gate`), norms, conv
-      weights (3-D), biases and buffers stay float. Inputs of the quantized linears (lm_head included) are
-      rounded as `activations` says: a mode of `ACTIVATION_MODES`, or a mode per role of `ROLES`.
+      pack from), at the bits `lfm_export.precision.held_as` gives each: linears at `recipe.bits`, the lm_head
+      at `recipe.head_bits`, the embedding table at `recipe.embedding_bits` (a `None` keeps either float); the
+      MoE router, norms, conv weights (3-D), biases and buffers stay float. Inputs of the quantized linears
+      (lm_head included) are rounded as `activations` says: a mode of `ACTIVATION_MODES`, or one per `ROLES`.
     - float recipes: weights rounded to `recipe.dtype` and back (what the artifact stores); fp32 compute. With
       `activations=ACT_NATIVE`: every parameter in `recipe.dtype` and the model computing in it (buffers such
       as the MoE expert bias stay fp32); `ReferenceSession` feeds it state of that type and returns fp32.
@@ -402,21 +397,19 @@ def simulate(
                 done[key] = w.detach()
         return done[key]
 
-    quantized = recipe.quantized
     with torch.no_grad():
         embed = sim.model.embed_tokens
         embed.weight = nn.Parameter(
-            replaced(embed.weight, recipe.embedding_bits if quantized else None), requires_grad=False
+            replaced(embed.weight, held_as("model.embed_tokens.weight", recipe)), requires_grad=False
         )
         for name, mod in list(sim.named_modules()):
             if not isinstance(mod, nn.Linear):
                 continue
-            bits = None
-            if quantized and not name.endswith(ROUTER_SUFFIX):
-                bits = recipe.head_bits if name == "lm_head" else recipe.bits
+            bits = held_as(f"{name}.weight", recipe)
             weight = replaced(mod.weight, bits)
             mode = modes["experts" if ".experts." in name else "linears"]
-            fp16_input = mode in (ACT_FP16, ACT_FP16_ROUTED) and not name.endswith(ROUTER_SUFFIX)  # float too
+            router = rule_for(f"{name}.weight") is ROUTER  # computes in float32 whatever the recipe
+            fp16_input = mode in (ACT_FP16, ACT_FP16_ROUTED) and not router  # float recipes too
             if bits is None and not fp16_input:
                 mod.weight = nn.Parameter(weight, requires_grad=False)
                 continue

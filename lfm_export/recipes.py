@@ -15,8 +15,9 @@ Aliases from other ecosystems map onto these: `8da4w` = `int4-b32-a8`, `8da8w` =
 own `8da8w` is per channel: torchao `PerAxis(0)` at its group size 0, the only int8 form XNNPACK lowers), `int4`
 = `int4-b32`, `int8` = `int8-b32`. Every recipe belongs to one parity gate family (`gate_family`).
 
-What stays float in every quantized recipe (`KEEP_FLOAT`): the MoE router (rounding must not change which
-experts are chosen), the norms, the conv and KV state, the rotary tables. The lm_head and the embedding table
+What stays float in every quantized recipe (`KEEP_FLOAT`, the manifest's words): the MoE router (rounding must
+not change which experts are chosen), the norms, the conv and KV state, the rotary tables; which weight is held
+at which bits is `lfm_export.precision`'s rule list. The lm_head and the embedding table
 are int8 in int4 recipes (`HEAD_BITS`): every logit reads all of the head. On `tiny`, an int4 head gives pooled
 KL 0.084, the int8 one 0.042 (ONNX, 2026-11-27).
 """
@@ -49,6 +50,12 @@ weight's block size along K); `int8-token`: dynamic per-token asymmetric int8 (t
 what the recipe's `-a8` means); `fp16`: the runtime computes in fp16 (Core ML), the simulation rounds the
 linears' inputs to fp16 and the parity gate is the `-fp16` one; `fp16-routed`: the same for a model with MoE
 routing, whose gate (`-fp16-moe`) tolerates an expert chosen differently under fp16 rounding."""
+ACT_NATIVE = "native"
+"""`lfm_export.quant.simulate`'s mode for float recipes computed in their own type (fp16 / bf16 matmuls and
+residual stream; the canonical model's norm statistics, softmax, rotary tables and MoE routing stay fp32, as it
+is written): the canonical model itself run by torch at that dtype. What an MLX fp16 / bf16 artifact (and an
+ExecuTorch fp16 one) computes. Without it a float recipe is simulated with rounded weights and fp32 compute
+(what onnxruntime's fp16 is closest to). Not one of `ACTIVATION_MODES`: it rounds no linear's inputs."""
 HEAD_BITS = 8
 DEFAULT_CONTEXT_CAP = 32768
 """Context declared when none is asked for: the model's, capped at the trained context of the dense models."""

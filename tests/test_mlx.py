@@ -307,8 +307,8 @@ def test_simulating_bf16_compute_leaves_the_model_fp32(artifacts) -> None:
     import torch
 
     from lfm_export.loading import load_model
-    from lfm_export.quant import ACT_NATIVE, simulate
-    from lfm_export.recipes import parse_recipe
+    from lfm_export.quant import simulate
+    from lfm_export.recipes import ACT_NATIVE, parse_recipe
 
     model = load_model("tiny").model
     sim = simulate(model, parse_recipe("bf16"), ACT_NATIVE)

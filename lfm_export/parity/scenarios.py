@@ -361,7 +361,7 @@ def run_parity(
 
     - exactness: `test_session` against `simulation` (the recipe computed in torch; None: the recipe is the
       reference's own math, fp32) with the tight gate for `recipe` and the runtime's `activations` rounding
-      (`lfm_export.quant.ACTIVATION_MODES`); `rounding` is the simulation without activation rounding, whose
+      (`lfm_export.recipes.ACTIVATION_MODES`); `rounding` is the simulation without activation rounding, whose
       distance from `simulation` widens the limits of gates that allow for it (`Limit.rounding`);
     - quality: `test_session` (and `simulation`) against the fp32 `reference_session`, checked by `quality`
       (default: the loose sanity bound of the recipe's family, `sanity_gate`).

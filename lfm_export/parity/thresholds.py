@@ -246,7 +246,7 @@ below a wrong one (other weights: 0.8 to 6.4). Loose on purpose: the loss depend
 limit is the user's (`--max-kl`, gates file)."""
 
 
-# ---- fp16 / bf16 computed in that type (MLX; `lfm_export.quant.ACT_NATIVE`) ---------------------------------------
+# ---- fp16 / bf16 computed in that type (MLX; `lfm_export.recipes.ACT_NATIVE`) ---------------------------------------
 NATIVE = "-native"
 """Suffix of the exactness gate where the whole model computes in fp16 / bf16 and the simulation is the canonical
 model run by torch in that type (activation mode `native`). Two half-precision programs that round the same ops

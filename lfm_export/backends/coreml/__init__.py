@@ -28,7 +28,7 @@ def export(loaded: Any, folder: Path, recipe: Any, progress: Any = None) -> Any:
 
 def simulation(recipe_dict: dict[str, Any]) -> tuple[Any, str]:
     """From a manifest's `recipe`: the core recipe (its bits key `weight_values`) and the activation mode,
-    `fp16` (`recipes.FP16_COMPUTE`)."""
+    `fp16` or `fp16-routed` (`CoreMLRecipe.activations`)."""
     recipe = CoreMLRecipe.from_dict(recipe_dict)
     return recipe.recipe, recipe.activations
 

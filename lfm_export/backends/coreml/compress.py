@@ -3,10 +3,10 @@ the parity simulation (`weight_values`).
 
 Which constants are compressed is decided per constant (`plan`): the weights of every linear
 (`linear` / `matmul` consumers; the MoE experts included) get the recipe's compression; the tied
-embedding / lm_head table (read by a `gather` and a `linear`) int8 per channel; the MoE router stays fp16
-(rounding must not change which experts are chosen), and so do the depthwise conv weights (3 values per
-channel), norms, rotary constants and anything else. The report (`manifest["coreml"]["compression"]`) lists
-each constant with what it became and why.
+embedding / lm_head table (read by a `gather` and a `linear`) int8 per channel; what `lfm_export.precision`
+holds float (the MoE router, the depthwise conv weights, norms) stays fp16, and so do rotary constants and
+anything else. The report (`manifest["coreml"]["compression"]`) lists each constant with what it became and
+why.
 
 The compressed constants are built as the weights are written (`encoder`, called by `weights.fill` for each
 placeholder constant in turn): the op coremltools' own pass would build (`constexpr_blockwise_shift_scale`
@@ -32,13 +32,12 @@ from typing import Any
 import numpy as np
 
 from lfm_export.contract.errors import UserError
+from lfm_export.precision import EMBEDDING, FLOAT, rule_for
 
 from .palette import NAME as PALETTE_NAME
 from .palette import lut_function
 from .recipes import PALETTE_GROUP, CoreMLRecipe
 
-EMBED_WEIGHT = "embed_tokens_weight"
-ROUTER_WEIGHT = "feed_forward_gate_weight"
 LINEAR_CONSUMERS = frozenset({"linear", "matmul"})
 
 
@@ -95,13 +94,14 @@ def plan(program: Any) -> dict[str, tuple[str, str]]:
             continue
         name = op.name.replace(".", "_")  # as the serializer will name it
         users = {c.op_type for c in op.outputs[0].child_ops}
-        if EMBED_WEIGHT in name:
+        rule = rule_for(name)  # `lfm_export.precision`: a const is named after its checkpoint tensor
+        if rule.held == EMBEDDING:
             out[name] = (
                 "embedding",
                 "tied embedding / lm_head table: int8 per channel in every quantized recipe",
             )
-        elif ROUTER_WEIGHT in name:
-            out[name] = ("keep", "MoE router: rounding must not change which experts are chosen")
+        elif rule.held == FLOAT:
+            out[name] = ("keep", rule.why)
         elif users and users <= LINEAR_CONSUMERS:
             out[name] = ("linear", "linear weight")
         elif users == {"gather"} and op.outputs[0].rank == 3 and "feed_forward" in name:

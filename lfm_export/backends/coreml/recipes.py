@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lfm_export.contract.errors import UnsupportedError
-from lfm_export.recipes import Recipe, parse_recipe
+from lfm_export.recipes import ACT_FP16, ACT_FP16_ROUTED, Recipe, parse_recipe
 
 from .palette import NAME as PALETTE_NAME
 
@@ -36,12 +36,6 @@ PALETTE_GROUP = 16
 """Output channels sharing one look-up table (`per_grouped_channel`)."""
 DEFAULT_MAX_PREFILL = 64
 """Tokens one prediction takes at most when neither `--max-prefill` nor `--prefill-lengths` is given."""
-FP16_COMPUTE = "fp16"
-"""`simulation()`'s activation mode: a Core ML program computes in fp16 (`lfm_export.quant` rounds the quantized
-linears' inputs to fp16; the parity gates are the `-fp16` ones)."""
-FP16_ROUTED = "fp16-routed"
-"""The same for a model with MoE routing (gates `-fp16-moe`: an expert chosen differently under fp16 rounding
-is allowed, see `lfm_export.parity.thresholds`)."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +99,11 @@ class CoreMLRecipe:
 
     @property
     def activations(self) -> str:
-        return FP16_ROUTED if self.moe else FP16_COMPUTE
+        """`simulation()`'s activation mode: a Core ML program computes in fp16 (`lfm_export.quant` rounds the
+        quantized linears' inputs to fp16; the parity gates are the `-fp16` ones); `fp16-routed` for a model
+        with MoE routing (gates `-fp16-moe`: an expert chosen differently under fp16 rounding is allowed, see
+        `lfm_export.parity.thresholds`)."""
+        return ACT_FP16_ROUTED if self.moe else ACT_FP16
 
     @property
     def linears(self) -> str:

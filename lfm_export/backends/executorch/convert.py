@@ -38,6 +38,7 @@ from torch import nn
 from lfm_export.backends.record import ExportResult
 from lfm_export.loading import LoadedModel
 from lfm_export.model import STATEFUL
+from lfm_export.precision import held_as
 from lfm_export.progress import Progress
 from lfm_export.signature import build_signature
 from lfm_export.trace import Swap, apply_swaps, export_stateful_program, shared_copy
@@ -56,7 +57,6 @@ from .recipes import XNNPACK, ExecuTorchRecipe
 MODEL_FILE = "model.pte"
 STATE_DTYPES = {"fp32": "float32", "fp16": "float16"}
 """The type of the held state (KV caches, conv states) per recipe dtype: the parameters' (`half.py`)."""
-ROUTER_SUFFIX = "feed_forward.gate"
 FORWARD = "forward"
 """The program's one method (the runner's): the logits of the last position of the call only, `[1, 1, vocab]`.
 Parity gets every position through the shim (`runtime/executorch.py`: one-token calls, then the whole call
@@ -107,12 +107,8 @@ def runner_metadata(loaded: LoadedModel, context: int, max_prefill: int) -> dict
 
 
 def quantized_bits(name: str, recipe: ExecuTorchRecipe) -> int | None:
-    """Bits the linear `name` is held at (None: float): the recipe's, the lm_head's `head_bits`, the MoE
-    router float."""
-    core = recipe.recipe
-    if name.endswith(ROUTER_SUFFIX):
-        return None
-    return core.head_bits if name == "lm_head" else core.bits
+    """Bits the linear module `name` is held at (None: float), as `lfm_export.precision` says."""
+    return held_as(f"{name}.weight", recipe.recipe)
 
 
 def linear_swap(

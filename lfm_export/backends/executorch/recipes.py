@@ -33,10 +33,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lfm_export.contract.errors import UnsupportedError, UserError
-from lfm_export.recipes import ACT_FLOAT, ACT_INT8_TOKEN, Recipe, parse_recipe
+from lfm_export.recipes import ACT_FLOAT, ACT_INT8_TOKEN, ACT_NATIVE, Recipe, parse_recipe
 
-ACT_NATIVE = "native"
-"""`lfm_export.quant.ACT_NATIVE` (not imported: this module stays free of torch)."""
 XNNPACK = "xnnpack"
 DELEGATES = (XNNPACK, "portable")
 HEAD_BITS = 8

@@ -20,10 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lfm_export.contract.errors import UnsupportedError
-from lfm_export.recipes import ACT_FLOAT, Recipe, parse_recipe
-
-ACT_NATIVE = "native"
-"""`lfm_export.quant.ACT_NATIVE` (not imported: this module stays free of torch)."""
+from lfm_export.recipes import ACT_FLOAT, ACT_NATIVE, Recipe, parse_recipe
 
 DEFAULT_MAX_PREFILL = 128
 """Largest prefill chunk traced into `prefill.mlxfn` (chunks of 2, 4, ..., this; longer prompts are fed in

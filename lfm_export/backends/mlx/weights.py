@@ -25,17 +25,11 @@ import numpy as np
 
 from lfm_export.config import Lfm2Config
 from lfm_export.contract.errors import UnsupportedError
-from lfm_export.quant import ROUTER_SUFFIX, Quantized, quantize_weight
+from lfm_export.precision import held_as, rule_for
+from lfm_export.quant import Quantized, quantize_weight
 from lfm_export.recipes import Recipe
 
 MOE_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-UNQUANTIZED = {
-    "feed_forward.gate": "MoE router: rounding must not change which experts are chosen",
-    "conv.conv": "depthwise 3-tap causal conv: not a matmul, MLX quantizes only linears and embeddings",
-    "norm": "RMSNorm weights: vectors, not matmuls",
-    "expert_bias": "MoE expert bias: float32 buffer that only ranks experts",
-}
-"""What stays float in a quantized export and why (names as mlx-lm's; listed in the manifest)."""
 
 
 @dataclass(frozen=True)
@@ -76,19 +70,6 @@ def mlx_name(cfg: Lfm2Config, name: str) -> tuple[str, int | None]:
     return name, None
 
 
-def bits_for(name: str, recipe: Recipe) -> int | None:
-    """The recipe's bits for canonical tensor `name` (None: kept float), as `lfm_export.quant.simulate` picks."""
-    if not recipe.quantized or not name.endswith(".weight"):
-        return None
-    if name == "model.embed_tokens.weight":
-        return recipe.embedding_bits
-    if name == "lm_head.weight":
-        return recipe.head_bits
-    if name.endswith(ROUTER_SUFFIX + ".weight") or ".conv.conv." in name or "norm" in name:
-        return None
-    return recipe.bits
-
-
 def build(
     cfg: Lfm2Config, names: list[str], get: Callable[[str], Any], recipe: Recipe
 ) -> tuple[dict[str, np.ndarray], dict[str, Binding], list[dict[str, Any]]]:
@@ -110,7 +91,7 @@ def build(
         if name == "lm_head.weight":
             continue
         target, expert = mlx_name(cfg, name)
-        bits = bits_for(name, recipe)
+        bits = held_as(name, recipe)
         base = target.removesuffix(".weight")
         conv = ".conv.conv.weight" in name
         bindings[name] = Binding(
@@ -125,8 +106,7 @@ def build(
                 w = np.ascontiguousarray(w.transpose(0, 2, 1))
             parts = {"": w}
             if recipe.quantized:
-                why = next((r for k, r in UNQUANTIZED.items() if k in name), "a bias vector, not a matmul")
-                kept.append({"tensor": target, "why": why})
+                kept.append({"tensor": target, "why": rule_for(name).why})
         for suffix, value in parts.items():
             key = f"{base}.{suffix}" if suffix else target
             if expert is None:

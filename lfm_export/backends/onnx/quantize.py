@@ -18,9 +18,9 @@ Op forms:
   the embedding is `Gather` of int8 rows and their scales + `DequantizeLinear` (ONNX `Gather` takes no int4).
   onnxruntime rewrites `DequantizeLinear + MatMul` into MatMulNBits itself, at the accuracy level of its
   session option `session.qdq_matmulnbits_accuracy_level` (default 4).
-- The lm_head and the embedding table take the recipe's `head_bits` / `embedding_bits` (int8 in int4 recipes
-  too, `lfm_export.recipes.HEAD_BITS`; None keeps them float).
-- The MoE router (`feed_forward.gate`) stays float so rounding cannot change which experts are chosen.
+- Each weight's bits are `lfm_export.precision.held_as` of its initializer's name (the checkpoint's), the
+  lm_head's of `lm_head.weight` (its weight may be the tied embedding table): the lm_head and the embedding
+  table at the recipe's `head_bits` / `embedding_bits` (None keeps them float), the MoE router float.
 """
 
 from __future__ import annotations
@@ -30,14 +30,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from lfm_export.precision import held_as
 from lfm_export.quant import Quantized, pack_nibbles, quantize_weight
+from lfm_export.recipes import Recipe
 
 from .fusion import MOE_EXPERTS_META
 from .graph import MS_DOMAIN, Emitter, add_initializer, producer, replace_value, use_opset
 from .recipes import ORT, OnnxRecipe
 
-EXCLUDED_SUFFIXES = ("feed_forward.gate.weight",)
 FUSED_COUNT = "MatMulNBits sharing an input, fused along N"
+EMBEDDING_WEIGHT = "model.embed_tokens.weight"
+"""The embedding table's checkpoint name, which `lfm_export.precision` answers for the table `find_embedding`
+finds (the graph input's `Gather`)."""
 
 
 # ---- packing -------------------------------------------------------------------------------------------------
@@ -373,6 +377,12 @@ def _cast(
 # ---- int4 / int8 -----------------------------------------------------------------------------------------------
 
 
+def _checkpoint_name(lin: Linear, lm_head: Linear | None) -> str:
+    """The checkpoint name `lfm_export.precision` is asked about for `lin`: its initializer's, or
+    `lm_head.weight` for the lm_head (whose weight is the embedding table's when they are tied)."""
+    return "lm_head.weight" if lin is lm_head else lin.weight.name or ""
+
+
 def _quantize(
     model: ir.Model, recipe: OnnxRecipe, linears: list[Linear], gather: ir.Node | None, lm_head: Linear | None
 ) -> Handling:
@@ -384,20 +394,20 @@ def _quantize(
     kind = f"int{bits} b{recipe.block_size} {'symmetric' if recipe.symmetric else 'asymmetric'}"
     ort = recipe.ops == ORT
     linear_op = "MatMulNBits" if ort else "DequantizeLinear+MatMul"
-    embedding_bits = recipe.recipe.embedding_bits
+    embedding_bits = held_as(EMBEDDING_WEIGHT, recipe.recipe)  # the table `find_embedding` found by its place
     for node in list(graph):
         if node.op_type == "MoE" and node.domain == MS_DOMAIN and MOE_EXPERTS_META in node.meta:
             _qmoe(graph, node, recipe)
             counts["QMoE"] = counts.get("QMoE", 0) + 1
     tied_table: tuple[ir.Value, Quantized] | None = None
-    shared = _shared_input_groups(linears, lm_head) if ort else {}
+    shared = _shared_input_groups(linears, lm_head, recipe.recipe) if ort else {}
     pending: dict[int, list[tuple[Linear, Quantized]]] = {}
     for lin in linears:
-        if (lin.weight.name or "").endswith(EXCLUDED_SUFFIXES):
+        lin_bits = held_as(_checkpoint_name(lin, lm_head), recipe.recipe)
+        if lin_bits is None and lin is not lm_head:
             _float_layout_one(graph, lin)
             counts["MoE router kept float"] = counts.get("MoE router kept float", 0) + 1
             continue
-        lin_bits = recipe.recipe.head_bits if lin is lm_head else bits
         if lin_bits is None:
             _float_layout_one(graph, lin)
             handling.lm_head = "float32 MatMul (the recipe keeps the lm_head float)"
@@ -442,7 +452,8 @@ def _quantize(
 
 def _qmoe(graph: ir.Graph, node: ir.Node, recipe: OnnxRecipe) -> None:
     """`MoE` -> `QMoE`: every expert's interleaved fc1 `[2F, H]` and fc2 `[H, F]` quantized like MatMulNBits."""
-    bits = recipe.bits
+    prefix = (node.inputs[2].name or "moe").removesuffix(".fc1")
+    bits = held_as(f"{prefix}.0.w1.weight", recipe.recipe)  # every expert's, as the first's
     assert bits is not None
     packed: dict[str, list[np.ndarray]] = {k: [] for k in ("b1", "s1", "z1", "b2", "s2", "z2")}
     for w1, w3, w2 in node.meta[MOE_EXPERTS_META]:
@@ -450,13 +461,12 @@ def _qmoe(graph: ir.Graph, node: ir.Node, recipe: OnnxRecipe) -> None:
         fc1 = np.empty((2 * f, h), np.float32)
         fc1[0::2], fc1[1::2] = w1.numpy(), w3.numpy()
         for tag, w in (("1", fc1), ("2", w2.numpy())):
-            b, sc, zp = matmulnbits_tensors(quantize_weight(w, recipe.recipe))
+            b, sc, zp = matmulnbits_tensors(quantize_weight(w, recipe.recipe, bits))
             packed["b" + tag].append(b.reshape(b.shape[0], -1))
             packed["s" + tag].append(sc)
             if zp is not None:
                 packed["z" + tag].append(zp)
     em = Emitter(graph)
-    prefix = (node.inputs[2].name or "moe").removesuffix(".fc1")
     v = {k: em.const(np.stack(a), f"{prefix}.{k}") for k, a in packed.items() if a}
     inputs = [
         node.inputs[0],
@@ -517,7 +527,9 @@ def _emit_matmulnbits(
     return y, b_v
 
 
-def _shared_input_groups(linears: list[Linear], lm_head: Linear | None) -> dict[int, list[Linear]]:
+def _shared_input_groups(
+    linears: list[Linear], lm_head: Linear | None, recipe: Recipe
+) -> dict[int, list[Linear]]:
     """Linears that read the same activation (q/k/v after the operator norm, w1/w3 after the FFN norm),
     keyed by `id(linear)`: each group becomes one MatMulNBits over the weights concatenated along N and a
     Split, so a decode step makes one kernel call per group instead of one per weight.
@@ -525,7 +537,7 @@ def _shared_input_groups(linears: list[Linear], lm_head: Linear | None) -> dict[
     onnxruntime 1.32 also has `MatMulNBitsQkv` / `MatMulNBitsMlp`, but only the WebGPU provider runs them."""
     by_input: dict[int, list[Linear]] = {}
     for lin in linears:
-        if lin is lm_head or (lin.weight.name or "").endswith(EXCLUDED_SUFFIXES):
+        if lin is lm_head or held_as(_checkpoint_name(lin, lm_head), recipe) is None:
             continue
         by_input.setdefault(id(lin.matmul.inputs[0]), []).append(lin)
     out: dict[int, list[Linear]] = {}
@@ -599,7 +611,9 @@ def _gather_block_quantized(
         b_v, q = shared
         how = "shares the tied lm_head's packed MatMulNBits table"
     else:
-        q = quantize_weight(table.const_value.numpy(), recipe.recipe, recipe.recipe.embedding_bits)
+        q = quantize_weight(
+            table.const_value.numpy(), recipe.recipe, held_as(EMBEDDING_WEIGHT, recipe.recipe)
+        )
         b, _, _ = matmulnbits_tensors(q)
         b_v = em.const(b, "model.embed_tokens.qweight")
         how = "own table"
