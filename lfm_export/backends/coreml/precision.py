@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lfm_export.precision import ROUTER, rule_for
+
 ALWAYS_FP32 = frozenset(
     {
         "pow",
@@ -37,11 +39,6 @@ ALWAYS_FP32 = frozenset(
 )
 ANGLE_OPS = frozenset({"cast", "expand_dims", "mul", "concat", "reshape"})
 """Ops between the integer positions and cos / sin that must stay fp32 with them."""
-ROUTER_WEIGHT = "feed_forward_gate_weight"
-"""The router's weight in its serialized spelling only. `FP16ComputePrecision` sees the weight under another
-name, so this check does not match and the router's linear is cast to fp16 (its weight stored fp16). Asking
-`lfm_export.precision.rule_for(name) is ROUTER` instead matches it, keeps the linear fp32 as the simulation
-assumes, and changes the artifact: that is left to a change checked by parity, not a refactor."""
 
 
 def _producer(var: Any) -> str | None:
@@ -89,7 +86,7 @@ def keep_fp32(op: Any) -> bool:
         return True
     if kind == "linear":
         weight = op.inputs.get("weight")
-        if weight is not None and ROUTER_WEIGHT in (weight.name or ""):
+        if weight is not None and rule_for(weight.name or "") is ROUTER:
             return True
     return False
 
