@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= out/tiny-onnx-int4
 
-.PHONY: install demo test test-slow lint format bench clean
+.PHONY: install demo test test-unit test-slow lint format bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 # tracing and lowering (load average about 1.0 during a serial run), 615 s serial on the 2-core VM.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# The fast unit tier: recipe grammar and config, quantizer, gates and parity core, sampler, interpreter ops.
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 -m "unit and not slow"
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

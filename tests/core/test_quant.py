@@ -28,6 +28,7 @@ def _weights(n: int = 64, k: int = 256, seed: int = 0) -> np.ndarray:
 # ---- quantizer -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_hand_computed_block() -> None:
     w = np.array([[-2.0, 1.0, 0.5, 0.0]], np.float32)
     q = quantize_block(w, 4, 4)  # extreme -2 -> code 0: scale -2 / -8
@@ -38,6 +39,7 @@ def test_hand_computed_block() -> None:
     assert pack_nibbles(np.array([1, 2, 3], np.uint8)).tolist() == [0x21, 0x03]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "bits,block,symmetric", [(4, 32, True), (4, 128, False), (8, 64, True), (8, 32, False)]
 )
@@ -62,6 +64,7 @@ def test_nearest_rounding_bounds(bits: int, block: int, symmetric: bool) -> None
     assert (q.dequantize()[3, :32] == 0).all()  # the all-zero block survives
 
 
+@pytest.mark.unit
 def test_symmetric_extreme_is_exact() -> None:
     """Each block's value of largest magnitude takes the most negative code and comes back exactly."""
     w = _weights()
@@ -74,6 +77,7 @@ def test_symmetric_extreme_is_exact() -> None:
     assert (codes[nonzero] == 0).all() and (back == np.take_along_axis(blocks, idx, -1)).all()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True)])
 def test_mse_search_never_worse_than_nearest(bits: int, symmetric: bool) -> None:
     w = _weights(128, 512, seed=1)
@@ -85,6 +89,7 @@ def test_mse_search_never_worse_than_nearest(bits: int, symmetric: bool) -> None
     assert gain < (0.95 if bits == 4 else 0.99), gain  # measured: int4 0.91 / 0.94, int8 0.98
 
 
+@pytest.mark.unit
 def test_threads_and_chunks_do_not_change_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
     w = _weights(96, 256, seed=2)
     monkeypatch.setattr(quant, "MSE_CHUNK_ELEMENTS", 256 * 7)  # 14 chunks of 7 rows
@@ -96,6 +101,7 @@ def test_threads_and_chunks_do_not_change_the_result(monkeypatch: pytest.MonkeyP
             assert np.array_equal(one.zero_points, four.zero_points)
 
 
+@pytest.mark.unit
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="does not divide"):
         quantize_block(np.zeros((2, 48), np.float32), 4, 32)
@@ -130,6 +136,7 @@ def test_simulate_replaces_what_the_recipe_quantizes(tiny_moe) -> None:
         assert torch.equal(v, before[k]), f"simulate changed the reference's {k}"
 
 
+@pytest.mark.unit
 def test_activation_fake_quantizers() -> None:
     x = torch.tensor([[1.0, -0.5, 0.261, 2.54], [0.0, 0.0, 0.0, 0.0]])
     blk = quant.fake_quant_int8_block(x, 4)  # scale 2.54 / 127 = 0.02: values on a 0.02 grid
@@ -224,6 +231,7 @@ def test_int8_moe_experts_round_their_inputs_at_any_level(tmp_path: Path) -> Non
     assert kl <= 0.1 * kl_weights_only, (kl, kl_weights_only)
 
 
+@pytest.mark.unit
 def test_per_channel_int8_is_one_block_per_row_and_only_int8() -> None:
     """`-pc` (and ExecuTorch's group size 0, `b0`) is int8 with one scale per output channel; `8da8w` means it,
     as in ExecuTorch's own export; int4 rows need blocks."""

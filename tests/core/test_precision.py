@@ -33,6 +33,7 @@ from lfm_export.recipes import parse_recipe
 CONTEXT = 64
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "name, rule",
     [
@@ -61,6 +62,7 @@ def test_rule_for(name: str, rule: object) -> None:
     assert rule_for(name) is rule
 
 
+@pytest.mark.unit
 def test_held_as() -> None:
     int4 = parse_recipe("int4")
     assert (int4.bits, int4.head_bits, int4.embedding_bits) == (4, 8, 8)
@@ -76,6 +78,7 @@ def test_held_as() -> None:
     assert RULES[-1] is LINEAR and all(r.why for r in RULES)
 
 
+@pytest.mark.unit
 def test_manifest_entry_labels() -> None:
     names = ["model.embed_tokens.weight", "lm_head.weight", "model.layers.0.conv.in_proj.weight"]
     got = manifest_entry(names, parse_recipe("int4-b64-asym").to_dict())["tensors"]
@@ -85,6 +88,7 @@ def test_manifest_entry_labels() -> None:
     assert manifest_entry(names, {"quant": "16a8w", "activations": "uint16"}) == {}  # QNN: not a core recipe
 
 
+@pytest.mark.unit
 def test_policy_imports_no_torch() -> None:
     code = "import sys, lfm_export.precision, lfm_export.recipes; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -166,7 +166,7 @@ def test_readme_cli_reference_matches_help():
 
     from lfm_export.cli import app
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme.split("## CLI reference", 1)[1].split("\n## ", 1)[0]
     documented = {}
     for row in (line for line in section.splitlines() if line.startswith("| `")):

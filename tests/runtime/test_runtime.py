@@ -17,6 +17,8 @@ from lfm_export.runtime.generate import generate_text, stream_generate
 from lfm_export.runtime.sampler import GenerationConfig, Sampler
 from lfm_export.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 
+pytestmark = pytest.mark.unit
+
 SPECIALS = ["<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [
     "Hello world, the quick brown fox jumps over the lazy dog.",

@@ -395,6 +395,7 @@ class Artifacts:
             folder = self.root / f"{model}-{recipe}-acc{accuracy_level}"
             onnx_recipe = onnx_recipe_named(recipe, accuracy_level=accuracy_level, max_seq_len=MAX_SEQ)
             result = export_onnx(loaded, folder, onnx_recipe, traced=self.traced[model])
+            loaded.copy_tokenizer_files(folder)  # as the pipeline does after every export
             manifest = build_manifest(
                 model_identity=_identity(loaded),
                 config=loaded.config.to_dict(),

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 from lfm_export.config import LAYER_CONV
 from lfm_export.loading import BUNDLED, LoadedModel, load_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import make_corpus  # noqa: E402
 
 MODELS = ("tiny", "tiny-moe")

@@ -17,6 +17,8 @@ pytest.importorskip("coremltools")
 from lfm_export.runtime import coreml_interpreter as ci  # noqa: E402
 from lfm_export.runtime.coreml_interpreter import OPS, UnsupportedOpError  # noqa: E402
 
+pytestmark = pytest.mark.unit
+
 RNG = np.random.default_rng(0)
 
 

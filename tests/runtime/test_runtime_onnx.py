@@ -192,7 +192,6 @@ def test_static_form_matches_and_enforces_max_seq_len(model, artifacts) -> None:
 
 
 def test_generation_over_onnx_matches_greedy_torch(model, artifacts, tmp_path: Path) -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
     from test_runtime import train_tokenizer
 
     tok = train_tokenizer(tmp_path / "tok", vocab_size=model.config.vocab_size)

@@ -6,6 +6,8 @@ from lfm_export.config import Lfm2Config, effective_ff_dim, parse_hf_config
 from lfm_export.contract.errors import ConfigError
 from lfm_export.presets import PRESETS, get_preset, param_count
 
+pytestmark = pytest.mark.unit
+
 LFM2_1_2B_LIQUID = {
     "model_type": "lfm2",
     "vocab_size": 65536,
