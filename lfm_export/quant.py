@@ -19,7 +19,7 @@ Rounding choices, all of them (numpy, float32 arithmetic, `np.rint` = round half
   `sum((w - deq)^2)`. `f = 1` (plain rounding) is tried first and only a strictly smaller error replaces it,
   so the search is never worse than `nearest` on any block. It is not the default: on the bundled models
   it helps as often as it hurts (ONNX int4, accuracy_level 4, the parity gate's pooled KL mean / top-1
-  decisive over 444 positions, 2026-11-29): tiny b32 0.042 / 0.987 -> 0.029 / 0.968, b64 0.046 / 0.981 ->
+  decisive over 444 positions): tiny b32 0.042 / 0.987 -> 0.029 / 0.968, b64 0.046 / 0.981 ->
   0.062 / 0.977, b128 0.077 / 0.939 -> 0.067 / 0.958; tiny-moe b32 0.045 / 0.953 -> 0.049 / 0.963, b64
   0.100 / 0.922 -> 0.055 / 0.956, b128 0.067 / 0.956 -> 0.066 / 0.946. Weighting the error by the
   activations' second moments (tried, not kept) was mixed as well. It costs 16 s on LFM2-350M's weights

@@ -12,7 +12,7 @@ weight the recipe quantizes.
 `fp16`: every weight and the held state in float16 and the whole model computed in it (`half.py`), on XNNPACK's
 fp16 kernels (ARM phones have fp16 arithmetic; XNNPACK's x86 fp16 GEMMs convert with F16C and accumulate in
 fp32: on this VM `tiny` fp16 and fp32 bench alike). Judged against the canonical model run in fp16 by torch
-(activation mode `native`, the `fp16-native` gate, as MLX's fp16): on `tiny` (2026-11-30) the `.pte` is 1.5e-3
+(activation mode `native`, the `fp16-native` gate, as MLX's fp16): on `tiny` the `.pte` is 1.5e-3
 from it (worst logit max rel; pooled median 3.6e-4, limit 1.5e-3) and an artifact of other weights (layer 0's
 w2 x1.05) 7.6e-3 (median). Core ML's gate (`fp16-fp16`: fp32 compute, fp16-rounded linear inputs) is not
 used: on `tiny-moe` that simulation is 8.0e-2 from the `.pte`, against 9.6e-4 for torch in fp16, and its MoE

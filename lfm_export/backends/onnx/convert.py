@@ -168,7 +168,7 @@ def clean_graph(model: ir.Model, signature: IOSignature) -> None:
 SKIPPED_REWRITES = ("SlicesSplit",)
 """onnxscript's default rewrite rules minus these. `SlicesSplit` scales quadratically with the Slices of one
 input: on a 6-layer MoE with 32 experts the cleaning took 123.5 s with it and 18.8 s without, same node count;
-on random LFM2-8B-A1B it was 671 of the export's 1238 s (2026-11-29). Our traced graphs give it nothing to do:
+on random LFM2-8B-A1B it was 671 of the export's 1238 s. Our traced graphs give it nothing to do:
 tiny and tiny-moe artifacts are byte-identical without it."""
 
 

@@ -28,7 +28,7 @@ SOCS: dict[str, tuple[int, str]] = {
 }
 """SoC name -> (QNN `soc_model` id, Hexagon arch), the ids of ExecuTorch 1.5.1's `QcomChipset`. onnxruntime's
 QNN provider needs one: without `soc_model` the emulated HTP failed to finalize every graph of this backend
-(`QNN_COMMON_ERROR_MEM_ALLOC`, 1002), with SM8650 or SM8750 it ran (2026-11-29, onnxruntime-qnn 2.7.0)."""
+(`QNN_COMMON_ERROR_MEM_ALLOC`, 1002), with SM8650 or SM8750 it ran (onnxruntime-qnn 2.7.0)."""
 
 DEFAULT_SOC = "SM8750"
 DEFAULT_MAX_SEQ_LEN = 128
