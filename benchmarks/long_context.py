@@ -54,26 +54,11 @@ RUNS = [("coreml", "fp16"), ("coreml", "int4"), ("mlx", "bf16"), ("executorch", 
 
 
 def write_random(name: str, folder: Path, seed: int) -> Path:
-    """A random transformers checkpoint written by `save_pretrained` (norm weights perturbed, expert bias set)."""
     import torch
-    import transformers
 
-    transformers.utils.logging.set_verbosity_error()
-    kwargs = RANDOM[name]
-    torch.manual_seed(seed)
-    if "num_experts" in kwargs:
-        model = transformers.Lfm2MoeForCausalLM(transformers.Lfm2MoeConfig(**kwargs))
-        with torch.no_grad():
-            for layer in model.model.layers[model.config.num_dense_layers :]:
-                layer.feed_forward.expert_bias.copy_(torch.linspace(-0.05, 0.05, kwargs["num_experts"]))
-    else:
-        model = transformers.Lfm2ForCausalLM(transformers.Lfm2Config(**kwargs))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(folder)
-    return folder
+    from lfm_export.check import save_random_transformers
+
+    return save_random_transformers(folder, RANDOM[name], torch.float32, seed)
 
 
 def recipe_for(backend: str, quant: str, context: int | None):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from lfm_export.check import save_random_transformers as save_hf
 from lfm_export.config import Lfm2Config
 
 torch.set_num_threads(2)
@@ -134,30 +135,6 @@ HF_SHAPES = {
 def _save_hf(name: str, folder: Path) -> Path:
     kwargs, dtype = HF_SHAPES[name]
     return save_hf(folder, kwargs, dtype, seed=stable_seed(name))
-
-
-def save_hf(folder: Path, kwargs: dict[str, Any], dtype: torch.dtype, seed: int) -> Path:
-    """A random transformers `Lfm2ForCausalLM` / `Lfm2MoeForCausalLM` (MoE when `num_experts` is given) with
-    perturbed norm weights and a non-zero expert bias, saved by `save_pretrained` in `dtype`."""
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    torch.manual_seed(seed)
-    if "num_experts" in kwargs:
-        model = transformers.Lfm2MoeForCausalLM(transformers.Lfm2MoeConfig(**kwargs))
-        with torch.no_grad():  # a non-zero expert bias so that routing by biased scores is exercised
-            for layer in model.model.layers[model.config.num_dense_layers :]:
-                if getattr(layer.feed_forward, "expert_bias", None) is not None:
-                    layer.feed_forward.expert_bias.copy_(torch.linspace(-0.05, 0.05, kwargs["num_experts"]))
-    else:
-        model = transformers.Lfm2ForCausalLM(transformers.Lfm2Config(**kwargs))
-    with torch.no_grad():  # break the all-ones norm init so norm weights are checked too
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.add_(0.1 * torch.randn_like(p))
-    model.to(dtype).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")
