@@ -29,3 +29,13 @@ class KvOneOff(ReferenceSession):
         mask[:, 0] = 0
         logits, c, k2, v2 = self.model(ids, conv, pad, padv, attention_mask=mask)
         return logits, c, [k[:, :, 1:] for k in k2], [v[:, :, 1:] for v in v2]
+
+
+class KeepsConvOnRestore(ReferenceSession):
+    """`restore` puts back the snapshot's KV cache and position but keeps the conv state it holds: a new
+    conversation started from a shared prefix carries the previous conversation's conv state."""
+
+    def _restore_state(self, snap):
+        conv = self.conv_states
+        super()._restore_state(snap)
+        self.conv_states = conv

@@ -3,7 +3,8 @@
 
 Arrays are numpy at this boundary so shims stay torch-free. A session holds the streaming state (conv state
 and KV cache) between calls: `prefill` appends tokens to it and returns their logits; chunked prefill is two
-`prefill` calls; `decode` is a one-token `prefill`.
+`prefill` calls; `decode` is a one-token `prefill`. `snapshot()` copies the state at the current position (with the tokens it
+holds) and `restore(snap)` puts it back, so a conversation can branch or start from a shared prefix.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from lfm_export.contract.errors import ContextLimitError, UserError
+from lfm_export.contract.errors import ContextLimitError, UnsupportedError, UserError
+from lfm_export.contract.snapshot import Snapshot, SnapshotError
 
 DEFAULT_THREADS = 2
 """CPU threads of every command and shim unless told otherwise. Left to choose, onnxruntime-genai ran these
@@ -53,6 +55,16 @@ class Session(Protocol):
         """Current state by signature name (`past.N.conv`, `past_key_values.N.key`, ...); None if hidden."""
         ...
 
+    def snapshot(self) -> Snapshot:
+        """A copy of the state at the current position: conv state and KV cache as after the last token fed,
+        the position, the tokens held (`lfm_export.contract.snapshot.Snapshot`)."""
+        ...
+
+    def restore(self, snap: Snapshot) -> None:
+        """Continue from `snap` (taken by a session of the same name over the same artifact): the next
+        `prefill` follows its last token, whatever this session held before."""
+        ...
+
 
 class SessionBase:
     """What every session does the same way: batch size and position, token checks, the context limit.
@@ -62,14 +74,22 @@ class SessionBase:
     `_reset_state(batch_size)` (allocate empty state) and `_prefill(ids)` (run `ids` `[B, T]` int64 after the
     state and return `[B, T, vocab]` logits; the position is advanced here after it returns). `state()`
     returns None unless the runtime exposes its state. Call `reset` at the end of `__init__`.
+
+    Snapshots: `snapshot()` and `restore(snap)` do the checks (session name, `artifact_id`, batch, position)
+    and keep the tokens held; a subclass implements `_snapshot_state()` (copies of its state as named numpy
+    arrays; the default takes `state()`) and `_restore_state(snap)` (put `snap.state` back; batch, position and
+    tokens are already set when it runs). A session that feeds tokens outside `prefill` calls `_advance(ids)`.
     """
 
     name: str = "session"
     vocab_size: int
     max_seq_len: int | None = None
     supports_batch: bool = True
+    artifact_id: str | None = None
+    """`lfm_export.contract.snapshot.artifact_id` of the artifact run (None: an in-memory model)."""
     _batch: int = 1
     _position: int = 0
+    _history: list[np.ndarray] | None = None
 
     @property
     def position(self) -> int:
@@ -81,14 +101,14 @@ class SessionBase:
 
     def reset(self, batch_size: int = 1) -> None:
         self._check_batch(batch_size)
-        self._batch, self._position = batch_size, 0
+        self._batch, self._position, self._history = batch_size, 0, []
         self._reset_state(batch_size)
 
     def prefill(self, tokens: np.ndarray) -> np.ndarray:
         ids = self._check_tokens(tokens)
         self._check_room(ids.shape[1])
         logits = self._prefill(ids)
-        self._position += ids.shape[1]
+        self._advance(ids)
         return logits
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
@@ -102,6 +122,40 @@ class SessionBase:
     def state(self) -> dict[str, np.ndarray] | None:
         return None
 
+    def tokens(self) -> np.ndarray:
+        """The token ids the state holds, int64 `[batch, position]`."""
+        if self._history is None:
+            raise SessionError(f"{self.name}: the tokens held are unknown (the state was set without them)")
+        if not self._history:
+            return np.zeros((self._batch, 0), dtype=np.int64)
+        return np.concatenate(self._history, axis=1)
+
+    def snapshot(self) -> Snapshot:
+        tokens = self.tokens()
+        state = {k: np.array(v, copy=True) for k, v in self._snapshot_state().items()}
+        return Snapshot(self.name, self.artifact_id, self._position, tokens, state)
+
+    def restore(self, snap: Snapshot) -> None:
+        if not isinstance(snap, Snapshot):
+            raise SnapshotError(f"{self.name}: restore takes a Snapshot, got {type(snap).__name__}")
+        if snap.session != self.name:
+            raise SnapshotError(f"{self.name}: the snapshot was taken by a {snap.session} session")
+        if snap.artifact_id != self.artifact_id:
+            raise SnapshotError(
+                f"{self.name}: the snapshot belongs to artifact {snap.artifact_id}, "
+                f"this session runs {self.artifact_id}"
+            )
+        tokens = np.asarray(snap.tokens)
+        if tokens.ndim != 2 or tokens.shape[1] != snap.position:
+            raise SnapshotError(f"{self.name}: the snapshot's tokens do not match its position")
+        self._restored(snap.batch_size, snap.position)
+        self._history = [tokens.astype(np.int64, copy=True)]
+        try:
+            self._restore_state(snap)
+        except BaseException:
+            self.reset(self._batch)  # never half restored
+            raise
+
     # ---- for subclasses ---------------------------------------------------------------------------------
     def _reset_state(self, batch_size: int) -> None:
         raise NotImplementedError
@@ -109,12 +163,28 @@ class SessionBase:
     def _prefill(self, ids: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def _snapshot_state(self) -> dict[str, np.ndarray]:
+        state = self.state()
+        if state is None:
+            raise UnsupportedError(f"{self.name}: this session cannot read its state, so it takes no snapshot")
+        return state
+
+    def _restore_state(self, snap: Snapshot) -> None:
+        raise UnsupportedError(f"{self.name}: this session cannot restore a snapshot")
+
+    def _advance(self, ids: np.ndarray) -> None:
+        """Record `ids` `[B, T]` as fed: the position moves on by T."""
+        if self._history is not None:
+            self._history.append(np.array(ids, dtype=np.int64, copy=True))
+        self._position += ids.shape[1]
+
     def _restored(self, batch_size: int, position: int) -> None:
-        """Take over the batch size and position of a restored state snapshot (after checking them)."""
+        """Take over the batch size and position of a restored state (after checking them); the tokens held
+        are unknown until the caller sets `_history`."""
         self._check_batch(batch_size)
         if position < 0 or (self.max_seq_len is not None and position > self.max_seq_len):
             raise SessionError(f"{self.name}: state position {position} is outside 0..{self.max_seq_len}")
-        self._batch, self._position = batch_size, position
+        self._batch, self._position, self._history = batch_size, position, None
 
     def _check_batch(self, batch_size: int) -> None:
         if batch_size < 1:

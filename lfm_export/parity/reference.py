@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from lfm_export.contract.session import SessionBase, SessionError
+from lfm_export.contract.snapshot import Snapshot
 from lfm_export.contract.signature import CONV, KEY, VALUE, past_name
 from lfm_export.model import GROWING, Lfm2ForCausalLM
 
@@ -44,6 +45,21 @@ class ReferenceSession(SessionBase):
             out[past_name(KEY, layer)] = k.float().numpy().copy()
             out[past_name(VALUE, layer)] = v.float().numpy().copy()
         return out
+
+    def _restore_state(self, snap: Snapshot) -> None:
+        cfg = self.config
+
+        def get(name: str, length: int | None = None) -> Tensor:
+            if name not in snap.state:
+                raise SessionError(f"{self.name}: the snapshot lacks {name}")
+            t = torch.from_numpy(np.array(snap.state[name], dtype=np.float32)).to(self.dtype)
+            if t.shape[0] != snap.batch_size or (length is not None and t.shape[2] != length):
+                raise SessionError(f"{self.name}: snapshot tensor {name} has shape {list(t.shape)}")
+            return t
+
+        self.conv_states = [get(past_name(CONV, layer)) for layer in cfg.conv_layers]
+        self.keys = [get(past_name(KEY, layer), snap.position) for layer in cfg.attn_layers]
+        self.values = [get(past_name(VALUE, layer), snap.position) for layer in cfg.attn_layers]
 
     def _reset_state(self, batch_size: int) -> None:
         self.conv_states, self.keys, self.values = self.model.empty_state(

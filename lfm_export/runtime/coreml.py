@@ -13,6 +13,8 @@ T in the range or among the lengths the package allows (the manifest's `coreml.p
 is fed in chunks of the largest allowed length that fits. Batch 1 only. `reset` creates fresh states
 (zeros, as `make_state()` does); the program also clears its conv state at `input_pos == 0`. `state()`
 returns the held state by signature name (interpreter only; Core ML's Python API exposes none here).
+`snapshot()` / `restore(snap)` copy the held states by Core ML state name, in their own dtype (bitwise): the
+interpreter's arrays; on Core ML, `MLState.read_state` / `write_state` (coremltools 8.1+; not run here: no Mac).
 
 coremltools (which imports torch when it is installed) is imported when a session is created.
 """
@@ -28,7 +30,8 @@ import numpy as np
 
 from lfm_export.contract.errors import UserError
 from lfm_export.contract.manifest import manifest_max_seq_len, manifest_signature, read_manifest
-from lfm_export.contract.session import DEFAULT_THREADS, SessionBase
+from lfm_export.contract.session import DEFAULT_THREADS, SessionBase, SessionError
+from lfm_export.contract.snapshot import Snapshot, artifact_id
 
 ENGINES = ("coreml", "interpreter")
 ENGINE_ENV = "LFM_EXPORT_COREML_ENGINE"
@@ -84,6 +87,7 @@ class CoreMLSession(SessionBase):
         if self.engine not in ENGINES:
             raise UserError(f"Core ML engine {self.engine!r}; expected one of {', '.join(ENGINES)}")
         self.name = "coreml" if self.engine == "coreml" else "coreml-interpreter"
+        self.artifact_id = artifact_id(self.manifest)
         if self.engine == "coreml":
             from .coreml_interpreter import import_coremltools
 
@@ -128,6 +132,28 @@ class CoreMLSession(SessionBase):
             out.append(np.asarray(result["logits"], dtype=np.float32))
             start += step
         return out[0] if len(out) == 1 else np.concatenate(out, axis=1)
+
+    def _held_names(self) -> list[str]:
+        return [held_buffer_name(s.name) for s in self.signature.held]
+
+    def _snapshot_state(self) -> dict[str, np.ndarray]:
+        if self.engine == "interpreter":
+            return {n: self._state[n].copy() for n in self._held_names()}
+        return {n: np.array(self._state.read_state(n), copy=True) for n in self._held_names()}
+
+    def _restore_state(self, snap: Snapshot) -> None:
+        fresh = self._model.make_state()
+        for n in self._held_names():
+            if n not in snap.state:
+                raise SessionError(f"{self.name}: the snapshot lacks state {n}")
+            value = np.asarray(snap.state[n])
+            if self.engine == "interpreter":
+                if value.shape != fresh[n].shape:
+                    raise SessionError(f"{self.name}: snapshot state {n} has shape {list(value.shape)}")
+                fresh[n][...] = value.astype(fresh[n].dtype)
+            else:
+                fresh.write_state(n, value)
+        self._state = fresh
 
     def state(self) -> dict[str, np.ndarray] | None:
         if self.engine != "interpreter":

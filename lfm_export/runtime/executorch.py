@@ -23,6 +23,12 @@ current sequence first), so nothing stale can be read. Measured on `tiny` fp32: 
 first one matches the reference within 7e-6 (logit scale 15). `state()` is None: the held buffers are not
 exposed by the bindings.
 
+Snapshots therefore hold the tokens alone (`state` empty): `restore(snap)` feeds them again from position 0
+in `max_prefill` chunks (the multi-token path; the program clears the conv state at position 0), which writes
+the conv state and KV of the snapshot's last token. It costs a prefill of the snapshot's tokens, and the state
+is recomputed, not copied: equal to the original within the program's float differences between its one-token
+and multi-token paths, not bitwise when the original came through decode calls.
+
 Threads: the bindings expose the process-wide XNNPACK / ExecuTorch threadpool as
 `executorch.extension.pybindings.portable_lib._unsafe_reset_threadpool(n)` (marked experimental); the
 session sets it to `threads` when `threads > 0` (0 leaves the pool as it is: one thread per core).
@@ -38,6 +44,7 @@ import numpy as np
 from lfm_export.contract.errors import UserError
 from lfm_export.contract.manifest import manifest_max_seq_len, manifest_signature, model_file, read_manifest
 from lfm_export.contract.session import DEFAULT_THREADS, SessionBase
+from lfm_export.contract.snapshot import Snapshot, artifact_id
 
 
 class ExecuTorchSession(SessionBase):
@@ -60,10 +67,10 @@ class ExecuTorchSession(SessionBase):
         self.max_prefill = int(self.signature.max_prefill or self.max_seq_len or 1)
         self.model_path = model_file(self.folder, self.manifest, suffix=".pte", default="model.pte")
         self.name = "executorch"
+        self.artifact_id = artifact_id(self.manifest)
         self.threads = threads
         torch, runtime = _import_executorch(threads)
         self._torch = torch
-        self._tokens: list[np.ndarray] = []  # the sequence so far (prefill replays it)
         try:
             self._program = runtime.Runtime.get().load_program(str(self.model_path))
             self._forward = self._program.load_method("forward")
@@ -83,7 +90,20 @@ class ExecuTorchSession(SessionBase):
         return values if name == "get_eos_ids" else values[0]
 
     def _reset_state(self, batch_size: int) -> None:
-        self._tokens = []  # the program starts a new sequence at input_pos 0 (module docstring)
+        """Nothing to clear: the program starts a new sequence at input_pos 0 (module docstring)."""
+
+    def _snapshot_state(self) -> dict[str, np.ndarray]:
+        return {}  # the tokens are the state (module docstring)
+
+    def _restore_state(self, snap: Snapshot) -> None:
+        end = self._position
+        if end == 0:
+            return
+        try:
+            self._position = 0
+            self._run(self._forward, self.tokens())
+        finally:
+            self._position = end
 
     def _run(self, method: Any, ids: np.ndarray) -> list[np.ndarray]:
         torch = self._torch
@@ -97,7 +117,6 @@ class ExecuTorchSession(SessionBase):
 
     def _prefill(self, ids: np.ndarray) -> np.ndarray:
         out = self._every_position(ids)
-        self._tokens.append(ids[0])
         return out[0] if len(out) == 1 else np.concatenate(out, axis=1)
 
     def _every_position(self, ids: np.ndarray) -> list[np.ndarray]:
@@ -110,7 +129,7 @@ class ExecuTorchSession(SessionBase):
                 rows.append(self._run(self._forward, ids[:, i : i + 1])[-1])
             if ids.shape[1] > 1 and start > 0:
                 self._position = 0
-                self._run(self._forward, np.concatenate(self._tokens)[None])
+                self._run(self._forward, self.tokens())
             self._position = start
             rows.append(self._run(self._forward, ids)[-1][:, -1:])
         finally:
@@ -123,8 +142,7 @@ class ExecuTorchSession(SessionBase):
         ids = self._check_tokens(tokens)
         self._check_room(ids.shape[1])
         last = self._run(self._forward, ids)[-1][:, -1]
-        self._tokens.append(ids[0])
-        self._position += ids.shape[1]
+        self._advance(ids)
         return last
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:

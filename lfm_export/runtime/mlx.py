@@ -5,7 +5,8 @@ state as inputs and outputs: `f(input_ids [1, T], input_pos [1], *state, **weigh
 state in signature order (`past.N.conv [1, H, L-1]`, `past_key_values.N.key/.value [1, kv, max_seq_len, hd]`),
 weights by mlx-lm name from `model.safetensors`. `decode.mlxfn` takes T = 1, `prefill.mlxfn` holds one trace
 per chunk size (the manifest's `mlx.prefill_chunks`); a prompt is fed largest chunks first, the remainder one
-token at a time. `state()` returns the state (numpy copies), `restore()` takes one back. Batch 1.
+token at a time. `state()` returns the state (numpy copies); `snapshot()` / `restore(snap)` copy it out and back, exactly (the
+state's own dtype goes through float32, which holds fp16 and bf16 values unchanged). Batch 1.
 
 The device is chosen explicitly (`device="cpu"`, or `"gpu"` on Apple silicon). Threads: MLX 0.32's CPU
 backend has no thread setting in its Python API; `threads` is recorded, not applied.
@@ -24,6 +25,7 @@ import numpy as np
 from lfm_export.contract.errors import UserError
 from lfm_export.contract.manifest import manifest_max_seq_len, manifest_signature, read_manifest
 from lfm_export.contract.session import DEFAULT_THREADS, SessionBase, SessionError
+from lfm_export.contract.snapshot import Snapshot, artifact_id
 
 
 class MlxSession(SessionBase):
@@ -42,6 +44,7 @@ class MlxSession(SessionBase):
         self.max_seq_len: int | None = manifest_max_seq_len(self.manifest, self.signature)
         self.chunks = sorted((int(c) for c in info.get("prefill_chunks", [])), reverse=True)
         self.name = "mlx"
+        self.artifact_id = artifact_id(self.manifest)
         self.threads = threads
         mx = _import_mlx()
         self._mx = mx
@@ -102,9 +105,8 @@ class MlxSession(SessionBase):
         self._check_room(ids.shape[1])
         if ids.shape[1] > 1:
             self._feed(ids[:, :-1], logits=False)
-        self._position += ids.shape[1] - 1
-        logits = self._run(self._decode, ids[:, -1:], self._position)
-        self._position += 1
+        logits = self._run(self._decode, ids[:, -1:], self._position + ids.shape[1] - 1)
+        self._advance(ids)
         assert logits is not None
         return logits[:, -1]
 
@@ -112,14 +114,17 @@ class MlxSession(SessionBase):
         f32 = self._mx.float32
         return {n: np.array(s.astype(f32)) for n, s in zip(self._state_names, self._state)}
 
-    def restore(self, state: dict[str, np.ndarray], position: int) -> None:
-        """Continue from `state` (as `state()` returned it) holding `position` tokens."""
-        missing = [n for n in self._state_names if n not in state]
+    def _restore_state(self, snap: Snapshot) -> None:
+        missing = [n for n in self._state_names if n not in snap.state]
         if missing:
-            raise SessionError(f"{self.name}: state lacks {', '.join(missing)}")
-        self._restored(1, position)
+            raise SessionError(f"{self.name}: the snapshot lacks {', '.join(missing)}")
+        specs = {s.name: s for s in self.signature.state_inputs()}
+        for n in self._state_names:
+            want = [1 if isinstance(d, str) else d for d in specs[n].shape]
+            if list(np.shape(snap.state[n])) != want:
+                raise SessionError(f"{self.name}: snapshot tensor {n} has shape {list(np.shape(snap.state[n]))}")
         self._state = [
-            self._mx.array(np.asarray(state[n], dtype=np.float32)).astype(self._state_dtype)
+            self._mx.array(np.asarray(snap.state[n], dtype=np.float32)).astype(self._state_dtype)
             for n in self._state_names
         ]
 

@@ -39,6 +39,7 @@ import numpy as np
 from lfm_export.contract.errors import UserError
 from lfm_export.contract.manifest import manifest_max_seq_len, manifest_signature, model_file, read_manifest
 from lfm_export.contract.session import DEFAULT_THREADS, SessionBase, SessionError
+from lfm_export.contract.snapshot import Snapshot, artifact_id
 from lfm_export.contract.signature import (
     ATTENTION_MASK,
     GROWING,
@@ -86,6 +87,7 @@ class OnnxSession(SessionBase):
             raise UserError(f"{where}: the static KV form needs max_seq_len in the manifest")
         self.io = io
         self.name = "onnx"
+        self.artifact_id = artifact_id(self.manifest)
         gqa = GQA_OP in self.manifest.get("ops", {}).get("op_types", {})
         if kv == "shared" and not (gqa and self.form == GROWING):
             raise UserError(
@@ -164,6 +166,11 @@ class OnnxSession(SessionBase):
         for name, buf in self._kv_buffers.items():
             out[name] = np.array(buf[:, :, : self._position], copy=True)
         return out
+
+    def _restore_state(self, snap: Snapshot) -> None:
+        tokens = self._history
+        self.set_state(dict(snap.state), snap.position)
+        self._history = tokens
 
     # ---- extras ------------------------------------------------------------------------------------
     def set_state(self, state: dict[str, np.ndarray], position: int | None = None) -> None:

@@ -21,7 +21,8 @@ import numpy as np
 
 from lfm_export.contract.errors import UserError
 from lfm_export.contract.manifest import manifest_max_seq_len, manifest_signature, model_file, read_manifest
-from lfm_export.contract.session import DEFAULT_THREADS, SessionBase
+from lfm_export.contract.session import DEFAULT_THREADS, SessionBase, SessionError
+from lfm_export.contract.snapshot import Snapshot, artifact_id
 
 EP_NAME = "QNNExecutionProvider"
 _registered: list[Any] = []
@@ -80,6 +81,7 @@ class QnnSession(SessionBase):
         qnn = self.manifest.get("qnn", {})
         self.soc_model = int(self.manifest["recipe"]["soc_model"])
         self.name = "qnn-htp"
+        self.artifact_id = artifact_id(self.manifest)
         self.vocab_size = int(self.signature.outputs[0].shape[-1])
         self.context_binary = qnn.get("context_binary")
         path = self.folder / self.context_binary if self.context_binary else self.model_path
@@ -124,6 +126,22 @@ class QnnSession(SessionBase):
 
     def state(self) -> dict[str, np.ndarray]:
         return {k: v.copy() for k, v in self._state.items()}
+
+    def _restore_state(self, snap: Snapshot) -> None:
+        self._state = restored_state(self.name, self._state_specs, snap)
+
+
+def restored_state(name: str, specs: list[Any], snap: Snapshot) -> dict[str, np.ndarray]:
+    """`snap.state` checked against the static state `specs` (every tensor, its shape), as float32 copies."""
+    out = {}
+    for spec in specs:
+        value = snap.state.get(spec.name)
+        if value is None:
+            raise SessionError(f"{name}: the snapshot lacks {spec.name}")
+        if tuple(np.shape(value)) != tuple(spec.shape):
+            raise SessionError(f"{name}: snapshot tensor {spec.name} has shape {list(np.shape(value))}")
+        out[spec.name] = np.array(value, dtype=np.float32, copy=True)
+    return out
 
 
 @contextlib.contextmanager

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 
 from lfm_export.contract.session import SessionBase
+from lfm_export.contract.snapshot import Snapshot
+from lfm_export.runtime.qnn import restored_state
 
 from .quantize import QuantizedStep, empty_state, step_args
 
@@ -37,6 +39,10 @@ class FakeQuantSession(SessionBase):
                 self._state = list(result[1:])
                 out.append(result[0].float().numpy()[:, -1:])
         return np.concatenate(out, axis=1)
+
+    def _restore_state(self, snap: Snapshot) -> None:
+        state = restored_state(self.name, self.signature.state_inputs(), snap)
+        self._state = [torch.from_numpy(state[s.name]) for s in self.signature.state_inputs()]
 
     def state(self) -> dict[str, np.ndarray]:
         return {
