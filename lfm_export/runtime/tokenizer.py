@@ -186,20 +186,23 @@ class Tokenizer:
 
 
 class IncrementalDetokenizer:
-    """Turns a stream of token ids into text, emitting only complete characters.
+    """Turns a stream of token ids into text, emitting only complete characters: `tokenizers`'
+    `decoders.DecodeStream` over the tokenizer's own decoder pipeline.
 
-    Byte-level BPE pieces can end inside a multi-byte UTF-8 character; decoding them alone gives U+FFFD. Each
-    step decodes a short window (the already-emitted tail plus the new tokens) and emits the part past the
-    tail only once it no longer ends in U+FFFD. Decoding in context also keeps decoder rules (leading-space
-    handling) identical to a full `decode`, so the concatenated output equals `decode(all_ids)`.
+    A token that ends inside a multi-byte UTF-8 character (byte-level BPE pieces, byte-fallback `<0xNN>`
+    tokens) emits nothing until the character is complete; the concatenated output equals `decode(all_ids)`.
+    `flush` emits what is still held (an incomplete character as U+FFFD), from a full decode of the ids.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
+        from tokenizers.decoders import DecodeStream
+
         self._tok = tokenizer
         self._skip = skip_special_tokens
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         self._ids: list[int] = []
-        self._prefix = 0
-        self._read = 0
+        self._emitted = 0
+        """Tokens whose text is out (the rest are pending)."""
         self.text = ""
         """Everything emitted so far."""
 
@@ -210,22 +213,28 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Append one token; return the newly completed text ('' while a character is incomplete)."""
         self._ids.append(int(token_id))
-        prefix_text = self._tok.decode(self._ids[self._prefix : self._read], self._skip)
-        new_text = self._tok.decode(self._ids[self._prefix :], self._skip)
-        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+        try:
+            piece = self._stream.step(self._tok.backend, int(token_id))
+        except Exception as e:  # tokenizers raises a bare Exception for ids outside its vocabulary
+            raise UserError(f"cannot decode token id {token_id} ({e})") from None
+        if not piece:
             return ""
-        delta = new_text[len(prefix_text) :]
-        self._prefix, self._read = self._read, len(self._ids)
-        self.text += delta
-        return delta
+        self._emitted = len(self._ids)
+        self.text += piece
+        return piece
 
     def flush(self) -> str:
         """Emit whatever is pending, incomplete characters included (as U+FFFD)."""
-        prefix_text = self._tok.decode(self._ids[self._prefix : self._read], self._skip)
-        new_text = self._tok.decode(self._ids[self._prefix :], self._skip)
-        delta = new_text[len(prefix_text) :]
-        self._prefix = self._read = len(self._ids)
+        from tokenizers.decoders import DecodeStream
+
+        full = self._tok.decode(self._ids, self._skip)
+        if full.startswith(self.text):
+            delta = full[len(self.text) :]
+        else:  # byte fallback turns every byte of a run that ends incomplete into U+FFFD: the pending ones alone
+            delta = self._tok.decode(self._ids[self._emitted :], self._skip)
         self.text += delta
+        self._emitted = len(self._ids)
+        self._stream = DecodeStream(skip_special_tokens=self._skip)  # later tokens start afresh
         return delta
 
 

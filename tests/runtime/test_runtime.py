@@ -312,6 +312,40 @@ def test_streaming_detokenization_emits_only_complete_characters(tok: Tokenizer)
     assert cut.flush().startswith("\ufffd")  # incomplete bytes only come out on flush
 
 
+def byte_fallback_tokenizer() -> Tokenizer:
+    """A SentencePiece-style BPE with byte fallback: characters outside its vocabulary become `<0xNN>` tokens,
+    one per UTF-8 byte, decoded by `ByteFallback` + `Fuse`."""
+    from tokenizers import Tokenizer as HfTokenizer
+    from tokenizers import decoders, models, normalizers
+
+    vocab = {f"<0x{i:02X}>": i for i in range(256)}
+    for piece in ("\u2581", "a", "b", "c", "\u2581a", "ab"):
+        vocab[piece] = len(vocab)
+    bpe = models.BPE(vocab=vocab, merges=[("\u2581", "a"), ("a", "b")], byte_fallback=True)
+    hf = HfTokenizer(bpe)
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    hf.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return Tokenizer(hf)
+
+
+@pytest.mark.unit
+def test_streaming_detokenization_of_byte_fallback_tokens() -> None:
+    tok = byte_fallback_tokenizer()
+    text = "ab \u00e9\U0001f389 c"
+    ids = tok.encode(text, add_bos=False)
+    pieces = [tok.id_to_token(i) for i in ids]
+    assert pieces[3:9] == ["<0xC3>", "<0xA9>", "<0xF0>", "<0x9F>", "<0x8E>", "<0x89>"]
+    detok = IncrementalDetokenizer(tok)
+    out = [detok.add(i) for i in ids]
+    assert out[3:9] == ["", "\u00e9", "", "", "", "\U0001f389"]  # each character once its last byte arrives
+    assert "".join(out) + detok.flush() == text == detok.text
+    cut = IncrementalDetokenizer(tok)
+    assert [cut.add(i) for i in ids[:8]] == ["a", "b", " ", "", "\u00e9", "", "", ""]
+    assert cut.flush() == "\ufffd" * 3  # the three bytes of an incomplete character, on flush only
+
+
 def test_chat_template_fallback_is_lfm2_chatml(tok: Tokenizer) -> None:
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi \u00e9"}]
     assert tok.apply_chat_template(msgs) == (

@@ -270,3 +270,10 @@ def test_bad_artifact_folders(artifacts, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="GroupQueryAttention"):  # plain attention: present = past + new
         OnnxSession(artifacts[GROWING], kv="shared")
     assert OnnxSession(artifacts[GROWING]).kv == "copy"
+
+
+@pytest.mark.parametrize("form", [GROWING, STATIC])
+def test_snapshots_pass_the_scenario_bitwise(artifacts, form: str, tmp_path: Path) -> None:
+    from snapshot_checks import check_snapshots
+
+    check_snapshots(OnnxSession(artifacts[form], threads=1), tmp_path)

@@ -173,7 +173,7 @@ def test_session_chunks_state_and_restore(artifacts) -> None:
     sa, sb = a.state(), b.state()
     assert sa.keys() == sb.keys() and all(np.allclose(sa[k], sb[k], atol=1e-5) for k in sa)
     c = MlxSession(folder)
-    c.restore(sa, a.position)
+    c.restore(a.snapshot())
     np.testing.assert_allclose(c.decode(np.array([3])), a.decode(np.array([3])), atol=1e-6)
     from lfm_export.loading import load_model
 
@@ -382,3 +382,11 @@ def test_generation_prefills_through_prefill_last(artifacts) -> None:
     while len(ours) < 8:
         ours.append(int(session.decode(np.array([ours[-1]]))[0].argmax()))
     assert runs == [ours, ours, ours]
+
+
+@pytest.mark.parametrize("case", [("tiny", "fp32"), BF16], ids=["tiny-fp32", "tiny-bf16"])
+def test_snapshots_pass_the_scenario_bitwise(artifacts, case, tmp_path: Path) -> None:
+    from snapshot_checks import check_snapshots
+
+    whole = 1e-4 if case[1] == "fp32" else 5e-2  # bf16: one prefill of P + B rounds differently
+    check_snapshots(MlxSession(artifacts[case]), tmp_path, whole_rel=whole)

@@ -152,3 +152,13 @@ def test_shared_kv_buffers_match_copied_state(artifact):
     restored.set_state(shared.state())
     tok = np.array([5, 6])
     assert np.array_equal(restored.decode(tok), shared.decode(tok))
+
+
+def test_snapshots_of_the_shared_kv_cache_pass_the_scenario_bitwise(artifact, tmp_path) -> None:
+    from snapshot_checks import check_snapshots
+
+    from lfm_export.runtime.onnx import OnnxSession
+
+    session = OnnxSession(artifact, threads=1)
+    assert session.kv == "shared"
+    check_snapshots(session, tmp_path)

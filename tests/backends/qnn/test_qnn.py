@@ -306,3 +306,11 @@ def test_the_exactness_gate_fails_an_htp_session_that_drops_its_conv_state(
         scenarios=["prefill"],
     )
     assert not result.summary()["exactness"]["passed"]
+
+
+def test_fake_quantized_snapshots_pass_the_scenario_bitwise(tiny_16a8w, tmp_path: Path) -> None:
+    """The fake-quantized step; the HTP session shares its state checks (`runtime.qnn.restored_state`) and runs
+    on the emulator in the slow tests only."""
+    from snapshot_checks import check_snapshots
+
+    check_snapshots(FakeQuantSession(tiny_16a8w), tmp_path)
