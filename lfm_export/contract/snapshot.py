@@ -43,6 +43,8 @@ class Snapshot:
     tokens: np.ndarray
     """int64 `[batch, position]`: every token the state holds, in order."""
     state: Mapping[str, np.ndarray] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """JSON-able data of the caller's that travels with the snapshot (a conversation keeps its messages here)."""
 
     @property
     def batch_size(self) -> int:
@@ -56,6 +58,7 @@ class Snapshot:
             self.position,
             self.tokens.copy(),
             {k: np.array(v, copy=True) for k, v in self.state.items()},
+            json.loads(json.dumps(self.extra)),
         )
 
     # ---- disk ------------------------------------------------------------------------------------------
@@ -67,6 +70,7 @@ class Snapshot:
             "session": self.session,
             "artifact_id": self.artifact_id,
             "position": self.position,
+            "extra": dict(self.extra),
         }
         arrays = {f"{_STATE}{k}": np.asarray(v) for k, v in self.state.items()}
         arrays["tokens"] = np.asarray(self.tokens, dtype=np.int64)
@@ -111,7 +115,8 @@ class Snapshot:
         if tokens.ndim != 2 or tokens.shape[1] != position or not np.issubdtype(tokens.dtype, np.integer):
             raise SnapshotError(f"{path}: its tokens do not match its position {position}")
         state = {k[len(_STATE) :]: v for k, v in arrays.items() if k.startswith(_STATE)}
-        return cls(str(session), artifact, int(position), tokens.astype(np.int64), state)
+        extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
+        return cls(str(session), artifact, int(position), tokens.astype(np.int64), state, extra)
 
 
 def artifact_id(manifest: Mapping[str, Any], skip: Iterable[str] = ("parity/",)) -> str:

@@ -57,6 +57,7 @@ class Generation:
         seed: int | None = 0,
         prefill_chunk: int | None = None,
         skip_special_tokens: bool = False,
+        resume: bool = False,
     ) -> None:
         self.prompt_ids = [int(t) for t in prompt_ids]
         if not self.prompt_ids:
@@ -76,18 +77,21 @@ class Generation:
         self.sampler = Sampler(config, seed)
         self.prefill_chunk = prefill_chunk
         self.skip_special_tokens = skip_special_tokens
+        self.resume = resume
+        """True: `prompt_ids` follow what the session holds (no reset; a conversation's next turn)."""
         self.token_ids: list[int] = []
         self.text = ""
         n = len(self.prompt_ids)
+        held = session.position if resume else 0
         budget = config.max_new_tokens
         limit = session.max_seq_len
         if limit is not None:
-            if n >= limit:
+            if held + n >= limit:
                 raise ContextLimitError(
-                    f"the prompt has {n} tokens and the {session.name} session holds {limit}: "
+                    f"the prompt has {held + n} tokens and the {session.name} session holds {limit}: "
                     "no room for a new token; shorten the prompt or export with a larger --max-seq-len"
                 )
-            budget = min(budget, limit - n)
+            budget = min(budget, limit - held - n)
         self.stats = GenerationStats(prompt_tokens=n, max_new_tokens=budget)
         self._clamped = budget < config.max_new_tokens
         self._it = self._run()
@@ -111,7 +115,8 @@ class Generation:
         penalised = self.config.repetition_penalty != 1.0
 
         t0 = time.perf_counter()
-        sess.reset(1)
+        if not self.resume:
+            sess.reset(1)
         prompt = np.asarray([self.prompt_ids], dtype=np.int64)
         chunk = self.prefill_chunk or prompt.shape[1]
         # a session may offer `prefill_last(tokens) -> [B, vocab]` (the last token's logits only: no lm_head for
