@@ -203,23 +203,72 @@ def parity(
 @app.command()
 def run(
     artifact: ArtifactArg,
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text.")],
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="Prompt text (with --chat: the one user turn).")
+    ] = None,
     chat: Annotated[
-        bool, typer.Option(help="Wrap the prompt as a user turn with the chat template.")
+        bool,
+        typer.Option(
+            help="A conversation with the chat template; without --prompt, one turn per stdin line "
+            "(/reset, /save FILE, /load FILE, /quit)."
+        ),
     ] = False,
+    system: Annotated[str | None, typer.Option(help="System prompt of the conversation (--chat).")] = None,
+    tools: Annotated[
+        Path | None, typer.Option(help="JSON list of tool definitions the template lists (--chat).")
+    ] = None,
+    tool_results: Annotated[
+        Path | None,
+        typer.Option(help="JSON fed back as the tool turn after the first reply that calls a tool (--chat)."),
+    ] = None,
     greedy: Annotated[
         bool, typer.Option(help="Greedy decoding instead of generation_config.json sampling.")
     ] = False,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 128,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     threads: ThreadsOpt = DEFAULT_THREADS,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Per chat turn: tokens prefilled and reused (stderr).")
+    ] = False,
 ) -> None:
     """Stream text from an artifact through its runtime shim (no PyTorch needed for ONNX)."""
     from lfm_export.backends import open_session
 
     if not (artifact / "tokenizer.json").is_file():
         raise UserError(f"{artifact} has no tokenizer.json; run needs one")
-    _stream(open_session(artifact, threads=threads), artifact, prompt, chat, max_new_tokens, greedy, seed)
+    if not chat:
+        extra = [
+            n for n, v in (("--system", system), ("--tools", tools), ("--tool-results", tool_results)) if v
+        ]
+        if extra:
+            raise UserError(f"{extra[0]} needs --chat")
+        if prompt is None:
+            raise UserError("run needs --prompt (or --chat for a conversation)")
+        _stream(open_session(artifact, threads=threads), artifact, prompt, chat, max_new_tokens, greedy, seed)
+        return
+    from lfm_export.chat import ChatLoop, read_json_file, read_tools
+    from lfm_export.runtime.conversation import Conversation
+    from lfm_export.runtime.sampler import GenerationConfig
+    from lfm_export.runtime.tokenizer import Tokenizer
+
+    tool_list = read_tools(tools) if tools else None
+    results = read_json_file(tool_results, "tool results") if tool_results else None
+    tok = Tokenizer.from_folder(artifact)
+    if tok.template_source == "fallback":
+        typer.echo(f"note: {artifact} ships no chat template; using lfm-export's LFM2 fallback", err=True)
+    cfg = GenerationConfig.from_folder(artifact).replace(
+        max_new_tokens=max_new_tokens, do_sample=False if greedy else None
+    )
+    conv = Conversation(
+        open_session(artifact, threads=threads), tok, cfg, system=system, tools=tool_list, seed=seed
+    )
+    loop = ChatLoop(conv, verbose=verbose or _state["verbose"], tool_results=results)
+    if prompt is not None:
+        loop.turn(prompt)
+    else:
+        loop.run(sys.stdin, interactive=sys.stdin.isatty())
+    if loop.failed:
+        raise typer.Exit(2)
 
 
 @app.command()

@@ -22,6 +22,7 @@ from lfm_export.manifest import (
 )
 from lfm_export.precision import manifest_entry as precision_entry
 from lfm_export.progress import Progress
+from lfm_export.runtime.tokenizer import chat_template_entry
 
 PARITY_DIR = "parity"
 
@@ -79,6 +80,7 @@ def export_artifact(
             extra={
                 **result.extra,
                 "precision": precision_entry(loaded.model.state_dict(), result.recipe),
+                "chat_template": chat_template_entry(tmp),
                 "timings_s": dict(progress.timings),
             },
         )

@@ -166,7 +166,9 @@ class SessionBase:
     def _snapshot_state(self) -> dict[str, np.ndarray]:
         state = self.state()
         if state is None:
-            raise UnsupportedError(f"{self.name}: this session cannot read its state, so it takes no snapshot")
+            raise UnsupportedError(
+                f"{self.name}: this session cannot read its state, so it takes no snapshot"
+            )
         return state
 
     def _restore_state(self, snap: Snapshot) -> None:

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from lfm_export.contract.session import SessionBase, SessionError
-from lfm_export.contract.snapshot import Snapshot
 from lfm_export.contract.signature import CONV, KEY, VALUE, past_name
+from lfm_export.contract.snapshot import Snapshot
 from lfm_export.model import GROWING, Lfm2ForCausalLM
 
 

@@ -186,7 +186,11 @@ class Conversation:
         common = _common_prefix(held, ids)
         if common < len(held):
             mark = self._mark
-            if mark is not None and mark.position <= common and mark.tokens[0].tolist() == ids[: mark.position]:
+            if (
+                mark is not None
+                and mark.position <= common
+                and mark.tokens[0].tolist() == ids[: mark.position]
+            ):
                 self.session.restore(mark)
                 common = mark.position
             else:

@@ -122,7 +122,9 @@ class MlxSession(SessionBase):
         for n in self._state_names:
             want = [1 if isinstance(d, str) else d for d in specs[n].shape]
             if list(np.shape(snap.state[n])) != want:
-                raise SessionError(f"{self.name}: snapshot tensor {n} has shape {list(np.shape(snap.state[n]))}")
+                raise SessionError(
+                    f"{self.name}: snapshot tensor {n} has shape {list(np.shape(snap.state[n]))}"
+                )
         self._state = [
             self._mx.array(np.asarray(snap.state[n], dtype=np.float32)).astype(self._state_dtype)
             for n in self._state_names

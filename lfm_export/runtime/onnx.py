@@ -39,7 +39,6 @@ import numpy as np
 from lfm_export.contract.errors import UserError
 from lfm_export.contract.manifest import manifest_max_seq_len, manifest_signature, model_file, read_manifest
 from lfm_export.contract.session import DEFAULT_THREADS, SessionBase, SessionError
-from lfm_export.contract.snapshot import Snapshot, artifact_id
 from lfm_export.contract.signature import (
     ATTENTION_MASK,
     GROWING,
@@ -50,6 +49,7 @@ from lfm_export.contract.signature import (
     VALUE,
     TensorSpec,
 )
+from lfm_export.contract.snapshot import Snapshot, artifact_id
 
 IO_MODES = ("ortvalue", "iobinding", "numpy")
 KV_MODES = ("auto", "shared", "copy")

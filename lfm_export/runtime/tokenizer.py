@@ -36,8 +36,31 @@ LFM2_CHAT_TEMPLATE = """\
     {{- "<|im_start|>assistant\\n" -}}
 {%- endif -%}
 """
-"""LFM2's ChatML-like template, used when a folder ships none. Tools are listed in the system turn between
-`<|tool_list_start|>` / `<|tool_list_end|>` as in the LFM2 model cards."""
+"""LFM2's ChatML-like template (LFM2 model card format), the last resort when a folder ships no template of its
+own: `Tokenizer.template_source` is then "fallback" and an export's manifest records it (`chat_template`),
+with this text's sha256. Tools are listed in the system turn between `<|tool_list_start|>` /
+`<|tool_list_end|>`; a tool turn's content is not wrapped (a model's own template may differ: prefer it)."""
+
+FALLBACK = "fallback"
+
+
+def template_sha256(source: str) -> str:
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(source.encode()).hexdigest()
+
+
+def chat_template_entry(folder: str | Path) -> dict[str, Any]:
+    """What the runtime renders chats with for the artifact `folder`: `source` ("chat_template.jinja",
+    "tokenizer_config.json", "fallback", or None without a tokenizer) and the template's sha256."""
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file():
+        return {"source": None}
+    tcfg = _read_json(folder / "tokenizer_config.json")
+    text, source = _read_template(folder, tcfg)
+    if text is None:
+        text, source = LFM2_CHAT_TEMPLATE, FALLBACK
+    return {"source": source, "sha256": template_sha256(text)}
 
 
 class Tokenizer:
@@ -57,6 +80,7 @@ class Tokenizer:
         pad_token: str | None = None,
         add_bos_token: bool = True,
         chat_template: str | None = None,
+        template_source: str = "given",
     ) -> None:
         self._tok = tokenizer
         self.bos_token = bos_token
@@ -73,6 +97,8 @@ class Tokenizer:
         self.pad_token = pad_token
         self.add_bos_token = add_bos_token and self.bos_token_id is not None
         self.chat_template = chat_template
+        self.template_source = template_source if chat_template else FALLBACK
+        """Where `chat_template` came from; "fallback" when the folder has none (`LFM2_CHAT_TEMPLATE`)."""
         self._compiled: Any = None
 
     # ---- construction ------------------------------------------------------------------------------
@@ -102,7 +128,7 @@ class Tokenizer:
             bos = tok.id_to_token(bos_id) if isinstance(bos_id, int) else None
         eos_ids = _id_list(gen.get("eos_token_id")) + _id_list(mcfg.get("eos_token_id"))
         eos_tok = _token_str(tcfg.get("eos_token"))
-        template = _read_template(folder, tcfg)
+        template, source = _read_template(folder, tcfg)
         return cls(
             tok,
             bos_token=bos,
@@ -111,6 +137,7 @@ class Tokenizer:
             pad_token=_token_str(tcfg.get("pad_token")),
             add_bos_token=bool(tcfg.get("add_bos_token", True)),
             chat_template=template,
+            template_source=source or FALLBACK,
         )
 
     # ---- basics ------------------------------------------------------------------------------------
@@ -267,18 +294,18 @@ def _id_list(value: Any) -> list[int]:
     return []
 
 
-def _read_template(folder: Path, tcfg: Mapping[str, Any]) -> str | None:
+def _read_template(folder: Path, tcfg: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """(template text, the file it came from); (None, None) when the folder has none."""
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text()
+        return jinja.read_text(), jinja.name
     tmpl = tcfg.get("chat_template")
-    if isinstance(tmpl, str):
-        return tmpl
     if isinstance(tmpl, list):  # named templates: [{"name": "default", "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in tmpl if isinstance(t, Mapping)}
-        chosen = named.get("default") or next(iter(named.values()), None)
-        return chosen if isinstance(chosen, str) else None
-    return None
+        tmpl = named.get("default") or next(iter(named.values()), None)
+    if isinstance(tmpl, str):
+        return tmpl, "tokenizer_config.json"
+    return None, None
 
 
 def _compile(source: str) -> Any:

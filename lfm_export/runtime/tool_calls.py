@@ -101,9 +101,7 @@ def parse_reply(text: str) -> ParsedReply:
 
 def format_calls(calls: list[ToolCall]) -> str:
     """The block the model writes for `calls` (what an assistant message with these calls holds)."""
-    parts = [
-        f"{c.name}({', '.join(f'{k}={_py_literal(v)}' for k, v in c.arguments.items())})" for c in calls
-    ]
+    parts = [f"{c.name}({', '.join(f'{k}={_py_literal(v)}' for k, v in c.arguments.items())})" for c in calls]
     return f"{CALL_START}[{', '.join(parts)}]{CALL_END}"
 
 

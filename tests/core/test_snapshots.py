@@ -61,7 +61,9 @@ def test_snapshot_files_refuse_what_they_did_not_write(tmp_path: Path) -> None:
         Snapshot.load(tmp_path / "text.npz")
     with pytest.raises(SnapshotError, match="does not exist"):
         Snapshot.load(tmp_path / "missing.npz")
-    snap = Snapshot("onnx", "sha256:ab", 2, np.array([[1, 2]]), {"past.0.conv": np.ones((1, 4, 2), np.float16)})
+    snap = Snapshot(
+        "onnx", "sha256:ab", 2, np.array([[1, 2]]), {"past.0.conv": np.ones((1, 4, 2), np.float16)}
+    )
     back = Snapshot.load(snap.save(tmp_path / "s.npz"))
     assert back.session == "onnx" and back.artifact_id == "sha256:ab" and back.tokens.tolist() == [[1, 2]]
     assert back.state["past.0.conv"].dtype == np.float16

@@ -21,14 +21,19 @@ TOOL = {
     "description": "Retrieves the current status of a candidate in the recruitment process",
     "parameters": {
         "type": "object",
-        "properties": {"candidate_id": {"type": "string", "description": "Unique identifier for the candidate"}},
+        "properties": {
+            "candidate_id": {"type": "string", "description": "Unique identifier for the candidate"}
+        },
         "required": ["candidate_id"],
     },
 }
 CALL = '<|tool_call_start|>[get_candidate_status(candidate_id="12345")]<|tool_call_end|>Checking the status.'
 RESULT = {"candidate_id": "12345", "status": "Interview Scheduled"}
 CONVERSATIONS = {
-    "system": ([{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hi"}], None),
+    "system": (
+        [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hi"}],
+        None,
+    ),
     "multi_turn": (
         [
             {"role": "user", "content": "Hi, I am Ana."},
@@ -46,7 +51,10 @@ CONVERSATIONS = {
         ],
         [TOOL],
     ),
-    "tools_no_system": ([{"role": "user", "content": "Status of 7?"}], [TOOL, {"name": "noop", "parameters": {"type": "object", "properties": {}}}]),
+    "tools_no_system": (
+        [{"role": "user", "content": "Status of 7?"}],
+        [TOOL, {"name": "noop", "parameters": {"type": "object", "properties": {}}}],
+    ),
     "think": (
         [
             {"role": "user", "content": "2 + 2?"},
@@ -123,3 +131,19 @@ def test_the_fixtures_render_the_cards_examples(tokenizers) -> None:
     think = tokenizers["lfm2.5"][0].apply_chat_template(CONVERSATIONS["think"][0], False)
     assert "Two and two" not in think and "<|im_start|>assistant\n4<|im_end|>" in think
     assert "<think>Three and three.</think>\n6" in think
+
+
+@pytest.mark.unit
+def test_the_template_source_is_recorded_and_the_fallback_is_hashed(tmp_path: Path) -> None:
+    from lfm_export.runtime.tokenizer import LFM2_CHAT_TEMPLATE, chat_template_entry, template_sha256
+
+    (tmp_path / "tokenizer.json").write_bytes((ASSETS / "tiny" / "tokenizer.json").read_bytes())
+    assert chat_template_entry(tmp_path) == {
+        "source": "fallback",
+        "sha256": template_sha256(LFM2_CHAT_TEMPLATE),
+    }
+    assert Tokenizer.from_folder(tmp_path).template_source == "fallback"
+    (tmp_path / "chat_template.jinja").write_text(TEMPLATES["lfm2"])
+    entry = chat_template_entry(tmp_path)
+    assert entry["source"] == "chat_template.jinja" and entry["sha256"] == template_sha256(TEMPLATES["lfm2"])
+    assert chat_template_entry(tmp_path / "missing") == {"source": None}

@@ -1,6 +1,7 @@
 """`lfm-export onnx | parity | run | bench | inspect` end to end on the bundled model, as CI would run them."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -162,3 +163,58 @@ def test_snapshots_of_the_shared_kv_cache_pass_the_scenario_bitwise(artifact, tm
     session = OnnxSession(artifact, threads=1)
     assert session.kv == "shared"
     check_snapshots(session, tmp_path)
+
+
+def test_run_chat_holds_a_conversation_from_stdin(artifact, tmp_path) -> None:
+    """Two turns read from stdin, the second prefilling only its own tokens; /save, /reset, /load; a failing
+    command is one error line and exit 2, the conversation going on."""
+    saved = tmp_path / "conv.npz"
+    lines = f"Hi\nWhat did I say?\n/save {saved}\n/reset\n/load {saved}\n/load {tmp_path / 'no.npz'}\nBye\n"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lfm_export.cli",
+            "run",
+            str(artifact),
+            "--chat",
+            "--verbose",
+            "--threads",
+            "1",
+        ],
+        input=lines,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 2, r.stderr
+    replies = r.stdout.splitlines()
+    assert len(replies) == 3 and all(replies), r.stdout
+    notes = [line for line in r.stderr.splitlines() if line.startswith("[turn")]
+    assert [n.split(":")[0] for n in notes] == ["[turn 1", "[turn 2", "[turn 3"]
+    first, second = (
+        dict(zip(("prefilled", "reused"), map(int, re.findall(r"(\d+) ", n)[:2]))) for n in notes[:2]
+    )
+    assert first["reused"] == 0 and second["reused"] > first["prefilled"] > second["prefilled"] > 0
+    assert "[loaded" in r.stderr and r.stderr.count("error: ") == 1 and "no.npz does not exist" in r.stderr
+    assert "Traceback" not in r.stderr and saved.is_file()
+
+
+def test_run_chat_with_tools_calls_the_tool_and_answers_from_its_result(artifact, tmp_path) -> None:
+    tools, results = tmp_path / "tools.json", tmp_path / "results.json"
+    tools.write_text(
+        json.dumps([{"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {}}}}])
+    )
+    results.write_text(json.dumps({"weather": "rainy"}))
+    r = cli(
+        "run", str(artifact), "--chat", "--greedy", "--threads", "1", "--tools", str(tools),
+        "--tool-results", str(results), "--prompt", "What is the weather in Paris?",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.splitlines()
+    assert out[0].startswith("<|tool_call_start|>[get_weather(city=")
+    call = json.loads(out[1].removeprefix("tool calls: "))
+    assert call[0]["name"] == "get_weather" and set(call[0]["arguments"]) == {"city"}
+    assert len(out) == 3 and out[2]  # the answer after the tool turn
+    bad = cli("run", str(artifact), "--tools", str(tools), "--prompt", "x")
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --tools needs --chat"
