@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from lfm_export.contract.errors import UserError
 from lfm_export.contract.snapshot import SnapshotError
 from lfm_export.loading import load_model
 from lfm_export.parity import ReferenceSession
@@ -113,3 +114,20 @@ def test_a_tool_call_and_its_result(tiny) -> None:
         tok.encode_chat(conv.messages[:-1])
     )
     assert answer.text == fresh_reply(model, tok, conv.messages[:-1], [WEATHER])
+
+
+def test_run_refuses_chat_options_without_chat_and_a_missing_prompt(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from lfm_export.cli import app
+    from lfm_export.loading import ASSETS
+
+    (tmp_path / "tokenizer.json").write_bytes((ASSETS / "tiny" / "tokenizer.json").read_bytes())
+    runner = CliRunner()
+    for args, message in (
+        (["--tools", "t.json", "--prompt", "x"], "--tools needs --chat"),
+        (["--system", "s"], "--system needs --chat"),
+        ([], "run needs --prompt (or --chat for a conversation)"),
+    ):
+        r = runner.invoke(app, ["run", str(tmp_path), *args])
+        assert r.exit_code != 0 and isinstance(r.exception, UserError) and str(r.exception) == message

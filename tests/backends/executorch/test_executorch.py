@@ -531,6 +531,6 @@ def test_snapshots_replay_their_tokens_and_pass_the_scenario(fp32_artifact: Path
     from snapshot_checks import check_snapshots
 
     session = ExecuTorchSession(fp32_artifact, threads=1)
-    report = check_snapshots(session, tmp_path, exact_rel=1e-5)
+    report = check_snapshots(session, tmp_path, exact_rel=1e-5, short=True)
     assert session.snapshot().state == {}
     assert all(c.max_rel < 1e-5 for c in report.checks), report.summary()

@@ -313,4 +313,16 @@ def test_fake_quantized_snapshots_pass_the_scenario_bitwise(tiny_16a8w, tmp_path
     on the emulator in the slow tests only."""
     from snapshot_checks import check_snapshots
 
-    check_snapshots(FakeQuantSession(tiny_16a8w), tmp_path)
+    check_snapshots(FakeQuantSession(tiny_16a8w), tmp_path, short=True)
+
+
+@pytest.mark.slow
+def test_htp_session_snapshots_pass_the_scenario_bitwise(tmp_path: Path) -> None:
+    """The snapshot scenario on the emulated HTP (about 60 tokens, one at a time)."""
+    from snapshot_checks import check_snapshots
+
+    from lfm_export.runtime.qnn import QnnSession
+
+    out = tmp_path / "tiny-16a8w"
+    _export("tiny", out, "16a8w", "--soc", "SM8650", "--no-parity")
+    check_snapshots(QnnSession(out, threads=1), tmp_path)
