@@ -20,14 +20,14 @@ False).
 `reset` starts a new sequence by position alone: the program replaces its conv state by zeros when
 `input_pos == 0` and masks KV positions past the query (every position at or before it is written by the
 current sequence first), so nothing stale can be read. Measured on `tiny` fp32: a second sequence after a
-first one matches the reference within 7e-6 (logit scale 15). `state()` is None: the held buffers are not
-exposed by the bindings.
+first one matches the reference within 7e-6 (logit scale 15). `state()` is None (parity compares logits only).
 
-Snapshots therefore hold the tokens alone (`state` empty): `restore(snap)` feeds them again from position 0
-in `max_prefill` chunks (the multi-token path; the program clears the conv state at position 0), which writes
-the conv state and KV of the snapshot's last token. It costs a prefill of the snapshot's tokens, and the state
-is recomputed, not copied: equal to the original within the program's float differences between its one-token
-and multi-token paths, not bitwise when the original came through decode calls.
+Snapshots: the export names the held buffers in the program (`emit_mutable_buffer_names`), and the bindings'
+`get_attribute(name)` returns a tensor that aliases the buffer the program updates; `snapshot()` copies them
+(conv states and the whole static KV cache, in their dtype) and `restore(snap)` copies them back: bitwise.
+A program without the names (exported before) keeps the tokens only, and `restore` feeds them again from
+position 0 in `max_prefill` chunks (the program clears the conv state at position 0): the same state within
+the float differences of its one-token and multi-token paths, at a prefill's cost.
 
 Threads: the bindings expose the process-wide XNNPACK / ExecuTorch threadpool as
 `executorch.extension.pybindings.portable_lib._unsafe_reset_threadpool(n)` (marked experimental); the
@@ -43,7 +43,7 @@ import numpy as np
 
 from lfm_export.contract.errors import UserError
 from lfm_export.contract.manifest import manifest_max_seq_len, manifest_signature, model_file, read_manifest
-from lfm_export.contract.session import DEFAULT_THREADS, SessionBase
+from lfm_export.contract.session import DEFAULT_THREADS, SessionBase, SessionError
 from lfm_export.contract.snapshot import Snapshot, artifact_id
 
 
@@ -78,6 +78,7 @@ class ExecuTorchSession(SessionBase):
             raise UserError(
                 f"{self.model_path}: ExecuTorch cannot load it ({str(e).splitlines()[0]})"
             ) from None
+        self._held = self._held_buffers()
         vocab = self.metadata("get_vocab_size")
         self.vocab_size = int(vocab if vocab is not None else self.manifest["config"]["vocab_size"])
         self.reset(1)
@@ -92,10 +93,36 @@ class ExecuTorchSession(SessionBase):
     def _reset_state(self, batch_size: int) -> None:
         """Nothing to clear: the program starts a new sequence at input_pos 0 (module docstring)."""
 
+    def _held_buffers(self) -> dict[str, Any] | None:
+        """Signature name -> the tensor aliasing that held buffer; None if the program does not name them."""
+        get = getattr(getattr(self._forward, "_method", None), "get_attribute", None)
+        if get is None or not self.signature.held:
+            return None
+        out = {}
+        for spec in self.signature.held:
+            try:
+                out[spec.name] = get(spec.name.replace(".", "_"))  # lfm_export.stateful.held_buffer_name
+            except Exception:  # noqa: BLE001 - the bindings raise RuntimeError / KeyError for an unnamed buffer
+                return None
+        return out
+
     def _snapshot_state(self) -> dict[str, np.ndarray]:
-        return {}  # the tokens are the state (module docstring)
+        held = self._held
+        if held is None:
+            return {}  # the tokens are the state (module docstring)
+        bf16 = self._torch.bfloat16
+        return {n: (t.float() if t.dtype == bf16 else t).detach().numpy().copy() for n, t in held.items()}
 
     def _restore_state(self, snap: Snapshot) -> None:
+        if self._held is not None and snap.state:
+            for name, target in self._held.items():
+                value = snap.state.get(name)
+                if value is None or tuple(np.shape(value)) != tuple(target.shape):
+                    raise SessionError(f"{self.name}: the snapshot lacks {name} or has another shape")
+                target.copy_(self._torch.from_numpy(np.ascontiguousarray(value)).to(target.dtype))
+            return
+        if self._held is not None:
+            raise SessionError(f"{self.name}: the snapshot holds no state (taken from an older export)")
         end = self._position
         if end == 0:
             return

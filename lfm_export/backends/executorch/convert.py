@@ -275,7 +275,8 @@ def export_executorch(
     with progress.step("Planning memory and emitting (to_executorch)"):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Mutation on a buffer")
-            et_program = edge.to_executorch(ExecutorchBackendConfig())
+            # named held buffers: the runtime shim reads and writes them for snapshots (`get_attribute`)
+            et_program = edge.to_executorch(ExecutorchBackendConfig(emit_mutable_buffer_names=True))
 
     with progress.step("Saving"):
         path = out_dir / MODEL_FILE
