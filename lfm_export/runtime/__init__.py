@@ -18,6 +18,7 @@ _EXPORTS = {
     "LFM2_CHAT_TEMPLATE": "tokenizer",
     "GenerationConfig": "sampler",
     "Sampler": "sampler",
+    "Conversation": "conversation",
     "Generation": "generate",
     "GenerationStats": "generate",
     "generate_text": "generate",
@@ -28,6 +29,7 @@ _EXPORTS = {
 
 __all__ = [
     "LFM2_CHAT_TEMPLATE",
+    "Conversation",
     "Generation",
     "GenerationConfig",
     "GenerationStats",
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
     from lfm_export.contract.manifest import read_manifest
     from lfm_export.contract.session import Session
 
+    from .conversation import Conversation
     from .generate import Generation, GenerationStats, generate_text, stream_generate
     from .onnx import OnnxSession
     from .sampler import GenerationConfig, Sampler
