@@ -62,7 +62,9 @@ class Session(Protocol):
 
     def restore(self, snap: Snapshot) -> None:
         """Continue from `snap` (taken by a session of the same name over the same artifact): the next
-        `prefill` follows its last token, whatever this session held before."""
+        `prefill` follows its last token, whatever this session held before. A snapshot refused before any
+        change (`SnapshotError`, `SessionError`) leaves the session as it was; one that fails while its state is
+        written leaves it reset."""
         ...
 
 
