@@ -4,7 +4,8 @@ With `--prompt` the conversation has that one user turn; without, each line read
 terminal gets a `> ` prompt on stderr), and these lines are commands:
 `/reset` (a new conversation; the system prompt and tools stay), `/save FILE` (the session's snapshot and the
 messages, `.npz`), `/load FILE` (continue a saved conversation; refused for another artifact), `/quit`.
-A command that fails prints one `error:` line on stderr and the conversation goes on; the exit code is then 2.
+A command or turn that fails (a turn past the context, say) prints one `error:` line on stderr and the
+conversation goes on without it; the exit code is then 2.
 
 Replies stream to stdout, one per turn, followed by a newline. Tool calls in a reply are printed as a
 `tool calls: [...]` JSON line; with `--tool-results FILE` (JSON) the results are fed back as a `tool` turn once,
@@ -78,7 +79,13 @@ class ChatLoop:
                 self._prompt()
 
     def turn(self, text: str, role: str = "user") -> None:
-        reply = self.conv.send(text, role=role)
+        try:
+            reply = self.conv.send(text, role=role)
+        except UserError as e:  # the context is full, a template error: the conversation goes on without it
+            self.failed += 1
+            self.err.write(f"error: {e}\n")
+            self.err.flush()
+            return
         self._stream(reply)
         parsed = parse_reply(reply.text)
         for e in parsed.errors:

@@ -129,11 +129,11 @@ class Conversation:
         try:
             ids = self.tokenizer.encode_chat(self._rendered(), add_generation_prompt=True, tools=self.tools)
             info = self._feed_to(ids)
-        except BaseException:
+            new = ids[info.reused :]
+            gen = Generation(self.session, self.tokenizer, new, self.config, seed=self.seed, resume=True)
+        except BaseException:  # a turn that cannot run (context full, template error) is not added
             self.messages.pop()
             raise
-        new = ids[info.reused :]
-        gen = Generation(self.session, self.tokenizer, new, self.config, seed=self.seed, resume=True)
         turn = Turn(self, gen, info)
         self._pending = turn
         return turn

@@ -131,3 +131,39 @@ def test_run_refuses_chat_options_without_chat_and_a_missing_prompt(tmp_path: Pa
     ):
         r = runner.invoke(app, ["run", str(tmp_path), *args])
         assert r.exit_code != 0 and isinstance(r.exception, UserError) and str(r.exception) == message
+
+
+def test_a_turn_past_the_context_is_refused_and_not_kept(tiny) -> None:
+    from lfm_export.contract.errors import ContextLimitError
+
+    model, tok = tiny
+    conv = Conversation(ReferenceSession(model, max_seq_len=40), tok, CONFIG)
+    conv.send("Hi").result()
+    held = conv.session.position
+    with pytest.raises(ContextLimitError):
+        conv.send("Tell me a long story about a fox, a cow and a dog in the forest.")
+    assert [m["role"] for m in conv.messages] == ["user", "assistant"]
+    turn = conv.send("Hi")  # the conversation goes on
+    turn.result()
+    assert turn.info.reused == held and conv.messages[-2]["content"] == "Hi"
+
+
+def test_the_chat_loop_reports_a_failed_turn_and_goes_on(tiny) -> None:
+    import io
+
+    from lfm_export.chat import ChatLoop
+
+    model, tok = tiny
+    out, err = io.StringIO(), io.StringIO()
+    loop = ChatLoop(
+        Conversation(ReferenceSession(model, max_seq_len=40), tok, CONFIG), out, err, verbose=True
+    )
+    loop.run(
+        ["Hi\n", "Tell me a long story about a fox, a cow and a dog in the forest.\n", "/nope\n", "Hi\n"]
+    )
+    assert loop.failed == 2 and len(out.getvalue().splitlines()) == 2
+    errors = [line for line in err.getvalue().splitlines() if line.startswith("error: ")]
+    assert (
+        len(errors) == 2 and "no room for a new token" in errors[0] and "unknown command /nope" in errors[1]
+    )
+    assert err.getvalue().count("[turn ") == 2
