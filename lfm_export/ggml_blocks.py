@@ -50,7 +50,9 @@ BY_BITS = {8: Q8_0, 4: Q4_0}
 def pack(q: Quantized) -> np.ndarray:
     """The ggml bytes `[N, K / 32 * block_bytes]` (uint8) of core-quantized `q` (symmetric, blocks of 32)."""
     if q.zero_points is not None or q.block_size != QK or q.bits not in BY_BITS:
-        raise ValueError(f"ggml Q8_0 / Q4_0 hold symmetric blocks of {QK}; got {q.bits}-bit blocks of {q.block_size}")
+        raise ValueError(
+            f"ggml Q8_0 / Q4_0 hold symmetric blocks of {QK}; got {q.bits}-bit blocks of {q.block_size}"
+        )
     n, k = q.codes.shape
     nb = k // QK
     d = q.scales.astype(np.float16).view(np.uint8).reshape(n, nb, 2)
@@ -75,13 +77,16 @@ def dequantize(data: np.ndarray, kind: BlockType) -> np.ndarray:
     return (d * q).reshape(n, -1)
 
 
-def quantize(w: np.ndarray, bits: int, rounding: str = "nearest", threads: int = DEFAULT_THREADS) -> np.ndarray:
+def quantize(
+    w: np.ndarray, bits: int, rounding: str = "nearest", threads: int = DEFAULT_THREADS
+) -> np.ndarray:
     """`w [N, K]` as ggml bytes: the core quantizer's symmetric codes in blocks of 32 (`rounding` its search),
     packed as Q8_0 (`bits` 8) or Q4_0 (4)."""
     return pack(quantize_block(w, bits, QK, True, rounding, threads))
 
 
-def held_values(w: np.ndarray, bits: int, rounding: str = "nearest", threads: int = DEFAULT_THREADS) -> np.ndarray:
+def held_values(
+    w: np.ndarray, bits: int, rounding: str = "nearest", threads: int = DEFAULT_THREADS
+) -> np.ndarray:
     """The float32 values a GGUF artifact holds for `w` at `bits`: `quantize` then ggml's dequantization."""
     return dequantize(quantize(w, bits, rounding, threads), BY_BITS[bits])
-

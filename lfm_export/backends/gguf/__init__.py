@@ -19,7 +19,9 @@ def export(loaded: Any, folder: Path, recipe: Any, progress: Any = None) -> Any:
     try:
         import gguf  # noqa: F401
     except ImportError as e:
-        raise UserError(f"the GGUF backend needs the gguf package ({e}); pip install 'lfm-export[gguf]'") from None
+        raise UserError(
+            f"the GGUF backend needs the gguf package ({e}); pip install 'lfm-export[gguf]'"
+        ) from None
     from .convert import export_gguf
 
     return export_gguf(loaded, Path(folder), GgufRecipe.coerce(recipe), progress)

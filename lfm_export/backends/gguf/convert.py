@@ -37,7 +37,7 @@ from lfm_export.contract.errors import UnsupportedError
 from lfm_export.contract.signature import STATEFUL
 from lfm_export.ggml_blocks import BY_BITS
 from lfm_export.ggml_blocks import quantize as ggml_quantize
-from lfm_export.loading import BUNDLED, LoadedModel
+from lfm_export.loading import LoadedModel
 from lfm_export.precision import FLOAT, held_as, rule_for
 from lfm_export.progress import Progress
 from lfm_export.signature import build_signature
@@ -219,11 +219,14 @@ def write_metadata(writer: Any, loaded: LoadedModel, recipe: GgufRecipe, context
         writer.add_expert_gating_func(GATING_SIGMOID)
     writer.add_file_type(FILE_TYPES[recipe.recipe.quant])
     writer.add_quantization_version(QUANTIZATION_VERSION)
-    folder = loaded.path if loaded.tokenizer_file is not None else BUNDLED["tiny"]
-    vocab = read_vocab(folder, cfg.vocab_size, loaded.chat_template)
+    if loaded.tokenizer_file is None or loaded.path is None:
+        # llama.cpp's `none` vocabulary: `vocab_size` placeholder tokens, token ids in and logits out only
+        writer.add_tokenizer_model("none")
+        return {"tokenizer": None, "chat_template": False, "add_bos": False}
+    vocab = read_vocab(loaded.path, cfg.vocab_size, loaded.chat_template)
     write_vocab(writer, vocab)
     return {
-        "tokenizer": "the model's" if folder == loaded.path else "the bundled tiny model's (the model has none)",
+        "tokenizer": "tokenizer.json",
         "chat_template": vocab.chat_template is not None,
         "add_bos": vocab.add_bos,
     }

@@ -110,5 +110,7 @@ def make_recipe(quant: str = "f32", max_seq_len: int | None = None) -> GgufRecip
     head, dash, rest = raw.partition("-")
     core = GGML_NAMES[head] + dash + rest if head in GGML_NAMES else raw
     if core.startswith("q") and head not in GGML_NAMES:
-        raise UnsupportedError(f"--quant {quant}: unknown; llama.cpp types supported: {', '.join(GGML_NAMES)}")
+        raise UnsupportedError(
+            f"--quant {quant}: unknown; llama.cpp types supported: {', '.join(GGML_NAMES)}"
+        )
     return GgufRecipe(parse_recipe(core, max_seq_len=max_seq_len))

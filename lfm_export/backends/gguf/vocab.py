@@ -41,10 +41,12 @@ class Vocab:
 
 def read_vocab(folder: Path, vocab_size: int, chat_template: str | None = None) -> Vocab:
     """The vocabulary of `folder/tokenizer.json` padded to `vocab_size` (`[PAD{id}]` tokens, as llama.cpp's
-    converter pads), its special tokens and flags from `tokenizer_config.json`."""
+    converter pads; an id beyond it is refused), its special tokens and flags from `tokenizer_config.json`."""
     path = folder / "tokenizer.json"
     if not path.is_file():
-        raise UnsupportedError(f"{folder}: no tokenizer.json; a GGUF file carries the tokenizer, so it needs one")
+        raise UnsupportedError(
+            f"{folder}: no tokenizer.json; a GGUF file carries the tokenizer, so it needs one"
+        )
     tok = json.loads(path.read_text())
     model = tok.get("model") or {}
     if model.get("type") != "BPE":
@@ -59,7 +61,10 @@ def read_vocab(folder: Path, vocab_size: int, chat_template: str | None = None) 
     added = {a["content"]: a for a in tok.get("added_tokens", [])}
     for content, a in added.items():
         vocab[content] = a["id"]
-    size = max(vocab_size, max(vocab.values()) + 1)
+    size = max(vocab.values()) + 1
+    if size > vocab_size:
+        raise UnsupportedError(f"{path}: token id {size - 1} is outside the model's vocab_size {vocab_size}")
+    size = vocab_size
     tokens = [f"[PAD{i}]" for i in range(size)]
     types = [USER_DEFINED] * size
     for text, i in vocab.items():
@@ -76,8 +81,8 @@ def read_vocab(folder: Path, vocab_size: int, chat_template: str | None = None) 
         return vocab.get(value) if isinstance(value, str) else None
 
     return Vocab(
-        tokens=tokens[:size],
-        types=types[:size],
+        tokens=tokens,
+        types=types,
         merges=merges,
         bos=token_id("bos_token"),
         eos=token_id("eos_token"),
