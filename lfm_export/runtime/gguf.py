@@ -78,7 +78,8 @@ class GgufSession(SessionBase):
             raise UserError(f"{path}: llama.cpp cannot load it ({str(e).splitlines()[0]})") from None
         self.vocab_size = int(self._llm.n_vocab())
         self._ctx = self._llm._ctx
-        self._batch = LlamaBatch(n_tokens=BATCH, embd=0, n_seq_max=1, verbose=False)
+        self._chunk = min(BATCH, int(self._ctx.n_ctx()))  # llama.cpp caps n_batch at the context
+        self._batch = LlamaBatch(n_tokens=self._chunk, embd=0, n_seq_max=1, verbose=False)
         self.reset(1)
 
     def _reset_state(self, batch_size: int) -> None:
@@ -88,9 +89,9 @@ class GgufSession(SessionBase):
         """Decode `ids [1, T]` after the state; the logits of every token (`every`) or of the last one."""
         tokens = ids[0].tolist()
         out = []
-        for start in range(0, len(tokens), BATCH):
-            chunk = tokens[start : start + BATCH]
-            last = start + BATCH >= len(tokens)
+        for start in range(0, len(tokens), self._chunk):
+            chunk = tokens[start : start + self._chunk]
+            last = start + self._chunk >= len(tokens)
             self._batch.set_batch(chunk, self._position + start, logits_all=every)
             try:
                 self._ctx.decode(self._batch)

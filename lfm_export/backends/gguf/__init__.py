@@ -31,7 +31,7 @@ def simulation(recipe_dict: dict[str, Any]) -> tuple[Any, str]:
     """The core recipe as recorded, with llama.cpp's activation rounding: Q8_0 blocks into Q8_0 / Q4_0 matmuls,
     fp16 into F16 ones, none for F32."""
     recipe = GgufRecipe.from_dict(recipe_dict)
-    return recipe.recipe, recipe.activations
+    return recipe.recipe, recipe_dict.get("activation_rounding", recipe.activations)
 
 
 def weight_values(recipe_dict: dict[str, Any]) -> Any:

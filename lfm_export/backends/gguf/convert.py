@@ -40,6 +40,7 @@ from lfm_export.ggml_blocks import quantize as ggml_quantize
 from lfm_export.loading import LoadedModel
 from lfm_export.precision import FLOAT, held_as, rule_for
 from lfm_export.progress import Progress
+from lfm_export.recipes import ACT_FP16, ACT_FP16_ROUTED
 from lfm_export.signature import build_signature
 
 from .recipes import GgufRecipe, ggml_type
@@ -195,10 +196,30 @@ def tensor_info(p: Planned) -> tuple[tuple[int, ...], Any, Any]:
     return byte_shape, np.dtype(np.uint8), gguf.GGMLQuantizationType[kind.name]
 
 
+SAMPLING = {
+    "temperature": "add_sampling_temp",
+    "top_k": "add_sampling_top_k",
+    "top_p": "add_sampling_top_p",
+    "min_p": "add_sampling_min_p",
+    "repetition_penalty": "add_sampling_penalty_repeat",
+}
+"""`generation_config.json` keys and the `general.sampling.*` writers (llama.cpp's default sampling for the file)."""
+
+
+def write_sampling(writer: Any, generation: dict[str, Any]) -> None:
+    """The model card's recommended sampling as `general.sampling.*`, as llama.cpp's converter writes it."""
+    for key, method in SAMPLING.items():
+        value = generation.get(key)
+        if value is not None and hasattr(writer, method):
+            getattr(writer, method)(value)
+
+
 def write_metadata(writer: Any, loaded: LoadedModel, recipe: GgufRecipe, context: int) -> dict[str, Any]:
     """The architecture and model keys; returns the tokenizer's provenance for the manifest."""
     cfg = loaded.config
+    writer.add_type("model")
     writer.add_name(loaded.name)
+    write_sampling(writer, loaded.generation_config)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)
@@ -286,4 +307,7 @@ def export_gguf(
             ],
         },
     }
-    return ExportResult(signature, recipe.to_dict(), extra)
+    recorded = recipe.to_dict()
+    if cfg.is_moe and recipe.activations == ACT_FP16:
+        recorded["activation_rounding"] = ACT_FP16_ROUTED  # fp16 rounding may flip an expert: the -moe gate
+    return ExportResult(signature, recorded, extra)

@@ -172,7 +172,9 @@ def test_moe_routed_scaling_factor_matches_transformers(tmp_path: Path) -> None:
     path = _save_hf("moe_dense_first", tmp_path / "moe")
     assert json.loads((path / "config.json").read_text())["routed_scaling_factor"] == 1.5
     out = tmp_path / "gguf"
-    export_artifact("gguf", str(path), out, make_recipe("f32", CONTEXT), parity=False, progress=Progress(quiet=True))
+    export_artifact(
+        "gguf", str(path), out, make_recipe("f32", CONTEXT), parity=False, progress=Progress(quiet=True)
+    )
     session = GgufSession(out, threads=1)
     ids = np.array([[3, 17, 99, 4, 250, 61, 8, 200, 31, 5]], dtype=np.int64)
     ours = session.prefill(ids)[0]
