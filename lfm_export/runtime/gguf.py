@@ -79,7 +79,7 @@ class GgufSession(SessionBase):
         self.vocab_size = int(self._llm.n_vocab())
         self._ctx = self._llm._ctx
         self._chunk = min(BATCH, int(self._ctx.n_ctx()))  # llama.cpp caps n_batch at the context
-        self._batch = LlamaBatch(n_tokens=self._chunk, embd=0, n_seq_max=1, verbose=False)
+        self._lbatch = LlamaBatch(n_tokens=self._chunk, embd=0, n_seq_max=1, verbose=False)
         self.reset(1)
 
     def _reset_state(self, batch_size: int) -> None:
@@ -92,9 +92,9 @@ class GgufSession(SessionBase):
         for start in range(0, len(tokens), self._chunk):
             chunk = tokens[start : start + self._chunk]
             last = start + self._chunk >= len(tokens)
-            self._batch.set_batch(chunk, self._position + start, logits_all=every)
+            self._lbatch.set_batch(chunk, self._position + start, logits_all=every)
             try:
-                self._ctx.decode(self._batch)
+                self._ctx.decode(self._lbatch)
             except RuntimeError as e:
                 raise SessionError(f"{self.name}: llama.cpp could not decode ({e})") from None
             if every or last:
@@ -132,7 +132,7 @@ class GgufSession(SessionBase):
             raise SessionError(f"{self.name}: llama.cpp refused the state snapshot")
 
     def close(self) -> None:
-        self._batch.close()
+        self._lbatch.close()
         self._llm.close()
 
 

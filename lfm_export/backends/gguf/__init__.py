@@ -64,6 +64,8 @@ BACKEND = Backend(
     quant_default="f32",
     simulation=simulation,
     weight_values=weight_values,
+    gates="lfm_export.backends.gguf.gates:GGUF_GATES",
+    sanity="lfm_export.backends.gguf.gates:GGUF_SANITY_KL_MEAN",
     context_default="default: 4096, or the model's if smaller",
     context_cost="llama.cpp allocates the KV cache of the whole context when a session opens.",
 )

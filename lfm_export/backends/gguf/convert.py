@@ -50,8 +50,6 @@ MODEL_FILE = "model.gguf"
 FILE_TYPES = {"fp32": 0, "fp16": 1, "int4": 2, "int8": 7}
 """`general.file_type` (llama.cpp's `LLAMA_FTYPE_ALL_F32`, `MOSTLY_F16`, `MOSTLY_Q4_0`, `MOSTLY_Q8_0`)."""
 QUANTIZATION_VERSION = 2
-GATING_SIGMOID = 2
-"""`expert_gating_func` value of sigmoid scores (llama.cpp's `LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID`)."""
 
 _LAYER = {
     "operator_norm.weight": "attn_norm.weight",
@@ -216,6 +214,8 @@ def write_sampling(writer: Any, generation: dict[str, Any]) -> None:
 
 def write_metadata(writer: Any, loaded: LoadedModel, recipe: GgufRecipe, context: int) -> dict[str, Any]:
     """The architecture and model keys; returns the tokenizer's provenance for the manifest."""
+    import gguf
+
     cfg = loaded.config
     writer.add_type("model")
     writer.add_name(loaded.name)
@@ -237,7 +237,7 @@ def write_metadata(writer: Any, loaded: LoadedModel, recipe: GgufRecipe, context
         writer.add_expert_used_count(cfg.num_experts_per_tok)
         writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
         writer.add_leading_dense_block_count(cfg.num_dense_layers)
-        writer.add_expert_gating_func(GATING_SIGMOID)
+        writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
     writer.add_file_type(FILE_TYPES[recipe.recipe.quant])
     writer.add_quantization_version(QUANTIZATION_VERSION)
     if loaded.tokenizer_file is None or loaded.path is None:

@@ -72,7 +72,12 @@ class GgufRecipe:
 
     @property
     def name(self) -> str:
-        return self.recipe.name
+        """llama.cpp's name for quantized recipes (`q4_0`, `q8_0-mse`: their parity gates are the GGUF ones,
+        `gates.py`), the core name for float ones (`fp32`, `fp16`)."""
+        r = self.recipe
+        if not r.quantized:
+            return r.name
+        return self.ggml_name + ("-mse" if r.rounding == "mse" else "")
 
     @property
     def activations(self) -> str:
@@ -92,7 +97,13 @@ class GgufRecipe:
         return self.recipe.max_seq_len or min(cfg.max_position_embeddings, DEFAULT_CONTEXT)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.recipe.to_dict(), "ggml_type": self.ggml_name, "activation_rounding": self.activations}
+        return {
+            **self.recipe.to_dict(),
+            "name": self.name,
+            "core_recipe": self.recipe.name,
+            "ggml_type": self.ggml_name,
+            "activation_rounding": self.activations,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GgufRecipe:
