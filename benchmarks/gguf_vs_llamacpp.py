@@ -167,7 +167,9 @@ def main() -> None:
         ours = args.work / f"ours-{kind}"
         cmd = [str(BIN / "lfm-export"), "gguf", args.model, "-o", str(ours), "--quant", kind, "--no-parity"]
         cmd += ["--threads", str(args.threads)]
-        ours_s, ours_rss = timed(cmd, {**env, "PYTHONPATH": str(ROOT)})
+        ours_s, ours_rss = timed(
+            cmd, {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))}
+        )
         theirs = args.work / f"theirs-{kind}"
         shutil.copytree(
             ours, theirs
