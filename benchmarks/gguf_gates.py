@@ -4,8 +4,8 @@ matrix 2% off, run through llama.cpp.
     .venv/bin/python benchmarks/gguf_gates.py --out benchmarks/results/gguf_gates.json
 
 For each model (`tiny`, `tiny-moe`) and type (`q4_0`, `q8_0`): export at context 64 with the full parity run,
-then for each of five matrices raise that matrix's block scales by 2% in the file itself and check parity
-again. Every row holds, per metric, the worst value over the scenarios divided by what the activation rounding
+then for each of five matrices raise that matrix's block scales by `--error` (2%) in the file itself and check
+parity again; `--honest-types` (the `-mse` variants) are exported honest only. Every row holds, per metric, the worst value over the scenarios divided by what the activation rounding
 itself does to it (the simulation with against without llama.cpp's Q8_0 activation rounding; KL max: its
 square root, as the gate squares its factor): a gate at FACTOR fails a row above FACTOR.
 """
@@ -59,6 +59,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="tiny,tiny-moe")
     ap.add_argument("--types", default="q4_0,q8_0")
+    ap.add_argument("--honest-types", default="q4_0-mse,q8_0-mse", help="types exported honest only")
+    ap.add_argument("--error", type=float, default=0.02, help="relative error of the broken matrix")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=Path("/tmp/gguf_gates"))
     ap.add_argument("--out", type=Path, default=None)
@@ -83,11 +85,13 @@ def main() -> None:
                 tensor = next(t for t in reader.tensors if t.name == name)
                 blocks = tensor.data.reshape(-1, BLOCK_BYTES[tensor.tensor_type.name])
                 scales = blocks[:, :2].copy().view(np.float16)
-                blocks[:, :2] = (scales * np.float16(1.02)).view(np.uint8)
+                blocks[:, :2] = (scales * np.float16(1 + args.error)).view(np.uint8)
                 reader.data.flush()
                 del reader
                 check_artifact(broken, threads=args.threads, progress=quiet)
-                rows.append({"model": model, "type": kind, "broken": f"{name} x1.02", **ratios(broken)})
+                rows.append(
+                    {"model": model, "type": kind, "broken": f"{name} x{1 + args.error:g}", **ratios(broken)}
+                )
                 print(json.dumps(rows[-1]), flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     result = {

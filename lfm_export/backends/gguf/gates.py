@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from lfm_export.parity.thresholds import SANITY_KL_MEAN, Gate, _exact_gate
 
-FACTOR = 0.5
+FACTOR = 0.75
 """Limits as a multiple of the activation-rounding effect (KL: its square)."""
 
 _NOTE = (

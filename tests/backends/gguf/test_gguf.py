@@ -106,7 +106,7 @@ def test_honest_passes_and_a_matrix_two_percent_off_fails(q4_0, tmp_path: Path) 
     broken = tmp_path / "broken"
     shutil.copytree(q4_0, broken)
     reader = gguf.GGUFReader(broken / "model.gguf", "r+")
-    tensor = next(t for t in reader.tensors if t.name == "blk.3.shortconv.out_proj.weight")
+    tensor = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
     assert tensor.tensor_type.name == "Q4_0"
     blocks = tensor.data.reshape(-1, 18)
     scales = blocks[:, :2].copy().view(np.float16)
