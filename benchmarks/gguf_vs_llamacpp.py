@@ -12,7 +12,8 @@
    config lacks them), converted to f32 (`--outtype f32`; its tokenizer check, which knows LFM2's tokenizer by
    a hash of the released vocabulary, is told `lfm2`: the bundled models' vocabularies are smaller), then
    quantized by `llama_model_quantize` to each type. Wall time and peak RSS of convert + quantize.
-2. Ours: `lfm-export gguf MODEL --quant TYPE --no-parity` in its own process (wall, peak RSS).
+2. Ours: `lfm-export gguf MODEL --quant TYPE --no-parity` in its own process (wall, peak RSS); a `-mse` type
+   (the core quantizer's rounding search) is compared with llama.cpp's plain type.
 3. Both files run by our shim (`GgufSession`, F32 KV cache): KL against the fp32 reference (the canonical
    model in torch) over the parity prompts (pooled mean over positions, and corpus level: the KL of the
    position-averaged distributions), top-1 agreement; prefill (`--prompt-len` random ids, every position's
@@ -27,10 +28,10 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -61,15 +62,20 @@ sys.exit(rc)
 
 
 def timed(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[float, int]:
-    """Wall seconds and the child's peak RSS (bytes) of `cmd`, which must succeed."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    t = time.perf_counter()
-    r = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if r.returncode:
-        raise SystemExit(f"{' '.join(cmd[:3])} failed:\n{r.stderr[-2000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return wall, max(peak, before) * 1024
+    """Wall seconds and peak RSS (bytes, GNU time's %M) of `cmd`, which must succeed."""
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
+        t = time.perf_counter()
+        r = subprocess.run(
+            ["/usr/bin/time", "-f", "%M", "-o", rss.name, *cmd],
+            env=env,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+        )
+        wall = time.perf_counter() - t
+        if r.returncode:
+            raise SystemExit(f"{' '.join(cmd[:3])} failed:\n{r.stderr[-2000:]}")
+        return wall, int(Path(rss.name).read_text().split()[-1]) * 1024
 
 
 def liquid_copy(model_dir: Path, dst: Path) -> Path:
@@ -127,7 +133,7 @@ def measure(folder: Path, prompts: list[np.ndarray], reference: list[np.ndarray]
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="tiny")
-    ap.add_argument("--types", default="q8_0,q4_0")
+    ap.add_argument("--types", default="q8_0,q4_0,q4_0-mse", help="ours; theirs: the type without -mse")
     ap.add_argument("--llama-src", type=Path, required=True)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=128)
