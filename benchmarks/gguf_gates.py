@@ -5,7 +5,8 @@ matrix 2% off, run through llama.cpp.
 
 For each model (`tiny`, `tiny-moe`) and type (`q4_0`, `q8_0`): export at context 64 with the full parity run,
 then for each of five matrices raise that matrix's block scales by `--error` (2%) in the file itself and check
-parity again; `--honest-types` (the `-mse` variants) are exported honest only. Every row holds, per metric, the worst value over the scenarios divided by what the activation rounding
+parity again; `--honest-types` (the `-mse` variants) are exported honest only. Every row holds, per metric,
+the worst value over the scenarios divided by what the activation rounding
 itself does to it (the simulation with against without llama.cpp's Q8_0 activation rounding; KL max: its
 square root, as the gate squares its factor): a gate at FACTOR fails a row above FACTOR.
 """
@@ -70,14 +71,15 @@ def main() -> None:
     quiet = Progress(quiet=True)
     rows = []
     for model in args.models.split(","):
-        for kind in args.types.split(","):
+        broken_types = [t for t in args.types.split(",") if t]
+        for kind in broken_types + [t for t in args.honest_types.split(",") if t]:
             honest = args.work / f"{model}-{kind}"
             export_artifact(
                 "gguf", model, honest, make_recipe(kind, 64), threads=args.threads, progress=quiet
             )
             rows.append({"model": model, "type": kind, "broken": None, **ratios(honest)})
             print(json.dumps(rows[-1]), flush=True)
-            for name in TARGETS:
+            for name in TARGETS if kind in broken_types else ():
                 broken = args.work / f"{model}-{kind}-broken"
                 shutil.rmtree(broken, ignore_errors=True)
                 shutil.copytree(honest, broken)

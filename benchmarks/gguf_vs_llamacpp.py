@@ -181,7 +181,10 @@ def main() -> None:
             ours, theirs
         )  # our manifest and tokenizer files; llama.cpp's own file in place of ours
         q = QUANTIZE.format(
-            ftype=FTYPES[kind.split("-")[0]], threads=args.threads, src=str(theirs_f32), dst=str(theirs / "model.gguf")
+            ftype=FTYPES[kind.split("-")[0]],
+            threads=args.threads,
+            src=str(theirs_f32),
+            dst=str(theirs / "model.gguf"),
         )
         quant_s, quant_rss = timed([sys.executable, "-c", q], env)
         for who, folder, wall, rss in (
