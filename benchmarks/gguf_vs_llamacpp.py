@@ -14,7 +14,8 @@
    quantized by `llama_model_quantize` to each type. Wall time and peak RSS of convert + quantize.
 2. Ours: `lfm-export gguf MODEL --quant TYPE --no-parity` in its own process (wall, peak RSS); a `-mse` type
    (the core quantizer's rounding search) is compared with llama.cpp's plain type.
-3. Both files run by our shim (`GgufSession`, F32 KV cache): KL against the fp32 reference (the canonical
+3. Our f32 export against theirs: tensors byte for byte, metadata key by key.
+4. Both files run by our shim (`GgufSession`, F32 KV cache): KL against the fp32 reference (the canonical
    model in torch) over the parity prompts (pooled mean over positions, and corpus level: the KL of the
    position-averaged distributions), top-1 agreement; prefill (`--prompt-len` random ids, every position's
    logits off: `prefill_last`) and decode tok/s, best of `--rounds`.
@@ -130,6 +131,32 @@ def measure(folder: Path, prompts: list[np.ndarray], reference: list[np.ndarray]
     }
 
 
+def compare_f32(args: argparse.Namespace, env: dict[str, str], theirs_f32: Path) -> dict:
+    """Our f32 export against llama.cpp's f32 conversion: tensors byte for byte, metadata key by key."""
+    import gguf
+
+    ours = args.work / "ours-f32"
+    cmd = [str(BIN / "lfm-export"), "gguf", args.model, "-o", str(ours), "--quant", "f32", "--no-parity"]
+    timed(cmd, {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))})
+    a, b = gguf.GGUFReader(ours / "model.gguf"), gguf.GGUFReader(theirs_f32)
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    differ = sorted(
+        n
+        for n in set(ta) | set(tb)
+        if n not in ta or n not in tb or not np.array_equal(np.asarray(ta[n].data), np.asarray(tb[n].data))
+    )
+
+    def fields(r: gguf.GGUFReader) -> dict:
+        return {k: repr(f.contents()) for k, f in r.fields.items() if not k.startswith("GGUF.")}
+
+    fa, fb = fields(a), fields(b)
+    return {
+        "f32_tensors": len(ta),
+        "f32_tensors_differing": differ,
+        "metadata_keys_differing": sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k)),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="tiny")
@@ -168,6 +195,8 @@ def main() -> None:
     code = CONVERT.format(src=str(src), dst=str(theirs_f32))
     convert_s, convert_rss = timed([sys.executable, "-c", code], conv_env, args.llama_src)
 
+    same = compare_f32(args, env, theirs_f32)
+    print(json.dumps(same), flush=True)
     rows = []
     for kind in args.types.split(","):
         ours = args.work / f"ours-{kind}"
@@ -212,6 +241,7 @@ def main() -> None:
         "threads": args.threads,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
+        "f32_against_llama_cpp": same,
         "rows": rows,
     }
     if args.out:
