@@ -182,6 +182,7 @@ def test_recipes_and_refusals() -> None:
             make_recipe(bad)
 
 
+@pytest.mark.slow
 def test_moe_routed_scaling_factor_matches_transformers(tmp_path: Path) -> None:
     """A transformers-written MoE checkpoint with routed_scaling_factor 1.5 (llama.cpp's lfm2moe reads none):
     the factor folded into the experts' down projections, llama.cpp's logits equal transformers' within 1e-4
