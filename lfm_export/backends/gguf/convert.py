@@ -128,7 +128,7 @@ def plan(loaded: LoadedModel, recipe: GgufRecipe) -> list[Planned]:
     for name, shape in shapes.items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
-        bits = held_as(name, core) if len(shape) >= 2 and ".conv.conv." not in name else None
+        bits = held_as(name, core)  # None (float) for norms, vectors, the conv kernel and the router
         target = gguf_name(name)
         if target is None:
             m = re.match(r"model\.layers\.(\d+)\.feed_forward\.experts\.(\d+)\.(w[123])\.weight$", name)
