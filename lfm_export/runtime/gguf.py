@@ -10,12 +10,13 @@ and value, which the artifact's simulation does not); flash attention off; `thre
 generation. `prefill` asks llama.cpp for every position's logits; `prefill_last` (generation) only for the last
 token's, so the output matrix runs once per call, as llama.cpp's own generation does. Prompts are fed in
 batches of at most `BATCH` tokens (causal, so the split changes nothing but float summation order inside a
-matmul).
+matmul). llama.cpp's own log reaches stderr for errors only.
 """
 
 from __future__ import annotations
 
 import ctypes
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ from lfm_export.contract.errors import UserError
 from lfm_export.contract.manifest import manifest_max_seq_len, manifest_signature, read_manifest
 from lfm_export.contract.session import DEFAULT_THREADS, SessionBase, SessionError
 
+GGML_LOG_ERROR = 4
+"""ggml's `GGML_LOG_LEVEL_ERROR` (llama-cpp-python 0.3.36's own log callback reads ggml's older numbering and
+prints warnings as errors)."""
 BATCH = 512
 """Tokens per `llama_decode` call (its `n_batch` and `n_ubatch`)."""
 GGML_TYPE_F32 = 0
@@ -58,6 +62,7 @@ class GgufSession(SessionBase):
         self.threads = threads
         llama_cpp = _import_llama_cpp()
         self._lib = llama_cpp
+        _errors_only(llama_cpp)
         from llama_cpp._internals import LlamaBatch
 
         try:
@@ -134,6 +139,25 @@ class GgufSession(SessionBase):
     def close(self) -> None:
         self._lbatch.close()
         self._llm.close()
+
+
+_LOG_CALLBACK: list[Any] = []
+"""The ctypes callback given to llama.cpp, kept alive here (llama.cpp holds a bare pointer to it)."""
+
+
+def _errors_only(llama_cpp: Any) -> None:
+    """llama.cpp's log, errors only, to stderr (once per process): its load-time notes and warnings are not
+    the shim's output."""
+    if _LOG_CALLBACK:
+        return
+
+    @llama_cpp.llama_log_callback
+    def log(level: int, text: bytes, user_data: Any) -> None:
+        if level == GGML_LOG_ERROR:
+            sys.stderr.write(text.decode("utf-8", "replace"))
+
+    _LOG_CALLBACK.append(log)
+    llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
 
 
 def _import_llama_cpp() -> Any:
