@@ -183,16 +183,19 @@ def test_recipes_and_refusals() -> None:
 
 
 @pytest.mark.slow
-def test_moe_routed_scaling_factor_matches_transformers(tmp_path: Path) -> None:
-    """A transformers-written MoE checkpoint with routed_scaling_factor 1.5 (llama.cpp's lfm2moe reads none):
-    the factor folded into the experts' down projections, llama.cpp's logits equal transformers' within 1e-4
-    of the logit scale (fp32)."""
+@pytest.mark.parametrize("name", ["moe_dense_first", "dense_odd", "dense_attn_first_hd32"])
+def test_f32_matches_transformers_through_llama_cpp(name: str, tmp_path: Path) -> None:
+    """Transformers-written checkpoints (conftest's `HF_SHAPES`), f32 GGUF run by llama.cpp: logits within 1e-4
+    of the logit scale of transformers' at every position, and transformers' greedy continuation. The MoE
+    one has routed_scaling_factor 1.5, which llama.cpp's lfm2moe never reads: folded into the experts' down
+    projections."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from conftest import _save_hf
 
-    path = _save_hf("moe_dense_first", tmp_path / "moe")
-    assert json.loads((path / "config.json").read_text())["routed_scaling_factor"] == 1.5
+    path = _save_hf(name, tmp_path / name)
+    if name == "moe_dense_first":
+        assert json.loads((path / "config.json").read_text())["routed_scaling_factor"] == 1.5
     out = tmp_path / "gguf"
     export_artifact(
         "gguf", str(path), out, make_recipe("f32", CONTEXT), parity=False, progress=Progress(quiet=True)
@@ -203,9 +206,16 @@ def test_moe_routed_scaling_factor_matches_transformers(tmp_path: Path) -> None:
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = model(torch.from_numpy(ids)).logits[0].numpy()
+        greedy = model.generate(
+            torch.from_numpy(ids), max_new_tokens=8, do_sample=False, min_new_tokens=8, pad_token_id=0
+        )[0, ids.shape[1] :].tolist()
     scale = np.abs(theirs).max()
     assert np.abs(ours - theirs).max() <= 1e-4 * scale
-    assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+    tokens, logits = [], ours[-1]
+    for _ in range(8):
+        tokens.append(int(logits.argmax()))
+        logits = session.decode(np.array([tokens[-1]]))[0]
+    assert tokens == greedy
 
 
 @pytest.mark.unit
