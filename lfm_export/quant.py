@@ -47,6 +47,8 @@ or per role (`{"linears": ..., "experts": ...}`, `ROLES`) where a runtime treats
   score ties another's within fp16 rounding is chosen differently now and then (`ACT_FP16_ROUTED`, whose gate
   allows for it): measured on `tiny-moe` int8, one position with logit error 5e-2 relative against this
   simulation, 1.2e-3 against the same model run in fp16 by torch, which flips elsewhere itself).
+- `ACT_GGML_Q8_0`: llama.cpp's CPU kernels quantize the input of a Q8_0 / Q4_0 matmul to Q8_0 blocks (32 values,
+  codes `rint(a * (127 / amax))`, scale `amax / 127` stored as fp16): `fake_quant_q8_0`.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ from lfm_export.recipes import (
     ACT_FLOAT,
     ACT_FP16,
     ACT_FP16_ROUTED,
+    ACT_GGML_Q8_0,
     ACT_INT8_BLOCK,
     ACT_INT8_TOKEN,
     ACT_NATIVE,
@@ -291,6 +294,18 @@ def fake_quant_int8_block(x: Tensor, block_size: int) -> Tensor:
     return (torch.round(blocks * inv) * scale).reshape(shape).to(x.dtype)
 
 
+def fake_quant_q8_0(x: Tensor) -> Tensor:
+    """`ACT_GGML_Q8_0`: llama.cpp's CPU rounding of a Q8_0 / Q4_0 matmul's input (ggml-cpu `quantize_row_q8_0`,
+    AVX2 form): per block of 32 along the last axis, codes `rint(x * (127 / amax))` (the reciprocal first, in
+    float32; 0 for an all-zero block) times the scale `amax / 127` stored as fp16."""
+    shape = x.shape
+    blocks = x.float().reshape(*shape[:-1], shape[-1] // 32, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax == 0, torch.zeros_like(amax), torch.full_like(amax, 127.0) / amax)
+    scale = (amax / 127.0).half().float()
+    return (torch.round(blocks * inv) * scale).reshape(shape).to(x.dtype)
+
+
 def fake_quant_int8_token(x: Tensor) -> Tensor:
     """`ACT_INT8_TOKEN`: dynamic per-token asymmetric int8 (see the module doc)."""
     xf = x.float()
@@ -325,6 +340,8 @@ class SimulatedLinear(nn.Linear):
             x = fake_quant_int8_block(x, self.block_size)
         elif self.activations == ACT_INT8_TOKEN:
             x = fake_quant_int8_token(x)
+        elif self.activations == ACT_GGML_Q8_0:
+            x = fake_quant_q8_0(x)
         elif self.activations in (ACT_FP16, ACT_FP16_ROUTED):
             x = x.half().float()
         return super().forward(x)

@@ -25,6 +25,7 @@ REGISTRY = (
     "lfm_export.backends.coreml",
     "lfm_export.backends.onnx_qnn",
     "lfm_export.backends.executorch_qnn",
+    "lfm_export.backends.gguf",
 )
 ENV = "LFM_EXPORT_BACKENDS"
 

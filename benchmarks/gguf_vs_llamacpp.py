@@ -1,0 +1,263 @@
+"""`lfm-export gguf` against llama.cpp's own path (its `convert_hf_to_gguf.py`, then its quantizer
+`llama_model_quantize`) on the same weights, run by the same llama.cpp (llama-cpp-python) with the same threads.
+
+    .venv/bin/python benchmarks/gguf_vs_llamacpp.py --model tiny --threads 1 \
+        --llama-src /tmp/llama_cpp_python-0.3.36/vendor/llama.cpp --out benchmarks/results/gguf_vs_llamacpp.json
+
+`--llama-src` is the `vendor/llama.cpp` folder of llama-cpp-python's sdist (`pip download llama-cpp-python==X
+--no-deps --no-binary :all:`): its `convert_hf_to_gguf.py` runs in a side process with its own `gguf-py`.
+
+1. Theirs: the checkpoint copied with the Liquid config keys its LFM2 converter reads (`block_ff_dim`,
+   `block_auto_adjust_ff_dim` false, `block_multiple_of`, `block_ffn_dim_multiplier`; a transformers-written
+   config lacks them), converted to f32 (`--outtype f32`; its tokenizer check, which knows LFM2's tokenizer by
+   a hash of the released vocabulary, is told `lfm2`: the bundled models' vocabularies are smaller), then
+   quantized by `llama_model_quantize` to each type. Wall time and peak RSS of convert + quantize.
+2. Ours: `lfm-export gguf MODEL --quant TYPE --no-parity` in its own process (wall, peak RSS); a `-mse` type
+   (the core quantizer's rounding search) is compared with llama.cpp's plain type.
+3. Our f32 export against theirs: tensors byte for byte, metadata key by key.
+4. Both files run by our shim (`GgufSession`, F32 KV cache): KL against the fp32 reference (the canonical
+   model in torch) over the parity prompts (pooled mean over positions, and corpus level: the KL of the
+   position-averaged distributions), top-1 agreement; prefill (`--prompt-len` random ids, every position's
+   logits off: `prefill_last`) and decode tok/s, best of `--rounds`.
+
+Writes JSON (date, machine, commit, command, rows) to `--out` and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+FTYPES = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15}
+"""llama.cpp's `LLAMA_FTYPE_MOSTLY_*` of each type."""
+
+CONVERT = """
+import sys
+sys.argv = ["convert_hf_to_gguf.py", {src!r}, "--outtype", "f32", "--outfile", {dst!r}]
+import conversion.base as base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "lfm2"
+import runpy
+runpy.run_path("convert_hf_to_gguf.py", run_name="__main__")
+"""
+QUANTIZE = """
+import sys, llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = {ftype}
+params.nthread = {threads}
+rc = llama_cpp.llama_model_quantize({src!r}.encode(), {dst!r}.encode(), params)
+sys.exit(rc)
+"""
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes, GNU time's %M) of `cmd`, which must succeed."""
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
+        t = time.perf_counter()
+        r = subprocess.run(
+            ["/usr/bin/time", "-f", "%M", "-o", rss.name, *cmd],
+            env=env,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+        )
+        wall = time.perf_counter() - t
+        if r.returncode:
+            raise SystemExit(f"{' '.join(cmd[:3])} failed:\n{r.stderr[-2000:]}")
+        return wall, int(Path(rss.name).read_text().split()[-1]) * 1024
+
+
+def liquid_copy(model_dir: Path, dst: Path) -> Path:
+    shutil.copytree(model_dir, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.setdefault("block_ff_dim", cfg["intermediate_size"])
+    cfg.setdefault("block_auto_adjust_ff_dim", False)
+    cfg.setdefault("block_multiple_of", 256)
+    cfg.setdefault("block_ffn_dim_multiplier", 1.0)
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    return dst
+
+
+def measure(folder: Path, prompts: list[np.ndarray], reference: list[np.ndarray], args) -> dict:
+    from lfm_export.parity.metrics import log_softmax
+    from lfm_export.runtime.gguf import GgufSession
+
+    s = GgufSession(folder, threads=args.threads)
+    kls, top1, p_ref, p_test = [], [], [], []
+    for ids, ref in zip(prompts, reference):
+        s.reset()
+        test = s.prefill(ids[None])[0]
+        lr, lt = log_softmax(ref), log_softmax(test)
+        kls.append((np.exp(lr) * (lr - lt)).sum(-1))
+        top1.append(ref.argmax(-1) == test.argmax(-1))
+        p_ref.append(np.exp(lr))
+        p_test.append(np.exp(lt))
+    pr, pt = np.concatenate(p_ref).mean(0), np.concatenate(p_test).mean(0)
+    corpus = float((pr * (np.log(pr + 1e-30) - np.log(pt + 1e-30))).sum())
+    rng = np.random.default_rng(0)
+    ids = rng.integers(16, s.vocab_size, (1, args.prompt_len))
+    best_p = best_d = 0.0
+    for _ in range(args.rounds):
+        s.reset()
+        t = time.perf_counter()
+        tok = int(s.prefill_last(ids)[0].argmax())
+        best_p = max(best_p, args.prompt_len / (time.perf_counter() - t))
+        t = time.perf_counter()
+        for _ in range(args.new_tokens):
+            tok = int(s.decode(np.array([tok]))[0].argmax())
+        best_d = max(best_d, args.new_tokens / (time.perf_counter() - t))
+    s.close()
+    k = np.concatenate(kls)
+    return {
+        "kl_mean": float(k.mean()),
+        "kl_p99": float(np.quantile(k, 0.99)),
+        "kl_corpus": corpus,
+        "top1_agreement": float(np.concatenate(top1).mean()),
+        "positions": int(k.size),
+        "prefill_tok_s": round(best_p, 1),
+        "decode_tok_s": round(best_d, 1),
+    }
+
+
+def compare_f32(args: argparse.Namespace, env: dict[str, str], theirs_f32: Path) -> dict:
+    """Our f32 export against llama.cpp's f32 conversion: tensors byte for byte, metadata key by key."""
+    import gguf
+
+    ours = args.work / "ours-f32"
+    cmd = [str(BIN / "lfm-export"), "gguf", args.model, "-o", str(ours), "--quant", "f32", "--no-parity"]
+    timed(cmd, {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))})
+    a, b = gguf.GGUFReader(ours / "model.gguf"), gguf.GGUFReader(theirs_f32)
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    differ = sorted(
+        n
+        for n in set(ta) | set(tb)
+        if n not in ta or n not in tb or not np.array_equal(np.asarray(ta[n].data), np.asarray(tb[n].data))
+    )
+
+    def fields(r: gguf.GGUFReader) -> dict:
+        return {k: repr(f.contents()) for k, f in r.fields.items() if not k.startswith("GGUF.")}
+
+    fa, fb = fields(a), fields(b)
+    return {
+        "f32_tensors": len(ta),
+        "f32_tensors_differing": differ,
+        "metadata_keys_differing": sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--types", default="q8_0,q4_0,q4_0-mse", help="ours; theirs: the type without -mse")
+    ap.add_argument("--llama-src", type=Path, required=True)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/gguf_vs_llamacpp"))
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    from lfm_export.loading import load_model
+    from lfm_export.parity import ReferenceSession
+    from lfm_export.parity.prompts import default_prompts
+
+    torch.set_num_threads(args.threads)
+    shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    loaded = load_model(args.model)
+    assert loaded.path is not None, "the comparison needs a checkpoint folder (a bundled model or a path)"
+    prompts = default_prompts(loaded.config.vocab_size, loaded.tokenizer_file)
+    ref = ReferenceSession(loaded.model)
+    reference = []
+    for ids in prompts:
+        ref.reset()
+        reference.append(ref.prefill(ids[None])[0])
+
+    src = liquid_copy(loaded.path, args.work / "hf")
+    theirs_f32 = args.work / "theirs-f32.gguf"
+    conv_env = {**env, "PYTHONPATH": f"{args.llama_src / 'gguf-py'}{os.pathsep}{args.llama_src}"}
+    code = CONVERT.format(src=str(src), dst=str(theirs_f32))
+    convert_s, convert_rss = timed([sys.executable, "-c", code], conv_env, args.llama_src)
+
+    same = compare_f32(args, env, theirs_f32)
+    print(json.dumps(same), flush=True)
+    rows = []
+    for kind in args.types.split(","):
+        ours = args.work / f"ours-{kind}"
+        cmd = [str(BIN / "lfm-export"), "gguf", args.model, "-o", str(ours), "--quant", kind, "--no-parity"]
+        cmd += ["--threads", str(args.threads)]
+        ours_s, ours_rss = timed(
+            cmd, {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))}
+        )
+        theirs = args.work / f"theirs-{kind}"
+        shutil.copytree(
+            ours, theirs
+        )  # our manifest and tokenizer files; llama.cpp's own file in place of ours
+        q = QUANTIZE.format(
+            ftype=FTYPES[kind.split("-")[0]],
+            threads=args.threads,
+            src=str(theirs_f32),
+            dst=str(theirs / "model.gguf"),
+        )
+        quant_s, quant_rss = timed([sys.executable, "-c", q], env)
+        for who, folder, wall, rss in (
+            ("lfm-export", ours, ours_s, ours_rss),
+            ("llama.cpp", theirs, convert_s + quant_s, max(convert_rss, quant_rss)),
+        ):
+            row = {
+                "type": kind,
+                "who": who,
+                "file_bytes": (folder / "model.gguf").stat().st_size,
+                "export_wall_s": round(wall, 2),
+                "export_peak_rss_bytes": rss,
+                **measure(folder, prompts, reference, args),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    result = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()} {platform.processor()} ({os.cpu_count()} cores, shared)",
+        "commit": commit.stdout.strip(),
+        "command": " ".join(["benchmarks/gguf_vs_llamacpp.py", *sys.argv[1:]]),
+        "model": args.model,
+        "threads": args.threads,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "f32_against_llama_cpp": same,
+        "rows": rows,
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(
+        "| type | who | bytes | KL mean | KL corpus | top-1 | prefill tok/s | decode tok/s | export s | RSS MB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['type']} | {r['who']} | {r['file_bytes']} | {r['kl_mean']:.2e} | {r['kl_corpus']:.2e} | "
+            f"{r['top1_agreement']:.4f} | {r['prefill_tok_s']} | {r['decode_tok_s']} | {r['export_wall_s']} | "
+            f"{r['export_peak_rss_bytes'] / 1e6:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""GGUF backend: one `model.gguf` that an unmodified llama.cpp loads (architectures `lfm2` / `lfm2moe`, the
+tokenizer and chat template inside), run here through llama-cpp-python (`lfm_export.runtime.gguf`). `export`
+is the pipeline's entry point (the `gguf` package is imported when it runs); `simulation` and `weight_values`
+say what llama.cpp's CPU computes with an artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lfm_export.backends.record import Backend
+from lfm_export.contract.errors import UserError
+
+from .recipes import GgufRecipe, make_recipe
+
+
+def export(loaded: Any, folder: Path, recipe: Any, progress: Any = None) -> Any:
+    """Write `model.gguf` for `loaded` into `folder`."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError as e:
+        raise UserError(
+            f"the GGUF backend needs the gguf package ({e}); pip install 'lfm-export[gguf]'"
+        ) from None
+    from .convert import export_gguf
+
+    return export_gguf(loaded, Path(folder), GgufRecipe.coerce(recipe), progress)
+
+
+def simulation(recipe_dict: dict[str, Any]) -> tuple[Any, str]:
+    """The core recipe as recorded, with llama.cpp's activation rounding: Q8_0 blocks into Q8_0 / Q4_0 matmuls,
+    fp16 into F16 ones, none for F32."""
+    recipe = GgufRecipe.from_dict(recipe_dict)
+    return recipe.recipe, recipe_dict.get("activation_rounding", recipe.activations)
+
+
+def weight_values(recipe_dict: dict[str, Any]) -> Any:
+    """The values ggml reads from the artifact's blocks: the core quantizer's codes times its scales rounded to
+    fp16 (`lfm_export.ggml_blocks.held_values`)."""
+    recipe = GgufRecipe.from_dict(recipe_dict).recipe
+    if not recipe.quantized:
+        return None
+    from lfm_export.ggml_blocks import held_values
+
+    def values(w: Any, bits: int) -> Any:
+        return held_values(w, bits, recipe.rounding)
+
+    return values
+
+
+def cli_recipe(quant: str, max_seq_len: int | None) -> GgufRecipe:
+    """The recipe `lfm-export gguf` builds from its options."""
+    return make_recipe(quant, max_seq_len)
+
+
+BACKEND = Backend(
+    name="gguf",
+    help="Export MODEL to GGUF (one model.gguf for llama.cpp: lfm2 / lfm2moe, tokenizer and chat template "
+    "inside; --quant f32, f16, q8_0, q4_0), then check parity through llama.cpp (llama-cpp-python).",
+    recipe=cli_recipe,
+    export=export,
+    session="lfm_export.runtime.gguf:GgufSession",
+    install="gguf",
+    quant_default="f32",
+    simulation=simulation,
+    weight_values=weight_values,
+    gates="lfm_export.backends.gguf.gates:GGUF_GATES",
+    sanity="lfm_export.backends.gguf.gates:GGUF_SANITY_KL_MEAN",
+    context_default="default: 4096, or the model's if smaller",
+    context_cost="llama.cpp allocates the KV cache of the whole context when a session opens.",
+)

@@ -1,0 +1,40 @@
+"""Parity gates of the GGUF quantized recipes (`q8_0`, `q4_0`), registered through the backend record.
+
+(a) Exactness: llama.cpp's CPU quantizes the input of every Q8_0 / Q4_0 matmul to Q8_0 blocks. The simulation
+does the same (`lfm_export.quant.fake_quant_q8_0`) and holds the file's very weights, so it matches the artifact
+to float rounding until a float-ordering difference flips one activation code on a rounding boundary; the flip
+then carries through the state to later positions. The limits are therefore a fraction (`FACTOR`) of what the
+activation rounding itself does to the logits (KL: its square), tighter than the core's `-a8` gates (2x).
+Calibrated by `benchmarks/gguf_gates.py` (`benchmarks/results/gguf_gates.json`, `gguf_gates_mse.json`; `tiny`
+and `tiny-moe`, q8_0 / q4_0 and their `-mse`, context 64, every scenario): honest worst 0.51x (tiny q4_0-mse),
+so 0.75x; a 2% error in one matrix is caught in 9 of 20 cases (every `ffn_down`, most `in_proj`; not
+`attn_output`): the detection limit is in `docs/backends/gguf.md`.
+(b) Quality by default: the core's int8 / int4 sanity bounds.
+"""
+
+from __future__ import annotations
+
+from lfm_export.parity.thresholds import SANITY_KL_MEAN, Gate, _exact_gate
+
+FACTOR = 0.75
+"""Limits as a multiple of the activation-rounding effect (KL: its square)."""
+
+_NOTE = (
+    "llama.cpp CPU (Q8_0 activation blocks) against the simulation with the same rounding; limits allow "
+    f"{FACTOR}x what the rounding itself does"
+)
+
+GGUF_GATES: dict[str, Gate] = {
+    name: _exact_gate(
+        name,
+        logit_max_rel=1e-3,
+        kl_max=1e-5,
+        top1_decisive=1.0,
+        state_max_rel=1e-3,
+        rounding=FACTOR,
+        note=_NOTE,
+    )
+    for name in ("q8_0", "q4_0")
+}
+
+GGUF_SANITY_KL_MEAN: dict[str, float] = {"q8_0": SANITY_KL_MEAN["int8"], "q4_0": SANITY_KL_MEAN["int4"]}

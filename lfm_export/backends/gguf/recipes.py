@@ -1,0 +1,127 @@
+"""GGUF recipes: the core `Recipe` as a GGUF file holds it, with llama.cpp's type names as aliases.
+
+| `--quant` | core recipe | linears | token embedding (tied output) | what llama.cpp's CPU computes |
+|---|---|---|---|---|
+| `f32` / `fp32` | `fp32` | F32 | F32 | float32 |
+| `f16` / `fp16` | `fp16` | F16 | F16 | linears' inputs rounded to fp16 (`ACT_FP16`) |
+| `q8_0` / `int8-b32` | `int8-b32` | Q8_0 | Q8_0 | inputs of Q8_0 matmuls rounded to Q8_0 blocks |
+| `q4_0` / `int4-b32` | `int4-b32` | Q4_0 | Q8_0 (the core's `head_bits` 8) | inputs rounded to Q8_0 blocks |
+
+`-mse` (the core quantizer's rounding search) is accepted with either quantized recipe. Norms, the conv weights,
+the MoE router and expert bias are F32 in every recipe (`lfm_export.precision`).
+
+Refused before any work, each in one line: block sizes other than 32 and per-channel int8 (ggml's Q8_0 / Q4_0
+blocks hold 32 values), `-asym` (Q4_0 / Q8_0 have no zero point), `-a8` (llama.cpp rounds activations its own
+way, to Q8_0 blocks, whatever the recipe says), `bf16` (not yet: llama.cpp rounds a BF16 matmul's input to bf16,
+which no simulation mode here reproduces), and the K-quant mixes (`q4_k_m`, `q5_k_m`, `q6_k`: not implemented).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lfm_export.contract.errors import UnsupportedError
+from lfm_export.recipes import ACT_FLOAT, ACT_FP16, ACT_GGML_Q8_0, Recipe, parse_recipe
+
+GGML_NAMES = {"f32": "fp32", "f16": "fp16", "q8_0": "int8-b32", "q4_0": "int4-b32"}
+"""llama.cpp's type names (as `llama-quantize` spells them) and the core recipe each is."""
+NOT_YET = ("bf16", "q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q4_k", "q5_k")
+DEFAULT_CONTEXT = 4096
+"""Context the manifest declares (and the runtime shim allocates) when none is asked for: llama.cpp allocates
+its KV cache for the whole context at load time."""
+
+
+def ggml_type(recipe: Recipe, bits: int | None) -> str:
+    """The GGUF type name of a weight held at `bits` (None: float) in an artifact of `recipe`."""
+    if bits is None:
+        return {"fp32": "F32", "fp16": "F16"}[recipe.dtype]
+    return {8: "Q8_0", 4: "Q4_0"}[bits]
+
+
+@dataclass(frozen=True)
+class GgufRecipe:
+    recipe: Recipe = field(default_factory=Recipe)
+
+    def __post_init__(self) -> None:
+        r = self.recipe
+        name = r.name
+        if r.dtype == "bf16":
+            raise UnsupportedError(
+                "bf16: not supported by the GGUF backend yet (llama.cpp rounds a BF16 matmul's input to bf16, "
+                "which no parity simulation here reproduces); use f16 or f32"
+            )
+        if not r.quantized:
+            return
+        if r.dtype != "fp32":
+            raise UnsupportedError(f"{name}: GGUF quantized recipes keep their float tensors in fp32")
+        if r.per_channel or r.block_size != 32:
+            raise UnsupportedError(f"{name}: ggml's Q8_0 / Q4_0 blocks hold 32 values; use {r.quant}-b32")
+        if not r.symmetric:
+            raise UnsupportedError(f"{name}: ggml's Q8_0 / Q4_0 blocks have no zero point; drop -asym")
+        if r.activations != "float":
+            raise UnsupportedError(
+                f"{name}: llama.cpp rounds the activations itself (to Q8_0 blocks); drop -a8"
+            )
+
+    @classmethod
+    def coerce(cls, recipe: GgufRecipe | Recipe | str) -> GgufRecipe:
+        if isinstance(recipe, GgufRecipe):
+            return recipe
+        return make_recipe(recipe) if isinstance(recipe, str) else cls(recipe)
+
+    @property
+    def name(self) -> str:
+        """llama.cpp's name for quantized recipes (`q4_0`, `q8_0-mse`: their parity gates are the GGUF ones,
+        `gates.py`), the core name for float ones (`fp32`, `fp16`)."""
+        r = self.recipe
+        if not r.quantized:
+            return r.name
+        return self.ggml_name + ("-mse" if r.rounding == "mse" else "")
+
+    @property
+    def activations(self) -> str:
+        """What llama.cpp's CPU kernels do to the input of every linear that is not F32: fp16 rounding (F16
+        weights), Q8_0 blocks (Q8_0 / Q4_0 weights), none (F32)."""
+        if self.recipe.quantized:
+            return ACT_GGML_Q8_0
+        return ACT_FP16 if self.recipe.dtype == "fp16" else ACT_FLOAT
+
+    @property
+    def ggml_name(self) -> str:
+        """llama.cpp's name of the recipe (`f32`, `f16`, `q8_0`, `q4_0`)."""
+        r = self.recipe
+        return ggml_type(r, r.bits).lower()
+
+    def context(self, cfg: Any) -> int:
+        return self.recipe.max_seq_len or min(cfg.max_position_embeddings, DEFAULT_CONTEXT)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.recipe.to_dict(),
+            "name": self.name,
+            "core_recipe": self.recipe.name,
+            "ggml_type": self.ggml_name,
+            "activation_rounding": self.activations,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GgufRecipe:
+        return cls(Recipe.from_dict(d))
+
+
+def make_recipe(quant: str = "f32", max_seq_len: int | None = None) -> GgufRecipe:
+    """The recipe `lfm-export gguf --quant QUANT [--max-seq-len N]` builds (llama.cpp names or core names)."""
+    raw = quant.strip().lower()
+    if raw in NOT_YET:
+        raise UnsupportedError(
+            f"--quant {quant}: not supported by the GGUF backend yet; supported: {', '.join(GGML_NAMES)} "
+            "(and the core names int8-b32, int4-b32, with -mse)"
+        )
+    head, dash, rest = raw.partition("-")
+    core = GGML_NAMES[head] + dash + rest if head in GGML_NAMES else raw
+    if core.startswith("q") and head not in GGML_NAMES:
+        raise UnsupportedError(
+            f"--quant {quant}: unknown; llama.cpp types supported: {', '.join(GGML_NAMES)}"
+        )
+    return GgufRecipe(parse_recipe(core, max_seq_len=max_seq_len))

@@ -1,0 +1,92 @@
+"""ggml's block formats (GGUF tensor types) packed from the core quantizer's codes and scales.
+
+The core quantizer (`lfm_export.quant.quantize_weight`) chooses the codes, so its rounding search (`-mse`) and
+whatever improves it later apply to GGUF as to every other backend. This module only lays the codes out as
+ggml reads them (facts from llama.cpp's `ggml-common.h` / gguf-py's `quants.py`; blocks run along each row,
+the weight's input dimension):
+
+- `Q8_0`: blocks of 32, each an fp16 scale `d` then 32 int8 values `q`; value = `d * q`. The core's symmetric
+  int8 codes `c` (unsigned, zero point 128) are `q = c - 128`, `d` the core's scale rounded to fp16.
+- `Q4_0`: blocks of 32, each an fp16 `d` then 16 bytes: byte `j` holds element `j` in its low nibble and
+  element `j + 16` in its high nibble; value = `d * (q - 8)`. The core's symmetric int4 codes (zero point 8)
+  are these nibbles as they are.
+
+A stored scale is the core's float32 scale rounded to fp16, so the values an artifact holds (`dequantize`)
+differ from `Quantized.dequantize()` by that rounding (at most 2^-11 of a block's scale); the GGUF backend's
+`weight_values` gives the simulation these values. The activation rounding llama.cpp's CPU kernels apply to the
+input of a Q8_0 / Q4_0 matmul is `lfm_export.quant`'s `ACT_GGML_Q8_0`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lfm_export.contract.session import DEFAULT_THREADS
+from lfm_export.quant import Quantized, quantize_block
+
+QK = 32
+"""Values per Q8_0 / Q4_0 block."""
+
+
+@dataclass(frozen=True)
+class BlockType:
+    """One ggml block type: `name` (gguf's `GGMLQuantizationType` member), bits of the core codes it holds,
+    values and bytes per block."""
+
+    name: str
+    bits: int
+    block: int
+    block_bytes: int
+
+
+Q8_0 = BlockType("Q8_0", 8, QK, 2 + QK)
+Q4_0 = BlockType("Q4_0", 4, QK, 2 + QK // 2)
+BLOCK_TYPES = {t.name: t for t in (Q8_0, Q4_0)}
+BY_BITS = {8: Q8_0, 4: Q4_0}
+
+
+def pack(q: Quantized) -> np.ndarray:
+    """The ggml bytes `[N, K / 32 * block_bytes]` (uint8) of core-quantized `q` (symmetric, blocks of 32)."""
+    if q.zero_points is not None or q.block_size != QK or q.bits not in BY_BITS:
+        raise ValueError(
+            f"ggml Q8_0 / Q4_0 hold symmetric blocks of {QK}; got {q.bits}-bit blocks of {q.block_size}"
+        )
+    n, k = q.codes.shape
+    nb = k // QK
+    d = q.scales.astype(np.float16).view(np.uint8).reshape(n, nb, 2)
+    codes = q.codes.reshape(n, nb, QK)
+    if q.bits == 8:
+        body = (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
+    else:
+        body = (codes[..., : QK // 2] | (codes[..., QK // 2 :] << 4)).astype(np.uint8)
+    return np.concatenate([d, body], axis=-1).reshape(n, -1)
+
+
+def dequantize(data: np.ndarray, kind: BlockType) -> np.ndarray:
+    """The float32 values ggml reads from `data` `[N, bytes per row]` of type `kind` (`[N, K]`)."""
+    n = data.shape[0]
+    blocks = data.reshape(n, -1, kind.block_bytes)
+    d = np.ascontiguousarray(blocks[..., :2]).view(np.float16).astype(np.float32)
+    body = blocks[..., 2:]
+    if kind is Q8_0:
+        q = body.view(np.int8).astype(np.float32)
+    else:
+        q = np.concatenate([body & 0x0F, body >> 4], axis=-1).astype(np.float32) - 8.0
+    return (d * q).reshape(n, -1)
+
+
+def quantize(
+    w: np.ndarray, bits: int, rounding: str = "nearest", threads: int = DEFAULT_THREADS
+) -> np.ndarray:
+    """`w [N, K]` as ggml bytes: the core quantizer's symmetric codes in blocks of 32 (`rounding` its search),
+    packed as Q8_0 (`bits` 8) or Q4_0 (4)."""
+    return pack(quantize_block(w, bits, QK, True, rounding, threads))
+
+
+def held_values(
+    w: np.ndarray, bits: int, rounding: str = "nearest", threads: int = DEFAULT_THREADS
+) -> np.ndarray:
+    """The float32 values a GGUF artifact holds for `w` at `bits`: `quantize` then ggml's dequantization."""
+    return dequantize(quantize(w, bits, rounding, threads), BY_BITS[bits])

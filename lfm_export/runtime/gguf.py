@@ -1,0 +1,170 @@
+"""`Session` over a GGUF artifact folder (manifest.json, model.gguf) through llama.cpp (llama-cpp-python).
+
+Imports only llama_cpp and numpy (llama_cpp when a session is created). llama.cpp holds the state (each conv
+layer's last `L-1` inputs, each attention layer's KV cache) inside its context, so `state()` returns None;
+`snapshot()` / `restore(snap)` copy it out and back through llama.cpp's state API (`llama_state_get_data` /
+`llama_state_set_data`), position included.
+
+Run as parity needs it: batch 1; the KV cache held in F32 (llama.cpp's default F16 cache would round every key
+and value, which the artifact's simulation does not); flash attention off; `threads` for both prompt and
+generation. `prefill` asks llama.cpp for every position's logits; `prefill_last` (generation) only for the last
+token's, so the output matrix runs once per call, as llama.cpp's own generation does. Prompts are fed in
+batches of at most `BATCH` tokens (causal, so the split changes nothing but float summation order inside a
+matmul). llama.cpp's own log reaches stderr for errors only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lfm_export.contract.errors import UserError
+from lfm_export.contract.manifest import manifest_max_seq_len, manifest_signature, read_manifest
+from lfm_export.contract.session import DEFAULT_THREADS, SessionBase, SessionError
+
+GGML_LOG_ERROR = 4
+"""ggml's `GGML_LOG_LEVEL_ERROR` (llama-cpp-python 0.3.36's own log callback reads ggml's older numbering and
+prints warnings as errors)."""
+BATCH = 512
+"""Tokens per `llama_decode` call (its `n_batch` and `n_ubatch`)."""
+GGML_TYPE_F32 = 0
+
+
+@dataclass(frozen=True)
+class GgufSnapshot:
+    """llama.cpp's context state (KV cache, conv state) as bytes, and the position it holds."""
+
+    data: bytes
+    position: int
+
+
+class GgufSession(SessionBase):
+    """`Session` over the GGUF artifact in `folder` (llama.cpp holds the state; batch 1)."""
+
+    supports_batch = False
+
+    def __init__(self, folder: str | Path, threads: int = DEFAULT_THREADS) -> None:
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        where = self.folder / "manifest.json"
+        signature = manifest_signature(self.manifest, where)
+        self.max_seq_len: int | None = manifest_max_seq_len(self.manifest, signature)
+        info = self.manifest.get("gguf") or {}
+        path = self.folder / info.get("file", "model.gguf")
+        if not path.is_file():
+            raise UserError(f"{path}: missing; not a GGUF artifact of this tool")
+        self.name = "gguf"
+        self.threads = threads
+        llama_cpp = _import_llama_cpp()
+        self._lib = llama_cpp
+        _errors_only(llama_cpp)
+        from llama_cpp._internals import LlamaBatch
+
+        try:
+            self._llm = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=self.max_seq_len or 0,
+                n_batch=BATCH,
+                n_ubatch=BATCH,
+                n_threads=threads,
+                n_threads_batch=threads,
+                type_k=GGML_TYPE_F32,
+                type_v=GGML_TYPE_F32,
+                flash_attn=False,
+                logits_all=False,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as e:
+            raise UserError(f"{path}: llama.cpp cannot load it ({str(e).splitlines()[0]})") from None
+        self.vocab_size = int(self._llm.n_vocab())
+        self._ctx = self._llm._ctx
+        self._chunk = min(BATCH, int(self._ctx.n_ctx()))  # llama.cpp caps n_batch at the context
+        self._lbatch = LlamaBatch(n_tokens=self._chunk, embd=0, n_seq_max=1, verbose=False)
+        self.reset(1)
+
+    def _reset_state(self, batch_size: int) -> None:
+        self._ctx.kv_cache_clear()
+
+    def _feed(self, ids: np.ndarray, every: bool) -> np.ndarray:
+        """Decode `ids [1, T]` after the state; the logits of every token (`every`) or of the last one."""
+        tokens = ids[0].tolist()
+        out = []
+        for start in range(0, len(tokens), self._chunk):
+            chunk = tokens[start : start + self._chunk]
+            last = start + self._chunk >= len(tokens)
+            self._lbatch.set_batch(chunk, self._position + start, logits_all=every)
+            try:
+                self._ctx.decode(self._lbatch)
+            except RuntimeError as e:
+                raise SessionError(f"{self.name}: llama.cpp could not decode ({e})") from None
+            if every or last:
+                rows = len(chunk) if every else 1
+                ptr = self._lib.llama_get_logits(self._ctx.ctx)
+                out.append(np.ctypeslib.as_array(ptr, shape=(rows, self.vocab_size)).copy())
+        return np.concatenate(out)[None]
+
+    def _prefill(self, ids: np.ndarray) -> np.ndarray:
+        return self._feed(ids, every=True)
+
+    def prefill_last(self, tokens: np.ndarray) -> np.ndarray:
+        """`prefill` for generation: logits `[1, vocab]` of the last token only."""
+        ids = self._check_tokens(tokens)
+        self._check_room(ids.shape[1])
+        logits = self._feed(ids, every=False)
+        self._position += ids.shape[1]
+        return logits[:, -1]
+
+    def snapshot(self) -> GgufSnapshot:
+        """The context's state (llama.cpp's state API) and the position it holds."""
+        lib, ctx = self._lib, self._ctx.ctx
+        size = int(lib.llama_state_get_size(ctx))
+        buf = (ctypes.c_uint8 * size)()
+        n = int(lib.llama_state_get_data(ctx, buf, size))
+        return GgufSnapshot(bytes(buf[:n]), self._position)
+
+    def restore(self, snap: GgufSnapshot) -> None:
+        """Continue from `snap` (as `snapshot()` returned it, from a session of the same artifact)."""
+        if not isinstance(snap, GgufSnapshot):
+            raise SessionError(f"{self.name}: restore takes a snapshot() of a GGUF session")
+        self._restored(1, snap.position)
+        buf = (ctypes.c_uint8 * len(snap.data)).from_buffer_copy(snap.data)
+        if int(self._lib.llama_state_set_data(self._ctx.ctx, buf, len(snap.data))) != len(snap.data):
+            raise SessionError(f"{self.name}: llama.cpp refused the state snapshot")
+
+    def close(self) -> None:
+        self._lbatch.close()
+        self._llm.close()
+
+
+_LOG_CALLBACK: list[Any] = []
+"""The ctypes callback given to llama.cpp, kept alive here (llama.cpp holds a bare pointer to it)."""
+
+
+def _errors_only(llama_cpp: Any) -> None:
+    """llama.cpp's log, errors only, to stderr (once per process): its load-time notes and warnings are not
+    the shim's output."""
+    if _LOG_CALLBACK:
+        return
+
+    @llama_cpp.llama_log_callback
+    def log(level: int, text: bytes, user_data: Any) -> None:
+        if level == GGML_LOG_ERROR:
+            sys.stderr.write(text.decode("utf-8", "replace"))
+
+    _LOG_CALLBACK.append(log)
+    llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
+
+
+def _import_llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise UserError(
+            f"the llama.cpp runtime is not installed ({e}); pip install 'lfm-export[runtime-gguf]'"
+        ) from None
+    return llama_cpp

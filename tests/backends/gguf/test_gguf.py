@@ -1,0 +1,230 @@
+"""The GGUF backend end to end through the real llama.cpp (llama-cpp-python): our files load in an unmodified
+llama.cpp, pass parity against their simulation (llama.cpp's Q8_0 activation rounding included), a matrix 2%
+off fails it, the MoE model with a routed scaling factor matches transformers, the chat template renders in
+llama.cpp the tokens transformers renders, and snapshots restore.
+
+Two exports are shared by the module (`tiny` q4_0, `tiny-moe` f32; context 64), each with the full gate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+llama_cpp = pytest.importorskip("llama_cpp")
+gguf = pytest.importorskip("gguf")
+
+from lfm_export.backends.gguf.recipes import make_recipe  # noqa: E402
+from lfm_export.contract.errors import UnsupportedError  # noqa: E402
+from lfm_export.loading import load_model  # noqa: E402
+from lfm_export.parity import ReferenceSession  # noqa: E402
+from lfm_export.pipeline import check_artifact, export_artifact  # noqa: E402
+from lfm_export.progress import Progress  # noqa: E402
+from lfm_export.runtime.gguf import GgufSession  # noqa: E402
+
+CONTEXT = 64
+CASES = [("tiny", "q4_0"), ("tiny-moe", "f32")]
+PROMPT = np.array([[1, 25, 420, 303, 272, 40, 99, 7, 6, 300, 12, 5, 77]], dtype=np.int64)
+QUICK = ["prefill", "decode"]
+"""Parity scenarios of the default-suite checks (the full gate runs in the slow tests)."""
+
+
+@pytest.fixture(scope="module")
+def q4_0(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny` at q4_0, written without parity (each test checks what it needs)."""
+    folder = tmp_path_factory.mktemp("gguf") / "tiny-q4_0"
+    export_artifact(
+        "gguf", "tiny", folder, make_recipe("q4_0", CONTEXT), parity=False, progress=Progress(quiet=True)
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+    root = tmp_path_factory.mktemp("gguf-full")
+    out = {}
+    for model, quant in CASES:
+        folder = root / f"{model}-{quant}"
+        outcome = export_artifact(
+            "gguf", model, folder, make_recipe(quant, CONTEXT), progress=Progress(quiet=True)
+        )
+        assert outcome.passed, outcome.manifest["parity"]
+        out[(model, quant)] = folder
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=[f"{m}-{q}" for m, q in CASES])
+def test_export_passes_parity_through_llama_cpp(artifacts, case) -> None:
+    folder = artifacts[case]
+    m = json.loads((folder / "manifest.json").read_text())
+    assert m["backend"] == "gguf" and m["max_seq_len"] == CONTEXT
+    assert m["gguf"]["architecture"] == ("lfm2moe" if case[0] == "tiny-moe" else "lfm2")
+    assert m["parity"]["passed"] is True
+    reader = gguf.GGUFReader(folder / "model.gguf")
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    if case[1] == "q4_0":
+        assert m["recipe"]["name"] == "q4_0" and m["recipe"]["core_recipe"] == "int4-b32"
+        assert m["recipe"]["activation_rounding"] == "ggml-q8_0" and m["parity"]["gate"] == "q4_0"
+        assert types["blk.0.shortconv.in_proj.weight"] == "Q4_0" and types["token_embd.weight"] == "Q8_0"
+        assert types["blk.0.shortconv.conv.weight"] == "F32" and types["token_embd_norm.weight"] == "F32"
+    else:
+        assert types["blk.2.ffn_gate_inp.weight"] == "F32" and "blk.2.ffn_down_exps.weight" in types
+        kv = reader.fields["lfm2moe.attention.head_count_kv"]
+        assert [int(kv.parts[i][0]) for i in kv.data] == [0, 0, 2, 0, 2, 0]
+
+
+@pytest.mark.slow
+def test_fp32_moe_greedy_tokens_equal_the_reference(artifacts) -> None:
+    """llama.cpp's own generation loop (Llama.generate, greedy) on our file gives the reference's tokens."""
+    folder = artifacts[("tiny-moe", "f32")]
+    llm = llama_cpp.Llama(str(folder / "model.gguf"), n_ctx=CONTEXT, n_threads=1, verbose=False)
+    prompt = PROMPT[0].tolist()
+    theirs = []
+    for tok in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
+        theirs.append(int(tok))
+        if len(theirs) == 12:
+            break
+    llm.close()
+    ref = ReferenceSession(load_model("tiny-moe").model)
+    ours, logits = [], ref.prefill(PROMPT)[:, -1]
+    for _ in range(12):
+        ours.append(int(logits.argmax()))
+        logits = ref.decode(np.array([ours[-1]]))
+    assert theirs == ours
+
+
+def test_honest_passes_and_a_matrix_two_percent_off_fails(q4_0, tmp_path: Path) -> None:
+    """Through llama.cpp: the honest file passes its gate (`q4_0`: the simulation with llama.cpp's Q8_0
+    activation rounding); the same file with one Q4_0 matrix's block scales raised 2% in place fails it."""
+    honest = check_artifact(q4_0, threads=1, progress=Progress(quiet=True), scenarios=QUICK)
+    assert honest.passed, [c.describe() for c in honest.failures]
+    assert honest.gate.name == "q4_0"
+    broken = tmp_path / "broken"
+    shutil.copytree(q4_0, broken)
+    reader = gguf.GGUFReader(broken / "model.gguf", "r+")
+    tensor = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
+    assert tensor.tensor_type.name == "Q4_0"
+    blocks = tensor.data.reshape(-1, 18)
+    scales = blocks[:, :2].copy().view(np.float16)
+    blocks[:, :2] = (scales * np.float16(1.02)).view(np.uint8)
+    reader.data.flush()
+    del reader
+    result = check_artifact(broken, threads=1, progress=Progress(quiet=True), scenarios=QUICK)
+    assert not result.passed and not result.part_passed("exactness")
+
+
+def test_snapshot_restore_continues_exactly(q4_0) -> None:
+    session = GgufSession(q4_0, threads=1)
+    session.prefill(PROMPT[:, :6])
+    snap = session.snapshot()
+    first = session.prefill(PROMPT[:, 6:])
+    session.prefill(PROMPT[:, :3])  # move the state on
+    session.restore(snap)
+    assert session.position == 6
+    np.testing.assert_array_equal(session.prefill(PROMPT[:, 6:]), first)
+    session.reset()
+    whole = session.prefill(PROMPT)
+    np.testing.assert_allclose(whole[:, 6:], first, rtol=0, atol=1e-4 * np.abs(whole).max())
+    last = GgufSession(q4_0, threads=1).prefill_last(PROMPT)
+    np.testing.assert_allclose(last, whole[:, -1], rtol=0, atol=1e-4 * np.abs(whole).max())
+
+
+def test_chat_template_renders_transformers_tokens_in_llama_cpp(q4_0) -> None:
+    """The template inside the GGUF, applied by llama.cpp (`llama_chat_apply_template`) and tokenized by
+    llama.cpp's tokenizer with the file's add-BOS flag, gives the ids transformers' `apply_chat_template` gives
+    for a system + multi-turn conversation."""
+    transformers = pytest.importorskip("transformers")
+    folder = q4_0
+    chat = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another, please!"},
+    ]
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    expected = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+    expected = list(expected["input_ids"]) if isinstance(expected, dict) else list(expected)
+
+    llm = llama_cpp.Llama(str(folder / "model.gguf"), n_ctx=CONTEXT, n_threads=1, verbose=False)
+    template = llama_cpp.llama_model_chat_template(llm.model, None)
+    assert template is not None
+    messages = (llama_cpp.llama_chat_message * len(chat))(
+        *[llama_cpp.llama_chat_message(m["role"].encode(), m["content"].encode()) for m in chat]
+    )
+    buf = (llama_cpp.ctypes.c_char * 4096)()
+    n = llama_cpp.llama_chat_apply_template(template, messages, len(chat), True, buf, len(buf))
+    assert 0 < n < len(buf)
+    rendered = bytes(buf[:n])
+    # llama.cpp renders without BOS and its tokenizer adds it where the GGUF says add_bos (as its chat does)
+    ids = llm.tokenize(rendered, add_bos=True, special=True)
+    llm.close()
+    assert ids == expected
+
+
+@pytest.mark.unit
+def test_recipes_and_refusals() -> None:
+    assert make_recipe("q4_0").recipe.name == "int4-b32" and make_recipe("int8-b32-mse").name == "q8_0-mse"
+    assert make_recipe("f16").recipe.dtype == "fp16" and make_recipe("int4-b32").ggml_name == "q4_0"
+    for bad, why in [
+        ("q4_k_m", "not supported by the GGUF backend yet"),
+        ("int4-b64", "hold 32 values"),
+        ("int8-pc", "hold 32 values"),
+        ("int4-b32-asym", "no zero point"),
+        ("int4-b32-a8", "rounds the activations itself"),
+        ("bf16", "not supported by the GGUF backend yet"),
+        ("q3_k", "unknown"),
+    ]:
+        with pytest.raises(UnsupportedError, match=why):
+            make_recipe(bad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["moe_dense_first", "dense_odd", "dense_attn_first_hd32"])
+def test_f32_matches_transformers_through_llama_cpp(name: str, tmp_path: Path) -> None:
+    """Transformers-written checkpoints (conftest's `HF_SHAPES`), f32 GGUF run by llama.cpp: logits within 1e-4
+    of the logit scale of transformers' at every position, and transformers' greedy continuation. The MoE
+    one has routed_scaling_factor 1.5, which llama.cpp's lfm2moe never reads: folded into the experts' down
+    projections."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from conftest import _save_hf
+
+    path = _save_hf(name, tmp_path / name)
+    if name == "moe_dense_first":
+        assert json.loads((path / "config.json").read_text())["routed_scaling_factor"] == 1.5
+    out = tmp_path / "gguf"
+    export_artifact(
+        "gguf", str(path), out, make_recipe("f32", CONTEXT), parity=False, progress=Progress(quiet=True)
+    )
+    session = GgufSession(out, threads=1)
+    ids = np.array([[3, 17, 99, 4, 250, 61, 8, 200, 31, 5]], dtype=np.int64)
+    ours = session.prefill(ids)[0]
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(ids)).logits[0].numpy()
+        greedy = model.generate(
+            torch.from_numpy(ids), max_new_tokens=8, do_sample=False, min_new_tokens=8, pad_token_id=0
+        )[0, ids.shape[1] :].tolist()
+    scale = np.abs(theirs).max()
+    assert np.abs(ours - theirs).max() <= 1e-4 * scale
+    tokens, logits = [], ours[-1]
+    for _ in range(8):
+        tokens.append(int(logits.argmax()))
+        logits = session.decode(np.array([tokens[-1]]))[0]
+    assert tokens == greedy
+
+
+@pytest.mark.unit
+def test_norm_topk_prob_false_is_refused_before_any_work(tmp_path: Path) -> None:
+    from lfm_export.backends.gguf.convert import check_model
+
+    loaded = load_model("tiny-moe", lazy=True)
+    import dataclasses
+
+    cfg = dataclasses.replace(loaded.config, norm_topk_prob=False)
+    with pytest.raises(UnsupportedError, match="always renormalises"):
+        check_model(dataclasses.replace(loaded, config=cfg))
