@@ -2,7 +2,7 @@
 
 Imports only llama_cpp and numpy (llama_cpp when a session is created). llama.cpp holds the state (each conv
 layer's last `L-1` inputs, each attention layer's KV cache) inside its context, so `state()` returns None;
-`snapshot()` / `restore(snap)` copy it out and back through llama.cpp's state API (`llama_state_get_data` /
+`snapshot()` / `restore(snap)` (`SessionBase`'s) copy it out and back through llama.cpp's state API (`llama_state_get_data` /
 `llama_state_set_data`), position included.
 
 Run as parity needs it: batch 1; the KV cache held in F32 (llama.cpp's default F16 cache would round every key
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import numpy as np
 from lfm_export.contract.errors import UserError
 from lfm_export.contract.manifest import manifest_max_seq_len, manifest_signature, read_manifest
 from lfm_export.contract.session import DEFAULT_THREADS, SessionBase, SessionError
+from lfm_export.contract.snapshot import Snapshot, artifact_id
 
 GGML_LOG_ERROR = 4
 """ggml's `GGML_LOG_LEVEL_ERROR` (llama-cpp-python 0.3.36's own log callback reads ggml's older numbering and
@@ -33,14 +33,8 @@ prints warnings as errors)."""
 BATCH = 512
 """Tokens per `llama_decode` call (its `n_batch` and `n_ubatch`)."""
 GGML_TYPE_F32 = 0
-
-
-@dataclass(frozen=True)
-class GgufSnapshot:
-    """llama.cpp's context state (KV cache, conv state) as bytes, and the position it holds."""
-
-    data: bytes
-    position: int
+STATE_KEY = "llama_state"
+"""The one array of a GGUF snapshot's state: llama.cpp's state bytes (KV cache and conv state, its layout)."""
 
 
 class GgufSession(SessionBase):
@@ -59,6 +53,7 @@ class GgufSession(SessionBase):
         if not path.is_file():
             raise UserError(f"{path}: missing; not a GGUF artifact of this tool")
         self.name = "gguf"
+        self.artifact_id = artifact_id(self.manifest)
         self.threads = threads
         llama_cpp = _import_llama_cpp()
         self._lib = llama_cpp
@@ -119,21 +114,20 @@ class GgufSession(SessionBase):
         self._position += ids.shape[1]
         return logits[:, -1]
 
-    def snapshot(self) -> GgufSnapshot:
-        """The context's state (llama.cpp's state API) and the position it holds."""
+    def _snapshot_state(self) -> dict[str, np.ndarray]:
+        """The context's state through llama.cpp's state API, as one byte array."""
         lib, ctx = self._lib, self._ctx.ctx
         size = int(lib.llama_state_get_size(ctx))
         buf = (ctypes.c_uint8 * size)()
         n = int(lib.llama_state_get_data(ctx, buf, size))
-        return GgufSnapshot(bytes(buf[:n]), self._position)
+        return {STATE_KEY: np.frombuffer(bytes(buf[:n]), dtype=np.uint8)}
 
-    def restore(self, snap: GgufSnapshot) -> None:
-        """Continue from `snap` (as `snapshot()` returned it, from a session of the same artifact)."""
-        if not isinstance(snap, GgufSnapshot):
-            raise SessionError(f"{self.name}: restore takes a snapshot() of a GGUF session")
-        self._restored(1, snap.position)
-        buf = (ctypes.c_uint8 * len(snap.data)).from_buffer_copy(snap.data)
-        if int(self._lib.llama_state_set_data(self._ctx.ctx, buf, len(snap.data))) != len(snap.data):
+    def _restore_state(self, snap: Snapshot) -> None:
+        data = np.ascontiguousarray(snap.state.get(STATE_KEY, np.empty(0, np.uint8)), dtype=np.uint8)
+        if data.size == 0:
+            raise SessionError(f"{self.name}: the snapshot holds no llama.cpp state")
+        buf = (ctypes.c_uint8 * data.size).from_buffer_copy(data.tobytes())
+        if int(self._lib.llama_state_set_data(self._ctx.ctx, buf, data.size)) != data.size:
             raise SessionError(f"{self.name}: llama.cpp refused the state snapshot")
 
     def close(self) -> None:

@@ -117,18 +117,15 @@ def test_honest_passes_and_a_matrix_two_percent_off_fails(q4_0, tmp_path: Path) 
     assert not result.passed and not result.part_passed("exactness")
 
 
-def test_snapshot_restore_continues_exactly(q4_0) -> None:
+def test_snapshots_restore_exactly_and_prefill_last_is_the_last_row(q4_0, tmp_path: Path) -> None:
+    """The snapshot scenario through llama.cpp's state API (bitwise), the `.npz` round trip, another
+    artifact's snapshot refused; `prefill_last` equals the last row of `prefill`."""
+    from snapshot_checks import check_snapshots
+
     session = GgufSession(q4_0, threads=1)
-    session.prefill(PROMPT[:, :6])
-    snap = session.snapshot()
-    first = session.prefill(PROMPT[:, 6:])
-    session.prefill(PROMPT[:, :3])  # move the state on
-    session.restore(snap)
-    assert session.position == 6
-    np.testing.assert_array_equal(session.prefill(PROMPT[:, 6:]), first)
+    check_snapshots(session, tmp_path)
     session.reset()
     whole = session.prefill(PROMPT)
-    np.testing.assert_allclose(whole[:, 6:], first, rtol=0, atol=1e-4 * np.abs(whole).max())
     last = GgufSession(q4_0, threads=1).prefill_last(PROMPT)
     np.testing.assert_allclose(last, whole[:, -1], rtol=0, atol=1e-4 * np.abs(whole).max())
 
