@@ -78,9 +78,13 @@ class Limit:
 
 @dataclass(frozen=True)
 class Gate:
+    """`detection`: the gate's measured detection limit (the smallest single-matrix error it caught, and where
+    that was measured), stated in every report; empty where none was measured."""
+
     name: str
     limits: tuple[Limit, ...]
     note: str = ""
+    detection: str = ""
 
 
 # Checked by every gate: finite logits, and the session counts positions like the reference.

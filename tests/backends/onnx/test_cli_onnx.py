@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -152,3 +153,27 @@ def test_shared_kv_buffers_match_copied_state(artifact):
     restored.set_state(shared.state())
     tok = np.array([5, 6])
     assert np.array_equal(restored.decode(tok), shared.decode(tok))
+
+
+CORPUS = Path(__file__).resolve().parents[3] / "lfm_export" / "assets" / "corpus" / "heldout.txt"
+
+
+def test_parity_corpus_reports_llama_cpp_statistics(artifact):
+    """`parity --corpus`: chunks of --ctx tokens (BOS + 127 corpus tokens), the second half of each scored;
+    int4 against fp32 costs a small, non-zero KL with most top-1 tokens kept."""
+    from tokenizers import Tokenizer
+
+    r = cli("parity", str(artifact), "--corpus", str(CORPUS), "--ctx", "128", "--threads", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    tokens = len(Tokenizer.from_file(str(artifact / "tokenizer.json")).encode(CORPUS.read_text()).ids)
+    assert data["corpus_tokens"] == tokens and data["chunks"] == tokens // 127
+    assert data["scored_positions"] == 64 * data["chunks"]
+    assert 1e-4 < data["kl_mean"] < 0.5 and 0 < data["kl_se"] < data["kl_mean"]
+    assert data["kl_median"] <= data["kl_p99"] <= data["kl_max"]
+    assert 0.8 < data["top1_agreement"] < 1.0
+    assert len(data["first_top1_mismatch"]) == data["chunks"]
+    assert all(f is None or 64 <= f < 128 for f in data["first_top1_mismatch"])
+    bad = cli("parity", str(artifact), "--corpus", str(CORPUS), "--ctx", "100000")
+    assert bad.returncode == 2 and "exceeds the artifact's max_seq_len 512" in bad.stderr
+    assert "Traceback" not in bad.stderr
