@@ -191,7 +191,8 @@ def parity(
 
     loaded = load_model(model) if model else None
     if corpus is not None:
-        from lfm_export.parity.corpus import corpus_line, run_corpus
+        from lfm_export.corpus_check import run_corpus
+        from lfm_export.parity.corpus import corpus_line
 
         report = run_corpus(artifact, corpus, ctx, loaded, threads)
         emit(report, as_json, corpus_line(report))
