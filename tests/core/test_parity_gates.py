@@ -452,23 +452,19 @@ def test_honest_int4_at_accuracy_level_0_passes_the_float_activation_gate(artifa
 
 
 @pytest.mark.parametrize("matrix", ["w2", "out_proj"])
-def test_one_matrix_two_percent_off_fails_the_int4_a8_gate_through_onnxruntime(artifacts, matrix: str):
-    """The honest int4 artifact at accuracy_level 4, checked against `tiny` with one middle-layer matrix x 1.02
-    (weights other than the artifact's): the exact int8-block simulation leaves the pooled median position
-    within float rounding of the artifact (measured 4e-7), the 2% error moves it far past 1e-4, where the
-    widened per-position maxima let it through."""
+def test_one_matrix_two_percent_off_fails_the_int4_gate_through_onnxruntime(artifacts, matrix: str):
+    """The honest int4 artifact at accuracy_level 0 (float activations), checked against `tiny` with one
+    middle-layer matrix x 1.02 (weights other than the artifact's), fails exactness through onnxruntime; the
+    report states the gate's measured detection limit."""
+    folder = artifacts.get("tiny", "int4-b32", accuracy_level=0)
     other = load_model("tiny")
     layer = other.model.model.layers[3]  # conv
     weight = layer.feed_forward.w2.weight if matrix == "w2" else layer.conv.out_proj.weight
     with torch.no_grad():
         weight.mul_(1.02)
-    result = _check(artifacts.get("tiny", "int4-b32"), other, scenarios=["prefill"])
-    assert result.gate.name == "int4-a8" and not result.part_passed(EXACTNESS)
-    assert ("pooled", "logit_median_rel") in {(c.scenario, c.metric) for c in result.failures}
-    assert (
-        "Measured detection limit of the `int4-a8` gate"
-        in (artifacts.get("tiny", "int4-b32") / "parity" / "parity.md").read_text()
-    )
+    result = _check(folder, other, scenarios=["prefill"])
+    assert result.gate.name == "int4" and not result.part_passed(EXACTNESS)
+    assert "Measured detection limit of the `int4` gate" in (folder / "parity" / "parity.md").read_text()
 
 
 def test_strict_quality_fails_only_quality(artifacts, loaded, tmp_path: Path):
