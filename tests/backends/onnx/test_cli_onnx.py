@@ -166,7 +166,8 @@ def test_parity_corpus_reports_llama_cpp_statistics(artifact):
     r = cli("parity", str(artifact), "--corpus", str(CORPUS), "--ctx", "128", "--threads", "1", "--json")
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
-    tokens = len(Tokenizer.from_file(str(artifact / "tokenizer.json")).encode(CORPUS.read_text()).ids)
+    raw = Tokenizer.from_file(str(artifact / "tokenizer.json"))
+    tokens = len(raw.encode(CORPUS.read_text(), add_special_tokens=False).ids)
     assert data["corpus_tokens"] == tokens and data["chunks"] == tokens // 127
     assert data["scored_positions"] == 64 * data["chunks"]
     assert 1e-4 < data["kl_mean"] < 0.5 and 0 < data["kl_se"] < data["kl_mean"]
