@@ -2,8 +2,10 @@
 
 (a) Exactness (`GATES`): the artifact against its recipe simulated in torch (`lfm_export.quant.simulate`: the
 same dequantized codes, the same activation rounding). Scale-free limits (logit error over the logit scale,
-state error over the state scale, KL and top-1 against the simulation) that hold for any weights, trained or
-random, so a failure means the artifact does not compute its recipe.
+state error over the state scale, KL and top-1 against the simulation) that apply to any weights, trained or
+random, so a failure means the artifact does not compute its recipe. How small an error each gate catches is
+measured, not implied (`Gate.detection`, docs/parity.md "Detection limits"): the `-a8` gates miss some 10%
+single-matrix errors.
 (b) Quality (`sanity_gate` by default, `quality_gate` when asked): the artifact against the fp32 reference.
 What a recipe costs depends on the weights (int4 pooled KL 0.04 on the trained `tiny`, 0.10 on a
 transformers-initialised checkpoint with initializer_range 0.08), so by default only a loose sanity bound
