@@ -174,6 +174,13 @@ def parity(
     max_kl: MaxKlOpt = None,
     gates: GatesOpt = None,
     full_context: FullContextOpt = False,
+    corpus: Annotated[
+        Path | None,
+        typer.Option(
+            help="Instead of the gates: KL against fp32 over this text file (llama.cpp statistics)."
+        ),
+    ] = None,
+    ctx: Annotated[int, typer.Option(help="Tokens per --corpus chunk (the second half is scored).")] = 512,
     as_json: JsonOpt = False,
 ) -> None:
     """Re-check an artifact's numerical parity against the fp32 reference model; exit 1 if the gate fails."""
@@ -183,6 +190,13 @@ def parity(
     from lfm_export.progress import Progress
 
     loaded = load_model(model) if model else None
+    if corpus is not None:
+        from lfm_export.corpus_check import run_corpus
+        from lfm_export.parity.corpus import corpus_line
+
+        report = run_corpus(artifact, corpus, ctx, loaded, threads)
+        emit(report, as_json, corpus_line(report))
+        return
     result = check_artifact(
         artifact,
         loaded,

@@ -9,7 +9,7 @@ from typing import Any
 
 from lfm_export.backends import get as get_backend
 from lfm_export.backends import open_session
-from lfm_export.contract.errors import UserError
+from lfm_export.contract.errors import UnsupportedError, UserError
 from lfm_export.contract.session import DEFAULT_THREADS
 from lfm_export.loading import LoadedModel, load_model
 from lfm_export.manifest import (
@@ -59,6 +59,8 @@ def export_artifact(
     progress = progress or Progress()
     check_output_path(out, force)
     record = get_backend(backend)
+    if parity:
+        require_parity_session(record)
     quality = quality_gate(_recipe_name(recipe), max_kl, gates_file) if parity else None
     with progress.step(f"Loading {model}"):
         loaded = load_model(model, lazy=True)
@@ -99,6 +101,16 @@ def export_artifact(
                 manifest=manifest,
             )
     return ExportOutcome(out, manifest, parity_result)
+
+
+def require_parity_session(record: Any) -> None:
+    """Refuse parity up front, before anything is exported, for a backend whose artifacts no runtime shim here
+    runs (`executorch-qnn`): parity would fail after the export and the finished artifact would be discarded."""
+    if record.session is None:
+        raise UnsupportedError(
+            f"{record.name}: no runtime here runs its artifacts, so parity cannot check one; export with "
+            "--no-parity (the same QNN quantization is checked on the emulated HTP by `lfm-export onnx-qnn`)"
+        )
 
 
 def _parity_copies(recipe: Any) -> int:

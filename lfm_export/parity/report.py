@@ -253,6 +253,7 @@ def to_json(result: ParityResult) -> dict[str, Any]:
         EXACTNESS: {
             "passed": result.part_passed(EXACTNESS),
             "against": result.exact_name,
+            "detection_limit": result.gate.detection or None,
             "activation_rounding": (
                 None
                 if result.activation_rounding is None
@@ -286,6 +287,13 @@ def to_json(result: ParityResult) -> dict[str, Any]:
 
 
 # ---- markdown ------------------------------------------------------------------------------------------
+def detection_line(gate: Gate) -> str:
+    """What the applied gate is measured to catch (docs/parity.md, Detection limits)."""
+    if gate.detection:
+        return f"Measured detection limit of the `{gate.name}` gate: {gate.detection}."
+    return f"The `{gate.name}` gate's detection limit is not measured (docs/parity.md, Detection limits)."
+
+
 def _num(v: float | None, fmt: str = ".3g") -> str:
     if v is None:
         return "n/a"
@@ -391,8 +399,8 @@ def to_markdown(result: ParityResult) -> str:
             else " (fp32: the recipe is the reference's own math)"
         ),
         "",
-        "Tight limits that hold for any weights: a failure here means the artifact does not compute its recipe "
-        "(an export or runtime bug), whatever the recipe's loss.",
+        "A failure here means the artifact does not compute its recipe (an export or runtime bug), whatever "
+        "the recipe's loss. " + detection_line(result.gate),
         "",
         *_table(result.scenarios, exact_checks),
         "",

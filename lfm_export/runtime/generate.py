@@ -16,6 +16,7 @@ import numpy as np
 from lfm_export.contract.errors import ContextLimitError, UserError
 from lfm_export.contract.session import Session
 
+from .prefill import prefill_for_generation
 from .sampler import GenerationConfig, Sampler
 from .tokenizer import Tokenizer
 
@@ -118,16 +119,7 @@ class Generation:
         if not self.resume:
             sess.reset(1)
         prompt = np.asarray([self.prompt_ids], dtype=np.int64)
-        chunk = self.prefill_chunk or prompt.shape[1]
-        # a session may offer `prefill_last(tokens) -> [B, vocab]` (the last token's logits only: no lm_head for
-        # the rest of the prompt); generation needs no more, so the final chunk goes through it when present
-        prefill_last = getattr(sess, "prefill_last", None)
-        for start in range(0, prompt.shape[1], chunk):
-            piece = prompt[:, start : start + chunk]
-            if prefill_last is not None and start + chunk >= prompt.shape[1]:
-                last = prefill_last(piece)[0]
-            else:
-                last = sess.prefill(piece)[0, -1]
+        last = prefill_for_generation(sess, prompt, self.prefill_chunk)[0]
         token = self.sampler.sample(last, np.flatnonzero(seen) if penalised else None)
         st.prefill_s = time.perf_counter() - t0
 

@@ -451,6 +451,22 @@ def test_honest_int4_at_accuracy_level_0_passes_the_float_activation_gate(artifa
     assert result.worst("logit_max_rel") < 1e-4
 
 
+@pytest.mark.parametrize("matrix", ["w2", "out_proj"])
+def test_one_matrix_two_percent_off_fails_the_int4_gate_through_onnxruntime(artifacts, matrix: str):
+    """The honest int4 artifact at accuracy_level 0 (float activations), checked against `tiny` with one
+    middle-layer matrix x 1.02 (weights other than the artifact's), fails exactness through onnxruntime; the
+    report states the gate's measured detection limit."""
+    folder = artifacts.get("tiny", "int4-b32", accuracy_level=0)
+    other = load_model("tiny")
+    layer = other.model.model.layers[3]  # conv
+    weight = layer.feed_forward.w2.weight if matrix == "w2" else layer.conv.out_proj.weight
+    with torch.no_grad():
+        weight.mul_(1.02)
+    result = _check(folder, other, scenarios=["prefill"])
+    assert result.gate.name == "int4" and not result.part_passed(EXACTNESS)
+    assert "Measured detection limit of the `int4` gate" in (folder / "parity" / "parity.md").read_text()
+
+
 def test_strict_quality_fails_only_quality(artifacts, loaded, tmp_path: Path):
     folder = artifacts.get("tiny", "int4-b32")
     result = _check(folder, loaded["tiny"], max_kl=0.01, scenarios=QUICK)

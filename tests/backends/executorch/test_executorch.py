@@ -31,6 +31,7 @@ from lfm_export.parity import ReferenceSession, run_parity  # noqa: E402
 from lfm_export.pipeline import check_artifact, export_artifact  # noqa: E402
 from lfm_export.progress import Progress  # noqa: E402
 from lfm_export.runtime.executorch import ExecuTorchSession  # noqa: E402
+from lfm_export.runtime.prefill import prefill_for_generation  # noqa: E402
 
 CONTEXT, PREFILL = 64, 16
 
@@ -183,6 +184,33 @@ def _one_error(stderr: str, message: str) -> bool:
     return len(errors) == 1 and message in errors[0] and "Traceback" not in stderr and "Warning" not in stderr
 
 
+class _CountingSession(ExecuTorchSession):
+    """The real shim, counting the program calls each path makes."""
+
+    calls = 0
+
+    def _run(self, method: Any, ids: np.ndarray) -> list[np.ndarray]:
+        out = super()._run(method, ids)
+        self.calls += len(out)
+        return out
+
+
+def test_generation_prefill_is_one_program_call_per_chunk_and_gives_the_last_logits(
+    fp32_artifact: Path,
+) -> None:
+    """What `run` and `bench` time: a 24-token prompt is 2 calls of `forward` (chunks of 16) with the last
+    position's logits, against the 23 one-token calls plus 2 that parity's every-position `prefill` makes."""
+    prompt = np.random.default_rng(3).integers(16, 2048, size=(1, 24))
+    session = _CountingSession(fp32_artifact, threads=2)
+    last = prefill_for_generation(session, prompt)
+    assert session.calls == 2 and session.position == 24
+    session.reset(1)
+    session.calls = 0
+    every = session.prefill(prompt)
+    assert session.calls == 25
+    np.testing.assert_allclose(last, every[:, -1], atol=1e-4)
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "lfm_export.cli", *args], capture_output=True, text=True, timeout=300
@@ -203,6 +231,7 @@ def test_cli_run_bench_inspect_on_the_artifact(fp32_artifact: Path) -> None:
     assert r.exit_code == 0, r.output
     bench = json.loads(r.stdout)
     assert bench["prefill_tok_s"] > 0 and bench["decode_tok_s"] > 0
+    assert bench["prefill_path"] == "prefill_last"
     r = runner.invoke(app, ["inspect", str(fp32_artifact), "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["backend"] == "executorch"
 

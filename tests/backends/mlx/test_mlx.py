@@ -358,6 +358,20 @@ def test_half_exports_pass_and_a_wrong_one_fails(tmp_path, case) -> None:
     assert not result.passed and not result.summary()["exactness"]["passed"]
 
 
+def test_an_artifact_with_one_matrix_two_percent_off_fails_parity(artifacts, tmp_path) -> None:
+    """The int4 artifact with a middle layer's w2 x 1.02 (its scales and biases: the dequantized matrix
+    `scales * q + biases` scaled as a whole) fails exactness through MLX, as the honest one passes."""
+    broken = tmp_path / "w2"
+    shutil.copytree(artifacts[("tiny", "int4")], broken)
+    weights = dict(mx.load(str(broken / "model.safetensors")))
+    for part in ("scales", "biases"):
+        key = f"model.layers.3.feed_forward.w2.{part}"
+        weights[key] = weights[key] * 1.02
+    mx.save_safetensors(str(broken / "model.safetensors"), weights, metadata={"format": "mlx"})
+    result = check_artifact(broken, progress=Progress(quiet=True), scenarios=["prefill"])
+    assert not result.passed and not result.part_passed("exactness")
+
+
 def test_generation_prefills_through_prefill_last(artifacts) -> None:
     """`stream_generate` takes the last prompt chunk's logits from `prefill_last` when the session has it: the
     same greedy tokens as the session's own prefill + decode loop, and as generation without it."""

@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -219,3 +220,28 @@ def test_run_chat_with_tools_calls_the_tool_and_answers_from_its_result(artifact
     call = json.loads(out[1].removeprefix("tool calls: "))
     assert call[0]["name"] == "get_weather" and set(call[0]["arguments"]) == {"city"}
     assert len(out) == 3 and out[2]  # the answer after the tool turn
+
+
+CORPUS = Path(__file__).resolve().parents[3] / "lfm_export" / "assets" / "corpus" / "heldout.txt"
+
+
+def test_parity_corpus_reports_llama_cpp_statistics(artifact):
+    """`parity --corpus`: chunks of --ctx tokens (BOS + 127 corpus tokens), the second half of each scored;
+    int4 against fp32 costs a small, non-zero KL with most top-1 tokens kept."""
+    from tokenizers import Tokenizer
+
+    r = cli("parity", str(artifact), "--corpus", str(CORPUS), "--ctx", "128", "--threads", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    raw = Tokenizer.from_file(str(artifact / "tokenizer.json"))
+    tokens = len(raw.encode(CORPUS.read_text(), add_special_tokens=False).ids)
+    assert data["corpus_tokens"] == tokens and data["chunks"] == tokens // 127
+    assert data["scored_positions"] == 64 * data["chunks"]
+    assert 1e-4 < data["kl_mean"] < 0.5 and 0 < data["kl_se"] < data["kl_mean"]
+    assert data["kl_median"] <= data["kl_p99"] <= data["kl_max"]
+    assert 0.8 < data["top1_agreement"] < 1.0
+    assert len(data["first_top1_mismatch"]) == data["chunks"]
+    assert all(f is None or 64 <= f < 128 for f in data["first_top1_mismatch"])
+    bad = cli("parity", str(artifact), "--corpus", str(CORPUS), "--ctx", "100000")
+    assert bad.returncode == 2 and "exceeds the artifact's max_seq_len 512" in bad.stderr
+    assert "Traceback" not in bad.stderr

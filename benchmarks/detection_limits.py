@@ -1,0 +1,218 @@
+"""Measured detection limits of the parity gates: per backend, recipe and model, the smallest single-matrix
+scale error the exactness gate catches.
+
+    .venv/bin/python benchmarks/detection_limits.py --out benchmarks/results/detection_limits.json --threads 1
+
+For each `--runs` entry (`backend:recipe:model`) it exports the model once (`--no-parity`), checks the honest
+artifact, then checks the same artifact against the model with one matrix of a middle layer (`--layer`,
+default the middle one) scaled by each of `--scales` in turn, ascending, stopping at the first one the gate
+catches (a larger error in the same matrix is caught too: every per-position metric grows with it). Matrices:
+`w2` (the MLP's down projection; on MoE layers the first expert's), `out_proj` (the layer's conv or attention
+output projection), `in_proj` (a conv layer's input projection) and, on MoE models, `expert` (the second
+expert's w2). The checks run parity's `prefill` scenario only (`--scenarios`), whose pooled row is what the
+statistical limits read: fewer positions than a full parity run, so a limit measured here is an upper bound
+of the full run's. `--markdown` prints the table docs/parity.md holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RUNS = ("onnx:int4:tiny", "onnx:int4:tiny-moe", "executorch:8da4w:tiny", "mlx:int4:tiny")
+MATRICES = ("w2", "out_proj", "in_proj", "expert")
+METRICS = ("logit_max_rel", "logit_median_rel", "kl_mean", "kl_max")
+
+
+def _recipe(backend: str, quant: str) -> Any:
+    from lfm_export.backends import get
+
+    record = get(backend)
+    if backend == "executorch":
+        return record.recipe(quant, 128, max_prefill=32)
+    return record.recipe(quant, 128)
+
+
+def _matrix(model: Any, layer: int, name: str) -> Any:
+    """The weight `name` names in `layer` of the canonical model (None where the layer has none)."""
+    block = model.model.layers[layer]
+    ff = block.feed_forward
+    experts = getattr(ff, "experts", None)
+    if name == "w2":
+        return (experts[0].w2 if experts is not None else ff.w2).weight
+    if name == "expert":
+        return None if experts is None else experts[1].w2.weight
+    mixer = getattr(block, "conv", None) or getattr(block, "self_attn", None)
+    if name == "out_proj":
+        return mixer.out_proj.weight
+    if name == "in_proj":
+        conv = getattr(block, "conv", None)
+        return None if conv is None else conv.in_proj.weight
+    raise ValueError(name)
+
+
+def _conv_layer(config: Any, layer: int) -> int:
+    """`layer` if it is a conv layer, else the nearest conv layer after it (in_proj lives there)."""
+    types = list(config.layer_types)
+    for i in list(range(layer, len(types))) + list(range(layer)):
+        if types[i] == "conv":
+            return i
+    return layer
+
+
+def check(
+    folder: Path, model: str, layer: int, matrix: str | None, scale: float, threads: int, scenarios: list[str]
+) -> dict[str, Any] | None:
+    import torch
+
+    from lfm_export.loading import load_model
+    from lfm_export.pipeline import check_artifact
+    from lfm_export.progress import Progress
+
+    loaded = load_model(model)
+    if matrix is not None:
+        at = _conv_layer(loaded.config, layer) if matrix == "in_proj" else layer
+        w = _matrix(loaded.model, at, matrix)
+        if w is None:
+            return None
+        with torch.no_grad():
+            w.mul_(scale)
+    r = check_artifact(folder, loaded, threads=threads, progress=Progress(quiet=True), scenarios=scenarios)
+    pooled = next(s for s in r.scenarios if s.name == "pooled")
+    return {
+        "passed": bool(r.passed),
+        "exactness_passed": bool(r.part_passed("exactness")),
+        "failed": sorted({c.metric for c in r.failures}),
+        "pooled": {k: pooled.metrics.get(k) for k in METRICS},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS), help="backend:recipe:model")
+    ap.add_argument("--scales", nargs="+", type=float, default=[1.01, 1.02, 1.05, 1.10])
+    ap.add_argument("--matrices", nargs="+", default=list(MATRICES))
+    ap.add_argument("--layer", type=int, default=None, help="default: the middle layer")
+    ap.add_argument("--scenarios", nargs="+", default=["prefill"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--work", type=Path, default=None, help="export folder, reused (default: a temporary one)"
+    )
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--markdown", action="store_true", help="print the docs table of --out and exit")
+    args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.out.read_text())))
+        return
+
+    import torch
+
+    from lfm_export.loading import load_model
+    from lfm_export.pipeline import export_artifact
+    from lfm_export.progress import Progress
+
+    torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        for run in args.runs:
+            backend, quant, model = run.split(":")
+            folder = work / f"{backend}-{quant}-{model}"
+            if not (folder / "manifest.json").is_file():
+                export_artifact(
+                    backend,
+                    model,
+                    folder,
+                    _recipe(backend, quant),
+                    parity=False,
+                    threads=args.threads,
+                    progress=Progress(quiet=True),
+                    force=True,
+                )
+            layers = load_model(model, lazy=True).config.num_hidden_layers
+            layer = args.layer if args.layer is not None else layers // 2
+            gate = json.loads((folder / "manifest.json").read_text())["recipe"].get("name")
+            row: dict[str, Any] = {
+                "backend": backend,
+                "recipe": quant,
+                "recipe_name": gate,
+                "model": model,
+                "layer": layer,
+            }
+            start = time.perf_counter()
+            row["honest"] = check(folder, model, layer, None, 1.0, args.threads, args.scenarios)
+            row["matrices"] = {}
+            for matrix in args.matrices:
+                tried = []
+                for scale in sorted(args.scales):
+                    res = check(folder, model, layer, matrix, scale, args.threads, args.scenarios)
+                    if res is None:
+                        break
+                    tried.append({"scale": scale, **res})
+                    if not res["passed"]:
+                        break
+                if tried:
+                    caught = [t["scale"] for t in tried if not t["passed"]]
+                    row["matrices"][matrix] = {
+                        "smallest_caught": caught[0] if caught else None,
+                        "tried": tried,
+                    }
+            row["seconds"] = round(time.perf_counter() - start, 1)
+            rows.append(row)
+            print(json.dumps({k: row[k] for k in ("backend", "recipe", "model", "seconds")}), flush=True)
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()} {platform.processor() or ''} {platform.system()}, {os.cpu_count()} cores",
+        "commit": commit,
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "threads": args.threads,
+        "scales": sorted(args.scales),
+        "scenarios": args.scenarios,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(markdown(result))
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """One row per backend, recipe and model: the smallest scale caught per matrix (`>x` where the largest
+    tried passed), and the honest artifact's pooled median logit error."""
+    lines = [
+        "| backend | recipe | model | honest passes | honest pooled median | " + " | ".join(MATRICES) + " |",
+        "|---" * (4 + len(MATRICES)) + "|---|",
+    ]
+    for row in result["rows"]:
+        cells = []
+        for m in MATRICES:
+            entry = row["matrices"].get(m)
+            if entry is None:
+                cells.append("n/a")
+            elif entry["smallest_caught"] is None:
+                cells.append(f"> x {max(t['scale'] for t in entry['tried']):g} (not caught)")
+            else:
+                cells.append(f"x {entry['smallest_caught']:g}")
+        honest = row["honest"]
+        lines.append(
+            f"| {row['backend']} | {row['recipe']} | `{row['model']}` (layer {row['layer']}) | "
+            f"{'yes' if honest['passed'] else 'NO'} | {honest['pooled']['logit_median_rel']:.1e} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
