@@ -345,6 +345,19 @@ def _thresholds(gate: Gate | None) -> list[str]:
     return lines + [f"- `{lim.describe()}`" for lim in gate.limits]
 
 
+def _snapshot_note(result: ParityResult) -> list[str]:
+    row = next((s for s in result.scenarios if s.name == "snapshots" and s.status == "ok"), None)
+    if row is None:
+        return []
+    values = ", ".join(f"{k} {_num(v)}" for k, v in row.metrics.items())
+    return [
+        f"`snapshots`: the artifact's own session, restored from a snapshot, continues as it did ({values}; "
+        "max |a - b| / max |b|, the same calls on the same state). A restore that keeps a later conv state or "
+        "KV fails here.",
+        "",
+    ]
+
+
 def _rounding_note(result: ParityResult) -> list[str]:
     if result.activation_rounding is None:
         return []
@@ -404,6 +417,7 @@ def to_markdown(result: ParityResult) -> str:
         "",
         *_table(result.scenarios, exact_checks),
         "",
+        *_snapshot_note(result),
         *_rounding_note(result),
         *_thresholds(result.gate),
         "",

@@ -17,6 +17,7 @@ from lfm_export.contract.errors import UserError
 from lfm_export.parity.metrics import greedy_match_length, logit_metrics, state_max_abs
 from lfm_export.parity.prompts import check_prompts, default_prompts
 from lfm_export.parity.report import EXACTNESS, QUALITY, Check, ParityResult, ScenarioResult
+from lfm_export.parity.snapshots import RESTORE_LIMIT, SNAPSHOTS, parity_snapshot_row
 from lfm_export.parity.thresholds import POOLED, Gate, gate_for, sanity_gate
 
 if TYPE_CHECKING:
@@ -342,6 +343,16 @@ def _pooled(runs: list[ScenarioRun], ref: int, test: int) -> ScenarioResult:
     return ScenarioResult(POOLED, "ok", metrics=metrics, details={"of": [r.name for r in runs]})
 
 
+def _snapshot_row(session: Session, prompt: np.ndarray, checks: list[Check]) -> ScenarioResult:
+    status, metrics, reason = parity_snapshot_row(session, prompt)
+    if status == "error":
+        checks.append(Check(SNAPSHOTS, "error", None, "", None, False, note=reason))
+    for metric, value in metrics.items():
+        ok = bool(np.isfinite(value)) and value <= RESTORE_LIMIT
+        checks.append(Check(SNAPSHOTS, metric, value, "<=", RESTORE_LIMIT, ok, note=reason))
+    return ScenarioResult(SNAPSHOTS, status, metrics=metrics, reason=reason)
+
+
 def run_parity(
     test_session: Session,
     reference_session: Session,
@@ -356,6 +367,7 @@ def run_parity(
     tokenizer_file: str | None = None,
     options: ScenarioOptions | None = None,
     metadata: dict[str, Any] | None = None,
+    snapshots: bool = True,
 ) -> ParityResult:
     """Run `scenarios` (default: all) on the sessions and check both parts of the verdict:
 
@@ -365,6 +377,10 @@ def run_parity(
       distance from `simulation` widens the limits of gates that allow for it (`Limit.rounding`);
     - quality: `test_session` (and `simulation`) against the fp32 `reference_session`, checked by `quality`
       (default: the loose sanity bound of the recipe's family, `sanity_gate`).
+
+    `snapshots`: also run the snapshot scenario (`lfm_export.parity.snapshots`) on `test_session` alone: a
+    restored snapshot continues as the session did, and a conversation started from a prefix's snapshot
+    equals recomputing it (row `snapshots`, skipped where the runtime hides its state).
 
     Tokens fed after a prompt are the simulation's greedy choices (the reference's without one). A scenario in
     which a session raises is recorded as an `error` with a failing exactness check, so one crash does not hide
@@ -434,6 +450,8 @@ def run_parity(
             loss.append(_pooled(compared, ref, lead))
     noise = _rounding_effect(effects) if effects else None
     checks[:0] = [c for s in exact if s.status == "ok" for c in check(gate, s.name, s.metrics, noise=noise)]
+    if snapshots:
+        exact.append(_snapshot_row(test_session, ids[0], checks))
     return ParityResult(
         recipe=gate.name if isinstance(recipe, Gate) else recipe,
         activation_rounding=noise,

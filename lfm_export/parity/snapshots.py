@@ -112,3 +112,40 @@ def snapshot_scenario(
     whole = session.prefill(np.concatenate([p, b], axis=1))[0, p.shape[1] :]
     report.checks.append(SnapshotCheck("whole_prompt", _rel(reused[: b.shape[1]], whole), whole_rel))
     return report
+
+
+SNAPSHOTS = "snapshots"
+"""The parity report's row for the snapshot scenario run on the artifact's own session."""
+RESTORE_LIMIT = 1e-6
+"""Relative limit of `restore_decode` and `prefix_reuse` in a parity run: the same calls on the same state, so
+copying runtimes agree bitwise (every backend's tests hold them to 0); the margin only absorbs a runtime that
+picks a kernel by thread timing."""
+
+
+def parity_snapshot_row(session: Session, prompt: np.ndarray) -> tuple[str, dict[str, float], str]:
+    """Run the scenario on `session` with tokens of `prompt` (`[T]`, T >= 4; a shorter prefix and conversations
+    when it is short): (status, metrics, reason). Status `skipped` where the session takes no snapshots (its
+    runtime hides its state), `error` where a call raised."""
+    from lfm_export.contract.errors import UnsupportedError
+
+    ids = [int(t) for t in np.asarray(prompt).reshape(-1)]
+    if not callable(getattr(session, "snapshot", None)) or not callable(getattr(session, "restore", None)):
+        return "skipped", {}, f"{session.name} has no snapshot() / restore()"
+    if len(ids) < 4:
+        return "skipped", {}, "the prompt is shorter than 4 tokens"
+    n = min(6, len(ids) // 3)
+    prefix, first, second, decode = ids[:n], ids[n : 2 * n], ids[2 * n : 3 * n][::-1], ids[:3]
+    try:
+        report = snapshot_scenario(session, prefix, first, second, decode, RESTORE_LIMIT, float("inf"))
+    except UnsupportedError as e:
+        return "skipped", {}, str(e)
+    except Exception as e:  # a crashing restore is a parity failure, reported like one
+        return "error", {}, f"{type(e).__name__}: {e}"
+    finally:
+        try:
+            session.reset(1)
+        except Exception:  # the error above is the one to report
+            pass
+    kept = [c for c in report.checks if c.name != "whole_prompt"]
+    metrics = {f"{c.name}_rel": (c.max_rel if not c.detail else float("inf")) for c in kept}
+    return "ok", metrics, "; ".join(f"{c.name}: {c.detail}" for c in kept if c.detail)

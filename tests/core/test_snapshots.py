@@ -79,3 +79,20 @@ def test_restore_refuses_another_session_or_a_snapshot_past_the_context(tiny) ->
     too_long = Snapshot("reference", None, 6, np.ones((1, 6), np.int64))
     with pytest.raises(Exception, match="outside 0..4"):
         s.restore(too_long)
+
+
+def test_parity_fails_a_session_whose_restore_keeps_a_later_conv_state(tiny) -> None:
+    """`run_parity` runs the snapshot scenario on the artifact's own session: the honest reference passes it
+    bitwise; a session whose `restore` keeps the previous conversation's conv state fails parity there, though
+    its other scenarios (which never restore) agree."""
+    from lfm_export.parity import run_parity
+
+    prompts = [np.array([1, 25, 120, 203, 272, 40, 99, 7, 6, 200, 12, 5, 77], dtype=np.int64)]
+    honest = run_parity(ReferenceSession(tiny), ReferenceSession(tiny), "fp32", prompts, ["prefill"])
+    assert honest.passed and honest.scenario("snapshots").metrics == {
+        "restore_decode_rel": 0.0,
+        "prefix_reuse_rel": 0.0,
+    }
+    broken = run_parity(KeepsConvOnRestore(tiny), ReferenceSession(tiny), "fp32", prompts, ["prefill"])
+    assert not broken.passed and broken.failed_scenarios() == ["snapshots"]
+    assert broken.scenario("snapshots").metrics["prefix_reuse_rel"] > 1e-2
