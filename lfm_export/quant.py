@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lfm_export import calibrated
 from lfm_export.contract.session import DEFAULT_THREADS
 from lfm_export.precision import ROUTER, held_as, rule_for
 from lfm_export.recipes import (
@@ -72,6 +73,7 @@ from lfm_export.recipes import (
     ACT_INT8_TOKEN,
     ACT_NATIVE,
     ACTIVATION_MODES,
+    CALIBRATED_ROUNDINGS,
     ROUNDINGS,
     Recipe,
 )
@@ -133,8 +135,8 @@ def quantize_block(
 
     Rows are independent, so row chunks run on `threads` threads (numpy releases the GIL) and the result does
     not depend on the thread count or the chunking."""
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding {rounding!r}; expected one of {ROUNDINGS}")
+    if rounding not in ROUNDINGS or rounding in CALIBRATED_ROUNDINGS:
+        raise ValueError(f"rounding {rounding!r}; expected nearest or mse (calibrated ones: quantize_weight)")
     n, k = w.shape
     if k % block_size:
         raise ValueError(f"block size {block_size} does not divide {k}")
@@ -270,12 +272,21 @@ def quantize_weight(
     w: np.ndarray, recipe: Recipe, bits: int | None = None, threads: int = DEFAULT_THREADS
 ) -> Quantized:
     """`quantize_block` with the recipe's block size, symmetry and rounding (`bits` defaults to the recipe's):
-    the call every backend packs from and `simulate` dequantizes."""
+    the call every backend packs from and `simulate` dequantizes. A calibrated rounding
+    (`CALIBRATED_ROUNDINGS`) reads its codes and scales from the active `lfm_export.calibrated` table; rows the
+    table does not hold are rounded plainly."""
     chosen = recipe.bits if bits is None else bits
     if chosen is None:
         raise ValueError(f"recipe {recipe.name} quantizes no weights")
     block = recipe.block_for(int(np.shape(w)[-1]))
-    return quantize_block(w, chosen, block, recipe.symmetric, recipe.rounding, threads)
+    if recipe.rounding not in CALIBRATED_ROUNDINGS:
+        return quantize_block(w, chosen, block, recipe.symmetric, recipe.rounding, threads)
+    plain = quantize_block(w, chosen, block, recipe.symmetric, "nearest", threads)
+    hit = calibrated.lookup(np.asarray(w), chosen, block, recipe.rounding)
+    if hit is not None:
+        codes, scales, found = hit
+        plain.codes[found], plain.scales[found] = codes[found], scales[found]
+    return plain
 
 
 # ---- torch simulation ------------------------------------------------------------------------------------------
