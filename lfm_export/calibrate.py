@@ -41,6 +41,10 @@ SEQ_LEN = 256
 """Calibration sequences: the token budget in rows of this many tokens, each run from an empty state."""
 
 
+RANDOM_IDS = "random ids"
+RANDOM_IDS_SEED = 4321
+
+
 class CalibrationError(UserError):
     """The calibration text cannot be used."""
 
@@ -77,12 +81,18 @@ class Calibration:
 
 
 def calibration_ids(loaded: LoadedModel, text_file: Path | None, tokens: int) -> tuple[np.ndarray, str, str]:
-    """`[rows, SEQ_LEN]` token ids of the calibration text, its label and sha256."""
+    """`[rows, SEQ_LEN]` token ids of the calibration text, its label and sha256. A model with random weights
+    and no tokenizer calibrates on pseudo-random ids (`RANDOM_IDS`): its weights mean no text either."""
     path = CORPUS if text_file is None else Path(text_file)
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise CalibrationError(f"--calib {path}: cannot read ({e.strerror})") from None
+    if tokens < SEQ_LEN or tokens % SEQ_LEN:
+        raise CalibrationError(f"calibration tokens {tokens}: expected a positive multiple of {SEQ_LEN}")
+    if loaded.tokenizer_file is None and loaded.random and text_file is None:
+        ids = np.random.default_rng(RANDOM_IDS_SEED).integers(0, loaded.config.vocab_size, tokens)
+        return ids.reshape(-1, SEQ_LEN), RANDOM_IDS, hashlib.sha256(ids.tobytes()).hexdigest()
     label = BUNDLED if text_file is None else str(path)
     digest = hashlib.sha256(raw).hexdigest()
     if loaded.tokenizer_file is None:
@@ -94,8 +104,6 @@ def calibration_ids(loaded: LoadedModel, text_file: Path | None, tokens: int) ->
     except UnicodeDecodeError:
         raise CalibrationError(f"--calib {path}: not UTF-8 text") from None
     ids = Tokenizer.from_file(str(loaded.tokenizer_file)).encode(text).ids
-    if tokens < SEQ_LEN or tokens % SEQ_LEN:
-        raise CalibrationError(f"calibration tokens {tokens}: expected a positive multiple of {SEQ_LEN}")
     if len(ids) < tokens:
         raise CalibrationError(
             f"--calib {path}: {len(ids)} tokens, calibration takes {tokens}; give a longer text"
@@ -290,9 +298,11 @@ def table_from_manifest(loaded: LoadedModel, manifest: dict[str, Any]) -> Table 
         return None
     if not entry:
         raise CalibrationError(f"{name}: the manifest records no calibration; cannot rebuild its codes")
-    text = None if entry["corpus"] == BUNDLED else Path(entry["corpus"])
+    text = None if entry["corpus"] in (BUNDLED, RANDOM_IDS) else Path(entry["corpus"])
     path = CORPUS if text is None else text
-    if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != entry["corpus_sha256"]:
+    if entry["corpus"] != RANDOM_IDS and (
+        not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != entry["corpus_sha256"]
+    ):
         raise CalibrationError(
             f"{path}: not the calibration text the artifact was exported with (sha256 differs or missing)"
         )
