@@ -96,7 +96,9 @@ def calibration_ids(loaded: LoadedModel, text_file: Path | None, tokens: int) ->
     label = BUNDLED if text_file is None else str(path)
     digest = hashlib.sha256(raw).hexdigest()
     if loaded.tokenizer_file is None:
-        raise CalibrationError(f"{loaded.source} has no tokenizer.json; calibration needs one to read the text")
+        raise CalibrationError(
+            f"{loaded.source} has no tokenizer.json; calibration needs one to read the text"
+        )
     from tokenizers import Tokenizer
 
     try:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lfm_export.backends import all_backends, open_session
 from lfm_export.backends import get as get_backend
-from lfm_export.backends import open_session
 from lfm_export.contract.errors import UnsupportedError, UserError
 from lfm_export.contract.session import DEFAULT_THREADS
 from lfm_export.loading import LoadedModel, load_model
@@ -62,6 +62,7 @@ def export_artifact(
     progress = progress or Progress()
     check_output_path(out, force)
     record = get_backend(backend)
+    _refuse_calibrated(record, recipe)
     quality = quality_gate(_recipe_name(recipe), max_kl, gates_file) if parity else None
     with progress.step(f"Loading {model}"):
         loaded = load_model(model, lazy=True)
@@ -108,6 +109,17 @@ def export_artifact(
                 manifest=manifest,
             )
     return ExportOutcome(out, manifest, parity_result)
+
+
+def _refuse_calibrated(record: Any, recipe: Any) -> None:
+    from lfm_export.calibrate import needs_calibration
+
+    if needs_calibration(recipe) and not record.core_codes:
+        raise UnsupportedError(
+            f"{record.name} does not pack its weights from the core quantizer: calibrated rounding "
+            f"({_recipe_name(recipe)}) does not apply to it; backends that take it: "
+            + ", ".join(b.name for b in all_backends().values() if b.core_codes)
+        )
 
 
 def _calibration(loaded: LoadedModel, recipe: Any, calib: Path | None, progress: Progress) -> Any:

@@ -37,7 +37,7 @@ SEARCH_CHUNK_ELEMENTS = 1 << 20
 
 def hessian_error(w: np.ndarray, q: np.ndarray, hessian: np.ndarray) -> float:
     """`trace((w - q) H (w - q)^T)`: the squared output error over inputs of second-moment matrix `H`."""
-    d = (np.asarray(w, np.float64) - np.asarray(q, np.float64))
+    d = np.asarray(w, np.float64) - np.asarray(q, np.float64)
     return float(np.einsum("nk,kl,nl->", d, np.asarray(hessian, np.float64), d))
 
 
@@ -121,9 +121,7 @@ def _inverse_cholesky(hessian: np.ndarray, damp: float) -> np.ndarray:
     return np.linalg.cholesky(hinv).T
 
 
-def gptq(
-    w: np.ndarray, bits: int, block_size: int, hessian: np.ndarray, damp: float = DAMP
-) -> Quantized:
+def gptq(w: np.ndarray, bits: int, block_size: int, hessian: np.ndarray, damp: float = DAMP) -> Quantized:
     """GPTQ-rounded symmetric block quantization of `w [N, K]` given the inputs' second-moment matrix
     `hessian [K, K]` (see the module doc)."""
     n, k = w.shape
