@@ -24,6 +24,9 @@ Rounding choices, all of them (numpy, float32 arithmetic, `np.rint` = round half
   0.100 / 0.922 -> 0.055 / 0.956, b128 0.067 / 0.956 -> 0.066 / 0.946. Weighting the error by the
   activations' second moments (tried, not kept) was mixed as well. It costs 16 s on LFM2-350M's weights
   (int4-b32) against 2.5 s for plain rounding.
+- calibrated roundings (`-imat`, `-gptq`, `lfm_export.recipes.CALIBRATED_ROUNDINGS`): `quantize_weight`
+  reads their codes and scales, made by `lfm_export.rounding` from a calibration pass, from the active
+  `lfm_export.calibrated` table (by row content); rows it does not hold are rounded plainly.
 - `dequantize()`: `(code - zero_point) * scale` in float32.
 
 Activation rounding (`simulate(..., activations=...)`), the inputs of every quantized linear; one mode for all,
