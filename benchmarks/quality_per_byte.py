@@ -159,7 +159,10 @@ def main() -> None:
         for recipe in args.recipes:
             print(f"{model}: exporting {recipe}", file=sys.stderr)
             folders[recipe] = args.work / f"{model}-{recipe}"
-            points[recipe] = {"tool": "lfm-export", "export": export_ours(ckpt, folders[recipe], recipe, args.threads)}
+            points[recipe] = {
+                "tool": "lfm-export",
+                "export": export_ours(ckpt, folders[recipe], recipe, args.threads),
+            }
         print(f"{model}: exporting with onnxruntime-genai's builder", file=sys.stderr)
         built = export_builder(ckpt, args.work / f"{model}-{BUILDER}", args.work)
         points[BUILDER] = {"tool": "onnxruntime-genai builder", "export": built}
@@ -191,7 +194,9 @@ def table(results: dict) -> str:
     for model, points in results["models"].items():
         for name, p in points.items():
             if "bytes" not in p:
-                lines.append(f"| `{model}` | {p['tool']} | {name} | failed: {p['export'].get('error', '')[:80]} |")
+                lines.append(
+                    f"| `{model}` | {p['tool']} | {name} | failed: {p['export'].get('error', '')[:80]} |"
+                )
                 continue
             lines.append(
                 f"| `{model}` | {p['tool']} | {name} | {p['bytes']:,} | {p['decode_tok_s']:.0f} | "

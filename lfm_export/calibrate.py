@@ -197,12 +197,12 @@ def calibrate(
 
 def _collector(stats: dict[str, list[Any]], name: str, hessian: bool) -> Callable[..., None]:
     def hook(_mod: nn.Module, args: tuple[Tensor, ...]) -> None:
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
         entry = stats.setdefault(name, [0, np.zeros(x.shape[1]), None])
         entry[0] += x.shape[0]
-        entry[1] += (x * x).sum(0).numpy()
-        if hessian:
-            xx = (x.T @ x).numpy()
+        entry[1] += (x.double() * x.double()).sum(0).numpy()
+        if hessian:  # one float32 product per call (the whole batch), summed in float64
+            xx = (x.T @ x).double().numpy()
             entry[2] = xx if entry[2] is None else entry[2] + xx
 
     return hook

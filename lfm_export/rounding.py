@@ -38,7 +38,7 @@ SEARCH_CHUNK_ELEMENTS = 1 << 20
 def hessian_error(w: np.ndarray, q: np.ndarray, hessian: np.ndarray) -> float:
     """`trace((w - q) H (w - q)^T)`: the squared output error over inputs of second-moment matrix `H`."""
     d = np.asarray(w, np.float64) - np.asarray(q, np.float64)
-    return float(np.einsum("nk,kl,nl->", d, np.asarray(hessian, np.float64), d))
+    return float(((d @ np.asarray(hessian, np.float64)) * d).sum())
 
 
 def _importance(importance: np.ndarray | None, k: int) -> np.ndarray:
