@@ -22,7 +22,8 @@ OutOpt = Annotated[
 QuantOpt = Annotated[
     str,
     typer.Option(
-        help="Recipe: fp32 | fp16 | bf16 | int8 | int4, with -bN (block 32 | 64 | 128), -asym, -a8, -mse "
+        help="Recipe: fp32 | fp16 | bf16 | int8 | int4, with -bN (block 32 | 64 | 128), -asym, -a8, -mse, "
+        "-imat or -gptq (calibrated) "
         "(int4-b64, int8-b128-asym; aliases 8da4w, 8da8w). The backend says which it supports."
     ),
 ]
@@ -54,6 +55,14 @@ MaxKlOpt = Annotated[
     float | None,
     typer.Option(
         "--max-kl", help="Quality gate: pooled KL mean against the fp32 reference at most this (strict)."
+    ),
+]
+CalibOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--calib",
+        metavar="FILE",
+        help="Calibration text (UTF-8) for the calibrated recipes (-imat, -gptq); default: the bundled one.",
     ),
 ]
 GatesOpt = Annotated[

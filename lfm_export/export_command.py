@@ -13,6 +13,7 @@ import typer
 
 from lfm_export.backends import all_backends
 from lfm_export.cli_options import (
+    CalibOpt,
     ForceOpt,
     FullContextOpt,
     GatesOpt,
@@ -45,6 +46,7 @@ class ExportOptions:
     threads: int
     max_kl: float | None
     gates: Path | None
+    calib: Path | None
     as_json: bool
 
 
@@ -61,6 +63,7 @@ _SHARED_TAIL = [
     option("threads", ThreadsOpt, DEFAULT_THREADS),
     option("max_kl", MaxKlOpt, None),
     option("gates", GatesOpt, None),
+    option("calib", CalibOpt, None),
     option("as_json", JsonOpt, False),
 ]
 
@@ -109,6 +112,7 @@ def _export(backend: str, opts: ExportOptions, recipe: Any) -> None:
         max_kl=opts.max_kl,
         gates_file=opts.gates,
         full_context=opts.full_context,
+        calib=opts.calib,
     )
     _report_export(outcome, opts.as_json)
 

@@ -3,12 +3,14 @@ the backend's runtime shim -> reports -> atomic rename. Backends only turn a mod
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lfm_export.backends import all_backends, open_session
 from lfm_export.backends import get as get_backend
-from lfm_export.backends import open_session
 from lfm_export.contract.errors import UnsupportedError, UserError
 from lfm_export.contract.session import DEFAULT_THREADS
 from lfm_export.loading import LoadedModel, load_model
@@ -51,9 +53,11 @@ def export_artifact(
     max_kl: float | None = None,
     gates_file: Path | None = None,
     full_context: bool = False,
+    calib: Path | None = None,
 ) -> ExportOutcome:
     """Export, write the manifest, run parity (exactness against the simulated recipe, quality against fp32,
-    gated strictly by `max_kl` / `gates_file` when given) and move the artifact to `out`."""
+    gated strictly by `max_kl` / `gates_file` when given) and move the artifact to `out`. A calibrated recipe
+    (`-imat`, `-gptq`) first calibrates on `calib` (default: the bundled text; `lfm_export.calibrate`)."""
     from lfm_export.parity.thresholds import quality_gate
 
     progress = progress or Progress()
@@ -61,6 +65,7 @@ def export_artifact(
     record = get_backend(backend)
     if parity:
         require_parity_session(record)
+    _refuse_calibrated(record, recipe)
     quality = quality_gate(_recipe_name(recipe), max_kl, gates_file) if parity else None
     with progress.step(f"Loading {model}"):
         loaded = load_model(model, lazy=True)
@@ -68,8 +73,14 @@ def export_artifact(
         loaded.require_reference_memory(copies=_parity_copies(recipe))
     if loaded.random:
         progress.note(f"[yellow]note:[/] {model} has RANDOM weights (for size and speed work only)")
-    with atomic_output(out, force) as tmp:
+    calibration = _calibration(loaded, recipe, calib, progress)
+    with _active(calibration), atomic_output(out, force) as tmp:
         result = record.export(loaded, tmp, recipe, progress)
+        if calibration is not None and calibration[0].rows_served == 0:
+            raise UnsupportedError(
+                f"{backend} does not pack its weights from the core quantizer: calibrated rounding "
+                f"({_recipe_name(recipe)}) does not apply to it"
+            )
         loaded.copy_tokenizer_files(tmp)
         manifest = build_manifest(
             model_identity=_identity(loaded),
@@ -84,6 +95,7 @@ def export_artifact(
                 "precision": precision_entry(loaded.model.state_dict(), result.recipe),
                 "chat_template": chat_template_entry(tmp),
                 "timings_s": dict(progress.timings),
+                **({"calibration": calibration[1]} if calibration is not None else {}),
             },
         )
         write_manifest(tmp, manifest)
@@ -111,6 +123,58 @@ def require_parity_session(record: Any) -> None:
             f"{record.name}: no runtime here runs its artifacts, so parity cannot check one; export with "
             "--no-parity (the same QNN quantization is checked on the emulated HTP by `lfm-export onnx-qnn`)"
         )
+
+
+def _refuse_calibrated(record: Any, recipe: Any) -> None:
+    from lfm_export.calibrate import needs_calibration
+
+    if needs_calibration(recipe) and not record.core_codes:
+        raise UnsupportedError(
+            f"{record.name} does not pack its weights from the core quantizer: calibrated rounding "
+            f"({_recipe_name(recipe)}) does not apply to it; backends that take it: "
+            + ", ".join(b.name for b in all_backends().values() if b.core_codes)
+        )
+
+
+def _calibration(loaded: LoadedModel, recipe: Any, calib: Path | None, progress: Progress) -> Any:
+    """(table, manifest entry) of a calibrated recipe (`lfm_export.calibrate.table_for_export`), or None."""
+    from lfm_export.calibrate import needs_calibration, table_for_export
+
+    if not needs_calibration(recipe):
+        return table_for_export(loaded, recipe, calib)
+    with progress.step(f"Calibrating ({_recipe_name(recipe)}) on {calib or 'the bundled text'}"):
+        return table_for_export(loaded, recipe, calib)
+
+
+@contextmanager
+def _active(calibration: Any) -> Iterator[None]:
+    """The calibrated table active for the quantizer while the block runs (nothing without one)."""
+    from lfm_export import calibrated
+
+    with calibrated.active(calibration[0]) if calibration is not None else nullcontext():
+        yield
+
+
+def _check_calibration(loaded: LoadedModel, manifest: dict[str, Any], progress: Progress) -> Any:
+    """The calibrated table a parity check of a calibrated artifact reads: the active one, or rebuilt from the
+    manifest (same text, same tokens) when parity runs in another process than the export."""
+    from lfm_export import calibrated
+    from lfm_export.calibrate import needs_calibration, table_from_manifest
+
+    if calibrated.current() is not None or not needs_calibration(_core(manifest)):
+        return nullcontext()
+    with progress.step("Rebuilding the calibrated codes from the manifest's calibration"):
+        table = table_from_manifest(loaded, manifest)
+    return calibrated.active(table) if table is not None else nullcontext()
+
+
+def _core(manifest: dict[str, Any]) -> Any:
+    from lfm_export.recipes import Recipe
+
+    try:
+        return Recipe.from_dict(manifest.get("recipe", {}))
+    except (UserError, TypeError):
+        return None
 
 
 def _parity_copies(recipe: Any) -> int:
@@ -239,7 +303,10 @@ def _check(
     weights = record.weight_values(manifest["recipe"]) if record.weight_values else None
     # a backend whose simulation is not the core quantizer's gives its own session (QNN: the fake-quant program)
     own_simulation = record.simulation_session
-    with progress.step(f"Parity ({recipe}) through the {manifest['backend']} runtime"):
+    with (
+        _check_calibration(loaded, manifest, progress),
+        progress.step(f"Parity ({recipe}) through the {manifest['backend']} runtime"),
+    ):
         session = open_session(folder, threads=threads)
         reference = ReferenceSession(loaded.model, max_seq_len=session.max_seq_len)
         simulation = rounding = None

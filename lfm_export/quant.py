@@ -24,6 +24,9 @@ Rounding choices, all of them (numpy, float32 arithmetic, `np.rint` = round half
   0.100 / 0.922 -> 0.055 / 0.956, b128 0.067 / 0.956 -> 0.066 / 0.946. Weighting the error by the
   activations' second moments (tried, not kept) was mixed as well. It costs 16 s on LFM2-350M's weights
   (int4-b32) against 2.5 s for plain rounding.
+- calibrated roundings (`-imat`, `-gptq`, `lfm_export.recipes.CALIBRATED_ROUNDINGS`): `quantize_weight`
+  reads their codes and scales, made by `lfm_export.rounding` from a calibration pass, from the active
+  `lfm_export.calibrated` table (by row content); rows it does not hold are rounded plainly.
 - `dequantize()`: `(code - zero_point) * scale` in float32.
 
 Activation rounding (`simulate(..., activations=...)`), the inputs of every quantized linear; one mode for all,
@@ -64,6 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lfm_export import calibrated
 from lfm_export.contract.session import DEFAULT_THREADS
 from lfm_export.precision import ROUTER, held_as, rule_for
 from lfm_export.recipes import (
@@ -75,6 +79,7 @@ from lfm_export.recipes import (
     ACT_INT8_TOKEN,
     ACT_NATIVE,
     ACTIVATION_MODES,
+    CALIBRATED_ROUNDINGS,
     ROUNDINGS,
     Recipe,
 )
@@ -136,8 +141,8 @@ def quantize_block(
 
     Rows are independent, so row chunks run on `threads` threads (numpy releases the GIL) and the result does
     not depend on the thread count or the chunking."""
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding {rounding!r}; expected one of {ROUNDINGS}")
+    if rounding not in ROUNDINGS or rounding in CALIBRATED_ROUNDINGS:
+        raise ValueError(f"rounding {rounding!r}; expected nearest or mse (calibrated ones: quantize_weight)")
     n, k = w.shape
     if k % block_size:
         raise ValueError(f"block size {block_size} does not divide {k}")
@@ -273,12 +278,21 @@ def quantize_weight(
     w: np.ndarray, recipe: Recipe, bits: int | None = None, threads: int = DEFAULT_THREADS
 ) -> Quantized:
     """`quantize_block` with the recipe's block size, symmetry and rounding (`bits` defaults to the recipe's):
-    the call every backend packs from and `simulate` dequantizes."""
+    the call every backend packs from and `simulate` dequantizes. A calibrated rounding
+    (`CALIBRATED_ROUNDINGS`) reads its codes and scales from the active `lfm_export.calibrated` table; rows the
+    table does not hold are rounded plainly."""
     chosen = recipe.bits if bits is None else bits
     if chosen is None:
         raise ValueError(f"recipe {recipe.name} quantizes no weights")
     block = recipe.block_for(int(np.shape(w)[-1]))
-    return quantize_block(w, chosen, block, recipe.symmetric, recipe.rounding, threads)
+    if recipe.rounding not in CALIBRATED_ROUNDINGS:
+        return quantize_block(w, chosen, block, recipe.symmetric, recipe.rounding, threads)
+    plain = quantize_block(w, chosen, block, recipe.symmetric, "nearest", threads)
+    hit = calibrated.lookup(np.asarray(w), chosen, block, recipe.rounding)
+    if hit is not None:
+        codes, scales, found = hit
+        plain.codes[found], plain.scales[found] = codes[found], scales[found]
+    return plain
 
 
 # ---- torch simulation ------------------------------------------------------------------------------------------

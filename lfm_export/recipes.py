@@ -10,6 +10,8 @@ A recipe says how weights and activations are represented; a backend adds only i
     ...-asym                                    per-block zero points (default: symmetric)
     ...-a8                                      dynamic per-token int8 activations (ExecuTorch's `8da4w`)
     ...-mse                                     scales chosen by a rounding search (see `lfm_export.quant`)
+    ...-imat, ...-gptq                          calibrated rounding (`lfm_export.rounding`): the scale search
+                                                weighted by input importance, or error-compensating rounding
 
 Aliases from other ecosystems map onto these: `8da4w` = `int4-b32-a8`, `8da8w` = `int8-pc-a8` (ExecuTorch's
 own `8da8w` is per channel: torchao `PerAxis(0)` at its group size 0, the only int8 form XNNPACK lowers), `int4`
@@ -37,7 +39,12 @@ PER_CHANNEL = 0
 """`block_size` of a per-output-channel recipe (`-pc`): one block spans a weight's whole input dimension.
 Only int8 takes it (an int4 row needs blocks); each backend that cannot hold it refuses it."""
 ACTIVATIONS = ("float", "int8")
-ROUNDINGS = ("nearest", "mse")
+ROUNDINGS = ("nearest", "mse", "imat", "gptq")
+CALIBRATED_ROUNDINGS = ("imat", "gptq")
+"""Roundings that need statistics of the linears' inputs over a calibration text (`lfm_export.calibrate`):
+`imat` weighs the `-mse` scale search by each input channel's mean square (llama.cpp's importance matrix),
+`gptq` rounds column by column and compensates each rounding error on the columns not yet rounded (GPTQ),
+with the inputs' second-moment matrix. Both are symmetric and give ordinary codes and scales."""
 ACT_FLOAT = "float"
 ACT_INT8_BLOCK = "int8-block"
 ACT_INT8_TOKEN = "int8-token"
@@ -72,7 +79,7 @@ ALIASES = {
 
 _GRAMMAR = (
     "expected fp32, fp16, bf16, or int4 / int8 with optional -bN (N in 32, 64, 128; int8 also -pc, per "
-    "channel), -asym, -a8, -mse "
+    "channel), -asym, -a8, -mse | -imat | -gptq "
     f"(aliases: {', '.join(ALIASES)})"
 )
 
@@ -87,7 +94,8 @@ class Recipe:
       whole row (`block_for`).
     - `symmetric`: no zero points (default) or per-block zero points.
     - `activations`: `float`, or `int8` (dynamic per-token int8 activations into the quantized linears).
-    - `rounding`: `nearest` (scale from the block's extreme) or `mse` (per-block scale search).
+    - `rounding`: `nearest` (scale from the block's extreme), `mse` (per-block scale search), or a calibrated
+      one of `CALIBRATED_ROUNDINGS`.
     - `head_bits` / `embedding_bits`: bits of the lm_head and the embedding table (None: float).
     - `max_seq_len`: the context the artifact declares; None = the model's, capped at 32768.
     """
@@ -127,6 +135,8 @@ class Recipe:
             self.activations != "float" or self.rounding != "nearest" or not self.symmetric
         ):
             raise UnsupportedError("-a8, -mse and -asym need a quantized recipe (int4 or int8)")
+        if self.rounding in CALIBRATED_ROUNDINGS and not self.symmetric:
+            raise UnsupportedError(f"-{self.rounding} rounding is symmetric only; drop -asym")
         for what, b in (("head", self.head_bits), ("embedding", self.embedding_bits)):
             if b is not None and b not in WEIGHT_BITS:
                 raise UnsupportedError(f"{what} bits {b} not supported; expected 4, 8 or float")
@@ -161,8 +171,8 @@ class Recipe:
             parts.append("asym")
         if self.activations == "int8":
             parts.append("a8")
-        if self.rounding == "mse":
-            parts.append("mse")
+        if self.rounding != "nearest":
+            parts.append(self.rounding)
         return "-".join(parts)
 
     @property
@@ -239,8 +249,8 @@ def parse_recipe(
             kw["symmetric"] = False
         elif part == "a8" and "bits" in kw and "activations" not in kw:
             kw["activations"] = "int8"
-        elif part == "mse" and "bits" in kw and "rounding" not in kw:
-            kw["rounding"] = "mse"
+        elif part in ROUNDINGS[1:] and "bits" in kw and "rounding" not in kw:
+            kw["rounding"] = part
         else:
             raise UnsupportedError(f"--quant {text!r} is unknown; {_GRAMMAR}")
     if block_size is not None and named_block is not None and block_size != named_block:

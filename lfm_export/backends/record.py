@@ -63,6 +63,9 @@ class Backend:
       a session of its own where the core simulation does not apply (QNN's fake-quantized program).
     - `gates`: `"module:NAME"` of a `{name: Gate}` mapping this backend adds to the parity gates, and
       `sanity`: of a `{family: KL mean}` mapping of default quality bounds.
+    - `core_codes`: the backend packs every quantized weight from the core quantizer's codes and scales
+      (`lfm_export.quant.quantize_weight`), so the calibrated roundings (`-imat`, `-gptq`) reach its artifacts;
+      the pipeline refuses those recipes for a backend that does not.
     - `install`: the pip extra that installs what `export` needs. `context_default` / `context_cost`: what
       `--max-seq-len` defaults to and what a longer context costs (its help).
     """
@@ -82,6 +85,7 @@ class Backend:
     sanity: str | None = None
     context_default: str = CONTEXT_DEFAULT
     context_cost: str = ""
+    core_codes: bool = False
 
     def session_class(self) -> Any:
         if self.session is None:

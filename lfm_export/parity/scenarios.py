@@ -420,6 +420,8 @@ def run_parity(
     effects: list[dict[str, float | None]] = []
     checks: list[Check] = []
     compared: list[ScenarioRun] = []
+    # first, so that the scenarios leave the sessions as callers expect them (the last one's state)
+    snapshot_row = _snapshot_row(test_session, ids[0], checks) if snapshots else None
     for name in names:
         try:
             run = SCENARIOS[name](sessions, ids, opts)
@@ -450,8 +452,8 @@ def run_parity(
             loss.append(_pooled(compared, ref, lead))
     noise = _rounding_effect(effects) if effects else None
     checks[:0] = [c for s in exact if s.status == "ok" for c in check(gate, s.name, s.metrics, noise=noise)]
-    if snapshots:
-        exact.append(_snapshot_row(test_session, ids[0], checks))
+    if snapshot_row is not None:
+        exact.append(snapshot_row)
     return ParityResult(
         recipe=gate.name if isinstance(recipe, Gate) else recipe,
         activation_rounding=noise,

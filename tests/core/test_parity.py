@@ -160,15 +160,16 @@ def test_reference_against_itself_passes(model, ref):
     result = run_parity(test, ref, "fp32", options=OPTS)
     assert result.passed, [c.describe() for c in result.failures]
     assert exit_code(result) == 0
-    assert [s.name for s in result.scenarios] == ALL + ["pooled"]
+    assert [s.name for s in result.scenarios] == ALL + ["pooled", "snapshots"]
     assert all(s.status == "ok" for s in result.scenarios if s.name != "long_context")
+    assert result.scenario("snapshots").metrics == {"restore_decode_rel": 0.0, "prefix_reuse_rel": 0.0}
     assert "ends before position 8192" in result.scenario("long_context").reason
     decode = result.scenario("decode").metrics
     assert decode["greedy_match"] == decode["greedy_steps"] == 17
     assert result.scenario("chunked_prefill").details["chunks"] == [8, 12, 4]
     assert result.scenario("near_max_seq_len").details["fill"] == MAX_SEQ - 2
     assert test.position == MAX_SEQ
-    for s in (s for s in result.scenarios if s.status == "ok"):
+    for s in (s for s in result.scenarios if s.status == "ok" and s.name != "snapshots"):
         assert s.metrics["logit_max_abs"] <= 1e-4 and s.metrics["top1_agreement"] == 1.0
 
 
@@ -213,11 +214,13 @@ def test_misscaled_weight_fails_prefill_too(model, ref):
 
 
 def test_forgotten_chunk_state_fails_only_chunked_scenarios(model, ref):
+    """...and the snapshot scenario, which prefills a conversation after a restored prefix (a chunk)."""
     result = run_parity(ForgetsChunks(model, name="forgets", max_seq_len=MAX_SEQ), ref, "fp32", options=OPTS)
     assert not result.passed
     assert {c.scenario for c in result.failures if c.part == EXACTNESS} == {
         "chunked_prefill",
         "near_max_seq_len",
+        "snapshots",
     }
     assert ("chunked_prefill", "logit_max_abs") in failing(result)
     assert result.verdict().startswith("FAILED: exactness FAILED: the artifact does not compute its recipe")
@@ -372,7 +375,7 @@ def test_reports(model, ref, tmp_path):
     assert [s["name"] for s in data["quality"]["scenarios"]] == ["prefill", "decode", "pooled"]
     assert data["metadata"] == meta
     assert {"metric": "logit_max_abs", "op": "<=", "limit": 1e-4, "scenarios": None} in data["thresholds"]
-    assert [s["name"] for s in data["scenarios"]] == ["prefill", "decode", "pooled"]
+    assert [s["name"] for s in data["scenarios"]] == ["prefill", "decode", "pooled", "snapshots"]
     pooled = data["scenarios"][2]
     assert pooled["details"]["of"] == ["prefill", "decode"]
     assert pooled["metrics"]["positions"] == sum(s["metrics"]["positions"] for s in data["scenarios"][:2])

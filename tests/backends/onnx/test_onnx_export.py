@@ -481,3 +481,26 @@ def test_bundled_tiny_moe_int4_passes_its_gate(tmp_path: Path) -> None:
     pooled = result.pooled()
     assert pooled["positions"] > 300 and pooled["kl_mean"] <= 0.06
     assert outcome.manifest["ops"]["op_types"]["com.microsoft::QMoE"] == 4
+
+
+# ---- calibrated rounding: the calibrated codes reach the artifact, exactly simulated ----------------------
+
+
+def test_calibrated_export_holds_its_codes_and_matches_its_simulation(dense, tmp_path: Path) -> None:
+    from lfm_export import calibrated
+    from lfm_export.calibrate import calibrated_table
+
+    loaded, traced = dense
+    recipe = make_recipe("int4-b32-gptq", max_seq_len=MAX_SEQ, accuracy_level=0)
+    table, entry = calibrated_table(loaded, recipe.recipe, tokens=256)
+    assert entry["corpus"] == "random ids" and entry["output_error_vs_nearest"] < 0.8
+    with calibrated.active(table):
+        result = export_onnx(loaded, tmp_path / "onnx", recipe, traced=traced)
+        served = table.rows_served
+        ref = simulate(loaded.model, recipe.recipe, "float")
+    assert served >= sum(codes.shape[0] for codes, _ in table.matrices)  # every calibrated row was packed
+    worst, _, got, _ = _run_both(_session(tmp_path / "onnx", accuracy_level=0), result.signature, ref)
+    assert worst <= 1e-4, worst
+    plain = simulate(loaded.model, parse_core_recipe("int4-b32"), "float")
+    _, _, _, other = _run_both(_session(tmp_path / "onnx", accuracy_level=0), result.signature, plain)
+    assert max(float(np.abs(g - o).max()) for g, o in zip(got, other)) > 1e-2  # not plain rounding's artifact

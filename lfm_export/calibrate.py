@@ -1,0 +1,312 @@
+"""Calibration: statistics of every quantized linear's inputs over a text, and the calibrated codes of a recipe.
+
+`calibrate` runs the model over `tokens` tokens of a text (the bundled `assets/calibration.txt` by default:
+documents of the bundled models' procedural corpus, drawn with a seed that neither their training nor their
+held-out split uses), one decoder layer at a time: each layer's weights are produced from the lazy weight
+source, run on the whole batch, and dropped, so only one layer's weights and the batch's hidden states are
+held. Per linear that a quantized recipe holds at its `bits` (`lfm_export.precision.LINEAR`), it collects the
+inputs' per-channel mean square `E[x_j^2]` and, where asked, the second-moment matrix `E[x x^T]` (GPTQ's
+Hessian); per MoE layer, how often each expert is chosen. The MoE layers run in their sparse form, so an
+expert's statistics are those of the tokens routed to it.
+
+`calibrated_table` turns a layer's statistics into codes and scales (`lfm_export.rounding`) as soon as the
+layer is done, and drops its Hessians: the Hessians of one layer are held at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lfm_export.calibrated import Table
+from lfm_export.contract.errors import UserError
+from lfm_export.loading import LoadedModel
+from lfm_export.model import GROWING, MOE_SPARSE, DecoderLayer, MoE, rope_cos_sin
+from lfm_export.precision import LINEAR, rule_for
+from lfm_export.recipes import CALIBRATED_ROUNDINGS, Recipe
+from lfm_export.rounding import gptq, hessian_error, weighted_search
+from lfm_export.weights import lazy_source
+
+CORPUS = Path(__file__).parent / "assets" / "calibration.txt"
+BUNDLED = "bundled"
+DEFAULT_TOKENS = 2048
+SEQ_LEN = 256
+"""Calibration sequences: the token budget in rows of this many tokens, each run from an empty state."""
+
+
+RANDOM_IDS = "random ids"
+RANDOM_IDS_SEED = 4321
+
+
+class CalibrationError(UserError):
+    """The calibration text cannot be used."""
+
+
+@dataclass
+class LinearStats:
+    """Inputs of one linear: `tokens` rows, per-channel mean square `[K]`, second-moment matrix `[K, K]`
+    (float64; None when not collected or already used)."""
+
+    tokens: int
+    mean_square: np.ndarray
+    hessian: np.ndarray | None
+
+
+@dataclass
+class Calibration:
+    """What `calibrate` measured, and where the text came from (the manifest's `calibration`)."""
+
+    corpus: str
+    corpus_sha256: str
+    tokens: int
+    linears: dict[str, LinearStats] = field(default_factory=dict)
+    routing: dict[str, list[float]] = field(default_factory=dict)
+
+    def manifest_entry(self) -> dict[str, Any]:
+        return {
+            "corpus": self.corpus,
+            "corpus_sha256": self.corpus_sha256,
+            "tokens": self.tokens,
+            "sequence_length": SEQ_LEN,
+            "linears": len(self.linears),
+            "expert_routing_frequency": self.routing,
+        }
+
+
+def calibration_ids(loaded: LoadedModel, text_file: Path | None, tokens: int) -> tuple[np.ndarray, str, str]:
+    """`[rows, SEQ_LEN]` token ids of the calibration text, its label and sha256. A model with random weights
+    and no tokenizer calibrates on pseudo-random ids (`RANDOM_IDS`): its weights mean no text either."""
+    path = CORPUS if text_file is None else Path(text_file)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CalibrationError(f"--calib {path}: cannot read ({e.strerror})") from None
+    if tokens < SEQ_LEN or tokens % SEQ_LEN:
+        raise CalibrationError(f"calibration tokens {tokens}: expected a positive multiple of {SEQ_LEN}")
+    if loaded.tokenizer_file is None and loaded.random and text_file is None:
+        ids = np.random.default_rng(RANDOM_IDS_SEED).integers(0, loaded.config.vocab_size, tokens)
+        return ids.reshape(-1, SEQ_LEN), RANDOM_IDS, hashlib.sha256(ids.tobytes()).hexdigest()
+    label = BUNDLED if text_file is None else str(path)
+    digest = hashlib.sha256(raw).hexdigest()
+    if loaded.tokenizer_file is None:
+        raise CalibrationError(
+            f"{loaded.source} has no tokenizer.json; calibration needs one to read the text"
+        )
+    from tokenizers import Tokenizer
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CalibrationError(f"--calib {path}: not UTF-8 text") from None
+    ids = Tokenizer.from_file(str(loaded.tokenizer_file)).encode(text).ids
+    if len(ids) < tokens:
+        raise CalibrationError(
+            f"--calib {path}: {len(ids)} tokens, calibration takes {tokens}; give a longer text"
+        )
+    return np.asarray(ids[:tokens], np.int64).reshape(-1, SEQ_LEN), label, digest
+
+
+def _layer(loaded: LoadedModel, idx: int) -> DecoderLayer:
+    """Decoder layer `idx` with real weights (produced from the lazy source, or the model's own)."""
+    source = lazy_source(loaded.model)
+    if source is None:
+        return loaded.model.model.layers[idx]
+    prefix = f"model.layers.{idx}."
+    with torch.device("meta"):
+        layer = DecoderLayer(loaded.config, idx)
+    state = {n[len(prefix) :]: source.get(n) for n in source.names() if n.startswith(prefix)}
+    layer.load_state_dict(state, strict=True, assign=True)
+    return layer.eval()
+
+
+def _weight(loaded: LoadedModel, name: str) -> Tensor:
+    source = lazy_source(loaded.model)
+    return source.get(name) if source is not None else loaded.model.get_parameter(name).detach()
+
+
+LayerDone = Callable[[int, dict[str, LinearStats]], None]
+
+
+def calibrate(
+    loaded: LoadedModel,
+    text_file: Path | None = None,
+    tokens: int = DEFAULT_TOKENS,
+    hessian: bool = False,
+    layer_done: LayerDone | None = None,
+) -> Calibration:
+    """Input statistics of every linear held at a recipe's `bits` (see the module doc). `layer_done(idx,
+    stats)` is called after each layer; the Hessians are dropped from the result after it."""
+    ids, label, digest = calibration_ids(loaded, text_file, tokens)
+    cfg = loaded.config
+    out = Calibration(corpus=label, corpus_sha256=digest, tokens=int(ids.size))
+    batch = torch.from_numpy(ids)
+    rows, t = batch.shape
+    positions = torch.arange(t)
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    with torch.no_grad():
+        h = torch.nn.functional.embedding(batch, _weight(loaded, "model.embed_tokens.weight").float())
+        for idx in range(cfg.num_hidden_layers):
+            layer = _layer(loaded, idx)
+            prefix = f"model.layers.{idx}."
+            stats: dict[str, list[Any]] = {}
+            hooks = []
+            for name, mod in layer.named_modules():
+                full = f"{prefix}{name}.weight"
+                if isinstance(mod, nn.Linear) and rule_for(full) is LINEAR:
+                    hooks.append(mod.register_forward_pre_hook(_collector(stats, full, hessian)))
+                if isinstance(mod, MoE):
+                    mod.form = MOE_SPARSE
+                    hooks.append(mod.register_forward_pre_hook(_router_counter(out, f"{prefix}{name}")))
+            try:
+                x = layer.operator_norm(h)
+                if layer.is_attention:
+                    empty = torch.zeros(rows, cfg.num_key_value_heads, 0, cfg.head_dim)
+                    x, _, _ = layer.self_attn(x, cos, sin, empty, empty, positions, GROWING, None)
+                else:
+                    x, _ = layer.conv(x, torch.zeros(rows, cfg.hidden_size, cfg.conv_state_len))
+                h = h + x
+                h = h + layer.feed_forward(layer.ffn_norm(h))
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            done = {
+                name: LinearStats(
+                    tokens=n,
+                    mean_square=(sq / max(n, 1)),
+                    hessian=None if xx is None else xx / max(n, 1),
+                )
+                for name, (n, sq, xx) in stats.items()
+            }
+            if layer_done is not None:
+                layer_done(idx, done)
+            for s in done.values():
+                s.hessian = None
+            out.linears.update(done)
+    for key, counts in out.routing.items():
+        total = sum(counts)
+        out.routing[key] = [round(c / total, 6) if total else 0.0 for c in counts]
+    return out
+
+
+def _collector(stats: dict[str, list[Any]], name: str, hessian: bool) -> Callable[..., None]:
+    def hook(_mod: nn.Module, args: tuple[Tensor, ...]) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        entry = stats.setdefault(name, [0, np.zeros(x.shape[1]), None])
+        entry[0] += x.shape[0]
+        entry[1] += (x.double() * x.double()).sum(0).numpy()
+        if hessian:  # one float32 product per call (the whole batch), summed in float64
+            xx = (x.T @ x).double().numpy()
+            entry[2] = xx if entry[2] is None else entry[2] + xx
+
+    return hook
+
+
+def _router_counter(out: Calibration, name: str) -> Callable[..., None]:
+    def hook(mod: MoE, args: tuple[Tensor, ...]) -> None:
+        flat = args[0].reshape(-1, args[0].shape[-1])
+        _, idx, _ = mod._route(flat)
+        counts = torch.bincount(idx.reshape(-1), minlength=len(mod.experts)).tolist()
+        prev = out.routing.get(name, [0] * len(counts))
+        out.routing[name] = [a + b for a, b in zip(prev, counts)]
+
+    return hook
+
+
+def calibrated_table(
+    loaded: LoadedModel,
+    recipe: Recipe,
+    text_file: Path | None = None,
+    tokens: int = DEFAULT_TOKENS,
+) -> tuple[Table, dict[str, Any]]:
+    """The codes and scales of every linear held at `recipe.bits`, by `recipe.rounding` over the calibration
+    text, and the manifest's `calibration` entry (what was measured, and the Hessian-weighted output error of
+    the calibrated rounding against plain rounding, summed over the linears)."""
+    from lfm_export.quant import quantize_block
+
+    assert recipe.bits is not None
+    table = Table()
+    errors = {"nearest": 0.0, recipe.rounding: 0.0}
+    method = recipe.rounding
+
+    def layer_done(_idx: int, stats: dict[str, LinearStats]) -> None:
+        for name, s in stats.items():
+            w = _weight(loaded, name).float().numpy()
+            block = recipe.block_for(w.shape[1])
+            if s.tokens == 0:  # an expert no token chose: plain rounding
+                q = quantize_block(w, recipe.bits, block)
+            elif method == "gptq":
+                assert s.hessian is not None
+                q = gptq(w, recipe.bits, block, s.hessian)
+            else:
+                q = weighted_search(w, recipe.bits, block, s.mean_square)
+            table.add(w, recipe.bits, block, q.codes, q.scales)
+            if s.hessian is not None:
+                plain = quantize_block(w, recipe.bits, block).dequantize()
+                errors["nearest"] += hessian_error(w, plain, s.hessian)
+                errors[method] += hessian_error(w, q.dequantize(), s.hessian)
+
+    calib = calibrate(loaded, text_file, tokens, hessian=method == "gptq", layer_done=layer_done)
+    entry = {"rounding": method, **calib.manifest_entry()}
+    if errors["nearest"] > 0:
+        entry["output_error_vs_nearest"] = round(errors[method] / errors["nearest"], 4)
+    return table, entry
+
+
+def core_recipe(recipe: Any) -> Recipe | None:
+    """The core recipe inside a backend's recipe object (its `recipe` field), or `recipe` itself."""
+    core = getattr(recipe, "recipe", recipe)
+    return core if isinstance(core, Recipe) else None
+
+
+def needs_calibration(recipe: Any) -> bool:
+    core = core_recipe(recipe)
+    return core is not None and core.quantized and core.rounding in CALIBRATED_ROUNDINGS
+
+
+def table_for_export(
+    loaded: LoadedModel, recipe: Any, text_file: Path | None, tokens: int = DEFAULT_TOKENS
+) -> tuple[Table, dict[str, Any]] | None:
+    """The calibrated table an export of `recipe` reads (None for a recipe that needs none; `--calib` with
+    such a recipe is refused)."""
+    if not needs_calibration(recipe):
+        if text_file is not None:
+            raise CalibrationError(
+                f"--calib: recipe {getattr(recipe, 'name', recipe)} uses no calibration; "
+                f"add one of {', '.join('-' + r for r in CALIBRATED_ROUNDINGS)} to --quant"
+            )
+        return None
+    core = core_recipe(recipe)
+    assert core is not None
+    return calibrated_table(loaded, core, text_file, tokens)
+
+
+def table_from_manifest(loaded: LoadedModel, manifest: dict[str, Any]) -> Table | None:
+    """The calibrated table of an artifact, rebuilt from its manifest's `calibration` (same text, same
+    tokens) to check its parity in another process; None for an artifact that needs none."""
+    entry = manifest.get("calibration")
+    name = manifest.get("recipe", {}).get("name", "fp32")
+    try:
+        core = Recipe.from_dict(manifest.get("recipe", {}))
+    except (UserError, TypeError):
+        return None
+    if not (core.quantized and core.rounding in CALIBRATED_ROUNDINGS):
+        return None
+    if not entry:
+        raise CalibrationError(f"{name}: the manifest records no calibration; cannot rebuild its codes")
+    text = None if entry["corpus"] in (BUNDLED, RANDOM_IDS) else Path(entry["corpus"])
+    path = CORPUS if text is None else text
+    if entry["corpus"] != RANDOM_IDS and (
+        not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != entry["corpus_sha256"]
+    ):
+        raise CalibrationError(
+            f"{path}: not the calibration text the artifact was exported with (sha256 differs or missing)"
+        )
+    table, _ = calibrated_table(loaded, core, text, int(entry["tokens"]))
+    return table

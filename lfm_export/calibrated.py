@@ -1,0 +1,105 @@
+"""Calibrated codes and scales by weight content: how a calibrated rounding reaches every caller of the core
+quantizer without any of them knowing a weight's name.
+
+A calibrated rounding (`-imat`, `-gptq`) needs statistics of each linear's inputs, known by the checkpoint's
+names; the backends and the simulation quantize weights by value (ONNX quantizes the traced graph's constants,
+and fuses or interleaves some of them, e.g. the MoE experts' `w1` / `w3` into one `fc1`). Rows of a `[N, K]`
+weight quantize independently along K, so a `Table` keys each row's codes and scales by a hash of the row's
+float32 bytes; `lfm_export.quant.quantize_weight` reads the table that is `active` for every row it is given.
+Rows the table does not hold (the lm_head, the embedding table) get plain rounding. A calibrated recipe
+quantized with no table active is an error, never a silent fallback.
+
+This module imports neither torch nor the quantizer: `lfm_export.quant` imports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lfm_export.contract.errors import UserError
+
+
+class CalibrationMissing(UserError):
+    """A calibrated recipe was quantized with no calibration table active."""
+
+
+def row_keys(w: np.ndarray) -> list[bytes]:
+    """One 16-byte hash per row of `w` (as float32)."""
+    rows = np.ascontiguousarray(w, dtype=np.float32)
+    return [hashlib.blake2b(r.tobytes(), digest_size=16).digest() for r in rows]
+
+
+@dataclass
+class Table:
+    """Codes `[N, K]` (uint8, unsigned as `lfm_export.quant.Quantized` holds them) and scales `[N, K / block]`
+    of calibrated weights, found by row content, per (bits, block size)."""
+
+    matrices: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    rows: dict[tuple[bytes, int, int], tuple[int, int]] = field(default_factory=dict)
+    rows_served: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, w: np.ndarray, bits: int, block: int, codes: np.ndarray, scales: np.ndarray) -> None:
+        """Hold `codes` / `scales` for weight `w` (the values the backends will be given)."""
+        index = len(self.matrices)
+        self.matrices.append((codes, scales))
+        for r, key in enumerate(row_keys(w)):
+            self.rows.setdefault((key, bits, block), (index, r))
+
+    def find(self, w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(codes, scales, found-row mask) for the rows of `w` the table holds; None when it holds none."""
+        n = w.shape[0]
+        hits = [self.rows.get((key, bits, block)) for key in row_keys(w)]
+        found = np.array([h is not None for h in hits], bool)
+        if not found.any():
+            return None
+        codes = np.zeros(w.shape, np.uint8)
+        scales = np.zeros((n, w.shape[1] // block), np.float32)
+        for r, hit in enumerate(hits):
+            if hit is not None:
+                c, s = self.matrices[hit[0]]
+                codes[r], scales[r] = c[hit[1]], s[hit[1]]
+        with self._lock:
+            self.rows_served += int(found.sum())
+        return codes, scales, found
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes + s.nbytes for c, s in self.matrices)
+
+
+_ACTIVE: list[Table] = []
+
+
+@contextmanager
+def active(table: Table) -> Iterator[Table]:
+    """Make `table` the one `lookup` reads while the block runs (export and parity of one artifact)."""
+    _ACTIVE.append(table)
+    try:
+        yield table
+    finally:
+        _ACTIVE.remove(table)
+
+
+def current() -> Table | None:
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+def lookup(
+    w: np.ndarray, bits: int, block: int, rounding: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The active table's codes and scales for `w` (see `Table.find`); `rounding` names the recipe's for the
+    error raised when no table is active."""
+    table = current()
+    if table is None:
+        raise CalibrationMissing(
+            f"-{rounding} rounding needs a calibration pass; export the recipe with lfm-export (it calibrates "
+            "on the bundled corpus, or on --calib FILE)"
+        )
+    return table.find(w, bits, block)

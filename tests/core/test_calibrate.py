@@ -1,0 +1,90 @@
+"""Calibrated recipes end to end (slow: full exports with parity): the bundled models exported with `-gptq` /
+`-imat` pass the same parity gates on ONNX and MLX, parity in another process rebuilds the calibrated codes from
+the manifest, and an artifact checked as the wrong recipe fails exactness; bad calibration input is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lfm_export.calibrate import CalibrationError, calibrate, calibration_ids
+from lfm_export.contract.errors import UnsupportedError
+from lfm_export.loading import load_model
+from lfm_export.pipeline import check_artifact, export_artifact
+from lfm_export.progress import Progress
+
+
+@pytest.mark.unit
+def test_calibration_input_is_checked(tmp_path: Path) -> None:
+    loaded = load_model("tiny", lazy=True)
+    short = tmp_path / "short.txt"
+    short.write_text("A cat sat.")
+    with pytest.raises(CalibrationError, match="tokens, calibration takes 2048"):
+        calibration_ids(loaded, short, 2048)
+    with pytest.raises(CalibrationError, match="cannot read"):
+        calibration_ids(loaded, tmp_path / "missing.txt", 2048)
+    with pytest.raises(CalibrationError, match="multiple of 256"):
+        calibration_ids(loaded, None, 300)
+
+
+@pytest.mark.slow
+def test_moe_calibration_counts_routing_and_expert_tokens() -> None:
+    loaded = load_model("tiny-moe", lazy=True)
+    calib = calibrate(loaded, tokens=512)
+    top_k = loaded.config.num_experts_per_tok
+    for layer, freq in calib.routing.items():
+        assert len(freq) == loaded.config.num_experts and abs(sum(freq) - 1) < 1e-4, layer
+        routed = sum(calib.linears[f"{layer}.experts.{e}.w1.weight"].tokens for e in range(len(freq)))
+        assert routed == 512 * top_k  # each expert saw exactly the tokens routed to it
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "backend,model,quant",
+    [
+        ("onnx", "tiny", "int4-b64-gptq"),
+        ("onnx", "tiny-moe", "int4-b32-imat"),
+        ("mlx", "tiny", "int4-b64-gptq"),
+    ],
+)
+def test_calibrated_exports_pass_parity(tmp_path: Path, backend: str, model: str, quant: str) -> None:
+    if backend == "mlx":
+        pytest.importorskip("mlx.core")
+    from lfm_export.backends import get
+
+    record = get(backend)
+    out = tmp_path / backend
+    outcome = export_artifact(
+        backend, model, out, record.recipe(quant, 64), threads=1, progress=Progress(quiet=True)
+    )
+    assert outcome.passed, outcome.parity.verdict_line()
+    entry = outcome.manifest["calibration"]
+    assert entry["corpus"] == "bundled" and entry["tokens"] == 2048
+    # parity in another process: the codes are rebuilt from the manifest's calibration
+    again = check_artifact(out, threads=1, scenarios=["prefill", "decode"], progress=Progress(quiet=True))
+    assert again.passed
+    # the same artifact judged as plain rounding's fails exactness
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["recipe"] = {**manifest["recipe"], "rounding": "nearest", "name": quant.rsplit("-", 1)[0]}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    wrong = check_artifact(out, threads=1, scenarios=["prefill", "decode"], progress=Progress(quiet=True))
+    assert not wrong.part_passed("exactness"), wrong.verdict_line()
+
+
+@pytest.mark.slow
+def test_calibrated_recipe_on_a_backend_without_the_core_quantizer_is_refused(tmp_path: Path) -> None:
+    pytest.importorskip("executorch")
+    from lfm_export.backends import get
+
+    with pytest.raises(UnsupportedError, match="core quantizer"):
+        export_artifact(
+            "executorch",
+            "tiny",
+            tmp_path / "et",
+            get("executorch").recipe("int4-b32-a8-gptq", 64),
+            parity=False,
+            progress=Progress(quiet=True),
+        )
+    assert not (tmp_path / "et").exists()

@@ -1,0 +1,89 @@
+"""Calibrated rounding (`lfm_export.rounding`), its codes by row content (`lfm_export.calibrated`) and the recipe
+names that select it: on small random matrices with correlated, unevenly scaled inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lfm_export import calibrated
+from lfm_export.contract.errors import UnsupportedError
+from lfm_export.quant import quantize_block, quantize_weight
+from lfm_export.recipes import parse_recipe
+from lfm_export.rounding import gptq, hessian_error, weighted_search
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def layer() -> tuple[np.ndarray, np.ndarray]:
+    """A weight `[48, 128]` (Student-t, as trained weights' tails) and the second-moment matrix of inputs whose
+    channels are correlated and differ in scale by up to ~20x."""
+    rng = np.random.default_rng(7)
+    k, tokens = 128, 1024
+    mix = rng.standard_normal((k, k)) * 0.3 + np.eye(k)
+    x = (rng.standard_normal((tokens, k)) @ mix) * np.exp(rng.standard_normal(k))
+    w = (rng.standard_t(4, (48, k)) * 0.02).astype(np.float32)
+    return w, x.T @ x / tokens
+
+
+@pytest.mark.parametrize("bits,block", [(4, 32), (4, 128), (8, 64)])
+def test_gptq_lowers_the_output_error_of_plain_rounding(layer, bits: int, block: int) -> None:
+    w, h = layer
+    plain = hessian_error(w, quantize_block(w, bits, block).dequantize(), h)
+    ours = hessian_error(w, gptq(w, bits, block, h).dequantize(), h)
+    assert ours < 0.7 * plain, (ours, plain)
+
+
+def test_importance_search_lowers_the_weighted_error_in_every_block(layer) -> None:
+    w, h = layer
+    d = np.diag(h).astype(np.float32)
+
+    def per_block(q) -> np.ndarray:
+        return (((w - q.dequantize()) ** 2 * d).reshape(48, -1, 32)).sum(-1)
+
+    plain, ours = per_block(quantize_block(w, 4, 32)), per_block(weighted_search(w, 4, 32, d))
+    assert (ours <= plain * (1 + 1e-6)).all()
+    assert ours.sum() < 0.9 * plain.sum()
+
+
+@pytest.mark.parametrize("method", ["imat", "gptq"])
+def test_calibrated_values_requantize_to_the_same_codes(layer, method: str) -> None:
+    """Each block's extreme keeps the most negative code: plain rounding of the dequantized values gives back
+    the same codes and scales, so a format that requantizes values holds them as they are."""
+    w, h = layer
+    q = gptq(w, 4, 32, h) if method == "gptq" else weighted_search(w, 4, 32, np.diag(h))
+    again = quantize_block(q.dequantize(), 4, 32)
+    assert np.array_equal(again.codes, q.codes)
+    assert np.array_equal(again.scales, q.scales)
+
+
+def test_quantize_weight_reads_the_active_table_by_row_content(layer) -> None:
+    w, h = layer
+    recipe = parse_recipe("int4-b32-gptq")
+    with pytest.raises(calibrated.CalibrationMissing, match="calibration"):
+        quantize_weight(w, recipe)
+    q = gptq(w, 4, 32, h)
+    table = calibrated.Table()
+    table.add(w, 4, 32, q.codes, q.scales)
+    other = np.random.default_rng(1).standard_normal((8, 128)).astype(np.float32)
+    mixed = np.concatenate([w[::2], other, w[1::2]])  # rows reordered and interleaved with unknown ones
+    with calibrated.active(table):
+        got = quantize_weight(mixed, recipe)
+        head = quantize_weight(w, recipe, bits=8)  # other bits: not in the table, plain rounding
+    n = len(w[::2])
+    assert np.array_equal(got.codes[:n], q.codes[::2])
+    assert np.array_equal(got.codes[n + 8 :], q.codes[1::2])
+    assert np.array_equal(got.codes[n : n + 8], quantize_block(other, 4, 32).codes)
+    assert np.array_equal(head.codes, quantize_block(w, 8, 32).codes)
+    assert not np.array_equal(q.codes, quantize_block(w, 4, 32).codes)
+
+
+def test_recipe_names() -> None:
+    assert parse_recipe("int4-b64-gptq").name == "int4-b64-gptq"
+    assert parse_recipe("int4-imat").rounding == "imat"
+    assert parse_recipe("int8-pc-gptq").name == "int8-pc-gptq"
+    with pytest.raises(UnsupportedError, match="symmetric only"):
+        parse_recipe("int4-b32-asym-gptq")
+    with pytest.raises(UnsupportedError, match="unknown"):
+        parse_recipe("int4-gptq-imat")
