@@ -40,6 +40,9 @@ def context_option(default: str, cost: str) -> Any:
     ]
 
 
+NoCardOpt = Annotated[
+    bool, typer.Option("--no-card", help="Write no model card (README.md with Hugging Face front matter).")
+]
 NoParityOpt = Annotated[bool, typer.Option("--no-parity", help="Skip the parity gate after export.")]
 FullContextOpt = Annotated[
     bool,

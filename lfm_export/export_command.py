@@ -19,6 +19,7 @@ from lfm_export.cli_options import (
     JsonOpt,
     MaxKlOpt,
     ModelArg,
+    NoCardOpt,
     NoParityOpt,
     OutOpt,
     QuantOpt,
@@ -46,6 +47,7 @@ class ExportOptions:
     max_kl: float | None
     gates: Path | None
     as_json: bool
+    no_card: bool = False
 
 
 def option(name: str, annotation: Any, default: Any = Parameter.empty) -> Parameter:
@@ -62,6 +64,7 @@ _SHARED_TAIL = [
     option("max_kl", MaxKlOpt, None),
     option("gates", GatesOpt, None),
     option("as_json", JsonOpt, False),
+    option("no_card", NoCardOpt, False),
 ]
 
 
@@ -109,6 +112,7 @@ def _export(backend: str, opts: ExportOptions, recipe: Any) -> None:
         max_kl=opts.max_kl,
         gates_file=opts.gates,
         full_context=opts.full_context,
+        card=not opts.no_card,
     )
     _report_export(outcome, opts.as_json)
 

@@ -13,6 +13,7 @@ from lfm_export.contract.errors import UserError
 from lfm_export.contract.session import DEFAULT_THREADS
 from lfm_export.loading import LoadedModel, load_model
 from lfm_export.manifest import (
+    CARD,
     atomic_output,
     build_manifest,
     check_output_path,
@@ -50,9 +51,11 @@ def export_artifact(
     max_kl: float | None = None,
     gates_file: Path | None = None,
     full_context: bool = False,
+    card: bool = True,
 ) -> ExportOutcome:
     """Export, write the manifest, run parity (exactness against the simulated recipe, quality against fp32,
-    gated strictly by `max_kl` / `gates_file` when given) and move the artifact to `out`."""
+    gated strictly by `max_kl` / `gates_file` when given), write the model card (`README.md`, unless `card` is
+    false) and move the artifact to `out`."""
     from lfm_export.parity.thresholds import quality_gate
 
     progress = progress or Progress()
@@ -96,6 +99,10 @@ def export_artifact(
                 full_context=full_context,
                 manifest=manifest,
             )
+        if card:
+            from lfm_export.card import write_card
+
+            write_card(tmp, manifest)
     return ExportOutcome(out, manifest, parity_result)
 
 
@@ -270,4 +277,8 @@ def _check(
     manifest["files"] = sorted(kept + reports, key=lambda f: f["path"])
     manifest["total_bytes"] = sum(f["bytes"] for f in manifest["files"])
     write_manifest(folder, manifest)
+    if (folder / CARD).is_file():  # the card says what the manifest says
+        from lfm_export.card import write_card
+
+        write_card(folder, manifest)
     return result

@@ -86,6 +86,23 @@ def test_inspect_artifact(artifact):
     assert r.returncode == 0 and "backend   onnx" in r.stdout and "past.0.conv" in r.stdout
 
 
+def test_model_card_runs_as_it_says(artifact, tmp_path):
+    """The card is the manifest's (not listed in it), and its onnxruntime-genai snippet runs the folder."""
+    pytest.importorskip("onnxruntime_genai")
+    card = (artifact / "README.md").read_text()
+    m = json.loads((artifact / "manifest.json").read_text())
+    assert "README.md" not in {f["path"] for f in m["files"]}
+    assert card.startswith("---\n") and "library_name: onnxruntime-genai" in card
+    assert m["model"]["weights_sha256"] in card and m["parity"]["verdict"] in card
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0].replace("max_length=128", "max_length=24")
+    script = tmp_path / "card_snippet.py"
+    script.write_text(snippet)
+    r = subprocess.run(
+        [sys.executable, str(script)], cwd=artifact.parent, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr[-2000:]
+
+
 def test_existing_output_is_refused_and_untouched(artifact):
     before = (artifact / "manifest.json").read_bytes()
     r = cli("onnx", "tiny", "-o", str(artifact), "--quant", "fp32", "--no-parity")
