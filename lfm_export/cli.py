@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from lfm_export.ci_commands import register as register_ci_commands
 from lfm_export.cli_options import (
     FullContextOpt,
     GatesOpt,
@@ -244,6 +245,10 @@ def bench(
             f"{threads} threads"
         ),
     )
+
+
+# ---- compare, matrix: the CI flow (lfm_export.ci_commands) ------------------------------------------------
+register_ci_commands(app)
 
 
 # ---- inspect ---------------------------------------------------------------------------------------------

@@ -122,6 +122,7 @@ def _report_export(outcome: Any, as_json: bool) -> None:
     p = m.get("parity", {})
     data = {
         "out": str(outcome.out),
+        "model": m["model"]["source"],
         "backend": m["backend"],
         "recipe": m["recipe"],
         "total_bytes": m["total_bytes"],
