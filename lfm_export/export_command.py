@@ -22,6 +22,7 @@ from lfm_export.cli_options import (
     NoCardOpt,
     NoParityOpt,
     OutOpt,
+    RevisionOpt,
     QuantOpt,
     ThreadsOpt,
     context_option,
@@ -48,6 +49,7 @@ class ExportOptions:
     gates: Path | None
     as_json: bool
     no_card: bool = False
+    revision: str | None = None
 
 
 def option(name: str, annotation: Any, default: Any = Parameter.empty) -> Parameter:
@@ -65,6 +67,7 @@ _SHARED_TAIL = [
     option("gates", GatesOpt, None),
     option("as_json", JsonOpt, False),
     option("no_card", NoCardOpt, False),
+    option("revision", RevisionOpt, None),
 ]
 
 
@@ -113,6 +116,7 @@ def _export(backend: str, opts: ExportOptions, recipe: Any) -> None:
         gates_file=opts.gates,
         full_context=opts.full_context,
         card=not opts.no_card,
+        revision=opts.revision,
     )
     _report_export(outcome, opts.as_json)
 

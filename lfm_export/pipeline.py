@@ -52,10 +52,11 @@ def export_artifact(
     gates_file: Path | None = None,
     full_context: bool = False,
     card: bool = True,
+    revision: str | None = None,
 ) -> ExportOutcome:
     """Export, write the manifest, run parity (exactness against the simulated recipe, quality against fp32,
     gated strictly by `max_kl` / `gates_file` when given), write the model card (`README.md`, unless `card` is
-    false) and move the artifact to `out`."""
+    false) and move the artifact to `out`. `revision`: of a Hugging Face id (`lfm_export.hub`)."""
     from lfm_export.parity.thresholds import quality_gate
 
     progress = progress or Progress()
@@ -63,7 +64,7 @@ def export_artifact(
     record = get_backend(backend)
     quality = quality_gate(_recipe_name(recipe), max_kl, gates_file) if parity else None
     with progress.step(f"Loading {model}"):
-        loaded = load_model(model, lazy=True)
+        loaded = load_model(model, lazy=True, revision=revision)
     if parity:
         loaded.require_reference_memory(copies=_parity_copies(recipe))
     if loaded.random:
@@ -118,7 +119,7 @@ def _recipe_name(recipe: Any) -> str:
 
 def _identity(loaded: LoadedModel) -> dict[str, Any]:
     ident = dict(loaded.identity())
-    if loaded.path is not None and loaded.source not in ("tiny", "tiny-moe"):
+    if loaded.path is not None and loaded.source not in ("tiny", "tiny-moe") and loaded.hub is None:
         ident["source"] = str(loaded.path.resolve())
     return ident
 
@@ -208,7 +209,7 @@ def _check(
     if loaded is None:
         source = manifest["model"]["source"]
         with progress.step(f"Loading reference model {source}"):
-            loaded = load_model(source)
+            loaded = load_model(source, revision=(manifest["model"].get("hub") or {}).get("commit"))
         if manifest["model"].get("weights_sha256") not in (None, loaded.identity().get("weights_sha256")):
             raise UserError(
                 f"{source}: weights changed since the export (sha256 differs); cannot check parity"
