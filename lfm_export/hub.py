@@ -53,8 +53,8 @@ def fetch(repo_id: str, revision: str | None = None, *, local_only: bool = False
     """The snapshot of `repo_id` at `revision` (default `main`) with the loader's files, downloading what the
     cache lacks (never, when `local_only` or `HF_HUB_OFFLINE` is set)."""
     try:
-        from huggingface_hub import snapshot_download
         from huggingface_hub import errors as hub_errors
+        from huggingface_hub import snapshot_download
     except ModuleNotFoundError:
         raise UserError(
             f"model {repo_id}: Hugging Face ids need huggingface_hub (pip install huggingface_hub)"
