@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from lfm_export.cli_options import JsonOpt, ThreadsOpt, emit
+from lfm_export.cli_options import JsonOpt, emit
 
 
 class CompareFormat(str, Enum):
@@ -68,9 +68,65 @@ def compare(
     raise typer.Exit(1 if result.failed else 0)
 
 
+def matrix(
+    spec: Annotated[Path, typer.Argument(help="The matrix spec (YAML, or TOML by its .toml suffix).")],
+    run: Annotated[
+        bool, typer.Option("--run", help="Run the entries here and write the combined report.")
+    ] = False,
+    emit_ci: Annotated[
+        Emit | None,
+        typer.Option("--emit", help="Print the CI's own pipeline for the spec (one job per entry) and exit."),
+    ] = None,
+    report: Annotated[
+        bool,
+        typer.Option(
+            "--report", help="Combine the entry results already under OUT (gathered CI jobs) and gate."
+        ),
+    ] = False,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder (an artifact folder per entry id).")
+    ] = Path("matrix-out"),
+    only: Annotated[
+        list[str] | None,
+        typer.Option("--only", metavar="GLOB", help="Only the entries whose id matches (repeatable)."),
+    ] = None,
+    jobs: Annotated[
+        int | None, typer.Option("--jobs", min=1, help="Exports at once at most (default: the CPU count).")
+    ] = None,
+    memory_gb: Annotated[
+        float | None,
+        typer.Option("--memory", help="Memory the exports may use together, GB (default: 80% of available)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a matrix of exports (models x backends x recipes, per-entry gates) here with bounded concurrency, or
+    emit it as a GitHub Actions / GitLab CI pipeline; exit 1 when any entry fails its gate or errs."""
+    from lfm_export.contract.errors import UserError
+    from lfm_export.matrix import export_memory_estimate, read_spec, run_matrix, select, write_report
+
+    if sum([run, report, emit_ci is not None]) > 1:
+        raise UserError("choose one of --run, --report and --emit")
+    parsed = read_spec(spec)
+    if emit_ci is not None:
+        from lfm_export.ci_emit import emit as emit_pipeline
+
+        typer.echo(emit_pipeline(emit_ci.value, parsed), nl=False)
+        return
+    if run or report:
+        memory = None if memory_gb is None else int(memory_gb * 1e9)
+        result = (
+            run_matrix(parsed, out, only=only, jobs=jobs, memory=memory) if run else write_report(out, parsed)
+        )
+        from lfm_export.matrix import report_markdown
+
+        emit(result, as_json, report_markdown(result).rstrip())
+        raise typer.Exit(0 if result["passed"] else 1)
+    plan = [{"id": e.id, "estimate_bytes": export_memory_estimate(e)} for e in select(parsed, only or [])]
+    text = "\n".join(f"{p['id']}  (estimate {p['estimate_bytes'] / 1e9:.2f} GB)" for p in plan)
+    emit(plan, as_json, text)
+
+
 def register(cli: typer.Typer) -> None:
     """`compare` and `matrix` on `cli`."""
     cli.command("compare")(compare)
-
-
-_ = ThreadsOpt, Emit
+    cli.command("matrix")(matrix)

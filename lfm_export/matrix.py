@@ -64,13 +64,17 @@ class Spec:
     entries: list[Entry]
     threads: int = 1
     bench: dict[str, int] | None = None
+    ci: dict[str, str] = field(default_factory=dict)
+    """What the emitted CI definitions use (`lfm_export.ci_emit`): `fail_on` (compare's tolerances), `python`,
+    `runs_on` (GitHub), `image` (GitLab)."""
 
 
 def _model_name(model: str) -> str:
     return model.replace(":", "-").rstrip("/").split("/")[-1] if "/" in model or ":" in model else model
 
 
-_TOP_KEYS = {"models", "backends", "max_seq_len", "threads", "bench", "gates", "parity"}
+_TOP_KEYS = {"models", "backends", "max_seq_len", "threads", "bench", "gates", "parity", "ci"}
+_CI_KEYS = {"fail_on", "python", "runs_on", "image"}
 _BACKEND_KEYS = {"recipes", "options", "max_seq_len"}
 _GATE_KEYS = {"match", "max_kl", "gates"}
 
@@ -89,6 +93,7 @@ def read_spec(path: Path) -> Spec:
     gates:                            # per-entry quality gates: the first whose glob matches the id
       - {match: "*/*/int4*", max_kl: 0.1}
       - {match: "tiny-moe/*", gates: gates.json}   # relative to the SPEC file
+    ci: {fail_on: "kl=+10%,size=+2%,decode=-5%", python: "3.11"}   # the emitted CI definitions
     ```
     """
     path = Path(path)
@@ -141,7 +146,10 @@ def read_spec(path: Path) -> Spec:
     bench = data.get("bench")
     if bench is not None and (not isinstance(bench, dict) or set(bench) - {"prompt_len", "new_tokens"}):
         raise UserError(f"{path}: `bench` takes prompt_len and new_tokens")
-    return Spec(path, entries, int(data.get("threads", 1)), bench)
+    ci = data.get("ci") or {}
+    if not isinstance(ci, dict) or set(ci) - _CI_KEYS:
+        raise UserError(f"{path}: `ci` takes {', '.join(sorted(_CI_KEYS))}")
+    return Spec(path, entries, int(data.get("threads", 1)), bench, {k: str(v) for k, v in ci.items()})
 
 
 def _parse(path: Path, text: str) -> Any:
@@ -230,15 +238,25 @@ def _config(model: str) -> Any:
             return get_preset(model.split(":", 1)[1]).config
         except UserError:
             return None
-    from lfm_export.hub import resolve_local
-
-    folder = resolve_local(model)
+    folder = local_folder(model)
     if folder is None or not (folder / "config.json").is_file():
         return None
     try:
         return Lfm2Config.from_file(folder / "config.json")
     except UserError:
         return None
+
+
+def local_folder(model: str) -> Path | None:
+    """The checkpoint folder of a bundled model, a local folder or a cached Hugging Face id (never downloads)."""
+    bundled = Path(__file__).parent / "assets" / model
+    if "/" not in model and (bundled / "config.json").is_file():
+        return bundled
+    if Path(model).is_dir():
+        return Path(model)
+    from lfm_export.hub import cached, is_hub_id
+
+    return cached(model) if is_hub_id(model) else None
 
 
 def available_memory() -> int:
