@@ -110,7 +110,8 @@ class Workflow:
             return len(body.splitlines()) <= 60
         env = {**self.env, **{k: self._expand(str(v), matrix) for k, v in step.get("env", {}).items()}}
         script = self._expand(step["run"], matrix)
-        r = subprocess.run(["bash", "-eo", "pipefail", "-c", script], cwd=self.ws, env=env, capture_output=True,
+        assert self.data["defaults"]["run"]["shell"] == "bash"  # GitHub runs it as bash -eo pipefail
+        r = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", script], cwd=self.ws, env=env, capture_output=True,
                            text=True, timeout=1200)  # fmt: skip
         (self.ws.parent / "logs").mkdir(exist_ok=True)
         (self.ws.parent / "logs" / f"{len(self.log):02d}.log").write_text(
