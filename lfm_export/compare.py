@@ -65,21 +65,25 @@ class Entry:
 @dataclass(frozen=True)
 class Tolerance:
     """`key=+10%` (head may exceed base by 10%), `key=-5%` (head may fall 5% below base), `key=+0.01` (an
-    absolute change); the sign says which direction fails."""
+    absolute change); the sign (`rise`) says which direction fails."""
 
     key: str
     amount: float
     relative: bool
+    rise: bool
 
     def exceeded(self, base: float, head: float) -> bool:
-        change = head - base
-        allowed = abs(self.amount) * (abs(base) if self.relative else 1.0)
-        if self.amount >= 0:
-            return change > allowed + 1e-12 * max(abs(base), 1.0)
-        return -change > allowed + 1e-12 * max(abs(base), 1.0)
+        change = (head - base) if self.rise else (base - head)
+        allowed = self.amount * (abs(base) if self.relative else 1.0)
+        return change > allowed + 1e-12 * max(abs(base), 1.0)
 
     def __str__(self) -> str:
-        return f"{self.key}={self.amount * 100:+g}%" if self.relative else f"{self.key}={self.amount:+g}"
+        sign = "+" if self.rise else "-"
+        return (
+            f"{self.key}={sign}{self.amount * 100:g}%"
+            if self.relative
+            else f"{self.key}={sign}{self.amount:g}"
+        )
 
 
 _TOLERANCE = re.compile(r"^\s*([a-z0-9_]+)\s*=\s*([+-])\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(%?)\s*$")
@@ -98,8 +102,7 @@ def parse_fail_on(spec: str) -> list[Tolerance]:
         key, sign, number, pct = m.groups()
         if key not in _BY_KEY:
             raise UserError(f"--fail-on: unknown figure {key!r}; known: {', '.join(_BY_KEY)}")
-        amount = float(number) / (100 if pct else 1) * (1 if sign == "+" else -1)
-        out.append(Tolerance(key, amount, bool(pct)))
+        out.append(Tolerance(key, float(number) / (100 if pct else 1), bool(pct), sign == "+"))
     return out
 
 

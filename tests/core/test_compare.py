@@ -147,6 +147,13 @@ def test_matrix_folders_pair_by_entry_and_the_comment_fits(tmp_path):
 
 @pytest.mark.unit
 def test_bad_input_is_one_line(tmp_path):
+    assert [str(t) for t in parse_fail_on("kl=+10%, decode=-5%,size=+1000")] == [
+        "kl=+10%",
+        "decode=-5%",
+        "size=+1000",
+    ]
+    (top1,) = parse_fail_on("top1=-0%")
+    assert top1.exceeded(0.9, 0.89) and not top1.exceeded(0.9, 0.95)  # -0%: any fall fails, a rise does not
     with pytest.raises(UserError, match="unknown figure 'speed'"):
         parse_fail_on("speed=+1%")
     with pytest.raises(UserError, match="KEY=\\+N%"):
