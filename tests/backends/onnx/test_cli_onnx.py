@@ -61,6 +61,8 @@ def test_parity_max_kl_fails_the_quality_part(artifact):
     failed = [(c["part"], c["metric"]) for c in data["checks"] if not c["passed"]]
     assert failed and set(failed) == {("quality", "kl_mean")}, failed
     assert data["exactness"]["passed"] is True and data["quality"]["gate"] == "--max-kl 1e-09"
+    card = (artifact / "README.md").read_text()  # the re-check rewrites the card with its verdict
+    assert 'parity: "failed"' in card and "| quality | reference | --max-kl 1e-09 | NO |" in card
 
 
 def test_run_streams_text(artifact):
