@@ -36,6 +36,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/actionlint examples/ci/github/lfm-export.yml
 
 format: $(STAMP)
 	$(BIN)/ruff format .

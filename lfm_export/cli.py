@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from lfm_export.ci_commands import register as register_ci_commands
 from lfm_export.cli_options import (
     FullContextOpt,
     GatesOpt,
@@ -309,6 +310,10 @@ def bench(
     )
 
 
+# ---- compare, matrix: the CI flow (lfm_export.ci_commands) ------------------------------------------------
+register_ci_commands(app)
+
+
 # ---- inspect ---------------------------------------------------------------------------------------------
 @app.command()
 def inspect(
@@ -334,9 +339,14 @@ def inspect(
             cfg = get_preset(target.split(":", 1)[1]).config
         else:
             folder = BUNDLED.get(target, path)
+            if not folder.is_dir() and target not in BUNDLED:
+                from lfm_export.hub import fetch, is_hub_id
+
+                folder = fetch(target).folder if is_hub_id(target) else folder
             if not folder.is_dir():
                 raise UserError(
-                    f"{target}: not an artifact folder, a model folder, a bundled model or random:PRESET"
+                    f"{target}: not an artifact folder, a model folder, a bundled model, random:PRESET or a "
+                    "Hugging Face id"
                 )
             cfg = Lfm2Config.from_file(folder / "config.json")
         info = {"model": target, "config": cfg.to_dict(), "signature": build_signature(cfg).to_dict()}

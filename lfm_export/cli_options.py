@@ -11,7 +11,10 @@ import typer
 from lfm_export.contract.errors import UserError
 
 ModelArg = Annotated[
-    str, typer.Argument(help="Checkpoint folder, a bundled model (tiny, tiny-moe) or random:PRESET.")
+    str,
+    typer.Argument(
+        help="Checkpoint folder, a bundled model (tiny, tiny-moe), random:PRESET or a Hugging Face id (org/name)."
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", min=1, help="CPU threads for torch / the runtime.")]
@@ -41,6 +44,13 @@ def context_option(default: str, cost: str) -> Any:
     ]
 
 
+RevisionOpt = Annotated[
+    str | None,
+    typer.Option(help="Revision of a Hugging Face id MODEL (branch, tag or commit; default main)."),
+]
+NoCardOpt = Annotated[
+    bool, typer.Option("--no-card", help="Write no model card (README.md with Hugging Face front matter).")
+]
 NoParityOpt = Annotated[bool, typer.Option("--no-parity", help="Skip the parity gate after export.")]
 FullContextOpt = Annotated[
     bool,

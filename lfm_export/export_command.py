@@ -20,9 +20,11 @@ from lfm_export.cli_options import (
     JsonOpt,
     MaxKlOpt,
     ModelArg,
+    NoCardOpt,
     NoParityOpt,
     OutOpt,
     QuantOpt,
+    RevisionOpt,
     ThreadsOpt,
     context_option,
     emit,
@@ -48,6 +50,8 @@ class ExportOptions:
     gates: Path | None
     calib: Path | None
     as_json: bool
+    no_card: bool = False
+    revision: str | None = None
 
 
 def option(name: str, annotation: Any, default: Any = Parameter.empty) -> Parameter:
@@ -65,6 +69,8 @@ _SHARED_TAIL = [
     option("gates", GatesOpt, None),
     option("calib", CalibOpt, None),
     option("as_json", JsonOpt, False),
+    option("no_card", NoCardOpt, False),
+    option("revision", RevisionOpt, None),
 ]
 
 
@@ -113,6 +119,8 @@ def _export(backend: str, opts: ExportOptions, recipe: Any) -> None:
         gates_file=opts.gates,
         full_context=opts.full_context,
         calib=opts.calib,
+        card=not opts.no_card,
+        revision=opts.revision,
     )
     _report_export(outcome, opts.as_json)
 
@@ -122,6 +130,7 @@ def _report_export(outcome: Any, as_json: bool) -> None:
     p = m.get("parity", {})
     data = {
         "out": str(outcome.out),
+        "model": m["model"]["source"],
         "backend": m["backend"],
         "recipe": m["recipe"],
         "total_bytes": m["total_bytes"],

@@ -65,6 +65,8 @@ class LoadedModel:
     weight_files: list[Path] = field(default_factory=list)
     weights: WeightSource | None = None
     """Set when the model is lazy: `model` holds NaN placeholders and this produces each tensor on request."""
+    hub: dict[str, Any] | None = None
+    """Where a Hugging Face id came from: repo_id, revision and the commit it resolved to (`lfm_export.hub`)."""
     _identity: dict[str, Any] | None = None
 
     @property
@@ -91,6 +93,8 @@ class LoadedModel:
 
     @property
     def name(self) -> str:
+        if self.hub is not None:
+            return self.source.split("/")[-1]
         return self.source if self.path is None or self.source in BUNDLED else self.path.name
 
     @property
@@ -133,6 +137,8 @@ class LoadedModel:
                 ident["weights_sha256"] = None
                 ident["random_seed"] = 0
                 ident["random_init"] = RANDOM_SCHEME
+            if self.hub is not None:
+                ident["hub"] = dict(self.hub)
             self._identity = ident
         return self._identity
 
@@ -272,8 +278,11 @@ def check_tensors(cfg: Lfm2Config, tensors: dict[str, torch.Tensor]) -> None:
 
 
 # ---- sources ---------------------------------------------------------------------------------------------
-def load_model(source: str | Path, dtype: torch.dtype = torch.float32, lazy: bool = False) -> LoadedModel:
-    """Load a model from a folder, a bundled name (`tiny`, `tiny-moe`) or `random:PRESET`.
+def load_model(
+    source: str | Path, dtype: torch.dtype = torch.float32, lazy: bool = False, revision: str | None = None
+) -> LoadedModel:
+    """Load a model from a folder, a bundled name (`tiny`, `tiny-moe`), `random:PRESET` or a Hugging Face id
+    (`org/name` at `revision`, through the Hub's cache: `lfm_export.hub`).
 
     `lazy`: the model's weights are NaN placeholders and `loaded.weights` produces each tensor on request
     (see `lfm_export.weights`); exporters use that to write a model bigger than memory. `materialized()` gives
@@ -282,9 +291,17 @@ def load_model(source: str | Path, dtype: torch.dtype = torch.float32, lazy: boo
     if src.startswith("random:"):
         return random_model(src.split(":", 1)[1], dtype, lazy=lazy)
     folder = BUNDLED.get(src, Path(src))
+    hub = None
+    if not folder.exists() and src not in BUNDLED:
+        from lfm_export.hub import fetch, is_hub_id
+
+        if is_hub_id(src):
+            fetched = fetch(src, revision)
+            folder, hub = fetched.folder, fetched.record()
     if not folder.exists():
         raise UserError(
-            f"model {src!r} not found: not a folder, a bundled model (tiny, tiny-moe) or random:PRESET"
+            f"model {src!r} not found: not a folder, a bundled model (tiny, tiny-moe), random:PRESET or a "
+            "Hugging Face id (org/name)"
         )
     if not folder.is_dir():
         raise UserError(f"model {src!r} is not a folder")
@@ -312,6 +329,7 @@ def load_model(source: str | Path, dtype: torch.dtype = torch.float32, lazy: boo
         chat_template=read_chat_template(folder),
         weight_files=files,
         weights=weights if lazy else None,
+        hub=hub,
     )
 
 

@@ -20,7 +20,18 @@ from typing import Any
 from lfm_export.contract.errors import UserError
 from lfm_export.contract.manifest import MANIFEST, SCHEMA_VERSION, read_manifest
 
-__all__ = ["MANIFEST", "SCHEMA_VERSION", "atomic_output", "build_manifest", "read_manifest", "write_manifest"]
+CARD = "README.md"
+"""The model card in an artifact folder (`lfm_export.card`): rendered from the manifest, so not listed in it."""
+
+__all__ = [
+    "CARD",
+    "MANIFEST",
+    "SCHEMA_VERSION",
+    "atomic_output",
+    "build_manifest",
+    "read_manifest",
+    "write_manifest",
+]
 _VERSIONED = (
     "lfm-export",
     "torch",
@@ -46,9 +57,13 @@ def library_versions() -> dict[str, str]:
 
 
 def file_entries(folder: Path) -> list[dict[str, Any]]:
-    """Every file under `folder` (the manifest itself excluded) with size and sha256."""
+    """Every file under `folder` (the manifest and the model card, both derived from the others, excluded) with
+    size and sha256."""
     entries = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+    derived = {folder / MANIFEST, folder / CARD}
+    for path in sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST and p not in derived
+    ):
         h = hashlib.sha256()
         with open(path, "rb") as f:
             while block := f.read(1 << 22):

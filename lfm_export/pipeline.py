@@ -15,6 +15,7 @@ from lfm_export.contract.errors import UnsupportedError, UserError
 from lfm_export.contract.session import DEFAULT_THREADS
 from lfm_export.loading import LoadedModel, load_model
 from lfm_export.manifest import (
+    CARD,
     atomic_output,
     build_manifest,
     check_output_path,
@@ -54,10 +55,13 @@ def export_artifact(
     gates_file: Path | None = None,
     full_context: bool = False,
     calib: Path | None = None,
+    card: bool = True,
+    revision: str | None = None,
 ) -> ExportOutcome:
     """Export, write the manifest, run parity (exactness against the simulated recipe, quality against fp32,
-    gated strictly by `max_kl` / `gates_file` when given) and move the artifact to `out`. A calibrated recipe
-    (`-imat`, `-gptq`) first calibrates on `calib` (default: the bundled text; `lfm_export.calibrate`)."""
+    gated strictly by `max_kl` / `gates_file` when given), write the model card (`README.md`, unless `card` is
+    false) and move the artifact to `out`. A calibrated recipe (`-imat`, `-gptq`) first calibrates on `calib`
+    (default: the bundled text; `lfm_export.calibrate`). `revision`: of a Hugging Face id (`lfm_export.hub`)."""
     from lfm_export.parity.thresholds import quality_gate
 
     progress = progress or Progress()
@@ -68,7 +72,7 @@ def export_artifact(
     _refuse_calibrated(record, recipe)
     quality = quality_gate(_recipe_name(recipe), max_kl, gates_file) if parity else None
     with progress.step(f"Loading {model}"):
-        loaded = load_model(model, lazy=True)
+        loaded = load_model(model, lazy=True, revision=revision)
     if parity:
         loaded.require_reference_memory(copies=_parity_copies(recipe))
     if loaded.random:
@@ -112,6 +116,10 @@ def export_artifact(
                 full_context=full_context,
                 manifest=manifest,
             )
+        if card:
+            from lfm_export.card import write_card
+
+            write_card(tmp, manifest)
     return ExportOutcome(out, manifest, parity_result)
 
 
@@ -189,7 +197,7 @@ def _recipe_name(recipe: Any) -> str:
 
 def _identity(loaded: LoadedModel) -> dict[str, Any]:
     ident = dict(loaded.identity())
-    if loaded.path is not None and loaded.source not in ("tiny", "tiny-moe"):
+    if loaded.path is not None and loaded.source not in ("tiny", "tiny-moe") and loaded.hub is None:
         ident["source"] = str(loaded.path.resolve())
     return ident
 
@@ -279,7 +287,7 @@ def _check(
     if loaded is None:
         source = manifest["model"]["source"]
         with progress.step(f"Loading reference model {source}"):
-            loaded = load_model(source)
+            loaded = load_model(source, revision=(manifest["model"].get("hub") or {}).get("commit"))
         if manifest["model"].get("weights_sha256") not in (None, loaded.identity().get("weights_sha256")):
             raise UserError(
                 f"{source}: weights changed since the export (sha256 differs); cannot check parity"
@@ -351,4 +359,8 @@ def _check(
     manifest["files"] = sorted(kept + reports, key=lambda f: f["path"])
     manifest["total_bytes"] = sum(f["bytes"] for f in manifest["files"])
     write_manifest(folder, manifest)
+    if (folder / CARD).is_file():  # the card says what the manifest says
+        from lfm_export.card import write_card
+
+        write_card(folder, manifest)
     return result

@@ -33,6 +33,18 @@ class Option:
     min: int | None = None
 
 
+@dataclass(frozen=True)
+class Runner:
+    """How an artifact runs in its ecosystem's own runtime, for the model card (`lfm_export.card`): the Hugging
+    Face `library_name`, the runner's name, and a shell or Python snippet where `{folder}` stands for the
+    artifact folder."""
+
+    library: str
+    name: str
+    language: str
+    code: str
+
+
 @dataclass
 class ExportResult:
     """What a backend's `export` wrote: the I/O signature, the recipe as the manifest records it, and the
@@ -86,6 +98,7 @@ class Backend:
     context_default: str = CONTEXT_DEFAULT
     context_cost: str = ""
     core_codes: bool = False
+    runner: Runner | None = None
 
     def session_class(self) -> Any:
         if self.session is None:

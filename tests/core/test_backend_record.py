@@ -80,6 +80,10 @@ def test_a_registered_toy_backend_gets_every_command(toy_env: dict[str, str], tm
     m = json.loads((out / "manifest.json").read_text())
     assert m["toy"] == {"note": "hi there"} and (out / "toy.txt").read_text() == "hi there"
     assert (out / "tokenizer.json").is_file()  # the pipeline copies the tokenizer files
+    card = (out / "README.md").read_text()  # the pipeline's model card, with the record's facts
+    assert (
+        "library_name" not in card and "# tiny: toy int4-b32" in card and f"lfm-export run {out.name}" in card
+    )
 
     ran = lfm(toy_env, "run", str(out), "--prompt", "Once upon", "--max-new-tokens", "4", "--greedy")
     assert ran.returncode == 0 and ran.stdout.strip(), ran.stderr[-2000:]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lfm_export.backends.record import Backend, Option
+from lfm_export.backends.record import Backend, Option, Runner
 
 from .recipes import CoreMLRecipe, make_recipe
 
@@ -89,4 +89,16 @@ BACKEND = Backend(
     weight_values=weight_values,
     context_cost="The KV caches are fp16 Core ML states of that length (context x 2 x attention layers x KV "
     "heads x head_dim x 2 bytes), and attention reads every slot each step.",
+    runner=Runner(
+        library="coreml",
+        name="Core ML (macOS 15 / iOS 18; untested here: no Mac)",
+        language="python",
+        code="""import coremltools as ct
+import numpy as np
+
+model = ct.models.MLModel("{folder}/model.mlpackage")
+state = model.make_state()  # the KV cache and conv state, held by Core ML
+ids = np.array([[1, 520, 3187]], dtype=np.int32)  # token ids from {folder}/tokenizer.json
+out = model.predict({"input_ids": ids, "input_pos": np.array([0], dtype=np.int32)}, state=state)""",
+    ),
 )

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lfm_export.backends.record import Backend, Option
+from lfm_export.backends.record import Backend, Option, Runner
 from lfm_export.contract.errors import UserError
 from lfm_export.progress import quiet_torchao
 
@@ -102,4 +102,15 @@ BACKEND = Backend(
     weight_values=weight_values,
     context_cost="The KV caches are static buffers of that length in the program (context x 2 x attention layers "
     "x KV heads x head_dim values, fp32 or fp16), allocated at load.",
+    runner=Runner(
+        library="executorch",
+        name="ExecuTorch's LLM runner (TextLLMRunner)",
+        language="python",
+        code="""from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401 (the program's custom ops)
+from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+runner = TextLLMRunner("{folder}/model.pte", "{folder}/tokenizer.json")
+config = GenerationConfig(echo=False, max_new_tokens=64, temperature=0.0, num_bos=1)
+runner.generate("Once upon a time", config, token_callback=lambda piece: print(piece, end=""))""",
+    ),
 )

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lfm_export.backends.qnn import QnnRecipe, context, make_recipe, simulation, simulation_session
-from lfm_export.backends.record import Backend, ExportResult, Option
+from lfm_export.backends.record import Backend, ExportResult, Option, Runner
 
 from .sdk import QAIRT_VERSION, lower, probe_libraries, sdk_root
 
@@ -63,4 +63,13 @@ BACKEND = Backend(
     sanity="lfm_export.backends.qnn.gates:QNN_SANITY_KL_MEAN",
     context_default="default: 128, or the model's if smaller",
     context_cost="The KV cache is a static input and output of that length: every token moves all of it.",
+    runner=Runner(
+        library="executorch",
+        name="ExecuTorch's LLM runner built with the QNN backend (QAIRT libraries on the device)",
+        language="python",
+        code="""from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+runner = TextLLMRunner("{folder}/model.pte", "{folder}/tokenizer.json")
+runner.generate("Once upon a time", GenerationConfig(max_new_tokens=64, temperature=0.0), token_callback=print)""",
+    ),
 )

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lfm_export.backends.record import Backend
+from lfm_export.backends.record import Backend, Runner
 from lfm_export.contract.errors import UserError
 
 from .recipes import GgufRecipe, make_recipe
@@ -68,4 +68,11 @@ BACKEND = Backend(
     sanity="lfm_export.backends.gguf.gates:GGUF_SANITY_KL_MEAN",
     context_default="default: 4096, or the model's if smaller",
     context_cost="llama.cpp allocates the KV cache of the whole context when a session opens.",
+    runner=Runner(
+        library="gguf",
+        name="llama.cpp (`llama-cli`, or llama-cpp-python)",
+        language="shell",
+        code="""llama-cli -m {folder}/model.gguf -cnv -p "You are a helpful assistant."
+# or, in Python: llama_cpp.Llama(model_path="{folder}/model.gguf").create_chat_completion(messages=[...])""",
+    ),
 )

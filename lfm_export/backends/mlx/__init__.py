@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lfm_export.backends.record import Backend, Option
+from lfm_export.backends.record import Backend, Option, Runner
 from lfm_export.contract.errors import UserError
 
 from .recipes import MlxRecipe, make_recipe
@@ -58,4 +58,13 @@ BACKEND = Backend(
     context_default="default: 4096, or the model's if smaller",
     context_cost="The KV cache is static and attention reads all of it every decode step, so every step costs "
     "the work of the whole context.",
+    runner=Runner(
+        library="mlx",
+        name="mlx-lm",
+        language="python",
+        code="""from mlx_lm import generate, load
+
+model, tokenizer = load("{folder}")
+print(generate(model, tokenizer, prompt="Once upon a time", max_tokens=64))""",
+    ),
 )

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lfm_export.backends.record import Backend, Option
+from lfm_export.backends.record import Backend, Option, Runner
 from lfm_export.recipes import Recipe
 
 from .recipes import OnnxRecipe, make_recipe, parse_recipe
@@ -68,4 +68,21 @@ BACKEND = Backend(
     core_codes=True,
     context_cost="The KV cache grows with the tokens held (the shim doubles its buffers up to the context), so a "
     "long context costs memory only when used.",
+    runner=Runner(
+        library="onnxruntime-genai",
+        name="onnxruntime-genai",
+        language="python",
+        code="""import onnxruntime_genai as og
+
+model = og.Model("{folder}")
+tokenizer = og.Tokenizer(model)
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=128)
+generator = og.Generator(model, params)
+generator.append_tokens(tokenizer.encode("Once upon a time"))
+stream = tokenizer.create_stream()
+while not generator.is_done():
+    generator.generate_next_token()
+    print(stream.decode(generator.get_next_tokens()[0]), end="", flush=True)""",
+    ),
 )

@@ -16,7 +16,7 @@ from lfm_export.backends.qnn import (
     simulation_session,
     soc_model,
 )
-from lfm_export.backends.record import Backend, ExportResult, Option
+from lfm_export.backends.record import Backend, ExportResult, Option, Runner
 from lfm_export.contract.errors import UserError
 from lfm_export.runtime.qnn import stdout_to_stderr
 
@@ -122,4 +122,16 @@ BACKEND = Backend(
     sanity="lfm_export.backends.qnn.gates:QNN_SANITY_KL_MEAN",
     context_default="default: 128, or the model's if smaller",
     context_cost="The KV cache is a static input and output of that length: every token moves all of it.",
+    runner=Runner(
+        library="onnxruntime",
+        name="onnxruntime's QNN execution provider",
+        language="python",
+        code="""import onnxruntime as ort
+
+session = ort.InferenceSession(
+    "{folder}/model.onnx",
+    providers=["QNNExecutionProvider"],
+    provider_options=[{"backend_path": "libQnnHtp.so"}],
+)""",
+    ),
 )

@@ -63,6 +63,8 @@ def test_parity_max_kl_fails_the_quality_part(artifact):
     failed = [(c["part"], c["metric"]) for c in data["checks"] if not c["passed"]]
     assert failed and set(failed) == {("quality", "kl_mean")}, failed
     assert data["exactness"]["passed"] is True and data["quality"]["gate"] == "--max-kl 1e-09"
+    card = (artifact / "README.md").read_text()  # the re-check rewrites the card with its verdict
+    assert 'parity: "failed"' in card and "| quality | reference | --max-kl 1e-09 | NO |" in card
 
 
 def test_run_streams_text(artifact):
@@ -86,6 +88,23 @@ def test_bench_beyond_context_is_a_user_error(artifact):
 def test_inspect_artifact(artifact):
     r = cli("inspect", str(artifact))
     assert r.returncode == 0 and "backend   onnx" in r.stdout and "past.0.conv" in r.stdout
+
+
+def test_model_card_runs_as_it_says(artifact, tmp_path):
+    """The card is the manifest's (not listed in it), and its onnxruntime-genai snippet runs the folder."""
+    pytest.importorskip("onnxruntime_genai")
+    card = (artifact / "README.md").read_text()
+    m = json.loads((artifact / "manifest.json").read_text())
+    assert "README.md" not in {f["path"] for f in m["files"]}
+    assert card.startswith("---\n") and "library_name: onnxruntime-genai" in card
+    assert m["model"]["weights_sha256"] in card and m["parity"]["verdict"] in card
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0].replace("max_length=128", "max_length=24")
+    script = tmp_path / "card_snippet.py"
+    script.write_text(snippet)
+    r = subprocess.run(
+        [sys.executable, str(script)], cwd=artifact.parent, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr[-2000:]
 
 
 def test_existing_output_is_refused_and_untouched(artifact):
