@@ -10,7 +10,7 @@ DEMO_OUT ?= out/tiny-onnx-int4
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[onnx,test]'
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install --quiet -e '.[onnx,test]'
 	touch $(STAMP)
 
 install: $(STAMP)
