@@ -7,6 +7,7 @@ error naming it.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,13 +61,16 @@ def fetch(repo_id: str, revision: str | None = None, *, local_only: bool = False
             f"model {repo_id}: Hugging Face ids need huggingface_hub (pip install huggingface_hub)"
         ) from None
     rev = revision or "main"
+    # read at call time: huggingface_hub reads these once, when it is first imported
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
         folder = Path(
             snapshot_download(
                 repo_id,
                 revision=rev,
                 allow_patterns=LOADER_FILES,
-                local_files_only=local_only,
+                cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+                local_files_only=local_only or offline,
                 library_name="lfm-export",
             )
         )
