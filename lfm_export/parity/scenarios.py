@@ -17,6 +17,8 @@ from lfm_export.contract.errors import UserError
 from lfm_export.parity.metrics import greedy_match_length, logit_metrics, state_max_abs
 from lfm_export.parity.prompts import check_prompts, default_prompts
 from lfm_export.parity.report import EXACTNESS, QUALITY, Check, ParityResult, ScenarioResult
+from lfm_export.parity.stored_weights import StoredWeights
+from lfm_export.parity.stored_weights import checks as stored_weight_checks
 from lfm_export.parity.thresholds import POOLED, Gate, gate_for, sanity_gate
 
 if TYPE_CHECKING:
@@ -356,6 +358,7 @@ def run_parity(
     tokenizer_file: str | None = None,
     options: ScenarioOptions | None = None,
     metadata: dict[str, Any] | None = None,
+    stored_weights: StoredWeights | None = None,
 ) -> ParityResult:
     """Run `scenarios` (default: all) on the sessions and check both parts of the verdict:
 
@@ -365,6 +368,9 @@ def run_parity(
       distance from `simulation` widens the limits of gates that allow for it (`Limit.rounding`);
     - quality: `test_session` (and `simulation`) against the fp32 `reference_session`, checked by `quality`
       (default: the loose sanity bound of the recipe's family, `sanity_gate`).
+
+    `stored_weights` (the artifact's stored quantized weights against the simulation's,
+    `lfm_export.parity.stored_weights.compare`) adds its checks to exactness.
 
     Tokens fed after a prompt are the simulation's greedy choices (the reference's without one). A scenario in
     which a session raises is recorded as an `error` with a failing exactness check, so one crash does not hide
@@ -434,6 +440,8 @@ def run_parity(
             loss.append(_pooled(compared, ref, lead))
     noise = _rounding_effect(effects) if effects else None
     checks[:0] = [c for s in exact if s.status == "ok" for c in check(gate, s.name, s.metrics, noise=noise)]
+    if stored_weights is not None:
+        checks[:0] = stored_weight_checks(stored_weights)
     return ParityResult(
         recipe=gate.name if isinstance(recipe, Gate) else recipe,
         activation_rounding=noise,
@@ -448,4 +456,5 @@ def run_parity(
         quality_gate=quality_gate,
         quality=qual,
         recipe_loss=loss,
+        stored_weights=None if stored_weights is None else stored_weights.to_json(),
     )

@@ -65,6 +65,7 @@ BACKEND = Backend(
         Option("accuracy_level", int, 4, "MatMulNBits accuracy_level (0-4; 4 = int8 compute)."),
     ),
     simulation=simulation,
+    stored_weights="lfm_export.backends.onnx.stored_weights:stored_weights",
     context_cost="The KV cache grows with the tokens held (the shim doubles its buffers up to the context), so a "
     "long context costs memory only when used.",
 )
