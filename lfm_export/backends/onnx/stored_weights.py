@@ -141,4 +141,6 @@ def _dequantize_linear(node: Any, array: Any) -> np.ndarray | None:
         zp = np.zeros(scales.shape, np.uint8)
     n, k = codes.shape
     s = np.ascontiguousarray(scales, dtype=np.float32)
-    return Quantized(codes, s, None if zp is None else np.ascontiguousarray(zp), bits, k // s.shape[1]).dequantize()
+    return Quantized(
+        codes, s, None if zp is None else np.ascontiguousarray(zp), bits, k // s.shape[1]
+    ).dequantize()
