@@ -182,6 +182,9 @@ class ParityResult:
                 "pooled": {
                     k: _json_num(v) for k, v in self.pooled(self.scenarios).items() if k in EXACT_SUMMARY
                 },
+                "stored_weights": None
+                if self.stored_weights is None
+                else {k: self.stored_weights[k] for k in ("passed", "artifact_rows", "rows_unmatched")},
             },
             QUALITY: {
                 "passed": self.part_passed(QUALITY),

@@ -251,6 +251,12 @@ def test_honest_artifact_stores_the_simulated_weights_bit_for_bit(artifact):
     # tiny int4: 6 layers' linears (q/k/v and w1/w3 fused) + the tied lm_head + its GatherBlockQuantized
     assert sw["passed"] is True and sw["artifact_tensors"] == 26 and sw["unmatched"] == {}, sw
     assert sw["artifact_rows"] == sw["simulation_rows"] > 0
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["parity"]["exactness"]["stored_weights"] == {
+        "passed": True,
+        "artifact_rows": sw["artifact_rows"],
+        "rows_unmatched": 0,
+    }
 
 
 W2_SCALES = "model.layers.3.feed_forward.w2.scales"
