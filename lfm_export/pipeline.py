@@ -280,6 +280,8 @@ def _check(
 
     from lfm_export.parity import ReferenceSession, run_parity, write_reports
     from lfm_export.parity.scenarios import ScenarioOptions
+    from lfm_export.parity.stored_weights import compare as compare_stored_weights
+    from lfm_export.parity.stored_weights import simulated_weights
     from lfm_export.quant import simulate
 
     torch.set_num_threads(threads)
@@ -330,6 +332,10 @@ def _check(
             rounding = ReferenceSession(
                 unrounded, name="simulated-float-activations", max_seq_len=session.max_seq_len
             )
+        stored = None
+        reader = record.stored_weights_reader()
+        if reader is not None and sim_recipe.quantized and own_simulation is None:
+            stored = compare_stored_weights(reader(folder), simulated_weights(simulated, sim_recipe))
         tokenizer = folder / "tokenizer.json"
         result = run_parity(
             session,
@@ -342,6 +348,7 @@ def _check(
             tokenizer_file=tokenizer if tokenizer.is_file() else None,
             scenarios=scenarios,
             options=ScenarioOptions(full_context_limit=limit),
+            stored_weights=stored,
             metadata={
                 "backend": manifest["backend"],
                 "artifact": artifact_name,

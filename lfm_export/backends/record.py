@@ -73,6 +73,9 @@ class Backend:
       `lfm_export.quant.simulate`; `weight_values(recipe_dict)`: the values its kernels hold where they are not
       the core quantizer's (`lfm_export.quant.WeightValues`), or None; `simulation_session(loaded, manifest)`:
       a session of its own where the core simulation does not apply (QNN's fake-quantized program).
+    - `stored_weights`: `"module:function"` reading an artifact folder's quantized weights, dequantized in numpy
+      (`(folder) -> {tensor name: float32 [N, K]}`, or `(name, array)` pairs), for the bit-exact weights part
+      of exactness (`lfm_export.parity.stored_weights`); None: not checked.
     - `gates`: `"module:NAME"` of a `{name: Gate}` mapping this backend adds to the parity gates, and
       `sanity`: of a `{family: KL mean}` mapping of default quality bounds.
     - `core_codes`: the backend packs every quantized weight from the core quantizer's codes and scales
@@ -93,6 +96,7 @@ class Backend:
     simulation: Callable[[dict[str, Any]], tuple[Any, Any]] | None = None
     weight_values: Callable[[dict[str, Any]], Any] | None = None
     simulation_session: Callable[[Any, dict[str, Any]], Any] | None = None
+    stored_weights: str | None = None
     gates: str | None = None
     sanity: str | None = None
     context_default: str = CONTEXT_DEFAULT
@@ -109,6 +113,9 @@ class Backend:
 
     def gate_table(self) -> Mapping[str, Any]:
         return load(self.gates) if self.gates else {}
+
+    def stored_weights_reader(self) -> Callable[[Path], Any] | None:
+        return load(self.stored_weights) if self.stored_weights else None
 
     def sanity_table(self) -> Mapping[str, float]:
         return load(self.sanity) if self.sanity else {}

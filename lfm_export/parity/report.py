@@ -91,6 +91,9 @@ class ParityResult:
     activation_rounding: dict[str, float | None] | None = None
     """What int8 activation rounding itself does to the exactness metrics (the simulation with against without
     it, worst over the run), where the gate allows for it; None where activations stay float."""
+    stored_weights: dict[str, Any] | None = None
+    """The weights part of exactness (`lfm_export.parity.stored_weights.StoredWeights.to_json`); None where the
+    backend reads no stored weights or the recipe quantizes none."""
 
     @property
     def passed(self) -> bool:
@@ -179,6 +182,9 @@ class ParityResult:
                 "pooled": {
                     k: _json_num(v) for k, v in self.pooled(self.scenarios).items() if k in EXACT_SUMMARY
                 },
+                "stored_weights": None
+                if self.stored_weights is None
+                else {k: self.stored_weights[k] for k in ("passed", "artifact_rows", "rows_unmatched")},
             },
             QUALITY: {
                 "passed": self.part_passed(QUALITY),
@@ -259,6 +265,7 @@ def to_json(result: ParityResult) -> dict[str, Any]:
                 if result.activation_rounding is None
                 else {k: _json_num(v) for k, v in result.activation_rounding.items()}
             ),
+            "stored_weights": result.stored_weights,
         },
         QUALITY: {
             "passed": result.part_passed(QUALITY),
@@ -381,6 +388,22 @@ def _rounding_note(result: ParityResult) -> list[str]:
     ]
 
 
+def _stored_weights_note(result: ParityResult) -> list[str]:
+    sw = result.stored_weights
+    if sw is None:
+        return []
+    verdict = "ok" if sw["passed"] else "**FAIL**"
+    head = (
+        f"Stored weights {verdict}: {sw['artifact_rows']} rows of {sw['artifact_tensors']} quantized artifact "
+        f"tensors, dequantized in numpy, against {sw['simulation_rows']} rows of the simulation's "
+        f"{sw['simulation_tensors']} quantized weights, bit for bit"
+    )
+    if sw["unmatched"]:
+        bad = ", ".join(f"`{n}` ({u['rows']}/{u['of']} rows)" for n, u in sw["unmatched"].items())
+        head += f"; {sw['rows_unmatched']} rows found nowhere in the simulation: {bad}"
+    return [f"{head}. Detects {sw['detection_limit']}.", ""]
+
+
 def _greedy_note(result: ParityResult) -> str:
     """Greedy match against the fp32 reference, said so it cannot be misread as a failure."""
     decode = next((s for s in result.quality if s.name == "decode" and "greedy_match" in s.metrics), None)
@@ -419,6 +442,7 @@ def to_markdown(result: ParityResult) -> str:
         "",
         *_snapshot_note(result),
         *_rounding_note(result),
+        *_stored_weights_note(result),
         *_thresholds(result.gate),
         "",
         f"## (b) Quality: `{result.test_name}` against `{result.reference_name}` (fp32)",

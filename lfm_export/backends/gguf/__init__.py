@@ -64,6 +64,7 @@ BACKEND = Backend(
     quant_default="f32",
     simulation=simulation,
     weight_values=weight_values,
+    stored_weights="lfm_export.backends.gguf.stored_weights:stored_weights",
     gates="lfm_export.backends.gguf.gates:GGUF_GATES",
     sanity="lfm_export.backends.gguf.gates:GGUF_SANITY_KL_MEAN",
     context_default="default: 4096, or the model's if smaller",

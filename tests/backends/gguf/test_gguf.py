@@ -99,10 +99,13 @@ def test_fp32_moe_greedy_tokens_equal_the_reference(artifacts) -> None:
 
 def test_honest_passes_and_a_matrix_two_percent_off_fails(q4_0, tmp_path: Path) -> None:
     """Through llama.cpp: the honest file passes its gate (`q4_0`: the simulation with llama.cpp's Q8_0
-    activation rounding); the same file with one Q4_0 matrix's block scales raised 2% in place fails it."""
+    activation rounding); the same file with one Q4_0 matrix's block scales raised 2% in place fails it, the
+    stored weights naming that matrix."""
     honest = check_artifact(q4_0, threads=1, progress=Progress(quiet=True), scenarios=QUICK)
     assert honest.passed, [c.describe() for c in honest.failures]
     assert honest.gate.name == "q4_0"
+    stored = honest.stored_weights  # every Q8_0 / Q4_0 row equals the simulation's, bit for bit
+    assert stored is not None and stored["passed"] and stored["artifact_rows"] > 0, stored
     broken = tmp_path / "broken"
     shutil.copytree(q4_0, broken)
     reader = gguf.GGUFReader(broken / "model.gguf", "r+")
@@ -115,6 +118,7 @@ def test_honest_passes_and_a_matrix_two_percent_off_fails(q4_0, tmp_path: Path) 
     del reader
     result = check_artifact(broken, threads=1, progress=Progress(quiet=True), scenarios=QUICK)
     assert not result.passed and not result.part_passed("exactness")
+    assert list(result.stored_weights["unmatched"]) == ["blk.0.ffn_down.weight"], result.stored_weights
 
 
 def test_snapshots_restore_exactly_and_prefill_last_is_the_last_row(q4_0, tmp_path: Path) -> None:

@@ -66,6 +66,13 @@ def test_export_passes_parity(artifacts, case) -> None:
         "near_max_seq_len",
     }
     assert p["exactness"]["worst"]["logit_max_rel"] < 1e-5  # the gate allows 1e-4
+    stored = json.loads((folder / "parity" / "parity.json").read_text())["exactness"]["stored_weights"]
+    if (
+        case[1] == "int4"
+    ):  # every stored row equals the simulation's, bit for bit (the tied table stored once)
+        assert stored["passed"] and 0 < stored["artifact_rows"] < stored["simulation_rows"], stored
+    else:
+        assert stored is None
     for f in ("model.safetensors", "decode.mlxfn", "prefill.mlxfn", "config.json", "tokenizer.json"):
         assert (folder / f).is_file(), f
     cfg = json.loads((folder / "config.json").read_text())
@@ -203,6 +210,7 @@ def test_a_wrong_artifact_fails_parity(artifacts, tmp_path) -> None:
     assert not result.passed
     summary = json.loads((broken / "manifest.json").read_text())["parity"]
     assert not summary["exactness"]["passed"]
+    assert list(result.stored_weights["unmatched"]) == ["model.layers.3.conv.out_proj.weight"]
 
 
 def test_recipes_mlx_cannot_express_are_refused() -> None:

@@ -264,3 +264,106 @@ def test_parity_corpus_reports_llama_cpp_statistics(artifact):
     bad = cli("parity", str(artifact), "--corpus", str(CORPUS), "--ctx", "100000")
     assert bad.returncode == 2 and "exceeds the artifact's max_seq_len 512" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+# ---- the stored-weights part of exactness --------------------------------------------------------------------
+
+
+def _scale_initializer(folder, name: str, factor: float) -> None:
+    """Multiply initializer `name` of `folder/model.onnx` (float32) by `factor` in place, where it is stored
+    (external data file or the model proto); the manifest is left as it is."""
+    import numpy as np
+    import onnx
+
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    tensor = next(t for t in model.graph.initializer if t.name == name)
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        info = {e.key: e.value for e in tensor.external_data}
+        offset, length = int(info.get("offset", 0)), int(info["length"])
+        with open(folder / info["location"], "r+b") as f:
+            f.seek(offset)
+            values = np.frombuffer(f.read(length), np.float32) * np.float32(factor)
+            f.seek(offset)
+            f.write(values.astype(np.float32).tobytes())
+    else:
+        values = onnx.numpy_helper.to_array(tensor) * np.float32(factor)
+        tensor.CopyFrom(onnx.numpy_helper.from_array(values.astype(np.float32), name))
+        onnx.save(model, str(folder / "model.onnx"))
+
+
+def test_honest_artifact_stores_the_simulated_weights_bit_for_bit(artifact):
+    sw = json.loads((artifact / "parity" / "parity.json").read_text())["exactness"]["stored_weights"]
+    # tiny int4: 6 layers' linears (q/k/v and w1/w3 fused) + the tied lm_head + its GatherBlockQuantized
+    assert sw["passed"] is True and sw["artifact_tensors"] == 26 and sw["unmatched"] == {}, sw
+    assert sw["artifact_rows"] == sw["simulation_rows"] > 0
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["parity"]["exactness"]["stored_weights"] == {
+        "passed": True,
+        "artifact_rows": sw["artifact_rows"],
+        "rows_unmatched": 0,
+    }
+
+
+W2_SCALES = "model.layers.3.feed_forward.w2.scales"
+W2 = "model.layers.3.feed_forward.w2.qweight"
+
+
+def _check_copy(artifact, folder, loaded=None):
+    """Parity (prefill only) of a copy of the artifact at `folder`, against `loaded` (default: the manifest's)."""
+    from lfm_export.pipeline import check_artifact
+    from lfm_export.progress import Progress
+
+    return check_artifact(folder, loaded, threads=1, progress=Progress(quiet=True), scenarios=["prefill"])
+
+
+def test_scales_two_percent_off_in_place_fail_the_stored_weights(artifact, tmp_path):
+    """One MatMulNBits' scales x 1.02, rewritten in the artifact (its manifest kept): parity fails on the
+    stored weights, naming the matrix and how many of its rows differ (the CLI's form: the slow test below)."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(artifact, broken)
+    _scale_initializer(broken, W2_SCALES, 1.02)
+    result = _check_copy(artifact, broken)
+    sw = result.stored_weights
+    assert not result.passed and sw is not None and sw["passed"] is False
+    assert list(sw["unmatched"]) == [W2] and sw["unmatched"][W2]["rows"] > 0, sw
+    assert f"stored_weights[{W2}]: rows_unmatched" in result.verdict_line()
+
+
+@pytest.mark.slow
+def test_scales_two_percent_off_in_place_fail_lfm_export_parity(artifact, tmp_path):
+    """The same through `lfm-export parity`: exit 1, the tensor named in the JSON's checks."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(artifact, broken)
+    _scale_initializer(broken, W2_SCALES, 1.02)
+    r = cli("parity", str(broken), "--json")
+    assert r.returncode == 1, r.stderr
+    data = json.loads(r.stdout)
+    sw = data["exactness"]["stored_weights"]
+    assert sw["passed"] is False and data["exactness"]["passed"] is False
+    assert list(sw["unmatched"]) == [W2], sw
+    failed = [c for c in data["checks"] if not c["passed"] and c["scenario"].startswith("stored_weights")]
+    assert [c["scenario"] for c in failed] == [f"stored_weights[{W2}]"]
+
+
+def test_an_artifact_of_other_weights_fails_the_stored_weights(artifact, tmp_path):
+    """The honest artifact checked against `tiny` with layer 3's w2 x 1.02 (an artifact of other weights
+    relabelled as this model's): the stored weights name that matrix."""
+    import shutil
+
+    import torch
+
+    from lfm_export.loading import load_model
+
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact, copy)
+    other = load_model("tiny")
+    with torch.no_grad():
+        other.model.model.layers[3].feed_forward.w2.weight.mul_(1.02)
+    result = _check_copy(artifact, copy, other)
+    sw = result.stored_weights
+    assert not result.passed and sw is not None and sw["passed"] is False
+    assert list(sw["unmatched"]) == [W2], sw
