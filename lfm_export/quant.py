@@ -385,9 +385,10 @@ class RoundedOnceLinear(nn.Linear):
         return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
 
 
-WeightValues = Callable[[np.ndarray, int], np.ndarray]
-"""`(w [N, K] float32, bits) -> the float32 values a runtime computes with` for a backend whose kernels cannot
-hold the core quantizer's codes and scales as they are (`simulate(..., weights=...)`)."""
+WeightValues = Callable[[np.ndarray, int, str], np.ndarray]
+"""`(w [N, K] float32, bits, checkpoint name) -> the float32 values a runtime computes with` for a backend
+whose kernels cannot hold the core quantizer's codes and scales as they are (`simulate(..., weights=...)`); the
+name is for a backend whose type differs per tensor (GGUF's K-quant mixes)."""
 
 
 def simulate(
@@ -423,12 +424,12 @@ def simulate(
     sim = copy.deepcopy(model, memo=dict(keep))
     done: dict[tuple[int, int | None], Tensor] = {}
 
-    def replaced(w: Tensor, bits: int | None) -> Tensor:
+    def replaced(w: Tensor, bits: int | None, name: str = "") -> Tensor:
         """The value the artifact holds for `w` (once per tensor and bit width: a tied table is shared)."""
         key = (id(w), bits)
         if key not in done:
             if recipe.quantized and bits is not None and weights is not None:
-                done[key] = torch.from_numpy(weights(w.detach().float().numpy(), bits))
+                done[key] = torch.from_numpy(weights(w.detach().float().numpy(), bits, name))
             elif recipe.quantized and bits is not None:
                 deq = quantize_weight(w.detach().float().numpy(), recipe, bits, threads).dequantize()
                 done[key] = torch.from_numpy(deq)
@@ -442,13 +443,14 @@ def simulate(
     with torch.no_grad():
         embed = sim.model.embed_tokens
         embed.weight = nn.Parameter(
-            replaced(embed.weight, held_as("model.embed_tokens.weight", recipe)), requires_grad=False
+            replaced(embed.weight, held_as("model.embed_tokens.weight", recipe), "model.embed_tokens.weight"),
+            requires_grad=False,
         )
         for name, mod in list(sim.named_modules()):
             if not isinstance(mod, nn.Linear):
                 continue
             bits = held_as(f"{name}.weight", recipe)
-            weight = replaced(mod.weight, bits)
+            weight = replaced(mod.weight, bits, f"{name}.weight")
             mode = modes["experts" if ".experts." in name else "linears"]
             router = rule_for(f"{name}.weight") is ROUTER  # computes in float32 whatever the recipe
             fp16_input = mode in (ACT_FP16, ACT_FP16_ROUTED) and not router  # float recipes too
