@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from lfm_export import ggml_kquants
 from lfm_export.backends.record import ExportResult
 from lfm_export.contract.errors import UnsupportedError
 from lfm_export.contract.signature import STATEFUL
-from lfm_export import ggml_kquants
 from lfm_export.ggml_blocks import BLOCK_TYPES
 from lfm_export.ggml_blocks import quantize as ggml_quantize
 from lfm_export.loading import LoadedModel
