@@ -303,3 +303,21 @@ def test_k_quant_honest_passes_and_ffn_down_two_percent_off_fails(tmp_path: Path
     del reader
     result = check_artifact(broken, threads=1, progress=quiet, scenarios=QUICK)
     assert not result.passed and not result.part_passed("exactness")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["q6_k", "q4_k_m-mse"])
+def test_k_quant_full_gate_through_llama_cpp(quant: str, tmp_path: Path) -> None:
+    """The other K-quant recipes on the hidden-256 checkpoint pass the full gate (every scenario) through
+    llama.cpp: Q6_K everywhere (`q6_k`), and the rounding search's Q4_K (`q4_k_m-mse`)."""
+    import torch
+
+    from lfm_export.check import save_random_transformers
+
+    source = save_random_transformers(tmp_path / "hf", K_SHAPE, torch.float32, seed=20)
+    outcome = export_artifact(
+        "gguf", str(source), tmp_path / quant, make_recipe(quant, CONTEXT), progress=Progress(quiet=True)
+    )
+    assert outcome.passed, outcome.manifest["parity"]
+    kinds = set(outcome.manifest["gguf"]["tensor_types"])
+    assert kinds == ({"F32", "Q6_K"} if quant == "q6_k" else {"F32", "Q4_K", "Q6_K"})
