@@ -321,3 +321,35 @@ def test_k_quant_full_gate_through_llama_cpp(quant: str, tmp_path: Path) -> None
     assert outcome.passed, outcome.manifest["parity"]
     kinds = set(outcome.manifest["gguf"]["tensor_types"])
     assert kinds == ({"F32", "Q6_K"} if quant == "q6_k" else {"F32", "Q4_K", "Q6_K"})
+
+
+@pytest.mark.slow
+def test_k_quant_mix_equals_llama_cpps_own_quantizer(tmp_path: Path) -> None:
+    """llama.cpp's own quantizer (`llama_model_quantize`) applied to our f32 file of the hidden-256
+    checkpoint (with `tiny`'s layer pattern of attention and conv beyond it: 6 layers) chooses, tensor by
+    tensor, the types our `q4_k_m` / `q6_k` exports hold."""
+    import torch
+
+    from lfm_export.check import save_random_transformers
+
+    shape = {**K_SHAPE, "num_hidden_layers": 6, "layer_types": ["conv", "conv", "full_attention"] * 2}
+    source = save_random_transformers(tmp_path / "hf", shape, torch.float32, seed=21)
+    quiet = Progress(quiet=True)
+    f32 = tmp_path / "f32"
+    export_artifact("gguf", str(source), f32, make_recipe("f32", CONTEXT), parity=False, progress=quiet)
+    for quant, ftype in (("q4_k_m", 15), ("q6_k", 18)):
+        ours = tmp_path / quant
+        export_artifact("gguf", str(source), ours, make_recipe(quant, CONTEXT), parity=False, progress=quiet)
+        theirs = tmp_path / f"theirs-{quant}.gguf"
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.nthread = ftype, 1
+        assert (
+            llama_cpp.llama_model_quantize(str(f32 / "model.gguf").encode(), str(theirs).encode(), params)
+            == 0
+        )
+        held = [
+            {t.name: t.tensor_type.name for t in gguf.GGUFReader(p).tensors}
+            for p in (ours / "model.gguf", theirs)
+        ]
+        assert held[0] == held[1], quant
+        assert "Q6_K" in held[0].values()
