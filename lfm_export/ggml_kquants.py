@@ -1,4 +1,4 @@
-"""ggml's K-quant super-blocks (Q4_K, Q6_K) and the 32-value Q5_0 that llama.cpp's `_M` mixes fall back to,
+"""ggml's K-quant super-blocks (Q4_K, Q5_K, Q6_K) and the 32-value Q5_0 that llama.cpp's `_M` mixes fall back to,
 packed from the core quantizer's sub-block scales.
 
 Facts from llama.cpp's `ggml-common.h` / `ggml-quants.c` (dequantize_row_*); blocks run along each row (the
@@ -9,6 +9,9 @@ weight's input dimension), 256 values per super-block (`QK_K`):
   `q` in 0..15. Scales layout: bytes 0-3 hold `sc[0..3]` in their low 6 bits and `sc[4..7] >> 4` in their top
   2; bytes 4-7 the same for the mins; bytes 8-11 hold `sc[4..7] & 15` low and `m[4..7] & 15` high. Nibbles: per
   64 values, byte `l` holds value `l` low and value `l + 32` high.
+- `Q5_K` (176 bytes): as `Q4_K` with 5-bit `q` (0..31): `d`, `dmin`, the same 12 scale bytes, then `qh[32]`
+  (bit `2c` of byte `l`: bit 4 of value `64c + l`; bit `2c + 1`: of value `64c + 32 + l`) and the low nibbles
+  laid out as Q4_K's.
 - `Q6_K` (210 bytes): `ql[128]`, `qh[64]`, int8 `sc[16]`, fp16 `d`; sub-block `j` (16 values) reads
   `x = (d * sc[j]) * (q - 32)`, `q` in 0..63. Per 128 values `n`: `ql[64n + l]` holds the low nibbles of values
   `l` and `l + 64`, `ql[64n + 32 + l]` of `l + 32` and `l + 96`; `qh[32n + l]` holds the top 2 bits of values
@@ -17,8 +20,8 @@ weight's input dimension), 256 values per super-block (`QK_K`):
   as `Q4_0` (value `j` low, `j + 16` high); `x = d * (q - 16)`.
 
 How the values are chosen: the core quantizer (`quantize_block`, its `rounding` search included where it has a
-grid for the width) gives each sub-block its float scale (Q6_K: symmetric 6-bit, blocks of 16; Q4_K:
-asymmetric 4-bit, blocks of 32, the min being `scale * zero_point >= 0`). The super-block then stores those
+grid for the width) gives each sub-block its float scale (Q6_K: symmetric 6-bit, blocks of 16; Q4_K / Q5_K:
+asymmetric 4- / 5-bit, blocks of 32, the min being `scale * zero_point >= 0`). The super-block then stores those
 scales in 6 (Q4_K) or 8 (Q6_K) bits against an fp16 `d` (`dmin`): the largest maps to the top code, as ggml's
 reference quantizer does. Rounding a small sub-block's scale to a few bits moves it by up to half a step of the
 largest, so the codes are rounded again against the scales the file holds (ggml's quantizer does the same).
@@ -49,9 +52,10 @@ class KType:
 
 
 Q4_K = KType("Q4_K", QK_K, 144)
+Q5_K = KType("Q5_K", QK_K, 176)
 Q6_K = KType("Q6_K", QK_K, 210)
 Q5_0 = KType("Q5_0", 32, 22)
-K_TYPES = {t.name: t for t in (Q4_K, Q6_K, Q5_0)}
+K_TYPES = {t.name: t for t in (Q4_K, Q5_K, Q6_K, Q5_0)}
 
 
 def _rounding(bits: int, rounding: str) -> str:
@@ -99,11 +103,12 @@ def pack_q6_k(w: np.ndarray, rounding: str = "nearest", threads: int = DEFAULT_T
     return np.concatenate(parts, -1).reshape(n, -1)
 
 
-def pack_q4_k(w: np.ndarray, rounding: str = "nearest", threads: int = DEFAULT_THREADS) -> np.ndarray:
-    """`w [N, K]` (K a multiple of 256) as Q4_K bytes `[N, K / 256 * 144]`."""
+def _pack_k_asym(w: np.ndarray, bits: int, rounding: str, threads: int) -> list[np.ndarray]:
+    """Q4_K / Q5_K (`bits` 4 / 5) per super-block: fp16 `d`, fp16 `dmin`, the 12 scale bytes, and the codes
+    `[N, nb, 4, 2, 32]` (chunk of 64, half, value)."""
     n, k = w.shape
     nb = k // QK_K
-    core = quantize_block(w, 4, 32, False, _rounding(4, rounding), threads)
+    core = quantize_block(w, bits, 32, False, _rounding(bits, rounding), threads)
     s = core.scales.reshape(n, nb, 8)
     mins = (core.scales * core.zero_points.astype(np.float32)).reshape(n, nb, 8)
     d16, d = _f16(s.max(-1, keepdims=True) / np.float32(63))
@@ -113,8 +118,8 @@ def pack_q4_k(w: np.ndarray, rounding: str = "nearest", threads: int = DEFAULT_T
     step = d * sc.astype(np.float32)
     offset = dmin * mc.astype(np.float32)
     x = w.astype(np.float32).reshape(n, nb, 8, 32)
-    q = _codes(x + offset[..., None], step[..., None], 0, 15).astype(np.uint8).reshape(n, nb, 4, 2, 32)
-    qs = (q[..., 0, :] | q[..., 1, :] << 4).reshape(n, nb, 128)
+    top = 2**bits - 1
+    q = _codes(x + offset[..., None], step[..., None], 0, top).astype(np.uint8).reshape(n, nb, 4, 2, 32)
     scales = np.concatenate(
         [
             sc[..., :4] | (sc[..., 4:] >> 4) << 6,
@@ -123,8 +128,26 @@ def pack_q4_k(w: np.ndarray, rounding: str = "nearest", threads: int = DEFAULT_T
         ],
         -1,
     )
-    parts = [d16.view(np.uint8).reshape(n, nb, 2), m16.view(np.uint8).reshape(n, nb, 2), scales, qs]
-    return np.concatenate(parts, -1).reshape(n, -1)
+    return [d16.view(np.uint8).reshape(n, nb, 2), m16.view(np.uint8).reshape(n, nb, 2), scales, q]
+
+
+def pack_q4_k(w: np.ndarray, rounding: str = "nearest", threads: int = DEFAULT_THREADS) -> np.ndarray:
+    """`w [N, K]` (K a multiple of 256) as Q4_K bytes `[N, K / 256 * 144]`."""
+    n = w.shape[0]
+    *head, q = _pack_k_asym(w, 4, rounding, threads)
+    qs = (q[..., 0, :] | q[..., 1, :] << 4).reshape(n, -1, 128)
+    return np.concatenate([*head, qs], -1).reshape(n, -1)
+
+
+def pack_q5_k(w: np.ndarray, rounding: str = "nearest", threads: int = DEFAULT_THREADS) -> np.ndarray:
+    """`w [N, K]` (K a multiple of 256) as Q5_K bytes `[N, K / 256 * 176]`."""
+    n = w.shape[0]
+    *head, q = _pack_k_asym(w, 5, rounding, threads)
+    qs = ((q[..., 0, :] & 0xF) | (q[..., 1, :] & 0xF) << 4).reshape(n, -1, 128)
+    shifts = (2 * np.arange(4, dtype=np.uint8))[:, None]  # chunk c: bits 2c, 2c + 1
+    high = ((q[..., 0, :] >> 4) << shifts) | ((q[..., 1, :] >> 4) << (shifts + 1))  # [n, nb, 4, 32]
+    qh = np.bitwise_or.reduce(high, axis=-2).astype(np.uint8)
+    return np.concatenate([*head, qh, qs], -1).reshape(n, -1)
 
 
 def pack_q5_0(w: np.ndarray, rounding: str = "nearest", threads: int = DEFAULT_THREADS) -> np.ndarray:
@@ -140,7 +163,7 @@ def pack_q5_0(w: np.ndarray, rounding: str = "nearest", threads: int = DEFAULT_T
     return np.concatenate([d16, qh, qs.astype(np.uint8)], -1).reshape(n, -1)
 
 
-PACK = {"Q4_K": pack_q4_k, "Q6_K": pack_q6_k, "Q5_0": pack_q5_0}
+PACK = {"Q4_K": pack_q4_k, "Q5_K": pack_q5_k, "Q6_K": pack_q6_k, "Q5_0": pack_q5_0}
 
 
 def dequantize(data: np.ndarray, kind: KType) -> np.ndarray:
@@ -161,12 +184,17 @@ def dequantize(data: np.ndarray, kind: KType) -> np.ndarray:
         sc = b[..., 192:208].view(np.int8).astype(np.float32)
         step = (f16(208) * sc).reshape(n, nb, 16, 1)
         return (step * q.reshape(n, nb, 16, 16)).reshape(n, -1)
-    if kind is Q4_K:
+    if kind in (Q4_K, Q5_K):
         s = b[..., 4:16]
         sc = np.concatenate([s[..., :4] & 63, (s[..., 8:] & 0xF) | (s[..., :4] >> 6) << 4], -1)
         mc = np.concatenate([s[..., 4:8] & 63, (s[..., 8:] >> 4) | (s[..., 4:8] >> 6) << 4], -1)
-        qs = b[..., 16:].reshape(n, nb, 4, 1, 32)
-        q = np.concatenate([qs & 0xF, qs >> 4], 3).astype(np.float32).reshape(n, nb, 8, 32)
+        qs = b[..., -128:].reshape(n, nb, 4, 1, 32)
+        q = np.concatenate([qs & 0xF, qs >> 4], 3)  # [n, nb, 4, 2, 32]
+        if kind is Q5_K:
+            qh = b[..., 16:48].reshape(n, nb, 1, 1, 32)
+            bit = (2 * np.arange(4, dtype=np.uint8))[:, None, None] + np.arange(2, dtype=np.uint8)[:, None]
+            q = q | ((qh >> bit) & 1) << 4
+        q = q.astype(np.float32).reshape(n, nb, 8, 32)
         step = (f16(0) * sc.astype(np.float32))[..., None]
         offset = (f16(2) * mc.astype(np.float32))[..., None]
         return (step * q - offset).reshape(n, -1)

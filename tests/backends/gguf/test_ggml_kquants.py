@@ -1,5 +1,5 @@
 """K-quant packing: the `gguf` package's own dequantization (llama.cpp's gguf-py) of our Q4_K / Q6_K / Q5_0
-bytes equals what `ggml_kquants` says the file holds, and that is a rounding of the weights, not a scramble; the
+bytes (and Q5_K's) equals what `ggml_kquants` says the file holds, and that is a rounding of the weights, not a scramble; the
 Q8_K activation rounding follows llama.cpp's reference loop."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 
 from lfm_export.ggml_blocks import held_values as q_0_values  # noqa: E402
-from lfm_export.ggml_kquants import Q4_K, Q5_0, Q6_K, dequantize, held_values, quantize  # noqa: E402
+from lfm_export.ggml_kquants import Q4_K, Q5_0, Q5_K, Q6_K, dequantize, held_values, quantize  # noqa: E402
 from lfm_export.quant import fake_quant_ggml_k, fake_quant_q8_0, fake_quant_q8_k  # noqa: E402
 
 pytestmark = pytest.mark.unit
@@ -31,7 +31,7 @@ def rms(a: np.ndarray) -> float:
     return float(np.sqrt(np.mean(a.astype(np.float64) ** 2)))
 
 
-@pytest.mark.parametrize("kind", [Q6_K, Q4_K, Q5_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("kind", [Q6_K, Q5_K, Q4_K, Q5_0], ids=lambda t: t.name)
 @pytest.mark.parametrize("rounding", ["nearest", "mse"])
 def test_gguf_reads_our_k_quant_bytes_as_we_say(kind, rounding) -> None:
     w = weights(len(kind.name) + len(rounding))
@@ -41,12 +41,15 @@ def test_gguf_reads_our_k_quant_bytes_as_we_say(kind, rounding) -> None:
     np.testing.assert_array_equal(dequantize(data, kind), theirs)
     np.testing.assert_array_equal(held_values(w, kind, rounding, threads=1), theirs)
     np.testing.assert_array_equal(theirs[0, :256], 0.0)
-    if kind is not Q4_K:  # Q4_K's offset `dmin * m` makes zero a rounded value like any other
+    if kind not in (
+        Q4_K,
+        Q5_K,
+    ):  # Q4_K's / Q5_K's offset `dmin * m` makes zero a rounded value like any other
         np.testing.assert_array_equal(theirs[3, :16], 0.0)
     # a rounding of the weights, at the error the bit width implies against ggml's 32-value types
     err = rms(theirs - w)
     q8, q4 = rms(q_0_values(w, 8, threads=1) - w), rms(q_0_values(w, 4, threads=1) - w)
-    bound = {"Q6_K": 4.5 * q8, "Q4_K": q4, "Q5_0": 0.6 * q4}[kind.name]
+    bound = {"Q6_K": 4.5 * q8, "Q5_K": 0.6 * q4, "Q4_K": q4, "Q5_0": 0.6 * q4}[kind.name]
     assert q8 < err < bound
     # the small super-block keeps its own scale: its error is relative to its values
     assert rms(theirs[2, 256:] - w[2, 256:]) < 0.2 * rms(w[2, 256:])
