@@ -156,10 +156,11 @@ GGML_MIX_RULES = (
 )
 GGML_MIXES = {
     "q4_k_m": {MIX_BASE: "Q4_K", MIX_OUTPUT: "Q6_K", MIX_MORE_BITS: "Q6_K"},
+    "q5_k_m": {MIX_BASE: "Q5_K", MIX_OUTPUT: "Q6_K", MIX_MORE_BITS: "Q6_K"},
     "q6_k": {MIX_BASE: "Q6_K", MIX_OUTPUT: "Q6_K", MIX_MORE_BITS: "Q6_K"},
 }
 """Each mix's type per `GGML_MIX_RULES` hold (a `more_bits` tensor off the use_more_bits layers: the base type)."""
-GGML_FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}
+GGML_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 """llama.cpp's type for a row that is not a multiple of 256 (an output row: Q8_0 whatever the mix)."""
 QK_K = 256
 

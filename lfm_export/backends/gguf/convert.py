@@ -127,9 +127,15 @@ def plan(loaded: LoadedModel, recipe: GgufRecipe) -> list[Planned]:
     layer_types = list(cfg.layer_types)
 
     def kind(name: str, shape: tuple[int, ...], bits: int | None) -> str:
-        if recipe.mix is not None and bits is not None:
-            return ggml_mix_type(name, recipe.mix, shape[-1], layer_types)
-        return ggml_type(core, bits)
+        if recipe.mix is None or bits is None:
+            return ggml_type(core, bits)
+        chosen = ggml_mix_type(name, recipe.mix, shape[-1], layer_types)
+        if chosen not in ggml_kquants.K_TYPES and chosen not in BLOCK_TYPES:
+            raise UnsupportedError(
+                f"{name}: its rows ({shape[-1]}) are not a multiple of 256, where llama.cpp's {recipe.mix} "
+                f"holds it as {chosen}, which the GGUF backend does not write; use q4_k_m or q6_k"
+            )
+        return chosen
 
     out: list[Planned] = []
     stacks: dict[str, Planned] = {}

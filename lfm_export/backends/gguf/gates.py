@@ -43,12 +43,13 @@ GGUF_GATES: dict[str, Gate] = {
         rounding=FACTOR if name.endswith("_0") else K_FACTOR,
         note=_NOTE if name.endswith("_0") else _K_NOTE,
     )
-    for name in ("q8_0", "q4_0", "q4_k_m", "q6_k")
+    for name in ("q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
 }
 
 GGUF_SANITY_KL_MEAN: dict[str, float] = {
     "q8_0": SANITY_KL_MEAN["int8"],
     "q4_0": SANITY_KL_MEAN["int4"],
     "q4_k_m": SANITY_KL_MEAN["int4"],
+    "q5_k_m": SANITY_KL_MEAN["int4"],
     "q6_k": SANITY_KL_MEAN["int4"],
 }

@@ -173,7 +173,8 @@ def test_recipes_and_refusals() -> None:
     assert (k.name, k.mix, k.recipe.rounding, k.activations) == ("q4_k_m-mse", "q4_k_m", "mse", "ggml-k")
     assert make_recipe("q6_k").name == "q6_k"
     for bad, why in [
-        ("q5_k_m", "not supported by the GGUF backend yet"),
+        ("q4_k_s", "not supported by the GGUF backend yet"),
+        ("q5_k_m-mse", "no 5-bit rounding search"),
         ("q4_k_m-a8", "takes only -mse"),
         ("int4-b64", "hold 32 values"),
         ("int8-pc", "hold 32 values"),
@@ -255,6 +256,8 @@ def test_k_quant_mix_types_follow_llama_cpp() -> None:
     assert mix("model.layers.5.feed_forward.w2.weight", 128) == "Q8_0"
     assert mix("model.layers.1.conv.in_proj.weight", m="q6_k") == "Q6_K"
     assert mix("model.layers.1.conv.in_proj.weight", 96, m="q6_k") == "Q8_0"
+    assert mix("model.layers.5.feed_forward.w2.weight", m="q5_k_m") == "Q6_K"
+    assert mix("model.layers.1.conv.in_proj.weight", m="q5_k_m") == "Q5_K"
 
 
 K_SHAPE = dict(
@@ -306,10 +309,10 @@ def test_k_quant_honest_passes_and_ffn_down_two_percent_off_fails(tmp_path: Path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quant", ["q6_k", "q4_k_m-mse"])
+@pytest.mark.parametrize("quant", ["q6_k", "q5_k_m", "q4_k_m-mse"])
 def test_k_quant_full_gate_through_llama_cpp(quant: str, tmp_path: Path) -> None:
     """The other K-quant recipes on the hidden-256 checkpoint pass the full gate (every scenario) through
-    llama.cpp: Q6_K everywhere (`q6_k`), and the rounding search's Q4_K (`q4_k_m-mse`)."""
+    llama.cpp: Q6_K everywhere (`q6_k`), Q5_K (`q5_k_m`), and the rounding search's Q4_K (`q4_k_m-mse`)."""
     import torch
 
     from lfm_export.check import save_random_transformers
@@ -320,14 +323,15 @@ def test_k_quant_full_gate_through_llama_cpp(quant: str, tmp_path: Path) -> None
     )
     assert outcome.passed, outcome.manifest["parity"]
     kinds = set(outcome.manifest["gguf"]["tensor_types"])
-    assert kinds == ({"F32", "Q6_K"} if quant == "q6_k" else {"F32", "Q4_K", "Q6_K"})
+    base = {"q6_k": "Q6_K", "q5_k_m": "Q5_K", "q4_k_m-mse": "Q4_K"}[quant]
+    assert kinds == {"F32", "Q6_K", base}
 
 
 @pytest.mark.slow
 def test_k_quant_mix_equals_llama_cpps_own_quantizer(tmp_path: Path) -> None:
     """llama.cpp's own quantizer (`llama_model_quantize`) applied to our f32 file of the hidden-256
     checkpoint (with `tiny`'s layer pattern of attention and conv beyond it: 6 layers) chooses, tensor by
-    tensor, the types our `q4_k_m` / `q6_k` exports hold."""
+    tensor, the types our `q4_k_m` / `q5_k_m` / `q6_k` exports hold."""
     import torch
 
     from lfm_export.check import save_random_transformers
@@ -337,7 +341,7 @@ def test_k_quant_mix_equals_llama_cpps_own_quantizer(tmp_path: Path) -> None:
     quiet = Progress(quiet=True)
     f32 = tmp_path / "f32"
     export_artifact("gguf", str(source), f32, make_recipe("f32", CONTEXT), parity=False, progress=quiet)
-    for quant, ftype in (("q4_k_m", 15), ("q6_k", 18)):
+    for quant, ftype in (("q4_k_m", 15), ("q5_k_m", 17), ("q6_k", 18)):
         ours = tmp_path / quant
         export_artifact("gguf", str(source), ours, make_recipe(quant, CONTEXT), parity=False, progress=quiet)
         theirs = tmp_path / f"theirs-{quant}.gguf"
