@@ -327,7 +327,6 @@ def test_k_quant_full_gate_through_llama_cpp(quant: str, tmp_path: Path) -> None
     assert kinds == {"F32", "Q6_K", base}
 
 
-@pytest.mark.slow
 def test_k_quant_mix_equals_llama_cpps_own_quantizer(tmp_path: Path) -> None:
     """llama.cpp's own quantizer (`llama_model_quantize`) applied to our f32 file of the hidden-256
     checkpoint (with `tiny`'s layer pattern of attention and conv beyond it: 6 layers) chooses, tensor by
