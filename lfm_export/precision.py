@@ -170,11 +170,14 @@ def use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def ggml_mix_type(name: str, mix: str, row: int, layer_types: list[str]) -> str:
+def ggml_mix_type(name: str, mix: str, row: int, layer_types: list[str], tied: bool = True) -> str:
     """The ggml type of quantized tensor `name` (checkpoint name, row length `row`) in K-quant `mix` of a
-    model whose layers are `layer_types` (`full_attention` / `conv`)."""
+    model whose layers are `layer_types` (`full_attention` / `conv`); an untied token table (`tied` False)
+    is an ordinary tensor of the mix's base type, as llama.cpp holds it."""
     rule = next(r for r in GGML_MIX_RULES if r.matches(name))
     held = rule.held
+    if not tied and rule.pattern == "embed_tokens.weight":
+        held = MIX_BASE
     if held == MIX_MORE_BITS:
         m = re.search(r"layers\.(\d+)\.", name)
         layer = int(m[1]) if m else 0

@@ -129,7 +129,7 @@ def plan(loaded: LoadedModel, recipe: GgufRecipe) -> list[Planned]:
     def kind(name: str, shape: tuple[int, ...], bits: int | None) -> str:
         if recipe.mix is None or bits is None:
             return ggml_type(core, bits)
-        chosen = ggml_mix_type(name, recipe.mix, shape[-1], layer_types)
+        chosen = ggml_mix_type(name, recipe.mix, shape[-1], layer_types, bool(cfg.tie_word_embeddings))
         if chosen not in ggml_kquants.K_TYPES and chosen not in BLOCK_TYPES:
             raise UnsupportedError(
                 f"{name}: its rows ({shape[-1]}) are not a multiple of 256, where llama.cpp's {recipe.mix} "

@@ -248,6 +248,7 @@ def test_k_quant_mix_types_follow_llama_cpp() -> None:
         return ggml_mix_type(name, m, row, types)
 
     assert mix("model.embed_tokens.weight") == "Q6_K" and mix("model.embed_tokens.weight", 128) == "Q8_0"
+    assert ggml_mix_type("model.embed_tokens.weight", "q4_k_m", 512, types, tied=False) == "Q4_K"
     downs = [mix(f"model.layers.{i}.feed_forward.w2.weight") for i in range(6)]
     assert downs == ["Q4_K", "Q4_K", "Q6_K", "Q4_K", "Q4_K", "Q6_K"]
     assert [mix(f"model.layers.{i}.self_attn.v_proj.weight") for i in (2, 4)] == ["Q4_K", "Q6_K"]
