@@ -49,7 +49,7 @@ or per role (`{"linears": ..., "experts": ...}`, `ROLES`) where a runtime treats
   simulation, 1.2e-3 against the same model run in fp16 by torch, which flips elsewhere itself).
 - `ACT_GGML_Q8_0`: llama.cpp's CPU kernels quantize the input of a Q8_0 / Q4_0 matmul to Q8_0 blocks (32 values,
   codes `rint(a * (127 / amax))`, scale `amax / 127` stored as fp16): `fake_quant_q8_0`.
-- `ACT_GGML_K`: the input of a K-quant matmul (Q4_K / Q6_K, rows a multiple of 256) goes to Q8_K blocks
+- `ACT_GGML_K`: the input of a K-quant matmul (Q4_K / Q5_K / Q6_K, rows a multiple of 256) goes to Q8_K blocks
   (`fake_quant_q8_k`); the 32-value types a K-quant mix falls back to where a row is not a multiple of 256
   (Q5_0, Q8_0) take Q8_0 blocks. A K-quant mix holds a linear as a K-quant exactly when its row is a
   multiple of 256, so the linear's input width decides.
