@@ -41,7 +41,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-FTYPES = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15}
+FTYPES = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15, "q6_k": 18}
 """llama.cpp's `LLAMA_FTYPE_MOSTLY_*` of each type."""
 
 CONVERT = """

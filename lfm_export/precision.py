@@ -124,3 +124,70 @@ def manifest_entry(names: Iterable[str], recipe: Recipe | dict[str, Any]) -> dic
         "tensors": {name: label(held_as(name, recipe), recipe) for name in names},
         "rules": [{"match": r.pattern, "held": r.held, "why": r.why} for r in RULES],
     }
+
+
+# ---- llama.cpp's K-quant mixes (GGUF) --------------------------------------------------------------------------
+# A GGUF K-quant recipe quantizes the tensors the rules above quantize; which ggml type each one gets is the
+# first of these rules that matches its name, as llama.cpp's `llama_tensor_get_type` decides for the mix
+# (`src/llama-quant.cpp`), then the 32-value fallback where a row is not a multiple of 256.
+
+MIX_OUTPUT = "output"
+MIX_MORE_BITS = "more_bits"
+MIX_BASE = "base"
+GGML_MIX_RULES = (
+    Rule("lm_head.weight", MIX_OUTPUT, "output: every logit reads it; the mix's output type (Q6_K)"),
+    Rule(
+        "embed_tokens.weight",
+        MIX_OUTPUT,
+        "token embedding: llama.cpp quantizes a table tied to the output as the output",
+    ),
+    Rule(
+        "self_attn.v_proj.weight",
+        MIX_MORE_BITS,
+        "attn_v: Q6_K on llama.cpp's use_more_bits attention layers (first and last eighth, every third "
+        "between), counted over the attention layers",
+    ),
+    Rule(
+        "w2.weight",
+        MIX_MORE_BITS,
+        "ffn_down (MoE experts' too): Q6_K on llama.cpp's use_more_bits layers, counted over all layers",
+    ),
+    Rule(EVERY, MIX_BASE, "the mix's base type"),
+)
+GGML_MIXES = {
+    "q4_k_m": {MIX_BASE: "Q4_K", MIX_OUTPUT: "Q6_K", MIX_MORE_BITS: "Q6_K"},
+    "q5_k_m": {MIX_BASE: "Q5_K", MIX_OUTPUT: "Q6_K", MIX_MORE_BITS: "Q6_K"},
+    "q6_k": {MIX_BASE: "Q6_K", MIX_OUTPUT: "Q6_K", MIX_MORE_BITS: "Q6_K"},
+}
+"""Each mix's type per `GGML_MIX_RULES` hold (a `more_bits` tensor off the use_more_bits layers: the base type)."""
+GGML_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+"""llama.cpp's type for a row that is not a multiple of 256 (an output row: Q8_0 whatever the mix)."""
+QK_K = 256
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's `use_more_bits(i_layer, n_layers)`."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def ggml_mix_type(name: str, mix: str, row: int, layer_types: list[str], tied: bool = True) -> str:
+    """The ggml type of quantized tensor `name` (checkpoint name, row length `row`) in K-quant `mix` of a
+    model whose layers are `layer_types` (`full_attention` / `conv`); an untied token table (`tied` False)
+    is an ordinary tensor of the mix's base type, as llama.cpp holds it."""
+    rule = next(r for r in GGML_MIX_RULES if r.matches(name))
+    held = rule.held
+    if not tied and rule.pattern == "embed_tokens.weight":
+        held = MIX_BASE
+    if held == MIX_MORE_BITS:
+        m = re.search(r"layers\.(\d+)\.", name)
+        layer = int(m[1]) if m else 0
+        if "v_proj" in name:
+            attention = [i for i, t in enumerate(layer_types) if t == "full_attention"]
+            more = use_more_bits(attention.index(layer), len(attention)) if layer in attention else False
+        else:
+            more = use_more_bits(layer, len(layer_types))
+        held = MIX_MORE_BITS if more else MIX_BASE
+    kind = GGML_MIXES[mix][held]
+    if row % QK_K == 0:
+        return kind
+    return "Q8_0" if held == MIX_OUTPUT else GGML_FALLBACK[kind]

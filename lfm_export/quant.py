@@ -52,6 +52,10 @@ or per role (`{"linears": ..., "experts": ...}`, `ROLES`) where a runtime treats
   simulation, 1.2e-3 against the same model run in fp16 by torch, which flips elsewhere itself).
 - `ACT_GGML_Q8_0`: llama.cpp's CPU kernels quantize the input of a Q8_0 / Q4_0 matmul to Q8_0 blocks (32 values,
   codes `rint(a * (127 / amax))`, scale `amax / 127` stored as fp16): `fake_quant_q8_0`.
+- `ACT_GGML_K`: the input of a K-quant matmul (Q4_K / Q5_K / Q6_K, rows a multiple of 256) goes to Q8_K blocks
+  (`fake_quant_q8_k`); the 32-value types a K-quant mix falls back to where a row is not a multiple of 256
+  (Q5_0, Q8_0) take Q8_0 blocks. A K-quant mix holds a linear as a K-quant exactly when its row is a
+  multiple of 256, so the linear's input width decides.
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ from lfm_export.recipes import (
     ACT_FLOAT,
     ACT_FP16,
     ACT_FP16_ROUTED,
+    ACT_GGML_K,
     ACT_GGML_Q8_0,
     ACT_INT8_BLOCK,
     ACT_INT8_TOKEN,
@@ -320,6 +325,24 @@ def fake_quant_q8_0(x: Tensor) -> Tensor:
     return (torch.round(blocks * inv) * scale).reshape(shape).to(x.dtype)
 
 
+def fake_quant_q8_k(x: Tensor) -> Tensor:
+    """llama.cpp's CPU rounding of a K-quant matmul's input (`quantize_row_q8_K_ref`, which the x86 build
+    calls): per block of 256 along the last axis, `m` the first value of largest magnitude (with its sign),
+    codes `min(127, rint(x * (-127 / m)))` (the factor first, in float32), times the float32 scale
+    `1 / (-127 / m)`; an all-zero block stays zero."""
+    shape = x.shape
+    blocks = x.float().reshape(*shape[:-1], shape[-1] // 256, 256)
+    m = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
+    factor = torch.where(m == 0, torch.zeros_like(m), torch.full_like(m, -127.0) / m)
+    scale = torch.where(m == 0, torch.zeros_like(m), 1.0 / factor)
+    return (torch.round(blocks * factor).clamp(max=127) * scale).reshape(shape).to(x.dtype)
+
+
+def fake_quant_ggml_k(x: Tensor) -> Tensor:
+    """`ACT_GGML_K`: Q8_K blocks into a linear whose input width is a multiple of 256, Q8_0 blocks otherwise."""
+    return fake_quant_q8_k(x) if x.shape[-1] % 256 == 0 else fake_quant_q8_0(x)
+
+
 def fake_quant_int8_token(x: Tensor) -> Tensor:
     """`ACT_INT8_TOKEN`: dynamic per-token asymmetric int8 (see the module doc)."""
     xf = x.float()
@@ -356,6 +379,8 @@ class SimulatedLinear(nn.Linear):
             x = fake_quant_int8_token(x)
         elif self.activations == ACT_GGML_Q8_0:
             x = fake_quant_q8_0(x)
+        elif self.activations == ACT_GGML_K:
+            x = fake_quant_ggml_k(x)
         elif self.activations in (ACT_FP16, ACT_FP16_ROUTED):
             x = x.half().float()
         return super().forward(x)
@@ -374,9 +399,10 @@ class RoundedOnceLinear(nn.Linear):
         return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
 
 
-WeightValues = Callable[[np.ndarray, int], np.ndarray]
-"""`(w [N, K] float32, bits) -> the float32 values a runtime computes with` for a backend whose kernels cannot
-hold the core quantizer's codes and scales as they are (`simulate(..., weights=...)`)."""
+WeightValues = Callable[[np.ndarray, int, str], np.ndarray]
+"""`(w [N, K] float32, bits, checkpoint name) -> the float32 values a runtime computes with` for a backend
+whose kernels cannot hold the core quantizer's codes and scales as they are (`simulate(..., weights=...)`); the
+name is for a backend whose type differs per tensor (GGUF's K-quant mixes)."""
 
 
 def simulate(
@@ -412,12 +438,12 @@ def simulate(
     sim = copy.deepcopy(model, memo=dict(keep))
     done: dict[tuple[int, int | None], Tensor] = {}
 
-    def replaced(w: Tensor, bits: int | None) -> Tensor:
+    def replaced(w: Tensor, bits: int | None, name: str = "") -> Tensor:
         """The value the artifact holds for `w` (once per tensor and bit width: a tied table is shared)."""
         key = (id(w), bits)
         if key not in done:
             if recipe.quantized and bits is not None and weights is not None:
-                done[key] = torch.from_numpy(weights(w.detach().float().numpy(), bits))
+                done[key] = torch.from_numpy(weights(w.detach().float().numpy(), bits, name))
             elif recipe.quantized and bits is not None:
                 deq = quantize_weight(w.detach().float().numpy(), recipe, bits, threads).dequantize()
                 done[key] = torch.from_numpy(deq)
@@ -431,13 +457,14 @@ def simulate(
     with torch.no_grad():
         embed = sim.model.embed_tokens
         embed.weight = nn.Parameter(
-            replaced(embed.weight, held_as("model.embed_tokens.weight", recipe)), requires_grad=False
+            replaced(embed.weight, held_as("model.embed_tokens.weight", recipe), "model.embed_tokens.weight"),
+            requires_grad=False,
         )
         for name, mod in list(sim.named_modules()):
             if not isinstance(mod, nn.Linear):
                 continue
             bits = held_as(f"{name}.weight", recipe)
-            weight = replaced(mod.weight, bits)
+            weight = replaced(mod.weight, bits, f"{name}.weight")
             mode = modes["experts" if ".experts." in name else "linears"]
             router = rule_for(f"{name}.weight") is ROUTER  # computes in float32 whatever the recipe
             fp16_input = mode in (ACT_FP16, ACT_FP16_ROUTED) and not router  # float recipes too

@@ -51,7 +51,16 @@ ACT_INT8_TOKEN = "int8-token"
 ACT_FP16 = "fp16"
 ACT_FP16_ROUTED = "fp16-routed"
 ACT_GGML_Q8_0 = "ggml-q8_0"
-ACTIVATION_MODES = (ACT_FLOAT, ACT_INT8_BLOCK, ACT_INT8_TOKEN, ACT_FP16, ACT_FP16_ROUTED, ACT_GGML_Q8_0)
+ACT_GGML_K = "ggml-k"
+ACTIVATION_MODES = (
+    ACT_FLOAT,
+    ACT_INT8_BLOCK,
+    ACT_INT8_TOKEN,
+    ACT_FP16,
+    ACT_FP16_ROUTED,
+    ACT_GGML_Q8_0,
+    ACT_GGML_K,
+)
 """How a runtime rounds the inputs of the quantized linears; `lfm_export.quant` says exactly how and simulates
 each. `float`: none; `int8-block`: onnxruntime MatMulNBits at accuracy_level 4 (symmetric int8 per block of the
 weight's block size along K); `int8-token`: dynamic per-token asymmetric int8 (torchao / ExecuTorch `8da4w`,

@@ -248,7 +248,7 @@ def weight_values(recipe_dict: dict[str, Any]) -> Any:
 
     import_coremltools()
 
-    def values(w: np.ndarray, bits: int) -> np.ndarray:
+    def values(w: np.ndarray, bits: int, name: str = "") -> np.ndarray:
         from coremltools.optimize.coreml._quantization_passes import (
             linear_quantize_weights,
             palettize_weights,

@@ -133,7 +133,7 @@ def weight_values(recipe: dict[str, Any]) -> Any:
     block_size = int(recipe["block_size"])
     rounding = recipe.get("rounding", "nearest")
 
-    def values(w: np.ndarray, bits: int) -> np.ndarray:
+    def values(w: np.ndarray, bits: int, name: str = "") -> np.ndarray:
         codes, scale, group = xnnpack_weight(w, bits, block_size, rounding)
         return dequantize(codes, scale, group).numpy()
 

@@ -29,7 +29,7 @@ def export(loaded: Any, folder: Path, recipe: Any, progress: Any = None) -> Any:
 
 def simulation(recipe_dict: dict[str, Any]) -> tuple[Any, str]:
     """The core recipe as recorded, with llama.cpp's activation rounding: Q8_0 blocks into Q8_0 / Q4_0 matmuls,
-    fp16 into F16 ones, none for F32."""
+    Q8_K blocks into K-quant ones (`ACT_GGML_K`), fp16 into F16 ones, none for F32."""
     recipe = GgufRecipe.from_dict(recipe_dict)
     return recipe.recipe, recipe_dict.get("activation_rounding", recipe.activations)
 
@@ -40,10 +40,18 @@ def weight_values(recipe_dict: dict[str, Any]) -> Any:
     recipe = GgufRecipe.from_dict(recipe_dict).recipe
     if not recipe.quantized:
         return None
-    from lfm_export.ggml_blocks import held_values
+    from lfm_export import ggml_kquants
+    from lfm_export.ggml_blocks import BLOCK_TYPES, held_values
 
-    def values(w: Any, bits: int) -> Any:
-        return held_values(w, bits, recipe.rounding)
+    types = recipe_dict.get("ggml_tensor_types")  # a K-quant mix: the type of each checkpoint tensor
+
+    def values(w: Any, bits: int, name: str = "") -> Any:
+        if types is None:
+            return held_values(w, bits, recipe.rounding)
+        kind = types[name]
+        if kind in BLOCK_TYPES:
+            return held_values(w, BLOCK_TYPES[kind].bits, recipe.rounding)
+        return ggml_kquants.held_values(w, ggml_kquants.K_TYPES[kind], recipe.rounding)
 
     return values
 
@@ -56,7 +64,7 @@ def cli_recipe(quant: str, max_seq_len: int | None) -> GgufRecipe:
 BACKEND = Backend(
     name="gguf",
     help="Export MODEL to GGUF (one model.gguf for llama.cpp: lfm2 / lfm2moe, tokenizer and chat template "
-    "inside; --quant f32, f16, q8_0, q4_0), then check parity through llama.cpp (llama-cpp-python).",
+    "inside; --quant f32, f16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k), then check parity through llama.cpp (llama-cpp-python).",
     recipe=cli_recipe,
     export=export,
     session="lfm_export.runtime.gguf:GgufSession",

@@ -32,18 +32,19 @@ from typing import Any
 
 import numpy as np
 
+from lfm_export import ggml_kquants
 from lfm_export.backends.record import ExportResult
 from lfm_export.contract.errors import UnsupportedError
 from lfm_export.contract.signature import STATEFUL
-from lfm_export.ggml_blocks import BY_BITS
+from lfm_export.ggml_blocks import BLOCK_TYPES
 from lfm_export.ggml_blocks import quantize as ggml_quantize
 from lfm_export.loading import LoadedModel
-from lfm_export.precision import FLOAT, held_as, rule_for
+from lfm_export.precision import FLOAT, ggml_mix_type, held_as, rule_for
 from lfm_export.progress import Progress
 from lfm_export.recipes import ACT_FP16, ACT_FP16_ROUTED
 from lfm_export.signature import build_signature
 
-from .recipes import GgufRecipe, ggml_type
+from .recipes import MIX_FILE_TYPES, GgufRecipe, ggml_type
 from .vocab import read_vocab, write_vocab
 
 MODEL_FILE = "model.gguf"
@@ -123,6 +124,19 @@ def plan(loaded: LoadedModel, recipe: GgufRecipe) -> list[Planned]:
         else {n: tuple(t.shape) for n, t in loaded.model.state_dict().items()}
     )
     core.check_model(cfg, shapes)
+    layer_types = list(cfg.layer_types)
+
+    def kind(name: str, shape: tuple[int, ...], bits: int | None) -> str:
+        if recipe.mix is None or bits is None:
+            return ggml_type(core, bits)
+        chosen = ggml_mix_type(name, recipe.mix, shape[-1], layer_types, bool(cfg.tie_word_embeddings))
+        if chosen not in ggml_kquants.K_TYPES and chosen not in BLOCK_TYPES:
+            raise UnsupportedError(
+                f"{name}: its rows ({shape[-1]}) are not a multiple of 256, where llama.cpp's {recipe.mix} "
+                f"holds it as {chosen}, which the GGUF backend does not write; use q4_k_m or q6_k"
+            )
+        return chosen
+
     out: list[Planned] = []
     stacks: dict[str, Planned] = {}
     for name, shape in shapes.items():
@@ -135,14 +149,14 @@ def plan(loaded: LoadedModel, recipe: GgufRecipe) -> list[Planned]:
             assert m is not None
             key = f"blk.{m[1]}.{_EXPERTS[m[3]]}"
             if key not in stacks:
-                stacks[key] = Planned(key, [], (cfg.num_experts, *shape), bits, ggml_type(core, bits))
+                stacks[key] = Planned(key, [], (cfg.num_experts, *shape), bits, kind(name, shape, bits))
                 out.append(stacks[key])
             stacks[key].sources.append(name)
             continue
         if ".conv.conv." in name:
             shape = (shape[0], shape[2])
         fixed = len(shape) < 2 or ".conv.conv." in name or rule_for(name).held == FLOAT or core.quantized
-        ggml = "F32" if bits is None and fixed else ggml_type(core, bits)
+        ggml = "F32" if bits is None and fixed else kind(name, shape, bits)
         out.append(Planned(target, [name], shape, bits, ggml))
     for p in stacks.values():
         p.sources.sort(key=lambda n: int(n.split(".experts.")[1].split(".")[0]))
@@ -155,8 +169,13 @@ def nbytes(p: Planned) -> int:
         return 4 * n
     if p.ggml == "F16":
         return 2 * n
-    kind = BY_BITS[p.bits or 0]
+    kind = block_type(p.ggml)
     return n // kind.block * kind.block_bytes
+
+
+def block_type(ggml: str) -> Any:
+    """The block layout (`block`, `block_bytes`) of quantized GGUF type `ggml`."""
+    return BLOCK_TYPES[ggml] if ggml in BLOCK_TYPES else ggml_kquants.K_TYPES[ggml]
 
 
 def produce(
@@ -171,8 +190,10 @@ def produce(
             w = w.reshape(w.shape[0], w.shape[-1])
         if scale_down != 1.0 and re.search(r"\.experts\.\d+\.w2\.weight$", name):
             w = w * np.float32(scale_down)
-        if p.bits is not None:
-            w = ggml_quantize(w, p.bits, recipe.recipe.rounding, threads)
+        if p.ggml in ggml_kquants.K_TYPES:
+            w = ggml_kquants.quantize(w, ggml_kquants.K_TYPES[p.ggml], recipe.recipe.rounding, threads)
+        elif p.ggml in BLOCK_TYPES:
+            w = ggml_quantize(w, BLOCK_TYPES[p.ggml].bits, recipe.recipe.rounding, threads)
         elif p.ggml == "F16":
             w = w.astype(np.float16)
         else:
@@ -189,7 +210,7 @@ def tensor_info(p: Planned) -> tuple[tuple[int, ...], Any, Any]:
         return p.shape, np.dtype(np.float32), None
     if p.ggml == "F16":
         return p.shape, np.dtype(np.float16), None
-    kind = BY_BITS[p.bits or 0]
+    kind = block_type(p.ggml)
     byte_shape = (*p.shape[:-1], p.shape[-1] // kind.block * kind.block_bytes)
     return byte_shape, np.dtype(np.uint8), gguf.GGMLQuantizationType[kind.name]
 
@@ -238,7 +259,7 @@ def write_metadata(writer: Any, loaded: LoadedModel, recipe: GgufRecipe, context
         writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
         writer.add_leading_dense_block_count(cfg.num_dense_layers)
         writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-    writer.add_file_type(FILE_TYPES[recipe.recipe.quant])
+    writer.add_file_type(MIX_FILE_TYPES.get(recipe.mix or "", FILE_TYPES[recipe.recipe.quant]))
     writer.add_quantization_version(QUANTIZATION_VERSION)
     if loaded.tokenizer_file is None or loaded.path is None:
         # llama.cpp's `none` vocabulary: `vocab_size` placeholder tokens, token ids in and logits out only
@@ -308,6 +329,8 @@ def export_gguf(
         },
     }
     recorded = recipe.to_dict()
+    if recipe.mix is not None:  # what the simulation holds each quantized checkpoint tensor as
+        recorded["ggml_tensor_types"] = {n: p.ggml for p in planned if p.bits is not None for n in p.sources}
     if cfg.is_moe and recipe.activations == ACT_FP16:
         recorded["activation_rounding"] = ACT_FP16_ROUTED  # fp16 rounding may flip an expert: the -moe gate
     return ExportResult(signature, recorded, extra)

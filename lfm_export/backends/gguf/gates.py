@@ -18,10 +18,19 @@ from lfm_export.parity.thresholds import SANITY_KL_MEAN, Gate, _exact_gate
 
 FACTOR = 0.75
 """Limits as a multiple of the activation-rounding effect (KL: its square)."""
+K_FACTOR = 1.0
+"""The same for the K-quant mixes, whose K-quant matmuls take Q8_K activation blocks (256 values, one scale):
+on a transformers-written random checkpoint of hidden size 256 (q4_k_m, context 64) the simulation matches
+llama.cpp to 4e-8 (median, relative to the logit scale) and one flipped code at the last position reaches 0.76x
+the rounding effect; measured on that one model only, not calibrated over scenarios like `FACTOR`."""
 
 _NOTE = (
     "llama.cpp CPU (Q8_0 activation blocks) against the simulation with the same rounding; limits allow "
     f"{FACTOR}x what the rounding itself does"
+)
+_K_NOTE = (
+    "llama.cpp CPU (Q8_K activation blocks into K-quants, Q8_0 into their fallbacks) against the simulation "
+    f"with the same rounding; limits allow {K_FACTOR}x what the rounding itself does"
 )
 
 GGUF_GATES: dict[str, Gate] = {
@@ -31,10 +40,16 @@ GGUF_GATES: dict[str, Gate] = {
         kl_max=1e-5,
         top1_decisive=1.0,
         state_max_rel=1e-3,
-        rounding=FACTOR,
-        note=_NOTE,
+        rounding=FACTOR if name.endswith("_0") else K_FACTOR,
+        note=_NOTE if name.endswith("_0") else _K_NOTE,
     )
-    for name in ("q8_0", "q4_0")
+    for name in ("q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
 }
 
-GGUF_SANITY_KL_MEAN: dict[str, float] = {"q8_0": SANITY_KL_MEAN["int8"], "q4_0": SANITY_KL_MEAN["int4"]}
+GGUF_SANITY_KL_MEAN: dict[str, float] = {
+    "q8_0": SANITY_KL_MEAN["int8"],
+    "q4_0": SANITY_KL_MEAN["int4"],
+    "q4_k_m": SANITY_KL_MEAN["int4"],
+    "q5_k_m": SANITY_KL_MEAN["int4"],
+    "q6_k": SANITY_KL_MEAN["int4"],
+}

@@ -6,6 +6,16 @@
 | `f16` / `fp16` | `fp16` | F16 | F16 | linears' inputs rounded to fp16 (`ACT_FP16`) |
 | `q8_0` / `int8-b32` | `int8-b32` | Q8_0 | Q8_0 | inputs of Q8_0 matmuls rounded to Q8_0 blocks |
 | `q4_0` / `int4-b32` | `int4-b32` | Q4_0 | Q8_0 (the core's `head_bits` 8) | inputs rounded to Q8_0 blocks |
+| `q4_k_m` | `int4-b32-asym` | Q4_K; Q6_K for attn_v / ffn_down on use_more_bits layers | Q6_K | Q8_K blocks into K-quants, Q8_0 into the fallbacks |
+| `q5_k_m` | `int4-b32-asym` | Q5_K; Q6_K as in `q4_k_m` | Q6_K | as `q4_k_m` |
+| `q6_k` | `int8-b32` | Q6_K | Q6_K | as `q4_k_m` |
+
+K-quant mixes (`q4_k_m`, `q5_k_m`, `q6_k`): the core recipe says which tensors are quantized and the rounding;
+the type of each is `lfm_export.precision.ggml_mix_type` (llama.cpp's rules for the mix), falling back where a
+row is not a multiple of 256 as llama.cpp does: Q4_K to Q5_0, Q6_K to Q8_0, the output to Q8_0. `tiny` (hidden
+128, FFN 384) therefore holds no K-quant at all. `q5_k_m`'s fallback, Q5_1 (fed Q8_1 activations, whose fp16
+block sums no simulation mode here reproduces), is refused in one line before any work: `q5_k_m` takes models
+whose quantized rows are all multiples of 256.
 
 `-mse` (the core quantizer's rounding search) is accepted with either quantized recipe. Norms, the conv weights,
 the MoE router and expert bias are F32 in every recipe (`lfm_export.precision`).
@@ -13,7 +23,7 @@ the MoE router and expert bias are F32 in every recipe (`lfm_export.precision`).
 Refused before any work, each in one line: block sizes other than 32 and per-channel int8 (ggml's Q8_0 / Q4_0
 blocks hold 32 values), `-asym` (Q4_0 / Q8_0 have no zero point), `-a8` (llama.cpp rounds activations its own
 way, to Q8_0 blocks, whatever the recipe says), `bf16` (not yet: llama.cpp rounds a BF16 matmul's input to bf16,
-which no simulation mode here reproduces), and the K-quant mixes (`q4_k_m`, `q5_k_m`, `q6_k`: not implemented).
+which no simulation mode here reproduces), and the `_s` mixes (not implemented).
 """
 
 from __future__ import annotations
@@ -22,11 +32,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lfm_export.contract.errors import UnsupportedError
-from lfm_export.recipes import ACT_FLOAT, ACT_FP16, ACT_GGML_Q8_0, Recipe, parse_recipe
+from lfm_export.recipes import ACT_FLOAT, ACT_FP16, ACT_GGML_K, ACT_GGML_Q8_0, Recipe, parse_recipe
 
 GGML_NAMES = {"f32": "fp32", "f16": "fp16", "q8_0": "int8-b32", "q4_0": "int4-b32"}
 """llama.cpp's type names (as `llama-quantize` spells them) and the core recipe each is."""
-NOT_YET = ("bf16", "q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q4_k", "q5_k")
+NOT_YET = ("bf16", "q4_k_s", "q5_k_s", "q4_k", "q5_k")
+K_MIXES = {"q4_k_m": "int4-b32-asym", "q5_k_m": "int4-b32-asym", "q6_k": "int8-b32"}
+"""llama.cpp's K-quant mixes and the core recipe each quantizes from (which tensors, the rounding)."""
+MIX_FILE_TYPES = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+"""`general.file_type` of the mixes (`LLAMA_FTYPE_MOSTLY_Q4_K_M`, `MOSTLY_Q5_K_M`, `MOSTLY_Q6_K`)."""
 DEFAULT_CONTEXT = 4096
 """Context the manifest declares (and the runtime shim allocates) when none is asked for: llama.cpp allocates
 its KV cache for the whole context at load time."""
@@ -42,10 +56,16 @@ def ggml_type(recipe: Recipe, bits: int | None) -> str:
 @dataclass(frozen=True)
 class GgufRecipe:
     recipe: Recipe = field(default_factory=Recipe)
+    mix: str | None = None
+    """A K-quant mix (`K_MIXES`), None for the one-type recipes."""
 
     def __post_init__(self) -> None:
         r = self.recipe
         name = r.name
+        if self.mix is not None:
+            if self.mix not in K_MIXES or not r.quantized or r.activations != "float":
+                raise UnsupportedError(f"{self.mix}: not a GGUF K-quant mix over {name}")
+            return
         if r.dtype == "bf16":
             raise UnsupportedError(
                 "bf16: not supported by the GGUF backend yet (llama.cpp rounds a BF16 matmul's input to bf16, "
@@ -77,19 +97,23 @@ class GgufRecipe:
         r = self.recipe
         if not r.quantized:
             return r.name
-        return self.ggml_name + ("-mse" if r.rounding == "mse" else "")
+        return (self.mix or self.ggml_name) + ("-mse" if r.rounding == "mse" else "")
 
     @property
     def activations(self) -> str:
         """What llama.cpp's CPU kernels do to the input of every linear that is not F32: fp16 rounding (F16
         weights), Q8_0 blocks (Q8_0 / Q4_0 weights), none (F32)."""
+        if self.mix is not None:
+            return ACT_GGML_K
         if self.recipe.quantized:
             return ACT_GGML_Q8_0
         return ACT_FP16 if self.recipe.dtype == "fp16" else ACT_FLOAT
 
     @property
     def ggml_name(self) -> str:
-        """llama.cpp's name of the recipe (`f32`, `f16`, `q8_0`, `q4_0`)."""
+        """llama.cpp's name of the recipe (`f32`, `f16`, `q8_0`, `q4_0`, `q4_k_m`, `q6_k`)."""
+        if self.mix is not None:
+            return self.mix
         r = self.recipe
         return ggml_type(r, r.bits).lower()
 
@@ -102,12 +126,13 @@ class GgufRecipe:
             "name": self.name,
             "core_recipe": self.recipe.name,
             "ggml_type": self.ggml_name,
+            "ggml_mix": self.mix,
             "activation_rounding": self.activations,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GgufRecipe:
-        return cls(Recipe.from_dict(d))
+        return cls(Recipe.from_dict(d), d.get("ggml_mix"))
 
 
 def make_recipe(quant: str = "f32", max_seq_len: int | None = None) -> GgufRecipe:
@@ -115,13 +140,19 @@ def make_recipe(quant: str = "f32", max_seq_len: int | None = None) -> GgufRecip
     raw = quant.strip().lower()
     if raw in NOT_YET:
         raise UnsupportedError(
-            f"--quant {quant}: not supported by the GGUF backend yet; supported: {', '.join(GGML_NAMES)} "
+            f"--quant {quant}: not supported by the GGUF backend yet; supported: {', '.join([*GGML_NAMES, *K_MIXES])} "
             "(and the core names int8-b32, int4-b32, with -mse)"
         )
     head, dash, rest = raw.partition("-")
+    if head in K_MIXES:
+        if rest not in ("", "mse"):
+            raise UnsupportedError(f"--quant {quant}: a K-quant mix takes only -mse")
+        if head == "q5_k_m" and rest:
+            raise UnsupportedError(f"--quant {quant}: the core has no 5-bit rounding search; use q5_k_m")
+        return GgufRecipe(parse_recipe(K_MIXES[head] + dash + rest, max_seq_len=max_seq_len), head)
     core = GGML_NAMES[head] + dash + rest if head in GGML_NAMES else raw
     if core.startswith("q") and head not in GGML_NAMES:
         raise UnsupportedError(
-            f"--quant {quant}: unknown; llama.cpp types supported: {', '.join(GGML_NAMES)}"
+            f"--quant {quant}: unknown; llama.cpp types supported: {', '.join([*GGML_NAMES, *K_MIXES])}"
         )
     return GgufRecipe(parse_recipe(core, max_seq_len=max_seq_len))

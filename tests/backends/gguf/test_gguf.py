@@ -170,8 +170,13 @@ def test_chat_template_renders_transformers_tokens_in_llama_cpp(q4_0) -> None:
 def test_recipes_and_refusals() -> None:
     assert make_recipe("q4_0").recipe.name == "int4-b32" and make_recipe("int8-b32-mse").name == "q8_0-mse"
     assert make_recipe("f16").recipe.dtype == "fp16" and make_recipe("int4-b32").ggml_name == "q4_0"
+    k = make_recipe("q4_k_m-mse")
+    assert (k.name, k.mix, k.recipe.rounding, k.activations) == ("q4_k_m-mse", "q4_k_m", "mse", "ggml-k")
+    assert make_recipe("q6_k").name == "q6_k"
     for bad, why in [
-        ("q4_k_m", "not supported by the GGUF backend yet"),
+        ("q4_k_s", "not supported by the GGUF backend yet"),
+        ("q5_k_m-mse", "no 5-bit rounding search"),
+        ("q4_k_m-a8", "takes only -mse"),
         ("int4-b64", "hold 32 values"),
         ("int8-pc", "hold 32 values"),
         ("int4-b32-asym", "no zero point"),
@@ -229,3 +234,127 @@ def test_norm_topk_prob_false_is_refused_before_any_work(tmp_path: Path) -> None
     cfg = dataclasses.replace(loaded.config, norm_topk_prob=False)
     with pytest.raises(UnsupportedError, match="always renormalises"):
         check_model(dataclasses.replace(loaded, config=cfg))
+
+
+@pytest.mark.unit
+def test_k_quant_mix_types_follow_llama_cpp() -> None:
+    """llama.cpp's q4_k_m on a 6-layer model (attention at 2 and 4): Q6_K for the output (tied table), for
+    ffn_down on use_more_bits layers 2 and 5 and attn_v on the second attention layer; rows that are not a
+    multiple of 256 fall back (Q4_K to Q5_0, Q6_K and the output to Q8_0)."""
+    from lfm_export.precision import ggml_mix_type
+
+    types = ["conv", "conv", "full_attention", "conv", "full_attention", "conv"]
+
+    def mix(name: str, row: int = 512, m: str = "q4_k_m") -> str:
+        return ggml_mix_type(name, m, row, types)
+
+    assert mix("model.embed_tokens.weight") == "Q6_K" and mix("model.embed_tokens.weight", 128) == "Q8_0"
+    assert ggml_mix_type("model.embed_tokens.weight", "q4_k_m", 512, types, tied=False) == "Q4_K"
+    downs = [mix(f"model.layers.{i}.feed_forward.w2.weight") for i in range(6)]
+    assert downs == ["Q4_K", "Q4_K", "Q6_K", "Q4_K", "Q4_K", "Q6_K"]
+    assert [mix(f"model.layers.{i}.self_attn.v_proj.weight") for i in (2, 4)] == ["Q4_K", "Q6_K"]
+    assert mix("model.layers.2.self_attn.q_proj.weight") == "Q4_K"
+    assert mix("model.layers.2.self_attn.q_proj.weight", 128) == "Q5_0"
+    assert mix("model.layers.5.feed_forward.w2.weight", 128) == "Q8_0"
+    assert mix("model.layers.1.conv.in_proj.weight", m="q6_k") == "Q6_K"
+    assert mix("model.layers.1.conv.in_proj.weight", 96, m="q6_k") == "Q8_0"
+    assert mix("model.layers.5.feed_forward.w2.weight", m="q5_k_m") == "Q6_K"
+    assert mix("model.layers.1.conv.in_proj.weight", m="q5_k_m") == "Q5_K"
+
+
+K_SHAPE = dict(
+    vocab_size=320,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    layer_types=["conv", "full_attention", "conv", "full_attention"],
+)
+"""A transformers-written checkpoint whose rows are multiples of 256: every linear a real K-quant."""
+
+
+def test_k_quant_honest_passes_and_ffn_down_two_percent_off_fails(tmp_path: Path) -> None:
+    """q4_k_m of a hidden-256 checkpoint through llama.cpp: Q4_K linears, Q6_K output / use_more_bits
+    ffn_down and attn_v, in the file as the manifest says; the honest file passes its gate (the simulation
+    with Q8_K activation blocks), the same file with one Q4_K ffn_down's `d` and `dmin` raised 2% fails it."""
+    import torch
+
+    from lfm_export.check import save_random_transformers
+
+    source = save_random_transformers(tmp_path / "hf", K_SHAPE, torch.float32, seed=20)
+    folder = tmp_path / "q4_k_m"
+    quiet = Progress(quiet=True)
+    export_artifact("gguf", str(source), folder, make_recipe("q4_k_m", CONTEXT), parity=False, progress=quiet)
+    reader = gguf.GGUFReader(folder / "model.gguf")
+    held = {t.name: t.tensor_type.name for t in reader.tensors}
+    del reader
+    assert held["token_embd.weight"] == "Q6_K" and held["blk.0.ffn_down.weight"] == "Q4_K"
+    assert [held[f"blk.{i}.ffn_down.weight"] for i in (2, 3)] == ["Q6_K", "Q6_K"]
+    assert (held["blk.1.attn_v.weight"], held["blk.3.attn_v.weight"]) == ("Q4_K", "Q6_K")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["weights"]["tensors"] == {k: v for k, v in held.items()}
+    honest = check_artifact(folder, threads=1, progress=quiet, scenarios=QUICK)
+    assert honest.passed, [c.describe() for c in honest.failures]
+    assert honest.gate.name == "q4_k_m"
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    reader = gguf.GGUFReader(broken / "model.gguf", "r+")
+    tensor = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
+    blocks = tensor.data.reshape(-1, 144)
+    scales = blocks[:, :4].copy().view(np.float16)  # d, dmin: every value x1.02
+    blocks[:, :4] = (scales * np.float16(1.02)).view(np.uint8)
+    reader.data.flush()
+    del reader
+    result = check_artifact(broken, threads=1, progress=quiet, scenarios=QUICK)
+    assert not result.passed and not result.part_passed("exactness")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["q6_k", "q5_k_m", "q4_k_m-mse"])
+def test_k_quant_full_gate_through_llama_cpp(quant: str, tmp_path: Path) -> None:
+    """The other K-quant recipes on the hidden-256 checkpoint pass the full gate (every scenario) through
+    llama.cpp: Q6_K everywhere (`q6_k`), Q5_K (`q5_k_m`), and the rounding search's Q4_K (`q4_k_m-mse`)."""
+    import torch
+
+    from lfm_export.check import save_random_transformers
+
+    source = save_random_transformers(tmp_path / "hf", K_SHAPE, torch.float32, seed=20)
+    outcome = export_artifact(
+        "gguf", str(source), tmp_path / quant, make_recipe(quant, CONTEXT), progress=Progress(quiet=True)
+    )
+    assert outcome.passed, outcome.manifest["parity"]
+    kinds = set(outcome.manifest["gguf"]["tensor_types"])
+    base = {"q6_k": "Q6_K", "q5_k_m": "Q5_K", "q4_k_m-mse": "Q4_K"}[quant]
+    assert kinds == {"F32", "Q6_K", base}
+
+
+def test_k_quant_mix_equals_llama_cpps_own_quantizer(tmp_path: Path) -> None:
+    """llama.cpp's own quantizer (`llama_model_quantize`) applied to our f32 file of the hidden-256
+    checkpoint (with `tiny`'s layer pattern of attention and conv beyond it: 6 layers) chooses, tensor by
+    tensor, the types our `q4_k_m` / `q5_k_m` / `q6_k` exports hold."""
+    import torch
+
+    from lfm_export.check import save_random_transformers
+
+    shape = {**K_SHAPE, "num_hidden_layers": 6, "layer_types": ["conv", "conv", "full_attention"] * 2}
+    source = save_random_transformers(tmp_path / "hf", shape, torch.float32, seed=21)
+    quiet = Progress(quiet=True)
+    f32 = tmp_path / "f32"
+    export_artifact("gguf", str(source), f32, make_recipe("f32", CONTEXT), parity=False, progress=quiet)
+    for quant, ftype in (("q4_k_m", 15), ("q5_k_m", 17), ("q6_k", 18)):
+        ours = tmp_path / quant
+        export_artifact("gguf", str(source), ours, make_recipe(quant, CONTEXT), parity=False, progress=quiet)
+        theirs = tmp_path / f"theirs-{quant}.gguf"
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.nthread = ftype, 1
+        assert (
+            llama_cpp.llama_model_quantize(str(f32 / "model.gguf").encode(), str(theirs).encode(), params)
+            == 0
+        )
+        held = [
+            {t.name: t.tensor_type.name for t in gguf.GGUFReader(p).tensors}
+            for p in (ours / "model.gguf", theirs)
+        ]
+        assert held[0] == held[1], quant
+        assert "Q6_K" in held[0].values()

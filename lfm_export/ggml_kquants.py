@@ -1,0 +1,219 @@
+"""ggml's K-quant super-blocks (Q4_K, Q5_K, Q6_K) and the 32-value Q5_0 that llama.cpp's `_M` mixes fall back to,
+packed from the core quantizer's sub-block scales.
+
+Facts from llama.cpp's `ggml-common.h` / `ggml-quants.c` (dequantize_row_*); blocks run along each row (the
+weight's input dimension), 256 values per super-block (`QK_K`):
+
+- `Q4_K` (144 bytes): fp16 `d`, fp16 `dmin`, 12 bytes of packed 6-bit sub-block scales `sc[8]` and mins
+  `m[8]`, then 128 bytes of nibbles. Sub-block `j` (32 values) reads `x = (d * sc[j]) * q - (dmin * m[j])`,
+  `q` in 0..15. Scales layout: bytes 0-3 hold `sc[0..3]` in their low 6 bits and `sc[4..7] >> 4` in their top
+  2; bytes 4-7 the same for the mins; bytes 8-11 hold `sc[4..7] & 15` low and `m[4..7] & 15` high. Nibbles: per
+  64 values, byte `l` holds value `l` low and value `l + 32` high.
+- `Q5_K` (176 bytes): as `Q4_K` with 5-bit `q` (0..31): `d`, `dmin`, the same 12 scale bytes, then `qh[32]`
+  (bit `2c` of byte `l`: bit 4 of value `64c + l`; bit `2c + 1`: of value `64c + 32 + l`) and the low nibbles
+  laid out as Q4_K's.
+- `Q6_K` (210 bytes): `ql[128]`, `qh[64]`, int8 `sc[16]`, fp16 `d`; sub-block `j` (16 values) reads
+  `x = (d * sc[j]) * (q - 32)`, `q` in 0..63. Per 128 values `n`: `ql[64n + l]` holds the low nibbles of values
+  `l` and `l + 64`, `ql[64n + 32 + l]` of `l + 32` and `l + 96`; `qh[32n + l]` holds the top 2 bits of values
+  `l`, `l + 32`, `l + 64`, `l + 96` at bit 0, 2, 4, 6.
+- `Q5_0` (22 bytes, 32 values): fp16 `d`, `qh` (uint32, bit `j` = bit 4 of value `j`), 16 bytes of nibbles
+  as `Q4_0` (value `j` low, `j + 16` high); `x = d * (q - 16)`.
+
+How the values are chosen: the core quantizer (`quantize_block`, its `rounding` search included where it has a
+grid for the width) gives each sub-block its float scale (Q6_K: symmetric 6-bit, blocks of 16; Q4_K / Q5_K:
+asymmetric 4- / 5-bit, blocks of 32, the min being `scale * zero_point >= 0`). The super-block then stores those
+scales in 6 (Q4_K) or 8 (Q6_K) bits against an fp16 `d` (`dmin`): the largest maps to the top code, as ggml's
+reference quantizer does. Rounding a small sub-block's scale to a few bits moves it by up to half a step of the
+largest, so the codes are rounded again against the scales the file holds (ggml's quantizer does the same).
+Q5_0 holds the core's symmetric 5-bit codes as they are, the scale rounded to fp16 (as `ggml_blocks` does for
+Q4_0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lfm_export.contract.session import DEFAULT_THREADS
+from lfm_export.quant import MSE_GRIDS, quantize_block
+
+QK_K = 256
+"""Values per K-quant super-block."""
+
+
+@dataclass(frozen=True)
+class KType:
+    """One ggml type packed here: `name` (gguf's `GGMLQuantizationType` member), values and bytes per block."""
+
+    name: str
+    block: int
+    block_bytes: int
+
+
+Q4_K = KType("Q4_K", QK_K, 144)
+Q5_K = KType("Q5_K", QK_K, 176)
+Q6_K = KType("Q6_K", QK_K, 210)
+Q5_0 = KType("Q5_0", 32, 22)
+K_TYPES = {t.name: t for t in (Q4_K, Q5_K, Q6_K, Q5_0)}
+
+
+def _rounding(bits: int, rounding: str) -> str:
+    """The core's rounding search runs where it has a grid for the width (int4, int8); plain rounding elsewhere."""
+    return rounding if bits in MSE_GRIDS else "nearest"
+
+
+def _f16(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`x` rounded to fp16: (the fp16 array, its float32 value)."""
+    h = x.astype(np.float16)
+    return h, h.astype(np.float32)
+
+
+def _codes(num: np.ndarray, step: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """`clip(rint(num / step), lo, hi)`, 0 where the step is 0."""
+    safe = np.where(step == 0, np.float32(1), step)
+    q = np.clip(np.rint(num / safe), lo, hi)
+    return np.where(step == 0, 0, q).astype(np.int16)
+
+
+def pack_q6_k(w: np.ndarray, rounding: str = "nearest", threads: int = DEFAULT_THREADS) -> np.ndarray:
+    """`w [N, K]` (K a multiple of 256) as Q6_K bytes `[N, K / 256 * 210]`."""
+    n, k = w.shape
+    nb = k // QK_K
+    core = quantize_block(w, 6, 16, True, _rounding(6, rounding), threads)
+    s = core.scales.reshape(n, nb, 16)  # signed: the extreme maps to -32
+    pick = np.abs(s).argmax(-1)[..., None]
+    top = np.take_along_axis(s, pick, -1)  # the sub-scale of largest magnitude, with its sign
+    d16, d = _f16(top / np.float32(-128))
+    sc = _codes(s, np.broadcast_to(d, s.shape), -128, 127)
+    step = d * sc.astype(np.float32)  # [n, nb, 16]
+    x = w.astype(np.float32).reshape(n, nb, 16, 16)
+    q = (_codes(x, step[..., None], -32, 31) + 32).astype(np.uint8).reshape(n, nb, 2, 4, 32)
+    # q[..., half, quarter, l] is value 128 * half + 32 * quarter + l
+    ql = np.concatenate(
+        [q[..., 0, :] & 0xF | (q[..., 2, :] & 0xF) << 4, q[..., 1, :] & 0xF | (q[..., 3, :] & 0xF) << 4], -1
+    )  # [n, nb, 2, 64]
+    qh = (q[..., 0, :] >> 4) | (q[..., 1, :] >> 4) << 2 | (q[..., 2, :] >> 4) << 4 | (q[..., 3, :] >> 4) << 6
+    parts = [
+        ql.reshape(n, nb, 128),
+        qh.reshape(n, nb, 64),
+        sc.astype(np.int8).view(np.uint8),
+        d16.view(np.uint8).reshape(n, nb, 2),
+    ]
+    return np.concatenate(parts, -1).reshape(n, -1)
+
+
+def _pack_k_asym(w: np.ndarray, bits: int, rounding: str, threads: int) -> list[np.ndarray]:
+    """Q4_K / Q5_K (`bits` 4 / 5) per super-block: fp16 `d`, fp16 `dmin`, the 12 scale bytes, and the codes
+    `[N, nb, 4, 2, 32]` (chunk of 64, half, value)."""
+    n, k = w.shape
+    nb = k // QK_K
+    core = quantize_block(w, bits, 32, False, _rounding(bits, rounding), threads)
+    s = core.scales.reshape(n, nb, 8)
+    mins = (core.scales * core.zero_points.astype(np.float32)).reshape(n, nb, 8)
+    d16, d = _f16(s.max(-1, keepdims=True) / np.float32(63))
+    m16, dmin = _f16(mins.max(-1, keepdims=True) / np.float32(63))
+    sc = _codes(s, np.broadcast_to(d, s.shape), 0, 63).astype(np.uint8)
+    mc = _codes(mins, np.broadcast_to(dmin, mins.shape), 0, 63).astype(np.uint8)
+    step = d * sc.astype(np.float32)
+    offset = dmin * mc.astype(np.float32)
+    x = w.astype(np.float32).reshape(n, nb, 8, 32)
+    top = 2**bits - 1
+    q = _codes(x + offset[..., None], step[..., None], 0, top).astype(np.uint8).reshape(n, nb, 4, 2, 32)
+    scales = np.concatenate(
+        [
+            sc[..., :4] | (sc[..., 4:] >> 4) << 6,
+            mc[..., :4] | (mc[..., 4:] >> 4) << 6,
+            (sc[..., 4:] & 0xF) | (mc[..., 4:] & 0xF) << 4,
+        ],
+        -1,
+    )
+    return [d16.view(np.uint8).reshape(n, nb, 2), m16.view(np.uint8).reshape(n, nb, 2), scales, q]
+
+
+def pack_q4_k(w: np.ndarray, rounding: str = "nearest", threads: int = DEFAULT_THREADS) -> np.ndarray:
+    """`w [N, K]` (K a multiple of 256) as Q4_K bytes `[N, K / 256 * 144]`."""
+    n = w.shape[0]
+    *head, q = _pack_k_asym(w, 4, rounding, threads)
+    qs = (q[..., 0, :] | q[..., 1, :] << 4).reshape(n, -1, 128)
+    return np.concatenate([*head, qs], -1).reshape(n, -1)
+
+
+def pack_q5_k(w: np.ndarray, rounding: str = "nearest", threads: int = DEFAULT_THREADS) -> np.ndarray:
+    """`w [N, K]` (K a multiple of 256) as Q5_K bytes `[N, K / 256 * 176]`."""
+    n = w.shape[0]
+    *head, q = _pack_k_asym(w, 5, rounding, threads)
+    qs = ((q[..., 0, :] & 0xF) | (q[..., 1, :] & 0xF) << 4).reshape(n, -1, 128)
+    shifts = (2 * np.arange(4, dtype=np.uint8))[:, None]  # chunk c: bits 2c, 2c + 1
+    high = ((q[..., 0, :] >> 4) << shifts) | ((q[..., 1, :] >> 4) << (shifts + 1))  # [n, nb, 4, 32]
+    qh = np.bitwise_or.reduce(high, axis=-2).astype(np.uint8)
+    return np.concatenate([*head, qh, qs], -1).reshape(n, -1)
+
+
+def pack_q5_0(w: np.ndarray, rounding: str = "nearest", threads: int = DEFAULT_THREADS) -> np.ndarray:
+    """`w [N, K]` (K a multiple of 32) as Q5_0 bytes `[N, K / 32 * 22]`: the core's symmetric 5-bit codes."""
+    n, k = w.shape
+    nb = k // 32
+    core = quantize_block(w, 5, 32, True, _rounding(5, rounding), threads)
+    d16 = core.scales.astype(np.float16).view(np.uint8).reshape(n, nb, 2)
+    q = core.codes.reshape(n, nb, 32)
+    qs = (q[..., :16] & 0xF) | (q[..., 16:] & 0xF) << 4
+    bits = (q >> 4).astype(np.uint32) << np.arange(32, dtype=np.uint32)
+    qh = np.bitwise_or.reduce(bits, axis=-1).astype("<u4")[..., None].view(np.uint8)
+    return np.concatenate([d16, qh, qs.astype(np.uint8)], -1).reshape(n, -1)
+
+
+PACK = {"Q4_K": pack_q4_k, "Q5_K": pack_q5_k, "Q6_K": pack_q6_k, "Q5_0": pack_q5_0}
+
+
+def dequantize(data: np.ndarray, kind: KType) -> np.ndarray:
+    """The float32 values ggml reads from `data` `[N, bytes per row]` of type `kind` (`[N, K]`)."""
+    n = data.shape[0]
+    b = data.reshape(n, -1, kind.block_bytes)
+    nb = b.shape[1]
+
+    def f16(lo: int) -> np.ndarray:
+        return np.ascontiguousarray(b[..., lo : lo + 2]).view(np.float16).astype(np.float32)
+
+    if kind is Q6_K:
+        ql = b[..., :128].reshape(n, nb, 2, 2, 32)
+        qh = b[..., 128:192].reshape(n, nb, 2, 1, 32)
+        low = np.stack([ql[..., 0, :] & 0xF, ql[..., 1, :] & 0xF, ql[..., 0, :] >> 4, ql[..., 1, :] >> 4], 2)
+        high = (qh >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3  # [n, nb, 2, 4, 32]
+        q = (low.transpose(0, 1, 3, 2, 4) | high << 4).astype(np.float32) - 32
+        sc = b[..., 192:208].view(np.int8).astype(np.float32)
+        step = (f16(208) * sc).reshape(n, nb, 16, 1)
+        return (step * q.reshape(n, nb, 16, 16)).reshape(n, -1)
+    if kind in (Q4_K, Q5_K):
+        s = b[..., 4:16]
+        sc = np.concatenate([s[..., :4] & 63, (s[..., 8:] & 0xF) | (s[..., :4] >> 6) << 4], -1)
+        mc = np.concatenate([s[..., 4:8] & 63, (s[..., 8:] >> 4) | (s[..., 4:8] >> 6) << 4], -1)
+        qs = b[..., -128:].reshape(n, nb, 4, 1, 32)
+        q = np.concatenate([qs & 0xF, qs >> 4], 3)  # [n, nb, 4, 2, 32]
+        if kind is Q5_K:
+            qh = b[..., 16:48].reshape(n, nb, 1, 1, 32)
+            bit = (2 * np.arange(4, dtype=np.uint8))[:, None, None] + np.arange(2, dtype=np.uint8)[:, None]
+            q = q | ((qh >> bit) & 1) << 4
+        q = q.astype(np.float32).reshape(n, nb, 8, 32)
+        step = (f16(0) * sc.astype(np.float32))[..., None]
+        offset = (f16(2) * mc.astype(np.float32))[..., None]
+        return (step * q - offset).reshape(n, -1)
+    qh = np.ascontiguousarray(b[..., 2:6]).view("<u4")  # [n, nb, 1]
+    high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
+    qs = b[..., 6:]
+    q = (np.concatenate([qs & 0xF, qs >> 4], -1) | high).astype(np.float32) - 16
+    return (f16(0) * q).reshape(n, -1)
+
+
+def quantize(
+    w: np.ndarray, kind: KType, rounding: str = "nearest", threads: int = DEFAULT_THREADS
+) -> np.ndarray:
+    """`w [N, K]` as ggml bytes of type `kind`."""
+    return PACK[kind.name](w, rounding, threads)
+
+
+def held_values(
+    w: np.ndarray, kind: KType, rounding: str = "nearest", threads: int = DEFAULT_THREADS
+) -> np.ndarray:
+    """The float32 values a GGUF artifact holds for `w` at type `kind`: `quantize` then ggml's dequantization."""
+    return dequantize(quantize(w, kind, rounding, threads), kind)

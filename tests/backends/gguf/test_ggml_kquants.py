@@ -1,0 +1,88 @@
+"""K-quant packing: the `gguf` package's own dequantization (llama.cpp's gguf-py) of our Q4_K / Q6_K / Q5_0
+bytes (and Q5_K's) equals what `ggml_kquants` says the file holds, and that is a rounding of the weights, not a scramble; the
+Q8_K activation rounding follows llama.cpp's reference loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+torch = pytest.importorskip("torch")
+
+from lfm_export.ggml_blocks import held_values as q_0_values  # noqa: E402
+from lfm_export.ggml_kquants import Q4_K, Q5_0, Q5_K, Q6_K, dequantize, held_values, quantize  # noqa: E402
+from lfm_export.quant import fake_quant_ggml_k, fake_quant_q8_0, fake_quant_q8_k  # noqa: E402
+
+pytestmark = pytest.mark.unit
+
+
+def weights(seed: int, n: int = 24, k: int = 512) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    w = rng.standard_t(4, size=(n, k)).astype(np.float32) * 0.02
+    w[0, :256] = 0.0  # an all-zero super-block
+    w[1, :32] = 0.5  # a constant sub-block
+    w[2, 256:] *= 0.05  # a super-block whose sub-scales are far below the row's others
+    w[3, :16] = 0.0  # zeros beside non-zero values (exact where the type has no min)
+    return w
+
+
+def rms(a: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(a.astype(np.float64) ** 2)))
+
+
+@pytest.mark.parametrize("kind", [Q6_K, Q5_K, Q4_K, Q5_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("rounding", ["nearest", "mse"])
+def test_gguf_reads_our_k_quant_bytes_as_we_say(kind, rounding) -> None:
+    w = weights(len(kind.name) + len(rounding))
+    data = quantize(w, kind, rounding, threads=1)
+    assert data.dtype == np.uint8 and data.shape == (24, 512 // kind.block * kind.block_bytes)
+    theirs = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[kind.name])
+    np.testing.assert_array_equal(dequantize(data, kind), theirs)
+    np.testing.assert_array_equal(held_values(w, kind, rounding, threads=1), theirs)
+    np.testing.assert_array_equal(theirs[0, :256], 0.0)
+    if kind not in (
+        Q4_K,
+        Q5_K,
+    ):  # Q4_K's / Q5_K's offset `dmin * m` makes zero a rounded value like any other
+        np.testing.assert_array_equal(theirs[3, :16], 0.0)
+    # a rounding of the weights, at the error the bit width implies against ggml's 32-value types
+    err = rms(theirs - w)
+    q8, q4 = rms(q_0_values(w, 8, threads=1) - w), rms(q_0_values(w, 4, threads=1) - w)
+    bound = {"Q6_K": 4.5 * q8, "Q5_K": 0.6 * q4, "Q4_K": q4, "Q5_0": 0.6 * q4}[kind.name]
+    assert q8 < err < bound
+    # the small super-block keeps its own scale: its error is relative to its values
+    assert rms(theirs[2, 256:] - w[2, 256:]) < 0.2 * rms(w[2, 256:])
+
+
+def q8_k_reference(x: np.ndarray) -> np.ndarray:
+    """llama.cpp's `quantize_row_q8_K_ref` then `d * q`, one block at a time, as its C loop reads."""
+    out = np.zeros_like(x)
+    for r in range(x.shape[0]):
+        for b in range(0, x.shape[1], 256):
+            block = x[r, b : b + 256]
+            amax, top = np.float32(0), np.float32(0)
+            for v in block:
+                if abs(v) > amax:
+                    amax, top = abs(v), v
+            if amax == 0:
+                continue
+            iscale = np.float32(-127.0) / top
+            q = np.minimum(127, np.rint(iscale * block))
+            out[r, b : b + 256] = q * (np.float32(1) / iscale)
+    return out
+
+
+def test_fake_quant_q8_k_is_llama_cpps_reference_loop() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 512)).astype(np.float32) * 3
+    x[0, :256] = 0.0
+    x[1, 7], x[1, 9] = 9.0, -9.0  # a tie of magnitudes: the first one's sign sets the scale
+    x[2, 300] = -11.0  # the extreme negative: its code is +127
+    ours = fake_quant_q8_k(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(ours, q8_k_reference(x))
+    assert np.abs(ours - x).max() <= 11.0 / 127  # a rounding, not a scrambling
+    # the mode picks Q8_K blocks for widths of 256s, Q8_0 blocks otherwise
+    np.testing.assert_array_equal(fake_quant_ggml_k(torch.from_numpy(x)).numpy(), ours)
+    narrow = torch.from_numpy(x[:, :128].copy())
+    np.testing.assert_array_equal(fake_quant_ggml_k(narrow).numpy(), fake_quant_q8_0(narrow).numpy())
