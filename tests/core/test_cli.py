@@ -45,6 +45,7 @@ def test_presets_json():
     } <= set(rows)
 
 
+@pytest.mark.slow  # `check` on the bundled models stays in the default suite (test_check.py)
 def test_check_json_on_transformers_checkpoints(hf_checkpoints):
     for name in ("moe_dense_first", "liquid_bf16"):
         r = cli("check", str(hf_checkpoints[name]), "--json")

@@ -184,6 +184,7 @@ def _mlx_holds(folder: Path, names: list[str]) -> dict[str, str]:
     return held
 
 
+@pytest.mark.slow  # the MLX test below checks the same manifest entry on a cheaper export
 def test_onnx_manifest_lists_what_the_artifact_holds(tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

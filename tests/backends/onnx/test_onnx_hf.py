@@ -31,7 +31,8 @@ def cli(*args: str) -> subprocess.CompletedProcess:
         pytest.param("dense_odd", "fp32", marks=pytest.mark.slow),
         ("dense_attn_first_hd32", "int4"),
         pytest.param("moe_dense_first", "fp32", marks=pytest.mark.slow),
-        ("moe_b32", "int4"),
+        # MoE in the default suite: test_parity_gates (hf-moe), the genai greedy test
+        pytest.param("moe_b32", "int4", marks=pytest.mark.slow),
     ],
 )
 def test_export_and_parity_on_transformers_checkpoints(hf_checkpoints, tmp_path: Path, name: str, quant: str):
