@@ -22,14 +22,14 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
+
+from provenance import provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,14 +108,8 @@ def main() -> None:
         for backend in ("et", "mlx")
         for f in ("prefill_tok_s", "decode_tok_s")
     }
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
     result = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {platform.system()}, {os.cpu_count()} cores",
-        "commit": commit,
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        **provenance(),
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "model": args.model,
         "artifacts": {"executorch": "8da4w", "mlx": "int4"},

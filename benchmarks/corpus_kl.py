@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from provenance import provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "lfm_export" / "assets" / "corpus" / "heldout.txt"
@@ -55,14 +55,8 @@ def main() -> None:
                 json.dumps({k: r[k] for k in ("backend", "recipe", "kl_mean", "kl_se", "seconds")}),
                 flush=True,
             )
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
     result = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {platform.system()}, {os.cpu_count()} cores",
-        "commit": commit,
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        **provenance(),
         "model": args.model,
         "threads": args.threads,
         "rows": rows,

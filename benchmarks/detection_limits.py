@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from provenance import provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUNS = ("onnx:int4:tiny", "onnx:int4:tiny-moe", "executorch:8da4w:tiny", "mlx:int4:tiny")
@@ -169,14 +167,8 @@ def main() -> None:
             row["seconds"] = round(time.perf_counter() - start, 1)
             rows.append(row)
             print(json.dumps({k: row[k] for k in ("backend", "recipe", "model", "seconds")}), flush=True)
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
     result = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {platform.system()}, {os.cpu_count()} cores",
-        "commit": commit,
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        **provenance(),
         "threads": args.threads,
         "scales": sorted(args.scales),
         "scenarios": args.scenarios,

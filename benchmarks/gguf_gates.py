@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
-import subprocess
-import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from provenance import provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = (
@@ -95,12 +91,8 @@ def main() -> None:
                     {"model": model, "type": kind, "broken": f"{name} x{1 + args.error:g}", **ratios(broken)}
                 )
                 print(json.dumps(rows[-1]), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     result = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()} {platform.processor()} ({os.cpu_count()} cores, shared)",
-        "commit": commit.stdout.strip(),
-        "command": " ".join(["benchmarks/gguf_gates.py", *sys.argv[1:]]),
+        **provenance(),
         "rows": rows,
     }
     if args.out:

@@ -28,16 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from provenance import provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -231,12 +230,8 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     result = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()} {platform.processor()} ({os.cpu_count()} cores, shared)",
-        "commit": commit.stdout.strip(),
-        "command": " ".join(["benchmarks/gguf_vs_llamacpp.py", *sys.argv[1:]]),
+        **provenance(),
         "model": args.model,
         "threads": args.threads,
         "prompt_len": args.prompt_len,

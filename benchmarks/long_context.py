@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from provenance import cpu_model
+
 CONTEXT = 2048
 RANDOM = {
     "random-dense-0.08": dict(
@@ -130,7 +132,7 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {_cpu()}".strip(),
+        "machine": f"{platform.machine()} {platform.processor() or ''} {cpu_model()}".strip(),
         "commit": commit,
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "threads": args.threads,
@@ -138,16 +140,6 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 if __name__ == "__main__":
