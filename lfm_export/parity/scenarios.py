@@ -61,6 +61,8 @@ class Sessions:
         self.tags: np.ndarray | None = None
         self._since_reset: list[np.ndarray] = []
         self._sequence = 0
+        self.sequences: dict[int, list[np.ndarray]] = {}
+        """Every position's margin of each sequence run so far (`[T]` per call), by sequence number."""
 
     @property
     def comparisons(self) -> list[Session]:
@@ -91,6 +93,8 @@ class Sessions:
         pos = np.broadcast_to(start + np.arange(t)[None], (b, t))
         self.tags = np.stack([m, seq, pos], axis=-1).astype(np.float64)
         self._since_reset.append(m)
+        for row in range(b):
+            self.sequences.setdefault(self._sequence + row, []).append(m[row])
 
     def prefill(
         self, tokens: np.ndarray, test_chunks: Sequence[np.ndarray] | None = None
@@ -133,6 +137,8 @@ class ScenarioRun:
     """`[N, 3]` per compared row: the lead's router margin, the sequence and the position (`Sessions.tags`)."""
     state_margins: np.ndarray | None = None
     """`[B, P]`: the lead's router margin at every position its final state holds."""
+    sequence_margins: dict[int, np.ndarray] = field(default_factory=dict)
+    """Each compared sequence's margins at every position (`Sessions.sequences`)."""
 
     @property
     def test_logits(self) -> np.ndarray:
@@ -159,6 +165,9 @@ def _finish(run: ScenarioRun, ss: Sessions, tags: list[np.ndarray | None] | None
     if tags and all(t is not None for t in tags):
         run.tags = np.concatenate([t.reshape(-1, 3) for t in tags if t is not None])
         run.state_margins = ss.since_reset
+        run.sequence_margins = {
+            q: np.concatenate(ss.sequences[q]) for q in np.unique(run.tags[:, 1]).astype(int).tolist()
+        }
     return run
 
 
@@ -334,12 +343,44 @@ SCENARIOS: dict[str, ScenarioFn] = {
 }
 
 
-def apart_rows(run: ScenarioRun, margin: float | None) -> np.ndarray | None:
-    """Boolean `[N]`: the compared rows whose router margin is below `margin` (`Gate.router_margin`); None where
-    the gate judges no position apart or the lead recorded no margins (no MoE layer, not a torch model)."""
+AFTER_TIE = "_after_tie"
+"""Suffix of the metrics over positions after a tie in their sequence (`Gate.router_margin`)."""
+
+
+def tie_rows(run: ScenarioRun, margin: float | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Booleans `[N]` over the compared rows, `(tie, after)`: the rows whose router margin is below `margin`
+    (`Gate.router_margin`: judged apart), and the other rows of a sequence that had a tie at an earlier
+    position (held to the gate's `*_after_tie` limits: the other expert's output reaches them through the conv
+    window and the KV cache). None where the gate judges none apart or the lead recorded no margins."""
     if margin is None or run.tags is None:
         return None
-    return run.tags[:, 0] < margin
+    tie = run.tags[:, 0] < margin
+    first = {
+        q: int(np.argmax(m < margin)) if (m < margin).any() else np.inf
+        for q, m in run.sequence_margins.items()
+    }
+    after = np.array([p > first.get(int(q), np.inf) for q, p in run.tags[:, 1:]], dtype=bool)
+    return tie, after & ~tie
+
+
+def _tie_slots(run: ScenarioRun, margin: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """Booleans `[P]` over the final state's positions, `(tie, after)` as `tie_rows` (any batch row)."""
+    if run.state_margins is None:
+        return None
+    low = run.state_margins < margin
+    tie = low.any(axis=0)
+    after = np.zeros_like(tie)
+    for row in low:
+        if row.any():
+            after[int(np.argmax(row)) + 1 :] = True
+    return tie, after & ~tie
+
+
+def _rows_metrics(r: np.ndarray, t: np.ndarray) -> dict[str, float | None]:
+    """`logit_metrics`, or only the counts where no row is left (their limits then do not apply)."""
+    if r.shape[0]:
+        return logit_metrics(r, t)
+    return {"positions": 0, "finite": 1.0, "decisive": 0}
 
 
 def pair_metrics(
@@ -347,29 +388,39 @@ def pair_metrics(
 ) -> dict[str, float | None]:
     """Metrics of session `test` against session `ref` (indices into `run.logits`) in one scenario run.
 
-    `margin` (`Gate.router_margin`): rows and KV slots where the lead's router margin is below it are judged
-    apart (`lfm_export.parity.expert_ties`) and left out of the per-position metrics, unless every row would
-    be; `judged_apart` counts the rows left out."""
+    `margin` (`Gate.router_margin`, `lfm_export.parity.expert_ties`): rows where the lead's router margin is
+    below it are judged apart (`judged_apart` counts them) and left out; the rows after such a tie in their
+    sequence give the `*_after_tie` metrics; the rest the usual ones. The state likewise, by KV slot (a conv
+    state holding a tie is left out)."""
     r, t = run.logits[ref], run.logits[test]
-    apart = apart_rows(run, margin)
-    slots = None
-    if apart is not None and not apart.all():
-        m = logit_metrics(r[~apart], t[~apart])
-        m["judged_apart"] = int(apart.sum())
-        if run.state_margins is not None:
-            slots = (run.state_margins < margin).any(axis=0)
-    else:
+    classes = tie_rows(run, margin)
+    apart = slots = None
+    if classes is None:
         m = logit_metrics(r, t)
-        if apart is not None:
-            m["judged_apart"] = 0
+    else:
+        tie, after = classes
+        clean = ~(tie | after)
+        m = _rows_metrics(r[clean], t[clean])
+        m["judged_apart"] = int(tie.sum())
+        if after.any():
+            late = logit_metrics(r[after], t[after])
+            for k in ("logit_max_rel", "kl_max"):
+                m[k + AFTER_TIE] = late[k]
+            m["positions" + AFTER_TIE] = int(after.sum())
+        slots = _tie_slots(run, margin) if margin is not None else None
+        apart = None if slots is None else slots[0] | slots[1]
     if run.steps is not None:
         m["greedy_match"] = greedy_match_length(r[-run.steps :], t[-run.steps :])
         m["greedy_steps"] = run.steps
-    state_err, info = state_max_abs(run.states[ref], run.states[test], run.positions[ref], slots)
+    state_err, info = state_max_abs(run.states[ref], run.states[test], run.positions[ref], apart)
     if state_err is not None:
         m["state_max_abs"] = state_err
         m["state_max_rel"] = info["max_rel"]
         m["state_p99_rel"] = info["p99_rel"]
+        if slots is not None and slots[1].any():
+            before = ~slots[1] & ~slots[0]
+            _, late = state_max_abs(run.states[ref], run.states[test], run.positions[ref], slots[0] | before)
+            m["state_max_rel" + AFTER_TIE] = late["max_rel"]
     if info.get("problems"):
         run.details["state_problems"] = info["problems"]
     m["position_match"] = float(run.positions[test] == run.positions[ref])
@@ -379,6 +430,8 @@ def pair_metrics(
 NOT_DECISIVE = "n/a (no decisive positions)"
 
 
+ROW_METRICS = ("logit_max_abs", "logit_max_rel", "logit_median_rel", "kl_max", "kl_mean", "top1_decisive")
+"""Metrics over compared rows, which a scenario whose every row was judged apart or after a tie lacks."""
 ROUNDING_METRICS = ("logit_max_rel", "logit_median_rel", "kl_max", "state_max_rel", "top1_decisive")
 """What the activation-rounding effect is measured on (the simulation with against without it)."""
 
@@ -398,9 +451,13 @@ def check(
     `noise`: the activation-rounding effect in this scenario, which widens limits that allow for it."""
     out = []
     for lim in gate.limits:
-        optional = lim.metric.startswith("state_") or lim.metric == "greedy_match"
+        optional = (
+            lim.metric.startswith("state_") or lim.metric == "greedy_match" or lim.metric.endswith(AFTER_TIE)
+        )
         if not lim.applies_to(scenario) or (optional and lim.metric not in metrics):
             continue
+        if metrics.get("positions") == 0 and lim.metric in ROW_METRICS:
+            continue  # every row judged apart or after a tie: the `*_after_tie` limits hold them
         value = metrics.get(lim.metric)
         if lim.metric == "top1_decisive" and value is None and metrics.get("decisive") == 0:
             out.append(Check(scenario, lim.metric, None, lim.op, lim.value, True, NOT_DECISIVE, part))
@@ -422,18 +479,19 @@ def _rounding_effect(effects: list[dict[str, float | None]]) -> dict[str, float 
 
 
 def _pooled(runs: list[ScenarioRun], ref: int, test: int, margin: float | None = None) -> ScenarioResult:
-    """Every compared row of `runs`, less those judged apart under `margin` (as `pair_metrics`)."""
+    """Every compared row of `runs`, less those judged apart or after a tie under `margin` (`pair_metrics`)."""
     r = np.concatenate([run.logits[ref] for run in runs])
     t = np.concatenate([run.logits[test] for run in runs])
-    masks = [apart_rows(run, margin) for run in runs]
-    apart = None
-    if margin is not None and all(m is not None for m in masks):
-        apart = np.concatenate([m for m in masks if m is not None])
-    if apart is not None and not apart.all():
-        metrics = logit_metrics(r[~apart], t[~apart])
-        metrics["judged_apart"] = int(apart.sum())
-    else:
+    classes = [tie_rows(run, margin) for run in runs]
+    if margin is None or any(c is None for c in classes):
         metrics = logit_metrics(r, t)
+    else:
+        tie = np.concatenate([c[0] for c in classes if c is not None])
+        after = np.concatenate([c[1] for c in classes if c is not None])
+        clean = ~(tie | after)
+        metrics = _rows_metrics(r[clean], t[clean])
+        metrics["judged_apart"] = int(tie.sum())
+        metrics["positions" + AFTER_TIE] = int(after.sum())
     return ScenarioResult(POOLED, "ok", metrics=metrics, details={"of": [run.name for run in runs]})
 
 
@@ -539,9 +597,9 @@ def run_parity(
                 continue
             exact_metrics = pair_metrics(run, lead, test, margin)
             details = dict(run.details)
-            apart = apart_rows(run, margin)
-            if apart is not None:
-                details["judged_apart"] = [[int(q), int(p)] for _, q, p in run.tags[apart]]
+            classes = tie_rows(run, margin)
+            if classes is not None:
+                details["judged_apart"] = [[int(q), int(p)] for _, q, p in run.tags[classes[0]]]
             exact.append(ScenarioResult(name, "ok", metrics=exact_metrics, details=details))
             if noisy is not None:
                 effects.append(pair_metrics(run, lead, noisy, margin))
