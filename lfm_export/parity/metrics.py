@@ -150,7 +150,7 @@ def state_max_abs(
             if apart is not None and apart.size == position:
                 if diff.ndim == 4 and diff.shape[2] == position:
                     diff = diff[:, :, ~apart]
-                elif diff.ndim == 3 and apart[position - diff.shape[-1] :].any():
+                elif diff.ndim == 3 and apart[max(0, position - diff.shape[-1]) :].any():
                     diff = diff[..., :0]
             if not diff.size:
                 continue

@@ -343,15 +343,16 @@ SCENARIOS: dict[str, ScenarioFn] = {
 }
 
 
-AFTER_TIE = "_after_tie"
-"""Suffix of the metrics over positions after a tie in their sequence (`Gate.router_margin`)."""
+FROM_TIE = "_from_tie"
+"""Suffix of the metrics over the positions of a sequence from its first tie on (`Gate.router_margin`): the tie
+itself, and the later positions its other expert's output reaches through the conv window and the KV cache."""
 
 
 def tie_rows(run: ScenarioRun, margin: float | None) -> tuple[np.ndarray, np.ndarray] | None:
     """Booleans `[N]` over the compared rows, `(tie, after)`: the rows whose router margin is below `margin`
     (`Gate.router_margin`: judged apart), and the other rows of a sequence that had a tie at an earlier
-    position (held to the gate's `*_after_tie` limits: the other expert's output reaches them through the conv
-    window and the KV cache). None where the gate judges none apart or the lead recorded no margins."""
+    position. Both leave the tight limits for the gate's `*_from_tie` ones. None where the gate judges none
+    apart or the lead recorded no margins."""
     if margin is None or run.tags is None:
         return None
     tie = run.tags[:, 0] < margin
@@ -389,9 +390,9 @@ def pair_metrics(
     """Metrics of session `test` against session `ref` (indices into `run.logits`) in one scenario run.
 
     `margin` (`Gate.router_margin`, `lfm_export.parity.expert_ties`): rows where the lead's router margin is
-    below it are judged apart (`judged_apart` counts them) and left out; the rows after such a tie in their
-    sequence give the `*_after_tie` metrics; the rest the usual ones. The state likewise, by KV slot (a conv
-    state holding a tie is left out)."""
+    below it are judged apart (`judged_apart` counts them); they and the later rows of their sequence give the
+    `*_from_tie` metrics, every other row the usual ones. The state likewise, by KV slot (a conv state goes
+    with the last positions it holds)."""
     r, t = run.logits[ref], run.logits[test]
     classes = tie_rows(run, margin)
     apart = slots = None
@@ -399,14 +400,14 @@ def pair_metrics(
         m = logit_metrics(r, t)
     else:
         tie, after = classes
-        clean = ~(tie | after)
-        m = _rows_metrics(r[clean], t[clean])
+        loose = tie | after
+        m = _rows_metrics(r[~loose], t[~loose])
         m["judged_apart"] = int(tie.sum())
-        if after.any():
-            late = logit_metrics(r[after], t[after])
+        if loose.any():
+            late = logit_metrics(r[loose], t[loose])
             for k in ("logit_max_rel", "kl_max"):
-                m[k + AFTER_TIE] = late[k]
-            m["positions" + AFTER_TIE] = int(after.sum())
+                m[k + FROM_TIE] = late[k]
+            m["positions" + FROM_TIE] = int(loose.sum())
         slots = _tie_slots(run, margin) if margin is not None else None
         apart = None if slots is None else slots[0] | slots[1]
     if run.steps is not None:
@@ -417,10 +418,9 @@ def pair_metrics(
         m["state_max_abs"] = state_err
         m["state_max_rel"] = info["max_rel"]
         m["state_p99_rel"] = info["p99_rel"]
-        if slots is not None and slots[1].any():
-            before = ~slots[1] & ~slots[0]
-            _, late = state_max_abs(run.states[ref], run.states[test], run.positions[ref], slots[0] | before)
-            m["state_max_rel" + AFTER_TIE] = late["max_rel"]
+        if apart is not None and apart.any():
+            _, late = state_max_abs(run.states[ref], run.states[test], run.positions[ref], ~apart)
+            m["state_max_rel" + FROM_TIE] = late["max_rel"]
     if info.get("problems"):
         run.details["state_problems"] = info["problems"]
     m["position_match"] = float(run.positions[test] == run.positions[ref])
@@ -452,12 +452,12 @@ def check(
     out = []
     for lim in gate.limits:
         optional = (
-            lim.metric.startswith("state_") or lim.metric == "greedy_match" or lim.metric.endswith(AFTER_TIE)
+            lim.metric.startswith("state_") or lim.metric == "greedy_match" or lim.metric.endswith(FROM_TIE)
         )
         if not lim.applies_to(scenario) or (optional and lim.metric not in metrics):
             continue
         if metrics.get("positions") == 0 and lim.metric in ROW_METRICS:
-            continue  # every row judged apart or after a tie: the `*_after_tie` limits hold them
+            continue  # every row from a tie on: the `*_from_tie` limits hold them
         value = metrics.get(lim.metric)
         if lim.metric == "top1_decisive" and value is None and metrics.get("decisive") == 0:
             out.append(Check(scenario, lim.metric, None, lim.op, lim.value, True, NOT_DECISIVE, part))
@@ -479,7 +479,7 @@ def _rounding_effect(effects: list[dict[str, float | None]]) -> dict[str, float 
 
 
 def _pooled(runs: list[ScenarioRun], ref: int, test: int, margin: float | None = None) -> ScenarioResult:
-    """Every compared row of `runs`, less those judged apart or after a tie under `margin` (`pair_metrics`)."""
+    """Every compared row of `runs`, less those from a tie on under `margin` (`pair_metrics`)."""
     r = np.concatenate([run.logits[ref] for run in runs])
     t = np.concatenate([run.logits[test] for run in runs])
     classes = [tie_rows(run, margin) for run in runs]
@@ -487,11 +487,10 @@ def _pooled(runs: list[ScenarioRun], ref: int, test: int, margin: float | None =
         metrics = logit_metrics(r, t)
     else:
         tie = np.concatenate([c[0] for c in classes if c is not None])
-        after = np.concatenate([c[1] for c in classes if c is not None])
-        clean = ~(tie | after)
-        metrics = _rows_metrics(r[clean], t[clean])
+        loose = tie | np.concatenate([c[1] for c in classes if c is not None])
+        metrics = _rows_metrics(r[~loose], t[~loose])
         metrics["judged_apart"] = int(tie.sum())
-        metrics["positions" + AFTER_TIE] = int(after.sum())
+        metrics["positions" + FROM_TIE] = int(loose.sum())
     return ScenarioResult(POOLED, "ok", metrics=metrics, details={"of": [run.name for run in runs]})
 
 

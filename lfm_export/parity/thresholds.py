@@ -154,16 +154,17 @@ EXPERT_TIE_MARGIN = 1e-3
 the router's choices, `lfm_export.model.MoE.router_margin`) is below this is judged apart. Measured
 (`benchmarks/coreml_expert_ties.py`, docs/parity.md): PENDING."""
 
-AFTER_TIE_LIMITS = {"logit_max_rel_after_tie": 0.15, "kl_max_after_tie": 0.5, "state_max_rel_after_tie": 1.0}
-"""What the `-fp16-moe` gates allow at positions after a tie in the same sequence: the other expert's output
-reaches them through the conv window and the KV cache. Measured (`benchmarks/coreml_expert_ties.py`): PENDING."""
+FROM_TIE_LIMITS = {"logit_max_rel_from_tie": 0.15, "kl_max_from_tie": 0.5, "state_max_rel_from_tie": 1.0}
+"""What the `-fp16-moe` gates allow at a tied position and the later positions of its sequence (which the other
+expert's output reaches through the conv window and the KV cache): the limits these gates held every position
+to before ties were judged apart. Measured (`benchmarks/coreml_expert_ties.py`): PENDING."""
 
 
 def _tie_gate(gate: Gate) -> Gate:
-    """`gate` judging tied positions apart (`EXPERT_TIE_MARGIN`) and holding the later positions of their
-    sequences to `AFTER_TIE_LIMITS`."""
-    after = tuple(Limit(metric, LE, value) for metric, value in AFTER_TIE_LIMITS.items())
-    return replace(gate, limits=gate.limits + after, router_margin=EXPERT_TIE_MARGIN)
+    """`gate` judging tied positions apart (`EXPERT_TIE_MARGIN`): they and the later positions of their
+    sequences are held to `FROM_TIE_LIMITS`, every other position to `gate`'s limits."""
+    loose = tuple(Limit(metric, LE, value) for metric, value in FROM_TIE_LIMITS.items())
+    return replace(gate, limits=gate.limits + loose, router_margin=EXPERT_TIE_MARGIN)
 
 
 GATES: dict[str, Gate] = {
@@ -265,8 +266,8 @@ GATES: dict[str, Gate] = {
                 state_max_rel=2e-2,
                 rounding=ROUNDING_FACTOR,
                 note=f"fp16 compute with MoE routing (Core ML{extra}): the `-fp16` limits on every position "
-                "before the first whose expert choice is within fp16 rounding; that one judged apart and "
-                "reported, the later ones of its sequence held to the after-tie limits",
+                "before the first whose expert choice is within fp16 rounding (judged apart, reported); from "
+                "there on its sequence the limits these gates had before (logit 0.15, KL 0.5, state 1.0)",
             )
         )
         for quant, extra in (("fp16", ""), ("int8", ""), ("int4", "; palettized weights too"))
@@ -519,6 +520,8 @@ def gates_markdown() -> str:
     ]
     for gate in GATES.values():
         checks = "; ".join(f"`{lim.describe()}`" for lim in gate.limits)
+        if gate.router_margin is not None:
+            checks += f"; positions with a top-k router margin below {gate.router_margin:g} judged apart"
         sanity = "; ".join(f"`{lim.describe()}`" for lim in sanity_gate(gate.name).limits)
         lines.append(f"| {gate.name} | {checks} | {sanity} | {gate.note} |")
     return "\n".join(lines)

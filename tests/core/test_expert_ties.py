@@ -5,7 +5,7 @@ per-position limits and are reported, every other position keeps them.
 The "runtime" here is the simulation itself with its ties broken the other way (the last selected expert
 swapped for the first unselected one wherever the margin is below half the gate's): an honest fp16 MoE export
 as far as the gate can tell. It passes the `-fp16-moe` gate only because those positions are judged apart, and
-the same runtime computing one expert's w2 5% off fails it. Torch sessions on `tiny-moe`, prefill scenario.
+the same runtime computing one expert's w2 5% off fails it. Torch sessions on `tiny-moe` (fp16 recipe), prefill scenario.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class TieBreaking(MoE):
 def sessions_parts():
     torch.set_num_threads(2)
     loaded = load_model("tiny-moe")
-    sim = simulate(loaded.model, parse_recipe("int8"), ACT_FP16_ROUTED, threads=2)
+    sim = simulate(loaded.model, parse_recipe("fp16"), ACT_FP16_ROUTED, threads=2)
     return loaded, sim
 
 
@@ -98,8 +98,8 @@ def test_router_margin_is_the_gap_at_the_topk_boundary_over_the_spread(sessions_
 
 def test_ties_broken_otherwise_are_judged_apart_and_the_rest_held_tight(sessions_parts) -> None:
     loaded, sim = sessions_parts
-    gate = gate_for("int8", ACT_FP16_ROUTED)
-    assert gate.name == "int8-fp16-moe" and gate.router_margin is not None
+    gate = gate_for("fp16", ACT_FP16_ROUTED)
+    assert gate.name == "fp16-fp16-moe" and gate.router_margin is not None
     gate = dataclasses.replace(gate, router_margin=MARGIN)
     artifact, layers = tie_breaking(sim, gate.router_margin / 2)
     result = parity(loaded, sim, artifact, gate)
@@ -110,19 +110,18 @@ def test_ties_broken_otherwise_are_judged_apart_and_the_rest_held_tight(sessions
     assert result.scenario("prefill").metrics["judged_apart"] == apart["count"]
     assert "judged apart: expert choice within fp16 rounding" in to_markdown(result)
     assert result.summary()["exactness"]["judged_apart"] == apart["count"]
-
-    # the same positions held to the limits: the flipped experts fail them
-    artifact, _ = tie_breaking(sim, gate.router_margin / 2)
-    strict = parity(loaded, sim, artifact, dataclasses.replace(gate, router_margin=None))
-    assert not strict.part_passed("exactness") and strict.judged_apart() is None
-    assert strict.worst("logit_max_rel") > 5e-3
+    # what the tight limits would have seen there: the other experts' output, far past fp16 rounding
+    prefill = result.scenario("prefill").metrics
+    assert prefill["logit_max_rel_from_tie"] > 5e-3 and prefill["logit_max_rel"] <= 5e-3
+    assert prefill["positions"] + prefill["positions_from_tie"] == 64
 
 
+@pytest.mark.slow
 def test_wrong_expert_matrices_fail_with_ties_judged_apart(sessions_parts) -> None:
     """Every expert's w2 of one layer 5% off: the positions neither tied nor after a tie catch it (at 2% the
     largest error falls where a later layer's router then ties)."""
     loaded, sim = sessions_parts
-    gate = dataclasses.replace(gate_for("int8", ACT_FP16_ROUTED), router_margin=MARGIN)
+    gate = dataclasses.replace(gate_for("fp16", ACT_FP16_ROUTED), router_margin=MARGIN)
     artifact, _ = tie_breaking(sim, gate.router_margin / 2)
     for expert in artifact.model.layers[3].feed_forward.experts:
         expert.w2.weight = torch.nn.Parameter(expert.w2.weight * 1.05, requires_grad=False)
