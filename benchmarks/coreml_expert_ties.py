@@ -240,9 +240,9 @@ def verdicts(s: dict[str, Any], margins: list[float]) -> dict[str, Any]:
                 "logit_max_rel",
                 "kl_max",
                 "state_max_rel",
-                "logit_max_rel_from_tie",
-                "kl_max_from_tie",
-                "state_max_rel_from_tie",
+                "logit_max_rel_at_tie",
+                "kl_max_at_tie",
+                "state_max_rel_at_tie",
             )
         }
         pooled = r.scenario("pooled").metrics
@@ -253,7 +253,6 @@ def verdicts(s: dict[str, Any], margins: list[float]) -> dict[str, Any]:
             "worst": worst,
             "judged_apart": apart,
             "pooled_positions": pooled.get("positions"),
-            "pooled_from_tie": pooled.get("positions_from_tie"),
         }
     return out
 

@@ -2,10 +2,12 @@
 router margin is within fp16 rounding, a runtime may choose another expert; those positions leave the tight
 per-position limits and are reported, every other position keeps them.
 
-The "runtime" here is the simulation itself with its ties broken the other way (the last selected expert
-swapped for the first unselected one wherever the margin is below half the gate's): an honest fp16 MoE export
-as far as the gate can tell. It passes the `-fp16-moe` gate only because those positions are judged apart, and
-the same runtime computing one expert's w2 5% off fails it. Torch sessions on `tiny-moe` (fp16 recipe), prefill scenario.
+The "runtime" here is the simulation itself with the last MoE layer's ties broken the other way (the last
+selected expert swapped for the first unselected one wherever the margin is below half the gate's; in the last
+layer the other expert's output reaches no later position, as on honest Core ML exports it reaches them only
+within rounding): an honest fp16 MoE export as far as the gate can tell. It passes the `-fp16-moe` gate only
+because those positions are judged apart, and the same runtime computing one layer's experts 5% off fails it.
+Torch sessions on `tiny-moe` (fp16 recipe), prefill scenario.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from lfm_export.quant import simulate
 from lfm_export.recipes import ACT_FP16_ROUTED, parse_recipe
 
 CONTEXT = 64
-MARGIN = 5e-3
-"""Wider than the `-fp16-moe` gates' margin, so the default prompts hold a few ties (8 of 64 positions below it
-on `tiny-moe`, 2 below half of it): the mechanism, not the calibrated bound, is what these tests check."""
+MARGIN = 1e-2
+"""Wider than the `-fp16-moe` gates' margin, so the default prompts hold a few ties in the last MoE layer: the
+mechanism, not the calibrated bound, is what these tests check."""
 
 
 class TieBreaking(MoE):
@@ -63,7 +65,7 @@ def sessions_parts():
 def tie_breaking(model: torch.nn.Module, flip_below: float) -> tuple[torch.nn.Module, list[TieBreaking]]:
     keep = {id(t): t for t in (*model.parameters(), *model.buffers())}
     out = copy.deepcopy(model, memo=dict(keep))
-    layers = [m for m in out.modules() if isinstance(m, MoE)]
+    layers = [m for m in out.modules() if isinstance(m, MoE)][-1:]
     for m in layers:
         m.__class__ = TieBreaking
         m.flip_below, m.flipped = flip_below, []
@@ -112,8 +114,8 @@ def test_ties_broken_otherwise_are_judged_apart_and_the_rest_held_tight(sessions
     assert result.summary()["exactness"]["judged_apart"] == apart["count"]
     # what the tight limits would have seen there: the other experts' output, far past fp16 rounding
     prefill = result.scenario("prefill").metrics
-    assert prefill["logit_max_rel_from_tie"] > 5e-3 and prefill["logit_max_rel"] <= 5e-3
-    assert prefill["positions"] + prefill["positions_from_tie"] == 64
+    assert prefill["logit_max_rel_at_tie"] > 5e-3 and prefill["logit_max_rel"] < 1e-5
+    assert prefill["positions"] + prefill["judged_apart"] == 64
 
 
 @pytest.mark.slow

@@ -90,8 +90,7 @@ def test_moe_fp16_passes_with_enumerated_prefill_lengths(moe_fp16: Path) -> None
 
 def test_moe_parity_reports_positions_judged_apart(moe_fp16: Path) -> None:
     """The `-fp16-moe` gate holds every position to the dense `-fp16` limits but those whose expert choice is
-    within fp16 rounding and the later ones of their sequences (held to the `*_from_tie` limits); the report
-    says how many and where, in both forms."""
+    within fp16 rounding (held to the `*_at_tie` limits); the report says how many and where, in both forms."""
     from lfm_export.parity.thresholds import GATES
 
     p = manifest(moe_fp16)["parity"]
