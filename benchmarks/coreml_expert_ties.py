@@ -11,8 +11,9 @@ compared position: the simulation's smallest top-k router margin over the MoE la
 off by more than the dense `-fp16` limits (logit 5e-3, KL 2e-4) is counted as a flip; the file records each
 flip's margin, the largest error at the other positions of flipped sequences (after the flip) and of the rest,
 and the gate's verdict with each `--margins` value (0: nothing judged apart) on the honest artifact and on
-wrong ones: the reference with one middle-layer matrix scaled (`w2`: the first expert's down projection,
-`expert`: the second's), and (int4) an export whose stacked experts were left uncompressed.
+wrong ones: the reference with a middle layer's expert down projections scaled (`w2`: the first expert's,
+`expert`: the second's, `experts`: every expert's), and (int4) an export whose stacked experts were left
+uncompressed. A position counts as judged apart as the gate decides (`lfm_export.parity.scenarios.tie_rows`).
 """
 
 from __future__ import annotations
@@ -119,10 +120,11 @@ def sessions(folder: Path, matrix: str | None, scale: float, threads: int) -> di
     manifest = read_manifest(folder)
     loaded = load_model(MODEL)
     if matrix is not None:
-        ff = loaded.model.model.layers[LAYER].feed_forward
-        w = ff.experts[0 if matrix == "w2" else 1].w2.weight
+        experts = loaded.model.model.layers[LAYER].feed_forward.experts
+        chosen = experts if matrix == "experts" else [experts[0 if matrix == "w2" else 1]]
         with torch.no_grad():
-            w.mul_(scale)
+            for expert in chosen:
+                expert.w2.weight.mul_(scale)
     record = get("coreml")
     sim_recipe, activations = simulation_for(record, manifest["recipe"])
     weights = record.weight_values(manifest["recipe"])
@@ -260,7 +262,7 @@ def verdicts(s: dict[str, Any], margins: list[float]) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipes", nargs="+", default=["fp16", "int8", "int4", "palettize4"])
-    ap.add_argument("--wrong", nargs="+", default=["w2:1.02", "w2:1.05"])
+    ap.add_argument("--wrong", nargs="+", default=["w2:1.02", "w2:1.05", "experts:1.02", "experts:1.05"])
     ap.add_argument("--wrong-recipes", nargs="+", default=["fp16", "int4"])
     ap.add_argument("--margins", nargs="+", type=float, default=[0.0, 3e-4, 1e-3, 3e-3])
     ap.add_argument("--threads", type=int, default=2)
