@@ -148,7 +148,7 @@ def per_position(s: dict[str, Any]) -> list[dict[str, Any]]:
     from lfm_export.parity.expert_ties import recorder_for
     from lfm_export.parity.metrics import kl_divergence, state_max_abs
     from lfm_export.parity.prompts import default_prompts
-    from lfm_export.parity.scenarios import SCENARIOS, ScenarioOptions, Sessions
+    from lfm_export.parity.scenarios import SCENARIOS, ScenarioOptions, Sessions, within_window
     from lfm_export.pipeline import FULL_CONTEXT_LIMIT
 
     margins = recorder_for(s["simulation"])
@@ -164,7 +164,9 @@ def per_position(s: dict[str, Any]) -> list[dict[str, Any]]:
         kl = kl_divergence(r, t)
         states = {}
         for bound in (0.0, 3e-4, 1e-3, 3e-3):
-            slots = None if run.state_margins is None else (run.state_margins < bound).any(0)
+            slots = None
+            if run.state_margins is not None:
+                slots = within_window(run.state_margins < bound, run.tie_window).any(0)
             _, info = state_max_abs(run.states[0], run.states[-1], run.positions[0], slots)
             states[f"{bound:g}"] = info["max_rel"]
         out.append(
@@ -175,6 +177,7 @@ def per_position(s: dict[str, Any]) -> list[dict[str, Any]]:
                     for (m, q, p), e, k in zip(run.tags, rel, kl, strict=True)
                 ],
                 "state_max_rel_by_margin": states,
+                "tie_window": run.tie_window,
             }
         )
     margins.close()
@@ -182,8 +185,9 @@ def per_position(s: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def summarise(scenarios: list[dict[str, Any]]) -> dict[str, Any]:
-    """Flips (rows past the tight limits) and their margins; the worst error after a flip and elsewhere."""
-    flips, after, elsewhere = [], [0.0, 0.0], [0.0, 0.0]
+    """Flips (rows past the tight limits) and their margins; the worst error at the other rows after a flip,
+    at those past the conv window after the first flip, and elsewhere."""
+    flips, after, beyond, elsewhere = [], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]
     margins = []
     for sc in scenarios:
         rows = sc["rows"]
@@ -207,12 +211,15 @@ def summarise(scenarios: list[dict[str, Any]]) -> dict[str, Any]:
                 continue
             into = after if q in first_flip and p > first_flip[q] else elsewhere
             into[0], into[1] = max(into[0], e), max(into[1], k)
+            if q in first_flip and p > first_flip[q] + sc["tie_window"]:
+                beyond[0], beyond[1] = max(beyond[0], e), max(beyond[1], k)
     arr = np.array(margins)
     return {
         "positions": len(margins),
         "flips": flips,
         "largest_flip_margin": max((f["margin"] for f in flips), default=None),
         "after_flip_worst": {"logit_rel": after[0], "kl": after[1]},
+        "beyond_window_worst": {"logit_rel": beyond[0], "kl": beyond[1]},
         "elsewhere_worst": {"logit_rel": elsewhere[0], "kl": elsewhere[1]},
         "share_below": {f"{b:g}": float((arr < b).mean()) for b in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)},
     }
