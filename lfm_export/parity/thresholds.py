@@ -156,6 +156,11 @@ after it. Measured through the Core ML interpreter on `tiny-moe` (`benchmarks/co
 64, 307 positions per recipe): the honest exports chose another expert where the margin was 3.3e-4 (fp16) and
 3.6e-5 (palettize4), never above; 3x the largest. Positions below it: 2.6% (int4) to 4.9% (fp16, palettize4)."""
 
+DETECTION_FP16_MOE = (
+    "one expert's w2 of a middle layer x 1.02 (the smallest tried) is caught, and an int4 export whose experts "
+    "were left uncompressed (Core ML fp16, palettize4 and int4 on tiny-moe, every scenario; "
+    "benchmarks/results/coreml_expert_ties.json)"
+)
 AT_TIE_LIMITS = {"logit_max_rel_at_tie": 0.15, "kl_max_at_tie": 0.5, "state_max_rel_at_tie": 1.0}
 """What the `-fp16-moe` gates allow at a position judged apart (and the KV slots it wrote): the limits these
 gates held every position to before ties were judged apart, which an honest flip stays well within (KL 0.33 at
@@ -267,6 +272,7 @@ GATES: dict[str, Gate] = {
                 top1_decisive=0.99,
                 state_max_rel=2e-2,
                 rounding=ROUNDING_FACTOR,
+                detection=DETECTION_FP16_MOE,
                 note=f"fp16 compute with MoE routing (Core ML{extra}): the `-fp16` limits on every position "
                 "but those whose expert choice is within fp16 rounding, which are judged apart, reported and "
                 "held to the limits these gates had before (logit 0.15, KL 0.5, state 1.0)",

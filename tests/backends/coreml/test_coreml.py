@@ -234,8 +234,8 @@ def next_expert_moe():
 
 @pytest.mark.slow
 def test_wrong_sparse_moe_fails_parity(moe_fp16: Path, tmp_path: Path) -> None:
-    """A sparse conversion that gathers the wrong experts (each selected index + 1) fails exactness, even under
-    the `-fp16-moe` gate that allows one flipped expert."""
+    """A sparse conversion that gathers the wrong experts (each selected index + 1) fails exactness, at the
+    positions the `-fp16-moe` gate does not judge apart."""
     broken = convert_without_conv_write(moe_fp16, tmp_path / "broken", moe_cls=next_expert_moe())
     result = check_artifact(broken, progress=Progress(quiet=True), scenarios=["prefill", "decode"])
     exactness = result.summary()["exactness"]
