@@ -396,13 +396,13 @@ def pair_metrics(
     below it are judged apart (`judged_apart` counts them) and give the `*_at_tie` metrics, every other row the
     usual ones. The state likewise, by KV slot (a conv state goes with the last positions it holds)."""
     r, t = run.logits[ref], run.logits[test]
-    classes = tie_rows(run, margin)
+    tie = tie_rows(run, margin)
     apart = None
-    if classes is None:
+    if tie is None:
         m = logit_metrics(r, t)
     else:
-        tie = classes
         m = _rows_metrics(r[~tie], t[~tie])
+        m["finite"] = float(np.isfinite(t).all())  # NaN logits never pass, judged apart or not
         m["judged_apart"] = int(tie.sum())
         if tie.any():
             tied = logit_metrics(r[tie], t[tie])
