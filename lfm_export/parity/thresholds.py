@@ -82,8 +82,9 @@ class Limit:
 class Gate:
     """`detection`: the gate's measured detection limit (the smallest single-matrix error it caught, and where
     that was measured), stated in every report; empty where none was measured. `router_margin`: positions
-    where the simulation's top-k router margin is below this are judged apart from the exactness limits and
-    reported (`lfm_export.parity.expert_ties`); None: every position is held to them."""
+    where the simulation's top-k router margin is below this (and the conv window after them) are judged apart
+    from the exactness limits, held to the gate's `*_at_tie` limits and reported
+    (`lfm_export.parity.expert_ties`); None: every position is held to the limits."""
 
     name: str
     limits: tuple[Limit, ...]
@@ -260,9 +261,9 @@ GATES: dict[str, Gate] = {
     },
     # With MoE routing, fp16 rounding chooses another expert where two router scores tie within it: such a
     # position (and the KV slots it writes) differs by far more than rounding. Those positions are judged apart
-    # (`router_margin`: the simulation's top-k router margin below EXPERT_TIE_MARGIN of the scores' spread,
-    # `lfm_export.parity.expert_ties`), reported and held to AT_TIE_LIMITS; every other position, the later
-    # positions of a tied sequence included, to the dense `-fp16` limits.
+    # (`router_margin`: the simulation's top-k router margin below EXPERT_TIE_MARGIN of the choices' spread,
+    # with the conv window after it; `lfm_export.parity.expert_ties`), reported and held to AT_TIE_LIMITS;
+    # every other position, the later positions of a tied sequence included, to the dense `-fp16` limits.
     **{
         f"{quant}-fp16-moe": _tie_gate(
             _exact_gate(
