@@ -7,7 +7,8 @@ selected expert swapped for the first unselected one wherever the margin is belo
 layer the other expert's output reaches no later position, as on honest Core ML exports it reaches them only
 within rounding): an honest fp16 MoE export as far as the gate can tell. It passes the `-fp16-moe` gate only
 because those positions are judged apart, and the same runtime computing one layer's experts 5% off fails it.
-Torch sessions on `tiny-moe` (fp16 recipe), prefill scenario.
+Torch sessions on `tiny-moe` (fp16 recipe), prefill scenario; slow (the default suite has the same through
+the Core ML interpreter, `tests/backends/coreml/test_coreml.py`), but for the margin itself.
 """
 
 from __future__ import annotations
@@ -84,20 +85,24 @@ def parity(loaded, sim, artifact, gate):
     )
 
 
-def test_router_margin_is_the_gap_at_the_topk_boundary_over_the_spread(sessions_parts) -> None:
-    loaded, _ = sessions_parts
-    moe = loaded.model.model.layers[2].feed_forward
-    x = torch.randn(5, loaded.config.hidden_size, generator=torch.Generator().manual_seed(0))
+def test_router_margin_is_the_gap_at_the_topk_boundary_over_the_spread() -> None:
+    """On `tiny-moe`'s MoE shape with seeded weights and expert bias, against the choices sorted in numpy."""
+    cfg = load_model("tiny-moe", lazy=True).config
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    moe.expert_bias.copy_(torch.randn(cfg.num_experts) * 0.1)
+    x = torch.randn(7, cfg.hidden_size)
     with torch.no_grad():
         got = moe.router_margin(x).numpy()
         logits = (x @ moe.gate.weight.T).double().numpy()
     choice = 1 / (1 + np.exp(-logits)) + moe.expert_bias.double().numpy()
     ranked = np.sort(choice, -1)[:, ::-1]
-    k = loaded.config.num_experts_per_tok
+    k = cfg.num_experts_per_tok
     want = (ranked[:, k - 1] - ranked[:, k]) / (ranked[:, 0] - ranked[:, -1])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_ties_broken_otherwise_are_judged_apart_and_the_rest_held_tight(sessions_parts) -> None:
     loaded, sim = sessions_parts
     gate = gate_for("fp16", ACT_FP16_ROUTED)

@@ -98,8 +98,8 @@ def test_moe_parity_reports_positions_judged_apart(moe_fp16: Path) -> None:
     assert report["margin"] == GATES["fp16-fp16-moe"].router_margin
     assert p["exactness"]["judged_apart"] == report["count"]
     assert report["count"] == sum(len(v) for v in report["scenarios"].values())
-    assert {"prefill", "decode"} <= set(report["scenarios"])
-    assert p["exactness"]["worst"]["logit_max_rel"] <= 5e-3 or report["count"] > 0
+    assert {"prefill", "decode"} <= set(report["scenarios"]) and report["count"] >= 1  # 36 of 186 here
+    assert p["exactness"]["worst"]["logit_max_rel"] <= 5e-3
     assert (
         "judged apart: expert choice within fp16 rounding" in (moe_fp16 / "parity" / "parity.md").read_text()
     )
