@@ -31,11 +31,10 @@ Q4_0).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-
-from concurrent.futures import ThreadPoolExecutor
 
 from lfm_export.contract.session import DEFAULT_THREADS
 from lfm_export.quant import MSE_CHUNK_ELEMENTS, MSE_GRIDS, SuperBlocks, fit_super_blocks, quantize_block
