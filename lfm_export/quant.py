@@ -310,9 +310,12 @@ def quantize_weight(
 
 # ---- least-squares fit (`rounding="fit"`, and the format-aware searches built on it) ---------------------------
 
-FIT_STEPS = tuple(round(-0.6 + 0.1 * i, 1) for i in range(13))
-"""Offsets `t` of the candidate inverse scales the fit tries: symmetric `-(2^(bits-1) + t) / m` (`m` the value
-of largest magnitude, with its sign), asymmetric `(2^bits - 1 + t) / (max - min)`."""
+FIT_STEPS = tuple(round(-1.0 + 0.2 * i, 1) for i in range(11))
+"""Offsets `t` of the candidate inverse scales the fit tries: symmetric `(-2^(bits-1) - t) / m` (`m` the value
+of largest magnitude, with its sign), asymmetric `(2^bits - 1 + t) / (max - min)`. Chosen on Student-t (4 dof)
+weights `[64, 512]` against llama.cpp's reference quantizers (`ggml_quantize_chunk`), squared error ours /
+theirs: -1.0 ... 1.0 in 11 steps gives Q4_K 0.957, Q6_K 0.949, Q4_0 0.919; -0.6 ... 0.6 in 13 steps 0.962,
+0.961, 0.920; -0.9 ... 0.9 in 19 steps 0.957, 0.951, 0.919."""
 FIT_ITERATIONS = 2
 """Alternations (codes for the fitted scale, then the scale refitted to those codes) after the candidates."""
 
@@ -334,16 +337,40 @@ def _codes_for(x: np.ndarray, step: np.ndarray, low: np.ndarray, lo: int, hi: in
     return np.where((step == 0)[..., None], np.float32(lo), q).astype(np.float32)
 
 
-def _ls(x: np.ndarray, q: np.ndarray, w: np.ndarray | None, affine: bool) -> tuple[np.ndarray, ...]:
+def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`sum(a * b)` over the last axis, without the product's temporary."""
+    return np.einsum("...i,...i->...", a, b)
+
+
+@dataclass
+class _Moments:
+    """Per-block sums of `fit_blocks` that do not depend on the codes: `xw = x * w`, `sum(w x^2)`, `sum(w)`,
+    `sum(w x)`."""
+
+    x: np.ndarray
+    w: np.ndarray | None
+    xw: np.ndarray
+    sxx: np.ndarray
+    sw: np.ndarray
+    sx: np.ndarray
+
+    @classmethod
+    def of(cls, x: np.ndarray, w: np.ndarray | None) -> _Moments:
+        xw = x if w is None else x * w
+        sw = np.full(x.shape[:-1], x.shape[-1], np.float32) if w is None else np.broadcast_to(w, x.shape).sum(-1)
+        return cls(x, w, xw, _dot(x, xw), sw.astype(np.float32), xw.sum(-1))
+
+
+def _ls(mo: _Moments, q: np.ndarray, affine: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Weighted least squares of `x ~ s * q (+ low)`, `low <= 0` (refit with `low = 0` when the free fit is
     positive): (s, low, weighted squared error) per block."""
-    sqq, sxq, sxx = _wsum(q * q, w), _wsum(x * q, w), _wsum(x * x, w)
+    qw = q if mo.w is None else q * mo.w
+    sqq, sxq = _dot(qw, q), _dot(q, mo.xw)
     safe = np.where(sqq == 0, np.float32(1), sqq)
     s0 = np.where(sqq == 0, 0, sxq / safe).astype(np.float32)
     if not affine:
-        return s0, np.zeros_like(s0), np.maximum(sxx - s0 * sxq, 0)
-    sw = _wsum(np.ones_like(x), w) if w is not None else np.full(sqq.shape, x.shape[-1], np.float32)
-    sx, sq = _wsum(x, w), _wsum(q, w)
+        return s0, np.zeros_like(s0), np.maximum(mo.sxx - s0 * sxq, 0)
+    sw, sx, sq = mo.sw, mo.sx, qw.sum(-1)
     det = sw * sqq - sq * sq
     ok = det > 1e-12 * np.maximum(sw * sqq, 1e-30)
     safe_det = np.where(ok, det, np.float32(1))
@@ -351,7 +378,7 @@ def _ls(x: np.ndarray, q: np.ndarray, w: np.ndarray | None, affine: bool) -> tup
     low = np.where(ok, (sqq * sx - sq * sxq) / safe_det, 0)
     pos = low > 0
     s, low = np.where(pos, s0, s).astype(np.float32), np.where(pos, 0, low).astype(np.float32)
-    err = sxx - 2 * s * sxq - 2 * low * sx + s * s * sqq + 2 * s * low * sq + low * low * sw
+    err = mo.sxx - 2 * s * sxq - 2 * low * sx + s * s * sqq + 2 * s * low * sq + low * low * sw
     return s, low, np.maximum(err, 0)
 
 
@@ -365,42 +392,42 @@ def fit_blocks(
 
     Each candidate inverse scale of `FIT_STEPS` rounds the block to codes, and the scale (and offset) is refitted
     to those codes by weighted least squares; the best fit is kept, then refined by `FIT_ITERATIONS` rounds of
-    codes for the fitted scale and a refit. The scale is float (a format that stores it coarser quantizes it and
-    refits, e.g. `fit_super_blocks`)."""
+    codes for the fitted scale and a refit (neither step raises the error). The scale is float (a format that
+    stores it coarser quantizes it and refits, e.g. `fit_super_blocks`); the codes are the nearest for it."""
     x = np.asarray(x, np.float32)
+    w = None if weights is None else np.asarray(weights, np.float32)
+    mo = _Moments.of(x, w)
     if symmetric:
         lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
         idx = np.abs(x).argmax(-1)[..., None]
         m = np.take_along_axis(x, idx, -1)[..., 0]
-        span, base, start = np.where(m == 0, np.float32(1), m), np.float32(lo), np.zeros_like(m)
+        span, base, shifted = np.where(m == 0, np.float32(1), m), np.float32(lo), x
     else:
         lo, hi = 0, 2**bits - 1
         start = np.minimum(x.min(-1), 0).astype(np.float32)
         width = x.max(-1) - start
-        span, base = np.where(width == 0, np.float32(1), width), np.float32(hi)
-    best: tuple[np.ndarray, ...] | None = None
+        span, base, shifted = np.where(width == 0, np.float32(1), width), np.float32(hi), x - start[..., None]
+    q = np.empty_like(x)
+    best: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     for t in FIT_STEPS:
         inv = (base - np.float32(t) if symmetric else base + np.float32(t)) / span
-        q = np.clip(np.rint((x - start[..., None]) * inv[..., None]), lo, hi).astype(np.float32)
-        s, low, err = _ls(x, q, weights, not symmetric)
+        np.multiply(shifted, inv[..., None], out=q)
+        np.rint(q, out=q)
+        np.clip(q, lo, hi, out=q)
+        fit = _ls(mo, q, not symmetric)
         if best is None:
-            best = (q, s, low, err)
+            best = fit
             continue
-        better = err < best[3]
-        best = tuple(
-            np.where(better[..., None] if a.ndim == x.ndim else better, a, b)
-            for a, b in zip((q, s, low, err), best)
-        )
+        better = fit[2] < best[2]
+        best = tuple(np.where(better, a, b) for a, b in zip(fit, best))  # type: ignore[assignment]
+    assert best is not None
     for _ in range(FIT_ITERATIONS):
-        q = _codes_for(x, best[1], best[2], lo, hi)
-        s, low, err = _ls(x, q, weights, not symmetric)
-        better = err < best[3]
-        best = tuple(
-            np.where(better[..., None] if a.ndim == x.ndim else better, a, b)
-            for a, b in zip((q, s, low, err), best)
-        )
-    q, s, low, _ = best
-    return q, s, low
+        q = _codes_for(x, best[0], best[1], lo, hi)
+        fit = _ls(mo, q, not symmetric)
+        better = fit[2] < best[2]
+        best = tuple(np.where(better, a, b) for a, b in zip(fit, best))  # type: ignore[assignment]
+    s, low, _ = best
+    return _codes_for(x, s, low, lo, hi), s, low
 
 
 def _fit(
@@ -419,6 +446,7 @@ def _fit(
     top = 2**bits - 1
     s = _f16(s)
     zp = np.clip(np.rint(-low / np.where(s == 0, np.float32(1), s)), 0, top).astype(np.float32)
+    moments = _Moments.of(blocks, weights)
     best: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     for _ in range(2):
         q = _codes_for(blocks, s, -zp * s, 0, top) - zp[..., None]
@@ -429,7 +457,7 @@ def _fit(
         else:
             b = err < best[2]
             best = (np.where(b[..., None], q, best[0]), np.where(b, s, best[1]), np.where(b, err, best[2]))
-        refit, _, _ = _ls(blocks, q, weights, False)
+        refit, _, _ = _ls(moments, q, False)
         s = _f16(np.maximum(refit, 0))
     q, s, _ = best
     return (q + zp[..., None]).astype(np.uint8), s, zp.astype(np.uint8)
