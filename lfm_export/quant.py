@@ -357,7 +357,11 @@ class _Moments:
     @classmethod
     def of(cls, x: np.ndarray, w: np.ndarray | None) -> _Moments:
         xw = x if w is None else x * w
-        sw = np.full(x.shape[:-1], x.shape[-1], np.float32) if w is None else np.broadcast_to(w, x.shape).sum(-1)
+        sw = (
+            np.full(x.shape[:-1], x.shape[-1], np.float32)
+            if w is None
+            else np.broadcast_to(w, x.shape).sum(-1)
+        )
         return cls(x, w, xw, _dot(x, xw), sw.astype(np.float32), xw.sum(-1))
 
 

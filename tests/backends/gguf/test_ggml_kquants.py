@@ -77,7 +77,13 @@ def llama_cpp_values(w: np.ndarray, kind: str, importance: np.ndarray | None = N
     imp = None if importance is None else np.ascontiguousarray(importance, np.float32)
     lib.ggml_quantize_init(int(kind_id))
     lib.ggml_quantize_chunk(
-        int(kind_id), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1], None if imp is None else imp.ctypes.data
+        int(kind_id),
+        x.ctypes.data,
+        out.ctypes.data,
+        0,
+        x.shape[0],
+        x.shape[1],
+        None if imp is None else imp.ctypes.data,
     )
     return gguf.quants.dequantize(out, kind_id).astype(np.float32)
 
@@ -101,7 +107,9 @@ def test_fit_rounds_closer_than_llama_cpps_own_quantizer(kind: str) -> None:
             return q_0_values(w, bits, rounding, threads=1, importance=imp)
         t = {"Q4_K": Q4_K, "Q5_K": Q5_K, "Q6_K": Q6_K, "Q5_0": Q5_0}[kind]
         data = quantize(w, t, rounding, threads=1, importance=imp)
-        np.testing.assert_array_equal(dequantize(data, t), gguf.quants.dequantize(data, gguf.GGMLQuantizationType[t.name]))
+        np.testing.assert_array_equal(
+            dequantize(data, t), gguf.quants.dequantize(data, gguf.GGMLQuantizationType[t.name])
+        )
         return held_values(w, t, rounding, threads=1, importance=imp)
 
     def err(v: np.ndarray, imp: np.ndarray | None = None) -> float:

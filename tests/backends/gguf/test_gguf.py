@@ -173,10 +173,20 @@ def test_recipes_and_refusals() -> None:
     k = make_recipe("q4_k_m-mse")
     assert (k.name, k.mix, k.recipe.rounding, k.activations) == ("q4_k_m-mse", "q4_k_m", "mse", "ggml-k")
     assert make_recipe("q6_k").name == "q6_k"
+    fit = make_recipe("q4_k_m-fit")
+    assert (fit.name, fit.recipe.name) == ("q4_k_m-fit", "int4-b32-asym-fit")
+    imat = make_recipe("q4_k_m-imat")  # calibration statistics only: the K-quant packing is ggml's
+    assert (imat.name, imat.recipe.name, imat.mix) == ("q4_k_m-imat", "int4-b32-imat", "q4_k_m")
+    assert (
+        make_recipe("q4_0-imat").recipe.name == "int4-b32-imat" and make_recipe("q5_k_m-fit").mix == "q5_k_m"
+    )
+    assert make_recipe("q4_0-nearest").recipe.rounding == "nearest"
     for bad, why in [
         ("q4_k_s", "not supported by the GGUF backend yet"),
-        ("q5_k_m-mse", "no 5-bit rounding search"),
-        ("q4_k_m-a8", "takes only -mse"),
+        ("q5_k_m-mse", "no 5-bit -mse grid"),
+        ("q4_k_m-a8", "takes only a rounding"),
+        ("q4_0-gptq", "takes only a rounding"),
+        ("int4-b32-gptq", "-gptq is not supported by the GGUF backend"),
         ("int4-b64", "hold 32 values"),
         ("int8-pc", "hold 32 values"),
         ("int4-b32-asym", "no zero point"),
@@ -327,6 +337,25 @@ def test_k_quant_full_gate_through_llama_cpp(quant: str, tmp_path: Path) -> None
     kinds = set(outcome.manifest["gguf"]["tensor_types"])
     base = {"q6_k": "Q6_K", "q5_k_m": "Q5_K", "q4_k_m-mse": "Q4_K"}[quant]
     assert kinds == {"F32", "Q6_K", base}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["q4_k_m-imat", "q4_k_m-fit"])
+def test_fitted_and_calibrated_k_quants_pass_the_full_gate(quant: str, tmp_path: Path) -> None:
+    """`-fit` and `-imat` (the fit weighted by a calibration pass's importance, read from the calibration table
+    while the export and its parity run) on the hidden-256 checkpoint: the full gate through llama.cpp, and the
+    calibration recorded in the manifest."""
+    import torch
+
+    from lfm_export.check import save_random_transformers
+
+    source = save_random_transformers(tmp_path / "hf", K_SHAPE, torch.float32, seed=20)
+    outcome = export_artifact(
+        "gguf", str(source), tmp_path / quant, make_recipe(quant, CONTEXT), progress=Progress(quiet=True)
+    )
+    assert outcome.passed, outcome.manifest["parity"]
+    assert outcome.manifest["recipe"]["name"] == quant
+    assert ("calibration" in outcome.manifest) == quant.endswith("imat")
 
 
 def test_k_quant_mix_equals_llama_cpps_own_quantizer(tmp_path: Path) -> None:
