@@ -56,7 +56,7 @@ ROUNDING_SUFFIXES = ("nearest", "mse", "fit", "imat")
 """What a llama.cpp type name takes after a dash: the rounding inside its blocks (`-nearest`: the block's
 extreme at the end code, as llama.cpp's reference quantizers without an importance matrix; the others as the
 core's, `-imat` being the fit weighted by the calibrated inputs' mean square)."""
-DEFAULT_ROUNDING = {"q4_0": "nearest", "q4_k_m": "nearest"}
+DEFAULT_ROUNDING = {"q4_0": "fit", "q4_k_m": "fit"}
 """The rounding a bare llama.cpp type name means (the rest: `nearest`)."""
 DEFAULT_CONTEXT = 4096
 """Context the manifest declares (and the runtime shim allocates) when none is asked for: llama.cpp allocates

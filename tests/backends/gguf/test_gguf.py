@@ -168,13 +168,15 @@ def test_chat_template_renders_transformers_tokens_in_llama_cpp(q4_0) -> None:
 
 @pytest.mark.unit
 def test_recipes_and_refusals() -> None:
-    assert make_recipe("q4_0").recipe.name == "int4-b32" and make_recipe("int8-b32-mse").name == "q8_0-mse"
+    assert make_recipe("q4_0").recipe.name == "int4-b32-fit" and make_recipe("int8-b32-mse").name == "q8_0-mse"
+    assert make_recipe("int4-b32").name == "q4_0-nearest" and make_recipe("q4_0").name == "q4_0"
     assert make_recipe("f16").recipe.dtype == "fp16" and make_recipe("int4-b32").ggml_name == "q4_0"
     k = make_recipe("q4_k_m-mse")
     assert (k.name, k.mix, k.recipe.rounding, k.activations) == ("q4_k_m-mse", "q4_k_m", "mse", "ggml-k")
     assert make_recipe("q6_k").name == "q6_k"
-    fit = make_recipe("q4_k_m-fit")
-    assert (fit.name, fit.recipe.name) == ("q4_k_m-fit", "int4-b32-asym-fit")
+    fit = make_recipe("q4_k_m")  # the fit by default; -nearest for llama.cpp's reference rounding
+    assert (fit.name, fit.recipe.name) == ("q4_k_m", "int4-b32-asym-fit")
+    assert make_recipe("q4_k_m-nearest").recipe.name == "int4-b32-asym"
     imat = make_recipe("q4_k_m-imat")  # calibration statistics only: the K-quant packing is ggml's
     assert (imat.name, imat.recipe.name, imat.mix) == ("q4_k_m-imat", "int4-b32-imat", "q4_k_m")
     assert (
@@ -340,11 +342,11 @@ def test_k_quant_full_gate_through_llama_cpp(quant: str, tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quant", ["q4_k_m-imat", "q4_k_m-fit"])
-def test_fitted_and_calibrated_k_quants_pass_the_full_gate(quant: str, tmp_path: Path) -> None:
-    """`-fit` and `-imat` (the fit weighted by a calibration pass's importance, read from the calibration table
-    while the export and its parity run) on the hidden-256 checkpoint: the full gate through llama.cpp, and the
-    calibration recorded in the manifest."""
+@pytest.mark.parametrize("quant", ["q4_k_m-imat", "q4_k_m-nearest"])
+def test_calibrated_and_plain_k_quants_pass_the_full_gate(quant: str, tmp_path: Path) -> None:
+    """`-imat` (the default fit weighted by a calibration pass's importance, read from the calibration table
+    while the export and its parity run) and `-nearest` (llama.cpp's reference rounding) on the hidden-256
+    checkpoint: the full gate through llama.cpp, and the calibration recorded in the manifest."""
     import torch
 
     from lfm_export.check import save_random_transformers
