@@ -168,7 +168,9 @@ def test_chat_template_renders_transformers_tokens_in_llama_cpp(q4_0) -> None:
 
 @pytest.mark.unit
 def test_recipes_and_refusals() -> None:
-    assert make_recipe("q4_0").recipe.name == "int4-b32-fit" and make_recipe("int8-b32-mse").name == "q8_0-mse"
+    assert (
+        make_recipe("q4_0").recipe.name == "int4-b32-fit" and make_recipe("int8-b32-mse").name == "q8_0-mse"
+    )
     assert make_recipe("int4-b32").name == "q4_0-nearest" and make_recipe("q4_0").name == "q4_0"
     assert make_recipe("f16").recipe.dtype == "fp16" and make_recipe("int4-b32").ggml_name == "q4_0"
     k = make_recipe("q4_k_m-mse")
