@@ -263,7 +263,7 @@ def calibrated_table(
                 q = gptq(w, recipe.bits, block, s.hessian, factor=factors[id(s.hessian)])
             else:
                 q = weighted_search(w, recipe.bits, block, s.mean_square)
-            table.add(w, recipe.bits, block, q.codes, q.scales)
+            table.add(w, recipe.bits, block, q.codes, q.scales, s.mean_square if s.tokens else None)
             if s.hessian is not None:
                 plain = quantize_block(w, recipe.bits, block).dequantize()
                 errors["nearest"] += hessian_error(w, plain, s.hessian)

@@ -42,13 +42,27 @@ class Table:
 
     matrices: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     rows: dict[tuple[bytes, int, int], tuple[int, int]] = field(default_factory=dict)
+    importances: dict[int, np.ndarray] = field(default_factory=dict)
+    """Per matrix (index into `matrices`), the inputs' per-channel mean square `[K]` it was calibrated with,
+    for a format whose own search weighs its error by it (GGUF's K-quants)."""
     rows_served: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, w: np.ndarray, bits: int, block: int, codes: np.ndarray, scales: np.ndarray) -> None:
-        """Hold `codes` / `scales` for weight `w` (the values the backends will be given)."""
+    def add(
+        self,
+        w: np.ndarray,
+        bits: int,
+        block: int,
+        codes: np.ndarray,
+        scales: np.ndarray,
+        importance: np.ndarray | None = None,
+    ) -> None:
+        """Hold `codes` / `scales` for weight `w` (the values the backends will be given), and the importance
+        `[K]` they were chosen with."""
         index = len(self.matrices)
         self.matrices.append((codes, scales))
+        if importance is not None:
+            self.importances[index] = np.asarray(importance, np.float32)
         for r, key in enumerate(row_keys(w)):
             self.rows.setdefault((key, bits, block), (index, r))
 
@@ -68,6 +82,16 @@ class Table:
         with self._lock:
             self.rows_served += int(found.sum())
         return codes, scales, found
+
+    def find_importance(self, w: np.ndarray, bits: int, block: int) -> np.ndarray | None:
+        """The importance `[K]` weight `w` was calibrated with (found by its first row), or None; its rows count
+        as served (`rows_served`) when found."""
+        hit = self.rows.get((row_keys(w[:1])[0], bits, block))
+        found = None if hit is None else self.importances.get(hit[0])
+        if found is not None:
+            with self._lock:
+                self.rows_served += int(w.shape[0])
+        return found
 
     @property
     def nbytes(self) -> int:
@@ -103,3 +127,16 @@ def lookup(
             "on the bundled corpus, or on --calib FILE)"
         )
     return table.find(w, bits, block)
+
+
+def importance(w: np.ndarray, bits: int, block: int) -> np.ndarray | None:
+    """The active table's importance `[K]` for weight `w` (`Table.find_importance`); None when `w` is not in it
+    (the lm_head, the embedding table, an expert no calibration token chose). Raises `CalibrationMissing` when
+    no table is active, as `lookup` does."""
+    table = current()
+    if table is None:
+        raise CalibrationMissing(
+            "-imat rounding needs a calibration pass; export the recipe with lfm-export (it calibrates on the "
+            "bundled corpus, or on --calib FILE)"
+        )
+    return table.find_importance(np.asarray(w), bits, block)

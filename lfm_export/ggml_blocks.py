@@ -78,15 +78,26 @@ def dequantize(data: np.ndarray, kind: BlockType) -> np.ndarray:
 
 
 def quantize(
-    w: np.ndarray, bits: int, rounding: str = "nearest", threads: int = DEFAULT_THREADS
+    w: np.ndarray,
+    bits: int,
+    rounding: str = "nearest",
+    threads: int = DEFAULT_THREADS,
+    importance: np.ndarray | None = None,
 ) -> np.ndarray:
-    """`w [N, K]` as ggml bytes: the core quantizer's symmetric codes in blocks of 32 (`rounding` its search),
-    packed as Q8_0 (`bits` 8) or Q4_0 (4)."""
+    """`w [N, K]` as ggml bytes: the core quantizer's symmetric codes in blocks of 32 (`rounding` its search;
+    `imat` is the core's `fit` weighted by `importance [K]`, the calibrated inputs' mean square), packed as
+    Q8_0 (`bits` 8) or Q4_0 (4)."""
+    if rounding in ("fit", "imat"):
+        return pack(quantize_block(w, bits, QK, True, "fit", threads, importance))
     return pack(quantize_block(w, bits, QK, True, rounding, threads))
 
 
 def held_values(
-    w: np.ndarray, bits: int, rounding: str = "nearest", threads: int = DEFAULT_THREADS
+    w: np.ndarray,
+    bits: int,
+    rounding: str = "nearest",
+    threads: int = DEFAULT_THREADS,
+    importance: np.ndarray | None = None,
 ) -> np.ndarray:
     """The float32 values a GGUF artifact holds for `w` at `bits`: `quantize` then ggml's dequantization."""
-    return dequantize(quantize(w, bits, rounding, threads), BY_BITS[bits])
+    return dequantize(quantize(w, bits, rounding, threads, importance), BY_BITS[bits])

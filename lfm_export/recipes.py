@@ -10,6 +10,8 @@ A recipe says how weights and activations are represented; a backend adds only i
     ...-asym                                    per-block zero points (default: symmetric)
     ...-a8                                      dynamic per-token int8 activations (ExecuTorch's `8da4w`)
     ...-mse                                     scales chosen by a rounding search (see `lfm_export.quant`)
+    ...-fit                                     scales (and zero points) refitted by least squares to the codes
+                                                of each candidate scale (`lfm_export.quant.fit_blocks`)
     ...-imat, ...-gptq                          calibrated rounding (`lfm_export.rounding`): the scale search
                                                 weighted by input importance, or error-compensating rounding
 
@@ -39,7 +41,7 @@ PER_CHANNEL = 0
 """`block_size` of a per-output-channel recipe (`-pc`): one block spans a weight's whole input dimension.
 Only int8 takes it (an int4 row needs blocks); each backend that cannot hold it refuses it."""
 ACTIVATIONS = ("float", "int8")
-ROUNDINGS = ("nearest", "mse", "imat", "gptq")
+ROUNDINGS = ("nearest", "mse", "fit", "imat", "gptq")
 CALIBRATED_ROUNDINGS = ("imat", "gptq")
 """Roundings that need statistics of the linears' inputs over a calibration text (`lfm_export.calibrate`):
 `imat` weighs the `-mse` scale search by each input channel's mean square (llama.cpp's importance matrix),
@@ -88,7 +90,7 @@ ALIASES = {
 
 _GRAMMAR = (
     "expected fp32, fp16, bf16, or int4 / int8 with optional -bN (N in 32, 64, 128; int8 also -pc, per "
-    "channel), -asym, -a8, -mse | -imat | -gptq "
+    "channel), -asym, -a8, -mse | -fit | -imat | -gptq "
     f"(aliases: {', '.join(ALIASES)})"
 )
 
@@ -103,8 +105,8 @@ class Recipe:
       whole row (`block_for`).
     - `symmetric`: no zero points (default) or per-block zero points.
     - `activations`: `float`, or `int8` (dynamic per-token int8 activations into the quantized linears).
-    - `rounding`: `nearest` (scale from the block's extreme), `mse` (per-block scale search), or a calibrated
-      one of `CALIBRATED_ROUNDINGS`.
+    - `rounding`: `nearest` (scale from the block's extreme), `mse` (per-block scale search), `fit` (per-block
+      least-squares refit over candidate scales), or a calibrated one of `CALIBRATED_ROUNDINGS`.
     - `head_bits` / `embedding_bits`: bits of the lm_head and the embedding table (None: float).
     - `max_seq_len`: the context the artifact declares; None = the model's, capped at 32768.
     """
@@ -143,7 +145,7 @@ class Recipe:
         if self.bits is None and (
             self.activations != "float" or self.rounding != "nearest" or not self.symmetric
         ):
-            raise UnsupportedError("-a8, -mse and -asym need a quantized recipe (int4 or int8)")
+            raise UnsupportedError("-a8, -mse, -fit and -asym need a quantized recipe (int4 or int8)")
         if self.rounding in CALIBRATED_ROUNDINGS and not self.symmetric:
             raise UnsupportedError(f"-{self.rounding} rounding is symmetric only; drop -asym")
         for what, b in (("head", self.head_bits), ("embedding", self.embedding_bits)):

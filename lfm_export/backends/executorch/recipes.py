@@ -99,6 +99,11 @@ class ExecuTorchRecipe:
                     f"{r.name}: the ExecuTorch backend quantizes symmetric weights (XNNPACK's int4 and int8 "
                     "linears hold no zero point); drop -asym"
                 )
+            if r.rounding == "fit":
+                raise UnsupportedError(
+                    f"{r.name}: -fit is not supported by the ExecuTorch backend (XNNPACK holds bf16 scales it "
+                    "rounds its own way); use -mse"
+                )
         if r.head_bits not in (HEAD_CHOICES if r.quantized else (None,)):
             raise UnsupportedError(
                 f"{r.name}: --head-bits takes 4 (blocks of the group size) or 8 (per channel), with a "

@@ -10,6 +10,7 @@ from typing import Any
 
 from lfm_export.backends.record import Backend, Runner
 from lfm_export.contract.errors import UserError
+from lfm_export.contract.session import DEFAULT_THREADS
 
 from .recipes import GgufRecipe, make_recipe
 
@@ -43,15 +44,19 @@ def weight_values(recipe_dict: dict[str, Any]) -> Any:
     from lfm_export import ggml_kquants
     from lfm_export.ggml_blocks import BLOCK_TYPES, held_values
 
+    from .recipes import importance_for
+
     types = recipe_dict.get("ggml_tensor_types")  # a K-quant mix: the type of each checkpoint tensor
+    threads = DEFAULT_THREADS
 
     def values(w: Any, bits: int, name: str = "") -> Any:
+        imp = importance_for(w, recipe)
         if types is None:
-            return held_values(w, bits, recipe.rounding)
+            return held_values(w, bits, recipe.rounding, threads, imp)
         kind = types[name]
         if kind in BLOCK_TYPES:
-            return held_values(w, BLOCK_TYPES[kind].bits, recipe.rounding)
-        return ggml_kquants.held_values(w, ggml_kquants.K_TYPES[kind], recipe.rounding)
+            return held_values(w, BLOCK_TYPES[kind].bits, recipe.rounding, threads, imp)
+        return ggml_kquants.held_values(w, ggml_kquants.K_TYPES[kind], recipe.rounding, threads, imp)
 
     return values
 
@@ -72,6 +77,7 @@ BACKEND = Backend(
     quant_default="f32",
     simulation=simulation,
     weight_values=weight_values,
+    core_codes=True,
     stored_weights="lfm_export.backends.gguf.stored_weights:stored_weights",
     gates="lfm_export.backends.gguf.gates:GGUF_GATES",
     sanity="lfm_export.backends.gguf.gates:GGUF_SANITY_KL_MEAN",

@@ -44,7 +44,7 @@ from lfm_export.progress import Progress
 from lfm_export.recipes import ACT_FP16, ACT_FP16_ROUTED
 from lfm_export.signature import build_signature
 
-from .recipes import MIX_FILE_TYPES, GgufRecipe, ggml_type
+from .recipes import MIX_FILE_TYPES, GgufRecipe, ggml_type, importance_for
 from .vocab import read_vocab, write_vocab
 
 MODEL_FILE = "model.gguf"
@@ -188,12 +188,15 @@ def produce(
         w = t.detach().float().numpy() if hasattr(t, "detach") else np.asarray(t, np.float32)
         if ".conv.conv." in name:
             w = w.reshape(w.shape[0], w.shape[-1])
+        quantized = p.ggml in ggml_kquants.K_TYPES or p.ggml in BLOCK_TYPES
+        imp = importance_for(w, recipe.recipe) if quantized else None  # by the checkpoint's own values
         if scale_down != 1.0 and re.search(r"\.experts\.\d+\.w2\.weight$", name):
             w = w * np.float32(scale_down)
+        rounding = recipe.recipe.rounding
         if p.ggml in ggml_kquants.K_TYPES:
-            w = ggml_kquants.quantize(w, ggml_kquants.K_TYPES[p.ggml], recipe.recipe.rounding, threads)
+            w = ggml_kquants.quantize(w, ggml_kquants.K_TYPES[p.ggml], rounding, threads, imp)
         elif p.ggml in BLOCK_TYPES:
-            w = ggml_quantize(w, BLOCK_TYPES[p.ggml].bits, recipe.recipe.rounding, threads)
+            w = ggml_quantize(w, BLOCK_TYPES[p.ggml].bits, rounding, threads, imp)
         elif p.ggml == "F16":
             w = w.astype(np.float16)
         else:

@@ -31,8 +31,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from lfm_export import calibrated
 from lfm_export.contract.errors import UnsupportedError
-from lfm_export.recipes import ACT_FLOAT, ACT_FP16, ACT_GGML_K, ACT_GGML_Q8_0, Recipe, parse_recipe
+from lfm_export.recipes import (
+    ACT_FLOAT,
+    ACT_FP16,
+    ACT_GGML_K,
+    ACT_GGML_Q8_0,
+    CALIBRATED_ROUNDINGS,
+    Recipe,
+    parse_recipe,
+)
 
 GGML_NAMES = {"f32": "fp32", "f16": "fp16", "q8_0": "int8-b32", "q4_0": "int4-b32"}
 """llama.cpp's type names (as `llama-quantize` spells them) and the core recipe each is."""
@@ -41,6 +52,12 @@ K_MIXES = {"q4_k_m": "int4-b32-asym", "q5_k_m": "int4-b32-asym", "q6_k": "int8-b
 """llama.cpp's K-quant mixes and the core recipe each quantizes from (which tensors, the rounding)."""
 MIX_FILE_TYPES = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 """`general.file_type` of the mixes (`LLAMA_FTYPE_MOSTLY_Q4_K_M`, `MOSTLY_Q5_K_M`, `MOSTLY_Q6_K`)."""
+ROUNDING_SUFFIXES = ("nearest", "mse", "fit", "imat")
+"""What a llama.cpp type name takes after a dash: the rounding inside its blocks (`-nearest`: the block's
+extreme at the end code, as llama.cpp's reference quantizers without an importance matrix; the others as the
+core's, `-imat` being the fit weighted by the calibrated inputs' mean square)."""
+DEFAULT_ROUNDING = {"q4_0": "fit", "q4_k_m": "fit"}
+"""The rounding a bare llama.cpp type name means (the rest: `nearest`)."""
 DEFAULT_CONTEXT = 4096
 """Context the manifest declares (and the runtime shim allocates) when none is asked for: llama.cpp allocates
 its KV cache for the whole context at load time."""
@@ -83,6 +100,11 @@ class GgufRecipe:
             raise UnsupportedError(
                 f"{name}: llama.cpp rounds the activations itself (to Q8_0 blocks); drop -a8"
             )
+        if r.rounding == "gptq":
+            raise UnsupportedError(
+                f"{name}: -gptq is not supported by the GGUF backend (its codes are rounded for the core's "
+                "blocks, not ggml's); use -imat"
+            )
 
     @classmethod
     def coerce(cls, recipe: GgufRecipe | Recipe | str) -> GgufRecipe:
@@ -97,7 +119,8 @@ class GgufRecipe:
         r = self.recipe
         if not r.quantized:
             return r.name
-        return (self.mix or self.ggml_name) + ("-mse" if r.rounding == "mse" else "")
+        head = self.mix or self.ggml_name
+        return head + ("" if r.rounding == DEFAULT_ROUNDING.get(head, "nearest") else f"-{r.rounding}")
 
     @property
     def activations(self) -> str:
@@ -135,21 +158,44 @@ class GgufRecipe:
         return cls(Recipe.from_dict(d), d.get("ggml_mix"))
 
 
+def importance_for(w: np.ndarray, recipe: Recipe) -> np.ndarray | None:
+    """The calibrated importance `[K]` that weighs the fit of `w` under an `-imat` recipe (None otherwise, or
+    for a weight the calibration did not see: it is fitted unweighted). Read from the calibration table that is
+    active while an artifact is exported or checked (`lfm_export.calibrated`), by the weight's content."""
+    if recipe.rounding not in CALIBRATED_ROUNDINGS or recipe.bits is None:
+        return None
+    return calibrated.importance(w, recipe.bits, recipe.block_size)
+
+
 def make_recipe(quant: str = "f32", max_seq_len: int | None = None) -> GgufRecipe:
     """The recipe `lfm-export gguf --quant QUANT [--max-seq-len N]` builds (llama.cpp names or core names)."""
     raw = quant.strip().lower()
     if raw in NOT_YET:
         raise UnsupportedError(
             f"--quant {quant}: not supported by the GGUF backend yet; supported: {', '.join([*GGML_NAMES, *K_MIXES])} "
-            "(and the core names int8-b32, int4-b32, with -mse)"
+            "(and the core names int8-b32, int4-b32, with -mse, -fit or -imat)"
         )
     head, dash, rest = raw.partition("-")
+    quantized = head in K_MIXES or head in ("q8_0", "q4_0")
+    if quantized and rest not in ("", *ROUNDING_SUFFIXES):
+        raise UnsupportedError(
+            f"--quant {quant}: a llama.cpp type takes only a rounding: -{', -'.join(ROUNDING_SUFFIXES)}"
+        )
+    rounding = rest or DEFAULT_ROUNDING.get(head, "nearest")
+    suffix = "" if rounding == "nearest" else f"-{rounding}"
     if head in K_MIXES:
-        if rest not in ("", "mse"):
-            raise UnsupportedError(f"--quant {quant}: a K-quant mix takes only -mse")
-        if head == "q5_k_m" and rest:
-            raise UnsupportedError(f"--quant {quant}: the core has no 5-bit rounding search; use q5_k_m")
-        return GgufRecipe(parse_recipe(K_MIXES[head] + dash + rest, max_seq_len=max_seq_len), head)
+        if head == "q5_k_m" and rounding == "mse":
+            raise UnsupportedError(
+                f"--quant {quant}: the core has no 5-bit -mse grid; use q5_k_m or q5_k_m-fit"
+            )
+        core = K_MIXES[head]
+        if (
+            rounding in CALIBRATED_ROUNDINGS
+        ):  # the calibration's statistics only: the K-quant packing is ggml's
+            core = core.replace("-asym", "")
+        return GgufRecipe(parse_recipe(core + suffix, max_seq_len=max_seq_len), head)
+    if quantized:
+        return GgufRecipe(parse_recipe(GGML_NAMES[head] + suffix, max_seq_len=max_seq_len))
     core = GGML_NAMES[head] + dash + rest if head in GGML_NAMES else raw
     if core.startswith("q") and head not in GGML_NAMES:
         raise UnsupportedError(

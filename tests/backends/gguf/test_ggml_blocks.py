@@ -24,7 +24,7 @@ def weights(seed: int, n: int = 48, k: int = 256) -> np.ndarray:
 
 
 @pytest.mark.parametrize(("bits", "kind"), [(8, Q8_0), (4, Q4_0)])
-@pytest.mark.parametrize("rounding", ["nearest", "mse"])
+@pytest.mark.parametrize("rounding", ["nearest", "mse", "fit"])
 def test_gguf_reads_our_blocks_as_the_core_codes(bits, kind, rounding) -> None:
     w = weights(bits)
     data = quantize(w, bits, rounding, threads=1)

@@ -10,6 +10,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 
+from lfm_export.ggml_blocks import Q4_0, Q8_0  # noqa: E402
 from lfm_export.ggml_blocks import held_values as q_0_values  # noqa: E402
 from lfm_export.ggml_kquants import Q4_K, Q5_0, Q5_K, Q6_K, dequantize, held_values, quantize  # noqa: E402
 from lfm_export.quant import fake_quant_ggml_k, fake_quant_q8_0, fake_quant_q8_k  # noqa: E402
@@ -32,7 +33,7 @@ def rms(a: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("kind", [Q6_K, Q5_K, Q4_K, Q5_0], ids=lambda t: t.name)
-@pytest.mark.parametrize("rounding", ["nearest", "mse"])
+@pytest.mark.parametrize("rounding", ["nearest", "mse", "fit"])
 def test_gguf_reads_our_k_quant_bytes_as_we_say(kind, rounding) -> None:
     w = weights(len(kind.name) + len(rounding))
     data = quantize(w, kind, rounding, threads=1)
@@ -53,6 +54,74 @@ def test_gguf_reads_our_k_quant_bytes_as_we_say(kind, rounding) -> None:
     assert q8 < err < bound
     # the small super-block keeps its own scale: its error is relative to its values
     assert rms(theirs[2, 256:] - w[2, 256:]) < 0.2 * rms(w[2, 256:])
+
+
+def llama_cpp_values(w: np.ndarray, kind: str, importance: np.ndarray | None = None) -> np.ndarray | None:
+    """What llama.cpp's own quantizer (`ggml_quantize_chunk` in the libggml-base that llama-cpp-python ships)
+    holds for `w` at type `kind`, read back by gguf-py; None where the library is not there."""
+    import ctypes
+    from pathlib import Path
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    found = sorted((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.*"))
+    if not found:
+        return None
+    lib = ctypes.CDLL(str(found[0]))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3
+    lib.ggml_quantize_chunk.argtypes += [ctypes.c_void_p]
+    kind_id = gguf.GGMLQuantizationType[kind]
+    block, size = gguf.GGML_QUANT_SIZES[kind_id]
+    x = np.ascontiguousarray(w, np.float32)
+    out = np.zeros((x.shape[0], x.shape[1] // block * size), np.uint8)
+    imp = None if importance is None else np.ascontiguousarray(importance, np.float32)
+    lib.ggml_quantize_init(int(kind_id))
+    lib.ggml_quantize_chunk(
+        int(kind_id),
+        x.ctypes.data,
+        out.ctypes.data,
+        0,
+        x.shape[0],
+        x.shape[1],
+        None if imp is None else imp.ctypes.data,
+    )
+    return gguf.quants.dequantize(out, kind_id).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q4_0", "Q8_0"])
+def test_fit_rounds_closer_than_llama_cpps_own_quantizer(kind: str) -> None:
+    """`-fit` (the core's least-squares fit, the K-quants' stored sub-scales searched against the super-block
+    scale) holds values closer to the weights than llama.cpp's reference quantizer does for the same type
+    (`llama-quantize` without an importance matrix); with an importance, its importance-weighted error is
+    below both its unweighted fit's and llama.cpp's own importance-weighted quantizer's."""
+    rng = np.random.default_rng(len(kind))
+    w = (rng.standard_t(4, size=(64, 512)) * 0.02).astype(np.float32)
+    importance = (rng.gamma(0.5, 1.0, 512) + 1e-3).astype(np.float32)  # a few channels dominate
+    theirs = llama_cpp_values(w, kind)
+    if theirs is None:
+        pytest.skip("llama-cpp-python's libggml-base not found")
+
+    def ours(rounding: str, imp: np.ndarray | None = None) -> np.ndarray:
+        if kind in ("Q4_0", "Q8_0"):
+            bits = {"Q4_0": Q4_0, "Q8_0": Q8_0}[kind].bits
+            return q_0_values(w, bits, rounding, threads=1, importance=imp)
+        t = {"Q4_K": Q4_K, "Q5_K": Q5_K, "Q6_K": Q6_K, "Q5_0": Q5_0}[kind]
+        data = quantize(w, t, rounding, threads=1, importance=imp)
+        np.testing.assert_array_equal(
+            dequantize(data, t), gguf.quants.dequantize(data, gguf.GGMLQuantizationType[t.name])
+        )
+        return held_values(w, t, rounding, threads=1, importance=imp)
+
+    def err(v: np.ndarray, imp: np.ndarray | None = None) -> float:
+        d = (v - w).astype(np.float64) ** 2
+        return float((d if imp is None else d * imp).sum())
+
+    fit, nearest = ours("fit"), ours("nearest")
+    assert err(fit) < err(theirs) and err(fit) < err(nearest)
+    weighted = ours("imat", importance)
+    assert err(weighted, importance) < err(fit, importance)
+    theirs_weighted = llama_cpp_values(w, kind, importance)
+    assert theirs_weighted is not None and err(weighted, importance) < err(theirs_weighted, importance)
 
 
 def q8_k_reference(x: np.ndarray) -> np.ndarray:

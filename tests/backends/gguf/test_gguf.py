@@ -67,7 +67,7 @@ def test_export_passes_parity_through_llama_cpp(artifacts, case) -> None:
     reader = gguf.GGUFReader(folder / "model.gguf")
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     if case[1] == "q4_0":
-        assert m["recipe"]["name"] == "q4_0" and m["recipe"]["core_recipe"] == "int4-b32"
+        assert m["recipe"]["name"] == "q4_0" and m["recipe"]["core_recipe"] == "int4-b32-fit"
         assert m["recipe"]["activation_rounding"] == "ggml-q8_0" and m["parity"]["gate"] == "q4_0"
         assert types["blk.0.shortconv.in_proj.weight"] == "Q4_0" and types["token_embd.weight"] == "Q8_0"
         assert types["blk.0.shortconv.conv.weight"] == "F32" and types["token_embd_norm.weight"] == "F32"
@@ -168,15 +168,29 @@ def test_chat_template_renders_transformers_tokens_in_llama_cpp(q4_0) -> None:
 
 @pytest.mark.unit
 def test_recipes_and_refusals() -> None:
-    assert make_recipe("q4_0").recipe.name == "int4-b32" and make_recipe("int8-b32-mse").name == "q8_0-mse"
+    assert (
+        make_recipe("q4_0").recipe.name == "int4-b32-fit" and make_recipe("int8-b32-mse").name == "q8_0-mse"
+    )
+    assert make_recipe("int4-b32").name == "q4_0-nearest" and make_recipe("q4_0").name == "q4_0"
     assert make_recipe("f16").recipe.dtype == "fp16" and make_recipe("int4-b32").ggml_name == "q4_0"
     k = make_recipe("q4_k_m-mse")
     assert (k.name, k.mix, k.recipe.rounding, k.activations) == ("q4_k_m-mse", "q4_k_m", "mse", "ggml-k")
     assert make_recipe("q6_k").name == "q6_k"
+    fit = make_recipe("q4_k_m")  # the fit by default; -nearest for llama.cpp's reference rounding
+    assert (fit.name, fit.recipe.name) == ("q4_k_m", "int4-b32-asym-fit")
+    assert make_recipe("q4_k_m-nearest").recipe.name == "int4-b32-asym"
+    imat = make_recipe("q4_k_m-imat")  # calibration statistics only: the K-quant packing is ggml's
+    assert (imat.name, imat.recipe.name, imat.mix) == ("q4_k_m-imat", "int4-b32-imat", "q4_k_m")
+    assert (
+        make_recipe("q4_0-imat").recipe.name == "int4-b32-imat" and make_recipe("q5_k_m-fit").mix == "q5_k_m"
+    )
+    assert make_recipe("q4_0-nearest").recipe.rounding == "nearest"
     for bad, why in [
         ("q4_k_s", "not supported by the GGUF backend yet"),
-        ("q5_k_m-mse", "no 5-bit rounding search"),
-        ("q4_k_m-a8", "takes only -mse"),
+        ("q5_k_m-mse", "no 5-bit -mse grid"),
+        ("q4_k_m-a8", "takes only a rounding"),
+        ("q4_0-gptq", "takes only a rounding"),
+        ("int4-b32-gptq", "-gptq is not supported by the GGUF backend"),
         ("int4-b64", "hold 32 values"),
         ("int8-pc", "hold 32 values"),
         ("int4-b32-asym", "no zero point"),
@@ -327,6 +341,28 @@ def test_k_quant_full_gate_through_llama_cpp(quant: str, tmp_path: Path) -> None
     kinds = set(outcome.manifest["gguf"]["tensor_types"])
     base = {"q6_k": "Q6_K", "q5_k_m": "Q5_K", "q4_k_m-mse": "Q4_K"}[quant]
     assert kinds == {"F32", "Q6_K", base}
+
+
+@pytest.mark.slow
+def test_plain_rounding_passes_the_full_gate(tmp_path: Path) -> None:
+    """`q4_k_m-nearest` (llama.cpp's reference rounding, the default before `-fit`) on the hidden-256
+    checkpoint: the full gate through llama.cpp. (`-imat` has no end-to-end test: on `tiny-moe` its
+    `q4_0-imat` and `q4_k_m-imat` exports failed their exactness gates with bit-exact stored weights; see
+    docs/backends/gguf.md.)"""
+    import torch
+
+    from lfm_export.check import save_random_transformers
+
+    source = str(save_random_transformers(tmp_path / "hf", K_SHAPE, torch.float32, seed=20))
+    outcome = export_artifact(
+        "gguf",
+        source,
+        tmp_path / "nearest",
+        make_recipe("q4_k_m-nearest", CONTEXT),
+        progress=Progress(quiet=True),
+    )
+    assert outcome.passed, outcome.manifest["parity"]
+    assert outcome.manifest["recipe"]["name"] == "q4_k_m-nearest"
 
 
 def test_k_quant_mix_equals_llama_cpps_own_quantizer(tmp_path: Path) -> None:

@@ -1,0 +1,151 @@
+"""Rounding only, types matched: llama.cpp's own quantizer (`ggml_quantize_chunk` in the libggml-base that
+llama-cpp-python ships) against ours, tensor by tensor at the SAME ggml type, in the simulation of what
+llama.cpp computes (`lfm_export.quant.simulate` with llama.cpp's activation rounding), KL against fp32 over the
+parity prompts. `gguf_vs_llamacpp.py` compares whole files, whose types can differ (at q4_0 llama.cpp holds a
+tied token table whose rows are multiples of 256 at Q6_K, we hold it at Q8_0); this isolates the rounding.
+
+    .venv/bin/python benchmarks/gguf_rounding_sim.py --model PATH --mix q4_0 \
+        --variants theirs,nearest,fit,imat --out benchmarks/results/gguf_rounding_sim_small_q4_0.json
+
+Types: `q4_0`: Q4_0 linears, Q8_0 token table (ours, given to llama.cpp's quantizer too); a K-quant mix:
+`lfm_export.precision.ggml_mix_type`. `theirs` is llama.cpp's reference quantizer (no importance matrix),
+`theirs-imat` with the calibration's mean squares as its importance matrix; ours: `ggml_blocks` /
+`ggml_kquants` with the rounding named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+from pathlib import Path
+
+import numpy as np
+from provenance import provenance
+
+
+def llama_cpp_quantizer():  # noqa: ANN201
+    import llama_cpp
+
+    lib = ctypes.CDLL(str(sorted((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.*"))[0]))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3
+    lib.ggml_quantize_chunk.argtypes += [ctypes.c_void_p]
+    return lib
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--mix", default="q4_0", help="q4_0 or a K-quant mix (q4_k_m)")
+    ap.add_argument("--variants", default="theirs,nearest,fit,imat,theirs-imat")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    import gguf
+    import torch
+
+    from lfm_export import ggml_blocks, ggml_kquants
+    from lfm_export.calibrate import calibrate
+    from lfm_export.loading import load_model
+    from lfm_export.parity import ReferenceSession
+    from lfm_export.parity.metrics import log_softmax
+    from lfm_export.parity.prompts import default_prompts
+    from lfm_export.precision import ggml_mix_type
+    from lfm_export.quant import simulate
+    from lfm_export.recipes import ACT_GGML_K, ACT_GGML_Q8_0, parse_recipe
+
+    torch.set_num_threads(args.threads)
+    lib = llama_cpp_quantizer()
+    loaded = load_model(args.model)
+    cfg = loaded.config
+    prompts = default_prompts(cfg.vocab_size, loaded.tokenizer_file)
+
+    def logits(model: torch.nn.Module) -> list[np.ndarray]:
+        s, out = ReferenceSession(model), []
+        for ids in prompts:
+            s.reset()
+            out.append(s.prefill(ids[None])[0])
+        return out
+
+    reference = logits(loaded.model)
+    importance = {n: s.mean_square for n, s in calibrate(loaded).linears.items()}
+    recipe = parse_recipe("int4-b32" if args.mix == "q4_0" else "int4-b32-asym")
+    types: dict[str, int] = {}
+
+    def kind_of(name: str, w: np.ndarray, bits: int) -> str:
+        if args.mix == "q4_0":
+            return {4: "Q4_0", 8: "Q8_0"}[bits]
+        return ggml_mix_type(
+            name, args.mix, w.shape[-1], list(cfg.layer_types), bool(cfg.tie_word_embeddings)
+        )
+
+    def theirs(w: np.ndarray, kind: str, imp: np.ndarray | None) -> np.ndarray:
+        t = gguf.GGMLQuantizationType[kind]
+        block, size = gguf.GGML_QUANT_SIZES[t]
+        x = np.ascontiguousarray(w, np.float32)
+        out = np.zeros((x.shape[0], x.shape[1] // block * size), np.uint8)
+        im = None if imp is None else np.ascontiguousarray(imp, np.float32)
+        lib.ggml_quantize_init(int(t))
+        lib.ggml_quantize_chunk(
+            int(t),
+            x.ctypes.data,
+            out.ctypes.data,
+            0,
+            x.shape[0],
+            x.shape[1],
+            None if im is None else im.ctypes.data,
+        )
+        return gguf.quants.dequantize(out, t).astype(np.float32)
+
+    def values_for(variant: str):  # noqa: ANN202
+        def values(w: np.ndarray, bits: int, name: str = "") -> np.ndarray:
+            kind = kind_of(name, w, bits)
+            types[kind] = types.get(kind, 0) + 1
+            imp = importance.get(name)
+            if variant.startswith("theirs"):
+                return theirs(w, kind, imp if variant == "theirs-imat" else None)
+            imp = imp if variant == "imat" else None
+            if kind in ggml_blocks.BLOCK_TYPES:
+                return ggml_blocks.held_values(
+                    w, ggml_blocks.BLOCK_TYPES[kind].bits, variant, args.threads, imp
+                )
+            return ggml_kquants.held_values(w, ggml_kquants.K_TYPES[kind], variant, args.threads, imp)
+
+        return values
+
+    act = ACT_GGML_Q8_0 if args.mix == "q4_0" else ACT_GGML_K
+    rows = []
+    for variant in args.variants.split(","):
+        types.clear()
+        out = logits(simulate(loaded.model, recipe, act, threads=args.threads, weights=values_for(variant)))
+        kl = np.concatenate(
+            [
+                (np.exp(log_softmax(r)) * (log_softmax(r) - log_softmax(o))).sum(-1)
+                for r, o in zip(reference, out)
+            ]
+        )
+        row = {
+            "variant": variant,
+            "kl_mean": float(kl.mean()),
+            "kl_median": float(np.median(kl)),
+            "kl_max": float(kl.max()),
+            "positions": int(kl.size),
+            "types": dict(types),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    base = next((r["kl_mean"] for r in rows if r["variant"] == "theirs"), None)
+    for r in rows:
+        r["kl_mean_vs_theirs"] = None if base is None else round(r["kl_mean"] / base, 3)
+    result = {**provenance(), "model": args.model, "mix": args.mix, "rows": rows}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    for r in rows:
+        print(f"| {r['variant']} | {r['kl_mean']:.2e} | {r['kl_mean_vs_theirs']} |")
+
+
+if __name__ == "__main__":
+    main()
