@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,11 +29,20 @@ def stored_weights(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
     """`(name, float32 [rows, in])` of every compressed constant of `folder/model.mlpackage`'s main function."""
     ct = import_coremltools()
     from coremltools.converters.mil.frontend.milproto.load import load
-    from coremltools.converters.mil.mil import types
 
     mlmodel = ct.models.MLModel(str(Path(folder) / MODEL_FILE), skip_model_load=True)
     spec = mlmodel.get_spec()
-    program = load(spec, specification_version=spec.specificationVersion, file_weights_dir=mlmodel.weights_dir)
+    program = load(
+        spec, specification_version=spec.specificationVersion, file_weights_dir=mlmodel.weights_dir
+    )
+    yield from program_weights(program)
+
+
+def program_weights(program: Any) -> Iterator[tuple[str, np.ndarray]]:
+    """`(name, float32 [rows, in])` of every compressed constant of a MIL program's main function (a loaded
+    package's, or one being built: `compress.encoder` through `weights.fill`)."""
+    from coremltools.converters.mil.mil import types
+
     for op in program.functions["main"].operations:
         decode = CONSTEXPR.get(op.op_type)
         if decode is None:

@@ -17,7 +17,9 @@ def scale_op(package: Path, op_name: str, factor: float) -> None:
 
     mlmodel = ct.models.MLModel(str(package), skip_model_load=True)
     spec = mlmodel.get_spec()
-    program = load(spec, specification_version=spec.specificationVersion, file_weights_dir=mlmodel.weights_dir)
+    program = load(
+        spec, specification_version=spec.specificationVersion, file_weights_dir=mlmodel.weights_dir
+    )
     op = next(o for o in program.functions["main"].operations if o.name == op_name)
     scale = np.asarray(op.inputs["scale"].val)
     old, new = scale.tobytes(), (scale.astype(np.float32) * np.float32(factor)).astype(scale.dtype).tobytes()
