@@ -11,7 +11,7 @@ this reads, for the filter of every `XNNFullyConnected` node:
 - `xnn_datatype_qcint8` (8da8w, the int8 lm_head): int8 codes `[N, K]`, float32 scales `[N]`
   (`PerChannelQuant`); no zero point.
 Codes and scales are named-data entries (the delegate's `constant_data` names their keys, the SHA-256 of the
-bytes as serialised); the MoE expert delegates (`expert_delegates.py`) are the same blobs with other keys.
+bytes as serialised; an older serialiser's offsets into the blob's own constant data are read too); the MoE expert delegates (`expert_delegates.py`) are the same blobs with other keys.
 Outside the delegates, the quantized embedding table (`embedding.QuantizedEmbedding`, run by the portable
 kernels) is a program constant pair: codes (int8 `[V, H]`, or uint8 `[V, H / 2]` packed by
 `embedding.pack_int4`) and float32 scales `[V, H / group]`.
@@ -60,8 +60,10 @@ def read_pte(path: Path) -> Iterator[tuple[str, np.ndarray]]:
             for d in plan.delegates
             if d.id == XNNPACK_ID
         ]
-        for d, graph in enumerate(_xnnpack_graphs(blobs)):
-            yield from _fully_connected(graph, data, f"xnnpack[{d}]")
+        for d, (graph, inline) in enumerate(
+            zip(_xnnpack_graphs(blobs), map(_inline_constants, blobs), strict=True)
+        ):
+            yield from _fully_connected(graph, data, inline, f"xnnpack[{d}]")
         yield from _embedding(plan, program.constant_buffer)
 
 
@@ -94,17 +96,27 @@ def _xnnpack_graphs(blobs: list[bytes]) -> list[dict[str, Any]]:
         return [json.loads((tmp / f"d{i}.json").read_text()) for i in range(len(bins))]
 
 
+def _inline_constants(blob: bytes) -> bytes:
+    """The constant data a delegate blob carries after its flatbuffer (older serialisers put weights there;
+    ExecuTorch 1.5.1 names them in the program's named data instead)."""
+    from executorch.backends.xnnpack.serialization.xnnpack_graph_serialize import XNNHeader
+
+    h = XNNHeader.from_bytes(blob[: XNNHeader.EXPECTED_LENGTH])
+    return blob[h.constant_data_offset : h.constant_data_offset + h.constant_data_size]
+
+
 def _fully_connected(
-    graph: dict[str, Any], data: dict[str, bytes], prefix: str
+    graph: dict[str, Any], data: dict[str, bytes], inline: bytes, prefix: str
 ) -> Iterator[tuple[str, np.ndarray]]:
     constants = graph.get("constant_data") or []
     values = graph.get("xvalues") or []
 
     def constant(index: int) -> bytes:
-        key = constants[index]["named_key"]
-        if not key:
-            raise ValueError(f"{prefix}: constant {index} is inline, not named data (an older serialiser)")
-        return data[key]
+        entry = constants[index]
+        if entry.get("named_key"):
+            return data[entry["named_key"]]
+        offset, size = int(entry["offset"]), int(entry["size"])
+        return inline[offset : offset + size]
 
     fc = 0
     for node in graph.get("xnodes") or []:
