@@ -11,7 +11,10 @@ catches (a larger error in the same matrix is caught too: every per-position met
 output projection), `in_proj` (a conv layer's input projection) and, on MoE models, `expert` (the second
 expert's w2). The checks run parity's `prefill` scenario only (`--scenarios`), whose pooled row is what the
 statistical limits read: fewer positions than a full parity run, so a limit measured here is an upper bound
-of the full run's. `--markdown` prints the table docs/parity.md holds.
+of the full run's. Each check records whether the logits gate alone passed (`logits_exactness_passed`) and the
+stored-weights verdict (`stored_weights`, with the checkpoint tensor nearest to each unmatched artifact tensor;
+null where the backend has no reader); a cell caught only by the stored weights says so. `--markdown` prints
+the table docs/parity.md holds.
 """
 
 from __future__ import annotations
@@ -86,9 +89,18 @@ def check(
             w.mul_(scale)
     r = check_artifact(folder, loaded, threads=threads, progress=Progress(quiet=True), scenarios=scenarios)
     pooled = next(s for s in r.scenarios if s.name == "pooled")
+    sw = r.stored_weights
+    logits = [c for c in r.checks if c.part == "exactness" and not c.scenario.startswith("stored_weights")]
     return {
         "passed": bool(r.passed),
         "exactness_passed": bool(r.part_passed("exactness")),
+        "logits_exactness_passed": all(c.passed for c in logits),
+        "stored_weights": None
+        if sw is None
+        else {
+            "passed": sw["passed"],
+            "unmatched": {n: u.get("nearest", n) for n, u in sw["unmatched"].items()},
+        },
         "failed": sorted({c.metric for c in r.failures}),
         "pooled": {k: pooled.metrics.get(k) for k in METRICS},
     }
@@ -195,7 +207,12 @@ def markdown(result: dict[str, Any]) -> str:
             elif entry["smallest_caught"] is None:
                 cells.append(f"> x {max(t['scale'] for t in entry['tried']):g} (not caught)")
             else:
-                cells.append(f"x {entry['smallest_caught']:g}")
+                caught = next(t for t in entry["tried"] if t["scale"] == entry["smallest_caught"])
+                alone = (
+                    caught.get("logits_exactness_passed")
+                    and (caught.get("stored_weights") or {}).get("passed") is False
+                )
+                cells.append(f"x {entry['smallest_caught']:g}" + (" (stored weights)" if alone else ""))
         honest = row["honest"]
         lines.append(
             f"| {row['backend']} | {row['recipe']} | `{row['model']}` (layer {row['layer']}) | "

@@ -426,7 +426,12 @@ def _stored_weights_note(result: ParityResult) -> list[str]:
         f"{sw['simulation_tensors']} quantized weights, bit for bit"
     )
     if sw["unmatched"]:
-        bad = ", ".join(f"`{n}` ({u['rows']}/{u['of']} rows)" for n, u in sw["unmatched"].items())
+        bad = ", ".join(
+            f"`{n}`"
+            + (f" (nearest simulated weight `{u['nearest']}`)" if "nearest" in u else "")
+            + f" ({u['rows']}/{u['of']} rows)"
+            for n, u in sw["unmatched"].items()
+        )
         head += f"; {sw['rows_unmatched']} rows found nowhere in the simulation: {bad}"
     return [f"{head}. Detects {sw['detection_limit']}.", ""]
 

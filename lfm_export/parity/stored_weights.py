@@ -55,6 +55,8 @@ class StoredWeights:
     simulation_tensors: int
     simulation_rows: int
     unmatched: dict[str, tuple[int, int]] = field(default_factory=dict)
+    nearest: dict[str, str] = field(default_factory=dict)
+    """Per unmatched tensor whose name does not say the checkpoint's: the simulated weight nearest to it."""
 
     @property
     def passed(self) -> bool:
@@ -73,8 +75,12 @@ class StoredWeights:
             return f"{head}: the artifact holds no quantized weight to compare"
         if not self.unmatched:
             return f"{head}: every row matches bit for bit"
-        bad = ", ".join(f"{name} ({n}/{rows} rows)" for name, (n, rows) in self.unmatched.items())
+        bad = ", ".join(f"{self.label(name)} ({n}/{rows} rows)" for name, (n, rows) in self.unmatched.items())
         return f"{head}: {self.rows_unmatched} rows differ, in {bad}"
+
+    def label(self, name: str) -> str:
+        """An unmatched tensor as the report names it: `NAME`, or `NAME ~NEAREST` (`nearest`)."""
+        return f"{name} ~{self.nearest[name]}" if name in self.nearest else name
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -84,7 +90,14 @@ class StoredWeights:
             "simulation_tensors": self.simulation_tensors,
             "simulation_rows": self.simulation_rows,
             "rows_unmatched": self.rows_unmatched,
-            "unmatched": {name: {"rows": n, "of": rows} for name, (n, rows) in self.unmatched.items()},
+            "unmatched": {
+                name: {
+                    "rows": n,
+                    "of": rows,
+                    **({"nearest": self.nearest[name]} if name in self.nearest else {}),
+                }
+                for name, (n, rows) in self.unmatched.items()
+            },
             "detection_limit": DETECTION,
         }
 
@@ -105,12 +118,14 @@ def compare(artifact: Weights, simulation: Weights) -> StoredWeights:
     """Every artifact row must be one of the simulation's rows (a multiset: a simulation row is matched at
     most as often as the simulation holds it). Tensors are read one at a time."""
     pool: Counter[bytes] = Counter()
-    sim_tensors = 0
-    for _, w in _pairs(simulation):
+    simulated: dict[tuple[int, ...], list[tuple[str, np.ndarray]]] = {}
+    for name, w in _pairs(simulation):
         pool.update(row_hashes(w))
-        sim_tensors += 1
+        simulated.setdefault(tuple(np.shape(w)), []).append((name, w))
+    sim_tensors = sum(len(v) for v in simulated.values())
     sim_rows = sum(pool.values())
     unmatched: dict[str, tuple[int, int]] = {}
+    arrays: dict[str, np.ndarray] = {}
     tensors = rows = 0
     for name, w in _pairs(artifact):
         hashes = row_hashes(w)
@@ -123,7 +138,38 @@ def compare(artifact: Weights, simulation: Weights) -> StoredWeights:
                 missing += 1
         if missing:
             unmatched[name] = (missing, len(hashes))
-    return StoredWeights(tensors, rows, sim_tensors, sim_rows, unmatched)
+            if len(arrays) < NEAREST_AT_MOST:
+                arrays[name] = w
+    nearest = {}
+    if len(unmatched) <= NEAREST_AT_MOST:
+        for name, w in arrays.items():
+            near = _nearest(name, w, simulated)
+            if near is not None:
+                nearest[name] = near
+    return StoredWeights(tensors, rows, sim_tensors, sim_rows, unmatched, nearest)
+
+
+NEAREST_AT_MOST = 4
+"""Up to this many unmatched artifact tensors, each whose name does not say the checkpoint's (an ExecuTorch
+`.pte` keeps no names, GGUF has its own) is also named by the simulated weight of its shape nearest to it;
+more, and the artifact is of other weights altogether, where a nearest name says nothing."""
+
+
+def _nearest(
+    name: str, w: np.ndarray, simulated: dict[tuple[int, ...], list[tuple[str, np.ndarray]]]
+) -> str | None:
+    """The simulated weight of `w`'s shape with the smallest relative squared difference from it, or None
+    where there is none or `name` already starts with its module's name."""
+    a = np.asarray(w, dtype=np.float64)
+    best, best_err = None, np.inf
+    for sim_name, s in simulated.get(tuple(np.shape(w)), []):
+        s64 = np.asarray(s, dtype=np.float64)
+        err = float(np.sum((a - s64) ** 2) / max(float(np.sum(s64**2)), 1e-30))
+        if err < best_err:
+            best, best_err = sim_name, err
+    if best is None or name.startswith(best.removesuffix(".weight")):
+        return None
+    return best
 
 
 def simulated_weights(simulated: Any, recipe: Any) -> Iterator[tuple[str, np.ndarray]]:
@@ -147,7 +193,15 @@ def checks(result: StoredWeights) -> list[Check]:
     it), else one for the whole artifact (failing where the artifact holds no quantized weight to compare)."""
     if result.unmatched:
         return [
-            Check(f"{SCENARIO}[{name}]", METRIC, float(n), "<=", 0.0, False, note=f"{n}/{rows} rows")
+            Check(
+                f"{SCENARIO}[{result.label(name)}]",
+                METRIC,
+                float(n),
+                "<=",
+                0.0,
+                False,
+                note=f"{n}/{rows} rows",
+            )
             for name, (n, rows) in result.unmatched.items()
         ]
     note = "" if result.passed else "the artifact holds no quantized weight to compare"

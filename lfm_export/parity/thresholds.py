@@ -142,7 +142,9 @@ must catch measured 3.2x (MoE routing scale dropped, transformers-initialised Mo
 DETECTION_A8 = (
     "a middle layer's in_proj x 1.02 is caught; its out_proj at x 1.05 (ONNX int4 tiny: x 1.10); its MLP w2 only at "
     "x 1.10 on ONNX int4 tiny and NOT at x 1.10 on ONNX int4 tiny-moe (w2 and an expert's w2) or ExecuTorch 8da4w "
-    "tiny (prefill scenario; benchmarks/results/detection_limits.json)"
+    "tiny (prefill scenario; benchmarks/results/detection_limits.json): the logits gate alone; the stored-weights "
+    "check beside it caught x 1.02 in each of those matrices on ExecuTorch 8da4w tiny "
+    "(benchmarks/results/detection_limits_stored_weights.json)"
 )
 DETECTION_FLOAT = (
     "a middle layer's w2, out_proj or in_proj x 1.02 (the smallest tried) is caught (MLX int4 on tiny, prefill "

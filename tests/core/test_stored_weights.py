@@ -31,6 +31,28 @@ def test_one_ulp_in_one_row_fails_naming_the_tensor():
     assert "b (1/4 rows)" in result.describe()
 
 
+def test_a_tensor_named_by_place_is_also_named_by_the_nearest_simulated_weight():
+    """A `.pte` names its tensors by place: a failure adds the simulated weight of its shape nearest to it;
+    a name that already says its module gets no hint, and neither does an artifact of other weights (more
+    than `NEAREST_AT_MOST` tensors differ)."""
+    from lfm_export.parity.stored_weights import NEAREST_AT_MOST, checks
+
+    sim = {f"layers.{i}.w2.weight": w for i, w in enumerate(_weights(3).values())}
+    sim["layers.2.w2.weight"] = sim["layers.0.w2.weight"][::-1] * np.float32(3)
+    art = {
+        "xnnpack[4].fc[2]": sim["layers.0.w2.weight"] * np.float32(1.02),
+        "layers.1.w2.qweight": sim["layers.1.w2.weight"] * 2,
+    }
+    result = compare(art, sim)
+    assert result.nearest == {"xnnpack[4].fc[2]": "layers.0.w2.weight"}
+    assert [c.scenario for c in checks(result)] == [
+        "stored_weights[xnnpack[4].fc[2] ~layers.0.w2.weight]",
+        "stored_weights[layers.1.w2.qweight]",
+    ]
+    many = {f"fc[{i}]": sim["layers.0.w2.weight"] + np.float32(i + 1) for i in range(NEAREST_AT_MOST + 1)}
+    assert compare(many, sim).nearest == {}
+
+
 def test_rows_match_at_most_as_often_as_the_simulation_holds_them():
     sim = _weights()
     art = {"a": sim["a"], "b": np.repeat(sim["b"][:1], 4, axis=0)}  # one row stored four times

@@ -87,6 +87,7 @@ BACKEND = Backend(
     ),
     simulation=simulation,
     weight_values=weight_values,
+    stored_weights="lfm_export.backends.coreml.stored_weights:stored_weights",
     context_cost="The KV caches are fp16 Core ML states of that length (context x 2 x attention layers x KV "
     "heads x head_dim x 2 bytes), and attention reads every slot each step.",
     runner=Runner(

@@ -100,6 +100,7 @@ BACKEND = Backend(
     ),
     simulation=simulation,
     weight_values=weight_values,
+    stored_weights="lfm_export.backends.executorch.stored_weights:stored_weights",
     context_cost="The KV caches are static buffers of that length in the program (context x 2 x attention layers "
     "x KV heads x head_dim values, fp32 or fp16), allocated at load.",
     runner=Runner(

@@ -209,6 +209,28 @@ def test_moe_int4_passes(moe_int4: Path) -> None:
     p = manifest(moe_int4)["parity"]
     assert p["exactness"]["gate"] == "int4-fp16-moe" and p["passed"]
     assert 0.01 < p["quality"]["pooled"]["kl_mean"] < 0.1  # what int4 costs on tiny-moe (ONNX int4: 0.045)
+    # every compressed constant, the stacked experts included, decodes to the simulation's values bit for bit
+    assert p["exactness"]["stored_weights"] == {"passed": True, "artifact_rows": 18432, "rows_unmatched": 0}
+
+
+@pytest.mark.slow
+def test_moe_int4_with_one_expert_stack_two_percent_off_fails_parity(moe_int4: Path, tmp_path: Path) -> None:
+    """A copy of the package with the stored scales of one MoE layer's stacked expert w2 x1.02 (rewritten in
+    `weight.bin`) fails parity through the interpreter, naming that constant; the `int4-fp16-moe` logits gate
+    (kl_max 0.5) passes a w2 x1.05 on its own (issue 19), so the stored weights are what catch it."""
+    from package_edit import scale_op
+
+    from lfm_export.backends.coreml.stored_weights import stored_weights
+
+    stacked = [n for n, w in stored_weights(moe_int4) if "w2" in n and w.shape[0] > w.shape[1]]
+    assert stacked, "no stacked expert w2 constant"
+    tampered = tmp_path / "tampered"
+    shutil.copytree(moe_int4, tampered)
+    scale_op(tampered / "model.mlpackage", stacked[-1], 1.02)
+    result = check_artifact(tampered, threads=2, progress=Progress(quiet=True), scenarios=["prefill"])
+    sw = result.stored_weights
+    assert not result.passed and list(sw["unmatched"]) == [stacked[-1]], sw
+    assert f"stored_weights[{stacked[-1]}]: rows_unmatched" in result.verdict_line()
 
 
 def test_spec_declares_states_and_ios18(tiny_fp16: Path) -> None:

@@ -128,12 +128,45 @@ def test_compressed_as_written_equals_coremltools_passes_int4(moe_program) -> No
     recipe = replace(make_recipe("int4", max_seq_len=CONTEXT, max_prefill=MAX_PREFILL), moe=True)
     ours = clone(program)
     encode, report = encoder(ours, recipe)
-    fill(ours, names, source, encode)
+    filled = fill(ours, names, source, encode)
     theirs = by_coremltools(clone(program), names, source, recipe)
     compressed = assert_same_programs(ours, theirs)
     assert compressed == sum(1 for r in report.values() if r["as"] != "fp16")
     assert any("stacked" in r["why"] and r["as"].startswith("int4") for r in report.values())
     assert any(r["as"].startswith("int8 per channel") for r in report.values())
+    assert_stored_weights_are_the_simulations(ours, filled, source, recipe)
+
+
+def assert_stored_weights_are_the_simulations(program: Any, filled: dict, source: Any, recipe: Any) -> None:
+    """The stored-weights reader decodes every compressed constant (stacked experts as their rows) to the
+    simulation's values (`weight_values` of each checkpoint tensor) bit for bit; with one w2's scales x1.02 it
+    names that constant and, by nearest values, the checkpoint tensor."""
+    from lfm_export.backends.coreml.stored_weights import program_weights
+    from lfm_export.parity.stored_weights import compare
+
+    values = weight_values(recipe.to_dict())
+    simulated = {}
+    for tensors in filled.values():
+        for name in tensors if isinstance(tensors, tuple) else (tensors,):
+            w = source.get(name).float().numpy()
+            if w.ndim == 2:
+                simulated[name] = values(w, 8 if "embed_tokens" in name else 4)
+    result = compare(program_weights(program), simulated)
+    assert result.passed and result.artifact_tensors == 35 and result.artifact_rows == 18432, (
+        result.describe()
+    )
+    op = next(
+        o
+        for o in program.functions["main"].operations
+        if o.op_type == "constexpr_blockwise_shift_scale" and o.name.startswith(f"model.{W2}")
+    )
+    scale = op.inputs["scale"]
+    scale._sym_val.val = (scale.val.astype(np.float32) * np.float32(1.02)).astype(scale.val.dtype)
+    result = compare(program_weights(program), simulated)
+    assert result.unmatched == {op.name: (128, 128)} and result.nearest == {op.name: W2}, result.describe()
+
+
+W2 = "model.layers.0.feed_forward.w2.weight"
 
 
 def test_palettized_as_written_equals_coremltools_pass_and_stacked_experts_the_simulation(

@@ -254,6 +254,36 @@ def assert_other_weights_fail(out: Path, w2_scale: float) -> None:
         other.model.model.layers[0].feed_forward.w2.weight.mul_(w2_scale)
     result = check_artifact(out, other, threads=2, progress=Progress(quiet=True), scenarios=["prefill"])
     assert not result.passed and not result.summary()["exactness"]["passed"]
+    sw = result.stored_weights  # quantized: the stored weights name the matrix that differs
+    if sw is not None:
+        assert [u.get("nearest") for u in sw["unmatched"].values()] == [W2.format(0)], sw
+
+
+W2 = "model.layers.{}.feed_forward.w2.weight"
+
+
+def assert_scales_two_percent_off_fail(out: Path, tmp: Path, recipe: dict[str, Any], layer: int = 3) -> None:
+    """A copy of the artifact at `out` with the stored scales of layer `layer`'s w2 x1.02 (rewritten in the
+    `.pte`, found by its values) fails parity through the ExecuTorch runtime, naming it; the logits gate alone
+    need not see it."""
+    import shutil
+
+    from pte_edit import scale_filter
+
+    from lfm_export.backends.executorch import weight_values
+    from lfm_export.backends.executorch.stored_weights import read_pte
+
+    w2 = load_model("tiny").model.model.layers[layer].feed_forward.w2.weight.detach().numpy()
+    held = weight_values(recipe)(w2, int(recipe["bits"]))
+    names = [n for n, w in read_pte(out / MODEL_FILE) if w.shape == held.shape and np.array_equal(w, held)]
+    assert len(names) == 1, names
+    tampered = tmp / "tampered"
+    shutil.copytree(out, tampered)
+    scale_filter(tampered / MODEL_FILE, names[0], 1.02)
+    result = check_artifact(tampered, threads=2, progress=Progress(quiet=True), scenarios=["prefill"])
+    sw = result.stored_weights
+    assert not result.passed and list(sw["unmatched"]) == names and sw["unmatched"][names[0]]["rows"] > 0, sw
+    assert f"stored_weights[{names[0]} ~{W2.format(layer)}]: rows_unmatched" in result.verdict_line()
 
 
 @pytest.mark.slow
@@ -276,7 +306,10 @@ def test_8da4w_export_passes_parity_against_its_simulation(tmp_path: Path, head_
     linears = 6 * 3 + 4 * 2 + 2 * 4
     counts = {"int4": linears, "int8": 1} if head_bits == 8 else {"int4": linears + 1}
     assert outcome.manifest["weights"]["counts"] == counts
+    stored = p["exactness"]["stored_weights"]  # every linear, the head and the embedding, bit for bit
+    assert stored == {"passed": True, "artifact_rows": 12288, "rows_unmatched": 0}, stored
     assert_other_weights_fail(outcome.out, 1.05)
+    assert_scales_two_percent_off_fail(outcome.out, tmp_path, recipe)
 
 
 @pytest.mark.slow
@@ -395,6 +428,28 @@ def test_the_quantized_head_computes_the_int8_token_simulation_of_its_weights(
     scale = float(sim.abs().max())
     assert float((out - sim).abs().max()) < 1e-5 * scale
     assert float((out - fake_quant_int8_token(x) @ w.T).abs().max()) > 1e-4 * scale  # quantization is visible
+    assert_stored_weights_read_back(tmp_path / "module.pte", held.numpy())
+
+
+def assert_stored_weights_read_back(pte: Path, held: np.ndarray) -> None:
+    """The stored-weights reader gives the one XNNPACK filter of `pte` as `held` (the simulation's values) bit
+    for bit; with its stored scales x1.02 in a copy (bf16 per block or float32 per channel, rewritten in
+    place), the comparison fails and names it."""
+    from pte_edit import scale_filter
+
+    from lfm_export.backends.executorch.stored_weights import read_pte
+    from lfm_export.parity.stored_weights import compare
+
+    stored = dict(read_pte(pte))
+    assert list(stored) == ["xnnpack[0].fc[0]"], list(stored)
+    np.testing.assert_array_equal(stored["xnnpack[0].fc[0]"], held)
+    assert compare(stored, {"lm_head.weight": held}).passed
+    tampered = pte.with_name("tampered.pte")
+    tampered.write_bytes(pte.read_bytes())
+    scale_filter(tampered, "xnnpack[0].fc[0]", 1.02)
+    result = compare(read_pte(tampered), {"lm_head.weight": held})
+    assert not result.passed and result.unmatched == {"xnnpack[0].fc[0]": (held.shape[0], held.shape[0])}
+    assert result.nearest == {"xnnpack[0].fc[0]": "lm_head.weight"}
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -413,6 +468,11 @@ def test_a_quantized_embedding_gathers_exactly_the_simulated_rows(tmp_path: Path
     held = weight_values(make_recipe("int4-b64-a8").to_dict())(table.numpy(), bits)
     np.testing.assert_array_equal(out.numpy()[0], held[ids[0].numpy()])
     assert float(np.abs(held - table.numpy()).max()) > 0  # it is quantized
+    from lfm_export.backends.executorch.stored_weights import read_pte
+
+    stored = dict(read_pte(tmp_path / "module.pte"))  # the stored-weights reader finds the same table
+    assert list(stored) == ["embedding"]
+    np.testing.assert_array_equal(stored["embedding"], held)
 
 
 BAD_OPTIONS = [

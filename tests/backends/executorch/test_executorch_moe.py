@@ -264,6 +264,9 @@ def test_tiny_moe_8da4w_composed_export_passes_parity_through_the_cli_and_other_
     r = _cli("parity", str(out), "--threads", "2", "--json")
     report = json.loads(r.stdout)
     assert r.returncode == 0 and report["passed"] is True and report["gate"] == "int4-a8", r.stdout[-2000:]
+    stored = report["exactness"]["stored_weights"]  # the expert delegates' weights too, bit for bit
+    assert stored["passed"] and stored["unmatched"] == {}, stored
+    assert (stored["artifact_tensors"], stored["artifact_rows"]) == (120, 20480), stored
     result = check_artifact(
         out, _routed_elsewhere(), threads=2, progress=Progress(quiet=True), scenarios=["prefill"]
     )
