@@ -746,6 +746,12 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / ".work" / "quality_per_byte")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--svg", type=Path, default=None)
+    ap.add_argument(
+        "--merge",
+        type=Path,
+        default=None,
+        help="an earlier run's JSON whose models (each with that run's provenance) join this one's",
+    )
     ap.add_argument("--reuse", action="store_true", help="keep artifacts an earlier run exported into --work")
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -775,6 +781,11 @@ def main() -> None:
         "models": {},
     }
     out = args.json or args.work / "results.json"
+    if args.merge:
+        earlier = json.loads(args.merge.read_text())
+        run = {k: v for k, v in earlier.items() if k not in ("models", "runs")}
+        for name, entry in earlier["models"].items():
+            results["models"][name] = {**entry, "run": entry.get("run", run)}
     for model in args.models:
         ckpt = checkpoint_folder(model, args.work).resolve()
         work = args.work / Path(model).name
