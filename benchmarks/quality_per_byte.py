@@ -733,7 +733,7 @@ def table(results: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["tiny", "tiny-moe"])
+    ap.add_argument("--models", nargs="*", default=["tiny", "tiny-moe"])
     ap.add_argument("--backends", nargs="+", default=list(POINTS), choices=list(POINTS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -749,8 +749,9 @@ def main() -> None:
     ap.add_argument(
         "--merge",
         type=Path,
-        default=None,
-        help="an earlier run's JSON whose models (each with that run's provenance) join this one's",
+        action="append",
+        default=[],
+        help="an earlier run's JSON whose models (each with that run's provenance) join this one's (repeatable)",
     )
     ap.add_argument("--reuse", action="store_true", help="keep artifacts an earlier run exported into --work")
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
@@ -781,9 +782,9 @@ def main() -> None:
         "models": {},
     }
     out = args.json or args.work / "results.json"
-    if args.merge:
-        earlier = json.loads(args.merge.read_text())
-        run = {k: v for k, v in earlier.items() if k not in ("models", "runs")}
+    for merged in args.merge:
+        earlier = json.loads(merged.read_text())
+        run = {k: v for k, v in earlier.items() if k != "models"}
         for name, entry in earlier["models"].items():
             results["models"][name] = {**entry, "run": entry.get("run", run)}
     for model in args.models:
@@ -817,6 +818,11 @@ def main() -> None:
         if args.svg:
             args.svg.parent.mkdir(parents=True, exist_ok=True)
             args.svg.write_text(svg(results))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    if args.svg:
+        args.svg.parent.mkdir(parents=True, exist_ok=True)
+        args.svg.write_text(svg(results))
     print(table(results))
     print(json.dumps({m: e["verdicts"] for m, e in results["models"].items()}, indent=1))
 
