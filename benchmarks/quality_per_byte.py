@@ -1,9 +1,11 @@
 """Quality per byte on every backend: lfm-export's 4-bit recipes next to each ecosystem's own exporter on the same
 weights, measured by one harness in one run with the same threads.
 
-    .venv/bin/python benchmarks/quality_per_byte.py --models tiny tiny-moe out/trained/small --threads 1 \\
-        --llama-src /tmp/i20src/llama_cpp_python-0.3.36/vendor/llama.cpp \\
-        --json benchmarks/results/quality_per_byte_frontier.json --svg docs/quality_per_byte.svg
+    .venv/bin/python benchmarks/quality_per_byte.py --models tiny out/trained/small --threads 1 \\
+        --llama-src LLAMA_SRC --json benchmarks/results/quality_per_byte_frontier.json --svg docs/quality_per_byte.svg
+
+(`LLAMA_SRC`: the `vendor/llama.cpp` folder of llama-cpp-python's sdist, as for `gguf_vs_llamacpp.py`;
+`--backends` picks backends, `--merge A.json --merge B.json` with no `--models` combines earlier runs.)
 
 Points, one function per backend and one per peer (`POINTS`), each returning artifact folders:
 
