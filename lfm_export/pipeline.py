@@ -55,13 +55,16 @@ def export_artifact(
     gates_file: Path | None = None,
     full_context: bool = False,
     calib: Path | None = None,
+    budget: str | None = None,
     card: bool = True,
     revision: str | None = None,
 ) -> ExportOutcome:
     """Export, write the manifest, run parity (exactness against the simulated recipe, quality against fp32,
     gated strictly by `max_kl` / `gates_file` when given), write the model card (`README.md`, unless `card` is
     false) and move the artifact to `out`. A calibrated recipe (`-imat`, `-gptq`) first calibrates on `calib`
-    (default: the bundled text; `lfm_export.calibrate`). `revision`: of a Hugging Face id (`lfm_export.hub`)."""
+    (default: the bundled text; `lfm_export.calibrate`). `budget` (`size=MB` / `kl=X`) first chooses a precision
+    mix from sensitivity measured on that text (`lfm_export.budget`); a budget no mix meets is refused before
+    anything is written. `revision`: of a Hugging Face id (`lfm_export.hub`)."""
     from lfm_export.parity.thresholds import quality_gate
 
     progress = progress or Progress()
@@ -70,6 +73,7 @@ def export_artifact(
     if parity:
         require_parity_session(record)
     _refuse_calibrated(record, recipe)
+    wanted = _refuse_budget(record, recipe, budget)
     quality = quality_gate(_recipe_name(recipe), max_kl, gates_file) if parity else None
     with progress.step(f"Loading {model}"):
         loaded = load_model(model, lazy=True, revision=revision)
@@ -77,7 +81,21 @@ def export_artifact(
         loaded.require_reference_memory(copies=_parity_copies(recipe))
     if loaded.random:
         progress.note(f"[yellow]note:[/] {model} has RANDOM weights (for size and speed work only)")
-    calibration = _calibration(loaded, recipe, calib, progress)
+    budget_entry = None
+    if wanted is not None:
+        from lfm_export.budget import check_recipe, check_size_floor, plan, with_core
+
+        check_size_floor(loaded, check_recipe(recipe), wanted)
+        with progress.step(f"Choosing the precision mix for --budget {wanted.text}"):
+            core, budget_entry = plan(loaded, recipe, wanted, calib)
+        recipe = with_core(recipe, core)
+        progress.note(
+            f"mix: estimated KL {budget_entry['estimated_kl']:.4g}, "
+            f"{budget_entry['estimated_bytes'] / 1e6:.3f} MB of weights"
+        )
+    calibration = _calibration(
+        loaded, recipe, None if wanted is not None and not _calibrated(recipe) else calib, progress
+    )
     with _active(calibration), atomic_output(out, force) as tmp:
         result = record.export(loaded, tmp, recipe, progress)
         if calibration is not None and calibration[0].rows_served == 0:
@@ -100,6 +118,7 @@ def export_artifact(
                 "chat_template": chat_template_entry(tmp),
                 "timings_s": dict(progress.timings),
                 **({"calibration": calibration[1]} if calibration is not None else {}),
+                **({"budget": budget_entry} if budget_entry is not None else {}),
             },
         )
         write_manifest(tmp, manifest)
@@ -142,6 +161,30 @@ def _refuse_calibrated(record: Any, recipe: Any) -> None:
             f"({_recipe_name(recipe)}) does not apply to it; backends that take it: "
             + ", ".join(b.name for b in all_backends().values() if b.core_codes)
         )
+
+
+def _refuse_budget(record: Any, recipe: Any, budget: str | None) -> Any:
+    """The parsed `--budget` (None without one); refused in one line up front where the backend does not pack
+    from the core quantizer or the recipe is not one a mix applies to."""
+    if budget is None:
+        return None
+    from lfm_export.budget import check_recipe, parse_budget
+
+    wanted = parse_budget(budget)
+    if not record.core_codes:
+        raise UnsupportedError(
+            f"--budget: {record.name} does not pack its weights from the core quantizer, so it cannot hold a "
+            "per-layer mix; backends that take it: "
+            + ", ".join(b.name for b in all_backends().values() if b.core_codes)
+        )
+    check_recipe(recipe)
+    return wanted
+
+
+def _calibrated(recipe: Any) -> bool:
+    from lfm_export.calibrate import needs_calibration
+
+    return needs_calibration(recipe)
 
 
 def _calibration(loaded: LoadedModel, recipe: Any, calib: Path | None, progress: Progress) -> Any:
@@ -355,6 +398,11 @@ def _check(
                 "model": manifest["model"]["source"],
                 "random_weights": manifest["model"].get("random_weights", False),
                 "simulation": {"recipe": sim_recipe.name, "activations": activations},
+                **(
+                    {"precision_mix": [list(m) for m in sim_recipe.mix]}
+                    if getattr(sim_recipe, "mix", ())
+                    else {}
+                ),
             },
         )
     report_dir = folder / PARITY_DIR

@@ -107,6 +107,9 @@ class Recipe:
       one of `CALIBRATED_ROUNDINGS`.
     - `head_bits` / `embedding_bits`: bits of the lm_head and the embedding table (None: float).
     - `max_seq_len`: the context the artifact declares; None = the model's, capped at 32768.
+    - `mix`: per tensor group, `(pattern, bits, block_size)` chosen to a budget (`lfm_export.budget`): each
+      overrides the recipe's bits and block for the linears whose name matches `pattern` (a
+      `lfm_export.precision` pattern); empty: one precision for every linear.
     """
 
     dtype: str = "fp32"
@@ -118,6 +121,7 @@ class Recipe:
     head_bits: int | None = None
     embedding_bits: int | None = None
     max_seq_len: int | None = None
+    mix: tuple[tuple[str, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.dtype not in FLOAT_DTYPES:
@@ -151,6 +155,11 @@ class Recipe:
                 raise UnsupportedError(f"{what} bits {b} not supported; expected 4, 8 or float")
         if self.max_seq_len is not None and self.max_seq_len < 1:
             raise UnsupportedError(f"--max-seq-len must be positive, got {self.max_seq_len}")
+        if self.mix and not self.quantized:
+            raise UnsupportedError("a precision mix (--budget) needs a quantized recipe (int4 or int8)")
+        for pattern, b, block in self.mix:
+            if b not in WEIGHT_BITS or block not in BLOCK_SIZES:
+                raise UnsupportedError(f"mix entry {pattern}: int{b}-b{block} is no block precision")
 
     # ---- derived --------------------------------------------------------------------------------------------
     @property
@@ -186,7 +195,10 @@ class Recipe:
 
     @property
     def gate_family(self) -> str:
-        """The parity gate this recipe is judged by: `fp32`, `fp16`, `bf16`, `int8` or `int4`."""
+        """The parity gate this recipe is judged by: `fp32`, `fp16`, `bf16`, `int8` or `int4` (a mix holding
+        any int4 group: `int4`)."""
+        if any(bits == 4 for _, bits, _ in self.mix):
+            return "int4"
         return self.quant
 
     def context(self, cfg: Lfm2Config) -> int:
@@ -224,6 +236,8 @@ class Recipe:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
         fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        if "mix" in fields:
+            fields["mix"] = tuple((str(p), int(b), int(bs)) for p, b, bs in fields["mix"])
         return cls(**fields)
 
 
