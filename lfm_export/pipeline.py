@@ -93,11 +93,21 @@ def export_artifact(
             f"mix: estimated KL {budget_entry['estimated_kl']:.4g}, "
             f"{budget_entry['estimated_bytes'] / 1e6:.3f} MB of weights"
         )
+    scaled = loaded
+    awq_entry = None
+    if _awq(recipe):
+        from lfm_export.awq import scaled_loaded, search
+        from lfm_export.calibrate import core_recipe
+
+        with progress.step(f"Activation-aware scales (-awq) on {calib or 'the bundled text'}"):
+            scales, awq_entry = search(loaded, core_recipe(recipe), calib)
+        scaled = scaled_loaded(loaded, scales)
+    text_used = wanted is not None or awq_entry is not None
     calibration = _calibration(
-        loaded, recipe, None if wanted is not None and not _calibrated(recipe) else calib, progress
+        scaled, recipe, None if text_used and not _calibrated(recipe) else calib, progress
     )
     with _active(calibration), atomic_output(out, force) as tmp:
-        result = record.export(loaded, tmp, recipe, progress)
+        result = record.export(scaled, tmp, recipe, progress)
         if calibration is not None and calibration[0].rows_served == 0:
             raise UnsupportedError(
                 f"{backend} does not pack its weights from the core quantizer: calibrated rounding "
@@ -119,6 +129,7 @@ def export_artifact(
                 "timings_s": dict(progress.timings),
                 **({"calibration": calibration[1]} if calibration is not None else {}),
                 **({"budget": budget_entry} if budget_entry is not None else {}),
+                **({"awq": awq_entry} if awq_entry is not None else {}),
             },
         )
         write_manifest(tmp, manifest)
@@ -155,10 +166,10 @@ def require_parity_session(record: Any) -> None:
 def _refuse_calibrated(record: Any, recipe: Any) -> None:
     from lfm_export.calibrate import needs_calibration
 
-    if needs_calibration(recipe) and not record.core_codes:
+    if (needs_calibration(recipe) or _awq(recipe)) and not record.core_codes:
         raise UnsupportedError(
-            f"{record.name} does not pack its weights from the core quantizer: calibrated rounding "
-            f"({_recipe_name(recipe)}) does not apply to it; backends that take it: "
+            f"{record.name} does not pack its weights from the core quantizer: calibrated rounding and -awq "
+            f"({_recipe_name(recipe)}) do not apply to it; backends that take them: "
             + ", ".join(b.name for b in all_backends().values() if b.core_codes)
         )
 
@@ -179,6 +190,13 @@ def _refuse_budget(record: Any, recipe: Any, budget: str | None) -> Any:
         )
     check_recipe(recipe)
     return wanted
+
+
+def _awq(recipe: Any) -> bool:
+    from lfm_export.calibrate import core_recipe
+
+    core = core_recipe(recipe)
+    return core is not None and core.awq
 
 
 def _calibrated(recipe: Any) -> bool:
@@ -356,8 +374,14 @@ def _check(
     weights = record.weight_values(manifest["recipe"]) if record.weight_values else None
     # a backend whose simulation is not the core quantizer's gives its own session (QNN: the fake-quant program)
     own_simulation = record.simulation_session
+    from lfm_export.awq import scaled_loaded, scales_from_manifest
+
+    scales = scales_from_manifest(
+        manifest
+    )  # -awq: the simulation holds the folded weights, the reference not
+    folded = loaded if scales is None else scaled_loaded(loaded, scales)
     with (
-        _check_calibration(loaded, manifest, progress),
+        _check_calibration(folded, manifest, progress),
         progress.step(f"Parity ({recipe}) through the {manifest['backend']} runtime"),
     ):
         session = open_session(folder, threads=threads)
@@ -368,10 +392,10 @@ def _check(
         if own_simulation is not None:
             simulation = own_simulation(loaded, manifest)
         elif sim_recipe.quantized or sim_recipe.dtype != "fp32" or rounds:
-            simulated = simulate(loaded.model, sim_recipe, activations, threads=threads, weights=weights)
+            simulated = simulate(folded.model, sim_recipe, activations, threads=threads, weights=weights)
             simulation = ReferenceSession(simulated, name="simulated", max_seq_len=session.max_seq_len)
         if rounds:
-            unrounded = simulate(loaded.model, sim_recipe, "float", threads=threads, weights=weights)
+            unrounded = simulate(folded.model, sim_recipe, "float", threads=threads, weights=weights)
             rounding = ReferenceSession(
                 unrounded, name="simulated-float-activations", max_seq_len=session.max_seq_len
             )

@@ -12,6 +12,8 @@ A recipe says how weights and activations are represented; a backend adds only i
     ...-mse                                     scales chosen by a rounding search (see `lfm_export.quant`)
     ...-imat, ...-gptq                          calibrated rounding (`lfm_export.rounding`): the scale search
                                                 weighted by input importance, or error-compensating rounding
+    ...-awq                                     activation-aware per-channel scales folded into the RMSNorm
+                                                weights before quantization (`lfm_export.awq`); last
 
 Aliases from other ecosystems map onto these: `8da4w` = `int4-b32-a8`, `8da8w` = `int8-pc-a8` (ExecuTorch's
 own `8da8w` is per channel: torchao `PerAxis(0)` at its group size 0, the only int8 form XNNPACK lowers), `int4`
@@ -88,7 +90,7 @@ ALIASES = {
 
 _GRAMMAR = (
     "expected fp32, fp16, bf16, or int4 / int8 with optional -bN (N in 32, 64, 128; int8 also -pc, per "
-    "channel), -asym, -a8, -mse | -imat | -gptq "
+    "channel), -asym, -a8, -mse | -imat | -gptq, -awq "
     f"(aliases: {', '.join(ALIASES)})"
 )
 
@@ -107,6 +109,7 @@ class Recipe:
       one of `CALIBRATED_ROUNDINGS`.
     - `head_bits` / `embedding_bits`: bits of the lm_head and the embedding table (None: float).
     - `max_seq_len`: the context the artifact declares; None = the model's, capped at 32768.
+    - `awq`: activation-aware scales folded into the RMSNorm weights before quantization (`lfm_export.awq`).
     - `mix`: per tensor group, `(pattern, bits, block_size)` chosen to a budget (`lfm_export.budget`): each
       overrides the recipe's bits and block for the linears whose name matches `pattern` (a
       `lfm_export.precision` pattern); empty: one precision for every linear.
@@ -122,6 +125,7 @@ class Recipe:
     embedding_bits: int | None = None
     max_seq_len: int | None = None
     mix: tuple[tuple[str, int, int], ...] = ()
+    awq: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in FLOAT_DTYPES:
@@ -155,6 +159,8 @@ class Recipe:
                 raise UnsupportedError(f"{what} bits {b} not supported; expected 4, 8 or float")
         if self.max_seq_len is not None and self.max_seq_len < 1:
             raise UnsupportedError(f"--max-seq-len must be positive, got {self.max_seq_len}")
+        if self.awq and not self.quantized:
+            raise UnsupportedError("-awq scales weights for quantization; it needs a quantized recipe")
         if self.mix and not self.quantized:
             raise UnsupportedError("a precision mix (--budget) needs a quantized recipe (int4 or int8)")
         for pattern, b, block in self.mix:
@@ -191,6 +197,8 @@ class Recipe:
             parts.append("a8")
         if self.rounding != "nearest":
             parts.append(self.rounding)
+        if self.awq:
+            parts.append("awq")
         return "-".join(parts)
 
     @property
@@ -272,8 +280,10 @@ def parse_recipe(
             kw["symmetric"] = False
         elif part == "a8" and "bits" in kw and "activations" not in kw:
             kw["activations"] = "int8"
-        elif part in ROUNDINGS[1:] and "bits" in kw and "rounding" not in kw:
+        elif part in ROUNDINGS[1:] and "bits" in kw and "rounding" not in kw and "awq" not in kw:
             kw["rounding"] = part
+        elif part == "awq" and "bits" in kw and "awq" not in kw:
+            kw["awq"] = True
         else:
             raise UnsupportedError(f"--quant {text!r} is unknown; {_GRAMMAR}")
     if block_size is not None and named_block is not None and block_size != named_block:

@@ -145,3 +145,48 @@ def test_impossible_budget_is_refused_in_one_line_by_the_cli(tmp_path: Path) -> 
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "below the smallest mix" in r.stderr
     assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "backend,model,budget",
+    [("onnx", "tiny", "size=1.3"), ("onnx", "tiny-moe", "kl=0.002"), ("mlx", "tiny", "size=1.3")],
+)
+def test_budgeted_exports_meet_the_budget_and_pass_parity(
+    tmp_path: Path, backend: str, model: str, budget: str
+) -> None:
+    if backend == "mlx":
+        pytest.importorskip("mlx.core")
+    from lfm_export.backends import get
+    from lfm_export.pipeline import check_artifact, export_artifact
+    from lfm_export.progress import Progress
+
+    out = tmp_path / backend
+    outcome = export_artifact(
+        backend,
+        model,
+        out,
+        get(backend).recipe("int4", 64),
+        budget=budget,
+        threads=1,
+        progress=Progress(quiet=True),
+    )
+    assert outcome.passed, outcome.parity.verdict_line()
+    m = outcome.manifest
+    wanted = parse_budget(budget)
+    if wanted.kind == SIZE:
+        assert m["budget"]["estimated_bytes"] <= wanted.value
+    else:
+        assert m["budget"]["estimated_kl"] <= wanted.value
+    mix = m["recipe"]["mix"]
+    assert len({(b, bs) for _, b, bs in mix}) >= 2, mix
+    assert [e["match"] for e in m["precision"]["mix"]] == [p for p, _, _ in mix]
+    assert {g["chosen"] for g in m["budget"]["groups"]} == {e["held"] for e in m["precision"]["mix"]}
+    report = json.loads((out / "parity" / "parity.json").read_text())
+    assert report["metadata"]["precision_mix"] == mix
+    # the same artifact judged as the recipe without its mix fails exactness
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["recipe"] = {**manifest["recipe"], "mix": []}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    wrong = check_artifact(out, threads=1, scenarios=["prefill", "decode"], progress=Progress(quiet=True))
+    assert not wrong.part_passed("exactness"), wrong.verdict_line()
