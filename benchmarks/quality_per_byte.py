@@ -15,6 +15,10 @@ empty state), through each artifact's runtime shim against the fp32 model. The c
 
 Calibrated and plain recipes of one block size have the same format and kernels, so they have the same size
 and speed; the speed rows are measured anyway, in the same rounds.
+
+A recipe point `NAME@BUDGET` exports `--quant NAME --budget BUDGET` (a precision mix chosen to `size=MB` or
+`kl=X`, `lfm_export.budget`); `-awq` recipes fold activation-aware scales into the norms (`lfm_export.awq`).
+`--skip-builder` leaves the onnxruntime-genai builder's point out (e.g. when it is measured in another run).
 """
 
 from __future__ import annotations
@@ -100,14 +104,24 @@ def corpus_kl(folder: Path, ckpt: Path, ids: np.ndarray, threads: int) -> float:
 
 
 def export_ours(ckpt: Path, out: Path, recipe: str, threads: int) -> dict:
-    cmd = [str(BIN / "lfm-export"), "onnx", str(ckpt), "-o", str(out), "--quant", recipe]
+    name, _, budget = recipe.partition("@")
+    cmd = [str(BIN / "lfm-export"), "onnx", str(ckpt), "-o", str(out), "--quant", name]
     cmd += ["--threads", str(threads), "--no-parity", "--force", "--json"]
+    cmd += ["--budget", budget] if budget else []
     res = measured(cmd)
     manifest = json.loads((out / "manifest.json").read_text())
+    extra = {}
+    if budget:
+        b = manifest["budget"]
+        extra["budget"] = {k: b[k] for k in ("request", "estimated_kl", "estimated_bytes")}
+        extra["budget"]["mix"] = {g["group"]: g["chosen"] for g in b["groups"]}
+    if "awq" in manifest:
+        extra["awq_alpha"] = manifest["awq"]["alpha"]
     return {
         "wall_s": res["wall_s"],
         "peak_rss_bytes": res["peak_rss_bytes"],
         "calibration": manifest.get("calibration"),
+        **extra,
     }
 
 
@@ -134,6 +148,7 @@ def main() -> None:
     ap.add_argument("--corpus-tokens", type=int, default=2048)
     ap.add_argument("--work", type=Path, default=ROOT / ".work" / "quality_per_byte")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--skip-builder", action="store_true", help="leave the genai builder's point out")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(
@@ -151,6 +166,9 @@ def main() -> None:
         "corpus_tokens": args.corpus_tokens,
         "models": {},
     }
+    from provenance import provenance
+
+    results["provenance"] = provenance()
     for model in args.models:
         ckpt = checkpoint_folder(model, args.work)
         ids = heldout_ids(ckpt / "tokenizer.json", args.corpus_tokens)
@@ -163,11 +181,12 @@ def main() -> None:
                 "tool": "lfm-export",
                 "export": export_ours(ckpt, folders[recipe], recipe, args.threads),
             }
-        print(f"{model}: exporting with onnxruntime-genai's builder", file=sys.stderr)
-        built = export_builder(ckpt, args.work / f"{model}-{BUILDER}", args.work)
-        points[BUILDER] = {"tool": "onnxruntime-genai builder", "export": built}
-        if "error" not in built:
-            folders[BUILDER] = args.work / f"{model}-{BUILDER}"
+        if not args.skip_builder:
+            print(f"{model}: exporting with onnxruntime-genai's builder", file=sys.stderr)
+            built = export_builder(ckpt, args.work / f"{model}-{BUILDER}", args.work)
+            points[BUILDER] = {"tool": "onnxruntime-genai builder", "export": built}
+            if "error" not in built:
+                folders[BUILDER] = args.work / f"{model}-{BUILDER}"
         speeds = bench(folders, args)
         for name, folder in folders.items():
             print(f"{model}: accuracy of {name}", file=sys.stderr)
@@ -181,6 +200,7 @@ def main() -> None:
         results["models"][model] = points
         out = args.json or args.work / "results.json"
         out.parent.mkdir(parents=True, exist_ok=True)
+        results["load_avg_1m_at_last_write"] = os.getloadavg()[0]
         out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
 
