@@ -176,17 +176,17 @@ def main() -> None:
         folders: dict[str, Path] = {}
         for recipe in args.recipes:
             print(f"{model}: exporting {recipe}", file=sys.stderr)
-            folders[recipe] = args.work / f"{model}-{recipe}"
+            folders[recipe] = args.work / f"{Path(model).name}-{recipe}"  # a checkpoint path: its folder name
             points[recipe] = {
                 "tool": "lfm-export",
                 "export": export_ours(ckpt, folders[recipe], recipe, args.threads),
             }
         if not args.skip_builder:
             print(f"{model}: exporting with onnxruntime-genai's builder", file=sys.stderr)
-            built = export_builder(ckpt, args.work / f"{model}-{BUILDER}", args.work)
+            built = export_builder(ckpt, args.work / f"{Path(model).name}-{BUILDER}", args.work)
             points[BUILDER] = {"tool": "onnxruntime-genai builder", "export": built}
             if "error" not in built:
-                folders[BUILDER] = args.work / f"{model}-{BUILDER}"
+                folders[BUILDER] = args.work / f"{Path(model).name}-{BUILDER}"
         speeds = bench(folders, args)
         for name, folder in folders.items():
             print(f"{model}: accuracy of {name}", file=sys.stderr)
