@@ -376,9 +376,8 @@ def _check(
     own_simulation = record.simulation_session
     from lfm_export.awq import scaled_loaded, scales_from_manifest
 
-    scales = scales_from_manifest(
-        manifest
-    )  # -awq: the simulation holds the folded weights, the reference not
+    # -awq: the simulation holds the folded weights, the fp32 reference the original ones
+    scales = scales_from_manifest(manifest)
     folded = loaded if scales is None else scaled_loaded(loaded, scales)
     with (
         _check_calibration(folded, manifest, progress),
