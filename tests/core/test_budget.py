@@ -190,3 +190,54 @@ def test_budgeted_exports_meet_the_budget_and_pass_parity(
     (out / "manifest.json").write_text(json.dumps(manifest))
     wrong = check_artifact(out, threads=1, scenarios=["prefill", "decode"], progress=Progress(quiet=True))
     assert not wrong.part_passed("exactness"), wrong.verdict_line()
+
+
+def test_a_measured_plan_meets_its_budget_and_the_manifest_lists_the_mix() -> None:
+    import torch
+
+    from lfm_export.budget import groups, plan
+    from lfm_export.config import Lfm2Config
+    from lfm_export.loading import LoadedModel
+    from lfm_export.weights import RandomWeights, materialize
+
+    torch.set_num_threads(1)
+    cfg = Lfm2Config(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        layer_types=("conv", "full_attention"),
+    )
+    model = materialize(cfg, RandomWeights(cfg, seed=2))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    loaded = LoadedModel(
+        model=model, config=cfg, source="test", path=None, random=True, weights_dtype="float32"
+    )
+    base = parse_recipe("int4-b32")
+    found, fixed = groups(loaded, base)
+    assert [g.name for g in found] == [
+        "head+embedding",
+        "layers.0.conv",
+        "layers.0.mlp",
+        "layers.1.attention",
+        "layers.1.mlp",
+    ]
+    # every group int4-b32's bytes, plus the size steps' rounding (each item rounded up by < 1/4000 of the largest mix)
+    size = (fixed + sum(g.nbytes(4, 32, True) for g in found)) * 1.005
+    core, entry = plan(loaded, base, Budget(SIZE, size), tokens=256)
+    assert entry["estimated_bytes"] <= size
+    costs = [g["kl"] for g in entry["groups"]]
+    assert all(c["int8-b32"] < c["int4-b32"] for c in costs)  # measured: more bits, less KL
+    listed = manifest_entry([n for g in found for n in g.tensors], core)["mix"]
+    assert listed == [{"match": p, "held": f"int{b}-b{bs}"} for p, b, bs in core.mix]
+    chosen = {g["group"]: g["chosen"] for g in entry["groups"]}
+    assert {e["held"] for e in listed} == set(chosen.values())
+    # as good as one precision for all at these bytes, on the estimate
+    uniform = sum(c["int4-b32"] for c in costs)
+    assert entry["estimated_kl"] <= uniform + 5e-6  # the entry's costs are rounded to 6 decimals
+    with pytest.raises(BudgetError, match="below the least estimated KL"):
+        plan(loaded, base, Budget(KL, min(c["int8-b32"] for c in costs) / 10), tokens=256)
