@@ -178,7 +178,7 @@ def test_budgeted_exports_meet_the_budget_and_pass_parity(
         assert m["budget"]["estimated_bytes"] <= wanted.value
     else:
         assert m["budget"]["estimated_kl"] <= wanted.value
-    mix = m["recipe"]["mix"]
+    mix = [list(e) for e in m["recipe"]["mix"]]  # as the JSON files hold it
     assert len({(b, bs) for _, b, bs in mix}) >= 2, mix
     assert [e["match"] for e in m["precision"]["mix"]] == [p for p, _, _ in mix]
     assert {g["chosen"] for g in m["budget"]["groups"]} == {e["held"] for e in m["precision"]["mix"]}
