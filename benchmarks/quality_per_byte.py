@@ -33,6 +33,10 @@ llama.cpp's files through our runtime shims (the peer files given our manifest),
 `forward(tokens, input_pos)`, one-token calls for every position's logits; the program is loaded afresh at each
 reset, because nothing says its conv state starts from zeros at position 0).
 
+A recipe point `NAME@BUDGET` exports `--quant NAME --budget BUDGET` (a precision mix chosen to `size=MB` or
+`kl=X`, `lfm_export.budget`); `-awq` recipes fold activation-aware scales into the norms (`lfm_export.awq`).
+`benchmarks/budget_awq_quality.py` measures those two on the simulation alone (no artifacts).
+
 llama.cpp's importance matrix is not measured: `llama-imatrix` is a tool of llama.cpp's source tree that
 llama-cpp-python neither builds nor binds, and `llama_model_quantize_params.imatrix` is a pointer to a C++
 `std::unordered_map`, which ctypes cannot build.
@@ -207,8 +211,10 @@ def ours(backend: str, recipes: tuple[str, ...], extra: list[str]) -> Callable[.
         out = []
         for recipe in recipes:
             folder = work / f"ours-{backend}-{recipe}"
-            cmd = [str(BIN / "lfm-export"), backend, str(ckpt), "-o", str(folder), "--quant", recipe]
+            name, _, budget = recipe.partition("@")  # NAME@BUDGET: `--quant NAME --budget BUDGET`
+            cmd = [str(BIN / "lfm-export"), backend, str(ckpt), "-o", str(folder), "--quant", name]
             cmd += ["--threads", str(args.threads), "--no-parity", "--force", *extra]
+            cmd += ["--budget", budget] if budget else []
             print(f"  lfm-export {backend} {recipe}", file=sys.stderr, flush=True)
             res = exported(folder, lambda cmd=cmd: measured(cmd, env(args.threads)))
             if "error" not in res and (folder / "manifest.json").is_file():

@@ -29,7 +29,7 @@ from lfm_export.calibrated import Table
 from lfm_export.contract.errors import UserError
 from lfm_export.loading import LoadedModel
 from lfm_export.model import GROWING, MOE_SPARSE, DecoderLayer, MoE, rope_cos_sin
-from lfm_export.precision import LINEAR, rule_for
+from lfm_export.precision import LINEAR, block_as, held_as, rule_for
 from lfm_export.recipes import CALIBRATED_ROUNDINGS, Recipe
 from lfm_export.rounding import gptq, hessian_error, inverse_cholesky, weighted_search
 from lfm_export.weights import lazy_source
@@ -253,19 +253,21 @@ def calibrated_table(
     def layer_done(_idx: int, stats: dict[str, LinearStats]) -> None:
         for name, s in stats.items():
             w = _weight(loaded, name).float().numpy()
-            block = recipe.block_for(w.shape[1])
+            bits = held_as(name, recipe) or recipe.bits  # a mix's bits and block, else the recipe's
+            assert bits is not None
+            block = block_as(name, recipe, w.shape[1])
             if s.tokens == 0:  # an expert no token chose: plain rounding
-                q = quantize_block(w, recipe.bits, block)
+                q = quantize_block(w, bits, block)
             elif method == "gptq":
                 assert s.hessian is not None
                 if id(s.hessian) not in factors:
                     factors[id(s.hessian)] = inverse_cholesky(s.hessian)
-                q = gptq(w, recipe.bits, block, s.hessian, factor=factors[id(s.hessian)])
+                q = gptq(w, bits, block, s.hessian, factor=factors[id(s.hessian)])
             else:
-                q = weighted_search(w, recipe.bits, block, s.mean_square)
-            table.add(w, recipe.bits, block, q.codes, q.scales, s.mean_square if s.tokens else None)
+                q = weighted_search(w, bits, block, s.mean_square)
+            table.add(w, bits, block, q.codes, q.scales, s.mean_square if s.tokens else None)
             if s.hessian is not None:
-                plain = quantize_block(w, recipe.bits, block).dequantize()
+                plain = quantize_block(w, bits, block).dequantize()
                 errors["nearest"] += hessian_error(w, plain, s.hessian)
                 errors[method] += hessian_error(w, q.dequantize(), s.hessian)
         factors.clear()  # the layer's Hessians are freed after this: their ids may be reused

@@ -75,6 +75,15 @@ CalibOpt = Annotated[
         help="Calibration text (UTF-8) for the calibrated recipes (-imat, -gptq); default: the bundled one.",
     ),
 ]
+BudgetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--budget",
+        metavar="size=MB|kl=X",
+        help="Per-layer precision to a budget: the least-KL mix within MB weight bytes, or the smallest within "
+        "an estimated KL, from each tensor group's KL measured on the calibration text (ONNX, MLX).",
+    ),
+]
 GatesOpt = Annotated[
     Path | None,
     typer.Option(

@@ -13,6 +13,7 @@ import typer
 
 from lfm_export.backends import all_backends
 from lfm_export.cli_options import (
+    BudgetOpt,
     CalibOpt,
     ForceOpt,
     FullContextOpt,
@@ -50,6 +51,7 @@ class ExportOptions:
     gates: Path | None
     calib: Path | None
     as_json: bool
+    budget: str | None = None
     no_card: bool = False
     revision: str | None = None
 
@@ -68,6 +70,7 @@ _SHARED_TAIL = [
     option("max_kl", MaxKlOpt, None),
     option("gates", GatesOpt, None),
     option("calib", CalibOpt, None),
+    option("budget", BudgetOpt, None),
     option("as_json", JsonOpt, False),
     option("no_card", NoCardOpt, False),
     option("revision", RevisionOpt, None),
@@ -119,6 +122,7 @@ def _export(backend: str, opts: ExportOptions, recipe: Any) -> None:
         gates_file=opts.gates,
         full_context=opts.full_context,
         calib=opts.calib,
+        budget=opts.budget,
         card=not opts.no_card,
         revision=opts.revision,
     )

@@ -55,13 +55,16 @@ def export_artifact(
     gates_file: Path | None = None,
     full_context: bool = False,
     calib: Path | None = None,
+    budget: str | None = None,
     card: bool = True,
     revision: str | None = None,
 ) -> ExportOutcome:
     """Export, write the manifest, run parity (exactness against the simulated recipe, quality against fp32,
     gated strictly by `max_kl` / `gates_file` when given), write the model card (`README.md`, unless `card` is
     false) and move the artifact to `out`. A calibrated recipe (`-imat`, `-gptq`) first calibrates on `calib`
-    (default: the bundled text; `lfm_export.calibrate`). `revision`: of a Hugging Face id (`lfm_export.hub`)."""
+    (default: the bundled text; `lfm_export.calibrate`). `budget` (`size=MB` / `kl=X`) first chooses a precision
+    mix from sensitivity measured on that text (`lfm_export.budget`); a budget no mix meets is refused before
+    anything is written. `revision`: of a Hugging Face id (`lfm_export.hub`)."""
     from lfm_export.parity.thresholds import quality_gate
 
     progress = progress or Progress()
@@ -70,6 +73,7 @@ def export_artifact(
     if parity:
         require_parity_session(record)
     _refuse_calibrated(record, recipe)
+    wanted = _refuse_budget(record, recipe, budget)
     quality = quality_gate(_recipe_name(recipe), max_kl, gates_file) if parity else None
     with progress.step(f"Loading {model}"):
         loaded = load_model(model, lazy=True, revision=revision)
@@ -77,9 +81,33 @@ def export_artifact(
         loaded.require_reference_memory(copies=_parity_copies(recipe))
     if loaded.random:
         progress.note(f"[yellow]note:[/] {model} has RANDOM weights (for size and speed work only)")
-    calibration = _calibration(loaded, recipe, calib, progress)
+    budget_entry = None
+    if wanted is not None:
+        from lfm_export.budget import check_recipe, check_size_floor, plan, with_core
+
+        check_size_floor(loaded, check_recipe(recipe), wanted)
+        with progress.step(f"Choosing the precision mix for --budget {wanted.text}"):
+            core, budget_entry = plan(loaded, recipe, wanted, calib)
+        recipe = with_core(recipe, core)
+        progress.note(
+            f"mix: estimated KL {budget_entry['estimated_kl']:.4g}, "
+            f"{budget_entry['estimated_bytes'] / 1e6:.3f} MB of weights"
+        )
+    scaled = loaded
+    awq_entry = None
+    if _awq(recipe):
+        from lfm_export.awq import scaled_loaded, search
+        from lfm_export.calibrate import core_recipe
+
+        with progress.step(f"Activation-aware scales (-awq) on {calib or 'the bundled text'}"):
+            scales, awq_entry = search(loaded, core_recipe(recipe), calib)
+        scaled = scaled_loaded(loaded, scales)
+    text_used = wanted is not None or awq_entry is not None
+    calibration = _calibration(
+        scaled, recipe, None if text_used and not _calibrated(recipe) else calib, progress
+    )
     with _active(calibration), atomic_output(out, force) as tmp:
-        result = record.export(loaded, tmp, recipe, progress)
+        result = record.export(scaled, tmp, recipe, progress)
         if calibration is not None and calibration[0].rows_served == 0:
             raise UnsupportedError(
                 f"{backend} does not pack its weights from the core quantizer: calibrated rounding "
@@ -100,6 +128,8 @@ def export_artifact(
                 "chat_template": chat_template_entry(tmp),
                 "timings_s": dict(progress.timings),
                 **({"calibration": calibration[1]} if calibration is not None else {}),
+                **({"budget": budget_entry} if budget_entry is not None else {}),
+                **({"awq": awq_entry} if awq_entry is not None else {}),
             },
         )
         write_manifest(tmp, manifest)
@@ -136,12 +166,43 @@ def require_parity_session(record: Any) -> None:
 def _refuse_calibrated(record: Any, recipe: Any) -> None:
     from lfm_export.calibrate import needs_calibration
 
-    if needs_calibration(recipe) and not record.core_codes:
+    if (needs_calibration(recipe) or _awq(recipe)) and not record.core_codes:
         raise UnsupportedError(
-            f"{record.name} does not pack its weights from the core quantizer: calibrated rounding "
-            f"({_recipe_name(recipe)}) does not apply to it; backends that take it: "
+            f"{record.name} does not pack its weights from the core quantizer: calibrated rounding and -awq "
+            f"({_recipe_name(recipe)}) do not apply to it; backends that take them: "
             + ", ".join(b.name for b in all_backends().values() if b.core_codes)
         )
+
+
+def _refuse_budget(record: Any, recipe: Any, budget: str | None) -> Any:
+    """The parsed `--budget` (None without one); refused in one line up front where the backend does not pack
+    from the core quantizer or the recipe is not one a mix applies to."""
+    if budget is None:
+        return None
+    from lfm_export.budget import check_recipe, parse_budget
+
+    wanted = parse_budget(budget)
+    if not record.core_codes:
+        raise UnsupportedError(
+            f"--budget: {record.name} does not pack its weights from the core quantizer, so it cannot hold a "
+            "per-layer mix; backends that take it: "
+            + ", ".join(b.name for b in all_backends().values() if b.core_codes)
+        )
+    check_recipe(recipe)
+    return wanted
+
+
+def _awq(recipe: Any) -> bool:
+    from lfm_export.calibrate import core_recipe
+
+    core = core_recipe(recipe)
+    return core is not None and core.awq
+
+
+def _calibrated(recipe: Any) -> bool:
+    from lfm_export.calibrate import needs_calibration
+
+    return needs_calibration(recipe)
 
 
 def _calibration(loaded: LoadedModel, recipe: Any, calib: Path | None, progress: Progress) -> Any:
@@ -313,8 +374,13 @@ def _check(
     weights = record.weight_values(manifest["recipe"]) if record.weight_values else None
     # a backend whose simulation is not the core quantizer's gives its own session (QNN: the fake-quant program)
     own_simulation = record.simulation_session
+    from lfm_export.awq import scaled_loaded, scales_from_manifest
+
+    # -awq: the simulation holds the folded weights, the fp32 reference the original ones
+    scales = scales_from_manifest(manifest)
+    folded = loaded if scales is None else scaled_loaded(loaded, scales)
     with (
-        _check_calibration(loaded, manifest, progress),
+        _check_calibration(folded, manifest, progress),
         progress.step(f"Parity ({recipe}) through the {manifest['backend']} runtime"),
     ):
         session = open_session(folder, threads=threads)
@@ -325,10 +391,10 @@ def _check(
         if own_simulation is not None:
             simulation = own_simulation(loaded, manifest)
         elif sim_recipe.quantized or sim_recipe.dtype != "fp32" or rounds:
-            simulated = simulate(loaded.model, sim_recipe, activations, threads=threads, weights=weights)
+            simulated = simulate(folded.model, sim_recipe, activations, threads=threads, weights=weights)
             simulation = ReferenceSession(simulated, name="simulated", max_seq_len=session.max_seq_len)
         if rounds:
-            unrounded = simulate(loaded.model, sim_recipe, "float", threads=threads, weights=weights)
+            unrounded = simulate(folded.model, sim_recipe, "float", threads=threads, weights=weights)
             rounding = ReferenceSession(
                 unrounded, name="simulated-float-activations", max_seq_len=session.max_seq_len
             )
@@ -355,6 +421,11 @@ def _check(
                 "model": manifest["model"]["source"],
                 "random_weights": manifest["model"].get("random_weights", False),
                 "simulation": {"recipe": sim_recipe.name, "activations": activations},
+                **(
+                    {"precision_mix": [list(m) for m in sim_recipe.mix]}
+                    if getattr(sim_recipe, "mix", ())
+                    else {}
+                ),
             },
         )
     report_dir = folder / PARITY_DIR

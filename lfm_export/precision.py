@@ -2,7 +2,9 @@
 (`lfm_export.quant.simulate`), every backend and the manifest.
 
 A quantized recipe holds each tensor as the first rule that matches its name says: the recipe's `bits`, its
-`head_bits`, its `embedding_bits`, or float (the artifact's float type). A float recipe holds every tensor
+`head_bits`, its `embedding_bits`, float (the artifact's float type), or, for a recipe with a precision mix
+chosen to a budget (`Recipe.mix`, `lfm_export.budget`), the bits and block size its rule names (`CHOSEN`):
+`rules(recipe)` puts those rules after the ones that keep a tensor float and before the rest. A float recipe holds every tensor
 float. What a backend makes of "float" (fp32, Core ML's fp16) and of the bits (the core quantizer's blocks,
 XNNPACK's bf16 scales, Core ML's per-channel table) is the backend's own and is said in its manifest section.
 
@@ -30,8 +32,10 @@ BITS = "bits"
 HEAD = "head_bits"
 EMBEDDING = "embedding_bits"
 FLOAT = "float"
-HELD = (BITS, HEAD, EMBEDDING, FLOAT)
-"""What a rule holds a tensor as: the recipe's field of that name, or float."""
+CHOSEN = "chosen"
+HELD = (BITS, HEAD, EMBEDDING, FLOAT, CHOSEN)
+"""What a rule holds a tensor as: the recipe's field of that name, float, or the rule's own `bits` and
+`block` (a mix entry)."""
 EVERY = "*"
 """The pattern of the last rule: every name no rule before it matched."""
 
@@ -39,11 +43,13 @@ EVERY = "*"
 @dataclass(frozen=True)
 class Rule:
     """`pattern`: the checkpoint name's words (`.`-separated, a regex each), or `EVERY` for every name;
-    `held`: one of `HELD`; `why`: the reason, written to the manifest."""
+    `held`: one of `HELD`; `why`: the reason, written to the manifest; `bits` / `block`: a `CHOSEN` rule's."""
 
     pattern: str
     held: str
     why: str
+    bits: int | None = None
+    block: int | None = None
 
     def matches(self, name: str) -> bool:
         return self.pattern == EVERY or _compiled(self.pattern).search(name) is not None
@@ -88,42 +94,81 @@ LINEAR = Rule(EVERY, BITS, "linear weight (attention, conv projections, FFN, MoE
 
 RULES = (ROUTER, EXPERT_BIAS, CONV, NORM, BIAS, EMBEDDING_TABLE, LM_HEAD, LINEAR)
 """The precision policy, first match wins; the last rule matches every name."""
+FLOAT_RULES = RULES[:5]
+"""The rules that keep a tensor float whatever the recipe (a mix never overrides them)."""
 
 
-def rule_for(name: str) -> Rule:
-    """The first rule of `RULES` matching tensor `name` (any spelling the module docstring lists)."""
-    return next(rule for rule in RULES if rule.matches(name))
+def mix_rules(recipe: Recipe | None) -> tuple[Rule, ...]:
+    """The `CHOSEN` rules of `recipe`'s precision mix (none without one)."""
+    if recipe is None or not recipe.mix:
+        return ()
+    return tuple(
+        Rule(pattern, CHOSEN, f"budget: int{bits}-b{block} chosen for this tensor group", bits, block)
+        for pattern, bits, block in recipe.mix
+    )
+
+
+def rules(recipe: Recipe | None = None) -> tuple[Rule, ...]:
+    """The rule list of `recipe`: `RULES` with its mix rules after the float ones."""
+    chosen = mix_rules(recipe)
+    return (*FLOAT_RULES, *chosen, *RULES[len(FLOAT_RULES) :]) if chosen else RULES
+
+
+def rule_for(name: str, recipe: Recipe | None = None) -> Rule:
+    """The first rule of `rules(recipe)` matching tensor `name` (any spelling the module docstring lists)."""
+    return next(rule for rule in rules(recipe) if rule.matches(name))
 
 
 def held_as(name: str, recipe: Recipe) -> int | None:
     """The bits tensor `name` is held at in an artifact of `recipe`; None: float."""
     if not recipe.quantized:
         return None
-    held = rule_for(name).held
-    return None if held == FLOAT else getattr(recipe, held)
+    rule = rule_for(name, recipe)
+    if rule.held == CHOSEN:
+        return rule.bits
+    return None if rule.held == FLOAT else getattr(recipe, rule.held)
 
 
-def label(bits: int | None, recipe: Recipe) -> str:
-    """The manifest's word for a tensor held at `bits`: `int4-b32`, `int8-pc`, `int4-b64-asym`, or `float`."""
+def block_as(name: str, recipe: Recipe, k: int) -> int:
+    """The block tensor `name` (input dimension `k`) is quantized in: its mix rule's, else the recipe's."""
+    rule = rule_for(name, recipe)
+    return rule.block if rule.held == CHOSEN and rule.block else recipe.block_for(k)
+
+
+def label(bits: int | None, recipe: Recipe, block: int | None = None) -> str:
+    """The manifest's word for a tensor held at `bits` (in blocks of `block`, default the recipe's): `int4-b32`,
+    `int8-pc`, `int4-b64-asym`, or `float`."""
     if bits is None:
         return FLOAT
-    block = "pc" if recipe.per_channel else f"b{recipe.block_size}"
-    return f"int{bits}-{block}" + ("" if recipe.symmetric else "-asym")
+    word = f"b{block}" if block else "pc" if recipe.per_channel else f"b{recipe.block_size}"
+    return f"int{bits}-{word}" + ("" if recipe.symmetric else "-asym")
 
 
 def manifest_entry(names: Iterable[str], recipe: Recipe | dict[str, Any]) -> dict[str, Any]:
     """The manifest's `precision` (empty for a recipe dict that is no core recipe, e.g. the QNN targets', whose
     quantizer is their own): every tensor `names` lists with what it is held as (`label`), and the rules with
-    their reasons."""
+    their reasons (a mix's rules with their bits and block)."""
     if isinstance(recipe, dict):
         try:
             recipe = Recipe.from_dict(recipe)
         except (UnsupportedError, TypeError):
             return {}
-    return {
-        "tensors": {name: label(held_as(name, recipe), recipe) for name in names},
-        "rules": [{"match": r.pattern, "held": r.held, "why": r.why} for r in RULES],
+
+    def block(name: str) -> int | None:
+        rule = rule_for(name, recipe)
+        return rule.block if rule.held == CHOSEN else None
+
+    entry: dict[str, Any] = {
+        "tensors": {name: label(held_as(name, recipe), recipe, block(name)) for name in names},
+        "rules": [
+            {"match": r.pattern, "held": r.held, "why": r.why}
+            | ({"bits": r.bits, "block_size": r.block} if r.held == CHOSEN else {})
+            for r in rules(recipe)
+        ],
     }
+    if recipe.mix:
+        entry["mix"] = [{"match": p, "held": f"int{b}-b{bs}"} for p, b, bs in recipe.mix]
+    return entry
 
 
 # ---- llama.cpp's K-quant mixes (GGUF) --------------------------------------------------------------------------

@@ -74,7 +74,7 @@ from torch import Tensor, nn
 
 from lfm_export import calibrated
 from lfm_export.contract.session import DEFAULT_THREADS
-from lfm_export.precision import ROUTER, held_as, rule_for
+from lfm_export.precision import ROUTER, block_as, held_as, rule_for
 from lfm_export.recipes import (
     ACT_FLOAT,
     ACT_FP16,
@@ -289,16 +289,21 @@ def pack_nibbles(codes: np.ndarray) -> np.ndarray:
 
 
 def quantize_weight(
-    w: np.ndarray, recipe: Recipe, bits: int | None = None, threads: int = DEFAULT_THREADS
+    w: np.ndarray,
+    recipe: Recipe,
+    bits: int | None = None,
+    threads: int = DEFAULT_THREADS,
+    block: int | None = None,
 ) -> Quantized:
-    """`quantize_block` with the recipe's block size, symmetry and rounding (`bits` defaults to the recipe's):
-    the call every backend packs from and `simulate` dequantizes. A calibrated rounding
+    """`quantize_block` with the recipe's block size, symmetry and rounding (`bits` defaults to the recipe's,
+    `block` to the recipe's block for the weight's K; a mix gives both per tensor: `precision.held_as` /
+    `precision.block_as`): the call every backend packs from and `simulate` dequantizes. A calibrated rounding
     (`CALIBRATED_ROUNDINGS`) reads its codes and scales from the active `lfm_export.calibrated` table; rows the
     table does not hold are rounded plainly."""
     chosen = recipe.bits if bits is None else bits
     if chosen is None:
         raise ValueError(f"recipe {recipe.name} quantizes no weights")
-    block = recipe.block_for(int(np.shape(w)[-1]))
+    block = block or recipe.block_for(int(np.shape(w)[-1]))
     if recipe.rounding not in CALIBRATED_ROUNDINGS:
         return quantize_block(w, chosen, block, recipe.symmetric, recipe.rounding, threads)
     plain = quantize_block(w, chosen, block, recipe.symmetric, "nearest", threads)
@@ -725,16 +730,18 @@ def simulate(
     modes = activation_modes(ACT_FLOAT if native else activations)
     keep = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     sim = copy.deepcopy(model, memo=dict(keep))
-    done: dict[tuple[int, int | None], Tensor] = {}
+    done: dict[tuple[int, int | None, int], Tensor] = {}
 
     def replaced(w: Tensor, bits: int | None, name: str = "") -> Tensor:
-        """The value the artifact holds for `w` (once per tensor and bit width: a tied table is shared)."""
-        key = (id(w), bits)
+        """The value the artifact holds for `w` (once per tensor, bit width and block: a tied table is
+        shared)."""
+        block = block_as(name, recipe, int(w.shape[-1])) if recipe.quantized and w.dim() == 2 else 0
+        key = (id(w), bits, block)
         if key not in done:
             if recipe.quantized and bits is not None and weights is not None:
                 done[key] = torch.from_numpy(weights(w.detach().float().numpy(), bits, name))
             elif recipe.quantized and bits is not None:
-                deq = quantize_weight(w.detach().float().numpy(), recipe, bits, threads).dequantize()
+                deq = quantize_weight(w.detach().float().numpy(), recipe, bits, threads, block).dequantize()
                 done[key] = torch.from_numpy(deq)
             elif recipe.dtype != "fp32":
                 half = w.detach().to(FLOAT_TORCH[recipe.dtype])
@@ -762,7 +769,8 @@ def simulate(
                 continue
             parent, _, child = name.rpartition(".")
             owner = sim.get_submodule(parent) if parent else sim
-            setattr(owner, child, SimulatedLinear(mod, weight, mode, recipe.block_size))
+            block = block_as(f"{name}.weight", recipe, mod.in_features) if recipe.mix else recipe.block_size
+            setattr(owner, child, SimulatedLinear(mod, weight, mode, block))
         if native:  # norms and conv weights too (new tensors: `model`'s own are shared, never cast in place)
             dtype = FLOAT_TORCH[recipe.dtype]
             for mod in sim.modules():

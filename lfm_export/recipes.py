@@ -14,6 +14,8 @@ A recipe says how weights and activations are represented; a backend adds only i
                                                 of each candidate scale (`lfm_export.quant.fit_blocks`)
     ...-imat, ...-gptq                          calibrated rounding (`lfm_export.rounding`): the scale search
                                                 weighted by input importance, or error-compensating rounding
+    ...-awq                                     activation-aware per-channel scales folded into the RMSNorm
+                                                weights before quantization (`lfm_export.awq`); last
 
 Aliases from other ecosystems map onto these: `8da4w` = `int4-b32-a8`, `8da8w` = `int8-pc-a8` (ExecuTorch's
 own `8da8w` is per channel: torchao `PerAxis(0)` at its group size 0, the only int8 form XNNPACK lowers), `int4`
@@ -90,7 +92,7 @@ ALIASES = {
 
 _GRAMMAR = (
     "expected fp32, fp16, bf16, or int4 / int8 with optional -bN (N in 32, 64, 128; int8 also -pc, per "
-    "channel), -asym, -a8, -mse | -fit | -imat | -gptq "
+    "channel), -asym, -a8, -mse | -fit | -imat | -gptq, -awq "
     f"(aliases: {', '.join(ALIASES)})"
 )
 
@@ -109,6 +111,10 @@ class Recipe:
       least-squares refit over candidate scales), or a calibrated one of `CALIBRATED_ROUNDINGS`.
     - `head_bits` / `embedding_bits`: bits of the lm_head and the embedding table (None: float).
     - `max_seq_len`: the context the artifact declares; None = the model's, capped at 32768.
+    - `awq`: activation-aware scales folded into the RMSNorm weights before quantization (`lfm_export.awq`).
+    - `mix`: per tensor group, `(pattern, bits, block_size)` chosen to a budget (`lfm_export.budget`): each
+      overrides the recipe's bits and block for the linears whose name matches `pattern` (a
+      `lfm_export.precision` pattern); empty: one precision for every linear.
     """
 
     dtype: str = "fp32"
@@ -120,6 +126,8 @@ class Recipe:
     head_bits: int | None = None
     embedding_bits: int | None = None
     max_seq_len: int | None = None
+    mix: tuple[tuple[str, int, int], ...] = ()
+    awq: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in FLOAT_DTYPES:
@@ -153,6 +161,13 @@ class Recipe:
                 raise UnsupportedError(f"{what} bits {b} not supported; expected 4, 8 or float")
         if self.max_seq_len is not None and self.max_seq_len < 1:
             raise UnsupportedError(f"--max-seq-len must be positive, got {self.max_seq_len}")
+        if self.awq and not self.quantized:
+            raise UnsupportedError("-awq scales weights for quantization; it needs a quantized recipe")
+        if self.mix and not self.quantized:
+            raise UnsupportedError("a precision mix (--budget) needs a quantized recipe (int4 or int8)")
+        for pattern, b, block in self.mix:
+            if b not in WEIGHT_BITS or block not in BLOCK_SIZES:
+                raise UnsupportedError(f"mix entry {pattern}: int{b}-b{block} is no block precision")
 
     # ---- derived --------------------------------------------------------------------------------------------
     @property
@@ -184,11 +199,16 @@ class Recipe:
             parts.append("a8")
         if self.rounding != "nearest":
             parts.append(self.rounding)
+        if self.awq:
+            parts.append("awq")
         return "-".join(parts)
 
     @property
     def gate_family(self) -> str:
-        """The parity gate this recipe is judged by: `fp32`, `fp16`, `bf16`, `int8` or `int4`."""
+        """The parity gate this recipe is judged by: `fp32`, `fp16`, `bf16`, `int8` or `int4` (a mix holding
+        any int4 group: `int4`)."""
+        if any(bits == 4 for _, bits, _ in self.mix):
+            return "int4"
         return self.quant
 
     def context(self, cfg: Lfm2Config) -> int:
@@ -226,6 +246,8 @@ class Recipe:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
         fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        if "mix" in fields:
+            fields["mix"] = tuple((str(p), int(b), int(bs)) for p, b, bs in fields["mix"])
         return cls(**fields)
 
 
@@ -260,8 +282,10 @@ def parse_recipe(
             kw["symmetric"] = False
         elif part == "a8" and "bits" in kw and "activations" not in kw:
             kw["activations"] = "int8"
-        elif part in ROUNDINGS[1:] and "bits" in kw and "rounding" not in kw:
+        elif part in ROUNDINGS[1:] and "bits" in kw and "rounding" not in kw and "awq" not in kw:
             kw["rounding"] = part
+        elif part == "awq" and "bits" in kw and "awq" not in kw:
+            kw["awq"] = True
         else:
             raise UnsupportedError(f"--quant {text!r} is unknown; {_GRAMMAR}")
     if block_size is not None and named_block is not None and block_size != named_block:

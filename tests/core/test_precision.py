@@ -204,3 +204,35 @@ def test_mlx_manifest_lists_what_the_artifact_holds(tmp_path: Path) -> None:
     assert _mlx_holds(folder, list(listed)) == listed
     assert listed["model.layers.2.feed_forward.gate.weight"] == "float"
     assert listed["lm_head.weight"] == listed["model.embed_tokens.weight"] == "int8-b32"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["mlx", "onnx"])
+def test_a_precision_mix_is_what_the_artifact_holds(tmp_path: Path, backend: str) -> None:
+    """A `--budget` mix (`Recipe.mix`) reaches the files: each tensor group at its own bits and block."""
+    if backend == "mlx":
+        pytest.importorskip("mlx.core")
+    from lfm_export.backends import get
+    from lfm_export.budget import with_core
+    from lfm_export.pipeline import export_artifact
+    from lfm_export.progress import Progress
+
+    recipe = get(backend).recipe("int4", CONTEXT)
+    mix = (
+        ("model.embed_tokens.weight", 8, 64),
+        ("lm_head.weight", 8, 64),
+        ("layers.0.conv", 8, 32),
+        ("layers.2.self_attn", 4, 64),
+        ("layers.2.feed_forward", 8, 128),
+        ("layers.3.feed_forward", 4, 128),
+    )
+    recipe = with_core(recipe, recipe.recipe.with_options(mix=mix))
+    folder = tmp_path / backend
+    export_artifact(backend, "tiny-moe", folder, recipe, parity=False, progress=Progress(quiet=True))
+    listed = json.loads((folder / "manifest.json").read_text())["precision"]["tensors"]
+    holds = _mlx_holds if backend == "mlx" else _onnx_holds
+    assert holds(folder, list(listed)) == listed
+    assert listed["model.layers.2.feed_forward.experts.0.w2.weight"] == "int8-b128"
+    assert listed["model.layers.3.conv.in_proj.weight"] == "int4-b32"
+    assert listed["model.layers.2.self_attn.q_proj.weight"] == "int4-b64"
+    assert listed["model.embed_tokens.weight"] == "int8-b64"

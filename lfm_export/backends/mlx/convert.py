@@ -65,11 +65,36 @@ def mlx_lm_config(loaded: LoadedModel, recipe: MlxRecipe) -> dict[str, Any]:
         d["torch_dtype"] = recipe.half
     if core.quantized:
         q: dict[str, Any] = {"group_size": core.block_size, "bits": core.bits, "mode": "affine"}
-        if core.embedding_bits != core.bits:
+        if core.mix:
+            q.update(mix_entries(loaded, core))
+        elif core.embedding_bits != core.bits:
             q["model.embed_tokens"] = {"group_size": core.block_size, "bits": core.embedding_bits}
         d["quantization"] = q
         d["quantization_config"] = dict(q)
     return d
+
+
+def mix_entries(loaded: LoadedModel, core: Any) -> dict[str, dict[str, int]]:
+    """mlx-lm's per-layer `quantization` entries of a precision mix (`Recipe.mix`): every quantized module
+    (mlx-lm's name, without `.weight`, the tied embedding included) whose bits or group differ from the
+    block's defaults."""
+    from lfm_export.precision import block_as, held_as
+
+    from .weights import mlx_name
+
+    out: dict[str, dict[str, int]] = {}
+    shapes = loaded.model.state_dict()
+    for name, t in shapes.items():
+        bits = held_as(name, core)
+        if not bits or t.dim() != 2 or name == "lm_head.weight":
+            continue
+        group = block_as(name, core, int(t.shape[1]))
+        if (bits, group) != (core.bits, core.block_size):
+            out[mlx_name(loaded.config, name)[0].removesuffix(".weight")] = {
+                "group_size": group,
+                "bits": bits,
+            }
+    return out
 
 
 KEEP_FP32 = "expert_bias"

@@ -25,7 +25,7 @@ import numpy as np
 
 from lfm_export.config import Lfm2Config
 from lfm_export.contract.errors import UnsupportedError
-from lfm_export.precision import held_as, rule_for
+from lfm_export.precision import block_as, held_as, rule_for
 from lfm_export.quant import Quantized, quantize_weight
 from lfm_export.recipes import Recipe
 
@@ -94,13 +94,13 @@ def build(
         bits = held_as(name, recipe)
         base = target.removesuffix(".weight")
         conv = ".conv.conv.weight" in name
-        bindings[name] = Binding(
-            base if bits else target, expert, bits, recipe.block_size if bits else None, conv
-        )
         t = get(name)
         w = t.detach().float().numpy() if hasattr(t, "detach") else np.asarray(t, np.float32)
+        block = block_as(name, recipe, w.shape[-1]) if bits else None
+        bindings[name] = Binding(base if bits else target, expert, bits, block, conv)
         if bits:
-            parts = dict(zip(("weight", "scales", "biases"), pack(quantize_weight(w, recipe, bits))))
+            q = quantize_weight(w, recipe, bits, block=block)
+            parts = dict(zip(("weight", "scales", "biases"), pack(q)))
         else:
             if conv:
                 w = np.ascontiguousarray(w.transpose(0, 2, 1))

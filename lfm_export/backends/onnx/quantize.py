@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from lfm_export.precision import held_as
+from lfm_export.precision import block_as, held_as
 from lfm_export.quant import Quantized, pack_nibbles, quantize_weight
 from lfm_export.recipes import Recipe
 
@@ -412,7 +412,9 @@ def _quantize(
             _float_layout_one(graph, lin)
             handling.lm_head = "float32 MatMul (the recipe keeps the lm_head float)"
             continue
-        q = quantize_weight(lin.weight.const_value.numpy(), recipe.recipe, lin_bits)
+        w = lin.weight.const_value.numpy()
+        block = block_as(_checkpoint_name(lin, lm_head), recipe.recipe, w.shape[-1])
+        q = quantize_weight(w, recipe.recipe, lin_bits, block=block)
         group = shared.get(id(lin))
         if group is not None:
             members = pending.setdefault(id(group[0]), [])
@@ -425,7 +427,12 @@ def _quantize(
             continue
         if ort:
             b_value = _matmulnbits(graph, lin, q, recipe)
-            if gather is not None and gather.inputs[0] is lin.weight and lin_bits == embedding_bits:
+            if (
+                gather is not None
+                and gather.inputs[0] is lin.weight
+                and lin_bits == embedding_bits
+                and q.block_size == block_as(EMBEDDING_WEIGHT, recipe.recipe, q.codes.shape[1])
+            ):
                 tied_table = (b_value, q)
         else:
             _dq_matmul(graph, lin, q)
@@ -453,15 +460,18 @@ def _quantize(
 def _qmoe(graph: ir.Graph, node: ir.Node, recipe: OnnxRecipe) -> None:
     """`MoE` -> `QMoE`: every expert's interleaved fc1 `[2F, H]` and fc2 `[H, F]` quantized like MatMulNBits."""
     prefix = (node.inputs[2].name or "moe").removesuffix(".fc1")
-    bits = held_as(f"{prefix}.0.w1.weight", recipe.recipe)  # every expert's, as the first's
+    first = f"{prefix}.0.w1.weight"
+    bits = held_as(first, recipe.recipe)  # every expert's, as the first's (QMoE takes one bits and block)
     assert bits is not None
+    hidden = node.meta[MOE_EXPERTS_META][0][0].shape[1]
+    block = block_as(first, recipe.recipe, hidden)
     packed: dict[str, list[np.ndarray]] = {k: [] for k in ("b1", "s1", "z1", "b2", "s2", "z2")}
     for w1, w3, w2 in node.meta[MOE_EXPERTS_META]:
         f, h = w1.shape
         fc1 = np.empty((2 * f, h), np.float32)
         fc1[0::2], fc1[1::2] = w1.numpy(), w3.numpy()
         for tag, w in (("1", fc1), ("2", w2.numpy())):
-            b, sc, zp = matmulnbits_tensors(quantize_weight(w, recipe.recipe, bits))
+            b, sc, zp = matmulnbits_tensors(quantize_weight(w, recipe.recipe, bits, block=block))
             packed["b" + tag].append(b.reshape(b.shape[0], -1))
             packed["s" + tag].append(sc)
             if zp is not None:
@@ -486,7 +496,7 @@ def _qmoe(graph: ir.Graph, node: ir.Node, recipe: OnnxRecipe) -> None:
     while inputs[-1] is None:
         inputs.pop()
     attrs = {a.name: a.value for a in node.attributes.values()}
-    attrs.update(expert_weight_bits=bits, block_size=recipe.block_size, accuracy_level=recipe.accuracy_level)
+    attrs.update(expert_weight_bits=bits, block_size=block, accuracy_level=recipe.accuracy_level)
     y = em.op1("QMoE", inputs, attrs, domain=MS_DOMAIN)
     em.insert_before(node)
     replace_value(node.outputs[0], y)
@@ -535,11 +545,14 @@ def _shared_input_groups(
     Split, so a decode step makes one kernel call per group instead of one per weight.
 
     onnxruntime 1.32 also has `MatMulNBitsQkv` / `MatMulNBitsMlp`, but only the WebGPU provider runs them."""
-    by_input: dict[int, list[Linear]] = {}
+    by_input: dict[tuple[int, int | None, int], list[Linear]] = {}
     for lin in linears:
-        if lin is lm_head or held_as(_checkpoint_name(lin, lm_head), recipe) is None:
+        name = _checkpoint_name(lin, lm_head)
+        bits = held_as(name, recipe)
+        if lin is lm_head or bits is None:
             continue
-        by_input.setdefault(id(lin.matmul.inputs[0]), []).append(lin)
+        block = block_as(name, recipe, lin.weight.const_value.shape[1])  # one op holds one precision
+        by_input.setdefault((id(lin.matmul.inputs[0]), bits, block), []).append(lin)
     out: dict[int, list[Linear]] = {}
     for group in by_input.values():
         if len(group) > 1 and len({lin.weight.const_value.shape[1] for lin in group}) == 1:
@@ -611,8 +624,12 @@ def _gather_block_quantized(
         b_v, q = shared
         how = "shares the tied lm_head's packed MatMulNBits table"
     else:
+        w = table.const_value.numpy()
         q = quantize_weight(
-            table.const_value.numpy(), recipe.recipe, held_as(EMBEDDING_WEIGHT, recipe.recipe)
+            w,
+            recipe.recipe,
+            held_as(EMBEDDING_WEIGHT, recipe.recipe),
+            block=block_as(EMBEDDING_WEIGHT, recipe.recipe, w.shape[1]),
         )
         b, _, _ = matmulnbits_tensors(q)
         b_v = em.const(b, "model.embed_tokens.qweight")
@@ -623,7 +640,7 @@ def _gather_block_quantized(
     rows = em.op1(
         "GatherBlockQuantized",
         inputs,
-        {"bits": q.bits, "block_size": recipe.block_size, "gather_axis": 0, "quantize_axis": 2},
+        {"bits": q.bits, "block_size": q.block_size, "gather_axis": 0, "quantize_axis": 2},
         domain=MS_DOMAIN,
     )
     lead = em.op1("Shape", [gather.inputs[1]])
@@ -632,13 +649,14 @@ def _gather_block_quantized(
     em.insert_before(gather)
     replace_value(gather.outputs[0], out)
     sym = "symmetric" if recipe.symmetric else "asymmetric"
-    return f"GatherBlockQuantized int{q.bits} b{recipe.block_size} {sym} ({how})"
+    return f"GatherBlockQuantized int{q.bits} b{q.block_size} {sym} ({how})"
 
 
 def _gather_dequantize(graph: ir.Graph, gather: ir.Node, recipe: OnnxRecipe) -> str:
     """Portable: int8 rows and their scales gathered, then `DequantizeLinear(axis=-1, block_size)`."""
     table = gather.inputs[0]
-    q = quantize_weight(table.const_value.numpy(), recipe.recipe, 8)
+    w = table.const_value.numpy()
+    q = quantize_weight(w, recipe.recipe, 8, block=block_as(EMBEDDING_WEIGHT, recipe.recipe, w.shape[1]))
     em = Emitter(graph)
     ids = gather.inputs[1]
     rows = em.op1(
@@ -652,8 +670,8 @@ def _gather_dequantize(graph: ir.Graph, gather: ir.Node, recipe: OnnxRecipe) -> 
         inputs.append(
             em.op1("Gather", [em.const(q.zero_points, "model.embed_tokens.qzeros"), ids], {"axis": 0})
         )
-    out = em.op1("DequantizeLinear", inputs, {"axis": -1, "block_size": recipe.block_size})
+    out = em.op1("DequantizeLinear", inputs, {"axis": -1, "block_size": q.block_size})
     em.insert_before(gather)
     replace_value(gather.outputs[0], out)
     sym = "symmetric" if recipe.symmetric else "asymmetric"
-    return f"Gather + DequantizeLinear int8 b{recipe.block_size} {sym} (ONNX Gather takes no int4)"
+    return f"Gather + DequantizeLinear int8 b{q.block_size} {sym} (ONNX Gather takes no int4)"

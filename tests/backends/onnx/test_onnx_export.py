@@ -504,3 +504,49 @@ def test_calibrated_export_holds_its_codes_and_matches_its_simulation(dense, tmp
     plain = simulate(loaded.model, parse_core_recipe("int4-b32"), "float")
     _, _, _, other = _run_both(_session(tmp_path / "onnx", accuracy_level=0), result.signature, plain)
     assert max(float(np.abs(g - o).max()) for g, o in zip(got, other)) > 1e-2  # not plain rounding's artifact
+
+
+# ---- a precision mix chosen to a budget: every op holds its group's precision, exactly simulated ----------
+
+
+def test_budgeted_mix_is_held_per_group_and_matches_its_simulation(dense, tmp_path: Path) -> None:
+    import onnx
+
+    from lfm_export.precision import block_as, held_as
+
+    loaded, traced = dense
+    # a mix as `lfm_export.budget.plan` writes one (its choice from measured KL is tested slow, end to end)
+    core = parse_core_recipe("int4-b32").with_options(
+        mix=(
+            ("model.embed_tokens.weight", 8, 64),
+            ("lm_head.weight", 8, 64),
+            ("layers.0.conv", 8, 32),
+            ("layers.1.self_attn", 4, 64),
+            ("layers.1.feed_forward", 8, 64),
+            ("layers.3.feed_forward", 4, 32),
+        )
+    )
+    recipe = make_recipe(max_seq_len=MAX_SEQ, accuracy_level=0)
+    recipe = type(recipe)(core, recipe.ops, 0)
+    result = export_onnx(loaded, tmp_path / "onnx", recipe, traced=traced)
+    model = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False)
+    held = set()
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in node.attribute}
+            name = node.input[1].removesuffix(".qweight").split("+")[0]
+            name = "lm_head" if "lm_head" in name or "embed_tokens" in name else name
+            held.add((attrs["bits"], attrs["block_size"]))
+            want = f"{name}.weight" if name != "lm_head" else "lm_head.weight"
+            if want.startswith("model.layers"):
+                assert (attrs["bits"], attrs["block_size"]) == (
+                    held_as(want, core),
+                    block_as(want, core, attrs["K"]),
+                ), want
+    assert len(held) >= 2
+    ref = simulate(loaded.model, core, "float")
+    worst, _, got, _ = _run_both(_session(tmp_path / "onnx", accuracy_level=0), result.signature, ref)
+    assert worst <= 1e-4, worst
+    plain = simulate(loaded.model, parse_core_recipe("int4-b32"), "float")  # the recipe without its mix
+    _, _, _, other = _run_both(_session(tmp_path / "onnx", accuracy_level=0), result.signature, plain)
+    assert max(float(np.abs(g - o).max()) for g, o in zip(got, other)) > 1e-2

@@ -1,0 +1,313 @@
+"""Per-layer precision to a budget (`--budget size=MB | kl=X`): a precision mix chosen from measured sensitivity.
+
+The quantized linears fall into tensor groups: per layer its mixer (a conv block's `in_proj` / `out_proj`, an
+attention block's `q/k/v/out_proj`) and its feed-forward (the MLP's `w1/w2/w3`, or every expert of an MoE
+layer: onnxruntime's QMoE and mlx-lm's stacked experts hold one precision per layer), then the lm_head and
+the embedding table (one group when they are tied). Linears that read one input (q/k/v, w1/w3) share a
+group, so a backend can still fuse them.
+
+`measure` quantizes one group at a time at each candidate precision (`CANDIDATES`, the rest of the model
+float32) and runs the fp32 model over the calibration text (`lfm_export.calibrate.calibration_ids`): the
+group's cost is the mean KL divergence of the next-token distribution from the fp32 model's over every
+position. The estimated KL of a mix is the sum of its groups' costs; its size counts the codes at their bits,
+one float32 scale per block (and a byte of zero point per block for `-asym`), and every float tensor at
+float32 (a tied table once). `choose` picks, by dynamic programming over the groups, the mix of least
+estimated KL within a size, or the smallest within a KL. The mix becomes the recipe's `mix`
+(`lfm_export.precision.rules`), which the simulation and every backend read; the request, each group's
+costs and the choice are the manifest's `budget`.
+
+The cost is measured with weight rounding only (`nearest`, or `-mse`'s search when the recipe names it; a
+calibrated recipe's groups are measured with plain rounding) and float activations.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lfm_export.contract.errors import UnsupportedError, UserError
+from lfm_export.loading import LoadedModel
+from lfm_export.precision import held_as
+from lfm_export.recipes import CALIBRATED_ROUNDINGS, Recipe
+
+CANDIDATES = ((8, 32), (4, 32), (4, 64), (4, 128))
+"""The precisions a group may take: (bits, block size)."""
+MB = 1_000_000
+SIZE, KL = "size", "kl"
+UNITS = 4000
+"""Size steps of the dynamic program (each item's bytes rounded up to a step: a chosen mix never exceeds its
+size budget)."""
+
+
+class BudgetError(UserError):
+    """A budget that cannot be read or met."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """`size` in bytes (`size=MB`, 1 MB = 10^6 bytes) or `kl` (estimated mean KL against fp32)."""
+
+    kind: str
+    value: float
+
+    @property
+    def text(self) -> str:
+        return f"size={self.value / MB:g}" if self.kind == SIZE else f"kl={self.value:g}"
+
+
+def parse_budget(text: str) -> Budget:
+    """`size=MB` or `kl=X` (positive numbers)."""
+    kind, _, raw = text.strip().partition("=")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if kind not in (SIZE, KL) or not value > 0 or value == float("inf"):
+        raise BudgetError(f"--budget {text!r}: expected size=MB or kl=X with a positive number")
+    return Budget(kind, value * MB if kind == SIZE else value)
+
+
+@dataclass
+class Group:
+    """Tensors chosen together: `name` (`layers.3.attention`, `head+embedding`), the `patterns` its mix rules
+    match, and its quantized tensors' shapes."""
+
+    name: str
+    patterns: tuple[str, ...]
+    tensors: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def fits(self, block: int) -> bool:
+        return all(shape[1] % block == 0 for shape in self.tensors.values())
+
+    def nbytes(self, bits: int, block: int, symmetric: bool) -> int:
+        per_block = 4 + (0 if symmetric else 1)
+        return sum(
+            int(np.prod(s)) * bits // 8 + int(np.prod(s)) // block * per_block for s in self.tensors.values()
+        )
+
+
+def _group_of(name: str) -> tuple[str, str] | None:
+    """(group name, pattern) of a quantized tensor."""
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        word = "embedding" if "embed" in name else "head"
+        return word, name
+    m = re.match(r"model\.layers\.(\d+)\.(self_attn|conv|feed_forward)\.", name)
+    if m is None:
+        return None
+    i, part = int(m[1]), m[2]
+    if part == "feed_forward":
+        what = "experts" if ".experts." in name else "mlp"
+    else:
+        what = "attention" if part == "self_attn" else "conv"
+    return f"layers.{i}.{what}", f"layers.{i}.{part}"
+
+
+def groups(loaded: LoadedModel, recipe: Recipe) -> tuple[list[Group], int]:
+    """The tensor groups of `loaded` that `recipe` quantizes, and the bytes of every float tensor (float32)."""
+    cfg = loaded.config
+    found: dict[str, Group] = {}
+    fixed = 0
+    tied = cfg.tie_word_embeddings
+    for name, t in loaded.model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue
+        shape = tuple(t.shape)
+        if held_as(name, recipe) is None or len(shape) != 2:
+            fixed += int(np.prod(shape)) * 4
+            continue
+        where = _group_of(name)
+        if where is None:
+            raise UnsupportedError(f"--budget: no tensor group for {name}")
+        gname, pattern = where
+        if tied and gname == "embedding":
+            gname, patterns = "head+embedding", (pattern, "lm_head.weight")
+        else:
+            patterns = (pattern,)
+        found.setdefault(gname, Group(gname, patterns)).tensors[name] = shape
+    return list(found.values()), fixed
+
+
+def measure(
+    loaded: LoadedModel,
+    recipe: Recipe,
+    found: list[Group],
+    text_file: Path | None = None,
+    tokens: int | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """`[groups, CANDIDATES]` mean KL (nats) against the fp32 model on the calibration text with one group
+    quantized at a time (inf where a candidate's block does not fit the group), and the text's description."""
+    import torch
+    from torch.func import functional_call
+
+    from lfm_export.calibrate import DEFAULT_TOKENS, calibration_ids
+    from lfm_export.quant import quantize_block
+
+    ids, label, digest = calibration_ids(loaded, text_file, tokens or DEFAULT_TOKENS)
+    ref = loaded.materialized().model
+    ref.set_moe_form("sparse")
+    batch = torch.from_numpy(ids)
+    rounding = "nearest" if recipe.rounding in CALIBRATED_ROUNDINGS else recipe.rounding
+    params = dict(ref.named_parameters(remove_duplicate=False))
+
+    def logprobs(replaced: dict[str, Any]) -> Any:
+        state = ref.empty_state(batch=batch.shape[0])
+        with torch.no_grad():
+            logits = functional_call(ref, replaced, (batch, *state))[0]
+        return torch.log_softmax(logits.float(), -1).reshape(-1, logits.shape[-1])
+
+    try:
+        base = logprobs({})
+        p = base.exp()
+        cost = np.full((len(found), len(CANDIDATES)), np.inf)
+        for gi, group in enumerate(found):
+            for ci, (bits, block) in enumerate(CANDIDATES):
+                if not group.fits(block):
+                    continue
+                replaced = {}
+                for name in group.tensors:
+                    w = params[name].detach().float().numpy()
+                    q = quantize_block(w, bits, block, recipe.symmetric, rounding)
+                    replaced[name] = torch.from_numpy(q.dequantize())
+                    if name == "model.embed_tokens.weight" and loaded.config.tie_word_embeddings:
+                        replaced["lm_head.weight"] = replaced[name]
+                lq = logprobs(replaced)
+                cost[gi, ci] = float((p * (base - lq)).sum(-1).mean())
+    finally:
+        ref.set_moe_form("dense")
+    return cost, {"corpus": label, "corpus_sha256": digest, "tokens": int(ids.size)}
+
+
+def choose(costs: np.ndarray, sizes: np.ndarray, fixed: int, budget: Budget) -> list[int]:
+    """A candidate per group (row of `costs` / `sizes`, inf cost: not allowed): least summed cost with
+    `fixed + sum(sizes) <= budget.value` (size), or least size with summed cost `<= budget.value` (kl).
+    Raises `BudgetError` when no mix meets the budget."""
+    allowed = np.isfinite(costs)
+    small = np.where(allowed, sizes, np.inf).min(1).sum() + fixed
+    if budget.kind == SIZE and budget.value < small:
+        raise BudgetError(
+            f"--budget {budget.text}: below the smallest mix this model takes ({small / MB:.3f} MB, every "
+            "group at its fewest bytes)"
+        )
+    least = costs.min(1).sum()
+    if budget.kind == KL and budget.value < least:
+        raise BudgetError(
+            f"--budget {budget.text}: below the least estimated KL of any mix ({least:.4g}, every group at "
+            "its most precise candidate)"
+        )
+    top = np.where(allowed, sizes, 0).max(1).sum()
+    unit = max(1.0, top / UNITS)
+    units = np.where(allowed, np.ceil(sizes / unit), 0).astype(np.int64)
+    cap = int(units.max(1).sum())
+    best = np.full(cap + 1, np.inf)
+    best[0] = 0.0
+    picks = np.zeros((len(costs), cap + 1), np.int64)
+    for g in range(len(costs)):
+        new = np.full(cap + 1, np.inf)
+        for c in np.flatnonzero(allowed[g]):
+            u = units[g, c]
+            shifted = np.full(cap + 1, np.inf)
+            shifted[u:] = best[: cap + 1 - u] + costs[g, c]
+            better = shifted < new
+            new[better] = shifted[better]
+            picks[g, better] = c
+        best = new
+    if budget.kind == SIZE:
+        room = int(np.floor((budget.value - fixed) / unit))
+        end = int(np.argmin(best[: min(room, cap) + 1]))
+    else:
+        feasible = np.flatnonzero(best <= budget.value)
+        end = int(feasible[0])
+    chosen = [0] * len(costs)
+    for g in range(len(costs) - 1, -1, -1):
+        c = int(picks[g, end])
+        chosen[g] = c
+        end -= int(units[g, c])
+    return chosen
+
+
+def check_recipe(recipe: Any) -> Recipe:
+    """The core recipe a budget applies to (a quantized one in blocks), or a one-line refusal."""
+    from lfm_export.calibrate import core_recipe
+
+    core = core_recipe(recipe)
+    if core is None or not core.quantized:
+        raise BudgetError(
+            "--budget chooses among quantized precisions; give --quant int4 or int8 (e.g. int4)"
+        )
+    if core.per_channel:
+        raise BudgetError(f"--budget: {core.name} is per channel; the budget's candidates are blocks")
+    if core.mix:
+        raise BudgetError(f"--budget: {core.name} already holds a mix")
+    return core
+
+
+def check_size_floor(loaded: LoadedModel, core: Recipe, budget: Budget) -> None:
+    """Refuse a size budget no mix meets before measuring anything."""
+    found, fixed = groups(loaded, core)
+    sizes = _sizes(found, core)
+    costs = np.where(np.isfinite(sizes), 0.0, np.inf)
+    if budget.kind == SIZE:
+        choose(costs, sizes, fixed, budget)
+
+
+def _sizes(found: list[Group], core: Recipe) -> np.ndarray:
+    return np.array(
+        [[g.nbytes(b, bs, core.symmetric) if g.fits(bs) else np.inf for b, bs in CANDIDATES] for g in found]
+    )
+
+
+def plan(
+    loaded: LoadedModel,
+    recipe: Any,
+    budget: Budget,
+    text_file: Path | None = None,
+    tokens: int | None = None,
+) -> tuple[Recipe, dict[str, Any]]:
+    """The core recipe of `recipe` with the mix meeting `budget` (measured on `tokens` tokens of the
+    calibration text), and the manifest's `budget` entry."""
+    core = check_recipe(recipe)
+    check_size_floor(loaded, core, budget)
+    found, fixed = groups(loaded, core)
+    sizes = _sizes(found, core)
+    costs, text = measure(loaded, core, found, text_file, tokens)
+    chosen = choose(costs, sizes, fixed, budget)
+    mix = tuple(
+        (pattern, CANDIDATES[c][0], CANDIDATES[c][1]) for g, c in zip(found, chosen) for pattern in g.patterns
+    )
+    words = [f"int{b}-b{bs}" for b, bs in CANDIDATES]
+    entry = {
+        "request": budget.text,
+        "candidates": words,
+        "calibration": text,
+        "groups": [
+            {
+                "group": g.name,
+                "match": list(g.patterns),
+                "chosen": words[c],
+                "kl": {
+                    w: (None if not np.isfinite(k) else round(float(k), 6)) for w, k in zip(words, costs[i])
+                },
+                "bytes": {w: (None if not np.isfinite(s) else int(s)) for w, s in zip(words, sizes[i])},
+            }
+            for i, (g, c) in enumerate(zip(found, chosen))
+        ],
+        "estimated_kl": round(float(sum(costs[i, c] for i, c in enumerate(chosen))), 6),
+        "estimated_bytes": int(fixed + sum(sizes[i, c] for i, c in enumerate(chosen))),
+        "float_bytes": int(fixed),
+    }
+    # the name's precision word (and so its parity gate family) is the mix's fewest bits; every quantized
+    # tensor is in a group, so the base bits hold no tensor
+    return core.with_options(bits=min(b for _, b, _ in mix), mix=mix), entry
+
+
+def with_core(recipe: Any, core: Recipe) -> Any:
+    """`recipe` (a core `Recipe` or a backend's recipe holding one as `recipe`) with its core replaced."""
+    import dataclasses
+
+    if isinstance(recipe, Recipe):
+        return core
+    return dataclasses.replace(recipe, recipe=core)
