@@ -182,11 +182,10 @@ def _refuse_budget(record: Any, recipe: Any, budget: str | None) -> Any:
     from lfm_export.budget import check_recipe, parse_budget
 
     wanted = parse_budget(budget)
-    if not record.core_codes:
+    if not record.mixes:
         raise UnsupportedError(
-            f"--budget: {record.name} does not pack its weights from the core quantizer, so it cannot hold a "
-            "per-layer mix; backends that take it: "
-            + ", ".join(b.name for b in all_backends().values() if b.core_codes)
+            f"--budget: {record.name} cannot hold a per-layer mix of the core precisions; backends that take it: "
+            + ", ".join(b.name for b in all_backends().values() if b.mixes)
         )
     check_recipe(recipe)
     return wanted

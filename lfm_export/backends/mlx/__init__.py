@@ -55,6 +55,7 @@ BACKEND = Backend(
     ),
     simulation=simulation,
     core_codes=True,
+    mixes=True,
     stored_weights="lfm_export.backends.mlx.stored_weights:stored_weights",
     context_default="default: 4096, or the model's if smaller",
     context_cost="The KV cache is static and attention reads all of it every decode step, so every step costs "

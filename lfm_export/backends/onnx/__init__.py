@@ -66,6 +66,7 @@ BACKEND = Backend(
     ),
     simulation=simulation,
     core_codes=True,
+    mixes=True,
     stored_weights="lfm_export.backends.onnx.stored_weights:stored_weights",
     context_cost="The KV cache grows with the tokens held (the shim doubles its buffers up to the context), so a "
     "long context costs memory only when used.",
