@@ -53,7 +53,6 @@ from lfm_export.parity.stored_weights import RowPool, simulated_weights
 from lfm_export.weights import WeightSource
 
 if TYPE_CHECKING:
-    from lfm_export.parity.scenarios import ScenarioRun
     from lfm_export.quant import WeightValues
     from lfm_export.recipes import Recipe
 
@@ -237,9 +236,10 @@ class StreamingReference:
             self.progress(text)
 
     # ---- the pass -------------------------------------------------------------------------------------------
-    def complete(self, runs: list[ScenarioRun], comparisons: list[Any]) -> None:
+    def complete(self, runs: list[Any], comparisons: list[Any]) -> None:
         """Compute every recorded segment through the model one layer at a time and put the real logits and
-        final states in place of the placeholders in `runs`, whose `logits` lists start with `comparisons`
+        final states in place of the placeholders in `runs` (`lfm_export.parity.scenarios.ScenarioRun`, which
+        imports this module's type), whose `logits` lists start with `comparisons`
         (this object's recorders, in the order the scenarios drove them)."""
         recorders = self.recorders
         if sorted(map(id, comparisons)) != sorted(map(id, recorders)):
