@@ -73,6 +73,8 @@ def export_artifact(
     quality = quality_gate(_recipe_name(recipe), max_kl, gates_file) if parity else None
     with progress.step(f"Loading {model}"):
         loaded = load_model(model, lazy=True, revision=revision)
+    if parity and record.simulation_session is not None and use_streaming(loaded, 2):
+        raise UnsupportedError(_OWN_SIMULATION_TOO_BIG.format(backend=backend, model=loaded.source))
     if loaded.random:
         progress.note(f"[yellow]note:[/] {model} has RANDOM weights (for size and speed work only)")
     calibration = _calibration(loaded, recipe, calib, progress)
@@ -238,6 +240,12 @@ def check_artifact(
     )
 
 
+_OWN_SIMULATION_TOO_BIG = (
+    "parity of a {backend} artifact needs its own simulation of the whole model in memory, and {model}'s "
+    "float32 copies do not fit; export with --no-parity"
+)
+
+
 def use_streaming(loaded: LoadedModel, copies: int, stream: bool = False) -> bool:
     """Whether parity computes its reference (and simulation) one layer at a time from the lazy weights
     (`lfm_export.parity.streaming`): asked for, or where the `copies` float32 copies of the model it would
@@ -329,8 +337,7 @@ def _check(
     if use_streaming(loaded, 1 + (own_simulation is not None or simulates) + rounds, stream):
         if own_simulation is not None:
             raise UnsupportedError(
-                f"parity of a {manifest['backend']} artifact needs its own simulation of the whole model in "
-                f"memory, and {loaded.source}'s float32 copies do not fit; export with --no-parity"
+                _OWN_SIMULATION_TOO_BIG.format(backend=manifest["backend"], model=loaded.source)
             )
         progress.note(
             f"[yellow]note:[/] parity streams the {loaded.source} reference one layer at a time (its float32 "

@@ -1,9 +1,8 @@
 """The streaming reference (`lfm_export.parity.streaming`): the fp32 reference and the recipe's simulation computed
-one layer at a time from lazy weights give the in-memory sessions' logits, states and simulated weights; and
-parity streams exactly when the float32 copies do not fit."""
+one layer at a time from lazy weights give the in-memory sessions' logits, states and simulated weights (when
+parity streams: `tests/core/test_loading_memory.py`)."""
 
 import numpy as np
-import psutil
 import pytest
 import torch
 
@@ -13,8 +12,6 @@ from lfm_export.parity.prompts import random_prompts
 from lfm_export.parity.scenarios import ScenarioOptions, Sessions, batch2, decode, prefill
 from lfm_export.parity.stored_weights import RowPool, simulated_weights
 from lfm_export.parity.streaming import StreamingReference
-from lfm_export.pipeline import use_streaming
-from lfm_export.presets import get_preset, param_count
 from lfm_export.quant import simulate
 from lfm_export.recipes import ACT_FLOAT, ACT_INT8_BLOCK, parse_recipe
 
@@ -75,21 +72,6 @@ def test_streamed_reference_and_simulation_equal_the_in_memory_ones(name):
     for _, w in simulated_weights(rounded, recipe):
         pool.add(w)
     assert stream.pool.rows == pool.rows and stream.pool.tensors == pool.tensors > 0
-
-
-def test_parity_streams_exactly_when_the_float32_copies_do_not_fit():
-    """The rule `lfm-export parity` and every export follow: stream where the reference and simulation copies do
-    not fit in memory (the 8B-A1B here: 2 x 33.4 GB), or where asked; never a model already in memory unless
-    asked. (It used to refuse; `tests/backends/onnx/test_cli_onnx.py` runs a streamed parity through the CLI.)"""
-    big = load_model("random:lfm2-8b-a1b", lazy=True)  # lazy: no weights made
-    need = 2 * 4 * param_count(get_preset("lfm2-8b-a1b").config)
-    if need <= 0.9 * psutil.virtual_memory().available:
-        pytest.skip(f"this machine holds {need / 1e9:.0f} GB: parity on lfm2-8b-a1b would not stream")
-    assert use_streaming(big, copies=2) and use_streaming(big, copies=1)
-    tiny = load_model("tiny", lazy=True)
-    assert not use_streaming(tiny, copies=3) and use_streaming(tiny, copies=3, stream=True)
-    eager = tiny.materialized()
-    assert not use_streaming(eager, copies=10**6) and use_streaming(eager, copies=2, stream=True)
 
 
 def test_fills_above_the_fill_limit_are_skipped_not_passed():
