@@ -507,7 +507,7 @@ def to_markdown(result: ParityResult) -> str:
         "every scenario; top-1 is the share of positions with the same argmax; top-1 decisive counts only "
         "positions where the first session's top-1 beats its top-2 by at least 0.1 in probability; greedy match "
         "is the number of leading decode steps with the same argmax (every session is fed the same tokens: the "
-        f"greedy choices of `{result.exact_name}`).",
+        f"greedy choices of `{result.test_name if result.streaming else result.exact_name}`).",
     ]
     if result.metadata or result.prompt_lengths:
         lines += ["", "### Run", ""]
