@@ -6,7 +6,9 @@ and skipped), the headline metrics, the child's wall time and maximum resident s
 record from the artifact's manifest (recipe, size, timings). Run it alone on the machine (`flock
 /tmp/lfm-heavy.lock`): the 8B-A1B's parity holds the onnxruntime session and one streamed layer at a time.
 
-    flock /tmp/lfm-heavy.lock python benchmarks/streaming_parity.py OUT/8b-int4 \\
+    flock /tmp/lfm-heavy.lock /usr/bin/time -v lfm-export onnx random:lfm2-8b-a1b -o OUT/8b-int4 --quant int4 \\
+        --no-parity --json 2> OUT/export.time
+    flock /tmp/lfm-heavy.lock python benchmarks/streaming_parity.py OUT/8b-int4 --export-log OUT/export.time \\
         --json benchmarks/results/streaming_parity_8b.json
 """
 
@@ -96,9 +98,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--stream-reference", action="store_true", help="Stream even where the reference fits.")
     ap.add_argument("--json", type=Path, help="Write the result here.")
+    ap.add_argument(
+        "--export-log",
+        type=Path,
+        help="The `/usr/bin/time -v` report (stderr) of the command that exported the artifact: its wall time "
+        "and peak RSS join the result.",
+    )
     args = ap.parse_args()
     head = provenance()  # the load average before the run
     result = {"provenance": head, **run(args.artifact, args.threads, args.stream_reference)}
+    if args.export_log is not None:
+        result["artifact"]["export_process"] = _time_v(args.export_log.read_text())
     head["load_average_after"] = round(os.getloadavg()[0], 2)
     text = json.dumps(result, indent=2)
     print(text)
