@@ -182,6 +182,13 @@ def parity(
         ),
     ] = None,
     ctx: Annotated[int, typer.Option(help="Tokens per --corpus chunk (the second half is scored).")] = 512,
+    stream_reference: Annotated[
+        bool,
+        typer.Option(
+            help="Compute the fp32 reference and the simulation one layer at a time (automatic where they "
+            "do not fit in memory)."
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Re-check an artifact's numerical parity against the fp32 reference model; exit 1 if the gate fails."""
@@ -190,12 +197,12 @@ def parity(
     from lfm_export.pipeline import check_artifact
     from lfm_export.progress import Progress
 
-    loaded = load_model(model) if model else None
+    loaded = load_model(model, lazy=True) if model else None
     if corpus is not None:
         from lfm_export.corpus_check import run_corpus
         from lfm_export.parity.corpus import corpus_line
 
-        report = run_corpus(artifact, corpus, ctx, loaded, threads)
+        report = run_corpus(artifact, corpus, ctx, loaded and loaded.materialized(), threads)
         emit(report, as_json, corpus_line(report))
         return
     result = check_artifact(
@@ -206,6 +213,7 @@ def parity(
         max_kl=max_kl,
         gates_file=gates,
         full_context=full_context,
+        stream=stream_reference,
     )
     emit(
         result.to_json(),

@@ -73,16 +73,14 @@ class LoadedModel:
     def lazy(self) -> bool:
         return self.weights is not None
 
-    def require_reference_memory(self, copies: int = 2) -> None:
-        """Refuse, before any work, a parity run whose float32 models do not fit in memory. Parity holds the
-        fp32 reference and the recipe's simulation (quantized linears dequantized to fp32): `copies` 2."""
+    def reference_fits(self, copies: int = 2) -> bool:
+        """Whether `copies` float32 copies of the model fit in memory (`fits_in_memory`): parity holds the fp32
+        reference and the recipe's simulation (quantized linears dequantized to fp32), and where the runtime
+        rounds activations the simulation without it; otherwise it streams them one layer at a time
+        (`lfm_export.parity.streaming`)."""
         from lfm_export.presets import param_count
 
-        require_memory(
-            copies * 4 * param_count(self.config),
-            f"parity on {self.source}: {copies} float32 copies of the model",
-            "; export with --no-parity",
-        )
+        return fits_in_memory(copies * 4 * param_count(self.config))
 
     def materialized(self) -> LoadedModel:
         """This model with real float tensors (itself when it is not lazy)."""
@@ -356,12 +354,19 @@ def random_model(
     )
 
 
+def fits_in_memory(nbytes: int) -> bool:
+    """`nbytes` of tensors take at most 90% of the memory available now."""
+    import psutil
+
+    return nbytes <= 0.9 * psutil.virtual_memory().available
+
+
 def require_memory(nbytes: int, what: str, hint: str = "") -> None:
     """Refuse (UnsupportedError) to build `nbytes` of tensors when they exceed 90% of available memory."""
     import psutil
 
     avail = psutil.virtual_memory().available
-    if nbytes > 0.9 * avail:
+    if not fits_in_memory(nbytes):
         raise UnsupportedError(
             f"{what} need {nbytes / 1e9:.1f} GB, only {avail / 1e9:.1f} GB of memory is available{hint}"
         )

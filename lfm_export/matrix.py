@@ -216,7 +216,7 @@ def select(spec: Spec, only: list[str]) -> list[Entry]:
 def export_memory_estimate(entry: Entry) -> int:
     """Bytes one export process is expected to peak at: the runtime's overhead plus float32 copies of the
     model (the lazily written export holds about one; parity holds the reference and the simulation, and a
-    recipe with int8 activations a third: `LoadedModel.require_reference_memory`'s count)."""
+    recipe with int8 activations a third: `LoadedModel.reference_fits`'s count; where they do not fit, parity streams them instead)."""
     from lfm_export.presets import param_count
 
     config = _config(entry.model)

@@ -315,6 +315,30 @@ class DecoderLayer(nn.Module):
             self.conv = ShortConv(cfg)
         self.feed_forward = MoE(cfg) if cfg.is_moe_layer(idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
+    def step(
+        self,
+        h: Tensor,
+        state: tuple[Tensor, ...],
+        cos: Tensor,
+        sin: Tensor,
+        positions: Tensor,
+        form: str,
+        key_mask: Tensor | None,
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """The layer on hidden states `h` `[B, T, hidden]` after its `state` (`(conv_state,)` for a conv layer,
+        `(keys, values)` for an attention layer): `(new h, new state)`. A plain method, not `forward`: under
+        `torch.jit.trace` a module call is a scope that renumbers the graph's values (see `Attention.forward`);
+        `Lfm2ForCausalLM.forward` and the streaming reference (`lfm_export.parity.streaming`) both run it."""
+        x = self.operator_norm(h)
+        if self.is_attention:
+            x, k, v = self.self_attn(x, cos, sin, state[0], state[1], positions, form, key_mask)
+            new: tuple[Tensor, ...] = (k, v)
+        else:
+            x, s = self.conv(x, state[0])
+            new = (s,)
+        h = h + x
+        return h + self.feed_forward(self.ffn_norm(h)), new
+
 
 class Lfm2Model(nn.Module):
     def __init__(self, cfg: Lfm2Config) -> None:
@@ -365,18 +389,15 @@ class Lfm2ForCausalLM(nn.Module):
         new_conv, new_k, new_v = [], [], []
         ci = ai = 0
         for layer in self.model.layers:
-            x = layer.operator_norm(h)
             if layer.is_attention:
-                x, k, v = layer.self_attn(x, cos, sin, keys[ai], values[ai], positions, form, attention_mask)
+                h, (k, v) = layer.step(h, (keys[ai], values[ai]), cos, sin, positions, form, attention_mask)
                 new_k.append(k)
                 new_v.append(v)
                 ai += 1
             else:
-                x, s = layer.conv(x, conv_states[ci])
+                h, (s,) = layer.step(h, (conv_states[ci],), cos, sin, positions, form, attention_mask)
                 new_conv.append(s)
                 ci += 1
-            h = h + x
-            h = h + layer.feed_forward(layer.ffn_norm(h))
         logits = self.lm_head(self.model.embedding_norm(h))
         return logits, new_conv, new_k, new_v
 

@@ -77,8 +77,8 @@ def export_artifact(
     quality = quality_gate(_recipe_name(recipe), max_kl, gates_file) if parity else None
     with progress.step(f"Loading {model}"):
         loaded = load_model(model, lazy=True, revision=revision)
-    if parity:
-        loaded.require_reference_memory(copies=_parity_copies(recipe))
+    if parity and record.simulation_session is not None and use_streaming(loaded, 2):
+        raise UnsupportedError(_OWN_SIMULATION_TOO_BIG.format(backend=backend, model=loaded.source))
     if loaded.random:
         progress.note(f"[yellow]note:[/] {model} has RANDOM weights (for size and speed work only)")
     budget_entry = None
@@ -137,7 +137,7 @@ def export_artifact(
         if parity:
             parity_result = _check(
                 tmp,
-                loaded.materialized(),
+                loaded,
                 threads,
                 progress,
                 None,
@@ -245,12 +245,6 @@ def _core(manifest: dict[str, Any]) -> Any:
         return None
 
 
-def _parity_copies(recipe: Any) -> int:
-    """float32 model copies parity holds: the reference and the simulation, plus the simulation without
-    activation rounding where the runtime rounds activations (a recipe object says so; a name counts as not)."""
-    return 3 if getattr(recipe, "activations", "float") != "float" else 2
-
-
 def _recipe_name(recipe: Any) -> str:
     return recipe if isinstance(recipe, str) else str(recipe.name)
 
@@ -280,10 +274,12 @@ def check_artifact(
     max_kl: float | None = None,
     gates_file: Path | None = None,
     full_context: bool = False,
+    stream: bool = False,
 ) -> Any:
     """Parity of an artifact (through its runtime shim) in two parts: exactness against its recipe simulated
     in torch, quality against the fp32 reference (gated strictly by `max_kl` / `gates_file` when given, else
     by the family's sanity bound). Writes reports into `folder/parity/` and the summary into the manifest.
+    `stream`: compute the reference one layer at a time even where it fits in memory (`use_streaming`).
     Returns the ParityResult."""
     from lfm_export.parity.thresholds import quality_gate
 
@@ -300,7 +296,22 @@ def check_artifact(
         artifact_name=folder.name,
         full_context=full_context,
         manifest=manifest,
+        stream=stream,
     )
+
+
+_OWN_SIMULATION_TOO_BIG = (
+    "parity of a {backend} artifact needs its own simulation of the whole model in memory, and {model}'s "
+    "float32 copies do not fit; export with --no-parity"
+)
+
+
+def use_streaming(loaded: LoadedModel, copies: int, stream: bool = False) -> bool:
+    """Whether parity computes its reference (and simulation) one layer at a time from the lazy weights
+    (`lfm_export.parity.streaming`): asked for, or where the `copies` float32 copies of the model it would
+    hold do not fit in memory (`LoadedModel.reference_fits`). A model loaded with real weights in memory is
+    never streamed unless asked: its weights are already there."""
+    return stream or (loaded.lazy and not loaded.reference_fits(copies))
 
 
 def simulation_for(record: Any, recipe: dict[str, Any]) -> tuple[Any, Any]:
@@ -333,23 +344,29 @@ def _check(
     artifact_name: str,
     full_context: bool = False,
     manifest: dict[str, Any] | None = None,
+    stream: bool = False,
 ) -> Any:
     """Parity of the artifact in `folder`; its reports join the manifest (`manifest`, the one just written, or
-    the folder's), whose other file entries and hashes stand: only the report files are hashed."""
+    the folder's), whose other file entries and hashes stand: only the report files are hashed. A lazily
+    loaded model is materialized where its float32 copies fit, else streamed (`use_streaming`)."""
     import torch
 
     from lfm_export.parity import ReferenceSession, run_parity, write_reports
     from lfm_export.parity.scenarios import ScenarioOptions
     from lfm_export.parity.stored_weights import compare as compare_stored_weights
     from lfm_export.parity.stored_weights import simulated_weights
+    from lfm_export.parity.streaming import STREAM_FILL_LIMIT, StreamingReference
     from lfm_export.quant import simulate
+    from lfm_export.weights import weights_of
 
     torch.set_num_threads(threads)
     manifest = read_manifest(folder) if manifest is None else manifest
     if loaded is None:
         source = manifest["model"]["source"]
         with progress.step(f"Loading reference model {source}"):
-            loaded = load_model(source, revision=(manifest["model"].get("hub") or {}).get("commit"))
+            loaded = load_model(
+                source, lazy=True, revision=(manifest["model"].get("hub") or {}).get("commit")
+            )
         if manifest["model"].get("weights_sha256") not in (None, loaded.identity().get("weights_sha256")):
             raise UserError(
                 f"{source}: weights changed since the export (sha256 differs); cannot check parity"
@@ -375,32 +392,68 @@ def _check(
     own_simulation = record.simulation_session
     from lfm_export.awq import scaled_loaded, scales_from_manifest
 
+    # one mode, or one per role (`lfm_export.quant.simulate`); `native` (half-precision compute) rounds none
+    rounds = activations not in ("float", "native")
+    simulates = own_simulation is None and (sim_recipe.quantized or sim_recipe.dtype != "fp32" or rounds)
+    streaming = None
+    if use_streaming(loaded, 1 + (own_simulation is not None or simulates) + rounds, stream):
+        if own_simulation is not None:
+            raise UnsupportedError(
+                _OWN_SIMULATION_TOO_BIG.format(backend=manifest["backend"], model=loaded.source)
+            )
+        progress.note(
+            f"[yellow]note:[/] parity streams the {loaded.source} reference one layer at a time (its float32 "
+            "copies do not fit in memory, or --stream-reference): fills above "
+            f"{STREAM_FILL_LIMIT} tokens are skipped"
+        )
+    elif loaded.lazy:
+        loaded = loaded.materialized()
+    reader = record.stored_weights_reader()
     # -awq: the simulation holds the folded weights, the fp32 reference the original ones
     scales = scales_from_manifest(manifest)
+    if scales is not None and (stream or loaded.lazy):
+        raise UnsupportedError(
+            f"{recipe}: the streaming reference does not fold -awq scales yet; check parity on a machine where "
+            f"the {loaded.source} float32 copies fit in memory"
+        )
     folded = loaded if scales is None else scaled_loaded(loaded, scales)
     with (
         _check_calibration(folded, manifest, progress),
         progress.step(f"Parity ({recipe}) through the {manifest['backend']} runtime"),
     ):
         session = open_session(folder, threads=threads)
-        reference = ReferenceSession(loaded.model, max_seq_len=session.max_seq_len)
         simulation = rounding = None
-        # one mode, or one per role (`lfm_export.quant.simulate`); `native` (half-precision compute) rounds none
-        rounds = activations not in ("float", "native")
-        if own_simulation is not None:
-            simulation = own_simulation(loaded, manifest)
-        elif sim_recipe.quantized or sim_recipe.dtype != "fp32" or rounds:
-            simulated = simulate(folded.model, sim_recipe, activations, threads=threads, weights=weights)
-            simulation = ReferenceSession(simulated, name="simulated", max_seq_len=session.max_seq_len)
-        if rounds:
-            unrounded = simulate(folded.model, sim_recipe, "float", threads=threads, weights=weights)
-            rounding = ReferenceSession(
-                unrounded, name="simulated-float-activations", max_seq_len=session.max_seq_len
+        stored: Any = None
+        if stream or loaded.lazy:
+            streaming = StreamingReference(
+                loaded.config,
+                loaded.weights if loaded.weights is not None else weights_of(loaded.model),
+                session.max_seq_len,
+                recipe=sim_recipe if simulates else None,
+                activations=activations,
+                weights=weights,
+                rounding=rounds,
+                threads=threads,
+                progress=lambda text: progress.note(f"streaming reference: {text}"),
             )
-        stored = None
-        reader = record.stored_weights_reader()
-        if reader is not None and sim_recipe.quantized and own_simulation is None:
-            stored = compare_stored_weights(reader(folder), simulated_weights(simulated, sim_recipe))
+            reference, simulation, rounding = streaming.reference, streaming.simulation, streaming.rounding
+            if reader is not None and sim_recipe.quantized and simulates:
+                pool = streaming.pool
+                stored = lambda: compare_stored_weights(reader(folder), pool)  # noqa: E731 (after the pass)
+        else:
+            reference = ReferenceSession(loaded.model, max_seq_len=session.max_seq_len)
+            if own_simulation is not None:
+                simulation = own_simulation(loaded, manifest)
+            elif simulates:
+                simulated = simulate(folded.model, sim_recipe, activations, threads=threads, weights=weights)
+                simulation = ReferenceSession(simulated, name="simulated", max_seq_len=session.max_seq_len)
+            if rounds:
+                unrounded = simulate(folded.model, sim_recipe, "float", threads=threads, weights=weights)
+                rounding = ReferenceSession(
+                    unrounded, name="simulated-float-activations", max_seq_len=session.max_seq_len
+                )
+            if reader is not None and sim_recipe.quantized and own_simulation is None:
+                stored = compare_stored_weights(reader(folder), simulated_weights(simulated, sim_recipe))
         tokenizer = folder / "tokenizer.json"
         result = run_parity(
             session,
@@ -414,6 +467,7 @@ def _check(
             scenarios=scenarios,
             options=ScenarioOptions(full_context_limit=limit),
             stored_weights=stored,
+            streaming=streaming,
             metadata={
                 "backend": manifest["backend"],
                 "artifact": artifact_name,

@@ -705,6 +705,7 @@ def simulate(
     activations: ActivationSpec = ACT_FLOAT,
     threads: int = DEFAULT_THREADS,
     weights: WeightValues | None = None,
+    prefix: str = "",
 ) -> nn.Module:
     """A copy of the canonical fp32 `model` that computes what an artifact of `recipe` computes.
 
@@ -723,6 +724,10 @@ def simulate(
 
     Tensors that stay as they are are shared with `model`, not copied: the result costs only the memory of
     the weights it replaces, each built from one weight at a time.
+
+    `prefix`: `model` is a part of the canonical model whose names start with it (`model.layers.3.`: one
+    decoder layer, as the streaming reference simulates one layer at a time, `lfm_export.parity.streaming`);
+    the precision rules read the canonical names.
     """
     native = activations == ACT_NATIVE
     if native and (recipe.quantized or recipe.dtype not in FLOAT_TORCH):
@@ -751,14 +756,16 @@ def simulate(
         return done[key]
 
     with torch.no_grad():
-        embed = sim.model.embed_tokens
-        embed.weight = nn.Parameter(
-            replaced(embed.weight, held_as("model.embed_tokens.weight", recipe), "model.embed_tokens.weight"),
-            requires_grad=False,
-        )
         for name, mod in list(sim.named_modules()):
+            if isinstance(mod, nn.Embedding):
+                table = f"{prefix}{name}.weight"
+                mod.weight = nn.Parameter(
+                    replaced(mod.weight, held_as(table, recipe), table), requires_grad=False
+                )
+        for local, mod in list(sim.named_modules()):
             if not isinstance(mod, nn.Linear):
                 continue
+            name = prefix + local
             bits = held_as(f"{name}.weight", recipe)
             weight = replaced(mod.weight, bits, f"{name}.weight")
             mode = modes["experts" if ".experts." in name else "linears"]
@@ -767,7 +774,7 @@ def simulate(
             if bits is None and not fp16_input:
                 mod.weight = nn.Parameter(weight, requires_grad=False)
                 continue
-            parent, _, child = name.rpartition(".")
+            parent, _, child = local.rpartition(".")
             owner = sim.get_submodule(parent) if parent else sim
             block = block_as(f"{name}.weight", recipe, mod.in_features) if recipe.mix else recipe.block_size
             setattr(owner, child, SimulatedLinear(mod, weight, mode, block))
@@ -782,3 +789,17 @@ def simulate(
             sim.compute_dtype = dtype  # `ReferenceSession` runs it with state of this type
     done.clear()
     return sim.eval()
+
+
+def with_activations(sim: nn.Module, activations: ActivationSpec) -> nn.Module:
+    """A copy of a `simulate` result that shares every weight and rounds the inputs of its quantized linears
+    as `activations` says (a mode of `ACTIVATION_MODES` but `ACT_NATIVE`, or one per `ROLES`): what
+    `simulate(model, recipe, activations)` computes, without quantizing again. Parity's rounding-effect
+    session is the simulation with `ACT_FLOAT` (a `SimulatedLinear` with float activations is a plain linear)."""
+    modes = activation_modes(activations)
+    keep = {id(t): t for t in itertools.chain(sim.parameters(), sim.buffers())}
+    out = copy.deepcopy(sim, memo=dict(keep))
+    for name, mod in out.named_modules():
+        if isinstance(mod, SimulatedLinear):
+            mod.activations = modes["experts" if ".experts." in name else "linears"]
+    return out

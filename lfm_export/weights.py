@@ -145,3 +145,9 @@ def materialize(cfg: Lfm2Config, source: WeightSource) -> Lfm2ForCausalLM:
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
+
+
+def weights_of(model: Lfm2ForCausalLM) -> WeightSource:
+    """A source over a model that holds its weights in memory (views, nothing copied): what streams an
+    in-memory model one layer at a time like a lazy one."""
+    return CheckpointWeights(model.config, model.state_dict(), torch.float32)

@@ -95,6 +95,20 @@ class ParityResult:
     stored_weights: dict[str, Any] | None = None
     """The weights part of exactness (`lfm_export.parity.stored_weights.StoredWeights.to_json`); None where the
     backend reads no stored weights or the recipe quantizes none."""
+    streaming: dict[str, Any] | None = None
+    """The reference (and simulation) was streamed one layer at a time (`lfm_export.parity.streaming.
+    StreamingReference.describe`): what it covers; None for the in-memory reference."""
+
+    def reference_json(self) -> dict[str, Any]:
+        """How the reference was computed and which scenarios ran against it (skipped is not passed)."""
+        form = self.streaming or {"form": "in-memory"}
+        rows = [s for s in self.scenarios if s.name != POOLED]
+        return {
+            **form,
+            "ran": [s.name for s in rows if s.status == "ok"],
+            "skipped": {s.name: s.reason for s in rows if s.status == "skipped"},
+            "errors": [s.name for s in rows if s.status == "error"],
+        }
 
     @property
     def passed(self) -> bool:
@@ -177,7 +191,8 @@ class ParityResult:
             f"{_decisive(quality)}"
         )
         fails = "; ".join(c.describe() for c in self.failures[:3])
-        head = f"parity {self.verdict()} ({self.recipe}, {self.test_name})"
+        streamed = ", streaming reference" if self.streaming else ""
+        head = f"parity {self.verdict()} ({self.recipe}, {self.test_name}{streamed})"
         return f"{head}: {nums}" + (f"; failed: {fails}" if fails else "")
 
     def summary(self) -> dict[str, Any]:
@@ -211,6 +226,7 @@ class ParityResult:
                 },
             },
             "failures": [f"{c.part}: {c.describe()}" for c in self.failures],
+            "reference": self.reference_json(),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -306,6 +322,7 @@ def to_json(result: ParityResult) -> dict[str, Any]:
         ],
         "prompt_lengths": result.prompt_lengths,
         "metadata": result.metadata,
+        "reference_form": result.reference_json(),
     }
 
 
@@ -451,6 +468,19 @@ def _greedy_note(result: ParityResult) -> str:
     )
 
 
+def _streaming_note(result: ParityResult) -> list[str]:
+    if result.streaming is None:
+        return []
+    ref = result.reference_json()
+    skipped = "; ".join(f"`{k}` ({v})" for k, v in ref["skipped"].items()) or "none"
+    return [
+        f"Streaming reference (the fp32 copies do not fit in memory, or `--stream-reference`): the reference "
+        f"and the simulation are computed {ref['coverage']}. Scenarios run: {', '.join(f'`{n}`' for n in ref['ran']) or 'none'}; "
+        f"skipped (not passed): {skipped}.",
+        "",
+    ]
+
+
 def to_markdown(result: ParityResult) -> str:
     n_ok = sum(c.passed for c in result.checks)
     verdict = "**PASS**" if result.passed else "**FAIL**"
@@ -460,6 +490,7 @@ def to_markdown(result: ParityResult) -> str:
         f"{verdict} parity of `{result.test_name}`, recipe `{result.recipe}`: {result.verdict()} "
         f"({n_ok}/{len(result.checks)} checks passed).",
         "",
+        *_streaming_note(result),
         f"## (a) Exactness: `{result.test_name}` against `{result.exact_name}`"
         + (
             " (the recipe simulated in torch)"
@@ -509,7 +540,7 @@ def to_markdown(result: ParityResult) -> str:
         "every scenario; top-1 is the share of positions with the same argmax; top-1 decisive counts only "
         "positions where the first session's top-1 beats its top-2 by at least 0.1 in probability; greedy match "
         "is the number of leading decode steps with the same argmax (every session is fed the same tokens: the "
-        f"greedy choices of `{result.exact_name}`).",
+        f"greedy choices of `{result.test_name if result.streaming else result.exact_name}`).",
     ]
     if result.metadata or result.prompt_lengths:
         lines += ["", "### Run", ""]

@@ -7,6 +7,7 @@ choices, so the test session never drifts onto a different input because of one 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from lfm_export.parity.thresholds import POOLED, Gate, gate_for, sanity_gate
 if TYPE_CHECKING:
     # only for annotations: the editable install may not map lfm_export.runtime yet
     from lfm_export.contract.session import Session
+    from lfm_export.parity.streaming import StreamingReference
 
 
 @dataclass
@@ -38,12 +40,17 @@ class ScenarioOptions:
     """Positions of the last filler chunk compared in `near_max_seq_len` and `long_context`."""
     full_context_limit: int | None = None
     """`near_max_seq_len` runs on declared contexts up to this (None: any)."""
+    fill_limit: int | None = None
+    """The fill scenarios (`near_max_seq_len`, `long_context`) run only on fills up to this many tokens (None:
+    any); a streaming reference sets it (`lfm_export.parity.streaming.STREAM_FILL_LIMIT`)."""
 
 
 class Sessions:
-    """The sessions one parity run drives with identical token ids: `test` (the artifact), `lead` (whose greedy
-    choices are fed after the prompt: the simulation of the recipe, or the reference itself) and `others` (the
-    fp32 reference when a simulation leads). Each call returns every session's logits, lead first.
+    """The sessions one parity run drives with identical token ids: `test` (the artifact), `lead` (the
+    simulation of the recipe, or the reference itself) and `others` (the fp32 reference when a simulation
+    leads). Each call returns every session's logits, lead first, test last. The greedy choices fed after a
+    prompt are the lead's, or the test session's where `test_chooses` (a streaming reference computes the
+    comparisons only after the scenarios ran, `lfm_export.parity.streaming`).
 
     `margins` records the lead's router margins (`lfm_export.parity.expert_ties`): after each call `tags` holds
     `[B, T, 3]` (margin, sequence, position) for the positions it computed, which a scenario slices as it
@@ -55,8 +62,11 @@ class Sessions:
         lead: Session,
         others: Sequence[Session] = (),
         margins: RouterMargins | None = None,
+        test_chooses: bool = False,
     ) -> None:
         self.test, self.lead, self.others = test, lead, list(others)
+        self.chooser = -1 if test_chooses else 0
+        """Index into each call's `[lead, *others, test]` logits of the session whose greedy choices are fed."""
         self.margins = margins
         self.tags: np.ndarray | None = None
         self._since_reset: list[np.ndarray] = []
@@ -211,7 +221,7 @@ def decode(ss: Sessions, prompts: Sequence[np.ndarray], opts: ScenarioOptions) -
     tags = [_sliced(ss.tags, lambda t: t[0, -1:])]
     fed = []
     for _ in range(steps):
-        tok = np.array([int(np.argmax(rows[-1][0][-1]))], dtype=np.int64)
+        tok = np.array([int(np.argmax(rows[-1][ss.chooser][-1]))], dtype=np.int64)
         fed.append(int(tok[0]))
         rows.append(ss.decode(tok))
         tags.append(ss.tags)
@@ -253,12 +263,12 @@ def batch2(ss: Sessions, prompts: Sequence[np.ndarray], opts: ScenarioOptions) -
     ss.reset(2)
     first = ss.prefill(tokens)
     rows, tags = [first], [ss.tags]
-    last = first[0][:, -1]
+    last = first[ss.chooser][:, -1]
     for _ in range(steps):
         out = ss.decode(np.argmax(last, axis=-1).astype(np.int64))
         rows.append(out)
         tags.append(ss.tags)
-        last = out[0]
+        last = out[ss.chooser]
     run = ScenarioRun("batch2", _stack(rows), details={"prompt_len": int(tokens.shape[1]), "steps": steps})
     return _finish(run, ss, tags)
 
@@ -280,7 +290,7 @@ def _fill_and_decode(
         rows.append([o[0, -keep:] for o in ss.prefill(chunk[None])])
         tags.append(_sliced(ss.tags, lambda t, keep=keep: t[0, -keep:]))
     for _ in range(2):
-        tok = np.array([int(np.argmax(rows[-1][0][-1]))], dtype=np.int64)
+        tok = np.array([int(np.argmax(rows[-1][ss.chooser][-1]))], dtype=np.int64)
         rows.append(ss.decode(tok))
         tags.append(ss.tags)
     last = fill + 1
@@ -305,7 +315,19 @@ def near_max_seq_len(ss: Sessions, prompts: Sequence[np.ndarray], opts: Scenario
             skipped=f"context {room} is above the full-context limit {opts.full_context_limit} "
             f"(long_context compares positions past {LONG_CONTEXT}; --full-context to fill it all)",
         )
-    return _fill_and_decode("near_max_seq_len", ss, prompts, opts, room - 2)
+    return _over_fill_limit("near_max_seq_len", room - 2, opts) or _fill_and_decode(
+        "near_max_seq_len", ss, prompts, opts, room - 2
+    )
+
+
+def _over_fill_limit(name: str, fill: int, opts: ScenarioOptions) -> ScenarioRun | None:
+    if opts.fill_limit is None or fill <= opts.fill_limit:
+        return None
+    return ScenarioRun(
+        name,
+        skipped=f"a fill of {fill} tokens is above this run's fill limit of {opts.fill_limit} (the streaming "
+        "reference computes each sequence whole)",
+    )
 
 
 LONG_CONTEXT = 8192
@@ -333,7 +355,9 @@ def long_context(ss: Sessions, prompts: Sequence[np.ndarray], opts: ScenarioOpti
             "long_context",
             skipped=f"near_max_seq_len fills the whole {room}-token context, past position {LONG_CONTEXT}",
         )
-    return _fill_and_decode("long_context", ss, prompts, opts, fill)
+    return _over_fill_limit("long_context", fill, opts) or _fill_and_decode(
+        "long_context", ss, prompts, opts, fill
+    )
 
 
 SCENARIOS: dict[str, ScenarioFn] = {
@@ -516,7 +540,8 @@ def run_parity(
     options: ScenarioOptions | None = None,
     metadata: dict[str, Any] | None = None,
     snapshots: bool = True,
-    stored_weights: StoredWeights | None = None,
+    stored_weights: StoredWeights | Callable[[], StoredWeights] | None = None,
+    streaming: StreamingReference | None = None,
 ) -> ParityResult:
     """Run `scenarios` (default: all) on the sessions and check both parts of the verdict:
 
@@ -531,7 +556,12 @@ def run_parity(
     restored snapshot continues as the session did, and a conversation started from a prefix's snapshot
     equals recomputing it (row `snapshots`, skipped where the runtime hides its state).
     `stored_weights` (the artifact's stored quantized weights against the simulation's,
-    `lfm_export.parity.stored_weights.compare`) adds its checks to exactness.
+    `lfm_export.parity.stored_weights.compare`, or a function giving it, called after the scenarios) adds its
+    checks to exactness.
+
+    `streaming`: the reference, simulation and rounding sessions are its recorders, computed one layer at a
+    time after the scenarios ran (`lfm_export.parity.streaming`): the tokens fed after a prompt are then the
+    artifact's greedy choices, and fill scenarios longer than its fill limit are skipped.
 
     Tokens fed after a prompt are the simulation's greedy choices (the reference's without one). A scenario in
     which a session raises is recorded as an `error` with a failing exactness check, so one crash does not hide
@@ -558,12 +588,17 @@ def run_parity(
     margins = recorder_for(simulation) if margin is not None else None
     if margins is None:
         margin = None
+    replay = streaming is not None
+    if replay:
+        opts = dataclasses.replace(opts, fill_limit=streaming.fill_limit)
     if simulation is None:
-        sessions = Sessions(test_session, reference_session, [rounding] if rounding else [])
+        sessions = Sessions(
+            test_session, reference_session, [rounding] if rounding else [], test_chooses=replay
+        )
         lead = ref = 0
     else:
         others = [reference_session, *([rounding] if rounding else [])]
-        sessions = Sessions(test_session, simulation, others, margins)
+        sessions = Sessions(test_session, simulation, others, margins, test_chooses=replay)
         lead, ref = 0, 1
     # the rounding effect: the simulation against itself without activation rounding; where the runtime
     # computes in half precision (`native`), against the fp32 reference (what computing in that type does)
@@ -579,35 +614,43 @@ def run_parity(
     compared: list[ScenarioRun] = []
     # first, so that the scenarios leave the sessions as callers expect them (the last one's state)
     snapshot_row = _snapshot_row(test_session, ids[0], checks) if snapshots else None
+    outcomes: list[ScenarioRun | tuple[str, str]] = []
     try:
         for name in names:
             try:
-                run = SCENARIOS[name](sessions, ids, opts)
+                outcomes.append(SCENARIOS[name](sessions, ids, opts))
             except Exception as e:  # a crashing backend is a parity failure, reported like one
-                msg = f"{type(e).__name__}: {e}"
-                exact.append(ScenarioResult(name, "error", reason=msg))
-                checks.append(Check(name, "error", None, "", None, False, note=msg))
-                continue
-            if run.skipped is not None:
-                exact.append(ScenarioResult(name, "skipped", reason=run.skipped))
-                continue
-            exact_metrics = pair_metrics(run, lead, test, margin)
-            details = dict(run.details)
-            classes = tie_rows(run, margin)
-            if classes is not None:
-                details["judged_apart"] = [[int(q), int(p)] for _, q, p in run.tags[classes]]
-            exact.append(ScenarioResult(name, "ok", metrics=exact_metrics, details=details))
-            if noisy is not None:
-                effects.append(pair_metrics(run, lead, noisy, margin))
-            q = pair_metrics(run, ref, test) if ref != lead else dict(exact[-1].metrics)
-            qual.append(ScenarioResult(name, "ok", metrics=q))
-            checks.extend(check(quality_gate, name, q, QUALITY))
-            if ref != lead:
-                loss.append(ScenarioResult(name, "ok", metrics=pair_metrics(run, ref, lead)))
-            compared.append(run)
+                outcomes.append((name, f"{type(e).__name__}: {e}"))
     finally:
         if margins is not None:
             margins.close()
+    if streaming is not None:
+        ran = [r for r in outcomes if isinstance(r, ScenarioRun) and r.skipped is None]
+        streaming.complete(ran, sessions.comparisons)
+    for run in outcomes:
+        if not isinstance(run, ScenarioRun):
+            name, msg = run
+            exact.append(ScenarioResult(name, "error", reason=msg))
+            checks.append(Check(name, "error", None, "", None, False, note=msg))
+            continue
+        name = run.name
+        if run.skipped is not None:
+            exact.append(ScenarioResult(name, "skipped", reason=run.skipped))
+            continue
+        exact_metrics = pair_metrics(run, lead, test, margin)
+        details = dict(run.details)
+        classes = tie_rows(run, margin)
+        if classes is not None:
+            details["judged_apart"] = [[int(q), int(p)] for _, q, p in run.tags[classes]]
+        exact.append(ScenarioResult(name, "ok", metrics=exact_metrics, details=details))
+        if noisy is not None:
+            effects.append(pair_metrics(run, lead, noisy, margin))
+        q = pair_metrics(run, ref, test) if ref != lead else dict(exact[-1].metrics)
+        qual.append(ScenarioResult(name, "ok", metrics=q))
+        checks.extend(check(quality_gate, name, q, QUALITY))
+        if ref != lead:
+            loss.append(ScenarioResult(name, "ok", metrics=pair_metrics(run, ref, lead)))
+        compared.append(run)
     if compared:
         exact.append(_pooled(compared, lead, test, margin))
         if noisy is not None:
@@ -620,6 +663,8 @@ def run_parity(
     checks[:0] = [c for s in exact if s.status == "ok" for c in check(gate, s.name, s.metrics, noise=noise)]
     if snapshot_row is not None:
         exact.append(snapshot_row)
+    if callable(stored_weights):
+        stored_weights = stored_weights()
     if stored_weights is not None:
         checks[:0] = stored_weight_checks(stored_weights)
     return ParityResult(
@@ -637,4 +682,5 @@ def run_parity(
         quality=qual,
         recipe_loss=loss,
         stored_weights=None if stored_weights is None else stored_weights.to_json(),
+        streaming=None if streaming is None else streaming.describe(),
     )

@@ -114,15 +114,31 @@ def _pairs(weights: Weights) -> Iterator[tuple[str, np.ndarray]]:
     yield from weights.items() if isinstance(weights, Mapping) else weights
 
 
-def compare(artifact: Weights, simulation: Weights) -> StoredWeights:
+@dataclass
+class RowPool:
+    """The simulation's row digests (`row_hashes`) as a multiset, and how many tensors they came from: built
+    one tensor at a time (`add`), so a streamed simulation fills it as it makes each layer's weights."""
+
+    rows: Counter[bytes] = field(default_factory=Counter)
+    tensors: int = 0
+
+    def add(self, w: np.ndarray) -> None:
+        self.rows.update(row_hashes(w))
+        self.tensors += 1
+
+
+def compare(artifact: Weights, simulation: Weights | RowPool) -> StoredWeights:
     """Every artifact row must be one of the simulation's rows (a multiset: a simulation row is matched at
     most as often as the simulation holds it). Tensors are read one at a time."""
-    pool: Counter[bytes] = Counter()
-    simulated: dict[tuple[int, ...], list[tuple[str, np.ndarray]]] = {}
-    for name, w in _pairs(simulation):
-        pool.update(row_hashes(w))
-        simulated.setdefault(tuple(np.shape(w)), []).append((name, w))
-    sim_tensors = sum(len(v) for v in simulated.values())
+    simulated: dict[tuple[int, ...], list[tuple[str, np.ndarray]]] = {}  # by shape, for `_nearest`
+    if isinstance(simulation, RowPool):  # streamed: digests only, so no nearest names
+        built = RowPool(Counter(simulation.rows), simulation.tensors)
+    else:
+        built = RowPool()
+        for name, w in _pairs(simulation):
+            built.add(w)
+            simulated.setdefault(tuple(np.shape(w)), []).append((name, w))
+    pool, sim_tensors = built.rows, built.tensors
     sim_rows = sum(pool.values())
     unmatched: dict[str, tuple[int, int]] = {}
     arrays: dict[str, np.ndarray] = {}
@@ -172,11 +188,13 @@ def _nearest(
     return best
 
 
-def simulated_weights(simulated: Any, recipe: Any) -> Iterator[tuple[str, np.ndarray]]:
+def simulated_weights(simulated: Any, recipe: Any, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
     """The quantized weights a simulation (`lfm_export.quant.simulate`'s module) computes with, by checkpoint
     name: the embedding table and every 2-D linear weight that `lfm_export.precision.held_as` holds at some
-    bits for `recipe` (a tied table counts once per use, as the artifact stores it once per op)."""
-    for name, module in simulated.named_modules():
+    bits for `recipe` (a tied table counts once per use, as the artifact stores it once per op). `prefix`: the
+    canonical name prefix of a simulated part (`simulate(..., prefix=...)`)."""
+    for local, module in simulated.named_modules():
+        name = prefix + local
         weight = getattr(module, "weight", None)
         if weight is None or weight.dim() != 2:
             continue

@@ -367,3 +367,27 @@ def test_an_artifact_of_other_weights_fails_the_stored_weights(artifact, tmp_pat
     sw = result.stored_weights
     assert not result.passed and sw is not None and sw["passed"] is False
     assert list(sw["unmatched"]) == [W2], sw
+
+
+def test_streamed_parity_passes_the_honest_artifact_and_fails_a_matrix_two_percent_off(artifact, tmp_path):
+    """`lfm-export parity --stream-reference` (and any model whose float32 copies do not fit): the reference
+    and the simulation computed one layer at a time. Through onnxruntime, the honest artifact passes and says
+    which scenarios the streaming reference ran; one matrix's scales x 1.02 fails on the stored weights."""
+    import shutil
+
+    from lfm_export.pipeline import check_artifact
+    from lfm_export.progress import Progress
+
+    honest, broken = tmp_path / "honest", tmp_path / "broken"
+    shutil.copytree(artifact, honest)
+    shutil.copytree(artifact, broken)
+    quiet = Progress(quiet=True)
+    result = check_artifact(honest, threads=1, progress=quiet, scenarios=["decode"], stream=True)
+    assert result.passed, result.verdict_line()
+    assert "streaming reference" in result.verdict_line()
+    form = json.loads((honest / "parity" / "parity.json").read_text())["reference_form"]
+    assert form["form"] == "streaming" and form["ran"] == ["decode", "snapshots"], form
+    assert (honest / "parity" / "parity.md").read_text().count("Streaming reference") == 1
+    _scale_initializer(broken, W2_SCALES, 1.02)
+    result = check_artifact(broken, threads=1, progress=quiet, scenarios=["prefill"], stream=True)
+    assert not result.passed and list(result.stored_weights["unmatched"]) == [W2], result.verdict_line()
