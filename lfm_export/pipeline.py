@@ -279,10 +279,11 @@ def _check(
     import torch
 
     from lfm_export.parity import ReferenceSession, run_parity, write_reports
+    from lfm_export.parity.boundary import prompts_for, resolve
     from lfm_export.parity.scenarios import ScenarioOptions
     from lfm_export.parity.stored_weights import compare as compare_stored_weights
     from lfm_export.parity.stored_weights import simulated_weights
-    from lfm_export.quant import simulate
+    from lfm_export.quant import ACT_INT8_BLOCK, ACT_INT8_TOKEN, activation_modes, simulate
 
     torch.set_num_threads(threads)
     manifest = read_manifest(folder) if manifest is None else manifest
@@ -337,6 +338,11 @@ def _check(
         if reader is not None and sim_recipe.quantized and own_simulation is None:
             stored = compare_stored_weights(reader(folder), simulated_weights(simulated, sim_recipe))
         tokenizer = folder / "tokenizer.json"
+        resolved = None
+        int8 = {ACT_INT8_BLOCK, ACT_INT8_TOKEN}
+        if rounds and own_simulation is None and set(activation_modes(activations).values()) & int8:
+            prompts = prompts_for(session.vocab_size, tokenizer if tokenizer.is_file() else None)
+            resolved = resolve(session, simulated, prompts)
         result = run_parity(
             session,
             reference,
@@ -349,6 +355,7 @@ def _check(
             scenarios=scenarios,
             options=ScenarioOptions(full_context_limit=limit),
             stored_weights=stored,
+            resolved=resolved,
             metadata={
                 "backend": manifest["backend"],
                 "artifact": artifact_name,

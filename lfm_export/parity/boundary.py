@@ -21,24 +21,27 @@ prompt is compared without searching.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from lfm_export.contract.session import Session
 from lfm_export.contract.signature import KEY, VALUE, past_name
-from lfm_export.model import GROWING
+from lfm_export.parity.prompts import default_prompts
 from lfm_export.parity.report import Check
-from lfm_export.quant import Boundary, BoundaryCodes
+from lfm_export.parity.thresholds import RESOLVED_LIMIT
+
+if TYPE_CHECKING:
+    from lfm_export.quant import Boundary, BoundaryCodes
 
 SCENARIO = "resolved_prefill"
 """The report row of this check."""
 METRIC = "logit_max_rel"
-LIMIT = 2e-5
-"""Largest error of a position's logits over its largest logit, once undecided codes are resolved. Honest
-(onnxruntime 1.32 and ExecuTorch 1.5.1 on this AVX2 machine): at most 1.6e-6 (docs/parity.md, Exact int8
-activations)."""
+LIMIT = RESOLVED_LIMIT
+POSITIONS = 96
+"""Positions compared at most (the parity prompts, in order, the last one cut): one simulation forward each,
+one token at a time, and a search where a position is off."""
 TARGET = 2e-6
 """A position whose error exceeds this (3x the largest honest error with every code decided alike) has its
 undecided codes searched, even within `LIMIT`: a flipped code left in the state grows at later positions."""
@@ -122,9 +125,23 @@ def _error(artifact: np.ndarray, kv: list[np.ndarray] | None, t: int, result: tu
     return err
 
 
+def prompts_for(vocab_size: int, tokenizer_file: str | Path | None = None) -> list[np.ndarray]:
+    """The parity prompts (`default_prompts`), cut to `POSITIONS` positions in all."""
+    out, left = [], POSITIONS
+    for ids in default_prompts(vocab_size, tokenizer_file):
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)[:, :left]
+        if ids.size:
+            out.append(ids)
+            left -= ids.size
+    return out
+
+
 def resolve(session: Session, simulated: Any, prompts: list[np.ndarray]) -> Resolved:
     """The artifact `session` against `simulated` (`lfm_export.quant.simulate`'s module, int8 activations) on
-    each prompt (`[1, T]` ids), undecided codes resolved per position (module doc)."""
+    each prompt (`[1, T]` ids), undecided codes resolved per position (module doc). Leaves `session` reset."""
+    import torch
+
+    from lfm_export.model import GROWING
     codes: BoundaryCodes = simulated.boundary_codes
     out = Resolved()
     errors: list[float] = []
@@ -183,6 +200,7 @@ def resolve(session: Session, simulated: Any, prompts: list[np.ndarray]) -> Reso
                 searching = False
             out.codes_resolved += len(flips)
             state = result[1:]
+    session.reset(1)
     out.positions = len(errors)
     out.max_rel = float(max(errors, default=0.0))
     out.median_rel = float(np.median(errors)) if errors else 0.0

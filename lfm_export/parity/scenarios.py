@@ -18,6 +18,8 @@ from lfm_export.parity.metrics import greedy_match_length, logit_metrics, state_
 from lfm_export.parity.prompts import check_prompts, default_prompts
 from lfm_export.parity.report import EXACTNESS, QUALITY, Check, ParityResult, ScenarioResult
 from lfm_export.parity.snapshots import RESTORE_LIMIT, SNAPSHOTS, parity_snapshot_row
+from lfm_export.parity.boundary import Resolved
+from lfm_export.parity.boundary import checks as resolved_checks
 from lfm_export.parity.stored_weights import StoredWeights
 from lfm_export.parity.stored_weights import checks as stored_weight_checks
 from lfm_export.parity.thresholds import POOLED, Gate, gate_for, sanity_gate
@@ -371,6 +373,7 @@ def run_parity(
     metadata: dict[str, Any] | None = None,
     snapshots: bool = True,
     stored_weights: StoredWeights | None = None,
+    resolved: Resolved | None = None,
 ) -> ParityResult:
     """Run `scenarios` (default: all) on the sessions and check both parts of the verdict:
 
@@ -385,7 +388,8 @@ def run_parity(
     restored snapshot continues as the session did, and a conversation started from a prefix's snapshot
     equals recomputing it (row `snapshots`, skipped where the runtime hides its state).
     `stored_weights` (the artifact's stored quantized weights against the simulation's,
-    `lfm_export.parity.stored_weights.compare`) adds its checks to exactness.
+    `lfm_export.parity.stored_weights.compare`) adds its checks to exactness, and so does `resolved` (the
+    artifact against the simulation with undecided int8 activation codes resolved, `lfm_export.parity.boundary`).
 
     Tokens fed after a prompt are the simulation's greedy choices (the reference's without one). A scenario in
     which a session raises is recorded as an `error` with a failing exactness check, so one crash does not hide
@@ -461,6 +465,8 @@ def run_parity(
         exact.append(snapshot_row)
     if stored_weights is not None:
         checks[:0] = stored_weight_checks(stored_weights)
+    if resolved is not None:
+        checks[:0] = resolved_checks(resolved)
     return ParityResult(
         recipe=gate.name if isinstance(recipe, Gate) else recipe,
         activation_rounding=noise,
@@ -476,4 +482,5 @@ def run_parity(
         quality=qual,
         recipe_loss=loss,
         stored_weights=None if stored_weights is None else stored_weights.to_json(),
+        resolved=None if resolved is None else resolved.to_json(),
     )

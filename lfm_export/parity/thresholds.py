@@ -135,6 +135,12 @@ simulation was at most 0.82x that effect on logits, 0.61x on state and 0.82x on 
 reproduces the rounding exactly, 1e-6 relative, until a float-rounding difference flips one code). Breaks it
 must catch measured 3.2x (MoE routing scale dropped, transformers-initialised MoE) to 40x and more."""
 
+RESOLVED_LIMIT = 2e-5
+"""The `-a8` gates' tight limit (`lfm_export.parity.boundary`, row `resolved_prefill`): the largest error of a
+position's logits (and, where the session exposes them, its keys and values) over its largest magnitude,
+against the simulation with its undecided activation codes resolved. Honest worst 1.6e-6 (onnxruntime 1.32,
+AVX2; docs/parity.md, Exact int8 activations); one matrix x 1.01: 4e-3 and more."""
+
 DETECTION_A8 = (
     "a middle layer's in_proj x 1.02 is caught; its out_proj at x 1.05 (ONNX int4 tiny: x 1.10); its MLP w2 only at "
     "x 1.10 on ONNX int4 tiny and NOT at x 1.10 on ONNX int4 tiny-moe (w2 and an expert's w2) or ExecuTorch 8da4w "
