@@ -341,7 +341,8 @@ def _check(
         resolved = None
         int8 = {ACT_INT8_BLOCK, ACT_INT8_TOKEN}
         if rounds and own_simulation is None and set(activation_modes(activations).values()) & int8:
-            prompts = prompts_for(session.vocab_size, tokenizer if tokenizer.is_file() else None)
+            known = tokenizer if tokenizer.is_file() else None
+            prompts = prompts_for(session.vocab_size, known, session.max_seq_len)
             resolved = resolve(session, simulated, prompts)
         result = run_parity(
             session,

@@ -39,7 +39,7 @@ SCENARIO = "resolved_prefill"
 """The report row of this check."""
 METRIC = "logit_max_rel"
 LIMIT = RESOLVED_LIMIT
-POSITIONS = 96
+POSITIONS = 64
 """Positions compared at most (the parity prompts, in order, the last one cut): one simulation forward each,
 one token at a time, and a search where a position is off."""
 TARGET = 2e-6
@@ -47,7 +47,7 @@ TARGET = 2e-6
 undecided codes searched, even within `LIMIT`: a flipped code left in the state grows at later positions."""
 MAX_FLIPS = 3
 """Undecided codes resolved per position at most (honest: 1 in every case measured)."""
-MAX_TRIES = 64
+MAX_TRIES = 32
 """Simulation forwards spent searching one position at most (a wrong artifact would otherwise try every
 undecided code of every position)."""
 
@@ -125,11 +125,13 @@ def _error(artifact: np.ndarray, kv: list[np.ndarray] | None, t: int, result: tu
     return err
 
 
-def prompts_for(vocab_size: int, tokenizer_file: str | Path | None = None) -> list[np.ndarray]:
-    """The parity prompts (`default_prompts`), cut to `POSITIONS` positions in all."""
+def prompts_for(
+    vocab_size: int, tokenizer_file: str | Path | None = None, max_seq_len: int | None = None
+) -> list[np.ndarray]:
+    """The parity prompts (`default_prompts`), each cut to `max_seq_len`, `POSITIONS` positions in all."""
     out, left = [], POSITIONS
     for ids in default_prompts(vocab_size, tokenizer_file):
-        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)[:, :left]
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)[:, : min(left, max_seq_len or left)]
         if ids.size:
             out.append(ids)
             left -= ids.size
