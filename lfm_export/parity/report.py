@@ -190,7 +190,9 @@ class ParityResult:
                 else {k: self.stored_weights[k] for k in ("passed", "artifact_rows", "rows_unmatched")},
                 "resolved_prefill": None
                 if self.resolved is None
-                else {k: self.resolved[k] for k in ("passed", "positions", "logit_max_rel", "codes_resolved")},
+                else {
+                    k: self.resolved[k] for k in ("passed", "positions", "logit_max_rel", "codes_resolved")
+                },
             },
             QUALITY: {
                 "passed": self.part_passed(QUALITY),

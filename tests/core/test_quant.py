@@ -305,7 +305,11 @@ def test_every_matmulnbits_is_its_simulation_op_by_op() -> None:
     from lfm_export.parity import ReferenceSession, default_prompts
 
     loaded = load_model("tiny")
-    names = ["model.layers.0.conv.in_proj", "model.layers.1.feed_forward.w2", "model.layers.2.self_attn.out_proj"]
+    names = [
+        "model.layers.0.conv.in_proj",
+        "model.layers.1.feed_forward.w2",
+        "model.layers.2.self_attn.out_proj",
+    ]
     seen: dict[str, np.ndarray] = {}
     modules = dict(loaded.model.named_modules())
 
@@ -325,7 +329,9 @@ def test_every_matmulnbits_is_its_simulation_op_by_op() -> None:
         for bits, block in ((4, 32), (8, 32), (4, 128)):
             q = quantize_block(w, bits, block, True, "nearest", 1)
             got = _matmulnbits(x, q)
-            want = (quant.fake_quant_int8_block(torch.from_numpy(x), block) @ torch.from_numpy(q.dequantize()).T).numpy()
+            want = (
+                quant.fake_quant_int8_block(torch.from_numpy(x), block) @ torch.from_numpy(q.dequantize()).T
+            ).numpy()
             err = np.abs(got - want).max() / np.abs(want).max()
             assert err <= 2e-6, (name, bits, block, err)
 
