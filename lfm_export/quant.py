@@ -35,15 +35,22 @@ or per role (`{"linears": ..., "experts": ...}`, `ROLES`) where a runtime treats
 - `ACT_INT8_BLOCK`: onnxruntime's MatMulNBits at accuracy_level 4 on CPU (MLAS `QuantizeARow_CompInt8`,
   read from its AVX2 kernel): per row, per block of `block_size` along K, symmetric int8 with
   `scale = amax / 127` and codes `rint(a * (127 / amax))` (the reciprocal is taken first, in float32);
-  the integer block dot products are scaled by `scale_a * scale_w` and summed in float32. One op at a time
-  this matches onnxruntime 1.32 to 4e-7 (relative); through a whole model float32 ordering differences flip
-  a code that sits on a rounding boundary now and then, so there the match is statistical (tiny int4-b32:
-  KL 7e-6 against the artifact, 75x closer than the weight-only simulation).
+  the integer block dot products are scaled by `scale_a * scale_w` and summed in float32. One op at a time,
+  fed the inputs `tiny` computes on text, this is onnxruntime 1.32's result to float32 summation order (4.6e-7
+  of the output scale at 4 and 8 bits, blocks 32 to 128; `benchmarks/a8_exactness.py`), measured with MLAS's
+  AVX2 kernel (`vpmaddubsw`, u8 x s8 pairs summed in int16: no saturation showed) on a CPU with neither VNNI
+  nor AVX-512; their kernels (`vpdpbusd`) form the same integers and sum the float partials in another order
+  (not measured). Through a whole model the artifact's own float32 order flips a code that sits on a rounding
+  boundary now and then, and the flip grows through the next layers' rounding, so run as usual the match is
+  statistical (tiny int4-b32: KL 7e-6 against the artifact, 75x closer than the weight-only simulation);
+  `BoundaryCodes` lets a caller resolve those codes, which makes it exact (`lfm_export.parity.boundary`).
 - `ACT_INT8_TOKEN`: dynamic per-token asymmetric int8 (torchao's `8da4w` / ExecuTorch XNNPACK):
   per row, range `[min(lo, 0), max(hi, 0)]`, `scale = max(range / 255, eps)`,
   `zero_point = clip(-128 - rint(lo / scale), -128, 127)`, `q = clip(rint(a / scale) + zero_point,
   -128, 127)`. Written from torchao's description; one XNNPACK 8da4w linear run by ExecuTorch 1.5.1 matches
-  it within 3.6e-7 (output scale 1.9) given the weights XNNPACK holds (`tests/test_executorch.py`).
+  it within 3.6e-7 (output scale 1.9) given the weights XNNPACK holds (`tests/test_executorch.py`). Through a
+  whole model the same boundary flips cascade; resolved (`BoundaryCodes`), ExecuTorch 8da4w `tiny` is within
+  8.8e-7 at every position.
 - `ACT_FP16`: the input of every linear but the MoE router rounded to fp16, in float recipes too (Core ML
   programs compute in fp16; the rest of their fp16 rounding is left to the `-fp16` parity gates, which widen
   to twice what this rounding itself does, as the int8-activation gates do: on MoE models an expert whose

@@ -455,7 +455,8 @@ def test_honest_int4_at_accuracy_level_0_passes_the_float_activation_gate(artifa
     assert result.worst("logit_max_rel") < 1e-4
 
 
-@pytest.mark.parametrize("matrix", ["w2", "out_proj"])
+# out_proj is the slow tier's (the same path as w2; the default suite keeps w2 and the level-4 test below)
+@pytest.mark.parametrize("matrix", ["w2", pytest.param("out_proj", marks=pytest.mark.slow)])
 def test_one_matrix_two_percent_off_fails_the_int4_gate_through_onnxruntime(artifacts, matrix: str):
     """The honest int4 artifact at accuracy_level 0 (float activations), checked against `tiny` with one
     middle-layer matrix x 1.02 (weights other than the artifact's), fails exactness through onnxruntime; the
