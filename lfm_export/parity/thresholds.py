@@ -142,9 +142,9 @@ against the simulation with its undecided activation codes resolved. Honest wors
 AVX2; docs/parity.md, Exact int8 activations); one matrix x 1.01: 4e-3 and more."""
 
 DETECTION_A8 = (
-    "a middle layer's in_proj x 1.02 is caught; its out_proj at x 1.05 (ONNX int4 tiny: x 1.10); its MLP w2 only at "
-    "x 1.10 on ONNX int4 tiny and NOT at x 1.10 on ONNX int4 tiny-moe (w2 and an expert's w2) or ExecuTorch 8da4w "
-    "tiny (prefill scenario; benchmarks/results/detection_limits.json)"
+    "a middle layer's w2, out_proj, in_proj and an MoE expert's w2 x 1.01 (the smallest tried) are caught by row "
+    "resolved_prefill (ONNX int4 on tiny and tiny-moe, ExecuTorch 8da4w on tiny; prefill scenario; "
+    "benchmarks/results/detection_limits_a8.json)"
 )
 DETECTION_FLOAT = (
     "a middle layer's w2, out_proj or in_proj x 1.02 (the smallest tried) is caught (MLX int4 on tiny, prefill "
