@@ -13,6 +13,8 @@
    simulation run as usual (per-position logit error: median and max) and with undecided codes resolved
    (`lfm_export.parity.boundary.resolve`, the parity prompts cut to its `POSITIONS`), honest and with one
    middle-layer `w2` / `out_proj` x `--scale`.
+
+`--markdown` prints the tables docs/parity.md holds (*Exact int8 activations*).
 """
 
 from __future__ import annotations
@@ -227,7 +229,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=None, help="export folder, reused (default: temporary)")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--markdown", action="store_true", help="print the docs tables of --out and exit")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.out.read_text())))
+        return
 
     import torch
 
@@ -242,6 +248,40 @@ def main() -> None:
             result["runs"].append(artifact_run(backend, quant, model, work, args.scale, args.threads))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The op-by-op table (worst over models per bits and block) and one row per artifact run."""
+    lines = [
+        "| bits | block | linears (models) | worst op error | what input rounding does (median) |",
+        "|---|---|---|---|---|",
+    ]
+    for bits, block in OPS:
+        rows = [r for r in result["ops"] if (r["bits"], r["block"]) == (bits, block)]
+        if not rows:
+            continue
+        worst = max(r["worst_op_rel"] for r in rows)
+        effect = float(np.median([r["input_rounding_effect_median"] for r in rows]))
+        models = ", ".join(f"`{r['model']}`" for r in rows)
+        lines.append(
+            f"| {bits} | {block} | {sum(r['linears'] for r in rows)} ({models}) | {worst:.1e} | {effect:.1e} |"
+        )
+    scale = f"x {result['scale']:g}"
+    lines += [
+        "",
+        f"| backend | recipe | model | as usual: median / max | resolved: max (codes) | w2 {scale} | out_proj {scale} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in result["runs"]:
+        honest = row["honest"]
+        wrong = [row[k]["resolved"] for k in row if k.startswith(("w2_", "out_proj_"))]
+        cells = [f"{'caught' if not w['passed'] else 'PASSED'} ({w['logit_max_rel']:.1e})" for w in wrong]
+        lines.append(
+            f"| {row['backend']} | {row['recipe']} | `{row['model']}` | {honest['as_usual']['median']:.1e} / "
+            f"{honest['as_usual']['max']:.1e} | {honest['resolved']['logit_max_rel']:.1e} "
+            f"({honest['resolved']['codes_resolved']}) | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
