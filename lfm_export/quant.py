@@ -36,7 +36,7 @@ or per role (`{"linears": ..., "experts": ...}`, `ROLES`) where a runtime treats
   read from its AVX2 kernel): per row, per block of `block_size` along K, symmetric int8 with
   `scale = amax / 127` and codes `rint(a * (127 / amax))` (the reciprocal is taken first, in float32);
   the integer block dot products are scaled by `scale_a * scale_w` and summed in float32. One op at a time,
-  fed the inputs `tiny` computes on text, this is onnxruntime 1.32's result to float32 summation order (4.6e-7
+  fed the inputs `tiny` computes on text, this is onnxruntime 1.32's result to float32 summation order (6.7e-7
   of the output scale at 4 and 8 bits, blocks 32 to 128; `benchmarks/a8_exactness.py`), measured with MLAS's
   AVX2 kernel (`vpmaddubsw`, u8 x s8 pairs summed in int16: no saturation showed) on a CPU with neither VNNI
   nor AVX-512; their kernels (`vpdpbusd`) form the same integers and sum the float partials in another order
@@ -50,7 +50,7 @@ or per role (`{"linears": ..., "experts": ...}`, `ROLES`) where a runtime treats
   -128, 127)`. Written from torchao's description; one XNNPACK 8da4w linear run by ExecuTorch 1.5.1 matches
   it within 3.6e-7 (output scale 1.9) given the weights XNNPACK holds (`tests/test_executorch.py`). Through a
   whole model the same boundary flips cascade; resolved (`BoundaryCodes`), ExecuTorch 8da4w `tiny` is within
-  8.8e-7 at every position.
+  4.4e-7 at every position.
 - `ACT_FP16`: the input of every linear but the MoE router rounded to fp16, in float recipes too (Core ML
   programs compute in fp16; the rest of their fp16 rounding is left to the `-fp16` parity gates, which widen
   to twice what this rounding itself does, as the int8-activation gates do: on MoE models an expert whose
@@ -373,7 +373,8 @@ BOUNDARY_MARGIN = 1e-5
 """`BoundaryCodes` lists an int8 activation code as undecided when its scaled value lies within this distance of
 the point halfway between two codes, measured in the input's own units over the largest magnitude of the
 input's row (the float32 differences between a runtime's inputs and the simulation's are relative to that: 2e-7
-to 7e-7 for onnxruntime 1.32's MatMulNBits inputs against the simulation's, tiny int8-b32)."""
+to 7e-7 for onnxruntime 1.32's MatMulNBits inputs against the simulation's, tiny int8-b32, traced by hand;
+every honest flip resolved in benchmarks/results/a8_exactness.json sat within this margin)."""
 
 
 @dataclass(frozen=True)
@@ -396,8 +397,9 @@ class BoundaryCodes:
     the runtime's code and the simulation's can differ by one. One such flip changes the op's output by one
     code step, the next layers' inputs by 1e-5 relative, which flips further codes there: within two or three
     layers the whole position, and through the KV cache every later one, differs by the size of the
-    activation rounding itself (onnxruntime int8-b32 on tiny: one flip at the third layer, logits 3e-3 off at
-    32 of 35 positions). The simulation is exact op by op (4e-7); only these undecided codes are not given.
+    activation rounding itself (onnxruntime int8-b32 on tiny: the median position 2.6e-3 of the logit scale
+    off). The simulation is exact op by op (6.7e-7); only these undecided codes are not given
+    (benchmarks/results/a8_exactness.json).
 
     With `found` a list, every quantized linear appends the `Boundary` of each code within `margin` of the
     halfway point; `flips` (module name -> `{flat index: code}`) sets codes to their other side. Both apply

@@ -138,8 +138,8 @@ must catch measured 3.2x (MoE routing scale dropped, transformers-initialised Mo
 RESOLVED_LIMIT = 2e-5
 """The `-a8` gates' tight limit (`lfm_export.parity.boundary`, row `resolved_prefill`): the largest error of a
 position's logits (and, where the session exposes them, its keys and values) over its largest magnitude,
-against the simulation with its undecided activation codes resolved. Honest worst 1.6e-6 (onnxruntime 1.32,
-AVX2; docs/parity.md, Exact int8 activations); one matrix x 1.01: 4e-3 and more."""
+against the simulation with its undecided activation codes resolved. Honest worst 1.4e-6 (onnxruntime 1.32
+and ExecuTorch 1.5.1 on AVX2; benchmarks/results/a8_exactness.json); one matrix x 1.01: 8e-3 and more."""
 
 DETECTION_A8 = (
     "a middle layer's w2, out_proj, in_proj and an MoE expert's w2 x 1.01 (the smallest tried) are caught by row "
