@@ -31,7 +31,7 @@ from lfm_export.loading import LoadedModel
 from lfm_export.model import GROWING, MOE_SPARSE, DecoderLayer, MoE, rope_cos_sin
 from lfm_export.precision import LINEAR, rule_for
 from lfm_export.recipes import CALIBRATED_ROUNDINGS, Recipe
-from lfm_export.rounding import gptq, hessian_error, weighted_search
+from lfm_export.rounding import gptq, hessian_error, inverse_cholesky, weighted_search
 from lfm_export.weights import lazy_source
 
 CORPUS = Path(__file__).parent / "assets" / "calibration.txt"
@@ -156,11 +156,12 @@ def calibrate(
             layer = _layer(loaded, idx)
             prefix = f"model.layers.{idx}."
             stats: dict[str, list[Any]] = {}
+            seen: list[tuple[Tensor, list[Any]]] = []
             hooks = []
             for name, mod in layer.named_modules():
                 full = f"{prefix}{name}.weight"
                 if isinstance(mod, nn.Linear) and rule_for(full) is LINEAR:
-                    hooks.append(mod.register_forward_pre_hook(_collector(stats, full, hessian)))
+                    hooks.append(mod.register_forward_pre_hook(_collector(stats, full, hessian, seen)))
                 if isinstance(mod, MoE):
                     mod.form = MOE_SPARSE
                     hooks.append(mod.register_forward_pre_hook(_router_counter(out, f"{prefix}{name}")))
@@ -176,14 +177,16 @@ def calibrate(
             finally:
                 for hook in hooks:
                     hook.remove()
-            done = {
-                name: LinearStats(
-                    tokens=n,
-                    mean_square=(sq / max(n, 1)),
-                    hessian=None if xx is None else xx / max(n, 1),
-                )
-                for name, (n, sq, xx) in stats.items()
-            }
+            seen.clear()
+            by_entry: dict[int, LinearStats] = {}  # linears sharing an input share one LinearStats
+            done = {}
+            for name, entry in stats.items():
+                if id(entry) not in by_entry:
+                    n, sq, xx = entry
+                    by_entry[id(entry)] = LinearStats(
+                        tokens=n, mean_square=sq / max(n, 1), hessian=None if xx is None else xx / max(n, 1)
+                    )
+                done[name] = by_entry[id(entry)]
             if layer_done is not None:
                 layer_done(idx, done)
             for s in done.values():
@@ -195,10 +198,21 @@ def calibrate(
     return out
 
 
-def _collector(stats: dict[str, list[Any]], name: str, hessian: bool) -> Callable[..., None]:
+def _collector(
+    stats: dict[str, list[Any]], name: str, hessian: bool, seen: list[tuple[Tensor, list[Any]]]
+) -> Callable[..., None]:
+    """A pre-hook accumulating `[tokens, sum x^2, sum x x^T]` of the linear's input. Linears called on the same
+    tensor (q/k/v, w1/w3) share one entry, so its Hessian is formed once and is the same object for each;
+    `seen` holds those tensors for the layer's forward, so their memory cannot be reused by another input."""
+
     def hook(_mod: nn.Module, args: tuple[Tensor, ...]) -> None:
+        shared = next((entry for t, entry in seen if t is args[0]), None)
+        if shared is not None:
+            stats[name] = shared
+            return
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
         entry = stats.setdefault(name, [0, np.zeros(x.shape[1]), None])
+        seen.append((args[0], entry))
         entry[0] += x.shape[0]
         entry[1] += (x.double() * x.double()).sum(0).numpy()
         if hessian:  # one float32 product per call (the whole batch), summed in float64
@@ -234,6 +248,7 @@ def calibrated_table(
     table = Table()
     errors = {"nearest": 0.0, recipe.rounding: 0.0}
     method = recipe.rounding
+    factors: dict[int, np.ndarray] = {}  # one inverse-Hessian factor per shared input (q/k/v, w1/w3)
 
     def layer_done(_idx: int, stats: dict[str, LinearStats]) -> None:
         for name, s in stats.items():
@@ -243,7 +258,9 @@ def calibrated_table(
                 q = quantize_block(w, recipe.bits, block)
             elif method == "gptq":
                 assert s.hessian is not None
-                q = gptq(w, recipe.bits, block, s.hessian)
+                if id(s.hessian) not in factors:
+                    factors[id(s.hessian)] = inverse_cholesky(s.hessian)
+                q = gptq(w, recipe.bits, block, s.hessian, factor=factors[id(s.hessian)])
             else:
                 q = weighted_search(w, recipe.bits, block, s.mean_square)
             table.add(w, recipe.bits, block, q.codes, q.scales)
@@ -251,6 +268,7 @@ def calibrated_table(
                 plain = quantize_block(w, recipe.bits, block).dequantize()
                 errors["nearest"] += hessian_error(w, plain, s.hessian)
                 errors[method] += hessian_error(w, q.dequantize(), s.hessian)
+        factors.clear()  # the layer's Hessians are freed after this: their ids may be reused
 
     calib = calibrate(loaded, text_file, tokens, hessian=method == "gptq", layer_done=layer_done)
     entry = {"rounding": method, **calib.manifest_entry()}

@@ -98,6 +98,21 @@ class MoE(nn.Module):
             w = w / (w.sum(-1, keepdim=True) + 1e-6)
         return scores, idx, w * self.scale
 
+    def router_margin(self, x: Tensor) -> Tensor:
+        """Per row of `x` (`[..., H]` -> `[...]`): how far the last selected expert's choice (score + expert bias)
+        leads the first unselected one's, over the spread of the row's choices (max - min; 0 where they are all
+        equal). Scale-free, so one bound serves router scores of any magnitude: where it is within what fp16
+        rounding moves the scores, a runtime computing in fp16 may select another expert (`lfm_export.parity.
+        expert_ties`)."""
+        scores = torch.sigmoid(self.gate(x).float())
+        choice = scores + self.expert_bias if self.use_expert_bias else scores
+        top = torch.topk(choice, min(self.top_k + 1, choice.shape[-1]), dim=-1).values
+        if top.shape[-1] <= self.top_k:  # every expert selected: no choice to flip
+            return torch.full(choice.shape[:-1], float("inf"))
+        spread = choice.amax(-1) - choice.amin(-1)
+        gap = top[..., self.top_k - 1] - top[..., self.top_k]
+        return torch.where(spread > 0, gap / torch.where(spread > 0, spread, 1.0), torch.zeros_like(gap))
+
     def routing(self, x: Tensor) -> Tensor:
         """Dense routing weights `[N, num_experts]` (zero for unselected experts)."""
         scores, idx, w = self._route(x)

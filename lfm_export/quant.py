@@ -55,8 +55,9 @@ or per role (`{"linears": ..., "experts": ...}`, `ROLES`) where a runtime treats
   programs compute in fp16; the rest of their fp16 rounding is left to the `-fp16` parity gates, which widen
   to twice what this rounding itself does, as the int8-activation gates do: on MoE models an expert whose
   score ties another's within fp16 rounding is chosen differently now and then (`ACT_FP16_ROUTED`, whose gate
-  allows for it): measured on `tiny-moe` int8, one position with logit error 5e-2 relative against this
-  simulation, 1.2e-3 against the same model run in fp16 by torch, which flips elsewhere itself).
+  judges those positions apart by the simulation's router margin, `lfm_export.parity.expert_ties`):
+  measured on `tiny-moe` int8, one position with logit error 5e-2 relative against this simulation, 1.2e-3
+  against the same model run in fp16 by torch, which flips elsewhere itself).
 - `ACT_GGML_Q8_0`: llama.cpp's CPU kernels quantize the input of a Q8_0 / Q4_0 matmul to Q8_0 blocks (32 values,
   codes `rint(a * (127 / amax))`, scale `amax / 127` stored as fp16): `fake_quant_q8_0`.
 - `ACT_GGML_K`: the input of a K-quant matmul (Q4_K / Q5_K / Q6_K, rows a multiple of 256) goes to Q8_K blocks

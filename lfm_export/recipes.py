@@ -66,7 +66,7 @@ each. `float`: none; `int8-block`: onnxruntime MatMulNBits at accuracy_level 4 (
 weight's block size along K); `int8-token`: dynamic per-token asymmetric int8 (torchao / ExecuTorch `8da4w`,
 what the recipe's `-a8` means); `fp16`: the runtime computes in fp16 (Core ML), the simulation rounds the
 linears' inputs to fp16 and the parity gate is the `-fp16` one; `fp16-routed`: the same for a model with MoE
-routing, whose gate (`-fp16-moe`) tolerates an expert chosen differently under fp16 rounding; `ggml-q8_0`:
+routing, whose gate (`-fp16-moe`) judges apart the positions where fp16 rounding can choose another expert; `ggml-q8_0`:
 llama.cpp's CPU kernels (symmetric int8 per block of 32 with an fp16 scale, the input of Q8_0 / Q4_0 matmuls)."""
 ACT_NATIVE = "native"
 """`lfm_export.quant.simulate`'s mode for float recipes computed in their own type (fp16 / bf16 matmuls and

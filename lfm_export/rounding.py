@@ -104,26 +104,40 @@ def weighted_search(
     return Quantized(codes, scales, None, bits, block_size)
 
 
-def _inverse_cholesky(hessian: np.ndarray, damp: float) -> np.ndarray:
-    """Upper Cholesky factor of `(H + damp * mean(diag H) I)^-1`, dead channels (zero variance) set to 1."""
-    h = np.array(hessian, np.float64)
+def inverse_cholesky(hessian: np.ndarray, damp: float = DAMP) -> np.ndarray:
+    """Upper Cholesky factor `U` of `(H + damp * mean(diag H) I)^-1` (so `H^-1 = U^T U`), dead channels (zero
+    variance) set to 1.
+
+    Computed without forming the inverse: with `J` the reversal permutation and `J H J = M M^T` (lower
+    Cholesky), `H = (J M J)(J M J)^T` with `J M J` upper triangular, so `U = (J M J)^-1 = J M^-1 J`: one Cholesky
+    and one triangular solve in float64 (torch, on the set thread count), about 4x fewer operations than
+    Cholesky, inverse, and Cholesky again (K = 4608: the MLP down projection of LFM2-350M)."""
+    import torch
+
+    h = torch.tensor(np.asarray(hessian, np.float64))
     k = h.shape[0]
-    diag = np.diag(h).copy()
-    dead = diag <= 0
+    dead = torch.diagonal(h) <= 0
     h[dead, :] = 0.0
     h[:, dead] = 0.0
     h[dead, dead] = 1.0
-    mean = float(np.diag(h).mean())
-    h[np.arange(k), np.arange(k)] += damp * (mean if mean > 0 else 1.0)
-    low = np.linalg.cholesky(h)
-    inv_low = np.linalg.solve(low, np.eye(k))
-    hinv = inv_low.T @ inv_low
-    return np.linalg.cholesky(hinv).T
+    mean = float(torch.diagonal(h).mean())
+    h.diagonal().add_(damp * (mean if mean > 0 else 1.0))
+    low = torch.linalg.cholesky(h.flip(0, 1))
+    inv_low = torch.linalg.solve_triangular(low, torch.eye(k, dtype=torch.float64), upper=False)
+    return inv_low.flip(0, 1).numpy()
 
 
-def gptq(w: np.ndarray, bits: int, block_size: int, hessian: np.ndarray, damp: float = DAMP) -> Quantized:
+def gptq(
+    w: np.ndarray,
+    bits: int,
+    block_size: int,
+    hessian: np.ndarray,
+    damp: float = DAMP,
+    factor: np.ndarray | None = None,
+) -> Quantized:
     """GPTQ-rounded symmetric block quantization of `w [N, K]` given the inputs' second-moment matrix
-    `hessian [K, K]` (see the module doc)."""
+    `hessian [K, K]` (see the module doc). `factor`: `inverse_cholesky(hessian, damp)` when the caller already
+    has it (linears that share one input share it)."""
     n, k = w.shape
     if k % block_size:
         raise ValueError(f"block size {block_size} does not divide {k}")
@@ -131,7 +145,7 @@ def gptq(w: np.ndarray, bits: int, block_size: int, hessian: np.ndarray, damp: f
         raise ValueError(f"hessian {hessian.shape} for a weight of input dimension {k}")
     nb = k // block_size
     half = 2 ** (bits - 1)
-    u = _inverse_cholesky(hessian, damp).astype(np.float32)
+    u = (inverse_cholesky(hessian, damp) if factor is None else factor).astype(np.float32)
     diag_h = np.diag(np.asarray(hessian, np.float64))
     work = np.array(w, np.float32)
     codes = np.empty((n, k), np.uint8)

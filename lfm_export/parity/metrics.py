@@ -110,7 +110,10 @@ def greedy_match_length(ref_steps: np.ndarray, test_steps: np.ndarray) -> int:
 
 
 def state_max_abs(
-    ref: dict[str, np.ndarray] | None, test: dict[str, np.ndarray] | None, position: int
+    ref: dict[str, np.ndarray] | None,
+    test: dict[str, np.ndarray] | None,
+    position: int,
+    apart: np.ndarray | None = None,
 ) -> tuple[float | None, dict[str, Any]]:
     """Max abs difference over the states both sessions expose, and what was compared; `info["max_rel"]` is
     the worst over the state tensors of (max abs difference / max abs reference value), the scale-free form,
@@ -122,6 +125,9 @@ def state_max_abs(
 
     A static-form KV cache (`[B, kv, max_seq_len, hd]`) is compared over its first `position` slots. A name
     present on one side only, or shapes that cannot be aligned, count as an infinite error.
+
+    `apart` (boolean `[position]`): positions judged apart (`lfm_export.parity.expert_ties`); their KV slots
+    are left out, and so is a conv state (`[B, C, L - 1]`) holding one of them (the last `L - 1` positions).
     """
     if ref is None or test is None:
         return None, {"compared": 0, "reason": "state not exposed"}
@@ -141,6 +147,13 @@ def state_max_abs(
             continue
         if r.size:
             diff = np.where(np.isfinite(r - t), np.abs(r - t), np.inf)
+            if apart is not None and apart.size == position:
+                if diff.ndim == 4 and diff.shape[2] == position:
+                    diff = diff[:, :, ~apart]
+                elif diff.ndim == 3 and apart[max(0, position - diff.shape[-1]) :].any():
+                    diff = diff[..., :0]
+            if not diff.size:
+                continue
             err = float(diff.max())
             scale = float(np.abs(r).max())
             worst = max(worst, err)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lfm_export.parity.expert_ties import apart_note
 from lfm_export.parity.thresholds import POOLED, Gate
 
 SCHEMA_VERSION = 1
@@ -144,6 +145,19 @@ class ParityResult:
         artifact against the fp32 reference); empty if no scenario ran."""
         return next((s.metrics for s in (self.quality if rows is None else rows) if s.name == POOLED), {})
 
+    def judged_apart(self) -> dict[str, Any] | None:
+        """Positions judged apart (`Gate.router_margin`, `lfm_export.parity.expert_ties`): the margin, the
+        count over the compared positions and each scenario's `[sequence, position]` pairs; None where the gate
+        judges none apart or no margins were recorded (no MoE layer, no torch simulation)."""
+        rows = {s.name: s.details["judged_apart"] for s in self.scenarios if "judged_apart" in s.details}
+        if self.gate.router_margin is None or not rows:
+            return None
+        return {
+            "margin": self.gate.router_margin,
+            "count": sum(len(v) for v in rows.values()),
+            "scenarios": rows,
+        }
+
     def verdict(self) -> str:
         """Which part failed, in words: what a reader must do differs (fix the export / choose a recipe)."""
         if not self.checks:
@@ -193,6 +207,7 @@ class ParityResult:
                 else {
                     k: self.resolved[k] for k in ("passed", "positions", "logit_max_rel", "codes_resolved")
                 },
+                "judged_apart": None if (apart := self.judged_apart()) is None else apart["count"],
             },
             QUALITY: {
                 "passed": self.part_passed(QUALITY),
@@ -275,6 +290,7 @@ def to_json(result: ParityResult) -> dict[str, Any]:
             ),
             "stored_weights": result.stored_weights,
             "resolved_prefill": result.resolved,
+            "judged_apart": result.judged_apart(),
         },
         QUALITY: {
             "passed": result.part_passed(QUALITY),
@@ -397,6 +413,17 @@ def _rounding_note(result: ParityResult) -> list[str]:
     ]
 
 
+def _apart_lines(result: ParityResult) -> list[str]:
+    apart = result.judged_apart()
+    if apart is None:
+        return []
+    where = "; ".join(
+        f"{name}: " + (", ".join(f"sequence {q} position {p}" for q, p in pairs) if pairs else "none")
+        for name, pairs in apart["scenarios"].items()
+    )
+    return [f"{apart_note(apart['count'], apart['margin'])} ({where}).", ""]
+
+
 def _stored_weights_note(result: ParityResult) -> list[str]:
     sw = result.stored_weights
     if sw is None:
@@ -467,6 +494,7 @@ def to_markdown(result: ParityResult) -> str:
         *_table(result.scenarios, exact_checks),
         "",
         *_snapshot_note(result),
+        *_apart_lines(result),
         *_rounding_note(result),
         *_stored_weights_note(result),
         *_resolved_note(result),

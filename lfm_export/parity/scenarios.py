@@ -16,6 +16,7 @@ import numpy as np
 from lfm_export.contract.errors import UserError
 from lfm_export.parity.boundary import Resolved
 from lfm_export.parity.boundary import checks as resolved_checks
+from lfm_export.parity.expert_ties import RouterMargins, recorder_for
 from lfm_export.parity.metrics import greedy_match_length, logit_metrics, state_max_abs
 from lfm_export.parity.prompts import check_prompts, default_prompts
 from lfm_export.parity.report import EXACTNESS, QUALITY, Check, ParityResult, ScenarioResult
@@ -44,24 +45,66 @@ class ScenarioOptions:
 class Sessions:
     """The sessions one parity run drives with identical token ids: `test` (the artifact), `lead` (whose greedy
     choices are fed after the prompt: the simulation of the recipe, or the reference itself) and `others` (the
-    fp32 reference when a simulation leads). Each call returns every session's logits, lead first."""
+    fp32 reference when a simulation leads). Each call returns every session's logits, lead first.
 
-    def __init__(self, test: Session, lead: Session, others: Sequence[Session] = ()) -> None:
+    `margins` records the lead's router margins (`lfm_export.parity.expert_ties`): after each call `tags` holds
+    `[B, T, 3]` (margin, sequence, position) for the positions it computed, which a scenario slices as it
+    slices the logits, and `since_reset` the margins of every position since the last reset (`[B, P]`)."""
+
+    def __init__(
+        self,
+        test: Session,
+        lead: Session,
+        others: Sequence[Session] = (),
+        margins: RouterMargins | None = None,
+    ) -> None:
         self.test, self.lead, self.others = test, lead, list(others)
+        self.margins = margins
+        self.tags: np.ndarray | None = None
+        self._since_reset: list[np.ndarray] = []
+        self._sequence = 0
+        self.sequences: dict[int, list[np.ndarray]] = {}
+        """Every position's margin of each sequence run so far (`[T]` per call), by sequence number."""
 
     @property
     def comparisons(self) -> list[Session]:
         return [self.lead, *self.others]
 
+    @property
+    def since_reset(self) -> np.ndarray | None:
+        return np.concatenate(self._since_reset, axis=1) if self._since_reset else None
+
     def reset(self, batch: int) -> None:
         for s in (self.test, *self.comparisons):
             s.reset(batch)
+        if self.margins is not None:
+            self.margins.take()
+            if self._since_reset:  # the next sequences are numbered after the last batch's rows
+                self._sequence += self._since_reset[0].shape[0]
+            self._since_reset = []
+        self.tags = None
+
+    def _record(self, start: int) -> None:
+        """Tag the positions the lead just computed (from `start`) with its margins."""
+        m = None if self.margins is None else self.margins.take()
+        if m is None:
+            self.tags = None
+            return
+        b, t = m.shape
+        seq = np.broadcast_to(self._sequence + np.arange(b)[:, None], (b, t))
+        pos = np.broadcast_to(start + np.arange(t)[None], (b, t))
+        self.tags = np.stack([m, seq, pos], axis=-1).astype(np.float64)
+        self._since_reset.append(m)
+        for row in range(b):
+            self.sequences.setdefault(self._sequence + row, []).append(m[row])
 
     def prefill(
         self, tokens: np.ndarray, test_chunks: Sequence[np.ndarray] | None = None
     ) -> list[np.ndarray]:
         """`[lead, *others, test]` logits of `tokens`; the test session takes them in `test_chunks` if given."""
+        start = self.lead.position
         outs = [s.prefill(tokens) for s in self.comparisons]
+        self._record(start)
         if test_chunks is None:
             t = _logits(self.test, self.test.prefill(tokens), outs[0].shape, "prefill")
         else:
@@ -73,7 +116,9 @@ class Sessions:
         return [*outs, t]
 
     def decode(self, tokens: np.ndarray) -> list[np.ndarray]:
+        start = self.lead.position
         outs = [s.decode(tokens) for s in self.comparisons]
+        self._record(start)
         return [*outs, _logits(self.test, self.test.decode(tokens), outs[0].shape, "decode")]
 
 
@@ -90,6 +135,14 @@ class ScenarioRun:
     states: list[dict[str, np.ndarray] | None] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+    tags: np.ndarray | None = None
+    """`[N, 3]` per compared row: the lead's router margin, the sequence and the position (`Sessions.tags`)."""
+    state_margins: np.ndarray | None = None
+    """`[B, P]`: the lead's router margin at every position its final state holds."""
+    sequence_margins: dict[int, np.ndarray] = field(default_factory=dict)
+    """Each compared sequence's margins at every position it ran (`Sessions.sequences`)."""
+    tie_window: int = 0
+    """Positions after a tie that its other expert's output reaches undiluted (`RouterMargins.window`)."""
 
     @property
     def test_logits(self) -> np.ndarray:
@@ -108,16 +161,28 @@ def _logits(session: Session, out: np.ndarray, shape: tuple[int, ...], call: str
     return arr
 
 
-def _finish(run: ScenarioRun, ss: Sessions) -> ScenarioRun:
+def _finish(run: ScenarioRun, ss: Sessions, tags: list[np.ndarray | None] | None = None) -> ScenarioRun:
+    """Read every session's state and position into `run`; `tags`: `Sessions.tags` sliced as the rows were."""
     every = [*ss.comparisons, ss.test]
     run.states = [s.state() for s in every]
     run.positions = [s.position for s in every]
+    if tags and all(t is not None for t in tags):
+        run.tags = np.concatenate([t.reshape(-1, 3) for t in tags if t is not None])
+        run.state_margins = ss.since_reset
+        run.sequence_margins = {
+            q: np.concatenate(ss.sequences[q]) for q in np.unique(run.tags[:, 1]).astype(int).tolist()
+        }
+        run.tie_window = ss.margins.window if ss.margins is not None else 0
     return run
 
 
 def _fit(prompt: np.ndarray, session: Session, reserve: int = 0) -> np.ndarray:
     room = session.max_seq_len
     return prompt if room is None else prompt[: max(1, room - reserve)]
+
+
+def _sliced(tags: np.ndarray | None, take: Callable[[np.ndarray], np.ndarray]) -> np.ndarray | None:
+    return None if tags is None else take(tags)
 
 
 def _stack(rows: list[list[np.ndarray]]) -> list[np.ndarray]:
@@ -127,13 +192,14 @@ def _stack(rows: list[list[np.ndarray]]) -> list[np.ndarray]:
 
 def prefill(ss: Sessions, prompts: Sequence[np.ndarray], opts: ScenarioOptions) -> ScenarioRun:
     """Every prompt in one prefill call from an empty state; every position of every prompt compared."""
-    rows, lengths = [], []
+    rows, lengths, tags = [], [], []
     for prompt in prompts:
         p = _fit(prompt, ss.test)
         ss.reset(1)
         rows.append(ss.prefill(p[None]))
+        tags.append(ss.tags)
         lengths.append(int(p.size))
-    return _finish(ScenarioRun("prefill", _stack(rows), details={"prompt_lens": lengths}), ss)
+    return _finish(ScenarioRun("prefill", _stack(rows), details={"prompt_lens": lengths}), ss, tags)
 
 
 def decode(ss: Sessions, prompts: Sequence[np.ndarray], opts: ScenarioOptions) -> ScenarioRun:
@@ -144,18 +210,20 @@ def decode(ss: Sessions, prompts: Sequence[np.ndarray], opts: ScenarioOptions) -
     steps = opts.decode_steps if room is None else min(opts.decode_steps, room - p.size)
     ss.reset(1)
     rows = [[o[0, -1:] for o in ss.prefill(p[None])]]
+    tags = [_sliced(ss.tags, lambda t: t[0, -1:])]
     fed = []
     for _ in range(steps):
         tok = np.array([int(np.argmax(rows[-1][0][-1]))], dtype=np.int64)
         fed.append(int(tok[0]))
         rows.append(ss.decode(tok))
+        tags.append(ss.tags)
     run = ScenarioRun(
         "decode",
         _stack(rows),
         steps=len(rows),
         details={"prompt_len": int(p.size), "steps": steps, "fed_tokens": fed},
     )
-    return _finish(run, ss)
+    return _finish(run, ss, tags)
 
 
 def chunked_prefill(ss: Sessions, prompts: Sequence[np.ndarray], opts: ScenarioOptions) -> ScenarioRun:
@@ -169,7 +237,7 @@ def chunked_prefill(ss: Sessions, prompts: Sequence[np.ndarray], opts: ScenarioO
     run = ScenarioRun(
         "chunked_prefill", [o[0] for o in outs], details={"chunks": [int(c.size) for c in chunks]}
     )
-    return _finish(run, ss)
+    return _finish(run, ss, [ss.tags])
 
 
 def batch2(ss: Sessions, prompts: Sequence[np.ndarray], opts: ScenarioOptions) -> ScenarioRun:
@@ -186,14 +254,15 @@ def batch2(ss: Sessions, prompts: Sequence[np.ndarray], opts: ScenarioOptions) -
     steps = opts.batch_decode_steps if room is None else min(opts.batch_decode_steps, room - tokens.shape[1])
     ss.reset(2)
     first = ss.prefill(tokens)
-    rows = [first]
+    rows, tags = [first], [ss.tags]
     last = first[0][:, -1]
     for _ in range(steps):
         out = ss.decode(np.argmax(last, axis=-1).astype(np.int64))
         rows.append(out)
+        tags.append(ss.tags)
         last = out[0]
     run = ScenarioRun("batch2", _stack(rows), details={"prompt_len": int(tokens.shape[1]), "steps": steps})
-    return _finish(run, ss)
+    return _finish(run, ss, tags)
 
 
 def _fill_and_decode(
@@ -207,18 +276,20 @@ def _fill_and_decode(
     tokens = np.resize(np.concatenate(list(prompts)), fill).astype(np.int64)
     chunks = np.split(tokens, range(opts.fill_chunk, fill, opts.fill_chunk))
     ss.reset(1)
-    rows = []
+    rows, tags = [], []
     for i, chunk in enumerate(chunks):
         keep = opts.near_max_tail if i == len(chunks) - 1 else 1
         rows.append([o[0, -keep:] for o in ss.prefill(chunk[None])])
+        tags.append(_sliced(ss.tags, lambda t, keep=keep: t[0, -keep:]))
     for _ in range(2):
         tok = np.array([int(np.argmax(rows[-1][0][-1]))], dtype=np.int64)
         rows.append(ss.decode(tok))
+        tags.append(ss.tags)
     last = fill + 1
     details = {"fill": fill, "fill_chunk": opts.fill_chunk, "chunks": len(chunks), "last_position": last}
     if ss.test.max_seq_len is not None:
         details["max_seq_len"] = ss.test.max_seq_len
-    return _finish(ScenarioRun(name, _stack(rows), details=details), ss)
+    return _finish(ScenarioRun(name, _stack(rows), details=details), ss, tags)
 
 
 def near_max_seq_len(ss: Sessions, prompts: Sequence[np.ndarray], opts: ScenarioOptions) -> ScenarioRun:
@@ -277,18 +348,80 @@ SCENARIOS: dict[str, ScenarioFn] = {
 }
 
 
-def pair_metrics(run: ScenarioRun, ref: int, test: int) -> dict[str, float | None]:
-    """Metrics of session `test` against session `ref` (indices into `run.logits`) in one scenario run."""
+AT_TIE = "_at_tie"
+"""Suffix of the metrics over the positions judged apart (`Gate.router_margin`): where the simulation's expert
+choice ties within fp16 rounding, held to the gate's `*_at_tie` limits instead of the tight ones."""
+
+
+def within_window(tied: np.ndarray, window: int) -> np.ndarray:
+    """Boolean `[..., P]`: positions tied, or at most `window` positions after a tie (along the last axis)."""
+    out = tied.copy()
+    for k in range(1, window + 1):
+        out[..., k:] |= tied[..., :-k]
+    return out
+
+
+def tie_rows(run: ScenarioRun, margin: float | None) -> np.ndarray | None:
+    """Boolean `[N]`: the compared rows judged apart under `margin` (`Gate.router_margin`): where the lead's
+    router margin is below it, and the `tie_window` positions after such a tie in the same sequence, which the
+    other expert's output reaches undiluted through the short convolution (honest `tiny-moe` palettize4 on
+    Core ML: logit error 1.9e-2 and 5.7e-3 at the two positions after a flip, at most 1.6e-3 beyond).
+    Later positions keep the tight limits. None where the gate judges none apart or the lead recorded no
+    margins (no MoE layer, no torch simulation)."""
+    if margin is None or run.tags is None:
+        return None
+    apart = {q: within_window(m < margin, run.tie_window) for q, m in run.sequence_margins.items()}
+    return np.array([bool(apart[int(q)][int(p)]) for q, p in run.tags[:, 1:]], dtype=bool)
+
+
+def _tie_slots(run: ScenarioRun, margin: float) -> np.ndarray | None:
+    """Boolean `[P]` over the final state's positions judged apart in any batch row (as `tie_rows`): their KV
+    slots, and a conv state holding one of them, leave the tight limits."""
+    if run.state_margins is None:
+        return None
+    return within_window(run.state_margins < margin, run.tie_window).any(axis=0)
+
+
+def _rows_metrics(r: np.ndarray, t: np.ndarray) -> dict[str, float | None]:
+    """`logit_metrics`, or only the counts where no row is left (their limits then do not apply)."""
+    if r.shape[0]:
+        return logit_metrics(r, t)
+    return {"positions": 0, "finite": 1.0, "decisive": 0}
+
+
+def pair_metrics(
+    run: ScenarioRun, ref: int, test: int, margin: float | None = None
+) -> dict[str, float | None]:
+    """Metrics of session `test` against session `ref` (indices into `run.logits`) in one scenario run.
+
+    `margin` (`Gate.router_margin`, `lfm_export.parity.expert_ties`): rows where the lead's router margin is
+    below it are judged apart (`judged_apart` counts them) and give the `*_at_tie` metrics, every other row the
+    usual ones. The state likewise, by KV slot (a conv state goes with the last positions it holds)."""
     r, t = run.logits[ref], run.logits[test]
-    m = logit_metrics(r, t)
+    tie = tie_rows(run, margin)
+    apart = None
+    if tie is None:
+        m = logit_metrics(r, t)
+    else:
+        m = _rows_metrics(r[~tie], t[~tie])
+        m["finite"] = float(np.isfinite(t).all())  # NaN logits never pass, judged apart or not
+        m["judged_apart"] = int(tie.sum())
+        if tie.any():
+            tied = logit_metrics(r[tie], t[tie])
+            for k in ("logit_max_rel", "kl_max"):
+                m[k + AT_TIE] = tied[k]
+        apart = _tie_slots(run, margin) if margin is not None else None
     if run.steps is not None:
         m["greedy_match"] = greedy_match_length(r[-run.steps :], t[-run.steps :])
         m["greedy_steps"] = run.steps
-    state_err, info = state_max_abs(run.states[ref], run.states[test], run.positions[ref])
+    state_err, info = state_max_abs(run.states[ref], run.states[test], run.positions[ref], apart)
     if state_err is not None:
         m["state_max_abs"] = state_err
         m["state_max_rel"] = info["max_rel"]
         m["state_p99_rel"] = info["p99_rel"]
+        if apart is not None and apart.any():
+            _, tied_state = state_max_abs(run.states[ref], run.states[test], run.positions[ref], ~apart)
+            m["state_max_rel" + AT_TIE] = tied_state["max_rel"]
     if info.get("problems"):
         run.details["state_problems"] = info["problems"]
     m["position_match"] = float(run.positions[test] == run.positions[ref])
@@ -298,6 +431,8 @@ def pair_metrics(run: ScenarioRun, ref: int, test: int) -> dict[str, float | Non
 NOT_DECISIVE = "n/a (no decisive positions)"
 
 
+ROW_METRICS = ("logit_max_abs", "logit_max_rel", "logit_median_rel", "kl_max", "kl_mean", "top1_decisive")
+"""Metrics over compared rows, which a scenario whose every row was judged apart or after a tie lacks."""
 ROUNDING_METRICS = ("logit_max_rel", "logit_median_rel", "kl_max", "state_max_rel", "top1_decisive")
 """What the activation-rounding effect is measured on (the simulation with against without it)."""
 
@@ -317,9 +452,13 @@ def check(
     `noise`: the activation-rounding effect in this scenario, which widens limits that allow for it."""
     out = []
     for lim in gate.limits:
-        optional = lim.metric.startswith("state_") or lim.metric == "greedy_match"
+        optional = (
+            lim.metric.startswith("state_") or lim.metric == "greedy_match" or lim.metric.endswith(AT_TIE)
+        )
         if not lim.applies_to(scenario) or (optional and lim.metric not in metrics):
             continue
+        if metrics.get("positions") == 0 and lim.metric in ROW_METRICS:
+            continue  # every row judged apart: the `*_at_tie` limits hold them
         value = metrics.get(lim.metric)
         if lim.metric == "top1_decisive" and value is None and metrics.get("decisive") == 0:
             out.append(Check(scenario, lim.metric, None, lim.op, lim.value, True, NOT_DECISIVE, part))
@@ -340,11 +479,18 @@ def _rounding_effect(effects: list[dict[str, float | None]]) -> dict[str, float 
     return out
 
 
-def _pooled(runs: list[ScenarioRun], ref: int, test: int) -> ScenarioResult:
-    metrics = logit_metrics(
-        np.concatenate([r.logits[ref] for r in runs]), np.concatenate([r.logits[test] for r in runs])
-    )
-    return ScenarioResult(POOLED, "ok", metrics=metrics, details={"of": [r.name for r in runs]})
+def _pooled(runs: list[ScenarioRun], ref: int, test: int, margin: float | None = None) -> ScenarioResult:
+    """Every compared row of `runs`, less those judged apart under `margin` (`pair_metrics`)."""
+    r = np.concatenate([run.logits[ref] for run in runs])
+    t = np.concatenate([run.logits[test] for run in runs])
+    classes = [tie_rows(run, margin) for run in runs]
+    if margin is None or any(c is None for c in classes):
+        metrics = logit_metrics(r, t)
+    else:
+        tie = np.concatenate([c for c in classes if c is not None])
+        metrics = _rows_metrics(r[~tie], t[~tie])
+        metrics["judged_apart"] = int(tie.sum())
+    return ScenarioResult(POOLED, "ok", metrics=metrics, details={"of": [run.name for run in runs]})
 
 
 def _snapshot_row(session: Session, prompt: np.ndarray, checks: list[Check]) -> ScenarioResult:
@@ -411,11 +557,17 @@ def run_parity(
     vocab = reference_session.vocab_size
     ids = check_prompts(prompts, vocab) if prompts is not None else default_prompts(vocab, tokenizer_file)
     opts = options or ScenarioOptions()
+    # positions judged apart where the gate asks for it: the simulation's router margins (a torch model's)
+    margin = gate.router_margin if simulation is not None else None
+    margins = recorder_for(simulation) if margin is not None else None
+    if margins is None:
+        margin = None
     if simulation is None:
         sessions = Sessions(test_session, reference_session, [rounding] if rounding else [])
         lead = ref = 0
     else:
-        sessions = Sessions(test_session, simulation, [reference_session, *([rounding] if rounding else [])])
+        others = [reference_session, *([rounding] if rounding else [])]
+        sessions = Sessions(test_session, simulation, others, margins)
         lead, ref = 0, 1
     # the rounding effect: the simulation against itself without activation rounding; where the runtime
     # computes in half precision (`native`), against the fp32 reference (what computing in that type does)
@@ -431,30 +583,39 @@ def run_parity(
     compared: list[ScenarioRun] = []
     # first, so that the scenarios leave the sessions as callers expect them (the last one's state)
     snapshot_row = _snapshot_row(test_session, ids[0], checks) if snapshots else None
-    for name in names:
-        try:
-            run = SCENARIOS[name](sessions, ids, opts)
-        except Exception as e:  # a crashing backend is a parity failure, reported like one
-            msg = f"{type(e).__name__}: {e}"
-            exact.append(ScenarioResult(name, "error", reason=msg))
-            checks.append(Check(name, "error", None, "", None, False, note=msg))
-            continue
-        if run.skipped is not None:
-            exact.append(ScenarioResult(name, "skipped", reason=run.skipped))
-            continue
-        exact.append(ScenarioResult(name, "ok", metrics=pair_metrics(run, lead, test), details=run.details))
-        if noisy is not None:
-            effects.append(pair_metrics(run, lead, noisy))
-        q = pair_metrics(run, ref, test) if ref != lead else dict(exact[-1].metrics)
-        qual.append(ScenarioResult(name, "ok", metrics=q))
-        checks.extend(check(quality_gate, name, q, QUALITY))
-        if ref != lead:
-            loss.append(ScenarioResult(name, "ok", metrics=pair_metrics(run, ref, lead)))
-        compared.append(run)
+    try:
+        for name in names:
+            try:
+                run = SCENARIOS[name](sessions, ids, opts)
+            except Exception as e:  # a crashing backend is a parity failure, reported like one
+                msg = f"{type(e).__name__}: {e}"
+                exact.append(ScenarioResult(name, "error", reason=msg))
+                checks.append(Check(name, "error", None, "", None, False, note=msg))
+                continue
+            if run.skipped is not None:
+                exact.append(ScenarioResult(name, "skipped", reason=run.skipped))
+                continue
+            exact_metrics = pair_metrics(run, lead, test, margin)
+            details = dict(run.details)
+            classes = tie_rows(run, margin)
+            if classes is not None:
+                details["judged_apart"] = [[int(q), int(p)] for _, q, p in run.tags[classes]]
+            exact.append(ScenarioResult(name, "ok", metrics=exact_metrics, details=details))
+            if noisy is not None:
+                effects.append(pair_metrics(run, lead, noisy, margin))
+            q = pair_metrics(run, ref, test) if ref != lead else dict(exact[-1].metrics)
+            qual.append(ScenarioResult(name, "ok", metrics=q))
+            checks.extend(check(quality_gate, name, q, QUALITY))
+            if ref != lead:
+                loss.append(ScenarioResult(name, "ok", metrics=pair_metrics(run, ref, lead)))
+            compared.append(run)
+    finally:
+        if margins is not None:
+            margins.close()
     if compared:
-        exact.append(_pooled(compared, lead, test))
+        exact.append(_pooled(compared, lead, test, margin))
         if noisy is not None:
-            effects.append(_pooled(compared, lead, noisy).metrics)
+            effects.append(_pooled(compared, lead, noisy, margin).metrics)
         qual.append(_pooled(compared, ref, test))
         checks.extend(check(quality_gate, POOLED, qual[-1].metrics, QUALITY))
         if ref != lead:

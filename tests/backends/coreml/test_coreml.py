@@ -88,6 +88,65 @@ def test_moe_fp16_passes_with_enumerated_prefill_lengths(moe_fp16: Path) -> None
     assert m["recipe"]["moe_form"] == "sparse" and "scatter_along_axis" not in m["coreml"]["ops"]
 
 
+def test_moe_parity_reports_positions_judged_apart(moe_fp16: Path) -> None:
+    """The `-fp16-moe` gate holds every position to the dense `-fp16` limits but those whose expert choice is
+    within fp16 rounding (held to the `*_at_tie` limits); the report says how many and where, in both forms."""
+    from lfm_export.parity.thresholds import GATES
+
+    p = manifest(moe_fp16)["parity"]
+    report = json.loads((moe_fp16 / "parity" / "parity.json").read_text())["exactness"]["judged_apart"]
+    assert report["margin"] == GATES["fp16-fp16-moe"].router_margin
+    assert p["exactness"]["judged_apart"] == report["count"]
+    assert report["count"] == sum(len(v) for v in report["scenarios"].values())
+    assert {"prefill", "decode"} <= set(report["scenarios"]) and report["count"] >= 1  # 36 of 186 here
+    assert p["exactness"]["worst"]["logit_max_rel"] <= 5e-3
+    assert (
+        "judged apart: expert choice within fp16 rounding" in (moe_fp16 / "parity" / "parity.md").read_text()
+    )
+
+
+def scaled_experts(model: str, layer: int, scale: float):
+    """`model` loaded with every expert's w2 of `layer` scaled by `scale`: checked against it, an honest
+    artifact is one whose experts are that much off."""
+    loaded = load_model(model)
+    with torch.no_grad():
+        for expert in loaded.model.model.layers[layer].feed_forward.experts:
+            expert.w2.weight.mul_(scale)
+    return loaded
+
+
+def test_moe_experts_off_by_5_percent_fail_the_fp16_moe_gate(moe_fp16: Path) -> None:
+    """The honest fp16 package against the model whose layer-3 experts' w2 are 5% larger, judged as the
+    pipeline judges it (the `-fp16-moe` gate, simulation with fp16-rounded inputs, its rounding effect), on the
+    prefill scenario: what the old flip-tolerant limits (logit 0.15, KL 0.5) passed, the dense limits on the
+    positions not judged apart catch. One prompt, to keep it cheap."""
+    from lfm_export.backends import get
+    from lfm_export.parity import default_prompts, run_parity
+    from lfm_export.pipeline import simulation_for
+    from lfm_export.quant import simulate
+
+    loaded = scaled_experts("tiny-moe", 3, 1.05)
+    recipe, activations = simulation_for(get("coreml"), manifest(moe_fp16)["recipe"])
+
+    def sim(mode: str, name: str) -> ReferenceSession:
+        return ReferenceSession(simulate(loaded.model, recipe, mode), name=name, max_seq_len=CONTEXT)
+
+    result = run_parity(
+        CoreMLSession(moe_fp16),
+        ReferenceSession(loaded.model, max_seq_len=CONTEXT),
+        "fp16",
+        default_prompts(loaded.config.vocab_size, str(moe_fp16 / "tokenizer.json"))[:1],
+        scenarios=["prefill"],
+        simulation=sim(activations, "simulated"),
+        activations=activations,
+        rounding=sim("float", "unrounded"),
+        snapshots=False,
+    )
+    assert result.gate.name == "fp16-fp16-moe" and result.judged_apart()["count"] >= 1
+    assert not result.part_passed("exactness")
+    assert result.worst("logit_max_rel") > 5e-3
+
+
 def test_sparse_moe_reads_experts_only_through_a_gather_by_the_topk_indices(moe_fp16: Path) -> None:
     """The sparse form's structure in the saved program: per MoE layer, three stacked `[E, out, in]` expert
     constants, each read by one `gather` whose indices come from the router's `topk` (so one token reads k of
@@ -197,13 +256,37 @@ def next_expert_moe():
 
 @pytest.mark.slow
 def test_wrong_sparse_moe_fails_parity(moe_fp16: Path, tmp_path: Path) -> None:
-    """A sparse conversion that gathers the wrong experts (each selected index + 1) fails exactness, even under
-    the `-fp16-moe` gate that allows one flipped expert."""
+    """A sparse conversion that gathers the wrong experts (each selected index + 1) fails exactness, at the
+    positions the `-fp16-moe` gate does not judge apart."""
     broken = convert_without_conv_write(moe_fp16, tmp_path / "broken", moe_cls=next_expert_moe())
     result = check_artifact(broken, progress=Progress(quiet=True), scenarios=["prefill", "decode"])
     exactness = result.summary()["exactness"]
     assert not result.passed and not exactness["passed"]
     assert exactness["worst"]["logit_max_rel"] > 0.15
+
+
+@pytest.mark.slow
+def test_moe_int4_with_experts_left_uncompressed_fails(tmp_path: Path, monkeypatch) -> None:
+    """An int4 export whose stacked experts stayed fp16 (what coremltools once did silently) fails exactness
+    against the int4 simulation, as it passed the old flip-tolerant limits."""
+    from lfm_export.backends.coreml import compress
+
+    monkeypatch.setattr(compress, "_experts_config", lambda recipe: None)
+    folder = tmp_path / "uncompressed"
+    export_artifact(
+        "coreml",
+        "tiny-moe",
+        folder,
+        make_recipe("int4", max_seq_len=CONTEXT, prefill_lengths="1,4,8"),
+        parity=False,
+        threads=2,
+        progress=Progress(quiet=True),
+    )
+    monkeypatch.undo()
+    report = manifest(folder)["coreml"]["compression"]
+    assert any("stacked MoE" in r["why"] and r["as"] == "fp16" for r in report.values())
+    result = check_artifact(folder, progress=Progress(quiet=True), scenarios=["prefill", "decode"])
+    assert not result.part_passed("exactness")
 
 
 @pytest.mark.slow
