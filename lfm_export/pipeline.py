@@ -352,11 +352,12 @@ def _check(
     import torch
 
     from lfm_export.parity import ReferenceSession, run_parity, write_reports
+    from lfm_export.parity.boundary import prompts_for, resolve
     from lfm_export.parity.scenarios import ScenarioOptions
     from lfm_export.parity.stored_weights import compare as compare_stored_weights
     from lfm_export.parity.stored_weights import simulated_weights
     from lfm_export.parity.streaming import STREAM_FILL_LIMIT, StreamingReference
-    from lfm_export.quant import simulate
+    from lfm_export.quant import ACT_INT8_BLOCK, ACT_INT8_TOKEN, activation_modes, simulate
     from lfm_export.weights import weights_of
 
     torch.set_num_threads(threads)
@@ -455,6 +456,14 @@ def _check(
             if reader is not None and sim_recipe.quantized and own_simulation is None:
                 stored = compare_stored_weights(reader(folder), simulated_weights(simulated, sim_recipe))
         tokenizer = folder / "tokenizer.json"
+        resolved = None
+        int8 = {ACT_INT8_BLOCK, ACT_INT8_TOKEN}
+        # the tight -a8 row needs the whole simulation in memory: not run with a streaming reference
+        a8 = set(activation_modes(activations).values()) & int8
+        if rounds and own_simulation is None and streaming is None and a8:
+            known = tokenizer if tokenizer.is_file() else None
+            prompts = prompts_for(session.vocab_size, known, session.max_seq_len)
+            resolved = resolve(session, simulated, prompts)
         result = run_parity(
             session,
             reference,
@@ -468,6 +477,7 @@ def _check(
             options=ScenarioOptions(full_context_limit=limit),
             stored_weights=stored,
             streaming=streaming,
+            resolved=resolved,
             metadata={
                 "backend": manifest["backend"],
                 "artifact": artifact_name,

@@ -35,15 +35,22 @@ or per role (`{"linears": ..., "experts": ...}`, `ROLES`) where a runtime treats
 - `ACT_INT8_BLOCK`: onnxruntime's MatMulNBits at accuracy_level 4 on CPU (MLAS `QuantizeARow_CompInt8`,
   read from its AVX2 kernel): per row, per block of `block_size` along K, symmetric int8 with
   `scale = amax / 127` and codes `rint(a * (127 / amax))` (the reciprocal is taken first, in float32);
-  the integer block dot products are scaled by `scale_a * scale_w` and summed in float32. One op at a time
-  this matches onnxruntime 1.32 to 4e-7 (relative); through a whole model float32 ordering differences flip
-  a code that sits on a rounding boundary now and then, so there the match is statistical (tiny int4-b32:
-  KL 7e-6 against the artifact, 75x closer than the weight-only simulation).
+  the integer block dot products are scaled by `scale_a * scale_w` and summed in float32. One op at a time,
+  fed the inputs `tiny` computes on text, this is onnxruntime 1.32's result to float32 summation order (6.7e-7
+  of the output scale at 4 and 8 bits, blocks 32 to 128; `benchmarks/a8_exactness.py`), measured with MLAS's
+  AVX2 kernel (`vpmaddubsw`, u8 x s8 pairs summed in int16: no saturation showed) on a CPU with neither VNNI
+  nor AVX-512; their kernels (`vpdpbusd`) form the same integers and sum the float partials in another order
+  (not measured). Through a whole model the artifact's own float32 order flips a code that sits on a rounding
+  boundary now and then, and the flip grows through the next layers' rounding, so run as usual the match is
+  statistical (tiny int4-b32: KL 7e-6 against the artifact, 75x closer than the weight-only simulation);
+  `BoundaryCodes` lets a caller resolve those codes, which makes it exact (`lfm_export.parity.boundary`).
 - `ACT_INT8_TOKEN`: dynamic per-token asymmetric int8 (torchao's `8da4w` / ExecuTorch XNNPACK):
   per row, range `[min(lo, 0), max(hi, 0)]`, `scale = max(range / 255, eps)`,
   `zero_point = clip(-128 - rint(lo / scale), -128, 127)`, `q = clip(rint(a / scale) + zero_point,
   -128, 127)`. Written from torchao's description; one XNNPACK 8da4w linear run by ExecuTorch 1.5.1 matches
-  it within 3.6e-7 (output scale 1.9) given the weights XNNPACK holds (`tests/test_executorch.py`).
+  it within 3.6e-7 (output scale 1.9) given the weights XNNPACK holds (`tests/test_executorch.py`). Through a
+  whole model the same boundary flips cascade; resolved (`BoundaryCodes`), ExecuTorch 8da4w `tiny` is within
+  4.4e-7 at every position.
 - `ACT_FP16`: the input of every linear but the MoE router rounded to fp16, in float recipes too (Core ML
   programs compute in fp16; the rest of their fp16 rounding is left to the `-fp16` parity gates, which widen
   to twice what this rounding itself does, as the int8-activation gates do: on MoE models an expert whose
@@ -656,18 +663,134 @@ def activation_modes(spec: ActivationSpec) -> dict[str, str]:
     return modes
 
 
-class SimulatedLinear(nn.Linear):
-    """A linear whose weight is already the dequantized one and whose input is rounded as the runtime does."""
+BOUNDARY_MARGIN = 1e-5
+"""`BoundaryCodes` lists an int8 activation code as undecided when its scaled value lies within this distance of
+the point halfway between two codes, measured in the input's own units over the largest magnitude of the
+input's row (the float32 differences between a runtime's inputs and the simulation's are relative to that: 2e-7
+to 7e-7 for onnxruntime 1.32's MatMulNBits inputs against the simulation's, tiny int8-b32, traced by hand;
+every honest flip resolved in benchmarks/results/a8_exactness.json sat within this margin)."""
 
-    def __init__(self, linear: nn.Linear, weight: Tensor, activations: str, block_size: int) -> None:
+
+@dataclass(frozen=True)
+class Boundary:
+    """One undecided activation code: `margin` (distance from the halfway point in the input's units over the
+    row's largest magnitude), the linear's module name, the index into its flattened codes and the code on the
+    other side."""
+
+    margin: float
+    linear: str
+    index: int
+    code: float
+
+
+class BoundaryCodes:
+    """Which way the int8 activation codes on a rounding boundary round, shared by a simulation's linears.
+
+    A runtime that rounds activations to int8 computes every op's input in its own float32 order, 1e-7
+    relative from the simulation's; where a scaled value sits that close to the halfway point between two codes,
+    the runtime's code and the simulation's can differ by one. One such flip changes the op's output by one
+    code step, the next layers' inputs by 1e-5 relative, which flips further codes there: within two or three
+    layers the whole position, and through the KV cache every later one, differs by the size of the
+    activation rounding itself (onnxruntime int8-b32 on tiny: the median position 2.6e-3 of the logit scale
+    off). The simulation is exact op by op (6.7e-7); only these undecided codes are not given
+    (benchmarks/results/a8_exactness.json).
+
+    With `found` a list, every quantized linear appends the `Boundary` of each code within `margin` of the
+    halfway point; `flips` (module name -> `{flat index: code}`) sets codes to their other side. Both apply
+    to the next forward only as the caller arranges (`lfm_export.parity.boundary` steps one position at a
+    time). Linears fed the same tensor (q/k/v, w1/w3) share one rounded input, as a runtime that fuses them
+    does: a forward with `found` set names each by the first of them (`group`), and a flip applies to all."""
+
+    def __init__(self, margin: float = BOUNDARY_MARGIN) -> None:
+        self.margin = margin
+        self.found: list[Boundary] | None = None
+        self.flips: dict[str, dict[int, float]] = {}
+        self.group: dict[str, str] = {}
+        self._inputs: list[tuple[Tensor, str]] = []
+
+    def start(self, found: list[Boundary] | None, flips: dict[str, dict[int, float]]) -> None:
+        """Set up the next forward: list undecided codes into `found` (None: do not), apply `flips`."""
+        self.found, self.flips, self._inputs = found, flips, []
+
+    def stop(self) -> None:
+        self.found, self.flips, self._inputs = None, {}, []
+
+    @property
+    def active(self) -> bool:
+        return self.found is not None or bool(self.flips)
+
+
+def _int8_codes(
+    x: Tensor, mode: str, block_size: int
+) -> tuple[Tensor, Tensor, Tensor, Callable[[Tensor], Tensor]]:
+    """(scaled values, codes, each value's code step over its row's largest magnitude, codes -> dequantized
+    input) of `ACT_INT8_BLOCK` / `ACT_INT8_TOKEN`: the float32 arithmetic of `fake_quant_int8_block` /
+    `fake_quant_int8_token`."""
+    shape = x.shape
+    xf = x.float()
+    row = xf.abs().amax(-1, keepdim=True)
+    row = torch.where(row == 0, torch.ones_like(row), row)
+    if mode == ACT_INT8_BLOCK:
+        blocks = xf.reshape(*shape[:-1], shape[-1] // block_size, block_size)
+        amax = blocks.abs().amax(-1, keepdim=True)
+        inv = torch.where(amax == 0, torch.zeros_like(amax), torch.full_like(amax, 127.0) / amax)
+        scale = amax / 127.0
+        scaled = blocks * inv
+        step = (scale / row.unsqueeze(-1)).expand_as(blocks)
+        return scaled, torch.round(scaled), step, lambda q: (q * scale).reshape(shape).to(x.dtype)
+    lo = xf.amin(-1, keepdim=True).clamp(max=0.0)
+    hi = xf.amax(-1, keepdim=True).clamp(min=0.0)
+    scale = ((hi - lo) / 255.0).clamp(min=torch.finfo(torch.float32).eps)
+    zp = (-128 - torch.round(lo / scale)).clamp(-128, 127)
+    scaled = xf / scale
+    codes = (torch.round(scaled) + zp).clamp(-128, 127)
+    step = (scale / row).expand_as(xf)
+    return scaled + zp, codes, step, lambda q: ((q - zp) * scale).to(x.dtype)
+
+
+def _rounded_resolving(linear: SimulatedLinear, x: Tensor, codes_of: BoundaryCodes) -> Tensor:
+    """`x` rounded as `linear.activations` says, with `codes_of.flips` applied and undecided codes listed."""
+    scaled, codes, step, dequantize = _int8_codes(x, linear.activations, linear.block_size)
+    if codes_of.found is not None:
+        leader = next((name for seen, name in codes_of._inputs if seen is x), linear.name)
+        codes_of._inputs.append((x, linear.name))  # held, so no other tensor reuses its memory meanwhile
+        codes_of.group[linear.name] = leader
+    leader = codes_of.group.get(linear.name, linear.name)
+    flat = codes.reshape(-1)
+    for index, code in codes_of.flips.get(leader, {}).items():
+        flat[index] = code
+    if codes_of.found is not None and leader == linear.name:
+        s = scaled.reshape(-1)
+        margin = ((s - torch.floor(s)) - 0.5).abs() * step.reshape(-1)
+        lo, hi = (-127.0, 127.0) if linear.activations == ACT_INT8_BLOCK else (-128.0, 127.0)
+        for i in torch.nonzero(margin < codes_of.margin).flatten().tolist():
+            other = float(flat[i] + 1 if s[i] > flat[i] else flat[i] - 1)
+            if lo <= other <= hi:
+                codes_of.found.append(Boundary(float(margin[i]), linear.name, i, other))
+    return dequantize(codes)
+
+
+class SimulatedLinear(nn.Linear):
+    """A linear whose weight is already the dequantized one and whose input is rounded as the runtime does.
+
+    `boundary` (set by `simulate` on int8-activation linears): the model's `BoundaryCodes`, consulted only while
+    active."""
+
+    def __init__(
+        self, linear: nn.Linear, weight: Tensor, activations: str, block_size: int, name: str = ""
+    ) -> None:
         super().__init__(linear.in_features, linear.out_features, bias=False, device="meta")
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = linear.bias
         self.activations = activations
         self.block_size = block_size
+        self.name = name
+        self.boundary: BoundaryCodes | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.activations == ACT_INT8_BLOCK:
+        if self.boundary is not None and self.boundary.active:
+            x = _rounded_resolving(self, x, self.boundary)
+        elif self.activations == ACT_INT8_BLOCK:
             x = fake_quant_int8_block(x, self.block_size)
         elif self.activations == ACT_INT8_TOKEN:
             x = fake_quant_int8_token(x)
@@ -736,6 +859,7 @@ def simulate(
     keep = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     sim = copy.deepcopy(model, memo=dict(keep))
     done: dict[tuple[int, int | None, int], Tensor] = {}
+    boundary = BoundaryCodes()
 
     def replaced(w: Tensor, bits: int | None, name: str = "") -> Tensor:
         """The value the artifact holds for `w` (once per tensor, bit width and block: a tied table is
@@ -777,7 +901,10 @@ def simulate(
             parent, _, child = local.rpartition(".")
             owner = sim.get_submodule(parent) if parent else sim
             block = block_as(f"{name}.weight", recipe, mod.in_features) if recipe.mix else recipe.block_size
-            setattr(owner, child, SimulatedLinear(mod, weight, mode, block))
+            simulated = SimulatedLinear(mod, weight, mode, block, name)
+            if mode in (ACT_INT8_BLOCK, ACT_INT8_TOKEN):
+                simulated.boundary = boundary
+            setattr(owner, child, simulated)
         if native:  # norms and conv weights too (new tensors: `model`'s own are shared, never cast in place)
             dtype = FLOAT_TORCH[recipe.dtype]
             for mod in sim.modules():
@@ -787,6 +914,7 @@ def simulate(
                 if type(mod) is nn.Linear:  # a deep copy's module: the caller's model keeps its class
                     mod.__class__ = RoundedOnceLinear
             sim.compute_dtype = dtype  # `ReferenceSession` runs it with state of this type
+        sim.boundary_codes = boundary
     done.clear()
     return sim.eval()
 

@@ -95,6 +95,10 @@ class ParityResult:
     stored_weights: dict[str, Any] | None = None
     """The weights part of exactness (`lfm_export.parity.stored_weights.StoredWeights.to_json`); None where the
     backend reads no stored weights or the recipe quantizes none."""
+    resolved: dict[str, Any] | None = None
+    """The tight part of the `-a8` gates (`lfm_export.parity.boundary.Resolved.to_json`); None where the
+    runtime does not round activations to int8."""
+
     streaming: dict[str, Any] | None = None
     """The reference (and simulation) was streamed one layer at a time (`lfm_export.parity.streaming.
     StreamingReference.describe`): what it covers; None for the in-memory reference."""
@@ -214,6 +218,11 @@ class ParityResult:
                 "stored_weights": None
                 if self.stored_weights is None
                 else {k: self.stored_weights[k] for k in ("passed", "artifact_rows", "rows_unmatched")},
+                "resolved_prefill": None
+                if self.resolved is None
+                else {
+                    k: self.resolved[k] for k in ("passed", "positions", "logit_max_rel", "codes_resolved")
+                },
                 "judged_apart": None if (apart := self.judged_apart()) is None else apart["count"],
             },
             QUALITY: {
@@ -297,6 +306,7 @@ def to_json(result: ParityResult) -> dict[str, Any]:
                 else {k: _json_num(v) for k, v in result.activation_rounding.items()}
             ),
             "stored_weights": result.stored_weights,
+            "resolved_prefill": result.resolved,
             "judged_apart": result.judged_apart(),
         },
         QUALITY: {
@@ -453,6 +463,23 @@ def _stored_weights_note(result: ParityResult) -> list[str]:
     return [f"{head}. Detects {sw['detection_limit']}.", ""]
 
 
+def _resolved_note(result: ParityResult) -> list[str]:
+    r = result.resolved
+    if r is None:
+        return []
+    verdict = "ok" if r["passed"] else "**FAIL**"
+    head = (
+        f"Resolved prefill {verdict}: {r['positions']} positions against the simulation run one token at a "
+        f"time, {r['codes_resolved']} activation codes that sat on an int8 rounding boundary (within float32 "
+        f"rounding) resolved to the side the artifact took: logit max rel {_num(r['logit_max_rel'])} (limit "
+        f"{_num(r['limit'])})"
+    )
+    if r["unexplained"]:
+        bad = ", ".join(f"prompt {u['prompt']} position {u['position']}" for u in r["unexplained"])
+        head += f"; no choice of such codes explains {bad}"
+    return [f"{head}.", ""]
+
+
 def _greedy_note(result: ParityResult) -> str:
     """Greedy match against the fp32 reference, said so it cannot be misread as a failure."""
     decode = next((s for s in result.quality if s.name == "decode" and "greedy_match" in s.metrics), None)
@@ -507,6 +534,7 @@ def to_markdown(result: ParityResult) -> str:
         *_apart_lines(result),
         *_rounding_note(result),
         *_stored_weights_note(result),
+        *_resolved_note(result),
         *_thresholds(result.gate),
         "",
         f"## (b) Quality: `{result.test_name}` against `{result.reference_name}` (fp32)",

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lfm_export.contract.errors import UserError
+from lfm_export.parity.boundary import Resolved
+from lfm_export.parity.boundary import checks as resolved_checks
 from lfm_export.parity.expert_ties import RouterMargins, recorder_for
 from lfm_export.parity.metrics import greedy_match_length, logit_metrics, state_max_abs
 from lfm_export.parity.prompts import check_prompts, default_prompts
@@ -541,6 +543,7 @@ def run_parity(
     metadata: dict[str, Any] | None = None,
     snapshots: bool = True,
     stored_weights: StoredWeights | Callable[[], StoredWeights] | None = None,
+    resolved: Resolved | None = None,
     streaming: StreamingReference | None = None,
 ) -> ParityResult:
     """Run `scenarios` (default: all) on the sessions and check both parts of the verdict:
@@ -557,7 +560,8 @@ def run_parity(
     equals recomputing it (row `snapshots`, skipped where the runtime hides its state).
     `stored_weights` (the artifact's stored quantized weights against the simulation's,
     `lfm_export.parity.stored_weights.compare`, or a function giving it, called after the scenarios) adds its
-    checks to exactness.
+    checks to exactness, and so does `resolved` (the artifact against the simulation with undecided int8
+    activation codes resolved, `lfm_export.parity.boundary`).
 
     `streaming`: the reference, simulation and rounding sessions are its recorders, computed one layer at a
     time after the scenarios ran (`lfm_export.parity.streaming`): the tokens fed after a prompt are then the
@@ -667,6 +671,8 @@ def run_parity(
         stored_weights = stored_weights()
     if stored_weights is not None:
         checks[:0] = stored_weight_checks(stored_weights)
+    if resolved is not None:
+        checks[:0] = resolved_checks(resolved)
     return ParityResult(
         recipe=gate.name if isinstance(recipe, Gate) else recipe,
         activation_rounding=noise,
@@ -683,4 +689,5 @@ def run_parity(
         recipe_loss=loss,
         stored_weights=None if stored_weights is None else stored_weights.to_json(),
         streaming=None if streaming is None else streaming.describe(),
+        resolved=None if resolved is None else resolved.to_json(),
     )

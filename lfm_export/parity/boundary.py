@@ -1,0 +1,226 @@
+"""The exact check of int8-activation artifacts: the simulation with its undecided activation codes resolved.
+
+A runtime that rounds the activations of quantized linears to int8 (onnxruntime's MatMulNBits at accuracy
+level 4, XNNPACK's QD8 in ExecuTorch `8da4w` / `8da8w`) computes each op exactly as the simulation does
+(`lfm_export.quant`, 4e-7 op by op) but from inputs computed in its own float32 order. Now and then a scaled
+input lies within that difference of the halfway point between two codes, rounds the other way, and the flip
+grows through the next layers' rounding to the size of the activation rounding itself
+(`lfm_export.quant.BoundaryCodes`). The scenario gates can only allow for that; this check removes it.
+
+The prompt is run through the artifact once (`prefill`) and through the simulation one position at a time.
+At each position the simulation first rounds as usual; where its logits differ from the artifact's by more
+than `LIMIT` (largest error over the position's largest logit), each undecided code of that position (within
+`lfm_export.quant.BOUNDARY_MARGIN` of a halfway point, nearest first) is tried on its other side, keeping the
+first that brings the position within `LIMIT` (greedily, up to `MAX_FLIPS` codes a position, `MAX_TRIES`
+forwards). An honest artifact is then within float32 rounding at every position (onnxruntime 1.32, tiny
+int8-b32: 1.4e-6 with 4 codes resolved; benchmarks/results/a8_exactness.json); an artifact of other weights
+is not, since no
+choice of undecided codes explains a matrix 1% off. After the first position that stays off, the rest of the
+prompt is compared without searching.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lfm_export.contract.session import Session
+from lfm_export.contract.signature import KEY, VALUE, past_name
+from lfm_export.parity.prompts import default_prompts
+from lfm_export.parity.report import Check
+from lfm_export.parity.thresholds import RESOLVED_LIMIT
+
+if TYPE_CHECKING:
+    from lfm_export.quant import Boundary, BoundaryCodes
+
+SCENARIO = "resolved_prefill"
+"""The report row of this check."""
+METRIC = "logit_max_rel"
+LIMIT = RESOLVED_LIMIT
+POSITIONS = 64
+"""Positions compared at most (the parity prompts, in order, the last one cut): one simulation forward each,
+one token at a time, and a search where a position is off."""
+TARGET = 2e-6
+"""A position whose error exceeds this (3x the largest honest error with every code decided alike) has its
+undecided codes searched, even within `LIMIT`: a flipped code left in the state grows at later positions."""
+MAX_FLIPS = 3
+"""Undecided codes resolved per position at most (honest: 1 in every case measured)."""
+MAX_TRIES = 32
+"""Simulation forwards spent searching one position at most (a wrong artifact would otherwise try every
+undecided code of every position)."""
+
+
+@dataclass
+class Resolved:
+    """Per prompt: positions compared, the largest and median error, codes resolved, and the first position
+    (prompt, position, error) no choice of undecided codes brought within `LIMIT`."""
+
+    positions: int = 0
+    max_rel: float = 0.0
+    median_rel: float = 0.0
+    codes_resolved: int = 0
+    forwards: int = 0
+    unexplained: list[tuple[int, int, float]] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.positions > 0 and not self.unexplained and self.max_rel <= LIMIT
+
+    def describe(self) -> str:
+        head = (
+            f"{self.positions} positions, {self.codes_resolved} undecided activation codes resolved: "
+            f"logit max rel {self.max_rel:.2g} (median {self.median_rel:.2g}, limit {LIMIT:g})"
+        )
+        if not self.unexplained:
+            return head
+        where = ", ".join(f"prompt {p} position {t} ({e:.2g})" for p, t, e in self.unexplained)
+        return f"{head}; no choice of undecided codes explains {where}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "positions": self.positions,
+            "logit_max_rel": self.max_rel,
+            "logit_median_rel": self.median_rel,
+            "limit": LIMIT,
+            "codes_resolved": self.codes_resolved,
+            "forwards": self.forwards,
+            "unexplained": [{"prompt": p, "position": t, "logit_max_rel": e} for p, t, e in self.unexplained],
+        }
+
+
+def _rel(artifact: np.ndarray, simulated: np.ndarray) -> float:
+    scale = float(np.abs(simulated).max())
+    err = float(np.abs(artifact.astype(np.float64) - simulated).max())
+    return err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
+
+
+def _kv_at(session: Session, layers: list[int], length: int) -> list[np.ndarray] | None:
+    """The artifact's keys and values `[kv_heads, T, head_dim]` per attention layer after its prefill, where
+    its session exposes them (a flipped code in a key or value shows there at its own position, while the
+    logits may show it only positions later)."""
+    state = session.state()
+    if not state or not layers:
+        return None
+    out = []
+    for layer in layers:
+        for role in (KEY, VALUE):
+            t = state.get(past_name(role, layer))
+            if t is None or t.ndim != 4 or t.shape[0] != 1 or t.shape[2] < length:
+                return None
+            out.append(np.asarray(t[0], dtype=np.float32))
+    return out
+
+
+def _error(artifact: np.ndarray, kv: list[np.ndarray] | None, t: int, result: tuple) -> float:
+    """The position's error: its logits, and where the artifact's keys and values are known, theirs (each over
+    its own largest magnitude at the position)."""
+    err = _rel(artifact[t], result[0][0, -1].numpy())
+    if kv is not None:
+        sim_kv = [x for pair in zip(result[2], result[3], strict=True) for x in pair]
+        for mine, theirs in zip(sim_kv, kv, strict=True):
+            err = max(err, _rel(theirs[:, t], mine[0, :, -1].numpy()))
+    return err
+
+
+def prompts_for(
+    vocab_size: int, tokenizer_file: str | Path | None = None, max_seq_len: int | None = None
+) -> list[np.ndarray]:
+    """The parity prompts (`default_prompts`), each cut to `max_seq_len`, `POSITIONS` positions in all."""
+    out, left = [], POSITIONS
+    for ids in default_prompts(vocab_size, tokenizer_file):
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)[:, : min(left, max_seq_len or left)]
+        if ids.size:
+            out.append(ids)
+            left -= ids.size
+    return out
+
+
+def _step(
+    simulated: Any, token: Any, state: tuple, flips: list[Boundary], found: list[Boundary] | None
+) -> tuple:
+    """One position through `simulated` from `state` (left as it is), with `flips` set and, where `found` is a
+    list, the undecided codes listed into it: `(logits, conv, keys, values)`."""
+    import torch
+
+    from lfm_export.model import GROWING
+
+    codes: BoundaryCodes = simulated.boundary_codes
+    chosen: dict[str, dict[int, float]] = {}
+    for b in flips:
+        chosen.setdefault(b.linear, {})[b.index] = b.code
+    codes.start(found, chosen)
+    try:
+        with torch.no_grad():
+            conv, keys, values = (list(part) for part in state)
+            return simulated(token, conv, keys, values, form=GROWING)
+    finally:
+        codes.stop()
+
+
+def resolve(session: Session, simulated: Any, prompts: list[np.ndarray]) -> Resolved:
+    """The artifact `session` against `simulated` (`lfm_export.quant.simulate`'s module, int8 activations) on
+    each prompt (`[1, T]` ids), undecided codes resolved per position (module doc). Leaves `session` reset."""
+    import torch
+
+    from lfm_export.model import GROWING
+
+    out = Resolved()
+    errors: list[float] = []
+    for p, ids in enumerate(prompts):
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        session.reset(1)
+        artifact = np.asarray(session.prefill(ids), dtype=np.float32)[0]
+        kv = _kv_at(session, simulated.config.attn_layers, ids.shape[1])
+        state = simulated.empty_state(1, form=GROWING, dtype=torch.float32)
+
+        searching = True  # until a position stays off: then the rest of the prompt is only compared
+        for t in range(ids.shape[1]):
+            token = torch.from_numpy(ids[:, t : t + 1])
+            result = _step(simulated, token, state, [], None)
+            out.forwards += 1
+            err = _error(artifact, kv, t, result)
+            flips: list[Boundary] = []
+            tries = 0
+            found: list[Boundary] = []
+            if searching and err > TARGET:  # the same forward again, listing undecided codes (slower)
+                _step(simulated, token, state, [], found)
+                out.forwards += 1
+            while searching and err > TARGET and len(flips) < MAX_FLIPS and tries < MAX_TRIES:
+                best = None
+                for b in sorted(found, key=lambda b: b.margin):
+                    if tries >= MAX_TRIES:
+                        break
+                    if b in flips:
+                        continue
+                    tries += 1
+                    trial = _step(simulated, token, state, [*flips, b], None)
+                    out.forwards += 1
+                    e = _error(artifact, kv, t, trial)
+                    if best is None or e < best[0]:
+                        best = (e, b, trial)
+                    if e <= TARGET:
+                        break
+                if best is None or best[0] >= err:
+                    break
+                err, result = best[0], best[2]
+                flips.append(best[1])
+            errors.append(err)
+            if err > LIMIT and searching:
+                out.unexplained.append((p, t, err))
+                searching = False
+            out.codes_resolved += len(flips)
+            state = result[1:]
+    session.reset(1)
+    out.positions = len(errors)
+    out.max_rel = float(max(errors, default=0.0))
+    out.median_rel = float(np.median(errors)) if errors else 0.0
+    return out
+
+
+def checks(result: Resolved) -> list[Check]:
+    """The report's exactness check (one row, `resolved_prefill`)."""
+    return [Check(SCENARIO, METRIC, result.max_rel, "<=", LIMIT, result.passed, note=result.describe())]
