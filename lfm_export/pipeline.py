@@ -459,8 +459,8 @@ def _check(
         resolved = None
         int8 = {ACT_INT8_BLOCK, ACT_INT8_TOKEN}
         # the tight -a8 row needs the whole simulation in memory: not run with a streaming reference
-        a8 = set(activation_modes(activations).values()) & int8
-        if rounds and own_simulation is None and streaming is None and a8:
+        a8 = rounds and bool(set(activation_modes(activations).values()) & int8)
+        if a8 and own_simulation is None and streaming is None:
             known = tokenizer if tokenizer.is_file() else None
             prompts = prompts_for(session.vocab_size, known, session.max_seq_len)
             resolved = resolve(session, simulated, prompts)
