@@ -31,13 +31,19 @@ Q4_0).
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from lfm_export.contract.session import DEFAULT_THREADS
-from lfm_export.quant import MSE_CHUNK_ELEMENTS, MSE_GRIDS, SuperBlocks, fit_super_blocks, quantize_block
+from lfm_export.quant import (
+    MSE_CHUNK_ELEMENTS,
+    MSE_GRIDS,
+    SuperBlocks,
+    fit_super_blocks,
+    quantize_block,
+    run_chunks,
+)
 
 QK_K = 256
 """Values per K-quant super-block."""
@@ -101,12 +107,7 @@ def _super_blocks(
         parts[r0] = fit_super_blocks(x, bits, symmetric, sub, weights)
 
     starts = range(0, n, step)
-    if threads > 1 and len(starts) > 1:
-        with ThreadPoolExecutor(min(threads, len(starts))) as pool:
-            list(pool.map(work, starts))
-    else:
-        for r0 in starts:
-            work(r0)
+    run_chunks(work, starts, threads)
     chunks = [parts[r0] for r0 in starts]
 
     def cat(field: str) -> np.ndarray | None:

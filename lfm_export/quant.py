@@ -183,14 +183,19 @@ def quantize_block(
         if zps is not None:
             zps[r0:r1] = z
 
-    starts = range(0, n, step)
+    run_chunks(work, range(0, n, step), threads)
+    return Quantized(codes, scales, zps, bits, block_size)
+
+
+def run_chunks(work: Callable[[int], None], starts: range, threads: int) -> None:
+    """`work(r0)` for every row chunk start, on `threads` threads where there is more than one chunk (numpy
+    releases the GIL in the elementwise work of a chunk)."""
     if threads > 1 and len(starts) > 1:
         with ThreadPoolExecutor(min(threads, len(starts))) as pool:
             list(pool.map(work, starts))
     else:
         for r0 in starts:
             work(r0)
-    return Quantized(codes, scales, zps, bits, block_size)
 
 
 def _search(
