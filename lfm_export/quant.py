@@ -349,10 +349,15 @@ def _f16(x: np.ndarray) -> np.ndarray:
 
 def _codes_for(x: np.ndarray, step: np.ndarray, low: np.ndarray, lo: int, hi: int) -> np.ndarray:
     """`clip(rint((x - low) / step), lo, hi)` per block (`step`, `low` `[...]`, `x` `[..., bs]`), `lo` where
-    the step is 0 (the block is `low` throughout)."""
-    safe = np.where(step == 0, np.float32(1), step)[..., None]
-    q = np.clip(np.rint((x - low[..., None]) / safe), lo, hi)
-    return np.where((step == 0)[..., None], np.float32(lo), q).astype(np.float32)
+    the step is 0 (the block is `low` throughout). Float32, computed in one new array."""
+    zero = step == 0
+    q = np.subtract(x, low[..., None], dtype=np.float32)
+    np.divide(q, np.where(zero, np.float32(1), step)[..., None], out=q)
+    np.rint(q, out=q)
+    np.clip(q, lo, hi, out=q)
+    if zero.any():
+        q[zero] = np.float32(lo)
+    return q
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -383,10 +388,12 @@ class _Moments:
         return cls(x, w, xw, _dot(x, xw), sw.astype(np.float32), xw.sum(-1))
 
 
-def _ls(mo: _Moments, q: np.ndarray, affine: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _ls(
+    mo: _Moments, q: np.ndarray, affine: bool, out: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Weighted least squares of `x ~ s * q (+ low)`, `low <= 0` (refit with `low = 0` when the free fit is
-    positive): (s, low, weighted squared error) per block."""
-    qw = q if mo.w is None else q * mo.w
+    positive): (s, low, weighted squared error) per block, each a new array. `out`: room for `q * w`."""
+    qw = q if mo.w is None else np.multiply(q, mo.w, out=out)
     sqq, sxq = _dot(qw, q), _dot(q, mo.xw)
     safe = np.where(sqq == 0, np.float32(1), sqq)
     s0 = np.where(sqq == 0, 0, sxq / safe).astype(np.float32)
@@ -417,39 +424,57 @@ def fit_blocks(
     codes for the fitted scale and a refit (neither step raises the error). The scale is float (a format that
     stores it coarser quantizes it and refits, e.g. `fit_super_blocks`); the codes are the nearest for it."""
     x = np.asarray(x, np.float32)
+    s, low = _fit_scales(x, bits, symmetric, weights)
+    lo, hi = _code_range(bits, symmetric)
+    return _codes_for(x, s, low, lo, hi), s, low
+
+
+def _code_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+
+
+def _fit_scales(
+    x: np.ndarray, bits: int, symmetric: bool, weights: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The scales and offsets of `fit_blocks` (callers that round the codes against stored scales of their own
+    need no codes for the float ones)."""
+    x = np.asarray(x, np.float32)
     w = None if weights is None else np.asarray(weights, np.float32)
     mo = _Moments.of(x, w)
+    lo, hi = _code_range(bits, symmetric)
     if symmetric:
-        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
         idx = np.abs(x).argmax(-1)[..., None]
         m = np.take_along_axis(x, idx, -1)[..., 0]
         span, base, shifted = np.where(m == 0, np.float32(1), m), np.float32(lo), x
     else:
-        lo, hi = 0, 2**bits - 1
         start = np.minimum(x.min(-1), 0).astype(np.float32)
         width = x.max(-1) - start
         span, base, shifted = np.where(width == 0, np.float32(1), width), np.float32(hi), x - start[..., None]
     q = np.empty_like(x)
+    qw = None if w is None else np.empty_like(x)
     best: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     for t in FIT_STEPS:
         inv = (base - np.float32(t) if symmetric else base + np.float32(t)) / span
         np.multiply(shifted, inv[..., None], out=q)
         np.rint(q, out=q)
         np.clip(q, lo, hi, out=q)
-        fit = _ls(mo, q, not symmetric)
+        fit = _ls(mo, q, not symmetric, qw)
         if best is None:
             best = fit
             continue
-        better = fit[2] < best[2]
-        best = tuple(np.where(better, a, b) for a, b in zip(fit, best))  # type: ignore[assignment]
+        _keep_better(best, fit)
     assert best is not None
     for _ in range(FIT_ITERATIONS):
         q = _codes_for(x, best[0], best[1], lo, hi)
-        fit = _ls(mo, q, not symmetric)
-        better = fit[2] < best[2]
-        best = tuple(np.where(better, a, b) for a, b in zip(fit, best))  # type: ignore[assignment]
-    s, low, _ = best
-    return _codes_for(x, s, low, lo, hi), s, low
+        _keep_better(best, _ls(mo, q, not symmetric, qw))
+    return best[0], best[1]
+
+
+def _keep_better(best: tuple[np.ndarray, ...], fit: tuple[np.ndarray, ...]) -> None:
+    """`best[i] = where(fit's error < best's, fit[i], best[i])` in place (the error last)."""
+    better = fit[-1] < best[-1]
+    for a, b in zip(fit, best):
+        np.copyto(b, a, where=better)
 
 
 def _fit(
@@ -459,7 +484,7 @@ def _fit(
     scales in fp16 or wider, so the stored scale is the one the codes are rounded against), asymmetric blocks
     their offset rounded to an integer zero point, then the scale refitted to the codes and the codes rounded
     again against it (kept where that lowers the error)."""
-    q, s, low = fit_blocks(blocks, bits, symmetric, weights)
+    s, low = _fit_scales(blocks, bits, symmetric, weights)
     if symmetric:
         half = 2 ** (bits - 1)
         s = _f16(s)
@@ -521,7 +546,10 @@ def fit_super_blocks(
     (and min) codes either side of its float fit, its codes rounded against the values the file holds, and
     keeps the pair of least weighted error; `d` (and `dmin`) are refitted by least squares to those codes and
     rounded to fp16. The error is always measured on what the file holds, so the stored scale codes are the
-    ones the search assumed; the best round per super-block is kept."""
+    ones the search assumed; the best round per super-block is kept.
+
+    Every temporary the size of `x` is computed in place (the arithmetic, and so every value, is that of the
+    plain expressions in the comments): the K-quant export of a 1.2B model spends most of its time here."""
     x = np.asarray(x, np.float32)
     lead = x.shape[:-1]
     nsub = x.shape[-1] // sub
@@ -531,21 +559,29 @@ def fit_super_blocks(
         if weights is None
         else np.broadcast_to(np.asarray(weights, np.float32), x.shape).reshape(xs.shape)
     )
-    _, s, low = fit_blocks(xs, bits, symmetric, ws)
+    s, low = _fit_scales(xs, bits, symmetric, ws)
+    lo, hi = _code_range(bits, symmetric)
     if symmetric:
-        lo, hi, c_lo, c_hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, -128, 127
+        c_lo, c_hi = -128, 127
         top = np.take_along_axis(s, np.abs(s).argmax(-1)[..., None], -1)[..., 0]
         d = _f16(top / np.float32(c_lo))
         dmin, m = None, None
     else:
-        lo, hi, c_lo, c_hi = 0, 2**bits - 1, 0, 63
+        c_lo, c_hi = 0, 63
         d = _f16(s.max(-1) / np.float32(c_hi))
         m = -low
         dmin = _f16(m.max(-1) / np.float32(c_hi))
+    room = np.empty_like(xs)
 
     def err_of(q: np.ndarray, step: np.ndarray, off: np.ndarray) -> np.ndarray:
-        r = step[..., None] * q - off[..., None] - xs
-        return _wsum(r * r, ws)
+        # _wsum(r * r, ws) of r = step * q - off - xs
+        np.multiply(step[..., None], q, out=room)
+        np.subtract(room, off[..., None], out=room)
+        np.subtract(room, xs, out=room)
+        np.square(room, out=room)
+        if ws is not None:
+            np.multiply(room, ws, out=room)
+        return room.sum(-1)
 
     def neighbours(target: np.ndarray, unit: np.ndarray) -> list[np.ndarray]:
         safe = np.where(unit == 0, np.float32(1), unit)[..., None]
@@ -554,7 +590,8 @@ def fit_super_blocks(
 
     best: SuperBlocks | None = None
     best_err: np.ndarray | None = None
-    for _ in range(max(1, rounds)):
+    rounds = max(1, rounds)
+    for n_round in range(rounds):
         pick_err = pick_sc = pick_mc = pick_q = None
         mins = neighbours(m, dmin) if m is not None else [None]
         for sc in neighbours(s, d):
@@ -570,11 +607,11 @@ def fit_super_blocks(
                 pick_err = np.where(b, e, pick_err)
                 pick_sc = np.where(b, sc, pick_sc)
                 pick_mc = None if mc is None else np.where(b, mc, pick_mc)
-                pick_q = np.where(b[..., None], q, pick_q)
-        cand = SuperBlocks(d, dmin, pick_sc, pick_mc, pick_q)
+                np.copyto(pick_q, q, where=b[..., None])
+        assert pick_err is not None and pick_sc is not None and pick_q is not None
         total = pick_err.sum(-1)
         if best is None:
-            best, best_err = cand, total
+            best, best_err = SuperBlocks(d, dmin, pick_sc, pick_mc, pick_q), total
         else:
             b = total < best_err
             best = SuperBlocks(
@@ -582,28 +619,55 @@ def fit_super_blocks(
                 None if dmin is None else np.where(b, dmin, best.dmin),
                 np.where(b[..., None], pick_sc, best.sc),
                 None if pick_mc is None else np.where(b[..., None], pick_mc, best.mc),
-                np.where(b[..., None, None], pick_q, best.q),
+                best.q,
             )
+            np.copyto(best.q, pick_q, where=b[..., None, None])
             best_err = np.where(b, total, best_err)
-        # refit d (and dmin) to these codes over the super-block
-        a = (pick_sc[..., None] * pick_q).reshape(*lead, -1)
-        xf = x
-        wf = None if ws is None else ws.reshape(*lead, -1)
-        saa, sxa = _wsum(a * a, wf), _wsum(xf * a, wf)
-        if pick_mc is None:
-            d = _f16(np.where(saa == 0, d, sxa / np.where(saa == 0, 1, saa)))
-            continue
-        bm = np.repeat(pick_mc, sub, -1)
-        sab, sbb, sxb = _wsum(a * bm, wf), _wsum(bm * bm, wf), _wsum(xf * bm, wf)
-        det = saa * sbb - sab * sab
-        ok = det > 1e-12 * np.maximum(saa * sbb, 1e-30)
-        sd = np.where(ok, det, 1)
-        nd = (sxa * sbb - sxb * sab) / sd
-        nm = (sxa * sab - sxb * saa) / sd
-        ok &= (nd >= 0) & (nm >= 0)
-        d, dmin = _f16(np.where(ok, nd, d)), _f16(np.where(ok, nm, dmin))
+        if n_round == rounds - 1:
+            break  # no round left to use a refit
+        d, dmin = _refit_super(x, lead, sub, ws, pick_sc, pick_mc, pick_q, d, dmin, room)
     assert best is not None
     return best
+
+
+def _refit_super(
+    x: np.ndarray,
+    lead: tuple[int, ...],
+    sub: int,
+    ws: np.ndarray | None,
+    sc: np.ndarray,
+    mc: np.ndarray | None,
+    q: np.ndarray,
+    d: np.ndarray,
+    dmin: np.ndarray | None,
+    room: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """`fit_super_blocks`' least-squares refit of `d` (and `dmin`) over each super-block to the codes `q` and
+    scale codes `sc` (min codes `mc`), rounded to fp16; `room`: a scratch array the size of `x`."""
+    a = np.multiply(sc[..., None], q).reshape(*lead, -1)  # sc * q
+    wf = None if ws is None else ws.reshape(*lead, -1)
+    t = room.reshape(*lead, -1)
+
+    def wsum(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        # _wsum(u * v, wf)
+        np.multiply(u, v, out=t)
+        if wf is not None:
+            np.multiply(t, wf, out=t)
+        return t.sum(-1)
+
+    saa, sxa = wsum(a, a), wsum(x, a)
+    if mc is None:
+        return _f16(np.where(saa == 0, d, sxa / np.where(saa == 0, 1, saa))), None
+    assert dmin is not None
+    bm = np.repeat(mc, sub, -1)
+    sab, sbb, sxb = wsum(a, bm), wsum(bm, bm), wsum(x, bm)
+    det = saa * sbb - sab * sab
+    ok = det > 1e-12 * np.maximum(saa * sbb, 1e-30)
+    sd = np.where(ok, det, 1)
+    nd = (sxa * sbb - sxb * sab) / sd
+    nm = (sxa * sab - sxb * saa) / sd
+    ok &= (nd >= 0) & (nm >= 0)
+    return _f16(np.where(ok, nd, d)), _f16(np.where(ok, nm, dmin))
 
 
 # ---- torch simulation ------------------------------------------------------------------------------------------
