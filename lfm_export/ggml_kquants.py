@@ -39,7 +39,6 @@ from lfm_export.contract.session import DEFAULT_THREADS
 from lfm_export.quant import (
     MSE_CHUNK_ELEMENTS,
     MSE_GRIDS,
-    SuperBlocks,
     fit_super_blocks,
     quantize_block,
     run_chunks,
@@ -88,33 +87,38 @@ def magnitude_weights(x: np.ndarray) -> np.ndarray:
     return np.sqrt(sigma2 + x * x)
 
 
-def _super_blocks(
-    w: np.ndarray, bits: int, symmetric: bool, sub: int, importance: np.ndarray | None, threads: int
-) -> SuperBlocks:
-    """`fit_super_blocks` over the rows of `w [N, K]` in chunks (on `threads` threads): `[N, K / 256, ...]`;
-    Q6_K (`sub` 16) weighs the error by `magnitude_weights` (times `importance`)."""
+def _fitted(w: np.ndarray, kind: KType, importance: np.ndarray | None, threads: int) -> np.ndarray:
+    """The bytes `[N, K / 256 * block_bytes]` of `w [N, K]` at K-quant `kind`, scales by `fit_super_blocks`
+    (Q6_K: symmetric 6-bit sub-blocks of 16, the error weighed by `magnitude_weights` times `importance`;
+    Q4_K / Q5_K: asymmetric sub-blocks of 32, weighed by `importance`). Row chunks are fitted and laid out on
+    `threads` threads, each into its rows of the result (rows are independent: the bytes do not depend on the
+    chunking or the thread count)."""
     n, k = w.shape
     nb = k // QK_K
     imp = None if importance is None else np.asarray(importance, np.float32).reshape(nb, QK_K)
+    out = np.empty((n, nb * kind.block_bytes), np.uint8)
     step = max(1, MSE_CHUNK_ELEMENTS // k)
-    parts: dict[int, SuperBlocks] = {}
 
     def work(r0: int) -> None:
         x = np.asarray(w[r0 : r0 + step], np.float32).reshape(-1, nb, QK_K)
-        weights = imp
-        if sub == 16:
+        rows = x.shape[0]
+        if kind is Q6_K:
             weights = magnitude_weights(x) if imp is None else magnitude_weights(x) * imp
-        parts[r0] = fit_super_blocks(x, bits, symmetric, sub, weights)
+            fit = fit_super_blocks(x, 6, True, 16, weights)
+            q = (fit.q.astype(np.int16) + 32).astype(np.uint8).reshape(rows, nb, 2, 4, 32)
+            out[r0 : r0 + rows] = _layout_q6_k(
+                fit.d[..., None].astype(np.float16), fit.sc.astype(np.int16), q
+            )
+            return
+        fit = fit_super_blocks(x, 5 if kind is Q5_K else 4, False, 32, imp)
+        assert fit.dmin is not None and fit.mc is not None
+        d16, m16 = fit.d[..., None].astype(np.float16), fit.dmin[..., None].astype(np.float16)
+        head = _head_k_asym(d16, m16, fit.sc.astype(np.uint8), fit.mc.astype(np.uint8))
+        q = fit.q.astype(np.uint8).reshape(rows, nb, 4, 2, 32)
+        out[r0 : r0 + rows] = (_layout_q5_k if kind is Q5_K else _layout_q4_k)(head, q)
 
-    starts = range(0, n, step)
-    run_chunks(work, starts, threads)
-    chunks = [parts[r0] for r0 in starts]
-
-    def cat(field: str) -> np.ndarray | None:
-        got = [getattr(c, field) for c in chunks]
-        return None if got[0] is None else np.concatenate(got)
-
-    return SuperBlocks(cat("d"), cat("dmin"), cat("sc"), cat("mc"), cat("q"))  # type: ignore[arg-type]
+    run_chunks(work, range(0, n, step), threads)
+    return out
 
 
 def _f16(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -130,30 +134,10 @@ def _codes(num: np.ndarray, step: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return np.where(step == 0, 0, q).astype(np.int16)
 
 
-def pack_q6_k(
-    w: np.ndarray,
-    rounding: str = "nearest",
-    threads: int = DEFAULT_THREADS,
-    importance: np.ndarray | None = None,
-) -> np.ndarray:
-    """`w [N, K]` (K a multiple of 256) as Q6_K bytes `[N, K / 256 * 210]`."""
-    n, k = w.shape
-    nb = k // QK_K
-    if rounding in FITTED:
-        fit = _super_blocks(w, 6, True, 16, importance, threads)
-        d16, sc = fit.d[..., None].astype(np.float16), fit.sc.astype(np.int16)
-        q = (fit.q.astype(np.int16) + 32).astype(np.uint8).reshape(n, nb, 2, 4, 32)
-    else:
-        core = quantize_block(w, 6, 16, True, _rounding(6, rounding), threads)
-        s = core.scales.reshape(n, nb, 16)  # signed: the extreme maps to -32
-        pick = np.abs(s).argmax(-1)[..., None]
-        top = np.take_along_axis(s, pick, -1)  # the sub-scale of largest magnitude, with its sign
-        d16, d = _f16(top / np.float32(-128))
-        sc = _codes(s, np.broadcast_to(d, s.shape), -128, 127)
-        step = d * sc.astype(np.float32)  # [n, nb, 16]
-        x = w.astype(np.float32).reshape(n, nb, 16, 16)
-        q = (_codes(x, step[..., None], -32, 31) + 32).astype(np.uint8).reshape(n, nb, 2, 4, 32)
-    # q[..., half, quarter, l] is value 128 * half + 32 * quarter + l
+def _layout_q6_k(d16: np.ndarray, sc: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Q6_K bytes `[N, nb * 210]` of fp16 `d` `[N, nb, 1]`, scale codes `sc` `[N, nb, 16]` and unsigned codes `q`
+    `[N, nb, 2, 4, 32]` (`q[..., half, quarter, l]` is value `128 * half + 32 * quarter + l`)."""
+    n, nb = sc.shape[:2]
     ql = np.concatenate(
         [q[..., 0, :] & 0xF | (q[..., 2, :] & 0xF) << 4, q[..., 1, :] & 0xF | (q[..., 3, :] & 0xF) << 4], -1
     )  # [n, nb, 2, 64]
@@ -167,32 +151,33 @@ def pack_q6_k(
     return np.concatenate(parts, -1).reshape(n, -1)
 
 
-def _pack_k_asym(
-    w: np.ndarray, bits: int, rounding: str, threads: int, importance: np.ndarray | None = None
-) -> list[np.ndarray]:
-    """Q4_K / Q5_K (`bits` 4 / 5) per super-block: fp16 `d`, fp16 `dmin`, the 12 scale bytes, and the codes
-    `[N, nb, 4, 2, 32]` (chunk of 64, half, value)."""
+def pack_q6_k(
+    w: np.ndarray,
+    rounding: str = "nearest",
+    threads: int = DEFAULT_THREADS,
+    importance: np.ndarray | None = None,
+) -> np.ndarray:
+    """`w [N, K]` (K a multiple of 256) as Q6_K bytes `[N, K / 256 * 210]`."""
+    if rounding in FITTED:
+        return _fitted(w, Q6_K, importance, threads)
     n, k = w.shape
     nb = k // QK_K
-    if rounding in FITTED:
-        fit = _super_blocks(w, bits, False, 32, importance, threads)
-        assert fit.dmin is not None and fit.mc is not None
-        d16, m16 = fit.d[..., None].astype(np.float16), fit.dmin[..., None].astype(np.float16)
-        sc, mc = fit.sc.astype(np.uint8), fit.mc.astype(np.uint8)
-        q = fit.q.astype(np.uint8).reshape(n, nb, 4, 2, 32)
-    else:
-        core = quantize_block(w, bits, 32, False, _rounding(bits, rounding), threads)
-        s = core.scales.reshape(n, nb, 8)
-        mins = (core.scales * core.zero_points.astype(np.float32)).reshape(n, nb, 8)
-        d16, d = _f16(s.max(-1, keepdims=True) / np.float32(63))
-        m16, dmin = _f16(mins.max(-1, keepdims=True) / np.float32(63))
-        sc = _codes(s, np.broadcast_to(d, s.shape), 0, 63).astype(np.uint8)
-        mc = _codes(mins, np.broadcast_to(dmin, mins.shape), 0, 63).astype(np.uint8)
-        step = d * sc.astype(np.float32)
-        offset = dmin * mc.astype(np.float32)
-        x = w.astype(np.float32).reshape(n, nb, 8, 32)
-        top = 2**bits - 1
-        q = _codes(x + offset[..., None], step[..., None], 0, top).astype(np.uint8).reshape(n, nb, 4, 2, 32)
+    core = quantize_block(w, 6, 16, True, _rounding(6, rounding), threads)
+    s = core.scales.reshape(n, nb, 16)  # signed: the extreme maps to -32
+    pick = np.abs(s).argmax(-1)[..., None]
+    top = np.take_along_axis(s, pick, -1)  # the sub-scale of largest magnitude, with its sign
+    d16, d = _f16(top / np.float32(-128))
+    sc = _codes(s, np.broadcast_to(d, s.shape), -128, 127)
+    step = d * sc.astype(np.float32)  # [n, nb, 16]
+    x = w.astype(np.float32).reshape(n, nb, 16, 16)
+    q = (_codes(x, step[..., None], -32, 31) + 32).astype(np.uint8).reshape(n, nb, 2, 4, 32)
+    return _layout_q6_k(d16, sc, q)
+
+
+def _head_k_asym(d16: np.ndarray, m16: np.ndarray, sc: np.ndarray, mc: np.ndarray) -> list[np.ndarray]:
+    """The first 16 bytes of Q4_K / Q5_K super-blocks: fp16 `d`, fp16 `dmin` (`[N, nb, 1]`) and the 12 bytes of
+    6-bit scale and min codes (`sc`, `mc` `[N, nb, 8]`, uint8)."""
+    n, nb = sc.shape[:2]
     scales = np.concatenate(
         [
             sc[..., :4] | (sc[..., 4:] >> 4) << 6,
@@ -201,7 +186,45 @@ def _pack_k_asym(
         ],
         -1,
     )
-    return [d16.view(np.uint8).reshape(n, nb, 2), m16.view(np.uint8).reshape(n, nb, 2), scales, q]
+    return [d16.view(np.uint8).reshape(n, nb, 2), m16.view(np.uint8).reshape(n, nb, 2), scales]
+
+
+def _layout_q4_k(head: list[np.ndarray], q: np.ndarray) -> np.ndarray:
+    """Q4_K bytes of `_head_k_asym`'s bytes and the codes `[N, nb, 4, 2, 32]` (chunk of 64, half, value)."""
+    n = q.shape[0]
+    qs = (q[..., 0, :] | q[..., 1, :] << 4).reshape(n, -1, 128)
+    return np.concatenate([*head, qs], -1).reshape(n, -1)
+
+
+def _layout_q5_k(head: list[np.ndarray], q: np.ndarray) -> np.ndarray:
+    """Q5_K bytes of `_head_k_asym`'s bytes and the 5-bit codes `[N, nb, 4, 2, 32]`."""
+    n = q.shape[0]
+    qs = ((q[..., 0, :] & 0xF) | (q[..., 1, :] & 0xF) << 4).reshape(n, -1, 128)
+    shifts = (2 * np.arange(4, dtype=np.uint8))[:, None]  # chunk c: bits 2c, 2c + 1
+    high = ((q[..., 0, :] >> 4) << shifts) | ((q[..., 1, :] >> 4) << (shifts + 1))  # [n, nb, 4, 32]
+    qh = np.bitwise_or.reduce(high, axis=-2).astype(np.uint8)
+    return np.concatenate([*head, qh, qs], -1).reshape(n, -1)
+
+
+def _pack_k_asym(w: np.ndarray, bits: int, rounding: str, threads: int) -> np.ndarray:
+    """Q4_K / Q5_K (`bits` 4 / 5) bytes of `w [N, K]` by the core's asymmetric blocks of 32 (not fitted)."""
+    n, k = w.shape
+    nb = k // QK_K
+    core = quantize_block(w, bits, 32, False, _rounding(bits, rounding), threads)
+    assert core.zero_points is not None
+    s = core.scales.reshape(n, nb, 8)
+    mins = (core.scales * core.zero_points.astype(np.float32)).reshape(n, nb, 8)
+    d16, d = _f16(s.max(-1, keepdims=True) / np.float32(63))
+    m16, dmin = _f16(mins.max(-1, keepdims=True) / np.float32(63))
+    sc = _codes(s, np.broadcast_to(d, s.shape), 0, 63).astype(np.uint8)
+    mc = _codes(mins, np.broadcast_to(dmin, mins.shape), 0, 63).astype(np.uint8)
+    step = d * sc.astype(np.float32)
+    offset = dmin * mc.astype(np.float32)
+    x = w.astype(np.float32).reshape(n, nb, 8, 32)
+    top = 2**bits - 1
+    q = _codes(x + offset[..., None], step[..., None], 0, top).astype(np.uint8).reshape(n, nb, 4, 2, 32)
+    head = _head_k_asym(d16, m16, sc, mc)
+    return (_layout_q5_k if bits == 5 else _layout_q4_k)(head, q)
 
 
 def pack_q4_k(
@@ -211,10 +234,9 @@ def pack_q4_k(
     importance: np.ndarray | None = None,
 ) -> np.ndarray:
     """`w [N, K]` (K a multiple of 256) as Q4_K bytes `[N, K / 256 * 144]`."""
-    n = w.shape[0]
-    *head, q = _pack_k_asym(w, 4, rounding, threads, importance)
-    qs = (q[..., 0, :] | q[..., 1, :] << 4).reshape(n, -1, 128)
-    return np.concatenate([*head, qs], -1).reshape(n, -1)
+    if rounding in FITTED:
+        return _fitted(w, Q4_K, importance, threads)
+    return _pack_k_asym(w, 4, rounding, threads)
 
 
 def pack_q5_k(
@@ -224,13 +246,9 @@ def pack_q5_k(
     importance: np.ndarray | None = None,
 ) -> np.ndarray:
     """`w [N, K]` (K a multiple of 256) as Q5_K bytes `[N, K / 256 * 176]`."""
-    n = w.shape[0]
-    *head, q = _pack_k_asym(w, 5, rounding, threads, importance)
-    qs = ((q[..., 0, :] & 0xF) | (q[..., 1, :] & 0xF) << 4).reshape(n, -1, 128)
-    shifts = (2 * np.arange(4, dtype=np.uint8))[:, None]  # chunk c: bits 2c, 2c + 1
-    high = ((q[..., 0, :] >> 4) << shifts) | ((q[..., 1, :] >> 4) << (shifts + 1))  # [n, nb, 4, 32]
-    qh = np.bitwise_or.reduce(high, axis=-2).astype(np.uint8)
-    return np.concatenate([*head, qh, qs], -1).reshape(n, -1)
+    if rounding in FITTED:
+        return _fitted(w, Q5_K, importance, threads)
+    return _pack_k_asym(w, 5, rounding, threads)
 
 
 def pack_q5_0(

@@ -18,14 +18,16 @@ Facts from llama.cpp's sources (`src/models/lfm2.cpp`, `lfm2moe.cpp`, `gguf-py/g
   it), and a model with `norm_topk_prob` false is refused.
 
 Tensors are streamed: the header lists every tensor's name, type and byte size from the shapes alone, then each
-tensor is produced from the lazy weights, quantized, written and dropped, so peak memory is about one tensor
-(one layer's stacked experts) beyond the writer's buffers. The core quantizer makes every code (`ggml_blocks`).
+tensor is produced from the lazy weights, quantized, written and dropped, so peak memory is about two tensors
+(two layers' stacked experts) beyond the writer's buffers: the next tensor is read (a checkpoint's, converted to
+float32) or generated (`random:`) on a thread of its own while this one is quantized. The core quantizer makes every code (`ggml_blocks`).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -306,8 +308,20 @@ def export_gguf(
         writer.write_header_to_file(path)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for p in planned:
-            writer.write_tensor_data(produce(p, get, recipe, scale_down, threads))
+        with ThreadPoolExecutor(1) as reader:
+            ahead: dict[str, Future[Any]] = {}
+
+            def fetch(p: Planned) -> None:
+                for name in p.sources:
+                    ahead[name] = reader.submit(get, name)
+
+            fetch(planned[0])
+            for i, p in enumerate(planned):
+                if i + 1 < len(planned):
+                    fetch(planned[i + 1])  # read (or generate) the next tensor while this one is quantized
+                writer.write_tensor_data(
+                    produce(p, lambda n: ahead.pop(n).result(), recipe, scale_down, threads)
+                )
         writer.close()
     signature = build_signature(cfg, STATEFUL, context)
     types: dict[str, int] = {}
