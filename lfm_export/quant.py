@@ -60,6 +60,10 @@ or per role (`{"linears": ..., "experts": ...}`, `ROLES`) where a runtime treats
   against the same model run in fp16 by torch, which flips elsewhere itself).
 - `ACT_GGML_Q8_0`: llama.cpp's CPU kernels quantize the input of a Q8_0 / Q4_0 matmul to Q8_0 blocks (32 values,
   codes `rint(a * (127 / amax))`, scale `amax / 127` stored as fp16): `fake_quant_q8_0`.
+- `ACT_BF16`: llama.cpp's CPU rounds the input of a BF16 matmul to bf16 (ggml-cpu's type traits: `vec_dot_type`
+  of `GGML_TYPE_BF16` is BF16, converted by `ggml_cpu_fp32_to_bf16`, round to nearest even), every linear but
+  the MoE router (F32 in a GGUF file), as `ACT_FP16` does for fp16: `x.bfloat16()` (torch rounds to nearest
+  even too). The products of two bf16 values are exact in float32, so only the summation order differs.
 - `ACT_GGML_K`: the input of a K-quant matmul (Q4_K / Q5_K / Q6_K, rows a multiple of 256) goes to Q8_K blocks
   (`fake_quant_q8_k`); the 32-value types a K-quant mix falls back to where a row is not a multiple of 256
   (Q5_0, Q8_0) take Q8_0 blocks. A K-quant mix holds a linear as a K-quant exactly when its row is a
@@ -83,6 +87,7 @@ from lfm_export import calibrated
 from lfm_export.contract.session import DEFAULT_THREADS
 from lfm_export.precision import ROUTER, block_as, held_as, rule_for
 from lfm_export.recipes import (
+    ACT_BF16,
     ACT_FLOAT,
     ACT_FP16,
     ACT_FP16_ROUTED,
@@ -869,6 +874,8 @@ class SimulatedLinear(nn.Linear):
             x = fake_quant_ggml_k(x)
         elif self.activations in (ACT_FP16, ACT_FP16_ROUTED):
             x = x.half().float()
+        elif self.activations == ACT_BF16:
+            x = x.bfloat16().float()
         return super().forward(x)
 
 
@@ -963,8 +970,8 @@ def simulate(
             weight = replaced(mod.weight, bits, f"{name}.weight")
             mode = modes["experts" if ".experts." in name else "linears"]
             router = rule_for(f"{name}.weight") is ROUTER  # computes in float32 whatever the recipe
-            fp16_input = mode in (ACT_FP16, ACT_FP16_ROUTED) and not router  # float recipes too
-            if bits is None and not fp16_input:
+            half_input = mode in (ACT_FP16, ACT_FP16_ROUTED, ACT_BF16) and not router  # float recipes too
+            if bits is None and not half_input:
                 mod.weight = nn.Parameter(weight, requires_grad=False)
                 continue
             parent, _, child = local.rpartition(".")

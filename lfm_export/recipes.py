@@ -56,6 +56,7 @@ ACT_FP16 = "fp16"
 ACT_FP16_ROUTED = "fp16-routed"
 ACT_GGML_Q8_0 = "ggml-q8_0"
 ACT_GGML_K = "ggml-k"
+ACT_BF16 = "bf16"
 ACTIVATION_MODES = (
     ACT_FLOAT,
     ACT_INT8_BLOCK,
@@ -64,6 +65,7 @@ ACTIVATION_MODES = (
     ACT_FP16_ROUTED,
     ACT_GGML_Q8_0,
     ACT_GGML_K,
+    ACT_BF16,
 )
 """How a runtime rounds the inputs of the quantized linears; `lfm_export.quant` says exactly how and simulates
 each. `float`: none; `int8-block`: onnxruntime MatMulNBits at accuracy_level 4 (symmetric int8 per block of the
@@ -71,7 +73,9 @@ weight's block size along K); `int8-token`: dynamic per-token asymmetric int8 (t
 what the recipe's `-a8` means); `fp16`: the runtime computes in fp16 (Core ML), the simulation rounds the
 linears' inputs to fp16 and the parity gate is the `-fp16` one; `fp16-routed`: the same for a model with MoE
 routing, whose gate (`-fp16-moe`) judges apart the positions where fp16 rounding can choose another expert; `ggml-q8_0`:
-llama.cpp's CPU kernels (symmetric int8 per block of 32 with an fp16 scale, the input of Q8_0 / Q4_0 matmuls)."""
+llama.cpp's CPU kernels (symmetric int8 per block of 32 with an fp16 scale, the input of Q8_0 / Q4_0 matmuls);
+`ggml-k`: the same with Q8_K blocks into K-quant matmuls; `bf16`: llama.cpp's CPU rounds the input of a BF16
+matmul to bf16 (every linear but the MoE router, which it holds in F32), the gate is the `-bf16` one."""
 ACT_NATIVE = "native"
 """`lfm_export.quant.simulate`'s mode for float recipes computed in their own type (fp16 / bf16 matmuls and
 residual stream; the canonical model's norm statistics, softmax, rotary tables and MoE routing stay fp32, as it

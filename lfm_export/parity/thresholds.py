@@ -355,6 +355,19 @@ def _native_gate(name: str, median: float, kl_mean: float, note: str) -> Gate:
     )
 
 
+BF16_COMPUTE = "-bf16"
+"""Suffix of the exactness gate where the runtime rounds every linear's input to bf16 (activation mode `bf16`:
+llama.cpp's CPU with BF16 weights)."""
+GATES["bf16" + BF16_COMPUTE] = _exact_gate(
+    "bf16" + BF16_COMPUTE,
+    logit_max_rel=5e-3,
+    kl_max=2e-4,
+    top1_decisive=0.99,
+    state_max_rel=2e-2,
+    rounding=ROUNDING_FACTOR,
+    note="bf16 weights, every linear's input rounded to bf16 (llama.cpp's CPU) against the simulation with the "
+    "same rounding; limits widen to 2x what the bf16 input rounding does",
+)
 GATES["fp16-native"] = _native_gate(
     "fp16-native",
     1.5e-3,
@@ -407,6 +420,8 @@ def gate_for(recipe: str, activations: str | dict[str, str] = "float") -> Gate:
         return GATES[family + FP16_COMPUTE + "-moe"]
     if family in ("int4", "int8") and (modes != {"float"} or named_a8):
         family += INT8_ACTIVATIONS
+    if family == "bf16" and modes == {BF16_COMPUTE.lstrip("-")}:
+        return GATES[family + BF16_COMPUTE]
     if modes == {NATIVE.lstrip("-")} and family in ("fp16", "bf16"):
         family += NATIVE
     if family not in GATES:
@@ -427,7 +442,11 @@ def _family(recipe: str) -> str:
     """`fp32`, `fp16`, `int8` or `int4` for a recipe name: the core recipe's gate family (aliases such as
     `8da4w` included), else the longest gate name the recipe starts with (a backend's own name)."""
     key = recipe.strip().lower()
-    bases = [name for name in GATES if INT8_ACTIVATIONS not in name and FP16_COMPUTE not in name]
+    bases = [
+        name
+        for name in GATES
+        if INT8_ACTIVATIONS not in name and FP16_COMPUTE not in name and BF16_COMPUTE not in name
+    ]
     bases += list(NATIVE_ONLY)
     core = _core_recipe(key)
     if core is not None:

@@ -41,7 +41,7 @@ from lfm_export.contract.signature import STATEFUL
 from lfm_export.ggml_blocks import BLOCK_TYPES
 from lfm_export.ggml_blocks import quantize as ggml_quantize
 from lfm_export.loading import LoadedModel
-from lfm_export.precision import FLOAT, ggml_mix_type, held_as, rule_for
+from lfm_export.precision import FLOAT, ROUTER, ggml_mix_type, held_as, rule_for
 from lfm_export.progress import Progress
 from lfm_export.recipes import ACT_FP16, ACT_FP16_ROUTED
 from lfm_export.signature import build_signature
@@ -50,8 +50,9 @@ from .recipes import MIX_FILE_TYPES, GgufRecipe, ggml_type, importance_for
 from .vocab import read_vocab, write_vocab
 
 MODEL_FILE = "model.gguf"
-FILE_TYPES = {"fp32": 0, "fp16": 1, "int4": 2, "int8": 7}
-"""`general.file_type` (llama.cpp's `LLAMA_FTYPE_ALL_F32`, `MOSTLY_F16`, `MOSTLY_Q4_0`, `MOSTLY_Q8_0`)."""
+FILE_TYPES = {"fp32": 0, "fp16": 1, "int4": 2, "int8": 7, "bf16": 32}
+"""`general.file_type` (llama.cpp's `LLAMA_FTYPE_ALL_F32`, `MOSTLY_F16`, `MOSTLY_Q4_0`, `MOSTLY_Q8_0`,
+`MOSTLY_BF16`)."""
 QUANTIZATION_VERSION = 2
 
 _LAYER = {
@@ -169,7 +170,7 @@ def nbytes(p: Planned) -> int:
     n = int(np.prod(p.shape))
     if p.ggml == "F32":
         return 4 * n
-    if p.ggml == "F16":
+    if p.ggml in ("F16", "BF16"):
         return 2 * n
     kind = block_type(p.ggml)
     return n // kind.block * kind.block_bytes
@@ -201,10 +202,31 @@ def produce(
             w = ggml_quantize(w, BLOCK_TYPES[p.ggml].bits, rounding, threads, imp)
         elif p.ggml == "F16":
             w = w.astype(np.float16)
+        elif p.ggml == "BF16":
+            w = _bf16_bytes(w)
+        elif recipe.recipe.dtype == "bf16" and rule_for(name) is ROUTER:
+            w = _bf16_values(w)
         else:
             w = np.ascontiguousarray(w, dtype=np.float32)
         rows.append(w)
     return rows[0] if len(rows) == 1 else np.stack(rows)
+
+
+def _bf16_bytes(w: np.ndarray) -> np.ndarray:
+    """`w` as BF16 bytes `[..., 2 * K]` (the `gguf` package's conversion: round to nearest even, as ggml's)."""
+    import gguf
+
+    return gguf.quants.quantize(np.ascontiguousarray(w, np.float32), gguf.GGMLQuantizationType.BF16)
+
+
+def _bf16_values(w: np.ndarray) -> np.ndarray:
+    """`w` rounded to bf16, as float32: the MoE router of a bf16 file, which llama.cpp holds in F32. The
+    simulation of a float recipe holds every linear's weight at the recipe's type (`lfm_export.quant.simulate`),
+    so the file holds the router's bf16 values in F32 (its input is not rounded: llama.cpp's F32 matmul)."""
+    import gguf
+
+    kind = gguf.GGMLQuantizationType.BF16
+    return gguf.quants.dequantize(_bf16_bytes(w), kind).astype(np.float32)
 
 
 def tensor_info(p: Planned) -> tuple[tuple[int, ...], Any, Any]:
@@ -215,6 +237,8 @@ def tensor_info(p: Planned) -> tuple[tuple[int, ...], Any, Any]:
         return p.shape, np.dtype(np.float32), None
     if p.ggml == "F16":
         return p.shape, np.dtype(np.float16), None
+    if p.ggml == "BF16":
+        return (*p.shape[:-1], 2 * p.shape[-1]), np.dtype(np.uint8), gguf.GGMLQuantizationType.BF16
     kind = block_type(p.ggml)
     byte_shape = (*p.shape[:-1], p.shape[-1] // kind.block * kind.block_bytes)
     return byte_shape, np.dtype(np.uint8), gguf.GGMLQuantizationType[kind.name]

@@ -4,6 +4,7 @@
 |---|---|---|---|---|
 | `f32` / `fp32` | `fp32` | F32 | F32 | float32 |
 | `f16` / `fp16` | `fp16` | F16 | F16 | linears' inputs rounded to fp16 (`ACT_FP16`) |
+| `bf16` | `bf16` | BF16 | BF16 | linears' inputs rounded to bf16 (`ACT_BF16`); the router F32 holding bf16 values |
 | `q8_0` / `int8-b32` | `int8-b32` | Q8_0 | Q8_0 | inputs of Q8_0 matmuls rounded to Q8_0 blocks |
 | `q4_0` / `int4-b32` | `int4-b32` | Q4_0 | Q8_0 (the core's `head_bits` 8) | inputs rounded to Q8_0 blocks |
 | `q4_k_m` | `int4-b32-asym` | Q4_K; Q6_K for attn_v / ffn_down on use_more_bits layers | Q6_K | Q8_K blocks into K-quants, Q8_0 into the fallbacks |
@@ -22,8 +23,7 @@ the MoE router and expert bias are F32 in every recipe (`lfm_export.precision`).
 
 Refused before any work, each in one line: block sizes other than 32 and per-channel int8 (ggml's Q8_0 / Q4_0
 blocks hold 32 values), `-asym` (Q4_0 / Q8_0 have no zero point), `-a8` (llama.cpp rounds activations its own
-way, to Q8_0 blocks, whatever the recipe says), `bf16` (not yet: llama.cpp rounds a BF16 matmul's input to bf16,
-which no simulation mode here reproduces), and the `_s` mixes (not implemented).
+way, to Q8_0 blocks, whatever the recipe says), and the `_s` mixes (not implemented).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import numpy as np
 from lfm_export import calibrated
 from lfm_export.contract.errors import UnsupportedError
 from lfm_export.recipes import (
+    ACT_BF16,
     ACT_FLOAT,
     ACT_FP16,
     ACT_GGML_K,
@@ -45,9 +46,9 @@ from lfm_export.recipes import (
     parse_recipe,
 )
 
-GGML_NAMES = {"f32": "fp32", "f16": "fp16", "q8_0": "int8-b32", "q4_0": "int4-b32"}
+GGML_NAMES = {"f32": "fp32", "f16": "fp16", "bf16": "bf16", "q8_0": "int8-b32", "q4_0": "int4-b32"}
 """llama.cpp's type names (as `llama-quantize` spells them) and the core recipe each is."""
-NOT_YET = ("bf16", "q4_k_s", "q5_k_s", "q4_k", "q5_k")
+NOT_YET = ("q4_k_s", "q5_k_s", "q4_k", "q5_k")
 K_MIXES = {"q4_k_m": "int4-b32-asym", "q5_k_m": "int4-b32-asym", "q6_k": "int8-b32"}
 """llama.cpp's K-quant mixes and the core recipe each quantizes from (which tensors, the rounding)."""
 MIX_FILE_TYPES = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
@@ -66,7 +67,7 @@ its KV cache for the whole context at load time."""
 def ggml_type(recipe: Recipe, bits: int | None) -> str:
     """The GGUF type name of a weight held at `bits` (None: float) in an artifact of `recipe`."""
     if bits is None:
-        return {"fp32": "F32", "fp16": "F16"}[recipe.dtype]
+        return {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}[recipe.dtype]
     return {8: "Q8_0", 4: "Q4_0"}[bits]
 
 
@@ -83,11 +84,6 @@ class GgufRecipe:
             if self.mix not in K_MIXES or not r.quantized or r.activations != "float":
                 raise UnsupportedError(f"{self.mix}: not a GGUF K-quant mix over {name}")
             return
-        if r.dtype == "bf16":
-            raise UnsupportedError(
-                "bf16: not supported by the GGUF backend yet (llama.cpp rounds a BF16 matmul's input to bf16, "
-                "which no parity simulation here reproduces); use f16 or f32"
-            )
         if not r.quantized:
             return
         if r.dtype != "fp32":
@@ -125,12 +121,12 @@ class GgufRecipe:
     @property
     def activations(self) -> str:
         """What llama.cpp's CPU kernels do to the input of every linear that is not F32: fp16 rounding (F16
-        weights), Q8_0 blocks (Q8_0 / Q4_0 weights), none (F32)."""
+        weights), bf16 rounding (BF16), Q8_0 blocks (Q8_0 / Q4_0 weights), none (F32)."""
         if self.mix is not None:
             return ACT_GGML_K
         if self.recipe.quantized:
             return ACT_GGML_Q8_0
-        return ACT_FP16 if self.recipe.dtype == "fp16" else ACT_FLOAT
+        return {"fp16": ACT_FP16, "bf16": ACT_BF16}.get(self.recipe.dtype, ACT_FLOAT)
 
     @property
     def ggml_name(self) -> str:

@@ -173,6 +173,8 @@ def test_recipes_and_refusals() -> None:
     )
     assert make_recipe("int4-b32").name == "q4_0-nearest" and make_recipe("q4_0").name == "q4_0"
     assert make_recipe("f16").recipe.dtype == "fp16" and make_recipe("int4-b32").ggml_name == "q4_0"
+    bf16 = make_recipe("bf16")  # llama.cpp's CPU rounds a BF16 matmul's input to bf16
+    assert (bf16.name, bf16.ggml_name, bf16.activations) == ("bf16", "bf16", "bf16")
     k = make_recipe("q4_k_m-mse")
     assert (k.name, k.mix, k.recipe.rounding, k.activations) == ("q4_k_m-mse", "q4_k_m", "mse", "ggml-k")
     assert make_recipe("q6_k").name == "q6_k"
@@ -195,7 +197,6 @@ def test_recipes_and_refusals() -> None:
         ("int8-pc", "hold 32 values"),
         ("int4-b32-asym", "no zero point"),
         ("int4-b32-a8", "rounds the activations itself"),
-        ("bf16", "not supported by the GGUF backend yet"),
         ("q3_k", "unknown"),
     ]:
         with pytest.raises(UnsupportedError, match=why):
@@ -321,6 +322,37 @@ def test_k_quant_honest_passes_and_ffn_down_two_percent_off_fails(tmp_path: Path
     reader.data.flush()
     del reader
     result = check_artifact(broken, threads=1, progress=quiet, scenarios=QUICK)
+    assert not result.passed and not result.part_passed("exactness")
+
+
+def test_bf16_honest_passes_and_ffn_down_two_percent_off_fails(tmp_path: Path) -> None:
+    """`--quant bf16` on `tiny` through llama.cpp: BF16 linears and token table, F32 norms and conv, file type
+    MOSTLY_BF16; the honest file passes the `bf16-bf16` gate (the simulation with every linear's input rounded
+    to bf16, as llama.cpp's CPU does); the same file with `blk.0.ffn_down` x1.02 (rounded back to bf16 in
+    place) fails it (`benchmarks/gguf_bf16_gate.py`: 4.7x the rounding effect, the gate allows 2x)."""
+    from lfm_export.parity.thresholds import gate_for
+
+    folder = tmp_path / "tiny-bf16"
+    quiet = Progress(quiet=True)
+    export_artifact("gguf", "tiny", folder, make_recipe("bf16", CONTEXT), parity=False, progress=quiet)
+    reader = gguf.GGUFReader(folder / "model.gguf")
+    held = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert int(reader.fields["general.file_type"].parts[-1][0]) == 32
+    del reader
+    assert held["token_embd.weight"] == "BF16" and held["blk.0.shortconv.in_proj.weight"] == "BF16"
+    assert held["blk.0.shortconv.conv.weight"] == "F32" and held["token_embd_norm.weight"] == "F32"
+    honest = check_artifact(folder, threads=1, progress=quiet, scenarios=QUICK)
+    assert honest.passed, [c.describe() for c in honest.failures]
+    assert honest.gate.name == "bf16-bf16" == gate_for("bf16", "bf16").name
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    reader = gguf.GGUFReader(broken / "model.gguf", "r+")
+    data = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight").data
+    bf16 = gguf.GGMLQuantizationType.BF16
+    data[...] = gguf.quants.quantize(gguf.quants.dequantize(data, bf16) * np.float32(1.02), bf16)
+    reader.data.flush()
+    del reader
+    result = check_artifact(broken, threads=1, progress=quiet, scenarios=["prefill"])
     assert not result.passed and not result.part_passed("exactness")
 
 
