@@ -69,7 +69,7 @@ def cli_recipe(quant: str, max_seq_len: int | None) -> GgufRecipe:
 BACKEND = Backend(
     name="gguf",
     help="Export MODEL to GGUF (one model.gguf for llama.cpp: lfm2 / lfm2moe, tokenizer and chat template "
-    "inside; --quant f32, f16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k), then check parity through llama.cpp (llama-cpp-python).",
+    "inside; --quant f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k), then check parity through llama.cpp (llama-cpp-python).",
     recipe=cli_recipe,
     export=export,
     session="lfm_export.runtime.gguf:GgufSession",
