@@ -404,7 +404,10 @@ def _ls(
     s0 = np.where(sqq == 0, 0, sxq / safe).astype(np.float32)
     if not affine:
         return s0, np.zeros_like(s0), np.maximum(mo.sxx - s0 * sxq, 0)
-    sw, sx, sq = mo.sw, mo.sx, qw.sum(-1)
+    # unweighted, `sum(q)` sums integers far below 2^24: exact in any order, so a matrix-vector product (several
+    # times faster than numpy's reduction over a short axis) gives the very same value
+    sq = qw.sum(-1) if mo.w is not None else q @ np.ones(q.shape[-1], np.float32)
+    sw, sx = mo.sw, mo.sx
     det = sw * sqq - sq * sq
     ok = det > 1e-12 * np.maximum(sw * sqq, 1e-30)
     safe_det = np.where(ok, det, np.float32(1))
@@ -462,7 +465,7 @@ def _fit_scales(
         inv = (base - np.float32(t) if symmetric else base + np.float32(t)) / span
         np.multiply(shifted, inv[..., None], out=q)
         np.rint(q, out=q)
-        np.clip(q, lo, hi, out=q)
+        _clip_codes(q, t, symmetric, lo, hi)
         fit = _ls(mo, q, not symmetric, qw)
         if best is None:
             best = fit
@@ -473,6 +476,24 @@ def _fit_scales(
         q = _codes_for(x, best[0], best[1], lo, hi)
         _keep_better(best, _ls(mo, q, not symmetric, qw))
     return best[0], best[1]
+
+
+def _clip_codes(q: np.ndarray, t: float, symmetric: bool, lo: int, hi: int) -> None:
+    """`clip(q, lo, hi)` in place for the rounded codes of `FIT_STEPS` offset `t`, skipping the sides no code can
+    pass: `|x| <= |m|` (symmetric) and `0 <= x - start <= width` (asymmetric) bound the scaled values by `|lo - t|`
+    and `hi + t` (times 1 + 2^-23), so with `|t| <= 0.45` their rounding stays within the codes on that side
+    (symmetric: below, and above too where `t <= -0.55`, `|lo| - 1` being `hi`). The result is `clip`'s (a
+    code equal to -0.0 can stay -0.0, which changes no sum but an all-zero one, and those blocks' fits do not
+    read it)."""
+    if symmetric:
+        if t <= -0.55:
+            return
+        if t <= 0.45:
+            np.minimum(q, hi, out=q)
+            return
+    elif t <= 0.45:
+        return
+    np.clip(q, lo, hi, out=q)
 
 
 def _keep_better(best: tuple[np.ndarray, ...], fit: tuple[np.ndarray, ...]) -> None:
