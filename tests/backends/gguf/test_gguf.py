@@ -357,6 +357,22 @@ def test_bf16_honest_passes_and_ffn_down_two_percent_off_fails(tmp_path: Path) -
 
 
 @pytest.mark.slow
+def test_bf16_moe_passes_the_full_gate_with_the_router_f32(tmp_path: Path) -> None:
+    """`tiny-moe` at bf16 through llama.cpp, every scenario: the router is F32 as llama.cpp's converter writes it,
+    holding bf16 values (what the simulation of a bf16 recipe holds for every linear), and the file passes."""
+    folder = tmp_path / "tiny-moe-bf16"
+    outcome = export_artifact(
+        "gguf", "tiny-moe", folder, make_recipe("bf16", CONTEXT), threads=1, progress=Progress(quiet=True)
+    )
+    assert outcome.passed, outcome.manifest["parity"]
+    reader = gguf.GGUFReader(folder / "model.gguf")
+    router = next(t for t in reader.tensors if t.name == "blk.2.ffn_gate_inp.weight")
+    assert router.tensor_type.name == "F32"
+    values = np.asarray(router.data, dtype=np.float32)
+    assert np.array_equal(values.view(np.uint32) & 0xFFFF, np.zeros(values.shape, np.uint32))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("quant", ["q6_k", "q5_k_m", "q4_k_m-mse"])
 def test_k_quant_full_gate_through_llama_cpp(quant: str, tmp_path: Path) -> None:
     """The other K-quant recipes on the hidden-256 checkpoint pass the full gate (every scenario) through
