@@ -44,6 +44,8 @@ from lfm_export.quant import (
     quantize_block,
     run_chunks,
 )
+from lfm_export.ggml_blocks import on_block_grid
+from lfm_export.rounding import gptq_on_grid
 
 QK_K = 256
 """Values per K-quant super-block."""
@@ -65,9 +67,10 @@ Q5_0 = KType("Q5_0", 32, 22)
 K_TYPES = {t.name: t for t in (Q4_K, Q5_K, Q6_K, Q5_0)}
 
 
-FITTED = ("fit", "imat")
+FITTED = ("fit", "imat", "gptq")
 """Roundings whose K-quant scales come from `lfm_export.quant.fit_super_blocks` (`imat`: weighted by the
-calibrated importance the caller passes)."""
+calibrated importance the caller passes; `gptq`: the `imat` scales, then the codes chosen on them by
+`lfm_export.rounding.gptq_on_grid` with the inverse-Hessian factor the caller passes)."""
 
 
 def _rounding(bits: int, rounding: str) -> str:
@@ -86,6 +89,19 @@ def magnitude_weights(x: np.ndarray) -> np.ndarray:
     with them 0.89x overall (Q4_K by `-imat`)."""
     sigma2 = 2 * np.mean(x * x, axis=-1, keepdims=True)
     return np.sqrt(sigma2 + x * x)
+
+
+def _gptq_codes(
+    w: np.ndarray, fit: SuperBlocks, sub: int, lo: int, hi: int, factor: np.ndarray
+) -> np.ndarray:
+    """`fit.q`'s shape of codes chosen by `gptq_on_grid` on `fit`'s grid (`d * sc * q - dmin * mc`, the
+    products in float32 as ggml's dequantization forms them)."""
+    n, k = w.shape
+    step = np.repeat((fit.d[..., None] * fit.sc.astype(np.float32)).reshape(n, -1), sub, -1)
+    offset = None
+    if fit.dmin is not None and fit.mc is not None:
+        offset = np.repeat((fit.dmin[..., None] * fit.mc.astype(np.float32)).reshape(n, -1), sub, -1)
+    return gptq_on_grid(w, step, offset, lo, hi, factor).reshape(fit.q.shape)
 
 
 def _super_blocks(
@@ -135,6 +151,7 @@ def pack_q6_k(
     rounding: str = "nearest",
     threads: int = DEFAULT_THREADS,
     importance: np.ndarray | None = None,
+    factor: np.ndarray | None = None,
 ) -> np.ndarray:
     """`w [N, K]` (K a multiple of 256) as Q6_K bytes `[N, K / 256 * 210]`."""
     n, k = w.shape
@@ -142,7 +159,8 @@ def pack_q6_k(
     if rounding in FITTED:
         fit = _super_blocks(w, 6, True, 16, importance, threads)
         d16, sc = fit.d[..., None].astype(np.float16), fit.sc.astype(np.int16)
-        q = (fit.q.astype(np.int16) + 32).astype(np.uint8).reshape(n, nb, 2, 4, 32)
+        codes = fit.q if factor is None else _gptq_codes(w, fit, 16, -32, 31, factor)
+        q = (codes.astype(np.int16) + 32).astype(np.uint8).reshape(n, nb, 2, 4, 32)
     else:
         core = quantize_block(w, 6, 16, True, _rounding(6, rounding), threads)
         s = core.scales.reshape(n, nb, 16)  # signed: the extreme maps to -32
@@ -168,7 +186,12 @@ def pack_q6_k(
 
 
 def _pack_k_asym(
-    w: np.ndarray, bits: int, rounding: str, threads: int, importance: np.ndarray | None = None
+    w: np.ndarray,
+    bits: int,
+    rounding: str,
+    threads: int,
+    importance: np.ndarray | None = None,
+    factor: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Q4_K / Q5_K (`bits` 4 / 5) per super-block: fp16 `d`, fp16 `dmin`, the 12 scale bytes, and the codes
     `[N, nb, 4, 2, 32]` (chunk of 64, half, value)."""
@@ -179,7 +202,8 @@ def _pack_k_asym(
         assert fit.dmin is not None and fit.mc is not None
         d16, m16 = fit.d[..., None].astype(np.float16), fit.dmin[..., None].astype(np.float16)
         sc, mc = fit.sc.astype(np.uint8), fit.mc.astype(np.uint8)
-        q = fit.q.astype(np.uint8).reshape(n, nb, 4, 2, 32)
+        codes = fit.q if factor is None else _gptq_codes(w, fit, 32, 0, 2**bits - 1, factor)
+        q = codes.astype(np.uint8).reshape(n, nb, 4, 2, 32)
     else:
         core = quantize_block(w, bits, 32, False, _rounding(bits, rounding), threads)
         s = core.scales.reshape(n, nb, 8)
@@ -209,10 +233,11 @@ def pack_q4_k(
     rounding: str = "nearest",
     threads: int = DEFAULT_THREADS,
     importance: np.ndarray | None = None,
+    factor: np.ndarray | None = None,
 ) -> np.ndarray:
     """`w [N, K]` (K a multiple of 256) as Q4_K bytes `[N, K / 256 * 144]`."""
     n = w.shape[0]
-    *head, q = _pack_k_asym(w, 4, rounding, threads, importance)
+    *head, q = _pack_k_asym(w, 4, rounding, threads, importance, factor)
     qs = (q[..., 0, :] | q[..., 1, :] << 4).reshape(n, -1, 128)
     return np.concatenate([*head, qs], -1).reshape(n, -1)
 
@@ -222,10 +247,11 @@ def pack_q5_k(
     rounding: str = "nearest",
     threads: int = DEFAULT_THREADS,
     importance: np.ndarray | None = None,
+    factor: np.ndarray | None = None,
 ) -> np.ndarray:
     """`w [N, K]` (K a multiple of 256) as Q5_K bytes `[N, K / 256 * 176]`."""
     n = w.shape[0]
-    *head, q = _pack_k_asym(w, 5, rounding, threads, importance)
+    *head, q = _pack_k_asym(w, 5, rounding, threads, importance, factor)
     qs = ((q[..., 0, :] & 0xF) | (q[..., 1, :] & 0xF) << 4).reshape(n, -1, 128)
     shifts = (2 * np.arange(4, dtype=np.uint8))[:, None]  # chunk c: bits 2c, 2c + 1
     high = ((q[..., 0, :] >> 4) << shifts) | ((q[..., 1, :] >> 4) << (shifts + 1))  # [n, nb, 4, 32]
@@ -238,12 +264,15 @@ def pack_q5_0(
     rounding: str = "nearest",
     threads: int = DEFAULT_THREADS,
     importance: np.ndarray | None = None,
+    factor: np.ndarray | None = None,
 ) -> np.ndarray:
     """`w [N, K]` (K a multiple of 32) as Q5_0 bytes `[N, K / 32 * 22]`: the core's symmetric 5-bit codes."""
     n, k = w.shape
     nb = k // 32
     fitted = rounding in FITTED
     core = quantize_block(w, 5, 32, True, _rounding(5, rounding), threads, importance if fitted else None)
+    if factor is not None:
+        core = on_block_grid(w, core, factor)
     d16 = core.scales.astype(np.float16).view(np.uint8).reshape(n, nb, 2)
     q = core.codes.reshape(n, nb, 32)
     qs = (q[..., :16] & 0xF) | (q[..., 16:] & 0xF) << 4
@@ -300,9 +329,14 @@ def quantize(
     rounding: str = "nearest",
     threads: int = DEFAULT_THREADS,
     importance: np.ndarray | None = None,
+    factor: np.ndarray | None = None,
 ) -> np.ndarray:
-    """`w [N, K]` as ggml bytes of type `kind`; `importance [K]` weighs a fitted rounding's error (`FITTED`)."""
-    return PACK[kind.name](w, rounding, threads, importance if rounding in FITTED else None)
+    """`w [N, K]` as ggml bytes of type `kind`; `importance [K]` weighs a fitted rounding's error (`FITTED`);
+    `factor` (`gptq`: `lfm_export.rounding.inverse_cholesky` of the inputs' Hessian, None for a weight the
+    calibration did not see) has the codes chosen by `gptq_on_grid` on the fitted scales."""
+    fitted = rounding in FITTED
+    codes = factor if rounding == "gptq" else None
+    return PACK[kind.name](w, rounding, threads, importance if fitted else None, codes)
 
 
 def held_values(
@@ -311,6 +345,7 @@ def held_values(
     rounding: str = "nearest",
     threads: int = DEFAULT_THREADS,
     importance: np.ndarray | None = None,
+    factor: np.ndarray | None = None,
 ) -> np.ndarray:
     """The float32 values a GGUF artifact holds for `w` at type `kind`: `quantize` then ggml's dequantization."""
-    return dequantize(quantize(w, kind, rounding, threads, importance), kind)
+    return dequantize(quantize(w, kind, rounding, threads, importance, factor), kind)

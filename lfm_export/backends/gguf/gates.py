@@ -33,6 +33,11 @@ _K_NOTE = (
     f"with the same rounding; limits allow {K_FACTOR}x what the rounding itself does"
 )
 
+def factor(name: str) -> float:
+    """The limit factor of gate `name` (`FACTOR` for the 32-value types, `K_FACTOR` for the K-quant mixes)."""
+    return FACTOR if name.split("-")[0].endswith("_0") else K_FACTOR
+
+
 GGUF_GATES: dict[str, Gate] = {
     name: _exact_gate(
         name,
@@ -40,7 +45,7 @@ GGUF_GATES: dict[str, Gate] = {
         kl_max=1e-5,
         top1_decisive=1.0,
         state_max_rel=1e-3,
-        rounding=FACTOR if name.endswith("_0") else K_FACTOR,
+        rounding=factor(name),
         note=_NOTE if name.endswith("_0") else _K_NOTE,
     )
     for name in ("q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
