@@ -388,6 +388,10 @@ INT8_ACTIVATIONS = "-a8"
 """Suffix of the exactness gate used where the runtime rounds the activations of quantized linears to int8."""
 FP16_COMPUTE = "-fp16"
 """Suffix of the exactness gate used where the runtime computes in fp16 (activation mode `fp16`)."""
+K_BLOCKS = "-q8k"
+"""Suffix of a backend's gate for a one-type file that also holds a K-quant matmul fed Q8_K activation blocks
+(activation mode `ggml-k` for some role: llama.cpp's `q4_0` with its Q6_K output), where the backend registers
+one."""
 FAMILY_ALIASES = {"palettize": "int4"}
 """Recipe names outside the core grammar and the gate family they are judged by (Core ML's `palettize4` /
 `palettize6`: weights looked up in a table, judged by the int4 family's gates)."""
@@ -407,6 +411,8 @@ def gate_for(recipe: str, activations: str | dict[str, str] = "float") -> Gate:
         return GATES[family + FP16_COMPUTE + "-moe"]
     if family in ("int4", "int8") and (modes != {"float"} or named_a8):
         family += INT8_ACTIVATIONS
+    if "ggml-k" in modes and family + K_BLOCKS in GATES:
+        family += K_BLOCKS
     if modes == {NATIVE.lstrip("-")} and family in ("fp16", "bf16"):
         family += NATIVE
     if family not in GATES:

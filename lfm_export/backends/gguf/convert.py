@@ -41,7 +41,7 @@ from lfm_export.ggml_blocks import quantize as ggml_quantize
 from lfm_export.loading import LoadedModel
 from lfm_export.precision import FLOAT, ggml_mix_type, held_as, rule_for
 from lfm_export.progress import Progress
-from lfm_export.recipes import ACT_FP16, ACT_FP16_ROUTED
+from lfm_export.recipes import ACT_FP16, ACT_FP16_ROUTED, ACT_GGML_Q8_0
 from lfm_export.signature import build_signature
 
 from .recipes import MIX_FILE_TYPES, GgufRecipe, factor_for, ggml_type, importance_for
@@ -336,6 +336,8 @@ def export_gguf(
     recorded = recipe.to_dict()
     if core.quantized:  # what the simulation holds each quantized checkpoint tensor as
         recorded["ggml_tensor_types"] = {n: p.ggml for p in planned if p.bits is not None for n in p.sources}
+    if isinstance(recipe.activations, dict) and "Q6_K" not in {p.ggml for p in planned}:
+        recorded["activation_rounding"] = ACT_GGML_Q8_0  # q4_0 with a Q8_0 output: Q8_0 blocks everywhere
     if cfg.is_moe and recipe.activations == ACT_FP16:
         recorded["activation_rounding"] = ACT_FP16_ROUTED  # fp16 rounding may flip an expert: the -moe gate
     return ExportResult(signature, recorded, extra)
