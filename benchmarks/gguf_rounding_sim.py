@@ -74,7 +74,6 @@ def main() -> None:
 
     from lfm_export import ggml_blocks, ggml_kquants
     from lfm_export.calibrate import calibrate
-    from lfm_export.rounding import inverse_cholesky
     from lfm_export.loading import load_model
     from lfm_export.parity import ReferenceSession
     from lfm_export.parity.metrics import log_softmax
@@ -82,6 +81,7 @@ def main() -> None:
     from lfm_export.precision import ggml_mix_type
     from lfm_export.quant import simulate
     from lfm_export.recipes import ACT_GGML_K, ACT_GGML_Q8_0, parse_recipe
+    from lfm_export.rounding import inverse_cholesky
 
     torch.set_num_threads(args.threads)
     lib = llama_cpp_quantizer()

@@ -110,7 +110,9 @@ def measure(
     pr, pt = np.concatenate(p_ref).mean(0), np.concatenate(p_test).mean(0)
     corpus = float((pr * (np.log(pr + 1e-30) - np.log(pt + 1e-30))).sum())
     held: dict = {}
-    if heldout is not None:  # as `lfm-export parity --corpus`: chunks from an empty state, second halves scored
+    if (
+        heldout is not None
+    ):  # as `lfm-export parity --corpus`: chunks from an empty state, second halves scored
         pieces, held_ref = heldout
         hk = []
         for piece, ref in zip(pieces, held_ref):

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lfm_export.contract.session import DEFAULT_THREADS
+from lfm_export.ggml_blocks import on_block_grid
 from lfm_export.quant import (
     MSE_CHUNK_ELEMENTS,
     MSE_GRIDS,
@@ -44,7 +45,6 @@ from lfm_export.quant import (
     quantize_block,
     run_chunks,
 )
-from lfm_export.ggml_blocks import on_block_grid
 from lfm_export.rounding import gptq_on_grid
 
 QK_K = 256

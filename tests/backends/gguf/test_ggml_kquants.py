@@ -187,5 +187,7 @@ def test_gptq_chooses_codes_on_the_fitted_scales(kind: str) -> None:
     ours = q_0_values(w, 4, "gptq", 1, imp, factor) if kind == "Q4_0" else dequantize(gptq, block)
     theirs = gguf.quants.dequantize(gptq, gguf.GGMLQuantizationType[kind]).reshape(w.shape)
     assert np.array_equal(ours, theirs)
-    before = hessian_error(w, gguf.quants.dequantize(imat, gguf.GGMLQuantizationType[kind]).reshape(w.shape), hessian)
+    before = hessian_error(
+        w, gguf.quants.dequantize(imat, gguf.GGMLQuantizationType[kind]).reshape(w.shape), hessian
+    )
     assert hessian_error(w, ours, hessian) < 0.85 * before
