@@ -66,6 +66,7 @@ def main() -> None:
         help="held-out text: KL over its chunks of --ctx tokens, second halves scored (as `parity --corpus`)",
     )
     ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--damp", type=float, default=0.01, help="GPTQ damping (`lfm_export.rounding.DAMP`)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -119,7 +120,7 @@ def main() -> None:
         for n, st in stats.items():
             if st.hessian is not None and st.tokens:
                 if id(st.hessian) not in shared:
-                    shared[id(st.hessian)] = inverse_cholesky(st.hessian)
+                    shared[id(st.hessian)] = inverse_cholesky(st.hessian, args.damp).astype(np.float32)
                 factors[n] = shared[id(st.hessian)]
         shared.clear()
 
