@@ -356,6 +356,24 @@ def test_k_quant_full_gate_through_llama_cpp(quant: str, tmp_path: Path) -> None
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("quant", ["q4_k_m-gptq", "q4_0-gptq"])
+def test_gptq_on_ggml_blocks_passes_the_full_gate(quant: str, tmp_path: Path) -> None:
+    """`-gptq` on `tiny` (calibrated on the bundled text): the calibration keeps the inverse-Hessian factors,
+    the file holds the codes GPTQ chose on ggml's own blocks (Q4_0 / Q5_0 / Q8_0 here; Q4_K and Q6_K in
+    `test_ggml_kquants.py`), the stored weights equal the simulation's bit for bit, and the full gate passes
+    through llama.cpp."""
+    outcome = export_artifact(
+        "gguf", "tiny", tmp_path / quant, make_recipe(quant, CONTEXT), progress=Progress(quiet=True)
+    )
+    assert outcome.passed, outcome.manifest["parity"]
+    m = outcome.manifest
+    assert m["recipe"]["name"] == quant and m["recipe"]["calibration_keeps_factors"]
+    assert m["parity"]["gate"] == quant.split("-")[0]
+    stored = m["parity"]["exactness"]["stored_weights"]
+    assert stored["passed"] and stored["artifact_rows"] > 0 and not stored["rows_unmatched"]
+
+
+@pytest.mark.slow
 def test_plain_rounding_passes_the_full_gate(tmp_path: Path) -> None:
     """`q4_k_m-nearest` (llama.cpp's reference rounding, the default before `-fit`) on the hidden-256
     checkpoint: the full gate through llama.cpp. (`-imat` has no end-to-end test: on `tiny-moe` its
