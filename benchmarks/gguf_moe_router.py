@@ -88,7 +88,12 @@ def main() -> None:
     rel, kl, margins = per_prompt[worst[0][1]]
     first = int(np.argmax(rel > 1e-5)) if (rel > 1e-5).any() else None
     trace = [
-        {"position": t, "logit_max_rel": float(rel[t]), "kl": float(kl[t]), "router_margin": float(margins[t])}
+        {
+            "position": t,
+            "logit_max_rel": float(rel[t]),
+            "kl": float(kl[t]),
+            "router_margin": float(margins[t]),
+        }
         for t in range(first or 0, min(len(rel), (first or 0) + 10))
     ]
     result = {
