@@ -133,7 +133,7 @@ def plan(loaded: LoadedModel, recipe: GgufRecipe) -> list[Planned]:
         chosen = ggml_mix_type(name, mix, shape[-1], layer_types, bool(cfg.tie_word_embeddings))
         if chosen not in ggml_kquants.K_TYPES and chosen not in BLOCK_TYPES:
             raise UnsupportedError(
-                f"{name}: its rows ({shape[-1]}) are not a multiple of 256, where llama.cpp's {recipe.mix} "
+                f"{name}: its rows ({shape[-1]}) are not a multiple of 256, where llama.cpp's {mix} "
                 f"holds it as {chosen}, which the GGUF backend does not write; use q4_k_m or q6_k"
             )
         return chosen
