@@ -34,13 +34,14 @@ BLOCK_BYTES = {"Q4_0": 18, "Q8_0": 34}
 
 def ratios(folder: Path) -> dict:
     """Worst metric over the scenarios as a multiple of the activation-rounding effect."""
-    from lfm_export.backends.gguf.gates import FACTOR
+    from lfm_export.backends.gguf.gates import factor
 
     d = json.loads((folder / "parity" / "parity.json").read_text())
+    f = factor(str(d["gate"]))
     out: dict[str, float] = {}
     for c in d["checks"]:
         if c["metric"] in ("logit_max_rel", "kl_max") and c["limit"]:
-            effect = c["limit"] / (FACTOR if c["metric"] == "logit_max_rel" else FACTOR**2)
+            effect = c["limit"] / (f if c["metric"] == "logit_max_rel" else f**2)
             value = c["value"] / effect if c["metric"] == "logit_max_rel" else (c["value"] / effect) ** 0.5
             out[c["metric"]] = max(out.get(c["metric"], 0.0), value)
     return {**{k: round(v, 3) for k, v in out.items()}, "passed": d["passed"]}
@@ -69,14 +70,14 @@ def main() -> None:
     for model in args.models.split(","):
         broken_types = [t for t in args.types.split(",") if t]
         for kind in broken_types + [t for t in args.honest_types.split(",") if t]:
-            honest = args.work / f"{model}-{kind}"
+            honest = args.work / f"{Path(model).name}-{kind}"
             export_artifact(
                 "gguf", model, honest, make_recipe(kind, 64), threads=args.threads, progress=quiet
             )
             rows.append({"model": model, "type": kind, "broken": None, **ratios(honest)})
             print(json.dumps(rows[-1]), flush=True)
             for name in TARGETS if kind in broken_types else ():
-                broken = args.work / f"{model}-{kind}-broken"
+                broken = args.work / f"{Path(model).name}-{kind}-broken"
                 shutil.rmtree(broken, ignore_errors=True)
                 shutil.copytree(honest, broken)
                 reader = gguf.GGUFReader(broken / "model.gguf", "r+")

@@ -7,10 +7,15 @@ tied token table whose rows are multiples of 256 at Q6_K, we hold it at Q8_0); t
     .venv/bin/python benchmarks/gguf_rounding_sim.py --model PATH --mix q4_0 \
         --variants theirs,nearest,fit,imat --out benchmarks/results/gguf_rounding_sim_small_q4_0.json
 
-Types: `q4_0`: Q4_0 linears, Q8_0 token table (ours, given to llama.cpp's quantizer too); a K-quant mix:
-`lfm_export.precision.ggml_mix_type`. `theirs` is llama.cpp's reference quantizer (no importance matrix),
-`theirs-imat` with the calibration's mean squares as its importance matrix; ours: `ggml_blocks` /
-`ggml_kquants` with the rounding named.
+Types: `lfm_export.precision.ggml_mix_type` (`q4_0`: Q4_0 linears, the tied token table at Q6_K where its
+rows are multiples of 256, else Q8_0, as llama.cpp; `--table-q8` holds it at Q8_0 on both sides, the layout
+before). `theirs` is llama.cpp's reference quantizer (no importance matrix), `theirs-imat` with the
+calibration's mean squares as its importance matrix; ours: `ggml_blocks` / `ggml_kquants` with the rounding
+named (`gptq`: the `-imat` scales with the codes chosen by GPTQ on them, `gptq_on_grid`, from the calibration's
+Hessians; `gptqfit`: the same on the unweighted fit's scales). `VARIANT@GROUP` is ours by VARIANT for the
+tensors of GROUP (`GROUPS`) and llama.cpp's reference quantizer for every other: which tensors carry the KL.
+Each row has the pooled KL mean over positions and the corpus-level KL (the KL of the position-averaged
+distributions), both against fp32.
 """
 
 from __future__ import annotations
@@ -18,10 +23,13 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 from provenance import provenance
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def llama_cpp_quantizer():  # noqa: ANN201
@@ -34,12 +42,31 @@ def llama_cpp_quantizer():  # noqa: ANN201
     return lib
 
 
+GROUPS = {
+    "table": r"embed_tokens|lm_head",
+    "attn": r"self_attn\.",
+    "conv": r"conv\.(in|out)_proj",
+    "ffn_in": r"\.w[13]\.",
+    "ffn_down": r"\.w2\.",
+}
+"""Tensor groups of `VARIANT@GROUP` (a regex on the checkpoint name)."""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--mix", default="q4_0", help="q4_0 or a K-quant mix (q4_k_m)")
     ap.add_argument("--variants", default="theirs,nearest,fit,imat,theirs-imat")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--table-q8", action="store_true", help="q4_0: the token table at Q8_0 on both sides")
+    ap.add_argument(
+        "--corpus",
+        type=Path,
+        default=ROOT / "lfm_export" / "assets" / "corpus" / "heldout.txt",
+        help="held-out text: KL over its chunks of --ctx tokens, second halves scored (as `parity --corpus`)",
+    )
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--damp", type=float, default=0.01, help="GPTQ damping (`lfm_export.rounding.DAMP`)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -55,6 +82,7 @@ def main() -> None:
     from lfm_export.precision import ggml_mix_type
     from lfm_export.quant import simulate
     from lfm_export.recipes import ACT_GGML_K, ACT_GGML_Q8_0, parse_recipe
+    from lfm_export.rounding import inverse_cholesky
 
     torch.set_num_threads(args.threads)
     lib = llama_cpp_quantizer()
@@ -70,12 +98,40 @@ def main() -> None:
         return out
 
     reference = logits(loaded.model)
-    importance = {n: s.mean_square for n, s in calibrate(loaded).linears.items()}
+    from lfm_export.parity.corpus import chunks, corpus_tokens
+
+    assert loaded.tokenizer_file is not None, "--corpus needs a model with a tokenizer"
+    ids, bos = corpus_tokens(Path(loaded.tokenizer_file).parent, args.corpus)
+    pieces = chunks(ids, bos, args.ctx)
+
+    def corpus_logits(model: torch.nn.Module) -> list[np.ndarray]:
+        s, out = ReferenceSession(model, max_seq_len=args.ctx), []
+        for piece in pieces:
+            s.reset()
+            out.append(s.prefill(piece)[0, args.ctx // 2 :])
+        return out
+
+    corpus_reference = corpus_logits(loaded.model)
+    variants = args.variants.split(",")
+    factors: dict[str, np.ndarray] = {}
+    shared: dict[int, np.ndarray] = {}
+
+    def layer_done(_idx: int, stats: dict) -> None:
+        for n, st in stats.items():
+            if st.hessian is not None and st.tokens:
+                if id(st.hessian) not in shared:
+                    shared[id(st.hessian)] = inverse_cholesky(st.hessian, args.damp).astype(np.float32)
+                factors[n] = shared[id(st.hessian)]
+        shared.clear()
+
+    gptq = any(v.split("@")[0].startswith("gptq") for v in variants)
+    calib = calibrate(loaded, hessian=gptq, layer_done=layer_done if gptq else None)
+    importance = {n: s.mean_square for n, s in calib.linears.items()}
     recipe = parse_recipe("int4-b32" if args.mix == "q4_0" else "int4-b32-asym")
     types: dict[str, int] = {}
 
     def kind_of(name: str, w: np.ndarray, bits: int) -> str:
-        if args.mix == "q4_0":
+        if args.mix == "q4_0" and args.table_q8:
             return {4: "Q4_0", 8: "Q8_0"}[bits]
         return ggml_mix_type(
             name, args.mix, w.shape[-1], list(cfg.layer_types), bool(cfg.tie_word_embeddings)
@@ -99,36 +155,57 @@ def main() -> None:
         )
         return gguf.quants.dequantize(out, t).astype(np.float32)
 
-    def values_for(variant: str):  # noqa: ANN202
+    def values_for(spec: str):  # noqa: ANN202
+        variant, _, group = spec.partition("@")
+
         def values(w: np.ndarray, bits: int, name: str = "") -> np.ndarray:
             kind = kind_of(name, w, bits)
             types[kind] = types.get(kind, 0) + 1
             imp = importance.get(name)
-            if variant.startswith("theirs"):
+            if variant.startswith("theirs") or (group and not re.search(GROUPS[group], name)):
                 return theirs(w, kind, imp if variant == "theirs-imat" else None)
-            imp = imp if variant == "imat" else None
+            factor = factors.get(name) if variant.startswith("gptq") else None
+            rounding = "gptq" if variant.startswith("gptq") else variant
+            imp = imp if variant in ("imat", "gptq") else None
             if kind in ggml_blocks.BLOCK_TYPES:
                 return ggml_blocks.held_values(
-                    w, ggml_blocks.BLOCK_TYPES[kind].bits, variant, args.threads, imp
+                    w, ggml_blocks.BLOCK_TYPES[kind].bits, rounding, args.threads, imp, factor
                 )
-            return ggml_kquants.held_values(w, ggml_kquants.K_TYPES[kind], variant, args.threads, imp)
+            kt = ggml_kquants.K_TYPES[kind]
+            return ggml_kquants.held_values(w, kt, rounding, args.threads, imp, factor)
 
         return values
 
-    act = ACT_GGML_Q8_0 if args.mix == "q4_0" else ACT_GGML_K
+    act: str | dict[str, str] = ACT_GGML_K
+    if args.mix == "q4_0":
+        head = ACT_GGML_Q8_0 if args.table_q8 else ACT_GGML_K
+        act = {"linears": ACT_GGML_Q8_0, "experts": ACT_GGML_Q8_0, "head": head}
     rows = []
-    for variant in args.variants.split(","):
+    for variant in variants:
         types.clear()
-        out = logits(simulate(loaded.model, recipe, act, threads=args.threads, weights=values_for(variant)))
+        sim = simulate(loaded.model, recipe, act, threads=args.threads, weights=values_for(variant))
+        out = logits(sim)
+        held = np.concatenate(
+            [
+                (np.exp(log_softmax(r)) * (log_softmax(r) - log_softmax(o))).sum(-1)
+                for r, o in zip(corpus_reference, corpus_logits(sim))
+            ]
+        )
         kl = np.concatenate(
             [
                 (np.exp(log_softmax(r)) * (log_softmax(r) - log_softmax(o))).sum(-1)
                 for r, o in zip(reference, out)
             ]
         )
+        pr = np.concatenate([np.exp(log_softmax(r)) for r in reference]).mean(0)
+        pt = np.concatenate([np.exp(log_softmax(o)) for o in out]).mean(0)
         row = {
             "variant": variant,
             "kl_mean": float(kl.mean()),
+            "kl_corpus": float((pr * (np.log(pr + 1e-30) - np.log(pt + 1e-30))).sum()),
+            "kl_heldout_mean": float(held.mean()),
+            "kl_heldout_stderr": float(held.std(ddof=1) / np.sqrt(held.size)),
+            "heldout_positions": int(held.size),
             "kl_median": float(np.median(kl)),
             "kl_max": float(kl.max()),
             "positions": int(kl.size),
@@ -136,15 +213,22 @@ def main() -> None:
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    base = next((r["kl_mean"] for r in rows if r["variant"] == "theirs"), None)
+    base = next((r for r in rows if r["variant"] == "theirs"), None)
     for r in rows:
-        r["kl_mean_vs_theirs"] = None if base is None else round(r["kl_mean"] / base, 3)
-    result = {**provenance(), "model": args.model, "mix": args.mix, "rows": rows}
+        r["kl_mean_vs_theirs"] = None if base is None else round(r["kl_mean"] / base["kl_mean"], 3)
+        r["kl_corpus_vs_theirs"] = None if base is None else round(r["kl_corpus"] / base["kl_corpus"], 3)
+        r["kl_heldout_vs_theirs"] = (
+            None if base is None else round(r["kl_heldout_mean"] / base["kl_heldout_mean"], 3)
+        )
+    result = {**provenance(), "model": args.model, "mix": args.mix, "table_q8": args.table_q8, "rows": rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     for r in rows:
-        print(f"| {r['variant']} | {r['kl_mean']:.2e} | {r['kl_mean_vs_theirs']} |")
+        print(
+            f"| {r['variant']} | {r['kl_mean']:.2e} | {r['kl_mean_vs_theirs']} | {r['kl_corpus']:.2e} "
+            f"| {r['kl_corpus_vs_theirs']} | {r['kl_heldout_mean']:.2e} | {r['kl_heldout_vs_theirs']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@
 3. Our f32 export against theirs: tensors byte for byte, metadata key by key.
 4. Both files run by our shim (`GgufSession`, F32 KV cache): KL against the fp32 reference (the canonical
    model in torch) over the parity prompts (pooled mean over positions, and corpus level: the KL of the
-   position-averaged distributions), top-1 agreement; prefill (`--prompt-len` random ids, every position's
+   position-averaged distributions), over the held-out text (`--corpus`, default the bundled
+   `assets/corpus/heldout.txt`, which no calibration reads: chunks of `--ctx` tokens from an empty state,
+   second halves scored, as `lfm-export parity --corpus`), top-1 agreement; prefill (`--prompt-len` random ids, every position's
    logits off: `prefill_last`) and decode tok/s, best of `--rounds`.
 
 Writes JSON (date, machine, commit, command, rows) to `--out` and prints a Markdown table.
@@ -89,7 +91,9 @@ def liquid_copy(model_dir: Path, dst: Path) -> Path:
     return dst
 
 
-def measure(folder: Path, prompts: list[np.ndarray], reference: list[np.ndarray], args) -> dict:
+def measure(
+    folder: Path, prompts: list[np.ndarray], reference: list[np.ndarray], args, heldout: tuple | None = None
+) -> dict:
     from lfm_export.parity.metrics import log_softmax
     from lfm_export.runtime.gguf import GgufSession
 
@@ -105,6 +109,22 @@ def measure(folder: Path, prompts: list[np.ndarray], reference: list[np.ndarray]
         p_test.append(np.exp(lt))
     pr, pt = np.concatenate(p_ref).mean(0), np.concatenate(p_test).mean(0)
     corpus = float((pr * (np.log(pr + 1e-30) - np.log(pt + 1e-30))).sum())
+    held: dict = {}
+    if (
+        heldout is not None
+    ):  # as `lfm-export parity --corpus`: chunks from an empty state, second halves scored
+        pieces, held_ref = heldout
+        hk = []
+        for piece, ref in zip(pieces, held_ref):
+            s.reset()
+            lr, lt = log_softmax(ref), log_softmax(s.prefill(piece)[0, piece.shape[1] // 2 :])
+            hk.append((np.exp(lr) * (lr - lt)).sum(-1))
+        h = np.concatenate(hk)
+        held = {
+            "kl_heldout_mean": float(h.mean()),
+            "kl_heldout_stderr": float(h.std(ddof=1) / np.sqrt(h.size)),
+            "heldout_positions": int(h.size),
+        }
     rng = np.random.default_rng(0)
     ids = rng.integers(16, s.vocab_size, (1, args.prompt_len))
     best_p = best_d = 0.0
@@ -123,6 +143,7 @@ def measure(folder: Path, prompts: list[np.ndarray], reference: list[np.ndarray]
         "kl_mean": float(k.mean()),
         "kl_p99": float(np.quantile(k, 0.99)),
         "kl_corpus": corpus,
+        **held,
         "top1_agreement": float(np.concatenate(top1).mean()),
         "positions": int(k.size),
         "prefill_tok_s": round(best_p, 1),
@@ -167,6 +188,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--work", type=Path, default=Path("/tmp/gguf_vs_llamacpp"))
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--corpus",
+        type=Path,
+        default=ROOT / "lfm_export" / "assets" / "corpus" / "heldout.txt",
+        help="held-out text for `kl_heldout_*`: KL over chunks of --ctx tokens, second halves (parity --corpus)",
+    )
+    ap.add_argument("--ctx", type=int, default=512)
     args = ap.parse_args()
 
     import torch
@@ -187,6 +215,17 @@ def main() -> None:
     for ids in prompts:
         ref.reset()
         reference.append(ref.prefill(ids[None])[0])
+    heldout = None
+    if loaded.tokenizer_file is not None:
+        from lfm_export.parity.corpus import chunks, corpus_tokens
+
+        ids, bos = corpus_tokens(Path(loaded.tokenizer_file).parent, args.corpus)
+        pieces = chunks(ids, bos, args.ctx)
+        held_ref = []
+        for piece in pieces:
+            ref.reset()
+            held_ref.append(ref.prefill(piece)[0, args.ctx // 2 :])
+        heldout = (pieces, held_ref)
 
     src = liquid_copy(loaded.path, args.work / "hf")
     theirs_f32 = args.work / "theirs-f32.gguf"
@@ -225,7 +264,7 @@ def main() -> None:
                 "file_bytes": (folder / "model.gguf").stat().st_size,
                 "export_wall_s": round(wall, 2),
                 "export_peak_rss_bytes": rss,
-                **measure(folder, prompts, reference, args),
+                **measure(folder, prompts, reference, args, heldout),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -243,12 +282,14 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(
-        "| type | who | bytes | KL mean | KL corpus | top-1 | prefill tok/s | decode tok/s | export s | RSS MB |"
+        "| type | who | bytes | KL mean | KL corpus | KL held-out | top-1 | prefill tok/s | decode tok/s | export s "
+        "| RSS MB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['type']} | {r['who']} | {r['file_bytes']} | {r['kl_mean']:.2e} | {r['kl_corpus']:.2e} | "
+            f"{r.get('kl_heldout_mean', float('nan')):.2e} | "
             f"{r['top1_agreement']:.4f} | {r['prefill_tok_s']} | {r['decode_tok_s']} | {r['export_wall_s']} | "
             f"{r['export_peak_rss_bytes'] / 1e6:.0f} |"
         )

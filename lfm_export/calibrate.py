@@ -238,10 +238,13 @@ def calibrated_table(
     recipe: Recipe,
     text_file: Path | None = None,
     tokens: int = DEFAULT_TOKENS,
+    keep_factors: bool = False,
 ) -> tuple[Table, dict[str, Any]]:
     """The codes and scales of every linear held at `recipe.bits`, by `recipe.rounding` over the calibration
     text, and the manifest's `calibration` entry (what was measured, and the Hessian-weighted output error of
-    the calibrated rounding against plain rounding, summed over the linears)."""
+    the calibrated rounding against plain rounding, summed over the linears). `keep_factors` (`-gptq` for a
+    format that rounds its own blocks, GGUF): the table keeps each input's inverse-Hessian factor too, `K^2`
+    float32 per distinct input for the whole export."""
     from lfm_export.quant import quantize_block
 
     assert recipe.bits is not None
@@ -249,6 +252,7 @@ def calibrated_table(
     errors = {"nearest": 0.0, recipe.rounding: 0.0}
     method = recipe.rounding
     factors: dict[int, np.ndarray] = {}  # one inverse-Hessian factor per shared input (q/k/v, w1/w3)
+    kept_f32: dict[int, np.ndarray] = {}  # their float32 copies the table keeps (`keep_factors`)
 
     def layer_done(_idx: int, stats: dict[str, LinearStats]) -> None:
         for name, s in stats.items():
@@ -265,12 +269,18 @@ def calibrated_table(
                 q = gptq(w, bits, block, s.hessian, factor=factors[id(s.hessian)])
             else:
                 q = weighted_search(w, bits, block, s.mean_square)
-            table.add(w, bits, block, q.codes, q.scales, s.mean_square if s.tokens else None)
+            kept = None
+            if keep_factors and s.tokens and id(s.hessian) in factors:
+                if id(s.hessian) not in kept_f32:
+                    kept_f32[id(s.hessian)] = factors[id(s.hessian)].astype(np.float32)
+                kept = kept_f32[id(s.hessian)]
+            table.add(w, bits, block, q.codes, q.scales, s.mean_square if s.tokens else None, kept)
             if s.hessian is not None:
                 plain = quantize_block(w, bits, block).dequantize()
                 errors["nearest"] += hessian_error(w, plain, s.hessian)
                 errors[method] += hessian_error(w, q.dequantize(), s.hessian)
         factors.clear()  # the layer's Hessians are freed after this: their ids may be reused
+        kept_f32.clear()
 
     calib = calibrate(loaded, text_file, tokens, hessian=method == "gptq", layer_done=layer_done)
     entry = {"rounding": method, **calib.manifest_entry()}
@@ -304,7 +314,15 @@ def table_for_export(
         return None
     core = core_recipe(recipe)
     assert core is not None
-    return calibrated_table(loaded, core, text_file, tokens)
+    return calibrated_table(loaded, core, text_file, tokens, keeps_factors(recipe))
+
+
+def keeps_factors(recipe: Any) -> bool:
+    """Whether an export of `recipe` (a backend's recipe object, or its manifest entry) rounds its own blocks by
+    GPTQ from the calibration's inverse-Hessian factors (`calibration_keeps_factors`: GGUF `-gptq`)."""
+    if isinstance(recipe, dict):
+        return bool(recipe.get("calibration_keeps_factors"))
+    return bool(getattr(recipe, "calibration_keeps_factors", False))
 
 
 def table_from_manifest(loaded: LoadedModel, manifest: dict[str, Any]) -> Table | None:
@@ -328,5 +346,7 @@ def table_from_manifest(loaded: LoadedModel, manifest: dict[str, Any]) -> Table 
         raise CalibrationError(
             f"{path}: not the calibration text the artifact was exported with (sha256 differs or missing)"
         )
-    table, _ = calibrated_table(loaded, core, text, int(entry["tokens"]))
+    table, _ = calibrated_table(
+        loaded, core, text, int(entry["tokens"]), keeps_factors(manifest.get("recipe", {}))
+    )
     return table

@@ -45,6 +45,10 @@ class Table:
     importances: dict[int, np.ndarray] = field(default_factory=dict)
     """Per matrix (index into `matrices`), the inputs' per-channel mean square `[K]` it was calibrated with,
     for a format whose own search weighs its error by it (GGUF's K-quants)."""
+    factors: dict[int, np.ndarray] = field(default_factory=dict)
+    """Per matrix, the inverse-Hessian factor `[K, K]` (`lfm_export.rounding.inverse_cholesky`) of its inputs,
+    kept only for a format that rounds its own blocks by GPTQ (GGUF `-gptq`); linears that share an input share
+    the array."""
     rows_served: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -56,13 +60,16 @@ class Table:
         codes: np.ndarray,
         scales: np.ndarray,
         importance: np.ndarray | None = None,
+        factor: np.ndarray | None = None,
     ) -> None:
-        """Hold `codes` / `scales` for weight `w` (the values the backends will be given), and the importance
-        `[K]` they were chosen with."""
+        """Hold `codes` / `scales` for weight `w` (the values the backends will be given), the importance
+        `[K]` they were chosen with and, where kept, the inputs' inverse-Hessian `factor`."""
         index = len(self.matrices)
         self.matrices.append((codes, scales))
         if importance is not None:
             self.importances[index] = np.asarray(importance, np.float32)
+        if factor is not None:
+            self.factors[index] = factor
         for r, key in enumerate(row_keys(w)):
             self.rows.setdefault((key, bits, block), (index, r))
 
@@ -83,11 +90,13 @@ class Table:
             self.rows_served += int(found.sum())
         return codes, scales, found
 
-    def find_importance(self, w: np.ndarray, bits: int, block: int) -> np.ndarray | None:
-        """The importance `[K]` weight `w` was calibrated with (found by its first row), or None; its rows count
-        as served (`rows_served`) when found."""
+    def find_importance(
+        self, w: np.ndarray, bits: int, block: int, what: str = "importances"
+    ) -> np.ndarray | None:
+        """The importance `[K]` weight `w` was calibrated with (found by its first row; `what="factors"`: its
+        inverse-Hessian factor), or None; its rows count as served (`rows_served`) when found."""
         hit = self.rows.get((row_keys(w[:1])[0], bits, block))
-        found = None if hit is None else self.importances.get(hit[0])
+        found = None if hit is None else getattr(self, what).get(hit[0])
         if found is not None:
             with self._lock:
                 self.rows_served += int(w.shape[0])
@@ -140,3 +149,15 @@ def importance(w: np.ndarray, bits: int, block: int) -> np.ndarray | None:
             "bundled corpus, or on --calib FILE)"
         )
     return table.find_importance(np.asarray(w), bits, block)
+
+
+def factor(w: np.ndarray, bits: int, block: int) -> np.ndarray | None:
+    """The active table's inverse-Hessian factor for weight `w` (kept by a calibration for GGUF `-gptq`), None
+    where the table holds none for it; raises `CalibrationMissing` when no table is active."""
+    table = current()
+    if table is None:
+        raise CalibrationMissing(
+            "-gptq rounding needs a calibration pass; export the recipe with lfm-export (it calibrates on the "
+            "bundled corpus, or on --calib FILE)"
+        )
+    return table.find_importance(np.asarray(w), bits, block, "factors")

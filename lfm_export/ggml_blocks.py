@@ -25,6 +25,7 @@ import numpy as np
 
 from lfm_export.contract.session import DEFAULT_THREADS
 from lfm_export.quant import Quantized, quantize_block
+from lfm_export.rounding import gptq_on_grid
 
 QK = 32
 """Values per Q8_0 / Q4_0 block."""
@@ -77,18 +78,33 @@ def dequantize(data: np.ndarray, kind: BlockType) -> np.ndarray:
     return (d * q).reshape(n, -1)
 
 
+def on_block_grid(w: np.ndarray, q: Quantized, factor: np.ndarray) -> Quantized:
+    """Symmetric blocks `q` of `w` with their scales rounded to fp16 (as the file holds them) and the codes
+    chosen on those scales by `gptq_on_grid` (`factor`: the inputs' inverse-Hessian factor)."""
+    half = 2 ** (q.bits - 1)
+    scales = q.scales.astype(np.float16).astype(np.float32)
+    step = np.repeat(scales, q.block_size, -1)
+    codes = gptq_on_grid(w, step, None, -half, half - 1, factor) + half
+    return Quantized(codes.astype(np.uint8), scales, None, q.bits, q.block_size)
+
+
 def quantize(
     w: np.ndarray,
     bits: int,
     rounding: str = "nearest",
     threads: int = DEFAULT_THREADS,
     importance: np.ndarray | None = None,
+    factor: np.ndarray | None = None,
 ) -> np.ndarray:
     """`w [N, K]` as ggml bytes: the core quantizer's symmetric codes in blocks of 32 (`rounding` its search;
-    `imat` is the core's `fit` weighted by `importance [K]`, the calibrated inputs' mean square), packed as
-    Q8_0 (`bits` 8) or Q4_0 (4)."""
-    if rounding in ("fit", "imat"):
-        return pack(quantize_block(w, bits, QK, True, "fit", threads, importance))
+    `imat` is the core's `fit` weighted by `importance [K]`, the calibrated inputs' mean square; `gptq` the
+    `imat` scales with the codes chosen on them by GPTQ, `factor` the inputs' inverse-Hessian factor, None for
+    a weight the calibration did not see), packed as Q8_0 (`bits` 8) or Q4_0 (4)."""
+    if rounding in ("fit", "imat", "gptq"):
+        q = quantize_block(w, bits, QK, True, "fit", threads, importance)
+        if rounding == "gptq" and factor is not None:
+            q = on_block_grid(w, q, factor)
+        return pack(q)
     return pack(quantize_block(w, bits, QK, True, rounding, threads))
 
 
@@ -98,6 +114,7 @@ def held_values(
     rounding: str = "nearest",
     threads: int = DEFAULT_THREADS,
     importance: np.ndarray | None = None,
+    factor: np.ndarray | None = None,
 ) -> np.ndarray:
     """The float32 values a GGUF artifact holds for `w` at `bits`: `quantize` then ggml's dequantization."""
-    return dequantize(quantize(w, bits, rounding, threads, importance), BY_BITS[bits])
+    return dequantize(quantize(w, bits, rounding, threads, importance, factor), BY_BITS[bits])

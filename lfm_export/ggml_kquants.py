@@ -36,13 +36,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from lfm_export.contract.session import DEFAULT_THREADS
+from lfm_export.ggml_blocks import on_block_grid
 from lfm_export.quant import (
     MSE_CHUNK_ELEMENTS,
     MSE_GRIDS,
+    SuperBlocks,
     fit_super_blocks,
     quantize_block,
     run_chunks,
 )
+from lfm_export.rounding import gptq_on_grid
 
 QK_K = 256
 """Values per K-quant super-block."""
@@ -64,9 +67,10 @@ Q5_0 = KType("Q5_0", 32, 22)
 K_TYPES = {t.name: t for t in (Q4_K, Q5_K, Q6_K, Q5_0)}
 
 
-FITTED = ("fit", "imat")
+FITTED = ("fit", "imat", "gptq")
 """Roundings whose K-quant scales come from `lfm_export.quant.fit_super_blocks` (`imat`: weighted by the
-calibrated importance the caller passes)."""
+calibrated importance the caller passes; `gptq`: the `imat` scales, then the codes chosen on them by
+`lfm_export.rounding.gptq_on_grid` with the inverse-Hessian factor the caller passes)."""
 
 
 def _rounding(bits: int, rounding: str) -> str:
@@ -87,12 +91,21 @@ def magnitude_weights(x: np.ndarray) -> np.ndarray:
     return np.sqrt(sigma2 + x * x)
 
 
-def _fitted(w: np.ndarray, kind: KType, importance: np.ndarray | None, threads: int) -> np.ndarray:
+def _fitted(
+    w: np.ndarray,
+    kind: KType,
+    importance: np.ndarray | None,
+    threads: int,
+    factor: np.ndarray | None = None,
+) -> np.ndarray:
     """The bytes `[N, K / 256 * block_bytes]` of `w [N, K]` at K-quant `kind`, scales by `fit_super_blocks`
     (Q6_K: symmetric 6-bit sub-blocks of 16, the error weighed by `magnitude_weights` times `importance`;
     Q4_K / Q5_K: asymmetric sub-blocks of 32, weighed by `importance`). Row chunks are fitted and laid out on
     `threads` threads, each into its rows of the result (rows are independent: the bytes do not depend on the
-    chunking or the thread count)."""
+    chunking or the thread count). With `factor` the codes are chosen by `gptq_on_grid` over the whole matrix
+    at once (`_gptq_fitted`)."""
+    if factor is not None:
+        return _gptq_fitted(w, kind, importance, threads, factor)
     n, k = w.shape
     nb = k // QK_K
     imp = None if importance is None else np.asarray(importance, np.float32).reshape(nb, QK_K)
@@ -119,6 +132,71 @@ def _fitted(w: np.ndarray, kind: KType, importance: np.ndarray | None, threads: 
 
     run_chunks(work, range(0, n, step), threads)
     return out
+
+
+def _gptq_codes(
+    w: np.ndarray, fit: SuperBlocks, sub: int, lo: int, hi: int, factor: np.ndarray
+) -> np.ndarray:
+    """`fit.q`'s shape of codes chosen by `gptq_on_grid` on `fit`'s grid (`d * sc * q - dmin * mc`, the
+    products in float32 as ggml's dequantization forms them)."""
+    n, k = w.shape
+    step = np.repeat((fit.d[..., None] * fit.sc.astype(np.float32)).reshape(n, -1), sub, -1)
+    offset = None
+    if fit.dmin is not None and fit.mc is not None:
+        offset = np.repeat((fit.dmin[..., None] * fit.mc.astype(np.float32)).reshape(n, -1), sub, -1)
+    return gptq_on_grid(w, step, offset, lo, hi, factor).reshape(fit.q.shape)
+
+
+def _super_blocks(
+    w: np.ndarray, bits: int, symmetric: bool, sub: int, importance: np.ndarray | None, threads: int
+) -> SuperBlocks:
+    """`fit_super_blocks` over the rows of `w [N, K]` in chunks (on `threads` threads): `[N, K / 256, ...]`;
+    Q6_K (`sub` 16) weighs the error by `magnitude_weights` (times `importance`)."""
+    n, k = w.shape
+    nb = k // QK_K
+    imp = None if importance is None else np.asarray(importance, np.float32).reshape(nb, QK_K)
+    step = max(1, MSE_CHUNK_ELEMENTS // k)
+    parts: dict[int, SuperBlocks] = {}
+
+    def work(r0: int) -> None:
+        x = np.asarray(w[r0 : r0 + step], np.float32).reshape(-1, nb, QK_K)
+        weights = imp
+        if sub == 16:
+            weights = magnitude_weights(x) if imp is None else magnitude_weights(x) * imp
+        parts[r0] = fit_super_blocks(x, bits, symmetric, sub, weights)
+
+    starts = range(0, n, step)
+    run_chunks(work, starts, threads)
+    chunks = [parts[r0] for r0 in starts]
+
+    def cat(field: str) -> np.ndarray | None:
+        got = [getattr(c, field) for c in chunks]
+        return None if got[0] is None else np.concatenate(got)
+
+    return SuperBlocks(cat("d"), cat("dmin"), cat("sc"), cat("mc"), cat("q"))  # type: ignore[arg-type]
+
+
+def _gptq_fitted(
+    w: np.ndarray, kind: KType, importance: np.ndarray | None, threads: int, factor: np.ndarray
+) -> np.ndarray:
+    """`_fitted`'s bytes with the codes chosen by GPTQ on the fitted scales, over the whole matrix at once (its
+    column updates run along every row together, so the codes do not depend on a row chunking)."""
+    n = w.shape[0]
+    x = np.asarray(w, np.float32)
+    if kind is Q6_K:
+        fit = _super_blocks(x, 6, True, 16, importance, threads)
+        q = _gptq_codes(x, fit, 16, -32, 31, factor)
+        nb = fit.sc.shape[1]
+        q = (q.astype(np.int16) + 32).astype(np.uint8).reshape(n, nb, 2, 4, 32)
+        return _layout_q6_k(fit.d[..., None].astype(np.float16), fit.sc.astype(np.int16), q)
+    bits = 5 if kind is Q5_K else 4
+    fit = _super_blocks(x, bits, False, 32, importance, threads)
+    assert fit.dmin is not None and fit.mc is not None
+    nb = fit.sc.shape[1]
+    d16, m16 = fit.d[..., None].astype(np.float16), fit.dmin[..., None].astype(np.float16)
+    head = _head_k_asym(d16, m16, fit.sc.astype(np.uint8), fit.mc.astype(np.uint8))
+    q = _gptq_codes(x, fit, 32, 0, 2**bits - 1, factor).astype(np.uint8).reshape(n, nb, 4, 2, 32)
+    return (_layout_q5_k if kind is Q5_K else _layout_q4_k)(head, q)
 
 
 def _f16(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -156,10 +234,11 @@ def pack_q6_k(
     rounding: str = "nearest",
     threads: int = DEFAULT_THREADS,
     importance: np.ndarray | None = None,
+    factor: np.ndarray | None = None,
 ) -> np.ndarray:
     """`w [N, K]` (K a multiple of 256) as Q6_K bytes `[N, K / 256 * 210]`."""
     if rounding in FITTED:
-        return _fitted(w, Q6_K, importance, threads)
+        return _fitted(w, Q6_K, importance, threads, factor)
     n, k = w.shape
     nb = k // QK_K
     core = quantize_block(w, 6, 16, True, _rounding(6, rounding), threads)
@@ -232,10 +311,11 @@ def pack_q4_k(
     rounding: str = "nearest",
     threads: int = DEFAULT_THREADS,
     importance: np.ndarray | None = None,
+    factor: np.ndarray | None = None,
 ) -> np.ndarray:
     """`w [N, K]` (K a multiple of 256) as Q4_K bytes `[N, K / 256 * 144]`."""
     if rounding in FITTED:
-        return _fitted(w, Q4_K, importance, threads)
+        return _fitted(w, Q4_K, importance, threads, factor)
     return _pack_k_asym(w, 4, rounding, threads)
 
 
@@ -244,10 +324,11 @@ def pack_q5_k(
     rounding: str = "nearest",
     threads: int = DEFAULT_THREADS,
     importance: np.ndarray | None = None,
+    factor: np.ndarray | None = None,
 ) -> np.ndarray:
     """`w [N, K]` (K a multiple of 256) as Q5_K bytes `[N, K / 256 * 176]`."""
     if rounding in FITTED:
-        return _fitted(w, Q5_K, importance, threads)
+        return _fitted(w, Q5_K, importance, threads, factor)
     return _pack_k_asym(w, 5, rounding, threads)
 
 
@@ -256,12 +337,15 @@ def pack_q5_0(
     rounding: str = "nearest",
     threads: int = DEFAULT_THREADS,
     importance: np.ndarray | None = None,
+    factor: np.ndarray | None = None,
 ) -> np.ndarray:
     """`w [N, K]` (K a multiple of 32) as Q5_0 bytes `[N, K / 32 * 22]`: the core's symmetric 5-bit codes."""
     n, k = w.shape
     nb = k // 32
     fitted = rounding in FITTED
     core = quantize_block(w, 5, 32, True, _rounding(5, rounding), threads, importance if fitted else None)
+    if factor is not None:
+        core = on_block_grid(w, core, factor)
     d16 = core.scales.astype(np.float16).view(np.uint8).reshape(n, nb, 2)
     q = core.codes.reshape(n, nb, 32)
     qs = (q[..., :16] & 0xF) | (q[..., 16:] & 0xF) << 4
@@ -318,9 +402,14 @@ def quantize(
     rounding: str = "nearest",
     threads: int = DEFAULT_THREADS,
     importance: np.ndarray | None = None,
+    factor: np.ndarray | None = None,
 ) -> np.ndarray:
-    """`w [N, K]` as ggml bytes of type `kind`; `importance [K]` weighs a fitted rounding's error (`FITTED`)."""
-    return PACK[kind.name](w, rounding, threads, importance if rounding in FITTED else None)
+    """`w [N, K]` as ggml bytes of type `kind`; `importance [K]` weighs a fitted rounding's error (`FITTED`);
+    `factor` (`gptq`: `lfm_export.rounding.inverse_cholesky` of the inputs' Hessian, None for a weight the
+    calibration did not see) has the codes chosen by `gptq_on_grid` on the fitted scales."""
+    fitted = rounding in FITTED
+    codes = factor if rounding == "gptq" else None
+    return PACK[kind.name](w, rounding, threads, importance if fitted else None, codes)
 
 
 def held_values(
@@ -329,6 +418,7 @@ def held_values(
     rounding: str = "nearest",
     threads: int = DEFAULT_THREADS,
     importance: np.ndarray | None = None,
+    factor: np.ndarray | None = None,
 ) -> np.ndarray:
     """The float32 values a GGUF artifact holds for `w` at type `kind`: `quantize` then ggml's dequantization."""
-    return dequantize(quantize(w, kind, rounding, threads, importance), kind)
+    return dequantize(quantize(w, kind, rounding, threads, importance, factor), kind)

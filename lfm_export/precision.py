@@ -200,14 +200,20 @@ GGML_MIX_RULES = (
     Rule(EVERY, MIX_BASE, "the mix's base type"),
 )
 GGML_MIXES = {
+    "q8_0": {MIX_BASE: "Q8_0", MIX_OUTPUT: "Q8_0", MIX_MORE_BITS: "Q8_0"},
+    "q4_0": {MIX_BASE: "Q4_0", MIX_OUTPUT: "Q6_K", MIX_MORE_BITS: "Q4_0"},
     "q4_k_m": {MIX_BASE: "Q4_K", MIX_OUTPUT: "Q6_K", MIX_MORE_BITS: "Q6_K"},
     "q5_k_m": {MIX_BASE: "Q5_K", MIX_OUTPUT: "Q6_K", MIX_MORE_BITS: "Q6_K"},
     "q6_k": {MIX_BASE: "Q6_K", MIX_OUTPUT: "Q6_K", MIX_MORE_BITS: "Q6_K"},
 }
-"""Each mix's type per `GGML_MIX_RULES` hold (a `more_bits` tensor off the use_more_bits layers: the base type)."""
+"""Each mix's type per `GGML_MIX_RULES` hold (a `more_bits` tensor off the use_more_bits layers: the base type).
+`q8_0` / `q4_0` are llama.cpp's one-type files: every tensor at the base type but the output (and the token
+table tied to it), which llama.cpp raises to Q6_K unless the mix's type is already Q8_0."""
 GGML_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 """llama.cpp's type for a row that is not a multiple of 256 (an output row: Q8_0 whatever the mix)."""
 QK_K = 256
+GGML_BLOCK = {"Q8_0": 32, "Q4_0": 32, "Q5_0": 32, "Q5_1": 32}
+"""Values per block of the 32-value types (every other type in these mixes: `QK_K`)."""
 
 
 def use_more_bits(i: int, n: int) -> bool:
@@ -216,9 +222,10 @@ def use_more_bits(i: int, n: int) -> bool:
 
 
 def ggml_mix_type(name: str, mix: str, row: int, layer_types: list[str], tied: bool = True) -> str:
-    """The ggml type of quantized tensor `name` (checkpoint name, row length `row`) in K-quant `mix` of a
-    model whose layers are `layer_types` (`full_attention` / `conv`); an untied token table (`tied` False)
-    is an ordinary tensor of the mix's base type, as llama.cpp holds it."""
+    """The ggml type of quantized tensor `name` (checkpoint name, row length `row`) in `mix` (a K-quant mix,
+    or llama.cpp's one-type `q8_0` / `q4_0`) of a model whose layers are `layer_types` (`full_attention` /
+    `conv`); an untied token table (`tied` False) is an ordinary tensor of the mix's base type, as llama.cpp
+    holds it."""
     rule = next(r for r in GGML_MIX_RULES if r.matches(name))
     held = rule.held
     if not tied and rule.pattern == "embed_tokens.weight":
@@ -233,6 +240,6 @@ def ggml_mix_type(name: str, mix: str, row: int, layer_types: list[str], tied: b
             more = use_more_bits(layer, len(layer_types))
         held = MIX_MORE_BITS if more else MIX_BASE
     kind = GGML_MIXES[mix][held]
-    if row % QK_K == 0:
+    if row % GGML_BLOCK.get(kind, QK_K) == 0:
         return kind
     return "Q8_0" if held == MIX_OUTPUT else GGML_FALLBACK[kind]

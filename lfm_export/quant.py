@@ -30,7 +30,9 @@ Rounding choices, all of them (numpy, float32 arithmetic, `np.rint` = round half
 - `dequantize()`: `(code - zero_point) * scale` in float32.
 
 Activation rounding (`simulate(..., activations=...)`), the inputs of every quantized linear; one mode for all,
-or per role (`{"linears": ..., "experts": ...}`, `ROLES`) where a runtime treats MoE experts differently:
+or per role (`{"linears": ..., "experts": ...}`, `ROLES`) where a runtime treats MoE experts differently
+(`"head"`, the lm_head, may be given too: a runtime that holds it in another type, e.g. llama.cpp's Q6_K output
+in a Q4_0 file; without it the lm_head takes the `"linears"` mode):
 - `ACT_FLOAT`: none (what MatMulNBits computes at accuracy_level 0, QDQ + MatMul, and every float recipe).
 - `ACT_INT8_BLOCK`: onnxruntime's MatMulNBits at accuracy_level 4 on CPU (MLAS `QuantizeARow_CompInt8`,
   read from its AVX2 kernel): per row, per block of `block_size` along K, symmetric int8 with
@@ -85,7 +87,7 @@ from torch import Tensor, nn
 
 from lfm_export import calibrated
 from lfm_export.contract.session import DEFAULT_THREADS
-from lfm_export.precision import ROUTER, block_as, held_as, rule_for
+from lfm_export.precision import LM_HEAD, ROUTER, block_as, held_as, rule_for
 from lfm_export.recipes import (
     ACT_BF16,
     ACT_FLOAT,
@@ -117,8 +119,10 @@ int4 -9.0% (symmetric) / -6.4% (asymmetric), int8 -1.9% / -1.6%."""
 
 
 FLOAT_TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16}
-ROLES = ("linears", "experts")
-"""Roles of `simulate`'s per-role activation modes: MoE expert linears (`.experts.` in the name), every other."""
+ROLES = ("linears", "experts", "head")
+"""Roles of `simulate`'s per-role activation modes: MoE expert linears (`.experts.` in the name), the lm_head
+(the precision rules' `LM_HEAD`; optional in a per-role spec, default the `"linears"` mode), every other."""
+REQUIRED_ROLES = ROLES[:2]
 ActivationSpec = str | dict[str, str]
 
 
@@ -750,9 +754,18 @@ def fake_quant_int8_token(x: Tensor) -> Tensor:
     return ((q - zp) * scale).to(x.dtype)
 
 
+def _role(name: str) -> str:
+    """The `ROLES` entry of linear weight `name` (checkpoint name)."""
+    if ".experts." in name:
+        return "experts"
+    return "head" if rule_for(name) is LM_HEAD else "linears"
+
+
 def activation_modes(spec: ActivationSpec) -> dict[str, str]:
     """`spec` as a mode per role (a plain mode applies to every role)."""
     modes = dict.fromkeys(ROLES, spec) if isinstance(spec, str) else dict(spec)
+    if set(REQUIRED_ROLES) <= set(modes):
+        modes.setdefault("head", modes["linears"])
     if set(modes) != set(ROLES) or not set(modes.values()) <= set(ACTIVATION_MODES):
         raise ValueError(f"activations {spec!r}; expected one of {ACTIVATION_MODES}, or one per role {ROLES}")
     return modes
@@ -989,7 +1002,7 @@ def simulate(
             name = prefix + local
             bits = held_as(f"{name}.weight", recipe)
             weight = replaced(mod.weight, bits, f"{name}.weight")
-            mode = modes["experts" if ".experts." in name else "linears"]
+            mode = modes[_role(f"{name}.weight")]
             router = rule_for(f"{name}.weight") is ROUTER  # computes in float32 whatever the recipe
             half_input = mode in (ACT_FP16, ACT_FP16_ROUTED, ACT_BF16) and not router  # float recipes too
             if bits is None and not half_input:
@@ -1026,5 +1039,5 @@ def with_activations(sim: nn.Module, activations: ActivationSpec) -> nn.Module:
     out = copy.deepcopy(sim, memo=dict(keep))
     for name, mod in out.named_modules():
         if isinstance(mod, SimulatedLinear):
-            mod.activations = modes["experts" if ".experts." in name else "linears"]
+            mod.activations = modes[_role(f"{mod.name or name}.weight")]
     return out

@@ -9,6 +9,9 @@ Each entry point is a function of (weight `[N, K]`, bits, block size, calibratio
   each block's error weighted by its input channels' mean square `d_j = E[x_j^2]`:
   `sum_j d_j (w_j - deq_j)^2`, the expected squared error of the block's share of the output. llama.cpp's
   importance matrix weighs its K-quant scale search the same way.
+- `gptq_on_grid`: GPTQ's column-by-column error compensation on a grid fixed beforehand (each value
+  `step * q - offset`, `q` integer in `[lo, hi]`): the codes of a format whose scales are chosen by its own
+  search (ggml's K-quant super-blocks, `lfm_export.ggml_kquants`), so only the codes change.
 - `gptq` (`-gptq`): GPTQ (Frantar et al., 2022). Columns are rounded left to right; each column's rounding
   error, divided by the Cholesky factor of the damped inverse Hessian `H = E[x x^T]`, is subtracted from the
   columns not yet rounded, so later columns absorb it where the inputs are correlated. A block's scale is
@@ -171,3 +174,39 @@ def gptq(
         if c1 < k:
             work[:, c1:] -= err @ u[c0:c1, c1:]
     return Quantized(codes, scales, None, bits, block_size)
+
+
+GRID_BATCH = 32
+"""Columns `gptq_on_grid` rounds before it passes their error on to the columns right of them (one product)."""
+
+
+def gptq_on_grid(
+    w: np.ndarray, step: np.ndarray, offset: np.ndarray | None, lo: int, hi: int, factor: np.ndarray
+) -> np.ndarray:
+    """Integer codes `[N, K]` (int16) of `w [N, K]` on the grid `step * q - offset` (`step`, `offset`: `[N, K]`
+    float32, per value; `q` in `[lo, hi]`; a zero step gives code 0) chosen left to right by GPTQ: each
+    column's rounding error, divided by the diagonal of `factor` (`inverse_cholesky(H)`), is subtracted from the
+    columns not yet rounded along `factor`'s row, so correlated inputs absorb it. The values a format holds are
+    its own dequantization of these codes; `step * q - offset` here only guides the choice."""
+    n, k = w.shape
+    u = np.asarray(factor, np.float32)
+    work = np.array(w, np.float32)
+    off = np.zeros((n, k), np.float32) if offset is None else np.asarray(offset, np.float32)
+    st = np.asarray(step, np.float32)
+    safe = np.where(st == 0, np.float32(1), st)
+    codes = np.empty((n, k), np.int16)
+    for c0 in range(0, k, GRID_BATCH):
+        c1 = min(k, c0 + GRID_BATCH)
+        err = np.empty((n, c1 - c0), np.float32)
+        for j in range(c0, c1):
+            col = work[:, j]
+            q = np.clip(np.rint((col + off[:, j]) / safe[:, j]), lo, hi)
+            q = np.where(st[:, j] == 0, 0, q)
+            codes[:, j] = q
+            e = (col - (q * st[:, j] - off[:, j])) / u[j, j]
+            err[:, j - c0] = e
+            if j + 1 < c1:
+                work[:, j + 1 : c1] -= np.outer(e, u[j, j + 1 : c1])
+        if c1 < k:
+            work[:, c1:] -= err @ u[c0:c1, c1:]
+    return codes

@@ -402,6 +402,10 @@ INT8_ACTIVATIONS = "-a8"
 """Suffix of the exactness gate used where the runtime rounds the activations of quantized linears to int8."""
 FP16_COMPUTE = "-fp16"
 """Suffix of the exactness gate used where the runtime computes in fp16 (activation mode `fp16`)."""
+K_BLOCKS = "-q8k"
+"""Suffix of a backend's gate for a one-type file that also holds a K-quant matmul fed Q8_K activation blocks
+(activation mode `ggml-k` for some role: llama.cpp's `q4_0` with its Q6_K output), where the backend registers
+one."""
 FAMILY_ALIASES = {"palettize": "int4"}
 """Recipe names outside the core grammar and the gate family they are judged by (Core ML's `palettize4` /
 `palettize6`: weights looked up in a table, judged by the int4 family's gates)."""
@@ -423,6 +427,8 @@ def gate_for(recipe: str, activations: str | dict[str, str] = "float") -> Gate:
         family += INT8_ACTIVATIONS
     if family == "bf16" and modes == {BF16_COMPUTE.lstrip("-")}:
         return GATES[family + BF16_COMPUTE]
+    if "ggml-k" in modes and family + K_BLOCKS in GATES:
+        family += K_BLOCKS
     if modes == {NATIVE.lstrip("-")} and family in ("fp16", "bf16"):
         family += NATIVE
     if family not in GATES:

@@ -44,19 +44,20 @@ def weight_values(recipe_dict: dict[str, Any]) -> Any:
     from lfm_export import ggml_kquants
     from lfm_export.ggml_blocks import BLOCK_TYPES, held_values
 
-    from .recipes import importance_for
+    from .recipes import factor_for, importance_for
 
     types = recipe_dict.get("ggml_tensor_types")  # a K-quant mix: the type of each checkpoint tensor
     threads = DEFAULT_THREADS
 
     def values(w: Any, bits: int, name: str = "") -> Any:
-        imp = importance_for(w, recipe)
+        imp, factor = importance_for(w, recipe), factor_for(w, recipe)
         if types is None:
-            return held_values(w, bits, recipe.rounding, threads, imp)
+            return held_values(w, bits, recipe.rounding, threads, imp, factor)
         kind = types[name]
         if kind in BLOCK_TYPES:
-            return held_values(w, BLOCK_TYPES[kind].bits, recipe.rounding, threads, imp)
-        return ggml_kquants.held_values(w, ggml_kquants.K_TYPES[kind], recipe.rounding, threads, imp)
+            return held_values(w, BLOCK_TYPES[kind].bits, recipe.rounding, threads, imp, factor)
+        kt = ggml_kquants.K_TYPES[kind]
+        return ggml_kquants.held_values(w, kt, recipe.rounding, threads, imp, factor)
 
     return values
 

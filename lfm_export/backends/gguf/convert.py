@@ -43,10 +43,10 @@ from lfm_export.ggml_blocks import quantize as ggml_quantize
 from lfm_export.loading import LoadedModel
 from lfm_export.precision import FLOAT, ROUTER, ggml_mix_type, held_as, rule_for
 from lfm_export.progress import Progress
-from lfm_export.recipes import ACT_FP16, ACT_FP16_ROUTED
+from lfm_export.recipes import ACT_FP16, ACT_FP16_ROUTED, ACT_GGML_Q8_0
 from lfm_export.signature import build_signature
 
-from .recipes import MIX_FILE_TYPES, GgufRecipe, ggml_type, importance_for
+from .recipes import MIX_FILE_TYPES, GgufRecipe, factor_for, ggml_type, importance_for
 from .vocab import read_vocab, write_vocab
 
 MODEL_FILE = "model.gguf"
@@ -130,12 +130,13 @@ def plan(loaded: LoadedModel, recipe: GgufRecipe) -> list[Planned]:
     layer_types = list(cfg.layer_types)
 
     def kind(name: str, shape: tuple[int, ...], bits: int | None) -> str:
-        if recipe.mix is None or bits is None:
+        if bits is None:
             return ggml_type(core, bits)
-        chosen = ggml_mix_type(name, recipe.mix, shape[-1], layer_types, bool(cfg.tie_word_embeddings))
+        mix = recipe.mix or recipe.ggml_name  # q8_0 / q4_0: llama.cpp's output type as well
+        chosen = ggml_mix_type(name, mix, shape[-1], layer_types, bool(cfg.tie_word_embeddings))
         if chosen not in ggml_kquants.K_TYPES and chosen not in BLOCK_TYPES:
             raise UnsupportedError(
-                f"{name}: its rows ({shape[-1]}) are not a multiple of 256, where llama.cpp's {recipe.mix} "
+                f"{name}: its rows ({shape[-1]}) are not a multiple of 256, where llama.cpp's {mix} "
                 f"holds it as {chosen}, which the GGUF backend does not write; use q4_k_m or q6_k"
             )
         return chosen
@@ -193,13 +194,14 @@ def produce(
             w = w.reshape(w.shape[0], w.shape[-1])
         quantized = p.ggml in ggml_kquants.K_TYPES or p.ggml in BLOCK_TYPES
         imp = importance_for(w, recipe.recipe) if quantized else None  # by the checkpoint's own values
+        factor = factor_for(w, recipe.recipe) if quantized else None
         if scale_down != 1.0 and re.search(r"\.experts\.\d+\.w2\.weight$", name):
             w = w * np.float32(scale_down)
         rounding = recipe.recipe.rounding
         if p.ggml in ggml_kquants.K_TYPES:
-            w = ggml_kquants.quantize(w, ggml_kquants.K_TYPES[p.ggml], rounding, threads, imp)
+            w = ggml_kquants.quantize(w, ggml_kquants.K_TYPES[p.ggml], rounding, threads, imp, factor)
         elif p.ggml in BLOCK_TYPES:
-            w = ggml_quantize(w, BLOCK_TYPES[p.ggml].bits, rounding, threads, imp)
+            w = ggml_quantize(w, BLOCK_TYPES[p.ggml].bits, rounding, threads, imp, factor)
         elif p.ggml == "F16":
             w = w.astype(np.float16)
         elif p.ggml == "BF16":
@@ -370,8 +372,10 @@ def export_gguf(
         },
     }
     recorded = recipe.to_dict()
-    if recipe.mix is not None:  # what the simulation holds each quantized checkpoint tensor as
+    if core.quantized:  # what the simulation holds each quantized checkpoint tensor as
         recorded["ggml_tensor_types"] = {n: p.ggml for p in planned if p.bits is not None for n in p.sources}
+    if isinstance(recipe.activations, dict) and "Q6_K" not in {p.ggml for p in planned}:
+        recorded["activation_rounding"] = ACT_GGML_Q8_0  # q4_0 with a Q8_0 output: Q8_0 blocks everywhere
     if cfg.is_moe and recipe.activations == ACT_FP16:
         recorded["activation_rounding"] = ACT_FP16_ROUTED  # fp16 rounding may flip an expert: the -moe gate
     return ExportResult(signature, recorded, extra)

@@ -6,7 +6,7 @@
 | `f16` / `fp16` | `fp16` | F16 | F16 | linears' inputs rounded to fp16 (`ACT_FP16`) |
 | `bf16` | `bf16` | BF16 | BF16 | linears' inputs rounded to bf16 (`ACT_BF16`); the router F32 holding bf16 values |
 | `q8_0` / `int8-b32` | `int8-b32` | Q8_0 | Q8_0 | inputs of Q8_0 matmuls rounded to Q8_0 blocks |
-| `q4_0` / `int4-b32` | `int4-b32` | Q4_0 | Q8_0 (the core's `head_bits` 8) | inputs rounded to Q8_0 blocks |
+| `q4_0` / `int4-b32` | `int4-b32` | Q4_0 | Q6_K (Q8_0 where its row is not a multiple of 256), as llama.cpp | inputs rounded to Q8_0 blocks (Q8_K into a Q6_K output) |
 | `q4_k_m` | `int4-b32-asym` | Q4_K; Q6_K for attn_v / ffn_down on use_more_bits layers | Q6_K | Q8_K blocks into K-quants, Q8_0 into the fallbacks |
 | `q5_k_m` | `int4-b32-asym` | Q5_K; Q6_K as in `q4_k_m` | Q6_K | as `q4_k_m` |
 | `q6_k` | `int8-b32` | Q6_K | Q6_K | as `q4_k_m` |
@@ -53,10 +53,11 @@ K_MIXES = {"q4_k_m": "int4-b32-asym", "q5_k_m": "int4-b32-asym", "q6_k": "int8-b
 """llama.cpp's K-quant mixes and the core recipe each quantizes from (which tensors, the rounding)."""
 MIX_FILE_TYPES = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 """`general.file_type` of the mixes (`LLAMA_FTYPE_MOSTLY_Q4_K_M`, `MOSTLY_Q5_K_M`, `MOSTLY_Q6_K`)."""
-ROUNDING_SUFFIXES = ("nearest", "mse", "fit", "imat")
+ROUNDING_SUFFIXES = ("nearest", "mse", "fit", "imat", "gptq")
 """What a llama.cpp type name takes after a dash: the rounding inside its blocks (`-nearest`: the block's
 extreme at the end code, as llama.cpp's reference quantizers without an importance matrix; the others as the
-core's, `-imat` being the fit weighted by the calibrated inputs' mean square)."""
+core's, `-imat` being the fit weighted by the calibrated inputs' mean square; `-gptq` the `-imat` scales with
+the codes chosen on ggml's own grid by GPTQ, `lfm_export.rounding.gptq_on_grid`)."""
 DEFAULT_ROUNDING = {"q4_0": "fit", "q4_k_m": "fit"}
 """The rounding a bare llama.cpp type name means (the rest: `nearest`)."""
 DEFAULT_CONTEXT = 4096
@@ -96,11 +97,12 @@ class GgufRecipe:
             raise UnsupportedError(
                 f"{name}: llama.cpp rounds the activations itself (to Q8_0 blocks); drop -a8"
             )
-        if r.rounding == "gptq":
-            raise UnsupportedError(
-                f"{name}: -gptq is not supported by the GGUF backend (its codes are rounded for the core's "
-                "blocks, not ggml's); use -imat"
-            )
+
+    @property
+    def calibration_keeps_factors(self) -> bool:
+        """`-gptq`: the calibration keeps each input's inverse-Hessian factor, from which the GGUF writer and
+        the simulation choose the codes on ggml's blocks (`lfm_export.calibrate.keeps_factors`)."""
+        return self.recipe.rounding == "gptq"
 
     @classmethod
     def coerce(cls, recipe: GgufRecipe | Recipe | str) -> GgufRecipe:
@@ -119,11 +121,17 @@ class GgufRecipe:
         return head + ("" if r.rounding == DEFAULT_ROUNDING.get(head, "nearest") else f"-{r.rounding}")
 
     @property
-    def activations(self) -> str:
+    def activations(self) -> str | dict[str, str]:
         """What llama.cpp's CPU kernels do to the input of every linear that is not F32: fp16 rounding (F16
-        weights), bf16 rounding (BF16), Q8_0 blocks (Q8_0 / Q4_0 weights), none (F32)."""
+        weights), bf16 rounding (BF16), Q8_0 blocks (Q8_0 / Q4_0 weights), Q8_K blocks into a K-quant
+        (`ACT_GGML_K`), none (F32).
+        `q4_0` holds its output as llama.cpp does (`lfm_export.precision.ggml_mix_type`): Q6_K where its row is
+        a multiple of 256, fed Q8_K blocks, else Q8_0: the lm_head's role takes `ACT_GGML_K`, which decides by
+        that same width."""
         if self.mix is not None:
             return ACT_GGML_K
+        if self.recipe.quantized and self.recipe.bits == 4:
+            return {"linears": ACT_GGML_Q8_0, "experts": ACT_GGML_Q8_0, "head": ACT_GGML_K}
         if self.recipe.quantized:
             return ACT_GGML_Q8_0
         return {"fp16": ACT_FP16, "bf16": ACT_BF16}.get(self.recipe.dtype, ACT_FLOAT)
@@ -147,7 +155,7 @@ class GgufRecipe:
             "ggml_type": self.ggml_name,
             "ggml_mix": self.mix,
             "activation_rounding": self.activations,
-        }
+        } | ({"calibration_keeps_factors": True} if self.calibration_keeps_factors else {})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GgufRecipe:
@@ -161,6 +169,15 @@ def importance_for(w: np.ndarray, recipe: Recipe) -> np.ndarray | None:
     if recipe.rounding not in CALIBRATED_ROUNDINGS or recipe.bits is None:
         return None
     return calibrated.importance(w, recipe.bits, recipe.block_size)
+
+
+def factor_for(w: np.ndarray, recipe: Recipe) -> np.ndarray | None:
+    """The inverse-Hessian factor `[K, K]` from which a `-gptq` recipe chooses the codes of `w` on ggml's blocks
+    (None otherwise, or for a weight the calibration did not see: its codes are the fit's), read as
+    `importance_for` reads the importance."""
+    if recipe.rounding != "gptq" or recipe.bits is None:
+        return None
+    return calibrated.factor(w, recipe.bits, recipe.block_size)
 
 
 def make_recipe(quant: str = "f32", max_seq_len: int | None = None) -> GgufRecipe:

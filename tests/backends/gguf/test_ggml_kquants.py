@@ -155,3 +155,39 @@ def test_fake_quant_q8_k_is_llama_cpps_reference_loop() -> None:
     np.testing.assert_array_equal(fake_quant_ggml_k(torch.from_numpy(x)).numpy(), ours)
     narrow = torch.from_numpy(x[:, :128].copy())
     np.testing.assert_array_equal(fake_quant_ggml_k(narrow).numpy(), fake_quant_q8_0(narrow).numpy())
+
+
+HEADER = {"Q4_K": slice(0, 16), "Q6_K": slice(192, 210), "Q5_0": slice(0, 2), "Q4_0": slice(0, 2)}
+"""The scale bytes of one block of each type (fp16 `d` / `dmin` and sub-block scales; the rest holds codes)."""
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q5_0", "Q4_0"])
+def test_gptq_chooses_codes_on_the_fitted_scales(kind: str) -> None:
+    """`-gptq` on ggml's blocks: the same scale bytes as `-imat` (the fit weighted by the inputs' mean square),
+    other codes; gguf-py reads the bytes as `dequantize` says; and the codes lower the output error over
+    correlated inputs `trace((W - Q) H (W - Q)^T)` against `-imat`'s."""
+    from lfm_export.ggml_blocks import quantize as q_0_quantize
+    from lfm_export.rounding import hessian_error, inverse_cholesky
+
+    rng = np.random.default_rng(7)
+    w = weights(11)
+    x = rng.standard_normal((1024, w.shape[1])).astype(np.float32)
+    x[:, 1:] += 0.8 * x[:, :-1]  # neighbouring inputs correlated, as a layer's are
+    hessian = (x.T @ x / len(x)).astype(np.float64)
+    factor, imp = inverse_cholesky(hessian).astype(np.float32), np.diag(hessian).astype(np.float32)
+    if kind == "Q4_0":
+        imat, gptq = (q_0_quantize(w, 4, r, 1, imp, factor) for r in ("imat", "gptq"))
+        block = Q4_0
+    else:
+        block = {"Q4_K": Q4_K, "Q6_K": Q6_K, "Q5_0": Q5_0}[kind]
+        imat, gptq = (quantize(w, block, r, 1, imp, factor) for r in ("imat", "gptq"))
+    blocks = [b.reshape(len(w), -1, block.block_bytes) for b in (imat, gptq)]
+    assert np.array_equal(blocks[0][..., HEADER[kind]], blocks[1][..., HEADER[kind]])
+    assert not np.array_equal(imat, gptq)
+    ours = q_0_values(w, 4, "gptq", 1, imp, factor) if kind == "Q4_0" else dequantize(gptq, block)
+    theirs = gguf.quants.dequantize(gptq, gguf.GGMLQuantizationType[kind]).reshape(w.shape)
+    assert np.array_equal(ours, theirs)
+    before = hessian_error(
+        w, gguf.quants.dequantize(imat, gguf.GGMLQuantizationType[kind]).reshape(w.shape), hessian
+    )
+    assert hessian_error(w, ours, hessian) < 0.85 * before

@@ -187,12 +187,18 @@ def test_recipes_and_refusals() -> None:
         make_recipe("q4_0-imat").recipe.name == "int4-b32-imat" and make_recipe("q5_k_m-fit").mix == "q5_k_m"
     )
     assert make_recipe("q4_0-nearest").recipe.rounding == "nearest"
+    gptq = make_recipe("q4_k_m-gptq")  # ggml's own blocks, codes by GPTQ from the calibration's factors
+    assert (gptq.name, gptq.recipe.name, gptq.mix) == ("q4_k_m-gptq", "int4-b32-gptq", "q4_k_m")
+    assert gptq.to_dict()["calibration_keeps_factors"] and make_recipe("int4-b32-gptq").name == "q4_0-gptq"
+    assert "calibration_keeps_factors" not in make_recipe("q4_k_m-imat").to_dict()
+    q4 = make_recipe("q4_0").activations  # Q8_0 blocks into Q4_0 matmuls; the output may be Q6_K (Q8_K)
+    assert q4 == {"linears": "ggml-q8_0", "experts": "ggml-q8_0", "head": "ggml-k"}
+    assert make_recipe("q8_0").activations == "ggml-q8_0"
     for bad, why in [
         ("q4_k_s", "not supported by the GGUF backend yet"),
         ("q5_k_m-mse", "no 5-bit -mse grid"),
         ("q4_k_m-a8", "takes only a rounding"),
-        ("q4_0-gptq", "takes only a rounding"),
-        ("int4-b32-gptq", "-gptq is not supported by the GGUF backend"),
+        ("q4_0-awq", "takes only a rounding"),
         ("int4-b64", "hold 32 values"),
         ("int8-pc", "hold 32 values"),
         ("int4-b32-asym", "no zero point"),
@@ -275,6 +281,12 @@ def test_k_quant_mix_types_follow_llama_cpp() -> None:
     assert mix("model.layers.1.conv.in_proj.weight", 96, m="q6_k") == "Q8_0"
     assert mix("model.layers.5.feed_forward.w2.weight", m="q5_k_m") == "Q6_K"
     assert mix("model.layers.1.conv.in_proj.weight", m="q5_k_m") == "Q5_K"
+    # llama.cpp's one-type files: the output (tied table) at Q6_K unless the type is Q8_0 or the row is not a
+    # multiple of 256 (then Q8_0); every other tensor at the type, use_more_bits layers too
+    assert [mix("model.embed_tokens.weight", r, "q4_0") for r in (512, 128)] == ["Q6_K", "Q8_0"]
+    assert ggml_mix_type("model.embed_tokens.weight", "q4_0", 512, types, tied=False) == "Q4_0"
+    assert mix("model.layers.5.feed_forward.w2.weight", 128, "q4_0") == "Q4_0"
+    assert mix("model.embed_tokens.weight", m="q8_0") == "Q8_0" and mix("lm_head.weight", m="q4_0") == "Q6_K"
 
 
 K_SHAPE = dict(
@@ -392,6 +404,24 @@ def test_k_quant_full_gate_through_llama_cpp(quant: str, tmp_path: Path) -> None
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("quant", ["q4_k_m-gptq", "q4_0-gptq"])
+def test_gptq_on_ggml_blocks_passes_the_full_gate(quant: str, tmp_path: Path) -> None:
+    """`-gptq` on `tiny` (calibrated on the bundled text): the calibration keeps the inverse-Hessian factors,
+    the file holds the codes GPTQ chose on ggml's own blocks (Q4_0 / Q5_0 / Q8_0 here; Q4_K and Q6_K in
+    `test_ggml_kquants.py`), the stored weights equal the simulation's bit for bit, and the full gate passes
+    through llama.cpp."""
+    outcome = export_artifact(
+        "gguf", "tiny", tmp_path / quant, make_recipe(quant, CONTEXT), progress=Progress(quiet=True)
+    )
+    assert outcome.passed, outcome.manifest["parity"]
+    m = outcome.manifest
+    assert m["recipe"]["name"] == quant and m["recipe"]["calibration_keeps_factors"]
+    assert m["parity"]["gate"] == quant.split("-")[0]
+    stored = m["parity"]["exactness"]["stored_weights"]
+    assert stored["passed"] and stored["artifact_rows"] > 0 and not stored["rows_unmatched"]
+
+
+@pytest.mark.slow
 def test_plain_rounding_passes_the_full_gate(tmp_path: Path) -> None:
     """`q4_k_m-nearest` (llama.cpp's reference rounding, the default before `-fit`) on the hidden-256
     checkpoint: the full gate through llama.cpp. (`-imat` has no end-to-end test: on `tiny-moe` its
@@ -416,7 +446,8 @@ def test_plain_rounding_passes_the_full_gate(tmp_path: Path) -> None:
 def test_k_quant_mix_equals_llama_cpps_own_quantizer(tmp_path: Path) -> None:
     """llama.cpp's own quantizer (`llama_model_quantize`) applied to our f32 file of the hidden-256
     checkpoint (with `tiny`'s layer pattern of attention and conv beyond it: 6 layers) chooses, tensor by
-    tensor, the types our `q4_k_m` / `q5_k_m` / `q6_k` exports hold."""
+    tensor, the types our `q4_k_m` / `q5_k_m` / `q6_k` / `q4_0` exports hold (`q4_0`: Q4_0 linears, the tied
+    token table at Q6_K, its rows being 256 wide)."""
     import torch
 
     from lfm_export.check import save_random_transformers
@@ -426,7 +457,7 @@ def test_k_quant_mix_equals_llama_cpps_own_quantizer(tmp_path: Path) -> None:
     quiet = Progress(quiet=True)
     f32 = tmp_path / "f32"
     export_artifact("gguf", str(source), f32, make_recipe("f32", CONTEXT), parity=False, progress=quiet)
-    for quant, ftype in (("q4_k_m", 15), ("q5_k_m", 17), ("q6_k", 18)):
+    for quant, ftype in (("q4_k_m", 15), ("q5_k_m", 17), ("q6_k", 18), ("q4_0", 2)):
         ours = tmp_path / quant
         export_artifact("gguf", str(source), ours, make_recipe(quant, CONTEXT), parity=False, progress=quiet)
         theirs = tmp_path / f"theirs-{quant}.gguf"
@@ -442,3 +473,4 @@ def test_k_quant_mix_equals_llama_cpps_own_quantizer(tmp_path: Path) -> None:
         ]
         assert held[0] == held[1], quant
         assert "Q6_K" in held[0].values()
+    assert held[0]["token_embd.weight"] == "Q6_K" and set(held[0].values()) == {"F32", "Q4_0", "Q6_K"}
