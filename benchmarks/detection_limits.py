@@ -396,21 +396,48 @@ def wrong(
 
 
 def _cell(entry: dict[str, Any] | None) -> str:
-    """`caught`, `caught (stored weights)` where only the stored weights caught it, `NOT caught`."""
+    """`caught` / `NOT caught` by the logits checks, and whether the stored weights catch what they miss."""
     if entry is None:
         return "n/a"
-    if entry["passed"]:
-        return "NOT caught" + (
-            " (stored weights do)" if entry.get("passed_with_stored_weights") is False else ""
-        )
-    return "caught"
+    if not entry["passed"]:
+        return "caught"
+    sw = entry.get("stored_weights") or {}
+    return "NOT caught" + {True: " (stored weights pass)", False: " (stored weights catch it)"}.get(
+        sw.get("passed"), ""
+    )
+
+
+def _matrix_cell(entry: dict[str, Any] | None) -> str:
+    """The smallest scale the logits checks catch (`> x S` where the largest tried passed), and the smallest
+    the stored-weights check catches where that is smaller."""
+    if entry is None:
+        return "n/a"
+    tried = entry["tried"]
+    logits = entry["smallest_caught"]
+    cell = f"x {logits:g}" if logits is not None else f"> x {max(t['scale'] for t in tried):g} (not caught)"
+    stored = [t["scale"] for t in tried if (t.get("stored_weights") or {}).get("passed") is False]
+    if stored and (logits is None or stored[0] < logits):
+        cell += f" (stored weights: x {stored[0]:g})"
+    return cell
+
+
+def _honest_cell(honest: dict[str, Any], wrong_scenarios: dict[str, Any] | None) -> str:
+    """`yes`, or `NO` with the logits checks it failed; the stored-weights verdict where it fails."""
+    failed = sorted(
+        {f for r in (honest, wrong_scenarios or {}) for f in r.get("failed", []) if not f.startswith(STORED)}
+    )
+    cell = "yes" if not failed else "NO (" + ", ".join(failed) + ")"
+    sw = honest.get("stored_weights")
+    if sw is not None and sw["passed"] is False:
+        cell += "; stored weights FAIL (" + ", ".join(sorted(sw["unmatched"])) + ")"
+    return cell
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
-    """One row per backend, recipe and model: the smallest scale the logits checks catch per matrix (`>x`
-    where the largest tried passed), the honest artifact's pooled median logit error and, where activations
-    are rounded to int8, its `resolved_prefill` error; then each wrong artifact caught or not by the logits
-    checks (`not run` in results that predate the columns)."""
+    """One row per backend, recipe and model: whether the honest artifact passes (on the matrices' scenarios
+    and the wrong artifacts'), its pooled median logit error and, where activations are rounded to int8, its
+    `resolved_prefill` error; the smallest scale the logits checks catch per matrix; each wrong artifact
+    caught or not by the logits checks (`not run` in results that predate those columns)."""
     lines = [
         "| backend | recipe | model | honest passes | honest pooled median | honest resolved max | "
         + " | ".join(MATRICES)
@@ -421,25 +448,9 @@ def markdown(results: list[dict[str, Any]]) -> str:
     ]
     for result in results:
         for row in result["rows"]:
-            cells = []
-            for m in MATRICES:
-                entry = row["matrices"].get(m)
-                if entry is None:
-                    cells.append("n/a")
-                elif entry["smallest_caught"] is None:
-                    cells.append(f"> x {max(t['scale'] for t in entry['tried']):g} (not caught)")
-                else:
-                    caught = next(t for t in entry["tried"] if t["scale"] == entry["smallest_caught"])
-                    alone = (
-                        caught.get("logits_exactness_passed")
-                        and (caught.get("stored_weights") or {}).get("passed") is False
-                    )
-                    cells.append(f"x {entry['smallest_caught']:g}" + (" (stored weights)" if alone else ""))
+            cells = [_matrix_cell(row["matrices"].get(m)) for m in MATRICES]
             if "wrong" in row:
-                honest_ok = row["honest_wrong_scenarios"]["passed"]
                 cells += [_cell(row["wrong"].get(w)) if w in row["wrong"] else "not run" for w in WRONG]
-                if not honest_ok:
-                    cells[-len(WRONG)] += " (honest fails these scenarios)"
             else:
                 cells += ["not run"] * len(WRONG)
             honest = row["honest"]
@@ -448,9 +459,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
             kind = row.get("checkpoint", "trained")
             lines.append(
                 f"| {row['backend']} | {row['recipe']} | `{row['model']}` ({kind}, layer {row['layer']}) | "
-                f"{'yes' if honest['passed'] else 'NO'} | {honest['pooled']['logit_median_rel']:.1e} | {exact} | "
-                + " | ".join(cells)
-                + " |"
+                f"{_honest_cell(honest, row.get('honest_wrong_scenarios'))} | "
+                f"{honest['pooled']['logit_median_rel']:.1e} | {exact} | " + " | ".join(cells) + " |"
             )
     return "\n".join(lines)
 
