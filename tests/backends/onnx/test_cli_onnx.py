@@ -426,4 +426,4 @@ def test_a_session_in_the_shims_place_is_judged_under_the_artifacts_gate(artifac
         assert result.stored_weights["passed"] is True
         if not passes:
             exact = {c.scenario for c in result.failures if c.part == EXACTNESS}
-            assert exact == {"decode"}, result.verdict_line()
+            assert "decode" in exact and exact <= {"decode", "pooled"}, result.verdict_line()
