@@ -16,13 +16,34 @@ row (`resolved_prefill`, `lfm_export.parity.boundary`). "Caught" counts the logi
 records whether the logits checks alone passed (`logits_exactness_passed`) and the stored-weights verdict
 (`stored_weights`, with the checkpoint tensor nearest to each unmatched artifact tensor; null where the backend
 has no reader), which compares the artifact's quantized weights bit for bit with the simulation's; a cell
-caught only by the stored weights says so. `--markdown` prints the table docs/parity.md holds.
+caught only by the stored weights says so.
+
+Models: the bundled trained `tiny` / `tiny-moe`, and `hf-dense` / `hf-moe`, checkpoints the script writes itself
+with transformers' own `save_pretrained` (`lfm_export.check.save_random_transformers`, seeded; the shapes of
+tests/core/test_parity_gates.py, the MoE one with `routed_scaling_factor` 1.5) into `--work`. Their random
+initialisation gives flat logits: KL and top-1 say little there, so the scale-free logit and state errors carry
+the exactness gate (module doc of lfm_export.parity.thresholds).
+
+Wrong artifacts (`--wrong`, run on the `--wrong-scenarios`, which include decode and a chunked prefill, where a
+state bug shows; the honest artifact is checked on them too, `honest_wrong_scenarios`):
+- `other_weights`: the artifact checked against a model of the same shapes and other weights (the
+  transformers initialisation with another seed), through the real runtime;
+- `dropped_conv_state`, `kv_off_by_one`: the broken sessions of tests/broken_sessions.py over the backend's own
+  simulation (its weight values and activation rounding), checked in the runtime shim's place under the
+  artifact's gate (`check_artifact(session=...)`; hiding their state where the shim exposes none, as
+  ExecuTorch's and GGUF's do): what the gate catches of such a runtime bug, not the runtime itself;
+- `routing_scale_dropped` (MoE models whose `routed_scaling_factor` is not 1): a real artifact exported from a
+  copy of the checkpoint whose config says 1, checked against the original, through the real runtime.
+
+`--markdown [FILE ...]` prints the table docs/parity.md holds, of `--out` or of the files given.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +54,45 @@ from provenance import provenance
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUNS = ("onnx:int4:tiny", "onnx:int4:tiny-moe", "executorch:8da4w:tiny", "mlx:int4:tiny")
 MATRICES = ("w2", "out_proj", "in_proj", "expert")
+WRONG = ("other_weights", "dropped_conv_state", "kv_off_by_one", "routing_scale_dropped")
+WRONG_SCENARIOS = ("prefill", "decode", "chunked_prefill")
+HF_MODELS: dict[str, tuple[dict[str, Any], int]] = {
+    # name: (transformers config kwargs, seed); the shapes of tests/core/test_parity_gates.py's checkpoints
+    "hf-dense": (
+        dict(
+            vocab_size=320,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            layer_types=["conv", "full_attention", "conv", "full_attention"],
+            block_auto_adjust_ff_dim=False,
+        ),
+        1,
+    ),
+    "hf-moe": (
+        dict(
+            vocab_size=320,
+            hidden_size=64,
+            intermediate_size=128,
+            moe_intermediate_size=64,
+            num_experts=4,
+            num_experts_per_tok=2,
+            num_dense_layers=1,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            layer_types=["conv", "full_attention", "conv"],
+            use_expert_bias=True,
+            routed_scaling_factor=1.5,
+        ),
+        3,
+    ),
+}
+"""Transformers-initialised checkpoints the script writes (`--work`/checkpoints); `<name>-other` is the same
+shapes with seed + 100, the `other_weights` model."""
+OTHER_SEED = 100
 METRICS = ("logit_max_rel", "logit_median_rel", "kl_mean", "kl_max")
 STORED = "stored_weights"
 """Scenario prefix of the stored-weights check's rows, left out of "caught" (module doc)."""
@@ -45,6 +105,93 @@ def _recipe(backend: str, quant: str) -> Any:
     if backend == "executorch":
         return record.recipe(quant, 128, max_prefill=32)
     return record.recipe(quant, 128)
+
+
+def _hf_kwargs(model: str) -> dict[str, Any]:
+    """Transformers config kwargs of a bundled model (its `to_hf_dict` without the file-only keys)."""
+    from lfm_export.loading import load_model
+
+    d = load_model(model, lazy=True).config.to_hf_dict()
+    for key in ("architectures", "model_type", "torch_dtype", "full_attn_idxs", "rope_parameters"):
+        d.pop(key, None)
+    return d
+
+
+def resolve_model(model: str, work: Path) -> str:
+    """What `load_model` takes for `model`: a bundled name as is; `hf-*` (and `<name>-other`, the other-weights
+    model of any name) as the checkpoint folder the script writes under `work` with transformers'
+    `save_pretrained`, once."""
+    import torch
+
+    from lfm_export.check import save_random_transformers
+
+    base, other = (model[: -len("-other")], True) if model.endswith("-other") else (model, False)
+    if base not in HF_MODELS and not other:
+        return model
+    folder = work / "checkpoints" / model
+    if not (folder / "config.json").is_file():
+        kwargs, seed = HF_MODELS[base] if base in HF_MODELS else (_hf_kwargs(base), 0)
+        save_random_transformers(folder, kwargs, torch.float32, seed + (OTHER_SEED if other else 0))
+    return str(folder)
+
+
+def checkpoint_kind(model: str) -> str:
+    return "transformers-initialised" if model in HF_MODELS else "trained"
+
+
+def without_routing_scale(model: str, work: Path) -> str | None:
+    """A copy of `model`'s checkpoint whose config says `routed_scaling_factor` 1 (None: no MoE scale to drop)."""
+    if model not in HF_MODELS or HF_MODELS[model][0].get("routed_scaling_factor", 1.0) == 1.0:
+        return None
+    source = Path(resolve_model(model, work))
+    folder = work / "checkpoints" / f"{model}-noscale"
+    if not (folder / "config.json").is_file():
+        shutil.copytree(source, folder, dirs_exist_ok=True)
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["routed_scaling_factor"] = 1.0
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return str(folder)
+
+
+def broken_session(folder: Path, model: str, kind: str, threads: int) -> Any:
+    """The broken session of tests/broken_sessions.py for `kind` over the backend's own simulation of `model`,
+    hiding its state where the artifact's shim exposes none."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from broken_sessions import DropsConvState, KvOneOff
+
+    from lfm_export.backends import get, open_session
+    from lfm_export.contract.manifest import read_manifest
+    from lfm_export.loading import load_model
+    from lfm_export.pipeline import simulation_for
+    from lfm_export.quant import simulate
+
+    manifest = read_manifest(folder)
+    record = get(manifest["backend"])
+    sim_recipe, activations = simulation_for(record, manifest["recipe"])
+    weights = record.weight_values(manifest["recipe"]) if record.weight_values else None
+    simulated = simulate(load_model(model).model, sim_recipe, activations, threads=threads, weights=weights)
+    real = open_session(folder, threads=threads)
+    cls: Any = {"dropped_conv_state": DropsConvState, "kv_off_by_one": KvOneOff}[kind]
+    if real.state() is None:
+        cls = type(cls.__name__, (cls,), {"state": lambda self: None})
+    return cls(simulated, name=kind, max_seq_len=real.max_seq_len)
+
+
+def _export(backend: str, quant: str, model: str, folder: Path, threads: int) -> None:
+    from lfm_export.pipeline import export_artifact
+    from lfm_export.progress import Progress
+
+    if not (folder / "manifest.json").is_file():
+        export_artifact(
+            backend,
+            model,
+            folder,
+            _recipe(backend, quant),
+            parity=False,
+            threads=threads,
+            progress=Progress(quiet=True),
+            force=True,
+        )
 
 
 def _matrix(model: Any, layer: int, name: str) -> Any:
@@ -75,8 +222,17 @@ def _conv_layer(config: Any, layer: int) -> int:
 
 
 def check(
-    folder: Path, model: str, layer: int, matrix: str | None, scale: float, threads: int, scenarios: list[str]
+    folder: Path,
+    model: str,
+    layer: int,
+    matrix: str | None,
+    scale: float,
+    threads: int,
+    scenarios: list[str],
+    session: Any = None,
 ) -> dict[str, Any] | None:
+    """Parity of the artifact in `folder` (or of `session` in its shim's place) against `model` with `matrix`
+    of `layer` scaled by `scale`: the logits verdict, the stored-weights verdict apart, the pooled metrics."""
     import torch
 
     from lfm_export.loading import load_model
@@ -91,7 +247,9 @@ def check(
             return None
         with torch.no_grad():
             w.mul_(scale)
-    r = check_artifact(folder, loaded, threads=threads, progress=Progress(quiet=True), scenarios=scenarios)
+    r = check_artifact(
+        folder, loaded, threads=threads, progress=Progress(quiet=True), scenarios=scenarios, session=session
+    )
     pooled = next(s for s in r.scenarios if s.name == "pooled")
     sw = r.stored_weights
     logits = [c for c in r.failures if not c.scenario.startswith(STORED)]
@@ -117,43 +275,43 @@ def main() -> None:
     ap.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS), help="backend:recipe:model")
     ap.add_argument("--scales", nargs="+", type=float, default=[1.01, 1.02, 1.05, 1.10])
     ap.add_argument("--matrices", nargs="+", default=list(MATRICES))
+    ap.add_argument("--wrong", nargs="*", default=list(WRONG), help="wrong-artifact kinds (none: skip)")
     ap.add_argument("--layer", type=int, default=None, help="default: the middle layer")
     ap.add_argument("--scenarios", nargs="+", default=["prefill"])
+    ap.add_argument("--wrong-scenarios", nargs="+", default=list(WRONG_SCENARIOS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
         "--work", type=Path, default=None, help="export folder, reused (default: a temporary one)"
     )
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--markdown", action="store_true", help="print the docs table of --out and exit")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument(
+        "--markdown",
+        nargs="*",
+        type=Path,
+        default=None,
+        help="print the docs table of --out (or FILES) and exit",
+    )
     args = ap.parse_args()
-    if args.markdown:
-        print(markdown(json.loads(args.out.read_text())))
+    if args.markdown is not None:
+        files = args.markdown or [args.out]
+        print(markdown([json.loads(f.read_text()) for f in files]))
         return
+    if args.out is None:
+        ap.error("--out is required")
 
     import torch
 
     from lfm_export.loading import load_model
-    from lfm_export.pipeline import export_artifact
-    from lfm_export.progress import Progress
 
     torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         for run in args.runs:
-            backend, quant, model = run.split(":")
-            folder = work / f"{backend}-{quant}-{model}"
-            if not (folder / "manifest.json").is_file():
-                export_artifact(
-                    backend,
-                    model,
-                    folder,
-                    _recipe(backend, quant),
-                    parity=False,
-                    threads=args.threads,
-                    progress=Progress(quiet=True),
-                    force=True,
-                )
+            backend, quant, name = run.split(":")
+            model = resolve_model(name, work)
+            folder = work / f"{backend}-{quant}-{name}"
+            _export(backend, quant, model, folder, args.threads)
             layers = load_model(model, lazy=True).config.num_hidden_layers
             layer = args.layer if args.layer is not None else layers // 2
             gate = json.loads((folder / "manifest.json").read_text())["recipe"].get("name")
@@ -161,7 +319,8 @@ def main() -> None:
                 "backend": backend,
                 "recipe": quant,
                 "recipe_name": gate,
-                "model": model,
+                "model": name,
+                "checkpoint": checkpoint_kind(name),
                 "layer": layer,
             }
             start = time.perf_counter()
@@ -182,6 +341,15 @@ def main() -> None:
                         "smallest_caught": caught[0] if caught else None,
                         "tried": tried,
                     }
+            if args.wrong:
+                row["wrong_scenarios"] = args.wrong_scenarios
+                row["honest_wrong_scenarios"] = check(
+                    folder, model, layer, None, 1.0, args.threads, args.wrong_scenarios
+                )
+                row["wrong"] = {
+                    kind: wrong(kind, backend, quant, name, model, folder, layer, work, args)
+                    for kind in args.wrong
+                }
             row["seconds"] = round(time.perf_counter() - start, 1)
             rows.append(row)
             print(json.dumps({k: row[k] for k in ("backend", "recipe", "model", "seconds")}), flush=True)
@@ -194,43 +362,106 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(markdown(result))
+    print(markdown([result]))
 
 
-def markdown(result: dict[str, Any]) -> str:
-    """One row per backend, recipe and model: the smallest scale the logits checks catch per matrix (`>x`
-    where the largest tried passed), the honest artifact's pooled median logit error and, where activations
-    are rounded to int8, its `resolved_prefill` error."""
+def wrong(
+    kind: str,
+    backend: str,
+    quant: str,
+    name: str,
+    model: str,
+    folder: Path,
+    layer: int,
+    work: Path,
+    args: argparse.Namespace,
+) -> dict[str, Any] | None:
+    """One wrong artifact of `kind` (module doc) checked on the wrong-artifact scenarios; None: not applicable
+    (no routing scale to drop)."""
+    scenarios, threads = args.wrong_scenarios, args.threads
+    if kind == "other_weights":
+        other = resolve_model(f"{name}-other", work)
+        return check(folder, other, layer, None, 1.0, threads, scenarios)
+    if kind in ("dropped_conv_state", "kv_off_by_one"):
+        session = broken_session(folder, model, kind, threads)
+        return check(folder, model, layer, None, 1.0, threads, scenarios, session=session)
+    if kind == "routing_scale_dropped":
+        unscaled = without_routing_scale(name, work)
+        if unscaled is None:
+            return None
+        bad = work / f"{backend}-{quant}-{name}-noscale"
+        _export(backend, quant, unscaled, bad, threads)
+        return check(bad, model, layer, None, 1.0, threads, scenarios)
+    raise ValueError(kind)
+
+
+def _cell(entry: dict[str, Any] | None) -> str:
+    """`caught` / `NOT caught` by the logits checks, and whether the stored weights catch what they miss."""
+    if entry is None:
+        return "n/a"
+    if not entry["passed"]:
+        return "caught"
+    sw = entry.get("stored_weights") or {}
+    return "NOT caught" + {True: " (stored weights pass)", False: " (stored weights catch it)"}.get(
+        sw.get("passed"), ""
+    )
+
+
+def _matrix_cell(entry: dict[str, Any] | None) -> str:
+    """The smallest scale the logits checks catch (`> x S` where the largest tried passed), and the smallest
+    the stored-weights check catches where that is smaller."""
+    if entry is None:
+        return "n/a"
+    tried = entry["tried"]
+    logits = entry["smallest_caught"]
+    cell = f"x {logits:g}" if logits is not None else f"> x {max(t['scale'] for t in tried):g} (not caught)"
+    stored = [t["scale"] for t in tried if (t.get("stored_weights") or {}).get("passed") is False]
+    if stored and (logits is None or stored[0] < logits):
+        cell += f" (stored weights: x {stored[0]:g})"
+    return cell
+
+
+def _honest_cell(honest: dict[str, Any], wrong_scenarios: dict[str, Any] | None) -> str:
+    """`yes`, or `NO` with the logits checks it failed; the stored-weights verdict where it fails."""
+    failed = sorted(
+        {f for r in (honest, wrong_scenarios or {}) for f in r.get("failed", []) if not f.startswith(STORED)}
+    )
+    cell = "yes" if not failed else "NO (" + ", ".join(failed) + ")"
+    sw = honest.get("stored_weights")
+    if sw is not None and sw["passed"] is False:
+        cell += "; stored weights FAIL (" + ", ".join(sorted(sw["unmatched"])) + ")"
+    return cell
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    """One row per backend, recipe and model: whether the honest artifact passes (on the matrices' scenarios
+    and the wrong artifacts'), its pooled median logit error and, where activations are rounded to int8, its
+    `resolved_prefill` error; the smallest scale the logits checks catch per matrix; each wrong artifact
+    caught or not by the logits checks (`not run` in results that predate those columns)."""
     lines = [
         "| backend | recipe | model | honest passes | honest pooled median | honest resolved max | "
         + " | ".join(MATRICES)
+        + " | "
+        + " | ".join(w.replace("_", " ") for w in WRONG)
         + " |",
-        "|---" * (5 + len(MATRICES)) + "|---|",
+        "|---" * (6 + len(MATRICES) + len(WRONG)) + "|",
     ]
-    for row in result["rows"]:
-        cells = []
-        for m in MATRICES:
-            entry = row["matrices"].get(m)
-            if entry is None:
-                cells.append("n/a")
-            elif entry["smallest_caught"] is None:
-                cells.append(f"> x {max(t['scale'] for t in entry['tried']):g} (not caught)")
+    for result in results:
+        for row in result["rows"]:
+            cells = [_matrix_cell(row["matrices"].get(m)) for m in MATRICES]
+            if "wrong" in row:
+                cells += [_cell(row["wrong"].get(w)) if w in row["wrong"] else "not run" for w in WRONG]
             else:
-                caught = next(t for t in entry["tried"] if t["scale"] == entry["smallest_caught"])
-                alone = (
-                    caught.get("logits_exactness_passed")
-                    and (caught.get("stored_weights") or {}).get("passed") is False
-                )
-                cells.append(f"x {entry['smallest_caught']:g}" + (" (stored weights)" if alone else ""))
-        honest = row["honest"]
-        resolved = honest.get("resolved_prefill")
-        exact = "n/a" if not resolved else f"{resolved['logit_max_rel']:.1e}"
-        lines.append(
-            f"| {row['backend']} | {row['recipe']} | `{row['model']}` (layer {row['layer']}) | "
-            f"{'yes' if honest['passed'] else 'NO'} | {honest['pooled']['logit_median_rel']:.1e} | {exact} | "
-            + " | ".join(cells)
-            + " |"
-        )
+                cells += ["not run"] * len(WRONG)
+            honest = row["honest"]
+            resolved = honest.get("resolved_prefill")
+            exact = "n/a" if not resolved else f"{resolved['logit_max_rel']:.1e}"
+            kind = row.get("checkpoint", "trained")
+            lines.append(
+                f"| {row['backend']} | {row['recipe']} | `{row['model']}` ({kind}, layer {row['layer']}) | "
+                f"{_honest_cell(honest, row.get('honest_wrong_scenarios'))} | "
+                f"{honest['pooled']['logit_median_rel']:.1e} | {exact} | " + " | ".join(cells) + " |"
+            )
     return "\n".join(lines)
 
 

@@ -275,11 +275,14 @@ def check_artifact(
     gates_file: Path | None = None,
     full_context: bool = False,
     stream: bool = False,
+    session: Any = None,
 ) -> Any:
     """Parity of an artifact (through its runtime shim) in two parts: exactness against its recipe simulated
     in torch, quality against the fp32 reference (gated strictly by `max_kl` / `gates_file` when given, else
     by the family's sanity bound). Writes reports into `folder/parity/` and the summary into the manifest.
     `stream`: compute the reference one layer at a time even where it fits in memory (`use_streaming`).
+    `session`: a session judged in the runtime shim's place under the artifact's own gate, simulation and
+    stored weights (a deliberately broken runtime: benchmarks/detection_limits.py); None: the shim.
     Returns the ParityResult."""
     from lfm_export.parity.thresholds import quality_gate
 
@@ -297,6 +300,7 @@ def check_artifact(
         full_context=full_context,
         manifest=manifest,
         stream=stream,
+        session=session,
     )
 
 
@@ -345,10 +349,12 @@ def _check(
     full_context: bool = False,
     manifest: dict[str, Any] | None = None,
     stream: bool = False,
+    session: Any = None,
 ) -> Any:
-    """Parity of the artifact in `folder`; its reports join the manifest (`manifest`, the one just written, or
-    the folder's), whose other file entries and hashes stand: only the report files are hashed. A lazily
-    loaded model is materialized where its float32 copies fit, else streamed (`use_streaming`)."""
+    """Parity of the artifact in `folder` (or of `session` in its runtime shim's place); its reports join the
+    manifest (`manifest`, the one just written, or the folder's), whose other file entries and hashes stand:
+    only the report files are hashed. A lazily loaded model is materialized where its float32 copies fit, else
+    streamed (`use_streaming`)."""
     import torch
 
     from lfm_export.parity import ReferenceSession, run_parity, write_reports
@@ -422,7 +428,7 @@ def _check(
         _check_calibration(folded, manifest, progress),
         progress.step(f"Parity ({recipe}) through the {manifest['backend']} runtime"),
     ):
-        session = open_session(folder, threads=threads)
+        session = open_session(folder, threads=threads) if session is None else session
         simulation = rounding = None
         stored: Any = None
         if stream or loaded.lazy:

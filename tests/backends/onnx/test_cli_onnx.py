@@ -391,3 +391,39 @@ def test_streamed_parity_passes_the_honest_artifact_and_fails_a_matrix_two_perce
     _scale_initializer(broken, W2_SCALES, 1.02)
     result = check_artifact(broken, threads=1, progress=quiet, scenarios=["prefill"], stream=True)
     assert not result.passed and list(result.stored_weights["unmatched"]) == [W2], result.verdict_line()
+
+
+def test_a_session_in_the_shims_place_is_judged_under_the_artifacts_gate(artifact, tmp_path):
+    """`check_artifact(session=...)` (benchmarks/detection_limits.py's broken runtimes): a session that is the
+    artifact's own simulation passes its gate; the same session dropping its conv state after every call fails
+    decode's exactness, while the folder's stored weights still pass."""
+    import shutil
+
+    from broken_sessions import DropsConvState
+
+    from lfm_export.backends import get
+    from lfm_export.contract.manifest import read_manifest
+    from lfm_export.loading import load_model
+    from lfm_export.parity import EXACTNESS, ReferenceSession
+    from lfm_export.pipeline import check_artifact, simulation_for
+    from lfm_export.progress import Progress
+    from lfm_export.quant import simulate
+
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact, copy)
+    manifest = read_manifest(copy)
+    loaded = load_model("tiny")
+    simulated = simulate(loaded.model, *simulation_for(get("onnx"), manifest["recipe"]), threads=1)
+    quiet = Progress(quiet=True)
+    for session, passes in [
+        (ReferenceSession(simulated, name="simulated", max_seq_len=manifest["max_seq_len"]), True),
+        (DropsConvState(simulated, name="drop-conv", max_seq_len=manifest["max_seq_len"]), False),
+    ]:
+        result = check_artifact(
+            copy, loaded, threads=1, progress=quiet, scenarios=["decode"], session=session
+        )
+        assert result.passed is passes, result.verdict_line()
+        assert result.stored_weights["passed"] is True
+        if not passes:
+            exact = {c.scenario for c in result.failures if c.part == EXACTNESS}
+            assert "decode" in exact and exact <= {"decode", "pooled"}, result.verdict_line()
