@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lfm_export.backends.record import Backend, Runner
 from lfm_export.contract.errors import UserError
 from lfm_export.contract.session import DEFAULT_THREADS
@@ -37,20 +39,22 @@ def simulation(recipe_dict: dict[str, Any]) -> tuple[Any, str]:
 
 def weight_values(recipe_dict: dict[str, Any]) -> Any:
     """The values ggml reads from the artifact's blocks: the core quantizer's codes times its scales rounded to
-    fp16 (`lfm_export.ggml_blocks.held_values`)."""
+    fp16 (`lfm_export.ggml_blocks.held_values`); an expert down projection with a folded routed scale `s` as
+    the file's values divided by `s` (`convert.EXPERT_DOWN_SCALE`)."""
     recipe = GgufRecipe.from_dict(recipe_dict).recipe
     if not recipe.quantized:
         return None
     from lfm_export import ggml_kquants
     from lfm_export.ggml_blocks import BLOCK_TYPES, held_values
 
+    from .convert import EXPERT_DOWN_SCALE, is_expert_down
     from .recipes import factor_for, importance_for
 
     types = recipe_dict.get("ggml_tensor_types")  # a K-quant mix: the type of each checkpoint tensor
+    scale = np.float32(recipe_dict.get(EXPERT_DOWN_SCALE, 1.0))
     threads = DEFAULT_THREADS
 
-    def values(w: Any, bits: int, name: str = "") -> Any:
-        imp, factor = importance_for(w, recipe), factor_for(w, recipe)
+    def held(w: Any, bits: int, name: str, imp: Any, factor: Any) -> Any:
         if types is None:
             return held_values(w, bits, recipe.rounding, threads, imp, factor)
         kind = types[name]
@@ -58,6 +62,12 @@ def weight_values(recipe_dict: dict[str, Any]) -> Any:
             return held_values(w, BLOCK_TYPES[kind].bits, recipe.rounding, threads, imp, factor)
         kt = ggml_kquants.K_TYPES[kind]
         return ggml_kquants.held_values(w, kt, recipe.rounding, threads, imp, factor)
+
+    def values(w: Any, bits: int, name: str = "") -> Any:
+        imp, factor = importance_for(w, recipe), factor_for(w, recipe)  # by the checkpoint's own values
+        if scale != 1 and is_expert_down(name):  # the file holds w2 * s quantized (`EXPERT_DOWN_SCALE`)
+            return held(np.asarray(w, np.float32) * scale, bits, name, imp, factor) / scale
+        return held(w, bits, name, imp, factor)
 
     return values
 

@@ -182,6 +182,17 @@ def block_type(ggml: str) -> Any:
     return BLOCK_TYPES[ggml] if ggml in BLOCK_TYPES else ggml_kquants.K_TYPES[ggml]
 
 
+EXPERT_DOWN_SCALE = "expert_down_scale"
+"""Recipe key of the routed scaling factor folded into the expert down projections of a quantized MoE file: the
+simulation quantizes `w2 * s` as the file does and holds the result divided by `s` (`weight_values`), the
+stored-weights reader divides the file's `ffn_down_exps` rows by the same `s`, so both compare the same values."""
+
+
+def is_expert_down(name: str) -> bool:
+    """Whether checkpoint tensor `name` is an MoE expert's down projection (where the routed scale is folded)."""
+    return re.search(r"\.experts\.\d+\.w2\.weight$", name) is not None
+
+
 def produce(
     p: Planned, get: Callable[[str], Any], recipe: GgufRecipe, scale_down: float, threads: int
 ) -> np.ndarray:
@@ -195,7 +206,7 @@ def produce(
         quantized = p.ggml in ggml_kquants.K_TYPES or p.ggml in BLOCK_TYPES
         imp = importance_for(w, recipe.recipe) if quantized else None  # by the checkpoint's own values
         factor = factor_for(w, recipe.recipe) if quantized else None
-        if scale_down != 1.0 and re.search(r"\.experts\.\d+\.w2\.weight$", name):
+        if scale_down != 1.0 and is_expert_down(name):
             w = w * np.float32(scale_down)
         rounding = recipe.recipe.rounding
         if p.ggml in ggml_kquants.K_TYPES:
@@ -374,6 +385,8 @@ def export_gguf(
     recorded = recipe.to_dict()
     if core.quantized:  # what the simulation holds each quantized checkpoint tensor as
         recorded["ggml_tensor_types"] = {n: p.ggml for p in planned if p.bits is not None for n in p.sources}
+        if scale_down != 1.0:
+            recorded[EXPERT_DOWN_SCALE] = scale_down
     if isinstance(recipe.activations, dict) and "Q6_K" not in {p.ggml for p in planned}:
         recorded["activation_rounding"] = ACT_GGML_Q8_0  # q4_0 with a Q8_0 output: Q8_0 blocks everywhere
     if cfg.is_moe and recipe.activations == ACT_FP16:

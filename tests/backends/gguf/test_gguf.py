@@ -245,6 +245,32 @@ def test_f32_matches_transformers_through_llama_cpp(name: str, tmp_path: Path) -
     assert tokens == greedy
 
 
+def test_moe_with_a_routed_scale_passes_parity_with_the_scale_folded(tmp_path: Path) -> None:
+    """A transformers-written MoE checkpoint with routed_scaling_factor 1.5 at q4_0: the file holds the experts'
+    down projections times 1.5 (llama.cpp's lfm2moe never reads the factor), the simulation quantizes them the
+    same way, so the honest file passes through llama.cpp with every stored row matched; judged as if nothing
+    were folded (the recipe's `expert_down_scale` dropped), the expert stacks no longer match."""
+    pytest.importorskip("transformers")
+    from conftest import HF_SHAPES, save_hf, stable_seed
+
+    kwargs, dtype = HF_SHAPES["moe_b32"]  # every width a multiple of 32, as Q4_0 blocks need
+    path = save_hf(tmp_path / "hf", {**kwargs, "routed_scaling_factor": 1.5}, dtype, seed=stable_seed("scaled"))
+    folder = tmp_path / "gguf"
+    export_artifact(
+        "gguf", str(path), folder, make_recipe("q4_0", CONTEXT), parity=False, progress=Progress(quiet=True)
+    )
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["recipe"]["expert_down_scale"] == 1.5
+    honest = check_artifact(folder, threads=1, progress=Progress(quiet=True), scenarios=QUICK)
+    assert honest.passed, [c.describe() for c in honest.failures]
+    assert honest.stored_weights["passed"], honest.stored_weights
+    del manifest["recipe"]["expert_down_scale"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    unfolded = check_artifact(folder, threads=1, progress=Progress(quiet=True), scenarios=QUICK)
+    unmatched = unfolded.stored_weights["unmatched"]
+    assert not unfolded.passed and unmatched and all("ffn_down_exps" in n for n in unmatched), unmatched
+
+
 @pytest.mark.unit
 def test_norm_topk_prob_false_is_refused_before_any_work(tmp_path: Path) -> None:
     from lfm_export.backends.gguf.convert import check_model
