@@ -28,12 +28,14 @@ _NOTE = "emulated HTP (integer codes) against the fake-quantized torch program (
 _STORED = "; the stored-weights check beside it catches x 1.02 in each, naming the matrix"
 DETECTION = {
     "qnn-16a8w": "a middle layer's out_proj or in_proj x 1.02 and w2 x 1.05 (w2 x 1.02 passes the logits rows) "
-    "are caught (tiny, prefill scenario; benchmarks/results/detection_limits_qnn_16a8w.json)" + _STORED,
+    "are caught on tiny; on a 2-layer transformers-written checkpoint in_proj x 1.02, out_proj x 1.10 and w2 not "
+    "up to x 1.10 (prefill scenario; benchmarks/results/detection_limits_qnn_16a8w.json, _hf.json)" + _STORED,
     "qnn-16a4w": "a middle layer's in_proj x 1.05, w2 and out_proj x 1.10 are caught by the logits rows (x 1.02 "
     "of each passes them; tiny, prefill scenario; benchmarks/results/detection_limits_qnn_16a4w.json)"
     + _STORED,
     "qnn-8a8w": "none of a middle layer's w2, out_proj, in_proj x 1.10 is caught by the logits rows, whose honest "
-    "noise is larger (tiny, prefill scenario; benchmarks/results/detection_limits_qnn_8a8w.json)" + _STORED,
+    "noise is larger (tiny and a 2-layer transformers-written checkpoint, prefill scenario; "
+    "benchmarks/results/detection_limits_qnn_8a8w.json, _hf.json)" + _STORED,
 }
 """What `benchmarks/detection_limits.py` measured each QNN gate to catch (scales tried: 1.02, 1.05, 1.10)."""
 
