@@ -12,7 +12,8 @@ Measured with onnxruntime-qnn 2.7.0 (QAIRT 2.51 HTP emulator), context 64, hones
   8a8w   `tiny` (prefill and decode, 233 positions): 0.26 / 2.06 / 0.38 / 0.93 -> limits about 2x: a weak gate
          (one 8-bit step moves a logit far more).
 16a4w and 8a8w rest on one model each: on a 2-layer transformers-written checkpoint the honest 16a4w export fails
-the 16a4w state limit (prefill state max rel 0.062; docs/parity.md, Detection limits), not yet recalibrated. What each gate catches (`detection`, `DETECTION`) was measured by
+the 16a4w state limit (prefill state max rel 0.062: one 8-bit key code flipped; docs/parity.md, Detection
+limits), not yet recalibrated. What each gate catches (`detection`, `DETECTION`) was measured by
 `benchmarks/detection_limits.py` on `tiny` (layer 3's w2, out_proj, in_proj x 1.02 / 1.05 / 1.10, prefill
 scenario); the stored-weights check beside them (`lfm_export.backends.onnx_qnn.stored_weights`) fails every one
 of those at x 1.02, naming the matrix, whatever the logits gate lets through.
