@@ -461,6 +461,9 @@ def _check(
                 )
             if reader is not None and sim_recipe.quantized and own_simulation is None:
                 stored = compare_stored_weights(reader(folder), simulated_weights(simulated, sim_recipe))
+            elif reader is not None and own_simulation is not None:
+                # a session of the backend's own holds its quantized weights (QNN: the fake-quant program's)
+                stored = compare_stored_weights(reader(folder), simulation.quantized_weights())
         tokenizer = folder / "tokenizer.json"
         resolved = None
         int8 = {ACT_INT8_BLOCK, ACT_INT8_TOKEN}

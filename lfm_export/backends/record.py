@@ -75,7 +75,8 @@ class Backend:
       a session of its own where the core simulation does not apply (QNN's fake-quantized program).
     - `stored_weights`: `"module:function"` reading an artifact folder's quantized weights, dequantized in numpy
       (`(folder) -> {tensor name: float32 [N, K]}`, or `(name, array)` pairs), for the bit-exact weights part
-      of exactness (`lfm_export.parity.stored_weights`); None: not checked.
+      of exactness (`lfm_export.parity.stored_weights`); None: not checked. A backend with a
+      `simulation_session` gives that session a `quantized_weights()` (`(name, array)` pairs) to compare with.
     - `gates`: `"module:NAME"` of a `{name: Gate}` mapping this backend adds to the parity gates, and
       `sanity`: of a `{family: KL mean}` mapping of default quality bounds.
     - `core_codes`: the backend packs every quantized weight from the core quantizer's codes and scales

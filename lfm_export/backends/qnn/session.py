@@ -5,6 +5,8 @@ quantization before any lowering."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
@@ -13,6 +15,7 @@ from lfm_export.contract.snapshot import Snapshot
 from lfm_export.runtime.qnn import restored_state
 
 from .quantize import QuantizedStep, empty_state, step_args
+from .weights import program_weights
 
 
 class FakeQuantSession(SessionBase):
@@ -43,6 +46,11 @@ class FakeQuantSession(SessionBase):
     def _restore_state(self, snap: Snapshot) -> None:
         state = restored_state(self.name, self.signature.state_inputs(), snap)
         self._state = [torch.from_numpy(state[s.name]) for s in self.signature.state_inputs()]
+
+    def quantized_weights(self) -> Iterator[tuple[str, np.ndarray]]:
+        """The program's quantized weights as it computes with them (`weights.program_weights`): what parity
+        compares an artifact's stored weights with, bit for bit."""
+        return program_weights(self.step.module)
 
     def state(self) -> dict[str, np.ndarray]:
         return {

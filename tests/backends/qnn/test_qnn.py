@@ -133,6 +133,23 @@ def test_the_qnn_exactness_gate_fails_a_fake_quantized_program_that_drops_its_co
     assert not broken.summary()["exactness"]["passed"]
 
 
+def test_the_fake_quantized_weights_are_the_checkpoints_within_half_a_step(tiny, tiny_16a8w) -> None:
+    """What parity's stored-weights check compares an artifact with (`FakeQuantSession.quantized_weights`):
+    every linear and conv weight of the checkpoint, by its name, within half an int8 step (its row's largest
+    magnitude / 127) of the float weight; the 16-bit per-tensor embedding table and norms too."""
+    got = dict(FakeQuantSession(tiny_16a8w).quantized_weights())
+    params = dict(tiny.model.named_parameters())
+    matrices = [n for n, p in params.items() if n.endswith(".weight") and p.dim() >= 2]
+    assert set(matrices) <= set(got), sorted(set(matrices) - set(got))
+    for name in matrices:
+        w = params[name].detach().reshape(params[name].shape[0], -1).numpy()
+        half_step = np.abs(w).max(axis=1, keepdims=True) / 127 / 2
+        assert got[name].shape == w.shape and (np.abs(got[name] - w) <= half_step * 1.0001).all(), name
+        assert (got[name] != w).any(), name  # quantized, not the float weight
+    norm = "model.layers.0.operator_norm.weight"
+    assert np.abs(got[norm][0] - params[norm].detach().numpy()).max() < 1e-3
+
+
 def test_unknown_soc_lists_the_known_ones(tmp_path: Path) -> None:
     out = tmp_path / "x"
     r = cli("onnx-qnn", "tiny", "-o", str(out), "--quant", "16a8w", "--soc", "SM1234")
@@ -326,3 +343,125 @@ def test_htp_session_snapshots_pass_the_scenario_bitwise(tmp_path: Path) -> None
     out = tmp_path / "tiny-16a8w"
     _export("tiny", out, "16a8w", "--soc", "SM8650", "--no-parity")
     check_snapshots(QnnSession(out, threads=1), tmp_path)
+
+
+SMALL = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    layer_types=["conv", "full_attention"],
+    block_auto_adjust_ff_dim=False,
+)
+"""A transformers-written checkpoint of one conv and one attention layer: the cheapest QNN artifact."""
+SMALL_W2 = "model.layers.0.feed_forward.w2.weight"
+
+
+@pytest.fixture(scope="module")
+def small_16a8w(tmp_path_factory) -> Path:
+    """The 2-layer checkpoint exported at 16a8w (context 32, no parity); its checkpoint folder beside it."""
+    from conftest import save_hf, stable_seed
+
+    from lfm_export.backends.qnn.recipes import make_recipe
+    from lfm_export.pipeline import export_artifact
+    from lfm_export.progress import Progress
+
+    root = tmp_path_factory.mktemp("qnn-small")
+    ckpt = save_hf(root / "ckpt", SMALL, torch.float32, seed=stable_seed("qnn-small"))
+    out = root / "16a8w"
+    recipe = make_recipe("16a8w", max_seq_len=32)
+    export_artifact(
+        "onnx-qnn", str(ckpt), out, recipe, parity=False, threads=1, progress=Progress(quiet=True)
+    )
+    return out
+
+
+def _scale_weight_scales(folder: Path, module: str, factor: float) -> None:
+    """Multiply, in place in `folder`'s QDQ graph, the per-channel scales of the weight `module`'s linear takes
+    (found by the exporter's metadata on the op consuming the weight's `DequantizeLinear`)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    dq = {n.output[0]: n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+    scope = f"'model.{module}'"
+    user = next(
+        n
+        for n in graph.node
+        if any(i in dq for i in n.input)
+        and any(p.key == "pkg.torch.onnx.name_scopes" and scope in p.value for p in n.metadata_props)
+    )
+    scale = inits[dq[next(i for i in user.input if i in dq)].input[1]]
+    values = numpy_helper.to_array(scale, base_dir=str(folder)) * np.float32(factor)
+    if scale.data_location == onnx.TensorProto.EXTERNAL:
+        ext = {e.key: e.value for e in scale.external_data}
+        with open(folder / ext["location"], "r+b") as f:
+            f.seek(int(ext.get("offset", 0)))
+            f.write(values.astype(np.float32).tobytes())
+    else:
+        scale.CopyFrom(numpy_helper.from_array(values.astype(np.float32), scale.name))
+        onnx.save(model, str(folder / "model.onnx"))
+
+
+@pytest.mark.slow
+def test_stored_weights_pass_the_honest_qdq_graph_and_name_a_matrix_two_percent_off(
+    small_16a8w: Path, tmp_path: Path
+) -> None:
+    """Through the emulated HTP and the pipeline's parity: the honest 2-layer artifact passes (logits and stored
+    weights); a copy with one w2's scales x1.02 edited in place, and the honest artifact checked against the
+    checkpoint with that w2 x1.02 (an artifact of other weights), fail on the stored weights naming the matrix."""
+    import shutil
+
+    from lfm_export.loading import load_model
+    from lfm_export.pipeline import check_artifact
+    from lfm_export.progress import Progress
+
+    quiet = Progress(quiet=True)
+    honest = check_artifact(small_16a8w, threads=1, progress=quiet, scenarios=["decode"])
+    sw = honest.stored_weights
+    assert honest.passed, honest.verdict_line()
+    assert sw["passed"] and sw["artifact_tensors"] >= 16 and sw["rows_unmatched"] == 0, sw
+
+    broken = tmp_path / "broken"
+    shutil.copytree(small_16a8w, broken)
+    _scale_weight_scales(broken, SMALL_W2.removesuffix(".weight"), 1.02)
+    result = check_artifact(broken, threads=1, progress=quiet, scenarios=["decode"])
+    assert not result.passed and list(result.stored_weights["unmatched"]) == [SMALL_W2], result.verdict_line()
+    assert f"stored_weights[{SMALL_W2}]: rows_unmatched" in result.verdict_line()
+
+    copy = tmp_path / "copy"
+    shutil.copytree(small_16a8w, copy)
+    other = load_model(json.loads((copy / "manifest.json").read_text())["model"]["source"])
+    with torch.no_grad():
+        other.model.model.layers[0].feed_forward.w2.weight.mul_(1.02)
+    result = check_artifact(copy, other, threads=1, progress=quiet, scenarios=["decode"])
+    assert not result.passed and list(result.stored_weights["unmatched"]) == [SMALL_W2], result.verdict_line()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["16a4w", "8a8w"])
+def test_tiny_16a4w_and_8a8w_on_the_emulated_htp_pass_parity(tmp_path: Path, quant: str) -> None:
+    """The two other recipes exported and checked on the emulated HTP (prefill and decode: the scenarios their
+    gates were measured on), the stored weights matching bit for bit; 16a4w's weight codes within -7..7."""
+    from lfm_export.pipeline import check_artifact
+    from lfm_export.progress import Progress
+
+    out = tmp_path / f"tiny-{quant}"
+    _export("tiny", out, quant, "--no-parity")
+    _assert_on_htp(out)
+    result = check_artifact(out, threads=1, progress=Progress(quiet=True), scenarios=["prefill", "decode"])
+    assert result.passed, result.verdict_line()
+    assert result.stored_weights["passed"] and result.stored_weights["artifact_rows"] > 10000
+    if quant == "16a4w":
+        import onnx
+
+        graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+        codes = {t.name: t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
+        assert len(codes) >= 30
+        for t in codes.values():
+            values = onnx.numpy_helper.to_array(t, base_dir=str(out))
+            assert values.min() >= -7 and values.max() <= 7, t.name
