@@ -146,16 +146,25 @@ against the simulation with its undecided activation codes resolved. Honest wors
 and ExecuTorch 1.5.1 on AVX2; benchmarks/results/a8_exactness.json); one matrix x 1.01: 8e-3 and more."""
 
 DETECTION_A8 = (
-    "a middle layer's w2, out_proj, in_proj and an MoE expert's w2 x 1.01 (the smallest tried) are caught by row "
-    "resolved_prefill (ONNX int4 on tiny and tiny-moe, ExecuTorch 8da4w on tiny; prefill scenario; "
-    "benchmarks/results/detection_limits_a8.json); the stored-weights check beside it catches x 1.02 in each of "
-    "those matrices on ExecuTorch 8da4w tiny (benchmarks/results/detection_limits_stored_weights.json)"
+    "a middle layer's w2, out_proj, in_proj and an MoE expert's w2 x 1.01 (the smallest tried) are caught by the "
+    "logits checks (row resolved_prefill) on the trained tiny / tiny-moe and the transformers-initialised "
+    "hf-dense / hf-moe (ONNX int4 at accuracy level 4, ExecuTorch 8da4w; prefill scenario; "
+    "benchmarks/results/detection_limits_onnx_int4.json, detection_limits_executorch_8da4w.json), and by the "
+    "stored-weights check beside them"
 )
 DETECTION_FLOAT = (
-    "a middle layer's w2, out_proj or in_proj x 1.02 (the smallest tried) is caught (MLX int4 on tiny, prefill "
-    "scenario; benchmarks/results/detection_limits.json)"
+    "a middle layer's w2, out_proj, in_proj and an MoE expert's w2 x 1.01 (the smallest tried) are caught on the "
+    "trained tiny / tiny-moe and the transformers-initialised hf-dense / hf-moe, but hf-dense's conv out_proj: "
+    "x 1.05 by the logits, x 1.01 by the stored weights (MLX int4, prefill scenario; "
+    "benchmarks/results/detection_limits_mlx_int4.json)"
 )
-"""What `benchmarks/detection_limits.py` measured each gate to catch (scales tried: 1.02, 1.05, 1.10)."""
+DETECTION_COREML_INT4 = (
+    "a middle layer's w2, out_proj and in_proj x 1.01 (the smallest tried) are caught by the logits on the "
+    "trained tiny; on the transformers-initialised hf-dense (flat logits) w2 at x 1.05, in_proj at x 1.01 and "
+    "out_proj not up to x 1.10, each caught at x 1.01 by the stored-weights check (Core ML int4 through the MIL "
+    "interpreter, prefill scenario; benchmarks/results/detection_limits_coreml_int4.json)"
+)
+"""What `benchmarks/detection_limits.py` measured each gate to catch (scales tried: 1.01, 1.02, 1.05, 1.10)."""
 
 EXPERT_TIE_MARGIN = 1e-3
 """The `-fp16-moe` gates' `router_margin`: a position whose simulated top-k router margin (over the spread of
@@ -263,6 +272,7 @@ GATES: dict[str, Gate] = {
             state_max_rel=2e-2,
             rounding=ROUNDING_FACTOR,
             note=f"fp16 compute (Core ML{extra}); limits widen to 2x what fp16 input rounding does",
+            detection=DETECTION_COREML_INT4 if quant == "int4" else "",
         )
         for quant, extra in (("fp16", ""), ("int8", ""), ("int4", "; palettized weights too"))
     },
