@@ -5,7 +5,9 @@ weights, measured by one harness in one run with the same threads.
         --llama-src LLAMA_SRC --json benchmarks/results/quality_per_byte_frontier.json --svg docs/quality_per_byte.svg
 
 (`LLAMA_SRC`: the `vendor/llama.cpp` folder of llama-cpp-python's sdist, as for `gguf_vs_llamacpp.py`;
-`--backends` picks backends, `--merge A.json --merge B.json` with no `--models` combines earlier runs.)
+`--backends` picks backends, `--merge A.json --merge B.json` with no `--models` combines earlier runs: a later
+file's points of a model replace the earlier's points of the backends it ran, `runs` says which run each
+backend's points come from.)
 
 Points, one function per backend and one per peer (`POINTS`), each returning artifact folders:
 
@@ -755,6 +757,25 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def merge_entry(models: dict[str, Any], name: str, entry: dict[str, Any]) -> None:
+    """Add an earlier run's `entry` for model `name`: a model already there keeps its points of the backends
+    `entry` did not run and takes `entry`'s for the ones it did (each backend's points from one run, where its
+    verdict is measured side by side), with each backend's run recorded in `runs`."""
+    ran = {p["backend"] for p in entry["points"]}
+    old = models.get(name)
+    if old is None:
+        models[name] = {**entry, "runs": {b: entry["run"] for b in sorted(ran)}}
+        return
+    runs = old.get("runs") or {p["backend"]: old["run"] for p in old["points"]}
+    points = [p for p in old["points"] if p["backend"] not in ran] + entry["points"]
+    models[name] = {
+        **old,
+        "points": points,
+        "verdicts": verdicts(points),
+        "runs": runs | dict.fromkeys(ran, entry["run"]),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=["tiny", "tiny-moe"])
@@ -816,7 +837,7 @@ def main() -> None:
         earlier = json.loads(merged.read_text())
         run = {k: v for k, v in earlier.items() if k != "models"}
         for name, entry in earlier["models"].items():
-            results["models"][name] = {**entry, "run": entry.get("run", run)}
+            merge_entry(results["models"], name, {**entry, "run": entry.get("run", run)})
     for model in args.models:
         ckpt = checkpoint_folder(model, args.work).resolve()
         work = args.work / Path(model).name

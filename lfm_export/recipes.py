@@ -25,7 +25,8 @@ What stays float in every quantized recipe (`KEEP_FLOAT`, the manifest's words):
 not change which experts are chosen), the norms, the conv and KV state, the rotary tables; which weight is held
 at which bits is `lfm_export.precision`'s rule list. The lm_head and the embedding table
 are int8 in int4 recipes (`HEAD_BITS`): every logit reads all of the head. On `tiny`, an int4 head gives pooled
-KL 0.084, the int8 one 0.042 (ONNX).
+KL 0.084, the int8 one 0.042 (ONNX). `--head-bits` / `--embedding-quant` change them on the backends that take
+those options, read one way by `with_tables`.
 """
 
 from __future__ import annotations
