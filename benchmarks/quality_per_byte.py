@@ -6,8 +6,8 @@ weights, measured by one harness in one run with the same threads.
 
 (`LLAMA_SRC`: the `vendor/llama.cpp` folder of llama-cpp-python's sdist, as for `gguf_vs_llamacpp.py`;
 `--backends` picks backends, `--merge A.json --merge B.json` with no `--models` combines earlier runs: a later
-file's points of a model replace the earlier's points of the backends it ran, `runs` says which run each
-backend's points come from.)
+file's points of a model replace the earlier's of the same backend and recipe, each point keeping its run's
+date in `run_date`.)
 
 Points, one function per backend and one per peer (`POINTS`), each returning artifact folders:
 
@@ -758,22 +758,18 @@ def table(results: dict) -> str:
 
 
 def merge_entry(models: dict[str, Any], name: str, entry: dict[str, Any]) -> None:
-    """Add an earlier run's `entry` for model `name`: a model already there keeps its points of the backends
-    `entry` did not run and takes `entry`'s for the ones it did (each backend's points from one run, where its
-    verdict is measured side by side), with each backend's run recorded in `runs`."""
-    ran = {p["backend"] for p in entry["points"]}
+    """Add an earlier run's `entry` for model `name`: its points replace those of the same backend and recipe
+    already there, the others stay; each point keeps the date of the run that measured it (`run_date`), and the
+    verdicts are recomputed (weight bytes and KL of a recipe are the same in every run; decode speed is not)."""
+    date = entry["run"].get("date") if entry.get("run") else None
+    new = [{**p, "run_date": p.get("run_date", date)} for p in entry["points"]]
     old = models.get(name)
     if old is None:
-        models[name] = {**entry, "runs": {b: entry["run"] for b in sorted(ran)}}
+        models[name] = {**entry, "points": new}
         return
-    runs = old.get("runs") or {p["backend"]: old["run"] for p in old["points"]}
-    points = [p for p in old["points"] if p["backend"] not in ran] + entry["points"]
-    models[name] = {
-        **old,
-        "points": points,
-        "verdicts": verdicts(points),
-        "runs": runs | dict.fromkeys(ran, entry["run"]),
-    }
+    keys = {(p["backend"], p["recipe"]) for p in new}
+    points = [p for p in old["points"] if (p["backend"], p["recipe"]) not in keys] + new
+    models[name] = {**old, "points": points, "verdicts": verdicts(points)}
 
 
 def main() -> None:
