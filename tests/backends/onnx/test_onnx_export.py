@@ -564,7 +564,7 @@ def test_budgeted_mix_is_held_per_group_and_matches_its_simulation(dense, tmp_pa
 # ---- the token table and the lm_head at 4 bits (`--head-bits 4 --embedding-quant 4`) -----------------------
 
 
-@pytest.mark.parametrize("head", [4, 8])
+@pytest.mark.parametrize("head", [4, pytest.param(8, marks=pytest.mark.slow)])
 def test_four_bit_table_is_held_and_simulated(dense, tmp_path: Path, head: int) -> None:
     """The table as GatherBlockQuantized bits 4 (sharing the tied lm_head's packed MatMulNBits table when the
     head is at 4 bits too, its own table otherwise), the lm_head MatMulNBits at `head` bits; onnxruntime's
