@@ -7,7 +7,7 @@ weights, measured by one harness in one run with the same threads.
 (`LLAMA_SRC`: the `vendor/llama.cpp` folder of llama-cpp-python's sdist, as for `gguf_vs_llamacpp.py`;
 `--backends` picks backends, `--merge A.json --merge B.json` with no `--models` combines earlier runs: a later
 file's points of a model replace the earlier's of the same backend and recipe, each point keeping its run's
-date in `run_date`.)
+date in `run_date`, the model's `runs` each run's provenance by that date.)
 
 Points, one function per backend and one per peer (`POINTS`), each returning artifact folders:
 
@@ -760,16 +760,19 @@ def table(results: dict) -> str:
 def merge_entry(models: dict[str, Any], name: str, entry: dict[str, Any]) -> None:
     """Add an earlier run's `entry` for model `name`: its points replace those of the same backend and recipe
     already there, the others stay; each point keeps the date of the run that measured it (`run_date`), and the
-    verdicts are recomputed (weight bytes and KL of a recipe are the same in every run; decode speed is not)."""
+    verdicts are recomputed (weight bytes and KL of a recipe are the same in every run; decode speed is not);
+    `runs` holds every merged run's provenance by date."""
     date = entry["run"].get("date") if entry.get("run") else None
     new = [{**p, "run_date": p.get("run_date", date)} for p in entry["points"]]
+    runs = {**entry.get("runs", {}), **({date: entry["run"]} if date else {})}
     old = models.get(name)
     if old is None:
-        models[name] = {**entry, "points": new}
+        models[name] = {**entry, "points": new, "runs": runs}
         return
     keys = {(p["backend"], p["recipe"]) for p in new}
     points = [p for p in old["points"] if (p["backend"], p["recipe"]) not in keys] + new
-    models[name] = {**old, "points": points, "verdicts": verdicts(points)}
+    runs = {**old.get("runs", {}), **runs}
+    models[name] = {**old, "points": points, "verdicts": verdicts(points), "runs": runs}
 
 
 def main() -> None:
