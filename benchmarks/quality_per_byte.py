@@ -5,14 +5,16 @@ weights, measured by one harness in one run with the same threads.
         --llama-src LLAMA_SRC --json benchmarks/results/quality_per_byte_frontier.json --svg docs/quality_per_byte.svg
 
 (`LLAMA_SRC`: the `vendor/llama.cpp` folder of llama-cpp-python's sdist, as for `gguf_vs_llamacpp.py`;
-`--backends` picks backends, `--merge A.json --merge B.json` with no `--models` combines earlier runs.)
+`--backends` picks backends, `--merge A.json --merge B.json` with no `--models` combines earlier runs: a later
+file's points of a model replace the earlier's of the same backend and recipe, each point keeping its run's
+date in `run_date`, the model's `runs` each run's provenance by that date.)
 
 Points, one function per backend and one per peer (`POINTS`), each returning artifact folders:
 
 | backend | ours (`lfm-export BACKEND --quant R`) | peer |
 |---|---|---|
-| onnx | int4-b32, int4-b64-gptq, int4-b128-gptq | onnxruntime-genai builder `-p int4` (its default RTN) and `algo_config=k_quant` |
-| mlx | int4-b32, int4-b64, int4-b64-gptq, int4-b128-gptq | `mlx_lm.convert` q4 g64 (its default); `mlx_lm.quant.gptq` on our calibration text |
+| onnx | int4-b32, int4-b64-gptq, int4-b128-gptq, the two gptq ones `+t4` | onnxruntime-genai builder `-p int4` (its default RTN) and `algo_config=k_quant` |
+| mlx | int4-b32, int4-b64, int4-b64-gptq, int4-b128-gptq, the two gptq ones `+t4` | `mlx_lm.convert` q4 g64 (its default); `mlx_lm.quant.gptq` on our calibration text |
 | gguf | q4_0, q4_k_m, q4_k_m-mse | llama.cpp `convert_hf_to_gguf.py` + `llama_model_quantize` q4_0, q4_k_m (no importance matrix: see below) |
 | executorch | int4-b32-a8 (`8da4w`), int4-b128-a8 | `export_llm` with `lfm2_xnnpack_q8da4w.yaml` |
 
@@ -33,7 +35,9 @@ llama.cpp's files through our runtime shims (the peer files given our manifest),
 `forward(tokens, input_pos)`, one-token calls for every position's logits; the program is loaded afresh at each
 reset, because nothing says its conv state starts from zeros at position 0).
 
-A recipe point `NAME@BUDGET` exports `--quant NAME --budget BUDGET` (a precision mix chosen to `size=MB` or
+A point `NAME+t4` exports `--quant NAME --head-bits 4 --embedding-quant 4` (the lm_head and the token table at 4
+bits in the recipe's blocks, as the builder and mlx-lm hold them; ours are int8 by default). `--ours R ...`
+replaces the lfm-export points of the backends run. A recipe point `NAME@BUDGET` exports `--quant NAME --budget BUDGET` (a precision mix chosen to `size=MB` or
 `kl=X`, `lfm_export.budget`); `-awq` recipes fold activation-aware scales into the norms (`lfm_export.awq`).
 `benchmarks/budget_awq_quality.py` measures those two on the simulation alone (no artifacts).
 
@@ -69,8 +73,18 @@ from provenance import provenance  # noqa: E402
 from lfm_export.contract.session import SessionBase  # noqa: E402
 
 BIN = Path(sys.executable).parent
-OURS_ONNX = ("int4-b32", "int4-b64-gptq", "int4-b128-gptq")
-OURS_MLX = ("int4-b32", "int4-b64", "int4-b64-gptq", "int4-b128-gptq")
+TABLES_4 = "t4"
+"""A point's suffix `+t4`: the lm_head and the embedding table at 4 bits in the recipe's blocks (`--head-bits 4
+--embedding-quant 4`), as the peers hold them."""
+OURS_ONNX = ("int4-b32", "int4-b64-gptq", "int4-b128-gptq", "int4-b64-gptq+t4", "int4-b128-gptq+t4")
+OURS_MLX = (
+    "int4-b32",
+    "int4-b64",
+    "int4-b64-gptq",
+    "int4-b128-gptq",
+    "int4-b64-gptq+t4",
+    "int4-b128-gptq+t4",
+)
 OURS_GGUF = ("q4_0", "q4_k_m", "q4_k_m-mse")
 THEIRS_GGUF = ("q4_0", "q4_k_m")
 OURS_ET = ("int4-b32-a8", "int4-b128-a8")
@@ -205,16 +219,20 @@ def point(tool: str, backend: str, recipe: str, folder: Path, session: str, expo
 
 
 def ours(backend: str, recipes: tuple[str, ...], extra: list[str]) -> Callable[..., list[dict]]:
-    """Points of `lfm-export BACKEND CKPT --quant R --no-parity` for each recipe R."""
+    """Points of `lfm-export BACKEND CKPT --quant R --no-parity` for each recipe R (`--ours`, else `recipes`)."""
 
     def export(ckpt: Path, work: Path, args: argparse.Namespace) -> list[dict]:
         out = []
-        for recipe in recipes:
+        for recipe in args.ours or recipes:
             folder = work / f"ours-{backend}-{recipe}"
-            name, _, budget = recipe.partition("@")  # NAME@BUDGET: `--quant NAME --budget BUDGET`
+            base, _, budget = recipe.partition("@")  # NAME@BUDGET: `--quant NAME --budget BUDGET`
+            name, _, tables = base.partition("+")  # NAME+t4: `--head-bits 4 --embedding-quant 4`
+            if tables not in ("", TABLES_4):
+                raise SystemExit(f"point {recipe!r}: the only table suffix is +{TABLES_4}")
             cmd = [str(BIN / "lfm-export"), backend, str(ckpt), "-o", str(folder), "--quant", name]
             cmd += ["--threads", str(args.threads), "--no-parity", "--force", *extra]
             cmd += ["--budget", budget] if budget else []
+            cmd += ["--head-bits", "4", "--embedding-quant", "4"] if tables else []
             print(f"  lfm-export {backend} {recipe}", file=sys.stderr, flush=True)
             res = exported(folder, lambda cmd=cmd: measured(cmd, env(args.threads)))
             if "error" not in res and (folder / "manifest.json").is_file():
@@ -739,6 +757,24 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def merge_entry(models: dict[str, Any], name: str, entry: dict[str, Any]) -> None:
+    """Add an earlier run's `entry` for model `name`: its points replace those of the same backend and recipe
+    already there, the others stay; each point keeps the date of the run that measured it (`run_date`), and the
+    verdicts are recomputed (weight bytes and KL of a recipe are the same in every run; decode speed is not);
+    `runs` holds every merged run's provenance by date."""
+    date = entry["run"].get("date") if entry.get("run") else None
+    new = [{**p, "run_date": p.get("run_date", date)} for p in entry["points"]]
+    runs = {**entry.get("runs", {}), **({date: entry["run"]} if date else {})}
+    old = models.get(name)
+    if old is None:
+        models[name] = {**entry, "points": new, "runs": runs}
+        return
+    keys = {(p["backend"], p["recipe"]) for p in new}
+    points = [p for p in old["points"] if (p["backend"], p["recipe"]) not in keys] + new
+    runs = {**old.get("runs", {}), **runs}
+    models[name] = {**old, "points": points, "verdicts": verdicts(points), "runs": runs}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=["tiny", "tiny-moe"])
@@ -760,6 +796,12 @@ def main() -> None:
         action="append",
         default=[],
         help="an earlier run's JSON whose models (each with that run's provenance) join this one's (repeatable)",
+    )
+    ap.add_argument(
+        "--ours",
+        nargs="+",
+        default=None,
+        help="lfm-export points (NAME[+t4][@BUDGET]) instead of each backend's list",
     )
     ap.add_argument("--reuse", action="store_true", help="keep artifacts an earlier run exported into --work")
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
@@ -794,7 +836,7 @@ def main() -> None:
         earlier = json.loads(merged.read_text())
         run = {k: v for k, v in earlier.items() if k != "models"}
         for name, entry in earlier["models"].items():
-            results["models"][name] = {**entry, "run": entry.get("run", run)}
+            merge_entry(results["models"], name, {**entry, "run": entry.get("run", run)})
     for model in args.models:
         ckpt = checkpoint_folder(model, args.work).resolve()
         work = args.work / Path(model).name

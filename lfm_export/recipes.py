@@ -25,7 +25,8 @@ What stays float in every quantized recipe (`KEEP_FLOAT`, the manifest's words):
 not change which experts are chosen), the norms, the conv and KV state, the rotary tables; which weight is held
 at which bits is `lfm_export.precision`'s rule list. The lm_head and the embedding table
 are int8 in int4 recipes (`HEAD_BITS`): every logit reads all of the head. On `tiny`, an int4 head gives pooled
-KL 0.084, the int8 one 0.042 (ONNX).
+KL 0.084, the int8 one 0.042 (ONNX). `--head-bits` / `--embedding-quant` change them on the backends that take
+those options, read one way by `with_tables`.
 """
 
 from __future__ import annotations
@@ -304,6 +305,37 @@ def parse_recipe(
     if chosen is not None:
         kw["block_size"] = chosen
     return Recipe(**kw)
+
+
+HEAD_CHOICES = (4, 8)
+"""`--head-bits`: the lm_head at 8 bits (`HEAD_BITS`, the default) or 4, in blocks of the recipe's block size on
+every backend but ExecuTorch, whose int8 head is per output channel (its `recipes` module)."""
+EMBEDDING_CHOICES = ("8", "4", "none")
+"""`--embedding-quant`: the embedding table at 8 bits (the default), 4, or float (`none`), in blocks of the
+recipe's block size (ExecuTorch's int8 table: per row)."""
+
+
+def with_tables(recipe: Recipe, embedding: str | None = None, head_bits: int | None = None) -> Recipe:
+    """`recipe` with the lm_head and the embedding table as `--head-bits` / `--embedding-quant` ask, the one
+    reading of those options on every backend that takes them: float for float recipes (either option then
+    refused); for quantized ones the `head_bits` head (None: `HEAD_BITS`) and the `embedding` choice of
+    `EMBEDDING_CHOICES` (None: 8). A backend refuses what its format cannot hold."""
+    if embedding is not None and embedding not in EMBEDDING_CHOICES:
+        raise UnsupportedError(f"--embedding-quant {embedding!r} is unknown; expected 8, 4 or none")
+    if head_bits is not None and head_bits not in HEAD_CHOICES:
+        raise UnsupportedError(f"--head-bits {head_bits} is unknown; expected 4 or 8")
+    if not recipe.quantized:
+        if embedding not in (None, "none"):
+            raise UnsupportedError(
+                f"--embedding-quant {embedding} needs a quantized recipe, not {recipe.name}"
+            )
+        if head_bits is not None:
+            raise UnsupportedError(f"--head-bits {head_bits} needs a quantized recipe, not {recipe.name}")
+        return recipe.with_options(head_bits=None, embedding_bits=None)
+    embedding = embedding or str(HEAD_BITS)
+    return recipe.with_options(
+        head_bits=head_bits or HEAD_BITS, embedding_bits=None if embedding == "none" else int(embedding)
+    )
 
 
 def recipe_names() -> list[str]:

@@ -33,6 +33,24 @@ class Option:
     min: int | None = None
 
 
+TABLE_OPTIONS = (
+    Option(
+        "embedding_quant",
+        str | None,
+        None,
+        "Embedding table: 8 | 4 | none (float) (default 8 when quantized; blocks of the recipe's block size).",
+    ),
+    Option(
+        "head_bits",
+        int | None,
+        None,
+        "lm_head: 8 | 4 (default 8 when quantized; blocks of the recipe's block size).",
+    ),
+)
+"""`--embedding-quant` / `--head-bits` as the backends whose tables are held in the recipe's blocks take them
+(read by `lfm_export.recipes.with_tables`, as ExecuTorch's own)."""
+
+
 @dataclass(frozen=True)
 class Runner:
     """How an artifact runs in its ecosystem's own runtime, for the model card (`lfm_export.card`): the Hugging

@@ -33,14 +33,18 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lfm_export.contract.errors import UnsupportedError, UserError
-from lfm_export.recipes import ACT_FLOAT, ACT_INT8_TOKEN, ACT_NATIVE, Recipe, parse_recipe
+from lfm_export.recipes import (
+    ACT_FLOAT,
+    ACT_INT8_TOKEN,
+    ACT_NATIVE,
+    HEAD_CHOICES,
+    Recipe,
+    parse_recipe,
+    with_tables,
+)
 
 XNNPACK = "xnnpack"
 DELEGATES = (XNNPACK, "portable")
-HEAD_BITS = 8
-HEAD_CHOICES = (4, 8)
-EMBEDDING_CHOICES = ("8", "4", "none")
-EMBEDDING_DEFAULT = "8"
 
 DEFAULT_MAX_PREFILL = 128
 """Tokens one `forward` call takes at most (the runtime shim and ExecuTorch's runner chunk longer prompts).
@@ -201,28 +205,6 @@ def make_recipe(
                 f"--quant {quant!r} names group size {core.block_size}, --group-size {group_size}"
             )
         core = core.with_options(block_size=group_size)
-    if embedding_quant is not None and embedding_quant not in EMBEDDING_CHOICES:
-        raise UnsupportedError(f"--embedding-quant {embedding_quant!r} is unknown; expected 8, 4 or none")
     if max_prefill is not None and max_seq_len is not None and max_prefill > max_seq_len:
         raise UserError(f"--max-prefill {max_prefill} is above --max-seq-len {max_seq_len}")
-    if head_bits is not None and head_bits not in HEAD_CHOICES:
-        raise UnsupportedError(f"--head-bits {head_bits} is unknown; expected 4 or 8")
     return ExecuTorchRecipe(with_tables(core, embedding_quant, head_bits), max_prefill, delegate)
-
-
-def with_tables(recipe: Recipe, embedding: str | None = None, head_bits: int | None = None) -> Recipe:
-    """`recipe` with what this backend holds for the lm_head and the embedding table (module doc): float for
-    float recipes; for quantized ones the `head_bits` head (None: `HEAD_BITS`) and the `embedding` choice (`8`,
-    `4`, `none`; None: 8)."""
-    if not recipe.quantized:
-        if embedding not in (None, "none"):
-            raise UnsupportedError(
-                f"--embedding-quant {embedding} needs a quantized recipe, not {recipe.name}"
-            )
-        if head_bits is not None:
-            raise UnsupportedError(f"--head-bits {head_bits} needs a quantized recipe, not {recipe.name}")
-        return recipe.with_options(head_bits=None, embedding_bits=None)
-    embedding = embedding or EMBEDDING_DEFAULT
-    return recipe.with_options(
-        head_bits=head_bits or HEAD_BITS, embedding_bits=None if embedding == "none" else int(embedding)
-    )

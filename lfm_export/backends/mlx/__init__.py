@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lfm_export.backends.record import Backend, Option, Runner
+from lfm_export.backends.record import TABLE_OPTIONS, Backend, Option, Runner
 from lfm_export.contract.errors import UserError
 
 from .recipes import MlxRecipe, make_recipe
@@ -31,9 +31,15 @@ def simulation(recipe_dict: dict[str, Any]) -> tuple[Any, str]:
     return recipe.recipe, recipe.activations
 
 
-def cli_recipe(quant: str, max_seq_len: int | None, max_prefill: int | None = None) -> MlxRecipe:
+def cli_recipe(
+    quant: str,
+    max_seq_len: int | None,
+    max_prefill: int | None = None,
+    embedding_quant: str | None = None,
+    head_bits: int | None = None,
+) -> MlxRecipe:
     """The recipe `lfm-export mlx` builds from its options."""
-    return make_recipe(quant, max_seq_len, max_prefill)
+    return make_recipe(quant, max_seq_len, max_prefill, embedding_quant, head_bits)
 
 
 BACKEND = Backend(
@@ -52,6 +58,7 @@ BACKEND = Backend(
             "Largest prefill chunk traced (default 128, at most the context).",
             min=1,
         ),
+        *TABLE_OPTIONS,
     ),
     simulation=simulation,
     core_codes=True,

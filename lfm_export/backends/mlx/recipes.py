@@ -3,7 +3,8 @@
 Supported: `fp32`; `int8-gN` / `int4-gN` (N = 32, 64, 128; `-asym` and `-mse` too: their codes are unsigned
 with a per-group scale and zero point, which MLX's affine format `scales * q + biases` holds exactly). The
 lm_head and the embedding are one tied table in mlx-lm, held at `head_bits` (8 in int4 recipes, as on every
-backend).
+backend; `--head-bits 4 --embedding-quant 4`: 4 bits in the recipe's groups, mlx-lm's q4 default; the two
+options must agree, and `--embedding-quant none` is refused).
 
 fp16 / bf16: every weight stored in that type (mlx-lm's folder too; the MoE expert bias stays float32) and the
 model computed in it: the canonical model is traced at that dtype, so the functions hold its own casts (norm
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lfm_export.contract.errors import UnsupportedError
-from lfm_export.recipes import ACT_FLOAT, ACT_NATIVE, Recipe, parse_recipe
+from lfm_export.recipes import ACT_FLOAT, ACT_NATIVE, Recipe, parse_recipe, with_tables
 
 DEFAULT_MAX_PREFILL = 128
 """Largest prefill chunk traced into `prefill.mlxfn` (chunks of 2, 4, ..., this; longer prompts are fed in
@@ -52,6 +53,12 @@ class MlxRecipe:
         if r.quantized and r.per_channel:
             raise UnsupportedError(
                 f"{r.name}: MLX quantizes in groups of 32, 64 or 128; use {r.with_options(block_size=128).name}"
+            )
+        if r.quantized and r.head_bits != r.embedding_bits:
+            raise UnsupportedError(
+                f"{r.name}: mlx-lm ties the lm_head to the embedding (one table, one precision); give "
+                f"--head-bits and --embedding-quant the same bits (got {r.head_bits} and "
+                f"{r.embedding_bits or 'none'})"
             )
         if self.max_prefill is not None and self.max_prefill < 1:
             raise UnsupportedError(f"--max-prefill must be positive, got {self.max_prefill}")
@@ -102,7 +109,13 @@ class MlxRecipe:
 
 
 def make_recipe(
-    quant: str = "fp32", max_seq_len: int | None = None, max_prefill: int | None = None
+    quant: str = "fp32",
+    max_seq_len: int | None = None,
+    max_prefill: int | None = None,
+    embedding_quant: str | None = None,
+    head_bits: int | None = None,
 ) -> MlxRecipe:
-    """The recipe `lfm-export mlx --quant QUANT [--max-seq-len N] [--max-prefill N]` builds."""
-    return MlxRecipe(parse_recipe(quant, max_seq_len=max_seq_len), max_prefill)
+    """The recipe `lfm-export mlx --quant QUANT [--max-seq-len N] [--max-prefill N] [--embedding-quant 8|4]
+    [--head-bits 8|4]` builds (the tables as `lfm_export.recipes.with_tables` reads those options)."""
+    core = with_tables(parse_recipe(quant, max_seq_len=max_seq_len), embedding_quant, head_bits)
+    return MlxRecipe(core, max_prefill)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lfm_export.backends.record import Backend, Option, Runner
+from lfm_export.backends.record import TABLE_OPTIONS, Backend, Option, Runner
 from lfm_export.recipes import Recipe
 
 from .recipes import OnnxRecipe, make_recipe, parse_recipe
@@ -40,9 +40,13 @@ def cli_recipe(
     ops: str = "ort",
     asymmetric: bool = False,
     accuracy_level: int = 4,
+    embedding_quant: str | None = None,
+    head_bits: int | None = None,
 ) -> OnnxRecipe:
     """The recipe `lfm-export onnx` builds from its options."""
-    return make_recipe(quant, block_size, ops, not asymmetric, accuracy_level, max_seq_len)
+    return make_recipe(
+        quant, block_size, ops, not asymmetric, accuracy_level, max_seq_len, embedding_quant, head_bits
+    )
 
 
 BACKEND = Backend(
@@ -63,6 +67,7 @@ BACKEND = Backend(
         Option("ops", str, "ort", "ort (onnxruntime contrib ops) | portable (standard ONNX ops only)."),
         Option("asymmetric", bool, False, "Asymmetric (zero-point) int quantization."),
         Option("accuracy_level", int, 4, "MatMulNBits accuracy_level (0-4; 4 = int8 compute)."),
+        *TABLE_OPTIONS,
     ),
     simulation=simulation,
     core_codes=True,

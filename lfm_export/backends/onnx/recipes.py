@@ -7,7 +7,7 @@ from typing import Any
 
 from lfm_export.config import Lfm2Config
 from lfm_export.contract.errors import UnsupportedError
-from lfm_export.recipes import ACT_FLOAT, ACT_INT8_BLOCK, Recipe
+from lfm_export.recipes import ACT_FLOAT, ACT_INT8_BLOCK, Recipe, with_tables
 from lfm_export.recipes import parse_recipe as parse_core_recipe
 
 OPS = ("ort", "portable")
@@ -54,7 +54,8 @@ class OnnxRecipe:
             )
         if self.ops == PORTABLE and r.embedding_bits not in (None, 8):
             raise UnsupportedError(
-                "--ops portable: the embedding table is int8 or float (ONNX Gather takes no int4)"
+                "--ops portable: the embedding table is int8 or float (ONNX Gather takes no int4); "
+                "use --ops ort (GatherBlockQuantized) for --embedding-quant 4"
             )
 
     # ---- the core recipe's fields, read by the passes --------------------------------------------------------
@@ -136,11 +137,14 @@ def make_recipe(
     symmetric: bool = True,
     accuracy_level: int = INT8_ACTIVATIONS_LEVEL,
     max_seq_len: int | None = None,
+    embedding_quant: str | None = None,
+    head_bits: int | None = None,
 ) -> OnnxRecipe:
     """The CLI's flags as a recipe: `quant` is any core recipe name (`int4`, `int4-b64-mse`, ...); `block_size`
-    None means the name's (default 32)."""
+    None means the name's (default 32); `embedding_quant` / `head_bits` as `lfm_export.recipes.with_tables`
+    reads them (None: the int8 table and head of quantized recipes)."""
     core = parse_core_recipe(quant, block_size=block_size, asymmetric=not symmetric, max_seq_len=max_seq_len)
-    return OnnxRecipe(core, ops, accuracy_level)
+    return OnnxRecipe(with_tables(core, embedding_quant, head_bits), ops, accuracy_level)
 
 
 def parse_recipe(

@@ -254,7 +254,9 @@ def test_moe_with_a_routed_scale_passes_parity_with_the_scale_folded(tmp_path: P
     from conftest import HF_SHAPES, save_hf, stable_seed
 
     kwargs, dtype = HF_SHAPES["moe_b32"]  # every width a multiple of 32, as Q4_0 blocks need
-    path = save_hf(tmp_path / "hf", {**kwargs, "routed_scaling_factor": 1.5}, dtype, seed=stable_seed("scaled"))
+    path = save_hf(
+        tmp_path / "hf", {**kwargs, "routed_scaling_factor": 1.5}, dtype, seed=stable_seed("scaled")
+    )
     folder = tmp_path / "gguf"
     export_artifact(
         "gguf", str(path), folder, make_recipe("q4_0", CONTEXT), parity=False, progress=Progress(quiet=True)

@@ -219,6 +219,13 @@ def test_recipes_mlx_cannot_express_are_refused() -> None:
     with pytest.raises(UnsupportedError, match="MLX quantizes in groups"):
         make_recipe("int8-pc")
     assert make_recipe("bf16").activations == "native" and make_recipe("fp16").half == "float16"
+    four = make_recipe("int4-g64", head_bits=4, embedding_quant="4").recipe
+    assert (four.head_bits, four.embedding_bits, four.block_size) == (4, 4, 64)
+    for head, table in ((4, None), (None, "4"), (None, "none"), (8, "4")):
+        with pytest.raises(UnsupportedError, match="one table, one precision"):
+            make_recipe("int4", head_bits=head, embedding_quant=table)
+    with pytest.raises(UnsupportedError, match="--embedding-quant 4 needs a quantized recipe"):
+        make_recipe("fp32", embedding_quant="4")
 
 
 def test_group_size_that_does_not_divide_a_weight_writes_nothing(hf_checkpoints, tmp_path) -> None:
@@ -412,3 +419,43 @@ def test_snapshots_pass_the_scenario_bitwise(artifacts, case, tmp_path: Path) ->
 
     whole = 1e-4 if case[1] == "fp32" else 5e-2  # bf16: one prefill of P + B rounds differently
     check_snapshots(MlxSession(artifacts[case]), tmp_path, whole_rel=whole)
+
+
+@pytest.mark.slow
+def test_four_bit_table_passes_parity_loads_in_mlx_lm_and_a_wrong_table_fails(tmp_path) -> None:
+    """`--head-bits 4 --embedding-quant 4`: the tied table in the recipe's groups at 4 bits (mlx-lm's own q4
+    layout, no per-layer entry), every stored row the simulation's; mlx-lm loads the folder and generates our
+    greedy tokens; the table's scales 3% off fail exactness."""
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    folder = tmp_path / "t4"
+    recipe = make_recipe(
+        "int4-g64", max_seq_len=CONTEXT, max_prefill=PREFILL, head_bits=4, embedding_quant="4"
+    )
+    outcome = export_artifact("mlx", "tiny", folder, recipe, progress=Progress(quiet=True))
+    assert outcome.passed, outcome.manifest["parity"]
+    m = json.loads((folder / "manifest.json").read_text())
+    assert (m["recipe"]["head_bits"], m["recipe"]["embedding_bits"]) == (4, 4)
+    assert m["precision"]["tensors"]["model.embed_tokens.weight"] == "int4-b64"
+    stored = json.loads((folder / "parity" / "parity.json").read_text())["exactness"]["stored_weights"]
+    assert stored["passed"], stored
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["quantization"] == {"group_size": 64, "bits": 4, "mode": "affine"}
+    weights = dict(mx.load(str(folder / "model.safetensors")))
+    assert (
+        weights["model.embed_tokens.weight"].shape[1] * 8
+        == weights["model.embed_tokens.scales"].shape[1] * 64
+    )
+    model, _ = load(str(folder))
+    steps = generate_step(mx.array(PROMPT[0]), model, max_tokens=8, sampler=lambda x: mx.argmax(x, axis=-1))
+    session = MlxSession(folder)
+    ours = [int(session.prefill(PROMPT)[0, -1].argmax())]
+    while len(ours) < 8:
+        ours.append(int(session.decode(np.array([ours[-1]]))[0].argmax()))
+    assert [int(t) for t, _ in steps] == ours
+    weights["model.embed_tokens.scales"] = weights["model.embed_tokens.scales"] * 1.03
+    weights["model.embed_tokens.biases"] = weights["model.embed_tokens.biases"] * 1.03
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
+    result = check_artifact(folder, progress=Progress(quiet=True), scenarios=["prefill", "decode"])
+    assert not result.passed and not result.part_passed("exactness")

@@ -427,3 +427,27 @@ def test_a_session_in_the_shims_place_is_judged_under_the_artifacts_gate(artifac
         if not passes:
             exact = {c.scenario for c in result.failures if c.part == EXACTNESS}
             assert "decode" in exact and exact <= {"decode", "pooled"}, result.verdict_line()
+
+
+@pytest.mark.slow
+def test_four_bit_tables_pass_parity_and_a_wrong_table_fails(tmp_path):
+    """`lfm-export onnx tiny --quant int4-b64 --head-bits 4 --embedding-quant 4`: the tied table packed once at
+    4 bits (MatMulNBits lm_head, GatherBlockQuantized rows), parity passes; the table's own scales 3% off (the
+    rows looked up, not the head) fail exactness."""
+    import shutil
+
+    out = tmp_path / "t4"
+    r = cli(
+        "onnx", "tiny", "-o", str(out), "--quant", "int4-b64", "--head-bits", "4", "--embedding-quant", "4"
+    )
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["recipe"]["head_bits"], manifest["recipe"]["embedding_bits"]) == (4, 4)
+    assert manifest["precision"]["tensors"]["model.embed_tokens.weight"] == "int4-b64"
+    assert manifest["weights"]["embedding"].startswith("GatherBlockQuantized int4 b64")
+    assert manifest["parity"]["exactness"]["stored_weights"]["passed"] is True
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    _scale_initializer(broken, "model.embed_tokens.scales", 1.03)
+    result = _check_copy(out, broken)
+    assert not result.passed and not result.part_passed("exactness")

@@ -297,6 +297,15 @@ def test_recipes() -> None:
         "ops": "ort",
     }
     assert (d["accuracy_level"], d["max_seq_len"], d["head_bits"]) == (4, 128, 8)
+    tables = make_recipe(quant="int4", head_bits=4, embedding_quant="4").recipe
+    assert (tables.head_bits, tables.embedding_bits) == (4, 4)
+    assert make_recipe(quant="int4", embedding_quant="none").recipe.embedding_bits is None
+    with pytest.raises(UnsupportedError, match="ONNX Gather takes no int4"):
+        make_recipe(quant="int4", ops="portable", embedding_quant="4")
+    with pytest.raises(UnsupportedError, match="--head-bits 4 needs a quantized recipe"):
+        make_recipe(head_bits=4)
+    with pytest.raises(UnsupportedError, match="--head-bits 2 is unknown; expected 4 or 8"):
+        make_recipe(quant="int4", head_bits=2)
 
 
 def test_simulation_hook_reads_the_manifest_recipe() -> None:
@@ -549,4 +558,32 @@ def test_budgeted_mix_is_held_per_group_and_matches_its_simulation(dense, tmp_pa
     assert worst <= 1e-4, worst
     plain = simulate(loaded.model, parse_core_recipe("int4-b32"), "float")  # the recipe without its mix
     _, _, _, other = _run_both(_session(tmp_path / "onnx", accuracy_level=0), result.signature, plain)
+    assert max(float(np.abs(g - o).max()) for g, o in zip(got, other)) > 1e-2
+
+
+# ---- the token table and the lm_head at 4 bits (`--head-bits 4 --embedding-quant 4`) -----------------------
+
+
+@pytest.mark.parametrize("head", [4, pytest.param(8, marks=pytest.mark.slow)])
+def test_four_bit_table_is_held_and_simulated(dense, tmp_path: Path, head: int) -> None:
+    """The table as GatherBlockQuantized bits 4 (sharing the tied lm_head's packed MatMulNBits table when the
+    head is at 4 bits too, its own table otherwise), the lm_head MatMulNBits at `head` bits; onnxruntime's
+    logits equal the simulation of that recipe and not the simulation of the default int8 tables."""
+    import onnx
+
+    loaded, traced = dense
+    recipe = make_recipe("int4", max_seq_len=MAX_SEQ, accuracy_level=0, head_bits=head, embedding_quant="4")
+    result = export_onnx(loaded, tmp_path / "onnx", recipe, traced=traced)
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph
+    gathers = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    assert [{a.name: a.i for a in n.attribute}["bits"] for n in gathers] == [4]
+    heads = [n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1] == gathers[0].input[0]]
+    assert [{a.name: a.i for a in n.attribute}["bits"] for n in heads] == ([4] if head == 4 else [])
+    shared = "shares the tied lm_head" in result.extra["weights"]["embedding"]
+    assert shared == (head == 4) and "int4" in result.extra["weights"]["embedding"]
+    ref = simulate(loaded.model, recipe.recipe, "float")
+    worst, _, got, _ = _run_both(_session(tmp_path / "onnx", accuracy_level=0), result.signature, ref)
+    assert worst <= 1e-4, worst
+    int8_tables = simulate(loaded.model, recipe.recipe.with_options(head_bits=8, embedding_bits=8), "float")
+    _, _, _, other = _run_both(_session(tmp_path / "onnx", accuracy_level=0), result.signature, int8_tables)
     assert max(float(np.abs(g - o).max()) for g, o in zip(got, other)) > 1e-2
