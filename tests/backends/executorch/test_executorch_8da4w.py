@@ -39,13 +39,12 @@ W2 = "model.layers.1.feed_forward.w2.weight"
 """The matrix edited: the attention layer's MLP down projection."""
 
 
-@pytest.fixture(scope="module")
-def sliced(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def export_slice(model: str, layers: tuple[int, int], other: tuple[int, int], root: Path) -> dict[str, Any]:
+    """`model`'s layers `layers` as a checkpoint, exported at 8da4w (context 32, static prefill), and its
+    layers `other` as the other checkpoint."""
     torch.set_num_threads(2)
-    root = tmp_path_factory.mktemp("et-8da4w")
-    honest = write_slice("tiny", root / "tiny-l1-l2", (1, 2))
-    other = write_slice("tiny", root / "tiny-l3-l4", (3, 4))
-    out = root / "slice-8da4w"
+    honest = write_slice(model, root / f"{model}-layers-{layers[0]}-{layers[1]}", layers)
+    out = root / f"{honest.name}-8da4w"
     outcome = export_artifact(
         "executorch",
         str(honest),
@@ -54,7 +53,13 @@ def sliced(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         threads=2,
         progress=Progress(quiet=True),
     )
-    return {"outcome": outcome, "out": out, "model": honest, "other": other, "root": root}
+    other_folder = write_slice(model, root / f"{model}-layers-{other[0]}-{other[1]}", other)
+    return {"outcome": outcome, "out": out, "model": honest, "other": other_folder, "root": root}
+
+
+@pytest.fixture(scope="module")
+def sliced(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return export_slice("tiny", (1, 2), (3, 4), tmp_path_factory.mktemp("et-8da4w"))
 
 
 def _copy(sliced: dict[str, Any], name: str) -> Path:
@@ -75,37 +80,60 @@ def test_honest_8da4w_slice_passes_parity_with_every_stored_row_matched(sliced: 
 
 
 def test_one_matrix_x1_02_in_place_fails_parity_naming_it(sliced: dict[str, Any]) -> None:
-    """The stored bf16 scales of the attention layer's w2, found in the `.pte` by its values, x1.02: parity
-    through the runtime fails on the stored weights and names the filter and the matrix it is nearest."""
+    assert_one_matrix_x1_02_fails(sliced, W2)
+
+
+def assert_one_matrix_x1_02_fails(sliced: dict[str, Any], matrix: str) -> None:
+    """The stored bf16 scales of `matrix`, found in the `.pte` by its values, x1.02 in a copy: parity through
+    the runtime fails on the stored weights and names the filter and the matrix it is nearest."""
     from pte_edit import scale_filter
 
     from lfm_export.backends.executorch import weight_values
     from lfm_export.backends.executorch.stored_weights import read_pte
 
     recipe = sliced["outcome"].manifest["recipe"]
-    w2 = load_model(str(sliced["model"])).model.get_parameter(W2).detach().numpy()
-    held = weight_values(recipe)(w2, int(recipe["bits"]))
+    w = load_model(str(sliced["model"])).model.get_parameter(matrix).detach().numpy()
+    held = weight_values(recipe)(w, int(recipe["bits"]))
     out = sliced["out"]
-    names = [n for n, w in read_pte(out / MODEL_FILE) if w.shape == held.shape and np.array_equal(w, held)]
+    names = [n for n, x in read_pte(out / MODEL_FILE) if x.shape == held.shape and np.array_equal(x, held)]
     assert len(names) == 1, names
-    tampered = _copy(sliced, "tampered")
+    tampered = _copy(sliced, f"tampered-{matrix.replace('.', '-')}")
     scale_filter(tampered / MODEL_FILE, names[0], 1.02)
     result = check_artifact(tampered, threads=2, progress=Progress(quiet=True), scenarios=["prefill"])
     sw = result.stored_weights
     assert not result.passed and list(sw["unmatched"]) == names, sw
     assert sw["unmatched"][names[0]]["rows"] == held.shape[0], sw
-    assert f"stored_weights[{names[0]} ~{W2}]: rows_unmatched" in result.verdict_line()
+    assert f"stored_weights[{names[0]} ~{matrix}]: rows_unmatched" in result.verdict_line()
 
 
 def test_the_artifact_judged_against_another_checkpoint_fails(sliced: dict[str, Any]) -> None:
     """Against tiny's layers 3 and 4 (same shapes, other trained weights; the same embedding and head): the
     logits exactness fails, and every row of the 12 linears is unmatched, the head's and the embedding's
     rows none."""
+    sw = assert_other_checkpoint_fails(sliced)
+    assert len(sw["unmatched"]) == 12 and sw["rows_unmatched"] == 2688, sw  # the linears' rows, all of them
+
+
+def assert_other_checkpoint_fails(sliced: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the artifact judged against the other checkpoint fails exactness, on the logits too (not only
+    the stored weights); returns the stored-weights report."""
     judged = _copy(sliced, "judged")
     other = load_model(str(sliced["other"]))
     result = check_artifact(judged, other, threads=2, progress=Progress(quiet=True), scenarios=["prefill"])
     exactness = result.summary()["exactness"]
     assert not result.passed and not exactness["passed"]
     assert exactness["worst"]["logit_max_rel"] > 0.1, exactness["worst"]
-    sw = result.stored_weights
-    assert len(sw["unmatched"]) == 12 and sw["rows_unmatched"] == 2688, sw  # the linears' rows, all of them
+    return result.stored_weights
+
+
+@pytest.mark.slow
+def test_moe_8da4w_slice_passes_and_an_expert_x1_02_and_other_weights_fail(tmp_path: Path) -> None:
+    """The MoE form (each expert's linears an XNNPACK delegate of its own, `composed_moe.py`) on a slice of
+    `tiny-moe` (dense conv layer 1, MoE attention layer 2; other: layers 0 and 4): the honest export passes,
+    one expert's w2 x1.02 in place fails naming it, the other checkpoint fails."""
+    sliced = export_slice("tiny-moe", (1, 2), (0, 4), tmp_path)
+    outcome = sliced["outcome"]
+    p = outcome.manifest["parity"]
+    assert outcome.passed and p["gate"] == "int4-a8" and p["exactness"]["stored_weights"]["passed"], p
+    assert_one_matrix_x1_02_fails(sliced, "model.layers.1.feed_forward.experts.3.w2.weight")
+    assert assert_other_checkpoint_fails(sliced)["rows_unmatched"] > 0
