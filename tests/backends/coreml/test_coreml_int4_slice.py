@@ -8,9 +8,11 @@ What makes it cheap (a whole `tiny-moe` int4 export with compression costs about
 trained two-layer slice of `tiny-moe` (`model_slices.write_slice`: its dense conv layer 1 and MoE attention
 layer 2, 8 experts top-2), context 32, prefill lengths 1 and 4. One package serves all three checks.
 
-Which check catches what: the `int4-fp16-moe` logits gate passes a w2 x1.05 on its own (issue 19), so the
-stored-weights check (every decoded row equal to one of the simulation's, bit for bit) is what catches the
-x1.02; the other checkpoint's weights fail both."""
+Which check catches what (measured 2026-12-07 on this slice, scenario `prefill`): both parts catch a x1.02.
+The stored weights (every decoded row equal to one of the simulation's, bit for bit) name the constant; the
+`int4-fp16-moe` logits limits see it too (the stacked expert w2: KL max 5.1e-4 against 2e-4; the dense
+layer's w2: logit max rel 0.0105 against 0.005). The other checkpoint fails every part (logit max rel 1.07,
+KL mean against fp32 4.4)."""
 
 from __future__ import annotations
 
@@ -62,9 +64,9 @@ def test_honest_int4_moe_slice_passes_parity_with_every_stored_row_matched(slice
     p = outcome.manifest["parity"]
     assert outcome.passed and p["exactness"]["gate"] == "int4-fp16-moe", p
     assert {k for k, v in p["scenarios"].items() if v == "ok"} >= {"prefill", "decode", "chunked_prefill"}
-    stored = p["exactness"]["stored_weights"]
-    assert stored["passed"] and stored["rows_unmatched"] == 0 and stored["artifact_rows"] > 0, stored
-    assert p["quality"]["passed"]
+    # every compressed constant (the stacked experts' as their rows, the int8 embedding) bit for bit
+    assert p["exactness"]["stored_weights"] == {"passed": True, "artifact_rows": 6656, "rows_unmatched": 0}
+    assert p["quality"]["passed"] and p["quality"]["pooled"]["kl_mean"] < 0.2  # measured 0.097
 
 
 def test_one_stacked_expert_w2_x1_02_in_the_package_fails_parity_naming_it(sliced: dict[str, Any]) -> None:
@@ -90,6 +92,6 @@ def test_the_package_judged_against_another_checkpoint_fails(sliced: dict[str, A
     other = load_model(str(sliced["other"]))
     result = check_artifact(judged, other, threads=2, progress=Progress(quiet=True), scenarios=["prefill"])
     assert not result.passed and not result.summary()["exactness"]["passed"]
-    unmatched = result.stored_weights["unmatched"]
-    assert unmatched and not [n for n in unmatched if "embed" in n], unmatched
-    assert all(u["rows"] == u["of"] for u in unmatched.values()), unmatched
+    sw = result.stored_weights
+    assert sw["rows_unmatched"] == 6656 - 2048, sw  # every row but the embedding's (2048 x 128)
+    assert not [n for n in sw["unmatched"] if "embed" in n], sw

@@ -4,15 +4,17 @@ honest file judged against another checkpoint's weights fails.
 
 What makes it cheap (a whole `tiny` 8da4w export lowers for 60-160 s on 2 cores): a trained two-layer slice
 of `tiny` (`model_slices.write_slice`: its conv layer 1 and attention layer 2), context 32 and `max_prefill`
-1. One-token calls make the program's shapes static; with a dynamic prefill axis the lowering's symbolic
-shape reasoning made the same slice's lowering about 3x longer (63 s against 19 s, measured 2026-12-07 under
-load 3-5). One artifact serves all three checks; the edited and the judged copies are copies of its folder.
-Dynamic prefill at 8da4w is covered by the slow tests of `test_executorch.py`.
+1. One-token calls make the program's shapes static; with a dynamic prefill axis (`max_prefill` 8) the same
+slice lowered in 63 s against 19 s (2026-12-07, load about 4.6 and 3). One artifact serves all three checks;
+the edited and the judged ones are copies of its folder. Dynamic prefill at 8da4w is covered by the slow
+tests of `test_executorch.py`.
 
-Which check catches what: the stored-weights check (every stored row equal to one of the simulation's, bit
-for bit) catches both wrong artifacts whatever the weights are; it is the only part that sees the x1.02
-here. The logits exactness catches the other checkpoint's weights: that needs weights whose logits differ
-measurably, which the trained slice has."""
+Which check catches what (measured 2026-12-07 on this slice, scenario `prefill`): the stored-weights check
+(every stored row equal to one of the simulation's, bit for bit) catches both wrong artifacts whatever the
+weights are. The w2 x1.02 is also caught by the `-a8` gates' resolved-prefill row (`parity.boundary`: logit
+max rel 0.025 against its limit 2e-5), not by the plain logits (0.0135 against the `int4-a8` limit 0.071).
+The other checkpoint fails every part (logit max rel 1.04, KL mean against fp32 5.33): that needs weights
+whose logits differ measurably, which the trained slice has."""
 
 from __future__ import annotations
 
