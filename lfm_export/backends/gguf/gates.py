@@ -48,6 +48,15 @@ def factor(name: str) -> float:
     return FACTOR if name.endswith("_0") else K_FACTOR
 
 
+DETECTION = (
+    "by the logits alone, a middle layer's w2 / out_proj / in_proj / an expert's w2 x 1.01 to x 1.10 and more "
+    "(q4_0 on trained tiny: x 1.05 / 1.02 / 1.01; q4_k_m on tiny: x 1.10 / 1.05 / 1.01; not up to x 1.10 in some "
+    "matrix of the transformers-initialised checkpoints); the stored-weights check catches x 1.01 in every "
+    "one (q4_0 and q4_k_m on tiny, tiny-moe, hf-dense, hf-moe; prefill scenario; "
+    "benchmarks/results/detection_limits_gguf_q4_0.json, detection_limits_gguf_q4_k_m.json)"
+)
+"""What `benchmarks/detection_limits.py` measured the `q4_0` / `q4_k_m` gates to catch."""
+
 GGUF_GATES: dict[str, Gate] = {
     name: _exact_gate(
         name,
@@ -57,6 +66,7 @@ GGUF_GATES: dict[str, Gate] = {
         state_max_rel=1e-3,
         rounding=factor(name),
         note=_NOTE if name.endswith("_0") else _Q8K_NOTE if name.endswith("-q8k") else _K_NOTE,
+        detection=DETECTION if name in ("q4_0", "q4_k_m", "q4_0-q8k") else "",
     )
     for name in ("q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k", "q4_0-q8k")
 }
