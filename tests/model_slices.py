@@ -50,3 +50,10 @@ def write_slice(model: str, folder: Path, layers: Sequence[int]) -> Path:
     for name in TOKENIZER_FILES:
         shutil.copy(src / name, folder / name)
     return folder
+
+
+def copy_artifact(sliced: dict, name: str) -> Path:
+    """A copy of a slice fixture's artifact (`sliced["out"]`) under its root, named `name`, to tamper with."""
+    dest = sliced["root"] / name
+    shutil.copytree(sliced["out"], dest)
+    return dest

@@ -16,8 +16,6 @@ KL mean against fp32 4.4)."""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,7 +23,7 @@ import torch
 
 pytest.importorskip("coremltools")
 
-from model_slices import write_slice  # noqa: E402
+from model_slices import copy_artifact, write_slice  # noqa: E402
 
 from lfm_export.backends.coreml.recipes import make_recipe  # noqa: E402
 from lfm_export.loading import load_model  # noqa: E402
@@ -53,12 +51,6 @@ def sliced(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"outcome": outcome, "out": out, "model": honest, "other": other, "root": root}
 
 
-def _copy(sliced: dict[str, Any], name: str) -> Path:
-    dest = sliced["root"] / name
-    shutil.copytree(sliced["out"], dest)
-    return dest
-
-
 def test_honest_int4_moe_slice_passes_parity_with_every_stored_row_matched(sliced: dict[str, Any]) -> None:
     outcome = sliced["outcome"]
     p = outcome.manifest["parity"]
@@ -76,7 +68,7 @@ def test_one_stacked_expert_w2_x1_02_in_the_package_fails_parity_naming_it(slice
 
     stacked = [n for n, w in stored_weights(sliced["out"]) if "w2" in n and w.shape[0] > w.shape[1]]
     assert len(stacked) == 1, stacked  # the one MoE layer's experts, stacked
-    tampered = _copy(sliced, "tampered")
+    tampered = copy_artifact(sliced, "tampered")
     scale_op(tampered / "model.mlpackage", stacked[0], 1.02)
     result = check_artifact(tampered, threads=2, progress=Progress(quiet=True), scenarios=["prefill"])
     sw = result.stored_weights
@@ -88,7 +80,7 @@ def test_the_package_judged_against_another_checkpoint_fails(sliced: dict[str, A
     """Against tiny-moe's layers 0 and 4 (same shapes, other trained weights, the same embedding and head):
     exactness fails, and the stored weights of every linear and expert stack of both layers are unmatched,
     the embedding's none."""
-    judged = _copy(sliced, "judged")
+    judged = copy_artifact(sliced, "judged")
     other = load_model(str(sliced["other"]))
     result = check_artifact(judged, other, threads=2, progress=Progress(quiet=True), scenarios=["prefill"])
     assert not result.passed and not result.summary()["exactness"]["passed"]

@@ -18,7 +18,6 @@ whose logits differ measurably, which the trained slice has."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import torch
 
 pytest.importorskip("executorch")
 
-from model_slices import write_slice  # noqa: E402
+from model_slices import copy_artifact, write_slice  # noqa: E402
 
 from lfm_export.backends.executorch.convert import MODEL_FILE  # noqa: E402
 from lfm_export.backends.executorch.recipes import make_recipe  # noqa: E402
@@ -64,12 +63,6 @@ def sliced(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return export_slice("tiny", (1, 2), (3, 4), tmp_path_factory.mktemp("et-8da4w"))
 
 
-def _copy(sliced: dict[str, Any], name: str) -> Path:
-    dest = sliced["root"] / name
-    shutil.copytree(sliced["out"], dest)
-    return dest
-
-
 def test_honest_8da4w_slice_passes_parity_with_every_stored_row_matched(sliced: dict[str, Any]) -> None:
     outcome = sliced["outcome"]
     p = outcome.manifest["parity"]
@@ -99,7 +92,7 @@ def assert_one_matrix_x1_02_fails(sliced: dict[str, Any], matrix: str) -> None:
     out = sliced["out"]
     names = [n for n, x in read_pte(out / MODEL_FILE) if x.shape == held.shape and np.array_equal(x, held)]
     assert len(names) == 1, names
-    tampered = _copy(sliced, f"tampered-{matrix.replace('.', '-')}")
+    tampered = copy_artifact(sliced, f"tampered-{matrix.replace('.', '-')}")
     scale_filter(tampered / MODEL_FILE, names[0], 1.02)
     result = check_artifact(tampered, threads=2, progress=Progress(quiet=True), scenarios=["prefill"])
     sw = result.stored_weights
@@ -119,7 +112,7 @@ def test_the_artifact_judged_against_another_checkpoint_fails(sliced: dict[str, 
 def assert_other_checkpoint_fails(sliced: dict[str, Any]) -> dict[str, Any]:
     """A copy of the artifact judged against the other checkpoint fails exactness, on the logits too (not only
     the stored weights); returns the stored-weights report."""
-    judged = _copy(sliced, "judged")
+    judged = copy_artifact(sliced, "judged")
     other = load_model(str(sliced["other"]))
     result = check_artifact(judged, other, threads=2, progress=Progress(quiet=True), scenarios=["prefill"])
     exactness = result.summary()["exactness"]
