@@ -51,6 +51,8 @@ from typing import Any
 
 from provenance import provenance
 
+from lfm_export.check import small_shape
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUNS = ("onnx:int4:tiny", "onnx:int4:tiny-moe", "executorch:8da4w:tiny", "mlx:int4:tiny")
 MATRICES = ("w2", "out_proj", "in_proj", "expert")
@@ -58,37 +60,8 @@ WRONG = ("other_weights", "dropped_conv_state", "kv_off_by_one", "routing_scale_
 WRONG_SCENARIOS = ("prefill", "decode", "chunked_prefill")
 HF_MODELS: dict[str, tuple[dict[str, Any], int]] = {
     # name: (transformers config kwargs, seed); the shapes of tests/core/test_parity_gates.py's checkpoints
-    "hf-dense": (
-        dict(
-            vocab_size=320,
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            layer_types=["conv", "full_attention", "conv", "full_attention"],
-            block_auto_adjust_ff_dim=False,
-        ),
-        1,
-    ),
-    "hf-moe": (
-        dict(
-            vocab_size=320,
-            hidden_size=64,
-            intermediate_size=128,
-            moe_intermediate_size=64,
-            num_experts=4,
-            num_experts_per_tok=2,
-            num_dense_layers=1,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            layer_types=["conv", "full_attention", "conv"],
-            use_expert_bias=True,
-            routed_scaling_factor=1.5,
-        ),
-        3,
-    ),
+    "hf-dense": (small_shape("dense"), 1),
+    "hf-moe": ({**small_shape("moe"), "routed_scaling_factor": 1.5}, 3),
 }
 """Transformers-initialised checkpoints the script writes (`--work`/checkpoints); `<name>-other` is the same
 shapes with seed + 100, the `other_weights` model."""

@@ -172,6 +172,38 @@ def run_check(
     )
 
 
+def small_shape(kind: str) -> dict[str, Any]:
+    """Transformers config kwargs of a small LFM2 checkpoint, `dense` (4 layers, hidden 128) or `moe` (3 layers,
+    hidden 64, 4 experts top-2, one dense layer, expert bias), every width a multiple of 32 so block-32
+    quantization applies to every weight: the shapes the tests and `benchmarks/detection_limits.py` write with
+    `save_random_transformers` (a fresh dict each call)."""
+    if kind == "moe":
+        return dict(
+            vocab_size=320,
+            hidden_size=64,
+            intermediate_size=128,
+            moe_intermediate_size=64,
+            num_experts=4,
+            num_experts_per_tok=2,
+            num_dense_layers=1,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            layer_types=["conv", "full_attention", "conv"],
+            use_expert_bias=True,
+        )
+    return dict(
+        vocab_size=320,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        layer_types=["conv", "full_attention", "conv", "full_attention"],
+        block_auto_adjust_ff_dim=False,
+    )
+
+
 def save_random_transformers(folder: Path, kwargs: dict[str, Any], dtype: torch.dtype, seed: int) -> Path:
     """A random transformers `Lfm2ForCausalLM` / `Lfm2MoeForCausalLM` (MoE when `num_experts` is given) with
     perturbed norm weights and a non-zero expert bias, saved by `save_pretrained` in `dtype`."""

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lfm_export.check import save_random_transformers as save_hf
+from lfm_export.check import small_shape
 from lfm_export.config import Lfm2Config
 
 torch.set_num_threads(2)
@@ -112,23 +113,7 @@ HF_SHAPES = {
         ),
         torch.float32,
     ),
-    "moe_b32": (  # every width a multiple of 32, so int4/int8 block 32 applies to all weights
-        dict(
-            vocab_size=320,
-            hidden_size=64,
-            intermediate_size=128,
-            moe_intermediate_size=64,
-            num_experts=4,
-            num_experts_per_tok=2,
-            num_dense_layers=1,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            layer_types=["conv", "full_attention", "conv"],
-            use_expert_bias=True,
-        ),
-        torch.float32,
-    ),
+    "moe_b32": (small_shape("moe"), torch.float32),  # every width a multiple of 32: block 32 fits all
 }
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 from broken_sessions import DropsConvState, KvOneOff
 
+from lfm_export.check import small_shape
 from lfm_export.contract.errors import UserError
 from lfm_export.loading import LoadedModel, init_random, load_model
 from lfm_export.parity import (
@@ -58,38 +59,13 @@ def save_hf(folder: Path, *, moe: bool, initializer_range: float | None, seed: i
     torch.manual_seed(seed)
     init = {} if initializer_range is None else {"initializer_range": initializer_range}
     if moe:
-        cfg = transformers.Lfm2MoeConfig(
-            vocab_size=320,
-            hidden_size=64,
-            intermediate_size=128,
-            moe_intermediate_size=64,
-            num_experts=4,
-            num_experts_per_tok=2,
-            num_dense_layers=1,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            layer_types=["conv", "full_attention", "conv"],
-            use_expert_bias=True,
-            routed_scaling_factor=1.5,
-            **init,
-        )
+        cfg = transformers.Lfm2MoeConfig(**small_shape("moe"), routed_scaling_factor=1.5, **init)
         model = transformers.Lfm2MoeForCausalLM(cfg)
         with torch.no_grad():  # a bias that changes which experts win, so ignoring it is visible
             for layer in model.model.layers[1:]:
                 layer.feed_forward.expert_bias.copy_(torch.linspace(-0.05, 0.05, 4))
     else:
-        cfg = transformers.Lfm2Config(
-            vocab_size=320,
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            layer_types=["conv", "full_attention", "conv", "full_attention"],
-            block_auto_adjust_ff_dim=False,
-            **init,
-        )
+        cfg = transformers.Lfm2Config(**small_shape("dense"), **init)
         model = transformers.Lfm2ForCausalLM(cfg)
     model.save_pretrained(folder)
     return folder
