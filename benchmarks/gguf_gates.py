@@ -5,7 +5,9 @@ matrix 2% off, run through llama.cpp.
 
 For each model (`tiny`, `tiny-moe`) and type (`q4_0`, `q8_0`): export at context 64 with the full parity run,
 then for each of five matrices raise that matrix's block scales by `--error` (2%) in the file itself and check
-parity again; `--honest-types` (the `-mse` variants) are exported honest only. Every row holds, per metric,
+parity again (`bf16`: the matrix's values, rounded back to bf16); `--honest-types` (the `-mse` variants) are
+exported honest only. `--types bf16 --honest-types ''` measures the `bf16-bf16` gate
+(`benchmarks/results/gguf_bf16_gate.json`). Every row holds, per metric,
 the worst value over the scenarios divided by what the activation rounding
 itself does to it (the simulation with against without llama.cpp's Q8_0 activation rounding; KL max: its
 square root, as the gate squares its factor): a gate at FACTOR fails a row above FACTOR.
@@ -32,12 +34,29 @@ TARGETS = (
 BLOCK_BYTES = {"Q4_0": 18, "Q8_0": 34}
 
 
+def _factor(gate: str) -> float:
+    """The activation-rounding multiple gate `gate` allows (its `logit_max_rel` limit's `rounding`)."""
+    from lfm_export.backends import all_backends
+    from lfm_export.parity.thresholds import GATES
+
+    all_backends()  # the GGUF gates register through the backend record
+    return next(lim.rounding for lim in GATES[gate].limits if lim.metric == "logit_max_rel")
+
+
+def scale_bf16(data: np.ndarray, factor: float) -> None:
+    """Multiply the BF16 values held in `data` (uint8 bytes) by `factor` in place, rounded back to bf16."""
+    import gguf
+
+    kind = gguf.GGMLQuantizationType.BF16
+    flat = data.reshape(-1, data.shape[-1])
+    values = gguf.quants.dequantize(flat, kind) * np.float32(factor)
+    flat[...] = gguf.quants.quantize(values.astype(np.float32), kind)
+
+
 def ratios(folder: Path) -> dict:
     """Worst metric over the scenarios as a multiple of the activation-rounding effect."""
-    from lfm_export.backends.gguf.gates import factor
-
     d = json.loads((folder / "parity" / "parity.json").read_text())
-    f = factor(str(d["gate"]))
+    f = _factor(str(d["gate"]))
     out: dict[str, float] = {}
     for c in d["checks"]:
         if c["metric"] in ("logit_max_rel", "kl_max") and c["limit"]:
@@ -81,10 +100,15 @@ def main() -> None:
                 shutil.rmtree(broken, ignore_errors=True)
                 shutil.copytree(honest, broken)
                 reader = gguf.GGUFReader(broken / "model.gguf", "r+")
-                tensor = next(t for t in reader.tensors if t.name == name)
-                blocks = tensor.data.reshape(-1, BLOCK_BYTES[tensor.tensor_type.name])
-                scales = blocks[:, :2].copy().view(np.float16)
-                blocks[:, :2] = (scales * np.float16(1 + args.error)).view(np.uint8)
+                tensor = next((t for t in reader.tensors if t.name == name), None)
+                if tensor is None:  # tiny-moe's layer 0 holds experts, not ffn_down
+                    continue
+                if tensor.tensor_type.name == "BF16":  # its values, rounded back to bf16
+                    scale_bf16(tensor.data, 1 + args.error)
+                else:  # its block scales
+                    blocks = tensor.data.reshape(-1, BLOCK_BYTES[tensor.tensor_type.name])
+                    scales = blocks[:, :2].copy().view(np.float16)
+                    blocks[:, :2] = (scales * np.float16(1 + args.error)).view(np.uint8)
                 reader.data.flush()
                 del reader
                 check_artifact(broken, threads=args.threads, progress=quiet)

@@ -369,7 +369,7 @@ def test_bf16_honest_passes_and_ffn_down_two_percent_off_fails(tmp_path: Path) -
     """`--quant bf16` on `tiny` through llama.cpp: BF16 linears and token table, F32 norms and conv, file type
     MOSTLY_BF16; the honest file passes the `bf16-bf16` gate (the simulation with every linear's input rounded
     to bf16, as llama.cpp's CPU does); the same file with `blk.0.ffn_down` x1.02 (rounded back to bf16 in
-    place) fails it (`benchmarks/gguf_bf16_gate.py`: 4.7x the rounding effect, the gate allows 2x)."""
+    place) fails it (`benchmarks/gguf_gates.py --types bf16`: 4.7x the rounding effect, the gate allows 2x)."""
     from lfm_export.parity.thresholds import gate_for
 
     folder = tmp_path / "tiny-bf16"
