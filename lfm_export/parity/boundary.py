@@ -153,9 +153,10 @@ def _step(
 
     codes: BoundaryCodes = simulated.boundary_codes
     chosen: dict[str, dict[int, float]] = {}
+    scales: dict[str, dict[int, float]] = {}
     for b in flips:
-        chosen.setdefault(b.linear, {})[b.index] = b.code
-    codes.start(found, chosen)
+        (scales if b.scale else chosen).setdefault(b.linear, {})[b.index] = b.code
+    codes.start(found, chosen, scales)
     try:
         with torch.no_grad():
             conv, keys, values = (list(part) for part in state)
