@@ -363,7 +363,7 @@ def _check(
     from lfm_export.parity.stored_weights import compare as compare_stored_weights
     from lfm_export.parity.stored_weights import simulated_weights
     from lfm_export.parity.streaming import STREAM_FILL_LIMIT, StreamingReference
-    from lfm_export.quant import ACT_INT8_BLOCK, ACT_INT8_TOKEN, activation_modes, simulate
+    from lfm_export.quant import RESOLVABLE_MODES, activation_modes, simulate
     from lfm_export.weights import weights_of
 
     torch.set_num_threads(threads)
@@ -466,9 +466,9 @@ def _check(
                 stored = compare_stored_weights(reader(folder), simulation.quantized_weights())
         tokenizer = folder / "tokenizer.json"
         resolved = None
-        int8 = {ACT_INT8_BLOCK, ACT_INT8_TOKEN}
-        # the tight -a8 row needs the whole simulation in memory: not run with a streaming reference
-        a8 = rounds and bool(set(activation_modes(activations).values()) & int8)
+        # the tight row (int8 activations: the -a8 gates, llama.cpp's Q8_0 / Q8_K blocks) needs the whole
+        # simulation in memory: not run with a streaming reference
+        a8 = rounds and bool(set(activation_modes(activations).values()) & set(RESOLVABLE_MODES))
         if a8 and own_simulation is None and streaming is None:
             known = tokenizer if tokenizer.is_file() else None
             prompts = prompts_for(session.vocab_size, known, session.max_seq_len)
