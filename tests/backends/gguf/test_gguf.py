@@ -99,11 +99,14 @@ def test_fp32_moe_greedy_tokens_equal_the_reference(artifacts) -> None:
 
 def test_honest_passes_and_a_matrix_two_percent_off_fails(q4_0, tmp_path: Path) -> None:
     """Through llama.cpp: the honest file passes its gate (`q4_0`: the simulation with llama.cpp's Q8_0
-    activation rounding); the same file with one Q4_0 matrix's block scales raised 2% in place fails it, the
-    stored weights naming that matrix."""
+    activation rounding), its resolved row (`resolved_prefill`: Q8_0 codes and fp16 block scales on a rounding
+    boundary resolved) within float32 rounding; the same file with one Q4_0 w2's block scales raised 2% in
+    place fails it by the logits (the resolved row) and by the stored weights, which name that matrix."""
     honest = check_artifact(q4_0, threads=1, progress=Progress(quiet=True), scenarios=QUICK)
     assert honest.passed, [c.describe() for c in honest.failures]
     assert honest.gate.name == "q4_0"
+    assert honest.resolved is not None and honest.resolved["passed"], honest.resolved
+    assert honest.resolved["logit_max_rel"] < 2e-6 and honest.resolved["positions"] > 32
     stored = honest.stored_weights  # every Q8_0 / Q4_0 row equals the simulation's, bit for bit
     assert stored is not None and stored["passed"] and stored["artifact_rows"] > 0, stored
     broken = tmp_path / "broken"
@@ -119,6 +122,8 @@ def test_honest_passes_and_a_matrix_two_percent_off_fails(q4_0, tmp_path: Path) 
     result = check_artifact(broken, threads=1, progress=Progress(quiet=True), scenarios=QUICK)
     assert not result.passed and not result.part_passed("exactness")
     assert list(result.stored_weights["unmatched"]) == ["blk.0.ffn_down.weight"], result.stored_weights
+    assert result.resolved is not None and not result.resolved["passed"], result.resolved
+    assert "resolved_prefill" in {c.scenario for c in result.failures}
 
 
 def test_snapshots_restore_exactly_and_prefill_last_is_the_last_row(q4_0, tmp_path: Path) -> None:
