@@ -817,8 +817,9 @@ class BoundaryCodes:
     `margin` of the halfway point; `flips` (module name -> `{flat index: code}`) sets codes to their other side,
     `scales` (module name -> `{flat block index: scale}`) block scales. Both apply to the next forward only as
     the caller arranges (`lfm_export.parity.boundary` steps one position at a time). Linears fed the same tensor
-    (q/k/v, w1/w3) share one rounded input, as a runtime that fuses them does: a forward with `found` set names
-    each by the first of them (`group`), and a flip applies to all."""
+    (q/k/v, w1/w3, the w1/w3 of every expert a token is routed to) share one rounded input, as a runtime that
+    fuses them does: a forward with `found` set names each by the first of them (`group`), and a flip applies to
+    all."""
 
     def __init__(self, margin: float = BOUNDARY_MARGIN) -> None:
         self.margin = margin
@@ -941,12 +942,18 @@ def _fp16_boundaries(r: _Rounding, row: Tensor, limit: float) -> list[tuple[int,
     return [(int(i), float(margin[i]), float(other[i])) for i in np.nonzero(ok & (margin < limit))[0]]
 
 
+def _same_input(seen: Tensor, x: Tensor) -> bool:
+    """Whether two linears take one input: the same tensor, or equal values (the MoE experts a token is routed to,
+    each fed its own copy of the token's row in the sparse form, take what a runtime quantizes once)."""
+    return seen is x or (seen.shape == x.shape and seen.dtype == x.dtype and torch.equal(seen, x))
+
+
 def _rounded_resolving(linear: SimulatedLinear, x: Tensor, codes_of: BoundaryCodes) -> Tensor:
     """`x` rounded as `linear.activations` says, with `codes_of.flips` / `scales` applied and undecided codes
     (and fp16 scales) listed."""
     r = _int8_codes(x, linear.activations, linear.block_size)
     if codes_of.found is not None:
-        leader = next((name for seen, name in codes_of._inputs if seen is x), linear.name)
+        leader = next((name for seen, name in codes_of._inputs if _same_input(seen, x)), linear.name)
         codes_of._inputs.append((x, linear.name))  # held, so no other tensor reuses its memory meanwhile
         codes_of.group[linear.name] = leader
     leader = codes_of.group.get(linear.name, linear.name)

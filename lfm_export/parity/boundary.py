@@ -171,12 +171,36 @@ def _step(
 def resolve(session: Session, simulated: Any, prompts: list[np.ndarray]) -> Resolved:
     """The artifact `session` against `simulated` (`lfm_export.quant.simulate`'s module, int8 activations) on
     each prompt (`[1, T]` ids), undecided codes resolved per position (module doc). Leaves `session` reset."""
+    from lfm_export.model import MOE_SPARSE, MoE
+
+    out = Resolved()
+    errors: list[float] = []
+    # the sparse MoE form (the same numbers): only the experts a token is routed to run, so the undecided codes
+    # listed are those of matrices the runtime ran, not of experts weighted zero
+    moe = [m for m in simulated.modules() if isinstance(m, MoE)]
+    forms = [m.form for m in moe]
+    for m in moe:
+        m.form = MOE_SPARSE
+    try:
+        _resolve_prompts(session, simulated, prompts, out, errors)
+    finally:
+        for m, form in zip(moe, forms, strict=True):
+            m.form = form
+    session.reset(1)
+    out.positions = len(errors)
+    out.max_rel = float(max(errors, default=0.0))
+    out.median_rel = float(np.median(errors)) if errors else 0.0
+    return out
+
+
+def _resolve_prompts(
+    session: Session, simulated: Any, prompts: list[np.ndarray], out: Resolved, errors: list[float]
+) -> None:
+    """`resolve`'s loop over the prompts, into `out` and `errors` (one per position)."""
     import torch
 
     from lfm_export.model import GROWING
 
-    out = Resolved()
-    errors: list[float] = []
     for p, ids in enumerate(prompts):
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         session.reset(1)
@@ -225,11 +249,6 @@ def resolve(session: Session, simulated: Any, prompts: list[np.ndarray]) -> Reso
                 searching = False
             out.codes_resolved += len(flips)
             state = result[1:]
-    session.reset(1)
-    out.positions = len(errors)
-    out.max_rel = float(max(errors, default=0.0))
-    out.median_rel = float(np.median(errors)) if errors else 0.0
-    return out
 
 
 def checks(result: Resolved) -> list[Check]:
