@@ -14,7 +14,8 @@ every `MUL_MAT` node: its weight's name and type, its float32 input and output. 
   (`fake_quant_q8_0` / `fake_quant_q8_k` by the weight's type) times the weights the file holds (gguf-py's
   dequantization), relative to the output's largest magnitude: the op alone, from the same input;
 - `input_rel` / `output_rel`: llama.cpp's input and output against the simulation's at the same linear;
-- `codes_differing`: activation values whose rounded value differs between the two inputs, and `scales_differing`:
+- `codes_differing`: activation values whose rounded value (Q8_K: whose code) differs between the two inputs,
+  and `scales_differing`:
   Q8_0 blocks whose fp16 scale `amax / 127` rounds to another fp16 number from the two inputs (with both
   float32 values).
 
@@ -145,6 +146,14 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float64) - b).max() / scale) if scale else 0.0
 
 
+def _q8k_codes(x: np.ndarray) -> np.ndarray:
+    """Q8_K codes of `x` (rows a multiple of 256): `min(127, rint(x * (-127 / m)))`, `m` the signed extreme."""
+    b = x.astype(np.float32).reshape(-1, 256)
+    m = np.take_along_axis(b, np.abs(b).argmax(-1)[:, None], -1)
+    factor = np.where(m == 0, np.float32(0), np.float32(-127) / np.where(m == 0, np.float32(1), m))
+    return np.minimum(np.rint(b * factor.astype(np.float32)), 127)
+
+
 def _scales_differing(mine: np.ndarray, theirs: np.ndarray) -> list[dict[str, Any]]:
     """Q8_0 blocks of 32 whose fp16 scale `amax / 127` differs between the two inputs."""
     out = []
@@ -243,7 +252,10 @@ def main() -> None:
         rounding = fake_quant_q8_k if item["type"] in K_TYPES else fake_quant_q8_0
         op = rounding(torch.from_numpy(x)).double().numpy() @ w.T
         mine_x, mine_y = (v.reshape(-1, v.shape[-1]).numpy() for v in at_position[linear])
-        differ = int((rounding(torch.from_numpy(x)) != rounding(torch.from_numpy(mine_x))).sum())
+        if item["type"] in K_TYPES:  # the float32 scale moves with its input: count the codes themselves
+            differ = int((_q8k_codes(x) != _q8k_codes(mine_x)).sum())
+        else:
+            differ = int((rounding(torch.from_numpy(x)) != rounding(torch.from_numpy(mine_x))).sum())
         rows.append(
             {
                 "node": item["node"],
