@@ -60,11 +60,11 @@ def factor(name: str) -> float:
 
 
 DETECTION = (
-    "by the logits alone, a middle layer's w2 / out_proj / in_proj / an expert's w2 x 1.01 to x 1.10 and more "
-    "(q4_0 on trained tiny: x 1.05 / 1.02 / 1.01; q4_k_m on tiny: x 1.10 / 1.05 / 1.01; not up to x 1.10 in some "
-    "matrix of the transformers-initialised checkpoints); the stored-weights check catches x 1.01 in every "
-    "one (q4_0 and q4_k_m on tiny, tiny-moe, hf-dense, hf-moe; prefill scenario; "
-    "benchmarks/results/detection_limits_gguf_q4_0.json, detection_limits_gguf_q4_k_m.json)"
+    "a middle layer's w2, out_proj, in_proj and an MoE expert's w2 x 1.01 (the smallest tried) are caught by the "
+    "logits checks (row resolved_prefill) on the trained tiny / tiny-moe and the transformers-initialised "
+    "hf-dense / hf-moe, and so are other weights, a dropped conv state, KV off by one and a dropped routing "
+    "scale (q4_0 and q4_k_m; prefill scenario; benchmarks/results/detection_limits_gguf_q4_0.json, "
+    "detection_limits_gguf_q4_k_m.json), and by the stored-weights check beside them"
 )
 """What `benchmarks/detection_limits.py` measured the `q4_0` / `q4_k_m` gates to catch."""
 
