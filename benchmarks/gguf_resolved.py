@@ -88,6 +88,7 @@ def main() -> None:
         "--scales", nargs="*", type=float, default=[], help="one matrix scaled by each (none: skip)"
     )
     ap.add_argument("--matrices", nargs="+", default=list(MATRICES))
+    ap.add_argument("--scaled-models", nargs="*", help="the models --scales applies to (default: every one)")
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -111,7 +112,8 @@ def main() -> None:
                 f"({h['codes_resolved']} resolved)",
                 flush=True,
             )
-            for matrix in args.matrices if args.scales else []:
+            scaled = args.scales and (args.scaled_models is None or model in args.scaled_models)
+            for matrix in args.matrices if scaled else []:
                 for scale in args.scales:
                     r = resolved(folder, model, matrix, scale)
                     row.setdefault("scaled", {}).setdefault(matrix, {})[str(scale)] = r
