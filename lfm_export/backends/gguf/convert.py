@@ -43,7 +43,7 @@ from lfm_export.ggml_blocks import quantize as ggml_quantize
 from lfm_export.loading import LoadedModel
 from lfm_export.precision import FLOAT, ROUTER, ggml_mix_type, held_as, rule_for
 from lfm_export.progress import Progress
-from lfm_export.recipes import ACT_FP16, ACT_FP16_ROUTED, ACT_GGML_Q8_0
+from lfm_export.recipes import ACT_FP16, ACT_FP16_ROUTED
 from lfm_export.signature import build_signature
 
 from .recipes import MIX_FILE_TYPES, GgufRecipe, factor_for, ggml_type, importance_for
@@ -128,12 +128,13 @@ def plan(loaded: LoadedModel, recipe: GgufRecipe) -> list[Planned]:
     )
     core.check_model(cfg, shapes)
     layer_types = list(cfg.layer_types)
+    experts = int(cfg.num_experts) if cfg.is_moe else 0  # llama.cpp's `n_expert` (exactly 8: its own rules)
 
     def kind(name: str, shape: tuple[int, ...], bits: int | None) -> str:
         if bits is None:
             return ggml_type(core, bits)
         mix = recipe.mix or recipe.ggml_name  # q8_0 / q4_0: llama.cpp's output type as well
-        chosen = ggml_mix_type(name, mix, shape[-1], layer_types, bool(cfg.tie_word_embeddings))
+        chosen = ggml_mix_type(name, mix, shape[-1], layer_types, bool(cfg.tie_word_embeddings), experts)
         if chosen not in ggml_kquants.K_TYPES and chosen not in BLOCK_TYPES:
             raise UnsupportedError(
                 f"{name}: its rows ({shape[-1]}) are not a multiple of 256, where llama.cpp's {mix} "
@@ -383,12 +384,13 @@ def export_gguf(
         },
     }
     recorded = recipe.to_dict()
-    if core.quantized:  # what the simulation holds each quantized checkpoint tensor as
+    if (
+        core.quantized
+    ):  # what the simulation holds each quantized checkpoint tensor as, and rounds its input to
         recorded["ggml_tensor_types"] = {n: p.ggml for p in planned if p.bits is not None for n in p.sources}
+        recorded["activation_rounding"] = recipe.activation_rounding(recorded["ggml_tensor_types"])
         if scale_down != 1.0:
             recorded[EXPERT_DOWN_SCALE] = scale_down
-    if isinstance(recipe.activations, dict) and "Q6_K" not in {p.ggml for p in planned}:
-        recorded["activation_rounding"] = ACT_GGML_Q8_0  # q4_0 with a Q8_0 output: Q8_0 blocks everywhere
     if cfg.is_moe and recipe.activations == ACT_FP16:
         recorded["activation_rounding"] = ACT_FP16_ROUTED  # fp16 rounding may flip an expert: the -moe gate
     return ExportResult(signature, recorded, extra)
