@@ -68,7 +68,10 @@ def weight_values(recipe_dict: dict[str, Any]) -> Any:
         return ggml_kquants.held_values(w, kt, recipe.rounding, threads, imp, factor)
 
     def values(w: Any, bits: int, name: str = "") -> Any:
-        imp, factor = importance_for(w, recipe), factor_for(w, recipe)  # by the checkpoint's own values
+        imp, factor = (
+            importance_for(w, recipe, name),
+            factor_for(w, recipe, name),
+        )  # by the checkpoint's values
         if scale != 1 and is_expert_down(name):  # the file holds w2 * s quantized (`EXPERT_DOWN_SCALE`)
             return held(np.asarray(w, np.float32) * scale, bits, name, imp, factor) / scale
         return held(w, bits, name, imp, factor)

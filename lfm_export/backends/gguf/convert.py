@@ -205,8 +205,8 @@ def produce(
         if ".conv.conv." in name:
             w = w.reshape(w.shape[0], w.shape[-1])
         quantized = p.ggml in ggml_kquants.K_TYPES or p.ggml in BLOCK_TYPES
-        imp = importance_for(w, recipe.recipe) if quantized else None  # by the checkpoint's own values
-        factor = factor_for(w, recipe.recipe) if quantized else None
+        imp = importance_for(w, recipe.recipe, name) if quantized else None  # by the checkpoint's own values
+        factor = factor_for(w, recipe.recipe, name) if quantized else None
         if scale_down != 1.0 and is_expert_down(name):
             w = w * np.float32(scale_down)
         rounding = recipe.recipe.rounding

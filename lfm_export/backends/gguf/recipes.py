@@ -35,6 +35,7 @@ import numpy as np
 
 from lfm_export import calibrated
 from lfm_export.contract.errors import UnsupportedError
+from lfm_export.precision import LINEAR, rule_for
 from lfm_export.recipes import (
     ACT_BF16,
     ACT_FLOAT,
@@ -186,20 +187,22 @@ class GgufRecipe:
         return cls(Recipe.from_dict(d), d.get("ggml_mix"))
 
 
-def importance_for(w: np.ndarray, recipe: Recipe) -> np.ndarray | None:
-    """The calibrated importance `[K]` that weighs the fit of `w` under an `-imat` recipe (None otherwise, or
-    for a weight the calibration did not see: it is fitted unweighted). Read from the calibration table that is
-    active while an artifact is exported or checked (`lfm_export.calibrated`), by the weight's content."""
-    if recipe.rounding not in CALIBRATED_ROUNDINGS or recipe.bits is None:
+def importance_for(w: np.ndarray, recipe: Recipe, name: str) -> np.ndarray | None:
+    """The calibrated importance `[K]` that weighs the fit of `w` (checkpoint tensor `name`) under an `-imat`
+    recipe (None otherwise, or for a weight the calibration did not see: it is fitted unweighted). Read from the
+    calibration table that is active while an artifact is exported or checked (`lfm_export.calibrated`), by
+    the weight's content; a tensor the calibration never sees (`precision.LINEAR` is what it sees: not the
+    token table or the output) is not looked up, so a streamed calibration is not run ahead for it."""
+    if recipe.rounding not in CALIBRATED_ROUNDINGS or recipe.bits is None or rule_for(name) is not LINEAR:
         return None
     return calibrated.importance(w, recipe.bits, recipe.block_size)
 
 
-def factor_for(w: np.ndarray, recipe: Recipe) -> np.ndarray | None:
+def factor_for(w: np.ndarray, recipe: Recipe, name: str) -> np.ndarray | None:
     """The inverse-Hessian factor `[K, K]` from which a `-gptq` recipe chooses the codes of `w` on ggml's blocks
     (None otherwise, or for a weight the calibration did not see: its codes are the fit's), read as
     `importance_for` reads the importance."""
-    if recipe.rounding != "gptq" or recipe.bits is None:
+    if recipe.rounding != "gptq" or recipe.bits is None or rule_for(name) is not LINEAR:
         return None
     return calibrated.factor(w, recipe.bits, recipe.block_size)
 
