@@ -218,8 +218,8 @@ def produce(
             w = w.astype(np.float16)
         elif p.ggml == "BF16":
             w = _bf16_bytes(w)
-        elif recipe.recipe.dtype == "bf16" and rule_for(name) is ROUTER:
-            w = _bf16_values(w)
+        elif recipe.recipe.dtype in ("fp16", "bf16") and rule_for(name) is ROUTER:
+            w = _half_values(w, recipe.recipe.dtype)
         else:
             w = np.ascontiguousarray(w, dtype=np.float32)
         rows.append(w)
@@ -233,10 +233,13 @@ def _bf16_bytes(w: np.ndarray) -> np.ndarray:
     return gguf.quants.quantize(np.ascontiguousarray(w, np.float32), gguf.GGMLQuantizationType.BF16)
 
 
-def _bf16_values(w: np.ndarray) -> np.ndarray:
-    """`w` rounded to bf16, as float32: the MoE router of a bf16 file, which llama.cpp holds in F32. The
-    simulation of a float recipe holds every linear's weight at the recipe's type (`lfm_export.quant.simulate`),
-    so the file holds the router's bf16 values in F32 (its input is not rounded: llama.cpp's F32 matmul)."""
+def _half_values(w: np.ndarray, dtype: str) -> np.ndarray:
+    """`w` rounded to `dtype` (`fp16` / `bf16`, round to nearest even), as float32: the MoE router of an f16 /
+    bf16 file, which llama.cpp holds in F32. The simulation of a float recipe holds every linear's weight at
+    the recipe's type (`lfm_export.quant.simulate`), so the file holds the router's half-precision values in
+    F32 (its input is not rounded: llama.cpp's F32 matmul)."""
+    if dtype == "fp16":
+        return np.asarray(w, np.float32).astype(np.float16).astype(np.float32)
     import gguf
 
     kind = gguf.GGMLQuantizationType.BF16

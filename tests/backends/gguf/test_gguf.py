@@ -432,19 +432,25 @@ def test_bf16_honest_passes_and_ffn_down_two_percent_off_fails(tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_bf16_moe_passes_the_full_gate_with_the_router_f32(tmp_path: Path) -> None:
-    """`tiny-moe` at bf16 through llama.cpp, every scenario: the router is F32 as llama.cpp's converter writes it,
-    holding bf16 values (what the simulation of a bf16 recipe holds for every linear), and the file passes."""
-    folder = tmp_path / "tiny-moe-bf16"
+@pytest.mark.parametrize("quant", ["bf16", "f16"])
+def test_half_moe_passes_the_full_gate_with_the_router_f32(quant: str, tmp_path: Path) -> None:
+    """`tiny-moe` at bf16 / f16 through llama.cpp, every scenario: the router is F32 as llama.cpp's converter
+    writes it, holding the checkpoint's router rounded to bf16 / fp16 (what the simulation of a half-precision
+    recipe holds for every linear), and the file passes."""
+    import torch
+
+    folder = tmp_path / f"tiny-moe-{quant}"
     outcome = export_artifact(
-        "gguf", "tiny-moe", folder, make_recipe("bf16", CONTEXT), threads=1, progress=Progress(quiet=True)
+        "gguf", "tiny-moe", folder, make_recipe(quant, CONTEXT), threads=1, progress=Progress(quiet=True)
     )
     assert outcome.passed, outcome.manifest["parity"]
     reader = gguf.GGUFReader(folder / "model.gguf")
     router = next(t for t in reader.tensors if t.name == "blk.2.ffn_gate_inp.weight")
     assert router.tensor_type.name == "F32"
-    values = np.asarray(router.data, dtype=np.float32)
-    assert np.array_equal(values.view(np.uint32) & 0xFFFF, np.zeros(values.shape, np.uint32))
+    values = torch.from_numpy(np.asarray(router.data, dtype=np.float32).copy())
+    original = load_model("tiny-moe").model.get_parameter("model.layers.2.feed_forward.gate.weight").detach()
+    half = {"bf16": torch.bfloat16, "f16": torch.float16}[quant]
+    assert torch.equal(values, original.to(half).float()) and not torch.equal(values, original)
 
 
 @pytest.mark.slow
