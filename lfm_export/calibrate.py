@@ -199,9 +199,9 @@ def calibration_steps(
         for name, entry in stats.items():
             if id(entry) not in by_entry:
                 n, sq, xx = entry
-                by_entry[id(entry)] = LinearStats(
-                    tokens=n, mean_square=sq / max(n, 1), hessian=None if xx is None else xx / max(n, 1)
-                )
+                if xx is not None:
+                    xx /= max(n, 1)  # in place: one K^2 float64 array per input, not two
+                by_entry[id(entry)] = LinearStats(tokens=n, mean_square=sq / max(n, 1), hessian=xx)
             done[name] = by_entry[id(entry)]
         stats.clear()
         if layer_done is not None:
@@ -234,9 +234,12 @@ def _collector(
         seen.append((args[0], entry))
         entry[0] += x.shape[0]
         entry[1] += (x.double() * x.double()).sum(0).numpy()
-        if hessian:  # one float32 product per call (the whole batch), summed in float64
+        if hessian:  # one float32 product per call (the whole batch), summed in float64 (in place)
             xx = (x.T @ x).double().numpy()
-            entry[2] = xx if entry[2] is None else entry[2] + xx
+            if entry[2] is None:
+                entry[2] = xx
+            else:
+                entry[2] += xx
 
     return hook
 
@@ -288,10 +291,11 @@ def calibrated_table(
             block = block_as(name, recipe, w.shape[1])
             if keep_factors:  # the format rounds its own blocks: importance and factor only
                 kept = None
-                if s.tokens and s.hessian is not None:
-                    if id(s.hessian) not in kept_f32:
-                        kept_f32[id(s.hessian)] = inverse_cholesky(s.hessian).astype(np.float32)
-                    kept = kept_f32[id(s.hessian)]
+                if s.tokens and id(s) not in kept_f32 and s.hessian is not None:
+                    hessian, s.hessian = s.hessian, None  # no longer needed: its buffer is scratch
+                    kept_f32[id(s)] = inverse_cholesky(hessian, overwrite=True).astype(np.float32)
+                    del hessian
+                kept = kept_f32.get(id(s)) if s.tokens else None
                 table.add(w, bits, block, None, None, s.mean_square if s.tokens else None, kept)
                 continue
             if s.tokens == 0:  # an expert no token chose: plain rounding
