@@ -32,7 +32,9 @@ Rounding choices, all of them (numpy, float32 arithmetic, `np.rint` = round half
 Activation rounding (`simulate(..., activations=...)`), the inputs of every quantized linear; one mode for all,
 or per role (`{"linears": ..., "experts": ...}`, `ROLES`) where a runtime treats MoE experts differently
 (`"head"`, the lm_head, may be given too: a runtime that holds it in another type, e.g. llama.cpp's Q6_K output
-in a Q4_0 file; without it the lm_head takes the `"linears"` mode):
+in a Q4_0 file; without it the lm_head takes the `"linears"` mode), and per tensor (a checkpoint weight name as
+a key, over its role's mode) where a runtime's rounding follows each tensor's own type (GGUF: Q8_0 blocks into
+a Q8_0 `attn_k`, Q8_K into the Q4_K linears beside it):
 - `ACT_FLOAT`: none (what MatMulNBits computes at accuracy_level 0, QDQ + MatMul, and every float recipe).
 - `ACT_INT8_BLOCK`: onnxruntime's MatMulNBits at accuracy_level 4 on CPU (MLAS `QuantizeARow_CompInt8`,
   read from its AVX2 kernel): per row, per block of `block_size` along K, symmetric int8 with
@@ -67,9 +69,8 @@ in a Q4_0 file; without it the lm_head takes the `"linears"` mode):
   the MoE router (F32 in a GGUF file), as `ACT_FP16` does for fp16: `x.bfloat16()` (torch rounds to nearest
   even too). The products of two bf16 values are exact in float32, so only the summation order differs.
 - `ACT_GGML_K`: the input of a K-quant matmul (Q4_K / Q5_K / Q6_K, rows a multiple of 256) goes to Q8_K blocks
-  (`fake_quant_q8_k`); the 32-value types a K-quant mix falls back to where a row is not a multiple of 256
-  (Q5_0, Q8_0) take Q8_0 blocks. A K-quant mix holds a linear as a K-quant exactly when its row is a
-  multiple of 256, so the linear's input width decides.
+  (`fake_quant_q8_k`). Which linear is a K-quant is its ggml type, which the GGUF backend gives per tensor
+  (the 32-value types beside it, Q5_0 / Q8_0, take `ACT_GGML_Q8_0`).
 """
 
 from __future__ import annotations
@@ -121,7 +122,8 @@ int4 -9.0% (symmetric) / -6.4% (asymmetric), int8 -1.9% / -1.6%."""
 FLOAT_TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16}
 ROLES = ("linears", "experts", "head")
 """Roles of `simulate`'s per-role activation modes: MoE expert linears (`.experts.` in the name), the lm_head
-(the precision rules' `LM_HEAD`; optional in a per-role spec, default the `"linears"` mode), every other."""
+(the precision rules' `LM_HEAD`; optional in a per-role spec, default the `"linears"` mode), every other. Any
+other key of a per-role spec is a checkpoint weight name whose mode it gives (`activation_mode`)."""
 REQUIRED_ROLES = ROLES[:2]
 ActivationSpec = str | dict[str, str]
 
@@ -738,11 +740,6 @@ def fake_quant_q8_k(x: Tensor) -> Tensor:
     return (torch.round(blocks * factor).clamp(max=127) * scale).reshape(shape).to(x.dtype)
 
 
-def fake_quant_ggml_k(x: Tensor) -> Tensor:
-    """`ACT_GGML_K`: Q8_K blocks into a linear whose input width is a multiple of 256, Q8_0 blocks otherwise."""
-    return fake_quant_q8_k(x) if x.shape[-1] % 256 == 0 else fake_quant_q8_0(x)
-
-
 def fake_quant_int8_token(x: Tensor) -> Tensor:
     """`ACT_INT8_TOKEN`: dynamic per-token asymmetric int8 (see the module doc)."""
     xf = x.float()
@@ -762,13 +759,28 @@ def _role(name: str) -> str:
 
 
 def activation_modes(spec: ActivationSpec) -> dict[str, str]:
-    """`spec` as a mode per role (a plain mode applies to every role)."""
+    """`spec` as a mode per role (a plain mode applies to every role), with its per-tensor modes (keys that are
+    weight names) as given."""
     modes = dict.fromkeys(ROLES, spec) if isinstance(spec, str) else dict(spec)
     if set(REQUIRED_ROLES) <= set(modes):
         modes.setdefault("head", modes["linears"])
-    if set(modes) != set(ROLES) or not set(modes.values()) <= set(ACTIVATION_MODES):
-        raise ValueError(f"activations {spec!r}; expected one of {ACTIVATION_MODES}, or one per role {ROLES}")
+    tensors = set(modes) - set(ROLES)
+    if (
+        not set(ROLES) <= set(modes)
+        or not all(k.endswith(".weight") for k in tensors)
+        or not set(modes.values()) <= set(ACTIVATION_MODES)
+    ):
+        raise ValueError(
+            f"activations {spec!r}; expected one of {ACTIVATION_MODES}, or one per role {ROLES} (and per "
+            "weight name)"
+        )
     return modes
+
+
+def activation_mode(modes: dict[str, str], name: str) -> str:
+    """The mode of linear weight `name` (checkpoint name) in `activation_modes`' result: its own, else its
+    role's."""
+    return modes.get(name) or modes[_role(name)]
 
 
 BOUNDARY_MARGIN = 1e-5
@@ -1009,7 +1021,7 @@ class SimulatedLinear(nn.Linear):
         elif self.activations == ACT_GGML_Q8_0:
             x = fake_quant_q8_0(x)
         elif self.activations == ACT_GGML_K:
-            x = fake_quant_ggml_k(x)
+            x = fake_quant_q8_k(x)
         elif self.activations in (ACT_FP16, ACT_FP16_ROUTED):
             x = x.half().float()
         elif self.activations == ACT_BF16:
@@ -1106,7 +1118,7 @@ def simulate(
             name = prefix + local
             bits = held_as(f"{name}.weight", recipe)
             weight = replaced(mod.weight, bits, f"{name}.weight")
-            mode = modes[_role(f"{name}.weight")]
+            mode = activation_mode(modes, f"{name}.weight")
             router = rule_for(f"{name}.weight") is ROUTER  # computes in float32 whatever the recipe
             half_input = mode in (ACT_FP16, ACT_FP16_ROUTED, ACT_BF16) and not router  # float recipes too
             if bits is None and not half_input:
@@ -1143,5 +1155,5 @@ def with_activations(sim: nn.Module, activations: ActivationSpec) -> nn.Module:
     out = copy.deepcopy(sim, memo=dict(keep))
     for name, mod in out.named_modules():
         if isinstance(mod, SimulatedLinear):
-            mod.activations = modes[_role(f"{mod.name or name}.weight")]
+            mod.activations = activation_mode(modes, f"{mod.name or name}.weight")
     return out
