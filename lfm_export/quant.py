@@ -878,12 +878,12 @@ class _Rounding:
 
 def _int8_codes(x: Tensor, mode: str, block_size: int) -> _Rounding:
     """The activation rounding of `mode` (`RESOLVABLE_MODES`) taken apart, in the float32 arithmetic of
-    `fake_quant_int8_block`, `fake_quant_int8_token`, `fake_quant_q8_0` and `fake_quant_ggml_k`."""
+    `fake_quant_int8_block`, `fake_quant_int8_token`, `fake_quant_q8_0` and `fake_quant_q8_k`."""
     shape = x.shape
     xf = x.float()
     row = xf.abs().amax(-1, keepdim=True)
     row = torch.where(row == 0, torch.ones_like(row), row)
-    if mode == ACT_GGML_K and shape[-1] % 256 == 0:  # Q8_K: the signed extreme, float32 scale, codes <= 127
+    if mode == ACT_GGML_K:  # Q8_K: the signed extreme, float32 scale, codes <= 127
         blocks = xf.reshape(*shape[:-1], shape[-1] // 256, 256)
         m = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
         factor = torch.where(m == 0, torch.zeros_like(m), torch.full_like(m, -127.0) / m)
@@ -900,7 +900,7 @@ def _int8_codes(x: Tensor, mode: str, block_size: int) -> _Rounding:
             None,
             lambda q, s: (q * s).reshape(shape).to(x.dtype),
         )
-    if mode in (ACT_INT8_BLOCK, ACT_GGML_Q8_0, ACT_GGML_K):
+    if mode in (ACT_INT8_BLOCK, ACT_GGML_Q8_0):
         size = block_size if mode == ACT_INT8_BLOCK else 32
         blocks = xf.reshape(*shape[:-1], shape[-1] // size, size)
         amax = blocks.abs().amax(-1, keepdim=True)

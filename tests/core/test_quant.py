@@ -205,7 +205,7 @@ def test_boundary_codes_round_alike_and_flip_one_step(mode: str) -> None:
 @pytest.mark.unit
 @pytest.mark.parametrize("width", [64, 256])
 def test_ggml_codes_and_fp16_scales_resolve(width: int) -> None:
-    """llama.cpp's activation blocks (`ggml-k`: Q8_0 at width 64, Q8_K at 256) round alike while codes are
+    """llama.cpp's activation blocks (`ggml-q8_0` at width 64, `ggml-k`'s Q8_K at 256) round alike while codes are
     listed; a value on a halfway point is listed and flips by one step of its block's scale; at Q8_0 a block
     whose `amax / 127` sits halfway between two fp16 numbers is listed as a scale, and flipping it moves every
     value of that block (and only those) to the other fp16 scale. The linear is the identity, so its output is
@@ -218,7 +218,8 @@ def test_ggml_codes_and_fp16_scales_resolve(width: int) -> None:
     hi16 = np.nextafter(lo16, np.float16(1))
     if width == 64:  # the second block's amax, its scale halfway between two fp16 numbers
         x[..., 32] = float((np.float64(lo16) + np.float64(hi16)) / 2 * 127)
-    sim = quant.SimulatedLinear(linear, torch.eye(width), quant.ACT_GGML_K, 32, "lin")
+    mode = quant.ACT_GGML_K if width == 256 else quant.ACT_GGML_Q8_0
+    sim = quant.SimulatedLinear(linear, torch.eye(width), mode, 32, "lin")
     sim.boundary = codes = quant.BoundaryCodes()
     with torch.no_grad():
         plain = sim(x)
