@@ -117,12 +117,14 @@ def main() -> None:
                 for scale in args.scales:
                     r = resolved(folder, model, matrix, scale)
                     row.setdefault("scaled", {}).setdefault(matrix, {})[str(scale)] = r
-                    if "skipped" in r or not r["passed"]:  # a larger error in the same matrix is caught too
+                    if "skipped" in r:
                         break
                     print(
                         f"  {matrix} x{scale}: {'passes' if r['passed'] else 'caught'} {r['logit_max_rel']:.2g}",
                         flush=True,
                     )
+                    if not r["passed"]:  # a larger error in the same matrix is caught too
+                        break
             rows.append(row)
     out = {**provenance(), "threads": 1, "rows": rows}
     if args.out:

@@ -64,7 +64,9 @@ DETECTION = (
     "logits checks (row resolved_prefill) on the trained tiny / tiny-moe and the transformers-initialised "
     "hf-dense / hf-moe, and so are other weights, a dropped conv state, KV off by one and a dropped routing "
     "scale (q4_0 and q4_k_m; prefill scenario; benchmarks/results/detection_limits_gguf_q4_0.json, "
-    "detection_limits_gguf_q4_k_m.json), and by the stored-weights check beside them"
+    "detection_limits_gguf_q4_k_m.json); on the trained hidden-256 small (q4_0, q4_k_m, their -gptq and "
+    "-imat) w2 / out_proj / in_proj x 1.01 by that row alone (benchmarks/results/gguf_resolved.json); and by "
+    "the stored-weights check beside them"
 )
 """What `benchmarks/detection_limits.py` measured the `q4_0` / `q4_k_m` gates to catch."""
 
