@@ -9,7 +9,7 @@ simulation records, per position, its smallest top-k router margin over the MoE 
 (`lfm_export.model.MoE.router_margin`, relative to the spread of the router's choices); a position below the
 gate's margin and the window after it leave the tight per-position limits (logits, KL, top-1, and the KV slots
 they wrote) for the gate's `*_at_tie` ones and are reported ("N positions judged apart: expert choice within
-fp16 rounding"); every other position, later ones of the same sequence included, keeps the tight limits.
+the runtime's rounding"); every other position, later ones of the same sequence included, keeps the tight limits.
 Which positions fall apart is the simulation's property, not the artifact's: a wrong artifact cannot choose
 them.
 """
@@ -23,7 +23,7 @@ import numpy as np
 if TYPE_CHECKING:  # torch-free at import, as the rest of `lfm_export.parity`
     from torch import Tensor, nn
 
-TIE_WHY = "expert choice within fp16 rounding"
+TIE_WHY = "expert choice within the runtime's rounding"
 
 
 class RouterMargins:

@@ -186,11 +186,11 @@ gates held every position to before ties were judged apart, which an honest flip
 one position of an honest `tiny-moe` palettize4 export)."""
 
 
-def _tie_gate(gate: Gate) -> Gate:
-    """`gate` judging tied positions apart (`EXPERT_TIE_MARGIN`): they are held to `AT_TIE_LIMITS`, every other
-    position to `gate`'s limits."""
-    loose = tuple(Limit(metric, LE, value) for metric, value in AT_TIE_LIMITS.items())
-    return replace(gate, limits=gate.limits + loose, router_margin=EXPERT_TIE_MARGIN)
+def _tie_gate(gate: Gate, margin: float = EXPERT_TIE_MARGIN, at_tie: dict[str, float] | None = None) -> Gate:
+    """`gate` judging tied positions apart (router margin below `margin`): they are held to `at_tie`
+    (`AT_TIE_LIMITS` by default), every other position to `gate`'s limits."""
+    loose = tuple(Limit(metric, LE, value) for metric, value in (at_tie or AT_TIE_LIMITS).items())
+    return replace(gate, limits=gate.limits + loose, router_margin=margin)
 
 
 GATES: dict[str, Gate] = {
