@@ -1,0 +1,166 @@
+"""The graph row of `onnx-qnn` (`Backend.graph_check`, `lfm_export.parity.graph_row`): the artifact's QDQ graph
+on onnxruntime's CPU provider against the fake-quantized torch program, activation code by activation code.
+
+Every activation of the QDQ graph passes through a `QuantizeLinear`, which the torch program has too, in the same
+order with the same scale and zero point (the exporter keeps both; checked here, else the row fails). With graph
+optimizations off, onnxruntime runs each op as written, in float32 between the quantize / dequantize pairs, as
+the torch program does; the two differ by float32 rounding only, which now and then puts a value on the other
+side of a rounding boundary: that code lands one step apart. The graph's outputs of every `QuantizeLinear` are
+read at each position and fed to the torch program in place of its own (each such code resolved to the
+artifact's side, as `lfm_export.parity.boundary` resolves int8 codes by search), so a flip does not carry into
+later ops, and each op is compared given the same inputs: the largest difference of any activation code, in
+steps of its own grid, is at most `CODE_LIMIT` for an honest graph at any depth. A weight a few percent off
+moves its op's output codes by that fraction of their range, in steps: hundreds on the 16-bit grids, a few
+on the 8-bit ones; a wrong op or a dropped state moves them further.
+
+What it does not see: the HTP, which computes in integers of its own (tens of 16-bit steps off the program in
+every state); the scenario rows hold that runtime, statistically. With graph optimizations on, onnxruntime
+folds quantize / dequantize pairs away (measured on a 2-layer 16a8w checkpoint: logits 4.4e-3 of the program's
+largest, against 4.9e-5 as written)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lfm_export.parity.graph_row import GraphRow
+
+from .qdq import DATA_FILE, MODEL_FILE
+
+CODE_LIMIT = 1.0
+"""The largest activation code difference an honest graph shows: one step, a code on a rounding boundary."""
+METRIC = "activation_code_max_diff"
+QUANTIZE = "quantized_decomposed.quantize_per_tensor.default"
+
+
+def graph_check(folder: Path, simulation: Any, prompts: list[np.ndarray], threads: int = 1) -> GraphRow:
+    """The row for the artifact in `folder` against `simulation` (`lfm_export.backends.qnn.session
+    .FakeQuantSession`) on `prompts` (`[1, T]` ids each), one token a call from an empty state."""
+    import torch
+
+    step = simulation.step
+    nodes = [n for n in step.module.graph.nodes if n.op == "call_function" and str(n.target) == QUANTIZE]
+    row = GraphRow(runtime="onnxruntime CPU (graph optimizations off)", metric=METRIC, limit=CODE_LIMIT)
+    with tempfile.TemporaryDirectory() as tmp:
+        session, grids = _codes_session(Path(folder), Path(tmp), threads)
+        mismatch = _grids_differ(grids, nodes)
+        if mismatch:
+            row.positions, row.value, row.where = 1, float("inf"), mismatch
+            return row
+        signature = step.signature
+        specs = signature.state_inputs()
+        present = [signature.present_for(s.name) for s in specs]
+        n_out = len(signature.output_names)
+        flips = 0
+        where: tuple[float, str] = (0.0, "")
+        for p, ids in enumerate(prompts):
+            state = {s.name: np.zeros(s.shape, dtype=np.float32) for s in specs}
+            for t, token in enumerate(np.asarray(ids, dtype=np.int64).reshape(-1)):
+                feeds = {
+                    "input_ids": np.array([[token]], dtype=np.int64),
+                    "input_pos": np.array([t], dtype=np.int64),
+                    **state,
+                }
+                results = session.run(None, feeds)
+                named = dict(zip(signature.output_names, results[:n_out], strict=True))
+                codes = results[n_out:]
+                diffs = _forced_run(
+                    step, nodes, codes, token, t, [torch.from_numpy(state[s.name]) for s in specs]
+                )
+                flips += int(sum(int((d == 1).sum()) for d in diffs))
+                worst = max(range(len(diffs)), key=lambda i: float(diffs[i].max()))
+                value = float(diffs[worst].max())
+                if value > where[0]:
+                    where = (value, f"prompt {p} position {t}, {_describe(nodes[worst])}")
+                state = {s.name: named[q] for s, q in zip(specs, present, strict=True)}
+                row.positions += 1
+        row.value, row.where = where
+        row.counts = {"codes_one_step_apart": flips, "activation_quantizers": len(nodes)}
+    return row
+
+
+def _codes_session(folder: Path, tmp: Path, threads: int) -> tuple[Any, list[tuple[float, int]]]:
+    """A CPU session over a copy of the graph whose outputs add every `QuantizeLinear`'s, in graph order (the
+    weights file linked, not copied), and each one's (scale, zero point)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    constants = {n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute}
+
+    def value(name: str) -> np.ndarray:
+        tensor = inits.get(name) or constants[name]
+        return np.asarray(numpy_helper.to_array(tensor, base_dir=str(folder)))
+
+    grids = []
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear":
+            continue
+        zero = inits.get(node.input[2]) or constants[node.input[2]]
+        grids.append((float(value(node.input[1])), int(value(node.input[2]))))
+        graph.output.append(helper.make_tensor_value_info(node.output[0], zero.data_type, None))
+    if (folder / DATA_FILE).is_file():  # onnxruntime refuses a symbolic link out of the model's folder
+        try:
+            os.link(folder / DATA_FILE, tmp / DATA_FILE)
+        except OSError:  # another file system
+            shutil.copyfile(folder / DATA_FILE, tmp / DATA_FILE)
+    onnx.save(model, str(tmp / MODEL_FILE))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(tmp / MODEL_FILE), opts, providers=["CPUExecutionProvider"]), grids
+
+
+def _grids_differ(grids: list[tuple[float, int]], nodes: list[Any]) -> str:
+    """Why the graph's quantizers are not the program's, in order, with the same grids ("" where they are)."""
+    if len(grids) != len(nodes):
+        return f"the graph has {len(grids)} activation quantizers, the program {len(nodes)}"
+    for i, ((scale, zero), node) in enumerate(zip(grids, nodes, strict=True)):
+        if not np.isclose(scale, float(node.args[1]), rtol=1e-6, atol=0) or zero != int(node.args[2]):
+            return f"quantizer {i} ({_describe(node)}): the graph's grid ({scale:g}, {zero}) is not the program's"
+    return ""
+
+
+def _forced_run(
+    step: Any, nodes: list[Any], codes: list[np.ndarray], token: int, position: int, state: list
+) -> list:
+    """One position through the torch program with each quantizer's output replaced by the graph's `codes`;
+    returns, per quantizer, the absolute difference of its own codes from the graph's."""
+    import torch
+
+    from lfm_export.backends.qnn.quantize import step_args
+
+    index = {node: i for i, node in enumerate(nodes)}
+    diffs: list[np.ndarray] = [np.zeros(1)] * len(nodes)
+
+    class Forced(torch.fx.Interpreter):
+        def run_node(self, n: Any) -> Any:
+            out = super().run_node(n)
+            i = index.get(n)
+            if i is None:
+                return out
+            theirs = torch.from_numpy(codes[i].astype(np.int64)).reshape(out.shape)
+            diffs[i] = (out.to(torch.int64) - theirs).abs().numpy()
+            return theirs.to(out.dtype)
+
+    with torch.no_grad():
+        Forced(step.module).run(*step_args(step.signature, int(token), position, state))
+    return diffs
+
+
+def _describe(node: Any) -> str:
+    """The quantizer's fx name and the module whose output it quantizes (from the program's module stack)."""
+    source = node.args[0]
+    stack = getattr(source, "meta", {}).get("nn_module_stack") or {}
+    module = list(stack.values())[-1][0] if stack else ""
+    return f"{node.name} after {getattr(source, 'name', source)}" + (f" in {module}" if module else "")
