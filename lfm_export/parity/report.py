@@ -229,7 +229,7 @@ class ParityResult:
                 },
                 "graph_prefill": None
                 if self.graph is None
-                else {k: self.graph[k] for k in ("passed", "positions", "metric", "value")},
+                else {k: self.graph[k] for k in ("passed", "positions", "values")},
                 "judged_apart": None if (apart := self.judged_apart()) is None else apart["count"],
             },
             QUALITY: {
@@ -476,11 +476,11 @@ def _graph_note(result: ParityResult) -> list[str]:
     if g is None:
         return []
     verdict = "ok" if g["passed"] else "**FAIL**"
-    where = f" (largest at {g['where']})" if g.get("where") else ""
+    values = ", ".join(f"{m} {_num(g['values'].get(m))} (limit {_num(v)})" for m, v in g["limits"].items())
+    where = f"; largest at {g['where']}" if g.get("where") else ""
     return [
         f"Graph prefill {verdict}: the artifact's graph run as written on {g['runtime']} against the simulation, "
-        f"one token at a time over {g['positions']} positions: {g['metric']} {_num(g['value'])}{where} (limit "
-        f"{_num(g['limit'])}).",
+        f"one token at a time over {g['positions']} positions: {values}{where}.",
         "",
     ]
 

@@ -411,9 +411,11 @@ def _scale_weight_scales(folder: Path, module: str, factor: float) -> None:
 def test_stored_weights_pass_the_honest_qdq_graph_and_name_a_matrix_two_percent_off(
     small_16a8w: Path, tmp_path: Path
 ) -> None:
-    """Through the emulated HTP and the pipeline's parity: the honest 2-layer artifact passes (logits and stored
-    weights); a copy with one w2's scales x1.02 edited in place, and the honest artifact checked against the
-    checkpoint with that w2 x1.02 (an artifact of other weights), fail on the stored weights naming the matrix."""
+    """Through the emulated HTP and the pipeline's parity: the honest 2-layer artifact passes (logits, stored
+    weights, and the graph row: its QDQ graph on onnxruntime's CPU provider within one activation code of the
+    fake-quantized program); a copy with one w2's scales x1.02 edited in place, and the honest artifact checked
+    against the checkpoint with that w2 x1.02 (an artifact of other weights), fail on the stored weights naming
+    the matrix and on the graph row, whose largest code difference sits after that w2."""
     import shutil
 
     from lfm_export.loading import load_model
@@ -425,6 +427,11 @@ def test_stored_weights_pass_the_honest_qdq_graph_and_name_a_matrix_two_percent_
     sw = honest.stored_weights
     assert honest.passed, honest.verdict_line()
     assert sw["passed"] and sw["artifact_tensors"] >= 16 and sw["rows_unmatched"] == 0, sw
+    graph = honest.graph
+    assert (
+        graph["passed"] and graph["values"]["activation_code_max_diff"] <= 1 and graph["positions"] >= 32
+    ), graph
+    w2 = SMALL_W2.removesuffix(".weight")
 
     broken = tmp_path / "broken"
     shutil.copytree(small_16a8w, broken)
@@ -432,6 +439,10 @@ def test_stored_weights_pass_the_honest_qdq_graph_and_name_a_matrix_two_percent_
     result = check_artifact(broken, threads=1, progress=quiet, scenarios=["decode"])
     assert not result.passed and list(result.stored_weights["unmatched"]) == [SMALL_W2], result.verdict_line()
     assert f"stored_weights[{SMALL_W2}]: rows_unmatched" in result.verdict_line()
+    assert not result.graph["passed"] and result.graph["values"]["activation_code_max_diff"] > 100, (
+        result.graph
+    )
+    assert w2 in result.graph["where"], result.graph
 
     copy = tmp_path / "copy"
     shutil.copytree(small_16a8w, copy)
@@ -440,6 +451,7 @@ def test_stored_weights_pass_the_honest_qdq_graph_and_name_a_matrix_two_percent_
         other.model.model.layers[0].feed_forward.w2.weight.mul_(1.02)
     result = check_artifact(copy, other, threads=1, progress=quiet, scenarios=["decode"])
     assert not result.passed and list(result.stored_weights["unmatched"]) == [SMALL_W2], result.verdict_line()
+    assert not result.graph["passed"] and w2 in result.graph["where"], result.graph
 
 
 @pytest.mark.slow
