@@ -151,22 +151,28 @@ def _align(grids: list[tuple[float, int]], nodes: list[Any]) -> tuple[list[int |
     """For each of the program's quantizers, in order, the index of the graph's quantizer with the same grid
     next in order, or None where the graph has none there: the exporter merges quantizers that compute the same
     values (the causal mask of a second attention layer, quantized as the first one's); those keep the
-    program's own codes. Every quantizer of the graph must be matched, else the reason ("" where all are)."""
+    program's own codes. Every quantizer of the graph must be matched, else the reason, naming the program's
+    quantizer where the match broke ("" where all are): a graph calibrated on other weights has other grids."""
     out: list[int | None] = []
     j = 0
+    skipped_at: dict[int, Any] = {}
     for node in nodes:
         same = j < len(grids) and grids[j][1] == int(node.args[2])
         if same and np.isclose(grids[j][0], float(node.args[1]), rtol=1e-6, atol=0):
             out.append(j)
             j += 1
         else:
+            skipped_at.setdefault(j, node)
             out.append(None)
     if j < len(grids):
         scale, zero = grids[j]
-        return (
-            out,
-            f"the graph's quantizer {j} (grid {scale:g}, {zero}) matches none of the program's in order",
+        node = skipped_at.get(j)
+        theirs = (
+            ""
+            if node is None
+            else f": the program's {_describe(node)} has ({float(node.args[1]):g}, {node.args[2]})"
         )
+        return out, f"the graph's quantizer {j} (grid {scale:g}, {zero}) is not the program's{theirs}"
     return out, ""
 
 

@@ -1,22 +1,28 @@
 """Parity gates of the QNN recipes (`qnn-16a8w`, `qnn-16a4w`, `qnn-8a8w`), registered by the two QNN targets
 (`onnx-qnn`, `executorch-qnn`) through their backend records.
 
-(a) Exactness: the artifact on the HTP against the fake-quantized torch program it was written from. The HTP
-computes in integers (uint16 / uint8 activation codes, each op requantizing its output with its own rounding,
-fp16 where an op stays float) where torch computes float32 between quantize / dequantize pairs, so a code on a
-rounding boundary lands one step apart and the step carries through the layers: the limits are statistical.
-Measured with onnxruntime-qnn 2.7.0 (QAIRT 2.51 HTP emulator), context 64, honest worst (docs/parity.md):
-  16a8w  `tiny` (all scenarios, 307 positions) and a transformers-written checkpoint (115 positions):
-         logit max rel 4.6e-3, KL max 3.1e-4, state max rel 5.6e-3, top-1 decisive 1.0 -> limits about 4x (KL 16x)
-  16a4w  `tiny` (prefill and decode, 233 positions): 2.4e-2 / 5.8e-2 / 2.6e-2 / 1.0 -> limits about 2x (KL 4x)
-  8a8w   `tiny` (prefill and decode, 233 positions): 0.26 / 2.06 / 0.38 / 0.93 -> limits about 2x: a weak gate
-         (one 8-bit step moves a logit far more).
-16a4w and 8a8w rest on one model each: on a 2-layer transformers-written checkpoint the honest 16a4w export fails
-the 16a4w state limit (prefill state max rel 0.062: one 8-bit key code flipped; docs/parity.md, Detection
-limits), not yet recalibrated. What each gate catches (`detection`, `DETECTION`) was measured by
-`benchmarks/detection_limits.py` on `tiny` (layer 3's w2, out_proj, in_proj x 1.02 / 1.05 / 1.10, prefill
-scenario); the stored-weights check beside them (`lfm_export.backends.onnx_qnn.stored_weights`) fails every one
-of those at x 1.02, naming the matrix, whatever the logits gate lets through.
+(a) Exactness, in three parts:
+- the graph row (`onnx-qnn`; `lfm_export.backends.onnx_qnn.graph_check`, `lfm_export.parity.graph_row`): the
+  artifact's QDQ graph run as written on onnxruntime's CPU provider against the fake-quantized torch program,
+  each activation code resolved to the graph's side: every code within one step, and at most 1e-5 of the 8-bit
+  codes one step apart (honest: at most one step, no 8-bit code apart, on `tiny` and a 2-layer
+  transformers-written checkpoint at all three recipes). It holds what the graph computes near exactly;
+- the stored weights (`lfm_export.backends.onnx_qnn.stored_weights`), bit for bit;
+- the scenario rows below: the artifact on the HTP against the same program. The HTP computes in integers
+  (uint16 / uint8 activation codes, each op requantizing its output with its own rounding, fp16 where an op
+  stays float) where torch computes float32 between quantize / dequantize pairs: its states sit tens (16a8w on
+  a 2-layer checkpoint) to hundreds (16a4w on `tiny`) of 16-bit steps off the program's in every element, so
+  these limits are statistical. The state is held in steps of the grid it is written on (`state_max_steps`,
+  the shared rule of `lfm_export.parity.metrics.state_max_abs`), which does not depend on how the prompt's
+  values sit in the calibrated range as the relative error does: on a 2-layer transformers-written checkpoint
+  a whole key of one prompt at 16a4w lies 1888 steps off (2.9% of the grid's range, 6.2% of that prompt's
+  largest key), which failed the former relative limit of 0.05. The relative state row stays, wide, for the
+  rest. Measured with onnxruntime-qnn 2.7.0 (QAIRT 2.51 HTP emulator), context 64, honest worst (docs/parity.md):
+  16a8w  logit max rel 4.6e-3, KL max 3.1e-4, state max rel 5.6e-3 (`tiny`), 72 steps (2-layer checkpoint)
+  16a4w  `tiny`: 2.4e-2 / 5.8e-2 / 2.6e-2, 848 steps; 2-layer checkpoint: state 6.2e-2, 1888 steps
+  8a8w   `tiny`: 0.26 / 2.06 / 0.38 (weak: one 8-bit step moves a logit far more); 2-layer checkpoint: 9 steps
+What each gate catches (`detection`, `DETECTION`) was measured by `benchmarks/detection_limits.py` on `tiny`
+and the 2-layer checkpoint (a middle layer's w2, out_proj, in_proj x 1.02 / 1.05 / 1.10, prefill scenario).
 (b) Quality by default: a sanity bound against fp32 (pooled KL mean) over the honest exports of `tiny`: 16a8w
 0.056 (bound 0.5), 16a4w 0.115 (0.5), 8a8w 0.133 (1.0)."""
 
@@ -46,8 +52,9 @@ QNN_GATES: dict[str, Gate] = {
         logit_max_rel=0.02,
         kl_max=5e-3,
         top1_decisive=0.98,
-        state_max_rel=0.02,
-        note=_NOTE + " (honest: logit 4.6e-3, KL max 3.1e-4, state 5.6e-3)",
+        state_max_rel=0.1,
+        state_max_steps=1024,
+        note=_NOTE + " (honest: logit 4.6e-3, KL max 3.1e-4, state 5.6e-3, 72 steps)",
         detection=DETECTION["qnn-16a8w"],
     ),
     "qnn-16a4w": _exact_gate(
@@ -55,8 +62,9 @@ QNN_GATES: dict[str, Gate] = {
         logit_max_rel=0.05,
         kl_max=0.25,
         top1_decisive=0.98,
-        state_max_rel=0.05,
-        note=_NOTE + " (honest tiny: logit 2.4e-2, KL max 5.8e-2, state 2.6e-2)",
+        state_max_rel=0.15,
+        state_max_steps=4096,
+        note=_NOTE + " (honest: logit 2.4e-2, KL max 5.8e-2, state 6.2e-2, 1888 steps)",
         detection=DETECTION["qnn-16a4w"],
     ),
     "qnn-8a8w": _exact_gate(
@@ -65,6 +73,7 @@ QNN_GATES: dict[str, Gate] = {
         kl_max=4.0,
         top1_decisive=0.85,
         state_max_rel=0.75,
+        state_max_steps=128,
         note=_NOTE + " (honest tiny: logit 0.26, KL max 2.1, state 0.38; weak)",
         detection=DETECTION["qnn-8a8w"],
     ),
