@@ -66,6 +66,21 @@ HF_MODELS: dict[str, tuple[dict[str, Any], int]] = {
     # name: (transformers config kwargs, seed); the shapes of tests/core/test_parity_gates.py's checkpoints
     "hf-dense": (small_shape("dense"), 1),
     "hf-moe": ({**small_shape("moe"), "routed_scaling_factor": 1.5}, 3),
+    # one conv and one attention layer: the QNN tests' SMALL checkpoint (tests/backends/qnn/test_qnn.py), whose
+    # emulated-HTP runs are cheap; seed 807 = stable_seed("qnn-small")
+    "hf-qnn-small": (
+        {
+            "vocab_size": 128,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "layer_types": ["conv", "full_attention"],
+            "block_auto_adjust_ff_dim": False,
+        },
+        807,
+    ),
 }
 """Transformers-initialised checkpoints the script writes (`--work`/checkpoints); `<name>-other` is the same
 shapes with seed + 100, the `other_weights` model."""

@@ -11,6 +11,7 @@ metrics, their limits and what they were measured at are the backend's.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +54,7 @@ class GraphRow:
             "passed": self.passed,
             "runtime": self.runtime,
             "positions": self.positions,
-            "values": dict(self.values),
+            "values": {m: v if math.isfinite(v) else None for m, v in self.values.items()},  # JSON has no inf
             "limits": dict(self.limits),
             "where": self.where,
             **self.counts,
