@@ -14,10 +14,9 @@ steps of its own grid, is at most `CODE_LIMIT` for an honest graph at any depth.
 moves its op's output codes by that fraction of their range, in steps: hundreds on the 16-bit grids, a few
 on the 8-bit ones; a wrong op or a dropped state moves them further.
 
-What it does not see: the HTP, which computes in integers of its own (tens of 16-bit steps off the program in
-every state); the scenario rows hold that runtime, statistically. With graph optimizations on, onnxruntime
-folds quantize / dequantize pairs away (measured on a 2-layer 16a8w checkpoint: logits 4.4e-3 of the program's
-largest, against 4.9e-5 as written)."""
+What it does not see: the HTP, which computes in integers of its own (its states tens to hundreds of 16-bit
+steps off the program's); the scenario rows hold that runtime, statistically. With graph optimizations on,
+onnxruntime folds quantize / dequantize pairs away and the codes no longer follow the program's."""
 
 from __future__ import annotations
 
@@ -37,10 +36,9 @@ CODE_LIMIT = 1.0
 """The largest activation code difference an honest graph shows: one step, a code on a rounding boundary."""
 COARSE_FLIP_LIMIT = 1e-5
 """Of the codes on 8-bit grids, the share that may be one step apart. A float32 rounding difference crosses a
-boundary of a 256-level grid 256 times less often than one of a 65536-level grid (honest, 64 positions: none of
-`tiny`'s 8a8w graph's 7.6M codes, 572 of its 16a8w graph's 7.7M, nearly all on 16-bit grids); a weight 2% off
-moves a thousand or more 8-bit codes by one step where it moves none by two (`tiny` 8a8w, a middle conv layer's
-out_proj x 1.02: 1441)."""
+boundary of a 256-level grid 256 times less often than one of a 65536-level grid, so an honest graph leaves
+next to none of its 8-bit codes apart, while a weight 2% off moves many 8-bit codes by one step where it moves
+few or none by two (measured: benchmarks/results/detection_limits_qnn_*.json, `graph_prefill`)."""
 MAX_DIFF = "activation_code_max_diff"
 COARSE_FLIPS = "coarse_codes_one_step_apart"
 QUANTIZE = "quantized_decomposed.quantize_per_tensor.default"
