@@ -74,14 +74,15 @@ def main() -> None:
     import torch
 
     from lfm_export import ggml_blocks, ggml_kquants
+    from lfm_export.backends.gguf.recipes import make_recipe
     from lfm_export.calibrate import calibrate
     from lfm_export.loading import load_model
     from lfm_export.parity import ReferenceSession
     from lfm_export.parity.metrics import log_softmax
     from lfm_export.parity.prompts import default_prompts
-    from lfm_export.precision import ggml_mix_type
+    from lfm_export.precision import ggml_mix_type, held_as
     from lfm_export.quant import simulate
-    from lfm_export.recipes import ACT_GGML_K, ACT_GGML_Q8_0, parse_recipe
+    from lfm_export.recipes import parse_recipe
     from lfm_export.rounding import inverse_cholesky
 
     torch.set_num_threads(args.threads)
@@ -133,8 +134,9 @@ def main() -> None:
     def kind_of(name: str, w: np.ndarray, bits: int) -> str:
         if args.mix == "q4_0" and args.table_q8:
             return {4: "Q4_0", 8: "Q8_0"}[bits]
+        experts = cfg.num_experts if cfg.is_moe else 0
         return ggml_mix_type(
-            name, args.mix, w.shape[-1], list(cfg.layer_types), bool(cfg.tie_word_embeddings)
+            name, args.mix, w.shape[-1], list(cfg.layer_types), bool(cfg.tie_word_embeddings), experts
         )
 
     def theirs(w: np.ndarray, kind: str, imp: np.ndarray | None) -> np.ndarray:
@@ -176,10 +178,13 @@ def main() -> None:
 
         return values
 
-    act: str | dict[str, str] = ACT_GGML_K
-    if args.mix == "q4_0":
-        head = ACT_GGML_Q8_0 if args.table_q8 else ACT_GGML_K
-        act = {"linears": ACT_GGML_Q8_0, "experts": ACT_GGML_Q8_0, "head": head}
+    # the activation rounding by each tensor's ggml type, as the GGUF simulation decides it
+    held = {
+        n: kind_of(n, t.numpy(), bits)
+        for n, t in loaded.model.state_dict().items()
+        if (bits := held_as(n, recipe)) is not None and t.dim() == 2
+    }
+    act = make_recipe(args.mix).activation_rounding(held)
     rows = []
     for variant in variants:
         types.clear()

@@ -21,6 +21,11 @@
    `assets/corpus/heldout.txt`, which no calibration reads: chunks of `--ctx` tokens from an empty state,
    second halves scored, as `lfm-export parity --corpus`), top-1 agreement; prefill (`--prompt-len` random ids, every position's
    logits off: `prefill_last`) and decode tok/s, best of `--rounds`.
+5. Decode side by side (`--decode-repeats` R > 0): both files of a type open at once in the same process, same
+   threads; R rounds, each decoding `--new-tokens` tokens greedily after the same `--prompt-len` prefill in
+   both files, the order alternating (ours first in even rounds, theirs first in odd ones). Per file: every
+   round's tok/s, median, min, max; per type: the ratio of medians and the median and range of the per-round
+   ratios (ours / theirs).
 
 Writes JSON (date, machine, commit, command, rows) to `--out` and prints a Markdown table.
 """
@@ -151,6 +156,45 @@ def measure(
     }
 
 
+def decode_round(s, ids: np.ndarray, new_tokens: int) -> float:
+    """Decode tok/s of one round: `ids` prefilled from an empty state (untimed), then `new_tokens` greedy steps."""
+    s.reset()
+    tok = int(s.prefill_last(ids)[0].argmax())
+    t = time.perf_counter()
+    for _ in range(new_tokens):
+        tok = int(s.decode(np.array([tok]))[0].argmax())
+    return new_tokens / (time.perf_counter() - t)
+
+
+def side_by_side(ours: Path, theirs: Path, args) -> dict:
+    """Decode tok/s of both files, same process and threads, `args.decode_repeats` rounds in alternating order."""
+    from lfm_export.runtime.gguf import GgufSession
+
+    sessions = {
+        "ours": GgufSession(ours, threads=args.threads),
+        "theirs": GgufSession(theirs, threads=args.threads),
+    }
+    rng = np.random.default_rng(1)
+    ids = rng.integers(16, sessions["ours"].vocab_size, (1, args.prompt_len))
+    for s in sessions.values():  # one untimed warm-up round each
+        decode_round(s, ids, args.new_tokens)
+    runs: dict[str, list[float]] = {"ours": [], "theirs": []}
+    for r in range(args.decode_repeats):
+        for who in ("ours", "theirs") if r % 2 == 0 else ("theirs", "ours"):
+            runs[who].append(round(decode_round(sessions[who], ids, args.new_tokens), 1))
+    for s in sessions.values():
+        s.close()
+    ratios = [a / b for a, b in zip(runs["ours"], runs["theirs"])]
+    out: dict = {"decode_repeats": args.decode_repeats, "order": "alternating, ours first in even rounds"}
+    for who, v in runs.items():
+        out[who] = {"tok_s": v, "median": float(np.median(v)), "min": min(v), "max": max(v)}
+    out["ratio_of_medians"] = round(out["ours"]["median"] / out["theirs"]["median"], 4)
+    out["round_ratio_median"] = round(float(np.median(ratios)), 4)
+    out["round_ratio_min"] = round(min(ratios), 4)
+    out["round_ratio_max"] = round(max(ratios), 4)
+    return out
+
+
 def compare_f32(args: argparse.Namespace, env: dict[str, str], theirs_f32: Path) -> dict:
     """Our f32 export against llama.cpp's f32 conversion: tensors byte for byte, metadata key by key."""
     import gguf
@@ -186,6 +230,12 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--decode-repeats",
+        type=int,
+        default=0,
+        help="rounds of the side-by-side decode of both files (alternating order); 0: none",
+    )
     ap.add_argument("--work", type=Path, default=Path("/tmp/gguf_vs_llamacpp"))
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument(
@@ -236,6 +286,7 @@ def main() -> None:
     same = compare_f32(args, env, theirs_f32)
     print(json.dumps(same), flush=True)
     rows = []
+    decode = {}
     for kind in args.types.split(","):
         ours = args.work / f"ours-{kind}"
         cmd = [str(BIN / "lfm-export"), "gguf", args.model, "-o", str(ours), "--quant", kind, "--no-parity"]
@@ -268,6 +319,9 @@ def main() -> None:
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
+        if args.decode_repeats:
+            decode[kind] = side_by_side(ours, theirs, args)
+            print(json.dumps({"type": kind, "decode_side_by_side": decode[kind]}), flush=True)
 
     result = {
         **provenance(),
@@ -277,6 +331,7 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "f32_against_llama_cpp": same,
         "rows": rows,
+        **({"decode_side_by_side": decode} if decode else {}),
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -292,6 +347,12 @@ def main() -> None:
             f"{r.get('kl_heldout_mean', float('nan')):.2e} | "
             f"{r['top1_agreement']:.4f} | {r['prefill_tok_s']} | {r['decode_tok_s']} | {r['export_wall_s']} | "
             f"{r['export_peak_rss_bytes'] / 1e6:.0f} |"
+        )
+    for kind, d in decode.items():
+        print(
+            f"decode {kind}: ours median {d['ours']['median']} [{d['ours']['min']}, {d['ours']['max']}], theirs "
+            f"{d['theirs']['median']} [{d['theirs']['min']}, {d['theirs']['max']}], ratio {d['ratio_of_medians']} "
+            f"(per round {d['round_ratio_min']}-{d['round_ratio_max']})"
         )
 
 

@@ -16,7 +16,8 @@ layer is done, and drops its Hessians: the Hessians of one layer are held at a t
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,19 @@ def calibrate(
 ) -> Calibration:
     """Input statistics of every linear held at a recipe's `bits` (see the module doc). `layer_done(idx,
     stats)` is called after each layer; the Hessians are dropped from the result after it."""
+    return _last(calibration_steps(loaded, text_file, tokens, hessian, layer_done))
+
+
+def calibration_steps(
+    loaded: LoadedModel,
+    text_file: Path | None = None,
+    tokens: int = DEFAULT_TOKENS,
+    hessian: bool = False,
+    layer_done: LayerDone | None = None,
+) -> Iterator[Calibration]:
+    """`calibrate` one decoder layer a step: yields the `Calibration` so far after each layer's `layer_done`,
+    the last time complete (routing frequencies normalised), so a caller can calibrate a layer only when it
+    needs it (`calibrated_table(stream=True)`)."""
     ids, label, digest = calibration_ids(loaded, text_file, tokens)
     cfg = loaded.config
     out = Calibration(corpus=label, corpus_sha256=digest, tokens=int(ids.size))
@@ -152,20 +166,21 @@ def calibrate(
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
     with torch.no_grad():
         h = torch.nn.functional.embedding(batch, _weight(loaded, "model.embed_tokens.weight").float())
-        for idx in range(cfg.num_hidden_layers):
-            layer = _layer(loaded, idx)
-            prefix = f"model.layers.{idx}."
-            stats: dict[str, list[Any]] = {}
-            seen: list[tuple[Tensor, list[Any]]] = []
-            hooks = []
-            for name, mod in layer.named_modules():
-                full = f"{prefix}{name}.weight"
-                if isinstance(mod, nn.Linear) and rule_for(full) is LINEAR:
-                    hooks.append(mod.register_forward_pre_hook(_collector(stats, full, hessian, seen)))
-                if isinstance(mod, MoE):
-                    mod.form = MOE_SPARSE
-                    hooks.append(mod.register_forward_pre_hook(_router_counter(out, f"{prefix}{name}")))
-            try:
+    for idx in range(cfg.num_hidden_layers):
+        layer = _layer(loaded, idx)
+        prefix = f"model.layers.{idx}."
+        stats: dict[str, list[Any]] = {}
+        seen: list[tuple[Tensor, list[Any]]] = []
+        hooks = []
+        for name, mod in layer.named_modules():
+            full = f"{prefix}{name}.weight"
+            if isinstance(mod, nn.Linear) and rule_for(full) is LINEAR:
+                hooks.append(mod.register_forward_pre_hook(_collector(stats, full, hessian, seen)))
+            if isinstance(mod, MoE):
+                mod.form = MOE_SPARSE
+                hooks.append(mod.register_forward_pre_hook(_router_counter(out, f"{prefix}{name}")))
+        try:
+            with torch.no_grad():
                 x = layer.operator_norm(h)
                 if layer.is_attention:
                     empty = torch.zeros(rows, cfg.num_key_value_heads, 0, cfg.head_dim)
@@ -174,28 +189,32 @@ def calibrate(
                     x, _ = layer.conv(x, torch.zeros(rows, cfg.hidden_size, cfg.conv_state_len))
                 h = h + x
                 h = h + layer.feed_forward(layer.ffn_norm(h))
-            finally:
-                for hook in hooks:
-                    hook.remove()
-            seen.clear()
-            by_entry: dict[int, LinearStats] = {}  # linears sharing an input share one LinearStats
-            done = {}
-            for name, entry in stats.items():
-                if id(entry) not in by_entry:
-                    n, sq, xx = entry
-                    by_entry[id(entry)] = LinearStats(
-                        tokens=n, mean_square=sq / max(n, 1), hessian=None if xx is None else xx / max(n, 1)
-                    )
-                done[name] = by_entry[id(entry)]
-            if layer_done is not None:
-                layer_done(idx, done)
-            for s in done.values():
-                s.hessian = None
-            out.linears.update(done)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        del layer
+        seen.clear()
+        by_entry: dict[int, LinearStats] = {}  # linears sharing an input share one LinearStats
+        done = {}
+        for name, entry in stats.items():
+            if id(entry) not in by_entry:
+                n, sq, xx = entry
+                if xx is not None:
+                    xx /= max(n, 1)  # in place: one K^2 float64 array per input, not two
+                by_entry[id(entry)] = LinearStats(tokens=n, mean_square=sq / max(n, 1), hessian=xx)
+            done[name] = by_entry[id(entry)]
+        stats.clear()
+        if layer_done is not None:
+            layer_done(idx, done)
+        for s in done.values():
+            s.hessian = None
+        out.linears.update(done)
+        if idx + 1 < cfg.num_hidden_layers:
+            yield out
     for key, counts in out.routing.items():
         total = sum(counts)
         out.routing[key] = [round(c / total, 6) if total else 0.0 for c in counts]
-    return out
+    yield out
 
 
 def _collector(
@@ -215,9 +234,12 @@ def _collector(
         seen.append((args[0], entry))
         entry[0] += x.shape[0]
         entry[1] += (x.double() * x.double()).sum(0).numpy()
-        if hessian:  # one float32 product per call (the whole batch), summed in float64
+        if hessian:  # one float32 product per call (the whole batch), summed in float64 (in place)
             xx = (x.T @ x).double().numpy()
-            entry[2] = xx if entry[2] is None else entry[2] + xx
+            if entry[2] is None:
+                entry[2] = xx
+            else:
+                entry[2] += xx
 
     return hook
 
@@ -239,12 +261,19 @@ def calibrated_table(
     text_file: Path | None = None,
     tokens: int = DEFAULT_TOKENS,
     keep_factors: bool = False,
+    stream: bool = False,
 ) -> tuple[Table, dict[str, Any]]:
     """The codes and scales of every linear held at `recipe.bits`, by `recipe.rounding` over the calibration
     text, and the manifest's `calibration` entry (what was measured, and the Hessian-weighted output error of
-    the calibrated rounding against plain rounding, summed over the linears). `keep_factors` (`-gptq` for a
-    format that rounds its own blocks, GGUF): the table keeps each input's inverse-Hessian factor too, `K^2`
-    float32 per distinct input for the whole export."""
+    the calibrated rounding against plain rounding, summed over the linears).
+
+    `keep_factors` (`-gptq` for a format that rounds its own blocks, GGUF): the table holds each linear's
+    importance and its input's inverse-Hessian factor (`K^2` float32 per distinct input), not the core's codes,
+    which such a format never reads (nor their output error). `stream` (with `keep_factors`; an export that no
+    parity check follows in the same process): a layer is calibrated only when a weight of it is first looked
+    up (`Table.more`), and each factor is dropped once every linear sharing it has been served
+    (`Table.release_factors`), so about one layer's factors are held instead of the whole model's (LFM2-1.2B:
+    0.3 GB against 5 GB). The entry is complete once `finish(table)` has run the remaining layers."""
     from lfm_export.quant import quantize_block
 
     assert recipe.bits is not None
@@ -260,6 +289,15 @@ def calibrated_table(
             bits = held_as(name, recipe) or recipe.bits  # a mix's bits and block, else the recipe's
             assert bits is not None
             block = block_as(name, recipe, w.shape[1])
+            if keep_factors:  # the format rounds its own blocks: importance and factor only
+                kept = None
+                if s.tokens and id(s) not in kept_f32 and s.hessian is not None:
+                    hessian, s.hessian = s.hessian, None  # no longer needed: its buffer is scratch
+                    kept_f32[id(s)] = inverse_cholesky(hessian, overwrite=True).astype(np.float32)
+                    del hessian
+                kept = kept_f32.get(id(s)) if s.tokens else None
+                table.add(w, bits, block, None, None, s.mean_square if s.tokens else None, kept)
+                continue
             if s.tokens == 0:  # an expert no token chose: plain rounding
                 q = quantize_block(w, bits, block)
             elif method == "gptq":
@@ -269,12 +307,7 @@ def calibrated_table(
                 q = gptq(w, bits, block, s.hessian, factor=factors[id(s.hessian)])
             else:
                 q = weighted_search(w, bits, block, s.mean_square)
-            kept = None
-            if keep_factors and s.tokens and id(s.hessian) in factors:
-                if id(s.hessian) not in kept_f32:
-                    kept_f32[id(s.hessian)] = factors[id(s.hessian)].astype(np.float32)
-                kept = kept_f32[id(s.hessian)]
-            table.add(w, bits, block, q.codes, q.scales, s.mean_square if s.tokens else None, kept)
+            table.add(w, bits, block, q.codes, q.scales, s.mean_square if s.tokens else None)
             if s.hessian is not None:
                 plain = quantize_block(w, bits, block).dequantize()
                 errors["nearest"] += hessian_error(w, plain, s.hessian)
@@ -282,11 +315,44 @@ def calibrated_table(
         factors.clear()  # the layer's Hessians are freed after this: their ids may be reused
         kept_f32.clear()
 
-    calib = calibrate(loaded, text_file, tokens, hessian=method == "gptq", layer_done=layer_done)
-    entry = {"rounding": method, **calib.manifest_entry()}
-    if errors["nearest"] > 0:
-        entry["output_error_vs_nearest"] = round(errors[method] / errors["nearest"], 4)
+    entry: dict[str, Any] = {"rounding": method}
+
+    def completed(calib: Calibration) -> None:
+        entry.update(calib.manifest_entry())
+        if errors["nearest"] > 0:
+            entry["output_error_vs_nearest"] = round(errors[method] / errors["nearest"], 4)
+
+    steps = calibration_steps(loaded, text_file, tokens, method == "gptq", layer_done)
+    if not (stream and keep_factors):
+        completed(_last(steps))
+        return table, entry
+
+    seen: list[Calibration] = []
+
+    def more() -> bool:
+        """Calibrate the next layer; False once every layer is done (the entry then complete)."""
+        calib = next(steps, None)
+        if calib is None:
+            table.more = None
+            completed(seen[-1])
+            return False
+        seen[:] = [calib]
+        return True
+
+    table.more = more
+    table.release_factors = True
     return table, entry
+
+
+def _last(steps: Iterator[Calibration]) -> Calibration:
+    return deque(steps, maxlen=1)[0]
+
+
+def finish(table: Table) -> None:
+    """Run a streamed table's remaining calibration layers (`calibrated_table(stream=True)`), so its manifest
+    entry is complete; nothing for another table."""
+    while table.more is not None and table.more():
+        pass
 
 
 def core_recipe(recipe: Any) -> Recipe | None:
@@ -301,10 +367,14 @@ def needs_calibration(recipe: Any) -> bool:
 
 
 def table_for_export(
-    loaded: LoadedModel, recipe: Any, text_file: Path | None, tokens: int = DEFAULT_TOKENS
+    loaded: LoadedModel,
+    recipe: Any,
+    text_file: Path | None,
+    tokens: int = DEFAULT_TOKENS,
+    stream: bool = False,
 ) -> tuple[Table, dict[str, Any]] | None:
     """The calibrated table an export of `recipe` reads (None for a recipe that needs none; `--calib` with
-    such a recipe is refused)."""
+    such a recipe is refused); `stream` as `calibrated_table`'s, where the recipe keeps factors."""
     if not needs_calibration(recipe):
         if text_file is not None:
             raise CalibrationError(
@@ -314,7 +384,7 @@ def table_for_export(
         return None
     core = core_recipe(recipe)
     assert core is not None
-    return calibrated_table(loaded, core, text_file, tokens, keeps_factors(recipe))
+    return calibrated_table(loaded, core, text_file, tokens, keeps_factors(recipe), stream)
 
 
 def keeps_factors(recipe: Any) -> bool:

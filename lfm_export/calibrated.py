@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -50,6 +50,12 @@ class Table:
     kept only for a format that rounds its own blocks by GPTQ (GGUF `-gptq`); linears that share an input share
     the array."""
     rows_served: int = 0
+    more: Callable[[], bool] | None = None
+    """A streamed calibration's next step (`lfm_export.calibrate.calibrated_table(stream=True)`): run on a
+    lookup that finds nothing, until the weight is found or it returns False (every layer done)."""
+    release_factors: bool = False
+    """Drop a matrix's factor once served (a streamed export: each is read once); a second read is an error."""
+    released: set[int] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(
@@ -57,20 +63,22 @@ class Table:
         w: np.ndarray,
         bits: int,
         block: int,
-        codes: np.ndarray,
-        scales: np.ndarray,
+        codes: np.ndarray | None,
+        scales: np.ndarray | None,
         importance: np.ndarray | None = None,
         factor: np.ndarray | None = None,
     ) -> None:
-        """Hold `codes` / `scales` for weight `w` (the values the backends will be given), the importance
-        `[K]` they were chosen with and, where kept, the inputs' inverse-Hessian `factor`."""
+        """Hold `codes` / `scales` for weight `w` (the values the backends will be given; None for a format that
+        rounds its own blocks from the importance and factor only), the importance `[K]` they were chosen with
+        and, where kept, the inputs' inverse-Hessian `factor`."""
         index = len(self.matrices)
-        self.matrices.append((codes, scales))
+        self.matrices.append((codes, scales))  # type: ignore[arg-type]
         if importance is not None:
             self.importances[index] = np.asarray(importance, np.float32)
         if factor is not None:
             self.factors[index] = factor
-        for r, key in enumerate(row_keys(w)):
+        keyed = w if codes is not None else w[:1]  # no codes: found by its first row alone
+        for r, key in enumerate(row_keys(keyed)):
             self.rows.setdefault((key, bits, block), (index, r))
 
     def find(self, w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -85,6 +93,8 @@ class Table:
         for r, hit in enumerate(hits):
             if hit is not None:
                 c, s = self.matrices[hit[0]]
+                if c is None:
+                    raise UserError("this calibration kept no codes (GGUF -gptq rounds its own blocks)")
                 codes[r], scales[r] = c[hit[1]], s[hit[1]]
         with self._lock:
             self.rows_served += int(found.sum())
@@ -95,16 +105,24 @@ class Table:
     ) -> np.ndarray | None:
         """The importance `[K]` weight `w` was calibrated with (found by its first row; `what="factors"`: its
         inverse-Hessian factor), or None; its rows count as served (`rows_served`) when found."""
-        hit = self.rows.get((row_keys(w[:1])[0], bits, block))
-        found = None if hit is None else getattr(self, what).get(hit[0])
-        if found is not None:
-            with self._lock:
+        key = (row_keys(w[:1])[0], bits, block)
+        hit = self.rows.get(key)
+        while hit is None and self.more is not None and self.more():
+            hit = self.rows.get(key)
+        if what == "factors" and hit is not None and hit[0] in self.released:
+            raise UserError("a -gptq factor was read twice from a calibration that released it after use")
+        with self._lock:
+            found = None if hit is None else getattr(self, what).get(hit[0])
+            if what == "factors" and found is not None and self.release_factors:
+                del self.factors[hit[0]]  # the array goes with the last linear sharing it
+                self.released.add(hit[0])
+            if found is not None:
                 self.rows_served += int(w.shape[0])
         return found
 
     @property
     def nbytes(self) -> int:
-        return sum(c.nbytes + s.nbytes for c, s in self.matrices)
+        return sum(c.nbytes + s.nbytes for c, s in self.matrices if c is not None)
 
 
 _ACTIVE: list[Table] = []

@@ -104,10 +104,14 @@ def export_artifact(
         scaled = scaled_loaded(loaded, scales)
     text_used = wanted is not None or awq_entry is not None
     calibration = _calibration(
-        scaled, recipe, None if text_used and not _calibrated(recipe) else calib, progress
+        scaled, recipe, None if text_used and not _calibrated(recipe) else calib, progress, not parity
     )
     with _active(calibration), atomic_output(out, force) as tmp:
         result = record.export(scaled, tmp, recipe, progress)
+        if calibration is not None:
+            from lfm_export.calibrate import finish
+
+            finish(calibration[0])  # a streamed calibration's remaining layers: its manifest entry complete
         if calibration is not None and calibration[0].rows_served == 0:
             raise UnsupportedError(
                 f"{backend} does not pack its weights from the core quantizer: calibrated rounding "
@@ -204,14 +208,18 @@ def _calibrated(recipe: Any) -> bool:
     return needs_calibration(recipe)
 
 
-def _calibration(loaded: LoadedModel, recipe: Any, calib: Path | None, progress: Progress) -> Any:
-    """(table, manifest entry) of a calibrated recipe (`lfm_export.calibrate.table_for_export`), or None."""
+def _calibration(
+    loaded: LoadedModel, recipe: Any, calib: Path | None, progress: Progress, stream: bool = False
+) -> Any:
+    """(table, manifest entry) of a calibrated recipe (`lfm_export.calibrate.table_for_export`), or None;
+    `stream`: no parity check follows in this process, so a table that keeps GPTQ factors calibrates each layer
+    when the export first reads it and drops each factor after use."""
     from lfm_export.calibrate import needs_calibration, table_for_export
 
     if not needs_calibration(recipe):
         return table_for_export(loaded, recipe, calib)
     with progress.step(f"Calibrating ({_recipe_name(recipe)}) on {calib or 'the bundled text'}"):
-        return table_for_export(loaded, recipe, calib)
+        return table_for_export(loaded, recipe, calib, stream=stream)
 
 
 @contextmanager
@@ -363,7 +371,7 @@ def _check(
     from lfm_export.parity.stored_weights import compare as compare_stored_weights
     from lfm_export.parity.stored_weights import simulated_weights
     from lfm_export.parity.streaming import STREAM_FILL_LIMIT, StreamingReference
-    from lfm_export.quant import ACT_INT8_BLOCK, ACT_INT8_TOKEN, activation_modes, simulate
+    from lfm_export.quant import RESOLVABLE_MODES, activation_modes, simulate
     from lfm_export.weights import weights_of
 
     torch.set_num_threads(threads)
@@ -466,9 +474,9 @@ def _check(
                 stored = compare_stored_weights(reader(folder), simulation.quantized_weights())
         tokenizer = folder / "tokenizer.json"
         resolved = None
-        int8 = {ACT_INT8_BLOCK, ACT_INT8_TOKEN}
-        # the tight -a8 row needs the whole simulation in memory: not run with a streaming reference
-        a8 = rounds and bool(set(activation_modes(activations).values()) & int8)
+        # the tight row (int8 activations: the -a8 gates, llama.cpp's Q8_0 / Q8_K blocks) needs the whole
+        # simulation in memory: not run with a streaming reference
+        a8 = rounds and bool(set(activation_modes(activations).values()) & set(RESOLVABLE_MODES))
         if a8 and own_simulation is None and streaming is None:
             known = tokenizer if tokenizer.is_file() else None
             prompts = prompts_for(session.vocab_size, known, session.max_seq_len)

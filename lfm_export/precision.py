@@ -199,14 +199,45 @@ GGML_MIX_RULES = (
     ),
     Rule(EVERY, MIX_BASE, "the mix's base type"),
 )
+MIX_EIGHT_EXPERTS_KV = "eight_experts_kv"
+MIX_EIGHT_EXPERTS_OUT = "eight_experts_out"
+GGML_EIGHT_EXPERT_RULES = (
+    Rule(
+        "self_attn.k_proj.weight",
+        MIX_EIGHT_EXPERTS_KV,
+        "attn_k: Q8_0 in a model of exactly 8 experts, every mix (llama.cpp's `n_expert == 8` rule)",
+    ),
+    Rule(
+        "self_attn.v_proj.weight",
+        MIX_EIGHT_EXPERTS_KV,
+        "attn_v: Q8_0 in a model of exactly 8 experts, every mix, use_more_bits layers too (llama.cpp's "
+        "`n_expert == 8` rule)",
+    ),
+    Rule(
+        "self_attn.out_proj.weight",
+        MIX_EIGHT_EXPERTS_OUT,
+        "attn_output: Q5_K in q4_k_m with exactly 8 experts (llama.cpp's `n_expert == 8` rule); where its row "
+        "is not a multiple of 256 llama.cpp falls back to Q5_1, which this backend does not write: the base "
+        "type's fallback (Q5_0, 2 bytes per 32 values smaller)",
+    ),
+)
+"""llama.cpp's rules for a model of exactly 8 experts (`llama_tensor_get_type`, the non-IQ mixes), checked
+before `GGML_MIX_RULES` (after the output / token table rules, which they never match)."""
+_EIGHT = {MIX_EIGHT_EXPERTS_KV: "Q8_0"}
 GGML_MIXES = {
-    "q8_0": {MIX_BASE: "Q8_0", MIX_OUTPUT: "Q8_0", MIX_MORE_BITS: "Q8_0"},
-    "q4_0": {MIX_BASE: "Q4_0", MIX_OUTPUT: "Q6_K", MIX_MORE_BITS: "Q4_0"},
-    "q4_k_m": {MIX_BASE: "Q4_K", MIX_OUTPUT: "Q6_K", MIX_MORE_BITS: "Q6_K"},
-    "q5_k_m": {MIX_BASE: "Q5_K", MIX_OUTPUT: "Q6_K", MIX_MORE_BITS: "Q6_K"},
-    "q6_k": {MIX_BASE: "Q6_K", MIX_OUTPUT: "Q6_K", MIX_MORE_BITS: "Q6_K"},
+    "q8_0": {MIX_BASE: "Q8_0", MIX_OUTPUT: "Q8_0", MIX_MORE_BITS: "Q8_0", MIX_EIGHT_EXPERTS_OUT: "Q8_0"}
+    | _EIGHT,
+    "q4_0": {MIX_BASE: "Q4_0", MIX_OUTPUT: "Q6_K", MIX_MORE_BITS: "Q4_0", MIX_EIGHT_EXPERTS_OUT: "Q4_0"}
+    | _EIGHT,
+    "q4_k_m": {MIX_BASE: "Q4_K", MIX_OUTPUT: "Q6_K", MIX_MORE_BITS: "Q6_K", MIX_EIGHT_EXPERTS_OUT: "Q5_K"}
+    | _EIGHT,
+    "q5_k_m": {MIX_BASE: "Q5_K", MIX_OUTPUT: "Q6_K", MIX_MORE_BITS: "Q6_K", MIX_EIGHT_EXPERTS_OUT: "Q5_K"}
+    | _EIGHT,
+    "q6_k": {MIX_BASE: "Q6_K", MIX_OUTPUT: "Q6_K", MIX_MORE_BITS: "Q6_K", MIX_EIGHT_EXPERTS_OUT: "Q6_K"}
+    | _EIGHT,
 }
-"""Each mix's type per `GGML_MIX_RULES` hold (a `more_bits` tensor off the use_more_bits layers: the base type).
+"""Each mix's type per `GGML_MIX_RULES` / `GGML_EIGHT_EXPERT_RULES` hold (a `more_bits` tensor off the
+use_more_bits layers: the base type).
 `q8_0` / `q4_0` are llama.cpp's one-type files: every tensor at the base type but the output (and the token
 table tied to it), which llama.cpp raises to Q6_K unless the mix's type is already Q8_0."""
 GGML_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
@@ -221,15 +252,22 @@ def use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def ggml_mix_type(name: str, mix: str, row: int, layer_types: list[str], tied: bool = True) -> str:
+def ggml_mix_type(
+    name: str, mix: str, row: int, layer_types: list[str], tied: bool = True, experts: int = 0
+) -> str:
     """The ggml type of quantized tensor `name` (checkpoint name, row length `row`) in `mix` (a K-quant mix,
     or llama.cpp's one-type `q8_0` / `q4_0`) of a model whose layers are `layer_types` (`full_attention` /
-    `conv`); an untied token table (`tied` False) is an ordinary tensor of the mix's base type, as llama.cpp
-    holds it."""
-    rule = next(r for r in GGML_MIX_RULES if r.matches(name))
+    `conv`) with `experts` MoE experts (0: dense; exactly 8 adds `GGML_EIGHT_EXPERT_RULES`); an untied token
+    table (`tied` False) is an ordinary tensor of the mix's base type, as llama.cpp holds it."""
+    rules = GGML_MIX_RULES
+    if experts == 8:
+        rules = (*GGML_MIX_RULES[:2], *GGML_EIGHT_EXPERT_RULES, *GGML_MIX_RULES[2:])
+    rule = next(r for r in rules if r.matches(name))
     held = rule.held
     if not tied and rule.pattern == "embed_tokens.weight":
         held = MIX_BASE
+    if held == MIX_EIGHT_EXPERTS_OUT and row % QK_K:
+        held = MIX_BASE  # llama.cpp's Q5_K -> Q5_1, not written here: the base type's fallback
     if held == MIX_MORE_BITS:
         m = re.search(r"layers\.(\d+)\.", name)
         layer = int(m[1]) if m else 0

@@ -32,7 +32,9 @@ Rounding choices, all of them (numpy, float32 arithmetic, `np.rint` = round half
 Activation rounding (`simulate(..., activations=...)`), the inputs of every quantized linear; one mode for all,
 or per role (`{"linears": ..., "experts": ...}`, `ROLES`) where a runtime treats MoE experts differently
 (`"head"`, the lm_head, may be given too: a runtime that holds it in another type, e.g. llama.cpp's Q6_K output
-in a Q4_0 file; without it the lm_head takes the `"linears"` mode):
+in a Q4_0 file; without it the lm_head takes the `"linears"` mode), and per tensor (a checkpoint weight name as
+a key, over its role's mode) where a runtime's rounding follows each tensor's own type (GGUF: Q8_0 blocks into
+a Q8_0 `attn_k`, Q8_K into the Q4_K linears beside it):
 - `ACT_FLOAT`: none (what MatMulNBits computes at accuracy_level 0, QDQ + MatMul, and every float recipe).
 - `ACT_INT8_BLOCK`: onnxruntime's MatMulNBits at accuracy_level 4 on CPU (MLAS `QuantizeARow_CompInt8`,
   read from its AVX2 kernel): per row, per block of `block_size` along K, symmetric int8 with
@@ -67,9 +69,8 @@ in a Q4_0 file; without it the lm_head takes the `"linears"` mode):
   the MoE router (F32 in a GGUF file), as `ACT_FP16` does for fp16: `x.bfloat16()` (torch rounds to nearest
   even too). The products of two bf16 values are exact in float32, so only the summation order differs.
 - `ACT_GGML_K`: the input of a K-quant matmul (Q4_K / Q5_K / Q6_K, rows a multiple of 256) goes to Q8_K blocks
-  (`fake_quant_q8_k`); the 32-value types a K-quant mix falls back to where a row is not a multiple of 256
-  (Q5_0, Q8_0) take Q8_0 blocks. A K-quant mix holds a linear as a K-quant exactly when its row is a
-  multiple of 256, so the linear's input width decides.
+  (`fake_quant_q8_k`). Which linear is a K-quant is its ggml type, which the GGUF backend gives per tensor
+  (the 32-value types beside it, Q5_0 / Q8_0, take `ACT_GGML_Q8_0`).
 """
 
 from __future__ import annotations
@@ -121,7 +122,8 @@ int4 -9.0% (symmetric) / -6.4% (asymmetric), int8 -1.9% / -1.6%."""
 FLOAT_TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16}
 ROLES = ("linears", "experts", "head")
 """Roles of `simulate`'s per-role activation modes: MoE expert linears (`.experts.` in the name), the lm_head
-(the precision rules' `LM_HEAD`; optional in a per-role spec, default the `"linears"` mode), every other."""
+(the precision rules' `LM_HEAD`; optional in a per-role spec, default the `"linears"` mode), every other. Any
+other key of a per-role spec is a checkpoint weight name whose mode it gives (`activation_mode`)."""
 REQUIRED_ROLES = ROLES[:2]
 ActivationSpec = str | dict[str, str]
 
@@ -738,11 +740,6 @@ def fake_quant_q8_k(x: Tensor) -> Tensor:
     return (torch.round(blocks * factor).clamp(max=127) * scale).reshape(shape).to(x.dtype)
 
 
-def fake_quant_ggml_k(x: Tensor) -> Tensor:
-    """`ACT_GGML_K`: Q8_K blocks into a linear whose input width is a multiple of 256, Q8_0 blocks otherwise."""
-    return fake_quant_q8_k(x) if x.shape[-1] % 256 == 0 else fake_quant_q8_0(x)
-
-
 def fake_quant_int8_token(x: Tensor) -> Tensor:
     """`ACT_INT8_TOKEN`: dynamic per-token asymmetric int8 (see the module doc)."""
     xf = x.float()
@@ -762,13 +759,28 @@ def _role(name: str) -> str:
 
 
 def activation_modes(spec: ActivationSpec) -> dict[str, str]:
-    """`spec` as a mode per role (a plain mode applies to every role)."""
+    """`spec` as a mode per role (a plain mode applies to every role), with its per-tensor modes (keys that are
+    weight names) as given."""
     modes = dict.fromkeys(ROLES, spec) if isinstance(spec, str) else dict(spec)
     if set(REQUIRED_ROLES) <= set(modes):
         modes.setdefault("head", modes["linears"])
-    if set(modes) != set(ROLES) or not set(modes.values()) <= set(ACTIVATION_MODES):
-        raise ValueError(f"activations {spec!r}; expected one of {ACTIVATION_MODES}, or one per role {ROLES}")
+    tensors = set(modes) - set(ROLES)
+    if (
+        not set(ROLES) <= set(modes)
+        or not all(k.endswith(".weight") for k in tensors)
+        or not set(modes.values()) <= set(ACTIVATION_MODES)
+    ):
+        raise ValueError(
+            f"activations {spec!r}; expected one of {ACTIVATION_MODES}, or one per role {ROLES} (and per "
+            "weight name)"
+        )
     return modes
+
+
+def activation_mode(modes: dict[str, str], name: str) -> str:
+    """The mode of linear weight `name` (checkpoint name) in `activation_modes`' result: its own, else its
+    role's."""
+    return modes.get(name) or modes[_role(name)]
 
 
 BOUNDARY_MARGIN = 1e-5
@@ -776,19 +788,26 @@ BOUNDARY_MARGIN = 1e-5
 the point halfway between two codes, measured in the input's own units over the largest magnitude of the
 input's row (the float32 differences between a runtime's inputs and the simulation's are relative to that: 2e-7
 to 7e-7 for onnxruntime 1.32's MatMulNBits inputs against the simulation's, tiny int8-b32, traced by hand;
-every honest flip resolved in benchmarks/results/a8_exactness.json sat within this margin)."""
+every honest flip resolved in benchmarks/results/a8_exactness.json sat within this margin). A block scale the
+runtime stores in fp16 (llama.cpp's Q8_0 activation blocks) is undecided by the same measure: the block's
+largest magnitude within this distance of the value whose scale lies halfway between two fp16 numbers."""
+
+RESOLVABLE_MODES = (ACT_INT8_BLOCK, ACT_INT8_TOKEN, ACT_GGML_Q8_0, ACT_GGML_K)
+"""Activation modes whose undecided codes (and fp16 block scales) `BoundaryCodes` lists and flips: the rounding
+`lfm_export.parity.boundary` resolves."""
 
 
 @dataclass(frozen=True)
 class Boundary:
-    """One undecided activation code: `margin` (distance from the halfway point in the input's units over the
-    row's largest magnitude), the linear's module name, the index into its flattened codes and the code on the
-    other side."""
+    """One undecided activation decision: `margin` (distance from the halfway point in the input's units over
+    the row's largest magnitude), the linear's module name, the index into its flattened codes (`scale`: into
+    its flattened block scales) and the value on the other side (a code, or the other fp16 scale)."""
 
     margin: float
     linear: str
     index: int
     code: float
+    scale: bool = False
 
 
 class BoundaryCodes:
@@ -801,51 +820,106 @@ class BoundaryCodes:
     layers the whole position, and through the KV cache every later one, differs by the size of the
     activation rounding itself (onnxruntime int8-b32 on tiny: the median position 2.6e-3 of the logit scale
     off). The simulation is exact op by op (6.7e-7); only these undecided codes are not given
-    (benchmarks/results/a8_exactness.json).
+    (benchmarks/results/a8_exactness.json). llama.cpp's Q8_0 blocks add a second kind: the block scale
+    `amax / 127` is stored in fp16, and where it sits that close to the halfway point between two fp16 numbers
+    the runtime's scale and the simulation's differ by one fp16 step, every value of the block with it
+    (benchmarks/gguf_exactness_trace.py: the cause of every honest GGUF position the code flips alone left off).
 
-    With `found` a list, every quantized linear appends the `Boundary` of each code within `margin` of the
-    halfway point; `flips` (module name -> `{flat index: code}`) sets codes to their other side. Both apply
-    to the next forward only as the caller arranges (`lfm_export.parity.boundary` steps one position at a
-    time). Linears fed the same tensor (q/k/v, w1/w3) share one rounded input, as a runtime that fuses them
-    does: a forward with `found` set names each by the first of them (`group`), and a flip applies to all."""
+    With `found` a list, every quantized linear appends the `Boundary` of each code (and fp16 scale) within
+    `margin` of the halfway point; `flips` (module name -> `{flat index: code}`) sets codes to their other side,
+    `scales` (module name -> `{flat block index: scale}`) block scales. Both apply to the next forward only as
+    the caller arranges (`lfm_export.parity.boundary` steps one position at a time). Linears fed the same tensor
+    (q/k/v, w1/w3, the w1/w3 of every expert a token is routed to) share one rounded input, as a runtime that
+    fuses them does: a forward with `found` set names each by the first of them (`group`), and a flip applies to
+    all."""
 
     def __init__(self, margin: float = BOUNDARY_MARGIN) -> None:
         self.margin = margin
         self.found: list[Boundary] | None = None
         self.flips: dict[str, dict[int, float]] = {}
+        self.scales: dict[str, dict[int, float]] = {}
         self.group: dict[str, str] = {}
         self._inputs: list[tuple[Tensor, str]] = []
 
-    def start(self, found: list[Boundary] | None, flips: dict[str, dict[int, float]]) -> None:
-        """Set up the next forward: list undecided codes into `found` (None: do not), apply `flips`."""
-        self.found, self.flips, self._inputs = found, flips, []
+    def start(
+        self,
+        found: list[Boundary] | None,
+        flips: dict[str, dict[int, float]],
+        scales: dict[str, dict[int, float]] | None = None,
+    ) -> None:
+        """Set up the next forward: list undecided codes into `found` (None: do not), apply `flips` (codes)
+        and `scales` (fp16 block scales)."""
+        self.found, self.flips, self.scales, self._inputs = found, flips, scales or {}, []
 
     def stop(self) -> None:
-        self.found, self.flips, self._inputs = None, {}, []
+        self.found, self.flips, self.scales, self._inputs = None, {}, {}, []
 
     @property
     def active(self) -> bool:
-        return self.found is not None or bool(self.flips)
+        return self.found is not None or bool(self.flips) or bool(self.scales)
 
 
-def _int8_codes(
-    x: Tensor, mode: str, block_size: int
-) -> tuple[Tensor, Tensor, Tensor, Callable[[Tensor], Tensor]]:
-    """(scaled values, codes, each value's code step over its row's largest magnitude, codes -> dequantized
-    input) of `ACT_INT8_BLOCK` / `ACT_INT8_TOKEN`: the float32 arithmetic of `fake_quant_int8_block` /
-    `fake_quant_int8_token`."""
+@dataclass
+class _Rounding:
+    """One input's activation rounding taken apart (`_int8_codes`): scaled values, codes, each value's code step
+    over its row's largest magnitude, the code range, the block scales (`[..., blocks, 1]`), and for scales
+    stored in fp16 the float32 value each was rounded from (None: float32 scales, nothing undecided)."""
+
+    scaled: Tensor
+    codes: Tensor
+    step: Tensor
+    lo: float
+    hi: float
+    scale: Tensor
+    exact_scale: Tensor | None
+    values: Callable[[Tensor, Tensor], Tensor]
+    """(codes, scales) -> the rounded input in the input's shape and type."""
+
+
+def _int8_codes(x: Tensor, mode: str, block_size: int) -> _Rounding:
+    """The activation rounding of `mode` (`RESOLVABLE_MODES`) taken apart, in the float32 arithmetic of
+    `fake_quant_int8_block`, `fake_quant_int8_token`, `fake_quant_q8_0` and `fake_quant_ggml_k`."""
     shape = x.shape
     xf = x.float()
     row = xf.abs().amax(-1, keepdim=True)
     row = torch.where(row == 0, torch.ones_like(row), row)
-    if mode == ACT_INT8_BLOCK:
-        blocks = xf.reshape(*shape[:-1], shape[-1] // block_size, block_size)
+    if mode == ACT_GGML_K and shape[-1] % 256 == 0:  # Q8_K: the signed extreme, float32 scale, codes <= 127
+        blocks = xf.reshape(*shape[:-1], shape[-1] // 256, 256)
+        m = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
+        factor = torch.where(m == 0, torch.zeros_like(m), torch.full_like(m, -127.0) / m)
+        scale = torch.where(m == 0, torch.zeros_like(m), 1.0 / factor)
+        scaled = blocks * factor
+        step = (scale.abs() / row.unsqueeze(-1)).expand_as(blocks)
+        return _Rounding(
+            scaled,
+            torch.round(scaled).clamp(max=127),
+            step,
+            -127.0,
+            127.0,
+            scale,
+            None,
+            lambda q, s: (q * s).reshape(shape).to(x.dtype),
+        )
+    if mode in (ACT_INT8_BLOCK, ACT_GGML_Q8_0, ACT_GGML_K):
+        size = block_size if mode == ACT_INT8_BLOCK else 32
+        blocks = xf.reshape(*shape[:-1], shape[-1] // size, size)
         amax = blocks.abs().amax(-1, keepdim=True)
         inv = torch.where(amax == 0, torch.zeros_like(amax), torch.full_like(amax, 127.0) / amax)
-        scale = amax / 127.0
+        exact = amax / 127.0
+        half = mode != ACT_INT8_BLOCK  # Q8_0 stores its scale in fp16
+        scale = exact.half().float() if half else exact
         scaled = blocks * inv
         step = (scale / row.unsqueeze(-1)).expand_as(blocks)
-        return scaled, torch.round(scaled), step, lambda q: (q * scale).reshape(shape).to(x.dtype)
+        return _Rounding(
+            scaled,
+            torch.round(scaled),
+            step,
+            -127.0,
+            127.0,
+            scale,
+            exact if half else None,
+            lambda q, s: (q * s).reshape(shape).to(x.dtype),
+        )
     lo = xf.amin(-1, keepdim=True).clamp(max=0.0)
     hi = xf.amax(-1, keepdim=True).clamp(min=0.0)
     scale = ((hi - lo) / 255.0).clamp(min=torch.finfo(torch.float32).eps)
@@ -853,29 +927,71 @@ def _int8_codes(
     scaled = xf / scale
     codes = (torch.round(scaled) + zp).clamp(-128, 127)
     step = (scale / row).expand_as(xf)
-    return scaled + zp, codes, step, lambda q: ((q - zp) * scale).to(x.dtype)
+    return _Rounding(
+        scaled + zp,
+        codes,
+        step,
+        -128.0,
+        127.0,
+        scale,
+        None,
+        lambda q, s: ((q - zp) * s).to(x.dtype),
+    )
+
+
+def _fp16_boundaries(r: _Rounding, row: Tensor, limit: float) -> list[tuple[int, float, float]]:
+    """(flat block index, margin, the other fp16 scale) of each fp16 block scale of `r` within `limit` of the
+    halfway point between two fp16 numbers: the margin is the block's largest magnitude's distance from the
+    value whose scale is that halfway point (127 times the scales'), over the row's largest magnitude (`row`,
+    one per block)."""
+    assert r.exact_scale is not None
+    exact = r.exact_scale.reshape(-1).double().numpy()
+    held = r.scale.reshape(-1).double().numpy()
+    toward = np.where(held >= exact, -np.inf, np.inf).astype(np.float16)
+    other = np.nextafter(held.astype(np.float16), toward).astype(np.float64)
+    margin = np.abs(exact - (held + other) / 2) * 127.0 / row.reshape(-1).double().numpy()
+    ok = (held > 0) & np.isfinite(other) & (other > 0)
+    return [(int(i), float(margin[i]), float(other[i])) for i in np.nonzero(ok & (margin < limit))[0]]
+
+
+def _same_input(seen: Tensor, x: Tensor) -> bool:
+    """Whether two linears take one input: the same tensor, or equal values (the MoE experts a token is routed to,
+    each fed its own copy of the token's row in the sparse form, take what a runtime quantizes once)."""
+    return seen is x or (seen.shape == x.shape and seen.dtype == x.dtype and torch.equal(seen, x))
 
 
 def _rounded_resolving(linear: SimulatedLinear, x: Tensor, codes_of: BoundaryCodes) -> Tensor:
-    """`x` rounded as `linear.activations` says, with `codes_of.flips` applied and undecided codes listed."""
-    scaled, codes, step, dequantize = _int8_codes(x, linear.activations, linear.block_size)
+    """`x` rounded as `linear.activations` says, with `codes_of.flips` / `scales` applied and undecided codes
+    (and fp16 scales) listed."""
+    r = _int8_codes(x, linear.activations, linear.block_size)
     if codes_of.found is not None:
-        leader = next((name for seen, name in codes_of._inputs if seen is x), linear.name)
+        leader = next((name for seen, name in codes_of._inputs if _same_input(seen, x)), linear.name)
         codes_of._inputs.append((x, linear.name))  # held, so no other tensor reuses its memory meanwhile
         codes_of.group[linear.name] = leader
     leader = codes_of.group.get(linear.name, linear.name)
-    flat = codes.reshape(-1)
+    flat = r.codes.reshape(-1)
     for index, code in codes_of.flips.get(leader, {}).items():
         flat[index] = code
+    scale = r.scale
+    if codes_of.scales.get(leader):
+        scale = scale.clone()
+        held = scale.reshape(-1)
+        for index, value in codes_of.scales[leader].items():
+            held[index] = value
     if codes_of.found is not None and leader == linear.name:
-        s = scaled.reshape(-1)
-        margin = ((s - torch.floor(s)) - 0.5).abs() * step.reshape(-1)
-        lo, hi = (-127.0, 127.0) if linear.activations == ACT_INT8_BLOCK else (-128.0, 127.0)
+        s = r.scaled.reshape(-1)
+        margin = ((s - torch.floor(s)) - 0.5).abs() * r.step.reshape(-1)
         for i in torch.nonzero(margin < codes_of.margin).flatten().tolist():
             other = float(flat[i] + 1 if s[i] > flat[i] else flat[i] - 1)
-            if lo <= other <= hi:
+            if r.lo <= other <= r.hi:
                 codes_of.found.append(Boundary(float(margin[i]), linear.name, i, other))
-    return dequantize(codes)
+        if r.exact_scale is not None:
+            row = x.float().abs().amax(-1, keepdim=True)
+            row = torch.where(row == 0, torch.ones_like(row), row)
+            per_block = row.unsqueeze(-1).expand_as(r.scale)
+            for i, m, other in _fp16_boundaries(r, per_block, codes_of.margin):
+                codes_of.found.append(Boundary(m, linear.name, i, other, scale=True))
+    return r.values(r.codes, scale)
 
 
 class SimulatedLinear(nn.Linear):
@@ -905,7 +1021,7 @@ class SimulatedLinear(nn.Linear):
         elif self.activations == ACT_GGML_Q8_0:
             x = fake_quant_q8_0(x)
         elif self.activations == ACT_GGML_K:
-            x = fake_quant_ggml_k(x)
+            x = fake_quant_q8_k(x)
         elif self.activations in (ACT_FP16, ACT_FP16_ROUTED):
             x = x.half().float()
         elif self.activations == ACT_BF16:
@@ -1002,7 +1118,7 @@ def simulate(
             name = prefix + local
             bits = held_as(f"{name}.weight", recipe)
             weight = replaced(mod.weight, bits, f"{name}.weight")
-            mode = modes[_role(f"{name}.weight")]
+            mode = activation_mode(modes, f"{name}.weight")
             router = rule_for(f"{name}.weight") is ROUTER  # computes in float32 whatever the recipe
             half_input = mode in (ACT_FP16, ACT_FP16_ROUTED, ACT_BF16) and not router  # float recipes too
             if bits is None and not half_input:
@@ -1012,7 +1128,7 @@ def simulate(
             owner = sim.get_submodule(parent) if parent else sim
             block = block_as(f"{name}.weight", recipe, mod.in_features) if recipe.mix else recipe.block_size
             simulated = SimulatedLinear(mod, weight, mode, block, name)
-            if mode in (ACT_INT8_BLOCK, ACT_INT8_TOKEN):
+            if mode in RESOLVABLE_MODES:
                 simulated.boundary = boundary
             setattr(owner, child, simulated)
         if native:  # norms and conv weights too (new tensors: `model`'s own are shared, never cast in place)
@@ -1039,5 +1155,5 @@ def with_activations(sim: nn.Module, activations: ActivationSpec) -> nn.Module:
     out = copy.deepcopy(sim, memo=dict(keep))
     for name, mod in out.named_modules():
         if isinstance(mod, SimulatedLinear):
-            mod.activations = modes[_role(f"{mod.name or name}.weight")]
+            mod.activations = activation_mode(modes, f"{mod.name or name}.weight")
     return out

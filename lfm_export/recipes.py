@@ -75,7 +75,7 @@ what the recipe's `-a8` means); `fp16`: the runtime computes in fp16 (Core ML), 
 linears' inputs to fp16 and the parity gate is the `-fp16` one; `fp16-routed`: the same for a model with MoE
 routing, whose gate (`-fp16-moe`) judges apart the positions where fp16 rounding can choose another expert; `ggml-q8_0`:
 llama.cpp's CPU kernels (symmetric int8 per block of 32 with an fp16 scale, the input of Q8_0 / Q4_0 matmuls);
-`ggml-k`: the same with Q8_K blocks into K-quant matmuls; `bf16`: llama.cpp's CPU rounds the input of a BF16
+`ggml-k`: Q8_K blocks (256 values, one float32 scale), the input of K-quant matmuls (GGUF gives the mode per tensor, by its ggml type); `bf16`: llama.cpp's CPU rounds the input of a BF16
 matmul to bf16 (every linear but the MoE router, which it holds in F32), the gate is the `-bf16` one."""
 ACT_NATIVE = "native"
 """`lfm_export.quant.simulate`'s mode for float recipes computed in their own type (fp16 / bf16 matmuls and

@@ -1,11 +1,14 @@
 """The exact check of int8-activation artifacts: the simulation with its undecided activation codes resolved.
 
 A runtime that rounds the activations of quantized linears to int8 (onnxruntime's MatMulNBits at accuracy
-level 4, XNNPACK's QD8 in ExecuTorch `8da4w` / `8da8w`) computes each op exactly as the simulation does
-(`lfm_export.quant`, 4e-7 op by op) but from inputs computed in its own float32 order. Now and then a scaled
-input lies within that difference of the halfway point between two codes, rounds the other way, and the flip
-grows through the next layers' rounding to the size of the activation rounding itself
-(`lfm_export.quant.BoundaryCodes`). The scenario gates can only allow for that; this check removes it.
+level 4, XNNPACK's QD8 in ExecuTorch `8da4w` / `8da8w`, llama.cpp's Q8_0 / Q8_K blocks in every quantized GGUF
+matmul) computes each op exactly as the simulation does (`lfm_export.quant`, 4e-7 op by op; llama.cpp 1.5e-7,
+benchmarks/results/gguf_exactness_trace_tiny_q4_k_m.json) but from inputs computed in its own float32 order.
+Now and then a scaled input lies within that difference of the halfway point between two codes, rounds the
+other way, and the flip grows through the next layers' rounding to the size of the activation rounding itself
+(`lfm_export.quant.BoundaryCodes`); llama.cpp's Q8_0 blocks also store their scale `amax / 127` in fp16, which
+flips to the neighbouring fp16 number the same way (every value of the block with it). The scenario gates can
+only allow for that; this check removes it, resolving codes and fp16 scales alike.
 
 The prompt is run through the artifact and through the simulation one position at a time (`decode` calls: the
 multi-token path is judged by the scenario rows; on `tiny-moe` at ExecuTorch `8da4w` a whole-prompt call put the
@@ -16,8 +19,8 @@ than `LIMIT` (largest error over the position's largest logit), each undecided c
 `lfm_export.quant.BOUNDARY_MARGIN` of a halfway point, nearest first) is tried on its other side, keeping the
 first that brings the position within `LIMIT` (greedily, up to `MAX_FLIPS` codes a position, `MAX_TRIES`
 forwards). An honest artifact is then within float32 rounding at every position (onnxruntime 1.32, tiny
-int8-b32: 1.4e-6 with 4 codes resolved; benchmarks/results/a8_exactness.json); an artifact of other weights
-is not, since no
+int8-b32: 1.4e-6 with 4 codes resolved; benchmarks/results/a8_exactness.json; llama.cpp: see
+docs/backends/gguf.md); an artifact of other weights is not, since no
 choice of undecided codes explains a matrix 1% off. After the first position that stays off, the rest of the
 prompt is compared without searching.
 """
@@ -153,9 +156,10 @@ def _step(
 
     codes: BoundaryCodes = simulated.boundary_codes
     chosen: dict[str, dict[int, float]] = {}
+    scales: dict[str, dict[int, float]] = {}
     for b in flips:
-        chosen.setdefault(b.linear, {})[b.index] = b.code
-    codes.start(found, chosen)
+        (scales if b.scale else chosen).setdefault(b.linear, {})[b.index] = b.code
+    codes.start(found, chosen, scales)
     try:
         with torch.no_grad():
             conv, keys, values = (list(part) for part in state)
@@ -167,12 +171,36 @@ def _step(
 def resolve(session: Session, simulated: Any, prompts: list[np.ndarray]) -> Resolved:
     """The artifact `session` against `simulated` (`lfm_export.quant.simulate`'s module, int8 activations) on
     each prompt (`[1, T]` ids), undecided codes resolved per position (module doc). Leaves `session` reset."""
+    from lfm_export.model import MOE_SPARSE, MoE
+
+    out = Resolved()
+    errors: list[float] = []
+    # the sparse MoE form (the same numbers): only the experts a token is routed to run, so the undecided codes
+    # listed are those of matrices the runtime ran, not of experts weighted zero
+    moe = [m for m in simulated.modules() if isinstance(m, MoE)]
+    forms = [m.form for m in moe]
+    for m in moe:
+        m.form = MOE_SPARSE
+    try:
+        _resolve_prompts(session, simulated, prompts, out, errors)
+    finally:
+        for m, form in zip(moe, forms, strict=True):
+            m.form = form
+    session.reset(1)
+    out.positions = len(errors)
+    out.max_rel = float(max(errors, default=0.0))
+    out.median_rel = float(np.median(errors)) if errors else 0.0
+    return out
+
+
+def _resolve_prompts(
+    session: Session, simulated: Any, prompts: list[np.ndarray], out: Resolved, errors: list[float]
+) -> None:
+    """`resolve`'s loop over the prompts, into `out` and `errors` (one per position)."""
     import torch
 
     from lfm_export.model import GROWING
 
-    out = Resolved()
-    errors: list[float] = []
     for p, ids in enumerate(prompts):
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         session.reset(1)
@@ -221,11 +249,6 @@ def resolve(session: Session, simulated: Any, prompts: list[np.ndarray]) -> Reso
                 searching = False
             out.codes_resolved += len(flips)
             state = result[1:]
-    session.reset(1)
-    out.positions = len(errors)
-    out.max_rel = float(max(errors, default=0.0))
-    out.median_rel = float(np.median(errors)) if errors else 0.0
-    return out
 
 
 def checks(result: Resolved) -> list[Check]:

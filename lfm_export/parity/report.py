@@ -492,8 +492,8 @@ def _resolved_note(result: ParityResult) -> list[str]:
     verdict = "ok" if r["passed"] else "**FAIL**"
     head = (
         f"Resolved prefill {verdict}: {r['positions']} positions against the simulation run one token at a "
-        f"time, {r['codes_resolved']} activation codes that sat on an int8 rounding boundary (within float32 "
-        f"rounding) resolved to the side the artifact took: logit max rel {_num(r['logit_max_rel'])} (limit "
+        f"time, {r['codes_resolved']} activation codes (or fp16 block scales) that sat on a rounding boundary "
+        f"(within float32 rounding) resolved to the side the artifact took: logit max rel {_num(r['logit_max_rel'])} (limit "
         f"{_num(r['limit'])})"
     )
     if r["unexplained"]:

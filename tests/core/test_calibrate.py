@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lfm_export.calibrate import CalibrationError, calibrate, calibration_ids
-from lfm_export.contract.errors import UnsupportedError
+from lfm_export.contract.errors import UnsupportedError, UserError
 from lfm_export.loading import load_model
 from lfm_export.pipeline import check_artifact, export_artifact
 from lfm_export.progress import Progress
@@ -88,3 +88,33 @@ def test_calibrated_recipe_on_a_backend_without_the_core_quantizer_is_refused(tm
             progress=Progress(quiet=True),
         )
     assert not (tmp_path / "et").exists()
+
+
+def test_streamed_gptq_factors_are_calibrated_when_read_and_dropped_after_use() -> None:
+    """A `-gptq` table for a format that rounds its own blocks (GGUF), streamed (an export no parity follows):
+    no layer is calibrated before a weight of it is read, reading one of layer 3 calibrates layers 0-3 only,
+    each factor is dropped once every linear sharing it has been served (q/k/v share one), a second read is
+    refused, and `finish` completes the manifest entry as an eager calibration writes it; the factors equal
+    the eager table's."""
+    import numpy as np
+
+    from lfm_export.calibrate import calibrated_table, finish
+    from lfm_export.recipes import parse_recipe
+
+    loaded = load_model("tiny", lazy=True)
+    core = parse_recipe("int4-b32-gptq")
+    eager, eager_entry = calibrated_table(loaded, core, tokens=256, keep_factors=True)
+    table, entry = calibrated_table(loaded, core, tokens=256, keep_factors=True, stream=True)
+    assert not table.factors and entry == {"rounding": "gptq"}
+    names = [f"model.layers.4.self_attn.{p}_proj.weight" for p in "qkv"]  # layer 4: attention, one input
+    w = [loaded.weights.get(n).numpy() for n in names]
+    factors = [table.find_importance(x, 4, 32, "factors") for x in w]
+    assert len({id(f) for f in factors}) == 1 and factors[0].shape == (w[0].shape[1],) * 2
+    np.testing.assert_array_equal(factors[0], eager.find_importance(w[0], 4, 32, "factors"))
+    layers = {int(n.split(".")[2]) for n in loaded.weights.names() if ".layers." in n}
+    assert 0 < len(table.factors) < len(eager.factors) and len(layers) == 6  # layers 0-4 of 6, q/k/v gone
+    assert id(factors[0]) not in {id(f) for f in table.factors.values()}
+    with pytest.raises(UserError, match="read twice"):
+        table.find_importance(w[1], 4, 32, "factors")
+    finish(table)
+    assert entry == eager_entry and table.more is None

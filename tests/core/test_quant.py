@@ -202,6 +202,55 @@ def test_boundary_codes_round_alike_and_flip_one_step(mode: str) -> None:
     assert abs(float(step[0, 0, 0])) == pytest.approx(3.0 / 127 if index == 1 else 0.01, rel=1e-4)
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize("width", [64, 256])
+def test_ggml_codes_and_fp16_scales_resolve(width: int) -> None:
+    """llama.cpp's activation blocks (`ggml-k`: Q8_0 at width 64, Q8_K at 256) round alike while codes are
+    listed; a value on a halfway point is listed and flips by one step of its block's scale; at Q8_0 a block
+    whose `amax / 127` sits halfway between two fp16 numbers is listed as a scale, and flipping it moves every
+    value of that block (and only those) to the other fp16 scale. The linear is the identity, so its output is
+    the rounded input."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(width, width, bias=False)
+    x = torch.randn(1, 1, width).clamp(-2.9, 2.9)
+    x[..., 0], x[..., 1] = 3.0, 10.5 * 3.0 / 127  # amax 3 in the first block, a code halfway
+    lo16 = np.float16(0.03125)  # 2^-5: the next fp16 number is 2^-15 above
+    hi16 = np.nextafter(lo16, np.float16(1))
+    if width == 64:  # the second block's amax, its scale halfway between two fp16 numbers
+        x[..., 32] = float((np.float64(lo16) + np.float64(hi16)) / 2 * 127)
+    sim = quant.SimulatedLinear(linear, torch.eye(width), quant.ACT_GGML_K, 32, "lin")
+    sim.boundary = codes = quant.BoundaryCodes()
+    with torch.no_grad():
+        plain = sim(x)
+        assert torch.equal(plain, quant.fake_quant_q8_k(x) if width == 256 else quant.fake_quant_q8_0(x))
+        found: list = []
+        codes.start(found, {})
+        assert torch.equal(plain, sim(x))
+        codes.stop()
+        hit = [b for b in found if b.index == 1 and not b.scale]
+        assert len(hit) == 1 and hit[0].margin < 1e-6, found
+        codes.start(None, {"lin": {1: hit[0].code}})
+        moved = sim(x) - plain
+        codes.stop()
+        scale = float(np.float16(3.0 / 127)) if width == 64 else float(torch.tensor(1.0) / (-127.0 / 3.0))
+        assert (
+            abs(float(moved[0, 0, 1])) == pytest.approx(abs(scale), rel=1e-6) and int((moved != 0).sum()) == 1
+        )
+        scales = [b for b in found if b.scale]
+        if width == 256:  # Q8_K's scale is float32: nothing to decide
+            assert not scales
+            return
+        assert [b.index for b in scales] == [1] and scales[0].margin < 1e-6, scales
+        assert {scales[0].code, float(plain[0, 0, 32] / 127)} <= {float(lo16), float(hi16)}
+        codes.start(None, {}, {"lin": {1: scales[0].code}})
+        other = sim(x)
+        codes.stop()
+    assert torch.equal(other[..., :32], plain[..., :32]) and torch.equal(other[..., 64:], plain[..., 64:])
+    ratio = other[..., 32:64] / plain[..., 32:64]
+    nonzero = plain[..., 32:64] != 0
+    assert torch.allclose(ratio[nonzero], torch.tensor(scales[0].code / float(plain[0, 0, 32] / 127)))
+
+
 # ---- the artifact is its simulation ----------------------------------------------------------------------------
 
 

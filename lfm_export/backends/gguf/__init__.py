@@ -30,10 +30,14 @@ def export(loaded: Any, folder: Path, recipe: Any, progress: Any = None) -> Any:
     return export_gguf(loaded, Path(folder), GgufRecipe.coerce(recipe), progress)
 
 
-def simulation(recipe_dict: dict[str, Any]) -> tuple[Any, str]:
-    """The core recipe as recorded, with llama.cpp's activation rounding: Q8_0 blocks into Q8_0 / Q4_0 matmuls,
-    Q8_K blocks into K-quant ones (`ACT_GGML_K`), fp16 into F16 ones, none for F32."""
+def simulation(recipe_dict: dict[str, Any]) -> tuple[Any, str | dict[str, str]]:
+    """The core recipe as recorded, with llama.cpp's activation rounding: for a quantized file by each tensor's
+    recorded ggml type (`GgufRecipe.activation_rounding`: Q8_0 blocks into Q8_0 / Q4_0 / Q5_0 matmuls, Q8_K
+    blocks into K-quant ones), fp16 into F16 ones, bf16 into BF16 ones, none for F32."""
     recipe = GgufRecipe.from_dict(recipe_dict)
+    types = recipe_dict.get("ggml_tensor_types")
+    if types:
+        return recipe.recipe, recipe.activation_rounding(types)
     return recipe.recipe, recipe_dict.get("activation_rounding", recipe.activations)
 
 
@@ -64,7 +68,10 @@ def weight_values(recipe_dict: dict[str, Any]) -> Any:
         return ggml_kquants.held_values(w, kt, recipe.rounding, threads, imp, factor)
 
     def values(w: Any, bits: int, name: str = "") -> Any:
-        imp, factor = importance_for(w, recipe), factor_for(w, recipe)  # by the checkpoint's own values
+        imp, factor = (
+            importance_for(w, recipe, name),
+            factor_for(w, recipe, name),
+        )  # by the checkpoint's values
         if scale != 1 and is_expert_down(name):  # the file holds w2 * s quantized (`EXPERT_DOWN_SCALE`)
             return held(np.asarray(w, np.float32) * scale, bits, name, imp, factor) / scale
         return held(w, bits, name, imp, factor)

@@ -43,7 +43,7 @@ from lfm_export.ggml_blocks import quantize as ggml_quantize
 from lfm_export.loading import LoadedModel
 from lfm_export.precision import FLOAT, ROUTER, ggml_mix_type, held_as, rule_for
 from lfm_export.progress import Progress
-from lfm_export.recipes import ACT_FP16, ACT_FP16_ROUTED, ACT_GGML_Q8_0
+from lfm_export.recipes import ACT_FP16, ACT_FP16_ROUTED
 from lfm_export.signature import build_signature
 
 from .recipes import MIX_FILE_TYPES, GgufRecipe, factor_for, ggml_type, importance_for
@@ -128,12 +128,13 @@ def plan(loaded: LoadedModel, recipe: GgufRecipe) -> list[Planned]:
     )
     core.check_model(cfg, shapes)
     layer_types = list(cfg.layer_types)
+    experts = int(cfg.num_experts) if cfg.is_moe else 0  # llama.cpp's `n_expert` (exactly 8: its own rules)
 
     def kind(name: str, shape: tuple[int, ...], bits: int | None) -> str:
         if bits is None:
             return ggml_type(core, bits)
         mix = recipe.mix or recipe.ggml_name  # q8_0 / q4_0: llama.cpp's output type as well
-        chosen = ggml_mix_type(name, mix, shape[-1], layer_types, bool(cfg.tie_word_embeddings))
+        chosen = ggml_mix_type(name, mix, shape[-1], layer_types, bool(cfg.tie_word_embeddings), experts)
         if chosen not in ggml_kquants.K_TYPES and chosen not in BLOCK_TYPES:
             raise UnsupportedError(
                 f"{name}: its rows ({shape[-1]}) are not a multiple of 256, where llama.cpp's {mix} "
@@ -204,8 +205,8 @@ def produce(
         if ".conv.conv." in name:
             w = w.reshape(w.shape[0], w.shape[-1])
         quantized = p.ggml in ggml_kquants.K_TYPES or p.ggml in BLOCK_TYPES
-        imp = importance_for(w, recipe.recipe) if quantized else None  # by the checkpoint's own values
-        factor = factor_for(w, recipe.recipe) if quantized else None
+        imp = importance_for(w, recipe.recipe, name) if quantized else None  # by the checkpoint's own values
+        factor = factor_for(w, recipe.recipe, name) if quantized else None
         if scale_down != 1.0 and is_expert_down(name):
             w = w * np.float32(scale_down)
         rounding = recipe.recipe.rounding
@@ -217,8 +218,8 @@ def produce(
             w = w.astype(np.float16)
         elif p.ggml == "BF16":
             w = _bf16_bytes(w)
-        elif recipe.recipe.dtype == "bf16" and rule_for(name) is ROUTER:
-            w = _bf16_values(w)
+        elif recipe.recipe.dtype in ("fp16", "bf16") and rule_for(name) is ROUTER:
+            w = _half_values(w, recipe.recipe.dtype)
         else:
             w = np.ascontiguousarray(w, dtype=np.float32)
         rows.append(w)
@@ -232,10 +233,13 @@ def _bf16_bytes(w: np.ndarray) -> np.ndarray:
     return gguf.quants.quantize(np.ascontiguousarray(w, np.float32), gguf.GGMLQuantizationType.BF16)
 
 
-def _bf16_values(w: np.ndarray) -> np.ndarray:
-    """`w` rounded to bf16, as float32: the MoE router of a bf16 file, which llama.cpp holds in F32. The
-    simulation of a float recipe holds every linear's weight at the recipe's type (`lfm_export.quant.simulate`),
-    so the file holds the router's bf16 values in F32 (its input is not rounded: llama.cpp's F32 matmul)."""
+def _half_values(w: np.ndarray, dtype: str) -> np.ndarray:
+    """`w` rounded to `dtype` (`fp16` / `bf16`, round to nearest even), as float32: the MoE router of an f16 /
+    bf16 file, which llama.cpp holds in F32. The simulation of a float recipe holds every linear's weight at
+    the recipe's type (`lfm_export.quant.simulate`), so the file holds the router's half-precision values in
+    F32 (its input is not rounded: llama.cpp's F32 matmul)."""
+    if dtype == "fp16":
+        return np.asarray(w, np.float32).astype(np.float16).astype(np.float32)
     import gguf
 
     kind = gguf.GGMLQuantizationType.BF16
@@ -383,12 +387,13 @@ def export_gguf(
         },
     }
     recorded = recipe.to_dict()
-    if core.quantized:  # what the simulation holds each quantized checkpoint tensor as
+    if (
+        core.quantized
+    ):  # what the simulation holds each quantized checkpoint tensor as, and rounds its input to
         recorded["ggml_tensor_types"] = {n: p.ggml for p in planned if p.bits is not None for n in p.sources}
+        recorded["activation_rounding"] = recipe.activation_rounding(recorded["ggml_tensor_types"])
         if scale_down != 1.0:
             recorded[EXPERT_DOWN_SCALE] = scale_down
-    if isinstance(recipe.activations, dict) and "Q6_K" not in {p.ggml for p in planned}:
-        recorded["activation_rounding"] = ACT_GGML_Q8_0  # q4_0 with a Q8_0 output: Q8_0 blocks everywhere
     if cfg.is_moe and recipe.activations == ACT_FP16:
         recorded["activation_rounding"] = ACT_FP16_ROUTED  # fp16 rounding may flip an expert: the -moe gate
     return ExportResult(signature, recorded, extra)

@@ -35,6 +35,7 @@ import numpy as np
 
 from lfm_export import calibrated
 from lfm_export.contract.errors import UnsupportedError
+from lfm_export.precision import LINEAR, rule_for
 from lfm_export.recipes import (
     ACT_BF16,
     ACT_FLOAT,
@@ -60,6 +61,17 @@ core's, `-imat` being the fit weighted by the calibrated inputs' mean square; `-
 the codes chosen on ggml's own grid by GPTQ, `lfm_export.rounding.gptq_on_grid`)."""
 DEFAULT_ROUNDING = {"q4_0": "fit", "q4_k_m": "fit"}
 """The rounding a bare llama.cpp type name means (the rest: `nearest`)."""
+ACTIVATIONS_BY_TYPE = {
+    "Q4_K": ACT_GGML_K,
+    "Q5_K": ACT_GGML_K,
+    "Q6_K": ACT_GGML_K,
+    "Q8_0": ACT_GGML_Q8_0,
+    "Q4_0": ACT_GGML_Q8_0,
+    "Q5_0": ACT_GGML_Q8_0,
+}
+"""What llama.cpp's CPU quantizes the input of a matmul of each ggml type to (ggml-cpu's `vec_dot_type`): Q8_K
+blocks for the K-quants, Q8_0 blocks for the 32-value types. The one place the simulation's activation mode of
+a quantized GGUF tensor is decided."""
 DEFAULT_CONTEXT = 4096
 """Context the manifest declares (and the runtime shim allocates) when none is asked for: llama.cpp allocates
 its KV cache for the whole context at load time."""
@@ -121,20 +133,33 @@ class GgufRecipe:
         return head + ("" if r.rounding == DEFAULT_ROUNDING.get(head, "nearest") else f"-{r.rounding}")
 
     @property
-    def activations(self) -> str | dict[str, str]:
-        """What llama.cpp's CPU kernels do to the input of every linear that is not F32: fp16 rounding (F16
-        weights), bf16 rounding (BF16), Q8_0 blocks (Q8_0 / Q4_0 weights), Q8_K blocks into a K-quant
-        (`ACT_GGML_K`), none (F32).
-        `q4_0` holds its output as llama.cpp does (`lfm_export.precision.ggml_mix_type`): Q6_K where its row is
-        a multiple of 256, fed Q8_K blocks, else Q8_0: the lm_head's role takes `ACT_GGML_K`, which decides by
-        that same width."""
+    def activations(self) -> str:
+        """What llama.cpp's CPU kernels do to the input of every linear that is not F32, before the types are
+        known: fp16 rounding (F16 weights), bf16 rounding (BF16), Q8_0 blocks (Q8_0 / Q4_0: `ACT_GGML_Q8_0`),
+        Q8_K blocks (a K-quant mix: `ACT_GGML_K`), none (F32). A quantized file's own, per tensor by its ggml
+        type, is `activation_rounding`."""
         if self.mix is not None:
             return ACT_GGML_K
-        if self.recipe.quantized and self.recipe.bits == 4:
-            return {"linears": ACT_GGML_Q8_0, "experts": ACT_GGML_Q8_0, "head": ACT_GGML_K}
         if self.recipe.quantized:
             return ACT_GGML_Q8_0
         return {"fp16": ACT_FP16, "bf16": ACT_BF16}.get(self.recipe.dtype, ACT_FLOAT)
+
+    def activation_rounding(self, types: dict[str, str]) -> str | dict[str, str]:
+        """The activation rounding of a quantized file whose checkpoint tensors are held as `types` (ggml type
+        names, `ggml_tensor_types`), decided by each linear's type (`ACTIVATIONS_BY_TYPE`): one mode where every
+        linear takes the same, else `activations` per role with each tensor that differs named (a tied lm_head
+        takes its token table's type)."""
+        held = dict(types)
+        if "lm_head.weight" not in held and "model.embed_tokens.weight" in held:
+            held["lm_head.weight"] = held["model.embed_tokens.weight"]  # tied: llama.cpp's output reads it
+        held.pop("model.embed_tokens.weight", None)  # a lookup, not a matmul
+        modes = {name: ACTIVATIONS_BY_TYPE[kind] for name, kind in held.items()}
+        if len(set(modes.values())) == 1:
+            return next(iter(modes.values()))
+        base = self.activations
+        return dict.fromkeys(("linears", "experts", "head"), base) | {
+            name: mode for name, mode in sorted(modes.items()) if mode != base
+        }
 
     @property
     def ggml_name(self) -> str:
@@ -162,20 +187,22 @@ class GgufRecipe:
         return cls(Recipe.from_dict(d), d.get("ggml_mix"))
 
 
-def importance_for(w: np.ndarray, recipe: Recipe) -> np.ndarray | None:
-    """The calibrated importance `[K]` that weighs the fit of `w` under an `-imat` recipe (None otherwise, or
-    for a weight the calibration did not see: it is fitted unweighted). Read from the calibration table that is
-    active while an artifact is exported or checked (`lfm_export.calibrated`), by the weight's content."""
-    if recipe.rounding not in CALIBRATED_ROUNDINGS or recipe.bits is None:
+def importance_for(w: np.ndarray, recipe: Recipe, name: str) -> np.ndarray | None:
+    """The calibrated importance `[K]` that weighs the fit of `w` (checkpoint tensor `name`) under an `-imat`
+    recipe (None otherwise, or for a weight the calibration did not see: it is fitted unweighted). Read from the
+    calibration table that is active while an artifact is exported or checked (`lfm_export.calibrated`), by
+    the weight's content; a tensor the calibration never sees (`precision.LINEAR` is what it sees: not the
+    token table or the output) is not looked up, so a streamed calibration is not run ahead for it."""
+    if recipe.rounding not in CALIBRATED_ROUNDINGS or recipe.bits is None or rule_for(name) is not LINEAR:
         return None
     return calibrated.importance(w, recipe.bits, recipe.block_size)
 
 
-def factor_for(w: np.ndarray, recipe: Recipe) -> np.ndarray | None:
+def factor_for(w: np.ndarray, recipe: Recipe, name: str) -> np.ndarray | None:
     """The inverse-Hessian factor `[K, K]` from which a `-gptq` recipe chooses the codes of `w` on ggml's blocks
     (None otherwise, or for a weight the calibration did not see: its codes are the fit's), read as
     `importance_for` reads the importance."""
-    if recipe.rounding != "gptq" or recipe.bits is None:
+    if recipe.rounding != "gptq" or recipe.bits is None or rule_for(name) is not LINEAR:
         return None
     return calibrated.factor(w, recipe.bits, recipe.block_size)
 

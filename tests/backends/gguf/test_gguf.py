@@ -99,11 +99,14 @@ def test_fp32_moe_greedy_tokens_equal_the_reference(artifacts) -> None:
 
 def test_honest_passes_and_a_matrix_two_percent_off_fails(q4_0, tmp_path: Path) -> None:
     """Through llama.cpp: the honest file passes its gate (`q4_0`: the simulation with llama.cpp's Q8_0
-    activation rounding); the same file with one Q4_0 matrix's block scales raised 2% in place fails it, the
-    stored weights naming that matrix."""
+    activation rounding), its resolved row (`resolved_prefill`: Q8_0 codes and fp16 block scales on a rounding
+    boundary resolved) within float32 rounding; the same file with one Q4_0 w2's block scales raised 2% in
+    place fails it by the logits (the resolved row) and by the stored weights, which name that matrix."""
     honest = check_artifact(q4_0, threads=1, progress=Progress(quiet=True), scenarios=QUICK)
     assert honest.passed, [c.describe() for c in honest.failures]
     assert honest.gate.name == "q4_0"
+    assert honest.resolved is not None and honest.resolved["passed"], honest.resolved
+    assert honest.resolved["logit_max_rel"] < 2e-6 and honest.resolved["positions"] > 32
     stored = honest.stored_weights  # every Q8_0 / Q4_0 row equals the simulation's, bit for bit
     assert stored is not None and stored["passed"] and stored["artifact_rows"] > 0, stored
     broken = tmp_path / "broken"
@@ -119,6 +122,8 @@ def test_honest_passes_and_a_matrix_two_percent_off_fails(q4_0, tmp_path: Path) 
     result = check_artifact(broken, threads=1, progress=Progress(quiet=True), scenarios=QUICK)
     assert not result.passed and not result.part_passed("exactness")
     assert list(result.stored_weights["unmatched"]) == ["blk.0.ffn_down.weight"], result.stored_weights
+    assert result.resolved is not None and not result.resolved["passed"], result.resolved
+    assert "resolved_prefill" in {c.scenario for c in result.failures}
 
 
 def test_snapshots_restore_exactly_and_prefill_last_is_the_last_row(q4_0, tmp_path: Path) -> None:
@@ -191,9 +196,26 @@ def test_recipes_and_refusals() -> None:
     assert (gptq.name, gptq.recipe.name, gptq.mix) == ("q4_k_m-gptq", "int4-b32-gptq", "q4_k_m")
     assert gptq.to_dict()["calibration_keeps_factors"] and make_recipe("int4-b32-gptq").name == "q4_0-gptq"
     assert "calibration_keeps_factors" not in make_recipe("q4_k_m-imat").to_dict()
-    q4 = make_recipe("q4_0").activations  # Q8_0 blocks into Q4_0 matmuls; the output may be Q6_K (Q8_K)
-    assert q4 == {"linears": "ggml-q8_0", "experts": "ggml-q8_0", "head": "ggml-k"}
-    assert make_recipe("q8_0").activations == "ggml-q8_0"
+    # the activation rounding follows each tensor's ggml type: Q8_K into the K-quants, Q8_0 into the rest
+    q4 = make_recipe("q4_0")
+    assert q4.activations == "ggml-q8_0" and make_recipe("q8_0").activations == "ggml-q8_0"
+    table, head = "model.embed_tokens.weight", "lm_head.weight"
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert q4.activation_rounding({table: "Q6_K", q: "Q4_0"}) == {  # tied: the head reads the Q6_K table
+        "linears": "ggml-q8_0",
+        "experts": "ggml-q8_0",
+        "head": "ggml-q8_0",
+        head: "ggml-k",
+    }
+    assert q4.activation_rounding({table: "Q8_0", q: "Q4_0"}) == "ggml-q8_0"
+    k8 = "model.layers.0.self_attn.k_proj.weight"  # a Q8_0 attn_k (8 experts) among K-quants, 256 wide or not
+    assert k.activation_rounding({table: "Q6_K", q: "Q4_K", k8: "Q8_0"}) == {
+        "linears": "ggml-k",
+        "experts": "ggml-k",
+        "head": "ggml-k",
+        k8: "ggml-q8_0",
+    }
+    assert k.activation_rounding({table: "Q8_0", q: "Q5_0", head: "Q8_0"}) == "ggml-q8_0"
     for bad, why in [
         ("q4_k_s", "not supported by the GGUF backend yet"),
         ("q5_k_m-mse", "no 5-bit -mse grid"),
@@ -315,6 +337,24 @@ def test_k_quant_mix_types_follow_llama_cpp() -> None:
     assert ggml_mix_type("model.embed_tokens.weight", "q4_0", 512, types, tied=False) == "Q4_0"
     assert mix("model.layers.5.feed_forward.w2.weight", 128, "q4_0") == "Q4_0"
     assert mix("model.embed_tokens.weight", m="q8_0") == "Q8_0" and mix("lm_head.weight", m="q4_0") == "Q6_K"
+    # exactly 8 experts (llama.cpp's `n_expert == 8`): attn_k / attn_v Q8_0 in every mix, attn_output Q5_K in
+    # q4_k_m (where llama.cpp's Q5_K would fall back to Q5_1, which is not written: Q5_0)
+
+    def eight(name: str, row: int = 512, m: str = "q4_k_m", experts: int = 8) -> str:
+        return ggml_mix_type(f"model.layers.4.self_attn.{name}.weight", m, row, types, experts=experts)
+
+    for m in ("q4_k_m", "q4_0", "q5_k_m", "q6_k", "q8_0"):
+        assert [eight(n, 256, m) for n in ("k_proj", "v_proj")] == ["Q8_0", "Q8_0"], m
+    assert [eight("out_proj"), eight("out_proj", 128), eight("out_proj", m="q4_0")] == [
+        "Q5_K",
+        "Q5_0",
+        "Q4_0",
+    ]
+    assert [eight("out_proj", m="q5_k_m"), eight("q_proj"), eight("k_proj", experts=32)] == [
+        "Q5_K",
+        "Q4_K",
+        "Q4_K",
+    ]
 
 
 K_SHAPE = dict(
@@ -397,19 +437,25 @@ def test_bf16_honest_passes_and_ffn_down_two_percent_off_fails(tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_bf16_moe_passes_the_full_gate_with_the_router_f32(tmp_path: Path) -> None:
-    """`tiny-moe` at bf16 through llama.cpp, every scenario: the router is F32 as llama.cpp's converter writes it,
-    holding bf16 values (what the simulation of a bf16 recipe holds for every linear), and the file passes."""
-    folder = tmp_path / "tiny-moe-bf16"
+@pytest.mark.parametrize("quant", ["bf16", "f16"])
+def test_half_moe_passes_the_full_gate_with_the_router_f32(quant: str, tmp_path: Path) -> None:
+    """`tiny-moe` at bf16 / f16 through llama.cpp, every scenario: the router is F32 as llama.cpp's converter
+    writes it, holding the checkpoint's router rounded to bf16 / fp16 (what the simulation of a half-precision
+    recipe holds for every linear), and the file passes."""
+    import torch
+
+    folder = tmp_path / f"tiny-moe-{quant}"
     outcome = export_artifact(
-        "gguf", "tiny-moe", folder, make_recipe("bf16", CONTEXT), threads=1, progress=Progress(quiet=True)
+        "gguf", "tiny-moe", folder, make_recipe(quant, CONTEXT), threads=1, progress=Progress(quiet=True)
     )
     assert outcome.passed, outcome.manifest["parity"]
     reader = gguf.GGUFReader(folder / "model.gguf")
     router = next(t for t in reader.tensors if t.name == "blk.2.ffn_gate_inp.weight")
     assert router.tensor_type.name == "F32"
-    values = np.asarray(router.data, dtype=np.float32)
-    assert np.array_equal(values.view(np.uint32) & 0xFFFF, np.zeros(values.shape, np.uint32))
+    values = torch.from_numpy(np.asarray(router.data, dtype=np.float32).copy())
+    original = load_model("tiny-moe").model.get_parameter("model.layers.2.feed_forward.gate.weight").detach()
+    half = {"bf16": torch.bfloat16, "f16": torch.float16}[quant]
+    assert torch.equal(values, original.to(half).float()) and not torch.equal(values, original)
 
 
 @pytest.mark.slow
@@ -502,3 +548,52 @@ def test_k_quant_mix_equals_llama_cpps_own_quantizer(tmp_path: Path) -> None:
         assert held[0] == held[1], quant
         assert "Q6_K" in held[0].values()
     assert held[0]["token_embd.weight"] == "Q6_K" and set(held[0].values()) == {"F32", "Q4_0", "Q6_K"}
+
+
+@pytest.mark.slow
+def test_eight_experts_follow_llama_cpp_and_round_each_input_by_its_type(tmp_path: Path) -> None:
+    """A hidden-256 MoE checkpoint of exactly 8 experts: llama.cpp's own quantizer applied to our f32 file picks,
+    tensor by tensor, the types our `q4_k_m` and `q4_0` hold (its `n_expert == 8` rule: attn_k / attn_v Q8_0,
+    attn_output Q5_K in q4_k_m), and the honest q4_k_m file passes its gate through llama.cpp with the Q8_0
+    attn_k / attn_v (256 wide) fed Q8_0 activation blocks and the Q4_K linears beside them Q8_K ones."""
+    import torch
+
+    from lfm_export.check import save_random_transformers
+
+    shape = {
+        **K_SHAPE,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 256,
+        "num_dense_layers": 1,
+        "use_expert_bias": True,
+    }
+    source = save_random_transformers(tmp_path / "hf", shape, torch.float32, seed=22)
+    quiet = Progress(quiet=True)
+    f32 = tmp_path / "f32"
+    export_artifact("gguf", str(source), f32, make_recipe("f32", CONTEXT), parity=False, progress=quiet)
+    for quant, ftype in (("q4_k_m", 15), ("q4_0", 2)):
+        ours = tmp_path / quant
+        export_artifact("gguf", str(source), ours, make_recipe(quant, CONTEXT), parity=False, progress=quiet)
+        theirs = tmp_path / f"theirs-{quant}.gguf"
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.nthread = ftype, 1
+        assert (
+            llama_cpp.llama_model_quantize(str(f32 / "model.gguf").encode(), str(theirs).encode(), params)
+            == 0
+        )
+        held = [
+            {t.name: t.tensor_type.name for t in gguf.GGUFReader(p).tensors}
+            for p in (ours / "model.gguf", theirs)
+        ]
+        assert held[0] == held[1], quant
+        assert (held[0]["blk.1.attn_k.weight"], held[0]["blk.3.attn_v.weight"]) == ("Q8_0", "Q8_0")
+    assert held[0]["blk.1.attn_output.weight"] == "Q4_0"
+    k_m = tmp_path / "q4_k_m"
+    manifest = json.loads((k_m / "manifest.json").read_text())
+    assert manifest["weights"]["tensors"]["blk.1.attn_output.weight"] == "Q5_K"
+    modes = manifest["recipe"]["activation_rounding"]
+    assert modes["linears"] == "ggml-k" and modes["model.layers.1.self_attn.k_proj.weight"] == "ggml-q8_0"
+    honest = check_artifact(k_m, threads=1, progress=quiet, scenarios=QUICK)
+    assert honest.passed, [c.describe() for c in honest.failures]
+    assert honest.gate.name == "q4_k_m" and honest.stored_weights["passed"]
