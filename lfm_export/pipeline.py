@@ -481,6 +481,13 @@ def _check(
             known = tokenizer if tokenizer.is_file() else None
             prompts = prompts_for(session.vocab_size, known, session.max_seq_len)
             resolved = resolve(session, simulated, prompts)
+        graph = None
+        if record.graph_check is not None and simulation is not None and streaming is None:
+            from lfm_export.backends.record import load
+
+            known = tokenizer if tokenizer.is_file() else None
+            prompts = prompts_for(session.vocab_size, known, session.max_seq_len)
+            graph = load(record.graph_check)(folder, simulation, prompts, threads)
         result = run_parity(
             session,
             reference,
@@ -495,6 +502,7 @@ def _check(
             stored_weights=stored,
             streaming=streaming,
             resolved=resolved,
+            graph=graph,
             metadata={
                 "backend": manifest["backend"],
                 "artifact": artifact_name,

@@ -95,6 +95,10 @@ class Backend:
       (`(folder) -> {tensor name: float32 [N, K]}`, or `(name, array)` pairs), for the bit-exact weights part
       of exactness (`lfm_export.parity.stored_weights`); None: not checked. A backend with a
       `simulation_session` gives that session a `quantized_weights()` (`(name, array)` pairs) to compare with.
+    - `graph_check`: `"module:function"` `(folder, simulation, prompts, threads) -> GraphRow` that runs the
+      artifact's own graph as written on a reference runtime and compares it with `simulation_session`'s
+      program op by op, where the artifact's runtime computes what no simulation follows exactly (QNN: the QDQ
+      graph on onnxruntime's CPU provider); parity adds its row (`lfm_export.parity.graph_row`). None: no row.
     - `gates`: `"module:NAME"` of a `{name: Gate}` mapping this backend adds to the parity gates, and
       `sanity`: of a `{family: KL mean}` mapping of default quality bounds.
     - `core_codes`: the backend packs every quantized weight from the core quantizer's codes and scales
@@ -119,6 +123,7 @@ class Backend:
     weight_values: Callable[[dict[str, Any]], Any] | None = None
     simulation_session: Callable[[Any, dict[str, Any]], Any] | None = None
     stored_weights: str | None = None
+    graph_check: str | None = None
     gates: str | None = None
     sanity: str | None = None
     context_default: str = CONTEXT_DEFAULT

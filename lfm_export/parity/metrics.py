@@ -114,6 +114,7 @@ def state_max_abs(
     test: dict[str, np.ndarray] | None,
     position: int,
     apart: np.ndarray | None = None,
+    steps: dict[str, float] | None = None,
 ) -> tuple[float | None, dict[str, Any]]:
     """Max abs difference over the states both sessions expose, and what was compared; `info["max_rel"]` is
     the worst over the state tensors of (max abs difference / max abs reference value), the scale-free form,
@@ -128,11 +129,18 @@ def state_max_abs(
 
     `apart` (boolean `[position]`): positions judged apart (`lfm_export.parity.expert_ties`); their KV slots
     are left out, and so is a conv state (`[B, C, L - 1]`) holding one of them (the last `L - 1` positions).
+
+    `steps` (state name -> the quantization step of the grid the artifact writes that state on, its output's
+    QDQ scale): the error is also counted in those steps, `info["max_steps"]` the largest and
+    `info["p99_steps"]` the 99th percentile per state position as above (a quantized state's honest error is a
+    few codes wherever the prompt's values sit in the calibrated range, which its relative error is not: a
+    prompt whose keys are small against the range shows one code as a large fraction of its own maximum).
     """
     if ref is None or test is None:
         return None, {"compared": 0, "reason": "state not exposed"}
-    worst = worst_rel = 0.0
+    worst = worst_rel = worst_steps = 0.0
     per_position: list[np.ndarray] = []
+    per_position_steps: list[np.ndarray] = []
     problems: list[str] = []
     for name in sorted(set(ref) | set(test)):
         if name not in ref or name not in test:
@@ -160,6 +168,10 @@ def state_max_abs(
             worst_rel = max(worst_rel, _rel(err, scale))
             slots = diff.max(axis=(0, 1, 3)) if diff.ndim == 4 else diff.max(keepdims=True).reshape(1)
             per_position.append(np.array([_rel(float(e), scale) for e in slots]))
+            step = (steps or {}).get(name)
+            if step is not None:
+                worst_steps = max(worst_steps, _rel(err, step))
+                per_position_steps.append(np.array([_rel(float(e), step) for e in slots]))
     info: dict[str, Any] = {"compared": len(set(ref) & set(test))}
     if problems:
         info["problems"] = problems
@@ -167,6 +179,10 @@ def state_max_abs(
     info["max_rel"] = worst_rel
     every = np.concatenate(per_position) if per_position else np.zeros(1)
     info["p99_rel"] = float("inf") if problems else float(np.percentile(every, 99, method="lower"))
+    if steps:
+        info["max_steps"] = float("inf") if problems else worst_steps
+        every = np.concatenate(per_position_steps) if per_position_steps else np.zeros(1)
+        info["p99_steps"] = float("inf") if problems else float(np.percentile(every, 99, method="lower"))
     return worst, info
 
 

@@ -39,6 +39,7 @@ COLUMNS = (
     ("state_max_abs", "state max abs", ".2e"),
     ("state_max_rel", "state max rel", ".2e"),
     ("state_p99_rel", "state p99 rel", ".2e"),
+    ("state_p99_steps", "state p99 steps", ".1f"),
 )
 
 
@@ -98,6 +99,9 @@ class ParityResult:
     resolved: dict[str, Any] | None = None
     """The tight part of the `-a8` gates (`lfm_export.parity.boundary.Resolved.to_json`); None where the
     runtime does not round activations to int8."""
+    graph: dict[str, Any] | None = None
+    """The artifact's graph on a reference runtime against the simulation (`lfm_export.parity.graph_row
+    .GraphRow.to_json`); None where the backend names no such runtime."""
 
     streaming: dict[str, Any] | None = None
     """The reference (and simulation) was streamed one layer at a time (`lfm_export.parity.streaming.
@@ -223,6 +227,9 @@ class ParityResult:
                 else {
                     k: self.resolved[k] for k in ("passed", "positions", "logit_max_rel", "codes_resolved")
                 },
+                "graph_prefill": None
+                if self.graph is None
+                else {k: self.graph[k] for k in ("passed", "positions", "values")},
                 "judged_apart": None if (apart := self.judged_apart()) is None else apart["count"],
             },
             QUALITY: {
@@ -307,6 +314,7 @@ def to_json(result: ParityResult) -> dict[str, Any]:
             ),
             "stored_weights": result.stored_weights,
             "resolved_prefill": result.resolved,
+            "graph_prefill": result.graph,
             "judged_apart": result.judged_apart(),
         },
         QUALITY: {
@@ -463,6 +471,20 @@ def _stored_weights_note(result: ParityResult) -> list[str]:
     return [f"{head}. Detects {sw['detection_limit']}.", ""]
 
 
+def _graph_note(result: ParityResult) -> list[str]:
+    g = result.graph
+    if g is None:
+        return []
+    verdict = "ok" if g["passed"] else "**FAIL**"
+    values = ", ".join(f"{m} {_num(g['values'].get(m))} (limit {_num(v)})" for m, v in g["limits"].items())
+    where = f"; largest at {g['where']}" if g.get("where") else ""
+    return [
+        f"Graph prefill {verdict}: the artifact's graph run as written on {g['runtime']} against the simulation, "
+        f"one token at a time over {g['positions']} positions: {values}{where}.",
+        "",
+    ]
+
+
 def _resolved_note(result: ParityResult) -> list[str]:
     r = result.resolved
     if r is None:
@@ -535,6 +557,7 @@ def to_markdown(result: ParityResult) -> str:
         *_rounding_note(result),
         *_stored_weights_note(result),
         *_resolved_note(result),
+        *_graph_note(result),
         *_thresholds(result.gate),
         "",
         f"## (b) Quality: `{result.test_name}` against `{result.reference_name}` (fp32)",

@@ -18,6 +18,8 @@ from lfm_export.contract.errors import UserError
 from lfm_export.parity.boundary import Resolved
 from lfm_export.parity.boundary import checks as resolved_checks
 from lfm_export.parity.expert_ties import RouterMargins, recorder_for
+from lfm_export.parity.graph_row import GraphRow
+from lfm_export.parity.graph_row import checks as graph_checks
 from lfm_export.parity.metrics import greedy_match_length, logit_metrics, state_max_abs
 from lfm_export.parity.prompts import check_prompts, default_prompts
 from lfm_export.parity.report import EXACTNESS, QUALITY, Check, ParityResult, ScenarioResult
@@ -143,6 +145,8 @@ class ScenarioRun:
     steps: int | None = None
     """Decode scenarios: the trailing `steps` rows are greedy steps (for the greedy-match length)."""
     states: list[dict[str, np.ndarray] | None] = field(default_factory=list)
+    state_steps: list[dict[str, float] | None] = field(default_factory=list)
+    """Per session, its `state_steps()` where it has one (the quantization step of each state it writes)."""
     positions: list[int] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
     tags: np.ndarray | None = None
@@ -175,6 +179,7 @@ def _finish(run: ScenarioRun, ss: Sessions, tags: list[np.ndarray | None] | None
     """Read every session's state and position into `run`; `tags`: `Sessions.tags` sliced as the rows were."""
     every = [*ss.comparisons, ss.test]
     run.states = [s.state() for s in every]
+    run.state_steps = [_state_steps(s) for s in every]
     run.positions = [s.position for s in every]
     if tags and all(t is not None for t in tags):
         run.tags = np.concatenate([t.reshape(-1, 3) for t in tags if t is not None])
@@ -184,6 +189,13 @@ def _finish(run: ScenarioRun, ss: Sessions, tags: list[np.ndarray | None] | None
         }
         run.tie_window = ss.margins.window if ss.margins is not None else 0
     return run
+
+
+def _state_steps(session: Session) -> dict[str, float] | None:
+    """The session's `state_steps()` (state name -> the quantization step of the grid it writes that state
+    on), where it has one: a quantized-state simulation; None elsewhere."""
+    steps = getattr(session, "state_steps", None)
+    return steps() if callable(steps) else None
 
 
 def _fit(prompt: np.ndarray, session: Session, reserve: int = 0) -> np.ndarray:
@@ -438,11 +450,15 @@ def pair_metrics(
     if run.steps is not None:
         m["greedy_match"] = greedy_match_length(r[-run.steps :], t[-run.steps :])
         m["greedy_steps"] = run.steps
-    state_err, info = state_max_abs(run.states[ref], run.states[test], run.positions[ref], apart)
+    steps = run.state_steps[ref] if run.state_steps else None
+    state_err, info = state_max_abs(run.states[ref], run.states[test], run.positions[ref], apart, steps)
     if state_err is not None:
         m["state_max_abs"] = state_err
         m["state_max_rel"] = info["max_rel"]
         m["state_p99_rel"] = info["p99_rel"]
+        if "p99_steps" in info:  # the reference side's steps: an artifact cannot widen them by its own scales
+            m["state_max_steps"] = info["max_steps"]
+            m["state_p99_steps"] = info["p99_steps"]
         if apart is not None and apart.any():
             _, tied_state = state_max_abs(run.states[ref], run.states[test], run.positions[ref], ~apart)
             m["state_max_rel" + AT_TIE] = tied_state["max_rel"]
@@ -545,6 +561,7 @@ def run_parity(
     stored_weights: StoredWeights | Callable[[], StoredWeights] | None = None,
     resolved: Resolved | None = None,
     streaming: StreamingReference | None = None,
+    graph: GraphRow | None = None,
 ) -> ParityResult:
     """Run `scenarios` (default: all) on the sessions and check both parts of the verdict:
 
@@ -561,7 +578,8 @@ def run_parity(
     `stored_weights` (the artifact's stored quantized weights against the simulation's,
     `lfm_export.parity.stored_weights.compare`, or a function giving it, called after the scenarios) adds its
     checks to exactness, and so does `resolved` (the artifact against the simulation with undecided int8
-    activation codes resolved, `lfm_export.parity.boundary`).
+    activation codes resolved, `lfm_export.parity.boundary`), and `graph` (the artifact's graph on a reference
+    runtime against the simulation, `lfm_export.parity.graph_row`).
 
     `streaming`: the reference, simulation and rounding sessions are its recorders, computed one layer at a
     time after the scenarios ran (`lfm_export.parity.streaming`): the tokens fed after a prompt are then the
@@ -673,6 +691,8 @@ def run_parity(
         checks[:0] = stored_weight_checks(stored_weights)
     if resolved is not None:
         checks[:0] = resolved_checks(resolved)
+    if graph is not None:
+        checks[:0] = graph_checks(graph)
     return ParityResult(
         recipe=gate.name if isinstance(recipe, Gate) else recipe,
         activation_rounding=noise,
@@ -690,4 +710,5 @@ def run_parity(
         stored_weights=None if stored_weights is None else stored_weights.to_json(),
         streaming=None if streaming is None else streaming.describe(),
         resolved=None if resolved is None else resolved.to_json(),
+        graph=None if graph is None else graph.to_json(),
     )

@@ -107,14 +107,21 @@ def _exact_gate(
     note: str,
     rounding: float | None = None,
     state_p99_rel: float | None = None,
+    state_max_steps: float | None = None,
     detection: str = "",
 ) -> Gate:
     """Exactness limits; with `rounding`, each widens to that multiple of the activation-rounding effect (KL,
     quadratic in the logit error, to its square). `state_p99_rel` adds a limit on the state error's 99th
-    percentile over positions (gates that allow an honest export to differ at a few positions); `detection`
-    states what the gate was measured to catch (`Gate.detection`)."""
+    percentile over positions (gates that allow an honest export to differ at a few positions);
+    `state_max_steps` a limit on the state error in steps of the grid each state is written on (quantized
+    states: a prompt whose values are small against the calibrated range shows one code as a large part of its
+    own maximum, which `state_max_rel` counts; checked where the simulation gives the steps,
+    `lfm_export.parity.metrics.state_max_abs`); `detection` states what the gate was measured to catch
+    (`Gate.detection`)."""
     kl_rounding = None if rounding is None else rounding**2
     p99 = () if state_p99_rel is None else (Limit("state_p99_rel", LE, state_p99_rel),)
+    if state_max_steps is not None:
+        p99 += (Limit("state_max_steps", LE, state_max_steps),)
     return Gate(
         name,
         UNIVERSAL

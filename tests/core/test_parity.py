@@ -435,6 +435,24 @@ def test_state_compare_aligns_static_kv():
     assert state_max_abs(ref, None, position=5)[0] is None
 
 
+def test_state_error_in_steps_of_its_grid():
+    """A quantized state's error counted in steps of the grid it is written on: the same absolute error is one
+    step of a coarse grid and 100 of a fine one, whatever the prompt's largest value; the 99th percentile per
+    position leaves out the one slot of 40 that is far off, the maximum does not."""
+    rng = np.random.default_rng(0)
+    ref = {"past_key_values.1.key": rng.normal(size=(1, 2, 40, 4)), "past.0.conv": np.ones((1, 8, 2))}
+    test = {k: v.copy() for k, v in ref.items()}
+    test["past_key_values.1.key"][0, 1, :, 2] += 0.01  # every slot 0.01 off
+    test["past_key_values.1.key"][0, 0, 7, 3] += 0.5  # one slot 0.5 off
+    test["past.0.conv"][0, 3, 1] += 0.02
+    steps = {"past_key_values.1.key": 1e-4, "past.0.conv": 0.02}
+    _, info = state_max_abs(ref, test, position=40, steps=steps)
+    assert info["max_steps"] == pytest.approx(5000) and info["p99_steps"] == pytest.approx(100)
+    _, coarse = state_max_abs(ref, test, position=40, steps={"past_key_values.1.key": 0.5})
+    assert coarse["max_steps"] == pytest.approx(1.0)  # the conv state has no step: left out
+    assert "max_steps" not in state_max_abs(ref, test, position=40)[1]
+
+
 def test_parity_core_is_torch_free():
     import subprocess
 

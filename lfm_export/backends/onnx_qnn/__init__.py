@@ -119,6 +119,7 @@ BACKEND = Backend(
     simulation=simulation,
     simulation_session=simulation_session,
     stored_weights="lfm_export.backends.onnx_qnn.stored_weights:stored_weights",
+    graph_check="lfm_export.backends.onnx_qnn.graph_check:graph_check",
     gates="lfm_export.backends.qnn.gates:QNN_GATES",
     sanity="lfm_export.backends.qnn.gates:QNN_SANITY_KL_MEAN",
     context_default="default: 128, or the model's if smaller",

@@ -1,22 +1,31 @@
 """Parity gates of the QNN recipes (`qnn-16a8w`, `qnn-16a4w`, `qnn-8a8w`), registered by the two QNN targets
 (`onnx-qnn`, `executorch-qnn`) through their backend records.
 
-(a) Exactness: the artifact on the HTP against the fake-quantized torch program it was written from. The HTP
-computes in integers (uint16 / uint8 activation codes, each op requantizing its output with its own rounding,
-fp16 where an op stays float) where torch computes float32 between quantize / dequantize pairs, so a code on a
-rounding boundary lands one step apart and the step carries through the layers: the limits are statistical.
-Measured with onnxruntime-qnn 2.7.0 (QAIRT 2.51 HTP emulator), context 64, honest worst (docs/parity.md):
-  16a8w  `tiny` (all scenarios, 307 positions) and a transformers-written checkpoint (115 positions):
-         logit max rel 4.6e-3, KL max 3.1e-4, state max rel 5.6e-3, top-1 decisive 1.0 -> limits about 4x (KL 16x)
-  16a4w  `tiny` (prefill and decode, 233 positions): 2.4e-2 / 5.8e-2 / 2.6e-2 / 1.0 -> limits about 2x (KL 4x)
-  8a8w   `tiny` (prefill and decode, 233 positions): 0.26 / 2.06 / 0.38 / 0.93 -> limits about 2x: a weak gate
-         (one 8-bit step moves a logit far more).
-16a4w and 8a8w rest on one model each: on a 2-layer transformers-written checkpoint the honest 16a4w export fails
-the 16a4w state limit (prefill state max rel 0.062: one 8-bit key code flipped; docs/parity.md, Detection
-limits), not yet recalibrated. What each gate catches (`detection`, `DETECTION`) was measured by
-`benchmarks/detection_limits.py` on `tiny` (layer 3's w2, out_proj, in_proj x 1.02 / 1.05 / 1.10, prefill
-scenario); the stored-weights check beside them (`lfm_export.backends.onnx_qnn.stored_weights`) fails every one
-of those at x 1.02, naming the matrix, whatever the logits gate lets through.
+(a) Exactness, in three parts:
+- the graph row (`onnx-qnn`; `lfm_export.backends.onnx_qnn.graph_check`, `lfm_export.parity.graph_row`): the
+  artifact's QDQ graph run as written on onnxruntime's CPU provider against the fake-quantized torch program,
+  each activation code resolved to the graph's side: every code within one step, and at most 1e-5 of the 8-bit
+  codes one step apart (honest: at most one step, no 8-bit code apart, on `tiny` and a 2-layer
+  transformers-written checkpoint at all three recipes, benchmarks/results/detection_limits_qnn_*.json). It
+  holds what the graph computes near exactly;
+- the stored weights (`lfm_export.backends.onnx_qnn.stored_weights`), bit for bit;
+- the scenario rows below: the artifact on the HTP against the same program. The HTP computes in integers
+  (uint16 / uint8 activation codes, each op requantizing its output with its own rounding, fp16 where an op
+  stays float) where torch computes float32 between quantize / dequantize pairs: its states sit tens to
+  hundreds of 16-bit steps off the program's in nearly every element, so these limits are statistical. The
+  state is held in steps of the grid it is written on (`state_max_steps`, the shared rule of
+  `lfm_export.parity.metrics.state_max_abs`), which does not depend on where the prompt's values sit in the
+  calibrated range as the relative error does: on a 2-layer transformers-written checkpoint at 16a4w one
+  prompt's key at one position was 6.2% of that prompt's largest key off, and failed the former relative limit
+  of 0.05. The step limits are 1/64 (16a8w), 1/16 (16a4w) and 1/2 (8a8w) of the grid's range, above the
+  honest prefill state errors measured (66 / 771 / 33 steps on `tiny`, 72 / 1888 / 7 on that checkpoint); the
+  relative state row stays, wide, for the rest. Measured with onnxruntime-qnn 2.7.0 (QAIRT 2.51 HTP emulator), context
+  64, honest worst (docs/parity.md):
+  16a8w  `tiny` and a transformers-written checkpoint: logit max rel 4.6e-3, KL max 3.1e-4, state max rel 5.6e-3
+  16a4w  `tiny`: 2.4e-2 / 5.8e-2 / 2.6e-2; the 2-layer checkpoint: state max rel 6.2e-2
+  8a8w   `tiny`: 0.26 / 2.06 / 0.38 (weak: one 8-bit step moves a logit far more)
+What each gate catches (`detection`, `DETECTION`) was measured by `benchmarks/detection_limits.py` on `tiny`
+and the 2-layer checkpoint (a middle layer's w2, out_proj, in_proj x 1.02 / 1.05 / 1.10, prefill scenario).
 (b) Quality by default: a sanity bound against fp32 (pooled KL mean) over the honest exports of `tiny`: 16a8w
 0.056 (bound 0.5), 16a4w 0.115 (0.5), 8a8w 0.133 (1.0)."""
 
@@ -26,17 +35,22 @@ from lfm_export.parity.thresholds import Gate, _exact_gate
 
 _NOTE = "emulated HTP (integer codes) against the fake-quantized torch program (float32 between QDQ pairs)"
 
-_STORED = "; the stored-weights check beside it catches x 1.02 in each, naming the matrix"
+_GRAPH = (
+    "the graph row catches a middle layer's w2, out_proj and in_proj x 1.02 and an artifact of other weights on "
+    "tiny and a 2-layer transformers-written checkpoint, and so do the stored weights, naming the matrix; "
+)
 DETECTION = {
-    "qnn-16a8w": "a middle layer's out_proj or in_proj x 1.02 and w2 x 1.05 (w2 x 1.02 passes the logits rows) "
-    "are caught on tiny; on a 2-layer transformers-written checkpoint in_proj x 1.02, out_proj x 1.10 and w2 not "
-    "up to x 1.10 (prefill scenario; benchmarks/results/detection_limits_qnn_16a8w.json, _hf.json)" + _STORED,
-    "qnn-16a4w": "a middle layer's in_proj x 1.05, w2 and out_proj x 1.10 are caught by the logits rows (x 1.02 "
-    "of each passes them; tiny, prefill scenario; benchmarks/results/detection_limits_qnn_16a4w.json)"
-    + _STORED,
-    "qnn-8a8w": "none of a middle layer's w2, out_proj, in_proj x 1.10 is caught by the logits rows, whose honest "
-    "noise is larger (tiny and a 2-layer transformers-written checkpoint, prefill scenario; "
-    "benchmarks/results/detection_limits_qnn_8a8w.json, _hf.json)" + _STORED,
+    "qnn-16a8w": _GRAPH
+    + "the HTP rows alone catch out_proj and in_proj x 1.02 and w2 x 1.05 on tiny, in_proj "
+    "x 1.05 and out_proj x 1.10 on the checkpoint, w2 not up to x 1.10 there (prefill scenario; benchmarks/results/"
+    "detection_limits_qnn_16a8w.json, _hf.json)",
+    "qnn-16a4w": _GRAPH
+    + "the HTP rows alone catch in_proj from x 1.05 on tiny and x 1.10 on the checkpoint, w2 "
+    "and out_proj not up to x 1.10 (prefill scenario; benchmarks/results/detection_limits_qnn_16a4w.json, "
+    "_hf.json)",
+    "qnn-8a8w": _GRAPH
+    + "the HTP rows alone catch none of them up to x 1.10, their honest noise being larger "
+    "(prefill scenario; benchmarks/results/detection_limits_qnn_8a8w.json, _hf.json)",
 }
 """What `benchmarks/detection_limits.py` measured each QNN gate to catch (scales tried: 1.02, 1.05, 1.10)."""
 
@@ -46,7 +60,8 @@ QNN_GATES: dict[str, Gate] = {
         logit_max_rel=0.02,
         kl_max=5e-3,
         top1_decisive=0.98,
-        state_max_rel=0.02,
+        state_max_rel=0.1,
+        state_max_steps=1024,
         note=_NOTE + " (honest: logit 4.6e-3, KL max 3.1e-4, state 5.6e-3)",
         detection=DETECTION["qnn-16a8w"],
     ),
@@ -55,8 +70,9 @@ QNN_GATES: dict[str, Gate] = {
         logit_max_rel=0.05,
         kl_max=0.25,
         top1_decisive=0.98,
-        state_max_rel=0.05,
-        note=_NOTE + " (honest tiny: logit 2.4e-2, KL max 5.8e-2, state 2.6e-2)",
+        state_max_rel=0.15,
+        state_max_steps=4096,
+        note=_NOTE + " (honest: logit 2.4e-2, KL max 5.8e-2, state 6.2e-2 on a 2-layer checkpoint)",
         detection=DETECTION["qnn-16a4w"],
     ),
     "qnn-8a8w": _exact_gate(
@@ -65,6 +81,7 @@ QNN_GATES: dict[str, Gate] = {
         kl_max=4.0,
         top1_decisive=0.85,
         state_max_rel=0.75,
+        state_max_steps=128,
         note=_NOTE + " (honest tiny: logit 0.26, KL max 2.1, state 0.38; weak)",
         detection=DETECTION["qnn-8a8w"],
     ),

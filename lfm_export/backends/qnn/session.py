@@ -17,6 +17,8 @@ from lfm_export.runtime.qnn import restored_state
 from .quantize import QuantizedStep, empty_state, step_args
 from .weights import program_weights
 
+DEQUANTIZE_PER_TENSOR = "quantized_decomposed.dequantize_per_tensor.default"
+
 
 class FakeQuantSession(SessionBase):
     supports_batch = False
@@ -51,6 +53,19 @@ class FakeQuantSession(SessionBase):
         """The program's quantized weights as it computes with them (`weights.program_weights`): what parity
         compares an artifact's stored weights with, bit for bit."""
         return program_weights(self.step.module)
+
+    def state_steps(self) -> dict[str, float]:
+        """State input name -> the quantization step (the scale of the per-tensor dequantize that produces its
+        `present` output) of the grid the program writes that state on, and the QDQ graph with it: the unit
+        parity counts a QNN artifact's state error in (`lfm_export.parity.metrics.state_max_abs`)."""
+        output = next(n for n in self.step.module.graph.nodes if n.op == "output")
+        produced = dict(zip(self.signature.output_names, output.args[0], strict=True))
+        steps = {}
+        for spec in self.signature.state_inputs():
+            node = produced.get(self.signature.present_for(spec.name))
+            if node is not None and str(node.target) == DEQUANTIZE_PER_TENSOR:
+                steps[spec.name] = float(node.args[1])
+        return steps
 
     def state(self) -> dict[str, np.ndarray]:
         return {

@@ -94,20 +94,21 @@ def short_prompts(loaded) -> list[np.ndarray]:
     return [p[:12] for p in default_prompts(loaded.config.vocab_size, loaded.tokenizer_file)[:2]]
 
 
-def test_fake_quantized_16a8w_passes_its_quality_gate(tiny, tiny_16a8w) -> None:
-    """The quantization itself, before any lowering: quality against fp32 within the recipe's sanity bound and
-    measurably lossy (it is quantized). Short prompts and 4 decode steps: the fake-quantized program runs its
-    quantize / dequantize ops in Python, token by token (the full parity run is in the slow tests)."""
-    step = tiny_16a8w
-    assert step.calibration_tokens > 100
+def test_fake_quantized_16a8w_passes_its_quality_gate(slice_16a8w: dict) -> None:
+    """The quantization itself, before any lowering (a trained slice of `tiny`, a conv and an attention layer):
+    quality against fp32 within the recipe's sanity bound and measurably lossy (it is quantized). Short prompts
+    and 4 decode steps: the fake-quantized program runs its quantize / dequantize ops in Python, token by token
+    (the full parity runs are in the slow tests)."""
+    loaded, step = slice_16a8w["loaded"], slice_16a8w["simulation"].step
+    assert step.calibration_tokens >= 4 * (SLICE_CONTEXT - 1)
     names = {str(n.target) for n in step.module.graph.nodes if n.op == "call_function"}
     assert "quantized_decomposed.quantize_per_tensor.default" in names
     assert "quantized_decomposed.dequantize_per_channel.default" in names
     honest = run_parity(
         FakeQuantSession(step),
-        ReferenceSession(tiny.model, max_seq_len=CONTEXT),
+        ReferenceSession(loaded.model, max_seq_len=SLICE_CONTEXT),
         gate_for("fp32"),
-        short_prompts(tiny),
+        short_prompts(loaded),
         ["prefill", "decode"],
         quality=sanity_gate("qnn-16a8w"),
         options=ScenarioOptions(decode_steps=4),
@@ -133,12 +134,13 @@ def test_the_qnn_exactness_gate_fails_a_fake_quantized_program_that_drops_its_co
     assert not broken.summary()["exactness"]["passed"]
 
 
-def test_the_fake_quantized_weights_are_the_checkpoints_within_half_a_step(tiny, tiny_16a8w) -> None:
+def test_the_fake_quantized_weights_are_the_checkpoints_within_half_a_step(slice_16a8w: dict) -> None:
     """What parity's stored-weights check compares an artifact with (`FakeQuantSession.quantized_weights`):
-    every linear and conv weight of the checkpoint, by its name, within half an int8 step (its row's largest
-    magnitude / 127) of the float weight; the 16-bit per-tensor embedding table and norms too."""
-    got = dict(FakeQuantSession(tiny_16a8w).quantized_weights())
-    params = dict(tiny.model.named_parameters())
+    every linear and conv weight of the checkpoint (a trained slice of `tiny`), by its name, within half an
+    int8 step (its row's largest magnitude / 127) of the float weight; the 16-bit per-tensor embedding table and
+    norms too."""
+    got = dict(slice_16a8w["simulation"].quantized_weights())
+    params = dict(slice_16a8w["loaded"].model.named_parameters())
     matrices = [n for n, p in params.items() if n.endswith(".weight") and p.dim() >= 2]
     assert set(matrices) <= set(got), sorted(set(matrices) - set(got))
     for name in matrices:
@@ -325,12 +327,12 @@ def test_the_exactness_gate_fails_an_htp_session_that_drops_its_conv_state(
     assert not result.summary()["exactness"]["passed"]
 
 
-def test_fake_quantized_snapshots_pass_the_scenario_bitwise(tiny_16a8w, tmp_path: Path) -> None:
-    """The fake-quantized step; the HTP session shares its state checks (`runtime.qnn.restored_state`) and runs
-    on the emulator in the slow tests only."""
+def test_fake_quantized_snapshots_pass_the_scenario_bitwise(slice_16a8w: dict, tmp_path: Path) -> None:
+    """The fake-quantized step (of a trained slice of `tiny`); the HTP session shares its state checks
+    (`runtime.qnn.restored_state`) and runs on the emulator in the slow tests only."""
     from snapshot_checks import check_snapshots
 
-    check_snapshots(FakeQuantSession(tiny_16a8w), tmp_path, short=True)
+    check_snapshots(FakeQuantSession(slice_16a8w["simulation"].step), tmp_path, short=True)
 
 
 @pytest.mark.slow
@@ -411,9 +413,11 @@ def _scale_weight_scales(folder: Path, module: str, factor: float) -> None:
 def test_stored_weights_pass_the_honest_qdq_graph_and_name_a_matrix_two_percent_off(
     small_16a8w: Path, tmp_path: Path
 ) -> None:
-    """Through the emulated HTP and the pipeline's parity: the honest 2-layer artifact passes (logits and stored
-    weights); a copy with one w2's scales x1.02 edited in place, and the honest artifact checked against the
-    checkpoint with that w2 x1.02 (an artifact of other weights), fail on the stored weights naming the matrix."""
+    """Through the emulated HTP and the pipeline's parity: the honest 2-layer artifact passes (logits, stored
+    weights, and the graph row: its QDQ graph on onnxruntime's CPU provider within one activation code of the
+    fake-quantized program); a copy with one w2's scales x1.02 edited in place, and the honest artifact checked
+    against the checkpoint with that w2 x1.02 (an artifact of other weights), fail on the stored weights naming
+    the matrix and on the graph row, whose largest code difference sits after that w2."""
     import shutil
 
     from lfm_export.loading import load_model
@@ -425,6 +429,11 @@ def test_stored_weights_pass_the_honest_qdq_graph_and_name_a_matrix_two_percent_
     sw = honest.stored_weights
     assert honest.passed, honest.verdict_line()
     assert sw["passed"] and sw["artifact_tensors"] >= 16 and sw["rows_unmatched"] == 0, sw
+    graph = honest.graph
+    assert (
+        graph["passed"] and graph["values"]["activation_code_max_diff"] <= 1 and graph["positions"] >= 32
+    ), graph
+    w2 = SMALL_W2.removesuffix(".weight")
 
     broken = tmp_path / "broken"
     shutil.copytree(small_16a8w, broken)
@@ -432,6 +441,10 @@ def test_stored_weights_pass_the_honest_qdq_graph_and_name_a_matrix_two_percent_
     result = check_artifact(broken, threads=1, progress=quiet, scenarios=["decode"])
     assert not result.passed and list(result.stored_weights["unmatched"]) == [SMALL_W2], result.verdict_line()
     assert f"stored_weights[{SMALL_W2}]: rows_unmatched" in result.verdict_line()
+    assert not result.graph["passed"] and result.graph["values"]["activation_code_max_diff"] > 100, (
+        result.graph
+    )
+    assert w2 in result.graph["where"], result.graph
 
     copy = tmp_path / "copy"
     shutil.copytree(small_16a8w, copy)
@@ -440,6 +453,74 @@ def test_stored_weights_pass_the_honest_qdq_graph_and_name_a_matrix_two_percent_
         other.model.model.layers[0].feed_forward.w2.weight.mul_(1.02)
     result = check_artifact(copy, other, threads=1, progress=quiet, scenarios=["decode"])
     assert not result.passed and list(result.stored_weights["unmatched"]) == [SMALL_W2], result.verdict_line()
+    assert not result.graph["passed"] and w2 in result.graph["where"], result.graph
+
+
+SLICE_CONTEXT = 16
+SLICE_W2 = "model.layers.0.feed_forward.w2"
+
+
+@pytest.fixture(scope="module")
+def slice_16a8w(tmp_path_factory) -> dict:
+    """`tiny`'s layers 1 and 2, a conv and an attention layer (trained weights, embedding, head, tokenizer), exported at 16a8w, context
+    16, no parity: the cheapest real QDQ artifact of trained weights (its export is the cost: about 3 s of
+    quantization and 7 s of torch's ONNX export on a loaded machine); `simulation`: the fake-quantized program
+    parity compares its graph with."""
+    from model_slices import write_slice
+
+    from lfm_export.backends.onnx_qnn import simulation_session
+    from lfm_export.backends.qnn.recipes import make_recipe
+    from lfm_export.pipeline import export_artifact
+    from lfm_export.progress import Progress
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("qnn-slice")
+    ckpt = write_slice("tiny", root / "ckpt", [1, 2])
+    out = root / "16a8w"
+    recipe = make_recipe("16a8w", max_seq_len=SLICE_CONTEXT)
+    export_artifact(
+        "onnx-qnn", str(ckpt), out, recipe, parity=False, threads=1, progress=Progress(quiet=True)
+    )
+    loaded = load_model(str(ckpt))
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {
+        "root": root,
+        "out": out,
+        "ckpt": ckpt,
+        "manifest": manifest,
+        "loaded": loaded,
+        "simulation": simulation_session(loaded, manifest),
+    }
+
+
+def test_the_qdq_graph_row_passes_the_honest_artifact_and_fails_a_matrix_two_percent_off_and_other_weights(
+    slice_16a8w: dict,
+) -> None:
+    """The real QDQ graph of a trained slice on onnxruntime's CPU provider against the fake-quantized program
+    (parity's graph row, `lfm_export.backends.onnx_qnn.graph_check`; the emulated HTP runs in the slow tests):
+    honest, every activation code within one step; the same graph with one w2's scales x1.02, and the honest
+    graph against the checkpoint with that w2 x1.02 (an artifact of other weights), hundreds of steps apart
+    right after that w2. Two prompts of 8 tokens."""
+    from model_slices import copy_artifact
+
+    from lfm_export.backends.onnx_qnn import simulation_session
+    from lfm_export.backends.onnx_qnn.graph_check import MAX_DIFF, graph_check
+
+    loaded = slice_16a8w["loaded"]
+    prompts = [p[None, :8] for p in short_prompts(loaded)]
+    honest = graph_check(slice_16a8w["out"], slice_16a8w["simulation"], prompts)
+    assert honest.passed and honest.values[MAX_DIFF] <= 1 and honest.positions == 16, honest.describe()
+
+    scaled = copy_artifact(slice_16a8w, "w2-x1.02")
+    _scale_weight_scales(scaled, SLICE_W2, 1.02)
+    broken = graph_check(scaled, slice_16a8w["simulation"], prompts)
+    assert not broken.passed and broken.values[MAX_DIFF] > 50 and SLICE_W2 in broken.where, broken.describe()
+
+    other = load_model(str(slice_16a8w["ckpt"]))
+    with torch.no_grad():
+        other.model.model.layers[0].feed_forward.w2.weight.mul_(1.02)
+    wrong = graph_check(slice_16a8w["out"], simulation_session(other, slice_16a8w["manifest"]), prompts)
+    assert not wrong.passed and wrong.values[MAX_DIFF] > 50 and SLICE_W2 in wrong.where, wrong.describe()
 
 
 @pytest.mark.slow
