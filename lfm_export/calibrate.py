@@ -9,6 +9,9 @@ inputs' per-channel mean square `E[x_j^2]` and, where asked, the second-moment m
 Hessian); per MoE layer, how often each expert is chosen. The MoE layers run in their sparse form, so an
 expert's statistics are those of the tokens routed to it.
 
+With `head`, the lm_head's input (the final norm's output) is collected as one more layer, so the head (and
+the embedding table tied to it) is calibrated as the linears are.
+
 `calibrated_table` turns a layer's statistics into codes and scales (`lfm_export.rounding`) as soon as the
 layer is done, and drops its Hessians: the Hessians of one layer are held at a time.
 """
@@ -28,7 +31,7 @@ from torch import Tensor, nn
 from lfm_export.calibrated import Table
 from lfm_export.contract.errors import UserError
 from lfm_export.loading import LoadedModel
-from lfm_export.model import GROWING, MOE_SPARSE, DecoderLayer, MoE, rope_cos_sin
+from lfm_export.model import GROWING, MOE_SPARSE, DecoderLayer, MoE, RMSNorm, rope_cos_sin
 from lfm_export.precision import LINEAR, block_as, held_as, rule_for
 from lfm_export.recipes import CALIBRATED_ROUNDINGS, Recipe
 from lfm_export.rounding import gptq, hessian_error, inverse_cholesky, weighted_search
@@ -41,6 +44,13 @@ SEQ_LEN = 256
 """Calibration sequences: the token budget in rows of this many tokens, each run from an empty state."""
 
 
+HEAD = "lm_head.weight"
+"""The lm_head's name in the calibration's statistics (a tied head: the embedding table's values)."""
+HEAD_ERROR_ROWS = 4096
+"""Rows of the lm_head (every `vocab // HEAD_ERROR_ROWS`-th) its reported output error is summed over: the whole
+head of a 65536-token vocabulary would cost more float64 products than its GPTQ rounding."""
+FINAL_NORM = "model.embedding_norm.weight"
+"""The final RMSNorm (checkpoints call it `embedding_norm`), whose output is the lm_head's input."""
 RANDOM_IDS = "random ids"
 RANDOM_IDS_SEED = 4321
 
@@ -140,9 +150,12 @@ def calibrate(
     tokens: int = DEFAULT_TOKENS,
     hessian: bool = False,
     layer_done: LayerDone | None = None,
+    head: bool = False,
 ) -> Calibration:
-    """Input statistics of every linear held at a recipe's `bits` (see the module doc). `layer_done(idx,
-    stats)` is called after each layer; the Hessians are dropped from the result after it."""
+    """Input statistics of every linear held at a recipe's `bits` (see the module doc) and, with `head`, of the
+    lm_head (`HEAD`: its input is the final norm's output), handed to `layer_done` as one more layer (index
+    `num_hidden_layers`). `layer_done(idx, stats)` is called after each layer; the Hessians are dropped from
+    the result after it."""
     ids, label, digest = calibration_ids(loaded, text_file, tokens)
     cfg = loaded.config
     out = Calibration(corpus=label, corpus_sha256=digest, tokens=int(ids.size))
@@ -178,24 +191,40 @@ def calibrate(
                 for hook in hooks:
                     hook.remove()
             seen.clear()
-            by_entry: dict[int, LinearStats] = {}  # linears sharing an input share one LinearStats
-            done = {}
-            for name, entry in stats.items():
-                if id(entry) not in by_entry:
-                    n, sq, xx = entry
-                    by_entry[id(entry)] = LinearStats(
-                        tokens=n, mean_square=sq / max(n, 1), hessian=None if xx is None else xx / max(n, 1)
-                    )
-                done[name] = by_entry[id(entry)]
-            if layer_done is not None:
-                layer_done(idx, done)
-            for s in done.values():
-                s.hessian = None
-            out.linears.update(done)
+            _finish(out, idx, _averaged(stats), layer_done)
+        if head:
+            norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+            norm.weight = nn.Parameter(_weight(loaded, FINAL_NORM).float(), requires_grad=False)
+            head_stats: dict[str, list[Any]] = {}
+            _collector(head_stats, HEAD, hessian, [])(norm, (norm(h),))
+            _finish(out, cfg.num_hidden_layers, _averaged(head_stats), layer_done)
     for key, counts in out.routing.items():
         total = sum(counts)
         out.routing[key] = [round(c / total, 6) if total else 0.0 for c in counts]
     return out
+
+
+def _averaged(stats: dict[str, list[Any]]) -> dict[str, LinearStats]:
+    """`_collector`'s sums as means; linears that share an input share one `LinearStats`."""
+    by_entry: dict[int, LinearStats] = {}
+    done = {}
+    for name, entry in stats.items():
+        if id(entry) not in by_entry:
+            n, sq, xx = entry
+            by_entry[id(entry)] = LinearStats(
+                tokens=n, mean_square=sq / max(n, 1), hessian=None if xx is None else xx / max(n, 1)
+            )
+        done[name] = by_entry[id(entry)]
+    return done
+
+
+def _finish(out: Calibration, idx: int, done: dict[str, LinearStats], layer_done: LayerDone | None) -> None:
+    """Hand one layer's statistics to `layer_done`, then keep them in `out` without their Hessians."""
+    if layer_done is not None:
+        layer_done(idx, done)
+    for s in done.values():
+        s.hessian = None
+    out.linears.update(done)
 
 
 def _collector(
@@ -240,9 +269,11 @@ def calibrated_table(
     tokens: int = DEFAULT_TOKENS,
     keep_factors: bool = False,
 ) -> tuple[Table, dict[str, Any]]:
-    """The codes and scales of every linear held at `recipe.bits`, by `recipe.rounding` over the calibration
-    text, and the manifest's `calibration` entry (what was measured, and the Hessian-weighted output error of
-    the calibrated rounding against plain rounding, summed over the linears). `keep_factors` (`-gptq` for a
+    """The codes and scales of every linear held at `recipe.bits` and of the lm_head at its bits (a tied head's
+    codes are the embedding table's too, found by row content wherever the table is held at the head's bits
+    and block), by `recipe.rounding` over the calibration text, and the manifest's `calibration` entry (what was
+    measured, and the Hessian-weighted output error of the calibrated rounding against plain rounding, summed
+    over the linears, and the head's apart). `keep_factors` (`-gptq` for a
     format that rounds its own blocks, GGUF): the table keeps each input's inverse-Hessian factor too, `K^2`
     float32 per distinct input for the whole export."""
     from lfm_export.quant import quantize_block
@@ -250,15 +281,18 @@ def calibrated_table(
     assert recipe.bits is not None
     table = Table()
     errors = {"nearest": 0.0, recipe.rounding: 0.0}
+    head_errors = dict(errors)
     method = recipe.rounding
     factors: dict[int, np.ndarray] = {}  # one inverse-Hessian factor per shared input (q/k/v, w1/w3)
     kept_f32: dict[int, np.ndarray] = {}  # their float32 copies the table keeps (`keep_factors`)
 
     def layer_done(_idx: int, stats: dict[str, LinearStats]) -> None:
         for name, s in stats.items():
-            w = _weight(loaded, name).float().numpy()
             bits = held_as(name, recipe) or recipe.bits  # a mix's bits and block, else the recipe's
+            if name == HEAD and held_as(name, recipe) is None:
+                continue  # a float head
             assert bits is not None
+            w = _weight(loaded, name).float().numpy()
             block = block_as(name, recipe, w.shape[1])
             if s.tokens == 0:  # an expert no token chose: plain rounding
                 q = quantize_block(w, bits, block)
@@ -276,16 +310,22 @@ def calibrated_table(
                 kept = kept_f32[id(s.hessian)]
             table.add(w, bits, block, q.codes, q.scales, s.mean_square if s.tokens else None, kept)
             if s.hessian is not None:
-                plain = quantize_block(w, bits, block).dequantize()
-                errors["nearest"] += hessian_error(w, plain, s.hessian)
-                errors[method] += hessian_error(w, q.dequantize(), s.hessian)
+                tally, rows = (
+                    (head_errors, slice(None, None, max(1, w.shape[0] // HEAD_ERROR_ROWS)))
+                    if (name == HEAD)
+                    else (errors, slice(None))
+                )
+                plain = quantize_block(w[rows], bits, block).dequantize()
+                tally["nearest"] += hessian_error(w[rows], plain, s.hessian)
+                tally[method] += hessian_error(w[rows], q.dequantize()[rows], s.hessian)
         factors.clear()  # the layer's Hessians are freed after this: their ids may be reused
         kept_f32.clear()
 
-    calib = calibrate(loaded, text_file, tokens, hessian=method == "gptq", layer_done=layer_done)
+    calib = calibrate(loaded, text_file, tokens, hessian=method == "gptq", layer_done=layer_done, head=True)
     entry = {"rounding": method, **calib.manifest_entry()}
-    if errors["nearest"] > 0:
-        entry["output_error_vs_nearest"] = round(errors[method] / errors["nearest"], 4)
+    for key, tally in (("output_error_vs_nearest", errors), ("head_output_error_vs_nearest", head_errors)):
+        if tally["nearest"] > 0:
+            entry[key] = round(tally[method] / tally["nearest"], 4)
     return table, entry
 
 
