@@ -17,13 +17,17 @@ estimated KL within a size, or the smallest within a KL. The mix becomes the rec
 (`lfm_export.precision.rules`), which the simulation and every backend read; the request, each group's
 costs and the choice are the manifest's `budget`.
 
-The cost is measured with weight rounding only (`nearest`, or `-mse`'s search when the recipe names it; a
-calibrated recipe's groups are measured with plain rounding) and float activations.
+The cost is measured with weight rounding only, the recipe's own, and float activations. A calibrated recipe's
+(`-imat`, `-gptq`) groups are measured with its calibrated codes: one calibration table per candidate (every
+group that fits held at it, the lm_head and the tied table included, `lfm_export.calibrate.calibrated_table`),
+so the measuring costs a calibration pass per candidate; plain rounding's costs overstate what GPTQ loses,
+most at the fewest bits and in the head.
 """
 
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,14 +159,15 @@ def measure(
     import torch
     from torch.func import functional_call
 
-    from lfm_export.calibrate import DEFAULT_TOKENS, calibration_ids
-    from lfm_export.quant import quantize_block
+    from lfm_export import calibrated
+    from lfm_export.calibrate import DEFAULT_TOKENS, calibrated_table, calibration_ids
+    from lfm_export.quant import quantize_weight
 
     ids, label, digest = calibration_ids(loaded, text_file, tokens or DEFAULT_TOKENS)
     ref = loaded.materialized().model
     ref.set_moe_form("sparse")
     batch = torch.from_numpy(ids)
-    rounding = "nearest" if recipe.rounding in CALIBRATED_ROUNDINGS else recipe.rounding
+    calibrated_recipe = recipe.rounding in CALIBRATED_ROUNDINGS
     params = dict(ref.named_parameters(remove_duplicate=False))
 
     def logprobs(replaced: dict[str, Any]) -> Any:
@@ -175,19 +180,29 @@ def measure(
         base = logprobs({})
         p = base.exp()
         cost = np.full((len(found), len(offered)), np.inf)
-        for gi, group in enumerate(found):
-            for ci, (bits, block) in enumerate(offered):
-                if not group.fits(block):
-                    continue
-                replaced = {}
-                for name in group.tensors:
-                    w = params[name].detach().float().numpy()
-                    q = quantize_block(w, bits, block, recipe.symmetric, rounding)
-                    replaced[name] = torch.from_numpy(q.dequantize())
-                    if name == "model.embed_tokens.weight" and loaded.config.tie_word_embeddings:
-                        replaced["lm_head.weight"] = replaced[name]
-                lq = logprobs(replaced)
-                cost[gi, ci] = float((p * (base - lq)).sum(-1).mean())
+        for ci, (bits, block) in enumerate(offered):
+            # every group that fits at this candidate, the recipe's rounding (a calibrated one: its table for
+            # this mix, the head's included)
+            each = recipe.with_options(
+                mix=tuple((pat, bits, block) for g in found if g.fits(block) for pat in g.patterns)
+            )
+            table = None
+            if calibrated_recipe:
+                table, _ = calibrated_table(loaded, each, text_file, tokens or DEFAULT_TOKENS)
+            with calibrated.active(table) if table is not None else nullcontext():
+                for gi, group in enumerate(found):
+                    if not group.fits(block):
+                        continue
+                    replaced = {}
+                    for name in group.tensors:
+                        w = params[name].detach().float().numpy()
+                        q = quantize_weight(w, each, bits, block=block)
+                        replaced[name] = torch.from_numpy(q.dequantize())
+                        if name == "model.embed_tokens.weight" and loaded.config.tie_word_embeddings:
+                            replaced["lm_head.weight"] = replaced[name]
+                    lq = logprobs(replaced)
+                    cost[gi, ci] = float((p * (base - lq)).sum(-1).mean())
+            del table
     finally:
         ref.set_moe_form("dense")
     return cost, {"corpus": label, "corpus_sha256": digest, "tokens": int(ids.size)}

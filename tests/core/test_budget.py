@@ -209,7 +209,7 @@ def test_budgeted_exports_meet_the_budget_and_pass_parity(
 def test_a_measured_plan_meets_its_budget_and_the_manifest_lists_the_mix() -> None:
     import torch
 
-    from lfm_export.budget import groups, plan
+    from lfm_export.budget import groups, measure, plan
     from lfm_export.config import Lfm2Config
     from lfm_export.loading import LoadedModel
     from lfm_export.weights import RandomWeights, materialize
@@ -255,3 +255,7 @@ def test_a_measured_plan_meets_its_budget_and_the_manifest_lists_the_mix() -> No
     assert entry["estimated_kl"] <= uniform + 5e-6  # the entry's costs are rounded to 6 decimals
     with pytest.raises(BudgetError, match="below the least estimated KL"):
         plan(loaded, base, Budget(KL, min(c["int8-b32"] for c in costs) / 10), tokens=256)
+    # a calibrated recipe's groups are measured with its own (GPTQ) codes, the head's included: less KL in all
+    gptq, _ = measure(loaded, parse_recipe("int4-b32-gptq"), found, tokens=256, offered=((4, 32), (4, 64)))
+    for ci, word in enumerate(("int4-b32", "int4-b64")):
+        assert gptq[:, ci].sum() < 0.9 * sum(c[word] for c in costs), word
