@@ -6,7 +6,8 @@ layer: onnxruntime's QMoE and mlx-lm's stacked experts hold one precision per la
 the embedding table (one group when they are tied). Linears that read one input (q/k/v, w1/w3) share a
 group, so a backend can still fuse them.
 
-`measure` quantizes one group at a time at each candidate precision (`CANDIDATES`, the rest of the model
+`measure` quantizes one group at a time at each candidate precision (`candidates`: `CANDIDATES` on every
+backend, `LOW_BIT_CANDIDATES` where the backend's format holds them; the rest of the model
 float32) and runs the fp32 model over the calibration text (`lfm_export.calibrate.calibration_ids`): the
 group's cost is the mean KL divergence of the next-token distribution from the fp32 model's over every
 position. The estimated KL of a mix is the sum of its groups' costs; its size counts the codes at their bits,
@@ -16,13 +17,17 @@ estimated KL within a size, or the smallest within a KL. The mix becomes the rec
 (`lfm_export.precision.rules`), which the simulation and every backend read; the request, each group's
 costs and the choice are the manifest's `budget`.
 
-The cost is measured with weight rounding only (`nearest`, or `-mse`'s search when the recipe names it; a
-calibrated recipe's groups are measured with plain rounding) and float activations.
+The cost is measured with weight rounding only, the recipe's own, and float activations. A calibrated recipe's
+(`-imat`, `-gptq`) groups are measured with its calibrated codes: one calibration table per candidate (every
+group that fits held at it, the lm_head and the tied table included, `lfm_export.calibrate.calibrated_table`),
+so the measuring costs a calibration pass per candidate; plain rounding's costs overstate what GPTQ loses,
+most at the fewest bits and in the head.
 """
 
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,15 +37,25 @@ import numpy as np
 from lfm_export.contract.errors import UnsupportedError, UserError
 from lfm_export.loading import LoadedModel
 from lfm_export.precision import held_as
-from lfm_export.recipes import CALIBRATED_ROUNDINGS, Recipe
+from lfm_export.recipes import CALIBRATED_ROUNDINGS, WEIGHT_BITS, Recipe
 
-CANDIDATES = ((8, 32), (4, 32), (4, 64), (4, 128))
-"""The precisions a group may take: (bits, block size)."""
+CANDIDATES = ((8, 32), (8, 64), (8, 128), (4, 32), (4, 64), (4, 128))
+"""The precisions a group may take on every backend: (bits, block size)."""
+LOW_BIT_CANDIDATES = ((3, 64), (3, 128))
+"""Fewer-bit precisions a group may take where the backend's format holds them (its recipe's `mix_bits`: MLX's
+`quantized_matmul` takes 3 bits; ONNX's GatherBlockQuantized takes 4 and 8 only, and the tied table is a group)."""
 MB = 1_000_000
 SIZE, KL = "size", "kl"
 UNITS = 4000
 """Size steps of the dynamic program (each item's bytes rounded up to a step: a chosen mix never exceeds its
 size budget)."""
+
+
+def candidates(recipe: Any) -> tuple[tuple[int, int], ...]:
+    """The (bits, block size) a group of `recipe` (a backend's recipe object, or a core `Recipe`) may take:
+    `CANDIDATES`, and the `LOW_BIT_CANDIDATES` whose bits the backend's recipe lists in `mix_bits`."""
+    extra = getattr(recipe, "mix_bits", WEIGHT_BITS)
+    return CANDIDATES + tuple(c for c in LOW_BIT_CANDIDATES if c[0] in extra)
 
 
 class BudgetError(UserError):
@@ -137,20 +152,22 @@ def measure(
     found: list[Group],
     text_file: Path | None = None,
     tokens: int | None = None,
+    offered: tuple[tuple[int, int], ...] = CANDIDATES,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """`[groups, CANDIDATES]` mean KL (nats) against the fp32 model on the calibration text with one group
+    """`[groups, offered]` mean KL (nats) against the fp32 model on the calibration text with one group
     quantized at a time (inf where a candidate's block does not fit the group), and the text's description."""
     import torch
     from torch.func import functional_call
 
-    from lfm_export.calibrate import DEFAULT_TOKENS, calibration_ids
-    from lfm_export.quant import quantize_block
+    from lfm_export import calibrated
+    from lfm_export.calibrate import DEFAULT_TOKENS, calibrated_table, calibration_ids
+    from lfm_export.quant import quantize_weight
 
     ids, label, digest = calibration_ids(loaded, text_file, tokens or DEFAULT_TOKENS)
     ref = loaded.materialized().model
     ref.set_moe_form("sparse")
     batch = torch.from_numpy(ids)
-    rounding = "nearest" if recipe.rounding in CALIBRATED_ROUNDINGS else recipe.rounding
+    calibrated_recipe = recipe.rounding in CALIBRATED_ROUNDINGS
     params = dict(ref.named_parameters(remove_duplicate=False))
 
     def logprobs(replaced: dict[str, Any]) -> Any:
@@ -162,20 +179,30 @@ def measure(
     try:
         base = logprobs({})
         p = base.exp()
-        cost = np.full((len(found), len(CANDIDATES)), np.inf)
-        for gi, group in enumerate(found):
-            for ci, (bits, block) in enumerate(CANDIDATES):
-                if not group.fits(block):
-                    continue
-                replaced = {}
-                for name in group.tensors:
-                    w = params[name].detach().float().numpy()
-                    q = quantize_block(w, bits, block, recipe.symmetric, rounding)
-                    replaced[name] = torch.from_numpy(q.dequantize())
-                    if name == "model.embed_tokens.weight" and loaded.config.tie_word_embeddings:
-                        replaced["lm_head.weight"] = replaced[name]
-                lq = logprobs(replaced)
-                cost[gi, ci] = float((p * (base - lq)).sum(-1).mean())
+        cost = np.full((len(found), len(offered)), np.inf)
+        for ci, (bits, block) in enumerate(offered):
+            # every group that fits at this candidate, the recipe's rounding (a calibrated one: its table for
+            # this mix, the head's included)
+            each = recipe.with_options(
+                mix=tuple((pat, bits, block) for g in found if g.fits(block) for pat in g.patterns)
+            )
+            table = None
+            if calibrated_recipe:
+                table, _ = calibrated_table(loaded, each, text_file, tokens or DEFAULT_TOKENS)
+            with calibrated.active(table) if table is not None else nullcontext():
+                for gi, group in enumerate(found):
+                    if not group.fits(block):
+                        continue
+                    replaced = {}
+                    for name in group.tensors:
+                        w = params[name].detach().float().numpy()
+                        q = quantize_weight(w, each, bits, block=block)
+                        replaced[name] = torch.from_numpy(q.dequantize())
+                        if name == "model.embed_tokens.weight" and loaded.config.tie_word_embeddings:
+                            replaced["lm_head.weight"] = replaced[name]
+                    lq = logprobs(replaced)
+                    cost[gi, ci] = float((p * (base - lq)).sum(-1).mean())
+            del table
     finally:
         ref.set_moe_form("dense")
     return cost, {"corpus": label, "corpus_sha256": digest, "tokens": int(ids.size)}
@@ -245,18 +272,19 @@ def check_recipe(recipe: Any) -> Recipe:
     return core
 
 
-def check_size_floor(loaded: LoadedModel, core: Recipe, budget: Budget) -> None:
-    """Refuse a size budget no mix meets before measuring anything."""
+def check_size_floor(loaded: LoadedModel, recipe: Any, budget: Budget) -> None:
+    """Refuse a size budget no mix of `recipe`'s `candidates` meets before measuring anything."""
+    core = check_recipe(recipe)
     found, fixed = groups(loaded, core)
-    sizes = _sizes(found, core)
+    sizes = _sizes(found, core, candidates(recipe))
     costs = np.where(np.isfinite(sizes), 0.0, np.inf)
     if budget.kind == SIZE:
         choose(costs, sizes, fixed, budget)
 
 
-def _sizes(found: list[Group], core: Recipe) -> np.ndarray:
+def _sizes(found: list[Group], core: Recipe, offered: tuple[tuple[int, int], ...]) -> np.ndarray:
     return np.array(
-        [[g.nbytes(b, bs, core.symmetric) if g.fits(bs) else np.inf for b, bs in CANDIDATES] for g in found]
+        [[g.nbytes(b, bs, core.symmetric) if g.fits(bs) else np.inf for b, bs in offered] for g in found]
     )
 
 
@@ -270,15 +298,16 @@ def plan(
     """The core recipe of `recipe` with the mix meeting `budget` (measured on `tokens` tokens of the
     calibration text), and the manifest's `budget` entry."""
     core = check_recipe(recipe)
-    check_size_floor(loaded, core, budget)
+    check_size_floor(loaded, recipe, budget)
+    offered = candidates(recipe)
     found, fixed = groups(loaded, core)
-    sizes = _sizes(found, core)
-    costs, text = measure(loaded, core, found, text_file, tokens)
+    sizes = _sizes(found, core, offered)
+    costs, text = measure(loaded, core, found, text_file, tokens, offered)
     chosen = choose(costs, sizes, fixed, budget)
     mix = tuple(
-        (pattern, CANDIDATES[c][0], CANDIDATES[c][1]) for g, c in zip(found, chosen) for pattern in g.patterns
+        (pattern, offered[c][0], offered[c][1]) for g, c in zip(found, chosen) for pattern in g.patterns
     )
-    words = [f"int{b}-b{bs}" for b, bs in CANDIDATES]
+    words = [f"int{b}-b{bs}" for b, bs in offered]
     entry = {
         "request": budget.text,
         "candidates": words,
@@ -299,9 +328,10 @@ def plan(
         "estimated_bytes": int(fixed + sum(sizes[i, c] for i, c in enumerate(chosen))),
         "float_bytes": int(fixed),
     }
-    # the name's precision word (and so its parity gate family) is the mix's fewest bits; every quantized
-    # tensor is in a group, so the base bits hold no tensor
-    return core.with_options(bits=min(b for _, b, _ in mix), mix=mix), entry
+    # the name's precision word is the mix's fewest bits (int4 where a group holds 3: no name has fewer); every
+    # quantized tensor is in a group, so the base bits hold no tensor
+    fewest = max(min(b for _, b, _ in mix), min(WEIGHT_BITS))
+    return core.with_options(bits=fewest, mix=mix), entry
 
 
 def with_core(recipe: Any, core: Recipe) -> Any:

@@ -9,6 +9,9 @@ inputs' per-channel mean square `E[x_j^2]` and, where asked, the second-moment m
 Hessian); per MoE layer, how often each expert is chosen. The MoE layers run in their sparse form, so an
 expert's statistics are those of the tokens routed to it.
 
+With `head`, the lm_head's input (the final norm's output) is collected as one more layer, so the head (and
+the embedding table tied to it) is calibrated as the linears are.
+
 `calibrated_table` turns a layer's statistics into codes and scales (`lfm_export.rounding`) as soon as the
 layer is done, and drops its Hessians: the Hessians of one layer are held at a time.
 """
@@ -29,7 +32,7 @@ from torch import Tensor, nn
 from lfm_export.calibrated import Table
 from lfm_export.contract.errors import UserError
 from lfm_export.loading import LoadedModel
-from lfm_export.model import GROWING, MOE_SPARSE, DecoderLayer, MoE, rope_cos_sin
+from lfm_export.model import GROWING, MOE_SPARSE, DecoderLayer, MoE, RMSNorm, rope_cos_sin
 from lfm_export.precision import LINEAR, block_as, held_as, rule_for
 from lfm_export.recipes import CALIBRATED_ROUNDINGS, Recipe
 from lfm_export.rounding import gptq, hessian_error, inverse_cholesky, weighted_search
@@ -42,6 +45,13 @@ SEQ_LEN = 256
 """Calibration sequences: the token budget in rows of this many tokens, each run from an empty state."""
 
 
+HEAD = "lm_head.weight"
+"""The lm_head's name in the calibration's statistics (a tied head: the embedding table's values)."""
+HEAD_ERROR_ROWS = 4096
+"""Rows of the lm_head (every `vocab // HEAD_ERROR_ROWS`-th) its reported output error is summed over: the whole
+head of a 65536-token vocabulary would cost more float64 products than its GPTQ rounding."""
+FINAL_NORM = "model.embedding_norm.weight"
+"""The final RMSNorm (checkpoints call it `embedding_norm`), whose output is the lm_head's input."""
 RANDOM_IDS = "random ids"
 RANDOM_IDS_SEED = 4321
 
@@ -141,10 +151,13 @@ def calibrate(
     tokens: int = DEFAULT_TOKENS,
     hessian: bool = False,
     layer_done: LayerDone | None = None,
+    head: bool = False,
 ) -> Calibration:
-    """Input statistics of every linear held at a recipe's `bits` (see the module doc). `layer_done(idx,
-    stats)` is called after each layer; the Hessians are dropped from the result after it."""
-    return _last(calibration_steps(loaded, text_file, tokens, hessian, layer_done))
+    """Input statistics of every linear held at a recipe's `bits` (see the module doc) and, with `head`, of the
+    lm_head (`HEAD`: its input is the final norm's output), handed to `layer_done` as one more layer (index
+    `num_hidden_layers`). `layer_done(idx, stats)` is called after each layer; the Hessians are dropped from
+    the result after it."""
+    return _last(calibration_steps(loaded, text_file, tokens, hessian, layer_done, head))
 
 
 def calibration_steps(
@@ -153,10 +166,11 @@ def calibration_steps(
     tokens: int = DEFAULT_TOKENS,
     hessian: bool = False,
     layer_done: LayerDone | None = None,
+    head: bool = False,
 ) -> Iterator[Calibration]:
     """`calibrate` one decoder layer a step: yields the `Calibration` so far after each layer's `layer_done`,
-    the last time complete (routing frequencies normalised), so a caller can calibrate a layer only when it
-    needs it (`calibrated_table(stream=True)`)."""
+    the last time complete (the head too, with `head`; routing frequencies normalised), so a caller can
+    calibrate a layer only when it needs it (`calibrated_table(stream=True)`)."""
     ids, label, digest = calibration_ids(loaded, text_file, tokens)
     cfg = loaded.config
     out = Calibration(corpus=label, corpus_sha256=digest, tokens=int(ids.size))
@@ -194,27 +208,45 @@ def calibration_steps(
                 hook.remove()
         del layer
         seen.clear()
-        by_entry: dict[int, LinearStats] = {}  # linears sharing an input share one LinearStats
-        done = {}
-        for name, entry in stats.items():
-            if id(entry) not in by_entry:
-                n, sq, xx = entry
-                if xx is not None:
-                    xx /= max(n, 1)  # in place: one K^2 float64 array per input, not two
-                by_entry[id(entry)] = LinearStats(tokens=n, mean_square=sq / max(n, 1), hessian=xx)
-            done[name] = by_entry[id(entry)]
+        _finish(out, idx, _averaged(stats), layer_done)
         stats.clear()
-        if layer_done is not None:
-            layer_done(idx, done)
-        for s in done.values():
-            s.hessian = None
-        out.linears.update(done)
-        if idx + 1 < cfg.num_hidden_layers:
+        if idx + 1 < cfg.num_hidden_layers or head:
             yield out
+    if head:
+        with torch.no_grad():
+            norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+            norm.weight = nn.Parameter(_weight(loaded, FINAL_NORM).float(), requires_grad=False)
+            head_stats: dict[str, list[Any]] = {}
+            _collector(head_stats, HEAD, hessian, [])(norm, (norm(h),))
+        _finish(out, cfg.num_hidden_layers, _averaged(head_stats), layer_done)
     for key, counts in out.routing.items():
         total = sum(counts)
         out.routing[key] = [round(c / total, 6) if total else 0.0 for c in counts]
     yield out
+
+
+def _averaged(stats: dict[str, list[Any]]) -> dict[str, LinearStats]:
+    """`_collector`'s sums as means, divided in place (one K^2 float64 array per input, not two); linears that
+    share an input share one `LinearStats`."""
+    by_entry: dict[int, LinearStats] = {}
+    done = {}
+    for name, entry in stats.items():
+        if id(entry) not in by_entry:
+            n, sq, xx = entry
+            if xx is not None:
+                xx /= max(n, 1)
+            by_entry[id(entry)] = LinearStats(tokens=n, mean_square=sq / max(n, 1), hessian=xx)
+        done[name] = by_entry[id(entry)]
+    return done
+
+
+def _finish(out: Calibration, idx: int, done: dict[str, LinearStats], layer_done: LayerDone | None) -> None:
+    """Hand one layer's statistics to `layer_done`, then keep them in `out` without their Hessians."""
+    if layer_done is not None:
+        layer_done(idx, done)
+    for s in done.values():
+        s.hessian = None
+    out.linears.update(done)
 
 
 def _collector(
@@ -263,9 +295,11 @@ def calibrated_table(
     keep_factors: bool = False,
     stream: bool = False,
 ) -> tuple[Table, dict[str, Any]]:
-    """The codes and scales of every linear held at `recipe.bits`, by `recipe.rounding` over the calibration
-    text, and the manifest's `calibration` entry (what was measured, and the Hessian-weighted output error of
-    the calibrated rounding against plain rounding, summed over the linears).
+    """The codes and scales of every linear held at `recipe.bits` and of the lm_head at its bits (a tied head's
+    codes are the embedding table's too, found by row content wherever the table is held at the head's bits
+    and block), by `recipe.rounding` over the calibration text, and the manifest's `calibration` entry (what was
+    measured, and the Hessian-weighted output error of the calibrated rounding against plain rounding, summed
+    over the linears, and the head's apart).
 
     `keep_factors` (`-gptq` for a format that rounds its own blocks, GGUF): the table holds each linear's
     importance and its input's inverse-Hessian factor (`K^2` float32 per distinct input), not the core's codes,
@@ -279,15 +313,18 @@ def calibrated_table(
     assert recipe.bits is not None
     table = Table()
     errors = {"nearest": 0.0, recipe.rounding: 0.0}
+    head_errors = dict(errors)
     method = recipe.rounding
     factors: dict[int, np.ndarray] = {}  # one inverse-Hessian factor per shared input (q/k/v, w1/w3)
     kept_f32: dict[int, np.ndarray] = {}  # their float32 copies the table keeps (`keep_factors`)
 
     def layer_done(_idx: int, stats: dict[str, LinearStats]) -> None:
         for name, s in stats.items():
-            w = _weight(loaded, name).float().numpy()
             bits = held_as(name, recipe) or recipe.bits  # a mix's bits and block, else the recipe's
+            if name == HEAD and held_as(name, recipe) is None:
+                continue  # a float head
             assert bits is not None
+            w = _weight(loaded, name).float().numpy()
             block = block_as(name, recipe, w.shape[1])
             if keep_factors:  # the format rounds its own blocks: importance and factor only
                 kept = None
@@ -309,9 +346,14 @@ def calibrated_table(
                 q = weighted_search(w, bits, block, s.mean_square)
             table.add(w, bits, block, q.codes, q.scales, s.mean_square if s.tokens else None)
             if s.hessian is not None:
-                plain = quantize_block(w, bits, block).dequantize()
-                errors["nearest"] += hessian_error(w, plain, s.hessian)
-                errors[method] += hessian_error(w, q.dequantize(), s.hessian)
+                tally, rows = (
+                    (head_errors, slice(None, None, max(1, w.shape[0] // HEAD_ERROR_ROWS)))
+                    if (name == HEAD)
+                    else (errors, slice(None))
+                )
+                plain = quantize_block(w[rows], bits, block).dequantize()
+                tally["nearest"] += hessian_error(w[rows], plain, s.hessian)
+                tally[method] += hessian_error(w[rows], q.dequantize()[rows], s.hessian)
         factors.clear()  # the layer's Hessians are freed after this: their ids may be reused
         kept_f32.clear()
 
@@ -319,10 +361,14 @@ def calibrated_table(
 
     def completed(calib: Calibration) -> None:
         entry.update(calib.manifest_entry())
-        if errors["nearest"] > 0:
-            entry["output_error_vs_nearest"] = round(errors[method] / errors["nearest"], 4)
+        for key, tally in (
+            ("output_error_vs_nearest", errors),
+            ("head_output_error_vs_nearest", head_errors),
+        ):
+            if tally["nearest"] > 0:
+                entry[key] = round(tally[method] / tally["nearest"], 4)
 
-    steps = calibration_steps(loaded, text_file, tokens, method == "gptq", layer_done)
+    steps = calibration_steps(loaded, text_file, tokens, method == "gptq", layer_done, head=True)
     if not (stream and keep_factors):
         completed(_last(steps))
         return table, entry

@@ -6,7 +6,9 @@ names; the backends and the simulation quantize weights by value (ONNX quantizes
 and fuses or interleaves some of them, e.g. the MoE experts' `w1` / `w3` into one `fc1`). Rows of a `[N, K]`
 weight quantize independently along K, so a `Table` keys each row's codes and scales by a hash of the row's
 float32 bytes; `lfm_export.quant.quantize_weight` reads the table that is `active` for every row it is given.
-Rows the table does not hold (the lm_head, the embedding table) get plain rounding. A calibrated recipe
+The table holds the lm_head too (`lfm_export.calibrate.HEAD`), so a tied embedding table
+held at the head's bits and block reads the head's codes; rows the table does not hold (a table at other bits
+than the head, an expert no calibration token chose) get plain rounding. A calibrated recipe
 quantized with no table active is an error, never a silent fallback.
 
 This module imports neither torch nor the quantizer: `lfm_export.quant` imports it.
@@ -158,7 +160,7 @@ def lookup(
 
 def importance(w: np.ndarray, bits: int, block: int) -> np.ndarray | None:
     """The active table's importance `[K]` for weight `w` (`Table.find_importance`); None when `w` is not in it
-    (the lm_head, the embedding table, an expert no calibration token chose). Raises `CalibrationMissing` when
+    (a table at other bits than the head, an expert no calibration token chose). Raises `CalibrationMissing` when
     no table is active, as `lookup` does."""
     table = current()
     if table is None:

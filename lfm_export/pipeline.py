@@ -83,9 +83,9 @@ def export_artifact(
         progress.note(f"[yellow]note:[/] {model} has RANDOM weights (for size and speed work only)")
     budget_entry = None
     if wanted is not None:
-        from lfm_export.budget import check_recipe, check_size_floor, plan, with_core
+        from lfm_export.budget import check_size_floor, plan, with_core
 
-        check_size_floor(loaded, check_recipe(recipe), wanted)
+        check_size_floor(loaded, recipe, wanted)
         with progress.step(f"Choosing the precision mix for --budget {wanted.text}"):
             core, budget_entry = plan(loaded, recipe, wanted, calib)
         recipe = with_core(recipe, core)

@@ -39,6 +39,9 @@ from lfm_export.contract.errors import UnsupportedError
 
 FLOAT_DTYPES = ("fp32", "fp16", "bf16")
 WEIGHT_BITS = (4, 8)
+MIX_BITS = (3, *WEIGHT_BITS)
+"""Bits a precision mix's group may hold (`Recipe.mix`): the recipe bits, and 3 where a backend's format holds it
+(`lfm_export.budget.candidates`: MLX's `quantized_matmul`); a recipe's own bits are `WEIGHT_BITS`."""
 BLOCK_SIZES = (32, 64, 128)
 PER_CHANNEL = 0
 """`block_size` of a per-output-channel recipe (`-pc`): one block spans a weight's whole input dimension.
@@ -171,7 +174,7 @@ class Recipe:
         if self.mix and not self.quantized:
             raise UnsupportedError("a precision mix (--budget) needs a quantized recipe (int4 or int8)")
         for pattern, b, block in self.mix:
-            if b not in WEIGHT_BITS or block not in BLOCK_SIZES:
+            if b not in MIX_BITS or block not in BLOCK_SIZES:
                 raise UnsupportedError(f"mix entry {pattern}: int{b}-b{block} is no block precision")
 
     # ---- derived --------------------------------------------------------------------------------------------
@@ -211,8 +214,8 @@ class Recipe:
     @property
     def gate_family(self) -> str:
         """The parity gate this recipe is judged by: `fp32`, `fp16`, `bf16`, `int8` or `int4` (a mix holding
-        any int4 group: `int4`)."""
-        if any(bits == 4 for _, bits, _ in self.mix):
+        any group below 8 bits: `int4`)."""
+        if any(bits < 8 for _, bits, _ in self.mix):
             return "int4"
         return self.quant
 

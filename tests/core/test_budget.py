@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from lfm_export.budget import KL, MB, SIZE, Budget, BudgetError, choose, parse_budget
+from lfm_export.contract.errors import UnsupportedError
 from lfm_export.precision import CHOSEN, block_as, held_as, label, manifest_entry, rule_for
 from lfm_export.recipes import Recipe, parse_recipe
 
@@ -51,6 +52,19 @@ def test_the_rule_list_holds_the_mix() -> None:
     assert Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
     assert r.with_options(mix=(("layers.1.feed_forward", 8, 64),)).gate_family == "int4"
     assert parse_recipe("int8").with_options(mix=(("x", 8, 32),)).gate_family == "int8"
+
+
+def test_candidates_are_what_the_backend_format_holds() -> None:
+    from lfm_export.backends import get
+    from lfm_export.budget import CANDIDATES, candidates
+
+    assert {(8, 64), (8, 128), (4, 128)} <= set(CANDIDATES)
+    assert candidates(get("onnx").recipe("int4", 64)) == CANDIDATES  # GatherBlockQuantized: 4 and 8 bits
+    assert candidates(get("mlx").recipe("int4", 64)) == (*CANDIDATES, (3, 64), (3, 128))
+    three = parse_recipe("int4-b64").with_options(mix=(("layers.1.feed_forward", 3, 128),))
+    assert three.gate_family == "int4" and held_as("model.layers.1.feed_forward.w2.weight", three) == 3
+    with pytest.raises(UnsupportedError, match="no block precision"):
+        parse_recipe("int4-b64").with_options(mix=(("layers.1.feed_forward", 2, 128),))
 
 
 def test_budget_text_is_checked() -> None:
@@ -195,7 +209,7 @@ def test_budgeted_exports_meet_the_budget_and_pass_parity(
 def test_a_measured_plan_meets_its_budget_and_the_manifest_lists_the_mix() -> None:
     import torch
 
-    from lfm_export.budget import groups, plan
+    from lfm_export.budget import groups, measure, plan
     from lfm_export.config import Lfm2Config
     from lfm_export.loading import LoadedModel
     from lfm_export.weights import RandomWeights, materialize
@@ -241,3 +255,7 @@ def test_a_measured_plan_meets_its_budget_and_the_manifest_lists_the_mix() -> No
     assert entry["estimated_kl"] <= uniform + 5e-6  # the entry's costs are rounded to 6 decimals
     with pytest.raises(BudgetError, match="below the least estimated KL"):
         plan(loaded, base, Budget(KL, min(c["int8-b32"] for c in costs) / 10), tokens=256)
+    # a calibrated recipe's groups are measured with its own (GPTQ) codes, the head's included: less KL in all
+    gptq, _ = measure(loaded, parse_recipe("int4-b32-gptq"), found, tokens=256, offered=((4, 32), (4, 64)))
+    for ci, word in enumerate(("int4-b32", "int4-b64")):
+        assert gptq[:, ci].sum() < 0.9 * sum(c[word] for c in costs), word

@@ -18,7 +18,7 @@ kernel to simulate).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from lfm_export.contract.errors import UnsupportedError
 from lfm_export.recipes import ACT_FLOAT, ACT_NATIVE, Recipe, parse_recipe, with_tables
@@ -38,6 +38,9 @@ core's) would cost every decode step the work of a 32k context; ask for more wit
 class MlxRecipe:
     recipe: Recipe = field(default_factory=Recipe)
     max_prefill: int | None = None
+    mix_bits: ClassVar[tuple[int, ...]] = (3, 4, 8)
+    """Bits a group of a precision mix may take (`lfm_export.budget.candidates`): `quantized_matmul` and
+    `gather_qmm` take 2-6 and 8 bits; the budget offers 3 below the recipes' 4."""
 
     def __post_init__(self) -> None:
         r = self.recipe

@@ -54,11 +54,15 @@ def _spec(config: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def _dequantize(packed: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int) -> np.ndarray:
-    per = 32 // bits
-    words = np.asarray(packed, dtype=np.uint32).reshape(-1, packed.shape[-1])
+    words = np.ascontiguousarray(np.asarray(packed, dtype="<u4").reshape(-1, packed.shape[-1]))
     rows = words.shape[0]
-    shifts = (np.arange(per, dtype=np.uint32) * bits)[None, None, :]
-    codes = ((words[..., None] >> shifts) & np.uint32(2**bits - 1)).reshape(rows, -1).astype(np.uint8)
+    if 32 % bits:  # `weights.pack`'s bit stream, codes across word boundaries
+        stream = np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")
+        codes = np.packbits(stream.reshape(rows, -1, bits), axis=-1, bitorder="little")[..., 0]
+    else:
+        per = 32 // bits
+        shifts = (np.arange(per, dtype=np.uint32) * bits)[None, None, :]
+        codes = ((words[..., None] >> shifts) & np.uint32(2**bits - 1)).reshape(rows, -1).astype(np.uint8)
     s = np.asarray(scales, dtype=np.float32).reshape(rows, -1)
     b = np.asarray(biases, dtype=np.float32).reshape(rows, -1)
     safe = np.where(s == 0, np.float32(1), s)

@@ -47,12 +47,17 @@ class Binding:
 
 def pack(q: Quantized) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`(weight uint32 [N, K*bits/32], scales [N, K/g], biases [N, K/g])` in MLX's affine format from the core
-    quantizer's codes (packed low bits first, as `mx.quantize` packs)."""
+    quantizer's codes: each row one little-endian bit stream, every code's `bits` bits low first, as
+    `mx.quantize` packs (for 4 and 8 bits: whole codes per uint32; for 3: codes across word boundaries)."""
     n, k = q.codes.shape
-    per = 32 // q.bits
-    codes = q.codes.astype(np.uint32).reshape(n, k // per, per)
-    shifts = (np.arange(per, dtype=np.uint32) * q.bits)[None, None, :]
-    packed = np.bitwise_or.reduce(codes << shifts, axis=-1).astype(np.uint32)
+    if 32 % q.bits:
+        bits = np.unpackbits(q.codes[..., None], axis=-1, count=q.bits, bitorder="little")  # [N, K, bits]
+        packed = np.packbits(bits.reshape(n, k * q.bits), axis=-1, bitorder="little").view("<u4")
+    else:  # the same stream, a word at a time
+        per = 32 // q.bits
+        codes = q.codes.astype(np.uint32).reshape(n, k // per, per)
+        shifts = (np.arange(per, dtype=np.uint32) * q.bits)[None, None, :]
+        packed = np.bitwise_or.reduce(codes << shifts, axis=-1).astype(np.uint32)
     zp = q.zero_points.astype(np.float32) if q.zero_points is not None else np.float32(2 ** (q.bits - 1))
     biases = (-q.scales * zp).astype(np.float32)
     return packed, q.scales.astype(np.float32), biases

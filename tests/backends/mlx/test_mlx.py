@@ -92,9 +92,22 @@ def test_export_passes_parity(artifacts, case) -> None:
 
 
 def test_core_codes_fit_mlx_affine_format() -> None:
-    """`pack` of the core quantizer's codes dequantized by MLX equals the core's own dequantization."""
+    """`pack` of the core quantizer's codes dequantized by MLX equals the core's own dequantization (3 bits too:
+    a precision mix's, packed across word boundaries), and the stored-weights reader unpacks MLX's own."""
+    from lfm_export.backends.mlx.stored_weights import _dequantize
+
     rng = np.random.default_rng(0)
     w = rng.standard_normal((16, 128)).astype(np.float32)
+    for bits, block, symmetric in ((3, 64, True), (3, 128, False)):
+        q = quantize_block(w, bits, block, symmetric)
+        packed, scales, biases = pack(q)
+        assert packed.shape == (16, 128 * bits // 32)
+        got = np.array(mx.dequantize(mx.array(packed), mx.array(scales), mx.array(biases), block, bits))
+        assert np.abs(got - q.dequantize()).max() <= 1e-6 * np.abs(q.dequantize()).max()
+        assert np.array_equal(_dequantize(packed, scales, biases, bits), q.dequantize())
+        mq, ms, mb = mx.quantize(mx.array(w), group_size=block, bits=bits)
+        theirs = np.array(mx.dequantize(mq, ms, mb, block, bits))
+        assert np.abs(_dequantize(np.array(mq), np.array(ms), np.array(mb), bits) - theirs).max() < 1e-6
     for bits, block, symmetric in ((4, 32, True), (8, 64, False), (4, 128, False)):
         q = quantize_block(w, bits, block, symmetric)
         packed, scales, biases = pack(q)
@@ -456,6 +469,54 @@ def test_four_bit_table_passes_parity_loads_in_mlx_lm_and_a_wrong_table_fails(tm
     assert [int(t) for t, _ in steps] == ours
     weights["model.embed_tokens.scales"] = weights["model.embed_tokens.scales"] * 1.03
     weights["model.embed_tokens.biases"] = weights["model.embed_tokens.biases"] * 1.03
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
+    result = check_artifact(folder, progress=Progress(quiet=True), scenarios=["prefill", "decode"])
+    assert not result.passed and not result.part_passed("exactness")
+
+
+@pytest.mark.slow
+def test_three_bit_mix_passes_parity_loads_in_mlx_lm_and_a_wrong_group_fails(tmp_path) -> None:
+    """A precision mix with 3-bit groups (what `--budget` may choose on MLX, `lfm_export.budget.candidates`):
+    per-layer `quantization` entries at 3 bits, every stored row the simulation's, mlx-lm loads the folder and
+    generates our greedy tokens; a 3-bit group's scales 3% off fail exactness."""
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    from lfm_export.backends.mlx.recipes import MlxRecipe
+
+    folder = tmp_path / "mix3"
+    base = make_recipe(
+        "int4-g64-gptq", max_seq_len=CONTEXT, max_prefill=PREFILL, head_bits=4, embedding_quant="4"
+    )
+    core = base.recipe.with_options(
+        mix=(
+            ("model.embed_tokens.weight", 4, 64),
+            ("lm_head.weight", 4, 64),
+            ("layers.0.conv", 3, 64),
+            ("layers.1.feed_forward", 3, 128),
+            ("layers.2.self_attn", 4, 128),
+        )
+    )
+    outcome = export_artifact("mlx", "tiny", folder, MlxRecipe(core, PREFILL), progress=Progress(quiet=True))
+    assert outcome.passed, outcome.manifest["parity"]
+    stored = json.loads((folder / "parity" / "parity.json").read_text())["exactness"]["stored_weights"]
+    assert stored["passed"], stored
+    cfg = json.loads((folder / "config.json").read_text())["quantization"]
+    assert cfg["model.layers.0.conv.in_proj"] == {"group_size": 64, "bits": 3}
+    assert cfg["model.layers.1.feed_forward.w2"] == {"group_size": 128, "bits": 3}
+    weights = dict(mx.load(str(folder / "model.safetensors")))
+    w2 = weights["model.layers.1.feed_forward.w2.weight"]
+    assert w2.shape[1] * 32 == weights["model.layers.1.feed_forward.w2.scales"].shape[1] * 128 * 3
+    model, _ = load(str(folder))
+    steps = generate_step(mx.array(PROMPT[0]), model, max_tokens=8, sampler=lambda x: mx.argmax(x, axis=-1))
+    session = MlxSession(folder)
+    ours = [int(session.prefill(PROMPT)[0, -1].argmax())]
+    while len(ours) < 8:
+        ours.append(int(session.decode(np.array([ours[-1]]))[0].argmax()))
+    assert [int(t) for t, _ in steps] == ours
+    for part in ("scales", "biases"):
+        key = f"model.layers.1.feed_forward.w2.{part}"
+        weights[key] = weights[key] * 1.03
     mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
     result = check_artifact(folder, progress=Progress(quiet=True), scenarios=["prefill", "decode"])
     assert not result.passed and not result.part_passed("exactness")

@@ -18,7 +18,7 @@ from conftest import genai_greedy
 from lfm_export.config import Lfm2Config
 from lfm_export.contract.errors import UnsupportedError
 from lfm_export.loading import LoadedModel, init_random
-from lfm_export.quant import simulate
+from lfm_export.quant import quantize_block, simulate
 from lfm_export.recipes import parse_recipe as parse_core_recipe
 
 ort = pytest.importorskip("onnxruntime")
@@ -503,6 +503,11 @@ def test_calibrated_export_holds_its_codes_and_matches_its_simulation(dense, tmp
     recipe = make_recipe("int4-b32-gptq", max_seq_len=MAX_SEQ, accuracy_level=0)
     table, entry = calibrated_table(loaded, recipe.recipe, tokens=256)
     assert entry["corpus"] == "random ids" and entry["output_error_vs_nearest"] < 0.8
+    # the tied head is calibrated too: its codes (the int8 table's) are GPTQ's, with less output error
+    head = loaded.model.lm_head.weight.detach().float().numpy()
+    hit = table.find(head, 8, 32)
+    assert hit is not None and hit[2].all() and (hit[0] != quantize_block(head, 8, 32).codes).any()
+    assert entry["head_output_error_vs_nearest"] < 1.0
     with calibrated.active(table):
         result = export_onnx(loaded, tmp_path / "onnx", recipe, traced=traced)
         served = table.rows_served
