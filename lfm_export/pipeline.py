@@ -359,6 +359,9 @@ def _check(
 
     from lfm_export.parity import ReferenceSession, run_parity, write_reports
     from lfm_export.parity.boundary import prompts_for, resolve
+    from lfm_export.parity.fp16_program import applies as applies_fp16_program
+    from lfm_export.parity.fp16_program import program_model
+    from lfm_export.parity.fp16_program import run as run_fp16_program
     from lfm_export.parity.scenarios import ScenarioOptions
     from lfm_export.parity.stored_weights import compare as compare_stored_weights
     from lfm_export.parity.stored_weights import simulated_weights
@@ -473,6 +476,12 @@ def _check(
             known = tokenizer if tokenizer.is_file() else None
             prompts = prompts_for(session.vocab_size, known, session.max_seq_len)
             resolved = resolve(session, simulated, prompts)
+        program = None
+        # the exact fp16 row: the interpreter's op-by-op rounding, followed by the simulation (Core ML)
+        if applies_fp16_program(session, activations) and simulates and streaming is None:
+            known = tokenizer if tokenizer.is_file() else None
+            model = program_model(simulated, session.max_seq_len, manifest["recipe"].get("moe_form", "sparse"))
+            program = run_fp16_program(session, model, prompts_for(session.vocab_size, known, session.max_seq_len))
         result = run_parity(
             session,
             reference,
@@ -487,6 +496,7 @@ def _check(
             stored_weights=stored,
             streaming=streaming,
             resolved=resolved,
+            program=program,
             metadata={
                 "backend": manifest["backend"],
                 "artifact": artifact_name,

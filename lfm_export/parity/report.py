@@ -98,6 +98,9 @@ class ParityResult:
     resolved: dict[str, Any] | None = None
     """The tight part of the `-a8` gates (`lfm_export.parity.boundary.Resolved.to_json`); None where the
     runtime does not round activations to int8."""
+    fp16_program: dict[str, Any] | None = None
+    """The tight part of the `-fp16` gates where the Core ML interpreter runs the artifact
+    (`lfm_export.parity.fp16_program.ProgramResult.to_json`); None elsewhere."""
 
     streaming: dict[str, Any] | None = None
     """The reference (and simulation) was streamed one layer at a time (`lfm_export.parity.streaming.
@@ -223,6 +226,12 @@ class ParityResult:
                 else {
                     k: self.resolved[k] for k in ("passed", "positions", "logit_max_rel", "codes_resolved")
                 },
+                "fp16_program_prefill": None
+                if self.fp16_program is None
+                else {
+                    k: self.fp16_program[k]
+                    for k in ("passed", "positions", "logit_max_rel", "state_max_rel", "differing_positions")
+                },
                 "judged_apart": None if (apart := self.judged_apart()) is None else apart["count"],
             },
             QUALITY: {
@@ -307,6 +316,7 @@ def to_json(result: ParityResult) -> dict[str, Any]:
             ),
             "stored_weights": result.stored_weights,
             "resolved_prefill": result.resolved,
+            "fp16_program_prefill": result.fp16_program,
             "judged_apart": result.judged_apart(),
         },
         QUALITY: {
@@ -480,6 +490,21 @@ def _resolved_note(result: ParityResult) -> list[str]:
     return [f"{head}.", ""]
 
 
+def _program_note(result: ParityResult) -> list[str]:
+    r = result.fp16_program
+    if r is None:
+        return []
+    verdict = "ok" if r["passed"] else "**FAIL**"
+    head = (
+        f"fp16 program prefill {verdict} (interpreter engine only; Core ML's own engines order sums otherwise "
+        f"and keep the scenario limits): {r['positions']} positions against the simulation rounded op by op as "
+        f"the interpreter runs the program: logit max rel {_num(r['logit_max_rel'])}, state max rel "
+        f"{_num(r['state_max_rel'])}, {r['differing_positions']} positions not bit-identical (limit "
+        f"{_num(r['limit'])})"
+    )
+    return [f"{head}.", ""]
+
+
 def _greedy_note(result: ParityResult) -> str:
     """Greedy match against the fp32 reference, said so it cannot be misread as a failure."""
     decode = next((s for s in result.quality if s.name == "decode" and "greedy_match" in s.metrics), None)
@@ -535,6 +560,7 @@ def to_markdown(result: ParityResult) -> str:
         *_rounding_note(result),
         *_stored_weights_note(result),
         *_resolved_note(result),
+        *_program_note(result),
         *_thresholds(result.gate),
         "",
         f"## (b) Quality: `{result.test_name}` against `{result.reference_name}` (fp32)",

@@ -17,6 +17,8 @@ import numpy as np
 from lfm_export.contract.errors import UserError
 from lfm_export.parity.boundary import Resolved
 from lfm_export.parity.boundary import checks as resolved_checks
+from lfm_export.parity.fp16_program import ProgramResult
+from lfm_export.parity.fp16_program import checks as program_checks
 from lfm_export.parity.expert_ties import RouterMargins, recorder_for
 from lfm_export.parity.metrics import greedy_match_length, logit_metrics, state_max_abs
 from lfm_export.parity.prompts import check_prompts, default_prompts
@@ -545,6 +547,7 @@ def run_parity(
     stored_weights: StoredWeights | Callable[[], StoredWeights] | None = None,
     resolved: Resolved | None = None,
     streaming: StreamingReference | None = None,
+    program: ProgramResult | None = None,
 ) -> ParityResult:
     """Run `scenarios` (default: all) on the sessions and check both parts of the verdict:
 
@@ -561,7 +564,8 @@ def run_parity(
     `stored_weights` (the artifact's stored quantized weights against the simulation's,
     `lfm_export.parity.stored_weights.compare`, or a function giving it, called after the scenarios) adds its
     checks to exactness, and so does `resolved` (the artifact against the simulation with undecided int8
-    activation codes resolved, `lfm_export.parity.boundary`).
+    activation codes resolved, `lfm_export.parity.boundary`), and so does `program` (a Core ML artifact run by
+    the interpreter against the simulation rounded op by op as the program is, `lfm_export.parity.fp16_program`).
 
     `streaming`: the reference, simulation and rounding sessions are its recorders, computed one layer at a
     time after the scenarios ran (`lfm_export.parity.streaming`): the tokens fed after a prompt are then the
@@ -673,6 +677,8 @@ def run_parity(
         checks[:0] = stored_weight_checks(stored_weights)
     if resolved is not None:
         checks[:0] = resolved_checks(resolved)
+    if program is not None:
+        checks[:0] = program_checks(program)
     return ParityResult(
         recipe=gate.name if isinstance(recipe, Gate) else recipe,
         activation_rounding=noise,
@@ -690,4 +696,5 @@ def run_parity(
         stored_weights=None if stored_weights is None else stored_weights.to_json(),
         streaming=None if streaming is None else streaming.describe(),
         resolved=None if resolved is None else resolved.to_json(),
+        fp16_program=None if program is None else program.to_json(),
     )

@@ -145,6 +145,14 @@ position's logits (and, where the session exposes them, its keys and values) ove
 against the simulation with its undecided activation codes resolved. Honest worst 1.4e-6 (onnxruntime 1.32
 and ExecuTorch 1.5.1 on AVX2; benchmarks/results/a8_exactness.json); one matrix x 1.01: 8e-3 and more."""
 
+FP16_PROGRAM_LIMIT = 1e-4
+"""The `-fp16` / `-fp16-moe` gates' tight limit where the session is the numpy interpreter
+(`lfm_export.parity.fp16_program`, row `fp16_program_prefill`): the largest error of a position's logits over
+its largest simulated logit, and of the state (keys, values, conv states) over each tensor's largest magnitude,
+against the simulation rounded op by op as the interpreter runs the program. An honest artifact equals it bit
+for bit (benchmarks/results/coreml_fp16_program.json); one fp16 step of the largest logits is 2.4e-4 to
+4.9e-4 of them, so the limit passes only steps of logits below a quarter of the largest."""
+
 DETECTION_A8 = (
     "a middle layer's w2, out_proj, in_proj and an MoE expert's w2 x 1.01 (the smallest tried) are caught by the "
     "logits checks (row resolved_prefill) on the trained tiny / tiny-moe and the transformers-initialised "
