@@ -191,7 +191,9 @@ class ProgramModel:
                     "top_k": int(ff.top_k),
                     "norm": bool(ff.norm_topk_prob),
                     "scale": float(ff.scale),
-                    "experts": [{n: _Linear(getattr(e, n), False) for n in ("w1", "w2", "w3")} for e in ff.experts],
+                    "experts": [
+                        {n: _Linear(getattr(e, n), False) for n in ("w1", "w2", "w3")} for e in ff.experts
+                    ],
                 }
             else:
                 d["mlp"] = {n: _Linear(getattr(ff, n), False) for n in ("w1", "w2", "w3")}
@@ -213,7 +215,9 @@ class ProgramModel:
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         past = state["keys"][0].shape[2] if state["keys"] else 0
         positions = np.arange(ids.shape[1], dtype=np.int32) + np.int32(past)
-        freqs = ops["mul"](positions.astype(_F32)[:, None], rope_inv_freq(cfg.head_dim, cfg.rope_theta).numpy())
+        freqs = ops["mul"](
+            positions.astype(_F32)[:, None], rope_inv_freq(cfg.head_dim, cfg.rope_theta).numpy()
+        )
         emb = np.concatenate([freqs, freqs], axis=-1)
         cos, sin = ops["cos"](emb).astype(_F16), ops["sin"](emb).astype(_F16)
         h = self.embed[ids].astype(_F16)
@@ -347,7 +351,9 @@ def _rel(test: np.ndarray, ref: np.ndarray) -> float:
     return err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
 
 
-def _state_error(session: Session, model: ProgramModel, state: dict[str, list[np.ndarray]], length: int) -> float:
+def _state_error(
+    session: Session, model: ProgramModel, state: dict[str, list[np.ndarray]], length: int
+) -> float:
     """The largest relative error of the session's state against the model's after a prompt of `length` (the
     conv states, and the keys and values of the prompt's positions); 0 where the session hides its state."""
     held = session.state()
