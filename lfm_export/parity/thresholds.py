@@ -153,6 +153,11 @@ against the simulation rounded op by op as the interpreter runs the program. An 
 for bit (benchmarks/results/coreml_fp16_program.json); one fp16 step of the largest logits is 2.4e-4 to
 4.9e-4 of them, so the limit passes only steps of logits below a quarter of the largest."""
 
+PROGRAM_NOTE = (
+    "through the numpy interpreter, row fp16_program_prefill: the simulation rounded op by op as the program, "
+    f"logit and state max rel <= {FP16_PROGRAM_LIMIT:g}"
+)
+
 DETECTION_A8 = (
     "a middle layer's w2, out_proj, in_proj and an MoE expert's w2 x 1.01 (the smallest tried) are caught by the "
     "logits checks (row resolved_prefill) on the trained tiny / tiny-moe and the transformers-initialised "
@@ -279,7 +284,7 @@ GATES: dict[str, Gate] = {
             top1_decisive=0.99,
             state_max_rel=2e-2,
             rounding=ROUNDING_FACTOR,
-            note=f"fp16 compute (Core ML{extra}); limits widen to 2x what fp16 input rounding does",
+            note=f"fp16 compute (Core ML{extra}); limits widen to 2x what fp16 input rounding does; {PROGRAM_NOTE}",
             detection=DETECTION_COREML_INT4 if quant == "int4" else "",
         )
         for quant, extra in (("fp16", ""), ("int8", ""), ("int4", "; palettized weights too"))
@@ -301,7 +306,7 @@ GATES: dict[str, Gate] = {
                 detection=DETECTION_FP16_MOE,
                 note=f"fp16 compute with MoE routing (Core ML{extra}): the `-fp16` limits on every position "
                 "but those whose expert choice is within fp16 rounding, which are judged apart, reported and "
-                "held to the limits these gates had before (logit 0.15, KL 0.5, state 1.0)",
+                f"held to the limits these gates had before (logit 0.15, KL 0.5, state 1.0); {PROGRAM_NOTE}",
             )
         )
         for quant, extra in (("fp16", ""), ("int8", ""), ("int4", "; palettized weights too"))
