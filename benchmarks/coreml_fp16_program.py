@@ -86,9 +86,10 @@ def measure(folder: Path, model: str, threads: int, scales: list[float]) -> dict
                 return None
             with torch.no_grad():
                 w.mul_(scale)
-        return simulate(loaded.model, sim_recipe, activations, threads=threads, weights=weights)
+        sim = simulate(loaded.model, sim_recipe, activations, threads=threads, weights=weights)
+        return fp.program_model(sim, session.max_seq_len, moe_form, reference=loaded.model), sim
 
-    simulated = simulated_for(None, 1.0)
+    program_sim, simulated = simulated_for(None, 1.0)
     reference = ReferenceSession(simulated, name="simulated", max_seq_len=session.max_seq_len)
     rounded = []
     for ids in prompts:
@@ -96,7 +97,7 @@ def measure(folder: Path, model: str, threads: int, scales: list[float]) -> dict
         rounded.append(np.asarray(reference.prefill(ids), dtype=np.float64)[0])
     errors = np.concatenate([_per_position(a, r) for a, r in zip(artifact, rounded, strict=True)])
     start = time.perf_counter()
-    program = fp.run(session, fp.program_model(simulated, session.max_seq_len, moe_form), prompts)
+    program = fp.run(session, program_sim, prompts)
     seconds = time.perf_counter() - start
     out: dict[str, Any] = {
         "recipe_name": manifest["recipe"].get("name"),
@@ -114,10 +115,10 @@ def measure(folder: Path, model: str, threads: int, scales: list[float]) -> dict
     for matrix in MATRICES:
         tried = []
         for scale in scales:
-            sim = simulated_for(matrix, scale)
-            if sim is None:
+            made = simulated_for(matrix, scale)
+            if made is None:
                 break
-            r = fp.run(session, fp.program_model(sim, session.max_seq_len, moe_form), prompts)
+            r = fp.run(session, made[0], prompts)
             tried.append({"scale": scale, "caught": not r.passed, **r.to_json()})
         if tried:
             out["scaled"][matrix] = tried

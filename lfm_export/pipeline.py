@@ -480,9 +480,8 @@ def _check(
         # the exact fp16 row: the interpreter's op-by-op rounding, followed by the simulation (Core ML)
         if applies_fp16_program(session, activations) and simulates and streaming is None:
             known = tokenizer if tokenizer.is_file() else None
-            model = program_model(
-                simulated, session.max_seq_len, manifest["recipe"].get("moe_form", "sparse")
-            )
+            form = manifest["recipe"].get("moe_form", "sparse")
+            model = program_model(simulated, session.max_seq_len, form, reference=folded.model)
             program = run_fp16_program(
                 session, model, prompts_for(session.vocab_size, known, session.max_seq_len)
             )

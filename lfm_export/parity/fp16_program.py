@@ -13,7 +13,7 @@ program gives it (the KV cache read whole, `max_seq_len` slots, masked; an MoE l
 `sparse` gathers each token's top-k expert matrices and sums their weighted outputs in float32, `dense` adds
 every expert's weighted output in turn in fp16). The held weights are the simulation's (the same rows the
 stored-weights check compares) with the float-held ones (norms, conv kernels) rounded to fp16 as the program
-holds them, and the router's kept in float32.
+holds them, and the MoE routers' taken from the float32 model, as the program keeps them.
 
 Measured (`benchmarks/coreml_fp16_program.py`): an honest artifact equals this model bit for bit at every
 position of the parity prompts (logits, keys, values, conv states), so the row's limit (`LIMIT`) only allows a
@@ -147,7 +147,9 @@ class ProgramModel:
     (module doc): `forward(ids [1, T], state)` -> `(logits [1, T, V] float32, state)`; `state` is
     `empty_state()` or what the last call returned (conv states, keys, values: fp16)."""
 
-    def __init__(self, simulated: Any, max_seq_len: int, moe_form: str = "sparse") -> None:
+    def __init__(
+        self, simulated: Any, max_seq_len: int, moe_form: str = "sparse", reference: Any = None
+    ) -> None:
         from lfm_export.model import MoE
         from lfm_export.precision import ROUTER, rule_for
 
@@ -183,8 +185,11 @@ class ProgramModel:
             ff = layer.feed_forward
             if isinstance(ff, MoE):
                 router = f"model.layers.{i}.feed_forward.gate.weight"
+                # the program keeps the router's weight in float32 whatever the recipe; the simulation of a
+                # float recipe holds it rounded to the recipe's type
+                gate = ff.gate if reference is None else reference.model.layers[i].feed_forward.gate
                 d["moe"] = {
-                    "gate": _Linear(ff.gate, rule_for(router) is ROUTER),
+                    "gate": _Linear(gate, rule_for(router) is ROUTER),
                     "bias": None
                     if not ff.use_expert_bias
                     else np.asarray(ff.expert_bias.detach().float().numpy(), dtype=_F32),
@@ -337,9 +342,13 @@ class ProgramModel:
         return ops["reduce_sum"](weighted, axes=[1], keep_dims=False).astype(_F16).reshape(shape)
 
 
-def program_model(simulated: Any, max_seq_len: int, moe_form: str = "sparse") -> ProgramModel:
-    """The model computing as the interpreter runs the Core ML program of `simulated` (module doc)."""
-    return ProgramModel(simulated, max_seq_len, moe_form)
+def program_model(
+    simulated: Any, max_seq_len: int, moe_form: str = "sparse", reference: Any = None
+) -> ProgramModel:
+    """The model computing as the interpreter runs the Core ML program of `simulated` (module doc);
+    `reference`: the float32 model `simulated` was made from, whose MoE routers the program holds as they are
+    (`simulate` rounds them to fp16 in an fp16 recipe)."""
+    return ProgramModel(simulated, max_seq_len, moe_form, reference)
 
 
 # ---- the check --------------------------------------------------------------------------------------------------
