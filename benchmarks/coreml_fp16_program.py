@@ -38,7 +38,9 @@ DEFAULT_RUNS = (
     "int4:hf-dense",
     "int4:hf-moe",
     "fp16:tiny-moe",
+    "int8:tiny-moe",
     "palettize4:tiny-moe",
+    "palettize6:tiny-moe",
 )
 
 
