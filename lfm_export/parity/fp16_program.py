@@ -19,7 +19,7 @@ Measured (`benchmarks/coreml_fp16_program.py`): an honest artifact equals this m
 position of the parity prompts (logits, keys, values, conv states), so the row's limit (`LIMIT`) only allows a
 flipped fp16 step in a logit well below the position's largest; a matrix 1-2% off changes some position by
 one fp16 step of its largest logits or more. Core ML itself orders its sums otherwise (its CPU, GPU and Neural
-Engine kernels), so this row applies only where the session is the interpreter (`Session.rounds_op_by_op`);
+Engine kernels), so this row applies only where the session is the interpreter (`CoreMLSession.rounds_op_by_op`);
 on a device the gate's scenario limits stay as they are.
 
 The prompts are the parity prompts (`lfm_export.parity.boundary.prompts_for`, 64 positions), each fed in the
