@@ -5,7 +5,8 @@
 
 For each `--runs` entry (`recipe:model`, models as `benchmarks/detection_limits.py` names them: the bundled
 `tiny` / `tiny-moe`, the transformers-initialised `hf-dense` / `hf-moe` written under `--work`) it exports the
-model to Core ML (`--no-parity`, context 128; an export already in `--work` is reused) and feeds the parity
+model to Core ML (`--no-parity`, context 128; an export already in `--work` is reused, whatever its context:
+each row records it) and feeds the parity
 prompts (`lfm_export.parity.boundary.prompts_for`, 64 positions) to the interpreter and to two simulations:
 
 - `input_rounded`: the gate's scenario simulation (`lfm_export.quant.simulate`, activation mode `fp16` /
@@ -103,6 +104,7 @@ def measure(folder: Path, model: str, threads: int, scales: list[float]) -> dict
     seconds = time.perf_counter() - start
     out: dict[str, Any] = {
         "recipe_name": manifest["recipe"].get("name"),
+        "max_seq_len": manifest.get("max_seq_len"),
         "activations": activations,
         "moe_form": moe_form if manifest["recipe"].get("moe") else None,
         "positions": int(errors.size),
