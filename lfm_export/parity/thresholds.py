@@ -172,17 +172,19 @@ DETECTION_FLOAT = (
     "benchmarks/results/detection_limits_mlx_int4.json)"
 )
 DETECTION_FP16_PROGRAM = (
-    "through the numpy interpreter (row fp16_program_prefill) a middle layer's w2, out_proj, in_proj and an MoE "
-    "expert's w2 x 1.01 (the smallest tried) are caught on the trained tiny / tiny-moe and the "
-    "transformers-initialised hf-dense / hf-moe at int4, and on tiny-moe at fp16, int8, palettize4 and "
-    "palettize6 (parity prompts; benchmarks/results/coreml_fp16_program.json)"
+    "through the numpy interpreter, with its exact row (fp16_program_prefill), a middle layer's w2, out_proj, "
+    "in_proj and an MoE expert's w2 x 1.01 (the smallest tried) are caught by the logits on the trained tiny / "
+    "tiny-moe and the transformers-initialised hf-dense / hf-moe at int4 (prefill scenario; "
+    "benchmarks/results/detection_limits_coreml_int4.json), and by that row on tiny-moe at fp16, int8, "
+    "palettize4 and palettize6 (benchmarks/results/coreml_fp16_program.json)"
 )
-DETECTION_COREML_INT4 = (
-    f"{DETECTION_FP16_PROGRAM}. Without that row (Core ML on a device) the scenario limits catch w2, out_proj and "
-    "in_proj x 1.01 on the trained tiny; on the transformers-initialised hf-dense (flat logits) w2 at x 1.05, "
-    "in_proj at x 1.01 and out_proj not up to x 1.10, each caught at x 1.01 by the stored-weights check "
-    "(prefill scenario, measured before the row; benchmarks/results/detection_limits_coreml_int4.json)"
+DEVICE_NOTE = (
+    "on a device (no exact row) the scenario limits alone caught, measured before the row: tiny-moe int4's "
+    "w2 at x 1.02 and an expert's w2 at x 1.05, hf-dense's w2 at x 1.05; hf-dense's conv out_proj and hf-moe's "
+    "w2 and an expert's w2 not up to x 1.10 (each caught at x 1.01 by the stored-weights check; "
+    "detection_limits_coreml_int4.json before 2026-12-07 12:37, in the git history)"
 )
+DETECTION_COREML_INT4 = f"{DETECTION_FP16_PROGRAM}; {DEVICE_NOTE}"
 """What `benchmarks/detection_limits.py` measured each gate to catch (scales tried: 1.01, 1.02, 1.05, 1.10)."""
 
 EXPERT_TIE_MARGIN = 1e-3
@@ -193,12 +195,9 @@ after it. Measured through the Core ML interpreter on `tiny-moe` (`benchmarks/co
 3.6e-5 (palettize4), never above; 3x the largest. Positions below it: 2.6% (int4) to 4.9% (fp16, palettize4)."""
 
 DETECTION_FP16_MOE = (
-    f"{DETECTION_FP16_PROGRAM}. Without that row (Core ML on a device) one expert's w2 of a middle layer x 1.02 "
-    "(the smallest tried) is caught on every scenario, and an int4 export whose experts were left uncompressed "
-    "(fp16, palettize4 and int4 on tiny-moe; benchmarks/results/coreml_expert_ties.json); on the prefill "
-    "scenario alone int4 tiny-moe's first expert's w2 at x 1.02 and its second's at x 1.05, and on hf-moe no "
-    "expert's w2 up to x 1.10, each caught at x 1.01 by the stored-weights check "
-    "(benchmarks/results/detection_limits_coreml_int4.json, measured before the row)"
+    f"{DETECTION_FP16_PROGRAM}; {DEVICE_NOTE}; on every scenario the scenario limits catch one expert's w2 "
+    "x 1.02 and an int4 export whose experts were left uncompressed (fp16, palettize4 and int4 on tiny-moe; "
+    "benchmarks/results/coreml_expert_ties.json)"
 )
 AT_TIE_LIMITS = {"logit_max_rel_at_tie": 0.15, "kl_max_at_tie": 0.5, "state_max_rel_at_tie": 1.0}
 """What the `-fp16-moe` gates allow at a position judged apart (and the KV slots it wrote): the limits these
