@@ -12,7 +12,8 @@ output projection), `in_proj` (a conv layer's input projection) and, on MoE mode
 expert's w2). The checks run parity's `prefill` scenario only (`--scenarios`), whose pooled row is what the
 statistical limits read: fewer positions than a full parity run, so a limit measured here is an upper bound
 of the full run's. Where the runtime rounds activations to int8 the check also holds the `-a8` gates' tight
-row (`resolved_prefill`, `lfm_export.parity.boundary`). "Caught" counts the logits checks only: each check
+row (`resolved_prefill`, `lfm_export.parity.boundary`), and where the Core ML interpreter runs the artifact
+the `-fp16` gates' exact row (`fp16_program_prefill`, `lfm_export.parity.fp16_program`). "Caught" counts the logits checks only: each check
 records whether the logits checks alone passed (`logits_exactness_passed`) and the stored-weights verdict
 (`stored_weights`, with the checkpoint tensor nearest to each unmatched artifact tensor; null where the backend
 has no reader), which compares the artifact's quantized weights bit for bit with the simulation's; a cell
@@ -335,6 +336,7 @@ def check(
         "resolved_prefill": r.resolved,
         "graph_prefill": r.graph,
         "runtime_rows_passed": not [c for c in logits if c.scenario != GRAPH],
+        "fp16_program_prefill": r.fp16_program,
     }
 
 
@@ -514,11 +516,12 @@ def _honest_cell(honest: dict[str, Any], wrong_scenarios: dict[str, Any] | None)
 
 def markdown(results: list[dict[str, Any]]) -> str:
     """One row per backend, recipe and model: whether the honest artifact passes (on the matrices' scenarios
-    and the wrong artifacts'), its pooled median logit error and, where activations are rounded to int8, its
-    `resolved_prefill` error; the smallest scale the logits checks catch per matrix; each wrong artifact
+    and the wrong artifacts'), its pooled median logit error and its tight row's error where the gate has one
+    (`resolved_prefill` where activations are rounded to int8, `fp16_program_prefill` where the Core ML
+    interpreter runs the artifact: the larger of its logit and state errors); the smallest scale the logits checks catch per matrix; each wrong artifact
     caught or not by the logits checks (`not run` in results that predate those columns)."""
     lines = [
-        "| backend | recipe | model | honest passes | honest pooled median | honest resolved max | "
+        "| backend | recipe | model | honest passes | honest pooled median | honest tight row max | "
         + " | ".join(MATRICES)
         + " | "
         + " | ".join(w.replace("_", " ") for w in WRONG)
@@ -534,7 +537,10 @@ def markdown(results: list[dict[str, Any]]) -> str:
                 cells += ["not run"] * len(WRONG)
             honest = row["honest"]
             resolved = honest.get("resolved_prefill")
+            program = honest.get("fp16_program_prefill")
             exact = "n/a" if not resolved else f"{resolved['logit_max_rel']:.1e}"
+            if program:
+                exact = f"{max(program['logit_max_rel'], program['state_max_rel']):.1e}"
             kind = row.get("checkpoint", "trained")
             lines.append(
                 f"| {row['backend']} | {row['recipe']} | `{row['model']}` ({kind}, layer {row['layer']}) | "

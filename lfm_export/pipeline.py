@@ -367,6 +367,9 @@ def _check(
 
     from lfm_export.parity import ReferenceSession, run_parity, write_reports
     from lfm_export.parity.boundary import prompts_for, resolve
+    from lfm_export.parity.fp16_program import applies as applies_fp16_program
+    from lfm_export.parity.fp16_program import program_model
+    from lfm_export.parity.fp16_program import run as run_fp16_program
     from lfm_export.parity.scenarios import ScenarioOptions
     from lfm_export.parity.stored_weights import compare as compare_stored_weights
     from lfm_export.parity.stored_weights import simulated_weights
@@ -488,6 +491,15 @@ def _check(
             known = tokenizer if tokenizer.is_file() else None
             prompts = prompts_for(session.vocab_size, known, session.max_seq_len)
             graph = load(record.graph_check)(folder, simulation, prompts, threads)
+        program = None
+        # the exact fp16 row: the interpreter's op-by-op rounding, followed by the simulation (Core ML)
+        if applies_fp16_program(session, activations) and simulates and streaming is None:
+            known = tokenizer if tokenizer.is_file() else None
+            form = manifest["recipe"].get("moe_form", "sparse")
+            model = program_model(simulated, session.max_seq_len, form, reference=folded.model)
+            program = run_fp16_program(
+                session, model, prompts_for(session.vocab_size, known, session.max_seq_len)
+            )
         result = run_parity(
             session,
             reference,
@@ -503,6 +515,7 @@ def _check(
             streaming=streaming,
             resolved=resolved,
             graph=graph,
+            program=program,
             metadata={
                 "backend": manifest["backend"],
                 "artifact": artifact_name,

@@ -102,6 +102,9 @@ class ParityResult:
     graph: dict[str, Any] | None = None
     """The artifact's graph on a reference runtime against the simulation (`lfm_export.parity.graph_row
     .GraphRow.to_json`); None where the backend names no such runtime."""
+    fp16_program: dict[str, Any] | None = None
+    """The tight part of the `-fp16` gates where the Core ML interpreter runs the artifact
+    (`lfm_export.parity.fp16_program.ProgramResult.to_json`); None elsewhere."""
 
     streaming: dict[str, Any] | None = None
     """The reference (and simulation) was streamed one layer at a time (`lfm_export.parity.streaming.
@@ -230,6 +233,12 @@ class ParityResult:
                 "graph_prefill": None
                 if self.graph is None
                 else {k: self.graph[k] for k in ("passed", "positions", "values")},
+                "fp16_program_prefill": None
+                if self.fp16_program is None
+                else {
+                    k: self.fp16_program[k]
+                    for k in ("passed", "positions", "logit_max_rel", "state_max_rel", "differing_positions")
+                },
                 "judged_apart": None if (apart := self.judged_apart()) is None else apart["count"],
             },
             QUALITY: {
@@ -315,6 +324,7 @@ def to_json(result: ParityResult) -> dict[str, Any]:
             "stored_weights": result.stored_weights,
             "resolved_prefill": result.resolved,
             "graph_prefill": result.graph,
+            "fp16_program_prefill": result.fp16_program,
             "judged_apart": result.judged_apart(),
         },
         QUALITY: {
@@ -502,6 +512,21 @@ def _resolved_note(result: ParityResult) -> list[str]:
     return [f"{head}.", ""]
 
 
+def _program_note(result: ParityResult) -> list[str]:
+    r = result.fp16_program
+    if r is None:
+        return []
+    verdict = "ok" if r["passed"] else "**FAIL**"
+    head = (
+        f"fp16 program prefill {verdict} (interpreter engine only; Core ML's own engines order sums otherwise "
+        f"and keep the scenario limits): {r['positions']} positions against the simulation rounded op by op as "
+        f"the interpreter runs the program: logit max rel {_num(r['logit_max_rel'])}, state max rel "
+        f"{_num(r['state_max_rel'])}, {r['differing_positions']} positions not bit-identical (limit "
+        f"{_num(r['limit'])})"
+    )
+    return [f"{head}.", ""]
+
+
 def _greedy_note(result: ParityResult) -> str:
     """Greedy match against the fp32 reference, said so it cannot be misread as a failure."""
     decode = next((s for s in result.quality if s.name == "decode" and "greedy_match" in s.metrics), None)
@@ -558,6 +583,7 @@ def to_markdown(result: ParityResult) -> str:
         *_stored_weights_note(result),
         *_resolved_note(result),
         *_graph_note(result),
+        *_program_note(result),
         *_thresholds(result.gate),
         "",
         f"## (b) Quality: `{result.test_name}` against `{result.reference_name}` (fp32)",

@@ -154,6 +154,19 @@ and ExecuTorch 1.5.1 on AVX2; benchmarks/results/a8_exactness.json); one matrix 
 gates hold the same row (llama.cpp's Q8_0 / Q8_K codes and Q8_0 fp16 block scales resolved): honest worst
 9.2e-7 (benchmarks/results/gguf_resolved.json)."""
 
+FP16_PROGRAM_LIMIT = 1e-4
+"""The `-fp16` / `-fp16-moe` gates' tight limit where the session is the numpy interpreter
+(`lfm_export.parity.fp16_program`, row `fp16_program_prefill`): the largest error of a position's logits over
+its largest simulated logit, and of the state (keys, values, conv states) over each tensor's largest magnitude,
+against the simulation rounded op by op as the interpreter runs the program. An honest artifact equals it bit
+for bit (benchmarks/results/coreml_fp16_program.json); one fp16 step of the largest logits is 2.4e-4 to
+4.9e-4 of them, so the limit passes only steps of logits below a quarter of the largest."""
+
+PROGRAM_NOTE = (
+    "through the numpy interpreter, row fp16_program_prefill: the simulation rounded op by op as the program, "
+    f"logit and state max rel <= {FP16_PROGRAM_LIMIT:g}"
+)
+
 DETECTION_A8 = (
     "a middle layer's w2, out_proj, in_proj and an MoE expert's w2 x 1.01 (the smallest tried) are caught by the "
     "logits checks (row resolved_prefill) on the trained tiny / tiny-moe and the transformers-initialised "
@@ -167,12 +180,20 @@ DETECTION_FLOAT = (
     "x 1.05 by the logits, x 1.01 by the stored weights (MLX int4, prefill scenario; "
     "benchmarks/results/detection_limits_mlx_int4.json)"
 )
-DETECTION_COREML_INT4 = (
-    "a middle layer's w2, out_proj and in_proj x 1.01 (the smallest tried) are caught by the logits on the "
-    "trained tiny; on the transformers-initialised hf-dense (flat logits) w2 at x 1.05, in_proj at x 1.01 and "
-    "out_proj not up to x 1.10, each caught at x 1.01 by the stored-weights check (Core ML int4 through the MIL "
-    "interpreter, prefill scenario; benchmarks/results/detection_limits_coreml_int4.json)"
+DETECTION_FP16_PROGRAM = (
+    "through the numpy interpreter, with its exact row (fp16_program_prefill), a middle layer's w2, out_proj, "
+    "in_proj and an MoE expert's w2 x 1.01 (the smallest tried) are caught by the logits on the trained tiny / "
+    "tiny-moe and the transformers-initialised hf-dense / hf-moe at int4 (prefill scenario; "
+    "benchmarks/results/detection_limits_coreml_int4.json), and by that row on tiny-moe at fp16, int8, "
+    "palettize4 and palettize6 (benchmarks/results/coreml_fp16_program.json)"
 )
+DEVICE_NOTE = (
+    "on a device (no exact row) the scenario limits alone caught, measured before the row: tiny-moe int4's "
+    "w2 at x 1.02 and an expert's w2 at x 1.05, hf-dense's w2 at x 1.05; hf-dense's conv out_proj and hf-moe's "
+    "w2 and an expert's w2 not up to x 1.10 (each caught at x 1.01 by the stored-weights check; "
+    "detection_limits_coreml_int4.json before 2026-12-07 12:37, in the git history)"
+)
+DETECTION_COREML_INT4 = f"{DETECTION_FP16_PROGRAM}; {DEVICE_NOTE}"
 """What `benchmarks/detection_limits.py` measured each gate to catch (scales tried: 1.01, 1.02, 1.05, 1.10)."""
 
 EXPERT_TIE_MARGIN = 1e-3
@@ -183,8 +204,8 @@ after it. Measured through the Core ML interpreter on `tiny-moe` (`benchmarks/co
 3.6e-5 (palettize4), never above; 3x the largest. Positions below it: 2.6% (int4) to 4.9% (fp16, palettize4)."""
 
 DETECTION_FP16_MOE = (
-    "one expert's w2 of a middle layer x 1.02 (the smallest tried) is caught, and an int4 export whose experts "
-    "were left uncompressed (Core ML fp16, palettize4 and int4 on tiny-moe, every scenario; "
+    f"{DETECTION_FP16_PROGRAM}; {DEVICE_NOTE}; on every scenario the scenario limits catch one expert's w2 "
+    "x 1.02 and an int4 export whose experts were left uncompressed (fp16, palettize4 and int4 on tiny-moe; "
     "benchmarks/results/coreml_expert_ties.json)"
 )
 AT_TIE_LIMITS = {"logit_max_rel_at_tie": 0.15, "kl_max_at_tie": 0.5, "state_max_rel_at_tie": 1.0}
@@ -280,7 +301,7 @@ GATES: dict[str, Gate] = {
             top1_decisive=0.99,
             state_max_rel=2e-2,
             rounding=ROUNDING_FACTOR,
-            note=f"fp16 compute (Core ML{extra}); limits widen to 2x what fp16 input rounding does",
+            note=f"fp16 compute (Core ML{extra}); limits widen to 2x what fp16 input rounding does; {PROGRAM_NOTE}",
             detection=DETECTION_COREML_INT4 if quant == "int4" else "",
         )
         for quant, extra in (("fp16", ""), ("int8", ""), ("int4", "; palettized weights too"))
@@ -302,7 +323,7 @@ GATES: dict[str, Gate] = {
                 detection=DETECTION_FP16_MOE,
                 note=f"fp16 compute with MoE routing (Core ML{extra}): the `-fp16` limits on every position "
                 "but those whose expert choice is within fp16 rounding, which are judged apart, reported and "
-                "held to the limits these gates had before (logit 0.15, KL 0.5, state 1.0)",
+                f"held to the limits these gates had before (logit 0.15, KL 0.5, state 1.0); {PROGRAM_NOTE}",
             )
         )
         for quant, extra in (("fp16", ""), ("int8", ""), ("int4", "; palettized weights too"))

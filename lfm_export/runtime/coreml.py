@@ -87,6 +87,9 @@ class CoreMLSession(SessionBase):
         if self.engine not in ENGINES:
             raise UserError(f"Core ML engine {self.engine!r}; expected one of {', '.join(ENGINES)}")
         self.name = "coreml" if self.engine == "coreml" else "coreml-interpreter"
+        self.rounds_op_by_op = self.engine == "interpreter"
+        """True where the numpy interpreter runs the program (every op in float32, rounded to its declared
+        dtype): parity then adds its exact row (`lfm_export.parity.fp16_program`)."""
         self.artifact_id = artifact_id(self.manifest)
         if self.engine == "coreml":
             from .coreml_interpreter import import_coremltools

@@ -11,8 +11,10 @@ layer 2, 8 experts top-2), context 32, prefill lengths 1 and 4. One package serv
 Which check catches what (measured 2026-12-07 on this slice, scenario `prefill`): both parts catch a x1.02.
 The stored weights (every decoded row equal to one of the simulation's, bit for bit) name the constant; the
 `int4-fp16-moe` logits limits see it too (the stacked expert w2: KL max 5.1e-4 against 2e-4; the dense
-layer's w2: logit max rel 0.0105 against 0.005). The other checkpoint fails every part (logit max rel 1.07,
-KL mean against fp32 4.4)."""
+layer's w2: logit max rel 0.0105 against 0.005), and so does the `fp16_program_prefill` row, which the
+interpreter engine adds (`lfm_export.parity.fp16_program`: honest bit for bit, limit 1e-4). The other checkpoint
+fails every part (logit max rel 1.07, KL mean against fp32 4.4). A float-held weight (a norm x1.02) the stored
+weights cannot see; the fp16 program row catches it."""
 
 from __future__ import annotations
 
@@ -59,6 +61,10 @@ def test_honest_int4_moe_slice_passes_parity_with_every_stored_row_matched(slice
     # every compressed constant (the stacked experts' as their rows, the int8 embedding) bit for bit
     assert p["exactness"]["stored_weights"] == {"passed": True, "artifact_rows": 6656, "rows_unmatched": 0}
     assert p["quality"]["passed"] and p["quality"]["pooled"]["kl_mean"] < 0.2  # measured 0.097
+    # the interpreter ran it: the simulation rounded op by op as the program equals it bit for bit
+    program = p["exactness"]["fp16_program_prefill"]
+    assert program["passed"] and program["differing_positions"] == 0, program
+    assert program["logit_max_rel"] == 0.0 and program["state_max_rel"] == 0.0, program
 
 
 def test_one_stacked_expert_w2_x1_02_in_the_package_fails_parity_naming_it(sliced: dict[str, Any]) -> None:
@@ -74,6 +80,20 @@ def test_one_stacked_expert_w2_x1_02_in_the_package_fails_parity_naming_it(slice
     sw = result.stored_weights
     assert not result.passed and list(sw["unmatched"]) == stacked, sw
     assert f"stored_weights[{stacked[0]}]: rows_unmatched" in result.verdict_line()
+    assert "fp16_program_prefill" in {c.scenario for c in result.failures}, result.verdict_line()
+
+
+def test_a_float_held_norm_x1_02_fails_the_fp16_program_row(sliced: dict[str, Any]) -> None:
+    """What the stored weights cannot see (a weight held in float: the MoE layer's ffn_norm) the exact fp16
+    row does: the honest package judged against the slice with that norm's weight x1.02."""
+    model = load_model(str(sliced["model"]))
+    with torch.no_grad():
+        model.model.model.layers[1].ffn_norm.weight.mul_(1.02)
+    judged = copy_artifact(sliced, "norm")
+    result = check_artifact(judged, model, threads=2, progress=Progress(quiet=True), scenarios=["prefill"])
+    assert result.stored_weights["passed"], result.stored_weights
+    assert not result.passed and result.fp16_program["over"], result.fp16_program
+    assert "fp16_program_prefill" in {c.scenario for c in result.failures}, result.verdict_line()
 
 
 def test_the_package_judged_against_another_checkpoint_fails(sliced: dict[str, Any]) -> None:
