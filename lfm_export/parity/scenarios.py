@@ -18,10 +18,10 @@ from lfm_export.contract.errors import UserError
 from lfm_export.parity.boundary import Resolved
 from lfm_export.parity.boundary import checks as resolved_checks
 from lfm_export.parity.expert_ties import RouterMargins, recorder_for
-from lfm_export.parity.graph_row import GraphRow
-from lfm_export.parity.graph_row import checks as graph_checks
 from lfm_export.parity.fp16_program import ProgramResult
 from lfm_export.parity.fp16_program import checks as program_checks
+from lfm_export.parity.graph_row import GraphRow
+from lfm_export.parity.graph_row import checks as graph_checks
 from lfm_export.parity.metrics import greedy_match_length, logit_metrics, state_max_abs
 from lfm_export.parity.prompts import check_prompts, default_prompts
 from lfm_export.parity.report import EXACTNESS, QUALITY, Check, ParityResult, ScenarioResult
