@@ -138,7 +138,9 @@ def test_coreml_with_fp16_rotary_angles_fails_only_near_the_end(dense_2k: Path, 
         outcome = export_coreml(dense_2k, tmp_path / "cm-bad", "fp16", parity=False)
     result = check_artifact(outcome.out, threads=2, progress=Progress(quiet=True))
     assert not result.passed
-    assert {c.scenario for c in result.failures if c.part == "exactness"} == {"near_max_seq_len"}
+    failed = {c.scenario for c in result.failures if c.part == "exactness"}
+    # the scenario rows see it only near the end; the exact fp16 program row (interpreter) sees the angles anywhere
+    assert failed == {"near_max_seq_len", "fp16_program_prefill"}
     assert result.scenario("near_max_seq_len").metrics["state_max_rel"] > 0.1
 
 
