@@ -44,6 +44,7 @@ def test_mlx_bf16_at_2k(dense_2k: Path, tmp_path: Path) -> None:
     assert outcome.manifest["parity"]["exactness"]["gate"] == "bf16-native"
 
 
+@pytest.mark.slow  # 43-80 s, nearly all of it XNNPACK lowering; the 2k Core ML and MLX cases stay default
 def test_executorch_fp16_at_2k(dense_2k: Path, tmp_path: Path) -> None:
     outcome = export("executorch", str(dense_2k), tmp_path / "et", "fp16")
     assert_passes_to_the_end(outcome, 2048)
