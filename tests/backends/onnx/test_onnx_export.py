@@ -480,7 +480,7 @@ def test_backend_entry_point_survives_its_lazy_imports() -> None:
     assert callable(onnx_backend.export) and onnx_backend.export.__module__ == "lfm_export.backends.onnx"
 
 
-@pytest.mark.slow  # 44-62 s; ONNX MoE int4 through onnxruntime stays in the default suite (test_onnx_hf, moe_b32)
+@pytest.mark.slow  # 44-62 s; ONNX MoE int4 stays in the default suite (test_parity_gates hf-moe, the genai greedy test)
 def test_bundled_tiny_moe_int4_passes_its_gate(tmp_path: Path) -> None:
     """The trained MoE at int4 (QMoE experts, int8 tied embedding/lm_head) through the whole pipeline."""
     from lfm_export.pipeline import export_artifact
