@@ -532,19 +532,7 @@ def test_k_quant_mix_equals_llama_cpps_own_quantizer(tmp_path: Path) -> None:
     f32 = tmp_path / "f32"
     export_artifact("gguf", str(source), f32, make_recipe("f32", CONTEXT), parity=False, progress=quiet)
     for quant, ftype in (("q4_k_m", 15), ("q5_k_m", 17), ("q6_k", 18), ("q4_0", 2)):
-        ours = tmp_path / quant
-        export_artifact("gguf", str(source), ours, make_recipe(quant, CONTEXT), parity=False, progress=quiet)
-        theirs = tmp_path / f"theirs-{quant}.gguf"
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype, params.nthread = ftype, 1
-        assert (
-            llama_cpp.llama_model_quantize(str(f32 / "model.gguf").encode(), str(theirs).encode(), params)
-            == 0
-        )
-        held = [
-            {t.name: t.tensor_type.name for t in gguf.GGUFReader(p).tensors}
-            for p in (ours / "model.gguf", theirs)
-        ]
+        held = _types_ours_and_llama_cpps(source, f32, tmp_path, quant, ftype)
         assert held[0] == held[1], quant
         assert "Q6_K" in held[0].values()
     assert held[0]["token_embd.weight"] == "Q6_K" and set(held[0].values()) == {"F32", "Q4_0", "Q6_K"}
@@ -573,19 +561,7 @@ def test_eight_experts_follow_llama_cpp_and_round_each_input_by_its_type(tmp_pat
     f32 = tmp_path / "f32"
     export_artifact("gguf", str(source), f32, make_recipe("f32", CONTEXT), parity=False, progress=quiet)
     for quant, ftype in (("q4_k_m", 15), ("q4_0", 2)):
-        ours = tmp_path / quant
-        export_artifact("gguf", str(source), ours, make_recipe(quant, CONTEXT), parity=False, progress=quiet)
-        theirs = tmp_path / f"theirs-{quant}.gguf"
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype, params.nthread = ftype, 1
-        assert (
-            llama_cpp.llama_model_quantize(str(f32 / "model.gguf").encode(), str(theirs).encode(), params)
-            == 0
-        )
-        held = [
-            {t.name: t.tensor_type.name for t in gguf.GGUFReader(p).tensors}
-            for p in (ours / "model.gguf", theirs)
-        ]
+        held = _types_ours_and_llama_cpps(source, f32, tmp_path, quant, ftype)
         assert held[0] == held[1], quant
         assert (held[0]["blk.1.attn_k.weight"], held[0]["blk.3.attn_v.weight"]) == ("Q8_0", "Q8_0")
     assert held[0]["blk.1.attn_output.weight"] == "Q4_0"
@@ -597,3 +573,20 @@ def test_eight_experts_follow_llama_cpp_and_round_each_input_by_its_type(tmp_pat
     honest = check_artifact(k_m, threads=1, progress=quiet, scenarios=QUICK)
     assert honest.passed, [c.describe() for c in honest.failures]
     assert honest.gate.name == "q4_k_m" and honest.stored_weights["passed"]
+
+
+def _types_ours_and_llama_cpps(source: Path, f32: Path, tmp_path: Path, quant: str, ftype: int) -> list[dict]:
+    """Tensor name -> ggml type of our `quant` export of `source`, and of llama.cpp's own quantizer (`ftype`)
+    applied to our f32 file `f32`."""
+    ours = tmp_path / quant
+    export_artifact(
+        "gguf", str(source), ours, make_recipe(quant, CONTEXT), parity=False, progress=Progress(quiet=True)
+    )
+    theirs = tmp_path / f"theirs-{quant}.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = ftype, 1
+    assert llama_cpp.llama_model_quantize(str(f32 / "model.gguf").encode(), str(theirs).encode(), params) == 0
+    return [
+        {t.name: t.tensor_type.name for t in gguf.GGUFReader(p).tensors}
+        for p in (ours / "model.gguf", theirs)
+    ]
