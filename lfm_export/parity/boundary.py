@@ -29,14 +29,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from lfm_export.contract.session import Session
 from lfm_export.contract.signature import KEY, VALUE, past_name
+from lfm_export.parity.exact_row import ExactInputs, ExactRow, first_position
 from lfm_export.parity.prompts import default_prompts
-from lfm_export.parity.report import Check
+from lfm_export.parity.report import _num
 from lfm_export.parity.thresholds import RESOLVED_LIMIT
 
 if TYPE_CHECKING:
@@ -60,10 +61,16 @@ undecided code of every position)."""
 
 
 @dataclass
-class Resolved:
+class Resolved(ExactRow):
     """Per prompt: positions compared, the largest and median error, codes resolved, and the first position
     (prompt, position, error) no choice of undecided codes brought within `LIMIT`."""
 
+    name: ClassVar[str] = SCENARIO
+    metric: ClassVar[str] = METRIC
+    runs: ClassVar[str] = (
+        "the artifact one token a call against the simulation, its undecided int8 activation codes resolved"
+    )
+    summary_keys: ClassVar[tuple[str, ...]] = ("passed", "positions", "logit_max_rel", "codes_resolved")
     positions: int = 0
     max_rel: float = 0.0
     median_rel: float = 0.0
@@ -72,8 +79,20 @@ class Resolved:
     unexplained: list[tuple[int, int, float]] = field(default_factory=list)
 
     @property
+    def worst(self) -> float:
+        return self.max_rel
+
+    @property
+    def limit(self) -> float:
+        return LIMIT
+
+    @property
     def passed(self) -> bool:
         return self.positions > 0 and not self.unexplained and self.max_rel <= LIMIT
+
+    @property
+    def first_failure(self) -> str | None:
+        return first_position(self, self.unexplained)
 
     def describe(self) -> str:
         head = (
@@ -96,6 +115,18 @@ class Resolved:
             "forwards": self.forwards,
             "unexplained": [{"prompt": p, "position": t, "logit_max_rel": e} for p, t, e in self.unexplained],
         }
+
+    def note(self) -> str:
+        head = (
+            f"Resolved prefill {self.verdict}: {self.positions} positions against the simulation run one token "
+            f"at a time, {self.codes_resolved} activation codes (or fp16 block scales) that sat on a rounding "
+            f"boundary (within float32 rounding) resolved to the side the artifact took: logit max rel "
+            f"{_num(self.max_rel)} (limit {_num(LIMIT)})"
+        )
+        if self.unexplained:
+            bad = ", ".join(f"prompt {p} position {t}" for p, t, _ in self.unexplained)
+            head += f"; no choice of such codes explains {bad}"
+        return f"{head}."
 
 
 def _rel(artifact: np.ndarray, simulated: np.ndarray) -> float:
@@ -251,6 +282,14 @@ def _resolve_prompts(
             state = result[1:]
 
 
-def checks(result: Resolved) -> list[Check]:
-    """The report's exactness check (one row, `resolved_prefill`)."""
-    return [Check(SCENARIO, METRIC, result.max_rel, "<=", LIMIT, result.passed, note=result.describe())]
+def exact_row(inputs: ExactInputs) -> Resolved | None:
+    """The row of an artifact whose runtime rounds activations to int8 (`Backend.exact_row` of ONNX, ExecuTorch
+    and GGUF): its prompts resolved against the core simulation; None where no activation is rounded to int8,
+    or no core simulation runs (a backend's own simulation session)."""
+    from lfm_export.quant import RESOLVABLE_MODES, activation_modes
+
+    if inputs.simulated is None or inputs.activations in ("float", "native"):
+        return None
+    if not set(activation_modes(inputs.activations).values()) & set(RESOLVABLE_MODES):
+        return None
+    return resolve(inputs.session, inputs.simulated, inputs.prompts)

@@ -1,0 +1,133 @@
+"""The exact rows: one interface for the checks that hold an artifact to its recipe within float32 rounding.
+
+Where a runtime orders or rounds its sums in a way the simulation cannot follow value for value, the scenario
+rows can only hold it to limits that allow for that, under which a matrix a few percent off passes. An exact row
+removes what the simulation cannot follow and compares what is left at (close to) float32 rounding:
+
+- `resolved_prefill` (`lfm_export.parity.boundary`): int8 activation codes and fp16 block scales that sit on a
+  rounding boundary resolved to the side the artifact took (onnxruntime accuracy level 4, ExecuTorch QD8,
+  llama.cpp's Q8 blocks);
+- `graph_prefill` (`lfm_export.parity.graph_row`): the artifact's own graph run as written on a reference
+  runtime, activation code by activation code (QNN's QDQ graph on onnxruntime's CPU provider);
+- `fp16_program_prefill` (`lfm_export.parity.fp16_program`): the simulation rounded op by op as the Core ML
+  interpreter runs the program.
+
+Each row is an `ExactRow`. A backend's record names the function that computes its row (`Backend.exact_row`,
+`(ExactInputs) -> ExactRow | None`, None where the row does not apply to the artifact); the pipeline calls it
+once per parity run, and `run_parity` adds the row's checks to exactness and its JSON, summary and note to the
+reports, the same way for every row.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from lfm_export.parity.report import EXACT_ROWS, Check
+
+if TYPE_CHECKING:
+    from lfm_export.contract.session import Session
+
+
+@dataclass(frozen=True)
+class ExactInputs:
+    """What a backend's exact row is computed from; the pipeline fills it once per parity run.
+
+    `session`: the artifact's; `simulation`: the session exactness compares it with (the core simulation's, or
+    the backend's own `simulation_session`); `simulated`: the core simulation's torch module (`lfm_export.quant
+    .simulate`), None where the backend's own session simulates; `reference`: the float32 torch model the
+    simulation was made from (`-awq` scales folded); `prompts`: the parity prompts cut to the rows' positions
+    (`lfm_export.parity.boundary.prompts_for`)."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    session: Session
+    activations: Any
+    simulation: Session | None
+    simulated: Any
+    reference: Any
+    prompts: list[np.ndarray]
+    threads: int
+
+
+class ExactRow(ABC):
+    """One exact row's result: `name` is its report row and its key under `exactness` in `parity.json` (one of
+    `lfm_export.parity.report.EXACT_ROWS`, whose keys the reports keep null where a run has no such row);
+    `runs` says what it runs against what; `positions` how many positions it compared; `worst` the largest
+    value of its headline `metric` and `limit` that metric's limit; `first_failure` where it first failed (a
+    position or an op), None where it passed; `to_json` its `parity.json` entry, `summary_keys` what of it the
+    manifest's summary keeps; `describe` its checks' note and `note` its paragraph in `parity.md`."""
+
+    name: ClassVar[str]
+    summary_keys: ClassVar[tuple[str, ...]]
+    positions: int
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuses a row the reports do not name: its key would be missing from every other run's JSON."""
+        super().__init_subclass__(**kwargs)
+        if cls.name not in EXACT_ROWS:
+            raise TypeError(f"exact row {cls.name!r} is not one of lfm_export.parity.report.EXACT_ROWS")
+
+    @property
+    @abstractmethod
+    def metric(self) -> str: ...
+
+    @property
+    @abstractmethod
+    def runs(self) -> str: ...
+
+    @property
+    @abstractmethod
+    def worst(self) -> float | None: ...
+
+    @property
+    @abstractmethod
+    def limit(self) -> float: ...
+
+    @property
+    @abstractmethod
+    def passed(self) -> bool: ...
+
+    @property
+    @abstractmethod
+    def first_failure(self) -> str | None: ...
+
+    @abstractmethod
+    def describe(self) -> str: ...
+
+    @abstractmethod
+    def to_json(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def note(self) -> str: ...
+
+    @property
+    def verdict(self) -> str:
+        """`ok`, or `**FAIL**` (markdown), as the notes say it."""
+        return "ok" if self.passed else "**FAIL**"
+
+    def checks(self) -> list[Check]:
+        """The row's checks in the report: one, its headline metric against its limit."""
+        return [
+            Check(self.name, self.metric, self.worst, "<=", self.limit, self.passed, note=self.describe())
+        ]
+
+    def summary(self) -> dict[str, Any]:
+        """What the manifest's parity summary keeps of the row (`summary_keys` of `to_json`)."""
+        full = self.to_json()
+        return {k: full[k] for k in self.summary_keys}
+
+
+def first_position(row: ExactRow, where: list[tuple[int, int, float]]) -> str | None:
+    """`first_failure` of a row that lists the (prompt, position, error) it failed at: the first of `where`,
+    `no position compared` where none was; None where it passed, or failed by a measure `where` does not list
+    (the caller names that one)."""
+    if row.passed:
+        return None
+    if where:
+        return f"prompt {where[0][0]} position {where[0][1]}"
+    return "no position compared" if row.positions == 0 else None
