@@ -4,6 +4,7 @@ do not name is refused."""
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -12,8 +13,7 @@ import pytest
 import torch
 
 from lfm_export.backends import all_backends
-from lfm_export.config import Lfm2Config
-from lfm_export.loading import init_random
+from lfm_export.loading import load_model
 from lfm_export.parity import boundary, fp16_program, run_parity, to_markdown
 from lfm_export.parity.exact_row import ExactInputs, ExactRow
 from lfm_export.parity.reference import ReferenceSession
@@ -25,28 +25,11 @@ pytestmark = pytest.mark.unit
 
 torch.set_num_threads(1)
 
-W2 = "model.layers.1.feed_forward.w2.weight"
-
 
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
-    """A random 2 conv + 2 attention model at unit-variance activations (every matrix moves the logits)."""
-    cfg = Lfm2Config(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        layer_types=("conv", "full_attention", "conv", "full_attention"),
-    )
-    m = init_random(cfg, seed=0)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.mul_(p.shape[1] ** -0.5 / 0.02)
-            elif p.dim() == 3:
-                p.mul_(0.5 / 0.02)
-    return m
+    """The bundled trained `tiny` (fp32)."""
+    return load_model("tiny").model
 
 
 def test_each_record_names_the_exact_row_its_gate_uses() -> None:
@@ -78,13 +61,13 @@ def _inputs(tmp_path: Path, artifact: torch.nn.Module, simulated: torch.nn.Modul
         simulation=ReferenceSession(simulated, name="simulated"),
         simulated=simulated,
         reference=None,
-        prompts=boundary.prompts_for(256),
+        prompts=boundary.prompts_for(artifact.config.vocab_size),
         threads=1,
     )
 
 
 def test_a_row_reaches_the_checks_and_both_reports_under_its_own_name(model, tmp_path: Path) -> None:
-    """The resolved row of an int8-activation artifact (here the simulation itself, run as another session),
+    """The resolved row of an int8-activation `tiny` artifact (here its simulation, run as another session),
     through `run_parity`: its check comes first, `parity.json` holds it under `resolved_prefill` with the
     other two rows' keys null, the manifest summary keeps its headline, `parity.md` carries its note. An
     artifact of other weights (one w2 x1.02) fails the row at a named position."""
@@ -133,10 +116,9 @@ def test_a_row_reaches_the_checks_and_both_reports_under_its_own_name(model, tmp
     assert summary["graph_prefill"] is None and summary["fp16_program_prefill"] is None
     assert "\nResolved prefill ok: 64 positions against the simulation" in to_markdown(result)
 
-    other = {n: p.detach().clone() for n, p in model.state_dict().items()}
-    other[W2] *= 1.02
-    wrong = init_random(model.config, seed=0)
-    wrong.load_state_dict(other)
+    wrong = copy.deepcopy(model)
+    with torch.no_grad():
+        wrong.model.layers[1].feed_forward.w2.weight.mul_(1.02)
     bad = boundary.exact_row(
         _inputs(tmp_path, simulate(wrong, recipe, ACT_INT8_BLOCK), inputs.simulated, ACT_INT8_BLOCK)
     )
