@@ -35,7 +35,7 @@ import numpy as np
 
 from lfm_export.contract.session import Session
 from lfm_export.contract.signature import KEY, VALUE, past_name
-from lfm_export.parity.exact_row import ExactInputs, ExactRow, first_position
+from lfm_export.parity.exact_row import ExactInputs, PositionRow, first_position, relative_error
 from lfm_export.parity.prompts import default_prompts
 from lfm_export.parity.report import _num
 from lfm_export.parity.thresholds import RESOLVED_LIMIT
@@ -61,7 +61,7 @@ undecided code of every position)."""
 
 
 @dataclass
-class Resolved(ExactRow):
+class Resolved(PositionRow):
     """Per prompt: positions compared, the largest and median error, codes resolved, and the first position
     (prompt, position, error) no choice of undecided codes brought within `LIMIT`."""
 
@@ -71,9 +71,6 @@ class Resolved(ExactRow):
         "the artifact one token a call against the simulation, its undecided int8 activation codes resolved"
     )
     summary_keys: ClassVar[tuple[str, ...]] = ("passed", "positions", "logit_max_rel", "codes_resolved")
-    positions: int = 0
-    max_rel: float = 0.0
-    median_rel: float = 0.0
     codes_resolved: int = 0
     forwards: int = 0
     unexplained: list[tuple[int, int, float]] = field(default_factory=list)
@@ -129,12 +126,6 @@ class Resolved(ExactRow):
         return f"{head}."
 
 
-def _rel(artifact: np.ndarray, simulated: np.ndarray) -> float:
-    scale = float(np.abs(simulated).max())
-    err = float(np.abs(artifact.astype(np.float64) - simulated).max())
-    return err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
-
-
 def _kv_at(session: Session, layers: list[int], length: int) -> list[np.ndarray] | None:
     """The artifact's keys and values `[kv_heads, T, head_dim]` per attention layer after its prefill, where
     its session exposes them (a flipped code in a key or value shows there at its own position, while the
@@ -155,11 +146,11 @@ def _kv_at(session: Session, layers: list[int], length: int) -> list[np.ndarray]
 def _error(artifact: np.ndarray, kv: list[np.ndarray] | None, t: int, result: tuple) -> float:
     """The position's error: its logits, and where the artifact's keys and values are known, theirs (each over
     its own largest magnitude at the position)."""
-    err = _rel(artifact[t], result[0][0, -1].numpy())
+    err = relative_error(artifact[t], result[0][0, -1].numpy())
     if kv is not None:
         sim_kv = [x for pair in zip(result[2], result[3], strict=True) for x in pair]
         for mine, theirs in zip(sim_kv, kv, strict=True):
-            err = max(err, _rel(theirs[:, t], mine[0, :, -1].numpy()))
+            err = max(err, relative_error(theirs[:, t], mine[0, :, -1].numpy()))
     return err
 
 
@@ -218,9 +209,7 @@ def resolve(session: Session, simulated: Any, prompts: list[np.ndarray]) -> Reso
         for m, form in zip(moe, forms, strict=True):
             m.form = form
     session.reset(1)
-    out.positions = len(errors)
-    out.max_rel = float(max(errors, default=0.0))
-    out.median_rel = float(np.median(errors)) if errors else 0.0
+    out.take(errors)
     return out
 
 

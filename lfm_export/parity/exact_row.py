@@ -21,6 +21,7 @@ reports, the same way for every row.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -69,7 +70,7 @@ class ExactRow(ABC):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Refuses a row the reports do not name: its key would be missing from every other run's JSON."""
         super().__init_subclass__(**kwargs)
-        if cls.name not in EXACT_ROWS:
+        if "name" in vars(cls) and cls.name not in EXACT_ROWS:  # a shared base names none
             raise TypeError(f"exact row {cls.name!r} is not one of lfm_export.parity.report.EXACT_ROWS")
 
     @property
@@ -120,6 +121,29 @@ class ExactRow(ABC):
         """What the manifest's parity summary keeps of the row (`summary_keys` of `to_json`)."""
         full = self.to_json()
         return {k: full[k] for k in self.summary_keys}
+
+
+@dataclass
+class PositionRow(ExactRow):
+    """A row that measures one relative error per position compared (`relative_error`): how many, the largest
+    and the median."""
+
+    positions: int = 0
+    max_rel: float = 0.0
+    median_rel: float = 0.0
+
+    def take(self, errors: Sequence[float]) -> None:
+        """`positions`, `max_rel` and `median_rel` of one error per position compared."""
+        self.positions = len(errors)
+        self.max_rel = float(max(errors, default=0.0))
+        self.median_rel = float(np.median(errors)) if errors else 0.0
+
+
+def relative_error(test: np.ndarray, ref: np.ndarray) -> float:
+    """`max |test - ref|` (in float64) over `max |ref|`: 0 where both are all zero, inf where only `ref` is."""
+    scale = float(np.abs(ref).max())
+    err = float(np.abs(test.astype(np.float64) - ref.astype(np.float64)).max())
+    return err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
 
 
 def first_position(row: ExactRow, where: list[tuple[int, int, float]]) -> str | None:

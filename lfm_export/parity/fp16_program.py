@@ -35,7 +35,7 @@ import numpy as np
 
 from lfm_export.contract.session import Session
 from lfm_export.contract.signature import CONV, KEY, VALUE, past_name
-from lfm_export.parity.exact_row import ExactInputs, ExactRow, first_position
+from lfm_export.parity.exact_row import ExactInputs, PositionRow, first_position, relative_error
 from lfm_export.parity.report import _num
 from lfm_export.parity.thresholds import FP16_PROGRAM_LIMIT
 
@@ -58,7 +58,7 @@ def _ops() -> dict[str, Any]:
 
 
 @dataclass
-class ProgramResult(ExactRow):
+class ProgramResult(PositionRow):
     """Per run: positions compared, the largest and median logit error (over each position's largest simulated
     logit), the largest state error (keys, values, conv states over each tensor's largest magnitude), the
     positions that differ at all, and the first ones over `LIMIT` (prompt, position, error)."""
@@ -75,9 +75,6 @@ class ProgramResult(ExactRow):
         "state_max_rel",
         "differing_positions",
     )
-    positions: int = 0
-    max_rel: float = 0.0
-    median_rel: float = 0.0
     state_max_rel: float = 0.0
     differing: int = 0
     over: list[tuple[int, int, float]] = field(default_factory=list)
@@ -389,12 +386,6 @@ def program_model(
 # ---- the check --------------------------------------------------------------------------------------------------
 
 
-def _rel(test: np.ndarray, ref: np.ndarray) -> float:
-    scale = float(np.abs(ref).max())
-    err = float(np.abs(test.astype(np.float64) - ref.astype(np.float64)).max())
-    return err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
-
-
 def _state_error(
     session: Session, model: ProgramModel, state: dict[str, list[np.ndarray]], length: int
 ) -> float:
@@ -414,9 +405,9 @@ def _state_error(
             continue
         theirs = np.asarray(theirs, dtype=np.float32)
         if name.endswith(CONV) or theirs.ndim != 4:
-            worst = max(worst, _rel(theirs, mine.astype(_F32)))
+            worst = max(worst, relative_error(theirs, mine.astype(_F32)))
         else:
-            worst = max(worst, _rel(theirs[:, :, :length], mine.astype(_F32)))
+            worst = max(worst, relative_error(theirs[:, :, :length], mine.astype(_F32)))
     return worst
 
 
@@ -439,16 +430,14 @@ def run(session: Session, model: ProgramModel, prompts: list[np.ndarray]) -> Pro
             start += step
         simulated = np.concatenate(parts, axis=0)
         for t in range(ids.shape[1]):
-            err = _rel(artifact[t], simulated[t])
+            err = relative_error(artifact[t], simulated[t])
             errors.append(err)
             out.differing += int(err > 0)
             if err > LIMIT:
                 out.over.append((p, t, err))
         out.state_max_rel = max(out.state_max_rel, _state_error(session, model, state, ids.shape[1]))
     session.reset(1)
-    out.positions = len(errors)
-    out.max_rel = float(max(errors, default=0.0))
-    out.median_rel = float(np.median(errors)) if errors else 0.0
+    out.take(errors)
     return out
 
 
