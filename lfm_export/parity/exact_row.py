@@ -12,7 +12,8 @@ removes what the simulation cannot follow and compares what is left at (close to
 - `fp16_program_prefill` (`lfm_export.parity.fp16_program`): the simulation rounded op by op as the Core ML
   interpreter runs the program.
 
-Each row is an `ExactRow`. A backend's record names the function that computes its row (`Backend.exact_row`,
+Each row is an `ExactRow` (`lfm_export.parity.report`, with the other result types the reports render); this
+module holds what a row is computed from (`ExactInputs`) and what the rows share. A backend's record names the function that computes its row (`Backend.exact_row`,
 `(ExactInputs) -> ExactRow | None`, None where the row does not apply to the artifact); the pipeline calls it
 once per parity run, and `run_parity` adds the row's checks to exactness and its JSON, summary and note to the
 reports, the same way for every row.
@@ -20,15 +21,14 @@ reports, the same way for every row.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lfm_export.parity.report import EXACT_ROWS, Check
+from lfm_export.parity.report import ExactRow
 
 if TYPE_CHECKING:
     from lfm_export.contract.session import Session
@@ -53,74 +53,6 @@ class ExactInputs:
     reference: Any
     prompts: list[np.ndarray]
     threads: int
-
-
-class ExactRow(ABC):
-    """One exact row's result: `name` is its report row and its key under `exactness` in `parity.json` (one of
-    `lfm_export.parity.report.EXACT_ROWS`, whose keys the reports keep null where a run has no such row);
-    `runs` says what it runs against what; `positions` how many positions it compared; `worst` the largest
-    value of its headline `metric` and `limit` that metric's limit; `first_failure` where it first failed (a
-    position or an op), None where it passed; `to_json` its `parity.json` entry, `summary_keys` what of it the
-    manifest's summary keeps; `describe` its checks' note and `note` its paragraph in `parity.md`."""
-
-    name: ClassVar[str]
-    summary_keys: ClassVar[tuple[str, ...]]
-    positions: int
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        """Refuses a row the reports do not name: its key would be missing from every other run's JSON."""
-        super().__init_subclass__(**kwargs)
-        if "name" in vars(cls) and cls.name not in EXACT_ROWS:  # a shared base names none
-            raise TypeError(f"exact row {cls.name!r} is not one of lfm_export.parity.report.EXACT_ROWS")
-
-    @property
-    @abstractmethod
-    def metric(self) -> str: ...
-
-    @property
-    @abstractmethod
-    def runs(self) -> str: ...
-
-    @property
-    @abstractmethod
-    def worst(self) -> float | None: ...
-
-    @property
-    @abstractmethod
-    def limit(self) -> float: ...
-
-    @property
-    @abstractmethod
-    def passed(self) -> bool: ...
-
-    @property
-    @abstractmethod
-    def first_failure(self) -> str | None: ...
-
-    @abstractmethod
-    def describe(self) -> str: ...
-
-    @abstractmethod
-    def to_json(self) -> dict[str, Any]: ...
-
-    @abstractmethod
-    def note(self) -> str: ...
-
-    @property
-    def verdict(self) -> str:
-        """`ok`, or `**FAIL**` (markdown), as the notes say it."""
-        return "ok" if self.passed else "**FAIL**"
-
-    def checks(self) -> list[Check]:
-        """The row's checks in the report: one, its headline metric against its limit."""
-        return [
-            Check(self.name, self.metric, self.worst, "<=", self.limit, self.passed, note=self.describe())
-        ]
-
-    def summary(self) -> dict[str, Any]:
-        """What the manifest's parity summary keeps of the row (`summary_keys` of `to_json`)."""
-        full = self.to_json()
-        return {k: full[k] for k in self.summary_keys}
 
 
 @dataclass

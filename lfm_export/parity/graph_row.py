@@ -15,8 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from lfm_export.parity.exact_row import ExactRow
-from lfm_export.parity.report import Check, _num
+from lfm_export.parity.report import Check, ExactRow, _num
 
 SCENARIO = "graph_prefill"
 """The report row of this check."""

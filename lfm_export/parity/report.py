@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 from lfm_export.parity.expert_ties import apart_note
 from lfm_export.parity.thresholds import POOLED, Gate
-
-if TYPE_CHECKING:
-    from lfm_export.parity.exact_row import ExactRow
 
 SCHEMA_VERSION = 1
 EXIT_PASS = 0
@@ -25,7 +23,7 @@ QUALITY = "quality"
 than asked for."""
 
 EXACT_ROWS = ("resolved_prefill", "graph_prefill", "fp16_program_prefill")
-"""The exact rows' names (`lfm_export.parity.exact_row.ExactRow.name`): their keys under `exactness` in
+"""The exact rows' names (`ExactRow.name`): their keys under `exactness` in
 `parity.json` and the manifest's summary, in this order, each present and null where the run has no such row."""
 
 POOLED_SUMMARY = ("positions", "decisive", "kl_mean", "kl_p99", "top1_agreement", "top1_decisive")
@@ -77,6 +75,74 @@ class ScenarioResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     reason: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+
+
+class ExactRow(ABC):
+    """One exact row's result (`lfm_export.parity.exact_row`): `name` is its report row and its key under `exactness` in `parity.json` (one of
+    `EXACT_ROWS`, whose keys the reports keep null where a run has no such row);
+    `runs` says what it runs against what; `positions` how many positions it compared; `worst` the largest
+    value of its headline `metric` and `limit` that metric's limit; `first_failure` where it first failed (a
+    position or an op), None where it passed; `to_json` its `parity.json` entry, `summary_keys` what of it the
+    manifest's summary keeps; `describe` its checks' note and `note` its paragraph in `parity.md`."""
+
+    name: ClassVar[str]
+    summary_keys: ClassVar[tuple[str, ...]]
+    positions: int
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuses a row the reports do not name: its key would be missing from every other run's JSON."""
+        super().__init_subclass__(**kwargs)
+        if "name" in vars(cls) and cls.name not in EXACT_ROWS:  # a shared base names none
+            raise TypeError(f"exact row {cls.name!r} is not one of lfm_export.parity.report.EXACT_ROWS")
+
+    @property
+    @abstractmethod
+    def metric(self) -> str: ...
+
+    @property
+    @abstractmethod
+    def runs(self) -> str: ...
+
+    @property
+    @abstractmethod
+    def worst(self) -> float | None: ...
+
+    @property
+    @abstractmethod
+    def limit(self) -> float: ...
+
+    @property
+    @abstractmethod
+    def passed(self) -> bool: ...
+
+    @property
+    @abstractmethod
+    def first_failure(self) -> str | None: ...
+
+    @abstractmethod
+    def describe(self) -> str: ...
+
+    @abstractmethod
+    def to_json(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def note(self) -> str: ...
+
+    @property
+    def verdict(self) -> str:
+        """`ok`, or `**FAIL**` (markdown), as the notes say it."""
+        return "ok" if self.passed else "**FAIL**"
+
+    def checks(self) -> list[Check]:
+        """The row's checks in the report: one, its headline metric against its limit."""
+        return [
+            Check(self.name, self.metric, self.worst, "<=", self.limit, self.passed, note=self.describe())
+        ]
+
+    def summary(self) -> dict[str, Any]:
+        """What the manifest's parity summary keeps of the row (`summary_keys` of `to_json`)."""
+        full = self.to_json()
+        return {k: full[k] for k in self.summary_keys}
 
 
 @dataclass

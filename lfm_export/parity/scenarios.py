@@ -15,11 +15,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lfm_export.contract.errors import UserError
-from lfm_export.parity.exact_row import ExactRow
 from lfm_export.parity.expert_ties import RouterMargins, recorder_for
 from lfm_export.parity.metrics import greedy_match_length, logit_metrics, state_max_abs
 from lfm_export.parity.prompts import check_prompts, default_prompts
-from lfm_export.parity.report import EXACTNESS, QUALITY, Check, ParityResult, ScenarioResult
+from lfm_export.parity.report import EXACTNESS, QUALITY, Check, ExactRow, ParityResult, ScenarioResult
 from lfm_export.parity.snapshots import RESTORE_LIMIT, SNAPSHOTS, parity_snapshot_row
 from lfm_export.parity.stored_weights import StoredWeights
 from lfm_export.parity.stored_weights import checks as stored_weight_checks

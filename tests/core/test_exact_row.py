@@ -15,9 +15,9 @@ import torch
 from lfm_export.backends import all_backends
 from lfm_export.loading import load_model
 from lfm_export.parity import boundary, fp16_program, run_parity, to_markdown
-from lfm_export.parity.exact_row import ExactInputs, ExactRow
+from lfm_export.parity.exact_row import ExactInputs
 from lfm_export.parity.reference import ReferenceSession
-from lfm_export.parity.report import EXACT_ROWS
+from lfm_export.parity.report import EXACT_ROWS, ExactRow
 from lfm_export.quant import simulate
 from lfm_export.recipes import ACT_FLOAT, ACT_INT8_BLOCK, parse_recipe
 
