@@ -333,10 +333,10 @@ def check(
             for row in r.scenarios
             if any(k in row.metrics for k in STATE)
         },
-        "resolved_prefill": r.resolved,
-        "graph_prefill": r.graph,
+        "resolved_prefill": r.exact("resolved_prefill"),
+        "graph_prefill": r.exact("graph_prefill"),
         "runtime_rows_passed": not [c for c in logits if c.scenario != GRAPH],
-        "fp16_program_prefill": r.fp16_program,
+        "fp16_program_prefill": r.exact("fp16_program_prefill"),
     }
 
 

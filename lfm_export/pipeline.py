@@ -366,15 +366,13 @@ def _check(
     import torch
 
     from lfm_export.parity import ReferenceSession, run_parity, write_reports
-    from lfm_export.parity.boundary import prompts_for, resolve
-    from lfm_export.parity.fp16_program import applies as applies_fp16_program
-    from lfm_export.parity.fp16_program import program_model
-    from lfm_export.parity.fp16_program import run as run_fp16_program
+    from lfm_export.parity.boundary import prompts_for
+    from lfm_export.parity.exact_row import ExactInputs
     from lfm_export.parity.scenarios import ScenarioOptions
     from lfm_export.parity.stored_weights import compare as compare_stored_weights
     from lfm_export.parity.stored_weights import simulated_weights
     from lfm_export.parity.streaming import STREAM_FILL_LIMIT, StreamingReference
-    from lfm_export.quant import RESOLVABLE_MODES, activation_modes, simulate
+    from lfm_export.quant import simulate
     from lfm_export.weights import weights_of
 
     torch.set_num_threads(threads)
@@ -440,7 +438,7 @@ def _check(
         progress.step(f"Parity ({recipe}) through the {manifest['backend']} runtime"),
     ):
         session = open_session(folder, threads=threads) if session is None else session
-        simulation = rounding = None
+        simulation = rounding = simulated = None
         stored: Any = None
         if stream or loaded.lazy:
             streaming = StreamingReference(
@@ -476,30 +474,24 @@ def _check(
                 # a session of the backend's own holds its quantized weights (QNN: the fake-quant program's)
                 stored = compare_stored_weights(reader(folder), simulation.quantized_weights())
         tokenizer = folder / "tokenizer.json"
-        resolved = None
-        # the tight row (int8 activations: the -a8 gates, llama.cpp's Q8_0 / Q8_K blocks) needs the whole
-        # simulation in memory: not run with a streaming reference
-        a8 = rounds and bool(set(activation_modes(activations).values()) & set(RESOLVABLE_MODES))
-        if a8 and own_simulation is None and streaming is None:
+        exact_rows = []
+        # the backend's exact row needs the whole simulation in memory: not run with a streaming reference
+        exact_row = record.exact_row_check()
+        if exact_row is not None and streaming is None:
             known = tokenizer if tokenizer.is_file() else None
-            prompts = prompts_for(session.vocab_size, known, session.max_seq_len)
-            resolved = resolve(session, simulated, prompts)
-        graph = None
-        if record.graph_check is not None and simulation is not None and streaming is None:
-            from lfm_export.backends.record import load
-
-            known = tokenizer if tokenizer.is_file() else None
-            prompts = prompts_for(session.vocab_size, known, session.max_seq_len)
-            graph = load(record.graph_check)(folder, simulation, prompts, threads)
-        program = None
-        # the exact fp16 row: the interpreter's op-by-op rounding, followed by the simulation (Core ML)
-        if applies_fp16_program(session, activations) and simulates and streaming is None:
-            known = tokenizer if tokenizer.is_file() else None
-            form = manifest["recipe"].get("moe_form", "sparse")
-            model = program_model(simulated, session.max_seq_len, form, reference=folded.model)
-            program = run_fp16_program(
-                session, model, prompts_for(session.vocab_size, known, session.max_seq_len)
+            inputs = ExactInputs(
+                folder=folder,
+                manifest=manifest,
+                session=session,
+                activations=activations,
+                simulation=simulation,
+                simulated=simulated,
+                reference=folded.model,
+                prompts=prompts_for(session.vocab_size, known, session.max_seq_len),
+                threads=threads,
             )
+            row = exact_row(inputs)
+            exact_rows = [] if row is None else [row]
         result = run_parity(
             session,
             reference,
@@ -513,9 +505,7 @@ def _check(
             options=ScenarioOptions(full_context_limit=limit),
             stored_weights=stored,
             streaming=streaming,
-            resolved=resolved,
-            graph=graph,
-            program=program,
+            exact_rows=exact_rows,
             metadata={
                 "backend": manifest["backend"],
                 "artifact": artifact_name,

@@ -95,10 +95,12 @@ class Backend:
       (`(folder) -> {tensor name: float32 [N, K]}`, or `(name, array)` pairs), for the bit-exact weights part
       of exactness (`lfm_export.parity.stored_weights`); None: not checked. A backend with a
       `simulation_session` gives that session a `quantized_weights()` (`(name, array)` pairs) to compare with.
-    - `graph_check`: `"module:function"` `(folder, simulation, prompts, threads) -> GraphRow` that runs the
-      artifact's own graph as written on a reference runtime and compares it with `simulation_session`'s
-      program op by op, where the artifact's runtime computes what no simulation follows exactly (QNN: the QDQ
-      graph on onnxruntime's CPU provider); parity adds its row (`lfm_export.parity.graph_row`). None: no row.
+    - `exact_row`: `"module:function"` `(lfm_export.parity.exact_row.ExactInputs) -> ExactRow | None`, the
+      exact row the backend's gate adds where its runtime computes in a way the scenario rows can only hold to
+      statistical limits: `lfm_export.parity.boundary:exact_row` (int8 activation codes resolved: ONNX,
+      ExecuTorch, GGUF), `lfm_export.parity.fp16_program:exact_row` (Core ML through the interpreter), QNN's
+      graph row (`lfm_export.backends.onnx_qnn.graph_check:exact_row`). The function returns None where the row
+      does not apply to the artifact (float activations, a device engine). None: no row.
     - `gates`: `"module:NAME"` of a `{name: Gate}` mapping this backend adds to the parity gates, and
       `sanity`: of a `{family: KL mean}` mapping of default quality bounds.
     - `core_codes`: the backend packs every quantized weight from the core quantizer's codes and scales
@@ -123,7 +125,7 @@ class Backend:
     weight_values: Callable[[dict[str, Any]], Any] | None = None
     simulation_session: Callable[[Any, dict[str, Any]], Any] | None = None
     stored_weights: str | None = None
-    graph_check: str | None = None
+    exact_row: str | None = None
     gates: str | None = None
     sanity: str | None = None
     context_default: str = CONTEXT_DEFAULT
@@ -147,6 +149,9 @@ class Backend:
 
     def sanity_table(self) -> Mapping[str, float]:
         return load(self.sanity) if self.sanity else {}
+
+    def exact_row_check(self) -> Callable[[Any], Any] | None:
+        return load(self.exact_row) if self.exact_row else None
 
 
 def load(ref: str) -> Any:

@@ -29,14 +29,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from lfm_export.contract.session import Session
 from lfm_export.contract.signature import KEY, VALUE, past_name
+from lfm_export.parity.exact_row import ExactInputs, PositionRow, first_position, relative_error
 from lfm_export.parity.prompts import default_prompts
-from lfm_export.parity.report import Check
+from lfm_export.parity.report import _num
 from lfm_export.parity.thresholds import RESOLVED_LIMIT
 
 if TYPE_CHECKING:
@@ -60,20 +61,35 @@ undecided code of every position)."""
 
 
 @dataclass
-class Resolved:
+class Resolved(PositionRow):
     """Per prompt: positions compared, the largest and median error, codes resolved, and the first position
     (prompt, position, error) no choice of undecided codes brought within `LIMIT`."""
 
-    positions: int = 0
-    max_rel: float = 0.0
-    median_rel: float = 0.0
+    name: ClassVar[str] = SCENARIO
+    metric: ClassVar[str] = METRIC
+    runs: ClassVar[str] = (
+        "the artifact one token a call against the simulation, its undecided int8 activation codes resolved"
+    )
+    summary_keys: ClassVar[tuple[str, ...]] = ("passed", "positions", "logit_max_rel", "codes_resolved")
     codes_resolved: int = 0
     forwards: int = 0
     unexplained: list[tuple[int, int, float]] = field(default_factory=list)
 
     @property
+    def worst(self) -> float:
+        return self.max_rel
+
+    @property
+    def limit(self) -> float:
+        return LIMIT
+
+    @property
     def passed(self) -> bool:
         return self.positions > 0 and not self.unexplained and self.max_rel <= LIMIT
+
+    @property
+    def first_failure(self) -> str | None:
+        return first_position(self, self.unexplained)
 
     def describe(self) -> str:
         head = (
@@ -97,11 +113,17 @@ class Resolved:
             "unexplained": [{"prompt": p, "position": t, "logit_max_rel": e} for p, t, e in self.unexplained],
         }
 
-
-def _rel(artifact: np.ndarray, simulated: np.ndarray) -> float:
-    scale = float(np.abs(simulated).max())
-    err = float(np.abs(artifact.astype(np.float64) - simulated).max())
-    return err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
+    def note(self) -> str:
+        head = (
+            f"Resolved prefill {self.verdict}: {self.positions} positions against the simulation run one token "
+            f"at a time, {self.codes_resolved} activation codes (or fp16 block scales) that sat on a rounding "
+            f"boundary (within float32 rounding) resolved to the side the artifact took: logit max rel "
+            f"{_num(self.max_rel)} (limit {_num(LIMIT)})"
+        )
+        if self.unexplained:
+            bad = ", ".join(f"prompt {p} position {t}" for p, t, _ in self.unexplained)
+            head += f"; no choice of such codes explains {bad}"
+        return f"{head}."
 
 
 def _kv_at(session: Session, layers: list[int], length: int) -> list[np.ndarray] | None:
@@ -124,11 +146,11 @@ def _kv_at(session: Session, layers: list[int], length: int) -> list[np.ndarray]
 def _error(artifact: np.ndarray, kv: list[np.ndarray] | None, t: int, result: tuple) -> float:
     """The position's error: its logits, and where the artifact's keys and values are known, theirs (each over
     its own largest magnitude at the position)."""
-    err = _rel(artifact[t], result[0][0, -1].numpy())
+    err = relative_error(artifact[t], result[0][0, -1].numpy())
     if kv is not None:
         sim_kv = [x for pair in zip(result[2], result[3], strict=True) for x in pair]
         for mine, theirs in zip(sim_kv, kv, strict=True):
-            err = max(err, _rel(theirs[:, t], mine[0, :, -1].numpy()))
+            err = max(err, relative_error(theirs[:, t], mine[0, :, -1].numpy()))
     return err
 
 
@@ -187,9 +209,7 @@ def resolve(session: Session, simulated: Any, prompts: list[np.ndarray]) -> Reso
         for m, form in zip(moe, forms, strict=True):
             m.form = form
     session.reset(1)
-    out.positions = len(errors)
-    out.max_rel = float(max(errors, default=0.0))
-    out.median_rel = float(np.median(errors)) if errors else 0.0
+    out.take(errors)
     return out
 
 
@@ -251,6 +271,14 @@ def _resolve_prompts(
             state = result[1:]
 
 
-def checks(result: Resolved) -> list[Check]:
-    """The report's exactness check (one row, `resolved_prefill`)."""
-    return [Check(SCENARIO, METRIC, result.max_rel, "<=", LIMIT, result.passed, note=result.describe())]
+def exact_row(inputs: ExactInputs) -> Resolved | None:
+    """The row of an artifact whose runtime rounds activations to int8 (`Backend.exact_row` of ONNX, ExecuTorch
+    and GGUF): its prompts resolved against the core simulation; None where no activation is rounded to int8,
+    or no core simulation runs (a backend's own simulation session)."""
+    from lfm_export.quant import RESOLVABLE_MODES, activation_modes
+
+    if inputs.simulated is None or inputs.activations in ("float", "native"):
+        return None
+    if not set(activation_modes(inputs.activations).values()) & set(RESOLVABLE_MODES):
+        return None
+    return resolve(inputs.session, inputs.simulated, inputs.prompts)

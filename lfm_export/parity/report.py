@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from lfm_export.parity.expert_ties import apart_note
 from lfm_export.parity.thresholds import POOLED, Gate
@@ -20,6 +21,10 @@ EXACTNESS = "exactness"
 QUALITY = "quality"
 """Part (b): the artifact (and the simulation) against the fp32 reference. A failure means the recipe is lossier
 than asked for."""
+
+EXACT_ROWS = ("resolved_prefill", "graph_prefill", "fp16_program_prefill")
+"""The exact rows' names (`ExactRow.name`): their keys under `exactness` in
+`parity.json` and the manifest's summary, in this order, each present and null where the run has no such row."""
 
 POOLED_SUMMARY = ("positions", "decisive", "kl_mean", "kl_p99", "top1_agreement", "top1_decisive")
 EXACT_SUMMARY = ("logit_max_rel", "logit_median_rel", "kl_mean", "kl_max", "top1_decisive", "state_max_rel")
@@ -72,6 +77,74 @@ class ScenarioResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+class ExactRow(ABC):
+    """One exact row's result (`lfm_export.parity.exact_row`): `name` is its report row and its key under `exactness` in `parity.json` (one of
+    `EXACT_ROWS`, whose keys the reports keep null where a run has no such row);
+    `runs` says what it runs against what; `positions` how many positions it compared; `worst` the largest
+    value of its headline `metric` and `limit` that metric's limit; `first_failure` where it first failed (a
+    position or an op), None where it passed; `to_json` its `parity.json` entry, `summary_keys` what of it the
+    manifest's summary keeps; `describe` its checks' note and `note` its paragraph in `parity.md`."""
+
+    name: ClassVar[str]
+    summary_keys: ClassVar[tuple[str, ...]]
+    positions: int
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuses a row the reports do not name: its key would be missing from every other run's JSON."""
+        super().__init_subclass__(**kwargs)
+        if "name" in vars(cls) and cls.name not in EXACT_ROWS:  # a shared base names none
+            raise TypeError(f"exact row {cls.name!r} is not one of lfm_export.parity.report.EXACT_ROWS")
+
+    @property
+    @abstractmethod
+    def metric(self) -> str: ...
+
+    @property
+    @abstractmethod
+    def runs(self) -> str: ...
+
+    @property
+    @abstractmethod
+    def worst(self) -> float | None: ...
+
+    @property
+    @abstractmethod
+    def limit(self) -> float: ...
+
+    @property
+    @abstractmethod
+    def passed(self) -> bool: ...
+
+    @property
+    @abstractmethod
+    def first_failure(self) -> str | None: ...
+
+    @abstractmethod
+    def describe(self) -> str: ...
+
+    @abstractmethod
+    def to_json(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def note(self) -> str: ...
+
+    @property
+    def verdict(self) -> str:
+        """`ok`, or `**FAIL**` (markdown), as the notes say it."""
+        return "ok" if self.passed else "**FAIL**"
+
+    def checks(self) -> list[Check]:
+        """The row's checks in the report: one, its headline metric against its limit."""
+        return [
+            Check(self.name, self.metric, self.worst, "<=", self.limit, self.passed, note=self.describe())
+        ]
+
+    def summary(self) -> dict[str, Any]:
+        """What the manifest's parity summary keeps of the row (`summary_keys` of `to_json`)."""
+        full = self.to_json()
+        return {k: full[k] for k in self.summary_keys}
+
+
 @dataclass
 class ParityResult:
     """Both parts of a parity run. `scenarios` are the exactness rows (the artifact against the simulation, or
@@ -96,19 +169,22 @@ class ParityResult:
     stored_weights: dict[str, Any] | None = None
     """The weights part of exactness (`lfm_export.parity.stored_weights.StoredWeights.to_json`); None where the
     backend reads no stored weights or the recipe quantizes none."""
-    resolved: dict[str, Any] | None = None
-    """The tight part of the `-a8` gates (`lfm_export.parity.boundary.Resolved.to_json`); None where the
-    runtime does not round activations to int8."""
-    graph: dict[str, Any] | None = None
-    """The artifact's graph on a reference runtime against the simulation (`lfm_export.parity.graph_row
-    .GraphRow.to_json`); None where the backend names no such runtime."""
-    fp16_program: dict[str, Any] | None = None
-    """The tight part of the `-fp16` gates where the Core ML interpreter runs the artifact
-    (`lfm_export.parity.fp16_program.ProgramResult.to_json`); None elsewhere."""
+    exact_rows: list[ExactRow] = field(default_factory=list)
+    """The exact rows of the run (`lfm_export.parity.exact_row`): at most one per backend's gate, none where it
+    names none or none applies (a streaming reference runs none)."""
 
     streaming: dict[str, Any] | None = None
     """The reference (and simulation) was streamed one layer at a time (`lfm_export.parity.streaming.
     StreamingReference.describe`): what it covers; None for the in-memory reference."""
+
+    def exact_row(self, name: str) -> ExactRow | None:
+        """The exact row `name` (one of `EXACT_ROWS`), None where the run has none."""
+        return next((row for row in self.exact_rows if row.name == name), None)
+
+    def exact(self, name: str) -> dict[str, Any] | None:
+        """The `parity.json` entry of the exact row `name`, None where the run has none."""
+        row = self.exact_row(name)
+        return None if row is None else row.to_json()
 
     def reference_json(self) -> dict[str, Any]:
         """How the reference was computed and which scenarios ran against it (skipped is not passed)."""
@@ -225,20 +301,7 @@ class ParityResult:
                 "stored_weights": None
                 if self.stored_weights is None
                 else {k: self.stored_weights[k] for k in ("passed", "artifact_rows", "rows_unmatched")},
-                "resolved_prefill": None
-                if self.resolved is None
-                else {
-                    k: self.resolved[k] for k in ("passed", "positions", "logit_max_rel", "codes_resolved")
-                },
-                "graph_prefill": None
-                if self.graph is None
-                else {k: self.graph[k] for k in ("passed", "positions", "values")},
-                "fp16_program_prefill": None
-                if self.fp16_program is None
-                else {
-                    k: self.fp16_program[k]
-                    for k in ("passed", "positions", "logit_max_rel", "state_max_rel", "differing_positions")
-                },
+                **{n: None if (row := self.exact_row(n)) is None else row.summary() for n in EXACT_ROWS},
                 "judged_apart": None if (apart := self.judged_apart()) is None else apart["count"],
             },
             QUALITY: {
@@ -322,9 +385,7 @@ def to_json(result: ParityResult) -> dict[str, Any]:
                 else {k: _json_num(v) for k, v in result.activation_rounding.items()}
             ),
             "stored_weights": result.stored_weights,
-            "resolved_prefill": result.resolved,
-            "graph_prefill": result.graph,
-            "fp16_program_prefill": result.fp16_program,
+            **{n: result.exact(n) for n in EXACT_ROWS},
             "judged_apart": result.judged_apart(),
         },
         QUALITY: {
@@ -481,50 +542,8 @@ def _stored_weights_note(result: ParityResult) -> list[str]:
     return [f"{head}. Detects {sw['detection_limit']}.", ""]
 
 
-def _graph_note(result: ParityResult) -> list[str]:
-    g = result.graph
-    if g is None:
-        return []
-    verdict = "ok" if g["passed"] else "**FAIL**"
-    values = ", ".join(f"{m} {_num(g['values'].get(m))} (limit {_num(v)})" for m, v in g["limits"].items())
-    where = f"; largest at {g['where']}" if g.get("where") else ""
-    return [
-        f"Graph prefill {verdict}: the artifact's graph run as written on {g['runtime']} against the simulation, "
-        f"one token at a time over {g['positions']} positions: {values}{where}.",
-        "",
-    ]
-
-
-def _resolved_note(result: ParityResult) -> list[str]:
-    r = result.resolved
-    if r is None:
-        return []
-    verdict = "ok" if r["passed"] else "**FAIL**"
-    head = (
-        f"Resolved prefill {verdict}: {r['positions']} positions against the simulation run one token at a "
-        f"time, {r['codes_resolved']} activation codes (or fp16 block scales) that sat on a rounding boundary "
-        f"(within float32 rounding) resolved to the side the artifact took: logit max rel {_num(r['logit_max_rel'])} (limit "
-        f"{_num(r['limit'])})"
-    )
-    if r["unexplained"]:
-        bad = ", ".join(f"prompt {u['prompt']} position {u['position']}" for u in r["unexplained"])
-        head += f"; no choice of such codes explains {bad}"
-    return [f"{head}.", ""]
-
-
-def _program_note(result: ParityResult) -> list[str]:
-    r = result.fp16_program
-    if r is None:
-        return []
-    verdict = "ok" if r["passed"] else "**FAIL**"
-    head = (
-        f"fp16 program prefill {verdict} (interpreter engine only; Core ML's own engines order sums otherwise "
-        f"and keep the scenario limits): {r['positions']} positions against the simulation rounded op by op as "
-        f"the interpreter runs the program: logit max rel {_num(r['logit_max_rel'])}, state max rel "
-        f"{_num(r['state_max_rel'])}, {r['differing_positions']} positions not bit-identical (limit "
-        f"{_num(r['limit'])})"
-    )
-    return [f"{head}.", ""]
+def _exact_notes(result: ParityResult) -> list[str]:
+    return [line for row in result.exact_rows for line in (row.note(), "")]
 
 
 def _greedy_note(result: ParityResult) -> str:
@@ -581,9 +600,7 @@ def to_markdown(result: ParityResult) -> str:
         *_apart_lines(result),
         *_rounding_note(result),
         *_stored_weights_note(result),
-        *_resolved_note(result),
-        *_graph_note(result),
-        *_program_note(result),
+        *_exact_notes(result),
         *_thresholds(result.gate),
         "",
         f"## (b) Quality: `{result.test_name}` against `{result.reference_name}` (fp32)",

@@ -15,16 +15,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lfm_export.contract.errors import UserError
-from lfm_export.parity.boundary import Resolved
-from lfm_export.parity.boundary import checks as resolved_checks
 from lfm_export.parity.expert_ties import RouterMargins, recorder_for
-from lfm_export.parity.fp16_program import ProgramResult
-from lfm_export.parity.fp16_program import checks as program_checks
-from lfm_export.parity.graph_row import GraphRow
-from lfm_export.parity.graph_row import checks as graph_checks
 from lfm_export.parity.metrics import greedy_match_length, logit_metrics, state_max_abs
 from lfm_export.parity.prompts import check_prompts, default_prompts
-from lfm_export.parity.report import EXACTNESS, QUALITY, Check, ParityResult, ScenarioResult
+from lfm_export.parity.report import EXACTNESS, QUALITY, Check, ExactRow, ParityResult, ScenarioResult
 from lfm_export.parity.snapshots import RESTORE_LIMIT, SNAPSHOTS, parity_snapshot_row
 from lfm_export.parity.stored_weights import StoredWeights
 from lfm_export.parity.stored_weights import checks as stored_weight_checks
@@ -561,10 +555,8 @@ def run_parity(
     metadata: dict[str, Any] | None = None,
     snapshots: bool = True,
     stored_weights: StoredWeights | Callable[[], StoredWeights] | None = None,
-    resolved: Resolved | None = None,
     streaming: StreamingReference | None = None,
-    graph: GraphRow | None = None,
-    program: ProgramResult | None = None,
+    exact_rows: Sequence[ExactRow] = (),
 ) -> ParityResult:
     """Run `scenarios` (default: all) on the sessions and check both parts of the verdict:
 
@@ -580,10 +572,8 @@ def run_parity(
     equals recomputing it (row `snapshots`, skipped where the runtime hides its state).
     `stored_weights` (the artifact's stored quantized weights against the simulation's,
     `lfm_export.parity.stored_weights.compare`, or a function giving it, called after the scenarios) adds its
-    checks to exactness, and so does `resolved` (the artifact against the simulation with undecided int8
-    activation codes resolved, `lfm_export.parity.boundary`), `graph` (the artifact's graph on a reference
-    runtime against the simulation, `lfm_export.parity.graph_row`) and `program` (a Core ML artifact run by
-    the interpreter against the simulation rounded op by op as the program is, `lfm_export.parity.fp16_program`).
+    checks to exactness, and so does each of `exact_rows` (`lfm_export.parity.exact_row`: the rows the backend's
+    gate computed, which the report also carries).
 
     `streaming`: the reference, simulation and rounding sessions are its recorders, computed one layer at a
     time after the scenarios ran (`lfm_export.parity.streaming`): the tokens fed after a prompt are then the
@@ -693,12 +683,8 @@ def run_parity(
         stored_weights = stored_weights()
     if stored_weights is not None:
         checks[:0] = stored_weight_checks(stored_weights)
-    if resolved is not None:
-        checks[:0] = resolved_checks(resolved)
-    if graph is not None:
-        checks[:0] = graph_checks(graph)
-    if program is not None:
-        checks[:0] = program_checks(program)
+    for row in exact_rows:
+        checks[:0] = row.checks()
     return ParityResult(
         recipe=gate.name if isinstance(recipe, Gate) else recipe,
         activation_rounding=noise,
@@ -715,7 +701,5 @@ def run_parity(
         recipe_loss=loss,
         stored_weights=None if stored_weights is None else stored_weights.to_json(),
         streaming=None if streaming is None else streaming.describe(),
-        resolved=None if resolved is None else resolved.to_json(),
-        graph=None if graph is None else graph.to_json(),
-        fp16_program=None if program is None else program.to_json(),
+        exact_rows=list(exact_rows),
     )

@@ -414,8 +414,9 @@ def test_honest_onnx_exports_pass_both_parts(artifacts, loaded, model: str, reci
     assert result.verdict().startswith("PASSED: exactness passed; quality passed")
     assert (result.simulation_name is None) == (recipe == "fp32")
     # int8 activations (accuracy_level 4, quantized recipes): the tight row, undecided codes resolved
-    assert (result.resolved is not None) == (recipe not in ("fp32", "fp16"))
-    assert result.resolved is None or result.resolved["logit_max_rel"] <= RESOLVED_LIMIT / 5, result.resolved
+    resolved = result.exact("resolved_prefill")
+    assert (resolved is not None) == (recipe not in ("fp32", "fp16"))
+    assert resolved is None or resolved["logit_max_rel"] <= RESOLVED_LIMIT / 5, resolved
     manifest = json.loads((folder / "manifest.json").read_text())
     summary = manifest["parity"]
     assert summary["passed"] and summary["recipe"] == recipe and summary["verdict"] == result.verdict()
@@ -460,7 +461,8 @@ def test_one_matrix_two_percent_off_fails_the_int4_a8_gate_through_onnxruntime(a
     result = _check(folder, other, scenarios=["prefill"])
     assert result.gate.name == "int4-a8" and not result.part_passed(EXACTNESS)
     assert "resolved_prefill" in {c.scenario for c in result.failures}
-    assert result.resolved["logit_max_rel"] >= 50 * RESOLVED_LIMIT, result.resolved
+    resolved = result.exact("resolved_prefill")
+    assert resolved["logit_max_rel"] >= 50 * RESOLVED_LIMIT, resolved
 
 
 def test_strict_quality_fails_only_quality(artifacts, loaded, tmp_path: Path):

@@ -86,6 +86,7 @@ BACKEND = Backend(
         ),
     ),
     simulation=simulation,
+    exact_row="lfm_export.parity.fp16_program:exact_row",
     weight_values=weight_values,
     stored_weights="lfm_export.backends.coreml.stored_weights:stored_weights",
     context_cost="The KV caches are fp16 Core ML states of that length (context x 2 x attention layers x KV "

@@ -99,6 +99,7 @@ BACKEND = Backend(
         Option("delegate", str, "xnnpack", "xnnpack | portable (fp32 only)."),
     ),
     simulation=simulation,
+    exact_row="lfm_export.parity.boundary:exact_row",
     weight_values=weight_values,
     stored_weights="lfm_export.backends.executorch.stored_weights:stored_weights",
     context_cost="The KV caches are static buffers of that length in the program (context x 2 x attention layers "

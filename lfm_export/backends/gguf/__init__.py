@@ -94,6 +94,7 @@ BACKEND = Backend(
     install="gguf",
     quant_default="f32",
     simulation=simulation,
+    exact_row="lfm_export.parity.boundary:exact_row",
     weight_values=weight_values,
     core_codes=True,
     stored_weights="lfm_export.backends.gguf.stored_weights:stored_weights",

@@ -70,6 +70,7 @@ BACKEND = Backend(
         *TABLE_OPTIONS,
     ),
     simulation=simulation,
+    exact_row="lfm_export.parity.boundary:exact_row",
     core_codes=True,
     mixes=True,
     stored_weights="lfm_export.backends.onnx.stored_weights:stored_weights",

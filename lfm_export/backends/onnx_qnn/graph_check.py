@@ -1,4 +1,4 @@
-"""The graph row of `onnx-qnn` (`Backend.graph_check`, `lfm_export.parity.graph_row`): the artifact's QDQ graph
+"""The graph row of `onnx-qnn` (`Backend.exact_row`, `lfm_export.parity.graph_row`): the artifact's QDQ graph
 on onnxruntime's CPU provider against the fake-quantized torch program, activation code by activation code.
 
 Every activation of the QDQ graph passes through a `QuantizeLinear`, which the torch program has too, in the same
@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from lfm_export.parity.exact_row import ExactInputs
 from lfm_export.parity.graph_row import GraphRow
 
 from .qdq import DATA_FILE, MODEL_FILE
@@ -44,6 +45,13 @@ COARSE_FLIPS = "coarse_codes_one_step_apart"
 QUANTIZE = "quantized_decomposed.quantize_per_tensor.default"
 COARSE = 255
 """The largest code of an 8-bit grid (the quantizer's `quant_max`)."""
+
+
+def exact_row(inputs: ExactInputs) -> GraphRow | None:
+    """The row parity adds (`Backend.exact_row`): `graph_check` against the backend's own simulation session."""
+    if inputs.simulation is None:
+        return None
+    return graph_check(inputs.folder, inputs.simulation, inputs.prompts, inputs.threads)
 
 
 def graph_check(folder: Path, simulation: Any, prompts: list[np.ndarray], threads: int = 1) -> GraphRow:

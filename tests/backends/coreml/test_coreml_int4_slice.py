@@ -92,7 +92,8 @@ def test_a_float_held_norm_x1_02_fails_the_fp16_program_row(sliced: dict[str, An
     judged = copy_artifact(sliced, "norm")
     result = check_artifact(judged, model, threads=2, progress=Progress(quiet=True), scenarios=["prefill"])
     assert result.stored_weights["passed"], result.stored_weights
-    assert not result.passed and result.fp16_program["over"], result.fp16_program
+    program = result.exact("fp16_program_prefill")
+    assert not result.passed and program["over"], program
     assert "fp16_program_prefill" in {c.scenario for c in result.failures}, result.verdict_line()
 
 

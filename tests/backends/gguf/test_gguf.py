@@ -105,8 +105,9 @@ def test_honest_passes_and_a_matrix_two_percent_off_fails(q4_0, tmp_path: Path) 
     honest = check_artifact(q4_0, threads=1, progress=Progress(quiet=True), scenarios=QUICK)
     assert honest.passed, [c.describe() for c in honest.failures]
     assert honest.gate.name == "q4_0"
-    assert honest.resolved is not None and honest.resolved["passed"], honest.resolved
-    assert honest.resolved["logit_max_rel"] < 2e-6 and honest.resolved["positions"] > 32
+    row = honest.exact("resolved_prefill")
+    assert row is not None and row["passed"], row
+    assert row["logit_max_rel"] < 2e-6 and row["positions"] > 32
     stored = honest.stored_weights  # every Q8_0 / Q4_0 row equals the simulation's, bit for bit
     assert stored is not None and stored["passed"] and stored["artifact_rows"] > 0, stored
     broken = tmp_path / "broken"
@@ -122,7 +123,8 @@ def test_honest_passes_and_a_matrix_two_percent_off_fails(q4_0, tmp_path: Path) 
     result = check_artifact(broken, threads=1, progress=Progress(quiet=True), scenarios=QUICK)
     assert not result.passed and not result.part_passed("exactness")
     assert list(result.stored_weights["unmatched"]) == ["blk.0.ffn_down.weight"], result.stored_weights
-    assert result.resolved is not None and not result.resolved["passed"], result.resolved
+    row = result.exact("resolved_prefill")
+    assert row is not None and not row["passed"], row
     assert "resolved_prefill" in {c.scenario for c in result.failures}
 
 
