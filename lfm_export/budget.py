@@ -334,7 +334,10 @@ def _sizes(
     """`[groups, offered]` stored bytes (inf where the group may not take the candidate)."""
     return np.array(
         [
-            [g.nbytes(b, bs, core.symmetric, recipe) if may_take(recipe or core, g, b, bs) else np.inf for b, bs in offered]
+            [
+                g.nbytes(b, bs, core.symmetric, recipe) if may_take(recipe or core, g, b, bs) else np.inf
+                for b, bs in offered
+            ]
             for g in found
         ]
     )
