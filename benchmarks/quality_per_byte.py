@@ -135,17 +135,25 @@ def safetensors_bytes(path: Path) -> int:
     return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
 
 
-def onnx_bytes(folder: Path) -> int:
+ROTARY_TABLES = ("cos_cache", "sin_cache")
+"""Name endings of the rotary cos / sin tables in an ONNX graph (ours `rotary.cos_cache`, the builder's
+`cos_cache`): counted in `weight_bytes` like every initializer, and reported apart as `rotary_bytes`."""
+
+
+def onnx_bytes(folder: Path) -> tuple[int, int]:
+    """(bytes of every initializer, bytes of the rotary tables among them)."""
     import onnx
 
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
-    total = 0
+    total = rotary = 0
     for t in graph.initializer:
         if t.data_location == onnx.TensorProto.EXTERNAL:
-            total += int({e.key: e.value for e in t.external_data}.get("length", 0))
+            n = int({e.key: e.value for e in t.external_data}.get("length", 0))
         else:
-            total += onnx.numpy_helper.to_array(t).nbytes
-    return total
+            n = onnx.numpy_helper.to_array(t).nbytes
+        total += n
+        rotary += n if t.name.endswith(ROTARY_TABLES) else 0
+    return total, rotary
 
 
 def gguf_bytes(path: Path) -> int:
@@ -158,10 +166,12 @@ MODEL_FILES = (".onnx", ".data", ".safetensors", ".gguf", ".pte", ".mlxfn")
 
 
 def sizes(folder: Path) -> dict[str, int]:
-    """`file_bytes` (the model files) and `weight_bytes` (the weight tensors as stored; a .pte whole)."""
+    """`file_bytes` (the model files) and `weight_bytes` (the weight tensors as stored; a .pte whole); ONNX also
+    `rotary_bytes` (the float32 rotary tables among the weight bytes)."""
     files = sum(f.stat().st_size for f in folder.iterdir() if f.suffix in MODEL_FILES)
     if (folder / "model.onnx").is_file():
-        weights = onnx_bytes(folder)
+        weights, rotary = onnx_bytes(folder)
+        return {"file_bytes": files, "weight_bytes": weights, "rotary_bytes": rotary}
     elif (folder / "model.gguf").is_file():
         weights = gguf_bytes(folder / "model.gguf")
     elif list(folder.glob("*.safetensors")):
