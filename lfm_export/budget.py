@@ -405,7 +405,7 @@ def plan(
         "float_bytes": int(floats),
         "backend_bytes": int(extra),
     }
-    # the name's precision word is the mix's fewest bits (int4 where a group holds 3: no name has fewer); every
+    # the name's precision word is the mix's fewest bits (int4 where a group holds 3 or 2: no name has fewer); every
     # quantized tensor is in a group, so the base bits hold no tensor
     fewest = max(min(b for _, b, _ in mix), min(WEIGHT_BITS))
     return core.with_options(bits=fewest, mix=mix), entry
