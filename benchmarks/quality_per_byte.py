@@ -7,7 +7,9 @@ weights, measured by one harness in one run with the same threads.
 (`LLAMA_SRC`: the `vendor/llama.cpp` folder of llama-cpp-python's sdist, as for `gguf_vs_llamacpp.py`;
 `--backends` picks backends, `--merge A.json --merge B.json` with no `--models` combines earlier runs: a later
 file's points of a model replace the earlier's of the same backend and recipe, each point keeping its run's
-date in `run_date`, the model's `runs` each run's provenance by that date.)
+date in `run_date`, the model's `runs` each run's provenance by that date; `--drop MODEL[:BACKEND]` removes
+a model or one backend's points after this command's merges: drop stale points from the earlier file in one
+command, then merge its output with the new runs in another.)
 
 Points, one function per backend and one per peer (`POINTS`), each returning artifact folders:
 
@@ -785,6 +787,20 @@ def merge_entry(models: dict[str, Any], name: str, entry: dict[str, Any]) -> Non
     models[name] = {**old, "points": points, "verdicts": verdicts(points), "runs": runs}
 
 
+def drop(models: dict[str, Any], spec: str) -> None:
+    """Remove `MODEL` (its whole entry) or `MODEL:BACKEND` (that backend's points; verdicts recomputed) from a
+    merged result: points measured on another checkpoint or by code that has since changed."""
+    name, _, backend = spec.partition(":")
+    if name not in models:
+        raise SystemExit(f"--drop {spec}: no model {name!r} in the merged runs")
+    if not backend:
+        del models[name]
+        return
+    entry = models[name]
+    points = [p for p in entry["points"] if p["backend"] != backend]
+    models[name] = {**entry, "points": points, "verdicts": verdicts(points)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=["tiny", "tiny-moe"])
@@ -812,6 +828,13 @@ def main() -> None:
         nargs="+",
         default=None,
         help="lfm-export points (NAME[+t4][@BUDGET]) instead of each backend's list",
+    )
+    ap.add_argument(
+        "--drop",
+        action="append",
+        default=[],
+        metavar="MODEL[:BACKEND]",
+        help="after the merges, remove a model's entry, or its points of one backend (stale points; repeatable)",
     )
     ap.add_argument("--reuse", action="store_true", help="keep artifacts an earlier run exported into --work")
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
@@ -847,6 +870,8 @@ def main() -> None:
         run = {k: v for k, v in earlier.items() if k != "models"}
         for name, entry in earlier["models"].items():
             merge_entry(results["models"], name, {**entry, "run": entry.get("run", run)})
+    for spec in args.drop:
+        drop(results["models"], spec)
     for model in args.models:
         ckpt = checkpoint_folder(model, args.work).resolve()
         work = args.work / Path(model).name
