@@ -7,8 +7,8 @@ weights, measured by one harness in one run with the same threads.
 (`LLAMA_SRC`: the `vendor/llama.cpp` folder of llama-cpp-python's sdist, as for `gguf_vs_llamacpp.py`;
 `--backends` picks backends, `--merge A.json --merge B.json` with no `--models` combines earlier runs: a later
 file's points of a model replace the earlier's of the same backend and recipe, each point keeping its run's
-date in `run_date`, the model's `runs` each run's provenance by that date; `--drop MODEL[:BACKEND]` removes
-a model or one backend's points after this command's merges: drop stale points from the earlier file in one
+date in `run_date`, the model's `runs` each run's provenance by that date; `--drop MODEL[:BACKEND[:RECIPE]]`
+removes a model, one backend's points or one point after this command's merges: drop stale points from the earlier file in one
 command, then merge its output with the new runs in another.)
 
 Points, one function per backend and one per peer (`POINTS`), each returning artifact folders:
@@ -788,16 +788,22 @@ def merge_entry(models: dict[str, Any], name: str, entry: dict[str, Any]) -> Non
 
 
 def drop(models: dict[str, Any], spec: str) -> None:
-    """Remove `MODEL` (its whole entry) or `MODEL:BACKEND` (that backend's points; verdicts recomputed) from a
-    merged result: points measured on another checkpoint or by code that has since changed."""
-    name, _, backend = spec.partition(":")
-    if name not in models:
-        raise SystemExit(f"--drop {spec}: no model {name!r} in the merged runs")
+    """Remove `MODEL` (its whole entry), `MODEL:BACKEND` (that backend's points) or `MODEL:BACKEND:RECIPE` (one
+    point) from a merged result, verdicts recomputed: points measured on another checkpoint or by code that has
+    since changed."""
+    name = next(
+        (m for m in sorted(models, key=len, reverse=True) if spec == m or spec.startswith(m + ":")), None
+    )
+    if name is None:
+        raise SystemExit(f"--drop {spec}: no such model in the merged runs ({', '.join(models)})")
+    backend, _, recipe = spec[len(name) + 1 :].partition(":")
     if not backend:
         del models[name]
         return
     entry = models[name]
-    points = [p for p in entry["points"] if p["backend"] != backend]
+    points = [
+        p for p in entry["points"] if not (p["backend"] == backend and (not recipe or p["recipe"] == recipe))
+    ]
     models[name] = {**entry, "points": points, "verdicts": verdicts(points)}
 
 
@@ -833,8 +839,8 @@ def main() -> None:
         "--drop",
         action="append",
         default=[],
-        metavar="MODEL[:BACKEND]",
-        help="after the merges, remove a model's entry, or its points of one backend (stale points; repeatable)",
+        metavar="MODEL[:BACKEND[:RECIPE]]",
+        help="after the merges, remove a model's entry, its points of one backend, or one point (repeatable)",
     )
     ap.add_argument("--reuse", action="store_true", help="keep artifacts an earlier run exported into --work")
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
