@@ -53,6 +53,8 @@ def main() -> None:
         p.update(sizes(folder))
         quality(p, loaded, pieces, args)
         p["budget"] = manifest.get("budget")
+        p["parity_verdict"] = (manifest.get("parity") or {}).get("verdict")
+        p["tool"] = manifest.get("tool")
         p["precision_mix"] = manifest["recipe"].get("mix")
         out["points"].append(p)
         c = p["corpus"]
