@@ -7,7 +7,9 @@ weights, measured by one harness in one run with the same threads.
 (`LLAMA_SRC`: the `vendor/llama.cpp` folder of llama-cpp-python's sdist, as for `gguf_vs_llamacpp.py`;
 `--backends` picks backends, `--merge A.json --merge B.json` with no `--models` combines earlier runs: a later
 file's points of a model replace the earlier's of the same backend and recipe, each point keeping its run's
-date in `run_date`, the model's `runs` each run's provenance by that date.)
+date in `run_date`, the model's `runs` each run's provenance by that date; `--drop MODEL[:BACKEND[:RECIPE]]`
+removes a model, one backend's points or one point after this command's merges: drop stale points from the earlier file in one
+command, then merge its output with the new runs in another.)
 
 Points, one function per backend and one per peer (`POINTS`), each returning artifact folders:
 
@@ -135,17 +137,25 @@ def safetensors_bytes(path: Path) -> int:
     return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
 
 
-def onnx_bytes(folder: Path) -> int:
+ROTARY_TABLES = ("cos_cache", "sin_cache")
+"""Name endings of the rotary cos / sin tables in an ONNX graph (ours `rotary.cos_cache`, the builder's
+`cos_cache`): counted in `weight_bytes` like every initializer, and reported apart as `rotary_bytes`."""
+
+
+def onnx_bytes(folder: Path) -> tuple[int, int]:
+    """(bytes of every initializer, bytes of the rotary tables among them)."""
     import onnx
 
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
-    total = 0
+    total = rotary = 0
     for t in graph.initializer:
         if t.data_location == onnx.TensorProto.EXTERNAL:
-            total += int({e.key: e.value for e in t.external_data}.get("length", 0))
+            n = int({e.key: e.value for e in t.external_data}.get("length", 0))
         else:
-            total += onnx.numpy_helper.to_array(t).nbytes
-    return total
+            n = onnx.numpy_helper.to_array(t).nbytes
+        total += n
+        rotary += n if t.name.endswith(ROTARY_TABLES) else 0
+    return total, rotary
 
 
 def gguf_bytes(path: Path) -> int:
@@ -158,10 +168,12 @@ MODEL_FILES = (".onnx", ".data", ".safetensors", ".gguf", ".pte", ".mlxfn")
 
 
 def sizes(folder: Path) -> dict[str, int]:
-    """`file_bytes` (the model files) and `weight_bytes` (the weight tensors as stored; a .pte whole)."""
+    """`file_bytes` (the model files) and `weight_bytes` (the weight tensors as stored; a .pte whole); ONNX also
+    `rotary_bytes` (the float32 rotary tables among the weight bytes)."""
     files = sum(f.stat().st_size for f in folder.iterdir() if f.suffix in MODEL_FILES)
     if (folder / "model.onnx").is_file():
-        weights = onnx_bytes(folder)
+        weights, rotary = onnx_bytes(folder)
+        return {"file_bytes": files, "weight_bytes": weights, "rotary_bytes": rotary}
     elif (folder / "model.gguf").is_file():
         weights = gguf_bytes(folder / "model.gguf")
     elif list(folder.glob("*.safetensors")):
@@ -775,6 +787,26 @@ def merge_entry(models: dict[str, Any], name: str, entry: dict[str, Any]) -> Non
     models[name] = {**old, "points": points, "verdicts": verdicts(points), "runs": runs}
 
 
+def drop(models: dict[str, Any], spec: str) -> None:
+    """Remove `MODEL` (its whole entry), `MODEL:BACKEND` (that backend's points) or `MODEL:BACKEND:RECIPE` (one
+    point) from a merged result, verdicts recomputed: points measured on another checkpoint or by code that has
+    since changed."""
+    name = next(
+        (m for m in sorted(models, key=len, reverse=True) if spec == m or spec.startswith(m + ":")), None
+    )
+    if name is None:
+        raise SystemExit(f"--drop {spec}: no such model in the merged runs ({', '.join(models)})")
+    backend, _, recipe = spec[len(name) + 1 :].partition(":")
+    if not backend:
+        del models[name]
+        return
+    entry = models[name]
+    points = [
+        p for p in entry["points"] if not (p["backend"] == backend and (not recipe or p["recipe"] == recipe))
+    ]
+    models[name] = {**entry, "points": points, "verdicts": verdicts(points)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=["tiny", "tiny-moe"])
@@ -802,6 +834,13 @@ def main() -> None:
         nargs="+",
         default=None,
         help="lfm-export points (NAME[+t4][@BUDGET]) instead of each backend's list",
+    )
+    ap.add_argument(
+        "--drop",
+        action="append",
+        default=[],
+        metavar="MODEL[:BACKEND[:RECIPE]]",
+        help="after the merges, remove a model's entry, its points of one backend, or one point (repeatable)",
     )
     ap.add_argument("--reuse", action="store_true", help="keep artifacts an earlier run exported into --work")
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
@@ -837,6 +876,8 @@ def main() -> None:
         run = {k: v for k, v in earlier.items() if k != "models"}
         for name, entry in earlier["models"].items():
             merge_entry(results["models"], name, {**entry, "run": entry.get("run", run)})
+    for spec in args.drop:
+        drop(results["models"], spec)
     for model in args.models:
         ckpt = checkpoint_folder(model, args.work).resolve()
         work = args.work / Path(model).name

@@ -10,9 +10,11 @@ group, so a backend can still fuse them.
 backend, `LOW_BIT_CANDIDATES` where the backend's format holds them; the rest of the model
 float32) and runs the fp32 model over the calibration text (`lfm_export.calibrate.calibration_ids`): the
 group's cost is the mean KL divergence of the next-token distribution from the fp32 model's over every
-position. The estimated KL of a mix is the sum of its groups' costs; its size counts the codes at their bits,
-one float32 scale per block (and a byte of zero point per block for `-asym`), and every float tensor at
-float32 (a tied table once). `choose` picks, by dynamic programming over the groups, the mix of least
+position. The estimated KL of a mix is the sum of its groups' costs; its size is the weight bytes the backend
+writes (`stored_bytes`: the recipe's `quantized_bytes` and `extra_bytes` where the backend's layout differs from
+the core count, e.g. MLX's float32 bias per group, ONNX's rotary tables and the tied table's second scales;
+otherwise codes at their bits, one float32 scale per block, a byte of zero point per block for `-asym`), every
+float tensor at float32 (a tied table once). `choose` picks, by dynamic programming over the groups, the mix of least
 estimated KL within a size, or the smallest within a KL. The mix becomes the recipe's `mix`
 (`lfm_export.precision.rules`), which the simulation and every backend read; the request, each group's
 costs and the choice are the manifest's `budget`.
@@ -41,9 +43,11 @@ from lfm_export.recipes import CALIBRATED_ROUNDINGS, WEIGHT_BITS, Recipe
 
 CANDIDATES = ((8, 32), (8, 64), (8, 128), (4, 32), (4, 64), (4, 128))
 """The precisions a group may take on every backend: (bits, block size)."""
-LOW_BIT_CANDIDATES = ((3, 64), (3, 128))
+LOW_BIT_CANDIDATES = ((3, 64), (3, 128), (2, 32), (2, 64), (2, 128))
 """Fewer-bit precisions a group may take where the backend's format holds them (its recipe's `mix_bits`: MLX's
-`quantized_matmul` takes 3 bits; ONNX's GatherBlockQuantized takes 4 and 8 only, and the tied table is a group)."""
+`quantized_matmul` takes 3 bits (the budget offers it no 2); onnxruntime 1.32's MatMulNBits and
+GatherBlockQuantized take 2, 4 and 8 bits, not 3). A recipe's `expert_bits` narrows what an MoE layer's experts
+may take (onnxruntime's QMoE: 4 and 8)."""
 MB = 1_000_000
 SIZE, KL = "size", "kl"
 UNITS = 4000
@@ -56,6 +60,15 @@ def candidates(recipe: Any) -> tuple[tuple[int, int], ...]:
     `CANDIDATES`, and the `LOW_BIT_CANDIDATES` whose bits the backend's recipe lists in `mix_bits`."""
     extra = getattr(recipe, "mix_bits", WEIGHT_BITS)
     return CANDIDATES + tuple(c for c in LOW_BIT_CANDIDATES if c[0] in extra)
+
+
+def may_take(recipe: Any, group: Group, bits: int, block: int) -> bool:
+    """Whether `group` may take `bits` in blocks of `block` under `recipe`: the block divides its rows, and an
+    MoE layer's experts take only the recipe's `expert_bits` (every bits where it lists none)."""
+    if not group.fits(block):
+        return False
+    experts = getattr(recipe, "expert_bits", None)
+    return experts is None or not group.name.endswith(".experts") or bits in experts
 
 
 class BudgetError(UserError):
@@ -98,11 +111,41 @@ class Group:
     def fits(self, block: int) -> bool:
         return all(shape[1] % block == 0 for shape in self.tensors.values())
 
-    def nbytes(self, bits: int, block: int, symmetric: bool) -> int:
-        per_block = 4 + (0 if symmetric else 1)
-        return sum(
-            int(np.prod(s)) * bits // 8 + int(np.prod(s)) // block * per_block for s in self.tensors.values()
-        )
+    def nbytes(self, bits: int, block: int, symmetric: bool, recipe: Any = None) -> int:
+        """Bytes the group's tensors take at `bits` in blocks of `block` as `recipe`'s backend writes them
+        (`stored_bytes`); the core count without one."""
+        tied = self.name == TABLE_GROUP
+        return sum(stored_bytes(recipe, s, bits, block, symmetric, tied) for s in self.tensors.values())
+
+
+TABLE_GROUP = "head+embedding"
+"""The group of a tied token table and lm_head (one tensor, held once)."""
+
+
+def core_bytes(shape: tuple[int, ...], bits: int, block: int, symmetric: bool) -> int:
+    """The core count of a quantized `[rows, K]` tensor: codes at `bits`, one float32 scale per block and, for
+    `-asym`, a byte of zero point per block."""
+    n = int(np.prod(shape))
+    return n * bits // 8 + n // block * (4 + (0 if symmetric else 1))
+
+
+def stored_bytes(
+    recipe: Any, shape: tuple[int, ...], bits: int, block: int, symmetric: bool, tied_table: bool = False
+) -> int:
+    """Bytes of one quantized tensor as `recipe`'s backend writes it: its `quantized_bytes(shape, bits, block,
+    symmetric, tied_table)` where the backend recipe has one (`tied_table`: the tied token table that also
+    serves as the lm_head), else `core_bytes`."""
+    own = getattr(recipe, "quantized_bytes", None)
+    if own is None:
+        return core_bytes(shape, bits, block, symmetric)
+    return int(own(shape, bits, block, symmetric, tied_table))
+
+
+def extra_bytes(recipe: Any, loaded: LoadedModel) -> int:
+    """Bytes of the weight tensors `recipe`'s backend writes that are not the checkpoint's (its
+    `extra_bytes(config)`: ONNX's rotary tables); 0 without one."""
+    own = getattr(recipe, "extra_bytes", None)
+    return 0 if own is None else int(own(loaded.config))
 
 
 def _group_of(name: str) -> tuple[str, str] | None:
@@ -153,9 +196,11 @@ def measure(
     text_file: Path | None = None,
     tokens: int | None = None,
     offered: tuple[tuple[int, int], ...] = CANDIDATES,
+    backend_recipe: Any = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """`[groups, offered]` mean KL (nats) against the fp32 model on the calibration text with one group
-    quantized at a time (inf where a candidate's block does not fit the group), and the text's description."""
+    quantized at a time (inf where the group may not take a candidate: `may_take` under `backend_recipe`, the
+    core `recipe` without one), and the text's description."""
     import torch
     from torch.func import functional_call
 
@@ -183,15 +228,16 @@ def measure(
         for ci, (bits, block) in enumerate(offered):
             # every group that fits at this candidate, the recipe's rounding (a calibrated one: its table for
             # this mix, the head's included)
+            takes = [may_take(backend_recipe or recipe, g, bits, block) for g in found]
             each = recipe.with_options(
-                mix=tuple((pat, bits, block) for g in found if g.fits(block) for pat in g.patterns)
+                mix=tuple((pat, bits, block) for g, ok in zip(found, takes) if ok for pat in g.patterns)
             )
             table = None
             if calibrated_recipe:
                 table, _ = calibrated_table(loaded, each, text_file, tokens or DEFAULT_TOKENS)
             with calibrated.active(table) if table is not None else nullcontext():
                 for gi, group in enumerate(found):
-                    if not group.fits(block):
+                    if not takes[gi]:
                         continue
                     replaced = {}
                     for name in group.tensors:
@@ -276,16 +322,44 @@ def check_size_floor(loaded: LoadedModel, recipe: Any, budget: Budget) -> None:
     """Refuse a size budget no mix of `recipe`'s `candidates` meets before measuring anything."""
     core = check_recipe(recipe)
     found, fixed = groups(loaded, core)
-    sizes = _sizes(found, core, candidates(recipe))
+    sizes = _sizes(found, core, candidates(recipe), recipe)
     costs = np.where(np.isfinite(sizes), 0.0, np.inf)
     if budget.kind == SIZE:
-        choose(costs, sizes, fixed, budget)
+        choose(costs, sizes, fixed + extra_bytes(recipe, loaded), budget)
 
 
-def _sizes(found: list[Group], core: Recipe, offered: tuple[tuple[int, int], ...]) -> np.ndarray:
+def _sizes(
+    found: list[Group], core: Recipe, offered: tuple[tuple[int, int], ...], recipe: Any = None
+) -> np.ndarray:
+    """`[groups, offered]` stored bytes (inf where the group may not take the candidate)."""
     return np.array(
-        [[g.nbytes(b, bs, core.symmetric) if g.fits(bs) else np.inf for b, bs in offered] for g in found]
+        [
+            [
+                g.nbytes(b, bs, core.symmetric, recipe) if may_take(recipe or core, g, b, bs) else np.inf
+                for b, bs in offered
+            ]
+            for g in found
+        ]
     )
+
+
+def weight_bytes(loaded: LoadedModel, recipe: Any) -> int:
+    """The weight bytes `recipe` (a backend's recipe, its mix or its one precision) writes for `loaded`, as the
+    budget counts them: every quantized tensor at the bits and block `lfm_export.precision` gives it
+    (`stored_bytes`), every float tensor at float32, and the backend's own tensors (`extra_bytes`)."""
+    from lfm_export.calibrate import core_recipe
+    from lfm_export.precision import block_as
+
+    core = core_recipe(recipe) or recipe
+    found, floats = groups(loaded, core)
+    total = floats + extra_bytes(recipe, loaded)
+    for g in found:
+        for name, shape in g.tensors.items():
+            bits = held_as(name, core)
+            assert bits is not None
+            block = block_as(name, core, shape[-1])
+            total += stored_bytes(recipe, shape, bits, block, core.symmetric, g.name == TABLE_GROUP)
+    return total
 
 
 def plan(
@@ -300,9 +374,11 @@ def plan(
     core = check_recipe(recipe)
     check_size_floor(loaded, recipe, budget)
     offered = candidates(recipe)
-    found, fixed = groups(loaded, core)
-    sizes = _sizes(found, core, offered)
-    costs, text = measure(loaded, core, found, text_file, tokens, offered)
+    found, floats = groups(loaded, core)
+    extra = extra_bytes(recipe, loaded)
+    fixed = floats + extra
+    sizes = _sizes(found, core, offered, recipe)
+    costs, text = measure(loaded, core, found, text_file, tokens, offered, recipe)
     chosen = choose(costs, sizes, fixed, budget)
     mix = tuple(
         (pattern, offered[c][0], offered[c][1]) for g, c in zip(found, chosen) for pattern in g.patterns
@@ -326,9 +402,10 @@ def plan(
         ],
         "estimated_kl": round(float(sum(costs[i, c] for i, c in enumerate(chosen))), 6),
         "estimated_bytes": int(fixed + sum(sizes[i, c] for i, c in enumerate(chosen))),
-        "float_bytes": int(fixed),
+        "float_bytes": int(floats),
+        "backend_bytes": int(extra),
     }
-    # the name's precision word is the mix's fewest bits (int4 where a group holds 3: no name has fewer); every
+    # the name's precision word is the mix's fewest bits (int4 where a group holds 3 or 2: no name has fewer); every
     # quantized tensor is in a group, so the base bits hold no tensor
     fewest = max(min(b for _, b, _ in mix), min(WEIGHT_BITS))
     return core.with_options(bits=fewest, mix=mix), entry

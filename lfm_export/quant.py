@@ -110,13 +110,14 @@ CHUNK_ELEMENTS = 1 << 23
 MSE_CHUNK_ELEMENTS = 1 << 20
 """The rounding search keeps a few chunk-sized temporaries per candidate, per thread: smaller chunks."""
 MSE_GRIDS = {
+    2: tuple(round(1.0 - 0.025 * i, 4) for i in range(21)),
     3: tuple(round(1.0 - 0.02 * i, 4) for i in range(21)),
     4: tuple(round(1.0 - 0.015 * i, 4) for i in range(21)),
     8: tuple(round(1.0 - 0.0015 * i, 4) for i in range(21)),
 }
 """Shrink factors of the block's extremes tried by `rounding="mse"` (and the calibrated searches of
-`lfm_export.rounding`), 21 per bit width: int3 (a precision mix's, `lfm_export.recipes.MIX_BITS`) 1.00 ... 0.60
-(not tuned: int4's range widened with the coarser step), int4 1.00 ... 0.70, int8 1.00 ... 0.97 (a 1.5% shrink already clips an int8 extreme by two steps, more than the rounding it saves).
+`lfm_export.rounding`), 21 per bit width: int2 and int3 (a precision mix's, `lfm_export.recipes.MIX_BITS`)
+1.00 ... 0.50 and 1.00 ... 0.60 (not tuned: int4's range widened with the coarser step), int4 1.00 ... 0.70, int8 1.00 ... 0.97 (a 1.5% shrink already clips an int8 extreme by two steps, more than the rounding it saves).
 Measured on Student-t (4 dof) weights `[1024, 1024]`, block 64, weight squared error against plain rounding:
 int4 -9.0% (symmetric) / -6.4% (asymmetric), int8 -1.9% / -1.6%."""
 

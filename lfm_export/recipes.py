@@ -39,9 +39,10 @@ from lfm_export.contract.errors import UnsupportedError
 
 FLOAT_DTYPES = ("fp32", "fp16", "bf16")
 WEIGHT_BITS = (4, 8)
-MIX_BITS = (3, *WEIGHT_BITS)
-"""Bits a precision mix's group may hold (`Recipe.mix`): the recipe bits, and 3 where a backend's format holds it
-(`lfm_export.budget.candidates`: MLX's `quantized_matmul`); a recipe's own bits are `WEIGHT_BITS`."""
+MIX_BITS = (2, 3, *WEIGHT_BITS)
+"""Bits a precision mix's group may hold (`Recipe.mix`): the recipe bits, and 2 or 3 where a backend's format holds
+them (`lfm_export.budget.candidates`: 3 on MLX's `quantized_matmul`, 2 on onnxruntime's MatMulNBits); a recipe's
+own bits are `WEIGHT_BITS`."""
 BLOCK_SIZES = (32, 64, 128)
 PER_CHANNEL = 0
 """`block_size` of a per-output-channel recipe (`-pc`): one block spans a weight's whole input dimension.

@@ -59,12 +59,14 @@ def test_candidates_are_what_the_backend_format_holds() -> None:
     from lfm_export.budget import CANDIDATES, candidates
 
     assert {(8, 64), (8, 128), (4, 128)} <= set(CANDIDATES)
-    assert candidates(get("onnx").recipe("int4", 64)) == CANDIDATES  # GatherBlockQuantized: 4 and 8 bits
+    # onnxruntime 1.32's MatMulNBits / GatherBlockQuantized: 2, 4 and 8 bits (3 refused); portable: 4 and 8
+    assert candidates(get("onnx").recipe("int4", 64)) == (*CANDIDATES, (2, 32), (2, 64), (2, 128))
+    assert candidates(get("onnx").recipe("int4", 64, ops="portable")) == CANDIDATES
     assert candidates(get("mlx").recipe("int4", 64)) == (*CANDIDATES, (3, 64), (3, 128))
     three = parse_recipe("int4-b64").with_options(mix=(("layers.1.feed_forward", 3, 128),))
     assert three.gate_family == "int4" and held_as("model.layers.1.feed_forward.w2.weight", three) == 3
     with pytest.raises(UnsupportedError, match="no block precision"):
-        parse_recipe("int4-b64").with_options(mix=(("layers.1.feed_forward", 2, 128),))
+        parse_recipe("int4-b64").with_options(mix=(("layers.1.feed_forward", 5, 128),))
 
 
 def test_budget_text_is_checked() -> None:
@@ -134,7 +136,7 @@ def test_impossible_budget_is_refused_before_writing(tmp_path: Path) -> None:
             "tiny",
             out,
             get("onnx").recipe("int4", 64),
-            budget="size=0.5",
+            budget="size=0.4",  # every group at int2-b128: 0.45 MB
             progress=Progress(quiet=True),
         )
     assert not out.exists()

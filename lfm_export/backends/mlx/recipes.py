@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
+
 from lfm_export.contract.errors import UnsupportedError
 from lfm_export.recipes import ACT_FLOAT, ACT_NATIVE, Recipe, parse_recipe, with_tables
 
@@ -41,6 +43,15 @@ class MlxRecipe:
     mix_bits: ClassVar[tuple[int, ...]] = (3, 4, 8)
     """Bits a group of a precision mix may take (`lfm_export.budget.candidates`): `quantized_matmul` and
     `gather_qmm` take 2-6 and 8 bits; the budget offers 3 below the recipes' 4."""
+
+    def quantized_bytes(
+        self, shape: tuple[int, ...], bits: int, block: int, symmetric: bool, tied_table: bool
+    ) -> int:
+        """Safetensors bytes of a quantized `[rows, K]` weight as mlx-lm holds it: codes as one bit stream per
+        row in uint32 words, a float32 scale and a float32 bias per group (symmetric or not); a tied table is
+        one tensor (`tied_table` adds nothing)."""
+        rows, k = int(np.prod(shape[:-1])), int(shape[-1])
+        return rows * -(-k * bits // 32) * 4 + rows * (k // block) * 8
 
     def __post_init__(self) -> None:
         r = self.recipe

@@ -9,7 +9,8 @@ Quantization: `lfm_export.quant.quantize_weight` (every rounding choice is docum
 time; this module only packs its codes into the op forms below.
 
 Op forms:
-- `ort`: `com.microsoft.MatMulNBits` (B `[N, blocks, block_size * bits / 8]`, low nibble first); the embedding is
+- `ort`: `com.microsoft.MatMulNBits` (B `[N, blocks, block_size * bits / 8]`, first code in the lowest bits:
+  `pack_codes`; 2, 4 or 8 bits, what onnxruntime 1.32's CPU kernel takes; 2 only in a `--budget` mix); the embedding is
   `com.microsoft.GatherBlockQuantized` over the same packed table as a tied lm_head (only its scales are stored
   twice, `[V, blocks, 1]`), or over its own table when untied. A fused `com.microsoft.MoE` becomes `QMoE`
   with the same per-expert packing. Linears that read the same activation (q/k/v; w1/w3) become one
@@ -47,15 +48,33 @@ finds (the graph input's `Gather`)."""
 # ---- packing -------------------------------------------------------------------------------------------------
 
 
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned `bits`-bit codes packed along the last axis, first code in the lowest bits of each byte
+    (MatMulNBits' and GatherBlockQuantized's layout: 4 bits two a byte, 2 bits four a byte; 8 bits as they are),
+    a short last byte padded with 0."""
+    if bits == 8:
+        return codes.astype(np.uint8)
+    if bits == 4:
+        return pack_nibbles(codes)
+    if bits != 2:
+        raise ValueError(f"MatMulNBits packs 2, 4 or 8 bits, not {bits}")
+    per = 8 // bits
+    pad = -codes.shape[-1] % per
+    if pad:
+        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], pad), codes.dtype)], -1)
+    groups = codes.astype(np.uint8).reshape(*codes.shape[:-1], -1, per)
+    out = np.zeros(groups.shape[:-1], np.uint8)
+    for i in range(per):
+        out |= groups[..., i] << (bits * i)
+    return out
+
+
 def matmulnbits_tensors(q: Quantized) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(B `[N, blocks, blob]`, scales `[N, blocks]`, packed zero points or None) for `MatMulNBits`."""
     n, k = q.codes.shape
     nb = k // q.block_size
-    blocks = q.codes.reshape(n, nb, q.block_size)
-    b = pack_nibbles(blocks) if q.bits == 4 else blocks
-    zp = None
-    if q.zero_points is not None:
-        zp = pack_nibbles(q.zero_points) if q.bits == 4 else q.zero_points
+    b = pack_codes(q.codes.reshape(n, nb, q.block_size), q.bits)
+    zp = None if q.zero_points is None else pack_codes(q.zero_points, q.bits)
     return b, q.scales, zp
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
+
+import numpy as np
 
 from lfm_export.config import Lfm2Config
 from lfm_export.contract.errors import UnsupportedError
@@ -107,6 +109,42 @@ class OnnxRecipe:
 
     def context(self, cfg: Lfm2Config) -> int:
         return self.recipe.context(cfg)
+
+    # ---- what a precision mix may hold, and its bytes as written (`lfm_export.budget`) ----------------------
+    @property
+    def mix_bits(self) -> tuple[int, ...]:
+        """Bits a group of a precision mix may take: onnxruntime 1.32's MatMulNBits and GatherBlockQuantized
+        take 2, 4 and 8 (3 is refused at session creation); `portable`'s DequantizeLinear here packs 4 and 8."""
+        return (2, 4, 8) if self.ops == ORT else (4, 8)
+
+    expert_bits: ClassVar[tuple[int, ...]] = (4, 8)
+    """Bits an MoE layer's experts may take in a mix: QMoE's `expert_weight_bits`."""
+
+    def quantized_bytes(
+        self, shape: tuple[int, ...], bits: int, block: int, symmetric: bool, tied_table: bool
+    ) -> int:
+        """Initializer bytes of a quantized `[rows, K]` weight as `quantize.py` writes it: codes packed
+        `block * bits / 8` bytes a block, float32 scales `[rows, blocks]`, zero points packed like the codes
+        (`-asym`). A tied table (`tied_table`) also feeds the embedding lookup: with `ort` GatherBlockQuantized
+        reads the lm_head's packed codes and holds its own scales (and unpacked zero points); with `portable`
+        the lookup is its own int8 table in the same blocks."""
+        rows, k = int(np.prod(shape[:-1])), int(shape[-1])
+        blocks = k // block
+        total = rows * blocks * (block * bits // 8) + rows * blocks * 4
+        if not symmetric:
+            total += rows * -(-blocks * bits // 8)
+        if tied_table and self.ops == ORT:
+            total += rows * blocks * (4 + (0 if symmetric else 1))
+        elif tied_table:
+            total += rows * k + rows * blocks * (4 + (0 if symmetric else 1))
+        return total
+
+    def extra_bytes(self, cfg: Lfm2Config) -> int:
+        """Weight bytes the export adds to the checkpoint's: with `ort`, GroupQueryAttention's float32 rotary
+        cos / sin tables, `[context, head_dim / 2]` each, where the model has attention layers."""
+        if self.ops != ORT or not cfg.attn_layers:
+            return 0
+        return 2 * self.context(cfg) * (cfg.head_dim // 2) * 4
 
     def check_model(self, cfg: Lfm2Config, weight_shapes: dict[str, tuple[int, ...]]) -> None:
         self.recipe.check_model(cfg, weight_shapes)

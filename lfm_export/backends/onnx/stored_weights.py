@@ -72,10 +72,12 @@ def _input(node: Any, i: int, array: Any) -> np.ndarray | None:
 
 
 def _unpack(packed: np.ndarray, bits: int, rows: int, count: int) -> np.ndarray:
-    """Unsigned codes `[rows, count]` from bytes `[rows, ...]` (4 bits: two codes a byte, low nibble first)."""
+    """Unsigned codes `[rows, count]` from bytes `[rows, ...]` (4 bits: two codes a byte, 2 bits: four, the
+    first in the lowest bits)."""
     b = np.ascontiguousarray(packed, dtype=np.uint8).reshape(rows, -1)
-    if bits == 4:
-        b = np.stack([b & 0x0F, b >> 4], -1).reshape(rows, -1)
+    if bits in (2, 4):
+        mask = (1 << bits) - 1
+        b = np.stack([(b >> (bits * i)) & mask for i in range(8 // bits)], -1).reshape(rows, -1)
     elif bits != 8:
         raise ValueError(f"{bits}-bit weights are not read")
     return b[:, :count]

@@ -51,6 +51,26 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str],
     return out
 
 
+def _safetensors_bytes(folder: Path) -> int:
+    """Bytes of the tensors of `folder/model.safetensors` (its header read)."""
+    with open(folder / "model.safetensors", "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-moe"])
+def test_budget_counts_the_bytes_the_folder_holds(artifacts, model) -> None:
+    """`--budget size=`'s count of a recipe (`lfm_export.budget.weight_bytes`: codes, float32 scales and the
+    float32 bias mlx-lm keeps per group, float tensors, MoE experts stacked) is the safetensors' tensor bytes."""
+    from lfm_export.budget import weight_bytes
+    from lfm_export.loading import load_model
+
+    recipe = make_recipe("int4", max_seq_len=CONTEXT, max_prefill=PREFILL)
+    assert weight_bytes(load_model(model, lazy=True), recipe) == _safetensors_bytes(
+        artifacts[(model, "int4")]
+    )
+
+
 @pytest.mark.parametrize("case", CASES, ids=[f"{m}-{q}" for m, q in CASES])
 def test_export_passes_parity(artifacts, case) -> None:
     folder = artifacts[case]
@@ -501,6 +521,10 @@ def test_three_bit_mix_passes_parity_loads_in_mlx_lm_and_a_wrong_group_fails(tmp
     assert outcome.passed, outcome.manifest["parity"]
     stored = json.loads((folder / "parity" / "parity.json").read_text())["exactness"]["stored_weights"]
     assert stored["passed"], stored
+    from lfm_export.budget import weight_bytes
+    from lfm_export.loading import load_model
+
+    assert weight_bytes(load_model("tiny", lazy=True), MlxRecipe(core, PREFILL)) == _safetensors_bytes(folder)
     cfg = json.loads((folder / "config.json").read_text())["quantization"]
     assert cfg["model.layers.0.conv.in_proj"] == {"group_size": 64, "bits": 3}
     assert cfg["model.layers.1.feed_forward.w2"] == {"group_size": 128, "bits": 3}

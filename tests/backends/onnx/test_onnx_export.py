@@ -567,6 +567,64 @@ def test_budgeted_mix_is_held_per_group_and_matches_its_simulation(dense, tmp_pa
     assert max(float(np.abs(g - o).max()) for g, o in zip(got, other)) > 1e-2
 
 
+def test_two_bit_mix_is_exact_read_back_and_counted_as_written(dense, tmp_path: Path) -> None:
+    """A mix with 2-bit groups (what `--budget` may choose on ONNX: onnxruntime 1.32's MatMulNBits and
+    GatherBlockQuantized take 2 bits), the tied table among them: onnxruntime's logits equal the mix's
+    simulation and not the all-int4 one's, the stored-weights read gives every 2-bit row bit for bit, and the
+    budget's byte count (`lfm_export.budget.weight_bytes`) is the bytes of the written weight initializers."""
+    import onnx
+
+    from lfm_export.backends.onnx.stored_weights import stored_weights
+    from lfm_export.budget import weight_bytes
+    from lfm_export.quant import quantize_weight
+
+    loaded, traced = dense
+    core = parse_core_recipe("int4-b32").with_options(
+        head_bits=4,
+        embedding_bits=4,
+        mix=(
+            ("model.embed_tokens.weight", 2, 64),
+            ("lm_head.weight", 2, 64),
+            ("layers.0.conv", 2, 32),
+            ("layers.1.self_attn", 4, 64),
+            ("layers.1.feed_forward", 2, 64),
+            ("layers.2.feed_forward", 8, 64),
+        ),
+    )
+    recipe = make_recipe(max_seq_len=MAX_SEQ, accuracy_level=0)
+    recipe = type(recipe)(core, recipe.ops, 0)
+    folder = tmp_path / "onnx"
+    result = export_onnx(loaded, folder, recipe, traced=traced)
+    assert "GatherBlockQuantized int2 b64" in result.extra["weights"]["embedding"]
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    bits = {
+        n.input[1]: {a.name: a.i for a in n.attribute}["bits"]
+        for n in graph.node
+        if n.op_type == "MatMulNBits"
+    }
+    assert bits["model.layers.1.feed_forward.w1+w3.qweight"] == 2 and 8 in bits.values()
+    ref = simulate(loaded.model, core, "float")
+    worst, _, got, _ = _run_both(_session(folder, accuracy_level=0), result.signature, ref)
+    assert worst <= 1e-4, worst
+    plain = simulate(loaded.model, core.with_options(mix=()), "float")
+    _, _, _, other = _run_both(_session(folder, accuracy_level=0), result.signature, plain)
+    assert max(float(np.abs(g - o).max()) for g, o in zip(got, other)) > 1e-2
+    stored = dict(stored_weights(folder))
+    w2 = loaded.model.state_dict()["model.layers.1.feed_forward.w2.weight"].numpy()
+    want = quantize_weight(w2, core, 2, block=64).dequantize()
+    assert np.array_equal(stored["model.layers.1.feed_forward.w2.qweight"], want)
+    table = loaded.model.state_dict()["model.embed_tokens.weight"].numpy()
+    want = quantize_weight(table, core, 2, block=64).dequantize()
+    (gathered,) = (v for k, v in stored.items() if k.endswith("(GatherBlockQuantized)"))
+    assert np.array_equal(gathered, want)
+    weights = sum(
+        onnx.numpy_helper.to_array(t, base_dir=str(folder)).nbytes
+        for t in onnx.load(str(folder / "model.onnx")).graph.initializer
+        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.UINT8)  # not the int64 shape constants
+    )
+    assert weight_bytes(loaded, recipe) == weights
+
+
 # ---- the token table and the lm_head at 4 bits (`--head-bits 4 --embedding-quant 4`) -----------------------
 
 
