@@ -195,7 +195,7 @@ def htp_broken_session(folder: Path, kind: str, threads: int) -> Any:
     the cached ones; the slot skipped stays zero and unmasked), as a runtime that miscounts the position would."""
     import numpy as np
 
-    from lfm_export.contract.errors import SessionError
+    from lfm_export.contract.session import SessionError
     from lfm_export.runtime.qnn import QnnSession
 
     class DropsConvState(QnnSession):
