@@ -192,7 +192,8 @@ def htp_broken_session(folder: Path, kind: str, threads: int) -> Any:
     """The `onnx-qnn` artifact's own emulated-HTP session (`lfm_export.runtime.qnn.QnnSession`) with the runtime
     bug `kind`: `dropped_conv_state` zeroes its conv state after every call; `kv_off_by_one` feeds every call
     after a sequence's first one position later (its keys and queries rotated, and written, one slot later than
-    the cached ones; the slot skipped stays zero and unmasked), as a runtime that miscounts the position would."""
+    the cached ones; the slot skipped stays zero and unmasked), as a runtime that miscounts the position would,
+    and declares a context one shorter so that the shifted positions stay within the cache."""
     import numpy as np
 
     from lfm_export.contract.session import SessionError
@@ -220,6 +221,8 @@ def htp_broken_session(folder: Path, kind: str, threads: int) -> Any:
     cls: Any = {"dropped_conv_state": DropsConvState, "kv_off_by_one": KvOneOff}[kind]
     session = cls(folder, threads=threads)
     session.name = f"qnn-htp-{kind}"
+    if kind == "kv_off_by_one" and session.max_seq_len is not None:
+        session.max_seq_len -= 1  # the scenarios fit their prompts to it: the skipped slot stays in the cache
     return session
 
 
