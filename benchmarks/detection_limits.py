@@ -573,6 +573,9 @@ def _cell(entry: dict[str, Any] | None) -> str:
     """`caught` / `NOT caught` by the logits checks, and whether the stored weights catch what they miss."""
     if entry is None:
         return "n/a"
+    failed = [f for f in entry.get("failed", []) if not f.startswith(STORED)]
+    if failed and all(f.endswith(":error") for f in failed):
+        return "session error (" + ", ".join(failed) + ")"
     if not entry["passed"]:
         return "caught"
     sw = entry.get("stored_weights") or {}
