@@ -210,7 +210,7 @@ def htp_broken_session(folder: Path, kind: str, threads: int) -> Any:
         def _prefill(self, ids: np.ndarray) -> np.ndarray:
             if self._position == 0:
                 return super()._prefill(ids)
-            if self.max_seq_len is not None and self._position + 1 + ids.shape[1] > self.max_seq_len:
+            if self._position + 1 + ids.shape[1] > self.slots:
                 raise SessionError(f"{self.name}: the shifted position runs past the context")
             self._position += 1
             try:
@@ -221,8 +221,10 @@ def htp_broken_session(folder: Path, kind: str, threads: int) -> Any:
     cls: Any = {"dropped_conv_state": DropsConvState, "kv_off_by_one": KvOneOff}[kind]
     session = cls(folder, threads=threads)
     session.name = f"qnn-htp-{kind}"
-    if kind == "kv_off_by_one" and session.max_seq_len is not None:
-        session.max_seq_len -= 1  # the scenarios fit their prompts to it: the skipped slot stays in the cache
+    if kind == "kv_off_by_one":
+        # the static cache's length; the scenarios fit their prompts to one less, so the skipped slot fits
+        session.slots = int(session.signature.max_seq_len)
+        session.max_seq_len = session.slots - 1
     return session
 
 
