@@ -36,9 +36,17 @@ state bug shows; the honest artifact is checked on them too, `honest_wrong_scena
 - `dropped_conv_state`, `kv_off_by_one`: the broken sessions of tests/broken_sessions.py over the backend's own
   simulation (its weight values and activation rounding), checked in the runtime shim's place under the
   artifact's gate (`check_artifact(session=...)`; hiding their state where the shim exposes none, as
-  ExecuTorch's and GGUF's do): what the gate catches of such a runtime bug, not the runtime itself;
+  ExecuTorch's and GGUF's do): what the gate catches of such a runtime bug, not the runtime itself. On
+  `onnx-qnn`, whose simulation is the fake-quantized program (`simulation_session`) and not a core recipe, the
+  bug is put into the artifact's own runtime session instead (`htp_broken_session`: the emulated HTP with its
+  conv state zeroed after every call, or every call after a sequence's first fed one position later), so the
+  check carries the HTP's own distance from the program as well;
 - `routing_scale_dropped` (MoE models whose `routed_scaling_factor` is not 1): a real artifact exported from a
   copy of the checkpoint whose config says 1, checked against the original, through the real runtime.
+
+`--merge` adds the `--wrong` columns to the rows `--out` already holds (same `--runs`, reusing the exports in
+`--work` or making them anew): the matrices and the honest check stay as they were, each new column records its
+own scenarios and provenance (`added`), and the honest artifact is checked again on the new `--wrong-scenarios`.
 
 `--markdown [FILE ...]` prints the table docs/parity.md holds, of `--out` or of the files given.
 """
@@ -178,6 +186,46 @@ def broken_session(folder: Path, model: str, kind: str, threads: int) -> Any:
     if real.state() is None:
         cls = type(cls.__name__, (cls,), {"state": lambda self: None})
     return cls(simulated, name=kind, max_seq_len=real.max_seq_len)
+
+
+def htp_broken_session(folder: Path, kind: str, threads: int) -> Any:
+    """The `onnx-qnn` artifact's own emulated-HTP session (`lfm_export.runtime.qnn.QnnSession`) with the runtime
+    bug `kind`: `dropped_conv_state` zeroes its conv state after every call; `kv_off_by_one` feeds every call
+    after a sequence's first one position later (its keys and queries rotated, and written, one slot later than
+    the cached ones; the slot skipped stays zero and unmasked), as a runtime that miscounts the position would,
+    and declares a context one shorter so that the shifted positions stay within the cache."""
+    import numpy as np
+
+    from lfm_export.contract.session import SessionError
+    from lfm_export.runtime.qnn import QnnSession
+
+    class DropsConvState(QnnSession):
+        def _prefill(self, ids: np.ndarray) -> np.ndarray:
+            out = super()._prefill(ids)
+            conv = {s.name for s in self._state_specs if s.role == "conv"}
+            self._state = {k: np.zeros_like(v) if k in conv else v for k, v in self._state.items()}
+            return out
+
+    class KvOneOff(QnnSession):
+        def _prefill(self, ids: np.ndarray) -> np.ndarray:
+            if self._position == 0:
+                return super()._prefill(ids)
+            if self._position + 1 + ids.shape[1] > self.slots:
+                raise SessionError(f"{self.name}: the shifted position runs past the context")
+            self._position += 1
+            try:
+                return super()._prefill(ids)
+            finally:
+                self._position -= 1
+
+    cls: Any = {"dropped_conv_state": DropsConvState, "kv_off_by_one": KvOneOff}[kind]
+    session = cls(folder, threads=threads)
+    session.name = f"qnn-htp-{kind}"
+    if kind == "kv_off_by_one":
+        # the static cache's length; the scenarios fit their prompts to one less, so the skipped slot fits
+        session.slots = int(session.signature.max_seq_len)
+        session.max_seq_len = session.slots - 1
+    return session
 
 
 def _export(backend: str, quant: str, model: str, folder: Path, threads: int) -> None:
@@ -355,6 +403,11 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path)
     ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="add the --wrong columns to the rows --out holds (module doc)",
+    )
+    ap.add_argument(
         "--markdown",
         nargs="*",
         type=Path,
@@ -374,6 +427,9 @@ def main() -> None:
     from lfm_export.loading import load_model
 
     torch.set_num_threads(args.threads)
+    if args.merge:
+        merge(args)
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
@@ -442,6 +498,46 @@ def main() -> None:
     print(markdown([result]))
 
 
+def merge(args: argparse.Namespace) -> None:
+    """`--merge`: the `--wrong` columns of each of `--runs` added to its row in `--out` (module doc), the file
+    rewritten after each run; the file's own header stays that of the run that made it."""
+    result = json.loads(args.out.read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        for run in args.runs:
+            backend, quant, name = run.split(":")
+            row = next(
+                (
+                    r
+                    for r in result["rows"]
+                    if (r["backend"], r["recipe"], r["model"]) == (backend, quant, name)
+                ),
+                None,
+            )
+            if row is None:
+                raise SystemExit(f"{args.out}: no row for {run} to merge into")
+            model = resolve_model(name, work)
+            folder = work / f"{backend}-{quant}-{name}"
+            _export(backend, quant, model, folder, args.threads)
+            start = time.perf_counter()
+            layer = row["layer"]
+            honest = check(folder, model, layer, None, 1.0, args.threads, args.wrong_scenarios)
+            added = {**provenance(), "kinds": list(args.wrong), "wrong_scenarios": args.wrong_scenarios}
+            row.setdefault("wrong", {})
+            for kind in args.wrong:
+                entry = wrong(kind, backend, quant, name, model, folder, layer, work, args)
+                row["wrong"][kind] = (
+                    None if entry is None else {**entry, "wrong_scenarios": args.wrong_scenarios}
+                )
+            added["honest_wrong_scenarios"] = honest
+            added["seconds"] = round(time.perf_counter() - start, 1)
+            added["load_average"] = provenance()["load_average"]  # at the end of the run, as the header's
+            row.setdefault("added", []).append(added)
+            print(json.dumps({"run": run, "seconds": added["seconds"]}), flush=True)
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(markdown([result]))
+
+
 def wrong(
     kind: str,
     backend: str,
@@ -460,7 +556,10 @@ def wrong(
         other = resolve_model(f"{name}-other", work)
         return check(folder, other, layer, None, 1.0, threads, scenarios)
     if kind in ("dropped_conv_state", "kv_off_by_one"):
-        session = broken_session(folder, model, kind, threads)
+        if backend == "onnx-qnn":
+            session = htp_broken_session(folder, kind, threads)
+        else:
+            session = broken_session(folder, model, kind, threads)
         return check(folder, model, layer, None, 1.0, threads, scenarios, session=session)
     if kind == "routing_scale_dropped":
         unscaled = without_routing_scale(name, work)
@@ -476,6 +575,9 @@ def _cell(entry: dict[str, Any] | None) -> str:
     """`caught` / `NOT caught` by the logits checks, and whether the stored weights catch what they miss."""
     if entry is None:
         return "n/a"
+    failed = [f for f in entry.get("failed", []) if not f.startswith(STORED)]
+    if failed and all(f.endswith(":error") for f in failed):
+        return "session error (" + ", ".join(failed) + ")"
     if not entry["passed"]:
         return "caught"
     sw = entry.get("stored_weights") or {}
@@ -502,10 +604,16 @@ def _matrix_cell(entry: dict[str, Any] | None) -> str:
     return cell
 
 
-def _honest_cell(honest: dict[str, Any], wrong_scenarios: dict[str, Any] | None) -> str:
-    """`yes`, or `NO` with the logits checks it failed; the stored-weights verdict where it fails."""
+def _honest_cell(honest: dict[str, Any], *wrong_scenarios: dict[str, Any] | None) -> str:
+    """`yes`, or `NO` with the logits checks it failed (on the matrices' scenarios or any wrong artifacts');
+    the stored-weights verdict where it fails."""
     failed = sorted(
-        {f for r in (honest, wrong_scenarios or {}) for f in r.get("failed", []) if not f.startswith(STORED)}
+        {
+            f
+            for r in (honest, *wrong_scenarios)
+            for f in (r or {}).get("failed", [])
+            if not f.startswith(STORED)
+        }
     )
     cell = "yes" if not failed else "NO (" + ", ".join(failed) + ")"
     sw = honest.get("stored_weights")
@@ -536,6 +644,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
             else:
                 cells += ["not run"] * len(WRONG)
             honest = row["honest"]
+            added = [a.get("honest_wrong_scenarios") for a in row.get("added", [])]
             resolved = honest.get("resolved_prefill")
             program = honest.get("fp16_program_prefill")
             exact = "n/a" if not resolved else f"{resolved['logit_max_rel']:.1e}"
@@ -544,7 +653,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
             kind = row.get("checkpoint", "trained")
             lines.append(
                 f"| {row['backend']} | {row['recipe']} | `{row['model']}` ({kind}, layer {row['layer']}) | "
-                f"{_honest_cell(honest, row.get('honest_wrong_scenarios'))} | "
+                f"{_honest_cell(honest, row.get('honest_wrong_scenarios'), *added)} | "
                 f"{honest['pooled']['logit_median_rel']:.1e} | {exact} | " + " | ".join(cells) + " |"
             )
     return "\n".join(lines)

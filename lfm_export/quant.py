@@ -40,7 +40,7 @@ a Q8_0 `attn_k`, Q8_K into the Q4_K linears beside it):
   read from its AVX2 kernel): per row, per block of `block_size` along K, symmetric int8 with
   `scale = amax / 127` and codes `rint(a * (127 / amax))` (the reciprocal is taken first, in float32);
   the integer block dot products are scaled by `scale_a * scale_w` and summed in float32. One op at a time,
-  fed the inputs `tiny` computes on text, this is onnxruntime 1.32's result to float32 summation order (6.7e-7
+  fed the inputs `tiny` computes on text, this is onnxruntime 1.32's result to float32 summation order (7.3e-7
   of the output scale at 4 and 8 bits, blocks 32 to 128; `benchmarks/a8_exactness.py`), measured with MLAS's
   AVX2 kernel (`vpmaddubsw`, u8 x s8 pairs summed in int16: no saturation showed) on a CPU with neither VNNI
   nor AVX-512; their kernels (`vpdpbusd`) form the same integers and sum the float partials in another order
