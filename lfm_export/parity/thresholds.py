@@ -196,17 +196,21 @@ DEVICE_NOTE = (
 DETECTION_COREML_INT4 = f"{DETECTION_FP16_PROGRAM}; {DEVICE_NOTE}"
 """What `benchmarks/detection_limits.py` measured each gate to catch (scales tried: 1.01, 1.02, 1.05, 1.10)."""
 
-EXPERT_TIE_MARGIN = 1e-3
+EXPERT_TIE_MARGIN = 3e-3
 """The `-fp16-moe` gates' `router_margin`: a position whose simulated top-k router margin (over the spread of
 the router's choices, `lfm_export.model.MoE.router_margin`) is below this is judged apart, with the conv window
 after it. Measured through the Core ML interpreter on `tiny-moe` (`benchmarks/coreml_expert_ties.py`, context
-64, 307 positions per recipe): the honest exports chose another expert where the margin was 3.3e-4 (fp16) and
-3.6e-5 (palettize4), never above; 3x the largest. Positions below it: 2.6% (int4) to 4.9% (fp16, palettize4)."""
+64, 307 positions per recipe, AMD EPYC): the honest exports chose another expert where the margin was at most
+6.0e-4 (fp16) and 3.6e-5 (palettize4). On an Intel Xeon the simulation's own float order differs, and the honest
+fp16 export of `tests/backends/coreml/test_coreml.py` (prefill lengths 1, 4, 8) flipped at a margin between 1e-3
+and 1.5e-3 (it fails at 1e-3, passes at 1.5e-3); 3e-3 is the benchmark's next measured margin, at which fp16
+`w2 x 1.02` passes the scenario rows (caught from x 1.05; the interpreter's exact row catches x 1.01).
+Positions below it: 7.8% (int4) to 11.1% (fp16)."""
 
 DETECTION_FP16_MOE = (
     f"{DETECTION_FP16_PROGRAM}; {DEVICE_NOTE}; on every scenario the scenario limits catch one expert's w2 "
-    "x 1.02 and an int4 export whose experts were left uncompressed (fp16, palettize4 and int4 on tiny-moe; "
-    "benchmarks/results/coreml_expert_ties.json)"
+    "x 1.02 (palettize4, int4; fp16 from x 1.05) and an int4 export whose experts were left uncompressed "
+    "(tiny-moe, router margin 3e-3; benchmarks/results/coreml_expert_ties.json)"
 )
 AT_TIE_LIMITS = {"logit_max_rel_at_tie": 0.15, "kl_max_at_tie": 0.5, "state_max_rel_at_tie": 1.0}
 """What the `-fp16-moe` gates allow at a position judged apart (and the KV slots it wrote): the limits these
