@@ -8,7 +8,8 @@ right through `U`, the columns right of a block updated once per block): the sam
 Per seed, a random weight (Student-t) and the second-moment matrix of correlated inputs whose channels differ
 in scale (as `tests/core/test_rounding.py`'s), both forms' output error `trace((W - Q) H (W - Q)^T)` for the
 core's `gptq` (int4, blocks of 32) and for `gptq_on_grid` (on the plain scales), their ratio and the share of
-equal codes. `--shapes` adds timings at LFM2-1.2B's shapes (`N x K`: the FFN's `w1` 8192 x 2048 and `w2` 2048 x
+equal codes. Then, on inputs with outlier channels (mean squares spanning ~400x), the codes `gptq_on_grid`
+chooses from `cholesky_factor` (float32) against a float64 factor. `--shapes` adds timings at LFM2-1.2B's shapes (`N x K`: the FFN's `w1` 8192 x 2048 and `w2` 2048 x
 8192): factor, core `gptq` and `gptq_on_grid`, each form, one call each.
 """
 
@@ -147,6 +148,32 @@ def main() -> None:
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
+    precision = []
+    for seed, spread in ((0, 1.0), (1, 2.0), (2, 3.0)):
+        rng = np.random.default_rng(seed)
+        k, n, tokens = 1024, 512, 4096
+        mix = rng.standard_normal((k, k)).astype(np.float32) * np.float32(0.5 / np.sqrt(k))
+        scale = np.exp(spread * rng.standard_normal(k)).astype(np.float32)
+        scale[:4] *= 100  # a few outlier channels, as trained models' activations have
+        x = (
+            rng.standard_normal((tokens, k)).astype(np.float32) @ (mix + np.eye(k, dtype=np.float32))
+        ) * scale
+        h = (x.T @ x).astype(np.float64) / tokens
+        w = (rng.standard_t(4, (n, k)) * 0.02).astype(np.float32)
+        step = np.repeat(quantize_block(w, 4, 32).scales, 32, -1)
+        a32 = cholesky_factor(h)
+        damped = torch.tensor(h)
+        damped.diagonal().add_(DAMP * float(damped.diagonal().mean()))
+        a64 = torch.linalg.cholesky(damped.flip(0, 1)).flip(0, 1).numpy()
+        c32, c64 = (gptq_on_grid(w, step, None, -8, 7, f) for f in (a32, a64))
+        row = {
+            "k": k,
+            "channel_mean_square_max_over_mean": round(float(np.diag(h).max() / np.diag(h).mean()), 1),
+            "equal_codes_float32_vs_float64_factor": float((c32 == c64).mean()),
+            "error_ratio": hessian_error(w, c32 * step, h) / hessian_error(w, c64 * step, h),
+        }
+        precision.append(row)
+        print(json.dumps(row), flush=True)
     timings = []
     for shape in args.shapes:
         n, k = (int(v) for v in shape.split("x"))
@@ -178,6 +205,7 @@ def main() -> None:
         },
         "grid_ours_over_paper_max": max(r["grid_ours_over_paper"] for r in rows),
         "rows": rows,
+        "factor_float32_vs_float64": precision,
         "timings": timings,
     }
     if args.json:

@@ -122,15 +122,18 @@ def cholesky_factor(hessian: np.ndarray, damp: float = DAMP, overwrite: bool = F
     """Upper triangular `A` (float32) with `A A^T = H + damp * mean(diag H) I`, dead channels (zero variance) set
     to 1 before damping: the factor `gptq` and `gptq_on_grid` round with.
 
-    With `J` the reversal permutation and `J H J = M M^T` (lower Cholesky), `A = J M J`: one Cholesky in float64
-    (torch, on the set thread count), `K^3 / 3` multiply-adds. The inverse-Hessian factor of GPTQ's paper,
+    With `J` the reversal permutation and `J H J = M M^T` (lower Cholesky), `A = J M J`: one Cholesky (torch, on
+    the set thread count), `K^3 / 3` multiply-adds, in float32 (the damping bounds the condition number; float64
+    where float32 finds the matrix not positive definite): on inputs whose channels' mean squares span 185-413x the
+    codes `gptq_on_grid` chooses were those of the float64 factor (`benchmarks/gptq_forms.py`). The inverse-Hessian factor of GPTQ's paper,
     `U` upper with `H^-1 = U^T U`, is `A^-1`; its update of column `m` after column `i` is rounded,
     `-e_i U_im / U_ii` with `e_i` the column's error at that time, equals `d_i A_im / A_mm` with `d_i` the
     column's final error `w_i - q_i` (`gptq`'s module doc), so `U` (a triangular inverse more, `K^3`) is never
     formed.
 
-    `overwrite` (a float64 `hessian` the caller no longer needs): its buffer is used as scratch, so at most three
-    `K^2` float64 arrays are alive at once, the caller's included (LFM2-1.2B's FFN input, K = 8192: 1.6 GB)."""
+    `overwrite` (a float64 `hessian` the caller no longer needs): its buffer is damped in place instead of a
+    copy, so the caller's float64 array and two float32 ones are alive at once (LFM2-1.2B's FFN input, K = 8192:
+    1.1 GB)."""
     import torch
 
     h = torch.from_numpy(hessian) if overwrite else torch.tensor(np.asarray(hessian, np.float64))
@@ -141,16 +144,16 @@ def cholesky_factor(hessian: np.ndarray, damp: float = DAMP, overwrite: bool = F
     h[dead, dead] = 1.0
     mean = float(torch.diagonal(h).mean())
     h.diagonal().add_(damp * (mean if mean > 0 else 1.0))
-    flipped = h.flip(0, 1)
-    del h
-    low = torch.linalg.cholesky(flipped)
-    del flipped
-    out = torch.empty((k, k), dtype=torch.float32)
     step = max(1, (1 << 22) // max(k, 1))
-    for r0 in range(0, k, step):  # out = J low J, a row block at a time (no K^2 float64 temporary)
+    flipped = torch.empty((k, k), dtype=torch.float32)
+    for r0 in range(0, k, step):  # J H J in float32, a row block at a time (no K^2 float64 temporary)
         r1 = min(k, r0 + step)
-        out[r0:r1] = low[k - r1 : k - r0].flip(0, 1)
-    return out.numpy()
+        flipped[r0:r1] = h[k - r1 : k - r0].flip(0, 1)
+    low, info = torch.linalg.cholesky_ex(flipped)
+    if int(info):  # not positive definite in float32: factor in float64
+        low = torch.linalg.cholesky(h.flip(0, 1)).float()
+    del h, flipped
+    return low.flip(0, 1).numpy()
 
 
 ROUND_CHUNK_ROWS = 256
