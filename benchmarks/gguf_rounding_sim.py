@@ -83,7 +83,7 @@ def main() -> None:
     from lfm_export.precision import ggml_mix_type, held_as
     from lfm_export.quant import simulate
     from lfm_export.recipes import parse_recipe
-    from lfm_export.rounding import inverse_cholesky
+    from lfm_export.rounding import cholesky_factor
 
     torch.set_num_threads(args.threads)
     lib = llama_cpp_quantizer()
@@ -121,7 +121,7 @@ def main() -> None:
         for n, st in stats.items():
             if st.hessian is not None and st.tokens:
                 if id(st.hessian) not in shared:
-                    shared[id(st.hessian)] = inverse_cholesky(st.hessian, args.damp).astype(np.float32)
+                    shared[id(st.hessian)] = cholesky_factor(st.hessian, args.damp)
                 factors[n] = shared[id(st.hessian)]
         shared.clear()
 

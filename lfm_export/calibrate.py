@@ -35,7 +35,7 @@ from lfm_export.loading import LoadedModel
 from lfm_export.model import GROWING, MOE_SPARSE, DecoderLayer, MoE, RMSNorm, rope_cos_sin
 from lfm_export.precision import LINEAR, block_as, held_as, rule_for
 from lfm_export.recipes import CALIBRATED_ROUNDINGS, Recipe
-from lfm_export.rounding import gptq, hessian_error, inverse_cholesky, weighted_search
+from lfm_export.rounding import cholesky_factor, gptq, hessian_error, weighted_search
 from lfm_export.weights import lazy_source
 
 CORPUS = Path(__file__).parent / "assets" / "calibration.txt"
@@ -49,7 +49,10 @@ HEAD = "lm_head.weight"
 """The lm_head's name in the calibration's statistics (a tied head: the embedding table's values)."""
 HEAD_ERROR_ROWS = 4096
 """Rows of the lm_head (every `vocab // HEAD_ERROR_ROWS`-th) its reported output error is summed over: the whole
-head of a 65536-token vocabulary would cost more float64 products than its GPTQ rounding."""
+head of a 65536-token vocabulary would cost more products than its GPTQ rounding."""
+ERROR_ROWS = 256
+"""Rows of every other linear (every `N // ERROR_ROWS`-th) its reported output error is summed over: the error
+of a row is `N K^2` multiply-adds for the whole matrix, as much as its GPTQ rounding (LFM2-1.2B: about 4e12)."""
 FINAL_NORM = "model.embedding_norm.weight"
 """The final RMSNorm (checkpoints call it `embedding_norm`), whose output is the lm_head's input."""
 RANDOM_IDS = "random ids"
@@ -302,7 +305,7 @@ def calibrated_table(
     over the linears, and the head's apart).
 
     `keep_factors` (`-gptq` for a format that rounds its own blocks, GGUF): the table holds each linear's
-    importance and its input's inverse-Hessian factor (`K^2` float32 per distinct input), not the core's codes,
+    importance and its input's Hessian Cholesky factor (`K^2` float32 per distinct input), not the core's codes,
     which such a format never reads (nor their output error). `stream` (with `keep_factors`; an export that no
     parity check follows in the same process): a layer is calibrated only when a weight of it is first looked
     up (`Table.more`), and each factor is dropped once every linear sharing it has been served
@@ -315,8 +318,10 @@ def calibrated_table(
     errors = {"nearest": 0.0, recipe.rounding: 0.0}
     head_errors = dict(errors)
     method = recipe.rounding
-    factors: dict[int, np.ndarray] = {}  # one inverse-Hessian factor per shared input (q/k/v, w1/w3)
+    factors: dict[int, np.ndarray] = {}  # one Hessian Cholesky factor per shared input (q/k/v, w1/w3)
     kept_f32: dict[int, np.ndarray] = {}  # their float32 copies the table keeps (`keep_factors`)
+
+    threads = torch.get_num_threads()  # the export's (`--threads`)
 
     def layer_done(_idx: int, stats: dict[str, LinearStats]) -> None:
         for name, s in stats.items():
@@ -330,7 +335,7 @@ def calibrated_table(
                 kept = None
                 if s.tokens and id(s) not in kept_f32 and s.hessian is not None:
                     hessian, s.hessian = s.hessian, None  # no longer needed: its buffer is scratch
-                    kept_f32[id(s)] = inverse_cholesky(hessian, overwrite=True).astype(np.float32)
+                    kept_f32[id(s)] = cholesky_factor(hessian, overwrite=True)
                     del hessian
                 kept = kept_f32.get(id(s)) if s.tokens else None
                 table.add(w, bits, block, None, None, s.mean_square if s.tokens else None, kept)
@@ -340,17 +345,14 @@ def calibrated_table(
             elif method == "gptq":
                 assert s.hessian is not None
                 if id(s.hessian) not in factors:
-                    factors[id(s.hessian)] = inverse_cholesky(s.hessian)
-                q = gptq(w, bits, block, s.hessian, factor=factors[id(s.hessian)])
+                    factors[id(s.hessian)] = cholesky_factor(s.hessian)
+                q = gptq(w, bits, block, s.hessian, factor=factors[id(s.hessian)], threads=threads)
             else:
                 q = weighted_search(w, bits, block, s.mean_square)
             table.add(w, bits, block, q.codes, q.scales, s.mean_square if s.tokens else None)
             if s.hessian is not None:
-                tally, rows = (
-                    (head_errors, slice(None, None, max(1, w.shape[0] // HEAD_ERROR_ROWS)))
-                    if (name == HEAD)
-                    else (errors, slice(None))
-                )
+                tally, every = (head_errors, HEAD_ERROR_ROWS) if name == HEAD else (errors, ERROR_ROWS)
+                rows = slice(None, None, max(1, w.shape[0] // every))
                 plain = quantize_block(w[rows], bits, block).dequantize()
                 tally["nearest"] += hessian_error(w[rows], plain, s.hessian)
                 tally[method] += hessian_error(w[rows], q.dequantize()[rows], s.hessian)
@@ -435,7 +437,7 @@ def table_for_export(
 
 def keeps_factors(recipe: Any) -> bool:
     """Whether an export of `recipe` (a backend's recipe object, or its manifest entry) rounds its own blocks by
-    GPTQ from the calibration's inverse-Hessian factors (`calibration_keeps_factors`: GGUF `-gptq`)."""
+    GPTQ from the calibration's Hessian Cholesky factors (`calibration_keeps_factors`: GGUF `-gptq`)."""
     if isinstance(recipe, dict):
         return bool(recipe.get("calibration_keeps_factors"))
     return bool(getattr(recipe, "calibration_keeps_factors", False))

@@ -48,7 +48,7 @@ class Table:
     """Per matrix (index into `matrices`), the inputs' per-channel mean square `[K]` it was calibrated with,
     for a format whose own search weighs its error by it (GGUF's K-quants)."""
     factors: dict[int, np.ndarray] = field(default_factory=dict)
-    """Per matrix, the inverse-Hessian factor `[K, K]` (`lfm_export.rounding.inverse_cholesky`) of its inputs,
+    """Per matrix, the Hessian's Cholesky factor `[K, K]` (`lfm_export.rounding.cholesky_factor`) of its inputs,
     kept only for a format that rounds its own blocks by GPTQ (GGUF `-gptq`); linears that share an input share
     the array."""
     rows_served: int = 0
@@ -72,7 +72,7 @@ class Table:
     ) -> None:
         """Hold `codes` / `scales` for weight `w` (the values the backends will be given; None for a format that
         rounds its own blocks from the importance and factor only), the importance `[K]` they were chosen with
-        and, where kept, the inputs' inverse-Hessian `factor`."""
+        and, where kept, the inputs' Hessian Cholesky `factor`."""
         index = len(self.matrices)
         self.matrices.append((codes, scales))  # type: ignore[arg-type]
         if importance is not None:
@@ -106,7 +106,7 @@ class Table:
         self, w: np.ndarray, bits: int, block: int, what: str = "importances"
     ) -> np.ndarray | None:
         """The importance `[K]` weight `w` was calibrated with (found by its first row; `what="factors"`: its
-        inverse-Hessian factor), or None; its rows count as served (`rows_served`) when found."""
+        Hessian Cholesky factor), or None; its rows count as served (`rows_served`) when found."""
         key = (row_keys(w[:1])[0], bits, block)
         hit = self.rows.get(key)
         while hit is None and self.more is not None and self.more():
@@ -172,7 +172,7 @@ def importance(w: np.ndarray, bits: int, block: int) -> np.ndarray | None:
 
 
 def factor(w: np.ndarray, bits: int, block: int) -> np.ndarray | None:
-    """The active table's inverse-Hessian factor for weight `w` (kept by a calibration for GGUF `-gptq`), None
+    """The active table's Hessian Cholesky factor for weight `w` (kept by a calibration for GGUF `-gptq`), None
     where the table holds none for it; raises `CalibrationMissing` when no table is active."""
     table = current()
     if table is None:

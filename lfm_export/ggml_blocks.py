@@ -78,13 +78,13 @@ def dequantize(data: np.ndarray, kind: BlockType) -> np.ndarray:
     return (d * q).reshape(n, -1)
 
 
-def on_block_grid(w: np.ndarray, q: Quantized, factor: np.ndarray) -> Quantized:
+def on_block_grid(w: np.ndarray, q: Quantized, factor: np.ndarray, threads: int = 1) -> Quantized:
     """Symmetric blocks `q` of `w` with their scales rounded to fp16 (as the file holds them) and the codes
-    chosen on those scales by `gptq_on_grid` (`factor`: the inputs' inverse-Hessian factor)."""
+    chosen on those scales by `gptq_on_grid` (`factor`: the inputs' Hessian Cholesky factor)."""
     half = 2 ** (q.bits - 1)
     scales = q.scales.astype(np.float16).astype(np.float32)
     step = np.repeat(scales, q.block_size, -1)
-    codes = gptq_on_grid(w, step, None, -half, half - 1, factor) + half
+    codes = gptq_on_grid(w, step, None, -half, half - 1, factor, threads) + half
     return Quantized(codes.astype(np.uint8), scales, None, q.bits, q.block_size)
 
 
@@ -98,12 +98,12 @@ def quantize(
 ) -> np.ndarray:
     """`w [N, K]` as ggml bytes: the core quantizer's symmetric codes in blocks of 32 (`rounding` its search;
     `imat` is the core's `fit` weighted by `importance [K]`, the calibrated inputs' mean square; `gptq` the
-    `imat` scales with the codes chosen on them by GPTQ, `factor` the inputs' inverse-Hessian factor, None for
+    `imat` scales with the codes chosen on them by GPTQ, `factor` the inputs' Hessian Cholesky factor, None for
     a weight the calibration did not see), packed as Q8_0 (`bits` 8) or Q4_0 (4)."""
     if rounding in ("fit", "imat", "gptq"):
         q = quantize_block(w, bits, QK, True, "fit", threads, importance)
         if rounding == "gptq" and factor is not None:
-            q = on_block_grid(w, q, factor)
+            q = on_block_grid(w, q, factor, threads)
         return pack(q)
     return pack(quantize_block(w, bits, QK, True, rounding, threads))
 

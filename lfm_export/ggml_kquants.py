@@ -70,7 +70,7 @@ K_TYPES = {t.name: t for t in (Q4_K, Q5_K, Q6_K, Q5_0)}
 FITTED = ("fit", "imat", "gptq")
 """Roundings whose K-quant scales come from `lfm_export.quant.fit_super_blocks` (`imat`: weighted by the
 calibrated importance the caller passes; `gptq`: the `imat` scales, then the codes chosen on them by
-`lfm_export.rounding.gptq_on_grid` with the inverse-Hessian factor the caller passes)."""
+`lfm_export.rounding.gptq_on_grid` with the Hessian Cholesky factor the caller passes)."""
 
 
 def _rounding(bits: int, rounding: str) -> str:
@@ -135,7 +135,7 @@ def _fitted(
 
 
 def _gptq_codes(
-    w: np.ndarray, fit: SuperBlocks, sub: int, lo: int, hi: int, factor: np.ndarray
+    w: np.ndarray, fit: SuperBlocks, sub: int, lo: int, hi: int, factor: np.ndarray, threads: int = 1
 ) -> np.ndarray:
     """`fit.q`'s shape of codes chosen by `gptq_on_grid` on `fit`'s grid (`d * sc * q - dmin * mc`, the
     products in float32 as ggml's dequantization forms them)."""
@@ -144,7 +144,7 @@ def _gptq_codes(
     offset = None
     if fit.dmin is not None and fit.mc is not None:
         offset = np.repeat((fit.dmin[..., None] * fit.mc.astype(np.float32)).reshape(n, -1), sub, -1)
-    return gptq_on_grid(w, step, offset, lo, hi, factor).reshape(fit.q.shape)
+    return gptq_on_grid(w, step, offset, lo, hi, factor, threads).reshape(fit.q.shape)
 
 
 def _super_blocks(
@@ -185,7 +185,7 @@ def _gptq_fitted(
     x = np.asarray(w, np.float32)
     if kind is Q6_K:
         fit = _super_blocks(x, 6, True, 16, importance, threads)
-        q = _gptq_codes(x, fit, 16, -32, 31, factor)
+        q = _gptq_codes(x, fit, 16, -32, 31, factor, threads)
         nb = fit.sc.shape[1]
         q = (q.astype(np.int16) + 32).astype(np.uint8).reshape(n, nb, 2, 4, 32)
         return _layout_q6_k(fit.d[..., None].astype(np.float16), fit.sc.astype(np.int16), q)
@@ -195,7 +195,7 @@ def _gptq_fitted(
     nb = fit.sc.shape[1]
     d16, m16 = fit.d[..., None].astype(np.float16), fit.dmin[..., None].astype(np.float16)
     head = _head_k_asym(d16, m16, fit.sc.astype(np.uint8), fit.mc.astype(np.uint8))
-    q = _gptq_codes(x, fit, 32, 0, 2**bits - 1, factor).astype(np.uint8).reshape(n, nb, 4, 2, 32)
+    q = _gptq_codes(x, fit, 32, 0, 2**bits - 1, factor, threads).astype(np.uint8).reshape(n, nb, 4, 2, 32)
     return (_layout_q5_k if kind is Q5_K else _layout_q4_k)(head, q)
 
 
@@ -345,7 +345,7 @@ def pack_q5_0(
     fitted = rounding in FITTED
     core = quantize_block(w, 5, 32, True, _rounding(5, rounding), threads, importance if fitted else None)
     if factor is not None:
-        core = on_block_grid(w, core, factor)
+        core = on_block_grid(w, core, factor, threads)
     d16 = core.scales.astype(np.float16).view(np.uint8).reshape(n, nb, 2)
     q = core.codes.reshape(n, nb, 32)
     qs = (q[..., :16] & 0xF) | (q[..., 16:] & 0xF) << 4
@@ -405,7 +405,7 @@ def quantize(
     factor: np.ndarray | None = None,
 ) -> np.ndarray:
     """`w [N, K]` as ggml bytes of type `kind`; `importance [K]` weighs a fitted rounding's error (`FITTED`);
-    `factor` (`gptq`: `lfm_export.rounding.inverse_cholesky` of the inputs' Hessian, None for a weight the
+    `factor` (`gptq`: `lfm_export.rounding.cholesky_factor` of the inputs' Hessian, None for a weight the
     calibration did not see) has the codes chosen by `gptq_on_grid` on the fitted scales."""
     fitted = rounding in FITTED
     codes = factor if rounding == "gptq" else None

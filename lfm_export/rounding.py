@@ -13,12 +13,18 @@ Each entry point is a function of (weight `[N, K]`, bits, block size, calibratio
   `step * q - offset`, `q` integer in `[lo, hi]`): the codes of a format whose scales are chosen by its own
   search (ggml's K-quant super-blocks, `lfm_export.ggml_kquants`), so only the codes change.
 - `gptq` (`-gptq`): GPTQ (Frantar et al., 2022). Columns are rounded left to right; each column's rounding
-  error, divided by the Cholesky factor of the damped inverse Hessian `H = E[x x^T]`, is subtracted from the
-  columns not yet rounded, so later columns absorb it where the inputs are correlated. A block's scale is
-  chosen when its first column is reached, by `weighted_search` on the block as it then stands; its extreme
-  element keeps the most negative code, so dequantized values quantize plainly to the same codes and scales
-  (a format that requantizes the values, e.g. one with other scale rules, starts from these values).
-  Column updates are batched per block (one matrix product per block for the columns to its right).
+  error is passed on to the columns not yet rounded, weighted by the Hessian `H = E[x x^T]` (damped), so later
+  columns absorb it where the inputs are correlated. A block's scale is chosen when its first column is reached,
+  by `weighted_search` on the block as it then stands; its extreme element keeps the most negative code, so
+  dequantized values quantize plainly to the same codes and scales (a format that requantizes the values, e.g.
+  one with other scale rules, starts from these values).
+
+Both GPTQ forms work from the upper Cholesky factor `A` of the damped Hessian (`H = A A^T`, `cholesky_factor`):
+column `m` is rounded after adding `sum_{i<m} d_i A_im / A_mm`, `d_i = w_i - q_i` the final error of column `i`,
+which equals GPTQ's update through the inverse Hessian's factor `A^-1` (the paper's form) without forming that
+inverse. What the columns of earlier blocks pass on to a block is one matrix product when the block is
+reached; inside a block the columns run one at a time, on row slices in parallel (`threads`; rows are
+independent there, so the codes do not depend on the thread count).
 
 The error both minimise is the Hessian-weighted one, `trace((W - Q) H (W - Q)^T)` (`hessian_error`): the
 expected squared error of the layer's output over the calibration inputs.
@@ -28,6 +34,11 @@ Both are written here in numpy (no library call): the maths is a few lines, and 
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
 
@@ -107,36 +118,118 @@ def weighted_search(
     return Quantized(codes, scales, None, bits, block_size)
 
 
-def inverse_cholesky(hessian: np.ndarray, damp: float = DAMP, overwrite: bool = False) -> np.ndarray:
-    """Upper Cholesky factor `U` of `(H + damp * mean(diag H) I)^-1` (so `H^-1 = U^T U`), dead channels (zero
-    variance) set to 1.
+def cholesky_factor(hessian: np.ndarray, damp: float = DAMP, overwrite: bool = False) -> np.ndarray:
+    """Upper triangular `A` (float32) with `A A^T = H + damp * mean(diag H) I`, dead channels (zero variance) set
+    to 1 before damping: the factor `gptq` and `gptq_on_grid` round with.
 
-    Computed without forming the inverse: with `J` the reversal permutation and `J H J = M M^T` (lower
-    Cholesky), `H = (J M J)(J M J)^T` with `J M J` upper triangular, so `U = (J M J)^-1 = J M^-1 J`: one Cholesky
-    and one triangular solve in float64 (torch, on the set thread count), about 4x fewer operations than
-    Cholesky, inverse, and Cholesky again (K = 4608: the MLP down projection of LFM2-350M).
+    With `J` the reversal permutation and `J H J = M M^T` (lower Cholesky), `A = J M J`: one Cholesky (torch, on
+    the set thread count), `K^3 / 3` multiply-adds, in float32 (the damping bounds the condition number; float64
+    where float32 finds the matrix not positive definite): on inputs whose channels' mean squares span 185-413x the
+    codes `gptq_on_grid` chooses were those of the float64 factor (`benchmarks/gptq_forms.py`). The inverse-Hessian factor of GPTQ's paper,
+    `U` upper with `H^-1 = U^T U`, is `A^-1`; its update of column `m` after column `i` is rounded,
+    `-e_i U_im / U_ii` with `e_i` the column's error at that time, equals `d_i A_im / A_mm` with `d_i` the
+    column's final error `w_i - q_i` (`gptq`'s module doc), so `U` (a triangular inverse more, `K^3`) is never
+    formed.
 
-    `overwrite` (a float64 `hessian` the caller no longer needs): its buffer is used as scratch, so at most three
-    `K^2` float64 arrays are alive at once, the caller's included (LFM2-1.2B's FFN input, K = 8192: 1.6 GB,
-    against 3.2 GB with a copy); the result is the same to the bit."""
+    `overwrite` (a float64 `hessian` the caller no longer needs): its buffer is damped in place instead of a
+    copy, so the caller's float64 array and two float32 ones are alive at once (LFM2-1.2B's FFN input, K = 8192:
+    1.1 GB)."""
     import torch
 
     h = torch.from_numpy(hessian) if overwrite else torch.tensor(np.asarray(hessian, np.float64))
+    k = h.shape[0]
     dead = torch.diagonal(h) <= 0
     h[dead, :] = 0.0
     h[:, dead] = 0.0
     h[dead, dead] = 1.0
     mean = float(torch.diagonal(h).mean())
     h.diagonal().add_(damp * (mean if mean > 0 else 1.0))
-    flipped = h.flip(0, 1)
-    low = torch.linalg.cholesky(flipped)
-    del flipped
-    eye = h.zero_()  # the (damped) Hessian is no longer needed: its buffer holds the identity
-    eye.diagonal().fill_(1.0)
-    del h
-    inv_low = torch.linalg.solve_triangular(low, eye, upper=False)
-    del low, eye
-    return inv_low.flip(0, 1).numpy()
+    step = max(1, (1 << 22) // max(k, 1))
+    flipped = torch.empty((k, k), dtype=torch.float32)
+    for r0 in range(0, k, step):  # J H J in float32, a row block at a time (no K^2 float64 temporary)
+        r1 = min(k, r0 + step)
+        flipped[r0:r1] = h[k - r1 : k - r0].flip(0, 1)
+    low, info = torch.linalg.cholesky_ex(flipped)
+    if int(info):  # not positive definite in float32: factor in float64
+        low = torch.linalg.cholesky(h.flip(0, 1)).float()
+    del h, flipped
+    return low.flip(0, 1).numpy()
+
+
+ROUND_CHUNK_ROWS = 256
+"""Rows per task of the within-block column loop (rows are independent there: the codes do not depend on it)."""
+
+
+def _row_tasks(n: int, threads: int) -> list[slice]:
+    """Row slices of `n` rows for `threads` workers (at least `ROUND_CHUNK_ROWS` rows each)."""
+    parts = max(1, min(threads, n // ROUND_CHUNK_ROWS))
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def _prior(resid: np.ndarray, a: np.ndarray, inv_diag: np.ndarray, c0: int, c1: int) -> np.ndarray | None:
+    """`(resid[:, :c0] @ A[:c0, c0:c1]) / diag(A)[c0:c1]`: what the columns before `c0` pass on to `c0:c1`."""
+    if c0 == 0:
+        return None
+    return (resid[:, :c0] @ a[:c0, c0:c1]) * inv_diag[c0:c1]
+
+
+@contextmanager
+def _workers(tasks: int, threads: int) -> Iterator[Callable[[Callable[[slice], None], list[slice]], None]]:
+    """A `run(work, row_slices)` that calls `work` on every slice, on a pool of `threads` threads kept for the
+    whole matrix (numpy releases the GIL in the elementwise work of a slice)."""
+    if tasks < 2 or threads < 2:
+
+        def serial(work: Callable[[slice], None], slices: list[slice]) -> None:
+            for r in slices:
+                work(r)
+
+        yield serial
+        return
+    with ThreadPoolExecutor(min(threads, tasks)) as pool:
+
+        def parallel(work: Callable[[slice], None], slices: list[slice]) -> None:
+            list(pool.map(work, slices))
+
+        yield parallel
+
+
+def _gptq_block(
+    rows: slice,
+    x: np.ndarray,
+    prior: np.ndarray | None,
+    c0: int,
+    c1: int,
+    within: np.ndarray,
+    bits: int,
+    imp: np.ndarray,
+    out: tuple[np.ndarray, np.ndarray, np.ndarray],
+    b: int,
+) -> None:
+    """`gptq`'s block `c0:c1` on `rows`: the scale search, then the columns one at a time, each passing its
+    error `d` on to the block's later columns (`within[j, m] = A_jm / A_mm`); codes, residuals, scales to `out`."""
+    codes, resid, scales = out
+    half = 2 ** (bits - 1)
+    blk = x[rows, c0:c1] if prior is None else x[rows, c0:c1] + prior[rows]
+    best, _, extremes = _search_blocks(blk[:, None, :], bits, imp)
+    scale, safe = _symmetric_scale(blk[:, None, :], bits, best, extremes)
+    scale, safe = scale[:, 0], safe[:, 0]
+    anchor = np.where(scale != 0, np.abs(blk).argmax(-1), -1)
+    cols = np.ascontiguousarray(blk.T)  # [block, rows]: each column contiguous
+    orig = np.ascontiguousarray(x[rows, c0:c1].T)
+    out_c = np.empty(cols.shape, np.uint8)
+    out_r = np.empty_like(cols)
+    for j in range(c1 - c0):
+        q = np.clip(np.rint(cols[j] / safe), -half, half - 1)
+        q[anchor == j] = -half
+        out_c[j] = q + half
+        d = orig[j] - q * scale
+        out_r[j] = d
+        if j + 1 < c1 - c0:
+            cols[j + 1 :] += within[j, j + 1 :, None] * d
+    codes[rows, c0:c1] = out_c.T
+    resid[rows, c0:c1] = out_r.T
+    scales[rows, b] = scale
 
 
 def gptq(
@@ -146,76 +239,124 @@ def gptq(
     hessian: np.ndarray,
     damp: float = DAMP,
     factor: np.ndarray | None = None,
+    threads: int = 1,
 ) -> Quantized:
     """GPTQ-rounded symmetric block quantization of `w [N, K]` given the inputs' second-moment matrix
-    `hessian [K, K]` (see the module doc). `factor`: `inverse_cholesky(hessian, damp)` when the caller already
-    has it (linears that share one input share it)."""
+    `hessian [K, K]` (see the module doc). `factor`: `cholesky_factor(hessian, damp)` when the caller already
+    has it (linears that share one input share it). `threads`: workers for the within-block work (row slices;
+    the codes do not depend on it)."""
     n, k = w.shape
     if k % block_size:
         raise ValueError(f"block size {block_size} does not divide {k}")
     if hessian.shape != (k, k):
         raise ValueError(f"hessian {hessian.shape} for a weight of input dimension {k}")
     nb = k // block_size
-    half = 2 ** (bits - 1)
-    u = (inverse_cholesky(hessian, damp) if factor is None else factor).astype(np.float32)
+    a = np.asarray(cholesky_factor(hessian, damp) if factor is None else factor, np.float32)
+    inv_diag = (np.float32(1) / np.diag(a)).astype(np.float32)
     diag_h = np.diag(np.asarray(hessian, np.float64))
-    work = np.array(w, np.float32)
-    codes = np.empty((n, k), np.uint8)
-    scales = np.empty((n, nb), np.float32)
-    for b in range(nb):
-        c0, c1 = b * block_size, (b + 1) * block_size
-        blk = work[:, c0:c1]
-        imp = _importance(diag_h[c0:c1], block_size)[None, :]
-        best, _, extremes = _search_blocks(blk[:, None, :], bits, imp)
-        scale, safe = _symmetric_scale(blk[:, None, :], bits, best, extremes)
-        scale, safe = scale[:, 0], safe[:, 0]
-        anchor = np.where(scale != 0, np.abs(blk).argmax(-1), -1)
-        err = np.empty((n, block_size), np.float32)
-        for j in range(block_size):
-            col = blk[:, j]
-            q = np.clip(np.rint(col / safe), -half, half - 1)
-            q[anchor == j] = -half
-            codes[:, c0 + j] = (q + half).astype(np.uint8)
-            e = (col - q * scale) / u[c0 + j, c0 + j]
-            err[:, j] = e
-            blk[:, j + 1 :] -= np.outer(e, u[c0 + j, c0 + j + 1 : c1])
-        scales[:, b] = scale
-        if c1 < k:
-            work[:, c1:] -= err @ u[c0:c1, c1:]
-    return Quantized(codes, scales, None, bits, block_size)
+    x = np.asarray(w, np.float32)
+    out = (np.empty((n, k), np.uint8), np.empty((n, k), np.float32), np.empty((n, nb), np.float32))
+    tasks = _row_tasks(n, threads)
+    with _workers(len(tasks), threads) as run:
+        for b in range(nb):
+            c0, c1 = b * block_size, (b + 1) * block_size
+            prior = _prior(out[1], a, inv_diag, c0, c1)
+            imp = _importance(diag_h[c0:c1], block_size)[None, :]
+            within = a[c0:c1, c0:c1] * inv_diag[None, c0:c1]
+            run(
+                partial(
+                    _gptq_block,
+                    x=x,
+                    prior=prior,
+                    c0=c0,
+                    c1=c1,
+                    within=within,
+                    bits=bits,
+                    imp=imp,
+                    out=out,
+                    b=b,
+                ),
+                tasks,
+            )
+    return Quantized(out[0], out[2], None, bits, block_size)
 
 
 GRID_BATCH = 32
-"""Columns `gptq_on_grid` rounds before it passes their error on to the columns right of them (one product)."""
+"""Columns `gptq_on_grid` rounds before the next block's share of their error is formed (one product)."""
 
 
 def gptq_on_grid(
-    w: np.ndarray, step: np.ndarray, offset: np.ndarray | None, lo: int, hi: int, factor: np.ndarray
+    w: np.ndarray,
+    step: np.ndarray,
+    offset: np.ndarray | None,
+    lo: int,
+    hi: int,
+    factor: np.ndarray,
+    threads: int = 1,
 ) -> np.ndarray:
     """Integer codes `[N, K]` (int16) of `w [N, K]` on the grid `step * q - offset` (`step`, `offset`: `[N, K]`
-    float32, per value; `q` in `[lo, hi]`; a zero step gives code 0) chosen left to right by GPTQ: each
-    column's rounding error, divided by the diagonal of `factor` (`inverse_cholesky(H)`), is subtracted from the
-    columns not yet rounded along `factor`'s row, so correlated inputs absorb it. The values a format holds are
-    its own dequantization of these codes; `step * q - offset` here only guides the choice."""
+    float32, per value; `q` in `[lo, hi]`; a zero step gives code 0) chosen left to right by GPTQ: column `m`
+    is rounded after adding `sum_{i<m} d_i A_im / A_mm`, `d_i` the final error of column `i` and `A` the
+    `factor` (`cholesky_factor(H)`), so correlated inputs absorb it (GPTQ's update, see `cholesky_factor`).
+    The values a format holds are its own dequantization of these codes; `step * q - offset` here only guides
+    the choice. `threads`: workers for the within-batch loop (row slices; the codes do not depend on it)."""
     n, k = w.shape
-    u = np.asarray(factor, np.float32)
-    work = np.array(w, np.float32)
-    off = np.zeros((n, k), np.float32) if offset is None else np.asarray(offset, np.float32)
+    a = np.asarray(factor, np.float32)
+    inv_diag = (np.float32(1) / np.diag(a)).astype(np.float32)
+    x = np.asarray(w, np.float32)
+    off = None if offset is None else np.asarray(offset, np.float32)
     st = np.asarray(step, np.float32)
-    safe = np.where(st == 0, np.float32(1), st)
+    resid = np.empty((n, k), np.float32)
     codes = np.empty((n, k), np.int16)
-    for c0 in range(0, k, GRID_BATCH):
-        c1 = min(k, c0 + GRID_BATCH)
-        err = np.empty((n, c1 - c0), np.float32)
-        for j in range(c0, c1):
-            col = work[:, j]
-            q = np.clip(np.rint((col + off[:, j]) / safe[:, j]), lo, hi)
-            q = np.where(st[:, j] == 0, 0, q)
-            codes[:, j] = q
-            e = (col - (q * st[:, j] - off[:, j])) / u[j, j]
-            err[:, j - c0] = e
-            if j + 1 < c1:
-                work[:, j + 1 : c1] -= np.outer(e, u[j, j + 1 : c1])
-        if c1 < k:
-            work[:, c1:] -= err @ u[c0:c1, c1:]
+    tasks = _row_tasks(n, threads)
+    with _workers(len(tasks), threads) as run:
+        for c0 in range(0, k, GRID_BATCH):
+            c1 = min(k, c0 + GRID_BATCH)
+            prior = _prior(resid, a, inv_diag, c0, c1)
+            within = a[c0:c1, c0:c1] * inv_diag[None, c0:c1]
+            run(
+                partial(
+                    _grid_block,
+                    x=x,
+                    prior=prior,
+                    c0=c0,
+                    c1=c1,
+                    within=within,
+                    grid=(st, off, lo, hi),
+                    out=(codes, resid),
+                ),
+                tasks,
+            )
     return codes
+
+
+def _grid_block(
+    rows: slice,
+    x: np.ndarray,
+    prior: np.ndarray | None,
+    c0: int,
+    c1: int,
+    within: np.ndarray,
+    grid: tuple[np.ndarray, np.ndarray | None, int, int],
+    out: tuple[np.ndarray, np.ndarray],
+) -> None:
+    """`gptq_on_grid`'s columns `c0:c1` on `rows`, one at a time (see `_gptq_block`)."""
+    st, off, lo, hi = grid
+    codes, resid = out
+    cols = np.ascontiguousarray((x[rows, c0:c1] if prior is None else x[rows, c0:c1] + prior[rows]).T)
+    orig = np.ascontiguousarray(x[rows, c0:c1].T)
+    s = np.ascontiguousarray(st[rows, c0:c1].T)
+    o = np.zeros_like(s) if off is None else np.ascontiguousarray(off[rows, c0:c1].T)
+    safe = np.where(s == 0, np.float32(1), s)
+    out_c = np.empty(cols.shape, np.int16)
+    out_r = np.empty_like(cols)
+    for j in range(c1 - c0):
+        q = np.clip(np.rint((cols[j] + o[j]) / safe[j]), lo, hi)
+        q[s[j] == 0] = 0
+        out_c[j] = q
+        d = orig[j] - (q * s[j] - o[j])
+        out_r[j] = d
+        if j + 1 < c1 - c0:
+            cols[j + 1 :] += within[j, j + 1 :, None] * d
+    codes[rows, c0:c1] = out_c.T
+    resid[rows, c0:c1] = out_r.T

@@ -87,3 +87,39 @@ def test_recipe_names() -> None:
         parse_recipe("int4-b32-asym-gptq")
     with pytest.raises(UnsupportedError, match="unknown"):
         parse_recipe("int4-gptq-imat")
+
+
+def test_gptq_on_grid_matches_the_papers_form(layer) -> None:
+    """`gptq_on_grid` works from the Hessian's Cholesky factor; the paper's form, written out here in float64
+    (the inverse Hessian's upper Cholesky factor `U`, each column's error pushed right through `U`), chooses the
+    same codes on the same grid."""
+    from lfm_export.rounding import DAMP, cholesky_factor, gptq_on_grid
+
+    w, h = layer
+    n, k = w.shape
+    step = np.repeat(quantize_block(w, 4, 32).scales, 32, -1).astype(np.float64)
+    damped = h + DAMP * np.diag(h).mean() * np.eye(k)
+    u = np.linalg.cholesky(np.linalg.inv(damped)).T
+    work = w.astype(np.float64)
+    theirs = np.empty((n, k), np.int16)
+    for j in range(k):
+        q = np.clip(np.rint(work[:, j] / step[:, j]), -8, 7)
+        theirs[:, j] = q
+        work[:, j + 1 :] -= np.outer((work[:, j] - q * step[:, j]) / u[j, j], u[j, j + 1 :])
+    ours = gptq_on_grid(w, step.astype(np.float32), None, -8, 7, cholesky_factor(h))
+    assert (ours == theirs).mean() > 0.999
+    err_ours, err_theirs = (hessian_error(w, c * step, h) for c in (ours, theirs))
+    assert abs(err_ours / err_theirs - 1) < 1e-3
+
+
+def test_gptq_codes_do_not_depend_on_the_thread_count(layer) -> None:
+    """Rows run in slices on threads inside a block; the codes and scales are those of one thread."""
+    from lfm_export.rounding import cholesky_factor, gptq_on_grid
+
+    _, h = layer
+    w = (np.random.default_rng(3).standard_t(4, (1100, 128)) * 0.02).astype(np.float32)
+    a = cholesky_factor(h)
+    one, two = gptq(w, 4, 32, h, factor=a), gptq(w, 4, 32, h, factor=a, threads=3)
+    assert np.array_equal(one.codes, two.codes) and np.array_equal(one.scales, two.scales)
+    step = np.repeat(one.scales, 32, -1)
+    assert np.array_equal(gptq_on_grid(w, step, None, -8, 7, a), gptq_on_grid(w, step, None, -8, 7, a, 3))

@@ -112,7 +112,7 @@ class GgufRecipe:
 
     @property
     def calibration_keeps_factors(self) -> bool:
-        """`-gptq`: the calibration keeps each input's inverse-Hessian factor, from which the GGUF writer and
+        """`-gptq`: the calibration keeps each input's Hessian Cholesky factor, from which the GGUF writer and
         the simulation choose the codes on ggml's blocks (`lfm_export.calibrate.keeps_factors`)."""
         return self.recipe.rounding == "gptq"
 
@@ -199,7 +199,7 @@ def importance_for(w: np.ndarray, recipe: Recipe, name: str) -> np.ndarray | Non
 
 
 def factor_for(w: np.ndarray, recipe: Recipe, name: str) -> np.ndarray | None:
-    """The inverse-Hessian factor `[K, K]` from which a `-gptq` recipe chooses the codes of `w` on ggml's blocks
+    """The Hessian Cholesky factor `[K, K]` from which a `-gptq` recipe chooses the codes of `w` on ggml's blocks
     (None otherwise, or for a weight the calibration did not see: its codes are the fit's), read as
     `importance_for` reads the importance."""
     if recipe.rounding != "gptq" or recipe.bits is None or rule_for(name) is not LINEAR:

@@ -163,14 +163,14 @@ def test_gptq_chooses_codes_on_the_fitted_scales(kind: str) -> None:
     other codes; gguf-py reads the bytes as `dequantize` says; and the codes lower the output error over
     correlated inputs `trace((W - Q) H (W - Q)^T)` against `-imat`'s."""
     from lfm_export.ggml_blocks import quantize as q_0_quantize
-    from lfm_export.rounding import hessian_error, inverse_cholesky
+    from lfm_export.rounding import cholesky_factor, hessian_error
 
     rng = np.random.default_rng(7)
     w = weights(11)
     x = rng.standard_normal((1024, w.shape[1])).astype(np.float32)
     x[:, 1:] += 0.8 * x[:, :-1]  # neighbouring inputs correlated, as a layer's are
     hessian = (x.T @ x / len(x)).astype(np.float64)
-    factor, imp = inverse_cholesky(hessian).astype(np.float32), np.diag(hessian).astype(np.float32)
+    factor, imp = cholesky_factor(hessian), np.diag(hessian).astype(np.float32)
     if kind == "Q4_0":
         imat, gptq = (q_0_quantize(w, 4, r, 1, imp, factor) for r in ("imat", "gptq"))
         block = Q4_0

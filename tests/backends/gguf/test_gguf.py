@@ -482,7 +482,7 @@ def test_k_quant_full_gate_through_llama_cpp(quant: str, tmp_path: Path) -> None
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", ["q4_k_m-gptq", "q4_0-gptq"])
 def test_gptq_on_ggml_blocks_passes_the_full_gate(quant: str, tmp_path: Path) -> None:
-    """`-gptq` on `tiny` (calibrated on the bundled text): the calibration keeps the inverse-Hessian factors,
+    """`-gptq` on `tiny` (calibrated on the bundled text): the calibration keeps the Hessian Cholesky factors,
     the file holds the codes GPTQ chose on ggml's own blocks (Q4_0 / Q5_0 / Q8_0 here; Q4_K and Q6_K in
     `test_ggml_kquants.py`), the stored weights equal the simulation's bit for bit, and the full gate passes
     through llama.cpp."""
