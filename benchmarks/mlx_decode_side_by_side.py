@@ -246,34 +246,40 @@ def main() -> None:
     artifacts = {"ours (shim)": ["shim", str(ours)], "mlx-lm q4 g64": ["mlx-lm", str(theirs)]}
     if not a.no_shim_in_mlx_lm:
         artifacts["ours (mlx-lm)"] = ["mlx-lm", str(ours)]
-    spec = {
-        "artifacts": artifacts,
-        "rounds": a.rounds,
-        "prompt_len": a.prompt_len,
-        "new_tokens": a.new_tokens,
-        "seed": a.seed,
-    }
-    spec_file = work / "spec.json"
-    spec_file.write_text(json.dumps(spec))
+    res: dict[str, Any] = {"runs": {}, "orders": []}
+    per: dict[str, Any] = {}
+    pairs: dict[str, Any] = {}
+    load_before = load_after = round(os.getloadavg()[0], 2)
     cores = ",".join(str(c) for c in range(a.threads))
-    load_before = round(os.getloadavg()[0], 2)
-    r = subprocess.run(
-        ["taskset", "-c", cores, sys.executable, __file__, "--worker", str(spec_file)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    load_after = round(os.getloadavg()[0], 2)
-    if r.returncode:
-        raise SystemExit(f"decode worker failed:\n{r.stderr[-3000:]}")
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    runs = res["runs"]
-    per = {
-        n: {"tok_s": v, "median": float(np.median(v)), "min": min(v), "max": max(v)} for n, v in runs.items()
-    }
-    pairs = {"ours (shim) / mlx-lm q4 g64": summary(runs, "ours (shim)", "mlx-lm q4 g64")}
-    if "ours (mlx-lm)" in runs:
-        pairs["ours (mlx-lm) / mlx-lm q4 g64"] = summary(runs, "ours (mlx-lm)", "mlx-lm q4 g64")
+    if a.rounds:  # --rounds 0: the exports and their bytes only
+        spec = {
+            "artifacts": artifacts,
+            "rounds": a.rounds,
+            "prompt_len": a.prompt_len,
+            "new_tokens": a.new_tokens,
+            "seed": a.seed,
+        }
+        spec_file = work / "spec.json"
+        spec_file.write_text(json.dumps(spec))
+        load_before = round(os.getloadavg()[0], 2)
+        r = subprocess.run(
+            ["taskset", "-c", cores, sys.executable, __file__, "--worker", str(spec_file)],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        load_after = round(os.getloadavg()[0], 2)
+        if r.returncode:
+            raise SystemExit(f"decode worker failed:\n{r.stderr[-3000:]}")
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        runs = res["runs"]
+        per = {
+            n: {"tok_s": v, "median": float(np.median(v)), "min": min(v), "max": max(v)}
+            for n, v in runs.items()
+        }
+        pairs = {"ours (shim) / mlx-lm q4 g64": summary(runs, "ours (shim)", "mlx-lm q4 g64")}
+        if "ours (mlx-lm)" in runs:
+            pairs["ours (mlx-lm) / mlx-lm q4 g64"] = summary(runs, "ours (mlx-lm)", "mlx-lm q4 g64")
     manifest = json.loads((ours / "manifest.json").read_text())
     result = {
         **provenance(),
@@ -313,7 +319,8 @@ def main() -> None:
             f"{k}: of medians {s['ratio_of_medians']}, per round median {s['round_ratio_median']} "
             f"({s['round_ratio_min']}-{s['round_ratio_max']})"
         )
-    print(f"load average {load_before} before, {load_after} after the decode rounds")
+    if a.rounds:
+        print(f"load average {load_before} before, {load_after} after the decode rounds")
 
 
 if __name__ == "__main__":
