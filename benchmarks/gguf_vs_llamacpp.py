@@ -294,6 +294,7 @@ def main() -> None:
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    requested = args.model
     if args.model.startswith("random:"):  # both exporters read one checkpoint folder written from the preset
         from onnx_vs_genai import checkpoint_folder
 
@@ -375,7 +376,8 @@ def main() -> None:
     result = {
         **provenance(),
         "load_average_at_start": load_start,
-        "model": args.model,
+        "model": requested,
+        "checkpoint": args.model,
         "threads": args.threads,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
