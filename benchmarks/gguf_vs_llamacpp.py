@@ -27,6 +27,14 @@
    round's tok/s, median, min, max; per type: the ratio of medians and the median and range of the per-round
    ratios (ours / theirs).
 
+   With `--decode-threads 1,2` the side by side runs once per thread count (both sessions opened afresh with
+   that many threads); the 1-minute load average is recorded before and after each.
+6. `--decode-only`: steps 1, 2 and 5 only (no fp32 reference, no KL, no f32 comparison): the side by side at a
+   size whose fp32 reference is too slow here, e.g. `--model random:lfm2-1.2b`. A `random:PRESET` model is
+   first written as a checkpoint folder (`onnx_vs_genai.checkpoint_folder`: fp32 safetensors, the bundled
+   tokenizer files, which both converters pad to the preset's vocabulary) under `--ckpt-dir`, kept between
+   runs; both exporters read that folder.
+
 Writes JSON (date, machine, commit, command, rows) to `--out` and prints a Markdown table.
 """
 
@@ -166,13 +174,16 @@ def decode_round(s, ids: np.ndarray, new_tokens: int) -> float:
     return new_tokens / (time.perf_counter() - t)
 
 
-def side_by_side(ours: Path, theirs: Path, args) -> dict:
-    """Decode tok/s of both files, same process and threads, `args.decode_repeats` rounds in alternating order."""
+def side_by_side(ours: Path, theirs: Path, args, threads: int | None = None) -> dict:
+    """Decode tok/s of both files, same process and `threads` (default `args.threads`), `args.decode_repeats`
+    rounds in alternating order after one discarded warm-up round each; the load average before and after."""
     from lfm_export.runtime.gguf import GgufSession
 
+    threads = threads or args.threads
+    load_before = round(os.getloadavg()[0], 2)
     sessions = {
-        "ours": GgufSession(ours, threads=args.threads),
-        "theirs": GgufSession(theirs, threads=args.threads),
+        "ours": GgufSession(ours, threads=threads),
+        "theirs": GgufSession(theirs, threads=threads),
     }
     rng = np.random.default_rng(1)
     ids = rng.integers(16, sessions["ours"].vocab_size, (1, args.prompt_len))
@@ -185,13 +196,22 @@ def side_by_side(ours: Path, theirs: Path, args) -> dict:
     for s in sessions.values():
         s.close()
     ratios = [a / b for a, b in zip(runs["ours"], runs["theirs"])]
-    out: dict = {"decode_repeats": args.decode_repeats, "order": "alternating, ours first in even rounds"}
+    out: dict = {
+        "threads": threads,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "decode_repeats": args.decode_repeats,
+        "order": "alternating, ours first in even rounds; one untimed warm-up round each",
+        "load_avg_1m_before": load_before,
+        "load_avg_1m_after": round(os.getloadavg()[0], 2),
+    }
     for who, v in runs.items():
         out[who] = {"tok_s": v, "median": float(np.median(v)), "min": min(v), "max": max(v)}
     out["ratio_of_medians"] = round(out["ours"]["median"] / out["theirs"]["median"], 4)
     out["round_ratio_median"] = round(float(np.median(ratios)), 4)
     out["round_ratio_min"] = round(min(ratios), 4)
     out["round_ratio_max"] = round(max(ratios), 4)
+    out["round_ratios"] = [round(r, 4) for r in ratios]
     return out
 
 
@@ -236,6 +256,22 @@ def main() -> None:
         default=0,
         help="rounds of the side-by-side decode of both files (alternating order); 0: none",
     )
+    ap.add_argument(
+        "--decode-threads",
+        default=None,
+        help="comma-separated thread counts of the side-by-side decode (default: --threads)",
+    )
+    ap.add_argument(
+        "--decode-only",
+        action="store_true",
+        help="exports and the side-by-side decode only: no fp32 reference, KL or f32 comparison",
+    )
+    ap.add_argument(
+        "--ckpt-dir",
+        type=Path,
+        default=Path("/tmp/gguf_vs_llamacpp_ckpt"),
+        help="where a random:PRESET model's checkpoint folder is written (kept between runs)",
+    )
     ap.add_argument("--work", type=Path, default=Path("/tmp/gguf_vs_llamacpp"))
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument(
@@ -253,38 +289,51 @@ def main() -> None:
     from lfm_export.parity import ReferenceSession
     from lfm_export.parity.prompts import default_prompts
 
+    load_start = round(os.getloadavg()[0], 2)
     torch.set_num_threads(args.threads)
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    loaded = load_model(args.model)
-    assert loaded.path is not None, "the comparison needs a checkpoint folder (a bundled model or a path)"
-    prompts = default_prompts(loaded.config.vocab_size, loaded.tokenizer_file)
-    ref = ReferenceSession(loaded.model)
-    reference = []
-    for ids in prompts:
-        ref.reset()
-        reference.append(ref.prefill(ids[None])[0])
-    heldout = None
-    if loaded.tokenizer_file is not None:
-        from lfm_export.parity.corpus import chunks, corpus_tokens
+    requested = args.model
+    if args.model.startswith("random:"):  # both exporters read one checkpoint folder written from the preset
+        from onnx_vs_genai import checkpoint_folder
 
-        ids, bos = corpus_tokens(Path(loaded.tokenizer_file).parent, args.corpus)
-        pieces = chunks(ids, bos, args.ctx)
-        held_ref = []
-        for piece in pieces:
+        args.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        args.model = str(checkpoint_folder(args.model, args.ckpt_dir).resolve())
+    prompts, reference, heldout = [], [], None
+    if args.decode_only:
+        from onnx_vs_genai import checkpoint_folder
+
+        model_path = checkpoint_folder(args.model, args.ckpt_dir)
+    else:
+        loaded = load_model(args.model)
+        assert loaded.path is not None, "the comparison needs a checkpoint folder (a bundled model or a path)"
+        model_path = loaded.path
+        prompts = default_prompts(loaded.config.vocab_size, loaded.tokenizer_file)
+        ref = ReferenceSession(loaded.model)
+        for ids in prompts:
             ref.reset()
-            held_ref.append(ref.prefill(piece)[0, args.ctx // 2 :])
-        heldout = (pieces, held_ref)
+            reference.append(ref.prefill(ids[None])[0])
+        if loaded.tokenizer_file is not None:
+            from lfm_export.parity.corpus import chunks, corpus_tokens
 
-    src = liquid_copy(loaded.path, args.work / "hf")
+            ids, bos = corpus_tokens(Path(loaded.tokenizer_file).parent, args.corpus)
+            pieces = chunks(ids, bos, args.ctx)
+            held_ref = []
+            for piece in pieces:
+                ref.reset()
+                held_ref.append(ref.prefill(piece)[0, args.ctx // 2 :])
+            heldout = (pieces, held_ref)
+
+    src = liquid_copy(model_path, args.work / "hf")
     theirs_f32 = args.work / "theirs-f32.gguf"
     conv_env = {**env, "PYTHONPATH": f"{args.llama_src / 'gguf-py'}{os.pathsep}{args.llama_src}"}
     code = CONVERT.format(src=str(src), dst=str(theirs_f32))
     convert_s, convert_rss = timed([sys.executable, "-c", code], conv_env, args.llama_src)
 
-    same = compare_f32(args, env, theirs_f32)
+    same = {} if args.decode_only else compare_f32(args, env, theirs_f32)
     print(json.dumps(same), flush=True)
+    decode_threads = [int(t) for t in (args.decode_threads or str(args.threads)).split(",")]
     rows = []
     decode = {}
     for kind in args.types.split(","):
@@ -315,17 +364,20 @@ def main() -> None:
                 "file_bytes": (folder / "model.gguf").stat().st_size,
                 "export_wall_s": round(wall, 2),
                 "export_peak_rss_bytes": rss,
-                **measure(folder, prompts, reference, args, heldout),
+                **({} if args.decode_only else measure(folder, prompts, reference, args, heldout)),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
-        if args.decode_repeats:
-            decode[kind] = side_by_side(ours, theirs, args)
-            print(json.dumps({"type": kind, "decode_side_by_side": decode[kind]}), flush=True)
+        for t in decode_threads if args.decode_repeats else ():
+            key = kind if len(decode_threads) == 1 else f"{kind}@{t}t"
+            decode[key] = side_by_side(ours, theirs, args, t)
+            print(json.dumps({"type": key, "decode_side_by_side": decode[key]}), flush=True)
 
     result = {
         **provenance(),
-        "model": args.model,
+        "load_average_at_start": load_start,
+        "model": requested,
+        "checkpoint": args.model,
         "threads": args.threads,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
@@ -342,6 +394,12 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if args.decode_only:
+            print(
+                f"| {r['type']} | {r['who']} | {r['file_bytes']} | | | | | | | {r['export_wall_s']} | "
+                f"{r['export_peak_rss_bytes'] / 1e6:.0f} |"
+            )
+            continue
         print(
             f"| {r['type']} | {r['who']} | {r['file_bytes']} | {r['kl_mean']:.2e} | {r['kl_corpus']:.2e} | "
             f"{r.get('kl_heldout_mean', float('nan')):.2e} | "
