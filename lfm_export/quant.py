@@ -822,7 +822,7 @@ class BoundaryCodes:
     code step, the next layers' inputs by 1e-5 relative, which flips further codes there: within two or three
     layers the whole position, and through the KV cache every later one, differs by the size of the
     activation rounding itself (onnxruntime int8-b32 on tiny: the median position 2.6e-3 of the logit scale
-    off). The simulation is exact op by op (6.7e-7); only these undecided codes are not given
+    off). The simulation is exact op by op (7.3e-7); only these undecided codes are not given
     (benchmarks/results/a8_exactness.json). llama.cpp's Q8_0 blocks add a second kind: the block scale
     `amax / 127` is stored in fp16, and where it sits that close to the halfway point between two fp16 numbers
     the runtime's scale and the simulation's differ by one fp16 step, every value of the block with it
