@@ -142,19 +142,24 @@ def test_core_codes_fit_mlx_affine_format() -> None:
         assert np.abs(ours.reshape(16, 128) - np.array(mx.dequantize(mq, ms, mb, block, bits))).max() < 1e-6
 
 
-@pytest.mark.parametrize("case", [("tiny", "int4"), ("tiny-moe", "int4"), ("tiny", "fp32"), BF16])
-def test_mlx_lm_loads_the_folder_and_generates_our_greedy_tokens(artifacts, case) -> None:
+def greedy_tokens(folder: Path, n: int) -> tuple[list[int], list[int]]:
+    """`n` greedy tokens after `PROMPT[0]`: mlx-lm's own `generate_step` on `folder`, then our `MlxSession`."""
     from mlx_lm import load
     from mlx_lm.generate import generate_step
 
-    folder = artifacts[case]
     model, _ = load(str(folder))
-    steps = generate_step(mx.array(PROMPT[0]), model, max_tokens=16, sampler=lambda x: mx.argmax(x, axis=-1))
+    steps = generate_step(mx.array(PROMPT[0]), model, max_tokens=n, sampler=lambda x: mx.argmax(x, axis=-1))
     theirs = [int(t) for t, _ in steps]
     session = MlxSession(folder)
     ours = [int(session.prefill(PROMPT)[0, -1].argmax())]
-    while len(ours) < 16:
+    while len(ours) < n:
         ours.append(int(session.decode(np.array([ours[-1]]))[0].argmax()))
+    return theirs, ours
+
+
+@pytest.mark.parametrize("case", [("tiny", "int4"), ("tiny-moe", "int4"), ("tiny", "fp32"), BF16])
+def test_mlx_lm_loads_the_folder_and_generates_our_greedy_tokens(artifacts, case) -> None:
+    theirs, ours = greedy_tokens(artifacts[case], 16)
     assert theirs == ours
 
 
@@ -459,8 +464,6 @@ def test_four_bit_table_passes_parity_loads_in_mlx_lm_and_a_wrong_table_fails(tm
     """`--head-bits 4 --embedding-quant 4`: the tied table in the recipe's groups at 4 bits (mlx-lm's own q4
     layout, no per-layer entry), every stored row the simulation's; mlx-lm loads the folder and generates our
     greedy tokens; the table's scales 3% off fail exactness."""
-    from mlx_lm import load
-    from mlx_lm.generate import generate_step
 
     folder = tmp_path / "t4"
     recipe = make_recipe(
@@ -480,13 +483,8 @@ def test_four_bit_table_passes_parity_loads_in_mlx_lm_and_a_wrong_table_fails(tm
         weights["model.embed_tokens.weight"].shape[1] * 8
         == weights["model.embed_tokens.scales"].shape[1] * 64
     )
-    model, _ = load(str(folder))
-    steps = generate_step(mx.array(PROMPT[0]), model, max_tokens=8, sampler=lambda x: mx.argmax(x, axis=-1))
-    session = MlxSession(folder)
-    ours = [int(session.prefill(PROMPT)[0, -1].argmax())]
-    while len(ours) < 8:
-        ours.append(int(session.decode(np.array([ours[-1]]))[0].argmax()))
-    assert [int(t) for t, _ in steps] == ours
+    theirs, ours = greedy_tokens(folder, 8)
+    assert theirs == ours
     weights["model.embed_tokens.scales"] = weights["model.embed_tokens.scales"] * 1.03
     weights["model.embed_tokens.biases"] = weights["model.embed_tokens.biases"] * 1.03
     mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
@@ -499,8 +497,6 @@ def test_three_bit_mix_passes_parity_loads_in_mlx_lm_and_a_wrong_group_fails(tmp
     """A precision mix with 3-bit groups (what `--budget` may choose on MLX, `lfm_export.budget.candidates`):
     per-layer `quantization` entries at 3 bits, every stored row the simulation's, mlx-lm loads the folder and
     generates our greedy tokens; a 3-bit group's scales 3% off fail exactness."""
-    from mlx_lm import load
-    from mlx_lm.generate import generate_step
 
     from lfm_export.backends.mlx.recipes import MlxRecipe
 
@@ -531,13 +527,8 @@ def test_three_bit_mix_passes_parity_loads_in_mlx_lm_and_a_wrong_group_fails(tmp
     weights = dict(mx.load(str(folder / "model.safetensors")))
     w2 = weights["model.layers.1.feed_forward.w2.weight"]
     assert w2.shape[1] * 32 == weights["model.layers.1.feed_forward.w2.scales"].shape[1] * 128 * 3
-    model, _ = load(str(folder))
-    steps = generate_step(mx.array(PROMPT[0]), model, max_tokens=8, sampler=lambda x: mx.argmax(x, axis=-1))
-    session = MlxSession(folder)
-    ours = [int(session.prefill(PROMPT)[0, -1].argmax())]
-    while len(ours) < 8:
-        ours.append(int(session.decode(np.array([ours[-1]]))[0].argmax()))
-    assert [int(t) for t, _ in steps] == ours
+    theirs, ours = greedy_tokens(folder, 8)
+    assert theirs == ours
     for part in ("scales", "biases"):
         key = f"model.layers.1.feed_forward.w2.{part}"
         weights[key] = weights[key] * 1.03
