@@ -6,8 +6,9 @@ each width, run on the installed onnxruntime against numpy's dequantized product
 Codes are packed as `lfm_export.backends.onnx.quantize.pack_codes` packs them (first code in the lowest bits);
 no zero points (the implicit `2^(bits-1)`), float32 scales. A width counts as taken when the session is created
 and the output matches numpy: MatMulNBits at accuracy level 0 (float inputs) within 1e-5 of the largest output,
-GatherBlockQuantized exactly; at accuracy level 4 the inputs are rounded to int8 blocks, so only the error is
-recorded. 3 bits cannot be packed in whole bytes per block of 32 by `pack_codes`; its codes are packed as one bit
+GatherBlockQuantized exactly; at accuracy level 4 the inputs are rounded to int8 blocks: the error against float
+inputs is recorded, and the error against the inputs rounded as the simulation rounds them
+(`lfm_export.quant.fake_quant_int8_block`, `max_rel_error_vs_int8_block`). 3 bits cannot be packed in whole bytes per block of 32 by `pack_codes`; its codes are packed as one bit
 stream per block here (the layout onnxruntime would need), to see whether the session takes it at all.
 """
 
@@ -93,7 +94,16 @@ def matmulnbits(bits: int, block: int, level: int, rng: np.random.Generator) -> 
         return {"runs": False, "error": " ".join(str(e).split())[-400:]}
     ref = x @ w.T
     rel = float(np.abs(y - ref).max() / np.abs(ref).max())
-    return {"runs": True, "max_rel_error": rel, "exact_at_float_inputs": rel <= 1e-5 if level == 0 else None}
+    out = {"runs": True, "max_rel_error": rel, "exact_at_float_inputs": rel <= 1e-5 if level == 0 else None}
+    if level == 4:  # against the inputs rounded as `lfm_export.quant.fake_quant_int8_block` rounds them
+        import torch
+
+        from lfm_export.quant import fake_quant_int8_block
+
+        xq = fake_quant_int8_block(torch.from_numpy(x), block).numpy().astype(np.float64)
+        sim = xq @ w.T.astype(np.float64)
+        out["max_rel_error_vs_int8_block"] = float(np.abs(y - sim).max() / np.abs(sim).max())
+    return out
 
 
 def gather_block_quantized(bits: int, block: int, rng: np.random.Generator) -> dict[str, Any]:
