@@ -466,7 +466,7 @@ def test_one_matrix_two_percent_off_fails_the_int4_a8_gate_through_onnxruntime(a
 
 
 CHAINED_PROMPT = (1677, 833, 87, 1863, 1927, 90, 1216, 1685, 1618, 851, 1761, 1699, 233, 22, 211, 748)
-"""Random `tiny` ids on which onnxruntime 1.32 (MLAS on an AVX-512 VNNI Xeon) rounds one int8 activation code of
+"""Random `tiny` ids on which onnxruntime 1.32 (MLAS on an AMD EPYC with AVX-512 VNNI) rounds one int8 activation code of
 the honest int4 artifact the other way and, in a later layer, a second code that the first put on a rounding
 boundary (found by running both searches on random prompts)."""
 
