@@ -466,17 +466,17 @@ def test_one_matrix_two_percent_off_fails_the_int4_a8_gate_through_onnxruntime(a
 
 
 CHAINED_PROMPT = (1677, 833, 87, 1863, 1927, 90, 1216, 1685, 1618, 851, 1761, 1699, 233, 22, 211, 748)
-"""Random `tiny` ids on which onnxruntime 1.32 (MLAS on an AMD EPYC with AVX-512 VNNI) rounds one int8 activation code of
-the honest int4 artifact the other way and, in a later layer, a second code that the first put on a rounding
-boundary (found by running both searches on random prompts)."""
+"""Random `tiny` ids on which onnxruntime 1.32 (MLAS on an AMD EPYC with AVX-512 VNNI) rounds one int8 activation
+code of the honest int4 artifact the other way and, in a later layer, a second code that the first put on a
+rounding boundary (found by running both searches on random prompts)."""
 
 
 def test_a_flip_and_the_code_it_moves_onto_a_boundary_are_resolved_together(artifacts, loaded):
     """The honest int4 artifact at accuracy level 4 is within float32 rounding of its simulation at every
     position of `CHAINED_PROMPT` once its undecided codes are resolved, the second code of the chain included
     (listed only by a forward with the first flipped). Without it no choice among the codes undecided before
-    explained position 12 (4.0e-3: a failed `resolved_prefill` on an honest export). On a CPU whose kernels sum in another order the prompt may
-    hold no chain; the bound holds all the same."""
+    explained position 12 (4.0e-3: a failed `resolved_prefill` on an honest export). On a CPU whose kernels sum
+    in another order the prompt may hold no chain; the bound holds all the same."""
     import numpy as np
 
     from lfm_export.backends import open_session
