@@ -21,9 +21,9 @@ first that brings the position within `LIMIT` (greedily, up to `MAX_FLIPS` codes
 forwards); a flip that leaves the position off is tried once more together with the code it moved nearest to a
 halfway point in a later layer, which the artifact may have taken as well (`_search`). An honest artifact is then
 within float32 rounding at every position (onnxruntime 1.32, tiny int8-b32: 1.4e-6 with 4 codes resolved;
-benchmarks/results/a8_exactness.json; llama.cpp: see docs/backends/gguf.md); an artifact of other weights is not, since no
-choice of undecided codes explains a matrix 1% off. After the first position that stays off, the rest of the
-prompt is compared without searching.
+benchmarks/results/a8_exactness.json; llama.cpp: see docs/backends/gguf.md); an artifact of other weights is
+not, since no choice of undecided codes explains a matrix 1% off. After the first position that stays off, the
+rest of the prompt is compared without searching.
 """
 
 from __future__ import annotations
