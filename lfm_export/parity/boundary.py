@@ -269,11 +269,13 @@ def _search(
     """Position `t`'s undecided codes resolved (module doc): `(error, forward, flips kept)`.
 
     Each trial forward lists its own undecided codes. A flip changes every later layer's inputs, which can put a
-    code there on a boundary that was not on one before: the artifact then took both, and neither alone brings
-    the position near it (`small` ONNX with 2-bit MLPs: a flip in layer 4's `out_proj` input leaves the logits
-    2.3e-3 off until the `w2` code it moved to 4.5e-8 of a halfway point is flipped too). So where a trial stays
-    off, the code its flip moved closest to a halfway point is tried with it (one more forward) before the next
-    candidate; without that, a flip elsewhere that happened to land near the artifact (7.7e-6) was kept."""
+    code there on a boundary that was not on one before, and the artifact may have taken that one the other way
+    too: then the first flip alone leaves the position as far off as none, and the second is listed by no
+    forward without the first. So where a trial stays off, the code its flip moved nearest to a halfway point is
+    tried with it (one more forward) before the next candidate. Without that, an honest position holding such a
+    chain stayed unexplained (`tiny` int4, tests/core/test_parity_gates.py), or a flip elsewhere that happened
+    to land near the artifact was kept (`small` ONNX with 2-bit MLPs: 7.7e-6 where the chain resolves to
+    1.0e-6; docs/quality_per_byte.md)."""
     found: list[Boundary] = []
     _step(simulated, token, state, [], found)  # the same forward again, listing undecided codes (slower)
     out.forwards += 1
