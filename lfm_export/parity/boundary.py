@@ -191,9 +191,10 @@ def _step(
         codes.stop()
 
 
-def resolve(session: Session, simulated: Any, prompts: list[np.ndarray]) -> Resolved:
+def resolve(session: Session, simulated: Any, prompts: list[np.ndarray], follow: bool = True) -> Resolved:
     """The artifact `session` against `simulated` (`lfm_export.quant.simulate`'s module, int8 activations) on
-    each prompt (`[1, T]` ids), undecided codes resolved per position (module doc). Leaves `session` reset."""
+    each prompt (`[1, T]` ids), undecided codes resolved per position (module doc; `follow`: chains of flips
+    too, `_search`). Leaves `session` reset."""
     from lfm_export.model import MOE_SPARSE, MoE
 
     out = Resolved()
@@ -205,7 +206,7 @@ def resolve(session: Session, simulated: Any, prompts: list[np.ndarray]) -> Reso
     for m in moe:
         m.form = MOE_SPARSE
     try:
-        _resolve_prompts(session, simulated, prompts, out, errors)
+        _resolve_prompts(session, simulated, prompts, out, errors, follow)
     finally:
         for m, form in zip(moe, forms, strict=True):
             m.form = form
@@ -215,7 +216,12 @@ def resolve(session: Session, simulated: Any, prompts: list[np.ndarray]) -> Reso
 
 
 def _resolve_prompts(
-    session: Session, simulated: Any, prompts: list[np.ndarray], out: Resolved, errors: list[float]
+    session: Session,
+    simulated: Any,
+    prompts: list[np.ndarray],
+    out: Resolved,
+    errors: list[float],
+    follow: bool = True,
 ) -> None:
     """`resolve`'s loop over the prompts, into `out` and `errors` (one per position)."""
     import torch
@@ -241,7 +247,9 @@ def _resolve_prompts(
             err = _error(artifact, kv, t, result)
             flips: list[Boundary] = []
             if searching and err > TARGET:
-                err, result, flips = _search(simulated, token, state, artifact, kv, t, err, result, out)
+                err, result, flips = _search(
+                    simulated, token, state, artifact, kv, t, err, result, out, follow
+                )
             errors.append(err)
             if err > LIMIT and searching:
                 out.unexplained.append((p, t, err))
@@ -265,6 +273,7 @@ def _search(
     err: float,
     result: tuple,
     out: Resolved,
+    follow: bool = True,
 ) -> tuple[float, tuple, list[Boundary]]:
     """Position `t`'s undecided codes resolved (module doc): `(error, forward, flips kept)`.
 
@@ -275,7 +284,7 @@ def _search(
     tried with it (one more forward) before the next candidate. Without that, an honest position holding such a
     chain stayed unexplained (`tiny` int4, tests/core/test_parity_gates.py), or a flip elsewhere that happened
     to land near the artifact was kept (`small` ONNX with 2-bit MLPs: 7.7e-6 where the chain resolves to
-    1.0e-6; docs/quality_per_byte.md)."""
+    1.0e-6; docs/quality_per_byte.md). `follow` False searches as before (benchmarks/resolved_chains.py)."""
     found: list[Boundary] = []
     _step(simulated, token, state, [], found)  # the same forward again, listing undecided codes (slower)
     out.forwards += 1
@@ -293,11 +302,11 @@ def _search(
             chain: list[Boundary] = [*flips, b]
             listed: list[Boundary] = []
             tries += 1
-            trial = _step(simulated, token, state, chain, listed)
+            trial = _step(simulated, token, state, chain, listed if follow else None)
             out.forwards += 1
             e = _error(artifact, kv, t, trial)
             moved = sorted((c for c in listed if _key(c) not in known), key=lambda c: c.margin)
-            if e > TARGET and moved and tries < MAX_TRIES and len(chain) < MAX_FLIPS:
+            if follow and e > TARGET and moved and tries < MAX_TRIES and len(chain) < MAX_FLIPS:
                 tries += 1
                 more: list[Boundary] = []
                 followed = _step(simulated, token, state, [*chain, moved[0]], more)
@@ -312,7 +321,8 @@ def _search(
         if best is None or best[0] >= err:
             break
         err, flips, result = best[0], best[1], best[2]
-        found += [c for c in best[3] if _key(c) not in known]  # what the kept flips put on a boundary
+        if follow:  # what the kept flips put on a boundary
+            found += [c for c in best[3] if _key(c) not in known]
     return err, result, flips
 
 
