@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/resolved_chains.py OUT [OUT ...] --threads 1 --json benchmarks/results/X.json
 
 Per artifact folder (its model loaded from the manifest's source, its calibrated codes rebuilt from the manifest
-as parity does): the row on the parity prompts (`lfm_export.parity.boundary.resolve`, `follow` False and True),
-and per search the positions compared, the largest and median error, codes resolved, forwards, the positions
-left unexplained, and the five worst positions (prompt, position, error). Op by op, what onnxruntime's
+as parity does): the row on the parity prompts or `--prompt` (`lfm_export.parity.boundary.resolve`, `follow`
+False and True), and per search the positions compared, the largest and median error, codes resolved,
+forwards, the positions left unexplained, and the five worst positions (prompt, position, error). Op by op, what onnxruntime's
 MatMulNBits computes is in `benchmarks/onnx_low_bits.py`; this measures only the search.
 """
 
@@ -26,8 +26,8 @@ sys.path.insert(0, str(HERE))
 from provenance import provenance  # noqa: E402
 
 
-def rows(folder: Path, threads: int) -> dict[str, Any]:
-    """Both searches on one artifact."""
+def rows(folder: Path, threads: int, prompt: list[int] | None = None) -> dict[str, Any]:
+    """Both searches on one artifact, on the parity prompts or on `prompt` (token ids)."""
     import torch
 
     from lfm_export import pipeline
@@ -48,6 +48,8 @@ def rows(folder: Path, threads: int) -> dict[str, Any]:
     prompts = boundary.prompts_for(
         loaded.config.vocab_size, folder / "tokenizer.json", manifest.get("max_seq_len")
     )
+    if prompt is not None:
+        prompts = [np.array([prompt], np.int64)]
     starts = np.cumsum([0] + [p.shape[1] for p in prompts])
     out: dict[str, Any] = {
         "folder": str(folder),
@@ -55,6 +57,7 @@ def rows(folder: Path, threads: int) -> dict[str, Any]:
         "recipe": manifest["recipe"].get("name"),
         "mix": manifest["recipe"].get("mix"),
         "accuracy_level": manifest["recipe"].get("accuracy_level"),
+        "prompt": prompt or "the parity prompts",
     }
     for follow in (False, True):
         errors: list[float] = []
@@ -82,11 +85,13 @@ def main() -> None:
     ap.add_argument("folders", nargs="+", type=Path)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--prompt", default=None, help="comma-separated token ids instead of the parity prompts")
     args = ap.parse_args()
+    prompt = None if args.prompt is None else [int(t) for t in args.prompt.split(",")]
     import onnxruntime as ort
 
     result: dict[str, Any] = {**provenance(), "onnxruntime": ort.__version__, "threads": args.threads}
-    result["artifacts"] = [rows(f, args.threads) for f in args.folders]
+    result["artifacts"] = [rows(f, args.threads, prompt) for f in args.folders]
     result["load_average_at_end"] = round(os.getloadavg()[0], 2)
     text = json.dumps(result, indent=1) + "\n"
     if args.json:
