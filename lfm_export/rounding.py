@@ -187,6 +187,19 @@ def _prior(resid: np.ndarray, a: np.ndarray, inv_diag: np.ndarray, c0: int, c1: 
 
 
 @contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """numpy's BLAS on one thread while the block runs (`threadpoolctl`): each block's product is thin
+    (`[N, c0] x [c0, block]`), and on two threads its synchronisation and the BLAS threads left spinning after
+    it cost more than the split gains (LFM2-350M's linears: 59 s against 31 s for all of `gptq`, 2 cores,
+    `OMP_NUM_THREADS=2`); the products' values then do not depend on `OMP_NUM_THREADS` either (a BLAS splits
+    a product's sums differently on more threads)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="blas"):
+        yield
+
+
+@contextmanager
 def _workers(tasks: int, threads: int) -> Iterator[Callable[[Callable[[slice], None], list[slice]], None]]:
     """A `run(work, row_slices)` that calls `work` on every slice, on a pool of `threads` threads kept for the
     whole matrix (numpy releases the GIL in the elementwise work of a slice)."""
@@ -348,7 +361,7 @@ def gptq(
     x = np.asarray(w, np.float32)
     out = (np.empty((n, k), np.uint8), np.empty((n, k), np.float32), np.empty((n, nb), np.float32))
     tasks = _row_chunks(n, BLOCK_CHUNK_ROWS)
-    with _workers(len(tasks), threads) as run:
+    with _workers(len(tasks), threads) as run, one_blas_thread():
         for b in range(nb):
             c0, c1 = b * block_size, (b + 1) * block_size
             prior = _prior(out[1], a, inv_diag, c0, c1)
