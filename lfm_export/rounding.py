@@ -24,7 +24,10 @@ column `m` is rounded after adding `sum_{i<m} d_i A_im / A_mm`, `d_i = w_i - q_i
 which equals GPTQ's update through the inverse Hessian's factor `A^-1` (the paper's form) without forming that
 inverse. What the columns of earlier blocks pass on to a block is one matrix product when the block is
 reached; inside a block the columns run one at a time, on row slices in parallel (`threads`; rows are
-independent there, so the codes do not depend on the thread count).
+independent there, so the codes do not depend on the thread count). `gptq` holds a block by columns
+(`[block, rows]`, tasks of `BLOCK_CHUNK_ROWS` rows) and sums its search's errors in numpy's own order
+(`_pairwise_sum`), so its codes are, bit for bit, those of the same loop on a block held by rows; its products
+run on one BLAS thread (`one_blas_thread`), so they do not depend on `OMP_NUM_THREADS` either.
 
 The error both minimise is the Hessian-weighted one, `trace((W - Q) H (W - Q)^T)` (`hessian_error`): the
 expected squared error of the layer's output over the calibration inputs.
@@ -157,7 +160,8 @@ def cholesky_factor(hessian: np.ndarray, damp: float = DAMP, overwrite: bool = F
 
 
 ROUND_CHUNK_ROWS = 256
-"""Rows per task of the within-block column loop (rows are independent there: the codes do not depend on it)."""
+"""At least this many rows per task of `gptq_on_grid`'s within-batch loop (rows are independent there: the codes
+do not depend on it)."""
 
 
 BLOCK_CHUNK_ROWS = 2048
@@ -347,7 +351,7 @@ def gptq(
 ) -> Quantized:
     """GPTQ-rounded symmetric block quantization of `w [N, K]` given the inputs' second-moment matrix
     `hessian [K, K]` (see the module doc). `factor`: `cholesky_factor(hessian, damp)` when the caller already
-    has it (linears that share one input share it). `threads`: workers for the within-block work (row slices;
+    has it (linears that share one input share it). `threads`: workers for the within-block work (row tasks;
     the codes do not depend on it)."""
     n, k = w.shape
     if k % block_size:
