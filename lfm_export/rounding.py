@@ -27,7 +27,10 @@ reached; inside a block the columns run one at a time, on row slices in parallel
 independent there, so the codes do not depend on the thread count). `gptq` holds a block by columns
 (`[block, rows]`, tasks of `BLOCK_CHUNK_ROWS` rows) and sums its search's errors in numpy's own order
 (`_pairwise_sum`), so its codes are, bit for bit, those of the same loop on a block held by rows; its products
-run on one BLAS thread (`one_blas_thread`), so they do not depend on `OMP_NUM_THREADS` either.
+run on one BLAS thread (`one_blas_thread`). The products' values still depend on the BLAS library and on how it
+was started (`OMP_NUM_THREADS` at import: at LFM2-350M's FFN `w2` shape, 1024 x 4608, 0.6% of the codes differ
+between 1 and 2, before this form as after), as GPTQ passes any difference on to later columns; the output error
+does not move (`benchmarks/gptq_forms.py`, 12 seeds).
 
 The error both minimise is the Hessian-weighted one, `trace((W - Q) H (W - Q)^T)` (`hessian_error`): the
 expected squared error of the layer's output over the calibration inputs.
@@ -194,9 +197,8 @@ def _prior(resid: np.ndarray, a: np.ndarray, inv_diag: np.ndarray, c0: int, c1: 
 def one_blas_thread() -> Iterator[None]:
     """numpy's BLAS on one thread while the block runs (`threadpoolctl`): each block's product is thin
     (`[N, c0] x [c0, block]`), and on two threads its synchronisation and the BLAS threads left spinning after
-    it cost more than the split gains (LFM2-350M's linears: 59 s against 31 s for all of `gptq`, 2 cores,
-    `OMP_NUM_THREADS=2`); the products' values then do not depend on `OMP_NUM_THREADS` either (a BLAS splits
-    a product's sums differently on more threads)."""
+    it cost more than the split gains (LFM2-350M's linear shapes, each timed once and weighted by its count,
+    2 cores with another job beside: 59 s for all of `gptq` with two BLAS threads, 31 s with one)."""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(1, user_api="blas"):
