@@ -40,7 +40,7 @@ row = {"wall_s": round(time.perf_counter() - t0, 1), "table_bytes": table.nbytes
        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **entry}
 if profile:
     parts = {"hook": "hessian_and_mean_square_hooks_s", "_layer": "layer_weights_s", "cholesky_factor": "factor_s",
-             "gptq": "gptq_s", "weighted_search": "imat_search_s", "hessian_error": "output_error_tally_s",
+             "gptq": "gptq_s", "weighted_search": "imat_search_s", "_output_errors": "output_error_tally_s",
              "quantize_block": "plain_rounding_for_tally_s", "calibration_steps": "calibration_forward_total_s"}
     stats = pstats.Stats(profile).stats
     got = {}

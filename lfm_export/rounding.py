@@ -24,7 +24,13 @@ column `m` is rounded after adding `sum_{i<m} d_i A_im / A_mm`, `d_i = w_i - q_i
 which equals GPTQ's update through the inverse Hessian's factor `A^-1` (the paper's form) without forming that
 inverse. What the columns of earlier blocks pass on to a block is one matrix product when the block is
 reached; inside a block the columns run one at a time, on row slices in parallel (`threads`; rows are
-independent there, so the codes do not depend on the thread count).
+independent there, so the codes do not depend on the thread count). `gptq` holds a block by columns
+(`[block, rows]`, tasks of `BLOCK_CHUNK_ROWS` rows) and sums its search's errors in numpy's own order
+(`_pairwise_sum`), so its codes are, bit for bit, those of the same loop on a block held by rows; its products
+run on one BLAS thread (`one_blas_thread`). The products' values still depend on the BLAS library and on how it
+was started (`OMP_NUM_THREADS` at import: at LFM2-350M's FFN `w2` shape, 1024 x 4608, 0.6% of the codes differ
+between 1 and 2, before this form as after), as GPTQ passes any difference on to later columns; the output error
+does not move (`benchmarks/gptq_forms.py`, 12 seeds).
 
 The error both minimise is the Hessian-weighted one, `trace((W - Q) H (W - Q)^T)` (`hessian_error`): the
 expected squared error of the layer's output over the calibration inputs.
@@ -157,7 +163,20 @@ def cholesky_factor(hessian: np.ndarray, damp: float = DAMP, overwrite: bool = F
 
 
 ROUND_CHUNK_ROWS = 256
-"""Rows per task of the within-block column loop (rows are independent there: the codes do not depend on it)."""
+"""At least this many rows per task of `gptq_on_grid`'s within-batch loop (rows are independent there: the codes
+do not depend on it)."""
+
+
+BLOCK_CHUNK_ROWS = 2048
+"""Rows per task of `gptq`'s block work (search and column loop): a block's columns for these rows,
+`[block, rows]` float32, and the search's scratch stay in a core's L2 cache (codes do not depend on it)."""
+
+
+def _row_chunks(n: int, rows: int) -> list[slice]:
+    """`n` rows in slices of at most `rows`, as even as that allows (tasks for the pool)."""
+    parts = max(1, -(-n // rows))
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 def _row_tasks(n: int, threads: int) -> list[slice]:
@@ -172,6 +191,18 @@ def _prior(resid: np.ndarray, a: np.ndarray, inv_diag: np.ndarray, c0: int, c1: 
     if c0 == 0:
         return None
     return (resid[:, :c0] @ a[:c0, c0:c1]) * inv_diag[c0:c1]
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """numpy's BLAS on one thread while the block runs (`threadpoolctl`): each block's product is thin
+    (`[N, c0] x [c0, block]`), and on two threads its synchronisation and the BLAS threads left spinning after
+    it cost more than the split gains (LFM2-350M's linear shapes, each timed once and weighted by its count,
+    2 cores with another job beside: 59 s for all of `gptq` with two BLAS threads, 31 s with one)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="blas"):
+        yield
 
 
 @contextmanager
@@ -194,6 +225,64 @@ def _workers(tasks: int, threads: int) -> Iterator[Callable[[Callable[[slice], N
         yield parallel
 
 
+def _pairwise_sum(t: np.ndarray, start: int = 0, n: int | None = None) -> np.ndarray:
+    """The sum over rows `start:start + n` of `t [rows, R]` (float32), in the order numpy's `sum` adds a
+    contiguous axis (its pairwise sum: eight running sums in blocks of up to 128, halves above), so a search
+    working on columns `[block, R]` gets, bit for bit, the errors `_search_blocks` gets from `[R, block]`."""
+    n = t.shape[0] - start if n is None else n
+    if n < 8:
+        res = t[start].copy()
+        for i in range(start + 1, start + n):
+            res += t[i]
+        return res
+    if n <= 128:
+        whole = n - n % 8
+        r = t[start : start + 8] + t[start + 8 : start + 16] if whole >= 16 else t[start : start + 8].copy()
+        for i in range(start + 16, start + whole, 8):
+            r += t[i : i + 8]
+        pairs = r[0::2] + r[1::2]  # (r0 + r1), (r2 + r3), (r4 + r5), (r6 + r7)
+        res = (pairs[0] + pairs[1]) + (pairs[2] + pairs[3])
+        for i in range(start + whole, start + n):
+            res += t[i]
+        return res
+    half = n // 2
+    half -= half % 8
+    return _pairwise_sum(t, start, half) + _pairwise_sum(t, start + half, n - half)
+
+
+def _search_columns(
+    cols: np.ndarray, bits: int, imp: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_search_blocks` on one block held by columns, `cols [block, R]` (`imp [block, R]`, each row the
+    channel's weight): the best shrink factor per row, the block's extreme and its index, the same values as
+    `_search_blocks` gives for `cols.T` (the same operations per element; the error summed in numpy's order)."""
+    half = 2 ** (bits - 1)
+    r = cols.shape[1]
+    idx = np.abs(cols).argmax(0)
+    extreme = cols[idx, np.arange(r)]
+    best = np.ones(r, np.float32)
+    best_err: np.ndarray | None = None
+    t = np.empty_like(cols)
+    for f in MSE_GRIDS[bits]:
+        shrink = np.float32(f)
+        scale, safe = _symmetric_scale(cols, bits, shrink, (extreme,))
+        np.divide(cols, safe, out=t)
+        np.rint(t, out=t)
+        np.clip(t, -half, half - 1, out=t)
+        t *= scale
+        t -= cols
+        np.square(t, out=t)
+        t *= imp
+        err = _pairwise_sum(t)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        np.copyto(best_err, err, where=better)
+        best[better] = shrink
+    return best, extreme, idx
+
+
 def _gptq_block(
     rows: slice,
     x: np.ndarray,
@@ -206,30 +295,51 @@ def _gptq_block(
     out: tuple[np.ndarray, np.ndarray, np.ndarray],
     b: int,
 ) -> None:
-    """`gptq`'s block `c0:c1` on `rows`: the scale search, then the columns one at a time, each passing its
-    error `d` on to the block's later columns (`within[j, m] = A_jm / A_mm`); codes, residuals, scales to `out`."""
+    """`gptq`'s block `c0:c1` on `rows`, held by columns (`[block, rows]`, each column contiguous): the scale
+    search, then the columns one at a time, each passing its error `d` on to the block's later columns
+    (`within[j, m] = A_jm / A_mm`); codes (`out[0]`, `[K, N]`), residuals, scales to `out`."""
     codes, resid, scales = out
     half = 2 ** (bits - 1)
-    blk = x[rows, c0:c1] if prior is None else x[rows, c0:c1] + prior[rows]
-    best, _, extremes = _search_blocks(blk[:, None, :], bits, imp)
-    scale, safe = _symmetric_scale(blk[:, None, :], bits, best, extremes)
-    scale, safe = scale[:, 0], safe[:, 0]
-    anchor = np.where(scale != 0, np.abs(blk).argmax(-1), -1)
-    cols = np.ascontiguousarray(blk.T)  # [block, rows]: each column contiguous
-    orig = np.ascontiguousarray(x[rows, c0:c1].T)
+    m = c1 - c0
+    orig = _columns(x, rows, c0, c1)
+    cols = orig.copy() if prior is None else orig + prior[rows].T
+    best, extreme, idx = _search_columns(cols, bits, np.broadcast_to(imp[:, None], cols.shape).copy())
+    scale, safe = _symmetric_scale(cols, bits, best, (extreme,))
+    anchor = np.where(scale != 0, idx, -1)
+    # the rows whose extreme is column j: by_col[starts[j] : starts[j + 1]]
+    by_col = np.argsort(anchor, kind="stable")
+    starts = np.searchsorted(anchor, np.arange(m + 1), sorter=by_col)
     out_c = np.empty(cols.shape, np.uint8)
     out_r = np.empty_like(cols)
-    for j in range(c1 - c0):
-        q = np.clip(np.rint(cols[j] / safe), -half, half - 1)
-        q[anchor == j] = -half
+    q = np.empty_like(safe)
+    step = np.empty_like(cols)
+    for j in range(m):
+        np.divide(cols[j], safe, out=q)
+        np.rint(q, out=q)
+        np.clip(q, -half, half - 1, out=q)
+        q[by_col[starts[j] : starts[j + 1]]] = -half
         out_c[j] = q + half
-        d = orig[j] - q * scale
-        out_r[j] = d
-        if j + 1 < c1 - c0:
-            cols[j + 1 :] += within[j, j + 1 :, None] * d
+        np.multiply(q, scale, out=q)
+        d = np.subtract(orig[j], q, out=out_r[j])
+        if j + 1 < m:
+            upd = np.multiply(within[j, j + 1 :, None], d, out=step[: m - j - 1])
+            cols[j + 1 :] += upd
     codes[rows, c0:c1] = out_c.T
     resid[rows, c0:c1] = out_r.T
     scales[rows, b] = scale
+
+
+TILE_ROWS = 256
+"""Rows per tile of `_columns`' transposing copy (numpy's own reads a strided source far slower)."""
+
+
+def _columns(x: np.ndarray, rows: slice, c0: int, c1: int) -> np.ndarray:
+    """`x[rows, c0:c1].T` as a contiguous `[c1 - c0, rows]` float32 array, copied a tile of rows at a time."""
+    r0, r1, _ = rows.indices(x.shape[0])
+    out = np.empty((c1 - c0, r1 - r0), np.float32)
+    for t in range(r0, r1, TILE_ROWS):
+        np.copyto(out[:, t - r0 : min(r1, t + TILE_ROWS) - r0], x[t : min(r1, t + TILE_ROWS), c0:c1].T)
+    return out
 
 
 def gptq(
@@ -243,7 +353,7 @@ def gptq(
 ) -> Quantized:
     """GPTQ-rounded symmetric block quantization of `w [N, K]` given the inputs' second-moment matrix
     `hessian [K, K]` (see the module doc). `factor`: `cholesky_factor(hessian, damp)` when the caller already
-    has it (linears that share one input share it). `threads`: workers for the within-block work (row slices;
+    has it (linears that share one input share it). `threads`: workers for the within-block work (row tasks;
     the codes do not depend on it)."""
     n, k = w.shape
     if k % block_size:
@@ -256,12 +366,12 @@ def gptq(
     diag_h = np.diag(np.asarray(hessian, np.float64))
     x = np.asarray(w, np.float32)
     out = (np.empty((n, k), np.uint8), np.empty((n, k), np.float32), np.empty((n, nb), np.float32))
-    tasks = _row_tasks(n, threads)
-    with _workers(len(tasks), threads) as run:
+    tasks = _row_chunks(n, BLOCK_CHUNK_ROWS)
+    with _workers(len(tasks), threads) as run, one_blas_thread():
         for b in range(nb):
             c0, c1 = b * block_size, (b + 1) * block_size
             prior = _prior(out[1], a, inv_diag, c0, c1)
-            imp = _importance(diag_h[c0:c1], block_size)[None, :]
+            imp = _importance(diag_h[c0:c1], block_size)
             within = a[c0:c1, c0:c1] * inv_diag[None, c0:c1]
             run(
                 partial(

@@ -118,3 +118,30 @@ def test_streamed_gptq_factors_are_calibrated_when_read_and_dropped_after_use() 
         table.find_importance(w[1], 4, 32, "factors")
     finish(table)
     assert entry == eager_entry and table.more is None
+
+
+@pytest.mark.unit
+def test_hessian_from_the_upper_blocks_and_the_float32_error_tally(monkeypatch) -> None:
+    """The Hessian's `x^T x` is formed from the block rows on and above the diagonal and mirrored (symmetric,
+    the plain product's values); the manifest's output-error tally, one float32 product for the plain and the
+    calibrated rounding, is `hessian_error` (float64) to 1e-6."""
+    import numpy as np
+    import torch
+
+    from lfm_export import calibrate
+    from lfm_export.quant import quantize_block
+    from lfm_export.rounding import gptq, hessian_error
+
+    monkeypatch.setattr(calibrate, "GRAM_BLOCK", 48)  # 200 columns: 5 block rows, the last one 8 wide
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 200, generator=gen) @ (torch.eye(200) + 0.1 * torch.randn(200, 200, generator=gen))
+    ours, plain = calibrate._gram(x), x.T @ x
+    assert torch.equal(ours, ours.T)
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5 * float(plain.abs().max()))
+
+    h = (plain[:192, :192]).double().numpy() / 300  # 192 inputs: blocks of 32
+    w = (np.random.default_rng(0).standard_t(4, (64, 192)) * 0.02).astype(np.float32)
+    values = (quantize_block(w, 4, 32).dequantize(), gptq(w, 4, 32, h).dequantize())
+    got = calibrate._output_errors(w, values, h.astype(np.float32))
+    for value, err in zip(values, got):
+        assert abs(err / hessian_error(w, value, h) - 1) < 1e-6

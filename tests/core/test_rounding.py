@@ -112,10 +112,93 @@ def test_gptq_on_grid_matches_the_papers_form(layer) -> None:
     assert abs(err_ours / err_theirs - 1) < 1e-3
 
 
-def test_gptq_codes_do_not_depend_on_the_thread_count(layer) -> None:
+def _gptq_by_rows(w: np.ndarray, bits: int, block: int, h: np.ndarray, a: np.ndarray):
+    """GPTQ from the factor `a` written out here with each block held by rows `[N, block]`, as `gptq` held it
+    before it held a block by columns: the `-imat` search over `MSE_GRIDS` with numpy's own `sum` over each
+    block's weighted squared errors, the block's extreme on the most negative code, the columns one at a time."""
+    from lfm_export.quant import MSE_GRIDS
+
+    n, k = w.shape
+    half = 2 ** (bits - 1)
+    inv = (np.float32(1) / np.diag(a)).astype(np.float32)
+    resid = np.empty((n, k), np.float32)
+    codes = np.empty((n, k), np.uint8)
+    scales = np.empty((n, k // block), np.float32)
+    for b in range(k // block):
+        c0, c1 = b * block, (b + 1) * block
+        blk = w[:, c0:c1].copy()
+        if c0:
+            blk += (resid[:, :c0] @ a[:c0, c0:c1]) * inv[c0:c1]
+        d = np.diag(h)[c0:c1]
+        imp = (d + 1e-6 * d.mean()).astype(np.float32)
+        idx = np.abs(blk).argmax(-1)
+        extreme = blk[np.arange(n), idx]
+        best, best_err = np.ones(n, np.float32), None
+        for f in MSE_GRIDS[bits]:
+            scale = (extreme * np.float32(f) / -half).astype(np.float32)
+            safe = np.where(scale == 0, 1.0, scale).astype(np.float32)
+            t = np.clip(np.rint(blk / safe[:, None]), -half, half - 1) * scale[:, None] - blk
+            err = (t * t * imp).sum(-1)
+            if best_err is None:
+                best_err = err
+            else:
+                better = err < best_err
+                best_err[better], best[better] = err[better], np.float32(f)
+        scale = (extreme * best / -half).astype(np.float32)
+        safe = np.where(scale == 0, 1.0, scale).astype(np.float32)
+        anchor = np.where(scale != 0, idx, -1)
+        within = a[c0:c1, c0:c1] * inv[None, c0:c1]
+        for j in range(block):
+            q = np.clip(np.rint(blk[:, j] / safe), -half, half - 1)
+            q[anchor == j] = -half
+            codes[:, c0 + j] = q + half
+            resid[:, c0 + j] = w[:, c0 + j] - q * scale
+            blk[:, j + 1 :] += resid[:, c0 + j, None] * within[j, j + 1 :]
+        scales[:, b] = scale
+    return codes, scales
+
+
+@pytest.mark.parametrize("bits,block", [(4, 8), (4, 32), (8, 64), (4, 256)])
+def test_gptq_by_columns_chooses_the_codes_of_the_form_by_rows(
+    layer, monkeypatch, bits: int, block: int
+) -> None:
+    """`gptq` holds a block by columns and sums the search's errors over them in numpy's own pairwise order
+    (`_pairwise_sum`); the codes and scales are those of the form by rows, bit for bit, at every block size
+    (below 8 columns, up to 128, above), with rows in several tasks on threads."""
+    from lfm_export import rounding
+
+    w, h = layer
+    w = np.concatenate([w, w[:, ::-1] * 1.5, w * 0.5])  # 144 rows: tasks of 64 rows, the last one shorter
+    h = np.kron(np.eye(2), h) + 0.1 * np.diag(np.diag(np.kron(np.ones((2, 2)), h)))  # K = 256
+    w = np.concatenate([w, w[:, ::-1]], axis=1)
+    a = rounding.cholesky_factor(h)
+    monkeypatch.setattr(rounding, "BLOCK_CHUNK_ROWS", 64)
+    ours = gptq(w, bits, block, h, factor=a, threads=2)
+    codes, scales = _gptq_by_rows(w, bits, block, h, a)
+    assert np.array_equal(ours.codes, codes)
+    assert np.array_equal(ours.scales, scales)
+
+
+@pytest.mark.parametrize("n", [1, 5, 8, 13, 32, 64, 100, 128, 136, 256, 300])
+def test_pairwise_sum_adds_in_numpys_order(n: int) -> None:
+    """The search's errors, summed over a block's columns, are numpy's own `sum` over the block's row, bit for
+    bit, for every block length (values spanning 12 orders of magnitude, so the order shows)."""
+    from lfm_export.rounding import _pairwise_sum
+
+    rng = np.random.default_rng(n)
+    t = (rng.standard_normal((n, 500)) * np.exp(rng.uniform(-14, 14, (n, 500)))).astype(np.float32)
+    assert np.array_equal(_pairwise_sum(t), np.ascontiguousarray(t.T).sum(-1))
+    if n >= 8:  # another order (float64, rounded once) gives other values: the test can tell orders apart
+        exact = t.sum(0, dtype=np.float64).astype(np.float32)
+        assert not np.array_equal(np.ascontiguousarray(t.T).sum(-1), exact)
+
+
+def test_gptq_codes_do_not_depend_on_the_thread_count(layer, monkeypatch) -> None:
     """Rows run in slices on threads inside a block; the codes and scales are those of one thread."""
+    from lfm_export import rounding
     from lfm_export.rounding import cholesky_factor, gptq_on_grid
 
+    monkeypatch.setattr(rounding, "BLOCK_CHUNK_ROWS", 256)
     _, h = layer
     w = (np.random.default_rng(3).standard_t(4, (1100, 128)) * 0.02).astype(np.float32)
     a = cholesky_factor(h)
