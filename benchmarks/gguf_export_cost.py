@@ -4,6 +4,9 @@
         --out benchmarks/results/gguf_export_cost.json
 
 Each export runs in its own process under GNU time (`%M`, peak RSS) with `--no-parity` and `--threads`.
+With `--checkpoint-dir D` a `random:PRESET` is first written there as a checkpoint folder (fp32 safetensors,
+`onnx_vs_genai.checkpoint_folder`, kept between runs) and exported from it: what a user's checkpoint costs,
+the file's memory map included.
 """
 
 from __future__ import annotations
@@ -31,12 +34,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path("/tmp/gguf_export_cost"))
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--checkpoint-dir", type=Path, default=None, help="export random presets from a folder")
     args = ap.parse_args()
     rows = []
     for model in args.models.split(","):
         out = args.work / model.replace(":", "-")
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [str(BIN / "lfm-export"), "gguf", model, "-o", str(out), "--quant", args.quant, "--no-parity"]
+        source = model
+        if args.checkpoint_dir is not None:
+            from onnx_vs_genai import checkpoint_folder
+
+            source = str(checkpoint_folder(model, args.checkpoint_dir))
+        cmd = [str(BIN / "lfm-export"), "gguf", source, "-o", str(out), "--quant", args.quant, "--no-parity"]
         cmd += ["--threads", str(args.threads)]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -49,6 +58,7 @@ def main() -> None:
             raise SystemExit(f"{model}: export failed")
         row = {
             "model": model,
+            "from_checkpoint_folder": args.checkpoint_dir is not None,
             "quant": args.quant,
             "threads": args.threads,
             "wall_s": round(wall, 1),

@@ -307,15 +307,18 @@ def load_model(
     check_tokenizer(folder)
     files = weight_files(folder)
     tensors: dict[str, torch.Tensor] = {}
+    maps: list[torch.UntypedStorage] = []
     for f in files:
-        for name, t in mmap_safetensors(f).items():
+        shard = mmap_safetensors(f)
+        maps.extend(t.untyped_storage() for t in list(shard.values())[:1])
+        for name, t in shard.items():
             if name in tensors:
                 raise CheckpointError(f"tensor {name} appears in more than one shard")
             tensors[name] = t
     weights_dtype = _dominant_dtype(tensors)
     tensors = canonical_state_dict(tensors)
     check_tensors(cfg, tensors)
-    weights = CheckpointWeights(cfg, tensors, dtype)
+    weights = CheckpointWeights(cfg, tensors, dtype, maps)
     return LoadedModel(
         model=lazy_model(cfg, weights) if lazy else materialize(cfg, weights),
         config=cfg,

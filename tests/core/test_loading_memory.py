@@ -193,3 +193,30 @@ def test_lfm2_8b_a1b_int4_export_within_16_gb(tmp_path):
     assert peak <= 16e9
     assert manifest["model"]["random_weights"] and manifest["recipe"]["name"] == "int4-b32"
     assert manifest["fusions"]["MoE"] == 22 and manifest["weights"]["rewrites"]["QMoE"] == 22
+
+
+def _rss_file_kb() -> int:
+    """Resident file-backed pages of this process (`RssFile` in /proc/self/status), in kB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_reading_a_lazy_checkpoint_leaves_none_of_its_file_resident(tmp_path):
+    # 32 MB of fp32 weights: a 16384 x 512 token table and layers, so the file's pages dwarf the noise
+    cfg = Lfm2Config(
+        vocab_size=16384, hidden_size=512, intermediate_size=1024, num_attention_heads=8,
+        num_key_value_heads=4, layer_types=("conv", "full_attention"),
+    )  # fmt: skip
+    save_checkpoint(materialize(cfg, RandomWeights(cfg, seed=5)), tmp_path / "m")
+    size_kb = (tmp_path / "m" / "model.safetensors").stat().st_size // 1024
+    loaded = load_model(tmp_path / "m", lazy=True)
+    before = _rss_file_kb()
+    expected = RandomWeights(cfg, seed=5)
+    for name in loaded.weights.names():
+        assert torch.equal(loaded.weights.get(name), expected.get(name)), name
+    assert size_kb > 30_000
+    # before the pages were handed back, every tensor read stayed resident: RssFile grew by the file's size
+    assert _rss_file_kb() - before < size_kb // 4
+    for name in loaded.weights.names():  # the released pages read again from the file, unchanged
+        assert torch.equal(loaded.weights.get(name), expected.get(name)), name
