@@ -318,7 +318,8 @@ def load_model(
     weights_dtype = _dominant_dtype(tensors)
     tensors = canonical_state_dict(tensors)
     check_tensors(cfg, tensors)
-    weights = CheckpointWeights(cfg, tensors, dtype, maps)
+    # lazy (an export): each tensor copied out and its pages released; eager: the model's weights are the map
+    weights = CheckpointWeights(cfg, tensors, dtype, maps if lazy else ())
     return LoadedModel(
         model=lazy_model(cfg, weights) if lazy else materialize(cfg, weights),
         config=cfg,

@@ -2,9 +2,10 @@
 
 A `WeightSource` knows every tensor of a model by its canonical name (shape and dtype) and produces one on
 request: `RandomWeights` generates it from a seed derived from the name (so any tensor can be made alone,
-in any order, and runs repeat), `CheckpointWeights` converts one memory-mapped safetensors tensor: it copies
-the tensor out of the file's map and hands the map's pages of it back to the kernel (`madvise`), so the pages an
-export has read do not stay in its resident set (a 1.2B fp32 checkpoint is 4.7 GB of them).
+in any order, and runs repeat), `CheckpointWeights` converts one memory-mapped safetensors tensor: in a lazy load
+(an export) it copies the tensor out of the file's map and hands the map's pages of it back to the kernel
+(`madvise`), so the pages an export has read do not stay in its resident set (a 1.2B fp32 checkpoint is 4.7 GB
+of them); an eager load's weights are views into the map.
 
 `lazy_model` builds the canonical model whose every parameter and buffer is a zero-stride view of one NaN
 (4 bytes in all, whatever the model's size): `torch.export` traces it (shapes and dtypes are all it reads)

@@ -69,7 +69,19 @@ def test_streamed_reference_and_simulation_equal_the_in_memory_ones(name):
             for k, v in want.states[i].items():
                 assert _rel(got.states[i][k], v) < 1e-5, (got.name, i, k)
         assert got.positions == want.positions
-    assert _rel(streamed_runs[0].logits[0], eager_runs[0].logits[0]) < 1e-5  # prefill, rounded simulation
+    # prefill, the rounded simulation: the sparse MoE (streamed) and the dense one (in memory) sum in another
+    # order, which int8-block rounding hides unless a value sits on a code boundary; there the code flips
+    # (tiny-moe on an AMD EPYC: one position of 21, 2.3e-3 where rounding itself moves the logits 6.6e-3).
+    # So each position is equal, or off by less than half of what activation rounding does there (leaving the
+    # rounding out would be off by all of it), and most positions are equal.
+    got0, want0, unrounded0 = (
+        r.logits[i] for r, i in ((streamed_runs[0], 0), (eager_runs[0], 0), (eager_runs[0], 2))
+    )
+    scale = np.abs(want0).max()
+    off = np.abs(got0 - want0).max(-1) / scale
+    rounding_effect = np.abs(want0 - unrounded0).max(-1) / scale
+    assert (off < np.maximum(1e-5, 0.5 * rounding_effect)).all(), (off, rounding_effect)
+    assert (off < 1e-5).mean() > 0.8, off
     pool = RowPool()
     for _, w in simulated_weights(rounded, recipe):
         pool.add(w)
