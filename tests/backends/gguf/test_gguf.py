@@ -173,7 +173,7 @@ def test_chat_template_renders_transformers_tokens_in_llama_cpp(q4_0) -> None:
     assert ids == expected
 
 
-def test_padding_ids_are_unused_so_llama_cpp_tokenizes_their_text_as_transformers_does(tmp_path: Path) -> None:
+def test_padding_ids_are_unused_and_llama_cpp_tokenizes_their_text(tmp_path: Path) -> None:
     """A vocabulary padded to the model's `vocab_size` (`tiny`'s tokenizer, 2048 ids, under a config of 2056):
     the `[PAD{id}]` ids are written with type unused, as llama.cpp's converter writes them, so llama.cpp's
     tokenizer (the file opened vocabulary only) turns the text `[PAD2050]` into the ids transformers gives, not
@@ -197,7 +197,8 @@ def test_padding_ids_are_unused_so_llama_cpp_tokenizes_their_text_as_transformer
     del reader
     assert types[2048:] == [int(gguf.TokenType.UNUSED)] * 8
     text = "hello [PAD2050] world"
-    expected = transformers.AutoTokenizer.from_pretrained(loaded.path)(text, add_special_tokens=False)["input_ids"]
+    tok = transformers.AutoTokenizer.from_pretrained(loaded.path)
+    expected = tok(text, add_special_tokens=False)["input_ids"]
     llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
     ids = [llm.tokenize(text.encode(), add_bos=False, special=s) for s in (False, True)]
     llm.close()
