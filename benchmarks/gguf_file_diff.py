@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from provenance import provenance
+
 REPACKED_ON_AVX2 = {"Q4_0", "Q4_K", "IQ4_NL"}
 """GGUF types `ggml_repack_get_optimal_repack_type` repacks on an x86 CPU with AVX2 (rows a multiple of 8)."""
 
@@ -123,6 +125,7 @@ def main() -> None:
         args.out.write_text(
             json.dumps(
                 {
+                    **provenance(),
                     "a": str(args.a),
                     "b": str(args.b),
                     "diff": d,
