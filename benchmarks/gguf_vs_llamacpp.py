@@ -24,8 +24,8 @@
 5. Decode side by side (`--decode-repeats` R > 0): both files of a type open at once in the same process, same
    threads; R rounds, each decoding `--new-tokens` tokens greedily after the same `--prompt-len` prefill in
    both files, the order alternating (ours first in even rounds, theirs first in odd ones). `--decode-blocks`
-   B: B times both sessions are opened afresh (ours first in even blocks), R rounds each: a session's speed
-   depends on where its buffers land, by a few percent for its whole life, so one pair of sessions is one
+   B: B times both sessions are opened afresh (ours first in even blocks), R rounds each: a pair of sessions
+   keeps its speed ratio, up to 6% off for two copies of one file, for its whole life, so one pair is one
    draw however many rounds it runs (`gguf_decode_ab.py`). Per file: every round's tok/s, median, min, max;
    per type: the ratio of medians, the median and range of the per-round ratios (ours / theirs) and each
    block's ratio of medians.
@@ -183,10 +183,9 @@ def side_by_side(ours: Path, theirs: Path, args, threads: int | None = None) -> 
     discarded warm-up round each, then `args.decode_repeats` rounds in alternating order; the load average
     before and after.
 
-    A session's speed depends on where its buffers land in memory (the repacked weights, the KV cache, the
-    mmapped file's pages): two sessions of one file, opened side by side, differ by a few percent for their
-    whole life (`gguf_decode_ab.py`'s A/A runs), so rounds within one block are not independent; the blocks
-    are."""
+    Two sessions of one file, opened side by side, differ by up to 6% for their whole life
+    (`gguf_decode_ab.py`'s A/A runs; where their buffers land, the repacked weights, the KV cache, the mapped
+    file's pages, is the likely cause), so rounds within one block are not independent; the blocks are."""
     from lfm_export.runtime.gguf import GgufSession
 
     threads = threads or args.threads
