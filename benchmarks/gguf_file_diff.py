@@ -38,7 +38,7 @@ def describe(path: Path) -> dict[str, Any]:
                 "name": t.name,
                 "type": kind,
                 "shape": shape,
-                "offset": int(t.data_offset),
+                "offset": int(t.data_offset) - int(r.data_offset),  # the reader's is from the file's start
                 "bytes": int(t.n_bytes),
                 "repacked_avx2": kind in REPACKED_ON_AVX2
                 and len(shape) >= 2

@@ -1,0 +1,68 @@
+"""Rewrite a GGUF file with its tensors in another file's order (same header, metadata and tensor bytes; only
+the tensor-info order, the offsets and so the data layout change): tests whether the order alone changes
+llama.cpp's decode speed (`gguf_decode_ab.py` on the result against the order's source).
+
+    .venv/bin/python benchmarks/gguf_reorder.py SRC.gguf ORDER_FROM.gguf OUT.gguf
+
+The two files must hold the same tensor names. Alignment: the source's `general.alignment` (32 when absent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import struct
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    import gguf
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("src", type=Path)
+    ap.add_argument("order_from", type=Path)
+    ap.add_argument("out", type=Path)
+    args = ap.parse_args()
+    for p in (args.src, args.order_from):
+        if not p.is_file():
+            raise SystemExit(f"{p}: no such file")
+    src = gguf.GGUFReader(args.src)
+    order = [t.name for t in gguf.GGUFReader(args.order_from).tensors]
+    by_name = {t.name: t for t in src.tensors}
+    if sorted(order) != sorted(by_name):
+        raise SystemExit("the two files hold different tensor names")
+    align = int(src.fields["general.alignment"].contents()) if "general.alignment" in src.fields else 32
+    raw = np.memmap(args.src, dtype=np.uint8, mode="r")
+    head = bytes(raw[: src.tensors[0].field.offset])  # magic, version, counts, every key: unchanged
+    infos = bytearray()
+    offset = 0
+    placed = []
+    for name in order:
+        t = by_name[name]
+        enc = name.encode()
+        infos += struct.pack("<Q", len(enc)) + enc
+        infos += struct.pack("<I", len(t.shape)) + b"".join(struct.pack("<Q", int(d)) for d in t.shape)
+        infos += struct.pack("<IQ", int(t.tensor_type), offset)  # from the data section's start
+        placed.append((t, offset))
+        offset += -(-int(t.n_bytes) // align) * align
+    start = len(head) + len(infos)
+    data_start = -(-start // align) * align
+    with open(args.out, "wb") as f:
+        f.write(head)
+        f.write(infos)
+        f.write(b"\0" * (data_start - start))
+        for t, off in placed:
+            assert f.tell() == data_start + off
+            begin = int(t.data_offset)  # the reader's offsets are from the file's start
+            f.write(bytes(raw[begin : begin + int(t.n_bytes)]))
+            f.write(b"\0" * (-(int(t.n_bytes)) % align))
+    check = gguf.GGUFReader(args.out)
+    for t in check.tensors:
+        a = by_name[t.name]
+        assert np.array_equal(np.asarray(t.data).view(np.uint8), np.asarray(a.data).view(np.uint8)), t.name
+    print(f"{args.out}: {len(order)} tensors in {args.order_from.name}'s order, data at {data_start}")
+
+
+if __name__ == "__main__":
+    main()
