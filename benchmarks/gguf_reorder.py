@@ -2,9 +2,11 @@
 the tensor-info order, the offsets and so the data layout change): tests whether the order alone changes
 llama.cpp's decode speed (`gguf_decode_ab.py` on the result against the order's source).
 
-    .venv/bin/python benchmarks/gguf_reorder.py SRC.gguf ORDER_FROM.gguf OUT.gguf
+    .venv/bin/python benchmarks/gguf_reorder.py SRC.gguf ORDER_FROM.gguf OUT.gguf [--same-data-start]
 
 The two files must hold the same tensor names. Alignment: the source's `general.alignment` (32 when absent).
+`--same-data-start`: one string key `lfm_export.pad` added so that the data section starts where ORDER_FROM's
+does, which puts every tensor at ORDER_FROM's address (the metadata and the tensor bytes stay the source's).
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ def main() -> None:
     ap.add_argument("src", type=Path)
     ap.add_argument("order_from", type=Path)
     ap.add_argument("out", type=Path)
+    ap.add_argument("--same-data-start", action="store_true")
     args = ap.parse_args()
     for p in (args.src, args.order_from):
         if not p.is_file():
             raise SystemExit(f"{p}: no such file")
     src = gguf.GGUFReader(args.src)
-    order = [t.name for t in gguf.GGUFReader(args.order_from).tensors]
+    target = gguf.GGUFReader(args.order_from)
+    order = [t.name for t in target.tensors]
     by_name = {t.name: t for t in src.tensors}
     if sorted(order) != sorted(by_name):
         raise SystemExit("the two files hold different tensor names")
@@ -48,6 +52,20 @@ def main() -> None:
         offset += -(-int(t.n_bytes) // align) * align
     start = len(head) + len(infos)
     data_start = -(-start // align) * align
+    if args.same_data_start and data_start != target.data_offset:
+        key = b"lfm_export.pad"
+        room = target.data_offset - start - (8 + len(key) + 4 + 8)  # the key's own bytes, then its string
+        if room < 0:
+            raise SystemExit(
+                f"the data section cannot start at {target.data_offset} (the header ends at {start})"
+            )
+        pad = struct.pack("<Q", len(key)) + key + struct.pack("<IQ", int(gguf.GGUFValueType.STRING), room)
+        pad += b"p" * room
+        kv_count = struct.unpack_from("<Q", head, 16)[0]
+        head = head[:16] + struct.pack("<Q", kv_count + 1) + head[24:] + pad
+        start = len(head) + len(infos)
+        data_start = -(-start // align) * align
+        assert data_start == target.data_offset, (data_start, target.data_offset)
     with open(args.out, "wb") as f:
         f.write(head)
         f.write(infos)
