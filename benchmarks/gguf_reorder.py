@@ -7,6 +7,7 @@ llama.cpp's decode speed (`gguf_decode_ab.py` on the result against the order's 
 The two files must hold the same tensor names. Alignment: the source's `general.alignment` (32 when absent).
 `--same-data-start`: one string key `lfm_export.pad` added so that the data section starts where ORDER_FROM's
 does, which puts every tensor at ORDER_FROM's address (the metadata and the tensor bytes stay the source's).
+`--bytes-from-order`: the tensor bytes taken from ORDER_FROM instead (SRC's metadata, ORDER_FROM's tensors).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def main() -> None:
     ap.add_argument("order_from", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--same-data-start", action="store_true")
+    ap.add_argument("--bytes-from-order", action="store_true")
     args = ap.parse_args()
     for p in (args.src, args.order_from):
         if not p.is_file():
@@ -38,6 +40,8 @@ def main() -> None:
         raise SystemExit("the two files hold different tensor names")
     align = int(src.fields["general.alignment"].contents()) if "general.alignment" in src.fields else 32
     raw = np.memmap(args.src, dtype=np.uint8, mode="r")
+    other = np.memmap(args.order_from, dtype=np.uint8, mode="r")
+    theirs = {t.name: t for t in target.tensors}
     head = bytes(raw[: src.tensors[0].field.offset])  # magic, version, counts, every key: unchanged
     infos = bytearray()
     offset = 0
@@ -72,12 +76,19 @@ def main() -> None:
         f.write(b"\0" * (data_start - start))
         for t, off in placed:
             assert f.tell() == data_start + off
-            begin = int(t.data_offset)  # the reader's offsets are from the file's start
-            f.write(bytes(raw[begin : begin + int(t.n_bytes)]))
+            if args.bytes_from_order:
+                u = theirs[t.name]
+                if int(u.n_bytes) != int(t.n_bytes) or u.tensor_type != t.tensor_type:
+                    raise SystemExit(f"{t.name}: another type or size in {args.order_from}")
+                begin = int(u.data_offset)  # the reader's offsets are from the file's start
+                f.write(bytes(other[begin : begin + int(t.n_bytes)]))
+            else:
+                begin = int(t.data_offset)
+                f.write(bytes(raw[begin : begin + int(t.n_bytes)]))
             f.write(b"\0" * (-(int(t.n_bytes)) % align))
     check = gguf.GGUFReader(args.out)
     for t in check.tensors:
-        a = by_name[t.name]
+        a = theirs[t.name] if args.bytes_from_order else by_name[t.name]
         assert np.array_equal(np.asarray(t.data).view(np.uint8), np.asarray(a.data).view(np.uint8)), t.name
     print(f"{args.out}: {len(order)} tensors in {args.order_from.name}'s order, data at {data_start}")
 
