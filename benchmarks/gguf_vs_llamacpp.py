@@ -23,9 +23,12 @@
    logits off: `prefill_last`) and decode tok/s, best of `--rounds`.
 5. Decode side by side (`--decode-repeats` R > 0): both files of a type open at once in the same process, same
    threads; R rounds, each decoding `--new-tokens` tokens greedily after the same `--prompt-len` prefill in
-   both files, the order alternating (ours first in even rounds, theirs first in odd ones). Per file: every
-   round's tok/s, median, min, max; per type: the ratio of medians and the median and range of the per-round
-   ratios (ours / theirs).
+   both files, the order alternating (ours first in even rounds, theirs first in odd ones). `--decode-blocks`
+   B: B times both sessions are opened afresh (ours first in even blocks), R rounds each: a pair of sessions
+   keeps its speed ratio, up to 6% off for two copies of one file, for its whole life, so one pair is one
+   draw however many rounds it runs (`gguf_decode_ab.py`). Per file: every round's tok/s, median, min, max;
+   per type: the ratio of medians, the median and range of the per-round ratios (ours / theirs) and each
+   block's ratio of medians.
 
    With `--decode-threads 1,2` the side by side runs once per thread count (both sessions opened afresh with
    that many threads); the 1-minute load average is recorded before and after each.
@@ -175,33 +178,46 @@ def decode_round(s, ids: np.ndarray, new_tokens: int) -> float:
 
 
 def side_by_side(ours: Path, theirs: Path, args, threads: int | None = None) -> dict:
-    """Decode tok/s of both files, same process and `threads` (default `args.threads`), `args.decode_repeats`
-    rounds in alternating order after one discarded warm-up round each; the load average before and after."""
+    """Decode tok/s of both files, same process and `threads` (default `args.threads`): `args.decode_blocks`
+    blocks, each opening both sessions afresh (ours first in even blocks, theirs first in odd ones), one
+    discarded warm-up round each, then `args.decode_repeats` rounds in alternating order; the load average
+    before and after.
+
+    Two sessions of one file, opened side by side, differ by up to 6% for their whole life
+    (`gguf_decode_ab.py`'s A/A runs; where their buffers land, the repacked weights, the KV cache, the mapped
+    file's pages, is the likely cause), so rounds within one block are not independent; the blocks are."""
     from lfm_export.runtime.gguf import GgufSession
 
     threads = threads or args.threads
     load_before = round(os.getloadavg()[0], 2)
-    sessions = {
-        "ours": GgufSession(ours, threads=threads),
-        "theirs": GgufSession(theirs, threads=threads),
-    }
-    rng = np.random.default_rng(1)
-    ids = rng.integers(16, sessions["ours"].vocab_size, (1, args.prompt_len))
-    for s in sessions.values():  # one untimed warm-up round each
-        decode_round(s, ids, args.new_tokens)
     runs: dict[str, list[float]] = {"ours": [], "theirs": []}
-    for r in range(args.decode_repeats):
-        for who in ("ours", "theirs") if r % 2 == 0 else ("theirs", "ours"):
-            runs[who].append(round(decode_round(sessions[who], ids, args.new_tokens), 1))
-    for s in sessions.values():
-        s.close()
+    block_ratios = []
+    for b in range(args.decode_blocks):
+        order = ("ours", "theirs") if b % 2 == 0 else ("theirs", "ours")
+        paths = {"ours": ours, "theirs": theirs}
+        sessions = {who: GgufSession(paths[who], threads=threads) for who in order}
+        rng = np.random.default_rng(1)
+        ids = rng.integers(16, sessions["ours"].vocab_size, (1, args.prompt_len))
+        for s in sessions.values():  # one untimed warm-up round each
+            decode_round(s, ids, args.new_tokens)
+        block: dict[str, list[float]] = {"ours": [], "theirs": []}
+        for r in range(args.decode_repeats):
+            for who in ("ours", "theirs") if r % 2 == 0 else ("theirs", "ours"):
+                block[who].append(round(decode_round(sessions[who], ids, args.new_tokens), 1))
+        for s in sessions.values():
+            s.close()
+        for who in runs:
+            runs[who] += block[who]
+        block_ratios.append(round(float(np.median(block["ours"]) / np.median(block["theirs"])), 4))
     ratios = [a / b for a, b in zip(runs["ours"], runs["theirs"])]
     out: dict = {
         "threads": threads,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
+        "decode_blocks": args.decode_blocks,
         "decode_repeats": args.decode_repeats,
-        "order": "alternating, ours first in even rounds; one untimed warm-up round each",
+        "order": "per block both sessions opened afresh, ours first in even blocks; one untimed warm-up round "
+        "each; rounds alternating, ours first in even rounds",
         "load_avg_1m_before": load_before,
         "load_avg_1m_after": round(os.getloadavg()[0], 2),
     }
@@ -212,6 +228,8 @@ def side_by_side(ours: Path, theirs: Path, args, threads: int | None = None) -> 
     out["round_ratio_min"] = round(min(ratios), 4)
     out["round_ratio_max"] = round(max(ratios), 4)
     out["round_ratios"] = [round(r, 4) for r in ratios]
+    out["block_ratios"] = block_ratios
+    out["block_ratio_median"] = round(float(np.median(block_ratios)), 4)
     return out
 
 
@@ -257,6 +275,13 @@ def main() -> None:
         help="rounds of the side-by-side decode of both files (alternating order); 0: none",
     )
     ap.add_argument(
+        "--decode-blocks",
+        type=int,
+        default=1,
+        help="times both sessions are opened afresh for the side by side (open order alternating), "
+        "--decode-repeats rounds each",
+    )
+    ap.add_argument(
         "--decode-threads",
         default=None,
         help="comma-separated thread counts of the side-by-side decode (default: --threads)",
@@ -282,6 +307,8 @@ def main() -> None:
     )
     ap.add_argument("--ctx", type=int, default=512)
     args = ap.parse_args()
+    if args.decode_blocks < 1 or args.decode_repeats < 0:
+        raise SystemExit("--decode-blocks must be at least 1 and --decode-repeats at least 0")
 
     import torch
 
@@ -410,7 +437,7 @@ def main() -> None:
         print(
             f"decode {kind}: ours median {d['ours']['median']} [{d['ours']['min']}, {d['ours']['max']}], theirs "
             f"{d['theirs']['median']} [{d['theirs']['min']}, {d['theirs']['max']}], ratio {d['ratio_of_medians']} "
-            f"(per round {d['round_ratio_min']}-{d['round_ratio_max']})"
+            f"(per round {d['round_ratio_min']}-{d['round_ratio_max']}; per block {d['block_ratios']})"
         )
 
 

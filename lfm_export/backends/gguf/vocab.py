@@ -3,7 +3,10 @@
 
 Facts from llama.cpp (`src/llama-vocab.cpp`, `convert_hf_to_gguf.py`): a byte-level BPE vocabulary is
 `tokenizer.ggml.model = "gpt2"` with the token strings in id order, their types (1 normal, 3 control for the
-special added tokens, 4 user-defined for the other added tokens) and the merges as `"a b"` strings; the
+special added tokens, 4 user-defined for the other added tokens, 5 unused for the `[PAD{id}]` ids that pad the
+vocabulary to the model's `vocab_size`: llama.cpp's tokenizer matches a user-defined token's text anywhere in
+the input, special or not, so a padding id typed as user-defined would turn the text `[PAD2050]` into id 2050)
+and the merges as `"a b"` strings; the
 pre-tokenizer is named, not described: `lfm2` selects the LLaMA-3 split regex (and llama.cpp's
 `ignore_merges`), which is the one LFM2's tokenizers use. A tokenizer with another split regex is refused
 rather than written with a pre-tokenizer that would split text differently.
@@ -23,7 +26,7 @@ LFM2_SPLIT = (
     "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 )
 """The split regex of LFM2's `tokenizer.json` (and LLaMA-3's), which llama.cpp's `lfm2` pre-tokenizer applies."""
-NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 
 
 @dataclass
@@ -40,8 +43,9 @@ class Vocab:
 
 
 def read_vocab(folder: Path, vocab_size: int, chat_template: str | None = None) -> Vocab:
-    """The vocabulary of `folder/tokenizer.json` padded to `vocab_size` (`[PAD{id}]` tokens, as llama.cpp's
-    converter pads; an id beyond it is refused), its special tokens and flags from `tokenizer_config.json`."""
+    """The vocabulary of `folder/tokenizer.json` padded to `vocab_size` (`[PAD{id}]` tokens of type unused, as
+    llama.cpp's converter pads; an id beyond it is refused), its special tokens and flags from
+    `tokenizer_config.json`."""
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise UnsupportedError(
@@ -66,7 +70,7 @@ def read_vocab(folder: Path, vocab_size: int, chat_template: str | None = None) 
         raise UnsupportedError(f"{path}: token id {size - 1} is outside the model's vocab_size {vocab_size}")
     size = vocab_size
     tokens = [f"[PAD{i}]" for i in range(size)]
-    types = [USER_DEFINED] * size
+    types = [UNUSED] * size
     for text, i in vocab.items():
         tokens[i] = text
         a = added.get(text)

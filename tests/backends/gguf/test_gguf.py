@@ -173,6 +173,39 @@ def test_chat_template_renders_transformers_tokens_in_llama_cpp(q4_0) -> None:
     assert ids == expected
 
 
+def test_padding_ids_are_unused_and_llama_cpp_tokenizes_their_text(tmp_path: Path) -> None:
+    """A vocabulary padded to the model's `vocab_size` (`tiny`'s tokenizer, 2048 ids, under a config of 2056):
+    the `[PAD{id}]` ids are written with type unused, as llama.cpp's converter writes them, so llama.cpp's
+    tokenizer (the file opened vocabulary only) turns the text `[PAD2050]` into the ids transformers gives, not
+    into the padding id (as it did when they were user-defined)."""
+    import dataclasses
+
+    transformers = pytest.importorskip("transformers")
+    from lfm_export.backends.gguf.convert import write_metadata
+
+    loaded = load_model("tiny")
+    padded = dataclasses.replace(loaded, config=dataclasses.replace(loaded.config, vocab_size=2056))
+    path = tmp_path / "vocab.gguf"
+    writer = gguf.GGUFWriter(path, "lfm2")
+    write_metadata(writer, padded, make_recipe("f32", CONTEXT), CONTEXT)
+    writer.write_header_to_file(path)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    reader = gguf.GGUFReader(path)
+    types = list(reader.fields["tokenizer.ggml.token_type"].contents())
+    del reader
+    assert types[2048:] == [int(gguf.TokenType.UNUSED)] * 8
+    text = "hello [PAD2050] world"
+    tok = transformers.AutoTokenizer.from_pretrained(loaded.path)
+    expected = tok(text, add_special_tokens=False)["input_ids"]
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    ids = [llm.tokenize(text.encode(), add_bos=False, special=s) for s in (False, True)]
+    llm.close()
+    assert 2050 not in expected
+    assert ids == [expected, expected]
+
+
 @pytest.mark.unit
 def test_recipes_and_refusals() -> None:
     assert (
