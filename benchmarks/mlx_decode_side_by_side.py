@@ -44,14 +44,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from mix_option import parse_mix  # noqa: E402
 from provenance import provenance  # noqa: E402
 
 BIN = Path(sys.executable).parent
 MIX = (("feed_forward", 3, 128), ("self_attn", 3, 128), ("conv", 4, 128))
 """The `small` budget mix's kinds (`--budget size=2.7`, `int4-b128-gptq --head-bits 4 --embedding-quant 4`):
 every MLP and attention group at int3-b128, the conv blocks at int4-b128 (3 of its 4; one at int3), the
-tied table and head at int8-b128 (`TABLE`)."""
-TABLE = ("model.embed_tokens.weight", "lm_head.weight")
+tied table and head at int8-b128 (`mix_option.TABLE`)."""
 MLX_LM_CONVERT = (
     "import sys; from mlx_lm import convert; "
     "convert(hf_path=sys.argv[1], mlx_path=sys.argv[2], quantize=True, q_group_size=64, q_bits=4)"
@@ -68,20 +68,6 @@ if mix:
     recipe = with_core(recipe, recipe.recipe.with_options(mix=mix))
 export_artifact("mlx", sys.argv[1], Path(sys.argv[2]), recipe, force=True, parity=False, card=False)
 """
-
-
-def parse_mix(text: str) -> tuple[tuple[str, int, int], ...]:
-    """`--mix`: `default` (`MIX` and the int8-b128 table), `none`, or `PATTERN=BITS/BLOCK,...`."""
-    if text == "none":
-        return ()
-    if text == "default":
-        return (*MIX, *((t, 8, 128) for t in TABLE))
-    out = []
-    for item in text.split(","):
-        pattern, held = item.split("=")
-        bits, block = held.split("/")
-        out.append((pattern, int(bits), int(block)))
-    return tuple(out)
 
 
 def mlx_lm_source(ckpt: Path, work: Path) -> Path:
@@ -213,7 +199,7 @@ def main() -> None:
     from quality_per_byte import safetensors_bytes
 
     load_start = round(os.getloadavg()[0], 2)
-    mix = parse_mix(a.mix)
+    mix = parse_mix(a.mix, MIX)
     a.ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint_folder(a.model, a.ckpt_dir).resolve()
     work = a.work / a.model.replace(":", "-").replace("/", "_")

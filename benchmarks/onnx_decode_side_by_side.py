@@ -38,14 +38,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from mix_option import parse_mix  # noqa: E402
 from provenance import provenance  # noqa: E402
 
 MIX = (("feed_forward", 2, 64), ("self_attn", 4, 128), ("conv", 4, 64))
 """The `small` ONNX budget mix's kinds (`--budget size=3.838`, `int4-b128-gptq --head-bits 4 --embedding-quant
 4`): MLPs at 2 bits (four of six there, in blocks of 32 to 128: here every MLP at int2-b64), attention at
 int4-b128, conv blocks at int4 (blocks of 32 to 128: here int4-b64), the tied table and head at int8-b128
-(`TABLE`)."""
-TABLE = ("model.embed_tokens.weight", "lm_head.weight")
+(`mix_option.TABLE`)."""
 EXPORT = """
 import json, sys
 from pathlib import Path
@@ -59,20 +59,6 @@ if mix:
 export_artifact("onnx", sys.argv[1], Path(sys.argv[2]), recipe, force=True, parity=False, card=False,
                 threads=int(sys.argv[4]))
 """
-
-
-def parse_mix(text: str) -> tuple[tuple[str, int, int], ...]:
-    """`--mix`: `default` (`MIX` and the int8-b128 table), `none`, or `PATTERN=BITS/BLOCK,...`."""
-    if text == "none":
-        return ()
-    if text == "default":
-        return (*MIX, *((t, 8, 128) for t in TABLE))
-    out = []
-    for item in text.split(","):
-        pattern, held = item.split("=")
-        bits, block = held.split("/")
-        out.append((pattern, int(bits), int(block)))
-    return tuple(out)
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> float:
@@ -133,7 +119,7 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     ckpt = checkpoint_folder(args.model, args.ckpt_dir).resolve()
     args.work.mkdir(parents=True, exist_ok=True)
-    mix = parse_mix(args.mix)
+    mix = parse_mix(args.mix, MIX)
     ours = args.work / "ours"
     theirs = args.work / "builder-int4"
     export_s = timed(
