@@ -44,14 +44,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from mix_option import parse_mix  # noqa: E402
 from provenance import provenance  # noqa: E402
+from side_by_side import parse_mix, timed  # noqa: E402
 
 BIN = Path(sys.executable).parent
 MIX = (("feed_forward", 3, 128), ("self_attn", 3, 128), ("conv", 4, 128))
 """The `small` budget mix's kinds (`--budget size=2.7`, `int4-b128-gptq --head-bits 4 --embedding-quant 4`):
 every MLP and attention group at int3-b128, the conv blocks at int4-b128 (3 of its 4; one at int3), the
-tied table and head at int8-b128 (`mix_option.TABLE`)."""
+tied table and head at int8-b128 (`side_by_side.TABLE`)."""
 MLX_LM_CONVERT = (
     "import sys; from mlx_lm import convert; "
     "convert(hf_path=sys.argv[1], mlx_path=sys.argv[2], quantize=True, q_group_size=64, q_bits=4)"
@@ -86,14 +86,6 @@ def mlx_lm_source(ckpt: Path, work: Path) -> Path:
     cfg.setdefault("block_dim", cfg["hidden_size"])
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     return folder
-
-
-def timed(cmd: list[str], env: dict[str, str]) -> float:
-    t = time.perf_counter()
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if r.returncode:
-        raise SystemExit(f"{' '.join(cmd[:3])} failed:\n{r.stderr[-3000:]}")
-    return round(time.perf_counter() - t, 2)
 
 
 # ---- the worker: all sessions in one process --------------------------------------------------------------

@@ -38,14 +38,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from mix_option import parse_mix  # noqa: E402
 from provenance import provenance  # noqa: E402
+from side_by_side import parse_mix, timed  # noqa: E402
 
 MIX = (("feed_forward", 2, 64), ("self_attn", 4, 128), ("conv", 4, 64))
 """The `small` ONNX budget mix's kinds (`--budget size=3.838`, `int4-b128-gptq --head-bits 4 --embedding-quant
 4`): MLPs at 2 bits (four of six there, in blocks of 32 to 128: here every MLP at int2-b64), attention at
 int4-b128, conv blocks at int4 (blocks of 32 to 128: here int4-b64), the tied table and head at int8-b128
-(`mix_option.TABLE`)."""
+(`side_by_side.TABLE`)."""
 EXPORT = """
 import json, sys
 from pathlib import Path
@@ -59,14 +59,6 @@ if mix:
 export_artifact("onnx", sys.argv[1], Path(sys.argv[2]), recipe, force=True, parity=False, card=False,
                 threads=int(sys.argv[4]))
 """
-
-
-def timed(cmd: list[str], env: dict[str, str]) -> float:
-    t = time.perf_counter()
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if r.returncode:
-        raise SystemExit(f"{' '.join(cmd[:3])} failed:\n{r.stderr[-3000:]}")
-    return round(time.perf_counter() - t, 2)
 
 
 def decode_tok_s(session: Any, ids: np.ndarray, new: int) -> float:
