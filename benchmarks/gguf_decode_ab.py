@@ -10,6 +10,12 @@ warm-up round each, then `--repeats` rounds of `gguf_vs_llamacpp.decode_round` (
 `--new-tokens` greedy steps), the run order alternating within the block. Per file: every round's tok/s and the
 median; the ratio of medians A / B over all rounds, per block, and split by which file was opened first. An A/A
 run (B a byte copy of A under another path) shows what the protocol alone makes of two equal files.
+
+`--control C` (a byte copy of B) runs a third session in the same blocks and rounds (open and run order
+rotated over A, B, C), so the A/A control and the comparison share the machine's state: C/B is reported beside
+A/B. `--forced` feeds the same seeded random token at each decode step instead of the greedy one, so two files
+with other weights decode the same sequence (greedy runs differ in the tokens they generate, hence in the
+token-table rows they read).
 """
 
 from __future__ import annotations
@@ -24,46 +30,54 @@ import numpy as np
 from provenance import provenance
 
 
-def decode_round(s, ids: np.ndarray, new_tokens: int) -> tuple[float, float]:
+def decode_round(
+    s, ids: np.ndarray, new_tokens: int, forced: np.ndarray | None = None
+) -> tuple[float, float]:
     """`gguf_vs_llamacpp.decode_round` timed twice: tok/s by wall time and by the process's CPU time. With one
     thread llama.cpp computes on the calling thread, so the CPU-time rate leaves out the time other processes
-    held the core (it keeps what they cost through shared caches)."""
+    held the core (it keeps what they cost through shared caches). `forced`: the tokens fed at each step instead
+    of the greedy ones, so two files with other weights decode the same sequence."""
     s.reset()
     tok = int(s.prefill_last(ids)[0].argmax())
     t, c = time.perf_counter(), time.process_time()
-    for _ in range(new_tokens):
+    for i in range(new_tokens):
+        if forced is not None:
+            tok = int(forced[i])
         tok = int(s.decode(np.array([tok]))[0].argmax())
     return new_tokens / (time.perf_counter() - t), new_tokens / (time.process_time() - c)
 
 
-def block(a: Path, b: Path, a_first: bool, args: argparse.Namespace) -> dict:
-    """One block: both sessions opened (`a_first`: A first), one warm-up round each, `args.repeats` timed rounds
-    in alternating order; tok/s per round."""
+def block(folders: dict[str, Path], k: int, args: argparse.Namespace) -> dict:
+    """Block `k`: every session opened afresh (the open order rotated by `k`: A first in even blocks of an A/B
+    run), one warm-up round each, `args.repeats` timed rounds, the run order rotated each round; tok/s per round.
+    Ratios are each file's median over B's (C's: the control, a byte copy of B)."""
     from lfm_export.runtime.gguf import GgufSession
 
-    order = [("a", a), ("b", b)] if a_first else [("b", b), ("a", a)]
-    sessions = {who: GgufSession(folder, threads=args.threads) for who, folder in order}
-    ids = np.random.default_rng(1).integers(16, sessions["a"].vocab_size, (1, args.prompt_len))
+    names = list(folders)
+    opened = names[k % len(names) :] + names[: k % len(names)]
+    sessions = {who: GgufSession(folders[who], threads=args.threads) for who in opened}
+    rng = np.random.default_rng(1)
+    ids = rng.integers(16, sessions["a"].vocab_size, (1, args.prompt_len))
+    forced = rng.integers(16, sessions["a"].vocab_size, args.new_tokens) if args.forced else None
     for s in sessions.values():
-        decode_round(s, ids, args.new_tokens)
-    runs: dict[str, list[float]] = {"a": [], "b": []}
-    cpu: dict[str, list[float]] = {"a": [], "b": []}
+        decode_round(s, ids, args.new_tokens, forced)
+    runs: dict[str, list[float]] = {who: [] for who in names}
+    cpu: dict[str, list[float]] = {who: [] for who in names}
     for r in range(args.repeats):
-        for who in ("a", "b") if r % 2 == 0 else ("b", "a"):
-            wall, by_cpu = decode_round(sessions[who], ids, args.new_tokens)
+        for who in names[r % len(names) :] + names[: r % len(names)]:
+            wall, by_cpu = decode_round(sessions[who], ids, args.new_tokens, forced)
             runs[who].append(round(wall, 2))
             cpu[who].append(round(by_cpu, 2))
     for s in sessions.values():
         s.close()
-    return {
-        "opened_first": "a" if a_first else "b",
-        "a": runs["a"],
-        "b": runs["b"],
-        "a_cpu": cpu["a"],
-        "b_cpu": cpu["b"],
-        "ratio_of_medians": round(float(np.median(runs["a"]) / np.median(runs["b"])), 4),
-        "cpu_ratio_of_medians": round(float(np.median(cpu["a"]) / np.median(cpu["b"])), 4),
-    }
+    out: dict = {"opened_first": opened[0], "open_order": opened}
+    for who in names:
+        out[who], out[who + "_cpu"] = runs[who], cpu[who]
+    for who in [w for w in names if w != "b"]:
+        key = "ratio_of_medians" if who == "a" else f"{who}_ratio_of_medians"
+        out[key] = round(float(np.median(runs[who]) / np.median(runs["b"])), 4)
+        out["cpu_" + key] = round(float(np.median(cpu[who]) / np.median(cpu["b"])), 4)
+    return out
 
 
 def main() -> None:
@@ -75,9 +89,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument(
+        "--control", type=Path, default=None, help="a byte copy of B, run in the same rounds (C/B)"
+    )
+    ap.add_argument("--forced", action="store_true", help="decode a fixed random token sequence, not greedy")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    for p in (args.a, args.b):
+    folders = {"a": args.a, "b": args.b, **({"c": args.control} if args.control else {})}
+    for p in folders.values():
         if not (p / "manifest.json").is_file():
             raise SystemExit(f"{p}: not an artifact folder (no manifest.json)")
     if args.blocks < 1 or args.repeats < 1:
@@ -85,7 +104,7 @@ def main() -> None:
     load_before = round(os.getloadavg()[0], 2)
     blocks = []
     for k in range(args.blocks):
-        blocks.append(block(args.a, args.b, k % 2 == 0, args))
+        blocks.append(block(folders, k, args))
         print(json.dumps(blocks[-1]), flush=True)
 
     def ratio(key: str, first: str | None = None) -> float | None:
@@ -109,6 +128,8 @@ def main() -> None:
         "repeats": args.repeats,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
+        "control": str(args.control) if args.control else None,
+        "forced": args.forced,
         "load_avg_1m_before": load_before,
         "load_avg_1m_after": round(os.getloadavg()[0], 2),
         "a_median": median("a"),
@@ -125,6 +146,17 @@ def main() -> None:
         "cpu_block_ratios": [blk["cpu_ratio_of_medians"] for blk in blocks],
         "per_block": blocks,
     }
+    if args.control:
+        xc = [x for blk in blocks for x in blk["c_cpu"]]
+        xb = [x for blk in blocks for x in blk["b_cpu"]]
+        result["c_cpu_median"] = median("c_cpu")
+        result["cpu_control_ratio_of_medians"] = round(float(np.median(xc) / np.median(xb)), 4)
+        result["cpu_control_block_ratios"] = [blk["cpu_c_ratio_of_medians"] for blk in blocks]
+        result["control_block_ratios"] = [blk["c_ratio_of_medians"] for blk in blocks]
+        print(
+            f"CPU time: control C/B ratio of medians {result['cpu_control_ratio_of_medians']}; "
+            f"blocks {result['cpu_control_block_ratios']}"
+        )
     for key, label in (("", "wall"), ("cpu_", "CPU time")):
         print(
             f"{label}: A/B ratio of medians {result[key + 'ratio_of_medians']}; A opened first "

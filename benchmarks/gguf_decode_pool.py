@@ -5,6 +5,7 @@ errors; each block is a fresh pair of sessions, so the blocks, not the rounds, a
         --group "ours/theirs q4_0 1t" R3.json R4.json --out benchmarks/results/pooled.json
 
 `--group NAME FILE...`: the files' blocks pooled under NAME; the CPU-time block ratios (`--wall`: wall time).
+`--control-group NAME FILE...`: the same for the C/B ratios of runs made with `gguf_decode_ab.py --control`.
 """
 
 from __future__ import annotations
@@ -37,24 +38,31 @@ def summary(ratios: list[float]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--group", nargs="+", action="append", required=True, metavar="NAME FILE")
+    ap.add_argument("--control-group", nargs="+", action="append", default=[], metavar="NAME FILE")
     ap.add_argument("--wall", action="store_true", help="wall-time block ratios instead of CPU time")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    groups: dict[str, list[Path]] = {}
-    for name, *files in args.group:
+    groups: dict[str, tuple[list[Path], bool]] = {}
+    for spec, control in [(g, False) for g in args.group] + [(g, True) for g in args.control_group]:
+        name, *files = spec
         if not files:
-            raise SystemExit(f"--group {name}: no files")
-        groups[name] = [Path(f) for f in files]
+            raise SystemExit(f"group {name}: no files")
+        groups[name] = ([Path(f) for f in files], control)
     out: dict = {**provenance(), "groups": {}}
-    for name, files in groups.items():
+    for name, (files, control) in groups.items():
         ratios: list[float] = []
+        key = "block_ratios" if args.wall else "cpu_block_ratios"
+        if control:
+            key = "control_block_ratios" if args.wall else "cpu_control_block_ratios"
         for f in files:
             if not f.is_file():
                 raise SystemExit(f"{f}: no such file")
             d = json.loads(f.read_text())
             if "cpu_block_ratios" not in d:
                 raise SystemExit(f"{f}: not a gguf_decode_ab.py result (no cpu_block_ratios)")
-            ratios += d["block_ratios" if args.wall else "cpu_block_ratios"]
+            if key not in d:
+                raise SystemExit(f"{f}: no {key} (run without --control)")
+            ratios += d[key]
         out["groups"][name] = {"files": [str(f) for f in files], **summary(ratios)}
         s = out["groups"][name]
         print(
