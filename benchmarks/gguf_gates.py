@@ -3,7 +3,8 @@ matrix 2% off, run through llama.cpp.
 
     .venv/bin/python benchmarks/gguf_gates.py --out benchmarks/results/gguf_gates.json
 
-For each model (`tiny`, `tiny-moe`) and type (`q4_0`, `q8_0`): export at context 64 with the full parity run,
+For each model (`tiny`, `tiny-moe`) and type (`q4_0`, `q8_0`): export at context 64 (`--contexts`: each of a
+list; the parity prompts grow with it) with the full parity run,
 then for each of five matrices raise that matrix's block scales by `--error` (2%) in the file itself and check
 parity again (`bf16`: the matrix's values, rounded back to bf16); `--honest-types` (the `-mse` variants) are
 exported honest only. `--types bf16 --honest-types ''` measures the `bf16-bf16` gate
@@ -78,6 +79,7 @@ def main() -> None:
     ap.add_argument("--types", default="q4_0,q8_0")
     ap.add_argument("--honest-types", default="q4_0-mse,q8_0-mse", help="types exported honest only")
     ap.add_argument("--error", type=float, default=0.02, help="relative error of the broken matrix")
+    ap.add_argument("--contexts", default="64", help="comma-separated --max-seq-len values")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=Path("/tmp/gguf_gates"))
     ap.add_argument("--out", type=Path, default=None)
@@ -86,17 +88,17 @@ def main() -> None:
     args.work.mkdir(parents=True)
     quiet = Progress(quiet=True)
     rows = []
-    for model in args.models.split(","):
+    for context, model in [(int(c), m) for c in args.contexts.split(",") for m in args.models.split(",")]:
         broken_types = [t for t in args.types.split(",") if t]
         for kind in broken_types + [t for t in args.honest_types.split(",") if t]:
-            honest = args.work / f"{Path(model).name}-{kind}"
+            honest = args.work / f"{Path(model).name}-{kind}-{context}"
             export_artifact(
-                "gguf", model, honest, make_recipe(kind, 64), threads=args.threads, progress=quiet
+                "gguf", model, honest, make_recipe(kind, context), threads=args.threads, progress=quiet
             )
-            rows.append({"model": model, "type": kind, "broken": None, **ratios(honest)})
+            rows.append({"model": model, "type": kind, "context": context, "broken": None, **ratios(honest)})
             print(json.dumps(rows[-1]), flush=True)
             for name in TARGETS if kind in broken_types else ():
-                broken = args.work / f"{Path(model).name}-{kind}-broken"
+                broken = args.work / f"{Path(model).name}-{kind}-{context}-broken"
                 shutil.rmtree(broken, ignore_errors=True)
                 shutil.copytree(honest, broken)
                 reader = gguf.GGUFReader(broken / "model.gguf", "r+")
@@ -113,7 +115,13 @@ def main() -> None:
                 del reader
                 check_artifact(broken, threads=args.threads, progress=quiet)
                 rows.append(
-                    {"model": model, "type": kind, "broken": f"{name} x{1 + args.error:g}", **ratios(broken)}
+                    {
+                        "model": model,
+                        "type": kind,
+                        "context": context,
+                        "broken": f"{name} x{1 + args.error:g}",
+                        **ratios(broken),
+                    }
                 )
                 print(json.dumps(rows[-1]), flush=True)
     result = {
