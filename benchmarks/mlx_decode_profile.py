@@ -156,7 +156,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     step: dict[str, list[float]] = defaultdict(list)
     prof_steps: dict[str, list[float]] = defaultdict(list)
-    for name, how, obj, _ in entries:  # warm-up
+    for _name, how, obj, _ in entries:  # warm-up
         (run_mlx_lm if how == "mlx-lm" else run_shim)(obj, 1)
     for r in range(spec["rounds"]):
         order = entries[r % len(entries) :] + entries[: r % len(entries)]
@@ -167,7 +167,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                 prof_steps[key] += run_mlx_lm(obj, spec["steps"], prof)
             else:
                 step[key] += run_shim(obj, spec["steps"])
-    for name, how, obj, prof in entries:
+    for name, how, _obj, prof in entries:
         key = f"{name} ({how})"
         row: dict[str, Any] = {"step_ms": round(_median(step[key]) * 1e3, 2), "steps": len(step[key])}
         if prof is not None:
@@ -227,7 +227,10 @@ def main() -> None:
     }
     spec_file = Path(f"/tmp/mlx_decode_profile_{os.getpid()}.json")
     spec_file.write_text(json.dumps(spec))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     before = round(os.getloadavg()[0], 2)
     try:
         cores = ",".join(str(c) for c in range(a.threads))

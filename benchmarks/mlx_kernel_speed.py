@@ -106,9 +106,14 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                     nbytes = q.nbytes + s.nbytes + b.nbytes
 
                     def call(
-                        q: Any = q, s: Any = s, b: Any = b, group: int = group, bits: int = bits
+                        q: Any = q,
+                        s: Any = s,
+                        b: Any = b,
+                        group: int = group,
+                        bits: int = bits,
+                        x: Any = x32,
                     ) -> Any:
-                        return mx.quantized_matmul(x32, q, s, b, True, group, bits)
+                        return mx.quantized_matmul(x, q, s, b, True, group, bits)
 
                 for _ in range(spec["warmup"]):
                     mx.eval(call())
