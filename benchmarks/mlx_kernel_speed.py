@@ -16,8 +16,11 @@ thread setting). Per kind and shape: `--warmup` untimed calls, then `--calls` ca
 the float32 scale and bias per group MLX's `quantize` returns for float32 weights; float weights at their
 width) and GB/s = bytes / median time. Inputs are random normal (MLX's kernels do not branch on values).
 
-Writes JSON (provenance, per threads, per preset, per shape, per kind: ms and GB/s) to `--out` and prints a
-table of ms per call.
+`step_linears`: per threads, preset and kind, the summed time of one decode step's linears if every one were held
+at that kind (each role's median times its calls per step), and q4g64's (mlx-lm's default) sum over it.
+
+Writes JSON (provenance, per threads, per preset, per shape, per kind: ms and GB/s; the step sums) to `--out`
+and prints a table of ms per call.
 """
 
 from __future__ import annotations
@@ -63,6 +66,42 @@ def shapes(preset: str) -> dict[str, list[int]]:
         "conv.out_proj": [h, h],
         "head": [c.vocab_size, h],
     }
+
+
+def calls_per_step(preset: str) -> dict[str, int]:
+    """How many times one decode step of `preset` runs each role of `shapes` (w1 and w3, q and out, k and v:
+    two each per layer that has them; the head once)."""
+    from lfm_export.config import LAYER_ATTN
+    from lfm_export.presets import get_preset
+
+    c = get_preset(preset).config
+    attn = sum(1 for t in c.layer_types if t == LAYER_ATTN)
+    conv = len(c.layer_types) - attn
+    n = len(c.layer_types)
+    return {
+        "mlp.w1/w3": 2 * n,
+        "mlp.w2": n,
+        "attn.q/out": 2 * attn,
+        "attn.k/v": 2 * attn,
+        "conv.in_proj": conv,
+        "conv.out_proj": conv,
+        "head": 1,
+    }
+
+
+def step_sums(per: dict[str, Any], kinds: list[str]) -> dict[str, Any]:
+    """Per preset and kind: the linears of one decode step held at that kind, their summed ms per call
+    (`calls_per_step` times each role's median) and q4g64's sum over it (`speed_vs_q4g64`, > 1 faster)."""
+    out: dict[str, Any] = {}
+    for preset, roles in per.items():
+        counts = calls_per_step(preset)
+        sums = {k: sum(roles[r]["kinds"][k]["ms"] * c for r, c in counts.items()) for k in kinds}
+        base = sums.get("q4g64")
+        out[preset] = {
+            k: {"ms": round(v, 2), **({"speed_vs_q4g64": round(base / v, 3)} if base else {})}
+            for k, v in sums.items()
+        }
+    return out
 
 
 def _median(v: list[float]) -> float:
@@ -187,6 +226,8 @@ def main() -> None:
         "warmup": a.warmup,
         "load_average_per_threads": loads,
         "load_average_at_end": round(os.getloadavg()[0], 2),
+        "calls_per_step": {p: calls_per_step(p) for p in a.presets},
+        "step_linears": {t: step_sums(per, a.kinds) for t, per in results.items()},
         "results": results,
     }
     if a.out:
@@ -200,6 +241,8 @@ def main() -> None:
                 n, k = cell["shape"]
                 vals = " ".join(f"{cell['kinds'][kd]['ms']:8.2f}" for kd in a.kinds)
                 print(f"  {role:<13} [{n}, {k}] {vals}")
+            sums = result["step_linears"][t][preset]
+            print(f"  {'step':<13} {'':<14}" + " ".join(f"{sums[kd]['ms']:8.1f}" for kd in a.kinds))
 
 
 if __name__ == "__main__":
