@@ -7,8 +7,8 @@ interleaved in one process so a slow spell of the shared machine hits both alike
 1. The checkpoint folder (`random:PRESET`: written once under `--ckpt-dir` by `onnx_vs_genai.checkpoint_folder`,
    fp32 safetensors and the bundled tokenizer files; a path or a bundled name: used as it is).
 2. Ours: `lfm-export mlx` of that folder with `--quant int4-b128 --head-bits 4 --embedding-quant 4` and the
-   precision mix `--mix` (default `MIX`: the kinds of tensor group the `--budget size=2.947` mix on the trained
-   `small` chose, in its proportion of layers), `--no-parity`; `--mix none` exports the plain recipe. The mix
+   precision mix `--mix` (default `MIX`: the kinds of tensor group the `--budget size=2.7` mix on the trained
+   `small` chose, as one rule per kind), `--no-parity`; `--mix none` exports the plain recipe. The mix
    enters through the core recipe's `mix` field, as `--budget` writes it. Plain rounding: calibration
    changes the codes, not the kernels or the bytes.
 3. Theirs: `mlx_lm.convert(quantize=True, q_group_size=64, q_bits=4)` (its default 4-bit) of a folder with
@@ -48,13 +48,10 @@ from provenance import provenance  # noqa: E402
 from side_by_side import parse_mix, timed  # noqa: E402
 
 BIN = Path(sys.executable).parent
-MIX = tuple((f"layers.{i}.feed_forward", 2, 64) for i in range(3, 13))
-"""The kinds of the `small` budget mix (`--budget size=2.947`, `int4-b128-gptq --head-bits 4 --embedding-quant
-4`, candidates 2, 4 and 8 bits) in its proportion at 16 layers: small holds the MLPs of its middle 4 of 6
-layers at 2 bits (`int2-b64` / `int2-b128`), so the middle 10 of 16 MLPs here (layers 3-12) are `int2-b64`;
-every other linear `int4-b128` (small's attention, and its conv blocks in blocks of 32-128), the tied table
-and head `int8-b128` (`side_by_side.TABLE`, as small chose). Before 2-bit groups replaced 3-bit ones on MLX
-(their CPU kernels are slower) the mix was every MLP and attention group at `int3-b128`."""
+MIX = (("feed_forward", 3, 128), ("self_attn", 3, 128), ("conv", 4, 128))
+"""The `small` budget mix's kinds (`--budget size=2.7`, `int4-b128-gptq --head-bits 4 --embedding-quant 4`):
+every MLP and attention group at int3-b128, the conv blocks at int4-b128 (3 of its 4; one at int3), the
+tied table and head at int8-b128 (`side_by_side.TABLE`)."""
 MLX_LM_CONVERT = (
     "import sys; from mlx_lm import convert; "
     "convert(hf_path=sys.argv[1], mlx_path=sys.argv[2], quantize=True, q_group_size=64, q_bits=4)"

@@ -45,8 +45,7 @@ CANDIDATES = ((8, 32), (8, 64), (8, 128), (4, 32), (4, 64), (4, 128))
 """The precisions a group may take on every backend: (bits, block size)."""
 LOW_BIT_CANDIDATES = ((3, 64), (3, 128), (2, 32), (2, 64), (2, 128))
 """Fewer-bit precisions a group may take where the backend's format holds them (its recipe's `mix_bits`: MLX's
-`quantized_matmul` takes 2 to 6 bits, and the budget offers it 2, not 3, whose CPU kernels decode slower than
-4 bits' at LFM2-350M's shapes); onnxruntime 1.32's MatMulNBits and
+`quantized_matmul` takes 3 bits (the budget offers it no 2); onnxruntime 1.32's MatMulNBits and
 GatherBlockQuantized take 2, 4 and 8 bits, not 3). A recipe's `expert_bits` narrows what an MoE layer's experts
 may take (onnxruntime's QMoE: 4 and 8)."""
 MB = 1_000_000

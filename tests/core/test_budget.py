@@ -62,7 +62,7 @@ def test_candidates_are_what_the_backend_format_holds() -> None:
     # onnxruntime 1.32's MatMulNBits / GatherBlockQuantized: 2, 4 and 8 bits (3 refused); portable: 4 and 8
     assert candidates(get("onnx").recipe("int4", 64)) == (*CANDIDATES, (2, 32), (2, 64), (2, 128))
     assert candidates(get("onnx").recipe("int4", 64, ops="portable")) == CANDIDATES
-    assert candidates(get("mlx").recipe("int4", 64)) == (*CANDIDATES, (2, 32), (2, 64), (2, 128))
+    assert candidates(get("mlx").recipe("int4", 64)) == (*CANDIDATES, (3, 64), (3, 128))
     three = parse_recipe("int4-b64").with_options(mix=(("layers.1.feed_forward", 3, 128),))
     assert three.gate_family == "int4" and held_as("model.layers.1.feed_forward.w2.weight", three) == 3
     with pytest.raises(UnsupportedError, match="no block precision"):

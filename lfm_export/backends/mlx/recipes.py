@@ -40,12 +40,9 @@ core's) would cost every decode step the work of a 32k context; ask for more wit
 class MlxRecipe:
     recipe: Recipe = field(default_factory=Recipe)
     max_prefill: int | None = None
-    mix_bits: ClassVar[tuple[int, ...]] = (2, 4, 8)
+    mix_bits: ClassVar[tuple[int, ...]] = (3, 4, 8)
     """Bits a group of a precision mix may take (`lfm_export.budget.candidates`): `quantized_matmul` and
-    `gather_qmm` take 2-6 and 8 bits; the budget offers 2 below the recipes' 4, not 3. MLX 0.32's CPU kernels
-    cost about the same per weight at 2, 4, 6 and 8 bits, and 3 bits 10-25% more at LFM2-350M's shapes
-    (`benchmarks/mlx_kernel_speed.py`, `benchmarks/results/mlx_kernel_speed.json`), so a 3-bit group
-    decodes slower than the 4-bit group it replaces. A hand-written `mix` may still hold 3 bits."""
+    `gather_qmm` take 2-6 and 8 bits; the budget offers 3 below the recipes' 4."""
 
     def quantized_bytes(
         self, shape: tuple[int, ...], bits: int, block: int, symmetric: bool, tied_table: bool

@@ -112,9 +112,9 @@ def test_export_passes_parity(artifacts, case) -> None:
 
 
 def test_core_codes_fit_mlx_affine_format() -> None:
-    """`pack` of the core quantizer's codes dequantized by MLX equals the core's own dequantization (2 and 3
-    bits too: a hand mix's 3, packed across word boundaries, and the 2 `--budget` offers on MLX), and the
-    stored-weights reader unpacks MLX's own."""
+    """`pack` of the core quantizer's codes dequantized by MLX equals the core's own dequantization (3 bits too:
+    a precision mix's, packed across word boundaries; and 2, whole codes per word, which a mix may hold), and
+    the stored-weights reader unpacks MLX's own."""
     from lfm_export.backends.mlx.stored_weights import _dequantize
 
     rng = np.random.default_rng(0)
