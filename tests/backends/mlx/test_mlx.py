@@ -113,12 +113,13 @@ def test_export_passes_parity(artifacts, case) -> None:
 
 def test_core_codes_fit_mlx_affine_format() -> None:
     """`pack` of the core quantizer's codes dequantized by MLX equals the core's own dequantization (3 bits too:
-    a precision mix's, packed across word boundaries), and the stored-weights reader unpacks MLX's own."""
+    a precision mix's, packed across word boundaries; and 2, whole codes per word, which a mix may hold), and
+    the stored-weights reader unpacks MLX's own."""
     from lfm_export.backends.mlx.stored_weights import _dequantize
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((16, 128)).astype(np.float32)
-    for bits, block, symmetric in ((3, 64, True), (3, 128, False)):
+    for bits, block, symmetric in ((3, 64, True), (3, 128, False), (2, 32, False), (2, 128, True)):
         q = quantize_block(w, bits, block, symmetric)
         packed, scales, biases = pack(q)
         assert packed.shape == (16, 128 * bits // 32)
