@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import numpy as np
@@ -394,6 +394,11 @@ def gptq(
 GRID_BATCH = 32
 """Columns `gptq_on_grid` rounds before the next block's share of their error is formed (one product)."""
 
+BlockGrid = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray | None]]
+"""`fit(cols, c0) -> (step, offset)`: the grid of one block of columns `c0 : c0 + width` (`step`, `offset`
+`[N, width]` float32, offset None for 0) fitted to `cols [N, width]`, the block's columns as the errors of every
+earlier column have updated them (`gptq_on_blocks`)."""
+
 
 def gptq_on_grid(
     w: np.ndarray,
@@ -409,34 +414,89 @@ def gptq_on_grid(
     is rounded after adding `sum_{i<m} d_i A_im / A_mm`, `d_i` the final error of column `i` and `A` the
     `factor` (`cholesky_factor(H)`), so correlated inputs absorb it (GPTQ's update, see `cholesky_factor`).
     The values a format holds are its own dequantization of these codes; `step * q - offset` here only guides
-    the choice. `threads`: workers for the within-batch loop (row slices; the codes do not depend on it)."""
+    the choice. `threads`: workers for the within-batch loop (row slices; the codes do not depend on it).
+
+    The grid is fixed before the sweep (fitted to the original weights): the form `-gptq` had on ggml's blocks
+    before `gptq_on_blocks`, kept for `benchmarks/gguf_rounding_sim.py`'s `gptqfixed` variant."""
+    st = np.asarray(step, np.float32)
+    off = None if offset is None else np.asarray(offset, np.float32)
+
+    def fixed(_cols: np.ndarray, c0: int) -> tuple[np.ndarray, np.ndarray | None]:
+        c1 = c0 + _cols.shape[1]
+        return st[:, c0:c1], None if off is None else off[:, c0:c1]
+
+    return _sweep(w, GRID_BATCH, fixed, lo, hi, factor, threads, blas_one=False)
+
+
+def gptq_on_blocks(
+    w: np.ndarray,
+    block: int,
+    fit: BlockGrid,
+    lo: int,
+    hi: int,
+    factor: np.ndarray,
+    threads: int = 1,
+) -> np.ndarray:
+    """Integer codes `[N, K]` (int16) of `w [N, K]` chosen by GPTQ as `gptq_on_grid`, with each block's grid
+    fitted when the sweep reaches it: `fit(cols, c0)` gets the block's columns `c0 : c0 + block` as updated by
+    the errors of every column before `c0` (GPTQ with groups: the scale sees the compensated values, not the
+    original ones) and returns its grid, which the block's columns are then rounded on, `GRID_BATCH` at a
+    time. `fit` keeps whatever the format stores (its scales); the caller packs those with these codes, so the
+    file holds the grid the codes were chosen on. `block` a multiple of `GRID_BATCH` dividing `K`. The products
+    run on one BLAS thread (`one_blas_thread`)."""
+    k = w.shape[1]
+    if block % GRID_BATCH or k % block:
+        raise ValueError(f"block {block}: a multiple of {GRID_BATCH} dividing {k} expected")
+    return _sweep(w, block, fit, lo, hi, factor, threads, blas_one=True)
+
+
+def _sweep(
+    w: np.ndarray,
+    block: int,
+    fit: BlockGrid,
+    lo: int,
+    hi: int,
+    factor: np.ndarray,
+    threads: int,
+    blas_one: bool,
+) -> np.ndarray:
+    """The GPTQ sweep of `gptq_on_grid` / `gptq_on_blocks`: per block of `block` columns, what earlier blocks
+    pass on (one product), the block's grid from `fit`, then its columns in batches of `GRID_BATCH` (a batch's
+    share from the block's earlier batches: one product more), each column on row slices in parallel."""
     n, k = w.shape
     a = np.asarray(factor, np.float32)
     inv_diag = (np.float32(1) / np.diag(a)).astype(np.float32)
     x = np.asarray(w, np.float32)
-    off = None if offset is None else np.asarray(offset, np.float32)
-    st = np.asarray(step, np.float32)
     resid = np.empty((n, k), np.float32)
     codes = np.empty((n, k), np.int16)
     tasks = _row_tasks(n, threads)
-    with _workers(len(tasks), threads) as run:
-        for c0 in range(0, k, GRID_BATCH):
-            c1 = min(k, c0 + GRID_BATCH)
-            prior = _prior(resid, a, inv_diag, c0, c1)
-            within = a[c0:c1, c0:c1] * inv_diag[None, c0:c1]
-            run(
-                partial(
-                    _grid_block,
-                    x=x,
-                    prior=prior,
-                    c0=c0,
-                    c1=c1,
-                    within=within,
-                    grid=(st, off, lo, hi),
-                    out=(codes, resid),
-                ),
-                tasks,
-            )
+    blas = one_blas_thread() if blas_one else nullcontext()
+    with _workers(len(tasks), threads) as run, blas:
+        for b0 in range(0, k, block):
+            b1 = min(k, b0 + block)
+            before = _prior(resid, a, inv_diag, b0, b1)
+            st, off = fit(x[:, b0:b1] if before is None else x[:, b0:b1] + before, b0)
+            for c0 in range(b0, b1, GRID_BATCH):
+                c1 = min(b1, c0 + GRID_BATCH)
+                s0, s1 = c0 - b0, c1 - b0
+                prior = None if before is None else before[:, s0:s1]
+                if c0 > b0:
+                    inner = (resid[:, b0:c0] @ a[b0:c0, c0:c1]) * inv_diag[c0:c1]
+                    prior = inner if prior is None else prior + inner
+                within = a[c0:c1, c0:c1] * inv_diag[None, c0:c1]
+                run(
+                    partial(
+                        _grid_block,
+                        x=x,
+                        prior=prior,
+                        c0=c0,
+                        c1=c1,
+                        within=within,
+                        grid=(st[:, s0:s1], None if off is None else off[:, s0:s1], lo, hi),
+                        out=(codes, resid),
+                    ),
+                    tasks,
+                )
     return codes
 
 
@@ -450,13 +510,14 @@ def _grid_block(
     grid: tuple[np.ndarray, np.ndarray | None, int, int],
     out: tuple[np.ndarray, np.ndarray],
 ) -> None:
-    """`gptq_on_grid`'s columns `c0:c1` on `rows`, one at a time (see `_gptq_block`)."""
+    """The sweep's columns `c0:c1` on `rows`, one at a time (see `_gptq_block`); `grid`'s step and offset are
+    the batch's columns (`[N, c1 - c0]`)."""
     st, off, lo, hi = grid
     codes, resid = out
     cols = np.ascontiguousarray((x[rows, c0:c1] if prior is None else x[rows, c0:c1] + prior[rows]).T)
     orig = np.ascontiguousarray(x[rows, c0:c1].T)
-    s = np.ascontiguousarray(st[rows, c0:c1].T)
-    o = np.zeros_like(s) if off is None else np.ascontiguousarray(off[rows, c0:c1].T)
+    s = np.ascontiguousarray(st[rows].T)
+    o = np.zeros_like(s) if off is None else np.ascontiguousarray(off[rows].T)
     safe = np.where(s == 0, np.float32(1), s)
     out_c = np.empty(cols.shape, np.int16)
     out_r = np.empty_like(cols)
