@@ -425,7 +425,7 @@ def gptq_on_grid(
         c1 = c0 + _cols.shape[1]
         return st[:, c0:c1], None if off is None else off[:, c0:c1]
 
-    return _sweep(w, GRID_BATCH, fixed, lo, hi, factor, threads, blas_one=False)
+    return _sweep(w, GRID_BATCH, fixed, lo, hi, factor, threads, fixed_grid=True)
 
 
 def gptq_on_blocks(
@@ -447,7 +447,7 @@ def gptq_on_blocks(
     k = w.shape[1]
     if block % GRID_BATCH or k % block:
         raise ValueError(f"block {block}: a multiple of {GRID_BATCH} dividing {k} expected")
-    return _sweep(w, block, fit, lo, hi, factor, threads, blas_one=True)
+    return _sweep(w, block, fit, lo, hi, factor, threads, fixed_grid=False)
 
 
 def _sweep(
@@ -458,11 +458,19 @@ def _sweep(
     hi: int,
     factor: np.ndarray,
     threads: int,
-    blas_one: bool,
+    fixed_grid: bool,
 ) -> np.ndarray:
     """The GPTQ sweep of `gptq_on_grid` / `gptq_on_blocks`: per block of `block` columns, what earlier blocks
     pass on (one product), the block's grid from `fit`, then its columns in batches of `GRID_BATCH` (a batch's
-    share from the block's earlier batches: one product more), each column on row slices in parallel."""
+    share from the block's earlier batches: one product more), each column on row slices in parallel.
+
+    The block's columns `fit` gets are GPTQ's working weights once every earlier column is rounded (the paper's
+    form: `W[:, b0:b1]` after the updates through the inverse Hessian's factor `U = A^-1`), which are not the
+    partial sums the sweep rounds with (`w_m + sum_{i<b0} d_i A_im / A_mm` holds only for `m = b0`): with
+    `P = d[:, :b0] A[:b0, b0:b1]`, `W[:, b0:b1] = w[:, b0:b1] + P A[b0:b1, b0:b1]^-1` (the top right block of the
+    inverse of the triangular `A` is `-A11^-1 A12 A22^-1`, and `e_i / U_ii = (d A)_i`). `fixed_grid`: `fit`
+    reads no columns (`gptq_on_grid`), so none are formed and the products run on the BLAS threads numpy was
+    started with (its codes as before `gptq_on_blocks`); else on one (`one_blas_thread`)."""
     n, k = w.shape
     a = np.asarray(factor, np.float32)
     inv_diag = (np.float32(1) / np.diag(a)).astype(np.float32)
@@ -470,12 +478,17 @@ def _sweep(
     resid = np.empty((n, k), np.float32)
     codes = np.empty((n, k), np.int16)
     tasks = _row_tasks(n, threads)
-    blas = one_blas_thread() if blas_one else nullcontext()
+    blas = nullcontext() if fixed_grid else one_blas_thread()
     with _workers(len(tasks), threads) as run, blas:
         for b0 in range(0, k, block):
             b1 = min(k, b0 + block)
-            before = _prior(resid, a, inv_diag, b0, b1)
-            st, off = fit(x[:, b0:b1] if before is None else x[:, b0:b1] + before, b0)
+            passed = None if b0 == 0 else resid[:, :b0] @ a[:b0, b0:b1]
+            before = None if passed is None else passed * inv_diag[b0:b1]
+            if fixed_grid or passed is None:
+                st, off = fit(x[:, b0:b1], b0)
+            else:
+                inv = np.linalg.inv(a[b0:b1, b0:b1].astype(np.float64)).astype(np.float32)
+                st, off = fit(x[:, b0:b1] + passed @ inv, b0)
             for c0 in range(b0, b1, GRID_BATCH):
                 c1 = min(b1, c0 + GRID_BATCH)
                 s0, s1 = c0 - b0, c1 - b0

@@ -157,11 +157,18 @@ HEADER = {"Q4_K": slice(0, 16), "Q6_K": slice(192, 210), "Q5_0": slice(0, 2), "Q
 """The scale bytes of one block of each type (fp16 `d` / `dmin` and sub-block scales; the rest holds codes)."""
 
 
+BLOCK_VALUES = {"Q4_K": 256, "Q6_K": 256, "Q5_0": 32, "Q4_0": 32}
+"""Values per block of each type (the span over which `-gptq` fits one block's scales)."""
+
+
 @pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q5_0", "Q4_0"])
-def test_gptq_chooses_codes_on_the_fitted_scales(kind: str) -> None:
-    """`-gptq` on ggml's blocks: the same scale bytes as `-imat` (the fit weighted by the inputs' mean square),
-    other codes; gguf-py reads the bytes as `dequantize` says; and the codes lower the output error over
-    correlated inputs `trace((W - Q) H (W - Q)^T)` against `-imat`'s."""
+def test_gptq_fits_each_blocks_scales_on_the_columns_the_sweep_has_updated(kind: str) -> None:
+    """`-gptq` on ggml's blocks: the first block of each row (nothing passed on to it yet) holds `-imat`'s scale
+    bytes; later blocks are fitted on the columns as GPTQ has updated them, so some hold other scales
+    (`gptq-fixed`, the earlier form, holds `-imat`'s everywhere); gguf-py reads the bytes as `dequantize`
+    says; and the output error over correlated inputs `trace((W - Q) H (W - Q)^T)` is below `-imat`'s (against
+    `gptq-fixed` it is lower here on Q6_K, Q5_0 and Q4_0 and 1.3% higher on Q4_K: no order between the two is
+    asserted; `benchmarks/gguf_rounding_sim.py` compares them on trained models)."""
     from lfm_export.ggml_blocks import quantize as q_0_quantize
     from lfm_export.rounding import cholesky_factor, hessian_error
 
@@ -171,19 +178,20 @@ def test_gptq_chooses_codes_on_the_fitted_scales(kind: str) -> None:
     x[:, 1:] += 0.8 * x[:, :-1]  # neighbouring inputs correlated, as a layer's are
     hessian = (x.T @ x / len(x)).astype(np.float64)
     factor, imp = cholesky_factor(hessian), np.diag(hessian).astype(np.float32)
+    roundings = ("imat", "gptq-fixed", "gptq")
     if kind == "Q4_0":
-        imat, gptq = (q_0_quantize(w, 4, r, 1, imp, factor) for r in ("imat", "gptq"))
+        imat, fixed, gptq = (q_0_quantize(w, 4, r, 1, imp, factor) for r in roundings)
         block = Q4_0
     else:
         block = {"Q4_K": Q4_K, "Q6_K": Q6_K, "Q5_0": Q5_0}[kind]
-        imat, gptq = (quantize(w, block, r, 1, imp, factor) for r in ("imat", "gptq"))
-    blocks = [b.reshape(len(w), -1, block.block_bytes) for b in (imat, gptq)]
-    assert np.array_equal(blocks[0][..., HEADER[kind]], blocks[1][..., HEADER[kind]])
-    assert not np.array_equal(imat, gptq)
+        imat, fixed, gptq = (quantize(w, block, r, 1, imp, factor) for r in roundings)
+    heads = [b.reshape(len(w), -1, block.block_bytes)[..., HEADER[kind]] for b in (imat, fixed, gptq)]
+    assert np.array_equal(heads[0], heads[1])
+    assert np.array_equal(heads[0][:, 0], heads[2][:, 0])
+    assert not np.array_equal(heads[0][:, 1:], heads[2][:, 1:])
     ours = q_0_values(w, 4, "gptq", 1, imp, factor) if kind == "Q4_0" else dequantize(gptq, block)
     theirs = gguf.quants.dequantize(gptq, gguf.GGMLQuantizationType[kind]).reshape(w.shape)
     assert np.array_equal(ours, theirs)
-    before = hessian_error(
-        w, gguf.quants.dequantize(imat, gguf.GGMLQuantizationType[kind]).reshape(w.shape), hessian
-    )
-    assert hessian_error(w, ours, hessian) < 0.85 * before
+    imat_values = gguf.quants.dequantize(imat, gguf.GGMLQuantizationType[kind]).reshape(w.shape)
+    imat_err = hessian_error(w, imat_values, hessian)
+    assert hessian_error(w, ours, hessian) < 0.85 * imat_err
