@@ -25,7 +25,7 @@ import numpy as np
 
 from lfm_export.contract.session import DEFAULT_THREADS
 from lfm_export.quant import Quantized, _f16, quantize_block
-from lfm_export.rounding import gptq_on_blocks, gptq_on_grid
+from lfm_export.rounding import gptq_on_blocks, gptq_on_grid, refit_scales
 
 QK = 32
 """Values per Q8_0 / Q4_0 block."""
@@ -95,11 +95,13 @@ def gptq_blocks(
     importance: np.ndarray | None,
     factor: np.ndarray,
     threads: int = 1,
+    refit: bool = False,
 ) -> Quantized:
     """Symmetric `bits`-wide blocks of 32 of `w [N, K]` by GPTQ with each block's scale fitted when the sweep
     reaches it (`gptq_on_blocks`): the core's `fit` weighted by `importance [K]` (as `-imat`) on the block's
     columns as the errors of every earlier column have updated them, rounded to fp16 (the stored scale), then
-    the block's codes chosen on it by GPTQ (`factor`: the inputs' Hessian Cholesky factor)."""
+    the block's codes chosen on it by GPTQ (`factor`: the inputs' Hessian Cholesky factor). `refit`: then each
+    row's scales refitted to those codes (`lfm_export.rounding.refit_scales`)."""
     n, k = w.shape
     half = 2 ** (bits - 1)
     scales = np.empty((n, k // QK), np.float32)
@@ -111,14 +113,17 @@ def gptq_blocks(
         scales[:, c0 // QK] = s[:, 0]
         return np.repeat(s, QK, -1), None
 
-    codes = gptq_on_blocks(w, QK, fit, -half, half - 1, factor, threads) + half
-    return Quantized(codes.astype(np.uint8), scales, None, bits, QK)
+    codes = gptq_on_blocks(w, QK, fit, -half, half - 1, factor, threads)
+    if refit:
+        scales = refit_scales(w, [codes.astype(np.float32)], QK, scales[..., None], factor)[..., 0]
+    return Quantized((codes + half).astype(np.uint8), scales, None, bits, QK)
 
 
-GPTQ = ("gptq", "gptq-fixed")
+GPTQ = ("gptq", "gptq-fixed", "gptq-ls")
 """GPTQ roundings on ggml's blocks: `gptq` fits each block's scales on the columns as the sweep has updated
 them (`gptq_blocks`, `lfm_export.ggml_kquants`); `gptq-fixed` chooses the codes on the `-imat` scales fitted to
-the original weights beforehand (its earlier form, kept for `benchmarks/gguf_rounding_sim.py`)."""
+the original weights beforehand (its earlier form, kept for `benchmarks/gguf_rounding_sim.py`); `gptq-ls`:
+`gptq` with each row's scales then refitted to its codes (`lfm_export.rounding.refit_scales`)."""
 
 
 def quantize(
@@ -134,8 +139,8 @@ def quantize(
     with each block's `-imat` scale fitted on the columns as the sweep has updated them (`gptq_blocks`),
     `factor` the inputs' Hessian Cholesky factor, None for a weight the calibration did not see (its `-imat`
     blocks); `gptq-fixed` see `GPTQ`), packed as Q8_0 (`bits` 8) or Q4_0 (4)."""
-    if rounding == "gptq" and factor is not None:
-        return pack(gptq_blocks(w, bits, importance, factor, threads))
+    if rounding in ("gptq", "gptq-ls") and factor is not None:
+        return pack(gptq_blocks(w, bits, importance, factor, threads, rounding == "gptq-ls"))
     if rounding in ("fit", "imat", *GPTQ):
         q = quantize_block(w, bits, QK, True, "fit", threads, importance)
         if rounding == "gptq-fixed" and factor is not None:

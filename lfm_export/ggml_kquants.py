@@ -45,7 +45,7 @@ from lfm_export.quant import (
     quantize_block,
     run_chunks,
 )
-from lfm_export.rounding import gptq_on_blocks, gptq_on_grid
+from lfm_export.rounding import gptq_on_blocks, gptq_on_grid, refit_scales
 
 QK_K = 256
 """Values per K-quant super-block."""
@@ -99,17 +99,20 @@ def _fitted(
     importance: np.ndarray | None,
     threads: int,
     factor: np.ndarray | None = None,
-    fixed: bool = False,
+    form: str = "gptq",
 ) -> np.ndarray:
     """The bytes `[N, K / 256 * block_bytes]` of `w [N, K]` at K-quant `kind`, scales by `fit_super_blocks`
     (Q6_K: symmetric 6-bit sub-blocks of 16, the error weighed by `magnitude_weights` times `importance`;
     Q4_K / Q5_K: asymmetric sub-blocks of 32, weighed by `importance`). Row chunks are fitted and laid out on
     `threads` threads, each into its rows of the result (rows are independent: the bytes do not depend on the
     chunking or the thread count). With `factor` the codes are chosen by GPTQ over the whole matrix at once,
-    each super-block's scales fitted on its columns as the sweep has updated them (`_gptq_fitted`; `fixed`:
-    the scales fitted to the original weights, `_gptq_fixed`)."""
+    each super-block's scales fitted on its columns as the sweep has updated them (`_gptq_fitted`; `form`
+    `gptq-fixed`: the scales fitted to the original weights, `_gptq_fixed`; `gptq-ls`: `d` and `dmin` then
+    refitted to the codes)."""
+    if factor is not None and form == "gptq-fixed":
+        return _gptq_fixed(w, kind, importance, threads, factor)
     if factor is not None:
-        return (_gptq_fixed if fixed else _gptq_fitted)(w, kind, importance, threads, factor)
+        return _gptq_fitted(w, kind, importance, threads, factor, form == "gptq-ls")
     n, k = w.shape
     nb = k // QK_K
     imp = None if importance is None else np.asarray(importance, np.float32).reshape(nb, QK_K)
@@ -202,13 +205,19 @@ def _layout(kind: KType, fit: SuperBlocks, q: np.ndarray) -> np.ndarray:
 
 
 def _gptq_fitted(
-    w: np.ndarray, kind: KType, importance: np.ndarray | None, threads: int, factor: np.ndarray
+    w: np.ndarray,
+    kind: KType,
+    importance: np.ndarray | None,
+    threads: int,
+    factor: np.ndarray,
+    refit: bool = False,
 ) -> np.ndarray:
     """`_fitted`'s bytes with GPTQ's codes, each super-block's scales fitted by `_super_blocks` (weighted as
     `-imat`) when the sweep reaches it, on its 256 columns as the errors of every earlier column have updated
     them (`gptq_on_blocks`); the codes are chosen on the grid those scales give (`d * sc * q - dmin * mc`, the
     products in float32 as ggml's dequantization forms them), and the file holds those scales. Over the whole
-    matrix at once (the column updates run along every row together: no row chunking)."""
+    matrix at once (the column updates run along every row together: no row chunking). `refit`: then each
+    row's `d` (and `dmin`) refitted to the codes and scale codes (`lfm_export.rounding.refit_scales`)."""
     n, k = w.shape
     bits, symmetric, sub, lo, hi = _kind_codes(kind)
     imp = None if importance is None else np.asarray(importance, np.float32).reshape(k)
@@ -229,7 +238,22 @@ def _gptq_fitted(
         return None if got[0] is None else np.concatenate(got, 1)
 
     whole = SuperBlocks(cat("d"), cat("dmin"), cat("sc"), cat("mc"), q)  # type: ignore[arg-type]
+    if refit:
+        whole = _refit(np.asarray(w, np.float32), whole, q, sub, factor)
     return _layout(kind, whole, q.reshape(n, k // QK_K, -1, sub))
+
+
+def _refit(w: np.ndarray, fit: SuperBlocks, q: np.ndarray, sub: int, factor: np.ndarray) -> SuperBlocks:
+    """`fit` with each row's `d` (and `dmin`) refitted to the codes `q [N, K]` and the scale (min) codes by
+    `refit_scales`."""
+    n, k = w.shape
+    bases = [np.repeat(fit.sc.astype(np.float32).reshape(n, -1), sub, -1) * q.astype(np.float32)]
+    scales = [fit.d]
+    if fit.dmin is not None and fit.mc is not None:
+        bases.append(-np.repeat(fit.mc.astype(np.float32).reshape(n, -1), sub, -1))
+        scales.append(fit.dmin)
+    s = refit_scales(w, bases, QK_K, np.stack(scales, -1), factor)
+    return SuperBlocks(s[..., 0], None if fit.dmin is None else s[..., 1], fit.sc, fit.mc, fit.q)
 
 
 def _gptq_fixed(
@@ -283,7 +307,7 @@ def pack_q6_k(
 ) -> np.ndarray:
     """`w [N, K]` (K a multiple of 256) as Q6_K bytes `[N, K / 256 * 210]`."""
     if rounding in FITTED:
-        return _fitted(w, Q6_K, importance, threads, factor, rounding == "gptq-fixed")
+        return _fitted(w, Q6_K, importance, threads, factor, rounding)
     n, k = w.shape
     nb = k // QK_K
     core = quantize_block(w, 6, 16, True, _rounding(6, rounding), threads)
@@ -360,7 +384,7 @@ def pack_q4_k(
 ) -> np.ndarray:
     """`w [N, K]` (K a multiple of 256) as Q4_K bytes `[N, K / 256 * 144]`."""
     if rounding in FITTED:
-        return _fitted(w, Q4_K, importance, threads, factor, rounding == "gptq-fixed")
+        return _fitted(w, Q4_K, importance, threads, factor, rounding)
     return _pack_k_asym(w, 4, rounding, threads)
 
 
@@ -373,7 +397,7 @@ def pack_q5_k(
 ) -> np.ndarray:
     """`w [N, K]` (K a multiple of 256) as Q5_K bytes `[N, K / 256 * 176]`."""
     if rounding in FITTED:
-        return _fitted(w, Q5_K, importance, threads, factor, rounding == "gptq-fixed")
+        return _fitted(w, Q5_K, importance, threads, factor, rounding)
     return _pack_k_asym(w, 5, rounding, threads)
 
 
@@ -388,8 +412,8 @@ def pack_q5_0(
     n, k = w.shape
     nb = k // 32
     fitted = rounding in FITTED
-    if rounding == "gptq" and factor is not None:
-        core = gptq_blocks(w, 5, importance, factor, threads)
+    if rounding in ("gptq", "gptq-ls") and factor is not None:
+        core = gptq_blocks(w, 5, importance, factor, threads, rounding == "gptq-ls")
     else:
         core = quantize_block(w, 5, 32, True, _rounding(5, rounding), threads, importance if fitted else None)
         if factor is not None:

@@ -544,3 +544,44 @@ def _grid_block(
             cols[j + 1 :] += within[j, j + 1 :, None] * d
     codes[rows, c0:c1] = out_c.T
     resid[rows, c0:c1] = out_r.T
+
+
+def refit_scales(
+    w: np.ndarray, bases: list[np.ndarray], block: int, scales: np.ndarray, factor: np.ndarray
+) -> np.ndarray:
+    """Scales `[N, K / block, m]` for values `v = sum_t bases[t] * s[:, j // block, t]` (`bases`: `m` arrays
+    `[N, K]`, the codes fixed: a block's codes, or its scale codes times codes and its min codes), each row's
+    chosen by least squares on the Hessian-weighted error `(w - v) H (w - v)^T` (`H = A A^T`, `A` the `factor`,
+    damped as GPTQ rounds with), rounded to fp16 (what the file stores); a row keeps `scales` (same shape) where
+    that error is not lower. GPTQ chooses the codes for the scales it was given; this second pass fits the
+    scales to the codes it chose. `N K^2 m` multiply-adds for the normal equations, `N (K / block)^3 m^3` for
+    solving them."""
+    n, k = w.shape
+    nb, m = k // block, len(bases)
+    a = np.asarray(factor, np.float32)
+    h = a @ a.T
+    x = np.asarray(w, np.float32)
+    hw = x @ h
+    nu = nb * m
+    gram = np.empty((n, nu, nu), np.float64)
+    rhs = np.empty((n, nu), np.float64)
+    for t in range(m):
+        rhs[:, t::m] = (bases[t] * hw).reshape(n, nb, block).sum(-1)
+    for c in range(nb):
+        cs = slice(c * block, (c + 1) * block)
+        for u in range(m):
+            g = bases[u][:, cs] @ h[cs, :]
+            for t in range(m):
+                gram[:, t::m, c * m + u] = (bases[t] * g).reshape(n, nb, block).sum(-1)
+    ridge = 1e-9 * np.maximum(np.trace(gram, axis1=1, axis2=2) / nu, 1e-30)
+    gram[:, np.arange(nu), np.arange(nu)] += ridge[:, None]
+    fitted = np.linalg.solve(gram, rhs[..., None])[..., 0].reshape(n, nb, m)
+    fitted = np.where(np.isfinite(fitted), fitted, scales).astype(np.float16).astype(np.float32)
+
+    def errors(s: np.ndarray) -> np.ndarray:
+        v = sum(bases[t] * np.repeat(s[..., t], block, -1) for t in range(m))
+        d = x - v
+        return ((d @ h) * d).sum(-1)
+
+    better = errors(fitted) < errors(scales)
+    return np.where(better[:, None, None], fitted, scales)
