@@ -51,6 +51,8 @@ GROUPS = {
     "conv": r"conv\.(in|out)_proj",
     "ffn_in": r"\.w[13]\.",
     "ffn_down": r"\.w2\.",
+    "experts": r"\.experts\.",
+    "dense_ffn": r"feed_forward\.w[123]\.",
 }
 """Tensor groups of `VARIANT@GROUP` (a regex on the checkpoint name)."""
 
