@@ -95,7 +95,7 @@ def gptq_blocks(
     importance: np.ndarray | None,
     factor: np.ndarray,
     threads: int = 1,
-    refit: bool = False,
+    refit: bool = True,
 ) -> Quantized:
     """Symmetric `bits`-wide blocks of 32 of `w [N, K]` by GPTQ with each block's scale fitted when the sweep
     reaches it (`gptq_on_blocks`): the core's `fit` weighted by `importance [K]` (as `-imat`) on the block's
@@ -119,11 +119,11 @@ def gptq_blocks(
     return Quantized((codes + half).astype(np.uint8), scales, None, bits, QK)
 
 
-GPTQ = ("gptq", "gptq-fixed", "gptq-ls")
+GPTQ = ("gptq", "gptq-fixed", "gptq-nols")
 """GPTQ roundings on ggml's blocks: `gptq` fits each block's scales on the columns as the sweep has updated
-them (`gptq_blocks`, `lfm_export.ggml_kquants`); `gptq-fixed` chooses the codes on the `-imat` scales fitted to
-the original weights beforehand (its earlier form, kept for `benchmarks/gguf_rounding_sim.py`); `gptq-ls`:
-`gptq` with each row's scales then refitted to its codes (`lfm_export.rounding.refit_scales`)."""
+them, then refits each row's scales to the codes the sweep chose (`gptq_blocks`, `lfm_export.ggml_kquants`);
+the two forms `benchmarks/gguf_rounding_sim.py` compares it with: `gptq-nols` without that refit, `gptq-fixed`
+the codes chosen on the `-imat` scales fitted to the original weights beforehand (`-gptq`'s earlier form)."""
 
 
 def quantize(
@@ -136,11 +136,12 @@ def quantize(
 ) -> np.ndarray:
     """`w [N, K]` as ggml bytes: the core quantizer's symmetric codes in blocks of 32 (`rounding` its search;
     `imat` is the core's `fit` weighted by `importance [K]`, the calibrated inputs' mean square; `gptq` GPTQ
-    with each block's `-imat` scale fitted on the columns as the sweep has updated them (`gptq_blocks`),
+    with each block's `-imat` scale fitted on the columns as the sweep has updated them, then each row's scales
+    refitted to the chosen codes (`gptq_blocks`),
     `factor` the inputs' Hessian Cholesky factor, None for a weight the calibration did not see (its `-imat`
-    blocks); `gptq-fixed` see `GPTQ`), packed as Q8_0 (`bits` 8) or Q4_0 (4)."""
-    if rounding in ("gptq", "gptq-ls") and factor is not None:
-        return pack(gptq_blocks(w, bits, importance, factor, threads, rounding == "gptq-ls"))
+    blocks); `gptq-nols`, `gptq-fixed`: see `GPTQ`), packed as Q8_0 (`bits` 8) or Q4_0 (4)."""
+    if rounding in ("gptq", "gptq-nols") and factor is not None:
+        return pack(gptq_blocks(w, bits, importance, factor, threads, rounding == "gptq"))
     if rounding in ("fit", "imat", *GPTQ):
         q = quantize_block(w, bits, QK, True, "fit", threads, importance)
         if rounding == "gptq-fixed" and factor is not None:

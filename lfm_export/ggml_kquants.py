@@ -71,8 +71,9 @@ FITTED = ("fit", "imat", *GPTQ)
 """Roundings whose K-quant scales come from `lfm_export.quant.fit_super_blocks` (`imat`: weighted by the
 calibrated importance the caller passes; `gptq`: GPTQ with the Hessian Cholesky factor the caller passes, each
 super-block's `imat` scales fitted when the sweep reaches it, on its columns as the errors of every earlier
-column have updated them (`lfm_export.rounding.gptq_on_blocks`); `gptq-fixed`: the `imat` scales of the
-original weights, then the codes chosen on them by `lfm_export.rounding.gptq_on_grid`)."""
+column have updated them (`lfm_export.rounding.gptq_on_blocks`), then each row's `d` / `dmin` refitted to the
+codes (`lfm_export.rounding.refit_scales`); `gptq-nols`: without that refit; `gptq-fixed`: the `imat` scales of
+the original weights, then the codes chosen on them by `lfm_export.rounding.gptq_on_grid`)."""
 
 
 def _rounding(bits: int, rounding: str) -> str:
@@ -107,12 +108,12 @@ def _fitted(
     `threads` threads, each into its rows of the result (rows are independent: the bytes do not depend on the
     chunking or the thread count). With `factor` the codes are chosen by GPTQ over the whole matrix at once,
     each super-block's scales fitted on its columns as the sweep has updated them (`_gptq_fitted`; `form`
-    `gptq-fixed`: the scales fitted to the original weights, `_gptq_fixed`; `gptq-ls`: `d` and `dmin` then
-    refitted to the codes)."""
+    `gptq-fixed`: the scales fitted to the original weights, `_gptq_fixed`; `gptq`: `d` and `dmin` then
+    refitted to the codes, `gptq-nols` not)."""
     if factor is not None and form == "gptq-fixed":
         return _gptq_fixed(w, kind, importance, threads, factor)
     if factor is not None:
-        return _gptq_fitted(w, kind, importance, threads, factor, form == "gptq-ls")
+        return _gptq_fitted(w, kind, importance, threads, factor, form == "gptq")
     n, k = w.shape
     nb = k // QK_K
     imp = None if importance is None else np.asarray(importance, np.float32).reshape(nb, QK_K)
@@ -210,7 +211,7 @@ def _gptq_fitted(
     importance: np.ndarray | None,
     threads: int,
     factor: np.ndarray,
-    refit: bool = False,
+    refit: bool = True,
 ) -> np.ndarray:
     """`_fitted`'s bytes with GPTQ's codes, each super-block's scales fitted by `_super_blocks` (weighted as
     `-imat`) when the sweep reaches it, on its 256 columns as the errors of every earlier column have updated
@@ -412,8 +413,8 @@ def pack_q5_0(
     n, k = w.shape
     nb = k // 32
     fitted = rounding in FITTED
-    if rounding in ("gptq", "gptq-ls") and factor is not None:
-        core = gptq_blocks(w, 5, importance, factor, threads, rounding == "gptq-ls")
+    if rounding in ("gptq", "gptq-nols") and factor is not None:
+        core = gptq_blocks(w, 5, importance, factor, threads, rounding == "gptq")
     else:
         core = quantize_block(w, 5, 32, True, _rounding(5, rounding), threads, importance if fitted else None)
         if factor is not None:

@@ -152,6 +152,24 @@ def test_gptq_on_blocks_fits_each_block_on_the_updated_columns_as_the_papers_for
     assert not np.allclose(original[:, 1:], np.concatenate(steps, 1)[:, 1:], rtol=1e-3)
 
 
+def test_refit_scales_recovers_the_scales_of_exact_codes(layer) -> None:
+    """`refit_scales`: weights that are exactly `s * q` (fp16 scales `s`, integer codes `q`; blocks of 32) with
+    the scales given 10% off come back with `s` (the Hessian-weighted error 0), and a row whose given scales are
+    already its best keeps them."""
+    from lfm_export.rounding import cholesky_factor, refit_scales
+
+    _, h = layer
+    rng = np.random.default_rng(5)
+    n, k = 6, h.shape[0]
+    q = rng.integers(-8, 8, (n, k)).astype(np.float32)
+    s = rng.uniform(0.01, 0.05, (n, k // 32, 1)).astype(np.float16).astype(np.float32)
+    w = q * np.repeat(s[..., 0], 32, -1)
+    off = s * np.float32(1.1)
+    off[0] = s[0]
+    got = refit_scales(w, [q], 32, off, cholesky_factor(h))
+    assert np.array_equal(got, s)
+
+
 def _gptq_by_rows(w: np.ndarray, bits: int, block: int, h: np.ndarray, a: np.ndarray):
     """GPTQ from the factor `a` written out here with each block held by rows `[N, block]`, as `gptq` held it
     before it held a block by columns: the `-imat` search over `MSE_GRIDS` with numpy's own `sum` over each
