@@ -1,9 +1,10 @@
 """Cost of GGUF `-gptq`'s forms on one matrix at LFM2-1.2B's FFN shapes (`N x K`: `w1` 8192 x 2048, `w2`
-2048 x 8192): `gptq-fixed` (the codes on the `-imat` scales of the original weights, `gptq_on_grid`: the form
-before), `gptq-nols` (each block's scales fitted on the columns GPTQ has updated, `gptq_on_blocks`) and `gptq`
-(that, then `refit_scales`), each one call of `lfm_export.ggml_kquants.quantize` / `ggml_blocks.quantize` with
+2048 x 8192): `gptq` (`-gptq`: the codes on the `-imat` scales of the original weights, `gptq_on_grid`),
+`gptq-nols` (each block's scales fitted on the columns GPTQ has updated, `gptq_on_blocks`) and `gptq-blocks`
+(that, then `refit_scales`; `lfm_export.ggml_blocks.GPTQ`), each one call of `lfm_export.ggml_kquants.quantize` / `ggml_blocks.quantize` with
 the Hessian Cholesky factor given (the factor itself, which the calibration forms once per input, is timed
-apart). Weights Student-t, inputs correlated Gaussian (`--tokens` rows); wall and process CPU seconds.
+apart; `benchmarks/results/gguf_gptq_cost.json`, of commit c50b913, names them `gptq-fixed`, `gptq-nols`,
+`gptq`). Weights Student-t, inputs correlated Gaussian (`--tokens` rows); wall and process CPU seconds.
 
     .venv/bin/python benchmarks/gguf_gptq_cost.py --threads 2 --out benchmarks/results/gguf_gptq_cost.json
 """
@@ -22,7 +23,7 @@ from lfm_export import ggml_blocks, ggml_kquants
 from lfm_export.rounding import cholesky_factor
 
 SHAPES = {"w1": (8192, 2048), "w2": (2048, 8192)}
-ROUNDINGS = ("gptq-fixed", "gptq-nols", "gptq")
+ROUNDINGS = ("gptq", "gptq-nols", "gptq-blocks")
 
 
 def main() -> None:

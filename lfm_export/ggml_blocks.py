@@ -81,7 +81,7 @@ def dequantize(data: np.ndarray, kind: BlockType) -> np.ndarray:
 def on_block_grid(w: np.ndarray, q: Quantized, factor: np.ndarray, threads: int = 1) -> Quantized:
     """Symmetric blocks `q` of `w` with their scales rounded to fp16 (as the file holds them) and the codes
     chosen on those scales by `gptq_on_grid` (`factor`: the inputs' Hessian Cholesky factor): the scales fitted
-    to the original weights before the sweep (`-gptq`'s earlier form, rounding `gptq-fixed`)."""
+    to the original weights before the sweep (`-gptq`)."""
     half = 2 ** (q.bits - 1)
     scales = q.scales.astype(np.float16).astype(np.float32)
     step = np.repeat(scales, q.block_size, -1)
@@ -119,11 +119,14 @@ def gptq_blocks(
     return Quantized((codes + half).astype(np.uint8), scales, None, bits, QK)
 
 
-GPTQ = ("gptq", "gptq-fixed", "gptq-nols")
-"""GPTQ roundings on ggml's blocks: `gptq` fits each block's scales on the columns as the sweep has updated
-them, then refits each row's scales to the codes the sweep chose (`gptq_blocks`, `lfm_export.ggml_kquants`);
-the two forms `benchmarks/gguf_rounding_sim.py` compares it with: `gptq-nols` without that refit, `gptq-fixed`
-the codes chosen on the `-imat` scales fitted to the original weights beforehand (`-gptq`'s earlier form)."""
+GPTQ = ("gptq", "gptq-blocks", "gptq-nols")
+"""GPTQ roundings on ggml's blocks: `gptq` (the recipe suffix `-gptq`) chooses the codes on the `-imat` scales
+fitted to the original weights beforehand (`on_block_grid`, `lfm_export.rounding.gptq_on_grid`). Two forms
+that `benchmarks/gguf_rounding_sim.py` compares it with and no recipe names: `gptq-blocks` fits each block's
+scales on the columns as the sweep has updated them, then refits each row's scales to the codes the sweep chose
+(`gptq_blocks`); `gptq-nols` without that refit. Their KL against llama.cpp's was not lower than `gptq`'s
+beyond what a 20% change of GPTQ's damping moves it (docs/backends/gguf.md), and the refit costs several
+times the sweep at LFM2-1.2B's shapes, so `-gptq` keeps the fixed grid."""
 
 
 def quantize(
@@ -135,16 +138,15 @@ def quantize(
     factor: np.ndarray | None = None,
 ) -> np.ndarray:
     """`w [N, K]` as ggml bytes: the core quantizer's symmetric codes in blocks of 32 (`rounding` its search;
-    `imat` is the core's `fit` weighted by `importance [K]`, the calibrated inputs' mean square; `gptq` GPTQ
-    with each block's `-imat` scale fitted on the columns as the sweep has updated them, then each row's scales
-    refitted to the chosen codes (`gptq_blocks`),
+    `imat` is the core's `fit` weighted by `importance [K]`, the calibrated inputs' mean square; `gptq` the
+    `imat` scales with the codes chosen on them by GPTQ (`on_block_grid`),
     `factor` the inputs' Hessian Cholesky factor, None for a weight the calibration did not see (its `-imat`
-    blocks); `gptq-nols`, `gptq-fixed`: see `GPTQ`), packed as Q8_0 (`bits` 8) or Q4_0 (4)."""
-    if rounding in ("gptq", "gptq-nols") and factor is not None:
-        return pack(gptq_blocks(w, bits, importance, factor, threads, rounding == "gptq"))
+    blocks); `gptq-blocks`, `gptq-nols`: see `GPTQ`), packed as Q8_0 (`bits` 8) or Q4_0 (4)."""
+    if rounding in ("gptq-blocks", "gptq-nols") and factor is not None:
+        return pack(gptq_blocks(w, bits, importance, factor, threads, rounding == "gptq-blocks"))
     if rounding in ("fit", "imat", *GPTQ):
         q = quantize_block(w, bits, QK, True, "fit", threads, importance)
-        if rounding == "gptq-fixed" and factor is not None:
+        if rounding == "gptq" and factor is not None:
             q = on_block_grid(w, q, factor, threads)
         return pack(q)
     return pack(quantize_block(w, bits, QK, True, rounding, threads))

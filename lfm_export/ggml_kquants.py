@@ -69,11 +69,12 @@ K_TYPES = {t.name: t for t in (Q4_K, Q5_K, Q6_K, Q5_0)}
 
 FITTED = ("fit", "imat", *GPTQ)
 """Roundings whose K-quant scales come from `lfm_export.quant.fit_super_blocks` (`imat`: weighted by the
-calibrated importance the caller passes; `gptq`: GPTQ with the Hessian Cholesky factor the caller passes, each
-super-block's `imat` scales fitted when the sweep reaches it, on its columns as the errors of every earlier
-column have updated them (`lfm_export.rounding.gptq_on_blocks`), then each row's `d` / `dmin` refitted to the
-codes (`lfm_export.rounding.refit_scales`); `gptq-nols`: without that refit; `gptq-fixed`: the `imat` scales of
-the original weights, then the codes chosen on them by `lfm_export.rounding.gptq_on_grid`)."""
+calibrated importance the caller passes; `gptq`: the `imat` scales of the original weights, then the codes
+chosen on them by `lfm_export.rounding.gptq_on_grid` with the Hessian Cholesky factor the caller passes;
+`gptq-blocks` / `gptq-nols`, the benchmark's forms (`lfm_export.ggml_blocks.GPTQ`): each super-block's `imat`
+scales fitted when the sweep reaches it, on its columns as the errors of every earlier column have updated them
+(`lfm_export.rounding.gptq_on_blocks`), with / without each row's `d` / `dmin` then refitted to the codes
+(`lfm_export.rounding.refit_scales`))."""
 
 
 def _rounding(bits: int, rounding: str) -> str:
@@ -107,13 +108,13 @@ def _fitted(
     Q4_K / Q5_K: asymmetric sub-blocks of 32, weighed by `importance`). Row chunks are fitted and laid out on
     `threads` threads, each into its rows of the result (rows are independent: the bytes do not depend on the
     chunking or the thread count). With `factor` the codes are chosen by GPTQ over the whole matrix at once,
-    each super-block's scales fitted on its columns as the sweep has updated them (`_gptq_fitted`; `form`
-    `gptq-fixed`: the scales fitted to the original weights, `_gptq_fixed`; `gptq`: `d` and `dmin` then
-    refitted to the codes, `gptq-nols` not)."""
-    if factor is not None and form == "gptq-fixed":
-        return _gptq_fixed(w, kind, importance, threads, factor)
+    on the scales fitted to the original weights (`_gptq_fixed`; `form` `gptq-blocks` / `gptq-nols`: each
+    super-block's scales fitted on its columns as the sweep has updated them, `_gptq_fitted`, with / without
+    `d` and `dmin` then refitted to the codes)."""
+    if factor is not None and form in ("gptq-blocks", "gptq-nols"):
+        return _gptq_fitted(w, kind, importance, threads, factor, form == "gptq-blocks")
     if factor is not None:
-        return _gptq_fitted(w, kind, importance, threads, factor, form == "gptq")
+        return _gptq_fixed(w, kind, importance, threads, factor)
     n, k = w.shape
     nb = k // QK_K
     imp = None if importance is None else np.asarray(importance, np.float32).reshape(nb, QK_K)
@@ -261,7 +262,7 @@ def _gptq_fixed(
     w: np.ndarray, kind: KType, importance: np.ndarray | None, threads: int, factor: np.ndarray
 ) -> np.ndarray:
     """`_fitted`'s bytes with the codes chosen by GPTQ on the scales fitted to the original weights
-    (`gptq_on_grid`; rounding `gptq-fixed`), over the whole matrix at once (its column updates run along every
+    (`gptq_on_grid`; `-gptq`), over the whole matrix at once (its column updates run along every
     row together, so the codes do not depend on a row chunking)."""
     x = np.asarray(w, np.float32)
     bits, symmetric, sub, lo, hi = _kind_codes(kind)
@@ -413,8 +414,8 @@ def pack_q5_0(
     n, k = w.shape
     nb = k // 32
     fitted = rounding in FITTED
-    if rounding in ("gptq", "gptq-nols") and factor is not None:
-        core = gptq_blocks(w, 5, importance, factor, threads, rounding == "gptq")
+    if rounding in ("gptq-blocks", "gptq-nols") and factor is not None:
+        core = gptq_blocks(w, 5, importance, factor, threads, rounding == "gptq-blocks")
     else:
         core = quantize_block(w, 5, 32, True, _rounding(5, rounding), threads, importance if fitted else None)
         if factor is not None:

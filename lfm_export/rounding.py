@@ -9,12 +9,14 @@ Each entry point is a function of (weight `[N, K]`, bits, block size, calibratio
   each block's error weighted by its input channels' mean square `d_j = E[x_j^2]`:
   `sum_j d_j (w_j - deq_j)^2`, the expected squared error of the block's share of the output. llama.cpp's
   importance matrix weighs its K-quant scale search the same way.
-- `gptq_on_blocks`: GPTQ's column-by-column error compensation on a grid of the caller's format (each value
-  `step * q - offset`, `q` integer in `[lo, hi]`), each block's grid fitted by the caller's search when the
-  sweep reaches it, on the block's columns as GPTQ has updated them (GGUF `-gptq`: ggml's blocks and K-quant
-  super-blocks, `lfm_export.ggml_blocks`, `lfm_export.ggml_kquants`); `refit_scales` then fits the format's
-  scales to the chosen codes by least squares on the Hessian-weighted error. `gptq_on_grid`: the same sweep on
-  a grid fixed beforehand (GGUF `-gptq`'s earlier form, kept for the benchmark).
+- `gptq_on_grid`: GPTQ's column-by-column error compensation on a grid fixed beforehand (each value
+  `step * q - offset`, `q` integer in `[lo, hi]`): the codes of a format whose scales are chosen by its own
+  search (GGUF `-gptq`: ggml's blocks and K-quant super-blocks, `lfm_export.ggml_blocks`,
+  `lfm_export.ggml_kquants`), so only the codes change. `gptq_on_blocks`: the same sweep with each block's grid
+  fitted by the caller's search when the sweep reaches it, on the block's columns as GPTQ has updated them
+  (GPTQ with groups); `refit_scales` fits a format's scales to chosen codes by least squares on the
+  Hessian-weighted error. Those two serve `benchmarks/gguf_rounding_sim.py`'s `gptq-blocks` / `gptq-nols`
+  (`lfm_export.ggml_blocks.GPTQ`), which no recipe names.
 - `gptq` (`-gptq`): GPTQ (Frantar et al., 2022). Columns are rounded left to right; each column's rounding
   error is passed on to the columns not yet rounded, weighted by the Hessian `H = E[x x^T]` (damped), so later
   columns absorb it where the inputs are correlated. A block's scale is chosen when its first column is reached,
@@ -419,8 +421,8 @@ def gptq_on_grid(
     The values a format holds are its own dequantization of these codes; `step * q - offset` here only guides
     the choice. `threads`: workers for the within-batch loop (row slices; the codes do not depend on it).
 
-    The grid is fixed before the sweep (fitted to the original weights): the form `-gptq` had on ggml's blocks
-    before `gptq_on_blocks`, kept for `benchmarks/gguf_rounding_sim.py`'s `gptqfixed` variant."""
+    The grid is fixed before the sweep (fitted to the original weights): GGUF `-gptq`'s form (`gptq_on_blocks`
+    fits each block's grid during the sweep instead)."""
     st = np.asarray(step, np.float32)
     off = None if offset is None else np.asarray(offset, np.float32)
 

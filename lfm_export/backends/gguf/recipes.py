@@ -57,9 +57,8 @@ MIX_FILE_TYPES = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 ROUNDING_SUFFIXES = ("nearest", "mse", "fit", "imat", "gptq")
 """What a llama.cpp type name takes after a dash: the rounding inside its blocks (`-nearest`: the block's
 extreme at the end code, as llama.cpp's reference quantizers without an importance matrix; the others as the
-core's, `-imat` being the fit weighted by the calibrated inputs' mean square; `-gptq` GPTQ on ggml's own
-blocks, each block's `-imat` scales fitted when the sweep reaches it on the columns it has updated, then each
-row's scales refitted to the chosen codes: `lfm_export.rounding.gptq_on_blocks`, `refit_scales`)."""
+core's, `-imat` being the fit weighted by the calibrated inputs' mean square; `-gptq` the `-imat` scales with
+the codes chosen on ggml's own grid by GPTQ, `lfm_export.rounding.gptq_on_grid`)."""
 DEFAULT_ROUNDING = {"q4_0": "fit", "q4_k_m": "fit"}
 """The rounding a bare llama.cpp type name means (the rest: `nearest`)."""
 ACTIVATIONS_BY_TYPE = {
