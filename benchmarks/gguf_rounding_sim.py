@@ -11,8 +11,13 @@ Types: `lfm_export.precision.ggml_mix_type` (`q4_0`: Q4_0 linears, the tied toke
 rows are multiples of 256, else Q8_0, as llama.cpp; `--table-q8` holds it at Q8_0 on both sides, the layout
 before). `theirs` is llama.cpp's reference quantizer (no importance matrix), `theirs-imat` with the
 calibration's mean squares as its importance matrix; ours: `ggml_blocks` / `ggml_kquants` with the rounding
-named (`gptq`: the `-imat` scales with the codes chosen by GPTQ on them, `gptq_on_grid`, from the calibration's
-Hessians; `gptqfit`: the same on the unweighted fit's scales). `VARIANT@GROUP` is ours by VARIANT for the
+named (`gptq`, the recipe's `-gptq`: the `-imat` scales of the original weights with the codes chosen by GPTQ
+from the calibration's Hessians on them, `gptq_on_grid`; `gptq-blocks`: each block's `-imat` scales fitted
+when the sweep reaches it, on the columns as updated by the errors passed on, `gptq_on_blocks`, then each row's
+scales refitted to its codes by least squares on the Hessian-weighted error, `lfm_export.rounding.refit_scales`;
+`gptq-nols`: `gptq-blocks` without that refit; `gptqfit`: `gptq` with the unweighted fit's scales). Result files
+of commits 8ec8ff4 to 66737b1 name today's `gptq` `gptq-fixed`, `gptq-nols` `gptq` and `gptq-blocks` `gptq-ls`;
+of commits 9222b07 to 30d86c0 (when `-gptq` was the blocks form) `gptq` `gptq-fixed` and `gptq-blocks` `gptq`. `VARIANT@GROUP` is ours by VARIANT for the
 tensors of GROUP (`GROUPS`) and llama.cpp's reference quantizer for every other: which tensors carry the KL.
 Each row has the pooled KL mean over positions and the corpus-level KL (the KL of the position-averaged
 distributions), both against fp32.
@@ -48,6 +53,8 @@ GROUPS = {
     "conv": r"conv\.(in|out)_proj",
     "ffn_in": r"\.w[13]\.",
     "ffn_down": r"\.w2\.",
+    "experts": r"\.experts\.",
+    "dense_ffn": r"feed_forward\.w[123]\.",
 }
 """Tensor groups of `VARIANT@GROUP` (a regex on the checkpoint name)."""
 
@@ -167,8 +174,10 @@ def main() -> None:
             if variant.startswith("theirs") or (group and not re.search(GROUPS[group], name)):
                 return theirs(w, kind, imp if variant == "theirs-imat" else None)
             factor = factors.get(name) if variant.startswith("gptq") else None
-            rounding = "gptq" if variant.startswith("gptq") else variant
-            imp = imp if variant in ("imat", "gptq") else None
+            rounding = (
+                variant if variant in ggml_blocks.GPTQ else "gptq" if variant.startswith("gptq") else variant
+            )
+            imp = imp if variant in ("imat", *ggml_blocks.GPTQ) else None
             if kind in ggml_blocks.BLOCK_TYPES:
                 return ggml_blocks.held_values(
                     w, ggml_blocks.BLOCK_TYPES[kind].bits, rounding, args.threads, imp, factor

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from lfm_export.contract.session import DEFAULT_THREADS
-from lfm_export.quant import Quantized, quantize_block
-from lfm_export.rounding import gptq_on_grid
+from lfm_export.quant import Quantized, _f16, quantize_block
+from lfm_export.rounding import gptq_on_blocks, gptq_on_grid, refit_scales
 
 QK = 32
 """Values per Q8_0 / Q4_0 block."""
@@ -80,12 +80,53 @@ def dequantize(data: np.ndarray, kind: BlockType) -> np.ndarray:
 
 def on_block_grid(w: np.ndarray, q: Quantized, factor: np.ndarray, threads: int = 1) -> Quantized:
     """Symmetric blocks `q` of `w` with their scales rounded to fp16 (as the file holds them) and the codes
-    chosen on those scales by `gptq_on_grid` (`factor`: the inputs' Hessian Cholesky factor)."""
+    chosen on those scales by `gptq_on_grid` (`factor`: the inputs' Hessian Cholesky factor): the scales fitted
+    to the original weights before the sweep (`-gptq`)."""
     half = 2 ** (q.bits - 1)
     scales = q.scales.astype(np.float16).astype(np.float32)
     step = np.repeat(scales, q.block_size, -1)
     codes = gptq_on_grid(w, step, None, -half, half - 1, factor, threads) + half
     return Quantized(codes.astype(np.uint8), scales, None, q.bits, q.block_size)
+
+
+def gptq_blocks(
+    w: np.ndarray,
+    bits: int,
+    importance: np.ndarray | None,
+    factor: np.ndarray,
+    threads: int = 1,
+    refit: bool = True,
+) -> Quantized:
+    """Symmetric `bits`-wide blocks of 32 of `w [N, K]` by GPTQ with each block's scale fitted when the sweep
+    reaches it (`gptq_on_blocks`): the core's `fit` weighted by `importance [K]` (as `-imat`) on the block's
+    columns as the errors of every earlier column have updated them, rounded to fp16 (the stored scale), then
+    the block's codes chosen on it by GPTQ (`factor`: the inputs' Hessian Cholesky factor). `refit`: then each
+    row's scales refitted to those codes (`lfm_export.rounding.refit_scales`)."""
+    n, k = w.shape
+    half = 2 ** (bits - 1)
+    scales = np.empty((n, k // QK), np.float32)
+    imp = None if importance is None else np.asarray(importance, np.float32).reshape(k)
+
+    def fit(cols: np.ndarray, c0: int) -> tuple[np.ndarray, None]:
+        weights = None if imp is None else imp[c0 : c0 + QK]
+        s = _f16(quantize_block(cols, bits, QK, True, "fit", threads, weights).scales)
+        scales[:, c0 // QK] = s[:, 0]
+        return np.repeat(s, QK, -1), None
+
+    codes = gptq_on_blocks(w, QK, fit, -half, half - 1, factor, threads)
+    if refit:
+        scales = refit_scales(w, [codes.astype(np.float32)], QK, scales[..., None], factor)[..., 0]
+    return Quantized((codes + half).astype(np.uint8), scales, None, bits, QK)
+
+
+GPTQ = ("gptq", "gptq-blocks", "gptq-nols")
+"""GPTQ roundings on ggml's blocks: `gptq` (the recipe suffix `-gptq`) chooses the codes on the `-imat` scales
+fitted to the original weights beforehand (`on_block_grid`, `lfm_export.rounding.gptq_on_grid`). Two forms
+that `benchmarks/gguf_rounding_sim.py` compares it with and no recipe names: `gptq-blocks` fits each block's
+scales on the columns as the sweep has updated them, then refits each row's scales to the codes the sweep chose
+(`gptq_blocks`); `gptq-nols` without that refit. Their KL against llama.cpp's was not lower than `gptq`'s
+beyond what a 20% change of GPTQ's damping moves it (docs/backends/gguf.md), and the refit costs several
+times the sweep at LFM2-1.2B's shapes, so `-gptq` keeps the fixed grid."""
 
 
 def quantize(
@@ -98,9 +139,12 @@ def quantize(
 ) -> np.ndarray:
     """`w [N, K]` as ggml bytes: the core quantizer's symmetric codes in blocks of 32 (`rounding` its search;
     `imat` is the core's `fit` weighted by `importance [K]`, the calibrated inputs' mean square; `gptq` the
-    `imat` scales with the codes chosen on them by GPTQ, `factor` the inputs' Hessian Cholesky factor, None for
-    a weight the calibration did not see), packed as Q8_0 (`bits` 8) or Q4_0 (4)."""
-    if rounding in ("fit", "imat", "gptq"):
+    `imat` scales with the codes chosen on them by GPTQ (`on_block_grid`),
+    `factor` the inputs' Hessian Cholesky factor, None for a weight the calibration did not see (its `-imat`
+    blocks); `gptq-blocks`, `gptq-nols`: see `GPTQ`), packed as Q8_0 (`bits` 8) or Q4_0 (4)."""
+    if rounding in ("gptq-blocks", "gptq-nols") and factor is not None:
+        return pack(gptq_blocks(w, bits, importance, factor, threads, rounding == "gptq-blocks"))
+    if rounding in ("fit", "imat", *GPTQ):
         q = quantize_block(w, bits, QK, True, "fit", threads, importance)
         if rounding == "gptq" and factor is not None:
             q = on_block_grid(w, q, factor, threads)

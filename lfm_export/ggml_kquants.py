@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lfm_export.contract.session import DEFAULT_THREADS
-from lfm_export.ggml_blocks import on_block_grid
+from lfm_export.ggml_blocks import GPTQ, gptq_blocks, on_block_grid
 from lfm_export.quant import (
     MSE_CHUNK_ELEMENTS,
     MSE_GRIDS,
@@ -45,7 +45,7 @@ from lfm_export.quant import (
     quantize_block,
     run_chunks,
 )
-from lfm_export.rounding import gptq_on_grid
+from lfm_export.rounding import gptq_on_blocks, gptq_on_grid, refit_scales
 
 QK_K = 256
 """Values per K-quant super-block."""
@@ -67,10 +67,14 @@ Q5_0 = KType("Q5_0", 32, 22)
 K_TYPES = {t.name: t for t in (Q4_K, Q5_K, Q6_K, Q5_0)}
 
 
-FITTED = ("fit", "imat", "gptq")
+FITTED = ("fit", "imat", *GPTQ)
 """Roundings whose K-quant scales come from `lfm_export.quant.fit_super_blocks` (`imat`: weighted by the
-calibrated importance the caller passes; `gptq`: the `imat` scales, then the codes chosen on them by
-`lfm_export.rounding.gptq_on_grid` with the Hessian Cholesky factor the caller passes)."""
+calibrated importance the caller passes; `gptq`: the `imat` scales of the original weights, then the codes
+chosen on them by `lfm_export.rounding.gptq_on_grid` with the Hessian Cholesky factor the caller passes;
+`gptq-blocks` / `gptq-nols`, the benchmark's forms (`lfm_export.ggml_blocks.GPTQ`): each super-block's `imat`
+scales fitted when the sweep reaches it, on its columns as the errors of every earlier column have updated them
+(`lfm_export.rounding.gptq_on_blocks`), with / without each row's `d` / `dmin` then refitted to the codes
+(`lfm_export.rounding.refit_scales`))."""
 
 
 def _rounding(bits: int, rounding: str) -> str:
@@ -97,15 +101,20 @@ def _fitted(
     importance: np.ndarray | None,
     threads: int,
     factor: np.ndarray | None = None,
+    form: str = "gptq",
 ) -> np.ndarray:
     """The bytes `[N, K / 256 * block_bytes]` of `w [N, K]` at K-quant `kind`, scales by `fit_super_blocks`
     (Q6_K: symmetric 6-bit sub-blocks of 16, the error weighed by `magnitude_weights` times `importance`;
     Q4_K / Q5_K: asymmetric sub-blocks of 32, weighed by `importance`). Row chunks are fitted and laid out on
     `threads` threads, each into its rows of the result (rows are independent: the bytes do not depend on the
-    chunking or the thread count). With `factor` the codes are chosen by `gptq_on_grid` over the whole matrix
-    at once (`_gptq_fitted`)."""
+    chunking or the thread count). With `factor` the codes are chosen by GPTQ over the whole matrix at once,
+    on the scales fitted to the original weights (`_gptq_fixed`; `form` `gptq-blocks` / `gptq-nols`: each
+    super-block's scales fitted on its columns as the sweep has updated them, `_gptq_fitted`, with / without
+    `d` and `dmin` then refitted to the codes)."""
+    if factor is not None and form in ("gptq-blocks", "gptq-nols"):
+        return _gptq_fitted(w, kind, importance, threads, factor, form == "gptq-blocks")
     if factor is not None:
-        return _gptq_fitted(w, kind, importance, threads, factor)
+        return _gptq_fixed(w, kind, importance, threads, factor)
     n, k = w.shape
     nb = k // QK_K
     imp = None if importance is None else np.asarray(importance, np.float32).reshape(nb, QK_K)
@@ -176,27 +185,89 @@ def _super_blocks(
     return SuperBlocks(cat("d"), cat("dmin"), cat("sc"), cat("mc"), cat("q"))  # type: ignore[arg-type]
 
 
-def _gptq_fitted(
-    w: np.ndarray, kind: KType, importance: np.ndarray | None, threads: int, factor: np.ndarray
-) -> np.ndarray:
-    """`_fitted`'s bytes with the codes chosen by GPTQ on the fitted scales, over the whole matrix at once (its
-    column updates run along every row together, so the codes do not depend on a row chunking)."""
-    n = w.shape[0]
-    x = np.asarray(w, np.float32)
+def _kind_codes(kind: KType) -> tuple[int, bool, int, int, int]:
+    """(bits, symmetric, sub-block size, lowest code, highest code) of K-quant `kind`'s fit."""
     if kind is Q6_K:
-        fit = _super_blocks(x, 6, True, 16, importance, threads)
-        q = _gptq_codes(x, fit, 16, -32, 31, factor, threads)
-        nb = fit.sc.shape[1]
-        q = (q.astype(np.int16) + 32).astype(np.uint8).reshape(n, nb, 2, 4, 32)
-        return _layout_q6_k(fit.d[..., None].astype(np.float16), fit.sc.astype(np.int16), q)
+        return 6, True, 16, -32, 31
     bits = 5 if kind is Q5_K else 4
-    fit = _super_blocks(x, bits, False, 32, importance, threads)
+    return bits, False, 32, 0, 2**bits - 1
+
+
+def _layout(kind: KType, fit: SuperBlocks, q: np.ndarray) -> np.ndarray:
+    """The bytes of K-quant `kind` holding `fit`'s scales and the codes `q` (`fit.q`'s shape; signed for Q6_K)."""
+    n, nb = fit.sc.shape[:2]
+    if kind is Q6_K:
+        q6 = (q.astype(np.int16) + 32).astype(np.uint8).reshape(n, nb, 2, 4, 32)
+        return _layout_q6_k(fit.d[..., None].astype(np.float16), fit.sc.astype(np.int16), q6)
     assert fit.dmin is not None and fit.mc is not None
-    nb = fit.sc.shape[1]
     d16, m16 = fit.d[..., None].astype(np.float16), fit.dmin[..., None].astype(np.float16)
     head = _head_k_asym(d16, m16, fit.sc.astype(np.uint8), fit.mc.astype(np.uint8))
-    q = _gptq_codes(x, fit, 32, 0, 2**bits - 1, factor, threads).astype(np.uint8).reshape(n, nb, 4, 2, 32)
-    return (_layout_q5_k if kind is Q5_K else _layout_q4_k)(head, q)
+    qk = q.astype(np.uint8).reshape(n, nb, 4, 2, 32)
+    return (_layout_q5_k if kind is Q5_K else _layout_q4_k)(head, qk)
+
+
+def _gptq_fitted(
+    w: np.ndarray,
+    kind: KType,
+    importance: np.ndarray | None,
+    threads: int,
+    factor: np.ndarray,
+    refit: bool = True,
+) -> np.ndarray:
+    """`_fitted`'s bytes with GPTQ's codes, each super-block's scales fitted by `_super_blocks` (weighted as
+    `-imat`) when the sweep reaches it, on its 256 columns as the errors of every earlier column have updated
+    them (`gptq_on_blocks`); the codes are chosen on the grid those scales give (`d * sc * q - dmin * mc`, the
+    products in float32 as ggml's dequantization forms them), and the file holds those scales. Over the whole
+    matrix at once (the column updates run along every row together: no row chunking). `refit`: then each
+    row's `d` (and `dmin`) refitted to the codes and scale codes (`lfm_export.rounding.refit_scales`)."""
+    n, k = w.shape
+    bits, symmetric, sub, lo, hi = _kind_codes(kind)
+    imp = None if importance is None else np.asarray(importance, np.float32).reshape(k)
+    parts: list[SuperBlocks] = []
+
+    def fit(cols: np.ndarray, c0: int) -> tuple[np.ndarray, np.ndarray | None]:
+        f = _super_blocks(cols, bits, symmetric, sub, None if imp is None else imp[c0 : c0 + QK_K], threads)
+        parts.append(f)
+        step = np.repeat((f.d[..., None] * f.sc.astype(np.float32)).reshape(n, -1), sub, -1)
+        if f.dmin is None or f.mc is None:
+            return step, None
+        return step, np.repeat((f.dmin[..., None] * f.mc.astype(np.float32)).reshape(n, -1), sub, -1)
+
+    q = gptq_on_blocks(np.asarray(w, np.float32), QK_K, fit, lo, hi, factor, threads)
+
+    def cat(field: str) -> np.ndarray | None:
+        got = [getattr(p, field) for p in parts]
+        return None if got[0] is None else np.concatenate(got, 1)
+
+    whole = SuperBlocks(cat("d"), cat("dmin"), cat("sc"), cat("mc"), q)  # type: ignore[arg-type]
+    if refit:
+        whole = _refit(np.asarray(w, np.float32), whole, q, sub, factor)
+    return _layout(kind, whole, q.reshape(n, k // QK_K, -1, sub))
+
+
+def _refit(w: np.ndarray, fit: SuperBlocks, q: np.ndarray, sub: int, factor: np.ndarray) -> SuperBlocks:
+    """`fit` with each row's `d` (and `dmin`) refitted to the codes `q [N, K]` and the scale (min) codes by
+    `refit_scales`."""
+    n, k = w.shape
+    bases = [np.repeat(fit.sc.astype(np.float32).reshape(n, -1), sub, -1) * q.astype(np.float32)]
+    scales = [fit.d]
+    if fit.dmin is not None and fit.mc is not None:
+        bases.append(-np.repeat(fit.mc.astype(np.float32).reshape(n, -1), sub, -1))
+        scales.append(fit.dmin)
+    s = refit_scales(w, bases, QK_K, np.stack(scales, -1), factor)
+    return SuperBlocks(s[..., 0], None if fit.dmin is None else s[..., 1], fit.sc, fit.mc, fit.q)
+
+
+def _gptq_fixed(
+    w: np.ndarray, kind: KType, importance: np.ndarray | None, threads: int, factor: np.ndarray
+) -> np.ndarray:
+    """`_fitted`'s bytes with the codes chosen by GPTQ on the scales fitted to the original weights
+    (`gptq_on_grid`; `-gptq`), over the whole matrix at once (its column updates run along every
+    row together, so the codes do not depend on a row chunking)."""
+    x = np.asarray(w, np.float32)
+    bits, symmetric, sub, lo, hi = _kind_codes(kind)
+    fit = _super_blocks(x, bits, symmetric, sub, importance, threads)
+    return _layout(kind, fit, _gptq_codes(x, fit, sub, lo, hi, factor, threads))
 
 
 def _f16(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -238,7 +309,7 @@ def pack_q6_k(
 ) -> np.ndarray:
     """`w [N, K]` (K a multiple of 256) as Q6_K bytes `[N, K / 256 * 210]`."""
     if rounding in FITTED:
-        return _fitted(w, Q6_K, importance, threads, factor)
+        return _fitted(w, Q6_K, importance, threads, factor, rounding)
     n, k = w.shape
     nb = k // QK_K
     core = quantize_block(w, 6, 16, True, _rounding(6, rounding), threads)
@@ -315,7 +386,7 @@ def pack_q4_k(
 ) -> np.ndarray:
     """`w [N, K]` (K a multiple of 256) as Q4_K bytes `[N, K / 256 * 144]`."""
     if rounding in FITTED:
-        return _fitted(w, Q4_K, importance, threads, factor)
+        return _fitted(w, Q4_K, importance, threads, factor, rounding)
     return _pack_k_asym(w, 4, rounding, threads)
 
 
@@ -328,7 +399,7 @@ def pack_q5_k(
 ) -> np.ndarray:
     """`w [N, K]` (K a multiple of 256) as Q5_K bytes `[N, K / 256 * 176]`."""
     if rounding in FITTED:
-        return _fitted(w, Q5_K, importance, threads, factor)
+        return _fitted(w, Q5_K, importance, threads, factor, rounding)
     return _pack_k_asym(w, 5, rounding, threads)
 
 
@@ -343,9 +414,12 @@ def pack_q5_0(
     n, k = w.shape
     nb = k // 32
     fitted = rounding in FITTED
-    core = quantize_block(w, 5, 32, True, _rounding(5, rounding), threads, importance if fitted else None)
-    if factor is not None:
-        core = on_block_grid(w, core, factor, threads)
+    if rounding in ("gptq-blocks", "gptq-nols") and factor is not None:
+        core = gptq_blocks(w, 5, importance, factor, threads, rounding == "gptq-blocks")
+    else:
+        core = quantize_block(w, 5, 32, True, _rounding(5, rounding), threads, importance if fitted else None)
+        if factor is not None:
+            core = on_block_grid(w, core, factor, threads)
     d16 = core.scales.astype(np.float16).view(np.uint8).reshape(n, nb, 2)
     q = core.codes.reshape(n, nb, 32)
     qs = (q[..., :16] & 0xF) | (q[..., 16:] & 0xF) << 4
@@ -405,10 +479,10 @@ def quantize(
     factor: np.ndarray | None = None,
 ) -> np.ndarray:
     """`w [N, K]` as ggml bytes of type `kind`; `importance [K]` weighs a fitted rounding's error (`FITTED`);
-    `factor` (`gptq`: `lfm_export.rounding.cholesky_factor` of the inputs' Hessian, None for a weight the
-    calibration did not see) has the codes chosen by `gptq_on_grid` on the fitted scales."""
+    `factor` (`GPTQ` roundings: `lfm_export.rounding.cholesky_factor` of the inputs' Hessian, None for a weight
+    the calibration did not see) has the codes chosen by GPTQ (`FITTED`)."""
     fitted = rounding in FITTED
-    codes = factor if rounding == "gptq" else None
+    codes = factor if rounding in GPTQ else None
     return PACK[kind.name](w, rounding, threads, importance if fitted else None, codes)
 
 

@@ -11,7 +11,12 @@ Each entry point is a function of (weight `[N, K]`, bits, block size, calibratio
   importance matrix weighs its K-quant scale search the same way.
 - `gptq_on_grid`: GPTQ's column-by-column error compensation on a grid fixed beforehand (each value
   `step * q - offset`, `q` integer in `[lo, hi]`): the codes of a format whose scales are chosen by its own
-  search (ggml's K-quant super-blocks, `lfm_export.ggml_kquants`), so only the codes change.
+  search (GGUF `-gptq`: ggml's blocks and K-quant super-blocks, `lfm_export.ggml_blocks`,
+  `lfm_export.ggml_kquants`), so only the codes change. `gptq_on_blocks`: the same sweep with each block's grid
+  fitted by the caller's search when the sweep reaches it, on the block's columns as GPTQ has updated them
+  (GPTQ with groups); `refit_scales` fits a format's scales to chosen codes by least squares on the
+  Hessian-weighted error. Those two serve `benchmarks/gguf_rounding_sim.py`'s `gptq-blocks` / `gptq-nols`
+  (`lfm_export.ggml_blocks.GPTQ`), which no recipe names.
 - `gptq` (`-gptq`): GPTQ (Frantar et al., 2022). Columns are rounded left to right; each column's rounding
   error is passed on to the columns not yet rounded, weighted by the Hessian `H = E[x x^T]` (damped), so later
   columns absorb it where the inputs are correlated. A block's scale is chosen when its first column is reached,
@@ -43,7 +48,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import numpy as np
@@ -394,6 +399,11 @@ def gptq(
 GRID_BATCH = 32
 """Columns `gptq_on_grid` rounds before the next block's share of their error is formed (one product)."""
 
+BlockGrid = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray | None]]
+"""`fit(cols, c0) -> (step, offset)`: the grid of one block of columns `c0 : c0 + width` (`step`, `offset`
+`[N, width]` float32, offset None for 0) fitted to `cols [N, width]`, the block's columns as the errors of every
+earlier column have updated them (`gptq_on_blocks`)."""
+
 
 def gptq_on_grid(
     w: np.ndarray,
@@ -409,34 +419,102 @@ def gptq_on_grid(
     is rounded after adding `sum_{i<m} d_i A_im / A_mm`, `d_i` the final error of column `i` and `A` the
     `factor` (`cholesky_factor(H)`), so correlated inputs absorb it (GPTQ's update, see `cholesky_factor`).
     The values a format holds are its own dequantization of these codes; `step * q - offset` here only guides
-    the choice. `threads`: workers for the within-batch loop (row slices; the codes do not depend on it)."""
+    the choice. `threads`: workers for the within-batch loop (row slices; the codes do not depend on it).
+
+    The grid is fixed before the sweep (fitted to the original weights): GGUF `-gptq`'s form (`gptq_on_blocks`
+    fits each block's grid during the sweep instead)."""
+    st = np.asarray(step, np.float32)
+    off = None if offset is None else np.asarray(offset, np.float32)
+
+    def fixed(_cols: np.ndarray, c0: int) -> tuple[np.ndarray, np.ndarray | None]:
+        c1 = c0 + _cols.shape[1]
+        return st[:, c0:c1], None if off is None else off[:, c0:c1]
+
+    return _sweep(w, GRID_BATCH, fixed, lo, hi, factor, threads, fixed_grid=True)
+
+
+def gptq_on_blocks(
+    w: np.ndarray,
+    block: int,
+    fit: BlockGrid,
+    lo: int,
+    hi: int,
+    factor: np.ndarray,
+    threads: int = 1,
+) -> np.ndarray:
+    """Integer codes `[N, K]` (int16) of `w [N, K]` chosen by GPTQ as `gptq_on_grid`, with each block's grid
+    fitted when the sweep reaches it: `fit(cols, c0)` gets the block's columns `c0 : c0 + block` as updated by
+    the errors of every column before `c0` (GPTQ with groups: the scale sees the compensated values, not the
+    original ones) and returns its grid, which the block's columns are then rounded on, `GRID_BATCH` at a
+    time. `fit` keeps whatever the format stores (its scales); the caller packs those with these codes, so the
+    file holds the grid the codes were chosen on. `block` a multiple of `GRID_BATCH` dividing `K`. The products
+    run on one BLAS thread (`one_blas_thread`)."""
+    k = w.shape[1]
+    if block % GRID_BATCH or k % block:
+        raise ValueError(f"block {block}: a multiple of {GRID_BATCH} dividing {k} expected")
+    return _sweep(w, block, fit, lo, hi, factor, threads, fixed_grid=False)
+
+
+def _sweep(
+    w: np.ndarray,
+    block: int,
+    fit: BlockGrid,
+    lo: int,
+    hi: int,
+    factor: np.ndarray,
+    threads: int,
+    fixed_grid: bool,
+) -> np.ndarray:
+    """The GPTQ sweep of `gptq_on_grid` / `gptq_on_blocks`: per block of `block` columns, what earlier blocks
+    pass on (one product), the block's grid from `fit`, then its columns in batches of `GRID_BATCH` (a batch's
+    share from the block's earlier batches: one product more), each column on row slices in parallel.
+
+    The block's columns `fit` gets are GPTQ's working weights once every earlier column is rounded (the paper's
+    form: `W[:, b0:b1]` after the updates through the inverse Hessian's factor `U = A^-1`), which are not the
+    partial sums the sweep rounds with (`w_m + sum_{i<b0} d_i A_im / A_mm` holds only for `m = b0`): with
+    `P = d[:, :b0] A[:b0, b0:b1]`, `W[:, b0:b1] = w[:, b0:b1] + P A[b0:b1, b0:b1]^-1` (the top right block of the
+    inverse of the triangular `A` is `-A11^-1 A12 A22^-1`, and `e_i / U_ii = (d A)_i`). `fixed_grid`: `fit`
+    reads no columns (`gptq_on_grid`), so none are formed and the products run on the BLAS threads numpy was
+    started with (its codes as before `gptq_on_blocks`); else on one (`one_blas_thread`)."""
     n, k = w.shape
     a = np.asarray(factor, np.float32)
     inv_diag = (np.float32(1) / np.diag(a)).astype(np.float32)
     x = np.asarray(w, np.float32)
-    off = None if offset is None else np.asarray(offset, np.float32)
-    st = np.asarray(step, np.float32)
     resid = np.empty((n, k), np.float32)
     codes = np.empty((n, k), np.int16)
     tasks = _row_tasks(n, threads)
-    with _workers(len(tasks), threads) as run:
-        for c0 in range(0, k, GRID_BATCH):
-            c1 = min(k, c0 + GRID_BATCH)
-            prior = _prior(resid, a, inv_diag, c0, c1)
-            within = a[c0:c1, c0:c1] * inv_diag[None, c0:c1]
-            run(
-                partial(
-                    _grid_block,
-                    x=x,
-                    prior=prior,
-                    c0=c0,
-                    c1=c1,
-                    within=within,
-                    grid=(st, off, lo, hi),
-                    out=(codes, resid),
-                ),
-                tasks,
-            )
+    blas = nullcontext() if fixed_grid else one_blas_thread()
+    with _workers(len(tasks), threads) as run, blas:
+        for b0 in range(0, k, block):
+            b1 = min(k, b0 + block)
+            passed = None if b0 == 0 else resid[:, :b0] @ a[:b0, b0:b1]
+            before = None if passed is None else passed * inv_diag[b0:b1]
+            if fixed_grid or passed is None:
+                st, off = fit(x[:, b0:b1], b0)
+            else:
+                inv = np.linalg.inv(a[b0:b1, b0:b1].astype(np.float64)).astype(np.float32)
+                st, off = fit(x[:, b0:b1] + passed @ inv, b0)
+            for c0 in range(b0, b1, GRID_BATCH):
+                c1 = min(b1, c0 + GRID_BATCH)
+                s0, s1 = c0 - b0, c1 - b0
+                prior = None if before is None else before[:, s0:s1]
+                if c0 > b0:
+                    inner = (resid[:, b0:c0] @ a[b0:c0, c0:c1]) * inv_diag[c0:c1]
+                    prior = inner if prior is None else prior + inner
+                within = a[c0:c1, c0:c1] * inv_diag[None, c0:c1]
+                run(
+                    partial(
+                        _grid_block,
+                        x=x,
+                        prior=prior,
+                        c0=c0,
+                        c1=c1,
+                        within=within,
+                        grid=(st[:, s0:s1], None if off is None else off[:, s0:s1], lo, hi),
+                        out=(codes, resid),
+                    ),
+                    tasks,
+                )
     return codes
 
 
@@ -450,13 +528,14 @@ def _grid_block(
     grid: tuple[np.ndarray, np.ndarray | None, int, int],
     out: tuple[np.ndarray, np.ndarray],
 ) -> None:
-    """`gptq_on_grid`'s columns `c0:c1` on `rows`, one at a time (see `_gptq_block`)."""
+    """The sweep's columns `c0:c1` on `rows`, one at a time (see `_gptq_block`); `grid`'s step and offset are
+    the batch's columns (`[N, c1 - c0]`)."""
     st, off, lo, hi = grid
     codes, resid = out
     cols = np.ascontiguousarray((x[rows, c0:c1] if prior is None else x[rows, c0:c1] + prior[rows]).T)
     orig = np.ascontiguousarray(x[rows, c0:c1].T)
-    s = np.ascontiguousarray(st[rows, c0:c1].T)
-    o = np.zeros_like(s) if off is None else np.ascontiguousarray(off[rows, c0:c1].T)
+    s = np.ascontiguousarray(st[rows].T)
+    o = np.zeros_like(s) if off is None else np.ascontiguousarray(off[rows].T)
     safe = np.where(s == 0, np.float32(1), s)
     out_c = np.empty(cols.shape, np.int16)
     out_r = np.empty_like(cols)
@@ -470,3 +549,44 @@ def _grid_block(
             cols[j + 1 :] += within[j, j + 1 :, None] * d
     codes[rows, c0:c1] = out_c.T
     resid[rows, c0:c1] = out_r.T
+
+
+def refit_scales(
+    w: np.ndarray, bases: list[np.ndarray], block: int, scales: np.ndarray, factor: np.ndarray
+) -> np.ndarray:
+    """Scales `[N, K / block, m]` for values `v = sum_t bases[t] * s[:, j // block, t]` (`bases`: `m` arrays
+    `[N, K]`, the codes fixed: a block's codes, or its scale codes times codes and its min codes), each row's
+    chosen by least squares on the Hessian-weighted error `(w - v) H (w - v)^T` (`H = A A^T`, `A` the `factor`,
+    damped as GPTQ rounds with), rounded to fp16 (what the file stores); a row keeps `scales` (same shape) where
+    that error is not lower. GPTQ chooses the codes for the scales it was given; this second pass fits the
+    scales to the codes it chose. `N K^2 m` multiply-adds for the normal equations, `N (K / block)^3 m^3` for
+    solving them."""
+    n, k = w.shape
+    nb, m = k // block, len(bases)
+    a = np.asarray(factor, np.float32)
+    h = a @ a.T
+    x = np.asarray(w, np.float32)
+    hw = x @ h
+    nu = nb * m
+    gram = np.empty((n, nu, nu), np.float64)
+    rhs = np.empty((n, nu), np.float64)
+    for t in range(m):
+        rhs[:, t::m] = (bases[t] * hw).reshape(n, nb, block).sum(-1)
+    for c in range(nb):
+        cs = slice(c * block, (c + 1) * block)
+        for u in range(m):
+            g = bases[u][:, cs] @ h[cs, :]
+            for t in range(m):
+                gram[:, t::m, c * m + u] = (bases[t] * g).reshape(n, nb, block).sum(-1)
+    ridge = 1e-9 * np.maximum(np.trace(gram, axis1=1, axis2=2) / nu, 1e-30)
+    gram[:, np.arange(nu), np.arange(nu)] += ridge[:, None]
+    fitted = np.linalg.solve(gram, rhs[..., None])[..., 0].reshape(n, nb, m)
+    fitted = np.where(np.isfinite(fitted), fitted, scales).astype(np.float16).astype(np.float32)
+
+    def errors(s: np.ndarray) -> np.ndarray:
+        v = sum(bases[t] * np.repeat(s[..., t], block, -1) for t in range(m))
+        d = x - v
+        return ((d @ h) * d).sum(-1)
+
+    better = errors(fitted) < errors(scales)
+    return np.where(better[:, None, None], fitted, scales)

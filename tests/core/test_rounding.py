@@ -112,6 +112,64 @@ def test_gptq_on_grid_matches_the_papers_form(layer) -> None:
     assert abs(err_ours / err_theirs - 1) < 1e-3
 
 
+def test_gptq_on_blocks_fits_each_block_on_the_updated_columns_as_the_papers_form(layer) -> None:
+    """`gptq_on_blocks` (GPTQ with groups): each block's grid is fitted when the sweep reaches it, on the block's
+    columns as the earlier columns' errors have updated them. The paper's form written out here in float64,
+    with the block's absmax scale taken from its updated columns at its first column, chooses the same codes;
+    and the blocks' scales differ from those of the original weights (the grid is not fixed beforehand)."""
+    from lfm_export.rounding import DAMP, cholesky_factor, gptq_on_blocks
+
+    w, h = layer
+    n, k = w.shape
+    block = 64  # two of gptq_on_blocks' batches of 32: the block's later batch gets its earlier batch's share
+
+    def absmax(cols: np.ndarray) -> np.ndarray:
+        return np.abs(cols).max(-1, keepdims=True) / 7
+
+    seen: list[np.ndarray] = []
+
+    def fit(cols: np.ndarray, c0: int) -> tuple[np.ndarray, None]:
+        step = absmax(cols).astype(np.float32)
+        seen.append(step)
+        return np.repeat(step, cols.shape[1], -1), None
+
+    ours = gptq_on_blocks(w, block, fit, -8, 7, cholesky_factor(h))
+    damped = h + DAMP * np.diag(h).mean() * np.eye(k)
+    u = np.linalg.cholesky(np.linalg.inv(damped)).T
+    work = w.astype(np.float64)
+    theirs = np.empty((n, k), np.int16)
+    steps = []
+    for j in range(k):
+        if j % block == 0:
+            steps.append(absmax(work[:, j : j + block]))
+        step = steps[-1][:, 0]
+        q = np.clip(np.rint(work[:, j] / step), -8, 7)
+        theirs[:, j] = q
+        work[:, j + 1 :] -= np.outer((work[:, j] - q * step) / u[j, j], u[j, j + 1 :])
+    assert (ours == theirs).mean() > 0.999
+    np.testing.assert_allclose(np.concatenate(seen, 1), np.concatenate(steps, 1), rtol=1e-4)
+    original = np.concatenate([absmax(w[:, c : c + block]) for c in range(0, k, block)], 1)
+    assert not np.allclose(original[:, 1:], np.concatenate(steps, 1)[:, 1:], rtol=1e-3)
+
+
+def test_refit_scales_recovers_the_scales_of_exact_codes(layer) -> None:
+    """`refit_scales`: weights that are exactly `s * q` (fp16 scales `s`, integer codes `q`; blocks of 32) with
+    the scales given 10% off come back with `s` (the Hessian-weighted error 0), and a row whose given scales are
+    already its best keeps them."""
+    from lfm_export.rounding import cholesky_factor, refit_scales
+
+    _, h = layer
+    rng = np.random.default_rng(5)
+    n, k = 6, h.shape[0]
+    q = rng.integers(-8, 8, (n, k)).astype(np.float32)
+    s = rng.uniform(0.01, 0.05, (n, k // 32, 1)).astype(np.float16).astype(np.float32)
+    w = q * np.repeat(s[..., 0], 32, -1)
+    off = s * np.float32(1.1)
+    off[0] = s[0]
+    got = refit_scales(w, [q], 32, off, cholesky_factor(h))
+    assert np.array_equal(got, s)
+
+
 def _gptq_by_rows(w: np.ndarray, bits: int, block: int, h: np.ndarray, a: np.ndarray):
     """GPTQ from the factor `a` written out here with each block held by rows `[N, block]`, as `gptq` held it
     before it held a block by columns: the `-imat` search over `MSE_GRIDS` with numpy's own `sum` over each

@@ -161,7 +161,13 @@ HEADER = {"Q4_K": slice(0, 16), "Q6_K": slice(192, 210), "Q5_0": slice(0, 2), "Q
 def test_gptq_chooses_codes_on_the_fitted_scales(kind: str) -> None:
     """`-gptq` on ggml's blocks: the same scale bytes as `-imat` (the fit weighted by the inputs' mean square),
     other codes; gguf-py reads the bytes as `dequantize` says; and the codes lower the output error over
-    correlated inputs `trace((W - Q) H (W - Q)^T)` against `-imat`'s."""
+    correlated inputs `trace((W - Q) H (W - Q)^T)` against `-imat`'s.
+
+    The benchmark's forms (`ggml_blocks.GPTQ`): `gptq-nols` fits each block's scales when the sweep reaches it,
+    so the first block of each row (nothing passed on to it yet) holds `-imat`'s scale bytes and later ones some
+    others; `gptq-blocks` then refits the scales only (its code bytes are `gptq-nols`'s) and does not raise the
+    output error. (Against `-gptq`, `gptq-nols`' error is lower here on Q6_K, Q5_0 and Q4_0 and about 1% higher
+    on Q4_K: no order is asserted.)"""
     from lfm_export.ggml_blocks import quantize as q_0_quantize
     from lfm_export.rounding import cholesky_factor, hessian_error
 
@@ -171,19 +177,30 @@ def test_gptq_chooses_codes_on_the_fitted_scales(kind: str) -> None:
     x[:, 1:] += 0.8 * x[:, :-1]  # neighbouring inputs correlated, as a layer's are
     hessian = (x.T @ x / len(x)).astype(np.float64)
     factor, imp = cholesky_factor(hessian), np.diag(hessian).astype(np.float32)
+    roundings = ("imat", "gptq", "gptq-nols", "gptq-blocks")
     if kind == "Q4_0":
-        imat, gptq = (q_0_quantize(w, 4, r, 1, imp, factor) for r in ("imat", "gptq"))
+        imat, gptq, nols, fitted = (q_0_quantize(w, 4, r, 1, imp, factor) for r in roundings)
         block = Q4_0
     else:
         block = {"Q4_K": Q4_K, "Q6_K": Q6_K, "Q5_0": Q5_0}[kind]
-        imat, gptq = (quantize(w, block, r, 1, imp, factor) for r in ("imat", "gptq"))
-    blocks = [b.reshape(len(w), -1, block.block_bytes) for b in (imat, gptq)]
-    assert np.array_equal(blocks[0][..., HEADER[kind]], blocks[1][..., HEADER[kind]])
+        imat, gptq, nols, fitted = (quantize(w, block, r, 1, imp, factor) for r in roundings)
+    blocks = [b.reshape(len(w), -1, block.block_bytes) for b in (imat, gptq, nols, fitted)]
+    heads = [b[..., HEADER[kind]] for b in blocks]
+    assert np.array_equal(heads[0], heads[1])
     assert not np.array_equal(imat, gptq)
-    ours = q_0_values(w, 4, "gptq", 1, imp, factor) if kind == "Q4_0" else dequantize(gptq, block)
-    theirs = gguf.quants.dequantize(gptq, gguf.GGMLQuantizationType[kind]).reshape(w.shape)
-    assert np.array_equal(ours, theirs)
-    before = hessian_error(
-        w, gguf.quants.dequantize(imat, gguf.GGMLQuantizationType[kind]).reshape(w.shape), hessian
-    )
-    assert hessian_error(w, ours, hessian) < 0.85 * before
+    assert np.array_equal(heads[0][:, 0], heads[2][:, 0])
+    assert not np.array_equal(heads[0][:, 1:], heads[2][:, 1:])
+    code_bytes = np.ones(block.block_bytes, bool)
+    code_bytes[HEADER[kind]] = False
+    assert np.array_equal(blocks[2][..., code_bytes], blocks[3][..., code_bytes])
+    assert not np.array_equal(heads[2], heads[3])
+    gguf_type = gguf.GGMLQuantizationType[kind]
+
+    def values(data: np.ndarray, rounding: str) -> np.ndarray:
+        ours = q_0_values(w, 4, rounding, 1, imp, factor) if kind == "Q4_0" else dequantize(data, block)
+        assert np.array_equal(ours, gguf.quants.dequantize(data, gguf_type).reshape(w.shape))
+        return ours
+
+    errors = [hessian_error(w, values(b, r), hessian) for b, r in zip((imat, gptq, nols, fitted), roundings)]
+    assert errors[1] < 0.85 * errors[0]
+    assert errors[3] <= errors[2] < 0.85 * errors[0]
