@@ -15,7 +15,9 @@ run (B a byte copy of A under another path) shows what the protocol alone makes 
 rotated over A, B, C), so the A/A control and the comparison share the machine's state: C/B is reported beside
 A/B. `--forced` feeds the same seeded random token at each decode step instead of the greedy one, so two files
 with other weights decode the same sequence (greedy runs differ in the tokens they generate, hence in the
-token-table rows they read).
+token-table rows they read). `--ftz`: flush-to-zero and denormals-are-zero set in this thread's MXCSR before any
+session opens (llama.cpp's worker threads start with a copy of it), through a two-line C helper built with the
+system's C compiler: whether subnormal floats explain a speed difference.
 """
 
 from __future__ import annotations
@@ -45,6 +47,22 @@ def decode_round(
             tok = int(forced[i])
         tok = int(s.decode(np.array([tok]))[0].argmax())
     return new_tokens / (time.perf_counter() - t), new_tokens / (time.process_time() - c)
+
+
+def set_flush_to_zero() -> None:
+    """Set FTZ and DAZ in the calling thread's MXCSR (x86-64), compiling a tiny helper with `cc`."""
+    import ctypes
+    import subprocess
+    import tempfile
+
+    work = Path(tempfile.mkdtemp())
+    (work / "ftz.c").write_text(
+        "#include <xmmintrin.h>\nvoid set_ftz_daz(void) { _mm_setcsr(_mm_getcsr() | 0x8040); }\n"
+    )
+    subprocess.run(
+        ["cc", "-O2", "-shared", "-fPIC", "-o", str(work / "ftz.so"), str(work / "ftz.c")], check=True
+    )
+    ctypes.CDLL(str(work / "ftz.so")).set_ftz_daz()
 
 
 def block(folders: dict[str, Path], k: int, args: argparse.Namespace) -> dict:
@@ -93,8 +111,11 @@ def main() -> None:
         "--control", type=Path, default=None, help="a byte copy of B, run in the same rounds (C/B)"
     )
     ap.add_argument("--forced", action="store_true", help="decode a fixed random token sequence, not greedy")
+    ap.add_argument("--ftz", action="store_true", help="flush-to-zero / denormals-are-zero in the MXCSR")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.ftz:
+        set_flush_to_zero()
     folders = {"a": args.a, "b": args.b, **({"c": args.control} if args.control else {})}
     for p in folders.values():
         if not (p / "manifest.json").is_file():
@@ -130,6 +151,7 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "control": str(args.control) if args.control else None,
         "forced": args.forced,
+        "ftz": args.ftz,
         "load_avg_1m_before": load_before,
         "load_avg_1m_after": round(os.getloadavg()[0], 2),
         "a_median": median("a"),
