@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -37,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from pinned_worker import add_worker_option, run_pinned, serve_worker  # noqa: E402
 from provenance import provenance  # noqa: E402
 
 
@@ -204,10 +204,9 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    add_worker_option(ap)
     a = ap.parse_args()
-    if a.worker:
-        print(json.dumps(worker(json.loads(a.worker.read_text()))))
+    if serve_worker(a, worker):
         return
     folders = {}
     for item in a.folders:
@@ -225,26 +224,12 @@ def main() -> None:
         "prompt_len": a.prompt_len,
         "seed": a.seed,
     }
-    spec_file = Path(f"/tmp/mlx_decode_profile_{os.getpid()}.json")
-    spec_file.write_text(json.dumps(spec))
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
     before = round(os.getloadavg()[0], 2)
-    try:
-        cores = ",".join(str(c) for c in range(a.threads))
-        r = subprocess.run(
-            ["taskset", "-c", cores, sys.executable, __file__, "--worker", str(spec_file)],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-    finally:
-        spec_file.unlink(missing_ok=True)
-    if r.returncode:
-        raise SystemExit(f"worker failed:\n{r.stderr[-3000:]}")
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res = run_pinned(__file__, spec, a.threads, env)
     result = {
         **prov,
         "threads": a.threads,

@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from pinned_worker import add_worker_option, run_pinned, serve_worker  # noqa: E402
 from provenance import provenance  # noqa: E402
 from side_by_side import parse_mix, timed  # noqa: E402
 
@@ -181,10 +181,9 @@ def main() -> None:
     ap.add_argument("--ckpt-dir", type=Path, default=Path("/tmp/lfm_ckpt"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/mlx_decode_side_by_side"))
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    add_worker_option(ap)
     a = ap.parse_args()
-    if a.worker:
-        print(json.dumps(worker(json.loads(a.worker.read_text()))))
+    if serve_worker(a, worker):
         return
 
     from onnx_vs_genai import checkpoint_folder
@@ -237,19 +236,9 @@ def main() -> None:
             "new_tokens": a.new_tokens,
             "seed": a.seed,
         }
-        spec_file = work / "spec.json"
-        spec_file.write_text(json.dumps(spec))
         load_before = round(os.getloadavg()[0], 2)
-        r = subprocess.run(
-            ["taskset", "-c", cores, sys.executable, __file__, "--worker", str(spec_file)],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+        res = run_pinned(__file__, spec, a.threads, env)
         load_after = round(os.getloadavg()[0], 2)
-        if r.returncode:
-            raise SystemExit(f"decode worker failed:\n{r.stderr[-3000:]}")
-        res = json.loads(r.stdout.strip().splitlines()[-1])
         runs = res["runs"]
         per = {
             n: {"tok_s": v, "median": float(np.median(v)), "min": min(v), "max": max(v)}

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
+from pinned_worker import add_worker_option, run_pinned, serve_worker  # noqa: E402
 from provenance import provenance  # noqa: E402
 
 BITS = (2, 3, 4, 6, 8)
@@ -182,10 +182,9 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=9)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    add_worker_option(ap)
     a = ap.parse_args()
-    if a.worker:
-        print(json.dumps(worker(json.loads(a.worker.read_text()))))
+    if serve_worker(a, worker):
         return
     bad = [k for k in a.kinds if k not in kinds()]
     if bad:
@@ -201,23 +200,10 @@ def main() -> None:
 
     results: dict[str, Any] = {}
     loads: dict[str, Any] = {}
-    spec_file = Path(f"/tmp/mlx_kernel_speed_{os.getpid()}.json")
-    spec_file.write_text(json.dumps(spec))
-    try:
-        for t in a.threads:
-            cores = ",".join(str(c) for c in range(t))
-            before = round(os.getloadavg()[0], 2)
-            r = subprocess.run(
-                ["taskset", "-c", cores, sys.executable, __file__, "--worker", str(spec_file)],
-                capture_output=True,
-                text=True,
-            )
-            if r.returncode:
-                raise SystemExit(f"worker ({t} threads) failed:\n{r.stderr[-3000:]}")
-            results[str(t)] = json.loads(r.stdout.strip().splitlines()[-1])
-            loads[str(t)] = {"before": before, "after": round(os.getloadavg()[0], 2)}
-    finally:
-        spec_file.unlink(missing_ok=True)
+    for t in a.threads:
+        before = round(os.getloadavg()[0], 2)
+        results[str(t)] = run_pinned(__file__, spec, t)
+        loads[str(t)] = {"before": before, "after": round(os.getloadavg()[0], 2)}
     result = {
         **prov,
         "mlx_version": mx.__version__,
