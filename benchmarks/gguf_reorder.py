@@ -8,11 +8,14 @@ The two files must hold the same tensor names. Alignment: the source's `general.
 `--same-data-start`: one string key `lfm_export.pad` added so that the data section starts where ORDER_FROM's
 does, which puts every tensor at ORDER_FROM's address (the metadata and the tensor bytes stay the source's).
 `--bytes-from-order`: the tensor bytes taken from ORDER_FROM instead (SRC's metadata, ORDER_FROM's tensors).
+`--bytes-from FILE --bytes-match REGEX`: the bytes of the tensors whose name matches REGEX taken from FILE (same
+types and sizes), every other tensor's from SRC: which tensors' values a speed difference follows.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import struct
 from pathlib import Path
 
@@ -28,7 +31,13 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--same-data-start", action="store_true")
     ap.add_argument("--bytes-from-order", action="store_true")
+    ap.add_argument("--bytes-from", type=Path, default=None)
+    ap.add_argument("--bytes-match", default=None, help="regex on tensor names (with --bytes-from)")
     args = ap.parse_args()
+    if (args.bytes_from is None) != (args.bytes_match is None):
+        raise SystemExit("--bytes-from and --bytes-match go together")
+    if args.bytes_from is not None and args.bytes_from_order:
+        raise SystemExit("--bytes-from-order or --bytes-from, not both")
     for p in (args.src, args.order_from):
         if not p.is_file():
             raise SystemExit(f"{p}: no such file")
@@ -42,6 +51,15 @@ def main() -> None:
     raw = np.memmap(args.src, dtype=np.uint8, mode="r")
     other = np.memmap(args.order_from, dtype=np.uint8, mode="r")
     theirs = {t.name: t for t in target.tensors}
+    swapped: set[str] = set()
+    if args.bytes_from is not None:
+        if not args.bytes_from.is_file():
+            raise SystemExit(f"{args.bytes_from}: no such file")
+        other = np.memmap(args.bytes_from, dtype=np.uint8, mode="r")
+        theirs = {t.name: t for t in gguf.GGUFReader(args.bytes_from).tensors}
+        swapped = {n for n in order if re.search(args.bytes_match, n)}
+        if not swapped:
+            raise SystemExit(f"--bytes-match {args.bytes_match!r}: no tensor matches")
     head = bytes(raw[: src.tensors[0].field.offset])  # magic, version, counts, every key: unchanged
     infos = bytearray()
     offset = 0
@@ -76,7 +94,7 @@ def main() -> None:
         f.write(b"\0" * (data_start - start))
         for t, off in placed:
             assert f.tell() == data_start + off
-            if args.bytes_from_order:
+            if args.bytes_from_order or t.name in swapped:
                 u = theirs[t.name]
                 if int(u.n_bytes) != int(t.n_bytes) or u.tensor_type != t.tensor_type:
                     raise SystemExit(f"{t.name}: another type or size in {args.order_from}")
@@ -88,9 +106,10 @@ def main() -> None:
             f.write(b"\0" * (-(int(t.n_bytes)) % align))
     check = gguf.GGUFReader(args.out)
     for t in check.tensors:
-        a = theirs[t.name] if args.bytes_from_order else by_name[t.name]
+        a = theirs[t.name] if args.bytes_from_order or t.name in swapped else by_name[t.name]
         assert np.array_equal(np.asarray(t.data).view(np.uint8), np.asarray(a.data).view(np.uint8)), t.name
-    print(f"{args.out}: {len(order)} tensors in {args.order_from.name}'s order, data at {data_start}")
+    print(f"{args.out}: {len(order)} tensors in {args.order_from.name}'s order, data at {data_start}", end="")
+    print(f"; {len(swapped)} tensors' bytes from {args.bytes_from}" if swapped else "")
 
 
 if __name__ == "__main__":

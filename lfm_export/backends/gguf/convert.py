@@ -165,7 +165,16 @@ def plan(loaded: LoadedModel, recipe: GgufRecipe) -> list[Planned]:
         out.append(Planned(target, [name], shape, bits, ggml))
     for p in stacks.values():
         p.sources.sort(key=lambda n: int(n.split(".experts.")[1].split(".")[0]))
-    return out
+    return sorted(out, key=_file_order)
+
+
+def _file_order(p: Planned) -> tuple[int, int, str]:
+    """llama.cpp's converter's tensor order: the token table and its norm, the blocks by layer number (names
+    sorted within a block), then the rest (`output`): checkpoints list layers as text (0, 1, 10, 11, ...)."""
+    m = re.match(r"blk\.(\d+)\.", p.name)
+    if m:
+        return (1, int(m[1]), p.name)
+    return (0 if p.name.startswith("token_embd") else 2, 0, p.name)
 
 
 def nbytes(p: Planned) -> int:
