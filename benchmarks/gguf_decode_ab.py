@@ -55,14 +55,15 @@ def set_flush_to_zero() -> None:
     import subprocess
     import tempfile
 
-    work = Path(tempfile.mkdtemp())
-    (work / "ftz.c").write_text(
-        "#include <xmmintrin.h>\nvoid set_ftz_daz(void) { _mm_setcsr(_mm_getcsr() | 0x8040); }\n"
-    )
-    subprocess.run(
-        ["cc", "-O2", "-shared", "-fPIC", "-o", str(work / "ftz.so"), str(work / "ftz.c")], check=True
-    )
-    ctypes.CDLL(str(work / "ftz.so")).set_ftz_daz()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "ftz.c").write_text(
+            "#include <xmmintrin.h>\nvoid set_ftz_daz(void) { _mm_setcsr(_mm_getcsr() | 0x8040); }\n"
+        )
+        subprocess.run(
+            ["cc", "-O2", "-shared", "-fPIC", "-o", str(work / "ftz.so"), str(work / "ftz.c")], check=True
+        )
+        ctypes.CDLL(str(work / "ftz.so")).set_ftz_daz()
 
 
 def block(folders: dict[str, Path], k: int, args: argparse.Namespace) -> dict:
