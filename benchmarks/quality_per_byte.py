@@ -138,8 +138,9 @@ def safetensors_bytes(path: Path) -> int:
 
 
 ROTARY_TABLES = ("cos_cache", "sin_cache")
-"""Name endings of the rotary cos / sin tables in an ONNX graph (ours `rotary.cos_cache`, the builder's
-`cos_cache`): counted in `weight_bytes` like every initializer, and reported apart as `rotary_bytes`."""
+"""Name endings of the rotary cos / sin tables in an ONNX graph (the builder's `cos_cache`; ours are computed in
+the graph from `head_dim / 2` inverse frequencies, `fusion.rope_tables`, so hold none): counted in
+`weight_bytes` like every initializer, and reported apart as `rotary_bytes`."""
 
 
 def onnx_bytes(folder: Path) -> tuple[int, int]:

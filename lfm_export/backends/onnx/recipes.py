@@ -140,11 +140,12 @@ class OnnxRecipe:
         return total
 
     def extra_bytes(self, cfg: Lfm2Config) -> int:
-        """Weight bytes the export adds to the checkpoint's: with `ort`, GroupQueryAttention's float32 rotary
-        cos / sin tables, `[context, head_dim / 2]` each, where the model has attention layers."""
+        """Weight bytes the export adds to the checkpoint's: with `ort`, the inputs of GroupQueryAttention's
+        rotary tables (`fusion.rope_tables`: `head_dim / 2` float32 inverse frequencies; its int64 constants,
+        like the graph's shape constants, are not counted), where the model has attention layers."""
         if self.ops != ORT or not cfg.attn_layers:
             return 0
-        return 2 * self.context(cfg) * (cfg.head_dim // 2) * 4
+        return (cfg.head_dim // 2) * 4
 
     def check_model(self, cfg: Lfm2Config, weight_shapes: dict[str, tuple[int, ...]]) -> None:
         self.recipe.check_model(cfg, weight_shapes)

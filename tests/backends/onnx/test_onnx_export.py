@@ -329,6 +329,41 @@ def test_simulation_hook_reads_the_manifest_recipe() -> None:
 # ---- float16 --------------------------------------------------------------------------------------------------
 
 
+def test_rotary_tables_are_computed_in_the_graph_and_folded_by_onnxruntime(dense, tmp_path: Path) -> None:
+    """The file holds the inverse frequencies, not `[context, head_dim / 2]` tables: its weight bytes do not grow
+    with the context, and onnxruntime folds the tables at load time to torch's values within one ulp."""
+    import onnx
+
+    from lfm_export.model import rope_cos_sin
+
+    loaded, traced = dense
+    cfg = loaded.config
+    sizes, folders = {}, {}
+    for context in (1000, 8192):
+        folder = tmp_path / str(context)
+        export_onnx(loaded, folder, make_recipe(max_seq_len=context), traced=traced)
+        graph = onnx.load(str(folder / "model.onnx")).graph
+        sizes[context] = sum(
+            onnx.numpy_helper.to_array(t, base_dir=str(folder)).nbytes for t in graph.initializer
+        )
+        assert not [t.name for t in graph.initializer if context in t.dims], context
+        folders[context] = folder
+    assert sizes[8192] == sizes[1000]
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(folders[8192] / "folded.onnx")  # beside the external data
+    ort.InferenceSession(str(folders[8192] / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    folded = onnx.load(str(folders[8192] / "folded.onnx"))
+    assert not [n.op_type for n in folded.graph.node if n.op_type in ("Cos", "Sin", "Range")]
+    tables = {t.name: onnx.numpy_helper.to_array(t) for t in folded.graph.initializer if 8192 in t.dims}
+    cos, sin = rope_cos_sin(torch.arange(8192), cfg.head_dim, cfg.rope_theta)
+    half = cfg.head_dim // 2
+    for name, want in (("rotary.cos_cache", cos), ("rotary.sin_cache", sin)):
+        got, want = tables[name], want[:, :half].numpy()
+        assert got.shape == want.shape
+        assert float(np.abs(got - want).max()) <= float(np.spacing(np.float32(1.0)))
+
+
 @pytest.mark.parametrize("ops", ["ort", "portable"])
 def test_fp16(dense, tmp_path: Path, ops: str) -> None:
     loaded, result, out = _export(dense, tmp_path, quant="fp16", ops=ops)
