@@ -58,6 +58,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -400,6 +401,13 @@ open({params!r}, "w").write(json.dumps(params_json(model.config)))
 """
 
 
+PREQUANTIZED_PATH_MARKS = ("8da4w", "int8")
+"""Substrings that make ExecuTorch's `examples/models/llama/model.py` (1.5.1) treat a checkpoint path as
+pre-quantized: it swaps every linear whose input width divides by 256 for torchao's int8-code module before
+loading the float weights into it, and the export then fails (`Expected: torch.int8, got: torch.float32`); on
+`tiny` (widths 128 and 384) no linear qualifies, so its point stood in a folder named `export_llm-q8da4w`."""
+
+
 def executorch_export_llm(ckpt: Path, work: Path, args: argparse.Namespace) -> list[dict]:
     """ExecuTorch's `export_llm` with its LFM2 recipe `lfm2_xnnpack_q8da4w.yaml` (8da4w), on the same weights
     converted by its own `convert_weights.lfm_2_to_meta`, context `--context` (as `executorch_vs_own.py`)."""
@@ -414,18 +422,24 @@ def executorch_export_llm(ckpt: Path, work: Path, args: argparse.Namespace) -> l
     def run() -> dict[str, Any]:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        pth, params = folder / "theirs.pth", folder / "params.json"
+        # ExecuTorch's llama model.py takes a checkpoint whose path holds "8da4w" or "int8" for a pre-quantized
+        # one (int8 slots our float weights are assigned into): the checkpoint goes in a folder of its own.
+        prep = Path(tempfile.mkdtemp(prefix="export-llm-checkpoint-"))
+        if any(s in str(prep) for s in PREQUANTIZED_PATH_MARKS):
+            raise SystemExit(f"{prep}: a path ExecuTorch reads as a pre-quantized checkpoint")
+        pth, params = prep / "theirs.pth", folder / "params.json"
         code = EXPORT_LLM_PARAMS.format(bench=str(HERE), ckpt=str(ckpt), pth=str(pth), params=str(params))
-        prep = measured([sys.executable, "-c", code], env(args.threads))
-        if "error" in prep:
-            return prep
+        made = measured([sys.executable, "-c", code], env(args.threads))
+        if "error" in made:
+            shutil.rmtree(prep, ignore_errors=True)
+            return made
         yaml = Path(executorch.__path__[0]) / "examples/models/lfm2/config/lfm2_xnnpack_q8da4w.yaml"
         cmd = [sys.executable, "-m", "executorch.extension.llm.export.export_llm", "--config", str(yaml)]
         cmd += ["+base.model_class=lfm2_350m", f"+base.params={params}", f"+base.checkpoint={pth}"]
         cmd += [f"+export.max_seq_length={args.context}", f"+export.max_context_length={args.context}"]
         cmd += [f"+export.output_name={folder / 'model.pte'}"]
         res = measured(cmd, env(args.threads), cwd=folder)
-        pth.unlink(missing_ok=True)
+        shutil.rmtree(prep, ignore_errors=True)
         shutil.rmtree(folder / "outputs", ignore_errors=True)  # hydra's logs
         if "error" not in res:
             shutil.copy(ckpt / "config.json", folder / "config.json")
