@@ -17,7 +17,7 @@ Points, one function per backend and one per peer (`POINTS`), each returning art
 |---|---|---|
 | onnx | int4-b32, int4-b64-gptq, int4-b128-gptq, the two gptq ones `+t4` | onnxruntime-genai builder `-p int4` (its default RTN) and `algo_config=k_quant` |
 | mlx | int4-b32, int4-b64, int4-b64-gptq, int4-b128-gptq, the two gptq ones `+t4` | `mlx_lm.convert` q4 g64 (its default); `mlx_lm.quant.gptq` on our calibration text |
-| gguf | q4_0, q4_k_m, q4_k_m-mse | llama.cpp `convert_hf_to_gguf.py` + `llama_model_quantize` q4_0, q4_k_m (no importance matrix: see below) |
+| gguf | q4_0, q4_k_m, q4_k_m-mse | llama.cpp `convert_hf_to_gguf.py` + `llama_model_quantize` q4_0, q4_k_m; with `--llama-build`, also with an importance matrix (below) |
 | executorch | int4-b32-a8 (`8da4w`), int4-b128-a8 | `export_llm` with `lfm2_xnnpack_q8da4w.yaml` |
 
 Per point: `weight_bytes` (the bytes of the weight tensors as the format stores them: ONNX initializers,
@@ -43,9 +43,11 @@ replaces the lfm-export points of the backends run. A recipe point `NAME@BUDGET`
 `kl=X`, `lfm_export.budget`); `-awq` recipes fold activation-aware scales into the norms (`lfm_export.awq`).
 `benchmarks/budget_awq_quality.py` measures those two on the simulation alone (no artifacts).
 
-llama.cpp's importance matrix is not measured: `llama-imatrix` is a tool of llama.cpp's source tree that
-llama-cpp-python neither builds nor binds, and `llama_model_quantize_params.imatrix` is a pointer to a C++
-`std::unordered_map`, which ctypes cannot build.
+llama.cpp with an importance matrix (`--llama-build DIR`: points `llama.cpp-q4_0-imat`, `llama.cpp-q4_k_m-imat`):
+`llama-imatrix` over the same calibration text and token budget as our calibrated recipes, then
+`llama-quantize --imatrix`, both tools built from `--llama-src` into DIR with CMake the first time
+(`llama_tools`): llama-cpp-python builds the library but neither tool, and its binding's
+`llama_model_quantize_params.imatrix` is a pointer to a C++ map that ctypes cannot build.
 """
 
 from __future__ import annotations
@@ -347,6 +349,79 @@ params.nthread = {threads}
 sys.exit(llama_cpp.llama_model_quantize({src!r}.encode(), {dst!r}.encode(), params))
 """
 FTYPES = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15, "q6_k": 18}
+LLAMA_TOOLS = ("llama-imatrix", "llama-quantize")
+
+
+def llama_tools(src: Path, build: Path) -> dict[str, Path]:
+    """llama.cpp's `llama-imatrix` and `llama-quantize`, built from `src` (the sdist's `vendor/llama.cpp`: the
+    sources of the library llama-cpp-python runs) into `build` with CMake the first time (minutes on 2 cores):
+    llama-cpp-python builds the library, not these tools."""
+    tools = {name: build / "bin" / name for name in LLAMA_TOOLS}
+    if not all(path.is_file() for path in tools.values()):
+        print(f"  building {', '.join(LLAMA_TOOLS)} into {build}", file=sys.stderr, flush=True)
+        flags = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF"]
+        flags += ["-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DBUILD_SHARED_LIBS=OFF"]
+        subprocess.run(["cmake", "-S", str(src), "-B", str(build), *flags], check=True, capture_output=True)
+        jobs = f"-j{os.cpu_count() or 1}"
+        subprocess.run(
+            ["cmake", "--build", str(build), "--target", *LLAMA_TOOLS, jobs], check=True, capture_output=True
+        )
+    return tools
+
+
+def llama_cpp_imatrix(f32: Path, work: Path, args: argparse.Namespace) -> list[dict]:
+    """llama.cpp with an importance matrix: `llama-imatrix` over the calibration text our `-imat` / `-gptq`
+    recipes read (`lfm_export.calibrate.CORPUS`, its first `DEFAULT_TOKENS` tokens in chunks of `SEQ_LEN`,
+    special tokens parsed as our tokenizer does), then `llama-quantize --imatrix` to each type."""
+    from lfm_export.calibrate import CORPUS, DEFAULT_TOKENS, SEQ_LEN
+
+    tools = llama_tools(args.llama_src, args.llama_build)
+    imatrix = work / "llama-imatrix.gguf"
+    threads = str(args.threads)
+    print("  llama.cpp llama-imatrix", file=sys.stderr, flush=True)
+    cmd = [
+        str(tools["llama-imatrix"]),
+        "-m",
+        str(f32),
+        "-f",
+        str(CORPUS),
+        "-o",
+        str(imatrix),
+        "-c",
+        str(SEQ_LEN),
+    ]
+    cmd += ["--chunks", str(DEFAULT_TOKENS // SEQ_LEN), "--parse-special", "-t", threads]
+    made = measured(cmd, env(args.threads))
+    out = []
+    for kind in THEIRS_GGUF:
+        folder = work / f"llama.cpp-{kind}-imat"
+        plain = work / f"llama.cpp-{kind}"
+        if "error" in made or not (plain / "manifest.json").is_file():
+            out.append(
+                point(
+                    "llama.cpp",
+                    "gguf",
+                    f"llama.cpp-{kind}-imat",
+                    folder,
+                    "gguf",
+                    made | {"error": "no imatrix"},
+                )
+            )
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(plain, folder)
+        (folder / "model.gguf").unlink()
+        print(f"  llama.cpp llama-quantize --imatrix {kind}", file=sys.stderr, flush=True)
+        cmd = [str(tools["llama-quantize"]), "--imatrix", str(imatrix), str(f32), str(folder / "model.gguf")]
+        res = measured([*cmd, kind.upper(), threads], env(args.threads))
+        if "error" not in res:
+            res = {
+                "wall_s": round(made["wall_s"] + res["wall_s"], 2),
+                "peak_rss_bytes": max(made["peak_rss_bytes"], res["peak_rss_bytes"]),
+                "imatrix_wall_s": made["wall_s"],
+            }
+        out.append(point("llama.cpp", "gguf", f"llama.cpp-{kind}-imat", folder, "gguf", res))
+    return out
 
 
 def llama_cpp(ckpt: Path, work: Path, args: argparse.Namespace) -> list[dict]:
@@ -384,6 +459,8 @@ def llama_cpp(ckpt: Path, work: Path, args: argparse.Namespace) -> list[dict]:
                 "peak_rss_bytes": max(conv["peak_rss_bytes"], res["peak_rss_bytes"]),
             }
         out.append(point("llama.cpp", "gguf", f"llama.cpp-{kind}", folder, "gguf", res))
+    if args.llama_build is not None and "error" not in conv:
+        out += llama_cpp_imatrix(f32, work, args)
     return out
 
 
@@ -834,6 +911,13 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=256, help="corpus chunk length (the second half is scored)")
     ap.add_argument("--context", type=int, default=512, help="ExecuTorch export_llm's max_seq_length")
     ap.add_argument("--llama-src", type=Path, default=None, help="llama.cpp source (convert_hf_to_gguf.py)")
+    ap.add_argument(
+        "--llama-build",
+        type=Path,
+        default=None,
+        help="folder of llama-imatrix / llama-quantize built from --llama-src (built there if missing): adds "
+        "llama.cpp's points with an importance matrix from our calibration text",
+    )
     ap.add_argument("--work", type=Path, default=ROOT / ".work" / "quality_per_byte")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--svg", type=Path, default=None)
