@@ -836,28 +836,31 @@ def svg(results: dict) -> str:
 
 
 def table(results: dict) -> str:
-    """The results as a Markdown table (docs/benchmarks.md)."""
+    """The points as docs/quality_per_byte.md's table: per model and backend, sorted by weight bytes, each point's
+    weight bytes and corpus KL also as ratios of the backend's peer default (`PEER_DEFAULT`), and its run date."""
     lines = [
-        "| model | backend | tool | recipe | weight bytes | file bytes | KL pooled | KL corpus (± se) | top-1 corpus "
-        "| decode tok/s (runs) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | backend | tool | recipe | weight bytes | KL corpus (± se) | KL pooled | run |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for model, m in results["models"].items():
-        for p in m["points"]:
-            head = f"| `{model}` | {p['backend']} | {p['tool']} | {p['recipe']} |"
-            if "corpus" not in p:
-                err = (p["export"].get("error") or p.get("error", "")).strip().splitlines()
-                lines.append(f"{head} failed: {(err[-1] if err else '')[:100]} | | | | | |")
-                continue
-            runs = ", ".join(
-                f"{r['decode_tok_s']:.0f}" for r in p.get("speed_runs", []) if "decode_tok_s" in r
-            )
-            c = p["corpus"]
-            lines.append(
-                f"{head} {p['weight_bytes']:,} | {p['file_bytes']:,} | {p['pooled']['kl_mean']:.4f} | "
-                f"{c['kl_mean']:.5f} ± {c['kl_se']:.5f} | {c['top1_agreement']:.3f} | "
-                f"{p.get('decode_tok_s', float('nan')):.0f} ({runs}) |"
-            )
+        name = Path(model).name if "/" in model else model
+        for backend in POINTS:
+            points = [p for p in m["points"] if p["backend"] == backend]
+            peer = next((p for p in points if p["recipe"] == PEER_DEFAULT[backend] and "corpus" in p), None)
+            order = lambda p: (p.get("weight_bytes") or math.inf, p["tool"] != "lfm-export", p["recipe"])  # noqa: E731
+            for p in sorted(points, key=order):
+                head = f"| `{name}` | {backend} | {p['tool']} | {p['recipe']} |"
+                if "corpus" not in p:
+                    lines.append(f"{head} failed | | | {p.get('run_date', '')} |")
+                    continue
+                c = p["corpus"]
+                size, kl = f"{p['weight_bytes']:,}", f"{c['kl_mean']:.5f} ± {c['kl_se']:.5f}"
+                if peer is not None:
+                    size += f" ({p['weight_bytes'] / peer['weight_bytes']:.3f}x)"
+                    kl += f" ({c['kl_mean'] / peer['corpus']['kl_mean']:.2f}x)"
+                lines.append(
+                    f"{head} {size} | {kl} | {p['pooled']['kl_mean']:.4f} | {p.get('run_date', '')} |"
+                )
     return "\n".join(lines)
 
 
@@ -966,7 +969,8 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "corpus_tokens": args.corpus_tokens,
         "ctx": args.ctx,
-        "llama_cpp_imatrix": "not measured: llama-cpp-python has no llama-imatrix and cannot pass an imatrix",
+        "llama_cpp_imatrix": "points llama.cpp-*-imat, where --llama-build is given: llama-imatrix over our "
+        "calibration text and token budget, then llama-quantize --imatrix (module doc)",
         "models": {},
     }
     out = args.json or args.work / "results.json"
