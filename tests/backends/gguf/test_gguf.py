@@ -361,6 +361,29 @@ def test_honest_moe_q4_0_passes_its_prefill_row_where_a_router_flip_reaches_late
     assert row is not None and row["passed"] and row["logit_max_rel"] < 2e-6, row
 
 
+def test_honest_moe_gptq_passes_its_resolved_row_where_a_flip_hides_behind_the_conv_gate(
+    tmp_path: Path,
+) -> None:
+    """`tiny-moe` at q4_0-gptq, context 1024: on the AMD EPYC machine of the first measurement llama.cpp takes an
+    fp16 block scale of layer 5's `in_proj` input (1.4e-7 from a halfway point) the other way at position 10,
+    which that position's conv gate hides (1.3e-7 off) and the conv state carries into position 11 (1.6e-3 off):
+    the resolved row failed this honest file until its search also tries the positions of the conv window
+    before a position it cannot explain (`boundary._search_back`)."""
+    folder = tmp_path / "moe-q4_0-gptq"
+    export_artifact(
+        "gguf",
+        "tiny-moe",
+        folder,
+        make_recipe("q4_0-gptq", 1024),
+        parity=False,
+        progress=Progress(quiet=True),
+    )
+    honest = check_artifact(folder, threads=1, progress=Progress(quiet=True), scenarios=["prefill"])
+    assert honest.passed, [c.describe() for c in honest.failures]
+    row = honest.exact("resolved_prefill")
+    assert row is not None and row["passed"] and row["logit_max_rel"] < 2e-6, row
+
+
 @pytest.mark.unit
 def test_norm_topk_prob_false_is_refused_before_any_work(tmp_path: Path) -> None:
     from lfm_export.backends.gguf.convert import check_model
