@@ -127,6 +127,16 @@ def measured(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None
     return {"wall_s": round(res["wall_s"], 2), "peak_rss_bytes": res["peak_rss_bytes"]}
 
 
+def chained(first: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
+    """Two `measured` steps as one: their wall times added and the larger peak RSS (`then` where it failed)."""
+    if "error" in then:
+        return then
+    return {
+        "wall_s": round(first["wall_s"] + then["wall_s"], 2),
+        "peak_rss_bytes": max(first["peak_rss_bytes"], then["peak_rss_bytes"]),
+    }
+
+
 def env(threads: int, pythonpath: str | None = None) -> dict[str, str]:
     path = os.pathsep.join(filter(None, [pythonpath, str(ROOT), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": path}
@@ -413,13 +423,9 @@ def llama_cpp_imatrix(f32: Path, work: Path, args: argparse.Namespace) -> list[d
         (folder / "model.gguf").unlink()
         print(f"  llama.cpp llama-quantize --imatrix {kind}", file=sys.stderr, flush=True)
         cmd = [str(tools["llama-quantize"]), "--imatrix", str(imatrix), str(f32), str(folder / "model.gguf")]
-        res = measured([*cmd, kind.upper(), threads], env(args.threads))
+        res = chained(made, measured([*cmd, kind.upper(), threads], env(args.threads)))
         if "error" not in res:
-            res = {
-                "wall_s": round(made["wall_s"] + res["wall_s"], 2),
-                "peak_rss_bytes": max(made["peak_rss_bytes"], res["peak_rss_bytes"]),
-                "imatrix_wall_s": made["wall_s"],
-            }
+            res["imatrix_wall_s"] = made["wall_s"]
         out.append(point("llama.cpp", "gguf", f"llama.cpp-{kind}-imat", folder, "gguf", res))
     return out
 
@@ -452,12 +458,7 @@ def llama_cpp(ckpt: Path, work: Path, args: argparse.Namespace) -> list[dict]:
             ftype=FTYPES[kind], threads=args.threads, src=str(f32), dst=str(folder / "model.gguf")
         )
         print(f"  llama.cpp quantize {kind}", file=sys.stderr, flush=True)
-        res = measured([sys.executable, "-c", code], env(args.threads))
-        if "error" not in res:
-            res = {
-                "wall_s": round(conv["wall_s"] + res["wall_s"], 2),
-                "peak_rss_bytes": max(conv["peak_rss_bytes"], res["peak_rss_bytes"]),
-            }
+        res = chained(conv, measured([sys.executable, "-c", code], env(args.threads)))
         out.append(point("llama.cpp", "gguf", f"llama.cpp-{kind}", folder, "gguf", res))
     if args.llama_build is not None and "error" not in conv:
         out += llama_cpp_imatrix(f32, work, args)
