@@ -15,7 +15,9 @@ named (`gptq`, the recipe's `-gptq`: the `-imat` scales of the original weights 
 from the calibration's Hessians on them, `gptq_on_grid`; `gptq-blocks`: each block's `-imat` scales fitted
 when the sweep reaches it, on the columns as updated by the errors passed on, `gptq_on_blocks`, then each row's
 scales refitted to its codes by least squares on the Hessian-weighted error, `lfm_export.rounding.refit_scales`;
-`gptq-nols`: `gptq-blocks` without that refit; `gptqfit`: `gptq` with the unweighted fit's scales). Result files
+`gptq-nols`: `gptq-blocks` without that refit; `gptqfit`: `gptq` with the unweighted fit's scales; `gptq-act`:
+`gptq` with act-order, the columns rounded in descending order of the Hessian's diagonal, each on its own block's
+scales fitted beforehand, `lfm_export.rounding.cholesky_factor(act_order=True)`). Result files
 of commits 8ec8ff4 to 66737b1 name today's `gptq` `gptq-fixed`, `gptq-nols` `gptq` and `gptq-blocks` `gptq-ls`;
 of commits 9222b07 to 30d86c0 (when `-gptq` was the blocks form) `gptq` `gptq-fixed` and `gptq-blocks` `gptq`. `VARIANT@GROUP` is ours by VARIANT for the
 tensors of GROUP (`GROUPS`) and llama.cpp's reference quantizer for every other: which tensors carry the KL.
@@ -101,7 +103,7 @@ def main() -> None:
     from lfm_export.precision import ggml_mix_type, held_as
     from lfm_export.quant import simulate
     from lfm_export.recipes import parse_recipe
-    from lfm_export.rounding import cholesky_factor
+    from lfm_export.rounding import OrderedFactor, cholesky_factor
 
     torch.set_num_threads(args.threads)
     lib = llama_cpp_quantizer()
@@ -140,14 +142,19 @@ def main() -> None:
     corpus_reference = {k: corpus_logits(loaded.model, t) for k, t in texts.items()}
     variants = args.variants.split(",")
     factors: dict[str, np.ndarray] = {}
-    shared: dict[int, np.ndarray] = {}
+    act_factors: dict[str, OrderedFactor] = {}
+    shared: dict[tuple[int, bool], np.ndarray | OrderedFactor] = {}
+    orders = {v.split("@")[0] == "gptq-act" for v in variants if v.split("@")[0].startswith("gptq")}
 
     def layer_done(_idx: int, stats: dict) -> None:
         for n, st in stats.items():
             if st.hessian is not None and st.tokens:
-                if id(st.hessian) not in shared:
-                    shared[id(st.hessian)] = cholesky_factor(st.hessian, args.damp)
-                factors[n] = shared[id(st.hessian)]
+                for act_order in orders:
+                    if (id(st.hessian), act_order) not in shared:
+                        shared[id(st.hessian), act_order] = cholesky_factor(
+                            st.hessian, args.damp, False, act_order
+                        )
+                    (act_factors if act_order else factors)[n] = shared[id(st.hessian), act_order]
         shared.clear()
 
     gptq = any(v.split("@")[0].startswith("gptq") for v in variants)
@@ -191,11 +198,15 @@ def main() -> None:
             imp = importance.get(name)
             if variant.startswith("theirs") or (group and not re.search(GROUPS[group], name)):
                 return theirs(w, kind, imp if variant == "theirs-imat" else None)
-            factor = factors.get(name) if variant.startswith("gptq") else None
+            factor = (
+                (act_factors if variant == "gptq-act" else factors).get(name)
+                if variant.startswith("gptq")
+                else None
+            )
             rounding = (
                 variant if variant in ggml_blocks.GPTQ else "gptq" if variant.startswith("gptq") else variant
             )
-            imp = imp if variant in ("imat", *ggml_blocks.GPTQ) else None
+            imp = imp if variant in ("imat", "gptq-act", *ggml_blocks.GPTQ) else None
             if kind in ggml_blocks.BLOCK_TYPES:
                 return ggml_blocks.held_values(
                     w, ggml_blocks.BLOCK_TYPES[kind].bits, rounding, args.threads, imp, factor
