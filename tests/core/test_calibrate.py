@@ -110,7 +110,9 @@ def test_streamed_gptq_factors_are_calibrated_when_read_and_dropped_after_use() 
     w = [loaded.weights.get(n).numpy() for n in names]
     factors = [table.find_importance(x, 4, 32, "factors") for x in w]
     assert len({id(f) for f in factors}) == 1 and factors[0].shape == (w[0].shape[1],) * 2
-    np.testing.assert_array_equal(factors[0], eager.find_importance(w[0], 4, 32, "factors"))
+    again = eager.find_importance(w[0], 4, 32, "factors")
+    np.testing.assert_array_equal(factors[0].upper, again.upper)  # act-order: the permuted Hessian's factor
+    np.testing.assert_array_equal(factors[0].order, again.order)
     layers = {int(n.split(".")[2]) for n in loaded.weights.names() if ".layers." in n}
     assert 0 < len(table.factors) < len(eager.factors) and len(layers) == 6  # layers 0-4 of 6, q/k/v gone
     assert id(factors[0]) not in {id(f) for f in table.factors.values()}
