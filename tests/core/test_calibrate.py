@@ -110,9 +110,7 @@ def test_streamed_gptq_factors_are_calibrated_when_read_and_dropped_after_use() 
     w = [loaded.weights.get(n).numpy() for n in names]
     factors = [table.find_importance(x, 4, 32, "factors") for x in w]
     assert len({id(f) for f in factors}) == 1 and factors[0].shape == (w[0].shape[1],) * 2
-    again = eager.find_importance(w[0], 4, 32, "factors")
-    np.testing.assert_array_equal(factors[0].upper, again.upper)  # act-order: the permuted Hessian's factor
-    np.testing.assert_array_equal(factors[0].order, again.order)
+    np.testing.assert_array_equal(factors[0], eager.find_importance(w[0], 4, 32, "factors"))
     layers = {int(n.split(".")[2]) for n in loaded.weights.names() if ".layers." in n}
     assert 0 < len(table.factors) < len(eager.factors) and len(layers) == 6  # layers 0-4 of 6, q/k/v gone
     assert id(factors[0]) not in {id(f) for f in table.factors.values()}
@@ -147,3 +145,25 @@ def test_hessian_from_the_upper_blocks_and_the_float32_error_tally(monkeypatch) 
     got = calibrate._output_errors(w, values, h.astype(np.float32))
     for value, err in zip(values, got):
         assert abs(err / hessian_error(w, value, h) - 1) < 1e-6
+
+
+def test_kept_factors_carry_the_act_order_where_it_is_switched_on(monkeypatch) -> None:
+    """`KEPT_ACT_ORDER` (off for GGUF `-gptq`; the benchmark's `gptq-act`): the calibration then keeps, per
+    input, the factor of the Hessian in descending-diagonal order with that order, formed by the one
+    factorisation it runs anyway."""
+    import numpy as np
+
+    from lfm_export import calibrate
+    from lfm_export.recipes import parse_recipe
+    from lfm_export.rounding import OrderedFactor
+
+    monkeypatch.setattr(calibrate, "KEPT_ACT_ORDER", True)
+    loaded = load_model("tiny", lazy=True)
+    table, _ = calibrate.calibrated_table(
+        loaded, parse_recipe("int4-b32-gptq"), tokens=256, keep_factors=True
+    )
+    w = loaded.weights.get("model.layers.4.feed_forward.w2.weight").numpy()
+    f = table.find_importance(w, 4, 32, "factors")
+    imp = table.find_importance(w, 4, 32)
+    assert isinstance(f, OrderedFactor) and f.upper.shape == (w.shape[1],) * 2
+    assert sorted(f.order) == list(range(w.shape[1])) and f.order[0] == np.argmax(imp)
