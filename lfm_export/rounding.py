@@ -16,7 +16,10 @@ Each entry point is a function of (weight `[N, K]`, bits, block size, calibratio
   fitted by the caller's search when the sweep reaches it, on the block's columns as GPTQ has updated them
   (GPTQ with groups); `refit_scales` fits a format's scales to chosen codes by least squares on the
   Hessian-weighted error. Those two serve `benchmarks/gguf_rounding_sim.py`'s `gptq-blocks` / `gptq-nols`
-  (`lfm_export.ggml_blocks.GPTQ`), which no recipe names.
+  (`lfm_export.ggml_blocks.GPTQ`), which no recipe names. Given an `OrderedFactor`
+  (`cholesky_factor(act_order=True)`), `gptq_on_grid` rounds the columns in descending order of the Hessian's
+  diagonal on the same fixed grid (act-order with static groups: `benchmarks/gguf_rounding_sim.py`'s
+  `gptq-act`; GGUF `-gptq` keeps the column order, `lfm_export.calibrate.KEPT_ACT_ORDER`).
 - `gptq` (`-gptq`): GPTQ (Frantar et al., 2022). Columns are rounded left to right; each column's rounding
   error is passed on to the columns not yet rounded, weighted by the Hessian `H = E[x x^T]` (damped), so later
   columns absorb it where the inputs are correlated. A block's scale is chosen when its first column is reached,
