@@ -194,9 +194,8 @@ def cholesky_factor(
     step = max(1, (1 << 22) // max(k, 1))
     flipped = torch.empty((k, k), dtype=torch.float32)
     rev = None if order is None else order.flip(0)
-    for r0 in range(
-        0, k, step
-    ):  # J H J (J P^T H P J) in float32, a row block at a time (no K^2 float64 copy)
+    # J H J (act-order: J P^T H P J) in float32, a row block at a time (no K^2 float64 copy)
+    for r0 in range(0, k, step):
         r1 = min(k, r0 + step)
         if rev is None:
             flipped[r0:r1] = h[k - r1 : k - r0].flip(0, 1)
