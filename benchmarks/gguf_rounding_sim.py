@@ -15,7 +15,9 @@ named (`gptq`, the recipe's `-gptq`: the `-imat` scales of the original weights 
 from the calibration's Hessians on them, `gptq_on_grid`; `gptq-blocks`: each block's `-imat` scales fitted
 when the sweep reaches it, on the columns as updated by the errors passed on, `gptq_on_blocks`, then each row's
 scales refitted to its codes by least squares on the Hessian-weighted error, `lfm_export.rounding.refit_scales`;
-`gptq-nols`: `gptq-blocks` without that refit; `gptqfit`: `gptq` with the unweighted fit's scales). Result files
+`gptq-nols`: `gptq-blocks` without that refit; `gptqfit`: `gptq` with the unweighted fit's scales; `gptq-act`:
+`gptq` with act-order, the columns rounded in descending order of the Hessian's diagonal, each on its own block's
+scales fitted beforehand, `lfm_export.rounding.cholesky_factor(act_order=True)`). Result files
 of commits 8ec8ff4 to 66737b1 name today's `gptq` `gptq-fixed`, `gptq-nols` `gptq` and `gptq-blocks` `gptq-ls`;
 of commits 9222b07 to 30d86c0 (when `-gptq` was the blocks form) `gptq` `gptq-fixed` and `gptq-blocks` `gptq`. `VARIANT@GROUP` is ours by VARIANT for the
 tensors of GROUP (`GROUPS`) and llama.cpp's reference quantizer for every other: which tensors carry the KL.
@@ -32,6 +34,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from heldout_kl import heldout_text, paired_ratio
 from provenance import provenance
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,8 +77,18 @@ def main() -> None:
     )
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--damp", type=float, default=0.01, help="GPTQ damping (`lfm_export.rounding.DAMP`)")
+    ap.add_argument(
+        "--heldout-docs",
+        type=int,
+        default=0,
+        help="also KL over the first N documents of make_corpus.py's held-out split (`kl_heldout_large_*`, "
+        "written to --work; calibration documents left out), with paired ratios and bootstrap intervals",
+    )
+    ap.add_argument("--work", type=Path, default=Path("/tmp/gguf_rounding_sim"))
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.heldout_docs < 0:
+        raise SystemExit("--heldout-docs must be at least 0")
 
     import gguf
     import torch
@@ -90,7 +103,7 @@ def main() -> None:
     from lfm_export.precision import ggml_mix_type, held_as
     from lfm_export.quant import simulate
     from lfm_export.recipes import parse_recipe
-    from lfm_export.rounding import cholesky_factor
+    from lfm_export.rounding import OrderedFactor, cholesky_factor
 
     torch.set_num_threads(args.threads)
     lib = llama_cpp_quantizer()
@@ -112,24 +125,36 @@ def main() -> None:
     ids, bos = corpus_tokens(Path(loaded.tokenizer_file).parent, args.corpus)
     pieces = chunks(ids, bos, args.ctx)
 
-    def corpus_logits(model: torch.nn.Module) -> list[np.ndarray]:
+    texts = {"kl_heldout": pieces}
+    heldout_info: dict = {}
+    if args.heldout_docs:
+        path, heldout_info = heldout_text(args.heldout_docs, args.work)
+        big, bos_big = corpus_tokens(Path(loaded.tokenizer_file).parent, path)
+        texts["kl_heldout_large"] = chunks(big, bos_big, args.ctx)
+
+    def corpus_logits(model: torch.nn.Module, text: list[np.ndarray]) -> list[np.ndarray]:
         s, out = ReferenceSession(model, max_seq_len=args.ctx), []
-        for piece in pieces:
+        for piece in text:
             s.reset()
             out.append(s.prefill(piece)[0, args.ctx // 2 :])
         return out
 
-    corpus_reference = corpus_logits(loaded.model)
+    corpus_reference = {k: corpus_logits(loaded.model, t) for k, t in texts.items()}
     variants = args.variants.split(",")
     factors: dict[str, np.ndarray] = {}
-    shared: dict[int, np.ndarray] = {}
+    act_factors: dict[str, OrderedFactor] = {}
+    shared: dict[tuple[int, bool], np.ndarray | OrderedFactor] = {}
+    orders = {v.split("@")[0] == "gptq-act" for v in variants if v.split("@")[0].startswith("gptq")}
 
     def layer_done(_idx: int, stats: dict) -> None:
         for n, st in stats.items():
             if st.hessian is not None and st.tokens:
-                if id(st.hessian) not in shared:
-                    shared[id(st.hessian)] = cholesky_factor(st.hessian, args.damp)
-                factors[n] = shared[id(st.hessian)]
+                for act_order in orders:
+                    if (id(st.hessian), act_order) not in shared:
+                        shared[id(st.hessian), act_order] = cholesky_factor(
+                            st.hessian, args.damp, False, act_order
+                        )
+                    (act_factors if act_order else factors)[n] = shared[id(st.hessian), act_order]
         shared.clear()
 
     gptq = any(v.split("@")[0].startswith("gptq") for v in variants)
@@ -173,11 +198,15 @@ def main() -> None:
             imp = importance.get(name)
             if variant.startswith("theirs") or (group and not re.search(GROUPS[group], name)):
                 return theirs(w, kind, imp if variant == "theirs-imat" else None)
-            factor = factors.get(name) if variant.startswith("gptq") else None
+            factor = (
+                (act_factors if variant == "gptq-act" else factors).get(name)
+                if variant.startswith("gptq")
+                else None
+            )
             rounding = (
                 variant if variant in ggml_blocks.GPTQ else "gptq" if variant.startswith("gptq") else variant
             )
-            imp = imp if variant in ("imat", *ggml_blocks.GPTQ) else None
+            imp = imp if variant in ("imat", "gptq-act", *ggml_blocks.GPTQ) else None
             if kind in ggml_blocks.BLOCK_TYPES:
                 return ggml_blocks.held_values(
                     w, ggml_blocks.BLOCK_TYPES[kind].bits, rounding, args.threads, imp, factor
@@ -199,12 +228,12 @@ def main() -> None:
         types.clear()
         sim = simulate(loaded.model, recipe, act, threads=args.threads, weights=values_for(variant))
         out = logits(sim)
-        held = np.concatenate(
-            [
+        held_by = {}
+        for key, text in texts.items():
+            held_by[key] = [
                 (np.exp(log_softmax(r)) * (log_softmax(r) - log_softmax(o))).sum(-1)
-                for r, o in zip(corpus_reference, corpus_logits(sim))
+                for r, o in zip(corpus_reference[key], corpus_logits(sim, text))
             ]
-        )
         kl = np.concatenate(
             [
                 (np.exp(log_softmax(r)) * (log_softmax(r) - log_softmax(o))).sum(-1)
@@ -217,16 +246,21 @@ def main() -> None:
             "variant": variant,
             "kl_mean": float(kl.mean()),
             "kl_corpus": float((pr * (np.log(pr + 1e-30) - np.log(pt + 1e-30))).sum()),
-            "kl_heldout_mean": float(held.mean()),
-            "kl_heldout_stderr": float(held.std(ddof=1) / np.sqrt(held.size)),
-            "heldout_positions": int(held.size),
+        }
+        for key, per_chunk in held_by.items():
+            held = np.concatenate(per_chunk)
+            row[f"{key}_mean"] = float(held.mean())
+            row[f"{key}_stderr"] = float(held.std(ddof=1) / np.sqrt(held.size))
+            row["heldout_positions" if key == "kl_heldout" else f"{key}_positions"] = int(held.size)
+            row[f"{key}_chunk_sums"] = [float(c.sum()) for c in per_chunk]
+        row |= {
             "kl_median": float(np.median(kl)),
             "kl_max": float(kl.max()),
             "positions": int(kl.size),
             "types": dict(types),
         }
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if not k.endswith("_chunk_sums")}), flush=True)
     base = next((r for r in rows if r["variant"] == "theirs"), None)
     for r in rows:
         r["kl_mean_vs_theirs"] = None if base is None else round(r["kl_mean"] / base["kl_mean"], 3)
@@ -234,14 +268,32 @@ def main() -> None:
         r["kl_heldout_vs_theirs"] = (
             None if base is None else round(r["kl_heldout_mean"] / base["kl_heldout_mean"], 3)
         )
-    result = {**provenance(), "model": args.model, "mix": args.mix, "table_q8": args.table_q8, "rows": rows}
+        if base is not None and r is not base:
+            for key in texts:
+                r[f"{key}_paired_vs_theirs"] = paired_ratio(
+                    np.array(r[f"{key}_chunk_sums"]), np.array(base[f"{key}_chunk_sums"])
+                )
+    result = {
+        **provenance(),
+        "model": args.model,
+        "mix": args.mix,
+        "table_q8": args.table_q8,
+        "damp": args.damp,
+        **heldout_info,
+        "rows": rows,
+    }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     for r in rows:
+        paired = " | ".join(
+            f"{p['ratio']} [{p['ci95'][0]}, {p['ci95'][1]}]"
+            for k in texts
+            if (p := r.get(f"{k}_paired_vs_theirs")) is not None
+        )
         print(
             f"| {r['variant']} | {r['kl_mean']:.2e} | {r['kl_mean_vs_theirs']} | {r['kl_corpus']:.2e} "
-            f"| {r['kl_corpus_vs_theirs']} | {r['kl_heldout_mean']:.2e} | {r['kl_heldout_vs_theirs']} |"
+            f"| {r['kl_corpus_vs_theirs']} | {r['kl_heldout_mean']:.2e} | {r['kl_heldout_vs_theirs']} | {paired} |"
         )
 
 

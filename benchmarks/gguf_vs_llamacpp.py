@@ -19,7 +19,12 @@
    model in torch) over the parity prompts (pooled mean over positions, and corpus level: the KL of the
    position-averaged distributions), over the held-out text (`--corpus`, default the bundled
    `assets/corpus/heldout.txt`, which no calibration reads: chunks of `--ctx` tokens from an empty state,
-   second halves scored, as `lfm-export parity --corpus`), top-1 agreement; prefill (`--prompt-len` random ids, every position's
+   second halves scored, as `lfm-export parity --corpus`), and with `--heldout-docs N` over a larger held-out
+   text (`heldout_kl.heldout_text`: the first N documents of `examples/make_corpus.py`'s held-out split, none of
+   the calibration text's, written to `--work`; `kl_heldout_large_*`), top-1 agreement; per type our row's
+   ratios to llama.cpp's (`vs_llama_cpp`): prompts and corpus KL as points, each held-out text as a paired ratio
+   of pooled means with its 95% bootstrap interval over chunks (`heldout_kl.paired_ratio`); llama.cpp's file
+   of a type is measured once (a `-gptq` row's is the plain type's); prefill (`--prompt-len` random ids, every position's
    logits off: `prefill_last`) and decode tok/s, best of `--rounds`.
 5. Decode side by side (`--decode-repeats` R > 0): both files of a type open at once in the same process, same
    threads; R rounds, each decoding `--new-tokens` tokens greedily after the same `--prompt-len` prefill in
@@ -54,6 +59,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from heldout_kl import heldout_text, paired_ratio
 from provenance import provenance
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,8 +114,11 @@ def liquid_copy(model_dir: Path, dst: Path) -> Path:
 
 
 def measure(
-    folder: Path, prompts: list[np.ndarray], reference: list[np.ndarray], args, heldout: tuple | None = None
+    folder: Path, prompts: list[np.ndarray], reference: list[np.ndarray], args, heldout: list | None = None
 ) -> dict:
+    """KL, top-1 and speed of the file in `folder`; `heldout`: `(prefix, (chunks, reference logits))` per
+    held-out text, each giving `{prefix}_mean`, `_stderr`, `_positions` and `_chunk_sums` (per chunk, the KL
+    summed over its scored positions: what `heldout_kl.paired_ratio` resamples)."""
     from lfm_export.parity.metrics import log_softmax
     from lfm_export.runtime.gguf import GgufSession
 
@@ -126,21 +135,24 @@ def measure(
     pr, pt = np.concatenate(p_ref).mean(0), np.concatenate(p_test).mean(0)
     corpus = float((pr * (np.log(pr + 1e-30) - np.log(pt + 1e-30))).sum())
     held: dict = {}
-    if (
-        heldout is not None
-    ):  # as `lfm-export parity --corpus`: chunks from an empty state, second halves scored
-        pieces, held_ref = heldout
+    for prefix, texts in (
+        heldout or {}
+    ):  # as `lfm-export parity --corpus`: chunks from an empty state, second halves
+        pieces, held_ref = texts
         hk = []
         for piece, ref in zip(pieces, held_ref):
             s.reset()
             lr, lt = log_softmax(ref), log_softmax(s.prefill(piece)[0, piece.shape[1] // 2 :])
             hk.append((np.exp(lr) * (lr - lt)).sum(-1))
         h = np.concatenate(hk)
-        held = {
-            "kl_heldout_mean": float(h.mean()),
-            "kl_heldout_stderr": float(h.std(ddof=1) / np.sqrt(h.size)),
-            "heldout_positions": int(h.size),
-        }
+        held.update(
+            {
+                f"{prefix}_mean": float(h.mean()),
+                f"{prefix}_stderr": float(h.std(ddof=1) / np.sqrt(h.size)),
+                f"{prefix}_positions": int(h.size),
+                f"{prefix}_chunk_sums": [float(c.sum()) for c in hk],
+            }
+        )
     rng = np.random.default_rng(0)
     ids = rng.integers(16, s.vocab_size, (1, args.prompt_len))
     best_p = best_d = 0.0
@@ -165,6 +177,20 @@ def measure(
         "prefill_tok_s": round(best_p, 1),
         "decode_tok_s": round(best_d, 1),
     }
+
+
+def against(ours: dict, theirs: dict) -> dict:
+    """Our row's KL as ratios of llama.cpp's row of the same type: the prompts' pooled mean and corpus KL (point
+    values: 216 positions of four prompts) and, per held-out text, the paired ratio with its 95% bootstrap
+    interval over chunks (`heldout_kl.paired_ratio`)."""
+    out: dict = {
+        "kl_mean": round(ours["kl_mean"] / theirs["kl_mean"], 4),
+        "kl_corpus": round(ours["kl_corpus"] / theirs["kl_corpus"], 4),
+    }
+    for key in ours:
+        if key.endswith("_chunk_sums"):
+            out[key[: -len("_chunk_sums")]] = paired_ratio(np.array(ours[key]), np.array(theirs[key]))
+    return out
 
 
 def decode_round(s, ids: np.ndarray, new_tokens: int) -> float:
@@ -306,7 +332,16 @@ def main() -> None:
         help="held-out text for `kl_heldout_*`: KL over chunks of --ctx tokens, second halves (parity --corpus)",
     )
     ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument(
+        "--heldout-docs",
+        type=int,
+        default=0,
+        help="also KL over the first N documents of make_corpus.py's held-out split (`kl_heldout_large_*`, "
+        "written to --work; calibration documents left out), with paired ratios and bootstrap intervals",
+    )
     args = ap.parse_args()
+    if args.heldout_docs < 0:
+        raise SystemExit("--heldout-docs must be at least 0")
     if args.decode_blocks < 1 or args.decode_repeats < 0:
         raise SystemExit("--decode-blocks must be at least 1 and --decode-repeats at least 0")
 
@@ -328,6 +363,7 @@ def main() -> None:
         args.ckpt_dir.mkdir(parents=True, exist_ok=True)
         args.model = str(checkpoint_folder(args.model, args.ckpt_dir).resolve())
     prompts, reference, heldout = [], [], None
+    heldout_info: dict = {}
     if args.decode_only:
         from onnx_vs_genai import checkpoint_folder
 
@@ -344,13 +380,19 @@ def main() -> None:
         if loaded.tokenizer_file is not None:
             from lfm_export.parity.corpus import chunks, corpus_tokens
 
-            ids, bos = corpus_tokens(Path(loaded.tokenizer_file).parent, args.corpus)
-            pieces = chunks(ids, bos, args.ctx)
-            held_ref = []
-            for piece in pieces:
-                ref.reset()
-                held_ref.append(ref.prefill(piece)[0, args.ctx // 2 :])
-            heldout = (pieces, held_ref)
+            texts = [("kl_heldout", args.corpus)]
+            if args.heldout_docs:
+                path, heldout_info = heldout_text(args.heldout_docs, args.work / "heldout")
+                texts.append(("kl_heldout_large", path))
+            heldout = []
+            for prefix, text in texts:
+                ids, bos = corpus_tokens(Path(loaded.tokenizer_file).parent, text)
+                pieces = chunks(ids, bos, args.ctx)
+                held_ref = []
+                for piece in pieces:
+                    ref.reset()
+                    held_ref.append(ref.prefill(piece)[0, args.ctx // 2 :])
+                heldout.append((prefix, (pieces, held_ref)))
 
     src = liquid_copy(model_path, args.work / "hf")
     theirs_f32 = args.work / "theirs-f32.gguf"
@@ -363,6 +405,7 @@ def main() -> None:
     decode_threads = [int(t) for t in (args.decode_threads or str(args.threads)).split(",")]
     rows = []
     decode = {}
+    theirs_measured: dict[str, dict] = {}
     for kind in args.types.split(","):
         ours = args.work / f"ours-{kind}"
         cmd = [str(BIN / "lfm-export"), "gguf", args.model, "-o", str(ours), "--quant", kind, "--no-parity"]
@@ -381,20 +424,36 @@ def main() -> None:
             dst=str(theirs / "model.gguf"),
         )
         quant_s, quant_rss = timed([sys.executable, "-c", q], env)
+        base = kind.split("-")[0]
+        pair = []
         for who, folder, wall, rss in (
             ("lfm-export", ours, ours_s, ours_rss),
             ("llama.cpp", theirs, convert_s + quant_s, max(convert_rss, quant_rss)),
         ):
+            if args.decode_only:
+                measured = {}
+            elif (
+                who == "llama.cpp" and base in theirs_measured
+            ):  # the same file as that type's: measured once
+                measured = {**theirs_measured[base], "measured_with_type": theirs_measured[base]["type"]}
+            else:
+                measured = {"type": kind, **measure(folder, prompts, reference, args, heldout)}
+                if who == "llama.cpp":
+                    theirs_measured[base] = measured
             row = {
                 "type": kind,
                 "who": who,
                 "file_bytes": (folder / "model.gguf").stat().st_size,
                 "export_wall_s": round(wall, 2),
                 "export_peak_rss_bytes": rss,
-                **({} if args.decode_only else measure(folder, prompts, reference, args, heldout)),
+                **{k: v for k, v in measured.items() if k != "type"},
             }
+            pair.append(row)
+        if not args.decode_only:
+            pair[0]["vs_llama_cpp"] = against(pair[0], pair[1])
+        for row in pair:
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if not k.endswith("_chunk_sums")}), flush=True)
         for t in decode_threads if args.decode_repeats else ():
             key = kind if len(decode_threads) == 1 else f"{kind}@{t}t"
             decode[key] = side_by_side(ours, theirs, args, t)
@@ -409,6 +468,7 @@ def main() -> None:
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "f32_against_llama_cpp": same,
+        **heldout_info,
         "rows": rows,
         **({"decode_side_by_side": decode} if decode else {}),
     }
@@ -433,6 +493,15 @@ def main() -> None:
             f"{r['top1_agreement']:.4f} | {r['prefill_tok_s']} | {r['decode_tok_s']} | {r['export_wall_s']} | "
             f"{r['export_peak_rss_bytes'] / 1e6:.0f} |"
         )
+    for r in rows:
+        if "vs_llama_cpp" in r:
+            v = r["vs_llama_cpp"]
+            held = "; ".join(
+                f"{k}: {x['ratio']}x [{x['ci95'][0]}, {x['ci95'][1]}] over {x['chunks']} chunks"
+                for k, x in v.items()
+                if isinstance(x, dict)
+            )
+            print(f"{r['type']} vs llama.cpp: prompts {v['kl_mean']}x, corpus {v['kl_corpus']}x; {held}")
     for kind, d in decode.items():
         print(
             f"decode {kind}: ours median {d['ours']['median']} [{d['ours']['min']}, {d['ours']['max']}], theirs "

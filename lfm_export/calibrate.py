@@ -55,6 +55,13 @@ ERROR_ROWS = 256
 of a row is `N K^2` multiply-adds for the whole matrix, as much as its GPTQ rounding (LFM2-1.2B: about 4e12)."""
 FINAL_NORM = "model.embedding_norm.weight"
 """The final RMSNorm (checkpoints call it `embedding_norm`), whose output is the lm_head's input."""
+KEPT_ACT_ORDER = False
+"""Whether the factors a calibration keeps for a format that rounds its own blocks by GPTQ (GGUF `-gptq`) are of
+the Hessian with its inputs by descending diagonal (`lfm_export.rounding.OrderedFactor`: GPTQ's act-order with
+static groups, `gptq_on_grid`). False: measured on whole files against llama.cpp's over 28672 held-out
+positions, act-order lowered the KL on `small` and `tiny` q4_0 but raised it on `tiny-moe` q4_0 beyond the
+bootstrap interval (docs/backends/gguf.md), so `-gptq` keeps the column order; the benchmark's `gptq-act`
+rounding uses it."""
 RANDOM_IDS = "random ids"
 RANDOM_IDS_SEED = 4321
 
@@ -355,7 +362,7 @@ def calibrated_table(
                 kept = None
                 if s.tokens and id(s) not in kept_f32 and s.hessian is not None:
                     hessian, s.hessian = s.hessian, None  # no longer needed: its buffer is scratch
-                    kept_f32[id(s)] = cholesky_factor(hessian, overwrite=True)
+                    kept_f32[id(s)] = cholesky_factor(hessian, overwrite=True, act_order=KEPT_ACT_ORDER)
                     del hessian
                 kept = kept_f32.get(id(s)) if s.tokens else None
                 table.add(w, bits, block, None, None, s.mean_square if s.tokens else None, kept)

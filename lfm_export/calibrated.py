@@ -48,9 +48,9 @@ class Table:
     """Per matrix (index into `matrices`), the inputs' per-channel mean square `[K]` it was calibrated with,
     for a format whose own search weighs its error by it (GGUF's K-quants)."""
     factors: dict[int, np.ndarray] = field(default_factory=dict)
-    """Per matrix, the Hessian's Cholesky factor `[K, K]` (`lfm_export.rounding.cholesky_factor`) of its inputs,
-    kept only for a format that rounds its own blocks by GPTQ (GGUF `-gptq`); linears that share an input share
-    the array."""
+    """Per matrix, the Hessian's Cholesky factor `[K, K]` (`lfm_export.rounding.cholesky_factor`; with act-order
+    an `OrderedFactor`, the factor and its channel order) of its inputs, kept only for a format that rounds its
+    own blocks by GPTQ (GGUF `-gptq`); linears that share an input share the object."""
     rows_served: int = 0
     more: Callable[[], bool] | None = None
     """A streamed calibration's next step (`lfm_export.calibrate.calibrated_table(stream=True)`): run on a

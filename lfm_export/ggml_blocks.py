@@ -25,7 +25,7 @@ import numpy as np
 
 from lfm_export.contract.session import DEFAULT_THREADS
 from lfm_export.quant import Quantized, _f16, quantize_block
-from lfm_export.rounding import gptq_on_blocks, gptq_on_grid, refit_scales
+from lfm_export.rounding import Factor, gptq_on_blocks, gptq_on_grid, refit_scales
 
 QK = 32
 """Values per Q8_0 / Q4_0 block."""
@@ -78,7 +78,7 @@ def dequantize(data: np.ndarray, kind: BlockType) -> np.ndarray:
     return (d * q).reshape(n, -1)
 
 
-def on_block_grid(w: np.ndarray, q: Quantized, factor: np.ndarray, threads: int = 1) -> Quantized:
+def on_block_grid(w: np.ndarray, q: Quantized, factor: Factor, threads: int = 1) -> Quantized:
     """Symmetric blocks `q` of `w` with their scales rounded to fp16 (as the file holds them) and the codes
     chosen on those scales by `gptq_on_grid` (`factor`: the inputs' Hessian Cholesky factor): the scales fitted
     to the original weights before the sweep (`-gptq`)."""
@@ -135,7 +135,7 @@ def quantize(
     rounding: str = "nearest",
     threads: int = DEFAULT_THREADS,
     importance: np.ndarray | None = None,
-    factor: np.ndarray | None = None,
+    factor: Factor | None = None,
 ) -> np.ndarray:
     """`w [N, K]` as ggml bytes: the core quantizer's symmetric codes in blocks of 32 (`rounding` its search;
     `imat` is the core's `fit` weighted by `importance [K]`, the calibrated inputs' mean square; `gptq` the
@@ -158,7 +158,7 @@ def held_values(
     rounding: str = "nearest",
     threads: int = DEFAULT_THREADS,
     importance: np.ndarray | None = None,
-    factor: np.ndarray | None = None,
+    factor: Factor | None = None,
 ) -> np.ndarray:
     """The float32 values a GGUF artifact holds for `w` at `bits`: `quantize` then ggml's dequantization."""
     return dequantize(quantize(w, bits, rounding, threads, importance, factor), BY_BITS[bits])

@@ -45,7 +45,7 @@ from lfm_export.quant import (
     quantize_block,
     run_chunks,
 )
-from lfm_export.rounding import gptq_on_blocks, gptq_on_grid, refit_scales
+from lfm_export.rounding import Factor, gptq_on_blocks, gptq_on_grid, refit_scales
 
 QK_K = 256
 """Values per K-quant super-block."""
@@ -100,7 +100,7 @@ def _fitted(
     kind: KType,
     importance: np.ndarray | None,
     threads: int,
-    factor: np.ndarray | None = None,
+    factor: Factor | None = None,
     form: str = "gptq",
 ) -> np.ndarray:
     """The bytes `[N, K / 256 * block_bytes]` of `w [N, K]` at K-quant `kind`, scales by `fit_super_blocks`
@@ -144,7 +144,7 @@ def _fitted(
 
 
 def _gptq_codes(
-    w: np.ndarray, fit: SuperBlocks, sub: int, lo: int, hi: int, factor: np.ndarray, threads: int = 1
+    w: np.ndarray, fit: SuperBlocks, sub: int, lo: int, hi: int, factor: Factor, threads: int = 1
 ) -> np.ndarray:
     """`fit.q`'s shape of codes chosen by `gptq_on_grid` on `fit`'s grid (`d * sc * q - dmin * mc`, the
     products in float32 as ggml's dequantization forms them)."""
@@ -259,7 +259,7 @@ def _refit(w: np.ndarray, fit: SuperBlocks, q: np.ndarray, sub: int, factor: np.
 
 
 def _gptq_fixed(
-    w: np.ndarray, kind: KType, importance: np.ndarray | None, threads: int, factor: np.ndarray
+    w: np.ndarray, kind: KType, importance: np.ndarray | None, threads: int, factor: Factor
 ) -> np.ndarray:
     """`_fitted`'s bytes with the codes chosen by GPTQ on the scales fitted to the original weights
     (`gptq_on_grid`; `-gptq`), over the whole matrix at once (its column updates run along every
@@ -305,7 +305,7 @@ def pack_q6_k(
     rounding: str = "nearest",
     threads: int = DEFAULT_THREADS,
     importance: np.ndarray | None = None,
-    factor: np.ndarray | None = None,
+    factor: Factor | None = None,
 ) -> np.ndarray:
     """`w [N, K]` (K a multiple of 256) as Q6_K bytes `[N, K / 256 * 210]`."""
     if rounding in FITTED:
@@ -382,7 +382,7 @@ def pack_q4_k(
     rounding: str = "nearest",
     threads: int = DEFAULT_THREADS,
     importance: np.ndarray | None = None,
-    factor: np.ndarray | None = None,
+    factor: Factor | None = None,
 ) -> np.ndarray:
     """`w [N, K]` (K a multiple of 256) as Q4_K bytes `[N, K / 256 * 144]`."""
     if rounding in FITTED:
@@ -395,7 +395,7 @@ def pack_q5_k(
     rounding: str = "nearest",
     threads: int = DEFAULT_THREADS,
     importance: np.ndarray | None = None,
-    factor: np.ndarray | None = None,
+    factor: Factor | None = None,
 ) -> np.ndarray:
     """`w [N, K]` (K a multiple of 256) as Q5_K bytes `[N, K / 256 * 176]`."""
     if rounding in FITTED:
@@ -408,7 +408,7 @@ def pack_q5_0(
     rounding: str = "nearest",
     threads: int = DEFAULT_THREADS,
     importance: np.ndarray | None = None,
-    factor: np.ndarray | None = None,
+    factor: Factor | None = None,
 ) -> np.ndarray:
     """`w [N, K]` (K a multiple of 32) as Q5_0 bytes `[N, K / 32 * 22]`: the core's symmetric 5-bit codes."""
     n, k = w.shape
@@ -476,7 +476,7 @@ def quantize(
     rounding: str = "nearest",
     threads: int = DEFAULT_THREADS,
     importance: np.ndarray | None = None,
-    factor: np.ndarray | None = None,
+    factor: Factor | None = None,
 ) -> np.ndarray:
     """`w [N, K]` as ggml bytes of type `kind`; `importance [K]` weighs a fitted rounding's error (`FITTED`);
     `factor` (`GPTQ` roundings: `lfm_export.rounding.cholesky_factor` of the inputs' Hessian, None for a weight
@@ -492,7 +492,7 @@ def held_values(
     rounding: str = "nearest",
     threads: int = DEFAULT_THREADS,
     importance: np.ndarray | None = None,
-    factor: np.ndarray | None = None,
+    factor: Factor | None = None,
 ) -> np.ndarray:
     """The float32 values a GGUF artifact holds for `w` at type `kind`: `quantize` then ggml's dequantization."""
     return dequantize(quantize(w, kind, rounding, threads, importance, factor), kind)

@@ -16,7 +16,10 @@ Each entry point is a function of (weight `[N, K]`, bits, block size, calibratio
   fitted by the caller's search when the sweep reaches it, on the block's columns as GPTQ has updated them
   (GPTQ with groups); `refit_scales` fits a format's scales to chosen codes by least squares on the
   Hessian-weighted error. Those two serve `benchmarks/gguf_rounding_sim.py`'s `gptq-blocks` / `gptq-nols`
-  (`lfm_export.ggml_blocks.GPTQ`), which no recipe names.
+  (`lfm_export.ggml_blocks.GPTQ`), which no recipe names. Given an `OrderedFactor`
+  (`cholesky_factor(act_order=True)`), `gptq_on_grid` rounds the columns in descending order of the Hessian's
+  diagonal on the same fixed grid (act-order with static groups: `benchmarks/gguf_rounding_sim.py`'s
+  `gptq-act`; GGUF `-gptq` keeps the column order, `lfm_export.calibrate.KEPT_ACT_ORDER`).
 - `gptq` (`-gptq`): GPTQ (Frantar et al., 2022). Columns are rounded left to right; each column's rounding
   error is passed on to the columns not yet rounded, weighted by the Hessian `H = E[x x^T]` (damped), so later
   columns absorb it where the inputs are correlated. A block's scale is chosen when its first column is reached,
@@ -49,6 +52,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -129,9 +133,38 @@ def weighted_search(
     return Quantized(codes, scales, None, bits, block_size)
 
 
-def cholesky_factor(hessian: np.ndarray, damp: float = DAMP, overwrite: bool = False) -> np.ndarray:
+@dataclass(frozen=True)
+class OrderedFactor:
+    """The factor of GPTQ with act-order (`cholesky_factor(act_order=True)`): `upper` is the upper Cholesky
+    factor of the damped Hessian with its inputs in `order` (`H[order][:, order]`), `order` the input channels
+    by descending `diag(H)` (a stable sort: ties and dead channels keep their index order, dead ones last).
+    `gptq_on_grid` given one rounds the columns in that order."""
+
+    upper: np.ndarray
+    order: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.upper.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.upper.nbytes + self.order.nbytes
+
+
+Factor = np.ndarray | OrderedFactor
+"""What GPTQ rounds with: the plain upper factor (columns left to right) or an `OrderedFactor` (act-order)."""
+
+
+def cholesky_factor(
+    hessian: np.ndarray, damp: float = DAMP, overwrite: bool = False, act_order: bool = False
+) -> Factor:
     """Upper triangular `A` (float32) with `A A^T = H + damp * mean(diag H) I`, dead channels (zero variance) set
-    to 1 before damping: the factor `gptq` and `gptq_on_grid` round with.
+    to 1 before damping: the factor `gptq` and `gptq_on_grid` round with. `act_order`: the factor of
+    `P^T H P` instead, `P` the input channels by descending `diag(H)`, as an `OrderedFactor` (GPTQ's act-order:
+    the channels with the largest inputs are rounded first, so their errors are the ones later columns
+    absorb); the permutation is applied while the float32 copy below is formed, so it costs neither a second
+    factorisation nor a `K^2` float64 copy.
 
     With `J` the reversal permutation and `J H J = M M^T` (lower Cholesky), `A = J M J`: one Cholesky (torch, on
     the set thread count), `K^3 / 3` multiply-adds, in float32 (the damping bounds the condition number; float64
@@ -149,6 +182,9 @@ def cholesky_factor(hessian: np.ndarray, damp: float = DAMP, overwrite: bool = F
 
     h = torch.from_numpy(hessian) if overwrite else torch.tensor(np.asarray(hessian, np.float64))
     k = h.shape[0]
+    order = None
+    if act_order:  # descending diagonal; dead channels (<= 0) last, in index order
+        order = torch.sort(-torch.diagonal(h).clamp_min(0), stable=True).indices
     dead = torch.diagonal(h) <= 0
     h[dead, :] = 0.0
     h[:, dead] = 0.0
@@ -157,14 +193,20 @@ def cholesky_factor(hessian: np.ndarray, damp: float = DAMP, overwrite: bool = F
     h.diagonal().add_(damp * (mean if mean > 0 else 1.0))
     step = max(1, (1 << 22) // max(k, 1))
     flipped = torch.empty((k, k), dtype=torch.float32)
-    for r0 in range(0, k, step):  # J H J in float32, a row block at a time (no K^2 float64 temporary)
+    rev = None if order is None else order.flip(0)
+    # J H J (act-order: J P^T H P J) in float32, a row block at a time (no K^2 float64 copy)
+    for r0 in range(0, k, step):
         r1 = min(k, r0 + step)
-        flipped[r0:r1] = h[k - r1 : k - r0].flip(0, 1)
+        if rev is None:
+            flipped[r0:r1] = h[k - r1 : k - r0].flip(0, 1)
+        else:
+            flipped[r0:r1] = h[rev[r0:r1]][:, rev]
     low, info = torch.linalg.cholesky_ex(flipped)
     if int(info):  # not positive definite in float32: factor in float64
-        low = torch.linalg.cholesky(h.flip(0, 1)).float()
+        low = torch.linalg.cholesky(h.flip(0, 1) if rev is None else h[rev][:, rev]).float()
     del h, flipped
-    return low.flip(0, 1).numpy()
+    upper = low.flip(0, 1).numpy()
+    return upper if order is None else OrderedFactor(upper, order.numpy().astype(np.int64))
 
 
 ROUND_CHUNK_ROWS = 256
@@ -411,7 +453,7 @@ def gptq_on_grid(
     offset: np.ndarray | None,
     lo: int,
     hi: int,
-    factor: np.ndarray,
+    factor: Factor,
     threads: int = 1,
 ) -> np.ndarray:
     """Integer codes `[N, K]` (int16) of `w [N, K]` on the grid `step * q - offset` (`step`, `offset`: `[N, K]`
@@ -422,9 +464,18 @@ def gptq_on_grid(
     the choice. `threads`: workers for the within-batch loop (row slices; the codes do not depend on it).
 
     The grid is fixed before the sweep (fitted to the original weights): GGUF `-gptq`'s form (`gptq_on_blocks`
-    fits each block's grid during the sweep instead)."""
+    fits each block's grid during the sweep instead). An `OrderedFactor` (act-order with static groups): the
+    columns are rounded in its `order`, each on its own value of the grid (so on its own block's scales, fitted
+    before the sweep), and the codes returned in the original column order."""
     st = np.asarray(step, np.float32)
     off = None if offset is None else np.asarray(offset, np.float32)
+    if isinstance(factor, OrderedFactor):
+        o = factor.order
+        x = np.asarray(w, np.float32)[:, o]
+        codes = gptq_on_grid(x, st[:, o], None if off is None else off[:, o], lo, hi, factor.upper, threads)
+        out = np.empty_like(codes)
+        out[:, o] = codes
+        return out
 
     def fixed(_cols: np.ndarray, c0: int) -> tuple[np.ndarray, np.ndarray | None]:
         c1 = c0 + _cols.shape[1]
@@ -450,6 +501,8 @@ def gptq_on_blocks(
     file holds the grid the codes were chosen on. `block` a multiple of `GRID_BATCH` dividing `K`. The products
     run on one BLAS thread (`one_blas_thread`)."""
     k = w.shape[1]
+    if isinstance(factor, OrderedFactor):
+        raise ValueError("gptq_on_blocks fits blocks in column order; it takes no act-order factor")
     if block % GRID_BATCH or k % block:
         raise ValueError(f"block {block}: a multiple of {GRID_BATCH} dividing {k} expected")
     return _sweep(w, block, fit, lo, hi, factor, threads, fixed_grid=False)
@@ -479,7 +532,7 @@ def _sweep(
     n, k = w.shape
     a = np.asarray(factor, np.float32)
     inv_diag = (np.float32(1) / np.diag(a)).astype(np.float32)
-    x = np.asarray(w, np.float32)
+    x = np.ascontiguousarray(w, np.float32)  # row-major: `_grid_block`'s transposed copies must be copies
     resid = np.empty((n, k), np.float32)
     codes = np.empty((n, k), np.int16)
     tasks = _row_tasks(n, threads)

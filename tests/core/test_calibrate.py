@@ -145,3 +145,25 @@ def test_hessian_from_the_upper_blocks_and_the_float32_error_tally(monkeypatch) 
     got = calibrate._output_errors(w, values, h.astype(np.float32))
     for value, err in zip(values, got):
         assert abs(err / hessian_error(w, value, h) - 1) < 1e-6
+
+
+def test_kept_factors_carry_the_act_order_where_it_is_switched_on(monkeypatch) -> None:
+    """`KEPT_ACT_ORDER` (off for GGUF `-gptq`; the benchmark's `gptq-act`): the calibration then keeps, per
+    input, the factor of the Hessian in descending-diagonal order with that order, formed by the one
+    factorisation it runs anyway."""
+    import numpy as np
+
+    from lfm_export import calibrate
+    from lfm_export.recipes import parse_recipe
+    from lfm_export.rounding import OrderedFactor
+
+    monkeypatch.setattr(calibrate, "KEPT_ACT_ORDER", True)
+    loaded = load_model("tiny", lazy=True)
+    table, _ = calibrate.calibrated_table(
+        loaded, parse_recipe("int4-b32-gptq"), tokens=256, keep_factors=True
+    )
+    w = loaded.weights.get("model.layers.4.feed_forward.w2.weight").numpy()
+    f = table.find_importance(w, 4, 32, "factors")
+    imp = table.find_importance(w, 4, 32)
+    assert isinstance(f, OrderedFactor) and f.upper.shape == (w.shape[1],) * 2
+    assert sorted(f.order) == list(range(w.shape[1])) and f.order[0] == np.argmax(imp)
