@@ -869,11 +869,16 @@ def merge_entry(models: dict[str, Any], name: str, entry: dict[str, Any]) -> Non
     """Add an earlier run's `entry` for model `name`: its points replace those of the same backend and recipe
     already there, the others stay; each point keeps the date of the run that measured it (`run_date`), and the
     verdicts are recomputed (weight bytes and KL of a recipe are the same in every run; decode speed is not);
-    `runs` holds every merged run's provenance by date."""
+    `runs` holds every merged run's provenance by date (`DATE #2`, ... for another run of the same minute)."""
+    old = models.get(name)
     date = entry["run"].get("date") if entry.get("run") else None
+    known = {**(old or {}).get("runs", {}), **entry.get("runs", {})}
+    if date in known and known[date] != entry["run"]:
+        date = next(
+            f"{date} #{n}" for n in range(2, 100) if known.get(f"{date} #{n}", entry["run"]) == entry["run"]
+        )
     new = [{**p, "run_date": p.get("run_date", date)} for p in entry["points"]]
     runs = {**entry.get("runs", {}), **({date: entry["run"]} if date else {})}
-    old = models.get(name)
     if old is None:
         models[name] = {**entry, "points": new, "runs": runs}
         return
