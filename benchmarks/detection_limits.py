@@ -67,7 +67,7 @@ from provenance import provenance
 from lfm_export.check import small_shape
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_RUNS = ("onnx:int4:tiny", "onnx:int4:tiny-moe", "executorch:8da4w:tiny", "mlx:int4:tiny")
+DEFAULT_RUNS = ("onnx:int4:tiny", "onnx:int4:tiny-moe", "executorch:int4-b32-a8:tiny", "mlx:int4:tiny")
 MATRICES = ("w2", "out_proj", "in_proj", "expert")
 WRONG = ("other_weights", "dropped_conv_state", "kv_off_by_one", "routing_scale_dropped")
 WRONG_SCENARIOS = ("prefill", "decode", "chunked_prefill")

@@ -17,7 +17,7 @@ A recipe says how weights and activations are represented; a backend adds only i
     ...-awq                                     activation-aware per-channel scales folded into the RMSNorm
                                                 weights before quantization (`lfm_export.awq`); last
 
-Aliases from other ecosystems map onto these: `8da4w` = `int4-b32-a8`, `8da8w` = `int8-pc-a8` (ExecuTorch's
+Aliases from other ecosystems map onto these: `8da4w` = `int4-b128-a8` (ExecuTorch's own group size for it), `8da8w` = `int8-pc-a8` (ExecuTorch's
 own `8da8w` is per channel: torchao `PerAxis(0)` at its group size 0, the only int8 form XNNPACK lowers), `int4`
 = `int4-b32`, `int8` = `int8-b32`. Every recipe belongs to one parity gate family (`gate_family`).
 
@@ -93,7 +93,7 @@ DEFAULT_CONTEXT_CAP = 32768
 KEEP_FLOAT = ("moe router", "norms", "conv and KV state", "rotary tables")
 
 ALIASES = {
-    "8da4w": "int4-b32-a8",
+    "8da4w": "int4-b128-a8",
     "8da8w": "int8-pc-a8",
     "q4": "int4-b32",
     "q8": "int8-b32",

@@ -1,7 +1,7 @@
 """ExecuTorch recipes: a core `lfm_export.recipes.Recipe` plus the ExecuTorch knobs `max_prefill` and
 `delegate`.
 
-Supported: `fp32`, `int4-bN-a8` (`8da4w` = `int4-b32-a8`; `--group-size` picks N) and `int8-pc-a8` (`8da8w`:
+Supported: `fp32`, `int4-bN-a8` (`8da4w` = `int4-b128-a8`; `--group-size` picks N) and `int8-pc-a8` (`8da8w`:
 int8 weights per output channel, `--group-size 0` in ExecuTorch's own terms), which XNNPACK runs with int8
 activations (torchao's 8da4w / 8da8w forms, per-token asymmetric int8 activations: `lfm_export.quant`'s
 `int8-token`). A quantized recipe holds the lm_head at int8 per output channel with int8 activations (XNNPACK's
@@ -86,7 +86,7 @@ class ExecuTorchRecipe:
             if r.bits == 8 and not r.per_channel:
                 raise UnsupportedError(
                     f"{r.name}: ExecuTorch's XNNPACK lowers int8 weights per channel only, not in blocks; "
-                    "use int8-pc-a8 (8da8w, --group-size 0) or int4-b32-a8 (8da4w)"
+                    "use int8-pc-a8 (8da8w, --group-size 0) or int4-b128-a8 (8da4w)"
                 )
             if r.per_channel and (r.head_bits == 4 or r.embedding_bits == 4):
                 raise UnsupportedError(
