@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/lfm-export onnx tiny -o $(DEMO_OUT) --quant int4 --force
+	$(BIN)/lfm-export onnx tiny -o $(DEMO_OUT) --quant int4-b128-gptq --force
 	$(BIN)/lfm-export run $(DEMO_OUT) --prompt "Once upon a time" --max-new-tokens 120
 	$(BIN)/lfm-export run $(DEMO_OUT) --chat --prompt "What does a cow say?" --max-new-tokens 40
 
