@@ -97,7 +97,17 @@ def export_ours(ckpt: Path, work: Path, spec: str, args: argparse.Namespace) -> 
     folder = work / f"ours-{spec}"
     if args.reuse and (folder / "model.pte").is_file():
         return folder, 0.0
-    cmd = [sys.executable, "-m", "lfm_export.cli", "executorch", str(ckpt), "-o", str(folder), "--quant", name]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lfm_export.cli",
+        "executorch",
+        str(ckpt),
+        "-o",
+        str(folder),
+        "--quant",
+        name,
+    ]
     cmd += ["--max-seq-len", str(args.context), "--max-prefill", str(args.prompt_len), "--no-parity"]
     cmd += ["--force", "--no-card", "--threads", str(max(args.threads))]
     if tables == "h4":
@@ -130,7 +140,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         w = json.loads(args.worker)
-        print(json.dumps(worker(w["paths"], w["threads"], w["rounds"], w["prompt_len"], w["new"], w["vocab"])))
+        print(
+            json.dumps(worker(w["paths"], w["threads"], w["rounds"], w["prompt_len"], w["new"], w["vocab"]))
+        )
         return
     import quality_per_byte
     from onnx_vs_genai import checkpoint_folder
