@@ -91,12 +91,13 @@ def worker(paths: dict[str, str], threads: int, rounds: int, prompt_len: int, ne
     return runs
 
 
-def export_ours(ckpt: Path, work: Path, spec: str, args: argparse.Namespace) -> tuple[Path, float]:
-    """`lfm-export executorch` of `ckpt` at `spec` (`NAME` or `NAME+h4`); its folder and wall seconds."""
+def export_ours(ckpt: Path, work: Path, spec: str, args: argparse.Namespace) -> tuple[Path, float | None]:
+    """`lfm-export executorch` of `ckpt` at `spec` (`NAME` or `NAME+h4`); its folder and wall seconds (None:
+    reused from an earlier run, `--reuse`)."""
     name, _, tables = spec.partition("+")
     folder = work / f"ours-{spec}"
     if args.reuse and (folder / "model.pte").is_file():
-        return folder, 0.0
+        return folder, None
     cmd = [
         sys.executable,
         "-m",
@@ -153,7 +154,7 @@ def main() -> None:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     folders: dict[str, Path] = {}
-    export_s: dict[str, float] = {}
+    export_s: dict[str, float | None] = {THEIRS: None}
     for spec in args.ours:
         folders[spec], export_s[spec] = export_ours(ckpt, work, spec, args)
     theirs = work / THEIRS
