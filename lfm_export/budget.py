@@ -38,8 +38,8 @@ import numpy as np
 
 from lfm_export.contract.errors import UnsupportedError, UserError
 from lfm_export.loading import LoadedModel
-from lfm_export.precision import held_as
-from lfm_export.recipes import CALIBRATED_ROUNDINGS, WEIGHT_BITS, Recipe
+from lfm_export.precision import held_as, mix_word
+from lfm_export.recipes import CALIBRATED_ROUNDINGS, PER_CHANNEL, WEIGHT_BITS, Recipe
 
 CANDIDATES = ((8, 32), (8, 64), (8, 128), (4, 32), (4, 64), (4, 128))
 """The precisions a group may take on every backend: (bits, block size)."""
@@ -57,7 +57,12 @@ size budget)."""
 
 def candidates(recipe: Any) -> tuple[tuple[int, int], ...]:
     """The (bits, block size) a group of `recipe` (a backend's recipe object, or a core `Recipe`) may take:
-    `CANDIDATES`, and the `LOW_BIT_CANDIDATES` whose bits the backend's recipe lists in `mix_bits`."""
+    the backend recipe's own `mix_candidates` where it has them (ExecuTorch's XNNPACK: int4 in blocks, int8 per
+    channel, block `PER_CHANNEL`), else `CANDIDATES` and the `LOW_BIT_CANDIDATES` whose bits the backend's
+    recipe lists in `mix_bits`."""
+    own = getattr(recipe, "mix_candidates", None)
+    if own is not None:
+        return tuple(own)
     extra = getattr(recipe, "mix_bits", WEIGHT_BITS)
     return CANDIDATES + tuple(c for c in LOW_BIT_CANDIDATES if c[0] in extra)
 
@@ -109,7 +114,8 @@ class Group:
     tensors: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def fits(self, block: int) -> bool:
-        return all(shape[1] % block == 0 for shape in self.tensors.values())
+        """Whether `block` divides every tensor's input dimension (`PER_CHANNEL`: always)."""
+        return block == PER_CHANNEL or all(shape[1] % block == 0 for shape in self.tensors.values())
 
     def nbytes(self, bits: int, block: int, symmetric: bool, recipe: Any = None) -> int:
         """Bytes the group's tensors take at `bits` in blocks of `block` as `recipe`'s backend writes them
@@ -123,10 +129,10 @@ TABLE_GROUP = "head+embedding"
 
 
 def core_bytes(shape: tuple[int, ...], bits: int, block: int, symmetric: bool) -> int:
-    """The core count of a quantized `[rows, K]` tensor: codes at `bits`, one float32 scale per block and, for
-    `-asym`, a byte of zero point per block."""
+    """The core count of a quantized `[rows, K]` tensor: codes at `bits`, one float32 scale per block (per
+    row for `PER_CHANNEL`) and, for `-asym`, a byte of zero point per block."""
     n = int(np.prod(shape))
-    return n * bits // 8 + n // block * (4 + (0 if symmetric else 1))
+    return n * bits // 8 + n // (block or shape[-1]) * (4 + (0 if symmetric else 1))
 
 
 def stored_bytes(
@@ -242,7 +248,7 @@ def measure(
                     replaced = {}
                     for name in group.tensors:
                         w = params[name].detach().float().numpy()
-                        q = quantize_weight(w, each, bits, block=block)
+                        q = quantize_weight(w, each, bits, block=block or w.shape[-1])
                         replaced[name] = torch.from_numpy(q.dequantize())
                         if name == "model.embed_tokens.weight" and loaded.config.tie_word_embeddings:
                             replaced["lm_head.weight"] = replaced[name]
@@ -383,7 +389,7 @@ def plan(
     mix = tuple(
         (pattern, offered[c][0], offered[c][1]) for g, c in zip(found, chosen) for pattern in g.patterns
     )
-    words = [f"int{b}-b{bs}" for b, bs in offered]
+    words = [mix_word(b, bs) for b, bs in offered]
     entry = {
         "request": budget.text,
         "candidates": words,

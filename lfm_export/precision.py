@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lfm_export.contract.errors import UnsupportedError
-from lfm_export.recipes import Recipe
+from lfm_export.recipes import PER_CHANNEL, Recipe
 
 BITS = "bits"
 HEAD = "head_bits"
@@ -103,9 +103,14 @@ def mix_rules(recipe: Recipe | None) -> tuple[Rule, ...]:
     if recipe is None or not recipe.mix:
         return ()
     return tuple(
-        Rule(pattern, CHOSEN, f"budget: int{bits}-b{block} chosen for this tensor group", bits, block)
+        Rule(pattern, CHOSEN, f"budget: {mix_word(bits, block)} chosen for this tensor group", bits, block)
         for pattern, bits, block in recipe.mix
     )
+
+
+def mix_word(bits: int, block: int) -> str:
+    """A mix entry's precision: `int4-b64`, or `int8-pc` for block `PER_CHANNEL`."""
+    return f"int{bits}-" + ("pc" if block == PER_CHANNEL else f"b{block}")
 
 
 def rules(recipe: Recipe | None = None) -> tuple[Rule, ...]:
@@ -130,17 +135,24 @@ def held_as(name: str, recipe: Recipe) -> int | None:
 
 
 def block_as(name: str, recipe: Recipe, k: int) -> int:
-    """The block tensor `name` (input dimension `k`) is quantized in: its mix rule's, else the recipe's."""
+    """The block tensor `name` (input dimension `k`) is quantized in: its mix rule's (`k` for a per-channel
+    one), else the recipe's."""
     rule = rule_for(name, recipe)
+    if rule.held == CHOSEN and rule.block == PER_CHANNEL:
+        return k
     return rule.block if rule.held == CHOSEN and rule.block else recipe.block_for(k)
 
 
 def label(bits: int | None, recipe: Recipe, block: int | None = None) -> str:
-    """The manifest's word for a tensor held at `bits` (in blocks of `block`, default the recipe's): `int4-b32`,
+    """The manifest's word for a tensor held at `bits` (in blocks of `block`, default the recipe's; a mix's
+    `PER_CHANNEL`: per channel): `int4-b32`,
     `int8-pc`, `int4-b64-asym`, or `float`."""
     if bits is None:
         return FLOAT
-    word = f"b{block}" if block else "pc" if recipe.per_channel else f"b{recipe.block_size}"
+    if block == PER_CHANNEL:
+        word = "pc"
+    else:
+        word = f"b{block}" if block else "pc" if recipe.per_channel else f"b{recipe.block_size}"
     return f"int{bits}-{word}" + ("" if recipe.symmetric else "-asym")
 
 
@@ -167,7 +179,7 @@ def manifest_entry(names: Iterable[str], recipe: Recipe | dict[str, Any]) -> dic
         ],
     }
     if recipe.mix:
-        entry["mix"] = [{"match": p, "held": f"int{b}-b{bs}"} for p, b, bs in recipe.mix]
+        entry["mix"] = [{"match": p, "held": mix_word(b, bs)} for p, b, bs in recipe.mix]
     return entry
 
 

@@ -123,7 +123,8 @@ class Recipe:
     - `awq`: activation-aware scales folded into the RMSNorm weights before quantization (`lfm_export.awq`).
     - `mix`: per tensor group, `(pattern, bits, block_size)` chosen to a budget (`lfm_export.budget`): each
       overrides the recipe's bits and block for the linears whose name matches `pattern` (a
-      `lfm_export.precision` pattern); empty: one precision for every linear.
+      `lfm_export.precision` pattern; block `PER_CHANNEL`, int8 only: one scale per output channel, where a
+      backend holds int8 no other way, ExecuTorch's XNNPACK); empty: one precision for every linear.
     """
 
     dtype: str = "fp32"
@@ -175,8 +176,10 @@ class Recipe:
         if self.mix and not self.quantized:
             raise UnsupportedError("a precision mix (--budget) needs a quantized recipe (int4 or int8)")
         for pattern, b, block in self.mix:
-            if b not in MIX_BITS or block not in BLOCK_SIZES:
-                raise UnsupportedError(f"mix entry {pattern}: int{b}-b{block} is no block precision")
+            if b not in MIX_BITS or block not in BLOCK_SIZES and (b, block) != (8, PER_CHANNEL):
+                raise UnsupportedError(
+                    f"mix entry {pattern}: int{b}-b{block} is no block precision (nor int8 per channel)"
+                )
 
     # ---- derived --------------------------------------------------------------------------------------------
     @property

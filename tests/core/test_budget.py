@@ -69,6 +69,29 @@ def test_candidates_are_what_the_backend_format_holds() -> None:
         parse_recipe("int4-b64").with_options(mix=(("layers.1.feed_forward", 5, 128),))
 
 
+def test_executorch_mixes_int4_blocks_and_int8_per_channel() -> None:
+    """XNNPACK's dynamically quantized linears: int4 in blocks, int8 per output channel only (block 0 in a
+    mix entry, `PER_CHANNEL`), counted as the `.pte` holds them."""
+    from lfm_export.backends import get
+    from lfm_export.budget import candidates, stored_bytes
+
+    recipe = get("executorch").recipe("int4-b128-a8", 64)
+    assert candidates(recipe) == ((4, 32), (4, 64), (4, 128), (8, 0))
+    r = parse_recipe("int4-b128-a8").with_options(mix=(("layers.1.feed_forward", 8, 0),))
+    w2 = "model.layers.1.feed_forward.w2.weight"
+    assert (held_as(w2, r), block_as(w2, r, 384)) == (8, 384)  # one block: the whole row
+    assert label(8, r, 0) == "int8-pc" and manifest_entry([w2], r)["tensors"] == {w2: "int8-pc"}
+    assert manifest_entry([w2], r)["mix"] == [{"match": "layers.1.feed_forward", "held": "int8-pc"}]
+    assert Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+    with pytest.raises(UnsupportedError, match="no block precision"):  # int4 needs blocks
+        parse_recipe("int4-b64").with_options(mix=(("layers.1.feed_forward", 4, 0),))
+    # a 256 x 384 linear: int4-b32 codes + bf16 scales; int8 codes + a float32 scale per row; a tied table
+    # twice (the lookup table's scales float32)
+    assert stored_bytes(recipe, (256, 384), 4, 32, True) == 256 * 192 + 256 * 12 * 2
+    assert stored_bytes(recipe, (256, 384), 8, 0, True) == 256 * 384 + 256 * 4
+    assert stored_bytes(recipe, (256, 384), 4, 32, True, True) == 2 * 256 * 192 + 256 * 12 * (2 + 4)
+
+
 def test_budget_text_is_checked() -> None:
     assert parse_budget("size=1.5") == Budget(SIZE, 1.5 * MB)
     assert parse_budget("kl=0.01") == Budget(KL, 0.01)

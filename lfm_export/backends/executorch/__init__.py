@@ -102,6 +102,7 @@ BACKEND = Backend(
     exact_row="lfm_export.parity.boundary:exact_row",
     weight_values=weight_values,
     stored_weights="lfm_export.backends.executorch.stored_weights:stored_weights",
+    mixes=True,
     context_cost="The KV caches are static buffers of that length in the program (context x 2 x attention layers "
     "x KV heads x head_dim values, fp32 or fp16), allocated at load.",
     runner=Runner(

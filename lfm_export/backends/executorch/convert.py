@@ -36,9 +36,10 @@ import torch
 from torch import nn
 
 from lfm_export.backends.record import ExportResult
+from lfm_export.contract.errors import UnsupportedError
 from lfm_export.loading import LoadedModel
 from lfm_export.model import STATEFUL
-from lfm_export.precision import held_as
+from lfm_export.precision import block_as, held_as, mix_word
 from lfm_export.progress import Progress
 from lfm_export.signature import build_signature
 from lfm_export.trace import Swap, apply_swaps, export_stateful_program, shared_copy
@@ -115,7 +116,8 @@ def linear_swap(
     model: nn.Module, recipe: ExecuTorchRecipe, counts: dict[str, int], source: WeightSource | None = None
 ) -> Swap:
     """Swap for `lfm_export.trace.apply_swaps`: each linear of `model` (the MoE router excepted) becomes a
-    `quantized_linear` at `quantized_bits`, counted in `counts`. Linears are recognised by their weight
+    `quantized_linear` at `quantized_bits`, in the block `lfm_export.precision.block_as` gives it (a
+    `--budget` mix's per tensor group), counted in `counts`. Linears are recognised by their weight
     tensor, which the swapped copy shares. With `source` (a lazy model's), each float weight is fetched from
     it, quantized and dropped: the float linears are never all held at once."""
     names = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -131,7 +133,8 @@ def linear_swap(
         if source is not None:
             module = copy.copy(module)
             module._parameters = {**module._parameters, "weight": source.get(f"{name}.weight")}
-        return quantized_linear(module, bits, recipe.recipe.block_size, recipe.recipe.rounding)
+        block = block_as(f"{name}.weight", recipe.recipe, module.in_features)
+        return quantized_linear(module, bits, block, recipe.recipe.rounding)
 
     return swap
 
@@ -161,6 +164,13 @@ def float_part(loaded: LoadedModel, recipe: ExecuTorchRecipe) -> tuple[nn.Module
                 real = source.get(name)
                 tensors[attr] = nn.Parameter(real, requires_grad=False) if kind == "_parameters" else real
     return model.eval(), source
+
+
+def held_word(name: str, core: Any, k: int) -> str:
+    """`int4-b64` / `int8-pc`: how a mix holds tensor `name` (input dimension `k`)."""
+    bits = held_as(name, core)
+    block = block_as(name, core, k)
+    return "float" if bits is None else mix_word(bits, 0 if bits == 8 or block == k else block)
 
 
 def quantize_linears(model: nn.Module, recipe: ExecuTorchRecipe) -> dict[str, int]:
@@ -219,6 +229,11 @@ def export_executorch(
             swaps.append(sparse_moe_swap(None, core.block_size, counts))
             weights["experts"] = "sparse form, portable ops (moe.py)"
         elif cfg.num_experts:
+            if core.mix:
+                raise UnsupportedError(
+                    "--budget: the ExecuTorch backend holds no precision mix for MoE models (its composed "
+                    "experts take one precision); use --quant without --budget"
+                )
             bits = core.bits
             swaps.append(
                 composed_moe_swap(model, bits, core.block_size, max_prefill, counts, source, core.rounding)
@@ -244,12 +259,20 @@ def export_executorch(
                 if core.head_bits == 8
                 else f"int4 blocks of {core.block_size} (bf16 scales)"
             ) + ", int8 per-token activations"
-        if core.embedding_bits:
-            swaps.append(quantized_embedding(core.embedding_bits, core.block_size, core.rounding))
+        if core.mix:
+            weights["linears"] = (
+                "the --budget mix (manifest `precision`, `budget`): int4 blocks, symmetric, torchao's scales "
+                "rounded to bf16 (quantize.xnnpack_int4) or int8 per output channel, fp32 scales "
+                "(quantize.xnnpack_int8); int8 per-token asymmetric activations"
+            )
+            weights["lm_head"] = f"{held_word('lm_head.weight', core, cfg.hidden_size)} (the mix)"
+        table = "model.embed_tokens.weight"
+        table_bits = held_as(table, core)
+        if table_bits:
+            table_block = block_as(table, core, cfg.hidden_size)
+            swaps.append(quantized_embedding(table_bits, table_block, core.rounding))
             weights["embedding"] = (
-                "int8 per row"
-                if core.embedding_bits == 8
-                else f"int4 in blocks of {core.block_size}, bf16 scales"
+                "int8 per row" if table_bits == 8 else f"int4 in blocks of {table_block}, bf16 scales"
             ) + ", weight-only (embedding.QuantizedEmbedding)"
         swaps.append(custom_op_attention)
         if recipe.delegate == XNNPACK:

@@ -126,15 +126,20 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, block_size: int) -> tor
 
 def weight_values(recipe: dict[str, Any]) -> Any:
     """`lfm_export.quant.WeightValues` for an artifact of `recipe` (a manifest's): None for float recipes.
-    int4 (linears, an int4 embedding table) in blocks of the recipe's size, int8 (the lm_head, an int8
-    embedding table) per row: a tied table quantized at the same bits is the same values in both places."""
+    int4 (linears, an int4 embedding table) in blocks of the recipe's size, or of the block its precision mix
+    gives the tensor (`lfm_export.precision.block_as`), int8 (the lm_head, an int8 embedding table) per row: a
+    tied table quantized at the same bits is the same values in both places."""
     if not recipe.get("bits"):
         return None
-    block_size = int(recipe["block_size"])
+    from lfm_export.precision import block_as
+    from lfm_export.recipes import Recipe
+
+    core = Recipe.from_dict(recipe)
     rounding = recipe.get("rounding", "nearest")
 
     def values(w: np.ndarray, bits: int, name: str = "") -> np.ndarray:
-        codes, scale, group = xnnpack_weight(w, bits, block_size, rounding)
+        block = block_as(name, core, int(w.shape[-1])) if name else core.block_size
+        codes, scale, group = xnnpack_weight(w, bits, block, rounding)
         return dequantize(codes, scale, group).numpy()
 
     return values

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
+
+import numpy as np
 
 from lfm_export.contract.errors import UnsupportedError, UserError
 from lfm_export.recipes import (
@@ -38,6 +40,7 @@ from lfm_export.recipes import (
     ACT_INT8_TOKEN,
     ACT_NATIVE,
     HEAD_CHOICES,
+    PER_CHANNEL,
     Recipe,
     parse_recipe,
     with_tables,
@@ -83,7 +86,7 @@ class ExecuTorchRecipe:
                 f"{r.name}: fp16 is lowered for XNNPACK's fp16 kernels; use --delegate xnnpack"
             )
         if r.quantized:
-            if r.bits == 8 and not r.per_channel:
+            if r.bits == 8 and not r.per_channel and not r.mix:
                 raise UnsupportedError(
                     f"{r.name}: ExecuTorch's XNNPACK lowers int8 weights per channel only, not in blocks; "
                     "use int8-pc-a8 (8da8w, --group-size 0) or int4-b128-a8 (8da4w)"
@@ -128,6 +131,28 @@ class ExecuTorchRecipe:
             recipe = parse_recipe(recipe)
         return cls(with_tables(recipe))
 
+    # ---- what a precision mix may hold, and its bytes as written (`lfm_export.budget`) ----------------------
+    mix_candidates: ClassVar[tuple[tuple[int, int], ...]] = ((4, 32), (4, 64), (4, 128), (8, PER_CHANNEL))
+    """What a group of a `--budget` mix may take: the linears XNNPACK runs with dynamic int8 activations, int4 in
+    blocks (`qb4w`) and int8 per output channel (`qc8w`; ExecuTorch 1.5.1's partitioner lowers no int8 in
+    blocks); the embedding table takes the same (`embedding.QuantizedEmbedding`)."""
+
+    def quantized_bytes(
+        self, shape: tuple[int, ...], bits: int, block: int, symmetric: bool, tied_table: bool
+    ) -> int:
+        """Bytes of a quantized `[rows, K]` weight in the `.pte`: a linear's int4 codes two a byte with a
+        bfloat16 scale per block (XNNPACK's `qb4w`), int8 codes with a float32 scale per row (`qc8w`); the
+        embedding table (`embedding.QuantizedEmbedding`) the same codes with float32 scales. A tied table
+        (`tied_table`) is held twice: the lookup table and the lm_head."""
+        rows, k = int(np.prod(shape[:-1])), int(shape[-1])
+        per_row = k if bits == 8 else block or k
+
+        def held(scale_bytes: int) -> int:
+            return rows * k * bits // 8 + rows * (k // per_row) * scale_bytes
+
+        linear = held(2 if bits == 4 else 4)
+        return linear + held(4) if tied_table else linear
+
     # ---- what the pipeline reads ---------------------------------------------------------------------------
     @property
     def name(self) -> str:
@@ -169,7 +194,9 @@ class ExecuTorchRecipe:
             "attention": "llama::custom_sdpa + llama::update_cache (KV seq-first)",
             "activation_rounding": self.activations,
             "weight_values": (
-                "xnnpack-int4 (torchao symmetric, bf16 scales)"
+                "xnnpack-int4 (torchao symmetric, bf16 scales) / xnnpack-int8 per the mix"
+                if self.recipe.mix
+                else "xnnpack-int4 (torchao symmetric, bf16 scales)"
                 if self.recipe.bits == 4
                 else "xnnpack-int8 (torchao symmetric per channel, fp32 scales)"
             )
