@@ -62,6 +62,7 @@ the codes chosen on ggml's own grid by GPTQ, `lfm_export.rounding.gptq_on_grid`)
 DEFAULT_ROUNDING = {"q4_0": "fit", "q4_k_m": "fit"}
 """The rounding a bare llama.cpp type name means (the rest: `nearest`)."""
 ACTIVATIONS_BY_TYPE = {
+    "Q3_K": ACT_GGML_K,
     "Q4_K": ACT_GGML_K,
     "Q5_K": ACT_GGML_K,
     "Q6_K": ACT_GGML_K,
