@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lfm_export.contract.errors import UnsupportedError
-from lfm_export.recipes import Recipe
+from lfm_export.recipes import MIX_SUPER_BLOCK, Recipe
 
 BITS = "bits"
 HEAD = "head_bits"
@@ -103,9 +103,15 @@ def mix_rules(recipe: Recipe | None) -> tuple[Rule, ...]:
     if recipe is None or not recipe.mix:
         return ()
     return tuple(
-        Rule(pattern, CHOSEN, f"budget: int{bits}-b{block} chosen for this tensor group", bits, block)
+        Rule(pattern, CHOSEN, f"budget: {mix_word(bits, block)} chosen for this tensor group", bits, block)
         for pattern, bits, block in recipe.mix
     )
+
+
+def mix_word(bits: int, block: int) -> str:
+    """A mix entry's precision as the manifest writes it: `int4-b32`, or the ggml K-quant a super-block entry
+    names (`Q3_K`: `MIX_SUPER_BLOCK`)."""
+    return f"Q{bits}_K" if block == MIX_SUPER_BLOCK else f"int{bits}-b{block}"
 
 
 def rules(recipe: Recipe | None = None) -> tuple[Rule, ...]:
@@ -140,6 +146,8 @@ def label(bits: int | None, recipe: Recipe, block: int | None = None) -> str:
     `int8-pc`, `int4-b64-asym`, or `float`."""
     if bits is None:
         return FLOAT
+    if block == MIX_SUPER_BLOCK:
+        return mix_word(bits, block)
     word = f"b{block}" if block else "pc" if recipe.per_channel else f"b{recipe.block_size}"
     return f"int{bits}-{word}" + ("" if recipe.symmetric else "-asym")
 
@@ -167,7 +175,7 @@ def manifest_entry(names: Iterable[str], recipe: Recipe | dict[str, Any]) -> dic
         ],
     }
     if recipe.mix:
-        entry["mix"] = [{"match": p, "held": f"int{b}-b{bs}"} for p, b, bs in recipe.mix]
+        entry["mix"] = [{"match": p, "held": mix_word(b, bs)} for p, b, bs in recipe.mix]
     return entry
 
 
