@@ -157,24 +157,8 @@ def extra_bytes(recipe: Any, loaded: LoadedModel) -> int:
     return 0 if own is None else int(own(loaded.config))
 
 
-SPLIT_ROLES = {
-    "feed_forward.w1": "in",
-    "feed_forward.w3": "in",
-    "feed_forward.w2": "down",
-    "conv.in_proj": "in_proj",
-    "conv.out_proj": "out_proj",
-    "self_attn.q_proj": "qkv",
-    "self_attn.k_proj": "qkv",
-    "self_attn.v_proj": "qkv",
-    "self_attn.out_proj": "out_proj",
-}
-"""A dense layer's groups by input (`groups(split=True)`): the linears that read one input stay together
-(q/k/v, w1/w3), the others go apart (w2, out_proj, in_proj)."""
-
-
-def _group_of(name: str, split: bool = False) -> tuple[str, str] | None:
-    """(group name, pattern) of a quantized tensor; `split`: a dense layer's linears by input (`SPLIT_ROLES`),
-    each tensor its own pattern."""
+def _group_of(name: str) -> tuple[str, str] | None:
+    """(group name, pattern) of a quantized tensor."""
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         word = "embedding" if "embed" in name else "head"
         return word, name
@@ -182,10 +166,6 @@ def _group_of(name: str, split: bool = False) -> tuple[str, str] | None:
     if m is None:
         return None
     i, part = int(m[1]), m[2]
-    own = re.match(r"model\.layers\.\d+\.((?:feed_forward|conv|self_attn)\.[a-z_0-9]+)\.weight$", name)
-    if split and own is not None and own[1] in SPLIT_ROLES:
-        what = {"feed_forward": "mlp", "conv": "conv", "self_attn": "attention"}[part]
-        return f"layers.{i}.{what}.{SPLIT_ROLES[own[1]]}", f"layers.{i}.{own[1]}"
     if part == "feed_forward":
         what = "experts" if ".experts." in name else "mlp"
     else:
@@ -193,9 +173,8 @@ def _group_of(name: str, split: bool = False) -> tuple[str, str] | None:
     return f"layers.{i}.{what}", f"layers.{i}.{part}"
 
 
-def groups(loaded: LoadedModel, recipe: Recipe, split: bool = False) -> tuple[list[Group], int]:
-    """The tensor groups of `loaded` that `recipe` quantizes, and the bytes of every float tensor (float32);
-    `split`: a dense layer's groups by input (`SPLIT_ROLES`; a backend recipe's `budget_split`)."""
+def groups(loaded: LoadedModel, recipe: Recipe) -> tuple[list[Group], int]:
+    """The tensor groups of `loaded` that `recipe` quantizes, and the bytes of every float tensor (float32)."""
     cfg = loaded.config
     found: dict[str, Group] = {}
     fixed = 0
@@ -207,7 +186,7 @@ def groups(loaded: LoadedModel, recipe: Recipe, split: bool = False) -> tuple[li
         if held_as(name, recipe) is None or len(shape) != 2:
             fixed += int(np.prod(shape)) * 4
             continue
-        where = _group_of(name, split)
+        where = _group_of(name)
         if where is None:
             raise UnsupportedError(f"--budget: no tensor group for {name}")
         gname, pattern = where
@@ -215,10 +194,7 @@ def groups(loaded: LoadedModel, recipe: Recipe, split: bool = False) -> tuple[li
             gname, patterns = "head+embedding", (pattern, "lm_head.weight")
         else:
             patterns = (pattern,)
-        group = found.setdefault(gname, Group(gname, patterns))
-        group.tensors[name] = shape
-        if not set(patterns) <= set(group.patterns):  # a split group: one pattern per tensor
-            group.patterns = (*group.patterns, *(p for p in patterns if p not in group.patterns))
+        found.setdefault(gname, Group(gname, patterns)).tensors[name] = shape
     return list(found.values()), fixed
 
 
@@ -369,7 +345,7 @@ def check_recipe(recipe: Any) -> Recipe:
 def check_size_floor(loaded: LoadedModel, recipe: Any, budget: Budget) -> None:
     """Refuse a size budget no mix of `recipe`'s `candidates` meets before measuring anything."""
     core = check_recipe(recipe)
-    found, fixed = groups(loaded, core, _split(recipe))
+    found, fixed = groups(loaded, core)
     sizes = _sizes(found, core, candidates(recipe), recipe)
     costs = np.where(np.isfinite(sizes), 0.0, np.inf)
     if budget.kind == SIZE:
@@ -389,11 +365,6 @@ def _sizes(
             for g in found
         ]
     )
-
-
-def _split(recipe: Any) -> bool:
-    """Whether `recipe`'s backend takes a dense layer's groups by input (its `budget_split`)."""
-    return bool(getattr(recipe, "budget_split", False))
 
 
 def weight_bytes(loaded: LoadedModel, recipe: Any) -> int:
@@ -427,7 +398,7 @@ def plan(
     core = check_recipe(recipe)
     check_size_floor(loaded, recipe, budget)
     offered = candidates(recipe)
-    found, floats = groups(loaded, core, _split(recipe))
+    found, floats = groups(loaded, core)
     extra = extra_bytes(recipe, loaded)
     fixed = floats + extra
     sizes = _sizes(found, core, offered, recipe)

@@ -29,7 +29,7 @@ way, to Q8_0 blocks, whatever the recipe says), and the `_s` mixes (not implemen
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -185,11 +185,6 @@ class GgufRecipe:
             return self.mix
         r = self.recipe
         return ggml_type(r, r.bits).lower()
-
-    budget_split: ClassVar[bool] = True
-    """`--budget` groups a dense layer's linears by input (`lfm_export.budget.SPLIT_ROLES`: ffn_down apart from
-    ffn_gate / ffn_up, attn_output from q/k/v, the conv's in_proj from its out_proj): each GGUF tensor holds its
-    own type, and llama.cpp's own mixes give ffn_down and attn_v more bits than the rest."""
 
     @property
     def budget_candidates(self) -> tuple[tuple[int, int], ...]:
