@@ -92,6 +92,7 @@ OURS_MLX = (
 )
 OURS_GGUF = ("q4_0", "q4_k_m", "q4_k_m-mse")
 THEIRS_GGUF = ("q4_0", "q4_k_m")
+"""llama.cpp's types quantized by default (`--theirs` picks others: also `q3_k_s`, `q3_k_m`, `q8_0`, `q6_k`)."""
 OURS_ET = ("int4-b32-a8", "int4-b128-a8")
 PEER_DEFAULT = {
     "onnx": "genai-builder-int4",
@@ -358,7 +359,7 @@ params.ftype = {ftype}
 params.nthread = {threads}
 sys.exit(llama_cpp.llama_model_quantize({src!r}.encode(), {dst!r}.encode(), params))
 """
-FTYPES = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15, "q6_k": 18}
+FTYPES = {"q8_0": 7, "q4_0": 2, "q3_k_s": 11, "q3_k_m": 12, "q4_k_m": 15, "q6_k": 18}
 LLAMA_TOOLS = ("llama-imatrix", "llama-quantize")
 
 
@@ -403,7 +404,7 @@ def llama_cpp_imatrix(f32: Path, work: Path, args: argparse.Namespace) -> list[d
     cmd += ["--chunks", str(DEFAULT_TOKENS // SEQ_LEN), "--parse-special", "-t", threads]
     made = measured(cmd, env(args.threads))
     out = []
-    for kind in THEIRS_GGUF:
+    for kind in args.theirs:
         folder = work / f"llama.cpp-{kind}-imat"
         plain = work / f"llama.cpp-{kind}"
         if "error" in made or not (plain / "manifest.json").is_file():
@@ -430,6 +431,17 @@ def llama_cpp_imatrix(f32: Path, work: Path, args: argparse.Namespace) -> list[d
     return out
 
 
+def _manifest_folder(work: Path, kind: str) -> Path:
+    """Our export whose folder (manifest, tokenizer) llama.cpp's `kind` file runs in: ours of the same type, else
+    any of our GGUF exports of the model (a type we do not name, e.g. `q3_k_m`: the session reads the manifest's
+    context and signature, not its recipe; the point's bytes are the file's own)."""
+    same = work / f"ours-gguf-{kind}"
+    if (same / "manifest.json").is_file():
+        return same
+    found = sorted(p.parent for p in work.glob("ours-gguf-*/manifest.json"))
+    return found[0] if found else same
+
+
 def llama_cpp(ckpt: Path, work: Path, args: argparse.Namespace) -> list[dict]:
     """llama.cpp's own path, as `benchmarks/gguf_vs_llamacpp.py` drives it: `convert_hf_to_gguf.py` to f32 (the
     Liquid config keys its converter reads added), then `llama_model_quantize` to each type. The file runs in a
@@ -444,9 +456,9 @@ def llama_cpp(ckpt: Path, work: Path, args: argparse.Namespace) -> list[dict]:
         [sys.executable, "-c", CONVERT.format(src=str(src), dst=str(f32))], conv_env, args.llama_src
     )
     out = []
-    for kind in THEIRS_GGUF:
+    for kind in args.theirs:
         folder = work / f"llama.cpp-{kind}"
-        ours_folder = work / f"ours-gguf-{kind}"
+        ours_folder = _manifest_folder(work, kind)
         if "error" in conv or not (ours_folder / "manifest.json").is_file():
             out.append(
                 point("llama.cpp", "gguf", f"llama.cpp-{kind}", folder, "gguf", conv | {"error": "no f32"})
@@ -926,6 +938,13 @@ def main() -> None:
         default=None,
         help="folder of llama-imatrix / llama-quantize built from --llama-src (built there if missing): adds "
         "llama.cpp's points with an importance matrix from our calibration text",
+    )
+    ap.add_argument(
+        "--theirs",
+        nargs="+",
+        default=list(THEIRS_GGUF),
+        choices=list(FTYPES),
+        help="llama.cpp types quantized as GGUF peers (with --llama-build, each also with an importance matrix)",
     )
     ap.add_argument("--work", type=Path, default=ROOT / ".work" / "quality_per_byte")
     ap.add_argument("--json", type=Path, default=None)

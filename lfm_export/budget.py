@@ -58,8 +58,8 @@ size budget)."""
 def candidates(recipe: Any) -> tuple[tuple[int, int], ...]:
     """The (bits, block size) a group of `recipe` (a backend's recipe object, or a core `Recipe`) may take:
     the backend recipe's own `mix_candidates` where it has them (ExecuTorch's XNNPACK: int4 in blocks, int8 per
-    channel, block `PER_CHANNEL`), else `CANDIDATES` and the `LOW_BIT_CANDIDATES` whose bits the backend's
-    recipe lists in `mix_bits`."""
+    channel, block `PER_CHANNEL`; GGUF: ggml's types, none for a one-type file), else `CANDIDATES` and the
+    `LOW_BIT_CANDIDATES` whose bits the backend's recipe lists in `mix_bits`."""
     own = getattr(recipe, "mix_candidates", None)
     if own is not None:
         return tuple(own)
@@ -68,9 +68,14 @@ def candidates(recipe: Any) -> tuple[tuple[int, int], ...]:
 
 
 def may_take(recipe: Any, group: Group, bits: int, block: int) -> bool:
-    """Whether `group` may take `bits` in blocks of `block` under `recipe`: the block divides its rows, and an
-    MoE layer's experts take only the recipe's `expert_bits` (every bits where it lists none)."""
+    """Whether `group` may take `bits` in blocks of `block` under `recipe`: the block divides its rows, an
+    MoE layer's experts take only the recipe's `expert_bits` (every bits where it lists none), and the backend
+    recipe's `may_hold(group, bits, block)` allows it where it has one (GGUF: llama.cpp's output type for the
+    output, a 32-value fallback only where no super-block fits)."""
     if not group.fits(block):
+        return False
+    own = getattr(recipe, "may_hold", None)
+    if own is not None and not own(group, bits, block):
         return False
     experts = getattr(recipe, "expert_bits", None)
     return experts is None or not group.name.endswith(".experts") or bits in experts
@@ -215,6 +220,8 @@ def measure(
     from lfm_export.quant import quantize_weight
 
     ids, label, digest = calibration_ids(loaded, text_file, tokens or DEFAULT_TOKENS)
+    own_values = getattr(backend_recipe, "mix_values", None)
+    keep_factors = bool(getattr(backend_recipe, "calibration_keeps_factors", False))
     ref = loaded.materialized().model
     ref.set_moe_form("sparse")
     batch = torch.from_numpy(ids)
@@ -235,12 +242,16 @@ def measure(
             # every group that fits at this candidate, the recipe's rounding (a calibrated one: its table for
             # this mix, the head's included)
             takes = [may_take(backend_recipe or recipe, g, bits, block) for g in found]
+            if not any(takes):
+                continue  # no group may take it: no calibration pass for it
             each = recipe.with_options(
                 mix=tuple((pat, bits, block) for g, ok in zip(found, takes) if ok for pat in g.patterns)
             )
             table = None
             if calibrated_recipe:
-                table, _ = calibrated_table(loaded, each, text_file, tokens or DEFAULT_TOKENS)
+                table, _ = calibrated_table(
+                    loaded, each, text_file, tokens or DEFAULT_TOKENS, keep_factors=keep_factors
+                )
             with calibrated.active(table) if table is not None else nullcontext():
                 for gi, group in enumerate(found):
                     if not takes[gi]:
@@ -248,8 +259,11 @@ def measure(
                     replaced = {}
                     for name in group.tensors:
                         w = params[name].detach().float().numpy()
-                        q = quantize_weight(w, each, bits, block=block or w.shape[-1])
-                        replaced[name] = torch.from_numpy(q.dequantize())
+                        if own_values is not None:  # the values the backend's own blocks hold
+                            held = own_values(w, each, name, bits, block)
+                        else:
+                            held = quantize_weight(w, each, bits, block=block or w.shape[-1]).dequantize()
+                        replaced[name] = torch.from_numpy(np.ascontiguousarray(held, np.float32))
                         if name == "model.embed_tokens.weight" and loaded.config.tie_word_embeddings:
                             replaced["lm_head.weight"] = replaced[name]
                     lq = logprobs(replaced)
@@ -313,6 +327,12 @@ def check_recipe(recipe: Any) -> Recipe:
     from lfm_export.calibrate import core_recipe
 
     core = core_recipe(recipe)
+    own = getattr(recipe, "mix_candidates", None)
+    if own is not None and not own:
+        raise BudgetError(
+            f"--budget: {getattr(recipe, 'name', core)} holds one ggml type per tensor role; the budget chooses "
+            "among K-quant types: give a K-quant mix (e.g. --quant q4_k_m-gptq)"
+        )
     if core is None or not core.quantized:
         raise BudgetError(
             "--budget chooses among quantized precisions; give --quant int4 or int8 (e.g. int4)"
@@ -389,7 +409,8 @@ def plan(
     mix = tuple(
         (pattern, offered[c][0], offered[c][1]) for g, c in zip(found, chosen) for pattern in g.patterns
     )
-    words = [mix_word(b, bs) for b, bs in offered]
+    word = getattr(recipe, "candidate_name", None) or mix_word
+    words = [word(b, bs) for b, bs in offered]
     entry = {
         "request": budget.text,
         "candidates": words,

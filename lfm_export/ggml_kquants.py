@@ -1,4 +1,4 @@
-"""ggml's K-quant super-blocks (Q4_K, Q5_K, Q6_K) and the 32-value Q5_0 that llama.cpp's `_M` mixes fall back to,
+"""ggml's K-quant super-blocks (Q3_K, Q4_K, Q5_K, Q6_K) and the 32-value Q5_0 that llama.cpp's `_M` mixes fall back to,
 packed from the core quantizer's sub-block scales.
 
 Facts from llama.cpp's `ggml-common.h` / `ggml-quants.c` (dequantize_row_*); blocks run along each row (the
@@ -16,13 +16,20 @@ weight's input dimension), 256 values per super-block (`QK_K`):
   `x = (d * sc[j]) * (q - 32)`, `q` in 0..63. Per 128 values `n`: `ql[64n + l]` holds the low nibbles of values
   `l` and `l + 64`, `ql[64n + 32 + l]` of `l + 32` and `l + 96`; `qh[32n + l]` holds the top 2 bits of values
   `l`, `l + 32`, `l + 64`, `l + 96` at bit 0, 2, 4, 6.
+- `Q3_K` (110 bytes): `hmask[32]`, `qs[64]`, 12 bytes of 16 packed 6-bit scales `s[16]`, fp16 `d`; sub-block
+  `j` (16 values) reads `x = (d * (s[j] - 32)) * q`, `q` in -4..3 held as `u = q + 4`. Per 128 values `n`
+  and 32 values `c` of it: `qs[32n + l]` holds bits 0-1 of `u` of value `128n + 32c + l` at bit `2c`, `hmask[l]`
+  bit 2 at bit `4n + c`. Scales: byte `i` (0-3) holds `s[i] & 15` low and `s[8 + i] & 15` high, byte `4 + i`
+  `s[4 + i] & 15` low and `s[12 + i] & 15` high, byte `8 + i` the top 2 bits of `s[i]`, `s[4 + i]`, `s[8 + i]`,
+  `s[12 + i]` at bits 0, 2, 4, 6.
 - `Q5_0` (22 bytes, 32 values): fp16 `d`, `qh` (uint32, bit `j` = bit 4 of value `j`), 16 bytes of nibbles
   as `Q4_0` (value `j` low, `j + 16` high); `x = d * (q - 16)`.
 
 How the values are chosen: the core quantizer (`quantize_block`, its `rounding` search included where it has a
 grid for the width) gives each sub-block its float scale (Q6_K: symmetric 6-bit, blocks of 16; Q4_K / Q5_K:
-asymmetric 4- / 5-bit, blocks of 32, the min being `scale * zero_point >= 0`). The super-block then stores those
-scales in 6 (Q4_K) or 8 (Q6_K) bits against an fp16 `d` (`dmin`): the largest maps to the top code, as ggml's
+asymmetric 4- / 5-bit, blocks of 32, the min being `scale * zero_point >= 0`; Q3_K: symmetric 3-bit, blocks of
+16, always by the fit: it has no other rounding here). The super-block then stores those scales in 6 (Q3_K, Q4_K)
+or 8 (Q6_K) bits against an fp16 `d` (`dmin`): the largest maps to the top code, as ggml's
 reference quantizer does. Rounding a small sub-block's scale to a few bits moves it by up to half a step of the
 largest, so the codes are rounded again against the scales the file holds (ggml's quantizer does the same).
 Q5_0 holds the core's symmetric 5-bit codes as they are, the scale rounded to fp16 (as `ggml_blocks` does for
@@ -60,11 +67,12 @@ class KType:
     block_bytes: int
 
 
+Q3_K = KType("Q3_K", QK_K, 110)
 Q4_K = KType("Q4_K", QK_K, 144)
 Q5_K = KType("Q5_K", QK_K, 176)
 Q6_K = KType("Q6_K", QK_K, 210)
 Q5_0 = KType("Q5_0", 32, 22)
-K_TYPES = {t.name: t for t in (Q4_K, Q5_K, Q6_K, Q5_0)}
+K_TYPES = {t.name: t for t in (Q3_K, Q4_K, Q5_K, Q6_K, Q5_0)}
 
 
 FITTED = ("fit", "imat", *GPTQ)
@@ -124,6 +132,11 @@ def _fitted(
     def work(r0: int) -> None:
         x = np.asarray(w[r0 : r0 + step], np.float32).reshape(-1, nb, QK_K)
         rows = x.shape[0]
+        if kind is Q3_K:
+            weights = magnitude_weights(x) if imp is None else magnitude_weights(x) * imp
+            fit = fit_super_blocks(x, 3, True, 16, weights, scale_bits=6)
+            out[r0 : r0 + rows] = _layout_q3_k(fit.d[..., None].astype(np.float16), fit.sc, fit.q)
+            return
         if kind is Q6_K:
             weights = magnitude_weights(x) if imp is None else magnitude_weights(x) * imp
             fit = fit_super_blocks(x, 6, True, 16, weights)
@@ -172,7 +185,7 @@ def _super_blocks(
         weights = imp
         if sub == 16:
             weights = magnitude_weights(x) if imp is None else magnitude_weights(x) * imp
-        parts[r0] = fit_super_blocks(x, bits, symmetric, sub, weights)
+        parts[r0] = fit_super_blocks(x, bits, symmetric, sub, weights, scale_bits=6 if bits == 3 else 8)
 
     starts = range(0, n, step)
     run_chunks(work, starts, threads)
@@ -189,6 +202,8 @@ def _kind_codes(kind: KType) -> tuple[int, bool, int, int, int]:
     """(bits, symmetric, sub-block size, lowest code, highest code) of K-quant `kind`'s fit."""
     if kind is Q6_K:
         return 6, True, 16, -32, 31
+    if kind is Q3_K:
+        return 3, True, 16, -4, 3
     bits = 5 if kind is Q5_K else 4
     return bits, False, 32, 0, 2**bits - 1
 
@@ -196,6 +211,8 @@ def _kind_codes(kind: KType) -> tuple[int, bool, int, int, int]:
 def _layout(kind: KType, fit: SuperBlocks, q: np.ndarray) -> np.ndarray:
     """The bytes of K-quant `kind` holding `fit`'s scales and the codes `q` (`fit.q`'s shape; signed for Q6_K)."""
     n, nb = fit.sc.shape[:2]
+    if kind is Q3_K:
+        return _layout_q3_k(fit.d[..., None].astype(np.float16), fit.sc, q)
     if kind is Q6_K:
         q6 = (q.astype(np.int16) + 32).astype(np.uint8).reshape(n, nb, 2, 4, 32)
         return _layout_q6_k(fit.d[..., None].astype(np.float16), fit.sc.astype(np.int16), q6)
@@ -298,6 +315,45 @@ def _layout_q6_k(d16: np.ndarray, sc: np.ndarray, q: np.ndarray) -> np.ndarray:
         d16.view(np.uint8).reshape(n, nb, 2),
     ]
     return np.concatenate(parts, -1).reshape(n, -1)
+
+
+def _layout_q3_k(d16: np.ndarray, sc: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Q3_K bytes `[N, nb * 110]` of fp16 `d` `[N, nb, 1]`, signed scale codes `sc` `[N, nb, 16]` (-32..31) and
+    signed codes `q` (-4..3, 256 per super-block in any shape `[N, nb, ...]`)."""
+    n, nb = sc.shape[:2]
+    u = (np.asarray(q).reshape(n, nb, 2, 4, 32).astype(np.int16) + 4).astype(np.uint8)  # [.., half, c, l]
+    shifts = (2 * np.arange(4, dtype=np.uint8))[:, None]
+    qs = np.bitwise_or.reduce((u & 3) << shifts, axis=-2)  # [n, nb, 2, 32]
+    hbits = ((u >> 2) & 1).reshape(n, nb, 8, 32) << np.arange(8, dtype=np.uint8)[:, None]  # bit 4n + c
+    hmask = np.bitwise_or.reduce(hbits, axis=-2)  # [n, nb, 32]
+    s = (np.asarray(sc).astype(np.int16) + 32).astype(np.uint8).reshape(n, nb, 4, 4)  # s[4g + i]
+    scales = np.concatenate(
+        [
+            (s[..., 0, :] & 15) | (s[..., 2, :] & 15) << 4,
+            (s[..., 1, :] & 15) | (s[..., 3, :] & 15) << 4,
+            (s[..., 0, :] >> 4)
+            | (s[..., 1, :] >> 4) << 2
+            | (s[..., 2, :] >> 4) << 4
+            | (s[..., 3, :] >> 4) << 6,
+        ],
+        -1,
+    )
+    parts = [hmask, qs.reshape(n, nb, 64), scales, d16.view(np.uint8).reshape(n, nb, 2)]
+    return np.concatenate(parts, -1).reshape(n, -1)
+
+
+def pack_q3_k(
+    w: np.ndarray,
+    rounding: str = "nearest",
+    threads: int = DEFAULT_THREADS,
+    importance: np.ndarray | None = None,
+    factor: Factor | None = None,
+) -> np.ndarray:
+    """`w [N, K]` (K a multiple of 256) as Q3_K bytes `[N, K / 256 * 110]`: the fit whatever the rounding (the
+    core has no 3-bit grid for `-mse`, and ggml's 6-bit sub-scales need the search; `-nearest` / `-mse` get the
+    unweighted fit), GPTQ's codes on it with `factor`."""
+    form = rounding if rounding in FITTED else "fit"
+    return _fitted(w, Q3_K, importance, threads, factor, form)
 
 
 def pack_q6_k(
@@ -428,7 +484,7 @@ def pack_q5_0(
     return np.concatenate([d16, qh, qs.astype(np.uint8)], -1).reshape(n, -1)
 
 
-PACK = {"Q4_K": pack_q4_k, "Q5_K": pack_q5_k, "Q6_K": pack_q6_k, "Q5_0": pack_q5_0}
+PACK = {"Q3_K": pack_q3_k, "Q4_K": pack_q4_k, "Q5_K": pack_q5_k, "Q6_K": pack_q6_k, "Q5_0": pack_q5_0}
 
 
 def dequantize(data: np.ndarray, kind: KType) -> np.ndarray:
@@ -440,6 +496,18 @@ def dequantize(data: np.ndarray, kind: KType) -> np.ndarray:
     def f16(lo: int) -> np.ndarray:
         return np.ascontiguousarray(b[..., lo : lo + 2]).view(np.float16).astype(np.float32)
 
+    if kind is Q3_K:
+        hm = b[..., :32].reshape(n, nb, 1, 32)
+        qs = b[..., 32:96].reshape(n, nb, 2, 1, 32)
+        low = (qs >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3  # [n, nb, 2, 4, 32]
+        high = ((hm >> np.arange(8, dtype=np.uint8)[:, None]) & 1).reshape(n, nb, 2, 4, 32)
+        q = (low | high << 2).astype(np.float32) - 4
+        r = b[..., 96:108]
+        lo4 = np.concatenate([r[..., 0:4] & 15, r[..., 4:8] & 15, r[..., 0:4] >> 4, r[..., 4:8] >> 4], -1)
+        hi2 = (r[..., 8:12, None] >> (2 * np.arange(4, dtype=np.uint8))) & 3  # [n, nb, i, g]
+        s = lo4 | hi2.transpose(0, 1, 3, 2).reshape(n, nb, 16) << 4
+        step = (f16(108) * (s.astype(np.float32) - 32)).reshape(n, nb, 16, 1)
+        return (step * q.reshape(n, nb, 16, 16)).reshape(n, -1)
     if kind is Q6_K:
         ql = b[..., :128].reshape(n, nb, 2, 2, 32)
         qh = b[..., 128:192].reshape(n, nb, 2, 1, 32)

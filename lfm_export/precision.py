@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lfm_export.contract.errors import UnsupportedError
-from lfm_export.recipes import PER_CHANNEL, Recipe
+from lfm_export.recipes import MIX_SUPER_BLOCK, PER_CHANNEL, Recipe
 
 BITS = "bits"
 HEAD = "head_bits"
@@ -109,7 +109,10 @@ def mix_rules(recipe: Recipe | None) -> tuple[Rule, ...]:
 
 
 def mix_word(bits: int, block: int) -> str:
-    """A mix entry's precision: `int4-b64`, or `int8-pc` for block `PER_CHANNEL`."""
+    """A mix entry's precision as the manifest writes it: `int4-b64`, `int8-pc` for block `PER_CHANNEL`, or the
+    ggml K-quant a super-block entry names (`Q3_K`: `MIX_SUPER_BLOCK`)."""
+    if block == MIX_SUPER_BLOCK:
+        return f"Q{bits}_K"
     return f"int{bits}-" + ("pc" if block == PER_CHANNEL else f"b{block}")
 
 
@@ -149,6 +152,8 @@ def label(bits: int | None, recipe: Recipe, block: int | None = None) -> str:
     `int8-pc`, `int4-b64-asym`, or `float`."""
     if bits is None:
         return FLOAT
+    if block == MIX_SUPER_BLOCK:
+        return mix_word(bits, block)
     if block == PER_CHANNEL:
         word = "pc"
     else:

@@ -571,10 +571,12 @@ def fit_super_blocks(
     sub: int,
     weights: np.ndarray | None = None,
     rounds: int = 2,
+    scale_bits: int = 8,
 ) -> SuperBlocks:
     """ggml's K-quant scales for super-blocks `x [..., nsb, 256]`: sub-blocks of `sub` values, each with an
     integer scale code against the super-block's fp16 `d` (asymmetric: unsigned 6-bit scale and min codes
-    against `d` and `dmin`; symmetric: signed 8-bit scale codes), the codes `bits` wide.
+    against `d` and `dmin`; symmetric: signed `scale_bits`-bit scale codes, 8 for Q6_K, 6 for Q3_K), the codes
+    `bits` wide.
 
     The sub-blocks are fitted in float first (`fit_blocks`, weighted by `weights`), which sets `d` (`dmin`) from
     the largest scale (min) at the top code. Then, `rounds` times: each sub-block tries the stored scale
@@ -597,7 +599,7 @@ def fit_super_blocks(
     s, low = _fit_scales(xs, bits, symmetric, ws)
     lo, hi = _code_range(bits, symmetric)
     if symmetric:
-        c_lo, c_hi = -128, 127
+        c_lo, c_hi = -(2 ** (scale_bits - 1)), 2 ** (scale_bits - 1) - 1
         top = np.take_along_axis(s, np.abs(s).argmax(-1)[..., None], -1)[..., 0]
         d = _f16(top / np.float32(c_lo))
         dmin, m = None, None

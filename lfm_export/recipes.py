@@ -39,11 +39,15 @@ from lfm_export.contract.errors import UnsupportedError
 
 FLOAT_DTYPES = ("fp32", "fp16", "bf16")
 WEIGHT_BITS = (4, 8)
-MIX_BITS = (2, 3, *WEIGHT_BITS)
+MIX_BITS = (2, 3, 5, 6, *WEIGHT_BITS)
 """Bits a precision mix's group may hold (`Recipe.mix`): the recipe bits, and 2 or 3 where a backend's format holds
-them (`lfm_export.budget.candidates`: 3 on MLX's `quantized_matmul`, 2 on onnxruntime's MatMulNBits); a recipe's
-own bits are `WEIGHT_BITS`."""
+them (`lfm_export.budget.candidates`: 3 on MLX's `quantized_matmul`, 2 on onnxruntime's MatMulNBits); 3 to 6 only
+as GGUF's K-quants (`MIX_SUPER_BLOCK`) and 5 as ggml's 32-value Q5_0; a recipe's own bits are `WEIGHT_BITS`."""
 BLOCK_SIZES = (32, 64, 128)
+MIX_SUPER_BLOCK = 256
+"""The block of a mix entry that names a ggml K-quant (Q3_K / Q4_K / Q5_K / Q6_K by its bits: 256-value super-blocks
+with their own sub-block scales, `lfm_export.ggml_kquants`); only the GGUF backend offers it
+(`lfm_export.backends.gguf.recipes.MIX_TYPES`)."""
 PER_CHANNEL = 0
 """`block_size` of a per-output-channel recipe (`-pc`): one block spans a weight's whole input dimension.
 Only int8 takes it (an int4 row needs blocks); each backend that cannot hold it refuses it."""
@@ -176,7 +180,9 @@ class Recipe:
         if self.mix and not self.quantized:
             raise UnsupportedError("a precision mix (--budget) needs a quantized recipe (int4 or int8)")
         for pattern, b, block in self.mix:
-            if b not in MIX_BITS or block not in BLOCK_SIZES and (b, block) != (8, PER_CHANNEL):
+            core = b in (2, 3, *WEIGHT_BITS) and block in BLOCK_SIZES
+            ggml = (b in (3, 4, 5, 6) and block == MIX_SUPER_BLOCK) or (b, block) == (5, 32)  # Q5_0
+            if not (core or ggml or (b, block) == (8, PER_CHANNEL)):
                 raise UnsupportedError(
                     f"mix entry {pattern}: int{b}-b{block} is no block precision (nor int8 per channel)"
                 )

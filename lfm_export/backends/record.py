@@ -106,9 +106,10 @@ class Backend:
     - `core_codes`: the backend packs every quantized weight from the core quantizer's codes and scales
       (`lfm_export.quant.quantize_weight`), so the calibrated roundings (`-imat`, `-gptq`) reach its artifacts;
       the pipeline refuses those recipes for a backend that does not.
-    - `mixes`: the backend holds a per-tensor-group precision mix of the core recipes (int4 / int8 in blocks of
-      32, 64, 128: `Recipe.mix`, written by `--budget`); the pipeline refuses `--budget` for one that does not
-      (GGUF packs from the core codes but holds only ggml's block types).
+    - `mixes`: the backend holds a per-tensor-group precision mix (`Recipe.mix`, written by `--budget`): of the
+      core precisions (int4 / int8 in blocks of 32, 64, 128, and the fewer bits its recipe's `mix_bits` lists),
+      or of its recipe's own `mix_candidates` (GGUF: ggml's types, `backends.gguf.recipes.MIX_TYPES`); the
+      pipeline refuses `--budget` for one that does not.
     - `install`: the pip extra that installs what `export` needs. `context_default` / `context_cost`: what
       `--max-seq-len` defaults to and what a longer context costs (its help).
     """

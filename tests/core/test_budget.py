@@ -67,6 +67,16 @@ def test_candidates_are_what_the_backend_format_holds() -> None:
     assert three.gate_family == "int4" and held_as("model.layers.1.feed_forward.w2.weight", three) == 3
     with pytest.raises(UnsupportedError, match="no block precision"):
         parse_recipe("int4-b64").with_options(mix=(("layers.1.feed_forward", 5, 128),))
+    # GGUF: ggml's types as mix entries, K-quants as 256-value super-blocks; one-type files take no budget
+    from lfm_export.backends.gguf.recipes import MIX_TYPES
+
+    assert candidates(get("gguf").recipe("q4_k_m-gptq", 64)) == tuple(MIX_TYPES)
+    assert [MIX_TYPES[c] for c in MIX_TYPES] == ["Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q5_0"]
+    assert get("gguf").recipe("q4_0", 64).mix_candidates == ()
+    k3 = parse_recipe("int4-b32").with_options(mix=(("layers.1.feed_forward", 3, 256),))
+    assert held_as("model.layers.1.feed_forward.w2.weight", k3) == 3
+    with pytest.raises(UnsupportedError, match="no block precision"):
+        parse_recipe("int4-b64").with_options(mix=(("layers.1.feed_forward", 2, 256),))
 
 
 def test_executorch_mixes_int4_blocks_and_int8_per_channel() -> None:
@@ -164,7 +174,9 @@ def test_impossible_budget_is_refused_before_writing(tmp_path: Path) -> None:
         )
     assert not out.exists()
     with pytest.raises(UnsupportedError, match="cannot hold a per-layer mix"):  # before loading anything
-        export_artifact("gguf", "tiny", out, "q4_0", budget="size=1", progress=Progress(quiet=True))
+        export_artifact("coreml", "tiny", out, "int4", budget="size=1", progress=Progress(quiet=True))
+    with pytest.raises(BudgetError, match="K-quant mix"):  # GGUF's one-type files: before loading anything
+        export_artifact("gguf", "tiny", out, get("gguf").recipe("q4_0", 64), budget="size=1")
     with pytest.raises(BudgetError, match="quantized precisions"):
         export_artifact("onnx", "tiny", out, get("onnx").recipe("fp32", 64), budget="kl=0.01")
     assert not out.exists()

@@ -97,6 +97,7 @@ BACKEND = Backend(
     exact_row="lfm_export.parity.boundary:exact_row",
     weight_values=weight_values,
     core_codes=True,
+    mixes=True,
     stored_weights="lfm_export.backends.gguf.stored_weights:stored_weights",
     gates="lfm_export.backends.gguf.gates:GGUF_GATES",
     sanity="lfm_export.backends.gguf.gates:GGUF_SANITY_KL_MEAN",

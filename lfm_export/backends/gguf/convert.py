@@ -41,12 +41,12 @@ from lfm_export.contract.signature import STATEFUL
 from lfm_export.ggml_blocks import BLOCK_TYPES
 from lfm_export.ggml_blocks import quantize as ggml_quantize
 from lfm_export.loading import LoadedModel
-from lfm_export.precision import FLOAT, ROUTER, ggml_mix_type, held_as, rule_for
+from lfm_export.precision import CHOSEN, FLOAT, ROUTER, ggml_mix_type, held_as, rule_for
 from lfm_export.progress import Progress
 from lfm_export.recipes import ACT_FP16, ACT_FP16_ROUTED
 from lfm_export.signature import build_signature
 
-from .recipes import MIX_FILE_TYPES, GgufRecipe, factor_for, ggml_type, importance_for
+from .recipes import MIX_FILE_TYPES, MIX_TYPES, GgufRecipe, factor_for, ggml_type, importance_for
 from .vocab import read_vocab, write_vocab
 
 MODEL_FILE = "model.gguf"
@@ -133,6 +133,18 @@ def plan(loaded: LoadedModel, recipe: GgufRecipe) -> list[Planned]:
     def kind(name: str, shape: tuple[int, ...], bits: int | None) -> str:
         if bits is None:
             return ggml_type(core, bits)
+        rule = rule_for(name, core)
+        if rule.held == CHOSEN:  # a precision mix chosen to a budget: the type its entry names
+            assert rule.bits is not None and rule.block is not None
+            chosen = MIX_TYPES.get((rule.bits, rule.block))
+            if chosen is None:
+                raise UnsupportedError(f"{name}: mix entry int{rule.bits}-b{rule.block} is no GGUF type")
+            if shape[-1] % rule.block:
+                raise UnsupportedError(
+                    f"{name}: its rows ({shape[-1]}) are not a multiple of {rule.block}, which {chosen} needs "
+                    "(llama.cpp falls Q3_K back to IQ4_NL, which the GGUF backend does not write)"
+                )
+            return chosen
         mix = recipe.mix or recipe.ggml_name  # q8_0 / q4_0: llama.cpp's output type as well
         chosen = ggml_mix_type(name, mix, shape[-1], layer_types, bool(cfg.tie_word_embeddings), experts)
         if chosen not in ggml_kquants.K_TYPES and chosen not in BLOCK_TYPES:

@@ -35,7 +35,7 @@ import numpy as np
 
 from lfm_export import calibrated
 from lfm_export.contract.errors import UnsupportedError
-from lfm_export.precision import LINEAR, rule_for
+from lfm_export.precision import LINEAR, block_as, held_as, rule_for
 from lfm_export.recipes import (
     ACT_BF16,
     ACT_FLOAT,
@@ -43,6 +43,7 @@ from lfm_export.recipes import (
     ACT_GGML_K,
     ACT_GGML_Q8_0,
     CALIBRATED_ROUNDINGS,
+    MIX_SUPER_BLOCK,
     Recipe,
     parse_recipe,
 )
@@ -62,6 +63,7 @@ the codes chosen on ggml's own grid by GPTQ, `lfm_export.rounding.gptq_on_grid`)
 DEFAULT_ROUNDING = {"q4_0": "fit", "q4_k_m": "fit"}
 """The rounding a bare llama.cpp type name means (the rest: `nearest`)."""
 ACTIVATIONS_BY_TYPE = {
+    "Q3_K": ACT_GGML_K,
     "Q4_K": ACT_GGML_K,
     "Q5_K": ACT_GGML_K,
     "Q6_K": ACT_GGML_K,
@@ -72,6 +74,21 @@ ACTIVATIONS_BY_TYPE = {
 """What llama.cpp's CPU quantizes the input of a matmul of each ggml type to (ggml-cpu's `vec_dot_type`): Q8_K
 blocks for the K-quants, Q8_0 blocks for the 32-value types. The one place the simulation's activation mode of
 a quantized GGUF tensor is decided."""
+MIX_TYPES = {
+    (3, MIX_SUPER_BLOCK): "Q3_K",
+    (4, MIX_SUPER_BLOCK): "Q4_K",
+    (5, MIX_SUPER_BLOCK): "Q5_K",
+    (6, MIX_SUPER_BLOCK): "Q6_K",
+    (8, 32): "Q8_0",
+    (5, 32): "Q5_0",
+}
+"""The ggml type a precision mix entry `(bits, block)` names in a GGUF file (`--budget`): the K-quants as
+(bits, 256), Q8_0 and the Q5_0 fallback as 32-value blocks; the budget's candidates, in this order. Q4_0 is not
+offered: Q4_K holds 4 bits in the same 4.5 bits per weight with a finer scale and a min."""
+OUTPUT_GROUPS = ("head+embedding", "head")
+"""Budget groups holding llama.cpp's output tensor (the tied token table, or the untied lm_head): held at the
+mix's output type, as llama.cpp holds it (`GGML_MIXES`' `output`: Q6_K, Q8_0 where its rows are not a multiple
+of 256), never chosen."""
 DEFAULT_CONTEXT = 4096
 """Context the manifest declares (and the runtime shim allocates) when none is asked for: llama.cpp allocates
 its KV cache for the whole context at load time."""
@@ -169,6 +186,52 @@ class GgufRecipe:
         r = self.recipe
         return ggml_type(r, r.bits).lower()
 
+    @property
+    def mix_candidates(self) -> tuple[tuple[int, int], ...]:
+        """The (bits, block) mix entries a group may take under `--budget` (`MIX_TYPES`): a K-quant mix only."""
+        return tuple(MIX_TYPES) if self.mix is not None else ()
+
+    def candidate_name(self, bits: int, block: int) -> str:
+        """The manifest's word for mix entry `(bits, block)`: its ggml type."""
+        return MIX_TYPES[(bits, block)]
+
+    def may_hold(self, group: Any, bits: int, block: int) -> bool:
+        """Whether budget group `group` (`lfm_export.budget.Group`, whose rows `block` divides) may be held as
+        `MIX_TYPES[(bits, block)]`: the output at llama.cpp's output type only (`OUTPUT_GROUPS`); Q5_0 (the
+        32-value fallback of Q4_K) only where a row is not a multiple of 256. A K-quant needs every row a
+        multiple of 256 (the budget checks that the block divides the rows); llama.cpp's Q3_K fallback,
+        IQ4_NL, is not written here, so such a group keeps to the 32-value types."""
+        kind = MIX_TYPES[(bits, block)]
+        super_blocks = all(shape[-1] % MIX_SUPER_BLOCK == 0 for shape in group.tensors.values())
+        if group.name in OUTPUT_GROUPS:
+            return kind == ("Q6_K" if super_blocks else "Q8_0")
+        return kind != "Q5_0" or not super_blocks
+
+    def quantized_bytes(
+        self, shape: tuple[int, ...], bits: int, block: int, symmetric: bool, tied_table: bool
+    ) -> int:
+        """GGUF bytes of a `[rows, K]` weight held as `MIX_TYPES[(bits, block)]` (Q3_K: 110 bytes per 256
+        values, Q4_K 144, Q5_K 176, Q6_K 210, Q8_0 34 per 32, Q5_0 22 per 32); a tied table is one tensor."""
+        from lfm_export.backends.gguf.convert import block_type
+
+        kind = block_type(MIX_TYPES[(bits, block)])
+        return int(np.prod(shape)) // kind.block * kind.block_bytes
+
+    def mix_values(self, w: np.ndarray, core: Recipe, name: str, bits: int, block: int) -> np.ndarray:
+        """The float32 values a file of `core` (a mix holding checkpoint tensor `name` at `(bits, block)`) holds
+        for `w`: `MIX_TYPES`' type by the recipe's rounding, with the active calibration's importance and
+        factor (what the budget measures a candidate with)."""
+        from lfm_export import ggml_kquants
+        from lfm_export.contract.session import DEFAULT_THREADS
+        from lfm_export.ggml_blocks import BLOCK_TYPES, held_values
+
+        kind = MIX_TYPES[(bits, block)]
+        imp, factor = importance_for(w, core, name), factor_for(w, core, name)
+        if kind in BLOCK_TYPES:
+            return held_values(w, BLOCK_TYPES[kind].bits, core.rounding, DEFAULT_THREADS, imp, factor)
+        kt = ggml_kquants.K_TYPES[kind]
+        return ggml_kquants.held_values(w, kt, core.rounding, DEFAULT_THREADS, imp, factor)
+
     def context(self, cfg: Any) -> int:
         return self.recipe.max_seq_len or min(cfg.max_position_embeddings, DEFAULT_CONTEXT)
 
@@ -195,7 +258,13 @@ def importance_for(w: np.ndarray, recipe: Recipe, name: str) -> np.ndarray | Non
     token table or the output) is not looked up, so a streamed calibration is not run ahead for it."""
     if recipe.rounding not in CALIBRATED_ROUNDINGS or recipe.bits is None or rule_for(name) is not LINEAR:
         return None
-    return calibrated.importance(w, recipe.bits, recipe.block_size)
+    return calibrated.importance(w, *_table_key(w, recipe, name))
+
+
+def _table_key(w: np.ndarray, recipe: Recipe, name: str) -> tuple[int, int]:
+    """(bits, block) under which the calibration table holds weight `name`: its mix entry's where `recipe`
+    holds a mix (`lfm_export.calibrate.calibrated_table` keys it so), else the recipe's."""
+    return held_as(name, recipe) or recipe.bits or 0, block_as(name, recipe, w.shape[-1])
 
 
 def factor_for(w: np.ndarray, recipe: Recipe, name: str) -> np.ndarray | None:
@@ -204,7 +273,7 @@ def factor_for(w: np.ndarray, recipe: Recipe, name: str) -> np.ndarray | None:
     `importance_for` reads the importance."""
     if recipe.rounding != "gptq" or recipe.bits is None or rule_for(name) is not LINEAR:
         return None
-    return calibrated.factor(w, recipe.bits, recipe.block_size)
+    return calibrated.factor(w, *_table_key(w, recipe, name))
 
 
 def make_recipe(quant: str = "f32", max_seq_len: int | None = None) -> GgufRecipe:

@@ -1,5 +1,5 @@
 """The quantized weights a GGUF artifact stores, dequantized in numpy (`Backend.stored_weights`): every Q8_0 /
-Q4_0 / K-quant (Q4_K, Q5_K, Q6_K, and their Q5_0 fallback) tensor of `model.gguf` (MoE expert stacks as their
+Q4_0 / K-quant (Q3_K, Q4_K, Q5_K, Q6_K, and the Q5_0 fallback) tensor of `model.gguf` (MoE expert stacks as their
 rows), read by `gguf.GGUFReader` and dequantized by `lfm_export.ggml_blocks.dequantize` /
 `lfm_export.ggml_kquants.dequantize`, the calls the simulation's weights come from (`weight_values`). Expert down
 projections holding a folded routed scale are divided by it, as the simulation holds them."""

@@ -1,4 +1,4 @@
-"""K-quant packing: the `gguf` package's own dequantization (llama.cpp's gguf-py) of our Q4_K / Q6_K / Q5_0
+"""K-quant packing: the `gguf` package's own dequantization (llama.cpp's gguf-py) of our Q3_K / Q4_K / Q6_K / Q5_0
 bytes (and Q5_K's) equals what `ggml_kquants` says the file holds, and that is a rounding of the weights, not a scramble; the
 Q8_K activation rounding follows llama.cpp's reference loop."""
 
@@ -12,7 +12,16 @@ torch = pytest.importorskip("torch")
 
 from lfm_export.ggml_blocks import Q4_0, Q8_0  # noqa: E402
 from lfm_export.ggml_blocks import held_values as q_0_values  # noqa: E402
-from lfm_export.ggml_kquants import Q4_K, Q5_0, Q5_K, Q6_K, dequantize, held_values, quantize  # noqa: E402
+from lfm_export.ggml_kquants import (  # noqa: E402
+    Q3_K,
+    Q4_K,
+    Q5_0,
+    Q5_K,
+    Q6_K,
+    dequantize,
+    held_values,
+    quantize,
+)
 from lfm_export.quant import fake_quant_q8_k  # noqa: E402
 
 pytestmark = pytest.mark.unit
@@ -32,7 +41,7 @@ def rms(a: np.ndarray) -> float:
     return float(np.sqrt(np.mean(a.astype(np.float64) ** 2)))
 
 
-@pytest.mark.parametrize("kind", [Q6_K, Q5_K, Q4_K, Q5_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("kind", [Q6_K, Q5_K, Q4_K, Q3_K, Q5_0], ids=lambda t: t.name)
 @pytest.mark.parametrize("rounding", ["nearest", "mse", "fit"])
 def test_gguf_reads_our_k_quant_bytes_as_we_say(kind, rounding) -> None:
     w = weights(len(kind.name) + len(rounding))
@@ -50,8 +59,10 @@ def test_gguf_reads_our_k_quant_bytes_as_we_say(kind, rounding) -> None:
     # a rounding of the weights, at the error the bit width implies against ggml's 32-value types
     err = rms(theirs - w)
     q8, q4 = rms(q_0_values(w, 8, threads=1) - w), rms(q_0_values(w, 4, threads=1) - w)
-    bound = {"Q6_K": 4.5 * q8, "Q5_K": 0.6 * q4, "Q4_K": q4, "Q5_0": 0.6 * q4}[kind.name]
+    bound = {"Q6_K": 4.5 * q8, "Q5_K": 0.6 * q4, "Q4_K": q4, "Q3_K": 2.2 * q4, "Q5_0": 0.6 * q4}[kind.name]
     assert q8 < err < bound
+    if kind is Q3_K:  # 3 bits: above the 4-bit types' error
+        assert err > rms(held_values(w, Q4_K, "fit", threads=1) - w)
     # the small super-block keeps its own scale: its error is relative to its values
     assert rms(theirs[2, 256:] - w[2, 256:]) < 0.2 * rms(w[2, 256:])
 
@@ -88,7 +99,7 @@ def llama_cpp_values(w: np.ndarray, kind: str, importance: np.ndarray | None = N
     return gguf.quants.dequantize(out, kind_id).astype(np.float32)
 
 
-@pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q4_0", "Q8_0"])
+@pytest.mark.parametrize("kind", ["Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q4_0", "Q8_0"])
 def test_fit_rounds_closer_than_llama_cpps_own_quantizer(kind: str) -> None:
     """`-fit` (the core's least-squares fit, the K-quants' stored sub-scales searched against the super-block
     scale) holds values closer to the weights than llama.cpp's reference quantizer does for the same type
@@ -105,7 +116,7 @@ def test_fit_rounds_closer_than_llama_cpps_own_quantizer(kind: str) -> None:
         if kind in ("Q4_0", "Q8_0"):
             bits = {"Q4_0": Q4_0, "Q8_0": Q8_0}[kind].bits
             return q_0_values(w, bits, rounding, threads=1, importance=imp)
-        t = {"Q4_K": Q4_K, "Q5_K": Q5_K, "Q6_K": Q6_K, "Q5_0": Q5_0}[kind]
+        t = {"Q3_K": Q3_K, "Q4_K": Q4_K, "Q5_K": Q5_K, "Q6_K": Q6_K, "Q5_0": Q5_0}[kind]
         data = quantize(w, t, rounding, threads=1, importance=imp)
         np.testing.assert_array_equal(
             dequantize(data, t), gguf.quants.dequantize(data, gguf.GGMLQuantizationType[t.name])
@@ -117,7 +128,11 @@ def test_fit_rounds_closer_than_llama_cpps_own_quantizer(kind: str) -> None:
         return float((d if imp is None else d * imp).sum())
 
     fit, nearest = ours("fit"), ours("nearest")
-    assert err(fit) < err(theirs) and err(fit) < err(nearest)
+    assert err(fit) < err(theirs)
+    if kind == "Q3_K":  # Q3_K has only the fit: `-nearest` is the unweighted fit
+        np.testing.assert_array_equal(fit, nearest)
+    else:
+        assert err(fit) < err(nearest)
     weighted = ours("imat", importance)
     assert err(weighted, importance) < err(fit, importance)
     theirs_weighted = llama_cpp_values(w, kind, importance)
@@ -153,11 +168,17 @@ def test_fake_quant_q8_k_is_llama_cpps_reference_loop() -> None:
     assert np.abs(ours - x).max() <= 11.0 / 127  # a rounding, not a scrambling
 
 
-HEADER = {"Q4_K": slice(0, 16), "Q6_K": slice(192, 210), "Q5_0": slice(0, 2), "Q4_0": slice(0, 2)}
+HEADER = {
+    "Q3_K": slice(96, 110),
+    "Q4_K": slice(0, 16),
+    "Q6_K": slice(192, 210),
+    "Q5_0": slice(0, 2),
+    "Q4_0": slice(0, 2),
+}
 """The scale bytes of one block of each type (fp16 `d` / `dmin` and sub-block scales; the rest holds codes)."""
 
 
-@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q5_0", "Q4_0"])
+@pytest.mark.parametrize("kind", ["Q3_K", "Q4_K", "Q6_K", "Q5_0", "Q4_0"])
 def test_gptq_chooses_codes_on_the_fitted_scales(kind: str) -> None:
     """`-gptq` on ggml's blocks: the same scale bytes as `-imat` (the fit weighted by the inputs' mean square),
     other codes; gguf-py reads the bytes as `dequantize` says; and the codes lower the output error over
@@ -182,7 +203,7 @@ def test_gptq_chooses_codes_on_the_fitted_scales(kind: str) -> None:
         imat, gptq, nols, fitted = (q_0_quantize(w, 4, r, 1, imp, factor) for r in roundings)
         block = Q4_0
     else:
-        block = {"Q4_K": Q4_K, "Q6_K": Q6_K, "Q5_0": Q5_0}[kind]
+        block = {"Q3_K": Q3_K, "Q4_K": Q4_K, "Q6_K": Q6_K, "Q5_0": Q5_0}[kind]
         imat, gptq, nols, fitted = (quantize(w, block, r, 1, imp, factor) for r in roundings)
     blocks = [b.reshape(len(w), -1, block.block_bytes) for b in (imat, gptq, nols, fitted)]
     heads = [b[..., HEADER[kind]] for b in blocks]

@@ -679,3 +679,117 @@ def _types_ours_and_llama_cpps(source: Path, f32: Path, tmp_path: Path, quant: s
         {t.name: t.tensor_type.name for t in gguf.GGUFReader(p).tensors}
         for p in (ours / "model.gguf", theirs)
     ]
+
+
+BUDGET_SHAPE = K_SHAPE | dict(
+    vocab_size=2048, intermediate_size=256, num_hidden_layers=2, layer_types=["conv", "full_attention"]
+)
+"""`K_SHAPE` at two layers and the bundled tokenizer's vocabulary: a budget measures every group at every
+candidate over the calibration text, so the fewer groups the faster."""
+
+
+def _k_shape_with_tokenizer(folder: Path) -> Path:
+    """`BUDGET_SHAPE` with the bundled tokenizer (a calibrated recipe reads text)."""
+    import torch
+
+    from lfm_export.check import save_random_transformers
+    from lfm_export.loading import BUNDLED
+
+    source = save_random_transformers(folder, BUDGET_SHAPE, torch.float32, seed=20)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(BUNDLED["tiny"] / name, source / name)
+    return source
+
+
+def test_q3_k_honest_passes_and_a_q3_k_scale_two_percent_off_fails(tmp_path: Path) -> None:
+    """A hand-written precision mix over `q4_k_m` (Q3_K on one layer's conv and the other's MLP, Q5_K / Q4_K
+    beside them, the output at Q6_K) on a hidden-256 checkpoint through llama.cpp: the file holds each tensor
+    at the type its mix entry names, as the manifest lists; the honest file passes its gate (Q8_K activation
+    blocks into Q3_K as into every K-quant; the stored Q3_K bytes equal the simulation's values bit for bit),
+    the same file with one Q3_K tensor's super-block scale `d` raised 2% fails exactness."""
+    import dataclasses
+
+    source = _k_shape_with_tokenizer(tmp_path / "hf")
+    folder = tmp_path / "mix"
+    quiet = Progress(quiet=True)
+    recipe = make_recipe("q4_k_m", CONTEXT)
+    mix = (
+        ("model.embed_tokens.weight", 6, 256),
+        ("lm_head.weight", 6, 256),
+        ("layers.0.conv", 3, 256),
+        ("layers.0.feed_forward", 5, 256),
+        ("layers.1.self_attn", 4, 256),
+        ("layers.1.feed_forward", 3, 256),
+    )
+    recipe = dataclasses.replace(recipe, recipe=recipe.recipe.with_options(mix=mix))
+    export_artifact("gguf", str(source), folder, recipe, parity=False, threads=1, progress=quiet)
+    reader = gguf.GGUFReader(folder / "model.gguf")
+    held = {t.name: t.tensor_type.name for t in reader.tensors}
+    del reader
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["weights"]["tensors"] == held
+    assert held["token_embd.weight"] == "Q6_K" and held["blk.0.ffn_down.weight"] == "Q5_K"
+    assert held["blk.0.shortconv.in_proj.weight"] == held["blk.1.ffn_up.weight"] == "Q3_K"
+    assert held["blk.1.attn_v.weight"] == "Q4_K"
+    assert {"match": "layers.0.conv", "held": "Q3_K"} in manifest["precision"]["mix"]
+    honest = check_artifact(folder, threads=1, progress=quiet, scenarios=QUICK)
+    assert honest.passed, [c.describe() for c in honest.failures]
+    target = next(n for n, k in held.items() if k == "Q3_K")
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    reader = gguf.GGUFReader(broken / "model.gguf", "r+")
+    tensor = next(t for t in reader.tensors if t.name == target)
+    blocks = tensor.data.reshape(-1, 110)
+    d = blocks[:, 108:110].copy().view(np.float16)  # the super-block scale: every value x1.02
+    blocks[:, 108:110] = (d * np.float16(1.02)).view(np.uint8)
+    reader.data.flush()
+    del reader
+    result = check_artifact(broken, threads=1, progress=quiet, scenarios=QUICK)
+    assert not result.passed and not result.part_passed("exactness")
+
+
+@pytest.mark.slow
+def test_budget_mix_with_q3_k_meets_its_size_and_passes(tmp_path: Path) -> None:
+    """`q4_k_m-gptq --budget size=0.9` on a hidden-256 checkpoint: the chosen mix holds Q3_K groups beside
+    4-bit-and-more ones within the size, the GGUF's quantized tensors take exactly the bytes the budget
+    counted, every tensor's type in the file is the one its mix entry names and the manifest lists, the output
+    (tied table) stays llama.cpp's Q6_K; the file passes its gate through llama.cpp (the stored Q3_K bytes
+    equal the simulation's values bit for bit). Slow: the budget measures every group at every candidate,
+    a calibration pass per candidate (about 10 s here on one thread)."""
+    from lfm_export.backends.gguf.recipes import MIX_TYPES
+    from lfm_export.precision import rule_for
+    from lfm_export.recipes import Recipe
+
+    source = _k_shape_with_tokenizer(tmp_path / "hf")
+    folder = tmp_path / "budget"
+    quiet = Progress(quiet=True)
+    recipe = make_recipe("q4_k_m-gptq", CONTEXT)
+    outcome = export_artifact(
+        "gguf", str(source), folder, recipe, budget="size=0.9", parity=False, threads=1, progress=quiet
+    )
+    m = outcome.manifest
+    assert m["budget"]["estimated_bytes"] <= 0.9e6
+    assert m["budget"]["candidates"] == ["Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q5_0"]
+    chosen = {g["group"]: g["chosen"] for g in m["budget"]["groups"]}
+    assert chosen["head+embedding"] == "Q6_K" and "Q3_K" in chosen.values()
+    assert len(set(chosen.values())) >= 3, chosen
+    reader = gguf.GGUFReader(folder / "model.gguf")
+    held = {t.name: t.tensor_type.name for t in reader.tensors}
+    quantized = sum(int(t.n_bytes) for t in reader.tensors if t.tensor_type.name != "F32")
+    floats = sum(int(t.n_bytes) for t in reader.tensors if t.tensor_type.name == "F32")
+    del reader
+    assert m["weights"]["tensors"] == held
+    assert quantized + floats == m["budget"]["estimated_bytes"]
+    assert floats == m["budget"]["float_bytes"]
+    core = Recipe.from_dict(m["recipe"])
+    types = m["recipe"]["ggml_tensor_types"]
+    for name, kind in types.items():
+        rule = rule_for(name, core)
+        assert MIX_TYPES[(rule.bits, rule.block)] == kind, name
+    assert types["model.layers.0.conv.in_proj.weight"] == chosen["layers.0.conv"]
+    assert m["precision"]["mix"][0] == {"match": "model.embed_tokens.weight", "held": "Q6_K"}
+    honest = check_artifact(folder, threads=1, progress=quiet, scenarios=QUICK)
+    assert honest.passed, [c.describe() for c in honest.failures]
+    report = json.loads((folder / "parity" / "parity.json").read_text())
+    assert report["metadata"]["precision_mix"] == [list(e) for e in m["recipe"]["mix"]]
+    assert report["exactness"]["stored_weights"]["passed"]
