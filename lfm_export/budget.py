@@ -432,10 +432,15 @@ def plan(
         "float_bytes": int(floats),
         "backend_bytes": int(extra),
     }
-    # the name's precision word is the mix's fewest bits (int4 where a group holds 3 or 2: no name has fewer); every
-    # quantized tensor is in a group, so the base bits hold no tensor
-    fewest = max(min(b for _, b, _ in mix), min(WEIGHT_BITS))
-    return core.with_options(bits=fewest, mix=mix), entry
+    return core.with_options(bits=name_bits(mix), mix=mix), entry
+
+
+def name_bits(mix: tuple[tuple[str, int, int], ...]) -> int:
+    """The bits a mix's recipe name carries: the most of `WEIGHT_BITS` at or under the mix's fewest (int4 where
+    a group holds 2, 3, 5 or 6 bits, which no recipe name has); every quantized tensor is in a group, so the
+    name's bits hold none."""
+    least = min(b for _, b, _ in mix)
+    return max((b for b in WEIGHT_BITS if b <= least), default=min(WEIGHT_BITS))
 
 
 def with_core(recipe: Any, core: Recipe) -> Any:

@@ -296,3 +296,17 @@ def test_a_measured_plan_meets_its_budget_and_the_manifest_lists_the_mix() -> No
     gptq, _ = measure(loaded, parse_recipe("int4-b32-gptq"), found, tokens=256, offered=((4, 32), (4, 64)))
     for ci, word in enumerate(("int4-b32", "int4-b64")):
         assert gptq[:, ci].sum() < 0.9 * sum(c[word] for c in costs), word
+
+
+def test_a_mix_of_32_value_ggml_types_names_a_valid_recipe() -> None:
+    """Rows not a multiple of 256 (`tiny`) leave GGUF's budget Q5_0 and Q8_0 only: a mix whose fewest bits are 5
+    still gives a recipe (named int4, as a 3-bit mix is), not 'weight bits 5 not supported'."""
+    from lfm_export.budget import name_bits
+
+    mix = (("layers.0.feed_forward", 5, 32), ("layers.1.feed_forward", 8, 32))
+    assert name_bits(mix) == 4
+    assert name_bits((("layers.0.feed_forward", 8, 32),)) == 8
+    assert name_bits((("layers.0.feed_forward", 3, 256), ("layers.1.feed_forward", 6, 256))) == 4
+    recipe = parse_recipe("int4-b32-gptq").with_options(bits=name_bits(mix), mix=mix)
+    assert held_as("model.layers.0.feed_forward.w2.weight", recipe) == 5
+    assert held_as("model.layers.1.feed_forward.w1.weight", recipe) == 8
