@@ -81,7 +81,7 @@ BudgetOpt = Annotated[
         "--budget",
         metavar="size=MB|kl=X",
         help="Per-layer precision to a budget: the least-KL mix within MB weight bytes, or the smallest within "
-        "an estimated KL, from each tensor group's KL measured on the calibration text (ONNX, MLX).",
+        "an estimated KL, from each tensor group's KL measured on the calibration text (ONNX, MLX, ExecuTorch).",
     ),
 ]
 GatesOpt = Annotated[

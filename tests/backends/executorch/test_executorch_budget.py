@@ -124,3 +124,22 @@ def test_a_size_below_every_group_at_its_fewest_bytes_is_refused(budgeted: dict[
             progress=Progress(quiet=True),
         )
     assert not out.exists()
+
+
+def test_a_kl_budget_picks_the_smallest_mix_of_xnnpack_precisions(budgeted: dict[str, Any]) -> None:
+    """`kl=X` (no export: `budget.plan`): the smallest mix whose estimated KL is at most X, every group at an
+    ExecuTorch candidate; a looser X never gives a larger mix, and the size budget's own estimated KL is met
+    within that size."""
+    from lfm_export.budget import parse_budget, plan
+
+    lazy = load_model(str(budgeted["model"]), lazy=True)
+    recipe = make_recipe("int4-b128-a8", max_seq_len=CONTEXT, max_prefill=1)
+    mixed_kl = budgeted["outcome"].manifest["budget"]["estimated_kl"] + 1e-6  # the manifest rounds to 1e-6
+    sizes = []
+    for x in (mixed_kl, 10 * mixed_kl):
+        core, entry = plan(lazy, recipe, parse_budget(f"kl={x}"))
+        assert entry["estimated_kl"] <= x
+        assert {g["chosen"] for g in entry["groups"]} <= {"int4-b32", "int4-b64", "int4-b128", "int8-pc"}
+        assert ExecuTorchRecipe(core, 1).recipe.mix == core.mix  # the backend recipe takes the mix
+        sizes.append(entry["estimated_bytes"])
+    assert sizes[1] <= sizes[0] <= budgeted["size"]  # the size budget's mix meets that KL within its size
