@@ -222,6 +222,9 @@ def measure(
     keep_factors = bool(getattr(backend_recipe, "calibration_keeps_factors", False))
     ref = loaded.materialized().model
     ref.set_moe_form("sparse")
+    rows = int(getattr(backend_recipe, "budget_sequence", 0) or 0)  # longer rows of the same tokens
+    if rows and ids.size % rows == 0:
+        ids = ids.reshape(-1, rows)
     batch = torch.from_numpy(ids)
     calibrated_recipe = recipe.rounding in CALIBRATED_ROUNDINGS
     params = dict(ref.named_parameters(remove_duplicate=False))
@@ -269,7 +272,12 @@ def measure(
             del table
     finally:
         ref.set_moe_form("dense")
-    return cost, {"corpus": label, "corpus_sha256": digest, "tokens": int(ids.size)}
+    return cost, {
+        "corpus": label,
+        "corpus_sha256": digest,
+        "tokens": int(ids.size),
+        "sequence": int(ids.shape[1]),
+    }
 
 
 def choose(costs: np.ndarray, sizes: np.ndarray, fixed: int, budget: Budget) -> list[int]:

@@ -29,7 +29,7 @@ way, to Q8_0 blocks, whatever the recipe says), and the `_s` mixes (not implemen
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -185,6 +185,12 @@ class GgufRecipe:
             return self.mix
         r = self.recipe
         return ggml_type(r, r.bits).lower()
+
+    budget_sequence: ClassVar[int] = 1024
+    """Tokens per row over which `--budget` measures each group's KL (the calibration text's 2048 tokens as two
+    rows, not eight of the calibration's 256): a mix chosen on 256-token rows held 0.80x llama.cpp q4_k_m's
+    held-out KL on positions 128-255 but 1.25x on positions 256-511 (`benchmarks/results/
+    gguf_kl_paired_q3k_budget_ctx256_small.json`, `gguf_kl_paired_q3k_budget_small.json`)."""
 
     @property
     def budget_candidates(self) -> tuple[tuple[int, int], ...]:
