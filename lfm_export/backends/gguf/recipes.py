@@ -218,9 +218,11 @@ class GgufRecipe:
     ) -> int:
         """GGUF bytes of a `[rows, K]` weight held as `MIX_TYPES[(bits, block)]` (Q3_K: 110 bytes per 256
         values, Q4_K 144, Q5_K 176, Q6_K 210, Q8_0 34 per 32, Q5_0 22 per 32); a tied table is one tensor."""
-        from lfm_export.backends.gguf.convert import block_type
+        from lfm_export import ggml_kquants
+        from lfm_export.ggml_blocks import BLOCK_TYPES
 
-        kind = block_type(MIX_TYPES[(bits, block)])
+        name = MIX_TYPES[(bits, block)]
+        kind = BLOCK_TYPES[name] if name in BLOCK_TYPES else ggml_kquants.K_TYPES[name]
         return int(np.prod(shape)) // kind.block * kind.block_bytes
 
     def mix_values(self, w: np.ndarray, core: Recipe, name: str, bits: int, block: int) -> np.ndarray:
