@@ -7,8 +7,9 @@ the embedding table (one group when they are tied). Linears that read one input 
 group, so a backend can still fuse them.
 
 `measure` quantizes one group at a time at each candidate precision (`candidates`: `CANDIDATES` on every
-backend, `LOW_BIT_CANDIDATES` where the backend's format holds them; the rest of the model
-float32) and runs the fp32 model over the calibration text (`lfm_export.calibrate.calibration_ids`): the
+backend, `LOW_BIT_CANDIDATES` where the backend's format holds them, or the backend recipe's own
+`budget_candidates`, GGUF's ggml types, measured on the values its blocks hold, `mix_values`; the rest of the
+model float32) and runs the fp32 model over the calibration text (`lfm_export.calibrate.calibration_ids`): the
 group's cost is the mean KL divergence of the next-token distribution from the fp32 model's over every
 position. The estimated KL of a mix is the sum of its groups' costs; its size is the weight bytes the backend
 writes (`stored_bytes`: the recipe's `quantized_bytes` and `extra_bytes` where the backend's layout differs from
@@ -224,6 +225,9 @@ def measure(
     keep_factors = bool(getattr(backend_recipe, "calibration_keeps_factors", False))
     ref = loaded.materialized().model
     ref.set_moe_form("sparse")
+    rows = int(getattr(backend_recipe, "budget_sequence", 0) or 0)  # longer rows of the same tokens
+    if rows and ids.size % rows == 0:
+        ids = ids.reshape(-1, rows)
     batch = torch.from_numpy(ids)
     calibrated_recipe = recipe.rounding in CALIBRATED_ROUNDINGS
     params = dict(ref.named_parameters(remove_duplicate=False))
@@ -271,7 +275,12 @@ def measure(
             del table
     finally:
         ref.set_moe_form("dense")
-    return cost, {"corpus": label, "corpus_sha256": digest, "tokens": int(ids.size)}
+    return cost, {
+        "corpus": label,
+        "corpus_sha256": digest,
+        "tokens": int(ids.size),
+        "sequence": int(ids.shape[1]),
+    }
 
 
 def choose(costs: np.ndarray, sizes: np.ndarray, fixed: int, budget: Budget) -> list[int]:

@@ -29,7 +29,7 @@ way, to Q8_0 blocks, whatever the recipe says), and the `_s` mixes (not implemen
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -186,6 +186,12 @@ class GgufRecipe:
         r = self.recipe
         return ggml_type(r, r.bits).lower()
 
+    budget_sequence: ClassVar[int] = 1024
+    """Tokens per row over which `--budget` measures each group's KL (the calibration text's 2048 tokens as two
+    rows, not eight of the calibration's 256): a mix chosen on 256-token rows held 0.80x llama.cpp q4_k_m's
+    held-out KL on positions 128-255 but 1.25x on positions 256-511 (`benchmarks/results/
+    gguf_kl_paired_q3k_budget_ctx256_small.json`, `gguf_kl_paired_q3k_budget_small.json`)."""
+
     @property
     def mix_candidates(self) -> tuple[tuple[int, int], ...]:
         """The (bits, block) mix entries a group may take under `--budget` (`MIX_TYPES`): a K-quant mix only."""
@@ -212,9 +218,11 @@ class GgufRecipe:
     ) -> int:
         """GGUF bytes of a `[rows, K]` weight held as `MIX_TYPES[(bits, block)]` (Q3_K: 110 bytes per 256
         values, Q4_K 144, Q5_K 176, Q6_K 210, Q8_0 34 per 32, Q5_0 22 per 32); a tied table is one tensor."""
-        from lfm_export.backends.gguf.convert import block_type
+        from lfm_export import ggml_kquants
+        from lfm_export.ggml_blocks import BLOCK_TYPES
 
-        kind = block_type(MIX_TYPES[(bits, block)])
+        name = MIX_TYPES[(bits, block)]
+        kind = BLOCK_TYPES[name] if name in BLOCK_TYPES else ggml_kquants.K_TYPES[name]
         return int(np.prod(shape)) // kind.block * kind.block_bytes
 
     def mix_values(self, w: np.ndarray, core: Recipe, name: str, bits: int, block: int) -> np.ndarray:
