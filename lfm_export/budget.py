@@ -8,8 +8,8 @@ group, so a backend can still fuse them.
 
 `measure` quantizes one group at a time at each candidate precision (`candidates`: `CANDIDATES` on every
 backend, `LOW_BIT_CANDIDATES` where the backend's format holds them, or the backend recipe's own
-`budget_candidates`, GGUF's ggml types, measured on the values its blocks hold, `mix_values`; the rest of the
-model float32) and runs the fp32 model over the calibration text (`lfm_export.calibrate.calibration_ids`): the
+`mix_candidates` (ExecuTorch's XNNPACK precisions; GGUF's ggml types, measured on the values its blocks hold,
+`mix_values`); the rest of the model float32) and runs the fp32 model over the calibration text (`lfm_export.calibrate.calibration_ids`): the
 group's cost is the mean KL divergence of the next-token distribution from the fp32 model's over every
 position. The estimated KL of a mix is the sum of its groups' costs; its size is the weight bytes the backend
 writes (`stored_bytes`: the recipe's `quantized_bytes` and `extra_bytes` where the backend's layout differs from
